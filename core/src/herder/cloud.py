@@ -1,0 +1,259 @@
+"""The cloud driver interface (SPEC §1): what a driver for a new cloud implements.
+
+A driver package registers a :class:`Driver` subclass under a name (see :mod:`herder.hookspecs`).
+herder builds one :class:`InstanceSet` from it and calls that from several threads at once, so
+every method must be thread-safe.  Calls block; herder never calls them while holding its own
+locks.
+
+Ownership: herder tags every instance it creates with ``<prefix>InstanceSetID`` and filters
+listings by that tag, so a driver need not filter by the id itself; but a driver must never
+modify or destroy anything it was not asked to, and must give tags back exactly as set.
+
+Errors: raise :class:`RateLimitError`, :class:`QuotaError` or :class:`CapacityError` directly (not
+wrapped in another exception) when the cloud says so: herder's pool reacts to each differently
+(SPEC §5.3).  Anything else is an ordinary failure that is logged and retried later.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from herder.model import InstanceType
+from herder.runtime import Runtime
+
+# --------------------------------------------------------------------------- errors
+
+
+class CloudError(Exception):
+    """Base of the errors a driver raises on purpose."""
+
+
+class RateLimitError(CloudError):
+    """The provider refuses every call until ``earliest_retry`` (epoch seconds)."""
+
+    def __init__(self, message: str, earliest_retry: float) -> None:
+        super().__init__(message)
+        self.earliest_retry = earliest_retry
+
+
+class QuotaError(CloudError):
+    """The account cannot have more instances than it has now."""
+
+
+class CapacityError(CloudError):
+    """The provider cannot create this kind of instance right now (Create only).
+
+    ``instance_type_specific``: only this instance type is affected.
+    ``quota_group_specific``: every type of this type's quota group is affected.
+    Neither: every type is affected.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        instance_type_specific: bool = False,
+        quota_group_specific: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.instance_type_specific = instance_type_specific
+        self.quota_group_specific = quota_group_specific and not instance_type_specific
+
+
+class NotImplementedByDriver(CloudError):
+    """The driver has no way to do this (e.g. check an instance's SSH host key)."""
+
+    def __init__(self, message: str = "not implemented") -> None:
+        super().__init__(message)
+
+
+class HostKeyMismatch(CloudError):
+    """The SSH host key presented is not the instance's genuine key."""
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class InstancePrice:
+    """One point of an instance's price history: ``price`` per hour from ``start_time`` on."""
+
+    start_time: float
+    price: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"StartTime": self.start_time, "Price": self.price}
+
+
+def normalize_price_history(prices: list[InstancePrice]) -> list[InstancePrice]:
+    """Newest first, with runs of equal price collapsed to their oldest point (SPEC §1.6).
+
+    Adjacent entries with the same start time or the same price keep only the older one.  The
+    input is not modified.
+    """
+    ordered = sorted(prices, key=lambda p: p.start_time, reverse=True)
+    out: list[InstancePrice] = []
+    for i, item in enumerate(ordered):
+        if i + 1 < len(ordered):
+            older = ordered[i + 1]
+            if older.start_time == item.start_time or older.price == item.price:
+                continue
+        out.append(item)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class HostKey:
+    """An SSH host key as the server presented it: ``ssh-ed25519`` and the raw key blob."""
+
+    key_type: str
+    blob: bytes
+
+    def openssh(self) -> str:
+        import base64
+
+        return f"{self.key_type} {base64.b64encode(self.blob).decode()}"
+
+
+class RemoteRunner(ABC):
+    """Runs a command over a connection that is being verified (for ``verify_host_key``)."""
+
+    @abstractmethod
+    def run(
+        self, command: str, stdin: bytes = b"", timeout: float = 60.0
+    ) -> tuple[int, bytes, bytes]:
+        """Return (exit status, stdout, stderr)."""
+
+
+# --------------------------------------------------------------------------- interface
+
+
+class Instance(ABC):
+    """One cloud VM.  Objects may be snapshots: a later listing may return a new object."""
+
+    @property
+    @abstractmethod
+    def id(self) -> str:
+        """The provider's id, stable for the VM's whole life."""
+
+    @property
+    @abstractmethod
+    def provider_type(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """``host`` or ``host:port`` to reach SSH on; ``""`` while not known yet."""
+
+    @property
+    @abstractmethod
+    def remote_user(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def tags(self) -> dict[str, str]:
+        """Tags as of this snapshot (may be stale after :meth:`set_tags`)."""
+
+    @abstractmethod
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Replace the instance's tags with ``tags``."""
+
+    @abstractmethod
+    def destroy(self) -> None:
+        """Terminate the VM.  Destroying one that is already gone is not an error."""
+
+    def verify_host_key(self, key: HostKey, remote: RemoteRunner) -> None:
+        """Return if ``key`` is the instance's genuine host key; raise otherwise.
+
+        Raise :class:`NotImplementedByDriver` (the default) when the driver has no way to
+        know: herder then checks the instance secret it planted through the init command.
+        """
+        raise NotImplementedByDriver()
+
+    def price_history(self, instance_type: InstanceType) -> list[InstancePrice]:
+        """Recent prices, newest first, if the driver knows them (spot markets)."""
+        return []
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class InstanceSet(ABC):
+    """The instances of one herder installation in one cloud account."""
+
+    @abstractmethod
+    def create(
+        self,
+        instance_type: InstanceType,
+        image_id: str,
+        tags: Mapping[str, str],
+        init_command: str,
+        public_key: str | None,
+    ) -> Instance:
+        """Create one VM of ``instance_type.provider_type`` with ``tags``.
+
+        ``init_command`` (a shell script under 1 KiB) must run as root at first boot;
+        ``public_key`` (OpenSSH format), if given, must be allowed to log in as
+        :attr:`Instance.remote_user`.
+        """
+
+    @abstractmethod
+    def instances(self, tags: Mapping[str, str]) -> list[Instance]:
+        """Every instance, booting and shutting-down ones included, that has all ``tags``.
+
+        A driver may return more (herder filters again); it must not drop matching ones.
+        """
+
+    def quota_group(self, instance_type: InstanceType) -> str:
+        """Name of the quota family ``instance_type`` counts against (SPEC §1.2)."""
+        return "-preemptible" if instance_type.preemptible else ""
+
+    def stop(self) -> None:
+        """Release background resources.  Called once, at shutdown."""
+
+
+class DriverParameters(BaseModel):
+    """Base of a driver's parameter model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class DriverContext:
+    """Everything herder hands a driver when it builds the instance set."""
+
+    instance_set_id: str
+    shared_resource_tags: dict[str, str] = field(default_factory=dict)
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("herder.driver"))
+    metrics_registry: Any = None  # prometheus_client CollectorRegistry, or None
+    runtime: Runtime | None = None  # the engine's clock, for drivers that simulate time
+    tag_key_prefix: str = "Herder"
+
+
+class Driver(ABC):
+    """A cloud driver: validates its parameters and builds an :class:`InstanceSet`.
+
+    ``capabilities`` declares optional features (used by the conformance kit to skip tests):
+    ``"price_history"``, ``"spot"``, ``"gpu"``, ``"host_key_verification"``, ``"quota_errors"``,
+    ``"capacity_errors"``, ``"rate_limit_errors"``.
+    """
+
+    parameters_model: ClassVar[type[DriverParameters]] = DriverParameters
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def validate_parameters(cls, raw: Mapping[str, Any] | None) -> DriverParameters:
+        return cls.parameters_model.model_validate(dict(raw or {}))
+
+    @abstractmethod
+    def instance_set(self, params: DriverParameters, context: DriverContext) -> InstanceSet: ...
+
+
+#: A factory the registry can call instead of a Driver subclass.
+DriverFactory = Callable[[], Driver]

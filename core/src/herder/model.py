@@ -1,0 +1,266 @@
+"""The domain records every part of herder shares: instance types, containers, workers' views.
+
+These are plain slotted dataclasses, not pydantic models: the scheduler holds one record per
+queued container and must stay small and fast with 100,000 of them.  Configuration files are
+validated by the pydantic models in :mod:`herder.config`, which build these records.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+#: ``<cluster_id>-dz642-<15 lowercase alphanumerics>``; cluster ids are 5 lowercase alphanumerics.
+CONTAINER_UUID_RE = re.compile(r"^[a-z0-9]{5}-dz642-[a-z0-9]{15}$")
+CLUSTER_ID_RE = re.compile(r"^[a-z0-9]{5}$")
+
+
+def is_container_uuid(text: str) -> bool:
+    """True for a well-formed container UUID (safe to put in a shell command unquoted)."""
+    return bool(CONTAINER_UUID_RE.match(text))
+
+
+# --------------------------------------------------------------------------- instance types
+
+
+@dataclass(frozen=True, slots=True)
+class GPUSpec:
+    """GPU hardware of an instance type (all zero/empty for a type without GPUs)."""
+
+    stack: str = ""  # "", "cuda" or "rocm"
+    driver_version: str = ""
+    hardware_target: str = ""  # CUDA compute capability or ROCm target
+    device_count: int = 0
+    vram: int = 0  # bytes per device
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceType:
+    """One configured instance type (SPEC §8.1): what herder may ask a cloud for."""
+
+    name: str
+    provider_type: str
+    vcpus: int
+    ram: int
+    included_scratch: int = 0
+    added_scratch: int = 0
+    price: float = 0.0
+    preemptible: bool = False
+    gpu: GPUSpec = field(default_factory=GPUSpec)
+
+    @property
+    def scratch(self) -> int:
+        """Usable scratch space: the instance's own disk plus any volume herder adds."""
+        return self.included_scratch + self.added_scratch
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "provider_type": self.provider_type,
+            "vcpus": self.vcpus,
+            "ram": self.ram,
+            "included_scratch": self.included_scratch,
+            "added_scratch": self.added_scratch,
+            "scratch": self.scratch,
+            "price": self.price,
+            "preemptible": self.preemptible,
+            "gpu": {
+                "stack": self.gpu.stack,
+                "driver_version": self.gpu.driver_version,
+                "hardware_target": self.gpu.hardware_target,
+                "device_count": self.gpu.device_count,
+                "vram": self.gpu.vram,
+            },
+        }
+
+
+# --------------------------------------------------------------------------- containers
+
+
+class ContainerState(StrEnum):
+    QUEUED = "Queued"
+    LOCKED = "Locked"
+    RUNNING = "Running"
+    COMPLETE = "Complete"
+    CANCELLED = "Cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (ContainerState.COMPLETE, ContainerState.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class GPURequest:
+    """GPUs a container needs (SPEC §8.4)."""
+
+    stack: str = ""  # "", "cuda" or "rocm"
+    device_count: int = 0
+    driver_version: str = ""
+    hardware_target: tuple[str, ...] = ()
+    vram: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConstraints:
+    vcpus: int = 1
+    ram: int = 0
+    scratch: int = 0
+    gpu: GPURequest = field(default_factory=GPURequest)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingParameters:
+    preemptible: bool = False
+    max_run_time: float = 0.0  # seconds; 0 means no limit
+    supervisor: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """What a user submits.  The queue turns it into a :class:`Container` with a UUID."""
+
+    command: tuple[str, ...]
+    image: str = ""
+    environment: tuple[tuple[str, str], ...] = ()
+    cwd: str = ""
+    runtime: str = ""  # "" (engine if present), "docker", "podman" or "process"
+    runtime_constraints: RuntimeConstraints = field(default_factory=RuntimeConstraints)
+    scheduling_parameters: SchedulingParameters = field(default_factory=SchedulingParameters)
+    priority: int = 1
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Container:
+    """A container record as the queue holds it.
+
+    Records are immutable: the queue replaces a record on every change, so a snapshot handed to
+    the scheduler or the API never changes under its reader.
+    """
+
+    uuid: str
+    state: ContainerState
+    priority: int
+    spec: ContainerSpec
+    created_at: float
+    locked_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    lock_count: int = 0
+    exit_code: int | None = None
+    runtime_status: tuple[tuple[str, str], ...] = ()  # e.g. (("error", "..."),)
+    instance_id: str = ""
+    instance_type: str = ""
+    cost: float = 0.0
+
+    # Convenience accessors used all over the engine.
+    @property
+    def runtime_constraints(self) -> RuntimeConstraints:
+        return self.spec.runtime_constraints
+
+    @property
+    def scheduling_parameters(self) -> SchedulingParameters:
+        return self.spec.scheduling_parameters
+
+    def status(self, key: str) -> str:
+        for k, v in self.runtime_status:
+            if k == key:
+                return v
+        return ""
+
+
+@dataclass(slots=True)
+class InstanceResources:
+    """Resources of an instance, or needed by a container (SPEC §8.2, §8.5).
+
+    ``shared_vcpu_used`` records that a container asking for 0 VCPUs was placed here: all such
+    containers share one VCPU, so the instance must keep at least one VCPU free for them.
+    """
+
+    vcpus: int = 0
+    ram: int = 0
+    scratch: int = 0
+    gpus: int = 0
+    gpu_vram: int = 0
+    shared_vcpu_used: bool = False
+
+    @classmethod
+    def of_type(cls, it: InstanceType) -> InstanceResources:
+        return cls(it.vcpus, it.ram, it.scratch, it.gpu.device_count, it.gpu.vram)
+
+    def accommodates(self, need: InstanceResources) -> bool:
+        return (
+            self.vcpus >= need.vcpus
+            and self.ram >= need.ram
+            and self.scratch >= need.scratch
+            and self.gpus >= need.gpus
+            and self.gpu_vram >= need.gpu_vram
+            and self.vcpus > 0
+            and (not self.shared_vcpu_used or self.vcpus > need.vcpus)
+        )
+
+    def sub(self, need: InstanceResources) -> InstanceResources:
+        return InstanceResources(
+            self.vcpus - need.vcpus,
+            self.ram - need.ram,
+            self.scratch - need.scratch,
+            self.gpus - need.gpus,
+            self.gpu_vram - need.gpu_vram,
+            self.shared_vcpu_used or need.vcpus == 0,
+        )
+
+    def copy(self) -> InstanceResources:
+        return InstanceResources(
+            self.vcpus, self.ram, self.scratch, self.gpus, self.gpu_vram, self.shared_vcpu_used
+        )
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class WorkerState(StrEnum):
+    """SPEC §3.1."""
+
+    UNKNOWN = "unknown"  # not created by this process, no successful boot probe yet
+    BOOTING = "booting"  # created by us, not ready yet
+    IDLE = "idle"
+    RUNNING = "running"  # at least one runner
+    SHUTDOWN = "shutdown"  # destroy requested; watched only until it disappears
+
+
+class IdleBehavior(StrEnum):
+    RUN = "run"  # run containers, shut down after the idle timeout
+    HOLD = "hold"  # never shut down automatically, start nothing new
+    DRAIN = "drain"  # shut down as soon as idle, start nothing new
+
+
+class BootOutcome(StrEnum):
+    FAILURE = "failure"
+    SUCCESS = "success"
+    ABORTED = "aborted"
+    DISAPPEARED = "disappeared"
+
+
+@dataclass(slots=True)
+class InstanceView:
+    """What the pool tells the scheduler, the API and the CLI about one instance (SPEC §5.6).
+
+    A pending create has ``instance == ""`` and ``address == ""``.
+    """
+
+    instance: str
+    address: str
+    price: float
+    instance_type: str
+    provider_instance_type: str
+    last_container_uuid: str
+    last_busy: float
+    running_container_uuids: list[str]
+    worker_state: WorkerState
+    idle_behavior: IdleBehavior
+    state_since: float = 0.0
+    last_probe: float = 0.0
+    appeared: float = 0.0
+    boot_outcome: str = ""

@@ -1,0 +1,166 @@
+"""The container queue interface (SPEC §7, made the system of record).
+
+In Arvados the queue lives in the API server and the dispatcher polls it.  herder owns its
+queue, so one object plays both roles: it stores every container durably, enforces the state
+rules the Arvados API server enforces (lock needs Queued and priority > 0 and counts an attempt;
+unlocking past ``max_dispatch_attempts`` cancels), and gives the scheduler a cheap in-memory
+snapshot of the containers that still need attention.
+
+States: Queued → Locked → Running → Complete, and Cancelled from any non-final state.  Locked
+→ Queued is an unlock; Running → Queued is a retry after the runner was lost.
+
+Every method is thread-safe.  Every change notifies subscribers (coalesced by the subscriber),
+so the scheduler reacts at once instead of waiting for a poll.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from herder.model import Container, ContainerSpec, ContainerState, InstanceResources, InstanceType
+
+
+class QueueError(Exception):
+    """A queue operation was refused."""
+
+
+class ContainerNotFound(QueueError):
+    def __init__(self, uuid: str) -> None:
+        super().__init__(f"container {uuid} not found")
+        self.uuid = uuid
+
+
+class InvalidTransition(QueueError):
+    """The container is not in a state that allows this operation."""
+
+
+@dataclass(slots=True)
+class QueueEntry:
+    """A container plus what the scheduler needs to place it (SPEC §7.1).
+
+    ``instance_types`` is the eligible list, cheapest first (SPEC §8.4); it is computed once, when
+    the queue first sees the container.
+    """
+
+    container: Container
+    resources: InstanceResources
+    instance_types: list[InstanceType]
+    first_seen_at: float
+
+
+class Sizer(ABC):
+    """Decides what a container needs and which instance types fit it (SPEC §8)."""
+
+    @abstractmethod
+    def resources_needed(self, container: Container) -> InstanceResources: ...
+
+    @abstractmethod
+    def choose_instance_types(self, container: Container) -> list[InstanceType]:
+        """Eligible types, cheapest first.  Raises ConstraintsNotSatisfiable if none."""
+
+
+Listener = Callable[[], None]
+
+
+class ContainerQueue(ABC):
+    """Durable queue of containers."""
+
+    # ---- reads used by the scheduler (non-blocking, in-memory)
+
+    @abstractmethod
+    def entries(self) -> tuple[dict[str, QueueEntry], float]:
+        """Snapshot of the containers needing attention, and the time it is current as of.
+
+        Holds every non-final container, plus final ones not yet :meth:`forget`-ten.  The
+        returned dict is the caller's to keep; entries are not modified afterwards.
+        """
+
+    @abstractmethod
+    def get(self, uuid: str) -> Container | None:
+        """Current record of any container, final ones included; None if unknown."""
+
+    @abstractmethod
+    def forget(self, uuid: str) -> None:
+        """Drop a final (or Queued with priority 0) container from :meth:`entries`.
+
+        The record stays in storage; other containers are left alone.
+        """
+
+    # ---- state changes (blocking: each is durable when it returns)
+
+    @abstractmethod
+    def submit(self, spec: ContainerSpec) -> Container:
+        """Store a new container in state Queued (or Cancelled with a reason if it cannot fit
+        any configured instance type)."""
+
+    @abstractmethod
+    def lock(self, uuid: str) -> Container:
+        """Queued with priority > 0 → Locked; counts one dispatch attempt."""
+
+    @abstractmethod
+    def unlock(self, uuid: str) -> Container:
+        """Locked → Queued; → Cancelled instead once the attempts reach the configured cap."""
+
+    @abstractmethod
+    def set_running(self, uuid: str, instance_id: str = "", instance_type: str = "") -> Container:
+        """Locked → Running (no-op if already Running)."""
+
+    @abstractmethod
+    def finish(self, uuid: str, exit_code: int) -> Container:
+        """Locked/Running → Complete with ``exit_code``.  No-op on a final container."""
+
+    @abstractmethod
+    def retry(self, uuid: str, reason: str) -> Container:
+        """Running/Locked → Queued after its runner was lost, or → Cancelled past the cap."""
+
+    @abstractmethod
+    def cancel(self, uuid: str, reason: str = "") -> Container:
+        """Any non-final state → Cancelled, recording ``reason`` as the error."""
+
+    @abstractmethod
+    def set_priority(self, uuid: str, priority: int) -> Container: ...
+
+    @abstractmethod
+    def add_cost(self, uuid: str, cost: float) -> None:
+        """Add to the container's accumulated cost."""
+
+    # ---- logs
+
+    @abstractmethod
+    def append_log(self, uuid: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def read_log(self, uuid: str, offset: int = 0, limit: int | None = None) -> bytes: ...
+
+    # ---- listing for people (API / CLI)
+
+    @abstractmethod
+    def list(
+        self,
+        states: Iterable[ContainerState] | None = None,
+        limit: int = 100,
+        after: str = "",
+    ) -> list[Container]:
+        """Containers by UUID order, after ``after`` (keyset paging)."""
+
+    @abstractmethod
+    def counts(self) -> dict[ContainerState, int]:
+        """Number of containers in each state (all of storage)."""
+
+    # ---- notifications and lifecycle
+
+    @abstractmethod
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener()`` after every change; returns the unsubscribe function.
+
+        Listeners are called on the thread that made the change, outside the queue's locks, and
+        must return quickly (fire a trigger, set an event).
+        """
+
+    def update(self) -> None:
+        """Refresh from an external store.  The embedded queue is always current."""
+
+    def close(self) -> None:
+        """Release storage."""

@@ -1,0 +1,123 @@
+"""The command-line protocol between herder and the runner agent on an instance (SPEC §11).
+
+It is the crunch-run protocol, so herder could also drive Arvados' own crunch-run, plus two
+verbs and one ``--list`` line that let herder *pull* results, so an instance never needs a route
+back to the dispatcher nor its credentials:
+
+``<runner> --list [--stdin-prices]``
+    one line per container the runner knows about:
+    ``<uuid>`` (running), ``<uuid> stale`` (process gone, lock still held), ``broken`` (instance
+    cannot run containers) and, herder's addition, ``<uuid> exited <code>`` (finished, result
+    not collected yet).  Older parsers ignore the extra line: it has more than one token and the
+    second is not ``stale``.
+``<runner> --detach --stdin-config [args...] <uuid>``
+    start the container described by the JSON document on stdin, in the background, and return.
+``<runner> --kill <signal> <uuid>``
+    signal it; exit 0 once it is gone (or never existed).
+``<runner> --log <uuid>``
+    print the container's output (herder's addition).
+``<runner> --forget <uuid>``
+    delete the exit record and log once collected (herder's addition).
+
+Every argument that comes from data is a validated UUID or is quoted with :func:`shlex.quote`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from herder.model import Container, InstanceType, is_container_uuid
+
+
+def _sudo(remote_user: str) -> str:
+    return "" if remote_user == "root" else "sudo "
+
+
+def _checked(uuid: str) -> str:
+    if not is_container_uuid(uuid):
+        raise ValueError(f"refusing to put malformed container uuid {uuid!r} in a command")
+    return uuid
+
+
+def list_command(runner: str, remote_user: str, with_prices: bool = False) -> str:
+    cmd = f"{_sudo(remote_user)}{runner} --list"
+    return cmd + " --stdin-prices" if with_prices else cmd
+
+
+def detach_command(runner: str, remote_user: str, args: list[str], uuid: str) -> str:
+    quoted = " ".join(shlex.quote(a) for a in [*args, _checked(uuid)])
+    return f"{_sudo(remote_user)}{runner} --detach --stdin-config {quoted}"
+
+
+def kill_command(runner: str, remote_user: str, signal: int, uuid: str) -> str:
+    return f"{_sudo(remote_user)}{runner} --kill {int(signal)} {_checked(uuid)}"
+
+
+def log_command(runner: str, remote_user: str, uuid: str) -> str:
+    return f"{_sudo(remote_user)}{runner} --log {_checked(uuid)}"
+
+
+def forget_command(runner: str, remote_user: str, uuid: str) -> str:
+    return f"{_sudo(remote_user)}{runner} --forget {_checked(uuid)}"
+
+
+def config_document(
+    container: Container, instance_type: InstanceType, runtime_engine: str = "auto"
+) -> bytes:
+    """The JSON document sent on the stdin of ``--detach``: everything the runner needs."""
+    spec = container.spec
+    doc: dict[str, Any] = {
+        "uuid": container.uuid,
+        "command": list(spec.command),
+        "image": spec.image,
+        "environment": dict(spec.environment),
+        "cwd": spec.cwd,
+        "runtime": spec.runtime or runtime_engine,
+        "max_run_time": spec.scheduling_parameters.max_run_time,
+        "vcpus": spec.runtime_constraints.vcpus,
+        "ram": spec.runtime_constraints.ram,
+        "instance_type": instance_type.to_json(),
+    }
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+@dataclass
+class ListResult:
+    """Parsed ``--list`` output."""
+
+    running: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    exited: dict[str, int] = field(default_factory=dict)
+    broken: bool = False
+
+
+def parse_list_output(text: str, cluster_id: str) -> ListResult:
+    """Parse ``--list`` output (SPEC §3.5), ignoring other clusters' containers.
+
+    ``broken`` is honoured before the cluster filter (it describes the instance).  Lines with
+    unexpected shapes are ignored, as Arvados does, so newer runners can add lines.
+    """
+    result = ListResult()
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        if line == "broken":
+            result.broken = True
+            continue
+        if not line.startswith(cluster_id):
+            continue
+        tokens = line.split()
+        if len(tokens) == 1:
+            result.running.append(tokens[0])
+        elif len(tokens) == 2 and tokens[1] == "stale":
+            result.stale.append(tokens[0])
+        elif len(tokens) == 3 and tokens[1] == "exited":
+            try:
+                result.exited[tokens[0]] = int(tokens[2])
+            except ValueError:
+                continue
+    return result

@@ -1,0 +1,138 @@
+"""What a container needs, and which configured instance types fit it (SPEC §8).
+
+herder has no Keep cache, arv-mount or docker-image manifests, so the RAM need is the
+container's RAM plus ``containers.reserve_extra_ram``, inflated by 5% (the share of an
+instance's advertised RAM the kernel keeps); scratch is what the container asks for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from herder.model import Container, InstanceResources, InstanceType
+from herder.queue.base import Sizer
+
+
+class ConstraintsNotSatisfiable(Exception):
+    """No configured instance type can run the container."""
+
+    def __init__(self, message: str, available: list[InstanceType] | None = None) -> None:
+        super().__init__(message)
+        self.available = available or []
+
+
+def _version_at_least(have: str, want: str) -> bool:
+    """Numeric comparison of versions written as floats ("12.0" ≥ "11.8"); bad input fails."""
+    try:
+        return float(have) >= float(want)
+    except ValueError:
+        return False
+
+
+def resources_needed(container: Container, reserve_extra_ram: int = 0) -> InstanceResources:
+    rc = container.runtime_constraints
+    ram = (rc.ram + reserve_extra_ram) * 100 // 95
+    return InstanceResources(
+        vcpus=rc.vcpus,
+        ram=ram,
+        scratch=rc.scratch,
+        gpus=rc.gpu.device_count,
+        gpu_vram=rc.gpu.vram,
+    )
+
+
+def _gpu_capability_ok(it: InstanceType, container: Container) -> bool:
+    req = container.runtime_constraints.gpu
+    if req.stack == "cuda":
+        targets = req.hardware_target
+        if len(targets) > 1:
+            return it.gpu.hardware_target in targets
+        if len(targets) == 1:
+            return _version_at_least(it.gpu.hardware_target, targets[0])
+        return False
+    if req.stack == "rocm":
+        return it.gpu.hardware_target in req.hardware_target
+    return True
+
+
+def _sort_key(it: InstanceType) -> tuple[float, int, int, int, str]:
+    return (it.price, -it.ram, -it.vcpus, -it.scratch, it.name)
+
+
+def choose_instance_types(
+    container: Container,
+    instance_types: Mapping[str, InstanceType],
+    *,
+    reserve_extra_ram: int = 0,
+    maximum_price_factor: float = 1.5,
+) -> list[InstanceType]:
+    """Eligible types: the cheapest adequate one first, then others within its price × factor."""
+    if not instance_types:
+        raise ConstraintsNotSatisfiable("site configuration does not list any instance types")
+    req = container.runtime_constraints.gpu
+    if req.stack not in ("", "cuda", "rocm"):
+        raise ConstraintsNotSatisfiable(
+            f"Invalid GPU stack {req.stack!r}, expected to be blank or one of 'cuda' or 'rocm'"
+        )
+    need = resources_needed(container, reserve_extra_ram)
+    factor = max(maximum_price_factor, 1.0)
+    preemptible = container.scheduling_parameters.preemptible
+    max_price = 0.0
+    accepted: list[InstanceType] = []
+    for it in instance_types.values():
+        capability_ok = _gpu_capability_ok(it, container)
+        driver_ok = _version_at_least(it.gpu.driver_version, req.driver_version or "0")
+        if (
+            (max_price > 0 and it.price > max_price)
+            or it.scratch < need.scratch
+            or it.ram < need.ram
+            or it.vcpus < need.vcpus
+            or it.preemptible != preemptible
+            or it.gpu.stack != req.stack
+            or it.gpu.device_count < need.gpus
+            or it.gpu.vram < need.gpu_vram
+            or (need.gpus > 0 and not driver_ok)
+            or (need.gpus > 0 and not capability_ok)
+        ):
+            continue
+        accepted.append(it)
+        limit = it.price * factor
+        max_price = limit if max_price == 0 else min(max_price, limit)
+    if not accepted:
+        raise ConstraintsNotSatisfiable(
+            "constraints not satisfiable by any configured instance type",
+            sorted(instance_types.values(), key=lambda t: t.price),
+        )
+    accepted.sort(key=_sort_key)
+    out = [accepted[0]]
+    for it in accepted[1:]:
+        if it.price > max_price:
+            break
+        out.append(it)
+    return out
+
+
+class ConfigSizer(Sizer):
+    """The :class:`Sizer` built from the configuration's instance types."""
+
+    def __init__(
+        self,
+        instance_types: Mapping[str, InstanceType],
+        *,
+        reserve_extra_ram: int = 0,
+        maximum_price_factor: float = 1.5,
+    ) -> None:
+        self.instance_types = dict(instance_types)
+        self.reserve_extra_ram = reserve_extra_ram
+        self.maximum_price_factor = maximum_price_factor
+
+    def resources_needed(self, container: Container) -> InstanceResources:
+        return resources_needed(container, self.reserve_extra_ram)
+
+    def choose_instance_types(self, container: Container) -> list[InstanceType]:
+        return choose_instance_types(
+            container,
+            self.instance_types,
+            reserve_extra_ram=self.reserve_extra_ram,
+            maximum_price_factor=self.maximum_price_factor,
+        )

@@ -1,0 +1,78 @@
+"""What the pool offers the scheduler, and what it tells the rest of herder about containers."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from herder.model import Container, InstanceType, InstanceView, WorkerState
+
+
+class ContainerReporter(ABC):
+    """Receives what workers learn about containers; the dispatcher records it in the queue.
+
+    Called from background threads, outside the pool lock.  Each call is idempotent: a probe may
+    report the same fact again.
+    """
+
+    @abstractmethod
+    def container_started(self, uuid: str, instance_id: str, instance_type: str) -> None:
+        """The runner on ``instance_id`` has the container (start succeeded or a probe saw it)."""
+
+    @abstractmethod
+    def container_exited(self, uuid: str, exit_code: int, log: bytes) -> None:
+        """The runner reported the container's exit code; ``log`` is its output."""
+
+
+class NullReporter(ContainerReporter):
+    def container_started(self, uuid: str, instance_id: str, instance_type: str) -> None:
+        pass
+
+    def container_exited(self, uuid: str, exit_code: int, log: bytes) -> None:
+        pass
+
+
+class WorkerPool(ABC):
+    """The pool as the scheduler sees it (SPEC §9.1)."""
+
+    @abstractmethod
+    def running(self) -> dict[str, float]:
+        """uuid → 0.0 for containers with a runner, or → exit time for recently exited ones."""
+
+    @abstractmethod
+    def instances(self) -> list[InstanceView]:
+        """One view per worker plus one per pending create, sorted by instance id."""
+
+    @abstractmethod
+    def count_workers(self) -> dict[WorkerState, int]: ...
+
+    @property
+    @abstractmethod
+    def loaded(self) -> bool:
+        """True after the first successful sync with the cloud."""
+
+    @abstractmethod
+    def at_capacity(self, instance_type: InstanceType) -> bool: ...
+
+    @abstractmethod
+    def at_quota(self) -> bool: ...
+
+    @abstractmethod
+    def create(self, instance_type: InstanceType) -> InstanceView | None:
+        """Start creating an instance; None if refused (throttled, quota, capacity)."""
+
+    @abstractmethod
+    def shutdown(self, instance_id: str) -> bool: ...
+
+    @abstractmethod
+    def start_container(self, instance_id: str, container: Container) -> bool: ...
+
+    @abstractmethod
+    def kill_container(self, uuid: str, reason: str) -> bool: ...
+
+    @abstractmethod
+    def forget_container(self, uuid: str) -> None: ...
+
+    @abstractmethod
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` on every change (coalesced by the listener)."""
