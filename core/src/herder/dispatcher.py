@@ -1,0 +1,214 @@
+"""Wiring: builds the queue, the cloud instance set, the pool and the scheduler from a Config.
+
+``herder serve`` and ``herder simulate`` both run a :class:`Dispatcher`; they differ only in the
+runtime (wall clock or virtual) and in where the queue lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from herder.cloud import Driver, DriverContext, InstanceSet
+from herder.config import Config
+from herder.executor import ExecutorFactory
+from herder.model import ContainerState, InstanceType
+from herder.plugins import Plugins
+from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
+from herder.runtime import Runtime
+from herder.scheduler.scheduler import Scheduler
+from herder.sizing import ConfigSizer
+from herder.worker.interfaces import ContainerReporter
+from herder.worker.pool import Pool
+
+log = logging.getLogger(__name__)
+
+
+def default_instance_set_id(config: Config) -> str:
+    """The tag value that marks this installation's instances.
+
+    Derived from the cluster id alone, so that it survives restarts and token rotation (SPEC §19
+    item 24 records how deriving it from a token orphans instances when the token changes).
+    """
+    if config.cloud.instance_set_id:
+        return config.cloud.instance_set_id
+    digest = hashlib.sha256(f"herder:{config.cluster_id}".encode()).hexdigest()[:15]
+    return f"{config.cluster_id}-is000-{digest}"
+
+
+class QueueReporter(ContainerReporter):
+    """Records what workers report (a start, an exit code and log) in the queue.
+
+    Every call is idempotent, because a probe may report the same exit again when collecting the
+    log or cleaning up on the instance failed the first time.
+    """
+
+    def __init__(
+        self, queue: ContainerQueue, instance_types: dict[str, InstanceType], runtime: Runtime
+    ) -> None:
+        self.queue = queue
+        self.instance_types = instance_types
+        self.runtime = runtime
+
+    def container_started(self, uuid: str, instance_id: str, instance_type: str) -> None:
+        try:
+            self.queue.set_running(uuid, instance_id, instance_type)
+        except (InvalidTransition, ContainerNotFound) as exc:
+            log.debug("not marking %s running: %s", uuid, exc)
+
+    def container_exited(self, uuid: str, exit_code: int, log_data: bytes) -> None:
+        ctr = self.queue.get(uuid)
+        if ctr is None:
+            log.warning("runner reported exit of unknown container %s", uuid)
+            return
+        if ctr.state.final:
+            return
+        if log_data:
+            self.queue.append_log(uuid, log_data)
+        if ctr.started_at is not None and ctr.instance_type in self.instance_types:
+            hours = max(0.0, self.runtime.now() - ctr.started_at) / 3600.0
+            self.queue.add_cost(uuid, hours * self.instance_types[ctr.instance_type].price)
+        try:
+            self.queue.finish(uuid, exit_code)
+        except InvalidTransition as exc:
+            log.warning("cannot record exit code %d of %s: %s", exit_code, uuid, exc)
+
+
+@dataclass
+class RunnerBinary:
+    """The runner agent program herder copies to instances (None: do not deploy)."""
+
+    data: bytes | None
+
+
+def load_runner_binary(config: Config) -> RunnerBinary:
+    """The bundled runner agent, when ``cloud.deploy_runner`` is on and the agent is installed."""
+    if not config.cloud.deploy_runner:
+        return RunnerBinary(None)
+    path = Path(__file__).with_name("agent") / "herder_runner.py"
+    if not path.exists():
+        log.warning("runner agent %s not found; using %s already on instances", path,
+                    config.containers.runner_command)
+        return RunnerBinary(None)
+    return RunnerBinary(path.read_bytes())
+
+
+class Dispatcher:
+    """One herder engine: queue + instance set + pool + scheduler, started and stopped together."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        runtime: Runtime,
+        plugins: Plugins | None = None,
+        queue: ContainerQueue | None = None,
+        registry: CollectorRegistry | None = None,
+        driver: Driver | None = None,
+        executor_factory: ExecutorFactory | None = None,
+        public_key: str | None = None,
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.plugins = plugins or Plugins.load()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.instance_types = config.build_instance_types()
+        self.sizer = ConfigSizer(
+            self.instance_types,
+            reserve_extra_ram=config.containers.reserve_extra_ram,
+            maximum_price_factor=config.containers.maximum_price_factor,
+        )
+        if queue is None:
+            from herder.queue.sqlite import SqliteQueue
+
+            queue = SqliteQueue(
+                config.queue.path,
+                runtime=runtime,
+                sizer=self.sizer,
+                cluster_id=config.cluster_id,
+                max_dispatch_attempts=config.containers.max_dispatch_attempts,
+                always_use_preemptible=config.containers.always_use_preemptible_instances,
+            )
+        self.queue = queue
+        self.instance_set_id = default_instance_set_id(config)
+
+        if driver is None:
+            driver = self.plugins.driver_class(config.cloud.driver)()
+        self.driver = driver
+        params = driver.validate_parameters(config.cloud.driver_parameters)
+        self.instance_set: InstanceSet = driver.instance_set(
+            params,
+            DriverContext(
+                instance_set_id=self.instance_set_id,
+                shared_resource_tags=dict(config.cloud.resource_tags),
+                logger=logging.getLogger(f"herder.driver.{config.cloud.driver}"),
+                metrics_registry=self.registry,
+                runtime=runtime,
+                tag_key_prefix=config.cloud.tag_key_prefix,
+            ),
+        )
+        if executor_factory is None:
+            executor_factory = driver.executor_factory(self.instance_set)
+        if executor_factory is None:
+            executor_factory = self._configured_executor_factory()
+
+        self.reporter = QueueReporter(self.queue, self.instance_types, runtime)
+        self.pool = Pool(
+            runtime=runtime,
+            instance_set=self.instance_set,
+            executor_factory=executor_factory,
+            config=config,
+            instance_types=self.instance_types,
+            instance_set_id=self.instance_set_id,
+            reporter=self.reporter,
+            boot_probe=self._boot_probe(),
+            runner_data=load_runner_binary(config).data,
+            public_key=public_key,
+            registry=self.registry,
+        )
+        self.scheduler = Scheduler(
+            runtime=runtime,
+            queue=self.queue,
+            pool=self.pool,
+            config=config,
+            instance_types=self.instance_types,
+            registry=self.registry,
+        )
+        self._started = False
+        self._lock = threading.Lock()
+
+    def _configured_executor_factory(self) -> ExecutorFactory:
+        cls = self.plugins.executor_class(self.config.cloud.executor)
+        config, runtime = self.config, self.runtime
+
+        def factory(instance):  # type: ignore[no-untyped-def]
+            return cls(instance, config, runtime)
+
+        return factory
+
+    def _boot_probe(self):  # type: ignore[no-untyped-def]
+        cls = self.plugins.boot_probe_class(self.config.cloud.boot_probe)
+        return cls(self.config.cloud.boot_probe_command)
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        self.pool.start()
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        """Stop in reverse order of start; instances are left running for the next start."""
+        self.scheduler.stop()
+        self.pool.stop()
+        self.instance_set.stop()
+        self.queue.close()
+
+    def active_counts(self) -> dict[ContainerState, int]:
+        return self.queue.counts()
