@@ -1,4 +1,7 @@
-"""herder's built-in plugins, registered through the same hooks as third-party ones."""
+"""herder's built-in plugins, registered through the same hooks as third-party ones.
+
+Only dotted paths appear here, so loading the built-ins imports nothing but this module.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,24 @@ from herder.plugins import Registry
 
 @hookimpl
 def herder_register_drivers(registry: Registry) -> None:
+    """The simulated cloud: tests, demos and scale benchmarks run on it."""
     registry.add(
         "sim", "herder.testing.sim:SimDriver", "simulated cloud for tests and `herder simulate`"
     )
+
+
+@hookimpl
+def herder_register_executors(registry: Registry) -> None:
+    """The default executor: SSH with one shared connection per instance (SPEC §6.2)."""
+    registry.add("ssh", "herder.ssh.executor:SSHExecutor", "runs commands over SSH (paramiko)")
+
+
+@hookimpl
+def herder_register_boot_probes(registry: Registry) -> None:
+    """The default boot probe: run ``cloud.boot_probe_command`` through the executor."""
+    registry.add(
+        "command",
+        "herder.worker.bootprobe:CommandBootProbe",
+        "runs cloud.boot_probe_command on the instance; exit 0 means booted",
+    )
+

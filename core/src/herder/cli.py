@@ -1,10 +1,109 @@
-"""The ``herder`` command."""
+"""The ``herder`` command: global options, and subcommands from :mod:`herder.commands`.
+
+Each subcommand group lives in its own module under ``herder.commands`` (see that package's
+docstring); adding a command means adding a module and one line to :data:`COMMAND_MODULES`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import logging
 import sys
+from collections.abc import Sequence
+from typing import Any
+
+from herder import __version__
+from herder.commands import CONFIG_ENV, DEFAULT_CONFIG_FILE, CommandError, Context
+from herder.commands import resolve_config_path as _resolve_config_path
+from herder.plugins import Plugins
+
+#: Modules with a ``register(subparsers)`` function, in the order ``herder --help`` lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "herder.commands.serve",
+    "herder.commands.simulate",
+    "herder.commands.config",
+    "herder.commands.plugins",
+)
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "warning"
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("herder: no commands yet", file=sys.stderr)
-    return 2
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose every subcommand also takes the global options.
+
+    So ``herder serve --config FILE`` works as well as ``herder --config FILE serve``.
+    Subparsers are built with the parser's own class (argparse's default), so nested groups
+    (``herder config check``) get the options too.  A subcommand may define an option of the
+    same name for itself: its definition wins (``conflict_handler="resolve"``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("conflict_handler", "resolve")
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--config",
+            metavar="FILE",
+            default=argparse.SUPPRESS,
+            help=f"configuration file (default: ${CONFIG_ENV}, or ./{DEFAULT_CONFIG_FILE} if "
+            "it exists, else built-in defaults)",
+        )
+        self.add_argument(
+            "--log-level",
+            choices=LOG_LEVELS,
+            default=argparse.SUPPRESS,
+            help=f"how much to log on stderr (default: {DEFAULT_LOG_LEVEL})",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="herder",
+        description="An elastic cloud dispatcher: runs queued containers on cloud VMs it "
+        "creates and retires.",
+    )
+    parser.add_argument("--version", action="version", version=f"herder {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, plugins: Plugins | None = None) -> int:
+    """Run one command; return its exit status (0 ok, 1 failure, 2 usage error).
+
+    ``plugins`` replaces the installed plugins (for embedding herder, and for tests).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _configure_logging(getattr(args, "log_level", DEFAULT_LOG_LEVEL))
+    config_option = getattr(args, "config", None)
+    ctx = Context(config_path=_resolve_config_path(config_option), loaded_plugins=plugins)
+    try:
+        status: int = args.handler(args, ctx)
+    except CommandError as exc:
+        print(f"herder: error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print("herder: interrupted", file=sys.stderr)
+        return 130
+    return status
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,12 +20,15 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 from herder.model import InstanceType
 from herder.runtime import Runtime
+
+if TYPE_CHECKING:
+    from herder.executor import ExecutorFactory
 
 # --------------------------------------------------------------------------- errors
 
@@ -253,6 +256,14 @@ class Driver(ABC):
 
     @abstractmethod
     def instance_set(self, params: DriverParameters, context: DriverContext) -> InstanceSet: ...
+
+    def executor_factory(self, instance_set: InstanceSet) -> ExecutorFactory | None:
+        """Executors for ``instance_set``'s instances, or None (the default) for the configured one.
+
+        A driver whose instances are not reached over SSH (a simulated cloud, say) returns its
+        own factory here, and herder uses it instead of ``cloud.executor``.
+        """
+        return None
 
 
 #: A factory the registry can call instead of a Driver subclass.

@@ -9,11 +9,20 @@ Unknown keys are errors: a misspelled key must never be silently ignored.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from herder.model import CLUSTER_ID_RE, GPUSpec, InstanceType
+from herder.plugins import PluginError, Plugins
 from herder.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -47,7 +56,7 @@ class InstanceTypeConfig(_Strict):
     added_scratch: Size = 0
     price: float = Field(0.0, ge=0)
     preemptible: bool = False
-    gpu: GPUConfig = Field(default_factory=GPUConfig)  # type: ignore[arg-type]
+    gpu: GPUConfig = Field(default_factory=GPUConfig)
 
     def build(self, name: str) -> InstanceType:
         return InstanceType(
@@ -147,15 +156,28 @@ class APIConfig(_Strict):
         "HERDER_MANAGEMENT_TOKEN", description="environment variable read when the token is empty"
     )
 
+    def resolve_management_token(self, environ: Mapping[str, str] | None = None) -> str:
+        """The token the API checks: the configured one, else the environment variable's.
+
+        Read when the server starts (not when the file is loaded), so a secret can stay out of
+        the file and ``herder config show`` never prints it.
+        """
+        if self.management_token:
+            return self.management_token
+        if not self.management_token_env:
+            return ""
+        env = os.environ if environ is None else environ
+        return env.get(self.management_token_env, "").strip()
+
 
 class Config(_Strict):
     """The whole configuration file."""
 
     cluster_id: str = "zzzzz"
-    containers: ContainersConfig = Field(default_factory=ContainersConfig)  # type: ignore[arg-type]
-    cloud: CloudConfig = Field(default_factory=CloudConfig)  # type: ignore[arg-type]
-    queue: QueueConfig = Field(default_factory=QueueConfig)  # type: ignore[arg-type]
-    api: APIConfig = Field(default_factory=APIConfig)  # type: ignore[arg-type]
+    containers: ContainersConfig = Field(default_factory=ContainersConfig)
+    cloud: CloudConfig = Field(default_factory=CloudConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    api: APIConfig = Field(default_factory=APIConfig)
     instance_types: dict[str, InstanceTypeConfig] = Field(default_factory=dict)
 
     @field_validator("cluster_id")
@@ -165,10 +187,10 @@ class Config(_Strict):
             raise ValueError(f"invalid cluster_id {v!r}: expected 5 lowercase letters or digits")
         return v
 
-    @model_validator(mode="before")
+    @field_validator("instance_types", mode="before")
     @classmethod
     def _instance_types_is_a_map(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("instance_types"), list):
+        if isinstance(data, list):
             raise ValueError(
                 "instance_types must be a map of name to type, not a list "
                 "(write `instance_types: {small: {vcpus: 2, ram: 4GiB, ...}}`)"
@@ -198,3 +220,490 @@ class Config(_Strict):
                     gpu=it.gpu,
                 )
         return types
+
+
+# --------------------------------------------------------------------------- problems
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with a configuration file.
+
+    ``key`` is the dotted path of the offending key (``cloud.timeout_idle``), or ``""`` when the
+    problem is about the file as a whole; ``line``/``column`` (1-based) are set for problems
+    found while parsing YAML, before any key path exists.
+    """
+
+    key: str
+    message: str
+    line: int | None = None
+    column: int | None = None
+
+    def format(self, source: str = "") -> str:
+        """``FILE: key.path: message``, or ``FILE:LINE:COL: message`` for YAML problems."""
+        where = source
+        if self.line is not None:
+            position = f"{self.line}:{self.column or 1}"
+            where = f"{source}:{position}" if source else position
+        parts = [p for p in (where, self.key, self.message) if p]
+        return ": ".join(parts)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+class ConfigError(Exception):
+    """A configuration file cannot be used; ``problems`` lists every reason at once."""
+
+    def __init__(self, problems: list[ConfigProblem], source: str = "") -> None:
+        self.problems = list(problems)
+        self.source = source
+        super().__init__("\n".join(p.format(source) for p in self.problems))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike[str], plugins: Plugins | None = None) -> Config:
+    """Read and validate a configuration file, or raise :class:`ConfigError` with every problem.
+
+    With ``plugins``, the plugin names and the driver's parameters are checked too (what
+    ``herder serve`` needs); without, only what the file itself says is checked.
+    """
+    config, problems = _load(path, plugins)
+    if problems or config is None:
+        raise ConfigError(problems, str(path))
+    return config
+
+
+def check_config(path: str | os.PathLike[str], plugins: Plugins | None) -> list[ConfigProblem]:
+    """Every problem in a configuration file (an empty list when it is fine).
+
+    ``plugins=None`` skips the checks that need installed plugins (the driver, executor and
+    boot probe names, and the driver's parameters).
+    """
+    return _load(path, plugins)[1]
+
+
+def config_from_data(
+    data: Any, plugins: Plugins | None = None
+) -> tuple[Config | None, list[ConfigProblem]]:
+    """Validate already-parsed YAML data: the config (None if invalid) and every problem."""
+    problems: list[ConfigProblem] = []
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(problems_from_validation_error(exc, Config))
+    if plugins is not None and isinstance(data, dict):
+        problems.extend(_plugin_name_problems(data, plugins))
+        problems.extend(_driver_problems(data, plugins))
+    return (config if not problems else None), problems
+
+
+def _load(
+    path: str | os.PathLike[str], plugins: Plugins | None
+) -> tuple[Config | None, list[ConfigProblem]]:
+    text, problems = _read_text(path)
+    if text is None:
+        return None, problems
+    data, lines, problems = _parse_yaml(text)
+    if problems:
+        return None, problems
+    if data is None:
+        return None, [
+            ConfigProblem(
+                "",
+                "the file is empty; it must be a mapping of keys such as cluster_id, cloud "
+                "and instance_types (`herder config show` prints every key with its default)",
+            )
+        ]
+    config, problems = config_from_data(data, plugins)
+    return config, _in_file_order(problems, lines)
+
+
+class _DuplicateCheckingLoader(yaml.SafeLoader):
+    """SafeLoader that records duplicate keys: PyYAML keeps the last one silently, which would
+    hide a setting as surely as a misspelled key does."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[ConfigProblem] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[str, int] = {}
+        for key_node, _value in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            mark = key_node.start_mark
+            if key_node.value in first_line:
+                self.duplicates.append(
+                    ConfigProblem(
+                        "",
+                        f"duplicate key {key_node.value!r} (first set on line "
+                        f"{first_line[key_node.value]})",
+                        mark.line + 1,
+                        mark.column + 1,
+                    )
+                )
+            else:
+                first_line[key_node.value] = mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> tuple[Any, list[ConfigProblem]]:
+    """Parse a YAML file: (data, problems).  Data is None for an empty file."""
+    text, problems = _read_text(path)
+    if text is None:
+        return None, problems
+    data, _lines, problems = _parse_yaml(text)
+    return data, problems
+
+
+def _read_text(path: str | os.PathLike[str]) -> tuple[str | None, list[ConfigProblem]]:
+    try:
+        return Path(path).read_text(encoding="utf-8"), []
+    except FileNotFoundError:
+        return None, [ConfigProblem("", "no such file")]
+    except IsADirectoryError:
+        return None, [ConfigProblem("", "is a directory, not a file")]
+    except UnicodeDecodeError as exc:
+        return None, [ConfigProblem("", f"not UTF-8 text ({exc.reason} at byte {exc.start})")]
+    except OSError as exc:
+        return None, [ConfigProblem("", f"cannot read the file: {exc.strerror or exc}")]
+
+
+def _parse_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], int], list[ConfigProblem]]:
+    """(data, line of every key path, problems)."""
+    loader = _DuplicateCheckingLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        return None, {}, [_yaml_problem(exc)]
+    except yaml.YAMLError as exc:
+        return None, {}, [ConfigProblem("", f"invalid YAML: {exc}")]
+    finally:
+        loader.dispose()
+    lines: dict[tuple[str, ...], int] = {}
+    if node is not None:
+        _record_key_lines(node, (), lines)
+    return data, lines, loader.duplicates
+
+
+def _record_key_lines(
+    node: yaml.Node, path: tuple[str, ...], lines: dict[tuple[str, ...], int]
+) -> None:
+    """Where each key path starts, so problems can be listed in the order of the file."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key_path = (*path, str(key_node.value))
+                lines.setdefault(key_path, key_node.start_mark.line + 1)
+                _record_key_lines(value_node, key_path, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _record_key_lines(item, (*path, str(index)), lines)
+
+
+def _in_file_order(
+    problems: list[ConfigProblem], lines: dict[tuple[str, ...], int]
+) -> list[ConfigProblem]:
+    """Sort problems by where their key (or its nearest existing parent) is in the file."""
+
+    def position(problem: ConfigProblem) -> int:
+        if problem.line is not None:
+            return problem.line
+        path = tuple(problem.key.split(".")) if problem.key else ()
+        while path:
+            if path in lines:
+                return lines[path]
+            path = path[:-1]
+        return 0
+
+    return sorted(problems, key=position)
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> ConfigProblem:
+    message = f"invalid YAML: {exc.problem or exc.context or 'syntax error'}"
+    if exc.context and exc.problem and exc.context_mark is not None:
+        message += f" ({exc.context} on line {exc.context_mark.line + 1})"
+    mark = exc.problem_mark or exc.context_mark
+    if mark is None:
+        return ConfigProblem("", message)
+    return ConfigProblem("", message, mark.line + 1, mark.column + 1)
+
+
+# --------------------------------------------------------------------------- plugin checks
+
+
+def _plugin_name_problems(data: dict[str, Any], plugins: Plugins) -> list[ConfigProblem]:
+    """``cloud.executor`` and ``cloud.boot_probe`` must name installed plugins.
+
+    Only the names are checked: their classes are imported when the dispatcher starts.
+    """
+    cloud = data.get("cloud", {})
+    if not isinstance(cloud, dict):
+        return []
+    problems = []
+    for kind in ("executor", "boot_probe"):
+        name = cloud.get(kind, CloudConfig.model_fields[kind].default)
+        if isinstance(name, str) and name not in plugins.names(kind):
+            problems.append(
+                ConfigProblem(f"cloud.{kind}", plugins.unknown_name_message(kind, name))
+            )
+    return problems
+
+
+def _driver_problems(data: dict[str, Any], plugins: Plugins) -> list[ConfigProblem]:
+    """The driver must be installed, and its own model must accept ``driver_parameters``."""
+    cloud = data.get("cloud", {})
+    if not isinstance(cloud, dict):
+        return []  # reported by the model already
+    name = cloud.get("driver", CloudConfig.model_fields["driver"].default)
+    if not isinstance(name, str):
+        return []
+    if name not in plugins.names("driver"):
+        return [ConfigProblem("cloud.driver", plugins.unknown_name_message("driver", name))]
+    try:
+        driver_cls = plugins.driver_class(name)
+    except PluginError as exc:
+        return [ConfigProblem("cloud.driver", str(exc))]
+    raw = cloud.get("driver_parameters") or {}
+    if not isinstance(raw, dict):
+        return []  # reported by the model already
+    prefix = ("cloud", "driver_parameters")
+    try:
+        driver_cls.validate_parameters(raw)
+    except ValidationError as exc:
+        return problems_from_validation_error(exc, driver_cls.parameters_model, prefix)
+    except (ValueError, TypeError) as exc:
+        return [ConfigProblem("cloud.driver_parameters", str(exc))]
+    return []
+
+
+# --------------------------------------------------------------------------- error messages
+
+
+def problems_from_validation_error(
+    exc: ValidationError, root: type[BaseModel], prefix: tuple[str, ...] = ()
+) -> list[ConfigProblem]:
+    """One clear problem per pydantic error, each with its full key path.
+
+    ``root`` is the model that was validated: unknown keys are compared with the valid keys at
+    their level to suggest the one that was probably meant.
+    """
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        key = ".".join(str(part) for part in (*prefix, *loc))
+        problems.append(ConfigProblem(key, _error_message(error, root, loc)))
+    return problems
+
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping of keys to values",
+    "model_type": "a mapping of keys to values",
+    "model_attributes_type": "a mapping of keys to values",
+    "list_type": "a list",
+}
+
+_BOUNDS = {
+    "greater_than_equal": ("ge", "at least"),
+    "greater_than": ("gt", "greater than"),
+    "less_than_equal": ("le", "at most"),
+    "less_than": ("lt", "less than"),
+}
+
+
+def _error_message(error: Any, root: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return _unknown_key_message(str(loc[-1]), _valid_keys(root, loc[:-1]))
+    if kind == "missing":
+        return "field required"
+    if kind in ("value_error", "assertion_error"):
+        error_obj = ctx.get("error")
+        return str(error_obj) if error_obj is not None else str(error["msg"])
+    if kind in _EXPECTED:
+        what = _EXPECTED[kind]
+        if not loc and what.startswith("a mapping"):
+            return f"the file must be {what} (such as cluster_id: ...), not {_describe(error)}"
+        return f"expected {what}, got {_describe(error)}"
+    if kind in _BOUNDS:
+        bound_key, words = _BOUNDS[kind]
+        return f"must be {words} {_number(ctx.get(bound_key))}, got {error['input']!r}"
+    if kind == "literal_error":
+        return f"expected {ctx.get('expected')}, got {error['input']!r}"
+    msg = str(error["msg"])
+    return f"{msg[:1].lower()}{msg[1:]}, got {_describe(error)}"
+
+
+def _number(value: Any) -> Any:
+    """``1`` rather than ``1.0`` for a whole float bound."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _describe(error: Any) -> str:
+    """How a rejected YAML value reads to a person."""
+    value = error.get("input")
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _unknown_key_message(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    if valid and len(valid) <= 8:
+        return f"unknown key; valid keys here: {', '.join(valid)}"
+    return "unknown key"
+
+
+def _valid_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the model at ``loc`` (a path from ``root``) accepts."""
+    model = _model_at(root, loc)
+    if model is None:
+        return []
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Follow a pydantic error location through fields, dict values and list items."""
+    current: Any = root
+    for part in loc:
+        current = _unwrap(current)
+        if _is_model(current):
+            field = _field_by_key(current, str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif get_origin(current) in (dict, Mapping) and len(get_args(current)) == 2:
+            current = get_args(current)[1]
+        elif get_origin(current) in (list, tuple) and get_args(current):
+            current = get_args(current)[0]
+        else:
+            return None
+    current = _unwrap(current)
+    return current if _is_model(current) else None
+
+
+def _field_by_key(model: type[BaseModel], key: str) -> FieldInfo | None:
+    for name, field in model.model_fields.items():
+        if key in (name, field.alias):
+            return field
+    return None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``Annotated[X, ...]`` → X; ``X | None`` → X (the first model among the options)."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        models = [a for a in options if _is_model(a)]
+        return models[0] if models else (options[0] if len(options) == 1 else annotation)
+    return annotation
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render_config(config: BaseModel, *, redact: bool = True) -> dict[str, Any]:
+    """The config as plain data, with durations and sizes written back as text.
+
+    The result is what a person would write in the file, so ``herder config show`` output can
+    be saved and loaded again.  Secrets (the management token) are replaced by ``<redacted>``.
+    """
+    out: dict[str, Any] = {}
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        if redact and name == "management_token" and value:
+            out[name] = "<redacted>"
+        elif _has_validator(field, parse_duration):
+            out[name] = duration_text(value)
+        elif _has_validator(field, parse_size):
+            out[name] = size_text(value)
+        else:
+            out[name] = _render_value(value, redact)
+    return out
+
+
+def _render_value(value: Any, redact: bool) -> Any:
+    if isinstance(value, BaseModel):
+        return render_config(value, redact=redact)
+    if isinstance(value, dict):
+        return {k: _render_value(v, redact) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_render_value(v, redact) for v in value]
+    return value
+
+
+def _has_validator(field: FieldInfo, func: Any) -> bool:
+    return any(isinstance(m, BeforeValidator) and m.func is func for m in field.metadata)
+
+
+def duration_text(seconds: float) -> str:
+    """Seconds as a duration string that :func:`parse_duration` reads back exactly-ish:
+    ``10s``, ``1m30s``, ``2h``, ``500ms``, ``1.5s``."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        return f"{round(seconds * 1000, 6):g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = []
+    if hours:
+        parts.append(f"{int(hours)}h")
+    if minutes:
+        parts.append(f"{int(minutes)}m")
+    if secs:
+        parts.append(f"{round(secs, 6):g}s")
+    return "".join(parts)
+
+
+_BINARY_UNITS = (
+    ("Ei", 1024**6),
+    ("Pi", 1024**5),
+    ("Ti", 1024**4),
+    ("Gi", 1024**3),
+    ("Mi", 1024**2),
+    ("Ki", 1024),
+)
+_DECIMAL_UNITS = (
+    ("E", 1000**6),
+    ("P", 1000**5),
+    ("T", 1000**4),
+    ("G", 1000**3),
+    ("M", 1000**2),
+    ("K", 1000),
+)
+
+
+def size_text(nbytes: int) -> str:
+    """A byte count in the largest unit that divides it exactly: ``4GiB``, ``500MB``, ``1023``."""
+    if nbytes == 0:
+        return "0B"
+    for units in (_BINARY_UNITS, _DECIMAL_UNITS):
+        for unit, factor in units:
+            if nbytes % factor == 0:
+                return f"{nbytes // factor}{unit}B"
+    return str(nbytes)

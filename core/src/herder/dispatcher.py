@@ -212,3 +212,22 @@ class Dispatcher:
 
     def active_counts(self) -> dict[ContainerState, int]:
         return self.queue.counts()
+
+
+def public_key_from_private(path: str) -> str:
+    """The OpenSSH public key line of the private key file at ``path`` (ValueError if unusable)."""
+    import paramiko
+
+    errors = []
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            key = cls.from_private_key_file(path)
+        except FileNotFoundError as exc:
+            raise ValueError(f"{path}: no such file") from exc
+        except PermissionError as exc:
+            raise ValueError(f"{path}: not readable") from exc
+        except (paramiko.SSHException, ValueError) as exc:
+            errors.append(str(exc))
+            continue
+        return f"{key.get_name()} {key.get_base64()}"
+    raise ValueError(f"{path}: not a usable SSH private key ({'; '.join(errors)})")

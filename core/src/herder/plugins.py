@@ -1,51 +1,358 @@
 """The one place that talks to pluggy: loads plugins and answers "what is installed?".
 
 Registries map a name to a dotted path (``package.module:Class``); the class is imported only
-when that name is chosen, so an operator using the ``aws`` driver never imports the Azure SDK.
+when that name is chosen, so an operator using the ``aws`` driver never imports the Azure SDK,
+and a plugin whose module is broken fails only for the people who choose it.
+
+Plugins are found in three places, in this order: herder's own :mod:`herder.builtin`, the
+modules named by entry points of the ``herder`` group (installed distributions), and objects
+handed to :meth:`Plugins.load` directly (tests, embedding applications).  Each plugin's
+registration hooks are called on their own, so that every registered name remembers which
+plugin registered it; a name claimed by two plugins is an error that names both, because
+silently letting one win would make the behaviour depend on installation order.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
+from types import ModuleType
 from typing import Any
+
+import pluggy
+
+from herder import hookspecs
+
+#: Every kind of registration, and the hook that collects it.
+KINDS: dict[str, str] = {
+    "driver": "herder_register_drivers",
+    "executor": "herder_register_executors",
+    "boot_probe": "herder_register_boot_probes",
+}
+
+_BUILTIN_NAME = "builtin"  # also the entry-point name herder's own distribution declares
 
 
 class PluginError(Exception):
-    """A plugin name is unknown, or its class cannot be loaded."""
+    """A plugin name is unknown, or its class cannot be loaded, or plugins disagree."""
 
 
 @dataclass(frozen=True)
 class Registration:
+    """One name registered by one plugin."""
+
     kind: str  # "driver", "executor", "boot_probe"
     name: str
     target: str  # dotted path "pkg.module:Class"
     plugin: str  # name of the registering plugin
     description: str = ""
+    obj: Any = field(default=None, compare=False, repr=False)  # set when a class was given
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "target": self.target,
+            "description": self.description,
+        }
 
 
 @dataclass
 class Registry:
-    """Collects the registrations of one hook call."""
+    """Collects the registrations of one kind; ``plugin`` is the plugin being asked now."""
 
     kind: str
     plugin: str = ""
     items: dict[str, Registration] = field(default_factory=dict)
 
-    def add(self, name: str, target: str, description: str = "") -> None:
-        if name in self.items and self.items[name].target != target:
-            other = self.items[name].plugin
+    def add(self, name: str, target: str | type, description: str = "") -> None:
+        """Register ``name``; ``target`` is ``"pkg.module:Class"`` (preferred) or the class.
+
+        A dotted path keeps the import lazy.  Passing the class itself is fine for plugins
+        whose module is cheap to import anyway.
+        """
+        if not isinstance(name, str) or not name or name != name.strip():
             raise PluginError(
-                f"{self.kind} {name!r} is registered twice: by {other!r} and by {self.plugin!r}"
+                f"plugin {self.plugin!r} registered an invalid {self.kind} name {name!r}"
             )
-        self.items[name] = Registration(self.kind, name, target, self.plugin, description)
+        obj: Any = None
+        if isinstance(target, type):
+            obj = target
+            target = f"{target.__module__}:{target.__qualname__}"
+        elif not isinstance(target, str) or ":" not in target:
+            raise PluginError(
+                f"plugin {self.plugin!r} registered {self.kind} {name!r} with target "
+                f"{target!r}: expected 'package.module:Class'"
+            )
+        existing = self.items.get(name)
+        if existing is not None:
+            if existing.plugin != self.plugin:
+                raise PluginError(
+                    f"{_label(self.kind)} {name!r} is registered twice: by plugin "
+                    f"{existing.plugin!r} ({existing.target}) and by plugin {self.plugin!r} "
+                    f"({target}); uninstall one of them"
+                )
+            if existing.target != target:
+                raise PluginError(
+                    f"plugin {self.plugin!r} registered {_label(self.kind)} {name!r} twice, "
+                    f"as {existing.target} and as {target}"
+                )
+        self.items[name] = Registration(self.kind, name, target, self.plugin, description, obj)
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One installed plugin, as ``herder plugins`` shows it."""
+
+    name: str
+    distribution: str
+    version: str
+    registrations: tuple[Registration, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "registrations": [r.to_json() for r in self.registrations],
+        }
 
 
 def load_target(target: str) -> Any:
-    """Import ``package.module:attr``."""
+    """Import ``package.module:attr`` (``attr`` may be dotted, for nested classes)."""
     module_name, _, attr = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
-        return getattr(module, attr) if attr else module
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split(".") if attr else ():
+            obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
         raise PluginError(f"cannot load {target}: {exc}") from exc
+    return obj
+
+
+def _label(kind: str) -> str:
+    return kind.replace("_", " ")
+
+
+def _plural(kind: str) -> str:
+    return _label(kind) + "s"
+
+
+class Plugins:
+    """The installed plugins and what they registered.  Build one with :meth:`load`."""
+
+    def __init__(
+        self,
+        manager: pluggy.PluginManager,
+        registries: dict[str, Registry],
+        infos: list[PluginInfo],
+    ) -> None:
+        self._manager = manager
+        self._registries = registries
+        self._infos = infos
+
+    # ----------------------------------------------------------------- loading
+
+    @classmethod
+    def load(cls, entry_points: bool = True, extra: Sequence[object] = ()) -> Plugins:
+        """Find every plugin and collect its registrations.
+
+        ``entry_points=False`` skips installed distributions (tests want only the built-ins and
+        their own ``extra`` plugins, whatever else happens to be installed).
+        """
+        manager = pluggy.PluginManager(hookspecs.PROJECT)
+        manager.add_hookspecs(hookspecs)
+        origins: dict[str, tuple[str, str]] = {}
+
+        from herder import builtin
+
+        _register(manager, builtin, _BUILTIN_NAME)
+        origins[_BUILTIN_NAME] = ("herder", _herder_version())
+        if entry_points:
+            for ep in _entry_points():
+                name = _register_entry_point(manager, ep)
+                if name is not None:
+                    dist = ep.dist
+                    origins[name] = (dist.name, dist.version) if dist is not None else ("", "")
+        for obj in extra:
+            name = _register(manager, obj, _unique_name(manager, _object_name(obj)))
+            origins[name] = ("", "")
+        try:
+            manager.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {exc.plugin!r}: {exc}") from exc
+        registries = _collect(manager)
+        infos = [
+            PluginInfo(
+                name=name,
+                distribution=origins.get(name, ("", ""))[0],
+                version=origins.get(name, ("", ""))[1],
+                registrations=tuple(
+                    r for reg in registries.values() for r in reg.items.values() if r.plugin == name
+                ),
+            )
+            for name, _plugin in manager.list_name_plugin()
+        ]
+        return cls(manager, registries, infos)
+
+    # ----------------------------------------------------------------- queries
+
+    def names(self, kind: str) -> list[str]:
+        """Registered names of one kind, sorted."""
+        return sorted(self._registry(kind).items)
+
+    def registration(self, kind: str, name: str) -> Registration:
+        """The registration of ``name``, or :class:`PluginError` listing the installed ones."""
+        items = self._registry(kind).items
+        if name in items:
+            return items[name]
+        raise PluginError(self.unknown_name_message(kind, name))
+
+    def unknown_name_message(self, kind: str, name: str) -> str:
+        """``unknown driver 'x'; installed drivers: a, b (did you mean 'a'?)``."""
+        names = self.names(kind)
+        if not names:
+            return f"unknown {_label(kind)} {name!r}; no {_plural(kind)} are installed"
+        message = f"unknown {_label(kind)} {name!r}; installed {_plural(kind)}: {', '.join(names)}"
+        close = difflib.get_close_matches(name, names, n=1)
+        if close:
+            message += f" (did you mean {close[0]!r}?)"
+        return message
+
+    def driver_class(self, name: str) -> type[Any]:
+        """The :class:`herder.cloud.Driver` subclass registered as ``name``."""
+        from herder.cloud import Driver
+
+        return self._load_class("driver", name, Driver)
+
+    def executor_class(self, name: str) -> type[Any]:
+        """The :class:`herder.executor.Executor` subclass registered as ``name``."""
+        from herder.executor import Executor
+
+        return self._load_class("executor", name, Executor)
+
+    def boot_probe_class(self, name: str) -> type[Any]:
+        """The :class:`herder.worker.bootprobe.BootProbe` subclass registered as ``name``."""
+        from herder.worker.bootprobe import BootProbe
+
+        return self._load_class("boot_probe", name, BootProbe)
+
+    def describe(self) -> list[PluginInfo]:
+        """Every installed plugin with what it registers, in load order."""
+        return list(self._infos)
+
+    def registrations(self) -> list[Registration]:
+        """Every registration, by kind then name."""
+        return [self._registries[kind].items[name] for kind in KINDS for name in self.names(kind)]
+
+    # ----------------------------------------------------------------- helpers
+
+    def _registry(self, kind: str) -> Registry:
+        if kind not in self._registries:
+            raise ValueError(f"unknown plugin kind {kind!r}; expected one of {', '.join(KINDS)}")
+        return self._registries[kind]
+
+    def _load_class(self, kind: str, name: str, base: type) -> type[Any]:
+        """Import the registered class now (not at load time) and check what it is."""
+        reg = self.registration(kind, name)
+        obj = reg.obj if reg.obj is not None else _load_for(reg)
+        if not isinstance(obj, type):
+            raise PluginError(
+                f"{_label(kind)} {name!r} ({reg.target}, from plugin {reg.plugin!r}) is not a class"
+            )
+        if not issubclass(obj, base):
+            raise PluginError(
+                f"{_label(kind)} {name!r} ({reg.target}, from plugin {reg.plugin!r}) is not a "
+                f"subclass of {base.__module__}.{base.__qualname__}"
+            )
+        return obj
+
+
+def _load_for(reg: Registration) -> Any:
+    try:
+        return load_target(reg.target)
+    except PluginError as exc:
+        raise PluginError(
+            f"{_label(reg.kind)} {reg.name!r} from plugin {reg.plugin!r}: {exc}"
+        ) from exc
+
+
+def _herder_version() -> str:
+    from herder import __version__
+
+    return __version__
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    """The ``herder`` entry points, sorted so that load order never depends on sys.path."""
+    return sorted(metadata.entry_points(group=hookspecs.PROJECT), key=lambda ep: ep.name)
+
+
+def _register_entry_point(manager: pluggy.PluginManager, ep: metadata.EntryPoint) -> str | None:
+    """Load one entry point's module and register it; None if it is already registered."""
+    try:
+        obj = ep.load()
+    except Exception as exc:
+        dist = ep.dist.name if ep.dist is not None else "unknown distribution"
+        raise PluginError(
+            f"cannot load plugin {ep.name!r} ({ep.value}, from {dist}): {exc}"
+        ) from exc
+    if manager.is_registered(obj):
+        return None  # e.g. herder.builtin, registered first on purpose
+    if manager.has_plugin(ep.name):
+        other = manager.get_plugin(ep.name)
+        raise PluginError(
+            f"two plugins are named {ep.name!r}: {_object_name(other)} and {ep.value}"
+        )
+    return _register(manager, obj, ep.name)
+
+
+def _register(manager: pluggy.PluginManager, obj: object, name: str) -> str:
+    if manager.is_registered(obj):
+        raise PluginError(f"plugin {name!r} is registered twice")
+    try:
+        registered = manager.register(obj, name=name)
+    except (ValueError, pluggy.PluginValidationError) as exc:
+        raise PluginError(f"cannot register plugin {name!r}: {exc}") from exc
+    if registered is None:  # blocked by name
+        raise PluginError(f"plugin {name!r} is blocked")
+    return registered
+
+
+def _object_name(obj: object) -> str:
+    if isinstance(obj, ModuleType):
+        return obj.__name__
+    name = getattr(obj, "__name__", None) or type(obj).__name__
+    return f"{getattr(obj, '__module__', '')}.{name}".lstrip(".")
+
+
+def _unique_name(manager: pluggy.PluginManager, name: str) -> str:
+    """``name``, or ``name#2``, ``name#3``... when another plugin already has it."""
+    candidate, n = name, 1
+    while manager.has_plugin(candidate):
+        n += 1
+        candidate = f"{name}#{n}"
+    return candidate
+
+
+def _collect(manager: pluggy.PluginManager) -> dict[str, Registry]:
+    """Call each plugin's registration hooks separately, so registrations know their plugin."""
+    registries = {kind: Registry(kind) for kind in KINDS}
+    plugins = manager.list_name_plugin()
+    for kind, hook_name in KINDS.items():
+        registry = registries[kind]
+        for name, plugin in plugins:
+            others: Iterable[object] = [p for _n, p in plugins if p is not plugin]
+            caller = manager.subset_hook_caller(hook_name, remove_plugins=others)
+            registry.plugin = name
+            try:
+                caller(registry=registry)
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"plugin {name!r} failed in {hook_name}: {exc}") from exc
+        registry.plugin = ""
+    return registries

@@ -1,0 +1,115 @@
+"""The ``herder`` subcommands, one module per command group.
+
+A command module has one function, ``register(subparsers)``, that adds its parsers with
+``subparsers.add_parser(...)`` and sets ``handler=<function>`` on each with
+``parser.set_defaults``.  A handler takes ``(args, ctx)`` (:class:`Context`) and returns the exit
+status.  Add the module's name to :data:`herder.cli.COMMAND_MODULES` to make it appear.
+
+User errors (a bad file, an unknown name, an unreachable server) are raised as
+:class:`CommandError`: :func:`herder.cli.main` prints them on stderr, without a traceback.
+Listing commands print a table for people (:func:`render_table`) and take ``--json`` for
+scripts (:func:`print_json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from herder.config import Config, ConfigError, load_config
+from herder.plugins import PluginError, Plugins
+
+#: The environment variable naming the config file when ``--config`` is not given.
+CONFIG_ENV = "HERDER_CONFIG"
+#: The file used when neither ``--config`` nor ``$HERDER_CONFIG`` is given, if it exists.
+DEFAULT_CONFIG_FILE = "herder.yaml"
+
+Handler = Callable[[argparse.Namespace, "Context"], int]
+
+
+class CommandError(Exception):
+    """A user error: printed as ``herder: error: <message>``, exit status ``status``."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Context:
+    """What every handler may need, built lazily so that ``herder --version`` stays instant.
+
+    ``config_path`` is the file named by ``--config`` or ``$HERDER_CONFIG``, or ``herder.yaml``
+    in the working directory if it exists; None means herder's built-in defaults.
+    """
+
+    config_path: str | None
+    stdout: IO[str] = field(default_factory=lambda: sys.stdout)
+    stderr: IO[str] = field(default_factory=lambda: sys.stderr)
+    loaded_plugins: Plugins | None = None
+    _config: Config | None = field(default=None, init=False, repr=False)
+
+    @property
+    def plugins(self) -> Plugins:
+        """Every installed plugin (entry points included), unless some were given."""
+        if self.loaded_plugins is None:
+            try:
+                self.loaded_plugins = Plugins.load()
+            except PluginError as exc:
+                raise CommandError(f"cannot load plugins: {exc}") from exc
+        return self.loaded_plugins
+
+    @property
+    def config(self) -> Config:
+        """The effective configuration; a broken file is a :class:`CommandError`."""
+        if self._config is None:
+            if self.config_path is None:
+                self._config = Config()
+            else:
+                try:
+                    self._config = load_config(self.config_path)
+                except ConfigError as exc:
+                    raise CommandError(f"invalid configuration:\n{exc}") from exc
+        return self._config
+
+    def print(self, text: str = "") -> None:
+        """Write a line of the command's output (stdout)."""
+        print(text, file=self.stdout)
+
+    def error(self, text: str) -> None:
+        """Write a line about something wrong (stderr), so that scripts can keep stdout clean."""
+        print(text, file=self.stderr)
+
+
+def resolve_config_path(option: str | None, environ: dict[str, str] | None = None) -> str | None:
+    """``--config``, else ``$HERDER_CONFIG``, else ``./herder.yaml`` if present, else None."""
+    if option:
+        return option
+    env = os.environ if environ is None else environ
+    if env.get(CONFIG_ENV):
+        return env[CONFIG_ENV]
+    if Path(DEFAULT_CONFIG_FILE).is_file():
+        return DEFAULT_CONFIG_FILE
+    return None
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces; empty cells shown as ``-``."""
+    cells = [[str(h).upper() for h in headers]]
+    cells += [["-" if v is None or v == "" else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return "\n".join(lines)
+
+
+def print_json(ctx: Context, data: Any) -> None:
+    """Indented, key-order-preserving JSON for scripts."""
+    ctx.print(json.dumps(data, indent=2))
