@@ -1,0 +1,740 @@
+"""One worker per cloud instance: its state machine, probes and shutdown rules (SPEC §3).
+
+States (SPEC §3.1): ``unknown`` (found in the cloud, not created by this process, not yet
+probed successfully), ``booting`` (created by us, not ready yet), ``idle``, ``running`` (at least
+one runner) and ``shutdown`` (destroy requested; watched only until it leaves the listing).
+
+Every field of every worker is guarded by the pool's single lock (:attr:`WorkerEnv.lock`).
+Slow work (SSH commands, cloud calls) never runs under it: a probe snapshots the worker's
+modification counter, works without the lock, and applies its result only if nothing changed
+the worker meanwhile (SPEC §3.4).
+
+Methods documented "caller holds the lock" must only be called with ``env.lock`` held; the
+others take it themselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from herder import runner_protocol
+from herder.config import Config
+from herder.executor import Executor, ExecutorError
+from herder.model import (
+    BootOutcome,
+    Container,
+    IdleBehavior,
+    InstanceType,
+    InstanceView,
+    WorkerState,
+    is_container_uuid,
+)
+from herder.runtime import Runtime, Task
+from herder.worker.bootprobe import BootProbe
+from herder.worker.interfaces import ContainerReporter
+from herder.worker.metrics import PoolMetrics, WorkerSample, worker_category
+from herder.worker.runner import Runner, RunnerDeployment
+from herder.worker.verify import TagVerifier
+
+log = logging.getLogger(__name__)
+
+# Tag names, after the configured prefix (SPEC §5.1).
+TAG_INSTANCE_SET_ID = "InstanceSetID"
+TAG_INSTANCE_TYPE = "InstanceType"
+TAG_IDLE_BEHAVIOR = "IdleBehavior"
+TAG_INSTANCE_SECRET = "InstanceSecret"  # noqa: S105 (a tag name)
+
+
+def _positive(value: float, default: float) -> float:
+    """Arvados' rule: a duration or rate that is unset (<= 0) takes the code default."""
+    return value if value > 0 else default
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """The pool's and workers' knobs, with code defaults applied (SPEC §5.1)."""
+
+    cluster_id: str = "zzzzz"
+    tag_key_prefix: str = "Herder"
+    probe_interval: float = 10.0
+    sync_interval: float = 60.0
+    timeout_idle: float = 60.0
+    timeout_booting: float = 600.0
+    timeout_probe: float = 600.0
+    timeout_shutdown: float = 10.0
+    timeout_term: float = 120.0
+    timeout_signal: float = 5.0
+    timeout_stale_run_lock: float = 5.0
+    timeout_command: float = 60.0
+    max_probes_per_second: float = 10.0
+    max_cloud_ops_per_second: float = 10.0
+    max_concurrent_creates: int = 1  # 0 = unlimited
+    max_instances: int = 64  # 0 = unlimited
+    runner_args: tuple[str, ...] = ()
+    runtime_engine: str = "auto"
+    image_id: str = ""
+    instance_init_command: str = ""
+    deploy_public_key: bool = True
+    resource_tags: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Config) -> PoolSettings:
+        c = config.cloud
+        return cls(
+            cluster_id=config.cluster_id,
+            tag_key_prefix=c.tag_key_prefix,
+            probe_interval=_positive(c.probe_interval, 10.0),
+            sync_interval=_positive(c.sync_interval, 60.0),
+            timeout_idle=_positive(c.timeout_idle, 60.0),
+            timeout_booting=_positive(c.timeout_booting, 600.0),
+            timeout_probe=_positive(c.timeout_probe, 600.0),
+            timeout_shutdown=_positive(c.timeout_shutdown, 10.0),
+            timeout_term=_positive(c.timeout_term, 120.0),
+            timeout_signal=_positive(c.timeout_signal, 5.0),
+            timeout_stale_run_lock=_positive(c.timeout_stale_run_lock, 5.0),
+            timeout_command=_positive(c.timeout_command, 60.0),
+            max_probes_per_second=c.max_probes_per_second if c.max_probes_per_second >= 1 else 10,
+            max_cloud_ops_per_second=c.max_cloud_ops_per_second,
+            max_concurrent_creates=c.max_concurrent_instance_create_ops,
+            max_instances=c.max_instances,
+            runner_args=tuple(config.containers.runner_args),
+            runtime_engine=config.containers.runtime_engine,
+            image_id=c.image_id,
+            instance_init_command=c.instance_init_command,
+            deploy_public_key=c.deploy_public_key,
+            resource_tags=dict(c.resource_tags),
+        )
+
+    def tag(self, name: str) -> str:
+        return self.tag_key_prefix + name
+
+
+@dataclass
+class WorkerEnv:
+    """What every worker of one pool shares with the pool."""
+
+    runtime: Runtime
+    lock: threading.Lock
+    settings: PoolSettings
+    metrics: PoolMetrics
+    boot_probe: BootProbe
+    runner: RunnerDeployment
+    reporter: ContainerReporter
+    #: uuid -> time its runner ended (the pool's ``exited`` map, SPEC §5.6).
+    exited: MutableMapping[str, float]
+    notify: Callable[[], None]
+    #: Schedules a cloud call (destroy, set_tags) through the pool's cloud-op rate limit.
+    submit_cloud_op: Callable[[Task], None]
+    logger: logging.Logger = log
+    #: Pool-wide modification counter (see :meth:`Worker.touch`).
+    sequence: Callable[[], int] = field(default_factory=lambda: itertools.count(1).__next__)
+
+
+class _InstanceLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every message with the instance id."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"instance {self.extra['instance'] if self.extra else '?'}: {msg}", kwargs
+
+
+@dataclass
+class RunProbeResult:
+    """What one ``--list`` told us (SPEC §3.5)."""
+
+    ok: bool = False
+    running: list[str] = field(default_factory=list)
+    exited: dict[str, int] = field(default_factory=dict)
+    broken: bool = False
+
+
+class Worker:
+    """The pool's record of one cloud instance."""
+
+    def __init__(
+        self,
+        env: WorkerEnv,
+        instance: TagVerifier,
+        instance_type: InstanceType,
+        executor: Executor,
+        state: WorkerState,
+        idle_behavior: IdleBehavior,
+    ) -> None:
+        now = env.runtime.now()
+        self.env = env
+        self.instance = instance
+        self.instance_type = instance_type
+        self.executor = executor
+        self.state = state
+        self.state_since = now
+        self.idle_behavior = idle_behavior
+        self.appeared = now
+        self.probed = now  # start of the last successful probe
+        self.busy = now  # last time known busy
+        self.updated = now  # last local modification
+        #: Modification counter: compared instead of ``updated`` because a virtual clock does
+        #: not move within an instant, so equal times cannot tell "changed since" apart.
+        self.update_seq = env.sequence()
+        self.destroyed: float | None = None
+        self.first_ssh: float | None = None
+        self.last_uuid = ""
+        self.running: dict[str, Runner] = {}
+        self.starting: dict[str, Runner] = {}
+        self.boot_outcome: BootOutcome | None = None
+        self.time_to_ready_reported = False
+        self.stale_run_lock_since: float | None = None
+        self._probing = threading.Lock()
+        self.log = _InstanceLog(env.logger, {"instance": instance.id})
+
+    # ------------------------------------------------------------------ small helpers
+
+    @property
+    def id(self) -> str:
+        return self.instance.id
+
+    def _now(self) -> float:
+        return self.env.runtime.now()
+
+    def runner_count(self) -> int:
+        return len(self.running) + len(self.starting)
+
+    def set_state(self, state: WorkerState) -> None:
+        """Change state, remembering since when (caller holds the lock)."""
+        if state != self.state:
+            self.state = state
+            self.state_since = self._now()
+
+    def touch(self) -> float:
+        """Record a local modification (caller holds the lock); returns the time."""
+        now = self._now()
+        self.updated = now
+        self.update_seq = self.env.sequence()
+        return now
+
+    def report_boot_outcome(self, outcome: BootOutcome) -> None:
+        """Count the boot outcome once per worker: the first report wins (caller holds lock)."""
+        if self.boot_outcome is not None:
+            return
+        self.boot_outcome = outcome
+        self.env.metrics.boot_outcomes.labels(outcome.value).inc()
+
+    def _report_time_to_ready(self) -> None:
+        """Observe first SSH -> ready, once (caller holds the lock).
+
+        Only when the first SSH connection was recorded: Arvados observes "now - zero time"
+        otherwise, a meaningless huge value (SPEC §19 item 15).
+        """
+        if self.time_to_ready_reported:
+            return
+        self.time_to_ready_reported = True
+        if self.first_ssh is not None:
+            self.env.metrics.time_to_ready.observe(self._now() - self.first_ssh)
+
+    def _remote_user(self) -> str:
+        return self.instance.remote_user
+
+    def _execute(self, command: str, stdin: bytes | None = None) -> tuple[bool, bytes, bytes, str]:
+        """Run a command with the configured timeout: (ok, stdout, stderr, error text)."""
+        try:
+            result = self.executor.execute(
+                command, stdin, None, self.env.settings.timeout_command
+            )
+        except ExecutorError as exc:
+            return False, b"", b"", str(exc)
+        err = "" if result.ok else f"exit status {result.exit_status}"
+        return result.ok, result.stdout, result.stderr, err
+
+    # ------------------------------------------------------------------ runners
+
+    def new_runner(self, uuid: str, container: Container | None) -> Runner:
+        settings = self.env.settings
+        return Runner(
+            uuid=uuid,
+            container=container,
+            instance_type=self.instance_type,
+            executor=self.executor,
+            remote_user=self._remote_user(),
+            command=self.env.runner.command,
+            args=list(settings.runner_args),
+            runtime_engine=settings.runtime_engine,
+            runtime=self.env.runtime,
+            lock=self.env.lock,
+            timeout_term=settings.timeout_term,
+            timeout_signal=settings.timeout_signal,
+            timeout_command=settings.timeout_command,
+            on_unkillable=self.on_unkillable,
+            on_killed=self.on_killed,
+            logger=self.log,
+        )
+
+    def start_container(self, container: Container) -> None:
+        """Start a runner for ``container`` (caller holds the lock; SPEC §3.8)."""
+        self.log.debug("starting container %s", container.uuid)
+        runner = self.new_runner(container.uuid, container)
+        self.starting[container.uuid] = runner
+        if self.state != WorkerState.RUNNING:
+            self.set_state(WorkerState.RUNNING)
+            self.env.notify()
+        self.env.runtime.spawn(lambda: self._start_runner(runner))
+
+    def _start_runner(self, runner: Runner) -> None:
+        """Background: run the start command, then move the runner starting -> running.
+
+        The move happens whether or not the command succeeded (it may have started the
+        process anyway); the next run probe ends a runner that is not really there.  It is
+        skipped if the runner is no longer ours in ``starting`` (a probe already moved it, or
+        the worker was closed).
+        """
+        assert runner.container is not None
+        ok = runner.start()
+        self.env.metrics.queue_to_runner.observe(self._now() - runner.container.created_at)
+        with self.env.lock:
+            moved = self.starting.get(runner.uuid) is runner
+            if moved:
+                now = self.touch()
+                self.busy = now
+                del self.starting[runner.uuid]
+                self.running[runner.uuid] = runner
+                self.last_uuid = runner.uuid
+            runner.start_finished()
+        if moved and ok:
+            self.env.reporter.container_started(runner.uuid, self.id, self.instance_type.name)
+
+    def close_runner(self, uuid: str, runner: Runner | None = None) -> bool:
+        """End a runner whose process is gone (caller holds the lock; SPEC §3.9).
+
+        Records the exit time for the scheduler.  Only runners in ``running`` are ended, except
+        that a kill confirmed for a specific runner that is still in ``starting`` ends that one
+        too (its start command has returned by then, see :meth:`Runner.kill`).
+        """
+        found = self.running.get(uuid)
+        if found is not None and (runner is None or found is runner):
+            del self.running[uuid]
+        elif runner is not None and self.starting.get(uuid) is runner:
+            found = runner
+            del self.starting[uuid]
+        else:
+            return False
+        self.log.info("container %s: runner process ended", uuid)
+        found.close()
+        now = self.touch()
+        self.env.exited[uuid] = now
+        if self.state == WorkerState.RUNNING and self.runner_count() == 0:
+            self.set_state(WorkerState.IDLE)
+        return True
+
+    def update_running(self, uuids: list[str]) -> tuple[bool, list[str]]:
+        """Make ``running`` match a run probe (caller holds the lock; SPEC §3.9).
+
+        Returns (changed, uuids newly known to be running).  Runners still starting that the
+        probe did not list are left alone: their start command may not have run yet.
+        """
+        changed = False
+        newly_running: list[str] = []
+        alive = set(uuids)
+        for uuid in uuids:
+            if uuid in self.running:
+                continue
+            if uuid in self.starting:
+                self.running[uuid] = self.starting.pop(uuid)
+            else:
+                # Not started by us: a previous herder process started it.
+                self.log.info("container %s: runner process detected", uuid)
+                self.running[uuid] = self.new_runner(uuid, None)
+            newly_running.append(uuid)
+            changed = True
+        for uuid in [u for u in self.running if u not in alive]:
+            self.close_runner(uuid)
+            changed = True
+        return changed, newly_running
+
+    def on_unkillable(self, uuid: str) -> None:
+        """A runner gave up on SIGTERM: drain the worker unless it is held."""
+        with self.env.lock:
+            if self.idle_behavior == IdleBehavior.HOLD:
+                self.log.warning("container %s unkillable, but the worker is held", uuid)
+                return
+            self.log.warning("container %s unkillable, draining worker", uuid)
+            self.set_idle_behavior(IdleBehavior.DRAIN)
+
+    def on_killed(self, uuid: str, runner: Runner) -> None:
+        """A kill command reported the process gone."""
+        with self.env.lock:
+            self.close_runner(uuid, runner)
+        self.env.notify()
+
+    # ------------------------------------------------------------------ idle behaviour, shutdown
+
+    def set_idle_behavior(self, behavior: IdleBehavior) -> None:
+        """Set, save in tags, and shut down at once if now eligible (caller holds the lock)."""
+        self.log.info("set idle behavior %s", behavior.value)
+        self.idle_behavior = behavior
+        self.save_tags()
+        self.shutdown_if_idle()
+
+    def eligible_for_shutdown(self) -> bool:
+        """Whether the idle/drain/unknown rules say to shut down now (SPEC §3.10)."""
+        if self.idle_behavior == IdleBehavior.HOLD:
+            return False
+        draining = self.idle_behavior == IdleBehavior.DRAIN
+        now = self._now()
+        match self.state:
+            case WorkerState.BOOTING:
+                return draining
+            case WorkerState.IDLE:
+                return draining or now - self.busy >= self.env.settings.timeout_idle
+            case WorkerState.RUNNING:
+                runners = [*self.running.values(), *self.starting.values()]
+                return draining and all(r.givenup for r in runners)
+            case WorkerState.UNKNOWN:
+                # Arvados shuts an unknown worker down after TimeoutBooting even when run
+                # probes show containers on it, killing live work after a restart with a
+                # broken boot probe (SPEC §19 item 11).  A worker with runners is kept.
+                if self.runner_count() > 0:
+                    return False
+                return now - self.appeared >= self.env.settings.timeout_booting
+            case _:
+                return False
+
+    def shutdown_if_idle(self) -> bool:
+        """Shut down if eligible (caller holds the lock)."""
+        if not self.eligible_for_shutdown():
+            return False
+        self.log.info(
+            "shutdown worker (state %s, idle %.0fs, idle behavior %s)",
+            self.state.value, self._now() - self.busy, self.idle_behavior.value,
+        )
+        self.report_boot_outcome(BootOutcome.ABORTED)
+        self.shutdown()
+        return True
+
+    def shutdown_if_broken(self, since_last_success: float) -> bool:
+        """Shut down an unresponsive worker (caller holds the lock).
+
+        ``since_last_success`` is measured from the last successful probe's start to this
+        probe's start, so a slow probe that straddles the deadline still counts as an attempt
+        made after it.
+        """
+        if self.idle_behavior == IdleBehavior.HOLD:
+            return False
+        settings = self.env.settings
+        if self.state in (WorkerState.UNKNOWN, WorkerState.BOOTING):
+            label, threshold = "new instance", settings.timeout_booting
+        else:
+            label, threshold = "instance", settings.timeout_probe
+        if since_last_success < threshold:
+            return False
+        self.log.warning(
+            "%s unresponsive for %.0fs, shutting down (state %s)%s",
+            label, since_last_success, self.state.value,
+            "; try `herder cloudtest` to debug" if label == "new instance" else "",
+        )
+        self.shutdown()
+        return True
+
+    def shutdown(self) -> None:
+        """Mark shut down and ask the cloud to destroy the instance (caller holds the lock).
+
+        A failed destroy is only logged: the pool's sync destroys again while the instance is
+        still listed after timeout_shutdown.
+        """
+        now = self.touch()
+        self.destroyed = now
+        self.set_state(WorkerState.SHUTDOWN)
+        self.env.notify()
+        instance = self.instance
+
+        def destroy() -> None:
+            try:
+                instance.destroy()
+            except Exception as exc:
+                self.log.warning("destroy failed: %s", exc)
+
+        self.env.submit_cloud_op(destroy)
+
+    def save_tags(self) -> None:
+        """Write the instance type and idle behaviour to the instance's tags if they differ.
+
+        Caller holds the lock.  Called from every sync too, so tags converge after a transient
+        failure.
+        """
+        settings = self.env.settings
+        tags = dict(self.instance.tags)
+        desired = {
+            settings.tag(TAG_INSTANCE_TYPE): self.instance_type.name,
+            settings.tag(TAG_IDLE_BEHAVIOR): self.idle_behavior.value,
+        }
+        if all(tags.get(k) == v for k, v in desired.items()):
+            return
+        tags.update(desired)
+        instance = self.instance
+
+        def set_tags() -> None:
+            try:
+                instance.set_tags(tags)
+            except Exception as exc:
+                self.log.warning("error updating tags: %s", exc)
+
+        self.env.submit_cloud_op(set_tags)
+
+    def close(self) -> None:
+        """The instance left the pool: abandon its runners, then drop the connection."""
+        with self.env.lock:
+            for runners in (self.running, self.starting):
+                for uuid, runner in list(runners.items()):
+                    self.log.info("container %s: runner process abandoned", uuid)
+                    runner.close()
+                    del runners[uuid]
+        self.executor.close()
+
+    # ------------------------------------------------------------------ probing
+
+    def probe_and_update(self) -> None:
+        """Probe the instance and update state from the results (SPEC §3.3).
+
+        Call in a background task, without the lock.  Returns at once if a probe of this
+        worker is still running.
+        """
+        if not self._probing.acquire(blocking=False):
+            self.log.debug("still waiting for last probe to finish")
+            return
+        try:
+            self._probe_and_update()
+        finally:
+            self._probing.release()
+
+    def _probe_and_update(self) -> None:
+        """SPEC §3.4, step by step."""
+        with self.env.lock:
+            seq0 = self.update_seq
+            initial = self.state
+        if initial == WorkerState.SHUTDOWN:
+            return
+        booted = initial in (WorkerState.IDLE, WorkerState.RUNNING)
+        probe_start = self._now()
+        detail = ""
+        if not booted:
+            booted, detail = self.env.boot_probe.probe(self.executor, self.instance)
+            # The runner goes onto an unknown worker even when the boot probe fails, so the
+            # run probe can still find containers a previous herder process left there.
+            should_copy = booted or initial == WorkerState.UNKNOWN
+            if not booted:
+                with self.env.lock:
+                    if self.state in (WorkerState.IDLE, WorkerState.RUNNING):
+                        booted, should_copy = True, False  # a concurrent probe succeeded
+            if should_copy:
+                copied, copy_detail = self.copy_runner()
+                if not copied:
+                    booted, detail = False, copy_detail
+                    self.log.warning("error copying runner program: %s", copy_detail)
+            if booted:
+                self.log.info("instance booted; will try the run probe")
+        result = RunProbeResult()
+        if booted or initial == WorkerState.UNKNOWN:
+            result = self.probe_running()
+            if result.ok and result.exited:
+                self.collect_exited(result.exited)
+        with self.env.lock:
+            newly_running = self._apply_probe(seq0, initial, booted, probe_start, detail, result)
+        for uuid in newly_running:
+            self.env.reporter.container_started(uuid, self.id, self.instance_type.name)
+
+    def _apply_probe(
+        self,
+        seq0: int,
+        initial: WorkerState,
+        booted: bool,
+        probe_start: float,
+        detail: str,
+        result: RunProbeResult,
+    ) -> list[str]:
+        """Apply a finished probe (caller holds the lock); returns uuids newly running."""
+        if result.broken and self.idle_behavior == IdleBehavior.RUN:
+            self.log.info("probe reported broken instance")
+            self.report_boot_outcome(BootOutcome.FAILURE)
+            self.set_idle_behavior(IdleBehavior.DRAIN)
+        if not result.ok or (not booted and not result.running and not self.running):
+            if self.state == WorkerState.SHUTDOWN:
+                return []  # shut down during the probe (or just now, for being broken)
+            since = probe_start - self.probed
+            if self.shutdown_if_broken(since) and not booted:
+                self.report_boot_outcome(BootOutcome.FAILURE)
+                self.log.info("boot failed after %.0fs: %s", since, detail.strip())
+            return []
+
+        update_time = self._now()
+        self.probed = update_time
+        if self.update_seq != seq0:
+            # Changed during the probe (a sync, a container start): ``running`` may hold a
+            # container that was not yet running when the probe listed them.  The next probe
+            # catches up.
+            self.log.debug("skipping worker state update due to probe/sync race")
+            return []
+
+        if result.running:
+            self.busy = update_time
+            if not self.last_uuid:
+                self.last_uuid = result.running[0]
+        elif self.running:
+            self.busy = update_time  # containers just finished
+        changed, newly_running = self.update_running(result.running)
+
+        if booted and self.state in (WorkerState.UNKNOWN, WorkerState.BOOTING):
+            if self.state == WorkerState.BOOTING:
+                self._report_time_to_ready()
+            self.set_state(WorkerState.IDLE)  # becomes running below if there are runners
+            changed = True
+        if not changed:
+            return newly_running
+        if self.state == WorkerState.UNKNOWN:
+            self.log.info("run probe succeeded, but boot probe is still failing")
+        if self.state == WorkerState.IDLE and self.runner_count() > 0:
+            self.set_state(WorkerState.RUNNING)
+        elif self.state == WorkerState.RUNNING and self.runner_count() == 0:
+            self.set_state(WorkerState.IDLE)
+        self.updated = update_time
+        self.update_seq = self.env.sequence()
+        if booted and initial in (WorkerState.UNKNOWN, WorkerState.BOOTING):
+            self.report_boot_outcome(BootOutcome.SUCCESS)
+            self.log.info(
+                "probes succeeded, instance is in service (state %s, %d runners)",
+                self.state.value, self.runner_count(),
+            )
+        self.env.notify()
+        return newly_running
+
+    def copy_runner(self) -> tuple[bool, str]:
+        """Install the runner program unless the right one is there already (SPEC §3.7)."""
+        runner = self.env.runner
+        if not runner.deploying:
+            return True, ""  # deployment disabled: the runner command is already installed
+        ok, stdout, stderr, _ = self._execute(runner.md5_check_command())
+        if ok and not stderr and stdout == runner.md5_expected_output():
+            self.log.debug("runner program already installed with the right md5")
+            return True, ""
+        command = runner.install_command(self._remote_user())
+        self.log.info("installing runner program at %s", runner.command)
+        ok, _, stderr, err = self._execute(command, runner.data)
+        if not ok:
+            return False, f"{err}: {stderr.decode(errors='replace').strip()}"
+        return True, ""
+
+    def probe_running(self) -> RunProbeResult:
+        """Run ``--list`` and parse it; update the stale-lock timer (SPEC §3.5)."""
+        prices = self.instance.price_history(self.instance_type)
+        stdin = json.dumps([p.to_json() for p in prices]).encode() if prices else None
+        cmd = runner_protocol.list_command(
+            self.env.runner.command, self._remote_user(), with_prices=bool(prices)
+        )
+        before = self._now()
+        ok, stdout, stderr, err = self._execute(cmd, stdin)
+        duration = self._now() - before
+        if not ok:
+            self.log.warning(
+                "run probe %r failed: %s: stdout=%r stderr=%r", cmd, err, stdout[:1000],
+                stderr[:1000],
+            )
+            self.env.metrics.run_probe_duration.labels("fail").observe(duration)
+            return RunProbeResult()
+        self.env.metrics.run_probe_duration.labels("success").observe(duration)
+        parsed = runner_protocol.parse_list_output(
+            stdout.decode(errors="replace"), self.env.settings.cluster_id
+        )
+        result = RunProbeResult(
+            ok=True,
+            running=[u for u in parsed.running if self._valid_uuid(u)],
+            exited={u: c for u, c in parsed.exited.items() if self._valid_uuid(u)},
+            broken=parsed.broken,
+        )
+        for uuid in parsed.stale:
+            self.log.info("container %s: probe reported stale run lock", uuid)
+        with self.env.lock:
+            result.broken = self._stale_lock_makes_broken(bool(parsed.stale)) or result.broken
+        return result
+
+    def _valid_uuid(self, uuid: str) -> bool:
+        """Only well-formed uuids are tracked: they end up in shell commands."""
+        if is_container_uuid(uuid):
+            return True
+        self.log.warning("ignoring malformed container uuid %r in run probe output", uuid)
+        return False
+
+    def _stale_lock_makes_broken(self, stale: bool) -> bool:
+        """A stale run lock seen for longer than timeout_stale_run_lock means broken.
+
+        Caller holds the lock.  The lock is typically held by a mount process that outlived
+        the runner; until it goes away no new container can use the instance properly.
+        """
+        now = self._now()
+        if not stale:
+            self.stale_run_lock_since = None
+            return False
+        if self.stale_run_lock_since is None:
+            self.stale_run_lock_since = now
+            return False
+        held = now - self.stale_run_lock_since
+        if held > self.env.settings.timeout_stale_run_lock:
+            self.log.warning("reporting broken after a stale run lock for %.0fs", held)
+            return True
+        return False
+
+    def collect_exited(self, exited: dict[str, int]) -> None:
+        """Pull each finished container's result and log, then let the runner forget it.
+
+        Without the lock.  Idempotent: if ``--forget`` fails, the next probe lists the
+        container again and this runs again; the reporter accepts repeats.
+        """
+        runner_cmd = self.env.runner.command
+        user = self._remote_user()
+        for uuid, code in sorted(exited.items()):
+            ok, log_data, stderr, err = self._execute(
+                runner_protocol.log_command(runner_cmd, user, uuid)
+            )
+            if not ok:
+                self.log.warning("container %s: cannot read log: %s %r", uuid, err, stderr[:500])
+                log_data = b""
+            self.env.reporter.container_exited(uuid, code, log_data)
+            ok, _, stderr, err = self._execute(
+                runner_protocol.forget_command(runner_cmd, user, uuid)
+            )
+            if not ok:
+                self.log.warning("container %s: cannot forget: %s %r", uuid, err, stderr[:500])
+
+    # ------------------------------------------------------------------ views
+
+    def view(self) -> InstanceView:
+        """What the scheduler and the API see (caller holds the lock; SPEC §5.6)."""
+        return InstanceView(
+            instance=self.id,
+            address=self.instance.address,
+            price=self.instance_type.price,
+            instance_type=self.instance_type.name,
+            provider_instance_type=self.instance_type.provider_type,
+            last_container_uuid=self.last_uuid,
+            last_busy=self.busy,
+            running_container_uuids=sorted({*self.running, *self.starting}),
+            worker_state=self.state,
+            idle_behavior=self.idle_behavior,
+            state_since=self.state_since,
+            last_probe=self.probed,
+            appeared=self.appeared,
+            boot_outcome=self.boot_outcome.value if self.boot_outcome else "",
+        )
+
+    def metrics_sample(self) -> WorkerSample:
+        """What the fleet gauges need (caller holds the lock)."""
+        return WorkerSample(
+            category=worker_category(self.state, self.idle_behavior, self.runner_count()),
+            instance_type=self.instance_type.name,
+            price=self.instance_type.price,
+            vcpus=self.instance_type.vcpus,
+            ram=self.instance_type.ram,
+            runners=self.runner_count(),
+            probed=self.probed,
+            monitored=self.state != WorkerState.SHUTDOWN,
+        )

@@ -1,0 +1,406 @@
+"""The worker state machine: probe outcomes, runner deployment, --list parsing (SPEC §3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from worker_fakes import RUNNER, Harness, uuid
+
+from herder import runner_protocol
+from herder.executor import ExecutorError, NoAddressError
+from herder.model import IdleBehavior, WorkerState
+from herder.worker.runner import RunnerDeployment
+
+TB = 600.0  # timeout_booting
+TP = 300.0  # timeout_probe
+C1 = uuid(1)
+
+
+def setup_worker(
+    state: str,
+    *,
+    age: float,
+    boot_ok: bool = True,
+    run_ok: bool = True,
+    containers: tuple[str, ...] = (),
+    runners: tuple[str, ...] = (),
+    behavior: str = "run",
+) -> tuple[Harness, str]:
+    h = Harness(timeout_booting=TB, timeout_probe=TP)
+    vm = h.cloud.add_vm(h.tags(behavior=behavior))
+    h.sync()
+    w = h.worker(vm.id)
+    now = h.runtime.now()
+    with h.pool._lock:
+        w.state = WorkerState(state)
+        w.appeared = w.probed = now - age
+        for u in runners:
+            w.running[u] = w.new_runner(u, None)
+    vm.host.boot_ok = boot_ok
+    vm.host.list_fails = not run_ok
+    for u in containers:
+        vm.host.containers[u] = "running"
+    return h, vm.id
+
+
+# state, boot ok, run ok, age, containers listed, runners known, idle behaviour
+#   -> expected state, whether the run probe ran
+PROBE_TABLE = [
+    ("unknown", False, True, 10, (), (), "run", "unknown", True),
+    ("unknown", False, True, TB, (), (), "run", "shutdown", True),
+    ("unknown", False, False, TB, (), (), "run", "shutdown", True),
+    ("unknown", False, True, TB + 100, (C1,), (), "run", "unknown", True),
+    ("unknown", False, False, TB + 100, (), (), "hold", "unknown", True),
+    ("unknown", True, True, 10, (), (), "run", "idle", True),
+    ("unknown", True, True, 10, (C1,), (), "run", "running", True),
+    ("unknown", True, False, 10, (), (), "run", "unknown", True),
+    ("booting", False, True, 10, (), (), "run", "booting", False),
+    ("booting", False, True, TB, (), (), "run", "shutdown", False),
+    ("booting", False, True, TB, (), (), "hold", "booting", False),
+    ("booting", True, False, 10, (), (), "run", "booting", True),
+    ("booting", True, False, TB, (), (), "run", "shutdown", True),
+    ("booting", True, True, 10, (), (), "run", "idle", True),
+    ("booting", True, True, 10, (C1,), (), "run", "running", True),
+    ("idle", False, True, 10, (), (), "run", "idle", True),
+    ("idle", True, False, TP - 1, (), (), "run", "idle", True),
+    ("idle", True, False, TP, (), (), "run", "shutdown", True),
+    ("idle", True, False, TP, (), (), "hold", "idle", True),
+    ("idle", True, True, 10, (C1,), (), "run", "running", True),
+    ("running", True, False, TP - 1, (), (C1,), "run", "running", True),
+    ("running", True, False, TP, (), (C1,), "run", "shutdown", True),
+    ("running", True, True, 10, (), (C1,), "run", "idle", True),
+    ("running", True, True, 10, (C1,), (C1,), "run", "running", True),
+]
+
+
+@pytest.mark.parametrize(
+    "state,boot_ok,run_ok,age,containers,runners,behavior,expect,listed", PROBE_TABLE
+)
+def test_probe_table(
+    state: str,
+    boot_ok: bool,
+    run_ok: bool,
+    age: float,
+    containers: tuple[str, ...],
+    runners: tuple[str, ...],
+    behavior: str,
+    expect: str,
+    listed: bool,
+) -> None:
+    h, iid = setup_worker(
+        state, age=age, boot_ok=boot_ok, run_ok=run_ok, containers=containers,
+        runners=runners, behavior=behavior,
+    )
+    vm = h.cloud.vms[iid]
+    h.probe(iid)
+    assert h.state(iid) == expect
+    assert ("--list" in vm.host.verbs()) == listed
+    assert (vm.destroy_calls > 0) == (expect == "shutdown")
+    if expect != "shutdown" and run_ok and (listed or runners):
+        assert sorted(h.worker(iid).running) == sorted(containers)
+
+
+def test_boot_outcomes_reported_once() -> None:
+    h, iid = setup_worker("booting", age=10)
+    h.probe(iid)
+    assert h.metric("herder_boot_outcomes_total", outcome="success") == 1
+    h.pool.kill_instance(iid, "test")  # would report "aborted", but the first report wins
+    assert h.metric("herder_boot_outcomes_total", outcome="aborted") == 0
+    assert h.worker(iid).boot_outcome.value == "success"
+
+    h, iid = setup_worker("booting", age=TB, boot_ok=False)
+    h.probe(iid)
+    assert h.metric("herder_boot_outcomes_total", outcome="failure") == 1
+
+
+def test_unknown_worker_copies_runner_even_when_boot_probe_fails() -> None:
+    h, iid = setup_worker("unknown", age=10, boot_ok=False, containers=(C1,))
+    h.probe(iid)
+    verbs = h.cloud.vms[iid].host.verbs()
+    assert verbs[:4] == ["boot", "md5sum", "install", "--list"]
+    assert h.state(iid) == "unknown"
+    assert list(h.worker(iid).running) == [C1]
+    assert h.reporter.started == [(C1, iid, "small")]
+
+
+def test_booting_worker_not_copied_when_boot_probe_fails() -> None:
+    h, iid = setup_worker("booting", age=10, boot_ok=False)
+    h.probe(iid)
+    assert h.cloud.vms[iid].host.verbs() == ["boot"]
+
+
+def test_unknown_worker_with_containers_survives_boot_timeout() -> None:
+    """SPEC §19 item 11: probe rounds must not shut down an unknown worker with containers."""
+    h, iid = setup_worker("unknown", age=10, boot_ok=False, containers=(C1,))
+    h.probe(iid)
+    h.runtime.advance(TB + 60)
+    h.pool.probe_round()
+    h.idle()
+    assert h.state(iid) == "unknown"
+    assert h.cloud.vms[iid].destroy_calls == 0
+    # Once the container is gone, the boot timeout applies.
+    del h.cloud.vms[iid].host.containers[C1]
+    h.probe(iid)
+    h.pool.probe_round()
+    h.idle()
+    assert h.state(iid) == "shutdown"
+
+
+def test_failure_measured_from_last_successful_probe_start() -> None:
+    h, iid = setup_worker("idle", age=0)
+    vm = h.cloud.vms[iid]
+    h.runtime.advance(100)
+    h.probe(iid)  # success at t=100
+    vm.host.list_fails = True
+    h.runtime.advance(TP - 1)
+    h.probe(iid)
+    assert h.state(iid) == "idle"
+    h.runtime.advance(1)
+    h.probe(iid)
+    assert h.state(iid) == "shutdown"
+
+
+def test_probe_result_discarded_if_worker_changed_during_probe() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    w = h.worker(iid)
+
+    def touch(kind: str) -> None:
+        if kind == "--list":
+            with h.pool._lock:
+                w.touch()
+
+    h.cloud.vms[iid].host.hook = touch
+    h.probe(iid)
+    assert h.state(iid) == "idle"
+    assert w.running == {}
+    h.cloud.vms[iid].host.hook = None
+    h.probe(iid)
+    assert h.state(iid) == "running"
+
+
+def test_concurrent_probe_is_skipped() -> None:
+    h, iid = setup_worker("idle", age=10)
+    w = h.worker(iid)
+    seen: list[str] = []
+
+    def nested(kind: str) -> None:
+        if kind == "--list" and not seen:
+            seen.append(kind)
+            w.probe_and_update()  # a second probe while the first runs: returns at once
+
+    h.cloud.vms[iid].host.hook = nested
+    h.probe(iid)
+    assert h.cloud.vms[iid].host.verbs().count("--list") == 1
+
+
+def test_no_address_boot_probe_keeps_booting() -> None:
+    h, iid = setup_worker("booting", age=10)
+    h.cloud.vms[iid].address = ""
+    h.probe(iid)
+    assert h.state(iid) == "booting"
+
+
+def test_boot_probe_executor_error_is_a_failed_boot() -> None:
+    h, iid = setup_worker("booting", age=10)
+    h.cloud.vms[iid].host.boot_error = ExecutorError("connection refused")
+    h.probe(iid)
+    assert h.state(iid) == "booting"
+    h.cloud.vms[iid].host.boot_error = NoAddressError()
+    h.probe(iid)
+    assert h.state(iid) == "booting"
+
+
+def test_every_command_has_the_configured_timeout() -> None:
+    h, iid = setup_worker("booting", age=10, containers=(C1,))
+    h.probe(iid)
+    h.pool.kill_container(C1, "test")
+    h.idle()
+    timeouts = h.executors[iid].timeouts
+    assert timeouts and set(timeouts) == {h.config.cloud.timeout_command}
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+def runner_path() -> str:
+    return f"/tmp/herder-runner/herder-runner~{hashlib.md5(RUNNER).hexdigest()}"
+
+
+def test_runner_already_installed_is_not_copied() -> None:
+    h, iid = setup_worker("booting", age=10)
+    host = h.cloud.vms[iid].host
+    host.installed[runner_path()] = RUNNER
+    h.probe(iid)
+    assert host.verbs() == ["boot", "md5sum", "--list"]
+    assert host.commands[1][0] == f"md5sum {runner_path()}"
+    assert host.commands[2][0] == f"sudo {runner_path()} --list"
+    assert h.state(iid) == "idle"
+
+
+def test_runner_installed_from_stdin_with_sudo_wrapping() -> None:
+    h, iid = setup_worker("booting", age=10)
+    host = h.cloud.vms[iid].host
+    host.installed[runner_path()] = b"old version"
+    h.probe(iid)
+    assert host.verbs() == ["boot", "md5sum", "install", "--list"]
+    cmd, stdin = host.commands[2]
+    path = runner_path()
+    assert cmd == (
+        "sudo sh -c '"
+        f'set -e; dstdir="/tmp/herder-runner/"; dstfile="{path}"; mkdir -p "$dstdir"; '
+        'touch "$dstfile"; chmod 0755 "$dstdir" "$dstfile"; cat >"$dstfile"'
+        "'"
+    )
+    assert stdin == RUNNER
+    assert host.installed[path] == RUNNER
+
+
+def test_runner_install_as_root_has_no_sudo() -> None:
+    h, iid = setup_worker("booting", age=10)
+    h.cloud.vms[iid].remote_user = "root"
+    h.probe(iid)
+    host = h.cloud.vms[iid].host
+    assert host.commands[2][0].startswith('set -e; dstdir="/tmp/herder-runner/"')
+    assert host.commands[3][0] == f"{runner_path()} --list"
+
+
+def test_install_snippet_quote_escaping() -> None:
+    dep = RunnerDeployment.build(b"x", "/opt/o'dir", "unused")
+    cmd = dep.install_command("admin")
+    assert cmd.startswith("sudo sh -c 'set -e; dstdir=\"/opt/o'\\''dir/\";")
+    assert dep.md5_expected_output() == f"{hashlib.md5(b'x').hexdigest()}  {dep.command}\n".encode()
+    assert RunnerDeployment.build(None, "/opt", "herder-runner").command == "herder-runner"
+
+
+def test_install_failure_means_not_booted() -> None:
+    h, iid = setup_worker("booting", age=10)
+    h.cloud.vms[iid].host.hook = lambda kind: (_ for _ in ()).throw(ExecutorError("disk full")) \
+        if kind == "install" else None
+    h.probe(iid)
+    assert h.state(iid) == "booting"
+    assert "--list" not in h.cloud.vms[iid].host.verbs()
+
+
+def test_deploy_disabled_uses_configured_runner_command() -> None:
+    h = Harness(runner_data=None)
+    vm = h.cloud.add_vm(h.tags())
+    h.sync()
+    h.probe(vm.id)
+    assert vm.host.verbs() == ["boot", "--list"]
+    assert vm.host.commands[1][0] == "sudo herder-runner --list"
+
+
+# --------------------------------------------------------------------------- --list parsing
+
+
+def test_other_clusters_and_malformed_lines_are_ignored() -> None:
+    h, iid = setup_worker("idle", age=10)
+    host = h.cloud.vms[iid].host
+    host.extra_list_lines = [uuid(9, cluster="yyyyy"), f"{uuid(8)} something else", "zzzzz-bad"]
+    h.probe(iid)
+    assert h.state(iid) == "idle"
+    assert h.worker(iid).running == {}
+
+
+def test_price_history_sent_on_stdin() -> None:
+    from herder.cloud import InstancePrice
+
+    h, iid = setup_worker("idle", age=10)
+    vm = h.cloud.vms[iid]
+    vm.prices = [InstancePrice(1000.0, 0.5)]
+    h.probe(iid)
+    cmd, stdin = vm.host.commands[-1]
+    assert cmd.endswith("--list --stdin-prices")
+    assert json.loads(stdin or b"") == [{"StartTime": 1000.0, "Price": 0.5}]
+
+
+def test_broken_drains_and_shuts_down_idle_worker() -> None:
+    h, iid = setup_worker("idle", age=10)
+    h.cloud.vms[iid].host.broken = True
+    h.probe(iid)
+    assert h.worker(iid).idle_behavior == IdleBehavior.DRAIN
+    assert h.state(iid) == "shutdown"
+    assert h.cloud.vms[iid].tags["HerderIdleBehavior"] == "drain"
+
+
+def test_broken_running_worker_drains_without_shutdown() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    h.cloud.vms[iid].host.broken = True
+    h.probe(iid)
+    assert h.worker(iid).idle_behavior == IdleBehavior.DRAIN
+    assert h.state(iid) == "running"
+
+
+@pytest.mark.parametrize("behavior", ["hold", "drain"])
+def test_broken_ignored_unless_idle_behavior_run(behavior: str) -> None:
+    h, iid = setup_worker("running", age=10, containers=(C1,), runners=(C1,), behavior=behavior)
+    h.cloud.vms[iid].host.broken = True
+    h.probe(iid)
+    assert h.worker(iid).idle_behavior == IdleBehavior(behavior)
+
+
+def test_stale_lock_becomes_broken_after_timeout() -> None:
+    h, iid = setup_worker("idle", age=10)
+    host = h.cloud.vms[iid].host
+    host.containers[C1] = "stale"
+    h.probe(iid)
+    assert h.worker(iid).idle_behavior == IdleBehavior.RUN
+    assert h.worker(iid).running == {}  # a stale lock is not a running container
+    h.runtime.advance(5)  # not more than timeout_stale_run_lock (5s)
+    h.probe(iid)
+    assert h.worker(iid).idle_behavior == IdleBehavior.RUN
+    h.runtime.advance(1)
+    h.probe(iid)
+    assert h.worker(iid).idle_behavior == IdleBehavior.DRAIN
+    assert h.state(iid) == "shutdown"
+
+
+def test_stale_lock_timer_resets_when_lock_goes_away() -> None:
+    h, iid = setup_worker("idle", age=10)
+    host = h.cloud.vms[iid].host
+    host.containers[C1] = "stale"
+    h.probe(iid)
+    del host.containers[C1]
+    h.runtime.advance(10)
+    h.probe(iid)
+    host.containers[C1] = "stale"
+    h.probe(iid)
+    h.runtime.advance(3)
+    h.probe(iid)
+    assert h.worker(iid).idle_behavior == IdleBehavior.RUN
+
+
+def test_exited_container_is_collected_then_forgotten() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    host = h.cloud.vms[iid].host
+    host.containers[C1] = ("exited", 3)
+    host.logs[C1] = b"hello\n"
+    h.runtime.advance(10)
+    h.probe(iid)
+    assert h.reporter.exited == [(C1, 3, b"hello\n")]
+    verbs = host.verbs()
+    assert verbs[-3:] == ["--list", "--log", "--forget"]
+    assert host.commands[-2][0] == runner_protocol.log_command(runner_path(), "admin", C1)
+    assert C1 not in host.containers
+    assert h.state(iid) == "idle"
+    assert h.pool.running() == {C1: h.runtime.now()}  # exited placeholder for the scheduler
+
+
+def test_exit_collection_repeats_until_forgotten() -> None:
+    h, iid = setup_worker("idle", age=10)
+    host = h.cloud.vms[iid].host
+    host.containers[C1] = ("exited", 0)
+    host.log_fails = True
+    host.forget_fails = True
+    h.probe(iid)
+    h.probe(iid)
+    assert h.reporter.exited == [(C1, 0, b""), (C1, 0, b"")]
+    host.forget_fails = False
+    h.probe(iid)
+    h.probe(iid)
+    assert len(h.reporter.exited) == 3
+    assert h.worker(iid).running == {}
