@@ -183,7 +183,7 @@ class Config(_Strict):
     @field_validator("cluster_id")
     @classmethod
     def _cluster_id(cls, v: str) -> str:
-        if not CLUSTER_ID_RE.match(v):
+        if not CLUSTER_ID_RE.fullmatch(v):
             raise ValueError(f"invalid cluster_id {v!r}: expected 5 lowercase letters or digits")
         return v
 

@@ -19,7 +19,7 @@ CLUSTER_ID_RE = re.compile(r"^[a-z0-9]{5}$")
 
 def is_container_uuid(text: str) -> bool:
     """True for a well-formed container UUID (safe to put in a shell command unquoted)."""
-    return bool(CONTAINER_UUID_RE.match(text))
+    return bool(CONTAINER_UUID_RE.fullmatch(text))
 
 
 # --------------------------------------------------------------------------- instance types

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from herder.commands import CommandError, Context, print_json
@@ -159,6 +160,12 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             )
     except WorkloadError as exc:
         raise CommandError(str(exc)) from exc
+    # Under injected faults the engine logs thousands of expected failures; the summary is the
+    # output.  `--log-level info` (or debug) shows the engine's log as `herder serve` would.
+    engine_log = logging.getLogger("herder")
+    saved_level = engine_log.level
+    if getattr(args, "log_level", "warning") not in ("debug", "info"):
+        engine_log.setLevel(logging.CRITICAL)
     try:
         result = run_simulation(
             config,
@@ -168,6 +175,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         )
     except ValueError as exc:  # e.g. a fault knob out of range
         raise CommandError(f"cannot simulate: {exc}") from exc
+    finally:
+        engine_log.setLevel(saved_level)
     summary = result.summary
     if args.json:
         print_json(ctx, summary)

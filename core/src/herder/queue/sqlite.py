@@ -413,7 +413,7 @@ class SqliteQueue(ContainerQueue):
         max_dispatch_attempts: int = 10,
         always_use_preemptible: bool = False,
     ) -> None:
-        if not CLUSTER_ID_RE.match(cluster_id):
+        if not CLUSTER_ID_RE.fullmatch(cluster_id):
             raise ValueError(f"invalid cluster_id {cluster_id!r}: need 5 lowercase alphanumerics")
         if max_dispatch_attempts < 1:
             raise ValueError("max_dispatch_attempts must be at least 1")

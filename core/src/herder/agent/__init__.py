@@ -1,0 +1,1 @@
+"""The runner agent herder copies to every instance (standard library only)."""

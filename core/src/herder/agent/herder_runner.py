@@ -1,0 +1,1052 @@
+#!/usr/bin/env python3
+"""herder-runner: starts, lists, signals and reports containers on one instance.
+
+herder copies this single file to every instance it boots (md5-checked) and drives it over the
+executor with the crunch-run command line, so the same dispatcher code could also drive Arvados'
+own crunch-run::
+
+    herder-runner --list [--stdin-prices]
+    herder-runner --detach --stdin-config [options] <uuid>
+    herder-runner --kill <signal> <uuid>
+    herder-runner --log <uuid>
+    herder-runner --forget <uuid>
+
+It needs Python 3.9 or later and the standard library only, and it runs on Linux (it uses
+``/proc``, ``flock`` and ``waitid``).  Nothing in it comes from the herder package: instances do
+not have herder installed.
+
+Files, all in the state directory (``/var/lock/herder-runner``; ``--state-dir`` or
+``HERDER_RUNNER_DIR`` choose another, as tests and non-root loopback setups do):
+
+``<uuid>.lock``
+    JSON ``{"uuid", "pid", "pgid"}``: ``pid`` is the supervisor that runs the container and holds
+    an exclusive ``flock`` on this file for its whole life, ``pgid`` the container's process
+    group.  A held lock means "this container may still be running", which is what keeps a
+    container from being started twice.
+``<uuid>.exit``
+    the container's exit code, written atomically once it has finished.  It stays until the
+    dispatcher has collected it with ``--forget``, so a result survives a lost connection.
+``<uuid>.log``
+    the container's combined stdout and stderr, plus the supervisor's own notes.  Logs live in
+    ``/var/log/herder-runner`` when the state directory is the default one, because
+    ``/var/lock`` is a tiny tmpfs on common distributions and a chatty container would fill it
+    and break the instance; ``--log-dir`` / ``HERDER_RUNNER_LOG_DIR`` choose another place.
+``broken``
+    the instance cannot run containers (the container engine is unreachable, the disk is full);
+    ``--list`` reports it and the dispatcher drains the instance.
+``prices.json``
+    the price history the dispatcher sends with ``--list --stdin-prices``.
+
+Tuning knobs (environment): ``HERDER_RUNNER_MIN_FREE`` (bytes that must stay free in the state
+and log directories, default 1 MiB) and ``HERDER_RUNNER_KILL_WAIT`` (seconds ``--kill`` waits for
+the container to go, default 1).
+
+Exit status: 0 done, 1 failed (message on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+# Python 3.9 compatibility matters more than the newest idioms: the instance's python3 is
+# whatever its image ships.
+
+USAGE = """\
+usage: herder-runner --list [--stdin-prices]
+       herder-runner --detach --stdin-config [--runtime-engine=ENGINE] [--kill-grace=SECONDS] UUID
+       herder-runner --kill SIGNAL UUID
+       herder-runner --log UUID
+       herder-runner --forget UUID
+common options: --state-dir=DIR  --log-dir=DIR
+"""
+
+UUID_RE = re.compile(r"[a-z0-9]{5}-dz642-[a-z0-9]{15}")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+DEFAULT_STATE_DIR = "/var/lock/herder-runner"
+DEFAULT_LOG_DIR = "/var/log/herder-runner"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_MIN_FREE = 1 << 20
+DEFAULT_KILL_WAIT = 1.0
+DEFAULT_KILL_GRACE = 10.0
+DIR_LOCK_TIMEOUT = 10.0
+ACK_TIMEOUT = 10.0
+ENGINE_CALL_TIMEOUT = 30.0
+RUNTIMES = ("auto", "docker", "podman", "process")
+ENGINES = ("docker", "podman")
+
+#: exit code recorded when max_run_time stopped the container, as timeout(1) reports it.
+EXIT_TIMED_OUT = 124
+#: exit code recorded when the supervisor itself failed, as docker run reports its own errors.
+EXIT_RUNNER_FAILED = 125
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+#: signals the supervisor passes on to the container instead of dying from them.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+#: engine messages that mean no container can run on this instance (SPEC §11 broken node).
+BROKEN_PATTERNS = (
+    re.compile(r"cannot connect to the docker daemon", re.IGNORECASE),
+    re.compile(r"no space left on device", re.IGNORECASE),
+    re.compile(r"grpc: the connection is unavailable", re.IGNORECASE),
+    re.compile(r"oci runtime.*mount.*no such file or directory", re.IGNORECASE),
+)
+BROKEN_SCAN_BYTES = 64 * 1024
+
+
+class UsageError(Exception):
+    """The command line is wrong: exit 2 with the usage text."""
+
+
+class RunnerError(Exception):
+    """The request cannot be carried out: exit 1 with the message."""
+
+
+def is_uuid(text: str) -> bool:
+    """A well-formed container uuid; fullmatch so a trailing newline cannot slip through."""
+    return UUID_RE.fullmatch(text) is not None
+
+
+def checked_uuid(text: str) -> str:
+    """Every file name built from a uuid goes through here, so no path can escape the state dir."""
+    if not is_uuid(text):
+        raise UsageError(f"malformed container uuid {text!r}")
+    return text
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@dataclass
+class Options:
+    """The parsed command line."""
+
+    verb: str
+    uuid: str = ""
+    signum: int = signal.SIGTERM
+    stdin_prices: bool = False
+    stdin_config: bool = False
+    state_dir: str = DEFAULT_STATE_DIR
+    log_dir: str = DEFAULT_LOG_DIR
+    runtime_engine: str = "auto"
+    kill_grace: float = DEFAULT_KILL_GRACE
+
+
+VERBS = ("--list", "--detach", "--kill", "--log", "--forget")
+FLAGS = ("--list", "--detach", "--log", "--forget", "--stdin-prices", "--stdin-config", "--help")
+VALUED = ("--kill", "--state-dir", "--log-dir", "--runtime-engine", "--kill-grace")
+
+
+def split_args(argv: list[str]) -> tuple[set[str], dict[str, str], list[str]]:
+    """Split argv into flags, valued options and positionals.
+
+    Options may be spelled ``-name`` or ``--name`` and valued ones ``--name=value`` or
+    ``--name value``, as Go's flag package (and so crunch-run) accepts them.
+    """
+    flags: set[str] = set()
+    values: dict[str, str] = {}
+    positional: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            positional.extend(argv[i:])
+            break
+        if not arg.startswith("-") or arg == "-":
+            positional.append(arg)
+            continue
+        name, has_value, value = ("--" + arg.lstrip("-")).partition("=")
+        if name in FLAGS:
+            if has_value:
+                raise UsageError(f"option {name} takes no value")
+            flags.add(name)
+        elif name in VALUED:
+            if not has_value:
+                if i >= len(argv):
+                    raise UsageError(f"option {name} needs a value")
+                value = argv[i]
+                i += 1
+            values[name] = value
+        else:
+            raise UsageError(f"unknown option {arg!r}")
+    return flags, values, positional
+
+
+def parse_signal(text: str) -> int:
+    """A signal number, or a name such as TERM or SIGTERM."""
+    if text.isdigit():
+        number = int(text)
+        if number in {int(s) for s in signal.valid_signals()} or number == 0:
+            return number
+        raise UsageError(f"invalid signal {text!r}")
+    name = text.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise UsageError(f"invalid signal {text!r}") from None
+
+
+def parse_seconds(name: str, text: str) -> float:
+    """A non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{name} needs a number of seconds, not {text!r}") from None
+    if not value >= 0:  # also rejects NaN
+        raise UsageError(f"{name} must not be negative")
+    return value
+
+
+def choose_dirs(values: dict[str, str]) -> tuple[str, str]:
+    """The state and log directories: flag, then environment, then the defaults."""
+    state = values.get("--state-dir") or os.environ.get("HERDER_RUNNER_DIR") or DEFAULT_STATE_DIR
+    log_default = DEFAULT_LOG_DIR if state == DEFAULT_STATE_DIR else state
+    log = values.get("--log-dir") or os.environ.get("HERDER_RUNNER_LOG_DIR") or log_default
+    return state, log
+
+
+def parse_args(argv: list[str]) -> Options:
+    """Parse and check the whole command line; any mistake is a UsageError."""
+    flags, values, positional = split_args(argv)
+    verbs = [v for v in VERBS if v in flags or v in values]
+    if len(verbs) != 1:
+        raise UsageError("exactly one of --list, --detach, --kill, --log, --forget is required")
+    verb = verbs[0][2:]
+    if "--stdin-prices" in flags and verb != "list":
+        raise UsageError("--stdin-prices goes with --list only")
+    if "--stdin-config" in flags and verb != "detach":
+        raise UsageError("--stdin-config goes with --detach only")
+    if verb == "detach" and "--stdin-config" not in flags:
+        raise UsageError("--detach needs --stdin-config (the config comes on stdin)")
+    if verb == "list":
+        if positional:
+            raise UsageError("--list takes no container uuid")
+    elif len(positional) != 1:
+        raise UsageError(f"--{verb} needs exactly one container uuid")
+    engine = values.get("--runtime-engine", "auto")
+    if engine not in RUNTIMES:
+        raise UsageError(f"invalid runtime engine {engine!r}: expected {', '.join(RUNTIMES)}")
+    state_dir, log_dir = choose_dirs(values)
+    return Options(
+        verb=verb,
+        uuid=checked_uuid(positional[0]) if positional else "",
+        signum=parse_signal(values["--kill"]) if verb == "kill" else signal.SIGTERM,
+        stdin_prices="--stdin-prices" in flags,
+        stdin_config="--stdin-config" in flags,
+        state_dir=state_dir,
+        log_dir=log_dir,
+        runtime_engine=engine,
+        kill_grace=parse_seconds("--kill-grace", values.get("--kill-grace", "10")),
+    )
+
+
+def env_float(name: str, default: float) -> float:
+    """A numeric tuning knob from the environment; a bad value falls back to the default."""
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+# --------------------------------------------------------------------------- files and locks
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write via a temporary file and rename, so readers see the old or the new content only."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def remove(path: str) -> None:
+    """Delete a file that may already be gone."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def try_flock(fd: int, kind: int) -> bool:
+    """Take a flock without waiting; False when another open file holds it."""
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def open_existing(path: str) -> int | None:
+    """Open a file read-only, or None when it does not exist."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class LockRecord:
+    """What a supervisor writes into its lock file."""
+
+    uuid: str
+    pid: int
+    pgid: int | None = None
+
+
+class State:
+    """The runner's files for one state directory and one log directory."""
+
+    def __init__(self, state_dir: str, log_dir: str) -> None:
+        self.dir = state_dir
+        self.log_dir = log_dir
+
+    def ensure(self) -> None:
+        """Create the directories; private, since logs may hold what containers print."""
+        for path in {self.dir, self.log_dir}:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+
+    def path(self, uuid: str, suffix: str) -> str:
+        return os.path.join(self.dir, checked_uuid(uuid) + suffix)
+
+    def lock_path(self, uuid: str) -> str:
+        return self.path(uuid, ".lock")
+
+    def exit_path(self, uuid: str) -> str:
+        return self.path(uuid, ".exit")
+
+    def log_path(self, uuid: str) -> str:
+        return os.path.join(self.log_dir, checked_uuid(uuid) + ".log")
+
+    @property
+    def broken_path(self) -> str:
+        return os.path.join(self.dir, "broken")
+
+    @property
+    def prices_path(self) -> str:
+        return os.path.join(self.dir, "prices.json")
+
+    @contextlib.contextmanager
+    def dir_lock(self) -> Iterator[int]:
+        """Serialise creating and deleting lock files across runner invocations.
+
+        Without it ``--list`` could delete a lock file that ``--detach`` has just opened but not
+        yet locked, and two containers of one uuid could then run at once.
+        """
+        fd = os.open(os.path.join(self.dir, ".dir.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + DIR_LOCK_TIMEOUT
+            while not try_flock(fd, fcntl.LOCK_EX):
+                if time.monotonic() > deadline:
+                    raise RunnerError(f"{self.dir}: state directory lock is busy")
+                time.sleep(0.01)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def known_uuids(self) -> list[str]:
+        """Every uuid with a lock file or an exit record, sorted."""
+        found = set()
+        for name in os.listdir(self.dir):
+            stem, dot, suffix = name.rpartition(".")
+            if dot and suffix in ("lock", "exit") and is_uuid(stem):
+                found.add(stem)
+        return sorted(found)
+
+    def read_exit(self, uuid: str) -> int | None:
+        """The recorded exit code, or None when the container has not finished."""
+        try:
+            with open(self.exit_path(uuid), "rb") as f:
+                return int(f.read().strip())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            warn(f"{uuid}: unreadable exit record ignored")
+            return None
+
+    def read_lock(self, uuid: str) -> LockRecord | None:
+        """The lock file's record; None while a starting supervisor has not written it yet."""
+        try:
+            with open(self.lock_path(uuid), "rb") as f:
+                doc = json.loads(f.read() or b"null")
+        except (FileNotFoundError, ValueError):
+            return None
+        if not isinstance(doc, dict) or not isinstance(doc.get("pid"), int):
+            return None
+        if doc.get("uuid") != uuid:
+            raise RunnerError(f"{uuid}: lock file names another container {doc.get('uuid')!r}")
+        pgid = doc.get("pgid")
+        return LockRecord(uuid, doc["pid"], pgid if isinstance(pgid, int) else None)
+
+    def unusable_reason(self) -> str | None:
+        """Why no container can run here (SPEC §11 ``broken``), or None."""
+        if os.path.exists(self.broken_path):
+            return "broken marker present"
+        min_free = env_float("HERDER_RUNNER_MIN_FREE", DEFAULT_MIN_FREE)
+        for path in {self.dir, self.log_dir}:
+            if not os.access(path, os.W_OK):
+                return f"{path} is not writable"
+            st = os.statvfs(path)
+            if st.f_bavail * st.f_frsize < min_free or st.f_favail == 0:
+                return f"{path}: no space left"
+        return None
+
+    def mark_broken(self, reason: str) -> None:
+        """Make every later ``--list`` report ``broken`` so the dispatcher drains the instance."""
+        try:
+            write_atomically(self.broken_path, reason.encode() + b"\n")
+        except OSError as e:
+            note(f"cannot write broken marker: {e}")
+
+
+def warn(message: str) -> None:
+    """A message for the caller, on stderr."""
+    sys.stderr.write(f"herder-runner: {message}\n")
+    sys.stderr.flush()
+
+
+def note(message: str) -> None:
+    """A supervisor's line in the container log (its stderr is the log file)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with contextlib.suppress(OSError):
+        os.write(2, f"{stamp} herder-runner: {message}\n".encode())
+
+
+def pid_is_supervisor(pid: int, uuid: str) -> bool:
+    """Whether ``pid`` is still the live supervisor of ``uuid``.
+
+    A zombie counts as gone (it holds no lock and runs nothing), and a live process whose command
+    line does not name the uuid is a stranger that reused the pid: signalling it would hit an
+    unrelated process.  (Supervisors are forks of ``--detach ... <uuid>``, so they carry the uuid.)
+    """
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if not os.path.isdir("/proc/self"):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    fields = stat.rpartition(b")")[2].split()
+    if fields and fields[0] in (b"Z", b"X"):
+        return False
+    return uuid.encode() in cmdline.split(b"\0")
+
+
+def lock_is_free(path: str) -> bool:
+    """True when nobody holds the lock file (or it is gone): no supervisor is alive."""
+    fd = open_existing(path)
+    if fd is None:
+        return True
+    try:
+        return try_flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- --list
+
+
+def status_line(state: State, uuid: str) -> str | None:
+    """The ``--list`` line for one container (caller holds the directory lock), or None.
+
+    A lock file nobody holds and no exit record means the supervisor died without recording a
+    result (SIGKILL, reboot): the file is removed, as crunch-run does, and the container is
+    simply gone.
+    """
+    fd = open_existing(state.lock_path(uuid))
+    if fd is None:
+        code = state.read_exit(uuid)
+        return None if code is None else f"{uuid} exited {code}"
+    try:
+        if try_flock(fd, fcntl.LOCK_EX):
+            code = state.read_exit(uuid)
+            if code is None:
+                remove(state.lock_path(uuid))
+                return None
+            return f"{uuid} exited {code}"
+        try:
+            record = state.read_lock(uuid)
+        except RunnerError:
+            return f"{uuid} stale"  # held by something that is not this container's supervisor
+        if record is None or pid_is_supervisor(record.pid, uuid):
+            return uuid  # a lock without a record yet belongs to a supervisor still starting
+        return f"{uuid} stale"
+    finally:
+        os.close(fd)
+
+
+def store_prices(state: State, data: bytes) -> None:
+    """Keep the price history the dispatcher sent; bad JSON is reported, never stored."""
+    try:
+        json.loads(data)
+    except ValueError as e:
+        warn(f"ignoring malformed price list: {e}")
+        return
+    write_atomically(state.prices_path, data)
+
+
+def cmd_list(opts: Options, state: State) -> int:
+    """Print ``broken`` and one line per known container (SPEC §11, plus ``exited``)."""
+    prices = sys.stdin.buffer.read() if opts.stdin_prices else None
+    try:
+        state.ensure()
+        if prices is not None:
+            store_prices(state, prices)
+        reason = state.unusable_reason()
+    except OSError as e:
+        reason = str(e)
+    lines = []
+    try:
+        with state.dir_lock():
+            lines = [line for uuid in state.known_uuids() if (line := status_line(state, uuid))]
+    except OSError as e:
+        reason = reason or f"cannot read state directory: {e}"
+    if reason is not None:
+        lines.insert(0, "broken")
+        warn(f"instance cannot run containers: {reason}")
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    return 0
+
+
+# --------------------------------------------------------------------------- --detach
+
+
+@dataclass
+class RunConfig:
+    """The container description sent on stdin (``runner_protocol.config_document``)."""
+
+    uuid: str
+    command: list[str]
+    image: str = ""
+    environment: dict[str, str] = field(default_factory=dict)
+    cwd: str = ""
+    runtime: str = "auto"
+    max_run_time: float = 0.0
+    vcpus: float = 0.0
+    ram: int = 0
+
+
+def _number(doc: dict[str, Any], key: str) -> float:
+    value = doc.get(key) or 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise RunnerError(f"config {key} must be a non-negative number")
+    return float(value)
+
+
+def _string(doc: dict[str, Any], key: str) -> str:
+    value = doc.get(key) or ""
+    if not isinstance(value, str) or "\0" in value:
+        raise RunnerError(f"config {key} must be a string")
+    return value
+
+
+def _environment(doc: dict[str, Any]) -> dict[str, str]:
+    env = doc.get("environment") or {}
+    if not isinstance(env, dict):
+        raise RunnerError("config environment must be an object")
+    for key, value in env.items():
+        if not ENV_NAME_RE.fullmatch(key) or not isinstance(value, str) or "\0" in value:
+            raise RunnerError(f"config environment has an invalid entry {key!r}")
+    return dict(env)
+
+
+def parse_config(raw: bytes, uuid: str, default_runtime: str) -> RunConfig:
+    """Decode and check the stdin document; it must describe the uuid on the command line."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise RunnerError(f"config on stdin is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise RunnerError("config on stdin must be a JSON object")
+    if doc.get("uuid") != uuid:
+        raise RunnerError(f"config describes {doc.get('uuid')!r}, not {uuid}")
+    command = doc.get("command")
+    if (
+        not isinstance(command, list)
+        or not command
+        or not all(isinstance(a, str) and "\0" not in a for a in command)
+    ):
+        raise RunnerError("config command must be a non-empty list of strings")
+    runtime = _string(doc, "runtime") or default_runtime
+    if runtime not in RUNTIMES:
+        raise RunnerError(f"config runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    image = _string(doc, "image")
+    if image.startswith("-"):
+        raise RunnerError(f"config image {image!r} is not an image name")
+    ram = _number(doc, "ram")
+    return RunConfig(
+        uuid=uuid,
+        command=list(command),
+        image=image,
+        environment=_environment(doc),
+        cwd=_string(doc, "cwd"),
+        runtime=runtime,
+        max_run_time=_number(doc, "max_run_time"),
+        vcpus=_number(doc, "vcpus"),
+        ram=int(ram),
+    )
+
+
+def cmd_detach(opts: Options, state: State) -> int:
+    """Start the container under a supervisor of its own and return at once (SPEC §11).
+
+    The lock is taken here, before forking, so a second ``--detach`` of a running container
+    fails instead of starting a second copy; the forked supervisor inherits the locked file and
+    keeps it locked until the container's exit code is on disk.
+    """
+    config = parse_config(sys.stdin.buffer.read(), opts.uuid, opts.runtime_engine)
+    try:
+        state.ensure()
+    except OSError as e:
+        raise RunnerError(f"cannot create state directory: {e}") from None
+    with state.dir_lock() as dir_fd:
+        lock_fd = os.open(state.lock_path(opts.uuid), os.O_RDWR | os.O_CREAT, 0o600)
+        if not try_flock(lock_fd, fcntl.LOCK_EX):
+            os.close(lock_fd)
+            raise RunnerError(f"{opts.uuid}: already running (lock is held)")
+        # Not running, so an earlier run's result and log are replaced by this run's.
+        remove(state.exit_path(opts.uuid))
+        remove(state.log_path(opts.uuid))
+        os.ftruncate(lock_fd, 0)
+        ack_r, ack_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(dir_fd)
+            os.close(ack_r)
+            become_supervisor(state, config, lock_fd, ack_w, opts.kill_grace)
+        os.close(lock_fd)
+        os.close(ack_w)
+    if not wait_for_ack(ack_r):
+        raise RunnerError(f"{opts.uuid}: supervisor {pid} did not report a start")
+    sys.stdout.write(json.dumps({"uuid": opts.uuid, "pid": pid}) + "\n")
+    return 0
+
+
+def wait_for_ack(fd: int) -> bool:
+    """Wait until the supervisor has written its lock record, so ``--kill`` can find it."""
+    data = b""
+    deadline = time.monotonic() + ACK_TIMEOUT
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return True  # slow but alive: the lock is held, report the start
+            chunk = os.read(fd, 16)
+            if not chunk:
+                return data == b"ok"
+            data += chunk
+    finally:
+        os.close(fd)
+
+
+def become_supervisor(
+    state: State, config: RunConfig, lock_fd: int, ack_fd: int, kill_grace: float
+) -> NoReturn:
+    """The forked child: detach from the caller, run the container, record its exit code."""
+    code = EXIT_RUNNER_FAILED
+    try:
+        os.setsid()
+        redirect_stdio(state.log_path(config.uuid))
+        code = Supervisor(state, config, lock_fd, ack_fd, kill_grace).run()
+    except BaseException:
+        note("supervisor failed:\n" + traceback.format_exc())
+    finally:
+        record_exit(state, config.uuid, code)
+        os._exit(0)
+
+
+def redirect_stdio(log_path: str) -> None:
+    """Let go of the caller's stdin/stdout/stderr (an SSH session waits for them to close)."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(null)
+    os.close(log)
+
+
+def record_exit(state: State, uuid: str, code: int) -> None:
+    """Write the exit record; a full disk here also means the instance is broken."""
+    try:
+        write_atomically(state.exit_path(uuid), f"{code}\n".encode())
+    except OSError as e:
+        note(f"cannot record exit code {code}: {e}")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            state.mark_broken(f"cannot record exit code: {e}")
+
+
+# --------------------------------------------------------------------------- the supervisor
+
+
+def exit_code(returncode: int) -> int:
+    """A shell-style exit code: 128+N for a process killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def choose_engine(config: RunConfig) -> str | None:
+    """The engine binary to run the container with, or None to run it as a plain process."""
+    if config.runtime == "process":
+        return None
+    if config.runtime in ENGINES:
+        path = shutil.which(config.runtime)
+        if path is None:
+            raise FileNotFoundError(errno.ENOENT, "container engine not found", config.runtime)
+        return path
+    if not config.image:
+        return None
+    for name in ENGINES:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    return None
+
+
+def engine_argv(engine: str, config: RunConfig) -> list[str]:
+    """``<engine> run``; environment values travel in the engine's environment, not in argv."""
+    argv = [engine, "run", "--rm", "--name", container_name(config.uuid)]
+    if config.vcpus > 0:
+        argv += ["--cpus", f"{config.vcpus:g}"]
+    if config.ram > 0:
+        argv += ["--memory", str(config.ram)]
+    for key in sorted(config.environment):
+        argv += ["-e", key]
+    if config.cwd:
+        argv += ["-w", config.cwd]
+    return [*argv, config.image, *config.command]
+
+
+def container_name(uuid: str) -> str:
+    return "herder-" + checked_uuid(uuid)
+
+
+def process_environment(config: RunConfig) -> dict[str, str]:
+    """A plain process sees PATH and its own environment only, never the runner's.
+
+    The runner may have been started with the dispatcher's environment (loopback), which can
+    hold cloud credentials.
+    """
+    return {"PATH": os.environ.get("PATH", DEFAULT_PATH), **config.environment}
+
+
+def engine_environment(config: RunConfig) -> dict[str, str]:
+    """The engine client needs its own settings (DOCKER_HOST, XDG_RUNTIME_DIR) plus the values
+    that ``-e NAME`` forwards into the container."""
+    return {**os.environ, **config.environment}
+
+
+def engine_call(engine: str, *args: str) -> None:
+    """A best-effort housekeeping call to the engine, output to the log."""
+    try:
+        subprocess.run(  # noqa: S603 - fixed verbs and a validated container name
+            [engine, *args], stdin=subprocess.DEVNULL, timeout=ENGINE_CALL_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        note(f"{engine} {' '.join(args)}: {e}")
+
+
+def scan_for_breakage(state: State, uuid: str) -> None:
+    """Mark the instance broken when the engine's output says no container can run here."""
+    try:
+        with open(state.log_path(uuid), "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - BROKEN_SCAN_BYTES))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return
+    for line in tail.splitlines():
+        if any(p.search(line) for p in BROKEN_PATTERNS):
+            note(f"instance marked broken: {line.strip()}")
+            state.mark_broken(line.strip())
+            return
+
+
+class Supervisor:
+    """Runs one container in its own process group and waits for it.
+
+    The supervisor holds the container's lock for its whole life.  Signals it receives from
+    ``--kill`` are passed on to the container's process group; the supervisor keeps running so
+    the exit code is still recorded.  It wakes on SIGCHLD and on those signals through a wakeup
+    pipe, and otherwise only at the max-run-time deadlines.
+    """
+
+    def __init__(
+        self, state: State, config: RunConfig, lock_fd: int, ack_fd: int, kill_grace: float
+    ) -> None:
+        self.state = state
+        self.config = config
+        self.lock_fd = lock_fd
+        self.ack_fd = ack_fd
+        self.kill_grace = kill_grace
+        self.engine: str | None = None
+        self.pending: list[int] = []
+        self.timed_out = False
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGCHLD, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum != signal.SIGCHLD:
+            self.pending.append(signum)
+
+    def run(self) -> int:
+        """Start the container, wait for it, and return the exit code to record."""
+        try:
+            proc = self._start()
+        except OSError as e:
+            note(f"cannot start container: {e}")
+            self._publish(None)
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return EXIT_NOT_FOUND
+            return EXIT_NOT_EXECUTABLE
+        self._publish(proc.pid)
+        try:
+            code = self._wait(proc)
+        except BaseException:
+            kill_group(proc.pid, signal.SIGKILL)  # recorded as a runner failure: leave no orphans
+            raise
+        if self.engine is not None and code != 0 and not self.timed_out:
+            scan_for_breakage(self.state, self.config.uuid)
+        return code
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        """Launch the container as the leader of a new process group, output to the log."""
+        self.engine = choose_engine(self.config)
+        argv, env = self.config.command, process_environment(self.config)
+        cwd: str | None = self.config.cwd or "/"
+        if self.engine is not None:
+            # A container left behind by a supervisor that was SIGKILLed would block the name.
+            engine_call(self.engine, "rm", "--force", container_name(self.config.uuid))
+            argv = engine_argv(self.engine, self.config)
+            env, cwd = engine_environment(self.config), None
+        return subprocess.Popen(  # noqa: S603 - argv is the container's own command list
+            argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+
+    def _publish(self, pgid: int | None) -> None:
+        """Write the lock record, then tell the waiting ``--detach`` that we have started."""
+        record = {"uuid": self.config.uuid, "pid": os.getpid(), "pgid": pgid}
+        os.ftruncate(self.lock_fd, 0)
+        os.pwrite(self.lock_fd, json.dumps(record).encode(), 0)
+        with contextlib.suppress(OSError):
+            os.write(self.ack_fd, b"ok")
+        os.close(self.ack_fd)
+
+    def _wait(self, proc: subprocess.Popen[bytes]) -> int:
+        """Wait for the container, forwarding signals and enforcing max_run_time."""
+        now = time.monotonic()
+        deadline = now + self.config.max_run_time if self.config.max_run_time > 0 else None
+        kill_at: float | None = None
+        while True:
+            self._forward_pending(proc.pid)
+            if has_exited(proc.pid):
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                deadline, kill_at = None, now + self.kill_grace
+                self._stop_for_max_run_time(proc.pid)
+            if kill_at is not None and now >= kill_at:
+                kill_at = None
+                self._kill_hard(proc.pid)
+            wake_times = [t for t in (deadline, kill_at) if t is not None]
+            timeout = min([30.0, *(t - now for t in wake_times)])
+            self._sleep(max(timeout, 0.0))
+        # Whatever the container left running in its process group goes with it.
+        kill_group(proc.pid, signal.SIGKILL)
+        returncode = proc.wait()
+        return EXIT_TIMED_OUT if self.timed_out else exit_code(returncode)
+
+    def _sleep(self, timeout: float) -> None:
+        """Sleep until a signal (SIGCHLD included) arrives or the timeout passes."""
+        select.select([self.wake_r], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_r, 512)
+
+    def _forward_pending(self, pgid: int) -> None:
+        while self.pending:
+            signum = self.pending.pop(0)
+            note(f"received signal {signum}; passing it to the container")
+            kill_group(pgid, signum)
+
+    def _stop_for_max_run_time(self, pgid: int) -> None:
+        self.timed_out = True
+        note(
+            f"max run time of {self.config.max_run_time:g} seconds exceeded; "
+            "stopping the container with SIGTERM"
+        )
+        kill_group(pgid, signal.SIGTERM)
+
+    def _kill_hard(self, pgid: int) -> None:
+        note(f"container still running {self.kill_grace:g} seconds after SIGTERM; sending SIGKILL")
+        if self.engine is not None:
+            # SIGKILL would only kill the engine client and leave the container running.
+            engine_call(self.engine, "kill", container_name(self.config.uuid))
+        kill_group(pgid, signal.SIGKILL)
+
+
+def has_exited(pid: int) -> bool:
+    """Whether the child has exited, without reaping it.
+
+    Leaving it a zombie keeps its process group id reserved, so the final SIGKILL to the group
+    cannot hit an unrelated group that reused the number.
+    """
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def kill_group(pgid: int, signum: int) -> None:
+    """Signal a process group that may already be gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+# ------------------------------------------------------------------- --kill, --log, --forget
+
+
+def cmd_kill(opts: Options, state: State) -> int:
+    """Signal the container; exit 0 once it is gone or never existed (SPEC §11)."""
+    uuid = opts.uuid
+    lock_path = state.lock_path(uuid)
+    if lock_is_free(lock_path):
+        return 0
+    record = read_record_soon(state, uuid)
+    if record is None:
+        raise RunnerError(f"{uuid}: lock file holds no process record")
+    if not pid_is_supervisor(record.pid, uuid):
+        warn(f"{uuid}: pid {record.pid}: process is gone")
+        return 0
+    send_signal(record, opts.signum)
+    deadline = time.monotonic() + env_float("HERDER_RUNNER_KILL_WAIT", DEFAULT_KILL_WAIT)
+    while time.monotonic() < deadline:
+        if lock_is_free(lock_path) or not pid_is_supervisor(record.pid, uuid):
+            return 0
+        time.sleep(0.01)
+    raise RunnerError(f"{uuid}: sent signal {opts.signum} to pid {record.pid}, still alive")
+
+
+def read_record_soon(state: State, uuid: str) -> LockRecord | None:
+    """The lock record, waiting briefly for a supervisor that is still writing it."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        record = state.read_lock(uuid)
+        if record is not None or time.monotonic() > deadline:
+            return record
+        time.sleep(0.01)
+
+
+def send_signal(record: LockRecord, signum: int) -> None:
+    """Signal the supervisor, which passes catchable signals on to the container.
+
+    SIGKILL and SIGSTOP cannot be caught and passed on, so they also go straight to the
+    container's process group: killing only the supervisor would orphan the container.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(record.pid, signum)
+    # Supervisor first, so a SIGKILL always ends without an exit record (as crunch-run).
+    if signum in (signal.SIGKILL, signal.SIGSTOP) and record.pgid:
+        kill_group(record.pgid, signum)
+
+
+def cmd_log(opts: Options, state: State) -> int:
+    """Copy the container's log to stdout."""
+    try:
+        f = open(state.log_path(opts.uuid), "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        if os.path.exists(state.lock_path(opts.uuid)) or os.path.exists(state.exit_path(opts.uuid)):
+            return 0  # known, but nothing logged yet
+        raise RunnerError(f"{opts.uuid}: no such container") from None
+    with f:
+        shutil.copyfileobj(f, sys.stdout.buffer)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def cmd_forget(opts: Options, state: State) -> int:
+    """Delete a finished container's files once the dispatcher has collected its result."""
+    uuid = opts.uuid
+    if not os.path.isdir(state.dir):
+        return 0
+    with state.dir_lock():
+        fd = open_existing(state.lock_path(uuid))
+        try:
+            if fd is not None and not try_flock(fd, fcntl.LOCK_EX):
+                raise RunnerError(f"{uuid}: still running; kill it first")
+            remove(state.exit_path(uuid))
+            remove(state.log_path(uuid))
+            remove(state.lock_path(uuid))
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return 0
+
+
+COMMANDS = {
+    "list": cmd_list,
+    "detach": cmd_detach,
+    "kill": cmd_kill,
+    "log": cmd_log,
+    "forget": cmd_forget,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "--help" in args or "-h" in args:
+        sys.stdout.write(USAGE)
+        return 0
+    try:
+        opts = parse_args(args)
+    except UsageError as e:
+        sys.stderr.write(f"herder-runner: {e}\n{USAGE}")
+        return 2
+    state = State(opts.state_dir, opts.log_dir)
+    try:
+        return COMMANDS[opts.verb](opts, state)
+    except RunnerError as e:
+        warn(str(e))
+        return 1
+    except OSError as e:
+        warn(f"{e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""The runner agent, driven as herder drives it: a separate program, real processes, a temp dir.
+
+Every container here runs with ``runtime: process`` (or a fake engine on PATH), so the tests need
+no container engine.  Each test finishes its containers, and the fixture kills anything left.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from herder.runner_protocol import ListResult, parse_list_output
+
+RUNNER = Path(__file__).parents[1] / "src" / "herder" / "agent" / "herder_runner.py"
+#: lets the suite be run against another interpreter, e.g. the oldest python3 instances ship.
+PYTHON = os.environ.get("HERDER_TEST_RUNNER_PYTHON", sys.executable)
+UUID = "zzzzz-dz642-000000000000001"
+UUID2 = "zzzzz-dz642-000000000000002"
+
+
+def process_gone(pid: int) -> bool:
+    """Gone or a zombie (this machine's init may not reap orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] in (b"Z", b"X")
+    except FileNotFoundError:
+        return True
+
+
+def gated(before: str, after: str) -> list[str]:
+    """A container command that pauses between two scripts until the file $GATE exists.
+
+    Tests open the gate once they have looked at the running container, so a slow machine
+    cannot let the container finish early.
+    """
+    return ["sh", "-c", f'{before}; until [ -e "$GATE" ]; do sleep 0.01; done; {after}']
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 3.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+
+
+class Runner:
+    """Runs the agent against one state directory."""
+
+    def __init__(self, state_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.dir = state_dir
+        self.env = env
+
+    def run(
+        self, *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [PYTHON, str(RUNNER), "--state-dir", str(self.dir), *args],
+            input=stdin,
+            capture_output=True,
+            timeout=20,
+            env=env if env is not None else self.env,
+        )
+
+    def start(self, uuid: str = UUID, *extra: str, **doc: Any) -> dict[str, Any]:
+        config = {"uuid": uuid, "runtime": "process", "environment": {}, **doc}
+        res = self.run(
+            "--detach", "--stdin-config", *extra, uuid, stdin=json.dumps(config).encode()
+        )
+        assert res.returncode == 0, res.stderr
+        started: dict[str, Any] = json.loads(res.stdout)
+        return started
+
+    def list(self, *args: str, stdin: bytes = b"") -> ListResult:
+        res = self.run("--list", *args, stdin=stdin)
+        assert res.returncode == 0, res.stderr
+        return parse_list_output(res.stdout.decode(), "zzzzz")
+
+    def list_text(self) -> str:
+        return self.run("--list").stdout.decode()
+
+    def wait_exited(self, uuid: str = UUID) -> int:
+        codes: dict[str, int] = wait_for(lambda: self.list().exited)
+        assert uuid in codes, f"{uuid} did not finish: {self.list_text()!r}"
+        return codes[uuid]
+
+    def log(self, uuid: str = UUID) -> bytes:
+        res = self.run("--log", uuid)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    def lock_record(self, uuid: str = UUID) -> dict[str, Any]:
+        record: dict[str, Any] = json.loads((self.dir / f"{uuid}.lock").read_text())
+        return record
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Iterator[Runner]:
+    r = Runner(tmp_path / "state")
+    yield r
+    leftovers = []
+    for lock in r.dir.glob("*.lock"):
+        try:
+            record = json.loads(lock.read_text() or "{}")
+        except ValueError:
+            continue
+        for key, kill in (("pgid", os.killpg), ("pid", os.kill)):
+            pid = record.get(key)
+            if isinstance(pid, int) and not process_gone(pid):
+                leftovers.append(pid)
+                kill(pid, signal.SIGKILL)
+    assert not leftovers, f"processes left behind: {leftovers}"
+
+
+def test_container_runs_exits_and_is_forgotten(runner: Runner, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    started = runner.start(
+        command=gated("echo hi", "echo bye >&2; exit 3"), environment={"GATE": str(gate)}
+    )
+    assert started["uuid"] == UUID
+    assert runner.lock_record()["pid"] == started["pid"]
+
+    listed = runner.list()
+    assert listed.running == [UUID]
+    assert (listed.stale, listed.exited, listed.broken) == ([], {}, False)
+
+    gate.touch()
+    assert runner.wait_exited() == 3
+    assert runner.list_text() == f"{UUID} exited 3\n"
+    assert runner.list().running == []
+    assert runner.log() == b"hi\nbye\n"
+
+    assert runner.run("--forget", UUID).returncode == 0
+    assert runner.list_text() == ""
+    assert sorted(p.name for p in runner.dir.iterdir()) == [".dir.lock"]
+    res = runner.run("--log", UUID)
+    assert res.returncode == 1
+    assert b"no such container" in res.stderr
+
+
+def test_detach_returns_before_the_container_finishes(runner: Runner) -> None:
+    begun = time.monotonic()
+    runner.start(command=["sleep", "3"])
+    assert time.monotonic() - begun < 2.5
+    assert runner.list().running == [UUID]
+    assert runner.run("--kill", "15", UUID).returncode == 0
+
+
+def test_second_start_of_a_running_container_is_refused(runner: Runner) -> None:
+    runner.start(command=["sh", "-c", "echo started; sleep 5"])
+    config = {"uuid": UUID, "command": ["sh", "-c", "echo started"], "runtime": "process"}
+    res = runner.run("--detach", "--stdin-config", UUID, stdin=json.dumps(config).encode())
+    assert res.returncode == 1
+    assert b"already running" in res.stderr
+    assert runner.run("--kill", "TERM", UUID).returncode == 0
+    assert runner.wait_exited() == 128 + signal.SIGTERM
+    assert runner.log().count(b"started\n") == 1
+
+
+def test_finished_container_can_run_again_and_its_old_record_is_replaced(
+    runner: Runner, tmp_path: Path
+) -> None:
+    runner.start(command=["sh", "-c", "echo first; exit 4"])
+    assert runner.wait_exited() == 4
+    gate = tmp_path / "gate"
+    runner.start(command=gated("true", "echo second"), environment={"GATE": str(gate)})
+    assert runner.list().exited == {}  # the old result is gone while the new run goes
+    gate.touch()
+    assert runner.wait_exited() == 0
+    assert runner.log() == b"second\n"
+
+
+def test_forget_refuses_a_running_container(runner: Runner) -> None:
+    runner.start(command=["sleep", "5"])
+    res = runner.run("--forget", UUID)
+    assert res.returncode == 1
+    assert b"still running" in res.stderr
+    assert runner.list().running == [UUID]
+    assert runner.run("--kill", "15", UUID).returncode == 0
+
+
+def test_kill_term_reaches_the_container_and_its_exit_code_is_recorded(runner: Runner) -> None:
+    script = 'trap "echo got TERM; exit 7" TERM; echo ready; while :; do sleep 0.05; done'
+    started = runner.start(command=["sh", "-c", script])
+    wait_for(lambda: runner.log() == b"ready\n")
+    container = runner.lock_record()["pgid"]
+
+    res = runner.run("--kill", "15", UUID)
+    assert res.returncode == 0, res.stderr
+    assert process_gone(started["pid"]) and process_gone(container)
+    assert runner.wait_exited() == 7
+    assert b"got TERM\n" in runner.log()
+    assert b"received signal 15" in runner.log()
+
+
+def test_kill_of_an_unknown_or_finished_container_succeeds(runner: Runner) -> None:
+    assert runner.run("--kill", "15", UUID).returncode == 0
+    runner.start(command=["true"])
+    runner.wait_exited()
+    assert runner.run("--kill", "15", UUID).returncode == 0
+
+
+def test_kill_reports_a_container_that_ignores_the_signal(runner: Runner) -> None:
+    runner.start(command=["sh", "-c", 'trap "" TERM; echo ready; sleep 5'])
+    wait_for(lambda: runner.log() == b"ready\n")
+    env = {**os.environ, "HERDER_RUNNER_KILL_WAIT": "0.2"}
+    res = runner.run("--kill", "15", UUID, env=env)
+    assert res.returncode == 1
+    assert b"still alive" in res.stderr
+    assert runner.list().running == [UUID]
+    # SIGKILL cannot be passed on by the supervisor, so it also goes to the container directly.
+    container = runner.lock_record()["pgid"]
+    assert runner.run("--kill", "9", UUID).returncode == 0
+    assert wait_for(lambda: process_gone(container))
+
+
+def test_max_run_time_stops_the_container_with_exit_code_124(runner: Runner) -> None:
+    runner.start(command=["sleep", "5"], max_run_time=0.2)
+    assert runner.wait_exited() == 124
+    assert b"max run time of 0.2 seconds exceeded" in runner.log()
+
+
+def test_max_run_time_escalates_to_sigkill_after_the_grace_period(runner: Runner) -> None:
+    runner.start(
+        UUID,
+        "--kill-grace=0.2",
+        command=["sh", "-c", 'trap "" TERM; sleep 5'],
+        max_run_time=0.1,
+    )
+    container = wait_for(lambda: runner.lock_record().get("pgid"))
+    assert runner.wait_exited() == 124
+    assert b"sending SIGKILL" in runner.log()
+    assert process_gone(container)
+
+
+def test_lock_held_after_the_supervisor_died_is_stale_then_cleaned_up(runner: Runner) -> None:
+    started = runner.start(command=["sleep", "5"])
+    lock_path = runner.dir / f"{UUID}.lock"
+    with open(lock_path) as held:
+        # The supervisor dies without recording a result, and something else keeps the lock,
+        # as arv-mount does to crunch-run.
+        assert runner.run("--kill", "KILL", UUID).returncode == 0
+        assert wait_for(lambda: process_gone(started["pid"]))
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        listed = runner.list()
+        assert (listed.running, listed.stale) == ([], [UUID])
+        assert runner.list_text() == f"{UUID} stale\n"
+    # Stale and unlocked without an exit record: the lock file is removed, nothing is listed.
+    assert runner.list_text() == ""
+    assert not lock_path.exists()
+
+
+def test_broken_marker_is_reported_before_any_container(runner: Runner) -> None:
+    runner.dir.mkdir()
+    (runner.dir / "broken").write_text("engine unreachable\n")
+    runner.start(command=["true"])
+    runner.wait_exited()
+    res = runner.run("--list")
+    assert res.stdout.decode().splitlines() == ["broken", f"{UUID} exited 0"]
+    assert runner.list().broken
+
+
+def test_a_full_disk_is_reported_as_broken(runner: Runner) -> None:
+    env = {**os.environ, "HERDER_RUNNER_MIN_FREE": str(1 << 62)}
+    res = runner.run("--list", env=env)
+    assert res.returncode == 0
+    assert parse_list_output(res.stdout.decode(), "zzzzz").broken
+    assert not runner.list().broken
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--detach", "--stdin-config", "zzzzz-dz642-BAD000000000001"],
+        ["--kill", "15", "../../etc/passwd"],
+        ["--log", "zzzzz-dz642-00000000000000"],
+        ["--forget", "zzzzz-dz642-000000000000001\n"],
+    ],
+)
+def test_malformed_uuids_are_rejected(runner: Runner, args: list[str]) -> None:
+    config = {"uuid": args[-1], "command": ["true"], "runtime": "process"}
+    res = runner.run(*args, stdin=json.dumps(config).encode())
+    assert res.returncode == 2
+    assert b"malformed container uuid" in res.stderr
+    assert not runner.dir.exists()
+
+
+def test_config_for_another_container_is_refused(runner: Runner) -> None:
+    config = {"uuid": UUID2, "command": ["true"], "runtime": "process"}
+    res = runner.run("--detach", "--stdin-config", UUID, stdin=json.dumps(config).encode())
+    assert res.returncode == 1
+    assert b"not zzzzz-dz642-000000000000001" in res.stderr
+    assert runner.list_text() == ""
+
+
+def test_environment_and_cwd_come_from_the_config_only(runner: Runner, tmp_path: Path) -> None:
+    runner.env = {**os.environ, "DISPATCHER_SECRET": "do-not-leak"}
+    secret = "s3cret-token-value"
+    started = runner.start(
+        command=gated('echo "$GREETING|$TOKEN|$DISPATCHER_SECRET"; pwd', "true"),
+        environment={"GREETING": "hello world", "TOKEN": secret, "GATE": "gate"},
+        cwd=str(tmp_path),
+    )
+    container = runner.lock_record()["pgid"]
+    for pid in (started["pid"], container):
+        assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    (tmp_path / "gate").touch()
+    assert runner.wait_exited() == 0
+    assert runner.log() == f"hello world|{secret}|\n{tmp_path}\n".encode()
+
+
+def test_state_directory_from_the_environment(tmp_path: Path) -> None:
+    state = tmp_path / "from-env"
+    env = {**os.environ, "HERDER_RUNNER_DIR": str(state)}
+    config = {"uuid": UUID, "command": ["true"], "runtime": "process"}
+    res = subprocess.run(
+        [PYTHON, str(RUNNER), "--detach", "--stdin-config", UUID],
+        input=json.dumps(config).encode(),
+        capture_output=True,
+        env=env,
+        timeout=20,
+    )
+    assert res.returncode == 0, res.stderr
+    assert wait_for(lambda: (state / f"{UUID}.exit").exists())
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+def test_missing_command_is_recorded_as_127(runner: Runner) -> None:
+    runner.start(command=["/nonexistent/program"])
+    assert runner.wait_exited() == 127
+    assert b"cannot start container" in runner.log()
+
+
+def test_stdin_prices_are_stored(runner: Runner) -> None:
+    prices = [{"StartTime": "2024-01-01T00:00:00Z", "Price": 0.25}]
+    runner.list("--stdin-prices", stdin=json.dumps(prices).encode())
+    assert json.loads((runner.dir / "prices.json").read_text()) == prices
+
+    res = runner.run("--list", "--stdin-prices", stdin=b"not json")
+    assert res.returncode == 0
+    assert b"malformed price list" in res.stderr
+    assert json.loads((runner.dir / "prices.json").read_text()) == prices
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--list", UUID],
+        ["--list", "--detach", "--stdin-config", UUID],
+        ["--detach", UUID],
+        ["--detach", "--stdin-config"],
+        ["--kill", UUID],
+        ["--kill", "NOSUCHSIGNAL", UUID],
+        ["--log", UUID, UUID2],
+        ["--stdin-prices", "--log", UUID],
+        ["--list", "--frobnicate"],
+        ["--detach", "--stdin-config", "--runtime-engine=lxc", UUID],
+    ],
+)
+def test_usage_errors_exit_2(runner: Runner, args: list[str]) -> None:
+    res = runner.run(*args)
+    assert res.returncode == 2
+    assert b"usage: herder-runner" in res.stderr
+    assert not runner.dir.exists()
+
+
+def write_fake_engine(bin_dir: Path, calls: Path, run_output: str, run_code: int) -> None:
+    """A ``docker`` that records each call's argv and FOO from its environment."""
+    bin_dir.mkdir()
+    engine = bin_dir / "docker"
+    engine.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$FOO" "$@" "--" >> {calls}\n'
+        '[ "$1" = run ] || exit 0\n'
+        f"echo '{run_output}' >&2\n"
+        f"exit {run_code}\n"
+    )
+    engine.chmod(0o755)
+
+
+def engine_calls(calls: Path) -> list[list[str]]:
+    result: list[list[str]] = [[]]
+    for line in calls.read_text().splitlines():
+        if line == "--":
+            result.append([])
+        else:
+            result[-1].append(line)
+    return result[:-1]
+
+
+def test_engine_run_command_and_unreachable_daemon_marks_broken(
+    runner: Runner, tmp_path: Path
+) -> None:
+    calls = tmp_path / "calls"
+    message = "docker: Cannot connect to the Docker daemon at unix:///var/run/docker.sock."
+    write_fake_engine(tmp_path / "bin", calls, message, 125)
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(
+        command=["echo", "hi"],
+        runtime="docker",
+        image="debian:12",
+        environment={"FOO": "secret-value"},
+        cwd="/work",
+        vcpus=2,
+        ram=1 << 30,
+    )
+    assert runner.wait_exited() == 125
+    name = f"herder-{UUID}"
+    run = ["run", "--rm", "--name", name, "--cpus", "2", "--memory", str(1 << 30)]
+    assert engine_calls(calls) == [
+        ["", "rm", "--force", name],  # housekeeping sees none of the container's environment
+        ["secret-value", *run, "-e", "FOO", "-w", "/work", "debian:12", "echo", "hi"],
+    ]
+    assert runner.list().broken
+    assert "Cannot connect" in (runner.dir / "broken").read_text()
+
+
+def test_an_ordinary_engine_failure_does_not_mark_broken(runner: Runner, tmp_path: Path) -> None:
+    write_fake_engine(tmp_path / "bin", tmp_path / "calls", "container said no", 3)
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(command=["false"], runtime="auto", image="debian:12")
+    assert runner.wait_exited() == 3
+    assert not runner.list().broken
+    assert runner.log() == b"container said no\n"
+
+
+def test_auto_without_an_engine_runs_a_plain_process(runner: Runner) -> None:
+    runner.env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    runner.start(command=["sh", "-c", "echo plain"], runtime="auto", image="debian:12")
+    assert runner.wait_exited() == 0
+    assert runner.log() == b"plain\n"
+
+
+def test_logs_can_live_outside_the_state_directory(runner: Runner, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    runner.env = {**os.environ, "HERDER_RUNNER_LOG_DIR": str(logs)}
+    runner.start(command=["echo", "elsewhere"])
+    assert runner.wait_exited() == 0
+    assert (logs / f"{UUID}.log").read_bytes() == b"elsewhere\n"
+    assert not (runner.dir / f"{UUID}.log").exists()
+    assert runner.log() == b"elsewhere\n"
+    assert runner.run("--forget", UUID).returncode == 0
+    assert list(logs.iterdir()) == []
