@@ -9,9 +9,10 @@ import textwrap
 from importlib import metadata
 from pathlib import Path
 
-import herder
 import pytest
 import yaml
+
+import herder
 from herder import cli
 from herder import plugins as plugins_module
 from herder.cloud import Driver, DriverContext, DriverParameters, InstanceSet

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, Field, field_validator
+
 from herder.cloud import Driver, DriverContext, DriverParameters, InstanceSet
 from herder.config import (
     Config,
@@ -21,7 +23,6 @@ from herder.config import (
 from herder.hookspecs import hookimpl
 from herder.plugins import Plugins, Registry
 from herder.units import parse_duration, parse_size
-from pydantic import BaseModel, Field, field_validator
 
 # ------------------------------------------------------------------------- a fake driver
 

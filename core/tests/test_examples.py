@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
+
 from herder.config import Config, InstanceTypeConfig, check_config, load_config
 from herder.plugins import PluginError, Plugins
-from pydantic import BaseModel
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FULL = EXAMPLES / "herder.full.yaml"

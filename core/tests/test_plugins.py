@@ -8,9 +8,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import herder
 import pluggy
 import pytest
+
+import herder
 from herder import plugins as plugins_module
 from herder.cloud import Driver, DriverContext, DriverParameters, InstanceSet
 from herder.executor import ExecResult, Executor

@@ -7,6 +7,7 @@ import threading
 from dataclasses import replace
 
 import pytest
+
 from herder.model import (
     Container,
     ContainerSpec,

@@ -1,4 +1,5 @@
 import pytest
+
 from herder.units import format_duration, parse_duration, parse_size
 
 

@@ -14,15 +14,16 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from herder.cloud import Driver, DriverContext, InstanceSet
+from herder.cloud import Driver, DriverContext, Instance, InstanceSet
 from herder.config import Config
-from herder.executor import ExecutorFactory
+from herder.executor import Executor, ExecutorFactory
 from herder.model import ContainerState, InstanceType
 from herder.plugins import Plugins
 from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
 from herder.runtime import Runtime
 from herder.scheduler.scheduler import Scheduler
 from herder.sizing import ConfigSizer
+from herder.worker.bootprobe import BootProbe
 from herder.worker.interfaces import ContainerReporter
 from herder.worker.pool import Pool
 
@@ -186,14 +187,16 @@ class Dispatcher:
         cls = self.plugins.executor_class(self.config.cloud.executor)
         config, runtime = self.config, self.runtime
 
-        def factory(instance):  # type: ignore[no-untyped-def]
-            return cls(instance, config, runtime)
+        def factory(instance: Instance) -> Executor:
+            executor: Executor = cls(instance, config, runtime)
+            return executor
 
         return factory
 
-    def _boot_probe(self):  # type: ignore[no-untyped-def]
+    def _boot_probe(self) -> BootProbe:
         cls = self.plugins.boot_probe_class(self.config.cloud.boot_probe)
-        return cls(self.config.cloud.boot_probe_command)
+        probe: BootProbe = cls(self.config.cloud.boot_probe_command)
+        return probe
 
     def start(self) -> None:
         with self._lock:
