@@ -24,6 +24,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "herder.commands.simulate",
     "herder.commands.config",
     "herder.commands.plugins",
+    "herder.commands.containers",
+    "herder.commands.instances",
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

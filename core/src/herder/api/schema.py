@@ -1,0 +1,397 @@
+"""The JSON shapes of the management API: request validation and response documents.
+
+Requests are validated by strict pydantic models (``extra="forbid"``, no silent type coercion),
+so a typo in a field name or a string where a number belongs is a 400 that names the field
+instead of a container that runs with a default.  Sizes accept ``4GiB``-style strings and
+durations ``1h``-style strings, as the config file does (:mod:`herder.units`).
+
+Responses are built through the models below too, so the OpenAPI document generated from them
+(:mod:`herder.api.openapi`) describes exactly what the server sends.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from herder.model import ContainerState, IdleBehavior, WorkerState
+from herder.units import parse_duration, parse_size
+
+#: Largest size, count or priority accepted: what the queue's SQLite integers can hold.
+MAX_INT = 2**63 - 1
+#: Largest ``max_run_time`` accepted (ten years): beyond it a number is a mistake, not a limit.
+MAX_RUN_TIME = 10 * 365 * 24 * 3600.0
+#: Environment variable names a container engine and a shell both accept.
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_NAME_LENGTH = 255
+MAX_REASON_LENGTH = 1000
+
+
+def _size(value: Any) -> int:
+    """A byte count from an integer or a ``4GiB``-style string (floats are refused: sizes are
+    whole bytes, and a float usually means a unit was forgotten)."""
+    if isinstance(value, float):
+        raise ValueError(f"invalid size {value!r}: expected an integer or a string like 4GiB")
+    return parse_size(value)
+
+
+def _duration(value: Any) -> float:
+    """Seconds from a number or a ``1h30m``-style string; finite and not absurdly large."""
+    seconds = parse_duration(value)
+    if not math.isfinite(seconds) or seconds > MAX_RUN_TIME:
+        raise ValueError(f"invalid duration {value!r}: must be at most {MAX_RUN_TIME:.0f}s")
+    return seconds
+
+
+Size = Annotated[
+    int,
+    BeforeValidator(_size),
+    Field(ge=0, le=MAX_INT),
+    WithJsonSchema(
+        {
+            "oneOf": [
+                {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+                {"type": "string", "examples": ["4GiB", "500MB"]},
+            ],
+            "description": "bytes, or a size with a unit (K, M, G, T, Ki, Mi, Gi, Ti)",
+        },
+        mode="validation",
+    ),
+]
+
+Duration = Annotated[
+    float,
+    BeforeValidator(_duration),
+    WithJsonSchema(
+        {
+            "oneOf": [
+                {"type": "number", "minimum": 0, "maximum": MAX_RUN_TIME},
+                {"type": "string", "examples": ["1h", "90s", "1h30m"]},
+            ],
+            "description": "seconds, or a duration with units (s, m, h); 0 means no limit",
+        },
+        mode="validation",
+    ),
+]
+
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Text = Annotated[str, Field(max_length=4096)]
+
+
+def _no_nul(value: str, what: str) -> str:
+    """NUL cannot appear in argv, environment or paths; refuse it before a runner chokes on it."""
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL characters")
+    return value
+
+
+class _Request(BaseModel):
+    """Base of request bodies: unknown fields and loose types are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class GPURequestBody(_Request):
+    """GPUs a container needs; ``stack`` must match the instance type's."""
+
+    stack: Literal["", "cuda", "rocm"] = ""
+    device_count: Count = 0
+    driver_version: Annotated[str, Field(max_length=64)] = ""
+    hardware_target: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)] = (
+        Field(default_factory=list)
+    )
+    vram: Size = 0
+
+
+class RuntimeConstraintsBody(_Request):
+    """What the container needs.  ``gpus: N`` is short for ``gpu: {device_count: N}`` with the
+    stack of the configured GPU instance types."""
+
+    vcpus: Count = 1
+    ram: Size = 0
+    scratch: Size = 0
+    gpus: Count | None = None
+    gpu: GPURequestBody | None = None
+
+    @model_validator(mode="after")
+    def _one_gpu_form(self) -> RuntimeConstraintsBody:
+        if self.gpu is not None and self.gpus is not None:
+            raise ValueError("give either gpus or gpu, not both")
+        return self
+
+
+class SchedulingParametersBody(_Request):
+    preemptible: bool = False
+    max_run_time: Duration = 0.0
+    supervisor: bool = False
+
+
+class SubmitRequest(_Request):
+    """A new container."""
+
+    command: Annotated[list[Text], Field(min_length=1, max_length=10_000)]
+    image: Text = ""
+    environment: Annotated[dict[str, Text], Field(max_length=10_000)] = Field(
+        default_factory=dict
+    )
+    cwd: Text = ""
+    runtime: Literal["", "docker", "podman", "process"] = ""
+    runtime_constraints: RuntimeConstraintsBody = Field(default_factory=RuntimeConstraintsBody)
+    scheduling_parameters: SchedulingParametersBody = Field(
+        default_factory=SchedulingParametersBody
+    )
+    priority: Count = 1
+    name: Annotated[str, Field(max_length=MAX_NAME_LENGTH)] = ""
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str]) -> list[str]:
+        for arg in v:
+            _no_nul(arg, "command arguments")
+        return v
+
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not ENV_NAME_RE.fullmatch(key):
+                raise ValueError(
+                    f"invalid environment variable name {key[:50]!r}: expected letters, digits "
+                    "and underscores, not starting with a digit"
+                )
+            _no_nul(value, f"environment variable {key}")
+        return v
+
+    @field_validator("cwd")
+    @classmethod
+    def _cwd(cls, v: str) -> str:
+        _no_nul(v, "cwd")
+        if v and not v.startswith("/"):
+            raise ValueError("cwd must be an absolute path")
+        return v
+
+    @field_validator("image", "name")
+    @classmethod
+    def _plain_text(cls, v: str) -> str:
+        return _no_nul(v, "the value")
+
+
+class CancelRequest(_Request):
+    reason: Annotated[str, Field(max_length=MAX_REASON_LENGTH)] = ""
+
+
+class PriorityRequest(_Request):
+    priority: Count
+
+
+class InstanceActionRequest(_Request):
+    """Body of hold / drain / run / kill; the reason is logged (and recorded for kill)."""
+
+    reason: Annotated[str, Field(max_length=MAX_REASON_LENGTH)] = ""
+
+
+# --------------------------------------------------------------------------- responses
+
+Timestamp = Annotated[
+    str | None, Field(description="RFC 3339 time in UTC, or null when it has not happened")
+]
+
+
+class GPUOut(_Response):
+    stack: str
+    device_count: int
+    driver_version: str
+    hardware_target: list[str]
+    vram: int
+
+
+class RuntimeConstraintsOut(_Response):
+    vcpus: int
+    ram: int
+    scratch: int
+    gpu: GPUOut
+
+
+class SchedulingParametersOut(_Response):
+    preemptible: bool
+    max_run_time: float
+    supervisor: bool
+
+
+class ContainerOut(_Response):
+    """A container as the API shows it."""
+
+    uuid: str
+    name: str
+    state: ContainerState
+    priority: int
+    command: list[str]
+    image: str
+    environment: dict[str, str]
+    cwd: str
+    runtime: str
+    runtime_constraints: RuntimeConstraintsOut
+    scheduling_parameters: SchedulingParametersOut
+    scheduling_status: str = Field(
+        description="why a waiting container waits (empty once it runs or ends)"
+    )
+    instance_id: str | None
+    instance_type: str | None
+    attempts: int = Field(description="how many times the container was locked for dispatch")
+    exit_code: int | None
+    cost: float
+    runtime_status: dict[str, str]
+    created_at: Timestamp
+    locked_at: Timestamp
+    started_at: Timestamp
+    finished_at: Timestamp
+    run_time: float | None = Field(description="seconds it has run (so far), null if not started")
+
+
+class ContainerList(_Response):
+    items: list[ContainerOut]
+    next: str | None = Field(description="pass as ?after= to get the next page; null at the end")
+
+
+class LogChunk(_Response):
+    offset: int = Field(description="byte offset of data in the log")
+    next_offset: int = Field(description="offset to ask for next")
+    data: str = Field(description="the log text (UTF-8, invalid bytes replaced)")
+    final: bool = Field(description="true when the container has ended and data reaches the end")
+
+
+class InstanceOut(_Response):
+    """An instance (SPEC §10.2's InstanceView, plus what operators ask next)."""
+
+    instance: str = Field(description="provider id; empty for a create still in progress")
+    address: str
+    price: float
+    instance_type: str
+    provider_instance_type: str
+    last_container_uuid: str
+    last_busy: Timestamp
+    running_container_uuids: list[str]
+    worker_state: WorkerState
+    idle_behavior: IdleBehavior
+    state_since: Timestamp
+    time_in_state: float = Field(description="seconds in the current worker_state")
+    last_probe: Timestamp
+    appeared: Timestamp
+    boot_outcome: str | None
+
+
+class InstanceList(_Response):
+    items: list[InstanceOut]
+
+
+class RegistrationOut(_Response):
+    kind: str
+    name: str
+    target: str
+    description: str
+
+
+class PluginOut(_Response):
+    name: str
+    distribution: str
+    version: str
+    registrations: list[RegistrationOut]
+
+
+class PluginList(_Response):
+    items: list[PluginOut]
+
+
+class Health(_Response):
+    health: Literal["OK", "ERROR"]
+    error: str | None = None
+
+
+class FieldError(_Response):
+    field: str | None
+    error: str
+
+
+class ErrorOut(_Response):
+    error: str
+    field: str | None = None
+    errors: list[FieldError] | None = None
+
+
+class InstanceActionOut(_Response):
+    instance: str
+    action: Literal["hold", "drain", "run", "kill"]
+
+
+#: Every model the OpenAPI document lists under components/schemas.
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    SubmitRequest,
+    CancelRequest,
+    PriorityRequest,
+    InstanceActionRequest,
+)
+RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
+    ContainerOut,
+    ContainerList,
+    LogChunk,
+    InstanceList,
+    InstanceActionOut,
+    PluginList,
+    Health,
+    ErrorOut,
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Epoch seconds as an RFC 3339 UTC string; None (and 0, "never") as None."""
+    if not ts:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """``("runtime_constraints", "ram")`` → ``runtime_constraints.ram``; list indexes as [i]."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def validation_errors(exc: ValidationError) -> list[FieldError]:
+    """Pydantic's errors as (field, message) pairs, without echoing huge inputs back."""
+    out = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        out.append(FieldError(field=field_path(loc) or None, error=message[:500]))
+    return out

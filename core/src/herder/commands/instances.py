@@ -1,0 +1,113 @@
+"""``herder instances`` and ``herder hold|drain|run|kill INSTANCE...``: the fleet, from a terminal.
+
+The actions follow Arvados' admin CLI (SPEC §10.3): several ids at once, one line per id on
+stderr (``<id>: 200 OK (<server>)``), nothing on stdout, and exit status 1 if any id failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from herder.client import ClientError
+from herder.commands import CommandError, Context, print_json, render_table
+from herder.commands.containers import (
+    add_client_options,
+    client_errors,
+    colour_column,
+    open_client,
+    use_colour,
+)
+from herder.units import format_duration
+
+WORKER_STATE_COLOURS = {
+    "unknown": "35",  # magenta
+    "booting": "33",  # yellow
+    "idle": "36",  # cyan
+    "running": "32",  # green
+    "shutdown": "31",  # red
+}
+
+ACTIONS = {
+    "hold": "hold instances: start nothing new on them and never shut them down",
+    "drain": "drain instances: start nothing new, shut each down once idle",
+    "run": "return instances to normal use",
+    "kill": "shut instances down now, whatever runs on them",
+}
+
+INSTANCE_HEADERS = (
+    "instance", "address", "state", "idle-behavior", "type", "provider-type", "price",
+    "in-state", "running-containers",
+)  # fmt: skip
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "instances",
+        help="list instances",
+        description="List the instances herder runs (creates in progress have no id yet).",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_client_options(p)
+    p.set_defaults(handler=run_instances)
+    for action, text in ACTIONS.items():
+        p = subparsers.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("instance_ids", nargs="+", metavar="INSTANCE")
+        p.add_argument("--reason", default="", help="logged by the server (and recorded for kill)")
+        add_client_options(p)
+        p.set_defaults(handler=run_action, action=action)
+
+
+def instance_row(item: Mapping[str, Any]) -> list[Any]:
+    return [
+        item["instance"],
+        item["address"],
+        item["worker_state"],
+        item["idle_behavior"],
+        item["instance_type"],
+        item["provider_instance_type"],
+        f"{item['price']:.6f}",
+        format_duration(item.get("time_in_state") or 0.0),
+        ",".join(item.get("running_container_uuids") or []),
+    ]
+
+
+def run_instances(args: argparse.Namespace, ctx: Context) -> int:
+    client = open_client(args, ctx)
+    with client_errors():
+        items = client.instances()
+    if args.json:
+        print_json(ctx, items)
+        return 0
+    table = render_table(INSTANCE_HEADERS, [instance_row(i) for i in items])
+    ctx.print(colour_column(table, "state", WORKER_STATE_COLOURS, use_colour(ctx)))
+    return 0
+
+
+def run_action(args: argparse.Namespace, ctx: Context) -> int:
+    """Apply one action to each id; report each on stderr; 1 if any failed."""
+    client = open_client(args, ctx)
+    server = urlsplit(client.base_url).netloc
+    failed = 0
+    for instance_id in args.instance_ids:
+        try:
+            client.instance_action(instance_id, args.action, args.reason)
+        except ClientError as exc:
+            if exc.status is None:  # the server is unreachable: no point trying the others
+                raise CommandError(str(exc)) from exc
+            ctx.error(f"{instance_id}: {_status_text(exc.status)}: {exc} ({server})")
+            failed += 1
+            continue
+        ctx.error(f"{instance_id}: 200 OK ({server})")
+    return 1 if failed else 0
+
+
+def _status_text(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)

@@ -1,0 +1,431 @@
+"""One scheduling pass over the queue: lock, start, create, wait (SPEC §9.5).
+
+The pass walks the queue in scheduler order — containers that already have a runner, then Locked
+before Queued, then priority, then first seen — and for each waiting container decides one thing:
+
+* a Queued container is *locked* if there is room for it (an instance with spare resources, or
+  an instance type that is not at capacity).  It never causes an instance to be created: the next
+  pass sees it Locked and does that.  Locking first means a container is only ever booked once;
+* a Locked container is *started* on the best instance with room, or a new instance is
+  *created* for it, or it waits (instance booting, types at capacity, cloud quota reached).
+
+``max_containers`` limits how many containers run or are being started at once.  Arvados lowers
+it after API overload errors; herder has no remote API, so only the quota-driven part remains:
+at the cloud quota the limit drops to the number of instances, and afterwards rises slowly (10%
+above the current workload, never more than one above the last level known to fit the quota),
+so that hitting the quota does not lock and unlock containers over and over until they exhaust
+their dispatch attempts.
+
+Statuses are recorded as :class:`~herder.scheduler.status.Status` values only where the pass
+decides something specific; the rest ("preparing", "priority 0", "waiting at position N") are
+derived when the snapshot is read (:meth:`PassResult.sched_entries`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from herder.config import Config
+from herder.model import ContainerState, InstanceType, WorkerState
+from herder.queue.base import QueueEntry
+from herder.scheduler.ops import ContainerOps
+from herder.scheduler.placement import READY, Placement, Slot
+from herder.scheduler.queue_index import OrderItem, QueueIndex
+from herder.scheduler.status import (
+    STATUS_PREPARING,
+    STATUS_WAITING_PREVIOUS_ATTEMPT,
+    SchedEntry,
+    Status,
+    StatusKind,
+)
+from herder.worker.interfaces import WorkerPool
+
+QUEUED = ContainerState.QUEUED
+LOCKED = ContainerState.LOCKED
+
+
+@dataclass(slots=True)
+class PassInput:
+    """What one pass looks at, read once at its start."""
+
+    now: float
+    running: dict[str, float]
+    entries: dict[str, QueueEntry]
+    queue_time: float
+    worker_counts: dict[WorkerState, int]
+
+
+@dataclass(slots=True)
+class PassResult:
+    """The outcome of one pass, kept for the API until the next one."""
+
+    order: list[OrderItem] = field(default_factory=list)
+    running: Mapping[str, float] = field(default_factory=dict)
+    statuses: dict[str, Status] = field(default_factory=dict)
+    next_position: int = 0
+    at_quota: bool = False
+    allocated_not_started: int = 0
+    over_quota: int = 0
+    max_containers: int = 0
+
+    def sched_entries(self) -> list[SchedEntry]:
+        """The queue in scheduler order with every status formatted (SPEC §9.5 step 20).
+
+        Containers that have a runner come first; a Queued or Locked one without a specific
+        status gets the next queue position with the cloud-limits or capacity text.
+        """
+        running = self.running
+        with_runner = sorted(
+            (item for item in self.order if item[3] in running), key=lambda item: item[:4]
+        )
+        without = [item for item in self.order if item[3] not in running]
+        reason = StatusKind.CLOUD_LIMITS if self.at_quota else StatusKind.CLUSTER_CAPACITY
+        position = self.next_position
+        out: list[SchedEntry] = []
+        for item in with_runner:
+            ctr = item[4].container
+            waiting = ctr.state is QUEUED or ctr.state is LOCKED
+            out.append(SchedEntry(item[4], STATUS_PREPARING.text() if waiting else ""))
+        for item in without:
+            entry = item[4]
+            ctr = entry.container
+            status = self.statuses.get(ctr.uuid)
+            if status is not None:
+                text = status.text()
+            elif ctr.priority < 1:
+                text = Status(StatusKind.PRIORITY_ZERO, detail=ctr.state.value).text()
+            elif ctr.state is QUEUED or ctr.state is LOCKED:
+                position += 1
+                text = Status(reason, position).text()
+            else:
+                text = ""
+            out.append(SchedEntry(entry, text))
+        return out
+
+
+class ConcurrencyLimit:
+    """The dynamic limit on containers running or being started (SPEC §9.2, §9.5 steps 6-11)."""
+
+    def __init__(self, config: Config) -> None:
+        cloud = config.cloud
+        self.max_containers = cloud.initial_quota_estimate or cloud.max_instances
+        self.instances_within_quota = 0
+        self.supervisor_fraction = cloud.supervisor_fraction
+
+    def update(self, running: int, total_instances: int, at_quota: bool) -> None:
+        if self.max_containers > 0:
+            # No overload signal exists in herder, so the "quiet for a minute" branch always
+            # applies: allow about 10% more than what runs now.
+            self.max_containers = max(self.max_containers, running * 11 // 10 + 1)
+        if 0 < self.instances_within_quota < total_instances:
+            # Evidently this many instances fit the quota: raise the estimate.
+            self.instances_within_quota = total_instances
+        if at_quota:
+            if self.max_containers == 0 or self.max_containers > total_instances:
+                self.max_containers = max(1, total_instances)
+            self.instances_within_quota = total_instances
+        elif 0 < self.instances_within_quota < self.max_containers - 1:
+            # Never go more than one above a level known to fit: otherwise each brief lapse
+            # of the quota condition locks several containers that are unlocked again at the
+            # next quota error, burning their dispatch attempts.
+            self.max_containers = self.instances_within_quota + 1
+
+    def max_supervisors(self) -> int:
+        limit = int(self.max_containers * self.supervisor_fraction)
+        if limit < 1 and self.supervisor_fraction > 0 and self.max_containers > 0:
+            return 1
+        return limit
+
+
+class RunQueue:
+    """Runs the main pass of SPEC §9.5 against the pool, recording the outcome."""
+
+    def __init__(
+        self,
+        *,
+        pool: WorkerPool,
+        ops: ContainerOps,
+        config: Config,
+        instance_types: Mapping[str, InstanceType],
+        logger: logging.Logger,
+    ) -> None:
+        self._pool = pool
+        self._ops = ops
+        self._types = instance_types
+        self._max_per_instance = config.cloud.max_running_containers_per_instance
+        self._log = logger
+        self.limit = ConcurrencyLimit(config)
+        self.index = QueueIndex()
+        self._names_cache: dict[
+            int, tuple[list[InstanceType], frozenset[str], tuple[str, ...]]
+        ] = {}
+
+    def run(self, pin: PassInput) -> PassResult:
+        index = self.index
+        index.update(pin.entries)
+        running = pin.running
+        total_instances = sum(pin.worker_counts.values())
+        self.limit.update(len(running), total_instances, self._pool.at_quota())
+        return _Pass(self, pin, total_instances).run()
+
+    def eligible_names(self, entry: QueueEntry) -> tuple[frozenset[str], tuple[str, ...]]:
+        """The entry's eligible type names as a set (for lookups) and in order (for statuses).
+
+        Entries sized together often share one list object, so the answer is cached by it (the
+        cache holds the list, so its id cannot be reused by another list meanwhile).
+        """
+        types = entry.instance_types
+        hit = self._names_cache.get(id(types))
+        if hit is None or hit[0] is not types:
+            names = tuple(t.name for t in types)
+            hit = (types, frozenset(names), names)
+            if len(self._names_cache) > 10_000:
+                self._names_cache.clear()
+            self._names_cache[id(types)] = hit
+        return hit[1], hit[2]
+
+
+class _Pass:
+    """The state of one run of the main loop (``trying``, ``qpos``, over-quota lists...)."""
+
+    def __init__(self, rq: RunQueue, pin: PassInput, total_instances: int) -> None:
+        self.rq = rq
+        self.pool = rq._pool
+        self.ops = rq._ops
+        self.log = rq._log
+        self.pin = pin
+        self.total_instances = total_instances
+        self.max_containers = rq.limit.max_containers
+        self.max_supervisors = rq.limit.max_supervisors()
+        self.trying = len(pin.running)
+        self.supervisors = 0
+        self.qpos = 0
+        self.statuses: dict[str, Status] = {}
+        self.over_max_super: list[QueueEntry] = []
+        self.over_quota_at = -1  # position in index.order where the over-quota list starts
+        self.over_quota = 0
+        self.allocated_not_started = 0
+        self.at_capacity: dict[tuple[str, bool], bool] = {}
+        self.placement = Placement(
+            rq._pool.instances(),
+            rq._types,
+            entries=pin.entries,
+            max_per_instance=rq._max_per_instance,
+            logger=rq._log,
+        )
+
+    def saturated(self) -> bool:
+        return 0 < self.max_containers <= self.trying
+
+    def run(self) -> PassResult:
+        order = self.rq.index.order
+        running = self.pin.running
+        entries = self.pin.entries
+        # Containers with a runner come first; all they do is count as supervisors.
+        with_runner = 0
+        for uuid in running:
+            entry = entries.get(uuid)
+            if entry is not None:
+                with_runner += 1
+                if entry.container.scheduling_parameters.supervisor:
+                    self.supervisors += 1
+        seen = 0  # entries without a runner visited so far
+        position = 0
+        while position < len(order):
+            if self.saturated():
+                self._count_later_supervisors(order, position)
+                break
+            entry = order[position][4]
+            uuid = entry.container.uuid
+            if uuid not in running:
+                seen += 1
+                if not self._consider(entry):
+                    self.over_quota_at = position
+                    self.over_quota = len(order) - with_runner - seen + 1
+                    break
+            position += 1
+        at_quota = self.pool.at_quota()
+        if self.over_quota_at >= 0 or self.over_max_super:
+            self._unlock_over_quota(order)
+        if self.over_quota_at >= 0:
+            self._shut_down_unallocated()
+        return PassResult(
+            order=list(order),
+            running=running,
+            statuses=self.statuses,
+            next_position=self.qpos,
+            at_quota=at_quota,
+            allocated_not_started=self.allocated_not_started,
+            over_quota=self.over_quota + len(self.over_max_super),
+            max_containers=self.max_containers,
+        )
+
+    # ---- one container
+
+    def _consider(self, entry: QueueEntry) -> bool:
+        """SPEC §9.5 steps 12-18 for a container without a runner; False stops the pass."""
+        ctr = entry.container
+        supervisor = ctr.scheduling_parameters.supervisor
+        if supervisor:
+            self.supervisors += 1
+        if ctr.priority < 1:
+            return True  # status PRIORITY_ZERO, derived when read
+        if supervisor and 0 < self.max_supervisors < self.supervisors:
+            self._over_supervisor_limit(entry)
+            return True
+        state = ctr.state
+        if state is QUEUED:
+            return self._queued(entry)
+        if state is LOCKED:
+            return self._locked(entry)
+        return True
+
+    def _over_supervisor_limit(self, entry: QueueEntry) -> None:
+        self.over_max_super.append(entry)
+        self.statuses[entry.container.uuid] = Status(
+            StatusKind.SUPERVISOR_LIMIT, len(self.over_max_super)
+        )
+
+    def _best(self, entry: QueueEntry) -> Slot | None:
+        names, _ = self.rq.eligible_names(entry)
+        return self.placement.best(entry.resources, names, entry.container.uuid)
+
+    def _queued(self, entry: QueueEntry) -> bool:
+        uuid = entry.container.uuid
+        if self.saturated():
+            return True
+        self.trying += 1
+        best = self._best(entry)
+        if best is None:
+            if self.pool.at_quota():
+                return False
+            if self._available_type(entry) is None:
+                return True
+        if self.pool.kill_container(uuid, "about to lock"):
+            self.log.info("%s: not locking: runner from previous attempt has not exited", uuid)
+            return True
+        self.ops.lock(uuid)
+        if best is not None:
+            self.placement.allocate(best, entry.resources)
+        return True
+
+    def _locked(self, entry: QueueEntry) -> bool:
+        ctr = entry.container
+        uuid = ctr.uuid
+        if self.saturated():
+            return True
+        self.trying += 1
+        best = self._best(entry)
+        if best is not None:
+            self.placement.allocate(best, entry.resources)
+            self._start_on(best, entry)
+            return True
+        if self.pool.at_quota():
+            return False
+        it = self._available_type(entry)
+        if it is None:
+            self.qpos += 1
+            self.statuses[uuid] = Status(
+                StatusKind.WAITING_INSTANCE_TYPE, self.qpos, self.rq.eligible_names(entry)[1]
+            )
+            return True
+        view = self.pool.create(it)
+        if view is None:
+            return True  # declined (throttled, create limit...): try again next pass
+        self.log.info("%s: creating new %s instance", uuid, it.name)
+        self.statuses[uuid] = Status(StatusKind.WAITING_NEW_INSTANCE, detail=it.name)
+        self.allocated_not_started += 1
+        self.placement.add_created(view, it, entry.resources)
+        return True
+
+    def _start_on(self, slot: Slot, entry: QueueEntry) -> None:
+        """Start a Locked container on the instance chosen for it, or say why it waits."""
+        view = slot.view
+        uuid = entry.container.uuid
+        waiting = Status(StatusKind.WAITING_NEW_INSTANCE, detail=view.instance_type)
+        if not view.instance or view.worker_state not in READY:
+            self.statuses[uuid] = waiting
+            self.allocated_not_started += 1
+        elif self.pool.kill_container(uuid, "about to start"):
+            self.log.info("%s: not starting: runner from previous attempt has not exited", uuid)
+            self.statuses[uuid] = STATUS_WAITING_PREVIOUS_ATTEMPT
+        elif self.pool.start_container(view.instance, entry.container):
+            self.statuses[uuid] = STATUS_PREPARING
+        else:
+            self.statuses[uuid] = waiting
+            self.allocated_not_started += 1
+
+    def _available_type(self, entry: QueueEntry) -> InstanceType | None:
+        """The cheapest eligible type not at capacity (SPEC §9.5 step 17).
+
+        Capacity answers are cached for the pass: if a type's capacity flag clears between a
+        higher and a lower priority container, the higher one should get it next pass rather
+        than the lower one now.
+        """
+        for it in entry.instance_types:
+            key = (it.provider_type, it.preemptible)
+            if self.at_capacity.get(key):
+                continue
+            if self.pool.at_capacity(it):
+                self.at_capacity[key] = True
+                continue
+            return it
+        return None
+
+    # ---- after the loop
+
+    def _count_later_supervisors(self, order: list[OrderItem], position: int) -> None:
+        """Once the limit is reached nothing else can start, but supervisors still count.
+
+        Every remaining Queued/Locked container would just be skipped, so only supervisors are
+        visited: they are counted, and those beyond the supervisor limit get its status (and
+        are unlocked, as in Arvados).
+        """
+        if position >= len(order):
+            return
+        supervisors = self.rq.index.supervisors
+        start = bisect.bisect_left(supervisors, order[position][:4])
+        running = self.pin.running
+        for item in supervisors[start:]:
+            entry = item[4]
+            ctr = entry.container
+            if ctr.uuid in running:
+                continue
+            self.supervisors += 1
+            if ctr.priority >= 1 and 0 < self.max_supervisors < self.supervisors:
+                self._over_supervisor_limit(entry)
+
+    def _unlock_over_quota(self, order: list[OrderItem]) -> None:
+        """SPEC §9.5 step 21: give back locks that cannot be used soon.
+
+        The first over-quota container stays locked while any instance exists, however many
+        containers are over quota: when the quota clears it is next in line, and unlocking it on
+        every pass would burn its dispatch attempts.  (Arvados meant this but unlocked it when it
+        was the only one over quota, SPEC §19.1 item 2.)  With no instance at all, the quota
+        evidently never lets it run, so it is unlocked and eventually cancelled, not starved.
+        """
+        running = self.pin.running
+        unlock = [e for e in self.over_max_super if e.container.state is LOCKED]
+        start = self.over_quota_at
+        if start >= 0:
+            if self.total_instances > 0:
+                start += 1
+            # Locked containers sort before Queued ones, so the Locked ones over quota are a
+            # run starting at the first over-quota position.
+            while start < len(order) and order[start][0] == 0:
+                unlock.append(order[start][4])
+                start += 1
+        for entry in unlock:
+            uuid = entry.container.uuid
+            if uuid in running:
+                continue  # already preparing on an instance: let it run
+            self.ops.unlock(uuid, "pool capacity is used by higher priority containers")
+
+    def _shut_down_unallocated(self) -> None:
+        """SPEC §9.5 step 22: at quota, instances with nothing to do make room for others."""
+        for slot in self.placement.empty_slots():
+            if slot.view.instance:  # a pending create has no id yet; the pool would refuse
+                self.pool.shutdown(slot.view.instance)

@@ -1,0 +1,92 @@
+"""The ``scheduling_status`` texts people see for a waiting container (SPEC §9.5).
+
+The texts are Arvados' own, word for word (note the two spaces after full stops): scripts and
+dashboards that parse them keep working.  A pass records a small :class:`Status` value and the
+text is only formatted when someone asks for it, so that a pass over 100,000 waiting containers
+does not format 100,000 strings nobody reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from herder.model import ContainerState
+from herder.queue.base import QueueEntry
+
+PREPARING = "Container is allocated to an instance and preparing to run."
+PRIORITY_ZERO = (
+    "This container will not be scheduled to run because its priority is 0 and state is {}."
+)
+SUPERVISOR_LIMIT = (
+    "Waiting in workflow queue at position {}.  "
+    "Cluster is at capacity and cannot start any new workflows right now."
+)
+WAITING_PREVIOUS_ATTEMPT = "Waiting for previous container attempt to exit."
+WAITING_NEW_INSTANCE = "Waiting for a {} instance to boot and be ready to accept work."
+WAITING_INSTANCE_TYPE = (
+    "Waiting in queue at position {}.  Cluster is at capacity for all eligible instance types "
+    "({}) and cannot start a new instance right now."
+)
+CLOUD_LIMITS = (
+    "Waiting in queue at position {}.  "
+    "Cluster is at cloud account limits and cannot start any new instances right now."
+)
+CLUSTER_CAPACITY = (
+    "Waiting in queue at position {}.  "
+    "Cluster is at capacity and cannot start any new instances right now."
+)
+
+
+class StatusKind(StrEnum):
+    """Each kind's value is its text template."""
+
+    PREPARING = PREPARING
+    PRIORITY_ZERO = PRIORITY_ZERO
+    SUPERVISOR_LIMIT = SUPERVISOR_LIMIT
+    WAITING_PREVIOUS_ATTEMPT = WAITING_PREVIOUS_ATTEMPT
+    WAITING_NEW_INSTANCE = WAITING_NEW_INSTANCE
+    WAITING_INSTANCE_TYPE = WAITING_INSTANCE_TYPE
+    CLOUD_LIMITS = CLOUD_LIMITS
+    CLUSTER_CAPACITY = CLUSTER_CAPACITY
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A status decided by a pass, formatted on demand.
+
+    ``position`` is the queue position for the "Waiting in ... position" texts; ``detail`` is the
+    instance type name, the container state, or the eligible type names.
+    """
+
+    kind: StatusKind
+    position: int = 0
+    detail: str | tuple[str, ...] = ""
+
+    def text(self) -> str:
+        kind = self.kind
+        if kind in (StatusKind.PREPARING, StatusKind.WAITING_PREVIOUS_ATTEMPT):
+            return kind.value
+        if kind in (StatusKind.WAITING_NEW_INSTANCE, StatusKind.PRIORITY_ZERO):
+            return kind.value.format(self.detail)
+        if kind is StatusKind.WAITING_INSTANCE_TYPE:
+            names = self.detail if isinstance(self.detail, tuple) else (self.detail,)
+            return kind.value.format(self.position, ", ".join(names))
+        return kind.value.format(self.position)
+
+
+STATUS_PREPARING = Status(StatusKind.PREPARING)
+STATUS_WAITING_PREVIOUS_ATTEMPT = Status(StatusKind.WAITING_PREVIOUS_ATTEMPT)
+
+
+@dataclass(slots=True)
+class SchedEntry:
+    """One queue entry as the API shows it: the entry plus its scheduling status."""
+
+    entry: QueueEntry
+    scheduling_status: str
+
+
+def is_waiting(state: ContainerState) -> bool:
+    """Queued and Locked containers are the ones that wait for the scheduler."""
+    return state is ContainerState.QUEUED or state is ContainerState.LOCKED

@@ -1,0 +1,384 @@
+"""The default executor: runs commands on an instance over SSH (SPEC §6.2).
+
+One SSH connection per instance carries every command as its own channel, so concurrent
+:meth:`SSHExecutor.execute` calls share it.  The connection is made on first use and again
+whenever opening a channel on it fails; making it is serialized, and a caller that waited while
+another thread dialled takes that thread's result instead of dialling again.
+
+Host keys: the key a server presents is accepted only once ``instance.verify_host_key`` returned
+for it (that check may run commands on the new connection, e.g. to read the instance secret).
+The verified key is remembered, so reconnecting to the same key needs no new check; a different
+key is checked again, and a connection whose key does not verify is closed at once (Arvados
+leaves it open, SPEC §19 item 30) and never used.
+
+paramiko is used directly rather than through fabric: invoke pipes stdin about one byte per SSH
+packet and polls for the exit status, both far too slow for herder's traffic.  Timeouts here are
+wall-clock deadlines on real sockets, not the engine's clock: they bound how long a thread of the
+runtime's pool may be held by a remote host, whatever clock the engine runs on.
+
+Environment variables go out as SSH ``env`` requests.  Servers may refuse them silently
+(OpenSSH accepts only the names its ``AcceptEnv`` allows), so commands must not depend on them
+unless the server is known to accept them.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Mapping
+
+import paramiko
+
+from herder.cloud import HostKey, Instance, NotImplementedByDriver, RemoteRunner
+from herder.config import Config
+from herder.executor import ExecResult, Executor, ExecutorError, HostKeyError, NoAddressError
+from herder.runtime import Runtime
+from herder.ssh import send_eof
+
+log = logging.getLogger("herder.ssh")
+
+#: Seconds to wait for TCP connect, SSH handshake, authentication and host-key verification.
+DEFAULT_CONNECT_TIMEOUT = 60.0
+
+#: Exit status reported when the server closed a command's channel without an exit status (for
+#: instance because the command was killed by a signal); OpenSSH's client uses the same.
+NO_EXIT_STATUS = 255
+
+_CHUNK = 65536
+_CHANNEL_ERRORS = (paramiko.SSHException, OSError, EOFError)
+
+
+def load_private_key(path: str) -> paramiko.PKey:
+    """Read the dispatch private key, with an error that names the file and what is wrong."""
+    if not path:
+        raise ExecutorError("no SSH private key configured (containers.dispatch_private_key)")
+    try:
+        return paramiko.PKey.from_path(path)
+    except FileNotFoundError as exc:
+        raise ExecutorError(f"SSH private key {path}: file not found") from exc
+    except PermissionError as exc:
+        raise ExecutorError(f"SSH private key {path}: not readable ({exc.strerror})") from exc
+    except paramiko.PasswordRequiredException as exc:
+        raise ExecutorError(f"SSH private key {path}: encrypted keys are not supported") from exc
+    except (paramiko.SSHException, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ExecutorError(f"SSH private key {path}: not a usable private key ({exc})") from exc
+
+
+def target_host_port(address: str, default_port: int) -> tuple[str, int]:
+    """Split ``host``, ``host:port`` or ``[v6]:port``; a missing port means ``default_port``.
+
+    An address that does not split (a bare IPv6 address, say) is all host, as in SPEC §6.2.
+    ``""`` (no address yet) raises :class:`NoAddressError`.
+    """
+    if not address:
+        raise NoAddressError()
+    host, port = address, ""
+    if address.startswith("[") and "]" in address:
+        host, _, rest = address[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    if not port:
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ExecutorError(f"invalid port in instance address {address!r}")
+    return host, int(port)
+
+
+# --------------------------------------------------------------------------- one command
+
+
+def run_on_channel(
+    channel: paramiko.Channel,
+    command: str,
+    stdin: bytes,
+    env: Mapping[str, str] | None,
+    timeout: float,
+) -> ExecResult:
+    """Run ``command`` on a freshly opened session channel and collect its results.
+
+    A watchdog closes the channel at the deadline; that wakes every blocking step (the exec
+    reply, a stdin write waiting for window space, output reads), so one timer bounds them all.
+    The channel is always closed on return.
+    """
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        _close_quietly(channel)
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
+    writer: threading.Thread | None = None
+    try:
+        if env:
+            channel.update_environment(dict(env))
+        channel.exec_command(command)
+        if stdin:
+            writer = threading.Thread(
+                target=_write_stdin, args=(channel, stdin), name="ssh-stdin", daemon=True
+            )
+            writer.start()
+        else:
+            send_eof(channel)
+        stdout, stderr = _read_outputs(channel)
+        status = channel.recv_exit_status()
+    except _CHANNEL_ERRORS as exc:
+        if expired.is_set():
+            raise ExecutorError(f"command timed out after {timeout:g}s") from exc
+        raise ExecutorError(f"cannot run command: {exc or type(exc).__name__}") from exc
+    finally:
+        watchdog.cancel()
+        _close_quietly(channel)
+        if writer is not None:
+            writer.join()
+    if status == -1:
+        if expired.is_set():
+            raise ExecutorError(f"command timed out after {timeout:g}s")
+        if not channel.get_transport().is_active():
+            raise ExecutorError("connection lost before the command finished")
+        status = NO_EXIT_STATUS
+    return ExecResult(exit_status=status, stdout=stdout, stderr=stderr)
+
+
+def _close_quietly(channel: paramiko.Channel) -> None:
+    """Close ``channel``; a connection that died meanwhile is no error here (the caller
+    reports the command's fate), and must not mask the exception being handled."""
+    try:
+        channel.close()
+    except _CHANNEL_ERRORS as exc:
+        log.debug("closing an SSH channel failed: %s", exc)
+
+
+def _write_stdin(channel: paramiko.Channel, data: bytes) -> None:
+    """Send all of ``data`` straight to the channel, then EOF.
+
+    Runs beside the output reader so a command that answers while still reading its input
+    cannot deadlock against a full window.  A failure here (the command ended without reading
+    everything, or the channel closed) shows up on the reading side.
+    """
+    try:
+        channel.sendall(data)
+        send_eof(channel)
+    except _CHANNEL_ERRORS:
+        pass
+
+
+def _read_outputs(channel: paramiko.Channel) -> tuple[bytes, bytes]:
+    """Read stdout and stderr at the same time until EOF, so neither fills the window and stalls.
+
+    Plain blocking reads: closing the channel (the watchdog does at the deadline) wakes both.
+    """
+    err: list[bytes] = []
+    reader = threading.Thread(
+        target=_drain, args=(channel.recv_stderr, err), name="ssh-stderr", daemon=True
+    )
+    reader.start()
+    out: list[bytes] = []
+    _drain(channel.recv, out)
+    reader.join()
+    return b"".join(out), b"".join(err)
+
+
+def _drain(recv: Callable[[int], bytes], sink: list[bytes]) -> None:
+    try:
+        while data := recv(_CHUNK):
+            sink.append(data)
+    except _CHANNEL_ERRORS:
+        pass  # the channel broke; the exit status (or its absence) tells the caller
+
+
+class _TransportRunner(RemoteRunner):
+    """Runs commands on a connection that is still being verified."""
+
+    def __init__(self, transport: paramiko.Transport) -> None:
+        self._transport = transport
+
+    def run(
+        self, command: str, stdin: bytes = b"", timeout: float = 60.0
+    ) -> tuple[int, bytes, bytes]:
+        try:
+            channel = self._transport.open_session(timeout=timeout)
+        except _CHANNEL_ERRORS as exc:
+            raise ExecutorError(f"cannot open a session: {exc}") from exc
+        result = run_on_channel(channel, command, stdin, None, timeout)
+        return result.exit_status, result.stdout, result.stderr
+
+
+# --------------------------------------------------------------------------- the executor
+
+
+class SSHExecutor(Executor):
+    """Runs commands on one instance over one shared, self-healing SSH connection."""
+
+    def __init__(
+        self,
+        instance: Instance,
+        config: Config,
+        runtime: Runtime,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        self._key = load_private_key(config.containers.dispatch_private_key)
+        self._default_port = config.cloud.ssh_port
+        self._default_timeout = config.cloud.timeout_command
+        self._connect_timeout = connect_timeout
+        self._runtime = runtime
+        # _lock guards the fields below and is never held during network I/O, so set_target()
+        # and close() never wait for a command or a dial.
+        self._lock = threading.Lock()
+        self._target = instance
+        self._transport: paramiko.Transport | None = None
+        self._dial_error: ExecutorError | None = None
+        self._generation = 0  # number of finished connection setups
+        self._epoch = 0  # number of close() calls
+        self._verified_key: HostKey | None = None
+        # _dial_lock serializes connection setup (SPEC §6.2: never dial twice at once).
+        self._dial_lock = threading.Lock()
+
+    @property
+    def target(self) -> Instance:
+        with self._lock:
+            return self._target
+
+    def set_target(self, instance: Instance) -> None:
+        with self._lock:
+            self._target = instance
+
+    def close(self) -> None:
+        with self._lock:
+            transport, self._transport = self._transport, None
+            self._epoch += 1
+        if transport is not None:
+            transport.close()
+
+    def execute(
+        self,
+        command: str,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        limit = self._default_timeout if timeout is None else timeout
+        channel = self._open_channel(limit)
+        return run_on_channel(channel, command, stdin or b"", env, limit)
+
+    # ----------------------------------------------------------------- connection
+
+    def _open_channel(self, timeout: float) -> paramiko.Channel:
+        """A session channel on the current connection, or on a new one if that fails."""
+        with self._lock:
+            transport, generation = self._transport, self._generation
+        if transport is not None:
+            try:
+                return transport.open_session(timeout=timeout)
+            except _CHANNEL_ERRORS as exc:
+                log.debug("SSH connection to %s unusable (%s); reconnecting", self.target, exc)
+        transport = self._connect(generation)
+        try:
+            return transport.open_session(timeout=timeout)
+        except _CHANNEL_ERRORS as exc:
+            raise ExecutorError(f"cannot open an SSH session to {self.target}: {exc}") from exc
+
+    def _connect(self, seen_generation: int) -> paramiko.Transport:
+        """Set up a new connection, unless another thread finished one since we looked.
+
+        The new connection replaces the old one (which is hung up) when it succeeds or when
+        there is no old one; when dialling fails the old connection stays, but this caller
+        gets the error (SPEC §6.2).
+        """
+        with self._dial_lock:
+            with self._lock:
+                if self._generation != seen_generation:
+                    if self._transport is not None:
+                        return self._transport
+                    assert self._dial_error is not None
+                    raise self._dial_error
+                target, epoch = self._target, self._epoch
+            try:
+                new = self._dial(target)
+            except ExecutorError as exc:
+                with self._lock:
+                    self._generation += 1
+                    if self._transport is None:
+                        self._dial_error = exc
+                raise
+            with self._lock:
+                if self._epoch != epoch:
+                    old, new_in_use = None, False
+                else:
+                    old, self._transport, new_in_use = self._transport, new, True
+                    self._dial_error = None
+                self._generation += 1
+        if not new_in_use:
+            new.close()
+            raise ExecutorError(f"SSH executor for {target} was closed while connecting")
+        if old is not None:
+            old.close()
+        return new
+
+    def _dial(self, target: Instance) -> paramiko.Transport:
+        """Connect, authenticate and verify the host key; the transport is closed on failure."""
+        host, port = target_host_port(target.address, self._default_port)
+        where = f"{target} at {host}:{port}"
+        try:
+            sock = socket.create_connection((host, port), timeout=self._connect_timeout)
+        except OSError as exc:
+            raise ExecutorError(f"cannot connect to {where}: {exc}") from exc
+        # paramiko leaves Nagle on, which costs ~40 ms per command round trip.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport = paramiko.Transport(sock)
+        transport.banner_timeout = self._connect_timeout
+        transport.handshake_timeout = self._connect_timeout
+        transport.auth_timeout = self._connect_timeout
+        try:
+            transport.start_client(timeout=self._connect_timeout)
+            transport.auth_publickey(target.remote_user, self._key)
+            if not transport.is_authenticated():
+                raise ExecutorError(f"SSH login to {where} needs more than the dispatch key")
+            self._check_host_key(target, transport)
+        except HostKeyError as exc:
+            transport.close()
+            log.warning("refusing SSH connection to %s: %s", where, exc)
+            raise
+        except ExecutorError:
+            transport.close()
+            raise
+        except _CHANNEL_ERRORS as exc:
+            transport.close()
+            raise ExecutorError(f"SSH to {where} failed: {exc or type(exc).__name__}") from exc
+        except BaseException:
+            transport.close()
+            raise
+        return transport
+
+    def _check_host_key(self, target: Instance, transport: paramiko.Transport) -> None:
+        """Accept the presented host key only once the instance vouched for it.
+
+        A failure to run the check's commands (timeout, connection lost) stays an
+        :class:`ExecutorError` -- the key was not judged; any other failure, including a
+        driver that cannot check keys on an instance without a secret, is a
+        :class:`HostKeyError`.
+        """
+        server_key = transport.get_remote_server_key()
+        presented = HostKey(server_key.get_name(), server_key.asbytes())
+        with self._lock:
+            known = self._verified_key
+        if presented == known:
+            return
+        if known is not None:
+            log.warning("host key of %s changed; verifying the new key again", target)
+        try:
+            target.verify_host_key(presented, _TransportRunner(transport))
+        except NotImplementedByDriver as exc:
+            raise HostKeyError(f"cannot verify the host key of {target}: {exc}") from exc
+        except ExecutorError:
+            raise
+        except Exception as exc:
+            raise HostKeyError(
+                f"host key {presented.key_type} of {target} did not verify: {exc}"
+            ) from exc
+        with self._lock:
+            self._verified_key = presented

@@ -1,0 +1,316 @@
+"""Container routes: submit, list (filters, keyset paging), get, cancel, priority, log."""
+
+from __future__ import annotations
+
+import re
+
+from herder.api import schema
+from herder.api.routes import utf8_prefix
+from herder.model import ContainerState
+
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+UNKNOWN = "sim01-dz642-000000000000000"
+
+
+def test_submit_returns_the_stored_container(engine):
+    reply = engine.request(
+        "POST",
+        "/api/v1/containers",
+        {
+            "command": ["sim", "30", "0"],
+            "image": "alpine",
+            "environment": {"GREETING": "hi"},
+            "cwd": "/tmp",
+            "runtime": "process",
+            "runtime_constraints": {"vcpus": 2, "ram": "1GiB", "scratch": 1000},
+            "scheduling_parameters": {"max_run_time": "1h30m", "preemptible": False},
+            "priority": 7,
+            "name": "hello",
+        },
+    )
+    assert reply.status == 201, reply.body
+    ctr = reply.json
+    schema.ContainerOut.model_validate(ctr)
+    assert reply.headers["location"] == f"/api/v1/containers/{ctr['uuid']}"
+    assert re.fullmatch(r"sim01-dz642-[a-z0-9]{15}", ctr["uuid"])
+    assert ctr["state"] == "Queued"
+    assert ctr["runtime_constraints"]["ram"] == 1024**3
+    assert ctr["runtime_constraints"]["scratch"] == 1000
+    assert ctr["scheduling_parameters"]["max_run_time"] == 5400.0
+    assert ctr["environment"] == {"GREETING": "hi"}
+    assert ctr["priority"] == 7 and ctr["name"] == "hello" and ctr["runtime"] == "process"
+    assert RFC3339.match(ctr["created_at"])
+    assert ctr["started_at"] is None and ctr["exit_code"] is None and ctr["attempts"] == 0
+    stored = engine.dispatcher.queue.get(ctr["uuid"])
+    assert stored is not None and stored.spec.environment == (("GREETING", "hi"),)
+
+
+def test_gpus_shorthand_and_full_gpu_request(engine):
+    ctr = engine.submit(runtime_constraints={"gpus": 1})
+    assert ctr["runtime_constraints"]["gpu"]["device_count"] == 1
+    assert ctr["runtime_constraints"]["gpu"]["stack"] == "cuda"  # no GPU types configured
+    ctr = engine.submit(
+        runtime_constraints={"gpu": {"stack": "rocm", "device_count": 2, "vram": "8GiB"}}
+    )
+    assert ctr["runtime_constraints"]["gpu"] == {
+        "stack": "rocm", "device_count": 2, "driver_version": "", "hardware_target": [],
+        "vram": 8 * 1024**3,
+    }
+    both = engine.request(
+        "POST", "/api/v1/containers",
+        {"command": ["x"], "runtime_constraints": {"gpus": 1, "gpu": {"device_count": 1}}},
+    )
+    assert both.status == 400 and "either gpus or gpu" in both.json["error"]
+
+
+def test_unsatisfiable_container_is_cancelled_with_a_reason(engine):
+    ctr = engine.submit(runtime_constraints={"vcpus": 1000})
+    assert ctr["state"] == "Cancelled"
+    assert "error" in ctr["runtime_status"]
+
+
+def test_container_lifecycle_as_seen_through_get(engine):
+    uuid = engine.submit(command=["sim", "30", "3"])["uuid"]
+    engine.advance(1)
+    ctr = engine.container(uuid)
+    assert ctr["state"] in ("Queued", "Locked")
+    assert ctr["scheduling_status"] == (
+        "Waiting for a small instance to boot and be ready to accept work."
+    )
+    engine.advance(15)
+    ctr = engine.container(uuid)
+    assert ctr["state"] == "Running"
+    assert ctr["instance_id"] and ctr["instance_type"] == "small"
+    assert ctr["scheduling_status"] == ""
+    assert ctr["attempts"] == 1
+    assert RFC3339.match(ctr["started_at"]) and ctr["run_time"] >= 0
+    engine.advance(60)
+    ctr = engine.container(uuid)
+    assert ctr["state"] == "Complete" and ctr["exit_code"] == 3
+    assert RFC3339.match(ctr["finished_at"])
+    assert ctr["cost"] > 0
+    assert 29 <= ctr["run_time"] <= 35
+
+
+def test_get_unknown_and_malformed_uuids(engine):
+    reply = engine.request("GET", f"/api/v1/containers/{UNKNOWN}")
+    assert reply.status == 404 and reply.json["field"] == "uuid"
+    for bad in ("nope", "SIM01-dz642-000000000000000", "sim01-dz642-0000", "%00", "a%2Fb"):
+        reply = engine.request("GET", f"/api/v1/containers/{bad}")
+        assert reply.status == 400, bad
+        assert reply.json["field"] == "uuid"
+
+
+def test_list_filters_by_state(engine):
+    done = engine.submit(command=["sim", "5", "0"])["uuid"]
+    engine.advance(60)
+    waiting = engine.submit(priority=0)["uuid"]
+    cancelled = engine.submit()["uuid"]
+    engine.request("POST", f"/api/v1/containers/{cancelled}/cancel", {})
+
+    def uuids(query: str) -> set[str]:
+        reply = engine.request("GET", f"/api/v1/containers{query}")
+        assert reply.status == 200, reply.body
+        schema.ContainerList.model_validate(reply.json)
+        return {c["uuid"] for c in reply.json["items"]}
+
+    assert uuids("") == {done, waiting, cancelled}
+    assert uuids("?state=Complete") == {done}
+    assert uuids("?state=Queued&state=Cancelled") == {waiting, cancelled}
+    assert uuids("?state=Running") == set()
+
+
+def test_list_pages_by_uuid(engine):
+    submitted = sorted(engine.submit(priority=0)["uuid"] for _ in range(7))
+    seen: list[str] = []
+    after, pages = "", 0
+    while True:
+        reply = engine.request("GET", f"/api/v1/containers?limit=3&after={after}")
+        assert reply.status == 200
+        page = reply.json
+        seen += [c["uuid"] for c in page["items"]]
+        pages += 1
+        if page["next"] is None:
+            break
+        assert page["next"] == page["items"][-1]["uuid"]
+        after = page["next"]
+    assert seen == submitted
+    assert pages == 3
+    # A page that ends exactly at the last container says there is no next page.
+    exact = engine.request("GET", f"/api/v1/containers?limit=2&after={submitted[4]}").json
+    assert [c["uuid"] for c in exact["items"]] == submitted[5:]
+    assert exact["next"] is None
+
+
+def test_list_rejects_bad_query_parameters(engine):
+    for query, field in (
+        ("state=Sleeping", "state"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=ten", "limit"),
+        ("limit=1&limit=2", "limit"),
+        ("after=garbage", "after"),
+        ("colour=blue", "colour"),
+    ):
+        reply = engine.request("GET", f"/api/v1/containers?{query}")
+        assert reply.status == 400, query
+        assert reply.json["field"] == field, query
+
+
+def test_scheduling_status_appears_in_the_list(engine):
+    uuid = engine.submit()["uuid"]
+    held = engine.submit(priority=0)["uuid"]
+    engine.advance(1)
+    items = {c["uuid"]: c for c in engine.request("GET", "/api/v1/containers").json["items"]}
+    assert items[uuid]["scheduling_status"].startswith("Waiting for a small instance")
+    assert "priority is 0" in items[held]["scheduling_status"]
+
+
+def test_scheduling_statuses_are_indexed_once_per_pass(engine, monkeypatch):
+    scheduler = engine.dispatcher.scheduler
+    calls = []
+    original = scheduler.snapshot
+
+    def counting():
+        calls.append(1)
+        return original()
+
+    monkeypatch.setattr(scheduler, "snapshot", counting)
+    uuid = engine.submit()["uuid"]
+    engine.advance(1)
+    for _ in range(3):
+        engine.container(uuid)
+        engine.request("GET", "/api/v1/containers")
+    assert len(calls) == 1
+    engine.advance(5)  # more passes
+    engine.container(uuid)
+    assert len(calls) == 2
+
+
+def test_cancel(engine):
+    uuid = engine.submit(priority=0)["uuid"]
+    reply = engine.request("POST", f"/api/v1/containers/{uuid}/cancel", {"reason": "not needed"})
+    assert reply.status == 200
+    assert reply.json["state"] == "Cancelled"
+    assert "not needed" in reply.json["runtime_status"]["error"]
+    again = engine.request("POST", f"/api/v1/containers/{uuid}/cancel")
+    assert again.status == 200 and again.json["state"] == "Cancelled"
+    assert engine.request("POST", f"/api/v1/containers/{UNKNOWN}/cancel").status == 404
+
+
+def test_cancel_stops_a_running_container(engine):
+    uuid = engine.submit(command=["sim", "600", "0"])["uuid"]
+    engine.advance(20)
+    assert engine.container(uuid)["state"] == "Running"
+    assert engine.request("POST", f"/api/v1/containers/{uuid}/cancel", {}).status == 200
+    engine.advance(30)
+    running = {
+        u for i in engine.request("GET", "/api/v1/instances").json["items"]
+        for u in i["running_container_uuids"]
+    }
+    assert uuid not in running
+    assert engine.container(uuid)["state"] == "Cancelled"
+
+
+def test_cancel_of_a_completed_container_conflicts(engine):
+    uuid = engine.submit(command=["sim", "1", "0"])["uuid"]
+    engine.advance(60)
+    assert engine.container(uuid)["state"] == "Complete"
+    reply = engine.request("POST", f"/api/v1/containers/{uuid}/cancel", {})
+    assert reply.status == 409
+    assert engine.container(uuid)["state"] == "Complete"
+
+
+def test_change_priority(engine):
+    uuid = engine.submit(priority=0)["uuid"]
+    reply = engine.request("POST", f"/api/v1/containers/{uuid}/priority", {"priority": 500})
+    assert reply.status == 200 and reply.json["priority"] == 500
+    assert engine.dispatcher.queue.get(uuid).priority == 500
+    for body, field in (
+        ({"priority": -1}, "priority"),
+        ({"priority": "5"}, "priority"),
+        ({"priority": 1.5}, "priority"),
+        ({}, "priority"),
+        ({"priority": 1, "urgent": True}, "urgent"),
+    ):
+        reply = engine.request("POST", f"/api/v1/containers/{uuid}/priority", body)
+        assert reply.status == 400, body
+        assert reply.json["field"] == field, body
+    engine.request("POST", f"/api/v1/containers/{uuid}/cancel", {})
+    assert engine.request(
+        "POST", f"/api/v1/containers/{uuid}/priority", {"priority": 3}
+    ).status == 409
+
+
+def test_log_is_read_by_offset_until_final(engine):
+    uuid = engine.submit(command=["sim", "10", "0"])["uuid"]
+    empty = engine.request("GET", f"/api/v1/containers/{uuid}/log").json
+    assert empty == {"offset": 0, "next_offset": 0, "data": "", "final": False}
+    engine.advance(60)
+    whole = engine.request("GET", f"/api/v1/containers/{uuid}/log").json
+    assert whole["final"] is True and "exited with code 0" in whole["data"]
+    # In chunks of 16 bytes: only the last one is final, and together they are the log.
+    text, offset = "", 0
+    while True:
+        chunk = engine.request(
+            "GET", f"/api/v1/containers/{uuid}/log?offset={offset}&limit=16"
+        ).json
+        schema.LogChunk.model_validate(chunk)
+        assert chunk["offset"] == offset
+        text += chunk["data"]
+        offset = chunk["next_offset"]
+        if chunk["final"]:
+            break
+        assert chunk["data"]
+    assert text == whole["data"]
+    beyond = engine.request("GET", f"/api/v1/containers/{uuid}/log?offset=100000").json
+    assert beyond["data"] == "" and beyond["final"] is True
+
+
+def test_log_chunks_never_split_a_character(engine):
+    uuid = engine.submit(priority=0)["uuid"]
+    text = "héllo wörld ✓ done\n"
+    engine.dispatcher.queue.append_log(uuid, text.encode())
+    got, offset = "", 0
+    for _ in range(100):
+        chunk = engine.request(
+            "GET", f"/api/v1/containers/{uuid}/log?offset={offset}&limit=2"
+        ).json
+        if chunk["next_offset"] == offset:
+            break
+        got += chunk["data"]
+        offset = chunk["next_offset"]
+    assert got == text
+    assert "\ufffd" not in got
+
+
+def test_log_of_invalid_utf8_is_replaced_not_refused(engine):
+    uuid = engine.submit(priority=0)["uuid"]
+    engine.dispatcher.queue.append_log(uuid, b"ok \xff\xfe bytes\n")
+    engine.dispatcher.queue.cancel(uuid, "done")
+    chunk = engine.request("GET", f"/api/v1/containers/{uuid}/log").json
+    assert chunk["data"] == "ok \ufffd\ufffd bytes\n" and chunk["final"] is True
+
+
+def test_log_parameters_are_validated(engine):
+    uuid = engine.submit(priority=0)["uuid"]
+    for query in ("offset=-1", "offset=x", "limit=0", f"limit={5 << 20}", "since=1"):
+        reply = engine.request("GET", f"/api/v1/containers/{uuid}/log?{query}")
+        assert reply.status == 400, query
+    assert engine.request("GET", f"/api/v1/containers/{UNKNOWN}/log").status == 404
+
+
+def test_utf8_prefix():
+    assert utf8_prefix(b"abc") == 3
+    assert utf8_prefix("é".encode()) == 2
+    assert utf8_prefix("é".encode()[:1]) == 0
+    assert utf8_prefix(b"a" + "✓".encode()[:2]) == 1
+    assert utf8_prefix(b"a" + "𝄞".encode()[:3]) == 1
+    assert utf8_prefix(b"a" + "𝄞".encode()) == 5
+    assert utf8_prefix(b"\x80\x80\x80\x80") == 4  # not UTF-8: left to the decoder
+    assert utf8_prefix(b"") == 0
+
+
+def test_state_enum_matches_the_model():
+    assert {s.value for s in ContainerState} == {"Queued", "Locked", "Running", "Complete",
+                                                 "Cancelled"}

@@ -1,0 +1,400 @@
+"""Test doubles for scheduler tests: an in-memory queue and a scripted pool (SPEC §14.4, §14.5).
+
+Both are deliberately simple and fully visible: tests set the pool's quota, capacity and create
+budget, put workers in any state, and read back every create, start, kill and shutdown.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from herder.config import Config
+from herder.model import (
+    Container,
+    ContainerSpec,
+    ContainerState,
+    GPURequest,
+    IdleBehavior,
+    InstanceType,
+    InstanceView,
+    RuntimeConstraints,
+    SchedulingParameters,
+    WorkerState,
+)
+from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition, QueueEntry
+from herder.runtime import VirtualRuntime
+from herder.scheduler.scheduler import Scheduler
+from herder.sizing import choose_instance_types, resources_needed
+from herder.worker.interfaces import WorkerPool
+
+GiB = 1 << 30
+
+Q = ContainerState.QUEUED
+L = ContainerState.LOCKED
+R = ContainerState.RUNNING
+C = ContainerState.COMPLETE
+X = ContainerState.CANCELLED
+
+
+def itype(name: str, vcpus: int, ram_gib: int, price: float, **kw: Any) -> InstanceType:
+    return InstanceType(name=name, provider_type=kw.pop("provider_type", name), vcpus=vcpus,
+                        ram=ram_gib * GiB, price=price, **kw)
+
+
+def default_types() -> dict[str, InstanceType]:
+    """Each type twice the previous: a container fits exactly one cheapest type."""
+    return {
+        t.name: t
+        for t in (
+            itype("t1", 1, 4, 1.0),
+            itype("t2", 2, 8, 2.0),
+            itype("t4", 4, 16, 4.0),
+            itype("t8", 8, 32, 8.0),
+        )
+    }
+
+
+def uuid_of(n: int) -> str:
+    return f"zzzzz-dz642-{n:015d}"
+
+
+# --------------------------------------------------------------------------- queue
+
+
+@dataclass
+class Change:
+    uuid: str
+    frm: ContainerState
+    to: ContainerState
+
+
+class StubQueue(ContainerQueue):
+    """In-memory queue with the API server's rules (lock needs Queued and priority > 0, the
+    attempt cap on unlock/retry).  Records every state change attempt, failed ones included."""
+
+    def __init__(self, runtime: VirtualRuntime, types: dict[str, InstanceType],
+                 max_dispatch_attempts: int = 0) -> None:
+        self.runtime = runtime
+        self.types = types
+        self.max_dispatch_attempts = max_dispatch_attempts
+        self.db: dict[str, Container] = {}
+        self._entries: dict[str, QueueEntry] = {}
+        self.changes: list[Change] = []
+        self.calls: list[tuple[str, str, str]] = []  # (op, uuid, reason)
+        self._listeners: list[Callable[[], None]] = []
+        self._seq = itertools.count(1)
+
+    # ---- building
+    def add(
+        self,
+        state: ContainerState = Q,
+        *,
+        priority: int = 1,
+        vcpus: int = 1,
+        ram: int = GiB,
+        supervisor: bool = False,
+        preemptible: bool = False,
+        max_run_time: float = 0.0,
+        started_at: float | None = None,
+        created_at: float | None = None,
+        first_seen: float | None = None,
+        gpu: GPURequest | None = None,
+        n: int | None = None,
+    ) -> str:
+        uuid = uuid_of(n if n is not None else next(self._seq))
+        now = self.runtime.now()
+        spec = ContainerSpec(
+            command=("true",),
+            runtime_constraints=RuntimeConstraints(vcpus=vcpus, ram=ram, gpu=gpu or GPURequest()),
+            scheduling_parameters=SchedulingParameters(
+                preemptible=preemptible, max_run_time=max_run_time, supervisor=supervisor
+            ),
+            priority=priority,
+        )
+        c = Container(uuid=uuid, state=state, priority=priority, spec=spec,
+                      created_at=created_at if created_at is not None else now,
+                      started_at=started_at,
+                      lock_count=1 if state in (L, R) else 0)
+        self.db[uuid] = c
+        types = choose_instance_types(c, self.types) if self.types else []
+        self._entries[uuid] = QueueEntry(
+            c, resources_needed(c), types, first_seen if first_seen is not None else now
+        )
+        self.notify()
+        return uuid
+
+    def set(self, uuid: str, **changes: Any) -> None:
+        """Change a record as another process would (no rules applied)."""
+        self._store(replace(self.db[uuid], **changes))
+
+    def _store(self, c: Container) -> None:
+        self.db[c.uuid] = c
+        old = self._entries.get(c.uuid)
+        if old is not None:
+            self._entries[c.uuid] = QueueEntry(c, old.resources, old.instance_types,
+                                               old.first_seen_at)
+        self.notify()
+
+    def state(self, uuid: str) -> ContainerState:
+        return self.db[uuid].state
+
+    # ---- reads
+    def entries(self) -> tuple[dict[str, QueueEntry], float]:
+        return dict(self._entries), self.runtime.now()
+
+    def get(self, uuid: str) -> Container | None:
+        return self.db.get(uuid)
+
+    def forget(self, uuid: str) -> None:
+        self.calls.append(("forget", uuid, ""))
+        e = self._entries.get(uuid)
+        if e is not None and (e.container.state.final
+                              or (e.container.state is Q and e.container.priority < 1)):
+            del self._entries[uuid]
+
+    # ---- changes
+    def _change(self, uuid: str, frm: Iterable[ContainerState], to: ContainerState,
+                **extra: Any) -> Container:
+        c = self.db.get(uuid)
+        if c is None:
+            raise ContainerNotFound(uuid)
+        frm = tuple(frm)
+        self.changes.append(Change(uuid, c.state, to))
+        if c.state not in frm:
+            raise InvalidTransition(f'changeState failed: state="{c.state.value}"')
+        new = replace(c, state=to, **extra)
+        self._store(new)
+        return new
+
+    def lock(self, uuid: str) -> Container:
+        self.calls.append(("lock", uuid, ""))
+        c = self.db.get(uuid)
+        if c is not None and c.priority < 1:
+            raise InvalidTransition("priority 0")
+        return self._change(uuid, [Q], L, lock_count=(c.lock_count + 1) if c else 0)
+
+    def _past_cap(self, uuid: str) -> bool:
+        c = self.db[uuid]
+        return 0 < self.max_dispatch_attempts <= c.lock_count
+
+    def unlock(self, uuid: str) -> Container:
+        self.calls.append(("unlock", uuid, ""))
+        if uuid in self.db and self._past_cap(uuid):
+            return self._change(uuid, [L], X)
+        return self._change(uuid, [L], Q)
+
+    def retry(self, uuid: str, reason: str) -> Container:
+        self.calls.append(("retry", uuid, reason))
+        if uuid in self.db and self._past_cap(uuid):
+            return self._change(uuid, [L, R], X)
+        return self._change(uuid, [L, R], Q, started_at=None)
+
+    def cancel(self, uuid: str, reason: str = "") -> Container:
+        self.calls.append(("cancel", uuid, reason))
+        return self._change(uuid, [Q, L, R], X, runtime_status=(("error", reason),))
+
+    def set_running(self, uuid: str, instance_id: str = "", instance_type: str = "") -> Container:
+        return self._change(uuid, [L, R], R, started_at=self.runtime.now())
+
+    def finish(self, uuid: str, exit_code: int) -> Container:
+        return self._change(uuid, [L, R], C, exit_code=exit_code)
+
+    def set_priority(self, uuid: str, priority: int) -> Container:
+        c = replace(self.db[uuid], priority=priority)
+        self._store(c)
+        return c
+
+    def submit(self, spec: ContainerSpec) -> Container:
+        raise NotImplementedError
+
+    def add_cost(self, uuid: str, cost: float) -> None:
+        pass
+
+    def append_log(self, uuid: str, data: bytes) -> None:
+        pass
+
+    def read_log(self, uuid: str, offset: int = 0, limit: int | None = None) -> bytes:
+        return b""
+
+    def list(self, states: Iterable[ContainerState] | None = None, limit: int = 100,
+             after: str = "") -> list[Container]:
+        return sorted(self.db.values(), key=lambda c: c.uuid)[:limit]
+
+    def counts(self) -> dict[ContainerState, int]:
+        return dict(Counter(c.state for c in self.db.values()))
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def notify(self) -> None:
+        for fn in list(self._listeners):
+            fn()
+
+    def ops(self, op: str) -> list[str]:
+        return [u for o, u, _ in self.calls if o == op]
+
+
+# --------------------------------------------------------------------------- pool
+
+
+class StubPool(WorkerPool):
+    """The pool double of SPEC §14.5 (implements herder.worker.interfaces.WorkerPool)."""
+
+    def __init__(self, types: dict[str, InstanceType]) -> None:
+        self.types = types
+        self.quota = 1_000_000  # at quota when total workers >= quota
+        self.capacity: dict[str, int] = {}  # provider type -> how many may exist
+        self.can_create = 1_000_000
+        self.workers: dict[str, InstanceView] = {}
+        self.run: dict[str, float] = {}
+        self.lingering: set[str] = set()  # old runners still exiting, not listed by running()
+        self.creates: list[str] = []
+        self.starts: list[str] = []
+        self.kills: list[tuple[str, str]] = []
+        self.forgotten: list[str] = []
+        self.shutdowns: list[str] = []
+        self.is_loaded = True
+        self._listeners: list[Callable[[], None]] = []
+
+    # ---- building
+    def add_worker(self, iid: str, type_name: str, state: WorkerState = WorkerState.IDLE,
+                   uuids: Iterable[str] = (), behavior: IdleBehavior = IdleBehavior.RUN,
+                   price: float | None = None) -> InstanceView:
+        it = self.types.get(type_name)
+        view = InstanceView(
+            instance=iid, address="", price=price if price is not None else
+            (it.price if it else 0.0), instance_type=type_name,
+            provider_instance_type=it.provider_type if it else type_name,
+            last_container_uuid="", last_busy=0.0, running_container_uuids=list(uuids),
+            worker_state=state, idle_behavior=behavior,
+        )
+        self.workers[iid] = view
+        for u in uuids:
+            self.run[u] = 0.0
+        return view
+
+    def boot_all(self) -> None:
+        for v in self.workers.values():
+            if v.worker_state is WorkerState.BOOTING:
+                v.worker_state = WorkerState.IDLE
+        self.notify()
+
+    # ---- WorkerPool
+    def running(self) -> dict[str, float]:
+        return dict(self.run)
+
+    def instances(self) -> list[InstanceView]:
+        return [replace(v, running_container_uuids=list(v.running_container_uuids))
+                for _, v in sorted(self.workers.items())]
+
+    def count_workers(self) -> dict[WorkerState, int]:
+        return dict(Counter(v.worker_state for v in self.workers.values()))
+
+    @property
+    def loaded(self) -> bool:
+        return self.is_loaded
+
+    def at_capacity(self, instance_type: InstanceType) -> bool:
+        supply = self.capacity.get(instance_type.provider_type)
+        if supply is None:
+            return False
+        have = sum(1 for v in self.workers.values()
+                   if v.provider_instance_type == instance_type.provider_type)
+        return supply - have < 1
+
+    def at_quota(self) -> bool:
+        return len(self.workers) >= self.quota
+
+    def create(self, instance_type: InstanceType) -> InstanceView | None:
+        self.creates.append(instance_type.name)
+        if self.can_create < 1:
+            return None
+        self.can_create -= 1
+        iid = f"i-{len(self.creates):07d}"
+        self.add_worker(iid, instance_type.name, WorkerState.BOOTING)
+        view = replace(self.workers[iid], instance="", running_container_uuids=[])
+        return view
+
+    def shutdown(self, instance_id: str) -> bool:
+        self.shutdowns.append(instance_id)
+        return False
+
+    def start_container(self, instance_id: str, container: Container) -> bool:
+        self.starts.append(container.uuid)
+        v = self.workers.get(instance_id)
+        if v is None or v.worker_state not in (WorkerState.IDLE, WorkerState.RUNNING) \
+                or v.idle_behavior is not IdleBehavior.RUN:
+            return False
+        self.run[container.uuid] = 0.0
+        v.worker_state = WorkerState.RUNNING
+        v.running_container_uuids.append(container.uuid)
+        return True
+
+    def kill_container(self, uuid: str, reason: str) -> bool:
+        self.kills.append((uuid, reason))
+        if uuid in self.lingering:
+            return True
+        t = self.run.pop(uuid, None)
+        for v in self.workers.values():
+            if uuid in v.running_container_uuids:
+                v.running_container_uuids.remove(uuid)
+        return t == 0.0
+
+    def forget_container(self, uuid: str) -> None:
+        self.forgotten.append(uuid)
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def notify(self) -> None:
+        for fn in list(self._listeners):
+            fn()
+
+
+# --------------------------------------------------------------------------- harness
+
+
+class Harness:
+    def __init__(self, types: dict[str, InstanceType] | None = None,
+                 max_dispatch_attempts: int = 0, **cloud: Any) -> None:
+        self.types = default_types() if types is None else types
+        self.rt = VirtualRuntime()
+        self.queue = StubQueue(self.rt, self.types, max_dispatch_attempts)
+        self.pool = StubPool(self.types)
+        containers = cloud.pop("containers", {})
+        self.config = Config.model_validate({"cloud": cloud, "containers": containers})
+        self.registry = CollectorRegistry()
+        self.sched = Scheduler(runtime=self.rt, queue=self.queue, pool=self.pool,
+                               config=self.config, instance_types=self.types,
+                               registry=self.registry)
+
+    def run_pass(self) -> None:
+        """One pass, then let its background operations finish."""
+        self.sched.run_pass()
+        self.rt.run_until_idle()
+
+    def status(self, uuid: str) -> str:
+        for e in self.sched.snapshot():
+            if e.entry.container.uuid == uuid:
+                return e.scheduling_status
+        raise KeyError(uuid)
+
+    def order(self) -> list[str]:
+        return [e.entry.container.uuid for e in self.sched.snapshot()]
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels or None)
+
+
+@pytest.fixture
+def make() -> Callable[..., Harness]:
+    return Harness

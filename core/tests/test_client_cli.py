@@ -1,0 +1,472 @@
+"""The CLI over the management API, against a live APIServer on the sim driver, and the client's
+address and token resolution."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from herder import cli
+from herder.api import APIServer
+from herder.client import (
+    Client,
+    ClientError,
+    Endpoint,
+    default_data_dir,
+    listen_url,
+    read_client_file,
+    resolve_endpoint,
+    write_client_file,
+)
+from herder.commands import Context, containers
+from herder.commands.containers import colour_column, exit_status
+from herder.config import Config, load_config
+from herder.dispatcher import Dispatcher
+from herder.runtime import VirtualRuntime
+from herder.testing.sim import SimDriver
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TOKEN = "cli-test-token"
+UUID_RE = re.compile(r"^sim01-dz642-[a-z0-9]{15}$")
+
+
+def _config(token: str = TOKEN) -> Config:
+    config = load_config(EXAMPLES / "sim.yaml")
+    return config.model_copy(
+        update={
+            "queue": config.queue.model_copy(update={"path": ":memory:"}),
+            "api": config.api.model_copy(
+                update={"listen": "127.0.0.1:0", "management_token": token,
+                        "management_token_env": ""}
+            ),
+        }
+    )
+
+
+class Live:
+    """A dispatcher on a virtual clock behind a real API server."""
+
+    def __init__(self, config: Config) -> None:
+        self.runtime = VirtualRuntime()
+        self.dispatcher = Dispatcher(config, runtime=self.runtime, driver=SimDriver())
+        self.dispatcher.start()
+        self.runtime.run_until_idle()
+        self.server = APIServer(self.dispatcher, config)
+        self.server.start()
+        self.url = self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.dispatcher.stop()
+        self.runtime.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No config file, no saved client file, no server or token in the environment."""
+    for name in ("HERDER_CONFIG", "HERDER_SERVER", "HERDER_MANAGEMENT_TOKEN", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HERDER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def live(monkeypatch: pytest.MonkeyPatch) -> Iterator[Live]:
+    server = Live(_config())
+    # Waiting commands move the virtual clock instead of sleeping: the CLI runs on this
+    # thread, between requests, so the single-threaded runtime is never entered twice.
+    monkeypatch.setattr(containers, "sleep", server.runtime.advance)
+    yield server
+    server.stop()
+
+
+def run(capsys: pytest.CaptureFixture[str], live: Live | None, *argv: str) -> tuple[int, str, str]:
+    args = list(argv)
+    if live is not None:  # right after the command name: `submit` takes the rest as COMMAND
+        args[1:1] = ["--server", live.url, "--token", TOKEN]
+    status = cli.main(args)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def submit(capsys, live, *argv: str) -> str:
+    status, out, err = run(capsys, live, "submit", *argv)
+    assert status == 0, err
+    uuid = out.strip()
+    assert UUID_RE.match(uuid), out
+    return uuid
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def test_submit_prints_the_uuid_and_sends_every_option(capsys, live):
+    uuid = submit(
+        capsys, live, "--image", "alpine", "--vcpus", "2", "--ram", "1GiB", "--scratch", "2G",
+        "--priority", "9", "--env", "A=1", "--env", "B=x=y", "--name", "job",
+        "--runtime", "process", "--max-run-time", "1h", "--gpus", "0",
+        "--", "sh", "-c", "echo hi",
+    )
+    ctr = live.dispatcher.queue.get(uuid)
+    assert ctr is not None
+    assert ctr.spec.command == ("sh", "-c", "echo hi")
+    assert ctr.spec.image == "alpine" and ctr.spec.name == "job" and ctr.priority == 9
+    assert dict(ctr.spec.environment) == {"A": "1", "B": "x=y"}
+    rc = ctr.runtime_constraints
+    assert (rc.vcpus, rc.ram, rc.scratch) == (2, 1024**3, 2 * 1000**3)
+    assert ctr.scheduling_parameters.max_run_time == 3600.0
+    assert ctr.spec.runtime == "process"
+
+
+def test_submission_body_of_the_flags():
+    from herder.commands.containers import build_submission
+
+    args = cli.build_parser().parse_args(
+        ["submit", "--preemptible", "--gpus", "2", "--ram", "1000", "echo", "--image", "x"]
+    )
+    body = build_submission(args)
+    assert body["scheduling_parameters"]["preemptible"] is True
+    assert body["runtime_constraints"] == {"vcpus": 1, "ram": 1000, "scratch": 0, "gpus": 2}
+    assert body["command"] == ["echo", "--image", "x"]  # options after the command are its own
+
+
+def test_submit_without_a_command_is_a_usage_error(capsys, live):
+    status, _, err = run(capsys, live, "submit", "--image", "x")
+    assert status == 2 and "no command" in err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--env", "NOEQUALS"], "KEY=VALUE"), (["--ram", "lots"], "--ram"),
+     (["--max-run-time", "soon"], "--max-run-time")],
+)
+def test_submit_option_errors_name_the_option(capsys, live, option, message):
+    status, _, err = run(capsys, live, "submit", *option, "--", "true")
+    assert status == 2 and message in err
+
+
+def test_submit_refused_by_the_server_names_the_field(capsys, live):
+    status, _, err = run(capsys, live, "submit", "--cwd", "relative", "--", "true")
+    assert status == 1
+    assert "cwd must be an absolute path (cwd)" in err
+
+
+def test_unsatisfiable_submission_exits_1_with_the_reason(capsys, live):
+    status, out, err = run(capsys, live, "submit", "--vcpus", "999", "--", "true")
+    assert status == 1
+    assert UUID_RE.match(out.strip())
+    assert "cancelled" in err
+
+
+def test_submit_wait_follows_to_the_exit_code(capsys, live):
+    status, out, err = run(capsys, live, "submit", "--wait", "--", "sim", "20", "3")
+    lines = out.splitlines()
+    assert UUID_RE.match(lines[0])
+    assert "exited with code 3" in out  # the log, on stdout
+    assert status == 3
+    assert "Waiting for a small instance to boot" in err
+    assert "Running on" in err
+    assert "Complete: exit code 3" in err
+
+
+def test_submit_wait_exits_1_when_cancelled(capsys, live, monkeypatch):
+    cancelled: list[str] = []
+
+    def advance_then_cancel(seconds: float) -> None:
+        live.runtime.advance(seconds)
+        if not cancelled:
+            [ctr] = live.dispatcher.queue.list()
+            live.dispatcher.queue.cancel(ctr.uuid, "operator said no")
+            cancelled.append(ctr.uuid)
+
+    monkeypatch.setattr(containers, "sleep", advance_then_cancel)
+    status, _, err = run(capsys, live, "submit", "--wait", "--", "sim", "600", "0")
+    assert status == 1
+    assert "Cancelled: operator said no" in err
+
+
+def test_exit_status_mapping():
+    assert exit_status({"state": "Complete", "exit_code": 0}) == 0
+    assert exit_status({"state": "Complete", "exit_code": 42}) == 42
+    assert exit_status({"state": "Complete", "exit_code": 256}) == 1  # never wraps to 0
+    assert exit_status({"state": "Complete", "exit_code": -9}) == 1
+    assert exit_status({"state": "Cancelled", "exit_code": None}) == 1
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def test_containers_table_and_json(capsys, live):
+    done = submit(capsys, live, "--name", "first", "--", "sim", "5", "0")
+    live.runtime.advance(60)
+    held = submit(capsys, live, "--priority", "0", "--", "true")
+    status, out, _ = run(capsys, live, "containers")
+    assert status == 0
+    header, *rows = out.splitlines()
+    assert header.split()[:4] == ["UUID", "STATE", "EXIT", "PRIORITY"]
+    assert "\x1b[" not in out  # not a terminal: no colour
+    by_uuid = {row.split()[0]: row for row in rows}
+    assert "Complete" in by_uuid[done] and "first" in by_uuid[done]
+    assert "priority is 0" in by_uuid[held]
+    # Columns line up: every row's STATE starts under the header's.
+    col = header.index("STATE")
+    assert all(row[col:].split()[0] in ("Complete", "Queued") for row in rows)
+
+    status, out, _ = run(capsys, live, "containers", "--json", "--state", "Complete")
+    assert status == 0
+    items = json.loads(out)
+    assert [c["uuid"] for c in items] == [done]
+    assert items[0]["exit_code"] == 0
+
+
+def test_containers_follows_pages_up_to_the_limit(capsys, live):
+    made = sorted(submit(capsys, live, "--priority", "0", "--", "true") for _ in range(5))
+    _, out, err = run(capsys, live, "containers", "--json", "--limit", "3")
+    assert [c["uuid"] for c in json.loads(out)] == made[:3]
+    assert "--limit" in err
+    _, out, err = run(capsys, live, "containers", "--json", "--limit", "5")
+    assert len(json.loads(out)) == 5 and err == ""  # exactly all: no hint
+    client = Client(live.url, TOKEN)
+    assert [c["uuid"] for c in client.iter_containers(page_size=2)] == made
+
+
+def test_container_detail(capsys, live):
+    uuid = submit(capsys, live, "--ram", "512MiB", "--", "sim", "5", "7")
+    live.runtime.advance(60)
+    status, out, _ = run(capsys, live, "container", uuid)
+    assert status == 0
+    assert re.search(r"^state:\s+Complete$", out, re.M)
+    assert re.search(r"^exit code:\s+7$", out, re.M)
+    assert "512MiB RAM" in out
+    status, out, _ = run(capsys, live, "container", uuid, "--json")
+    assert json.loads(out)["exit_code"] == 7
+    status, _, err = run(capsys, live, "container", "sim01-dz642-000000000000000")
+    assert status == 1 and "not found" in err
+    status, _, err = run(capsys, live, "container", "junk")
+    assert status == 2
+
+
+def test_logs_and_follow(capsys, live):
+    uuid = submit(capsys, live, "--", "sim", "10", "0")
+    status, out, _ = run(capsys, live, "logs", uuid)
+    assert status == 0 and out == ""
+    status, out, err = run(capsys, live, "logs", "--follow", uuid)
+    assert status == 0
+    assert "exited with code 0" in out
+    assert "Complete" in err
+    status, again, _ = run(capsys, live, "logs", uuid)
+    assert again == out
+
+
+def test_cancel_several(capsys, live):
+    a = submit(capsys, live, "--priority", "0", "--", "true")
+    b = submit(capsys, live, "--priority", "0", "--", "true")
+    status, out, err = run(capsys, live, "cancel", a, b, "--reason", "tidy")
+    assert status == 0 and out == ""
+    assert f"{a}: Cancelled" in err and f"{b}: Cancelled" in err
+    status, _, err = run(capsys, live, "cancel", a, "sim01-dz642-000000000000000", "junk")
+    assert status == 1
+    assert "not found" in err and "junk: not a container uuid" in err
+
+
+# --------------------------------------------------------------------------- instances
+
+
+def _instance_ids(live: Live) -> list[str]:
+    return [v.instance for v in live.dispatcher.pool.instances() if v.instance]
+
+
+def test_instances_table_and_json(capsys, live):
+    uuid = submit(capsys, live, "--", "sim", "600", "0")
+    live.runtime.advance(20)
+    [instance_id] = _instance_ids(live)
+    status, out, _ = run(capsys, live, "instances")
+    assert status == 0
+    header, row = out.splitlines()
+    assert header.split()[:4] == ["INSTANCE", "ADDRESS", "STATE", "IDLE-BEHAVIOR"]
+    assert row.startswith(instance_id) and "running" in row and uuid in row
+    assert "0.050000" in row
+    status, out, _ = run(capsys, live, "instances", "--json")
+    [item] = json.loads(out)
+    assert item["instance"] == instance_id and item["running_container_uuids"] == [uuid]
+
+
+def test_hold_drain_run_kill_report_each_id(capsys, live):
+    submit(capsys, live, "--", "sim", "600", "0")
+    live.runtime.advance(20)
+    [instance_id] = _instance_ids(live)
+    hostport = live.url.removeprefix("http://")
+
+    status, out, err = run(capsys, live, "hold", instance_id)
+    assert (status, out) == (0, "")
+    assert err.strip() == f"{instance_id}: 200 OK ({hostport})"
+    assert live.dispatcher.pool.instances()[0].idle_behavior == "hold"
+
+    status, out, err = run(capsys, live, "drain", instance_id, "no-such-id")
+    assert status == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert lines[0] == f"{instance_id}: 200 OK ({hostport})"
+    assert lines[1].startswith("no-such-id: 404 Not Found: ")
+    assert lines[1].endswith(f"({hostport})")
+
+    assert run(capsys, live, "run", instance_id)[0] == 0
+    assert live.dispatcher.pool.instances()[0].idle_behavior == "run"
+    status, _, err = run(capsys, live, "kill", instance_id, "--reason", "testing")
+    assert status == 0
+    assert live.dispatcher.pool.instances()[0].worker_state == "shutdown"
+
+
+def test_action_without_ids_is_a_usage_error(capsys, live):
+    assert run(capsys, live, "drain")[0] == 2
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_server_not_running(capsys):
+    url = f"http://127.0.0.1:{_closed_port()}"
+    for argv in (["containers"], ["instances"], ["hold", "a", "b"], ["submit", "--", "true"],
+                 ["logs", "sim01-dz642-000000000000000"]):
+        status, _, err = run(capsys, None, argv[0], "--server", url, *argv[1:])
+        assert status == 1, argv
+        assert f"cannot reach herder at {url}: connection refused" in err
+        assert "herder serve" in err
+        assert err.count("\n") == 1, err  # one message, even for several ids
+
+
+def test_wrong_and_missing_token(capsys, live):
+    status = cli.main(["containers", "--server", live.url, "--token", "wrong"])
+    err = capsys.readouterr().err
+    assert status == 1 and "refused the management token" in err
+    status = cli.main(["instances", "--server", live.url])
+    err = capsys.readouterr().err
+    assert status == 1 and "wants a management token" in err
+
+
+def test_server_without_a_token_says_so(capsys):
+    server = Live(_config(token=""))
+    try:
+        status = cli.main(["containers", "--server", server.url, "--token", "x"])
+        err = capsys.readouterr().err
+        assert status == 1 and "not configured" in err
+    finally:
+        server.stop()
+
+
+def test_something_else_on_the_port(capsys, live):
+    client = Client(live.url + "/metrics", TOKEN)
+    with pytest.raises(ClientError, match=r"not a JSON object|no such route"):
+        client.instances()
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def test_default_data_dir():
+    assert default_data_dir({"HERDER_DATA_DIR": "/d"}) == Path("/d")
+    assert default_data_dir({"XDG_DATA_HOME": "/x", "HOME": "/h"}) == Path("/x/herder")
+    assert default_data_dir({"HOME": "/h"}) == Path("/h/.local/share/herder")
+
+
+def test_listen_url():
+    assert listen_url("127.0.0.1:9190") == "http://127.0.0.1:9190"
+    assert listen_url("0.0.0.0:80") == "http://127.0.0.1:80"
+    assert listen_url(":9190") == "http://127.0.0.1:9190"
+    assert listen_url("[::]:9190") == "http://[::1]:9190"
+    assert listen_url("[::1]:9190") == "http://[::1]:9190"
+    assert listen_url("http://h:1/") == "http://h:1"
+
+
+def test_client_file_round_trip(tmp_path):
+    path = write_client_file(tmp_path / "d", "http://127.0.0.1:1234", "secret")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert read_client_file(tmp_path / "d") == Endpoint("http://127.0.0.1:1234", "secret")
+    (tmp_path / "d" / "client.json").write_text("not json")
+    assert read_client_file(tmp_path / "d") is None
+
+
+def test_resolution_order(tmp_path):
+    data = tmp_path / "data"
+    write_client_file(data, "http://saved:1", "saved-token")
+    config = Config.model_validate(
+        {"api": {"listen": "10.0.0.1:7000", "management_token": "config-token"}}
+    )
+    env: dict[str, Any] = {"HERDER_DATA_DIR": str(data)}
+    # Nothing given, no config file: what `herder serve` recorded.
+    assert resolve_endpoint(environ=env) == Endpoint("http://saved:1", "saved-token")
+    # A config file wins over the recorded file.
+    assert resolve_endpoint(config=config, environ=env) == Endpoint(
+        "http://10.0.0.1:7000", "config-token"
+    )
+    # The environment wins over the config.
+    env.update(HERDER_SERVER="http://env:2", HERDER_MANAGEMENT_TOKEN="env-token")
+    assert resolve_endpoint(config=config, environ=env) == Endpoint("http://env:2", "env-token")
+    # Flags win over everything.
+    assert resolve_endpoint(
+        server="flag:3", token="flag-token", config=config, environ=env
+    ) == Endpoint("http://flag:3", "flag-token")
+    # Nothing anywhere: the default listen address, no token.
+    assert resolve_endpoint(environ={"HERDER_DATA_DIR": str(tmp_path / "empty")}) == Endpoint(
+        "http://127.0.0.1:9190", ""
+    )
+
+
+def test_cli_finds_the_server_through_the_config_file(capsys, live, tmp_path):
+    host, port = live.server.address
+    conf = tmp_path / "herder.yaml"
+    conf.write_text(
+        f"cluster_id: sim01\napi:\n  listen: {host}:{port}\n  management_token: {TOKEN}\n"
+    )
+    assert cli.main(["containers", "--json", "--config", str(conf)]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_cli_finds_a_default_server_through_client_json(capsys, live, monkeypatch):
+    write_client_file(default_data_dir(), live.url, TOKEN)
+    assert cli.main(["instances", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_cli_uses_the_environment(capsys, live, monkeypatch):
+    monkeypatch.setenv("HERDER_SERVER", live.url)
+    monkeypatch.setenv("HERDER_MANAGEMENT_TOKEN", TOKEN)
+    assert cli.main(["instances", "--json"]) == 0
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_state_column_is_coloured_only_on_a_terminal(monkeypatch):
+    from herder.commands import render_table
+    from herder.commands.containers import STATE_COLOURS, use_colour
+
+    rows = [["u1", "Running", "Running"], ["u2", "Odd", ""]]
+    table = render_table(["uuid", "state", "name"], rows)
+    coloured = colour_column(table, "state", STATE_COLOURS, True)
+    lines = coloured.splitlines()
+    assert lines[1].count("\x1b[34m") == 1  # the state cell, not the name cell
+    assert re.sub(r"\x1b\[[0-9;]*m", "", coloured) == table
+    assert lines[2] == table.splitlines()[2]
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert use_colour(Context(None, stdout=_TTY())) is True
+    assert use_colour(Context(None, stdout=io.StringIO())) is False
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert use_colour(Context(None, stdout=_TTY())) is False
