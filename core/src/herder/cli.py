@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from herder import __version__
 from herder.commands import CONFIG_ENV, DEFAULT_CONFIG_FILE, CommandError, Context
 from herder.commands import resolve_config_path as _resolve_config_path
+from herder.logsetup import configure_logging
 from herder.plugins import Plugins
 
 #: Modules with a ``register(subparsers)`` function, in the order ``herder --help`` lists them.
@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_LOG_LEVEL = "warning"
+LOG_FORMATS = ("auto", "text", "json")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,7 +56,13 @@ class _Parser(argparse.ArgumentParser):
             "--log-level",
             choices=LOG_LEVELS,
             default=argparse.SUPPRESS,
-            help=f"how much to log on stderr (default: {DEFAULT_LOG_LEVEL})",
+            help=f"how much to log on stderr (default: {DEFAULT_LOG_LEVEL}; info for serve)",
+        )
+        self.add_argument(
+            "--log-format",
+            choices=LOG_FORMATS,
+            default=argparse.SUPPRESS,
+            help="text, json, or auto: text on a terminal, JSON lines otherwise (default: auto)",
         )
 
 
@@ -85,7 +92,10 @@ def main(argv: Sequence[str] | None = None, *, plugins: Plugins | None = None) -
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    _configure_logging(getattr(args, "log_level", DEFAULT_LOG_LEVEL))
+    level = str(
+        getattr(args, "log_level", None) or getattr(args, "default_log_level", DEFAULT_LOG_LEVEL)
+    )
+    configure_logging(level, getattr(args, "log_format", "auto"))
     config_option = getattr(args, "config", None)
     ctx = Context(config_path=_resolve_config_path(config_option), loaded_plugins=plugins)
     try:
@@ -97,14 +107,6 @@ def main(argv: Sequence[str] | None = None, *, plugins: Plugins | None = None) -
         print("herder: interrupted", file=sys.stderr)
         return 130
     return status
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 if __name__ == "__main__":

@@ -257,6 +257,14 @@ class Driver(ABC):
     @abstractmethod
     def instance_set(self, params: DriverParameters, context: DriverContext) -> InstanceSet: ...
 
+    def default_instance_types(self, params: DriverParameters) -> dict[str, InstanceType]:
+        """Instance types to offer when the configuration lists none.
+
+        Most clouds return nothing (the operator must say what may be bought); the loopback
+        driver offers the local machine itself.
+        """
+        return {}
+
     def executor_factory(self, instance_set: InstanceSet) -> ExecutorFactory | None:
         """Executors for ``instance_set``'s instances, or None (the default) for the configured one.
 

@@ -118,7 +118,13 @@ class Dispatcher:
         self.runtime = runtime
         self.plugins = plugins or Plugins.load()
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.instance_types = config.build_instance_types()
+        if driver is None:
+            driver = self.plugins.driver_class(config.cloud.driver)()
+        self.driver = driver
+        params = driver.validate_parameters(config.cloud.driver_parameters)
+        self.instance_types = config.build_instance_types() or driver.default_instance_types(
+            params
+        )
         self.sizer = ConfigSizer(
             self.instance_types,
             reserve_extra_ram=config.containers.reserve_extra_ram,
@@ -138,10 +144,6 @@ class Dispatcher:
         self.queue = queue
         self.instance_set_id = default_instance_set_id(config)
 
-        if driver is None:
-            driver = self.plugins.driver_class(config.cloud.driver)()
-        self.driver = driver
-        params = driver.validate_parameters(config.cloud.driver_parameters)
         self.instance_set: InstanceSet = driver.instance_set(
             params,
             DriverContext(

@@ -343,9 +343,10 @@ class StubPool(WorkerPool):
         if uuid in self.lingering:
             return True
         t = self.run.pop(uuid, None)
-        for v in self.workers.values():
-            if uuid in v.running_container_uuids:
-                v.running_container_uuids.remove(uuid)
+        if t is not None:
+            for v in self.workers.values():
+                if uuid in v.running_container_uuids:
+                    v.running_container_uuids.remove(uuid)
         return t == 0.0
 
     def forget_container(self, uuid: str) -> None:

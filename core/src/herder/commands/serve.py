@@ -1,4 +1,4 @@
-"""``herder serve``: run the dispatcher until interrupted."""
+"""``herder serve``: run the dispatcher and its management API until interrupted."""
 
 from __future__ import annotations
 
@@ -11,56 +11,101 @@ from typing import Any
 from herder.commands import CommandError, Context
 from herder.plugins import PluginError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("herder.serve")
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve",
         help="run the dispatcher",
-        description="Run the dispatcher: the queue, the scheduler and the worker pool, until "
-        "interrupted (SIGINT or SIGTERM).  Instances are left running on exit and adopted again "
-        "at the next start.",
+        description="Run the dispatcher: the queue, the scheduler, the worker pool and the "
+        "management API, until interrupted (SIGINT or SIGTERM).  Containers and instances are "
+        "left running on exit and adopted again at the next start.  With no configuration file "
+        "it runs the embedded default: the loopback driver on this machine, a SQLite queue, and "
+        "a generated cluster id, SSH key and management token, all kept in the data directory "
+        "($HERDER_DATA_DIR, else $XDG_DATA_HOME/herder, else ~/.local/share/herder).",
     )
-    p.set_defaults(handler=run)
+    p.add_argument("--data-dir", metavar="DIR", help="where herder keeps its own state")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="address of the management API (overrides api.listen; port 0 picks one)")
+    p.set_defaults(handler=run, default_log_level="info")
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from pathlib import Path
+
+    from herder.api.server import APIServer, APIServerError
+    from herder.client import default_data_dir, write_client_file
     from herder.dispatcher import Dispatcher, public_key_from_private
+    from herder.embedded import prepare_serve
     from herder.runtime import ThreadRuntime
 
-    config = ctx.config
-    try:
-        public_key = (
-            public_key_from_private(config.containers.dispatch_private_key)
-            if config.cloud.deploy_public_key and config.containers.dispatch_private_key
-            else None
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    setup = prepare_serve(ctx.config if ctx.config_path else None, data_dir)
+    config = setup.config
+    if args.listen:
+        config = config.model_copy(
+            update={"api": config.api.model_copy(update={"listen": args.listen})}
         )
-    except ValueError as exc:
-        raise CommandError(f"containers.dispatch_private_key: {exc}") from exc
+    for path in setup.created:
+        log.info("created %s", path)
+    public_key = None
+    if config.cloud.deploy_public_key and config.containers.dispatch_private_key:
+        try:
+            public_key = public_key_from_private(config.containers.dispatch_private_key)
+        except ValueError as exc:
+            raise CommandError(f"containers.dispatch_private_key: {exc}") from exc
+
     runtime = ThreadRuntime()
     try:
         dispatcher = Dispatcher(config, runtime=runtime, plugins=ctx.plugins, public_key=public_key)
     except PluginError as exc:
         runtime.shutdown()
         raise CommandError(f"cloud.driver: {exc}") from exc
+    except Exception:
+        runtime.shutdown()
+        raise
+    api = APIServer(dispatcher, config)
+    try:
+        api.start()
+    except APIServerError as exc:
+        dispatcher.stop()
+        runtime.shutdown()
+        raise CommandError(f"api.listen: {exc}") from exc
+    token = config.api.resolve_management_token()
+    if token:
+        write_client_file(data_dir, api.url, token)
+    else:
+        log.warning(
+            "no management token configured (api.management_token or $%s): the API refuses "
+            "every request",
+            config.api.management_token_env,
+        )
+
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("received signal %d, stopping", signum)
+        log.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     dispatcher.start()
-    ctx.error(
-        f"herder: serving cluster {config.cluster_id} with driver {config.cloud.driver!r} "
-        f"({len(dispatcher.instance_types)} instance types); queue {config.queue.path}"
+    log.info(
+        "serving cluster %s: driver %s, %d instance type(s) (%s), queue %s, API %s",
+        config.cluster_id,
+        config.cloud.driver,
+        len(dispatcher.instance_types),
+        ", ".join(sorted(dispatcher.instance_types)) or "none",
+        config.queue.path,
+        api.url,
     )
     try:
         while not stop.wait(1.0):
             pass
     finally:
+        api.stop()
         dispatcher.stop()
         runtime.shutdown()
+        log.info("stopped; containers and instances left running are adopted at the next start")
     return 0

@@ -70,11 +70,21 @@ class Slot:
 class Bucket:
     """Instances that sort equally except for their id, with counters for skipping."""
 
-    __slots__ = ("closed", "count_hist", "key", "max_count", "ready_open", "slots", "type_names")
+    __slots__ = (
+        "closed",
+        "count_hist",
+        "key",
+        "max_count",
+        "ready_open",
+        "slots",
+        "start",
+        "type_names",
+    )
 
     def __init__(self, key: BucketKey) -> None:
         self.key = key
         self.slots: list[Slot] = []  # open slots (and some closed ones, dropped lazily)
+        self.start = 0  # slots before this index are closed
         self.type_names: set[str] = set()
         self.count_hist: dict[int, int] = {}  # container count -> open slots with that count
         self.max_count = -1
@@ -103,10 +113,24 @@ class Bucket:
         if slot.ready:
             self.ready_open -= 1
 
-    def compact(self) -> None:
-        if self.closed > 16 and self.closed * 2 > len(self.slots):
-            self.slots = [s for s in self.slots if s.open]
+    def first_open(self) -> int:
+        """Index of the first slot that may be open.
+
+        Instances fill up in scan order, so closed slots gather at the front: skipping them
+        once here keeps every later scan from walking over them again.  Closed slots
+        elsewhere are dropped when they make up half the list.
+        """
+        slots = self.slots
+        if self.closed > 16 and self.closed * 2 > len(slots):
+            self.slots = slots = [s for s in slots if s.open]
             self.closed = 0
+            self.start = 0
+        i = self.start
+        n = len(slots)
+        while i < n and not slots[i].open:
+            i += 1
+        self.start = i
+        return i
 
 
 class Placement:
@@ -188,6 +212,7 @@ class Placement:
         slot.bucket = bucket
         if at_front:
             bucket.slots.insert(0, slot)
+            bucket.start = 0
         else:
             bucket.slots.append(slot)
         bucket.track(slot)
@@ -218,8 +243,10 @@ class Placement:
         for bucket in self._route(names):
             if best is not None and not bucket.may_beat(best):
                 continue
-            bucket.compact()
-            for slot in bucket.slots:
+            start = bucket.first_open()
+            slots = bucket.slots
+            for i in range(start, len(slots)):
+                slot = slots[i]
                 if not slot.open or slot.type_name not in names:
                     continue
                 if not slot.free.accommodates(needs):

@@ -209,13 +209,25 @@ class _Pass:
         self.over_quota = 0
         self.allocated_not_started = 0
         self.at_capacity: dict[tuple[str, bool], bool] = {}
-        self.placement = Placement(
-            rq._pool.instances(),
-            rq._types,
-            entries=pin.entries,
-            max_per_instance=rq._max_per_instance,
-            logger=rq._log,
-        )
+        self._placement: Placement | None = None
+
+    @property
+    def placement(self) -> Placement:
+        """The instances and their spare resources, built when first needed.
+
+        A pass that only finds the concurrency limit reached never needs them, and listing
+        10,000 instances is a good part of such a pass.
+        """
+        if self._placement is None:
+            rq = self.rq
+            self._placement = Placement(
+                self.pool.instances(),
+                rq._types,
+                entries=self.pin.entries,
+                max_per_instance=rq._max_per_instance,
+                logger=rq._log,
+            )
+        return self._placement
 
     def saturated(self) -> bool:
         return 0 < self.max_containers <= self.trying

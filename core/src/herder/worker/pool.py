@@ -185,6 +185,14 @@ class Pool(WorkerPool):
                 if timer is not None:
                     timer.cancel()
             self._sync_timer = self._probe_timer = None
+            executors = [w.executor for w in self._workers.values()]
+        # Connections are dropped, runners are not: containers keep running on the instances and
+        # the next start adopts them.
+        for executor in executors:
+            try:
+                executor.close()
+            except Exception:  # closing must never stop a shutdown
+                self._log.exception("closing an executor failed")
 
     def check_health(self) -> None:
         """Raise if the pool cannot work (an empty runner program would fail every boot)."""
