@@ -7,6 +7,7 @@ instance's advertised RAM the kernel keeps); scratch is what the container asks 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from herder.model import Container, InstanceResources, InstanceType
@@ -72,7 +73,9 @@ def choose_instance_types(
     req = container.runtime_constraints.gpu
     if req.stack not in ("", "cuda", "rocm"):
         raise ConstraintsNotSatisfiable(
-            f"Invalid GPU stack {req.stack!r}, expected to be blank or one of 'cuda' or 'rocm'"
+            # Double-quoted like Arvados' message (Go's %q), which people may match on.
+            f"Invalid GPU stack {json.dumps(req.stack)}, "
+            "expected to be blank or one of 'cuda' or 'rocm'"
         )
     need = resources_needed(container, reserve_extra_ram)
     factor = max(maximum_price_factor, 1.0)

@@ -44,8 +44,14 @@ X = ContainerState.CANCELLED
 
 
 def itype(name: str, vcpus: int, ram_gib: int, price: float, **kw: Any) -> InstanceType:
-    return InstanceType(name=name, provider_type=kw.pop("provider_type", name), vcpus=vcpus,
-                        ram=ram_gib * GiB, price=price, **kw)
+    return InstanceType(
+        name=name,
+        provider_type=kw.pop("provider_type", name),
+        vcpus=vcpus,
+        ram=ram_gib * GiB,
+        price=price,
+        **kw,
+    )
 
 
 def default_types() -> dict[str, InstanceType]:
@@ -79,8 +85,12 @@ class StubQueue(ContainerQueue):
     """In-memory queue with the API server's rules (lock needs Queued and priority > 0, the
     attempt cap on unlock/retry).  Records every state change attempt, failed ones included."""
 
-    def __init__(self, runtime: VirtualRuntime, types: dict[str, InstanceType],
-                 max_dispatch_attempts: int = 0) -> None:
+    def __init__(
+        self,
+        runtime: VirtualRuntime,
+        types: dict[str, InstanceType],
+        max_dispatch_attempts: int = 0,
+    ) -> None:
         self.runtime = runtime
         self.types = types
         self.max_dispatch_attempts = max_dispatch_attempts
@@ -118,10 +128,15 @@ class StubQueue(ContainerQueue):
             ),
             priority=priority,
         )
-        c = Container(uuid=uuid, state=state, priority=priority, spec=spec,
-                      created_at=created_at if created_at is not None else now,
-                      started_at=started_at,
-                      lock_count=1 if state in (L, R) else 0)
+        c = Container(
+            uuid=uuid,
+            state=state,
+            priority=priority,
+            spec=spec,
+            created_at=created_at if created_at is not None else now,
+            started_at=started_at,
+            lock_count=1 if state in (L, R) else 0,
+        )
         self.db[uuid] = c
         types = choose_instance_types(c, self.types) if self.types else []
         self._entries[uuid] = QueueEntry(
@@ -138,8 +153,9 @@ class StubQueue(ContainerQueue):
         self.db[c.uuid] = c
         old = self._entries.get(c.uuid)
         if old is not None:
-            self._entries[c.uuid] = QueueEntry(c, old.resources, old.instance_types,
-                                               old.first_seen_at)
+            self._entries[c.uuid] = QueueEntry(
+                c, old.resources, old.instance_types, old.first_seen_at
+            )
         self.notify()
 
     def state(self, uuid: str) -> ContainerState:
@@ -155,13 +171,15 @@ class StubQueue(ContainerQueue):
     def forget(self, uuid: str) -> None:
         self.calls.append(("forget", uuid, ""))
         e = self._entries.get(uuid)
-        if e is not None and (e.container.state.final
-                              or (e.container.state is Q and e.container.priority < 1)):
+        if e is not None and (
+            e.container.state.final or (e.container.state is Q and e.container.priority < 1)
+        ):
             del self._entries[uuid]
 
     # ---- changes
-    def _change(self, uuid: str, frm: Iterable[ContainerState], to: ContainerState,
-                **extra: Any) -> Container:
+    def _change(
+        self, uuid: str, frm: Iterable[ContainerState], to: ContainerState, **extra: Any
+    ) -> Container:
         c = self.db.get(uuid)
         if c is None:
             raise ContainerNotFound(uuid)
@@ -223,8 +241,9 @@ class StubQueue(ContainerQueue):
     def read_log(self, uuid: str, offset: int = 0, limit: int | None = None) -> bytes:
         return b""
 
-    def list(self, states: Iterable[ContainerState] | None = None, limit: int = 100,
-             after: str = "") -> list[Container]:
+    def list(
+        self, states: Iterable[ContainerState] | None = None, limit: int = 100, after: str = ""
+    ) -> list[Container]:
         return sorted(self.db.values(), key=lambda c: c.uuid)[:limit]
 
     def counts(self) -> dict[ContainerState, int]:
@@ -265,16 +284,27 @@ class StubPool(WorkerPool):
         self._listeners: list[Callable[[], None]] = []
 
     # ---- building
-    def add_worker(self, iid: str, type_name: str, state: WorkerState = WorkerState.IDLE,
-                   uuids: Iterable[str] = (), behavior: IdleBehavior = IdleBehavior.RUN,
-                   price: float | None = None) -> InstanceView:
+    def add_worker(
+        self,
+        iid: str,
+        type_name: str,
+        state: WorkerState = WorkerState.IDLE,
+        uuids: Iterable[str] = (),
+        behavior: IdleBehavior = IdleBehavior.RUN,
+        price: float | None = None,
+    ) -> InstanceView:
         it = self.types.get(type_name)
         view = InstanceView(
-            instance=iid, address="", price=price if price is not None else
-            (it.price if it else 0.0), instance_type=type_name,
+            instance=iid,
+            address="",
+            price=price if price is not None else (it.price if it else 0.0),
+            instance_type=type_name,
             provider_instance_type=it.provider_type if it else type_name,
-            last_container_uuid="", last_busy=0.0, running_container_uuids=list(uuids),
-            worker_state=state, idle_behavior=behavior,
+            last_container_uuid="",
+            last_busy=0.0,
+            running_container_uuids=list(uuids),
+            worker_state=state,
+            idle_behavior=behavior,
         )
         self.workers[iid] = view
         for u in uuids:
@@ -292,8 +322,10 @@ class StubPool(WorkerPool):
         return dict(self.run)
 
     def instances(self) -> list[InstanceView]:
-        return [replace(v, running_container_uuids=list(v.running_container_uuids))
-                for _, v in sorted(self.workers.items())]
+        return [
+            replace(v, running_container_uuids=list(v.running_container_uuids))
+            for _, v in sorted(self.workers.items())
+        ]
 
     def count_workers(self) -> dict[WorkerState, int]:
         return dict(Counter(v.worker_state for v in self.workers.values()))
@@ -306,8 +338,11 @@ class StubPool(WorkerPool):
         supply = self.capacity.get(instance_type.provider_type)
         if supply is None:
             return False
-        have = sum(1 for v in self.workers.values()
-                   if v.provider_instance_type == instance_type.provider_type)
+        have = sum(
+            1
+            for v in self.workers.values()
+            if v.provider_instance_type == instance_type.provider_type
+        )
         return supply - have < 1
 
     def at_quota(self) -> bool:
@@ -330,8 +365,11 @@ class StubPool(WorkerPool):
     def start_container(self, instance_id: str, container: Container) -> bool:
         self.starts.append(container.uuid)
         v = self.workers.get(instance_id)
-        if v is None or v.worker_state not in (WorkerState.IDLE, WorkerState.RUNNING) \
-                or v.idle_behavior is not IdleBehavior.RUN:
+        if (
+            v is None
+            or v.worker_state not in (WorkerState.IDLE, WorkerState.RUNNING)
+            or v.idle_behavior is not IdleBehavior.RUN
+        ):
             return False
         self.run[container.uuid] = 0.0
         v.worker_state = WorkerState.RUNNING
@@ -365,8 +403,12 @@ class StubPool(WorkerPool):
 
 
 class Harness:
-    def __init__(self, types: dict[str, InstanceType] | None = None,
-                 max_dispatch_attempts: int = 0, **cloud: Any) -> None:
+    def __init__(
+        self,
+        types: dict[str, InstanceType] | None = None,
+        max_dispatch_attempts: int = 0,
+        **cloud: Any,
+    ) -> None:
         self.types = default_types() if types is None else types
         self.rt = VirtualRuntime()
         self.queue = StubQueue(self.rt, self.types, max_dispatch_attempts)
@@ -374,9 +416,14 @@ class Harness:
         containers = cloud.pop("containers", {})
         self.config = Config.model_validate({"cloud": cloud, "containers": containers})
         self.registry = CollectorRegistry()
-        self.sched = Scheduler(runtime=self.rt, queue=self.queue, pool=self.pool,
-                               config=self.config, instance_types=self.types,
-                               registry=self.registry)
+        self.sched = Scheduler(
+            runtime=self.rt,
+            queue=self.queue,
+            pool=self.pool,
+            config=self.config,
+            instance_types=self.types,
+            registry=self.registry,
+        )
 
     def run_pass(self) -> None:
         """One pass, then let its background operations finish."""

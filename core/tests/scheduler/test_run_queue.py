@@ -17,13 +17,17 @@ def waiting_new(t: str) -> str:
 
 
 def capacity(n: int) -> str:
-    return (f"Waiting in queue at position {n}.  "
-            "Cluster is at capacity and cannot start any new instances right now.")
+    return (
+        f"Waiting in queue at position {n}.  "
+        "Cluster is at capacity and cannot start any new instances right now."
+    )
 
 
 def cloud_limits(n: int) -> str:
-    return (f"Waiting in queue at position {n}.  "
-            "Cluster is at cloud account limits and cannot start any new instances right now.")
+    return (
+        f"Waiting in queue at position {n}.  "
+        "Cluster is at cloud account limits and cannot start any new instances right now."
+    )
 
 
 def big_types() -> dict[str, InstanceType]:
@@ -299,7 +303,9 @@ def test_capacity_answer_is_cached_for_the_pass(make):
     assert calls == ["t1"]
     assert h.pool.creates == []
     assert h.status(first).startswith("Waiting in queue at position 1.  Cluster is at capacity for")
-    assert h.status(second).startswith("Waiting in queue at position 2.  Cluster is at capacity for")
+    assert h.status(second).startswith(
+        "Waiting in queue at position 2.  Cluster is at capacity for"
+    )
     h.run_pass()
     assert h.pool.creates == ["t1", "t1"]
 
@@ -469,8 +475,7 @@ def test_priority_zero_containers_are_not_scheduled(make):
     assert h.queue.ops("lock") == []
     assert h.pool.starts == []
     assert h.status(q0) == (
-        "This container will not be scheduled to run because its priority is 0 and state is "
-        "Queued."
+        "This container will not be scheduled to run because its priority is 0 and state is Queued."
     )
     assert h.status(l0).endswith("state is Locked.")
 
@@ -512,7 +517,7 @@ def test_limit_at_quota_then_raised_slowly(make):
     h.run_pass()
     assert h.sched.max_containers == 3
     h.pool.quota = 1000
-    for i in range(2):  # more running, same instances
+    for _ in range(2):  # more running, same instances
         x = h.queue.add(R)
         h.pool.run[x] = 0.0
     h.run_pass()
@@ -582,8 +587,11 @@ def test_scale_ten_thousand_containers_on_a_thousand_instances(make):
     statuses = {e.entry.container.uuid: e.scheduling_status for e in h.sched.snapshot()}
     assert set(statuses) == set(uuids)
     assert sum(s == PREPARING for s in statuses.values()) == 4000
-    assert all(len(w.running_container_uuids) == 4 for w in h.pool.workers.values()
-               if w.worker_state is WorkerState.RUNNING)
+    assert all(
+        len(w.running_container_uuids) == 4
+        for w in h.pool.workers.values()
+        if w.worker_state is WorkerState.RUNNING
+    )
     assert sum(s == waiting_new("big") for s in statuses.values()) == 40
     order = h.order()
     # The highest priorities got the instances, in queue order; positions continue after.

@@ -255,5 +255,4 @@ def test_private_registry_when_none_given(make):
 
     h = make()
     # A second scheduler on the same objects must not clash with the first one's metrics.
-    Scheduler(runtime=h.rt, queue=h.queue, pool=h.pool, config=h.config,
-              instance_types=h.types)
+    Scheduler(runtime=h.rt, queue=h.queue, pool=h.pool, config=h.config, instance_types=h.types)

@@ -107,7 +107,7 @@ class QueueIndex:
         changes = len(removed) + len(added)
         if not changes:
             return
-        if changes > len(entries):
+        if changes >= len(entries):
             self._rebuild(entries)
         elif changes > _INCREMENTAL_LIMIT:
             self._merge(removed, added)

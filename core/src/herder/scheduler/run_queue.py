@@ -160,7 +160,7 @@ class RunQueue:
         self.limit = ConcurrencyLimit(config)
         self.index = QueueIndex()
         self._names_cache: dict[
-            int, tuple[list[InstanceType], frozenset[str], tuple[str, ...]]
+            tuple[int, ...], tuple[tuple[InstanceType, ...], frozenset[str], tuple[str, ...]]
         ] = {}
 
     def run(self, pin: PassInput) -> PassResult:
@@ -174,17 +174,19 @@ class RunQueue:
     def eligible_names(self, entry: QueueEntry) -> tuple[frozenset[str], tuple[str, ...]]:
         """The entry's eligible type names as a set (for lookups) and in order (for statuses).
 
-        Entries sized together often share one list object, so the answer is cached by it (the
-        cache holds the list, so its id cannot be reused by another list meanwhile).
+        Entries hold lists of the configured InstanceType objects, and few distinct lists
+        exist, so the answer is cached by the identities of the types.  The cache keeps the
+        types alive, so their ids cannot be reused by other objects meanwhile.
         """
         types = entry.instance_types
-        hit = self._names_cache.get(id(types))
-        if hit is None or hit[0] is not types:
+        key = tuple(map(id, types))
+        hit = self._names_cache.get(key)
+        if hit is None:
             names = tuple(t.name for t in types)
-            hit = (types, frozenset(names), names)
+            hit = (tuple(types), frozenset(names), names)
             if len(self._names_cache) > 10_000:
                 self._names_cache.clear()
-            self._names_cache[id(types)] = hit
+            self._names_cache[key] = hit
         return hit[1], hit[2]
 
 

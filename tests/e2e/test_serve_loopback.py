@@ -1,0 +1,255 @@
+"""`herder serve` on the loopback driver, end to end: real SSH, the real runner, real processes.
+
+Each test runs `herder serve` as a separate process with its own data directory and drives it
+through the CLI, as a person would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+HERDER = [sys.executable, "-m", "herder.cli"]
+
+FAST_CONFIG = """
+cluster_id: e2e01
+cloud:
+  driver: loopback
+  driver_parameters:
+    max_instances: {max_instances}
+    state_dir: {state_dir}
+  deploy_runner_directory: {state_dir}/runner-bin
+  probe_interval: 0.3s
+  sync_interval: 1s
+  timeout_idle: 2s
+  timeout_booting: 30s
+  timeout_signal: 1s
+  timeout_term: 10s
+queue:
+  path: {db}
+api:
+  listen: 127.0.0.1:0
+  management_token: e2e-secret-token-{marker}
+instance_types:
+  local:
+    vcpus: 2
+    ram: 2GiB
+    included_scratch: 1GiB
+    price: 0.1
+"""
+
+
+class Server:
+    """A running `herder serve` and the CLI pointed at it."""
+
+    def __init__(self, data_dir: Path, config: Path | None, log: Path) -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {**os.environ, "HERDER_DATA_DIR": str(data_dir)}
+
+    def start(self) -> None:
+        client_file = self.data_dir / "client.json"
+        client_file.unlink(missing_ok=True)
+        args = [*HERDER, "--log-format", "json", "serve", "--listen", "127.0.0.1:0"]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                args, env=self.env, stdout=log, stderr=log, start_new_session=True
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            if client_file.exists():
+                info = json.loads(client_file.read_text())
+                self.env["HERDER_SERVER"] = info["url"]
+                self.env["HERDER_MANAGEMENT_TOKEN"] = info["token"]
+                with urllib.request.urlopen(info["url"] + "/api/v1/health", timeout=5) as r:
+                    assert r.status == 200
+                return
+            time.sleep(0.05)
+        raise AssertionError("herder serve did not start:\n" + self.log_path.read_text())
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*HERDER, *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+    def log_lines(self) -> list[dict[str, object]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+
+def _cleanup_runner_processes(marker: str) -> None:
+    """Kill anything a failed test left running (container commands carry ``marker``)."""
+    subprocess.run(["pkill", "-f", marker], check=False)
+
+
+@pytest.fixture
+def fast_server(tmp_path: Path) -> Iterator[Server]:
+    marker = f"m{os.getpid()}x{time.monotonic_ns()}"
+    config = tmp_path / "herder.yaml"
+    config.write_text(
+        FAST_CONFIG.format(
+            max_instances=4,
+            state_dir=tmp_path / "loopback",
+            db=tmp_path / "herder.db",
+            marker=marker,
+        )
+    )
+    server = Server(tmp_path / "data", config, tmp_path / "serve.log")
+    server.marker = marker  # type: ignore[attr-defined]
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop(signal.SIGKILL)
+        _cleanup_runner_processes(marker)
+
+
+def test_embedded_default_runs_a_container(tmp_path: Path) -> None:
+    """The README's first command: no config at all, then submit --wait."""
+    server = Server(tmp_path / "data", None, tmp_path / "serve.log")
+    server.start()
+    try:
+        result = server.cli("submit", "--wait", "--", "sh", "-c", "echo hello; exit 3")
+        assert result.returncode == 3, result
+        assert "hello" in result.stdout + result.stderr
+        items = json.loads(server.cli("containers", "--json").stdout)
+        assert items[0]["state"] == "Complete" and items[0]["exit_code"] == 3
+        for name in ("cluster_id", "management_token", "ssh/id_ed25519", "client.json"):
+            path = tmp_path / "data" / name
+            assert path.exists(), name
+            assert path.stat().st_mode & 0o077 == 0, name  # secrets readable by the user only
+        assert server.stop() == 0
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop(signal.SIGKILL)
+
+
+def _submit(server: Server, *command: str, name: str = "") -> str:
+    args = ["submit", "--vcpus", "1", "--ram", "256MiB"]
+    if name:
+        args += ["--name", name]
+    result = server.cli(*args, "--", *command)
+    assert result.returncode == 0, result
+    return result.stdout.strip()
+
+
+def _wait_final(server: Server, uuids: list[str], timeout: float = 120) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {}
+        for uuid in uuids:
+            out = server.cli("container", uuid, "--json")
+            assert out.returncode == 0, out
+            states[uuid] = json.loads(out.stdout)
+        if all(s["state"] in ("Complete", "Cancelled") for s in states.values()):
+            return states
+        assert time.monotonic() < deadline, {u: s["state"] for u, s in states.items()}
+        time.sleep(0.5)
+
+
+def test_fifty_containers_on_four_instances(fast_server: Server, tmp_path: Path) -> None:
+    marker = fast_server.marker  # type: ignore[attr-defined]
+    out = tmp_path / "out"
+    out.mkdir()
+    uuids = [
+        _submit(fast_server, "sh", "-c", f"echo {i} > {out}/{i}; sleep 0.2 # {marker}")
+        for i in range(50)
+    ]
+    states = _wait_final(fast_server, uuids, timeout=240)
+    assert {s["state"] for s in states.values()} == {"Complete"}
+    assert {s["exit_code"] for s in states.values()} == {0}
+    assert sorted(int(p.name) for p in out.iterdir()) == list(range(50))
+    # Idle instances are shut down after the idle timeout.
+    deadline = time.monotonic() + 60
+    while json.loads(fast_server.cli("instances", "--json").stdout):
+        assert time.monotonic() < deadline, "idle instances were not shut down"
+        time.sleep(0.5)
+    messages = [str(line.get("message", "")) for line in fast_server.log_lines()]
+    created = [m for m in messages if "created at 127.0.0.1" in m]
+    installs = [m for m in messages if "installing runner program" in m]
+    assert 1 <= len(created) <= 50
+    # Instances on one host share the content-addressed runner path: the first install serves
+    # the others, whose md5 check then finds it in place.
+    assert 1 <= len(installs) <= len(created)
+    assert any("boot probe succeeded" in m for m in messages)
+    assert any("shutdown worker (state idle" in m for m in messages)
+
+
+def test_restart_after_kill_9_adopts_running_containers(
+    fast_server: Server, tmp_path: Path
+) -> None:
+    marker = fast_server.marker  # type: ignore[attr-defined]
+    starts = tmp_path / "starts"
+    starts.mkdir()
+    gate = tmp_path / "gate"
+    uuids = [
+        _submit(
+            fast_server,
+            "sh",
+            "-c",
+            f"echo x >> {starts}/{i}; while [ ! -e {gate} ]; do sleep 0.1; done # {marker}",
+        )
+        for i in range(3)
+    ]
+    deadline = time.monotonic() + 60
+    while len(list(starts.iterdir())) < 3:
+        assert time.monotonic() < deadline, fast_server.log_path.read_text()[-3000:]
+        time.sleep(0.2)
+    fast_server.stop(signal.SIGKILL)
+    fast_server.start()
+    gate.touch()  # let the containers finish while the new dispatcher watches them
+    states = _wait_final(fast_server, uuids, timeout=120)
+    assert {s["state"] for s in states.values()} == {"Complete"}, states
+    assert {s["exit_code"] for s in states.values()} == {0}
+    for i in range(3):
+        assert (starts / str(i)).read_text() == "x\n"  # each ran exactly once
+    assert fast_server.stop() == 0
+
+
+def test_shell_metacharacters_and_secrets(fast_server: Server, tmp_path: Path) -> None:
+    marker = fast_server.marker  # type: ignore[attr-defined]
+    pwned = tmp_path / "pwned"
+    evil_name = f"x'; touch {pwned}; echo '$(touch {pwned})`touch {pwned}`"
+    uuid = _submit(
+        fast_server, "sh", "-c", f"echo 'only this' # {marker}", name=evil_name
+    )
+    states = _wait_final(fast_server, [uuid])
+    assert states[uuid]["state"] == "Complete" and states[uuid]["exit_code"] == 0
+    assert not pwned.exists()
+    assert "only this" in fast_server.cli("logs", uuid).stdout
+    # A malformed uuid never reaches a shell: the API refuses it.
+    bad = fast_server.cli("container", f"e2e01-dz642-aaaaaaaaaaaaaaa; touch {pwned}")
+    assert bad.returncode != 0 and not pwned.exists()
+    # The management token appears in no process's argv and not in the log.
+    token = fast_server.env["HERDER_MANAGEMENT_TOKEN"]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert token.encode() not in cmdline.read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    assert token not in fast_server.log_path.read_text()
