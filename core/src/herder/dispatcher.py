@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from herder.cloud import Driver, DriverContext, Instance, InstanceSet
 from herder.config import Config
 from herder.executor import Executor, ExecutorFactory
+from herder.metrics import ContainerMetrics
 from herder.model import ContainerState, InstanceType
 from herder.plugins import Plugins
 from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
@@ -113,6 +115,7 @@ class Dispatcher:
         driver: Driver | None = None,
         executor_factory: ExecutorFactory | None = None,
         public_key: str | None = None,
+        uuid_random_bytes: Callable[[int], bytes] | None = None,
     ) -> None:
         self.config = config
         self.runtime = runtime
@@ -140,6 +143,7 @@ class Dispatcher:
                 cluster_id=config.cluster_id,
                 max_dispatch_attempts=config.containers.max_dispatch_attempts,
                 always_use_preemptible=config.containers.always_use_preemptible_instances,
+                **({"random_bytes": uuid_random_bytes} if uuid_random_bytes else {}),
             )
         self.queue = queue
         self.instance_set_id = default_instance_set_id(config)
@@ -182,6 +186,7 @@ class Dispatcher:
             instance_types=self.instance_types,
             registry=self.registry,
         )
+        self.metrics = ContainerMetrics(self.registry, self.queue, self.pool)
         self._started = False
         self._lock = threading.Lock()
 

@@ -186,7 +186,13 @@ def run_simulation(
 
     runtime = VirtualRuntime(strict=False)
     start = runtime.now()
-    disp = Dispatcher(config, runtime=runtime, driver=SimDriver())
+    seed = int(params.get("seed", 0))
+    disp = Dispatcher(
+        config,
+        runtime=runtime,
+        driver=SimDriver(),
+        uuid_random_bytes=random.Random(seed).randbytes,  # reproducible runs
+    )
     wall_start = time.monotonic()
     disp.start()
 

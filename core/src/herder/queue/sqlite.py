@@ -48,6 +48,7 @@ from herder.queue.base import (
     ContainerQueue,
     InvalidTransition,
     Listener,
+    Observer,
     QueueEntry,
     QueueError,
     Sizer,
@@ -412,7 +413,11 @@ class SqliteQueue(ContainerQueue):
         cluster_id: str = "zzzzz",
         max_dispatch_attempts: int = 10,
         always_use_preemptible: bool = False,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
+        """``random_bytes`` draws the random part of new UUIDs; simulations pass a seeded
+        generator so that a run is reproducible."""
+        self._random_bytes = random_bytes
         if not CLUSTER_ID_RE.fullmatch(cluster_id):
             raise ValueError(f"invalid cluster_id {cluster_id!r}: need 5 lowercase alphanumerics")
         if max_dispatch_attempts < 1:
@@ -425,6 +430,7 @@ class SqliteQueue(ContainerQueue):
         self._lock = threading.Lock()
         self._entries: dict[str, QueueEntry] = {}
         self._listeners: list[Listener] = []
+        self._observers: list[Observer] = []
         self._listeners_lock = threading.Lock()
         self._closed = False
         # isolation_level=None: no implicit transactions; every write opens its own explicitly.
@@ -512,7 +518,7 @@ class SqliteQueue(ContainerQueue):
         n = len(_UUID_ALPHABET)
         chars = ""
         while len(chars) < _UUID_RANDOM_LEN:
-            raw = secrets.token_bytes(24)
+            raw = self._random_bytes(24)
             chars += "".join(_UUID_ALPHABET[b % n] for b in raw if b < _UUID_BYTE_LIMIT)
         return f"{self._cluster_id}-dz642-{chars[:_UUID_RANDOM_LEN]}"
 
@@ -581,6 +587,7 @@ class SqliteQueue(ContainerQueue):
             elif sizing is not None and not new.state.final:
                 self._entries[uuid] = QueueEntry(new, sizing.resources, sizing.instance_types, now)
         self._notify()
+        self._observed(old, new)
         return new
 
     def _cancel_if_unsatisfiable(
@@ -644,6 +651,8 @@ class SqliteQueue(ContainerQueue):
                         c, sizing.resources, sizing.instance_types, now
                     )
         self._notify()
+        for c, _ in prepared:
+            self._observed(None, c)
         return [c for c, _ in prepared]
 
     def lock(self, uuid: str) -> Container:
@@ -767,6 +776,26 @@ class SqliteQueue(ContainerQueue):
                 self._listeners.remove(listener)
 
         return unsubscribe
+
+    def observe(self, observer: Observer) -> Callable[[], None]:
+        with self._listeners_lock:
+            self._observers.append(observer)
+
+        def unobserve() -> None:
+            with self._listeners_lock, contextlib.suppress(ValueError):
+                self._observers.remove(observer)
+
+        return unobserve
+
+    def _observed(self, old: Container | None, new: Container) -> None:
+        """Tell every observer about one change; a failing observer must not break the change."""
+        with self._listeners_lock:
+            observers = list(self._observers)
+        for observer in observers:
+            try:
+                observer(old, new)
+            except Exception:
+                log.exception("queue observer %r failed", observer)
 
     def close(self) -> None:
         with self._lock:
