@@ -62,6 +62,8 @@ class Sizer(ABC):
 
 
 Listener = Callable[[], None]
+#: Called as ``observer(old, new)`` after a change is committed; ``old`` is None for a submission.
+Observer = Callable[["Container | None", Container], None]
 
 
 class ContainerQueue(ABC):
@@ -158,6 +160,15 @@ class ContainerQueue(ABC):
         Listeners are called on the thread that made the change, outside the queue's locks, and
         must return quickly (fire a trigger, set an event).
         """
+
+    def observe(self, observer: Observer) -> Callable[[], None]:
+        """Call ``observer(old, new)`` after every committed change of a container.
+
+        For metrics that count transitions (containers finished by outcome, queue wait times),
+        which a plain :meth:`subscribe` notification cannot tell apart.  Called outside the
+        queue's locks; must return quickly.  Queues that cannot report changes never call it.
+        """
+        return lambda: None
 
     def update(self) -> None:
         """Refresh from an external store.  The embedded queue is always current."""
