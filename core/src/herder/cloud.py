@@ -187,6 +187,53 @@ class Instance(ABC):
         return self.id
 
 
+class DelegatingInstance(Instance):
+    """An Instance that forwards everything to another one: the base of instance wrappers
+    (herder's instrumentation and secret verification; a driver's own decorators)."""
+
+    def __init__(self, inner: Instance) -> None:
+        self._inner = inner
+
+    @property
+    def inner(self) -> Instance:
+        return self._inner
+
+    @property
+    def id(self) -> str:
+        return self._inner.id
+
+    @property
+    def provider_type(self) -> str:
+        return self._inner.provider_type
+
+    @property
+    def address(self) -> str:
+        return self._inner.address
+
+    @property
+    def remote_user(self) -> str:
+        return self._inner.remote_user
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self._inner.tags
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._inner.set_tags(tags)
+
+    def destroy(self) -> None:
+        self._inner.destroy()
+
+    def verify_host_key(self, key: HostKey, remote: RemoteRunner) -> None:
+        self._inner.verify_host_key(key, remote)
+
+    def price_history(self, instance_type: InstanceType) -> list[InstancePrice]:
+        return self._inner.price_history(instance_type)
+
+    def __str__(self) -> str:
+        return str(self._inner)
+
+
 class InstanceSet(ABC):
     """The instances of one herder installation in one cloud account."""
 

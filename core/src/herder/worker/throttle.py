@@ -24,12 +24,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from herder.cloud import (
-    HostKey,
+    DelegatingInstance,
     Instance,
-    InstancePrice,
     InstanceSet,
     RateLimitError,
-    RemoteRunner,
 )
 from herder.model import InstanceType
 from herder.runtime import Runtime, Task
@@ -141,52 +139,6 @@ class SlotLimiter:
 DRIVER_OPERATIONS = ("Create", "List", "Destroy", "SetTags")
 
 
-class _DelegatingInstance(Instance):
-    """An Instance that forwards everything to another one (base of the wrappers)."""
-
-    def __init__(self, inner: Instance) -> None:
-        self._inner = inner
-
-    @property
-    def inner(self) -> Instance:
-        return self._inner
-
-    @property
-    def id(self) -> str:
-        return self._inner.id
-
-    @property
-    def provider_type(self) -> str:
-        return self._inner.provider_type
-
-    @property
-    def address(self) -> str:
-        return self._inner.address
-
-    @property
-    def remote_user(self) -> str:
-        return self._inner.remote_user
-
-    @property
-    def tags(self) -> dict[str, str]:
-        return self._inner.tags
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._inner.set_tags(tags)
-
-    def destroy(self) -> None:
-        self._inner.destroy()
-
-    def verify_host_key(self, key: HostKey, remote: RemoteRunner) -> None:
-        self._inner.verify_host_key(key, remote)
-
-    def price_history(self, instance_type: InstanceType) -> list[InstancePrice]:
-        return self._inner.price_history(instance_type)
-
-    def __str__(self) -> str:
-        return str(self._inner)
-
-
 class _Counted:
     """Counts one driver operation, labelled by whether it raised."""
 
@@ -201,7 +153,7 @@ class _Counted:
         self._counter.labels(self._operation, "1" if exc_type is not None else "0").inc()
 
 
-class InstrumentedInstance(_DelegatingInstance):
+class InstrumentedInstance(DelegatingInstance):
     """Counts the instance's Destroy and SetTags calls."""
 
     def __init__(self, inner: Instance, counter: Any) -> None:

@@ -9,17 +9,16 @@ in :meth:`Instance.verify_host_key`, and the secret is then not needed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from herder.cloud import (
+    DelegatingInstance,
     HostKey,
     HostKeyMismatch,
     Instance,
-    InstancePrice,
     NotImplementedByDriver,
     RemoteRunner,
 )
-from herder.model import InstanceType
 
 #: Where the init command leaves the instance secret (readable by root only).
 SECRET_PATH = "/var/run/herder-instance-secret"  # noqa: S105 (a path, not a secret)
@@ -34,7 +33,7 @@ def init_command(secret: str, instance_init_command: str = "") -> str:
     return f'umask 0177 && echo -n "{secret}" >{SECRET_PATH}\n{instance_init_command}'
 
 
-class TagVerifier(Instance):
+class TagVerifier(DelegatingInstance):
     """An instance whose host key is checked by the driver or, failing that, by its secret.
 
     ``report`` is called with this instance at the start of every verification (before it
@@ -48,47 +47,14 @@ class TagVerifier(Instance):
         report: Callable[[Instance], None] | None = None,
         timeout: float = 60.0,
     ) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._secret = secret
         self._report = report
         self._timeout = timeout
 
     @property
-    def inner(self) -> Instance:
-        return self._inner
-
-    @property
     def secret(self) -> str:
         return self._secret
-
-    @property
-    def id(self) -> str:
-        return self._inner.id
-
-    @property
-    def provider_type(self) -> str:
-        return self._inner.provider_type
-
-    @property
-    def address(self) -> str:
-        return self._inner.address
-
-    @property
-    def remote_user(self) -> str:
-        return self._inner.remote_user
-
-    @property
-    def tags(self) -> dict[str, str]:
-        return self._inner.tags
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._inner.set_tags(tags)
-
-    def destroy(self) -> None:
-        self._inner.destroy()
-
-    def price_history(self, instance_type: InstanceType) -> list[InstancePrice]:
-        return self._inner.price_history(instance_type)
 
     def verify_host_key(self, key: HostKey, remote: RemoteRunner) -> None:
         """Accept ``key`` if the driver vouches for it or the instance knows our secret.
@@ -114,6 +80,3 @@ class TagVerifier(Instance):
             )
         if stdout != self._secret.encode():
             raise HostKeyMismatch("bad instance secret")
-
-    def __str__(self) -> str:
-        return str(self._inner)
