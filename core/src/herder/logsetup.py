@@ -1,19 +1,42 @@
 """How herder writes its log: readable lines on a terminal, JSON lines for log collectors.
 
 Every engine message names what it is about in its text (instance id, container uuid); the
-JSON form also carries any ``extra=`` fields a caller attached, so collectors can filter on them.
+JSON form also carries them as the ``instance`` and ``container`` fields, so collectors can
+filter on them.  Workers attach ``instance`` with ``extra=``; the container a message names is
+found by :class:`IdFields`, in one place, so no message can forget it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
 
 #: Attributes every LogRecord has; anything else was passed with ``extra=`` and is kept.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+#: A container uuid anywhere in a message (the model's pattern, unanchored).
+_CONTAINER_IN_TEXT = re.compile(r"\b[a-z0-9]{5}-dz642-[a-z0-9]{15}\b")
+
+
+class IdFields(logging.Filter):
+    """Attaches the container uuid a message names as its ``container`` field.
+
+    Engine messages name the container they are about in their text ("%s: unlocking container
+    because ..."); extracting it here gives every such record the field without each of them
+    repeating ``extra=``.  A field given explicitly wins.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "container", None) is None:
+            found = _CONTAINER_IN_TEXT.search(record.getMessage())
+            if found is not None:
+                record.container = found.group(0)
+        return True
 
 
 class JSONFormatter(logging.Formatter):
@@ -47,6 +70,7 @@ def configure_logging(level: str, fmt: str = "auto", stream: IO[str] | None = No
         fmt = "text" if stream.isatty() else "json"
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(IdFields())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

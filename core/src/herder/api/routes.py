@@ -163,7 +163,8 @@ LIMIT_PARAM = Param(
 AFTER_PARAM = Param(
     "after",
     _after,
-    {"type": "string", "pattern": CONTAINER_UUID_RE.pattern},
+    # Empty is accepted too: the first page, as when the parameter is left out.
+    {"type": "string", "pattern": f"^$|{CONTAINER_UUID_RE.pattern}"},
     "return containers whose uuid sorts after this one (the previous page's `next`)",
     default="",
 )
@@ -624,6 +625,38 @@ class ManagementAPI:
     def metrics(self, req: Request) -> Response:
         return Response(200, generate_latest(self.dispatcher.registry), CONTENT_TYPE_LATEST)
 
+    def summary(self, req: Request) -> Response:
+        from herder.api import status_page
+
+        totals = status_page.summarize(
+            self.dispatcher.pool.instances(), self.dispatcher.queue.counts()
+        )
+        return Response.json(
+            schema.SummaryOut(
+                instances=totals.instances,
+                containers=totals.containers,
+                cost_per_hour=totals.cost_per_hour,
+            )
+        )
+
+    # ---- the status page (its data comes from the authenticated routes above)
+
+    def status_page(self, req: Request) -> Response:
+        from herder.api import status_page
+
+        return Response(
+            200, status_page.page(), status_page.PAGE_CONTENT_TYPE, dict(status_page.PAGE_HEADERS)
+        )
+
+    def static_asset(self, req: Request) -> Response:
+        from herder.api import status_page
+
+        try:
+            data, content_type = status_page.asset(req.params["name"])
+        except status_page.UnknownAsset:
+            raise APIError(404, "no such file", field="name") from None
+        return Response(200, data, content_type)
+
     def openapi(self, req: Request) -> Response:
         from herder.api.openapi import openapi_json
 
@@ -701,6 +734,21 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "GET", f"{API_PREFIX}/openapi.json", ManagementAPI.openapi, "openapi",
         "This API's OpenAPI document", "service",
+    ),
+    Route(
+        "GET", f"{API_PREFIX}/summary", ManagementAPI.summary, "summary",
+        "Totals: instances and containers by state, cost per hour now", "service",
+        response_model=schema.SummaryOut,
+    ),
+    Route(
+        "GET", "/", ManagementAPI.status_page, "statusPage",
+        "The status page (needs no token; its script asks for one)", "status page",
+        auth=False, content_type="text/html; charset=utf-8",
+    ),
+    Route(
+        "GET", "/static/{name}", ManagementAPI.static_asset, "statusPageAsset",
+        "A script or stylesheet of the status page", "status page",
+        auth=False, content_type="text/plain", errors=(404,),
     ),
     Route(
         "GET", "/metrics", ManagementAPI.metrics, "metrics",

@@ -328,7 +328,8 @@ class Health(_Response):
 
 
 class FieldError(_Response):
-    field: str | None
+    # Optional in the document: error bodies leave out null fields, nested ones included.
+    field: str | None = None
     error: str
 
 
@@ -336,6 +337,14 @@ class ErrorOut(_Response):
     error: str
     field: str | None = None
     errors: list[FieldError] | None = None
+
+
+class SummaryOut(_Response):
+    """The totals of the status page."""
+
+    instances: dict[str, int] = Field(description="instances (pending creates too) by worker state")
+    containers: dict[str, int] = Field(description="containers in storage, by state")
+    cost_per_hour: float = Field(description="summed hourly price of every existing instance")
 
 
 class InstanceActionOut(_Response):
@@ -356,6 +365,7 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     LogChunk,
     InstanceList,
     InstanceActionOut,
+    SummaryOut,
     PluginList,
     Health,
     ErrorOut,

@@ -445,14 +445,14 @@ class Pool(WorkerPool):
         if not it.provider_type and behavior != IdleBehavior.HOLD:
             self._log.info(
                 "instance %s: %sing instance tagged with unrecognized instance type %r",
-                instance.id, IdleBehavior.DRAIN.value, it.name,
+                instance.id, IdleBehavior.DRAIN.value, it.name, extra={"instance": instance.id},
             )
             behavior = IdleBehavior.DRAIN
         worker = Worker(self._env, wrapped, it, self._executor_factory(wrapped), state, behavior)
         self._workers[instance.id] = worker
         self._log.info(
             "instance %s: new worker (%s, type %s, idle behavior %s)",
-            instance.id, state.value, it.name, behavior.value,
+            instance.id, state.value, it.name, behavior.value, extra={"instance": instance.id},
         )
         return worker, True
 
@@ -661,7 +661,9 @@ class Pool(WorkerPool):
         """Shut down a booting or idle worker unless it is held (the scheduler's request)."""
         with self._lock:
             worker = self._workers.get(instance_id)
-            self._log.info("instance %s: shutdown requested", instance_id)
+            self._log.info(
+                "instance %s: shutdown requested", instance_id, extra={"instance": instance_id}
+            )
             if worker is None or worker.idle_behavior == IdleBehavior.HOLD:
                 return False
             if worker.state not in (WorkerState.BOOTING, WorkerState.IDLE):

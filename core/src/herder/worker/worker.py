@@ -137,9 +137,14 @@ class WorkerEnv:
 
 
 class _InstanceLog(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes every message with the instance id."""
+    """Prefixes every message with the instance id, and attaches it as the ``instance`` field.
+
+    A caller's own ``extra=`` fields (``container``) are kept next to it, where a plain
+    LoggerAdapter would drop them.
+    """
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
         return f"instance {self.extra['instance'] if self.extra else '?'}: {msg}", kwargs
 
 

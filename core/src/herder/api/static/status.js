@@ -1,0 +1,258 @@
+// herder status page: reads the management API with the token kept in session storage and
+// renders it with DOM methods only (textContent), so no value from the API is ever parsed as
+// HTML: container names and reasons are whatever a client submitted.
+"use strict";
+
+const TOKEN_KEY = "herder-management-token";
+const REFRESH_MS = 3000;
+const STATE_ORDER = ["running", "idle", "booting", "unknown", "shutdown"];
+let timer = null;
+let busy = false;
+
+function $(id) { return document.getElementById(id); }
+
+// el("td", {class: "num"}, "text", otherNode): an element with attributes and children.
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, String(value));
+  }
+  for (const child of children.flat()) {
+    if (child === undefined || child === null) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "";
+  let s = Math.max(0, Math.floor(seconds));
+  const d = Math.floor(s / 86400); s -= d * 86400;
+  const h = Math.floor(s / 3600); s -= h * 3600;
+  const m = Math.floor(s / 60); s -= m * 60;
+  if (d) return `${d}d${h}h`;
+  if (h) return `${h}h${m}m`;
+  if (m) return `${m}m${s}s`;
+  return `${s}s`;
+}
+
+function since(timestamp) {
+  return timestamp ? duration((Date.now() - Date.parse(timestamp)) / 1000) : "";
+}
+
+function money(value) { return "$" + Number(value).toFixed(3); }
+
+function showMessage(text, kind) {
+  const box = $("message");
+  box.textContent = text || "";
+  box.className = kind || "";
+  box.hidden = !text;
+}
+
+class AuthError extends Error {}
+
+async function api(method, path, body) {
+  const headers = { "Authorization": "Bearer " + sessionStorage.getItem(TOKEN_KEY) };
+  const init = { method, headers, cache: "no-store" };
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let resp;
+  try {
+    resp = await fetch(path, init);
+  } catch (err) {
+    throw new Error("cannot reach herder: " + err.message);
+  }
+  let data = null;
+  try { data = await resp.json(); } catch (err) { data = null; }
+  if (resp.status === 401 || resp.status === 403) {
+    throw new AuthError((data && data.error) || resp.statusText);
+  }
+  if (!resp.ok) {
+    const field = data && data.field ? ` (${data.field})` : "";
+    throw new Error(`${method} ${path}: ${(data && data.error) || resp.statusText}${field}`);
+  }
+  return data;
+}
+
+function showLogin(reason) {
+  clearTimeout(timer);
+  $("status").hidden = true;
+  $("logout").hidden = true;
+  $("login").hidden = false;
+  if (reason) showMessage(reason);
+  $("token").focus();
+}
+
+function stateBadge(state) { return el("span", { class: `state state-${state}` }, state); }
+
+function actionButton(label, title, onclick, danger) {
+  return el("button", { type: "button", title, class: danger ? "danger" : null,
+                        "data-action": label, onclick }, label);
+}
+
+async function act(description, method, path, body) {
+  try {
+    await api(method, path, body);
+    showMessage(description, "info");
+  } catch (err) {
+    if (err instanceof AuthError) return showLogin("The management token was refused: " + err.message);
+    showMessage(err.message);
+  }
+  refresh();
+}
+
+function instanceActions(inst) {
+  if (!inst.instance) return [];
+  const path = `/api/v1/instances/${encodeURIComponent(inst.instance)}`;
+  const make = (action, title, danger) => actionButton(action, title, () => {
+    if (danger && !window.confirm(`Kill instance ${inst.instance}, whatever runs on it?`)) return;
+    act(`${action} requested for instance ${inst.instance}`, "POST", `${path}/${action}`,
+        { reason: "from the status page" });
+  }, danger);
+  return [
+    make("hold", "Start nothing new on it and never shut it down"),
+    make("drain", "Start nothing new on it and shut it down once idle"),
+    make("run", "Return it to normal use"),
+    make("kill", "Shut it down now", true),
+  ];
+}
+
+function cancelButton(ctr) {
+  return actionButton("cancel", "Cancel this container", () => {
+    if (!window.confirm(`Cancel container ${ctr.uuid}?`)) return;
+    act(`cancel requested for container ${ctr.uuid}`, "POST",
+        `/api/v1/containers/${encodeURIComponent(ctr.uuid)}/cancel`,
+        { reason: "from the status page" });
+  }, true);
+}
+
+function renderTotals(summary) {
+  const list = (counts) => el("ul", {}, Object.entries(counts).map(
+    ([state, n]) => el("li", {}, stateBadge(state), " ", String(n))));
+  $("totals").replaceChildren(
+    el("div", { class: "card" }, el("h3", {}, "Cost per hour now"),
+       el("div", { class: "big", id: "cost-per-hour" }, money(summary.cost_per_hour))),
+    el("div", { class: "card", id: "instance-totals" }, el("h3", {}, "Instances"),
+       list(summary.instances)),
+    el("div", { class: "card", id: "container-totals" }, el("h3", {}, "Containers"),
+       list(summary.containers)),
+  );
+}
+
+function renderInstances(items) {
+  const groups = new Map();
+  for (const inst of items) {
+    if (!groups.has(inst.worker_state)) groups.set(inst.worker_state, []);
+    groups.get(inst.worker_state).push(inst);
+  }
+  const order = [...STATE_ORDER, ...[...groups.keys()].filter(s => !STATE_ORDER.includes(s))];
+  const sections = [];
+  for (const state of order) {
+    const group = groups.get(state);
+    if (!group) continue;
+    sections.push(el("h3", {}, `${state} (${group.length})`));
+    sections.push(el("table", { "data-group": state },
+      el("thead", {}, el("tr", {}, ["Instance", "Type", "Price/h", "State", "In state",
+                                    "Idle behaviour", "Containers", "Actions"].map(
+        h => el("th", {}, h)))),
+      el("tbody", {}, group.map(inst => el("tr", { "data-instance": inst.instance },
+        el("td", { class: "id" }, inst.instance || "(creating)"),
+        el("td", {}, inst.instance_type),
+        el("td", { class: "num" }, money(inst.price)),
+        el("td", { class: "worker-state" }, stateBadge(inst.worker_state)),
+        el("td", { class: "num" }, duration(inst.time_in_state)),
+        el("td", { class: `idle-behavior behavior-${inst.idle_behavior}` }, inst.idle_behavior),
+        el("td", { class: "id" }, inst.running_container_uuids.map(u => el("div", {}, u))),
+        el("td", {}, instanceActions(inst)),
+      )))));
+  }
+  $("instances").replaceChildren(...(sections.length ? sections :
+    [el("p", { class: "muted" }, "No instances.")]));
+}
+
+function containerTable(items, columns, empty) {
+  if (!items.length) return el("p", { class: "muted" }, empty);
+  return el("table", {},
+    el("thead", {}, el("tr", {}, columns.map(([h]) => el("th", {}, h)))),
+    el("tbody", {}, items.map(ctr => el("tr", { "data-container": ctr.uuid },
+      columns.map(([, cell]) => cell(ctr))))));
+}
+
+function renderContainers(items) {
+  const waiting = items.filter(c => c.state === "Queued" || c.state === "Locked");
+  const running = items.filter(c => c.state === "Running");
+  const common = [
+    ["Container", c => el("td", { class: "id" }, c.uuid)],
+    ["Name", c => el("td", { class: "name" }, c.name)],
+    ["State", c => el("td", {}, stateBadge(c.state))],
+  ];
+  $("queue").replaceChildren(containerTable(waiting, [
+    ...common,
+    ["Priority", c => el("td", { class: "num" }, c.priority)],
+    ["Waiting", c => el("td", { class: "num" }, since(c.created_at))],
+    ["Scheduling status", c => el("td", { class: "status" }, c.scheduling_status)],
+    ["", c => el("td", {}, cancelButton(c))],
+  ], "Nothing is waiting."));
+  $("running").replaceChildren(containerTable(running, [
+    ...common,
+    ["Instance", c => el("td", { class: "id" }, c.instance_id || "")],
+    ["Type", c => el("td", {}, c.instance_type || "")],
+    ["Run time", c => el("td", { class: "num" }, duration(c.run_time))],
+    ["", c => el("td", {}, cancelButton(c))],
+  ], "Nothing is running."));
+}
+
+async function refresh() {
+  clearTimeout(timer);
+  if (!sessionStorage.getItem(TOKEN_KEY)) return showLogin();
+  if (busy) return;
+  busy = true;
+  try {
+    const active = "state=Queued&state=Locked&state=Running&limit=1000";
+    const [summary, instances, containers] = await Promise.all([
+      api("GET", "/api/v1/summary"),
+      api("GET", "/api/v1/instances"),
+      api("GET", `/api/v1/containers?${active}`),
+    ]);
+    renderTotals(summary);
+    renderInstances(instances.items);
+    renderContainers(containers.items);
+    $("login").hidden = true;
+    $("status").hidden = false;
+    $("logout").hidden = false;
+    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    if ($("message").className !== "info") showMessage("");
+  } catch (err) {
+    if (err instanceof AuthError) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      busy = false;
+      return showLogin("The management token was refused: " + err.message);
+    }
+    showMessage(err.message);
+  } finally {
+    busy = false;
+  }
+  timer = setTimeout(refresh, REFRESH_MS);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = $("token").value.trim();
+    if (!token) return;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    $("token").value = "";
+    showMessage("");
+    refresh();
+  });
+  $("logout").addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    showMessage("");
+    showLogin();
+  });
+  refresh();
+});

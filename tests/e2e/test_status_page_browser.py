@@ -1,0 +1,200 @@
+"""The status page in a real headless Chromium, against a real API server.
+
+The engine is a Dispatcher on the wall-clock ThreadRuntime and the sim driver with fast
+timings, served by an APIServer in this process.  The test types the token into the page, sees
+the instance and the containers, drains the instance from the page and watches it change.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from herder.api import APIServer
+from herder.config import Config, load_config
+from herder.dispatcher import Dispatcher
+from herder.model import ContainerSpec, RuntimeConstraints
+from herder.runtime import ThreadRuntime
+from herder.testing.sim import SimDriver
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs chromium and chromedriver (Debian packages chromium, chromium-driver)",
+)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TOKEN = "browser-test-token-5d1f0c"
+#: A container name that would run script if the page ever inserted it as HTML.
+EVIL_NAME = '<img src=x onerror="document.title=\'pwned\'">evil'
+
+
+def fast_sim_config() -> Config:
+    config = load_config(EXAMPLES / "sim.yaml")
+    cloud = config.cloud.model_copy(
+        update={
+            "driver_parameters": {"seed": 1, "boot_delay": 0.2},
+            "poll_interval": 0.2,
+            "probe_interval": 0.2,
+            "sync_interval": 0.5,
+            "timeout_idle": 600.0,
+        }
+    )
+    return config.model_copy(
+        update={
+            "cloud": cloud,
+            "queue": config.queue.model_copy(update={"path": ":memory:"}),
+            "api": config.api.model_copy(
+                update={"listen": "127.0.0.1:0", "management_token": TOKEN,
+                        "management_token_env": ""}
+            ),
+        }
+    )
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[APIServer, Dispatcher]]:
+    config = fast_sim_config()
+    runtime = ThreadRuntime()
+    dispatcher = Dispatcher(config, runtime=runtime, driver=SimDriver())
+    dispatcher.start()
+    api = APIServer(dispatcher, config)
+    api.start()
+    try:
+        yield api, dispatcher
+    finally:
+        api.stop()
+        dispatcher.stop()
+        runtime.shutdown()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tempfile.mkdtemp(prefix="herder-chromium-")
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-background-networking", "--disable-component-update", "--no-first-run",
+        "--disable-sync", "--window-size=1400,1000", f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    # An explicit driver path: Selenium Manager would try to download one.
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except Exception:  # the DOM is being replaced under us: try again
+            value = None
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def submit(dispatcher: Dispatcher, name: str, seconds: int, vcpus: int = 1) -> str:
+    spec = ContainerSpec(
+        command=("sim", str(seconds), "0"),
+        name=name,
+        runtime_constraints=RuntimeConstraints(vcpus=vcpus),
+    )
+    return dispatcher.queue.submit(spec).uuid
+
+
+def test_page_shows_the_fleet_and_drains_an_instance(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    api, dispatcher = server
+    running = submit(dispatcher, EVIL_NAME, 600)
+    waiting = submit(dispatcher, "too-big", 600, vcpus=64)  # fits no type: never waits here
+    held = dispatcher.queue.submit(
+        ContainerSpec(command=("sim", "5", "0"), name="on-hold", priority=0)
+    ).uuid
+    instance = wait_for(
+        "the container to run",
+        lambda: next((v.instance for v in dispatcher.pool.instances()
+                      if running in v.running_container_uuids), None),
+    )
+
+    # A wrong token first: the page says so and asks again.
+    browser.get(api.url + "/")
+    token_box = wait_for("the token form", lambda: browser.find_element(By.ID, "token"))
+    token_box.send_keys("not-the-token")
+    browser.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
+    message = wait_for(
+        "the refusal", lambda: browser.find_element(By.ID, "message").text or None
+    )
+    assert "token was refused" in message
+    assert browser.find_element(By.ID, "login").is_displayed()
+
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
+    row = wait_for(
+        "the instance row",
+        lambda: browser.find_element(By.CSS_SELECTOR, f'tr[data-instance="{instance}"]'),
+    )
+    assert "running" in row.find_element(By.CSS_SELECTOR, ".worker-state").text
+    assert row.find_element(By.CSS_SELECTOR, ".idle-behavior").text == "run"
+    assert running in row.text and "$0.050" in row.text
+    # The containers: the running one (its name shown as text, not markup), the one on hold in
+    # the queue with its scheduling status.
+    ctr_row = browser.find_element(By.CSS_SELECTOR, f'#running tr[data-container="{running}"]')
+    assert ctr_row.find_element(By.CSS_SELECTOR, ".name").text == EVIL_NAME
+    assert browser.title == "herder"
+    queued = browser.find_element(By.CSS_SELECTOR, f'#queue tr[data-container="{held}"]')
+    assert queued.find_element(By.CSS_SELECTOR, ".status").text
+    assert dispatcher.queue.get(waiting).state.value == "Cancelled"  # unsatisfiable
+    assert "$0.050" in browser.find_element(By.ID, "cost-per-hour").text
+    # The token survives a reload of the tab: no second login.
+    browser.refresh()
+    wait_for("the page after reload",
+             lambda: browser.find_element(By.CSS_SELECTOR, f'tr[data-instance="{instance}"]'))
+    assert not browser.find_element(By.ID, "login").is_displayed()
+    browser.save_screenshot(str(tmp_path / "status-before.png"))
+
+    row = browser.find_element(By.CSS_SELECTOR, f'tr[data-instance="{instance}"]')
+    row.find_element(By.CSS_SELECTOR, 'button[data-action="drain"]').click()
+    wait_for(
+        "the drain to show",
+        lambda: browser.find_element(
+            By.CSS_SELECTOR, f'tr[data-instance="{instance}"] .idle-behavior'
+        ).text == "drain",
+    )
+    [view] = [v for v in dispatcher.pool.instances() if v.instance == instance]
+    assert view.idle_behavior.value == "drain"
+
+    # Cancelling the container lets the drained instance shut down; the page follows.
+    dispatcher.queue.cancel(running, "test")
+    def shut_down() -> bool:
+        cells = browser.find_elements(
+            By.CSS_SELECTOR, f'tr[data-instance="{instance}"] .worker-state'
+        )
+        return not cells or "shutdown" in cells[0].text
+
+    wait_for("the instance to shut down", shut_down, timeout=30)
+    browser.save_screenshot(str(tmp_path / "status-after.png"))
+    shots = os.environ.get("HERDER_SCREENSHOT_DIR")
+    if shots:
+        for name in ("status-before.png", "status-after.png"):
+            shutil.copy(tmp_path / name, Path(shots) / name)
