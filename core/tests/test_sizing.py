@@ -300,3 +300,23 @@ def test_accommodates_every_field(field):
     assert have.accommodates(need)
     setattr(need, field, 11)
     assert not have.accommodates(need)
+
+
+def test_config_sizer_remembers_answers_per_ask():
+    from herder.model import Container, ContainerSpec, ContainerState, RuntimeConstraints
+    from herder.sizing import ConfigSizer, ConstraintsNotSatisfiable
+
+    small = InstanceType("small", "s", vcpus=2, ram=4 * 1024**3, price=0.1)
+    sizer = ConfigSizer({"small": small})
+
+    def ctr(vcpus: int) -> Container:
+        spec = ContainerSpec(command=("true",), runtime_constraints=RuntimeConstraints(vcpus=vcpus))
+        return Container("zzzzz-dz642-000000000000001", ContainerState.QUEUED, 1, spec, 0.0)
+
+    first = sizer.choose_instance_types(ctr(1))
+    assert first == [small]
+    first.clear()  # callers may change the list they get without changing the next answer
+    assert sizer.choose_instance_types(ctr(1)) == [small]
+    for _ in range(2):  # a cached refusal is raised again, every time
+        with pytest.raises(ConstraintsNotSatisfiable, match="not satisfiable"):
+            sizer.choose_instance_types(ctr(64))

@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "herder.commands.plugins",
     "herder.commands.containers",
     "herder.commands.instances",
+    "herder.commands.cloudtest",
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

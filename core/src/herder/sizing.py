@@ -128,14 +128,29 @@ class ConfigSizer(Sizer):
         self.instance_types = dict(instance_types)
         self.reserve_extra_ram = reserve_extra_ram
         self.maximum_price_factor = maximum_price_factor
+        # The choice depends only on what the container asks for, and a large queue holds a few
+        # distinct asks many times: remember each answer (errors included) once.
+        self._choices: dict[
+            tuple[object, object], list[InstanceType] | ConstraintsNotSatisfiable
+        ] = {}
 
     def resources_needed(self, container: Container) -> InstanceResources:
         return resources_needed(container, self.reserve_extra_ram)
 
     def choose_instance_types(self, container: Container) -> list[InstanceType]:
-        return choose_instance_types(
-            container,
-            self.instance_types,
-            reserve_extra_ram=self.reserve_extra_ram,
-            maximum_price_factor=self.maximum_price_factor,
-        )
+        key = (container.runtime_constraints, container.scheduling_parameters.preemptible)
+        cached = self._choices.get(key)
+        if cached is None:
+            try:
+                cached = choose_instance_types(
+                    container,
+                    self.instance_types,
+                    reserve_extra_ram=self.reserve_extra_ram,
+                    maximum_price_factor=self.maximum_price_factor,
+                )
+            except ConstraintsNotSatisfiable as exc:
+                cached = exc
+            self._choices[key] = cached
+        if isinstance(cached, ConstraintsNotSatisfiable):
+            raise ConstraintsNotSatisfiable(str(cached), cached.available)
+        return list(cached)
