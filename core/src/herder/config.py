@@ -174,6 +174,11 @@ class Config(_Strict):
     """The whole configuration file."""
 
     cluster_id: str = "zzzzz"
+    #: "cloud" (herder's elastic cloud engine) or a dispatcher registered by a plugin, which
+    #: ``herder serve`` runs instead (:mod:`herder.dispatch`).
+    dispatcher: str = "cloud"
+    #: Passed unchanged to the dispatcher named by ``dispatcher`` (ignored for "cloud").
+    dispatcher_parameters: dict[str, Any] = Field(default_factory=dict)
     containers: ContainersConfig = Field(default_factory=ContainersConfig)
     cloud: CloudConfig = Field(default_factory=CloudConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
@@ -446,6 +451,11 @@ def _plugin_name_problems(data: dict[str, Any], plugins: Plugins) -> list[Config
     if not isinstance(cloud, dict):
         return []
     problems = []
+    dispatcher = data.get("dispatcher", "cloud")
+    known = plugins.names("dispatcher")
+    if isinstance(dispatcher, str) and dispatcher != "cloud" and dispatcher not in known:
+        message = plugins.unknown_name_message("dispatcher", dispatcher)
+        problems.append(ConfigProblem("dispatcher", message))
     for kind in ("executor", "boot_probe"):
         name = cloud.get(kind, CloudConfig.model_fields[kind].default)
         if isinstance(name, str) and name not in plugins.names(kind):
@@ -456,7 +466,12 @@ def _plugin_name_problems(data: dict[str, Any], plugins: Plugins) -> list[Config
 
 
 def _driver_problems(data: dict[str, Any], plugins: Plugins) -> list[ConfigProblem]:
-    """The driver must be installed, and its own model must accept ``driver_parameters``."""
+    """The driver must be installed, and its own model must accept ``driver_parameters``.
+
+    Not checked when another dispatcher than the cloud engine is chosen: it never loads one.
+    """
+    if data.get("dispatcher", "cloud") != "cloud":
+        return []
     cloud = data.get("cloud", {})
     if not isinstance(cloud, dict):
         return []  # reported by the model already

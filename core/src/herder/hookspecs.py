@@ -69,3 +69,13 @@ def herder_register_boot_probes(registry: Registry) -> None:
 
     Built-in: ``command`` (runs ``cloud.boot_probe_command`` through the executor, SPEC §3.6).
     """
+
+
+@hookspec
+def herder_register_dispatchers(registry: Registry) -> None:
+    """Register dispatchers that ``herder serve`` runs instead of the cloud engine:
+    ``registry.add("local", "herder_dispatcher_local.backend:LocalBackend")``.
+
+    The class must subclass :class:`herder.dispatch.DispatchBackend`; it is imported only when
+    the ``dispatcher`` configuration key names it.
+    """

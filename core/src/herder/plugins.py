@@ -31,6 +31,7 @@ KINDS: dict[str, str] = {
     "driver": "herder_register_drivers",
     "executor": "herder_register_executors",
     "boot_probe": "herder_register_boot_probes",
+    "dispatcher": "herder_register_dispatchers",
 }
 
 _BUILTIN_NAME = "builtin"  # also the entry-point name herder's own distribution declares
@@ -44,7 +45,7 @@ class PluginError(Exception):
 class Registration:
     """One name registered by one plugin."""
 
-    kind: str  # "driver", "executor", "boot_probe"
+    kind: str  # "driver", "executor", "boot_probe", "dispatcher"
     name: str
     target: str  # dotted path "pkg.module:Class"
     plugin: str  # name of the registering plugin
@@ -239,6 +240,12 @@ class Plugins:
         from herder.worker.bootprobe import BootProbe
 
         return self._load_class("boot_probe", name, BootProbe)
+
+    def dispatcher_class(self, name: str) -> type[Any]:
+        """The :class:`herder.dispatch.DispatchBackend` subclass registered as ``name``."""
+        from herder.dispatch.backend import DispatchBackend
+
+        return self._load_class("dispatcher", name, DispatchBackend)
 
     def describe(self) -> list[PluginInfo]:
         """Every installed plugin with what it registers, in load order."""

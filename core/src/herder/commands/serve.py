@@ -6,10 +6,16 @@ import argparse
 import logging
 import signal
 import threading
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from herder.commands import CommandError, Context
 from herder.plugins import PluginError
+
+if TYPE_CHECKING:
+    from herder.config import Config
+    from herder.dispatcher import Dispatcher
+    from herder.runtime import ThreadRuntime
 
 log = logging.getLogger("herder.serve")
 
@@ -32,8 +38,6 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    from pathlib import Path
-
     from herder.api.server import APIServer, APIServerError
     from herder.client import default_data_dir, write_client_file
     from herder.dispatcher import Dispatcher, public_key_from_private
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             raise CommandError(f"containers.dispatch_private_key: {exc}") from exc
 
     runtime = ThreadRuntime()
+    if config.dispatcher != "cloud":
+        return serve_backend(config, ctx, runtime, data_dir)
     try:
         dispatcher = Dispatcher(config, runtime=runtime, plugins=ctx.plugins, public_key=public_key)
     except PluginError as exc:
@@ -109,3 +115,54 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         runtime.shutdown()
         log.info("stopped; containers and instances left running are adopted at the next start")
     return 0
+
+
+def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir: Path) -> int:
+    """Serve a dispatcher registered by a plugin (``dispatcher: <name>``) instead of the cloud
+    engine: the same queue and API, without the instance routes."""
+    from herder.api.server import APIServer, APIServerError
+    from herder.client import write_client_file
+    from herder.dispatch.service import DispatchService, service_routes
+
+    try:
+        service = DispatchService(config, runtime=runtime, plugins=ctx.plugins)
+    except (PluginError, ValueError) as exc:
+        runtime.shutdown()
+        raise CommandError(f"dispatcher: {exc}") from exc
+    # The API reads only the attributes DispatchService shares with the cloud engine.
+    api = APIServer(cast("Dispatcher", service), config, routes=service_routes())
+    try:
+        api.start()
+    except APIServerError as exc:
+        service.stop()
+        runtime.shutdown()
+        raise CommandError(f"api.listen: {exc}") from exc
+    token = config.api.resolve_management_token()
+    if token:
+        write_client_file(data_dir, api.url, token)
+    stop = _stop_on_signals()
+    service.start()
+    log.info("serving cluster %s: dispatcher %s, queue %s, API %s",
+             config.cluster_id, config.dispatcher, config.queue.path, api.url)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        api.stop()
+        service.stop()
+        runtime.shutdown()
+        log.info("stopped; containers left running are taken up again at the next start")
+    return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop

@@ -1,0 +1,105 @@
+"""What ``herder serve`` runs when ``dispatcher`` names a :class:`DispatchBackend`.
+
+The management API was written against the cloud engine (:class:`herder.dispatcher.Dispatcher`);
+this service offers the same attributes so that the container, service and status routes work
+unchanged.  There are no instances: the pool reports none and the instance actions are not
+served (:func:`service_routes`), and the scheduler reports no scheduling status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+from herder.config import Config
+from herder.dispatch.backend import DispatchBackend
+from herder.model import ContainerState, InstanceView
+from herder.plugins import Plugins
+from herder.queue.base import ContainerQueue
+from herder.runtime import Runtime
+from herder.sizing import ConfigSizer
+
+if TYPE_CHECKING:
+    from herder.api.routes import Route
+
+log = logging.getLogger(__name__)
+
+
+class NoInstances:
+    """The pool as the API sees it, for a backend that has no instances."""
+
+    def instances(self) -> list[InstanceView]:
+        return []
+
+    def check_health(self) -> None:
+        """Healthy while the process serves: the backend reports its own failures in logs."""
+
+
+class NoScheduler:
+    """The scheduler as the API sees it: no pass ever records a scheduling status."""
+
+    passes = 0
+
+    def snapshot(self) -> list[Any]:
+        return []
+
+
+class DispatchService:
+    """A SQLite queue plus one backend, started and stopped together."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        runtime: Runtime,
+        plugins: Plugins | None = None,
+        queue: ContainerQueue | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.plugins = plugins or Plugins.load()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        cls = self.plugins.dispatcher_class(config.dispatcher)
+        self.backend: DispatchBackend = cls(
+            config, config.dispatcher_parameters, runtime=runtime, registry=self.registry
+        )
+        self.instance_types = self.backend.instance_types()
+        if queue is None:
+            from herder.queue.sqlite import SqliteQueue
+
+            queue = SqliteQueue(
+                config.queue.path,
+                runtime=runtime,
+                sizer=ConfigSizer(
+                    self.instance_types,
+                    reserve_extra_ram=config.containers.reserve_extra_ram,
+                    maximum_price_factor=config.containers.maximum_price_factor,
+                ),
+                cluster_id=config.cluster_id,
+                max_dispatch_attempts=config.containers.max_dispatch_attempts,
+            )
+        self.queue = queue
+        self.pool = NoInstances()
+        self.scheduler = NoScheduler()
+
+    def start(self) -> None:
+        self.backend.start(self.queue)
+
+    def stop(self) -> None:
+        self.backend.stop()
+        self.queue.close()
+
+    def active_counts(self) -> dict[ContainerState, int]:
+        return self.queue.counts()
+
+
+def service_routes() -> Sequence[Route]:
+    """The API routes that make sense without instances: all but the instance ones."""
+    from herder.api.routes import API_PREFIX, ROUTES
+
+    prefix = f"{API_PREFIX}/instances"
+    return tuple(r for r in ROUTES if not r.path.startswith(prefix))

@@ -1,0 +1,104 @@
+"""Dispatchers registered by plugins: the hook, the config key, and what serve runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from herder.config import Config, check_config
+from herder.dispatch import DispatchBackend
+from herder.dispatch.service import DispatchService, service_routes
+from herder.hookspecs import hookimpl
+from herder.model import ContainerSpec, ContainerState, InstanceType, RuntimeConstraints
+from herder.plugins import PluginError, Plugins
+from herder.queue.base import ContainerQueue
+from herder.runtime import VirtualRuntime
+
+
+class EchoBackend(DispatchBackend):
+    """Completes every container it is given with exit code 0 (the guide's example, reduced)."""
+
+    started: ContainerQueue | None = None
+
+    def instance_types(self) -> dict[str, InstanceType]:
+        return {"one": InstanceType("one", "one", vcpus=1, ram=1 << 30)}
+
+    def start(self, queue: ContainerQueue) -> None:
+        from herder.dispatch import Dispatcher
+
+        def run(job):  # type: ignore[no-untyped-def]
+            job.set_running()
+            job.finish(0)
+
+        self.dispatcher = Dispatcher(queue, run, runtime=self.runtime)
+        self.dispatcher.start()
+
+    def stop(self) -> None:
+        self.dispatcher.stop()
+
+
+class NotABackend:
+    pass
+
+
+@hookimpl
+def herder_register_dispatchers(registry):  # type: ignore[no-untyped-def]
+    registry.add("echo", EchoBackend, "test backend")
+    registry.add("bogus", NotABackend, "not a backend")
+
+
+class _Plugin:
+    herder_register_dispatchers = staticmethod(herder_register_dispatchers)
+
+
+PLUGIN = _Plugin()
+
+
+@pytest.fixture
+def plugins() -> Plugins:
+    return Plugins.load(entry_points=False, extra=[PLUGIN])
+
+
+def test_dispatcher_class_loads_registered_backends(plugins: Plugins) -> None:
+    assert "echo" in plugins.names("dispatcher")
+    assert plugins.dispatcher_class("echo") is EchoBackend
+    with pytest.raises(PluginError, match="not a"):
+        plugins.dispatcher_class("bogus")
+    with pytest.raises(PluginError, match="unknown dispatcher 'nope'"):
+        plugins.dispatcher_class("nope")
+
+
+def test_config_defaults_to_the_cloud_engine() -> None:
+    assert Config().dispatcher == "cloud" and Config().dispatcher_parameters == {}
+
+
+def test_config_check_reports_an_unknown_dispatcher(tmp_path: Path, plugins: Plugins) -> None:
+    path = tmp_path / "herder.yaml"
+    path.write_text("dispatcher: nope\n")
+    problems = check_config(path, plugins)
+    assert [p.key for p in problems] == ["dispatcher"]
+    path.write_text("dispatcher: echo\n")
+    assert check_config(path, plugins) == []
+
+
+def test_service_runs_the_backend_on_a_queue_sized_by_it(plugins: Plugins) -> None:
+    rt = VirtualRuntime()
+    config = Config.model_validate({"dispatcher": "echo", "queue": {"path": ":memory:"}})
+    service = DispatchService(config, runtime=rt, plugins=plugins)
+    service.start()
+    fits = service.queue.submit(ContainerSpec(command=("true",)))
+    too_big = service.queue.submit(
+        ContainerSpec(command=("true",), runtime_constraints=RuntimeConstraints(vcpus=2))
+    )
+    rt.run_until_idle()
+    assert service.queue.get(fits.uuid).state is ContainerState.COMPLETE  # type: ignore[union-attr]
+    assert too_big.state is ContainerState.CANCELLED
+    assert service.pool.instances() == [] and service.scheduler.snapshot() == []
+    service.stop()
+
+
+def test_service_routes_leave_out_instances() -> None:
+    paths = {r.path for r in service_routes()}
+    assert "/api/v1/containers" in paths
+    assert not any("/instances" in p for p in paths)

@@ -1,0 +1,1 @@
+"""herder's driver for Amazon EC2 (``cloud.driver: aws``)."""

@@ -1,0 +1,45 @@
+"""Quota groups of EC2 instance types (SPEC §16.2).
+
+AWS limits vCPUs per instance *family* (standard A/C/D/H/I/M/R/T/Z, G and VT, P5, ...), on
+demand and spot separately.  When one family is full, herder stops creating types of that
+family only, so every type must map to the group AWS counts it in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+#: AWS's own grouping of "Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances" and
+#: the G/VT and P5 quotas; other families are a group of their own, named by their letters.
+DEFAULT_QUOTA_GROUPS: dict[str, str] = {
+    **dict.fromkeys("acdhimrtz", "standard"),
+    "vt": "g",
+    "p5": "p5",
+}
+
+
+def quota_group(provider_type: str, preemptible: bool, groups: Mapping[str, str]) -> str:
+    """The quota group of ``provider_type``, with ``-spot`` for spot instances.
+
+    The base group is the leading run of letters (``trn1.2xlarge`` → ``trn``).  A configured
+    prefix at least as long as that run overrides it, the longest one winning, so ``p5`` can
+    be its own group while ``p4`` stays in ``p``; shorter prefixes are never consulted, so the
+    ``t`` of the standard group does not capture ``trn``.
+    """
+    name = provider_type.lower()
+    base = ""
+    for ch in name:
+        if not ("a" <= ch <= "z"):
+            break
+        base += ch
+    if base == name:  # all letters, or empty: not an EC2 type name
+        base = ""
+    group = base
+    if base:
+        for length in range(len(base), len(name)):
+            override = groups.get(name[:length])
+            if override is not None:
+                group = override
+    if preemptible:
+        group += "-spot"
+    return group

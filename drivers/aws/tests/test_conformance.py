@@ -1,0 +1,57 @@
+"""The conformance suite against the EC2 emulator, through the real boto3 client.
+
+Quota, capacity and rate-limit errors cannot happen in the emulator, so the hooks make the
+emulated RunInstances fail with AWS's own error codes (the backend raises them exactly as EC2
+sends them: an HTTP 400 with the code and message).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from herder_driver_aws.driver import AWSDriver
+from moto.ec2.exceptions import EC2ClientError
+from moto.ec2.models.instances import InstanceBackend
+
+from herder.model import GPUSpec, InstanceType
+from herder.testing.conformance import *  # noqa: F403  (collects TestDriverConformance)
+from herder.testing.conformance import ConformanceHarness, ConformanceTarget
+
+ON_DEMAND = InstanceType(name="m5.large", provider_type="m5.large", vcpus=2, ram=8 << 30,
+                         price=0.096)
+SPOT = InstanceType(name="m5.large.spot", provider_type="m5.large", vcpus=2, ram=8 << 30,
+                    price=0.04, preemptible=True)
+GPU = InstanceType(name="g5.xlarge", provider_type="g5.xlarge", vcpus=4, ram=16 << 30,
+                   price=1.006, gpu=GPUSpec(stack="cuda", device_count=1, vram=24 << 30))
+
+
+def _failing_run(code: str, message: str) -> Any:
+    def run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise EC2ClientError(code, message)
+
+    return run_instances
+
+
+@pytest.fixture
+def conformance_target(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[ConformanceTarget]:
+    def provoke(code: str, message: str) -> Any:
+        def hook(h: ConformanceHarness) -> None:
+            with monkeypatch.context() as m:
+                m.setattr(InstanceBackend, "run_instances", _failing_run(code, message))
+                h.create()
+
+        return hook
+
+    yield ConformanceTarget(
+        driver=AWSDriver(),
+        params={"region": "us-east-1"},
+        image_id="ami-12c6146b",
+        instance_types=[ON_DEMAND, SPOT, GPU],
+        provoke_quota_error=provoke("InstanceLimitExceeded", "You have requested more instances"),
+        provoke_capacity_error=provoke(
+            "InsufficientInstanceCapacity", "We currently do not have sufficient m5.large capacity"
+        ),
+        provoke_rate_limit_error=provoke("RequestLimitExceeded", "Request limit exceeded."),
+    )
