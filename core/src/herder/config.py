@@ -380,7 +380,11 @@ def _read_text(path: str | os.PathLike[str]) -> tuple[str | None, list[ConfigPro
 
 def _parse_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], int], list[ConfigProblem]]:
     """(data, line of every key path, problems)."""
-    loader = _DuplicateCheckingLoader(text)
+    try:
+        # Building the loader already reads the stream: bad characters fail here.
+        loader = _DuplicateCheckingLoader(text)
+    except yaml.YAMLError as exc:
+        return None, {}, [ConfigProblem("", f"invalid YAML: {exc}")]
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None

@@ -1,7 +1,8 @@
 """Durations (``10s``, ``1m30s``, ``2h``) and byte sizes (``4GiB``, ``500MB``) as people write them.
 
 Durations follow the Go syntax Arvados configs use, so an operator can carry values over: a
-sequence of ``<number><unit>`` with units ``ns us µs ms s m h``; a bare ``0`` is allowed and a bare
+sequence of ``<number><unit>`` with units ``ns us µs ms s m h`` (and ``d`` for days, which
+herder also writes); a bare ``0`` is allowed and a bare
 number is taken as seconds.  Sizes accept integers, or a number with a decimal (``K M G T P E``,
 powers of 1000) or binary (``Ki Mi Gi Ti Pi Ei``, powers of 1024) prefix, an optional ``B`` and an
 optional space between number and unit.
@@ -20,8 +21,9 @@ _DURATION_UNITS = {
     "s": 1.0,
     "m": 60.0,
     "h": 3600.0,
+    "d": 86400.0,
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTPE]i?)?B?\s*$")
 _SIZE_PREFIX = {
@@ -109,8 +111,8 @@ def parse_size(value: object) -> int:
             raise ValueError(f"invalid size {value!r}: must not be negative")
         return value
     if isinstance(value, float):
-        if value < 0 or math.isnan(value):
-            raise ValueError(f"invalid size {value!r}: must not be negative")
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"invalid size {value!r}: must be a finite, non-negative number")
         return int(value)
     if not isinstance(value, str):
         raise ValueError(f"invalid size {value!r}: expected e.g. 4GiB, 500MB, 1024")
@@ -120,9 +122,10 @@ def parse_size(value: object) -> int:
             f"invalid size {value!r}: expected a number with an optional unit "
             "(K, M, G, T for powers of 1000; Ki, Mi, Gi, Ti for powers of 1024), e.g. 4GiB, 500MB"
         )
-    number = float(match.group(1))
-    prefix = match.group(2)
-    return int(number * (_SIZE_PREFIX[prefix] if prefix else 1))
+    number = float(match.group(1)) * (_SIZE_PREFIX[match.group(2)] if match.group(2) else 1)
+    if not math.isfinite(number):
+        raise ValueError(f"invalid size {value!r}: too large")
+    return int(number)
 
 
 def format_size(nbytes: int) -> str:
