@@ -8,7 +8,7 @@ is ``docs/dispatch.md``.
 """
 
 from herder.dispatch.backend import DispatchBackend
-from herder.dispatch.dispatcher import CanRun, Dispatcher, Job, RunFunction
+from herder.dispatch.dispatcher import CanRun, Dispatcher, Job, RunFunction, UpdateAction
 from herder.dispatch.throttle import Throttle
 from herder.dispatch.updates import CloseReason, Updates
 
@@ -20,5 +20,6 @@ __all__ = [
     "Job",
     "RunFunction",
     "Throttle",
+    "UpdateAction",
     "Updates",
 ]

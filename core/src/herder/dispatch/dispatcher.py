@@ -9,6 +9,7 @@ each to the function again so that it can re-attach or clean up.
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -29,6 +30,15 @@ HELD_STATES = (LOCKED, RUNNING)
 RunFunction = Callable[["Job"], None]
 #: Asked before locking a Queued container: False leaves it for another time (no capacity).
 CanRun = Callable[[Container], bool]
+
+
+class UpdateAction(enum.StrEnum):
+    """What a backend does after an update (:meth:`Job.next_action`)."""
+
+    KEEP = "keep"  # nothing to do
+    FORGET = "forget"  # the dispatcher is shutting down: drop the job, leave the container
+    STOP = "stop"  # stop the running work (cancelled, vanished, or given back)
+    CANCEL = "cancel"  # priority 0: cancel the container, which then stops it
 
 
 class Job:
@@ -72,6 +82,33 @@ class Job:
 
     def append_log(self, data: bytes) -> None:
         self.queue.append_log(self.uuid, data)
+
+    def cancel_quietly(self, reason: str) -> None:
+        """:meth:`cancel`, ignoring a queue that already moved on (e.g. it just finished)."""
+        try:
+            self.cancel(reason)
+        except QueueError as exc:
+            log.debug("not cancelling %s: %s", self.uuid, exc)
+
+    def next_action(self) -> UpdateAction:
+        """Read the newest update and say what a backend must do about it.
+
+        The one rule every backend follows: a cancelled, vanished or released container is
+        stopped; priority 0 on a held container cancels it (as Arvados' local dispatcher does);
+        at shutdown the backend just forgets it, leaving it running for the next start.
+        """
+        latest = self.updates.take() or self.updates.latest
+        reason = self.updates.close_reason
+        if reason is CloseReason.SHUTDOWN:
+            return UpdateAction.FORGET
+        if latest.state is ContainerState.CANCELLED or reason in (
+            CloseReason.VANISHED,
+            CloseReason.RELEASED,
+        ):
+            return UpdateAction.STOP
+        if latest.priority == 0 and not latest.state.final:
+            return UpdateAction.CANCEL
+        return UpdateAction.KEEP
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import herder.agent
 from herder.config import Config, Duration, Size
-from herder.dispatch import CloseReason, DispatchBackend, Dispatcher, Job
+from herder.dispatch import DispatchBackend, Dispatcher, Job, UpdateAction
 from herder.model import Container, ContainerState, InstanceType
 from herder.queue.base import ContainerQueue, QueueError
 from herder.runner_protocol import ListResult, config_document, parse_list_output
@@ -195,26 +195,14 @@ class LocalBackend(DispatchBackend):
 
     def _on_update(self, job: Job) -> None:
         """A record changed: stop the container if it was cancelled or held back."""
-        latest = job.updates.take() or job.updates.latest
-        reason = job.updates.close_reason
-        if reason is CloseReason.SHUTDOWN:
+        action = job.next_action()
+        if action is UpdateAction.FORGET:
             with self._lock:
                 self._jobs.pop(job.uuid, None)
-            return
-        if latest.state is ContainerState.CANCELLED or reason in (
-            CloseReason.VANISHED,
-            CloseReason.RELEASED,
-        ):
+        elif action is UpdateAction.STOP:
             self.runtime.spawn(lambda: self._kill(job.uuid))
-        elif latest.priority == 0 and not latest.state.final:
-            # As Arvados' local dispatcher: priority 0 on a running container means stop it.
-            self.runtime.spawn(lambda: self._cancel(job, "priority set to 0"))
-
-    def _cancel(self, job: Job, reason: str) -> None:
-        try:
-            job.cancel(reason)
-        except QueueError as exc:
-            log.debug("not cancelling %s: %s", job.uuid, exc)
+        elif action is UpdateAction.CANCEL:
+            self.runtime.spawn(lambda: job.cancel_quietly("priority set to 0"))
 
     def _kill(self, uuid: str) -> None:
         try:

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
 from herder.config import Config, Duration, Size
-from herder.dispatch import CloseReason, DispatchBackend, Dispatcher, Job
+from herder.dispatch import DispatchBackend, Dispatcher, Job, UpdateAction
 from herder.model import Container, ContainerState, InstanceType
 from herder.queue.base import ContainerQueue, QueueError
 from herder.runtime import Runtime, TimerHandle
@@ -233,25 +233,15 @@ class SlurmBackend(DispatchBackend):
         return self.work_dir / f"{uuid}.exit"
 
     def _on_update(self, job: Job) -> None:
-        latest = job.updates.take() or job.updates.latest
-        reason = job.updates.close_reason
-        if reason is CloseReason.SHUTDOWN:
+        """A record changed: cancel the Slurm job if the container was cancelled or held back."""
+        action = job.next_action()
+        if action is UpdateAction.FORGET:
             with self._lock:
                 self._jobs.pop(job.uuid, None)
-            return
-        if latest.state is ContainerState.CANCELLED or reason in (
-            CloseReason.VANISHED,
-            CloseReason.RELEASED,
-        ):
+        elif action is UpdateAction.STOP:
             self.runtime.spawn(lambda: self._scancel(job.uuid))
-        elif latest.priority == 0 and not latest.state.final:
-            self.runtime.spawn(lambda: self._cancel(job, "priority set to 0"))
-
-    def _cancel(self, job: Job, reason: str) -> None:
-        try:
-            job.cancel(reason)
-        except QueueError as exc:
-            log.debug("not cancelling %s: %s", job.uuid, exc)
+        elif action is UpdateAction.CANCEL:
+            self.runtime.spawn(lambda: job.cancel_quietly("priority set to 0"))
 
     def _scancel(self, uuid: str) -> None:
         with self._lock:
