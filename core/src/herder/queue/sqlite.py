@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
+from herder.callbacks import Callbacks
 from herder.model import (
     CLUSTER_ID_RE,
     Container,
@@ -429,9 +430,10 @@ class SqliteQueue(ContainerQueue):
         self._always_preemptible = always_use_preemptible
         self._lock = threading.Lock()
         self._entries: dict[str, QueueEntry] = {}
-        self._listeners: list[Listener] = []
-        self._observers: list[Observer] = []
-        self._listeners_lock = threading.Lock()
+        self._listeners: Callbacks[[]] = Callbacks("queue listener", log)
+        self._observers: Callbacks[[Container | None, Container]] = Callbacks(
+            "queue observer", log
+        )
         self._closed = False
         # isolation_level=None: no implicit transactions; every write opens its own explicitly.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -541,13 +543,7 @@ class SqliteQueue(ContainerQueue):
 
     def _notify(self) -> None:
         """Call every listener; one failing listener must not starve the others."""
-        with self._listeners_lock:
-            listeners = list(self._listeners)
-        for listener in listeners:
-            try:
-                listener()
-            except Exception:
-                log.exception("queue listener %r failed", listener)
+        self._listeners.call()
 
     def _prepare(self, spec: ContainerSpec, now: float) -> tuple[Container, _Sizing]:
         """Validate and size a submission; unsatisfiable ones come back Cancelled."""
@@ -768,34 +764,14 @@ class SqliteQueue(ContainerQueue):
     # ---- notifications and lifecycle
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
-        with self._listeners_lock:
-            self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            with self._listeners_lock, contextlib.suppress(ValueError):
-                self._listeners.remove(listener)
-
-        return unsubscribe
+        return self._listeners.add(listener)
 
     def observe(self, observer: Observer) -> Callable[[], None]:
-        with self._listeners_lock:
-            self._observers.append(observer)
-
-        def unobserve() -> None:
-            with self._listeners_lock, contextlib.suppress(ValueError):
-                self._observers.remove(observer)
-
-        return unobserve
+        return self._observers.add(observer)
 
     def _observed(self, old: Container | None, new: Container) -> None:
         """Tell every observer about one change; a failing observer must not break the change."""
-        with self._listeners_lock:
-            observers = list(self._observers)
-        for observer in observers:
-            try:
-                observer(old, new)
-            except Exception:
-                log.exception("queue observer %r failed", observer)
+        self._observers.call(old, new)
 
     def close(self) -> None:
         with self._lock:

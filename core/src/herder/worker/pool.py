@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from herder.callbacks import Callbacks
 from herder.cloud import CapacityError, Instance, InstanceSet, QuotaError
 from herder.config import Config
 from herder.executor import ExecutorFactory
@@ -137,7 +138,7 @@ class Pool(WorkerPool):
         self._quota_until_fewer = 0  # at quota until fewer than this many instances
         self._quota_until = 0.0
         self._capacity_until: dict[CapacityKey, float] = {}
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: Callbacks[[]] = Callbacks("pool subscriber", self._log)
         self._last_seq = 0
         self._started = False
         self._stopped = False
@@ -202,28 +203,14 @@ class Pool(WorkerPool):
     # ------------------------------------------------------------------ notification
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
-        with self._lock:
-            self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-
-        return unsubscribe
+        return self._listeners.add(listener)
 
     def _notify(self) -> None:
         """Tell subscribers something changed, soon, outside the lock; bursts coalesce."""
         self._notify_trigger.fire()
 
     def _call_listeners(self) -> None:
-        with self._lock:
-            listeners = list(self._listeners)
-        for listener in listeners:
-            try:
-                listener()
-            except Exception:
-                self._log.exception("pool subscriber %r failed", listener)
+        self._listeners.call()
 
     def _next_seq(self) -> int:
         """Next modification number (caller holds the lock)."""
