@@ -3,11 +3,12 @@
 :class:`Dispatcher` watches a :class:`~herder.queue.base.ContainerQueue`, locks the containers it
 may run and calls a function once per container with a :class:`Job`: the container's record, a
 stream of its later records (:class:`Updates`) and the state changes the function may make.
-:class:`DispatchBackend` is what a plugin registers so that ``herder serve`` runs it.  The guide
-is ``docs/dispatch.md``.
+:class:`DispatchBackend` is what a plugin registers so that ``herder serve`` runs it;
+:class:`ProbingBackend` does the common work of one that hands containers to another system.
+The guide is ``docs/dispatch.md``.
 """
 
-from herder.dispatch.backend import DispatchBackend
+from herder.dispatch.backend import DispatchBackend, ProbingBackend, ProbingParameters
 from herder.dispatch.dispatcher import CanRun, Dispatcher, Job, RunFunction, UpdateAction
 from herder.dispatch.throttle import Throttle
 from herder.dispatch.updates import CloseReason, Updates
@@ -18,6 +19,8 @@ __all__ = [
     "DispatchBackend",
     "Dispatcher",
     "Job",
+    "ProbingBackend",
+    "ProbingParameters",
     "RunFunction",
     "Throttle",
     "UpdateAction",

@@ -17,21 +17,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 import herder.agent
-from herder.config import Config, Duration, Size
-from herder.dispatch import DispatchBackend, Dispatcher, Job, UpdateAction
+from herder.config import Config, Size
+from herder.dispatch import Job, ProbingBackend, ProbingParameters
 from herder.model import Container, ContainerState, InstanceType
-from herder.queue.base import ContainerQueue, QueueError
+from herder.queue.base import QueueError
 from herder.runner_protocol import ListResult, config_document, parse_list_output
-from herder.runtime import Runtime, TimerHandle
+from herder.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +39,12 @@ RUNNER = Path(herder.agent.__file__).with_name("herder_runner.py")
 RUNNER_TIMEOUT = 60.0
 
 
-class LocalParameters(BaseModel):
+class LocalParameters(ProbingParameters):
     """``dispatcher_parameters`` of the local dispatcher."""
-
-    model_config = ConfigDict(extra="forbid")
 
     vcpus: int = Field(0, ge=0, description="CPUs containers may use; 0: the host's count")
     ram: Size = Field(0, ge=0, description="memory containers may use; 0: the host's memory")
     state_dir: str = Field("", description='runner state; "": <queue.path dir>/local-runner')
-    probe_interval: Duration = Field(1.0, gt=0, description="how often exits are looked for")
-    poll_period: Duration = Field(10.0, gt=0, description="queue poll when no change is seen")
-    min_retry_period: Duration = Field(10.0, ge=0, description="wait before retrying a failure")
-    batch_size: int = Field(100, ge=1, description="containers read from the queue at once")
 
 
 class RunnerError(Exception):
@@ -106,7 +99,7 @@ def host_capacity() -> tuple[int, int]:
     return os.cpu_count() or 1, int(ram)
 
 
-class LocalBackend(DispatchBackend):
+class LocalBackend(ProbingBackend):
     """Takes containers from the queue while they fit this host, and runs them here."""
 
     def __init__(
@@ -118,7 +111,7 @@ class LocalBackend(DispatchBackend):
         registry: CollectorRegistry | None = None,
     ) -> None:
         super().__init__(config, parameters, runtime=runtime, registry=registry)
-        self.params = LocalParameters.model_validate(dict(parameters))
+        self.params: LocalParameters = LocalParameters.model_validate(dict(parameters))
         host_vcpus, host_ram = host_capacity()
         self.vcpus = self.params.vcpus or host_vcpus
         self.ram = self.params.ram or host_ram
@@ -126,13 +119,8 @@ class LocalBackend(DispatchBackend):
             Path(config.queue.path).resolve().parent / "local-runner"
         )
         self.runner = Runner(Path(state_dir), config.containers.runtime_engine)
-        self.dispatcher: Dispatcher | None = None
         self._type = InstanceType(INSTANCE_TYPE, INSTANCE_TYPE, self.vcpus, self.ram)
-        self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
         self._started: set[str] = set()  # known to the runner: absence from --list means lost
-        self._probe = runtime.trigger(self._probe_once)
-        self._probe_timer: TimerHandle | None = None
 
     def instance_type(self) -> InstanceType:
         """The host as the one type containers are sized against."""
@@ -145,27 +133,11 @@ class LocalBackend(DispatchBackend):
 
     # ---- lifecycle
 
-    def start(self, queue: ContainerQueue) -> None:
+    def _prepare(self) -> None:
         self._type = self.instance_type()
-        self.dispatcher = Dispatcher(
-            queue,
-            self._run,
-            runtime=self.runtime,
-            poll_period=self.params.poll_period,
-            min_retry_period=self.params.min_retry_period,
-            batch_size=self.params.batch_size,
-            can_run=self._fits,
-        )
-        self.dispatcher.start()
 
-    def stop(self) -> None:
-        """Stop taking containers; the ones running go on and are collected at next start."""
-        if self.dispatcher is not None:
-            self.dispatcher.stop()
-        with self._lock:
-            if self._probe_timer is not None:
-                self._probe_timer.cancel()
-            self._jobs.clear()
+    def _dispatcher_limits(self) -> dict[str, Any]:
+        return {"can_run": self._fits}
 
     # ---- capacity
 
@@ -188,36 +160,16 @@ class LocalBackend(DispatchBackend):
                 log.info("%s already runs here: taking it up", ctr.uuid)
             job.set_running("localhost", INSTANCE_TYPE)
         with self._lock:
-            self._jobs[job.uuid] = job
             self._started.add(job.uuid)
-        job.updates.listen(lambda: self._on_update(job))
-        self._schedule_probe(0.0)
+        self._follow(job)
 
-    def _on_update(self, job: Job) -> None:
-        """A record changed: stop the container if it was cancelled or held back."""
-        action = job.next_action()
-        if action is UpdateAction.FORGET:
-            with self._lock:
-                self._jobs.pop(job.uuid, None)
-        elif action is UpdateAction.STOP:
-            self.runtime.spawn(lambda: self._kill(job.uuid))
-        elif action is UpdateAction.CANCEL:
-            self.runtime.spawn(lambda: job.cancel_quietly("priority set to 0"))
-
-    def _kill(self, uuid: str) -> None:
+    def _stop_job(self, uuid: str) -> None:
         try:
             self.runner.kill(uuid)
         except RunnerError as exc:
             log.warning("cannot stop %s: %s", uuid, exc)
-        self._schedule_probe(0.0)
 
     # ---- probing for exits
-
-    def _schedule_probe(self, delay: float) -> None:
-        with self._lock:
-            if self._probe_timer is not None:
-                self._probe_timer.cancel()
-            self._probe_timer = self.runtime.call_later(delay, self._probe.fire)
 
     def _probe_once(self) -> None:
         """Collect exits; give back containers whose runner is gone; probe again later."""
@@ -232,8 +184,8 @@ class LocalBackend(DispatchBackend):
             self._retry_lost(set(result.running) | set(result.exited))
         with self._lock:
             busy = bool(self._jobs) or (result is not None and bool(result.running))
-        if busy and self.dispatcher is not None:
-            self._schedule_probe(self.params.probe_interval)
+        if busy:
+            self._probe_again()
 
     def _collect(self, uuid: str, code: int) -> None:
         """Record an exit: log, then exit code, then let the runner forget it."""

@@ -17,20 +17,19 @@ import logging
 import re
 import shlex
 import subprocess
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from herder.config import Config, Duration, Size
-from herder.dispatch import DispatchBackend, Dispatcher, Job, UpdateAction
+from herder.dispatch import Job, ProbingBackend, ProbingParameters
 from herder.model import Container, ContainerState, InstanceType
-from herder.queue.base import ContainerQueue, QueueError
-from herder.runtime import Runtime, TimerHandle
+from herder.queue.base import QueueError
+from herder.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +40,15 @@ RUNNING_STATES = frozenset({"RUNNING", "COMPLETING"})
 LOST_STATES = frozenset({"NODE_FAIL", "BOOT_FAIL", "PREEMPTED", "REQUEUED", "DEADLINE"})
 
 
-class SlurmParameters(BaseModel):
+class SlurmParameters(ProbingParameters):
     """``dispatcher_parameters`` of the slurm dispatcher."""
-
-    model_config = ConfigDict(extra="forbid")
 
     partition: str = Field("", description='"": the default partition')
     sbatch_args: list[str] = Field(default_factory=list, description="extra sbatch arguments")
     work_dir: str = Field("", description='"": <queue.path dir>/slurm; nodes must see it')
     vcpus: int = Field(0, ge=0, description="the largest job's CPUs; 0: ask sinfo")
     ram: Size = Field(0, ge=0, description="the largest job's memory; 0: ask sinfo")
-    probe_interval: Duration = Field(2.0, gt=0)
-    poll_period: Duration = Field(10.0, gt=0)
-    min_retry_period: Duration = Field(10.0, ge=0)
-    batch_size: int = Field(100, ge=1)
+    probe_interval: Duration = Field(2.0, gt=0, description="how often squeue is read")
     max_jobs: int | None = Field(None, ge=1, description="containers submitted at once")
 
 
@@ -137,7 +131,7 @@ def job_script(container: Container, work_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-class SlurmBackend(DispatchBackend):
+class SlurmBackend(ProbingBackend):
     """Locks containers and runs each as a Slurm job."""
 
     def __init__(
@@ -149,17 +143,12 @@ class SlurmBackend(DispatchBackend):
         registry: CollectorRegistry | None = None,
     ) -> None:
         super().__init__(config, parameters, runtime=runtime, registry=registry)
-        self.params = SlurmParameters.model_validate(dict(parameters))
+        self.params: SlurmParameters = SlurmParameters.model_validate(dict(parameters))
         self.work_dir = Path(
             self.params.work_dir or Path(config.queue.path).resolve().parent / "slurm"
         )
         self.slurm = Slurm()
-        self.dispatcher: Dispatcher | None = None
-        self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
         self._job_ids: dict[str, str] = {}
-        self._probe = runtime.trigger(self._probe_once)
-        self._probe_timer: TimerHandle | None = None
 
     def instance_types(self) -> dict[str, InstanceType]:
         """The largest node: a container bigger than every node is cancelled at submission."""
@@ -169,27 +158,11 @@ class SlurmBackend(DispatchBackend):
             vcpus, ram = vcpus or node_vcpus, ram or node_ram
         return {INSTANCE_TYPE: InstanceType(INSTANCE_TYPE, INSTANCE_TYPE, vcpus, ram, 1 << 50)}
 
-    def start(self, queue: ContainerQueue) -> None:
+    def _prepare(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.dispatcher = Dispatcher(
-            queue,
-            self._run,
-            runtime=self.runtime,
-            poll_period=self.params.poll_period,
-            min_retry_period=self.params.min_retry_period,
-            batch_size=self.params.batch_size,
-            max_concurrent=self.params.max_jobs,
-        )
-        self.dispatcher.start()
 
-    def stop(self) -> None:
-        """Stop following jobs; they run on and are taken up at next start."""
-        if self.dispatcher is not None:
-            self.dispatcher.stop()
-        with self._lock:
-            if self._probe_timer is not None:
-                self._probe_timer.cancel()
-            self._jobs.clear()
+    def _dispatcher_limits(self) -> dict[str, Any]:
+        return {"max_concurrent": self.params.max_jobs}
 
     # ---- one container
 
@@ -208,10 +181,8 @@ class SlurmBackend(DispatchBackend):
             job.retry("the Slurm job is gone and recorded no exit code")
             return
         with self._lock:
-            self._jobs[job.uuid] = job
             self._job_ids[job.uuid] = job_id
-        job.updates.listen(lambda: self._on_update(job))
-        self._schedule_probe(0.0)
+        self._follow(job)
 
     def _submit(self, ctr: Container) -> str:
         script = self.work_dir / f"{ctr.uuid}.sh"
@@ -232,18 +203,8 @@ class SlurmBackend(DispatchBackend):
     def _exit_file(self, uuid: str) -> Path:
         return self.work_dir / f"{uuid}.exit"
 
-    def _on_update(self, job: Job) -> None:
-        """A record changed: cancel the Slurm job if the container was cancelled or held back."""
-        action = job.next_action()
-        if action is UpdateAction.FORGET:
-            with self._lock:
-                self._jobs.pop(job.uuid, None)
-        elif action is UpdateAction.STOP:
-            self.runtime.spawn(lambda: self._scancel(job.uuid))
-        elif action is UpdateAction.CANCEL:
-            self.runtime.spawn(lambda: job.cancel_quietly("priority set to 0"))
-
-    def _scancel(self, uuid: str) -> None:
+    def _stop_job(self, uuid: str) -> None:
+        """scancel the container's job."""
         with self._lock:
             job_id = self._job_ids.get(uuid, "")
         if job_id:
@@ -251,15 +212,8 @@ class SlurmBackend(DispatchBackend):
                 self.slurm.cancel(job_id)
             except SlurmError as exc:
                 log.warning("cannot cancel Slurm job %s of %s: %s", job_id, uuid, exc)
-        self._schedule_probe(0.0)
 
     # ---- following jobs
-
-    def _schedule_probe(self, delay: float) -> None:
-        with self._lock:
-            if self._probe_timer is not None:
-                self._probe_timer.cancel()
-            self._probe_timer = self.runtime.call_later(delay, self._probe.fire)
 
     def _probe_once(self) -> None:
         """One squeue for every job: mark starts, collect ends."""
@@ -278,8 +232,8 @@ class SlurmBackend(DispatchBackend):
                 self._mark_running(uuid, current.job_id)
         with self._lock:
             busy = bool(self._job_ids)
-        if busy and self.dispatcher is not None:
-            self._schedule_probe(self.params.probe_interval)
+        if busy:
+            self._probe_again()
 
     def _mark_running(self, uuid: str, job_id: str) -> None:
         with self._lock:
