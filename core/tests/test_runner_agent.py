@@ -6,6 +6,7 @@ no container engine.  Each test finishes its containers, and the fixture kills a
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -454,3 +455,134 @@ def test_logs_can_live_outside_the_state_directory(runner: Runner, tmp_path: Pat
     assert runner.log() == b"elsewhere\n"
     assert runner.run("--forget", UUID).returncode == 0
     assert list(logs.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- start-up and --serve
+
+
+def test_the_file_runs_as_a_command_through_its_shell_header(tmp_path: Path) -> None:
+    """Deployed, the agent is run by path: the shell header starts python3 -S -E on it."""
+    deployed = tmp_path / "herder-runner~0123"
+    deployed.write_bytes(RUNNER.read_bytes())
+    deployed.chmod(0o755)
+    path = f"{Path(PYTHON).parent}:{os.environ.get('PATH', '')}"
+    env = {"PATH": path, "HERDER_RUNNER_DIR": str(tmp_path / "state")}
+    res = subprocess.run([str(deployed), "--list"], capture_output=True, timeout=20, env=env)
+    assert (res.returncode, res.stdout, res.stderr) == (0, b"", b"")
+    probe = "import sys; print(sys.flags.no_site, sys.flags.ignore_environment)"
+    # The header's flags are what python3 gets: no site, no PYTHON* variables.
+    header = RUNNER.read_text().splitlines()[2]
+    assert header == 'exec python3 -S -E "$0" "$@"'
+    flags = subprocess.run(
+        ["sh", "-c", header.replace('"$0" "$@"', f"-c '{probe}'")],
+        capture_output=True, timeout=20, env=env,
+    )
+    assert flags.stdout.split() == [b"1", b"1"]
+
+
+class Serve:
+    """One ``--serve`` process and the request/response exchange with it."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.proc = subprocess.Popen(
+            [PYTHON, str(RUNNER), "--state-dir", str(state_dir), "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self.next_id = 0
+
+    def send_line(self, line: bytes) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + b"\n")
+        self.proc.stdin.flush()
+        answer: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        return answer
+
+    def call(self, *argv: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+        self.next_id += 1
+        request = {"id": self.next_id, "argv": list(argv),
+                   "stdin": base64.b64encode(stdin).decode()}
+        answer = self.send_line(json.dumps(request).encode())
+        assert answer["id"] == self.next_id
+        return (answer["status"], base64.b64decode(answer["stdout"]),
+                base64.b64decode(answer["stderr"]))
+
+    def finish(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def serve(runner: Runner) -> Iterator[Serve]:
+    s = Serve(runner.dir)
+    yield s
+    if s.proc.poll() is None:
+        s.proc.kill()
+        s.proc.wait()
+
+
+def test_serve_carries_out_verbs_as_the_one_shot_commands_do(
+    runner: Runner, serve: Serve, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    config = {"uuid": UUID, "runtime": "process", "command": gated("echo hi", "exit 3"),
+              "environment": {"GATE": str(gate)}}
+    status, out, _ = serve.call("--detach", "--stdin-config", UUID,
+                                stdin=json.dumps(config).encode())
+    assert status == 0 and json.loads(out)["uuid"] == UUID
+    # The supervisor is a fork of the serve process, whose command line does not name the
+    # container: it is recognised by its recorded start time, so it is running, not stale.
+    assert serve.call("--list")[:2] == (0, f"{UUID}\n".encode())
+    assert runner.list().running == [UUID]
+    assert runner.lock_record()["start"] > 0
+    gate.touch()
+    assert wait_for(lambda: serve.call("--list")[1] == f"{UUID} exited 3\n".encode())
+    assert serve.call("--log", UUID)[:2] == (0, b"hi\n")
+    assert serve.call("--forget", UUID)[0] == 0
+    assert serve.call("--list")[:2] == (0, b"")
+    assert serve.finish() == 0
+
+
+def test_serve_kills_and_reaps_its_supervisors(runner: Runner, serve: Serve) -> None:
+    config = {"uuid": UUID, "runtime": "process", "command": ["sleep", "30"]}
+    status, out, _ = serve.call("--detach", "--stdin-config", UUID,
+                                stdin=json.dumps(config).encode())
+    pid = json.loads(out)["pid"]
+    assert status == 0
+    assert serve.call("--kill", "TERM", UUID)[0] == 0
+    assert serve.call("--list")[1] == f"{UUID} exited 143\n".encode()
+    # The supervisor was the serve process's child: the next request reaped it.
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"))
+    assert serve.finish() == 0
+
+
+def test_serve_answers_bad_requests_and_keeps_going(serve: Serve) -> None:
+    for line in (b"not json", b"[1, 2]", b'{"id": 7, "argv": "--list"}',
+                 b'{"id": 8, "argv": ["--list"], "stdin": "***"}'):
+        answer = serve.send_line(line)
+        assert answer["status"] == 2, line
+        assert b"bad request" in base64.b64decode(answer["stderr"])
+    assert serve.call("--serve")[0] == 2
+    status, _, err = serve.call("--bogus")
+    assert status == 2 and b"unknown option" in err
+    assert serve.call("--kill", "TERM", "../../etc/passwd")[0] == 2
+    assert serve.call("--list")[0] == 0
+    assert serve.finish() == 0
+
+
+def test_a_reused_pid_with_another_start_time_is_not_the_supervisor(runner: Runner) -> None:
+    """A lock record naming a live process that started at another time: stale, never signalled."""
+    runner.dir.mkdir()
+    stranger = subprocess.Popen(["sleep", "30"])
+    try:
+        lock = runner.dir / f"{UUID}.lock"
+        lock.write_text(json.dumps({"uuid": UUID, "pid": stranger.pid, "start": 1}))
+        with open(lock) as held:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert runner.list().stale == [UUID]
+            res = runner.run("--kill", "TERM", UUID)
+            assert res.returncode == 0 and b"process is gone" in res.stderr
+        assert stranger.poll() is None  # never signalled
+    finally:
+        stranger.kill()
+        stranger.wait()

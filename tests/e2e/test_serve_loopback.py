@@ -198,6 +198,15 @@ def test_fifty_containers_on_four_instances(fast_server: Server, tmp_path: Path)
     assert 1 <= len(installs) <= len(created)
     assert any("boot probe succeeded" in m for m in messages)
     assert any("shutdown worker (state idle" in m for m in messages)
+    # The runner verbs went to one resident agent per instance, never falling back to commands,
+    # and the agents ended with their instances.
+    assert 1 <= sum("resident runner started" in m for m in messages) <= len(created)
+    assert not [m for m in messages if "using commands" in m or "resident runner:" in m]
+    serving = subprocess.run(
+        ["pgrep", "-f", f"{tmp_path}/loopback/runner-bin/herder-runner.* --serve"],
+        capture_output=True, text=True, check=False,
+    )
+    assert serving.stdout == "", "resident runners outlived their instances"
 
 
 def test_restart_after_kill_9_adopts_running_containers(

@@ -40,6 +40,31 @@ class ExecResult:
         return self.exit_status == 0
 
 
+class StreamsUnsupported(ExecutorError):
+    """This executor cannot keep a command open as a stream; use :meth:`Executor.execute`."""
+
+
+class ExecStream(ABC):
+    """A command left running on the instance, spoken to line by line.
+
+    Used for the runner agent's resident mode.  Not safe for concurrent use: the caller
+    serializes.  Every failure (the command ended, the connection dropped, a deadline passed)
+    raises :class:`ExecutorError`; the stream is then unusable and must be closed.
+    """
+
+    @abstractmethod
+    def send(self, data: bytes, timeout: float) -> None:
+        """Write ``data`` to the command's stdin."""
+
+    @abstractmethod
+    def receive_line(self, timeout: float) -> bytes:
+        """The next line of the command's stdout, without its newline."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """End the stream (the command sees EOF on stdin).  Idempotent."""
+
+
 class Executor(ABC):
     """Runs commands on one instance."""
 
@@ -56,6 +81,14 @@ class Executor(ABC):
         A command that ran and failed returns its exit status; a command that could not be run
         raises :class:`ExecutorError`.
         """
+
+    def open_stream(self, command: str, timeout: float) -> ExecStream:
+        """Start ``command`` and keep it running as an :class:`ExecStream`.
+
+        Optional: executors that cannot raise :class:`StreamsUnsupported`, and herder then
+        runs every runner verb as its own command.
+        """
+        raise StreamsUnsupported(f"{type(self).__name__} does not keep commands open")
 
     @abstractmethod
     def set_target(self, instance: Instance) -> None:

@@ -18,6 +18,11 @@ back to the dispatcher nor its credentials:
     print the container's output (herder's addition).
 ``<runner> --forget <uuid>``
     delete the exit record and log once collected (herder's addition).
+``<runner> --serve``
+    herder's addition: the verbs above as JSON lines on one long-running process
+    (``{"id", "argv", "stdin"}`` in, ``{"id", "status", "stdout", "stderr"}`` out, the byte
+    strings base64), so a verb costs a message instead of a command.  See
+    :mod:`herder.worker.runner_client`.
 
 Every argument that comes from data is a validated UUID or is quoted with :func:`shlex.quote`.
 """
@@ -42,26 +47,56 @@ def _checked(uuid: str) -> str:
     return uuid
 
 
+# The verbs as argument lists: what a resident runner (``--serve``) receives as they are, and
+# what :func:`command_line` turns into a shell command for one-shot use.
+
+
+def list_argv(with_prices: bool = False) -> list[str]:
+    return ["--list", "--stdin-prices"] if with_prices else ["--list"]
+
+
+def detach_argv(args: list[str], uuid: str) -> list[str]:
+    return ["--detach", "--stdin-config", *args, _checked(uuid)]
+
+
+def kill_argv(signal: int, uuid: str) -> list[str]:
+    return ["--kill", str(int(signal)), _checked(uuid)]
+
+
+def log_argv(uuid: str) -> list[str]:
+    return ["--log", _checked(uuid)]
+
+
+def forget_argv(uuid: str) -> list[str]:
+    return ["--forget", _checked(uuid)]
+
+
+SERVE_ARGV = ["--serve"]
+
+
+def command_line(runner: str, remote_user: str, argv: list[str]) -> str:
+    """The shell command running ``runner`` with ``argv``; every argument is quoted."""
+    return f"{_sudo(remote_user)}{runner} " + " ".join(shlex.quote(a) for a in argv)
+
+
 def list_command(runner: str, remote_user: str, with_prices: bool = False) -> str:
-    cmd = f"{_sudo(remote_user)}{runner} --list"
-    return cmd + " --stdin-prices" if with_prices else cmd
+    return command_line(runner, remote_user, list_argv(with_prices))
 
 
 def detach_command(runner: str, remote_user: str, args: list[str], uuid: str) -> str:
-    quoted = " ".join(shlex.quote(a) for a in [*args, _checked(uuid)])
-    return f"{_sudo(remote_user)}{runner} --detach --stdin-config {quoted}"
+    return command_line(runner, remote_user, detach_argv(args, uuid))
 
 
 def kill_command(runner: str, remote_user: str, signal: int, uuid: str) -> str:
-    return f"{_sudo(remote_user)}{runner} --kill {int(signal)} {_checked(uuid)}"
+    return command_line(runner, remote_user, kill_argv(signal, uuid))
 
 
 def log_command(runner: str, remote_user: str, uuid: str) -> str:
-    return f"{_sudo(remote_user)}{runner} --log {_checked(uuid)}"
+    return command_line(runner, remote_user, log_argv(uuid))
 
 
 def forget_command(runner: str, remote_user: str, uuid: str) -> str:
-    return f"{_sudo(remote_user)}{runner} --forget {_checked(uuid)}"
+    return command_line(runner, remote_user, forget_argv(uuid))
 
 
 def config_document(

@@ -554,3 +554,60 @@ def test_no_eof_is_sent_on_a_closed_channel(
     assert send_eof(open_channel) is False  # only once
     assert open_channel.recv_exit_status() == 0
     open_channel.close()
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def test_a_stream_exchanges_lines_with_a_running_command(
+    env: tuple[LocalSSHServer, SSHExecutor, Recorder],
+) -> None:
+    server, executor, _ = env
+    stream = executor.open_stream("while read -r line; do echo \"got $line\"; done", 10)
+    try:
+        for word in ("one", "two", "three"):
+            stream.send(word.encode() + b"\n", 10)
+            assert stream.receive_line(10) == b"got " + word.encode()
+        stream.send(b"a\nb\n", 10)  # two lines in one write, read back one at a time
+        assert (stream.receive_line(10), stream.receive_line(10)) == (b"got a", b"got b")
+        # Commands still run beside the stream, on the same connection.
+        assert executor.execute("echo beside").stdout == b"beside\n"
+        assert server.connections_accepted == 1
+    finally:
+        stream.close()
+
+
+def test_a_stream_whose_command_ends_raises(
+    env: tuple[LocalSSHServer, SSHExecutor, Recorder],
+) -> None:
+    _, executor, _ = env
+    stream = executor.open_stream("read -r line; echo partial-no-newline >&2; exit 0", 10)
+    stream.send(b"x\n", 10)
+    with pytest.raises(ExecutorError, match="stream ended"):
+        stream.receive_line(10)
+    stream.close()
+    stream.close()  # idempotent
+
+
+def test_a_silent_stream_times_out(env: tuple[LocalSSHServer, SSHExecutor, Recorder]) -> None:
+    _, executor, _ = env
+    stream = executor.open_stream("sleep 5", 10)
+    started = time.monotonic()
+    with pytest.raises(ExecutorError, match="no answer"):
+        stream.receive_line(0.3)
+    assert time.monotonic() - started < 2.0
+    stream.close()
+
+
+def test_a_dropped_connection_ends_the_stream(
+    env: tuple[LocalSSHServer, SSHExecutor, Recorder],
+) -> None:
+    server, executor, _ = env
+    stream = executor.open_stream("cat", 10)
+    stream.send(b"hello\n", 10)
+    assert stream.receive_line(10) == b"hello"
+    server.drop_connections()
+    with pytest.raises(ExecutorError):
+        stream.send(b"again\n", 10)
+        stream.receive_line(10)
+    stream.close()

@@ -1,5 +1,10 @@
-#!/usr/bin/env python3
-"""herder-runner: starts, lists, signals and reports containers on one instance.
+#!/bin/sh
+""":"
+exec python3 -S -E "$0" "$@"
+herder-runner: starts, lists, signals and reports containers on one instance.
+
+(The two lines above are for the shell, see "Start-up time" below; to Python they are the
+start of this text.)
 
 herder copies this single file to every instance it boots (md5-checked) and drives it over the
 executor with the crunch-run command line, so the same dispatcher code could also drive Arvados'
@@ -10,6 +15,15 @@ own crunch-run::
     herder-runner --kill <signal> <uuid>
     herder-runner --log <uuid>
     herder-runner --forget <uuid>
+    herder-runner --serve
+
+``--serve`` is the resident mode: it reads requests from stdin, one JSON line each
+(``{"id": N, "argv": [...], "stdin": "<base64>"}``), carries out the verb the argv names
+exactly as the one-shot command would, and answers with one JSON line each
+(``{"id": N, "status": S, "stdout": "<base64>", "stderr": "<base64>"}``) until stdin ends.
+herder keeps one per instance on an open SSH channel, so a verb costs a message rather than
+an interpreter start-up.  Requests are handled one at a time; every durable fact lives in the
+state directory either way, so a serve process that dies loses nothing.
 
 It needs Python 3.9 or later and the standard library only, and it runs on Linux (it uses
 ``/proc``, ``flock`` and ``waitid``).  Nothing in it comes from the herder package: instances do
@@ -19,9 +33,10 @@ Files, all in the state directory (``/var/lock/herder-runner``; ``--state-dir`` 
 ``HERDER_RUNNER_DIR`` choose another, as tests and non-root loopback setups do):
 
 ``<uuid>.lock``
-    JSON ``{"uuid", "pid", "pgid"}``: ``pid`` is the supervisor that runs the container and holds
-    an exclusive ``flock`` on this file for its whole life, ``pgid`` the container's process
-    group.  A held lock means "this container may still be running", which is what keeps a
+    JSON ``{"uuid", "pid", "start", "pgid"}``: ``pid`` is the supervisor that runs the container
+    and holds an exclusive ``flock`` on this file for its whole life, ``start`` its start time
+    (``/proc/<pid>/stat``, so a reused pid is never mistaken for it), ``pgid`` the container's
+    process group.  A held lock means "this container may still be running", which is what keeps a
     container from being started twice.
 ``<uuid>.exit``
     the container's exit code, written atomically once it has finished.  It stays until the
@@ -46,28 +61,28 @@ Exit status: 0 done, 1 failed (message on stderr), 2 bad usage.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
-import json
 import os
-import re
-import select
-import shutil
 import signal
-import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
 
-# Python 3.9 compatibility matters more than the newest idioms: the instance's python3 is
-# whatever its image ships.
+# Start-up time is the agent's main cost: herder runs a verb for every container start, probe
+# and result, and each one starts an interpreter.  So the file starts as a shell script that
+# runs python3 without ``site`` (-S: no .pth files, no site-packages scan) and without PYTHON*
+# variables (-E), and only the modules every verb needs are imported here; the others are
+# imported by the functions that use them.  Python 3.9 compatibility matters more than the
+# newest idioms: the instance's python3 is whatever its image ships.
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import subprocess
+    from typing import Any, NoReturn
 
 USAGE = """\
 usage: herder-runner --list [--stdin-prices]
+       herder-runner --serve
        herder-runner --detach --stdin-config [--runtime-engine=ENGINE] [--kill-grace=SECONDS] UUID
        herder-runner --kill SIGNAL UUID
        herder-runner --log UUID
@@ -75,8 +90,9 @@ usage: herder-runner --list [--stdin-prices]
 common options: --state-dir=DIR  --log-dir=DIR
 """
 
-UUID_RE = re.compile(r"[a-z0-9]{5}-dz642-[a-z0-9]{15}")
-ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+UUID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+ENV_NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+ENV_NAME_CHARS = ENV_NAME_START | frozenset("0123456789")
 
 DEFAULT_STATE_DIR = "/var/lock/herder-runner"
 DEFAULT_LOG_DIR = "/var/log/herder-runner"
@@ -102,10 +118,10 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 
 #: engine messages that mean no container can run on this instance (SPEC §11 broken node).
 BROKEN_PATTERNS = (
-    re.compile(r"cannot connect to the docker daemon", re.IGNORECASE),
-    re.compile(r"no space left on device", re.IGNORECASE),
-    re.compile(r"grpc: the connection is unavailable", re.IGNORECASE),
-    re.compile(r"oci runtime.*mount.*no such file or directory", re.IGNORECASE),
+    r"cannot connect to the docker daemon",
+    r"no space left on device",
+    r"grpc: the connection is unavailable",
+    r"oci runtime.*mount.*no such file or directory",
 )
 BROKEN_SCAN_BYTES = 64 * 1024
 
@@ -119,8 +135,21 @@ class RunnerError(Exception):
 
 
 def is_uuid(text: str) -> bool:
-    """A well-formed container uuid; fullmatch so a trailing newline cannot slip through."""
-    return UUID_RE.fullmatch(text) is not None
+    """A well-formed container uuid, ``[a-z0-9]{5}-dz642-[a-z0-9]{15}`` and nothing more.
+
+    Checked by hand rather than with ``re``, whose import alone costs more than a ``--list``.
+    """
+    return (
+        len(text) == 27
+        and text[5:12] == "-dz642-"
+        and all(c in UUID_CHARS for c in text[:5])
+        and all(c in UUID_CHARS for c in text[12:])
+    )
+
+
+def is_env_name(text: str) -> bool:
+    """A portable environment variable name: ``[A-Za-z_][A-Za-z0-9_]*``."""
+    return bool(text) and text[0] in ENV_NAME_START and all(c in ENV_NAME_CHARS for c in text)
 
 
 def checked_uuid(text: str) -> str:
@@ -133,23 +162,37 @@ def checked_uuid(text: str) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-@dataclass
 class Options:
-    """The parsed command line."""
+    """The parsed command line.  (Plain classes here: ``dataclasses`` imports ``inspect``.)"""
 
-    verb: str
-    uuid: str = ""
-    signum: int = signal.SIGTERM
-    stdin_prices: bool = False
-    stdin_config: bool = False
-    state_dir: str = DEFAULT_STATE_DIR
-    log_dir: str = DEFAULT_LOG_DIR
-    runtime_engine: str = "auto"
-    kill_grace: float = DEFAULT_KILL_GRACE
+    def __init__(
+        self,
+        verb: str,
+        uuid: str = "",
+        signum: int = signal.SIGTERM,
+        stdin_prices: bool = False,
+        stdin_config: bool = False,
+        state_dir: str = DEFAULT_STATE_DIR,
+        log_dir: str = DEFAULT_LOG_DIR,
+        runtime_engine: str = "auto",
+        kill_grace: float = DEFAULT_KILL_GRACE,
+    ) -> None:
+        self.verb = verb
+        self.uuid = uuid
+        self.signum = signum
+        self.stdin_prices = stdin_prices
+        self.stdin_config = stdin_config
+        self.state_dir = state_dir
+        self.log_dir = log_dir
+        self.runtime_engine = runtime_engine
+        self.kill_grace = kill_grace
 
 
-VERBS = ("--list", "--detach", "--kill", "--log", "--forget")
-FLAGS = ("--list", "--detach", "--log", "--forget", "--stdin-prices", "--stdin-config", "--help")
+VERBS = ("--list", "--detach", "--kill", "--log", "--forget", "--serve")
+FLAGS = (
+    "--list", "--detach", "--log", "--forget", "--serve", "--stdin-prices", "--stdin-config",
+    "--help",
+)
 VALUED = ("--kill", "--state-dir", "--log-dir", "--runtime-engine", "--kill-grace")
 
 
@@ -228,7 +271,9 @@ def parse_args(argv: list[str]) -> Options:
     flags, values, positional = split_args(argv)
     verbs = [v for v in VERBS if v in flags or v in values]
     if len(verbs) != 1:
-        raise UsageError("exactly one of --list, --detach, --kill, --log, --forget is required")
+        raise UsageError(
+            "exactly one of --list, --detach, --kill, --log, --forget, --serve is required"
+        )
     verb = verbs[0][2:]
     if "--stdin-prices" in flags and verb != "list":
         raise UsageError("--stdin-prices goes with --list only")
@@ -236,9 +281,9 @@ def parse_args(argv: list[str]) -> Options:
         raise UsageError("--stdin-config goes with --detach only")
     if verb == "detach" and "--stdin-config" not in flags:
         raise UsageError("--detach needs --stdin-config (the config comes on stdin)")
-    if verb == "list":
+    if verb in ("list", "serve"):
         if positional:
-            raise UsageError("--list takes no container uuid")
+            raise UsageError(f"--{verb} takes no container uuid")
     elif len(positional) != 1:
         raise UsageError(f"--{verb} needs exactly one container uuid")
     engine = values.get("--runtime-engine", "auto")
@@ -283,8 +328,10 @@ def write_atomically(path: str, data: bytes) -> None:
 
 def remove(path: str) -> None:
     """Delete a file that may already be gone."""
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def try_flock(fd: int, kind: int) -> bool:
@@ -304,13 +351,45 @@ def open_existing(path: str) -> int | None:
         return None
 
 
-@dataclass
 class LockRecord:
-    """What a supervisor writes into its lock file."""
+    """What a supervisor writes into its lock file.
 
-    uuid: str
-    pid: int
-    pgid: int | None = None
+    ``start`` is the supervisor's start time from ``/proc``; records written by older agents
+    have none, and are then recognised by the uuid in the supervisor's command line.
+    """
+
+    def __init__(
+        self, uuid: str, pid: int, pgid: int | None = None, start: int | None = None
+    ) -> None:
+        self.uuid = uuid
+        self.pid = pid
+        self.pgid = pgid
+        self.start = start
+
+
+class DirLock:
+    """The state directory's lock, held while lock files are created or deleted.
+
+    Without it ``--list`` could delete a lock file that ``--detach`` has just opened but not
+    yet locked, and two containers of one uuid could then run at once.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, ".dir.lock")
+        self.fd = -1
+
+    def __enter__(self) -> int:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + DIR_LOCK_TIMEOUT
+        while not try_flock(self.fd, fcntl.LOCK_EX):
+            if time.monotonic() > deadline:
+                os.close(self.fd)
+                raise RunnerError(f"{os.path.dirname(self.path)}: state directory lock is busy")
+            time.sleep(0.01)
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
 
 
 class State:
@@ -345,23 +424,9 @@ class State:
     def prices_path(self) -> str:
         return os.path.join(self.dir, "prices.json")
 
-    @contextlib.contextmanager
-    def dir_lock(self) -> Iterator[int]:
-        """Serialise creating and deleting lock files across runner invocations.
-
-        Without it ``--list`` could delete a lock file that ``--detach`` has just opened but not
-        yet locked, and two containers of one uuid could then run at once.
-        """
-        fd = os.open(os.path.join(self.dir, ".dir.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            deadline = time.monotonic() + DIR_LOCK_TIMEOUT
-            while not try_flock(fd, fcntl.LOCK_EX):
-                if time.monotonic() > deadline:
-                    raise RunnerError(f"{self.dir}: state directory lock is busy")
-                time.sleep(0.01)
-            yield fd
-        finally:
-            os.close(fd)
+    def dir_lock(self) -> DirLock:
+        """Serialise creating and deleting lock files across runner invocations."""
+        return DirLock(self.dir)
 
     def known_uuids(self) -> list[str]:
         """Every uuid with a lock file or an exit record, sorted."""
@@ -385,6 +450,8 @@ class State:
 
     def read_lock(self, uuid: str) -> LockRecord | None:
         """The lock file's record; None while a starting supervisor has not written it yet."""
+        import json
+
         try:
             with open(self.lock_path(uuid), "rb") as f:
                 doc = json.loads(f.read() or b"null")
@@ -394,8 +461,13 @@ class State:
             return None
         if doc.get("uuid") != uuid:
             raise RunnerError(f"{uuid}: lock file names another container {doc.get('uuid')!r}")
-        pgid = doc.get("pgid")
-        return LockRecord(uuid, doc["pid"], pgid if isinstance(pgid, int) else None)
+        pgid, start = doc.get("pgid"), doc.get("start")
+        return LockRecord(
+            uuid,
+            doc["pid"],
+            pgid if isinstance(pgid, int) else None,
+            start if isinstance(start, int) else None,
+        )
 
     def unusable_reason(self) -> str | None:
         """Why no container can run here (SPEC §11 ``broken``), or None."""
@@ -427,17 +499,32 @@ def warn(message: str) -> None:
 def note(message: str) -> None:
     """A supervisor's line in the container log (its stderr is the log file)."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with contextlib.suppress(OSError):
+    try:
         os.write(2, f"{stamp} herder-runner: {message}\n".encode())
+    except OSError:
+        pass
 
 
-def pid_is_supervisor(pid: int, uuid: str) -> bool:
-    """Whether ``pid`` is still the live supervisor of ``uuid``.
+def proc_start_time(pid: int | str) -> int | None:
+    """A process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
-    A zombie counts as gone (it holds no lock and runs nothing), and a live process whose command
-    line does not name the uuid is a stranger that reused the pid: signalling it would hit an
-    unrelated process.  (Supervisors are forks of ``--detach ... <uuid>``, so they carry the uuid.)
+
+def pid_is_supervisor(record: LockRecord) -> bool:
+    """Whether the record's pid is still the live supervisor of its container.
+
+    A zombie counts as gone (it holds no lock and runs nothing), and a live process that started
+    at another time than the recorded one is a stranger that reused the pid: signalling it would
+    hit an unrelated process.  Records without a start time (older agents) are checked by the
+    uuid in the command line instead, which forks of ``--detach ... <uuid>`` carry; forks of
+    ``--serve`` do not, which is why the start time is recorded.
     """
+    pid, uuid = record.pid, record.uuid
     if pid <= 0:
         return False
     try:
@@ -460,6 +547,8 @@ def pid_is_supervisor(pid: int, uuid: str) -> bool:
     fields = stat.rpartition(b")")[2].split()
     if fields and fields[0] in (b"Z", b"X"):
         return False
+    if record.start is not None:
+        return len(fields) > 19 and fields[19] == str(record.start).encode()
     return uuid.encode() in cmdline.split(b"\0")
 
 
@@ -499,7 +588,7 @@ def status_line(state: State, uuid: str) -> str | None:
             record = state.read_lock(uuid)
         except RunnerError:
             return f"{uuid} stale"  # held by something that is not this container's supervisor
-        if record is None or pid_is_supervisor(record.pid, uuid):
+        if record is None or pid_is_supervisor(record):
             return uuid  # a lock without a record yet belongs to a supervisor still starting
         return f"{uuid} stale"
     finally:
@@ -508,6 +597,8 @@ def status_line(state: State, uuid: str) -> str | None:
 
 def store_prices(state: State, data: bytes) -> None:
     """Keep the price history the dispatcher sent; bad JSON is reported, never stored."""
+    import json
+
     try:
         json.loads(data)
     except ValueError as e:
@@ -542,19 +633,30 @@ def cmd_list(opts: Options, state: State) -> int:
 # --------------------------------------------------------------------------- --detach
 
 
-@dataclass
 class RunConfig:
     """The container description sent on stdin (``runner_protocol.config_document``)."""
 
-    uuid: str
-    command: list[str]
-    image: str = ""
-    environment: dict[str, str] = field(default_factory=dict)
-    cwd: str = ""
-    runtime: str = "auto"
-    max_run_time: float = 0.0
-    vcpus: float = 0.0
-    ram: int = 0
+    def __init__(
+        self,
+        uuid: str,
+        command: list[str],
+        image: str = "",
+        environment: dict[str, str] | None = None,
+        cwd: str = "",
+        runtime: str = "auto",
+        max_run_time: float = 0.0,
+        vcpus: float = 0.0,
+        ram: int = 0,
+    ) -> None:
+        self.uuid = uuid
+        self.command = command
+        self.image = image
+        self.environment = environment or {}
+        self.cwd = cwd
+        self.runtime = runtime
+        self.max_run_time = max_run_time
+        self.vcpus = vcpus
+        self.ram = ram
 
 
 def _number(doc: dict[str, Any], key: str) -> float:
@@ -576,13 +678,15 @@ def _environment(doc: dict[str, Any]) -> dict[str, str]:
     if not isinstance(env, dict):
         raise RunnerError("config environment must be an object")
     for key, value in env.items():
-        if not ENV_NAME_RE.fullmatch(key) or not isinstance(value, str) or "\0" in value:
+        if not is_env_name(key) or not isinstance(value, str) or "\0" in value:
             raise RunnerError(f"config environment has an invalid entry {key!r}")
     return dict(env)
 
 
 def parse_config(raw: bytes, uuid: str, default_runtime: str) -> RunConfig:
     """Decode and check the stdin document; it must describe the uuid on the command line."""
+    import json
+
     try:
         doc = json.loads(raw)
     except ValueError as e:
@@ -651,12 +755,14 @@ def cmd_detach(opts: Options, state: State) -> int:
         os.close(ack_w)
     if not wait_for_ack(ack_r):
         raise RunnerError(f"{opts.uuid}: supervisor {pid} did not report a start")
-    sys.stdout.write(json.dumps({"uuid": opts.uuid, "pid": pid}) + "\n")
+    sys.stdout.write(f'{{"uuid": "{opts.uuid}", "pid": {pid}}}\n')  # uuid is checked
     return 0
 
 
 def wait_for_ack(fd: int) -> bool:
     """Wait until the supervisor has written its lock record, so ``--kill`` can find it."""
+    import select
+
     data = b""
     deadline = time.monotonic() + ACK_TIMEOUT
     try:
@@ -682,6 +788,8 @@ def become_supervisor(
         redirect_stdio(state.log_path(config.uuid))
         code = Supervisor(state, config, lock_fd, ack_fd, kill_grace).run()
     except BaseException:
+        import traceback
+
         note("supervisor failed:\n" + traceback.format_exc())
     finally:
         record_exit(state, config.uuid, code)
@@ -721,6 +829,8 @@ def choose_engine(config: RunConfig) -> str | None:
     """The engine binary to run the container with, or None to run it as a plain process."""
     if config.runtime == "process":
         return None
+    import shutil
+
     if config.runtime in ENGINES:
         path = shutil.which(config.runtime)
         if path is None:
@@ -770,6 +880,8 @@ def engine_environment(config: RunConfig) -> dict[str, str]:
 
 def engine_call(engine: str, *args: str) -> None:
     """A best-effort housekeeping call to the engine, output to the log."""
+    import subprocess
+
     try:
         subprocess.run(  # noqa: S603 - fixed verbs and a validated container name
             [engine, *args], stdin=subprocess.DEVNULL, timeout=ENGINE_CALL_TIMEOUT, check=False
@@ -780,6 +892,8 @@ def engine_call(engine: str, *args: str) -> None:
 
 def scan_for_breakage(state: State, uuid: str) -> None:
     """Mark the instance broken when the engine's output says no container can run here."""
+    import re
+
     try:
         with open(state.log_path(uuid), "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - BROKEN_SCAN_BYTES))
@@ -787,7 +901,7 @@ def scan_for_breakage(state: State, uuid: str) -> None:
     except OSError:
         return
     for line in tail.splitlines():
-        if any(p.search(line) for p in BROKEN_PATTERNS):
+        if any(re.search(p, line, re.IGNORECASE) for p in BROKEN_PATTERNS):
             note(f"instance marked broken: {line.strip()}")
             state.mark_broken(line.strip())
             return
@@ -847,6 +961,8 @@ class Supervisor:
 
     def _start(self) -> subprocess.Popen[bytes]:
         """Launch the container as the leader of a new process group, output to the log."""
+        import subprocess
+
         self.engine = choose_engine(self.config)
         argv, env = self.config.command, process_environment(self.config)
         cwd: str | None = self.config.cwd or "/"
@@ -861,11 +977,20 @@ class Supervisor:
 
     def _publish(self, pgid: int | None) -> None:
         """Write the lock record, then tell the waiting ``--detach`` that we have started."""
-        record = {"uuid": self.config.uuid, "pid": os.getpid(), "pgid": pgid}
+        import json
+
+        record = {
+            "uuid": self.config.uuid,
+            "pid": os.getpid(),
+            "start": proc_start_time("self"),
+            "pgid": pgid,
+        }
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, json.dumps(record).encode(), 0)
-        with contextlib.suppress(OSError):
+        try:
             os.write(self.ack_fd, b"ok")
+        except OSError:
+            pass
         os.close(self.ack_fd)
 
     def _wait(self, proc: subprocess.Popen[bytes]) -> int:
@@ -894,9 +1019,13 @@ class Supervisor:
 
     def _sleep(self, timeout: float) -> None:
         """Sleep until a signal (SIGCHLD included) arrives or the timeout passes."""
+        import select
+
         select.select([self.wake_r], [], [], timeout)
-        with contextlib.suppress(BlockingIOError):
+        try:
             os.read(self.wake_r, 512)
+        except BlockingIOError:
+            pass
 
     def _forward_pending(self, pgid: int) -> None:
         while self.pending:
@@ -934,8 +1063,10 @@ def has_exited(pid: int) -> bool:
 
 def kill_group(pgid: int, signum: int) -> None:
     """Signal a process group that may already be gone."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    try:
         os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 # ------------------------------------------------------------------- --kill, --log, --forget
@@ -950,13 +1081,13 @@ def cmd_kill(opts: Options, state: State) -> int:
     record = read_record_soon(state, uuid)
     if record is None:
         raise RunnerError(f"{uuid}: lock file holds no process record")
-    if not pid_is_supervisor(record.pid, uuid):
+    if not pid_is_supervisor(record):
         warn(f"{uuid}: pid {record.pid}: process is gone")
         return 0
     send_signal(record, opts.signum)
     deadline = time.monotonic() + env_float("HERDER_RUNNER_KILL_WAIT", DEFAULT_KILL_WAIT)
     while time.monotonic() < deadline:
-        if lock_is_free(lock_path) or not pid_is_supervisor(record.pid, uuid):
+        if lock_is_free(lock_path) or not pid_is_supervisor(record):
             return 0
         time.sleep(0.01)
     raise RunnerError(f"{uuid}: sent signal {opts.signum} to pid {record.pid}, still alive")
@@ -978,8 +1109,10 @@ def send_signal(record: LockRecord, signum: int) -> None:
     SIGKILL and SIGSTOP cannot be caught and passed on, so they also go straight to the
     container's process group: killing only the supervisor would orphan the container.
     """
-    with contextlib.suppress(ProcessLookupError):
+    try:
         os.kill(record.pid, signum)
+    except ProcessLookupError:
+        pass
     # Supervisor first, so a SIGKILL always ends without an exit record (as crunch-run).
     if signum in (signal.SIGKILL, signal.SIGSTOP) and record.pgid:
         kill_group(record.pgid, signum)
@@ -993,6 +1126,8 @@ def cmd_log(opts: Options, state: State) -> int:
         if os.path.exists(state.lock_path(opts.uuid)) or os.path.exists(state.exit_path(opts.uuid)):
             return 0  # known, but nothing logged yet
         raise RunnerError(f"{opts.uuid}: no such container") from None
+    import shutil
+
     with f:
         shutil.copyfileobj(f, sys.stdout.buffer)
     sys.stdout.buffer.flush()
@@ -1018,12 +1153,108 @@ def cmd_forget(opts: Options, state: State) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- --serve
+
+
+def cmd_serve(opts: Options, state: State) -> int:
+    """Answer requests from stdin until it ends: the resident mode (see the top of the file)."""
+    import json
+
+    # What a supervisor imports, loaded once here so that every fork inherits it.
+    import select  # noqa: F401
+    import subprocess  # noqa: F401
+
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        line = source.readline()
+        reap_children()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        response = handle_request(line, opts)
+        sink.write(json.dumps(response).encode() + b"\n")
+        sink.flush()
+
+
+def reap_children() -> None:
+    """Collect supervisors that have ended: forks of a serve process are its children."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def handle_request(line: bytes, opts: Options) -> dict[str, Any]:
+    """Carry out one request line and build its response; a bad request is exit status 2.
+
+    The verb works in the serve process's state and log directories (a request may still name
+    others, as a one-shot command may).
+    """
+    import base64
+    import binascii
+    import json
+
+    request_id = None
+    try:
+        request = json.loads(line)
+        if not isinstance(request, dict):
+            raise ValueError("a request must be a JSON object")
+        request_id = request.get("id")
+        argv, data = request.get("argv"), request.get("stdin") or ""
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise ValueError("argv must be a list of strings")
+        if not isinstance(data, str):
+            raise ValueError("stdin must be base64 text")
+        stdin = base64.b64decode(data, validate=True)
+    except (ValueError, binascii.Error) as e:
+        status, out, err = 2, b"", f"herder-runner: bad request: {e}\n".encode()
+    else:
+        if "--serve" in argv or "-serve" in argv:
+            status, out, err = 2, b"", b"herder-runner: --serve cannot be nested\n"
+        else:
+            dirs = [f"--state-dir={opts.state_dir}", f"--log-dir={opts.log_dir}"]
+            status, out, err = run_captured([*dirs, *argv], stdin)
+    return {
+        "id": request_id,
+        "status": status,
+        "stdout": base64.b64encode(out).decode(),
+        "stderr": base64.b64encode(err).decode(),
+    }
+
+
+def run_captured(argv: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
+    """Run one verb as :func:`main` would, with its standard streams in memory."""
+    import io
+
+    saved = sys.stdin, sys.stdout, sys.stderr
+    raw_out, raw_err = io.BytesIO(), io.BytesIO()
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
+    sys.stdout = io.TextIOWrapper(raw_out, write_through=True)
+    sys.stderr = io.TextIOWrapper(raw_err, write_through=True)
+    try:
+        try:
+            status = main(argv)
+        except Exception as e:  # one bad request must not end the serve process
+            sys.stderr.write(f"herder-runner: internal error: {e!r}\n")
+            status = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return status, raw_out.getvalue(), raw_err.getvalue()
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved
+
+
 COMMANDS = {
     "list": cmd_list,
     "detach": cmd_detach,
     "kill": cmd_kill,
     "log": cmd_log,
     "forget": cmd_forget,
+    "serve": cmd_serve,
 }
 
 

@@ -26,13 +26,21 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 import paramiko
 
 from herder.cloud import HostKey, Instance, NotImplementedByDriver, RemoteRunner
 from herder.config import Config
-from herder.executor import ExecResult, Executor, ExecutorError, HostKeyError, NoAddressError
+from herder.executor import (
+    ExecResult,
+    ExecStream,
+    Executor,
+    ExecutorError,
+    HostKeyError,
+    NoAddressError,
+)
 from herder.runtime import Runtime
 from herder.ssh import send_eof
 
@@ -190,6 +198,64 @@ def _drain(recv: Callable[[int], bytes], sink: list[bytes]) -> None:
         pass  # the channel broke; the exit status (or its absence) tells the caller
 
 
+class SSHStream(ExecStream):
+    """A command kept running on its own channel of the shared connection.
+
+    Reads wait on the channel with a timeout rather than a watchdog thread: a stream carries
+    many short exchanges, and a thread per exchange is what it exists to avoid.  What the
+    command writes to stderr is drained as it comes (so it cannot fill the window) and logged.
+    """
+
+    def __init__(self, channel: paramiko.Channel, command: str) -> None:
+        self._channel = channel
+        self._command = command
+        self._buffer = b""
+
+    def send(self, data: bytes, timeout: float) -> None:
+        try:
+            self._channel.settimeout(timeout)
+            self._channel.sendall(data)
+        except TimeoutError as exc:
+            raise ExecutorError(f"stream write timed out after {timeout:g}s") from exc
+        except _CHANNEL_ERRORS as exc:
+            raise ExecutorError(f"stream closed: {exc or type(exc).__name__}") from exc
+
+    def receive_line(self, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            self._drain_stderr()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ExecutorError(f"no answer on the stream within {timeout:g}s")
+            try:
+                self._channel.settimeout(min(remaining, 1.0))
+                chunk = self._channel.recv(_CHUNK)
+            except TimeoutError:
+                continue
+            except _CHANNEL_ERRORS as exc:
+                raise ExecutorError(f"stream closed: {exc or type(exc).__name__}") from exc
+            if not chunk:
+                self._drain_stderr()
+                raise ExecutorError(f"stream ended: {self._command!r} exited")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def _drain_stderr(self) -> None:
+        try:
+            while self._channel.recv_stderr_ready():
+                data = self._channel.recv_stderr(_CHUNK)
+                if not data:
+                    return
+                text = data[:2000].decode(errors="replace")
+                log.info("stream %r stderr: %s", self._command, text)
+        except _CHANNEL_ERRORS:
+            return
+
+    def close(self) -> None:
+        _close_quietly(self._channel)
+
+
 class _TransportRunner(RemoteRunner):
     """Runs commands on a connection that is still being verified."""
 
@@ -264,6 +330,16 @@ class SSHExecutor(Executor):
         limit = self._default_timeout if timeout is None else timeout
         channel = self._open_channel(limit)
         return run_on_channel(channel, command, stdin or b"", env, limit)
+
+    def open_stream(self, command: str, timeout: float) -> SSHStream:
+        channel = self._open_channel(timeout)
+        try:
+            channel.settimeout(timeout)
+            channel.exec_command(command)
+        except _CHANNEL_ERRORS as exc:
+            _close_quietly(channel)
+            raise ExecutorError(f"cannot start {command!r}: {exc or type(exc).__name__}") from exc
+        return SSHStream(channel, command)
 
     # ----------------------------------------------------------------- connection
 

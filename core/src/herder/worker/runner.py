@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from herder import runner_protocol
-from herder.executor import Executor, ExecutorError
+from herder.executor import ExecutorError
 from herder.model import Container, InstanceType
 from herder.runtime import Runtime
+from herder.worker.runner_client import RunnerClient
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,7 @@ class Runner:
         uuid: str,
         container: Container | None,
         instance_type: InstanceType,
-        executor: Executor,
-        remote_user: str,
-        command: str,
+        client: RunnerClient,
         args: list[str],
         runtime_engine: str,
         runtime: Runtime,
@@ -113,9 +112,7 @@ class Runner:
         self.uuid = uuid
         self.container = container
         self._instance_type = instance_type
-        self._executor = executor
-        self._remote_user = remote_user
-        self._command = command
+        self._client = client
         self._args = list(args)
         self._runtime_engine = runtime_engine
         self._runtime = runtime
@@ -144,14 +141,12 @@ class Runner:
         otherwise.
         """
         assert self.container is not None, "a detected runner is never started"
-        cmd = runner_protocol.detach_command(
-            self._command, self._remote_user, self._args, self.uuid
-        )
+        argv = runner_protocol.detach_argv(self._args, self.uuid)
         stdin = runner_protocol.config_document(
             self.container, self._instance_type, self._runtime_engine
         )
         try:
-            result = self._executor.execute(cmd, stdin, None, self._timeout_command)
+            result = self._client.call(argv, stdin, self._timeout_command)
         except ExecutorError as exc:
             self._log.warning("container %s: error starting runner: %s", self.uuid, exc)
             return False
@@ -220,9 +215,9 @@ class Runner:
         self._runtime.call_at(attempt_start + self._timeout_signal, self._kill_attempt)
 
     def _signal(self, signal: int) -> bool:
-        cmd = runner_protocol.kill_command(self._command, self._remote_user, signal, self.uuid)
+        argv = runner_protocol.kill_argv(signal, self.uuid)
         try:
-            result = self._executor.execute(cmd, None, None, self._timeout_command)
+            result = self._client.call(argv, None, self._timeout_command)
         except ExecutorError as exc:
             self._log.info("container %s: kill attempt unsuccessful: %s", self.uuid, exc)
             return False

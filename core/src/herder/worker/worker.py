@@ -40,6 +40,7 @@ from herder.worker.bootprobe import BootProbe
 from herder.worker.interfaces import ContainerReporter
 from herder.worker.metrics import PoolMetrics, WorkerSample, worker_category
 from herder.worker.runner import Runner, RunnerDeployment
+from herder.worker.runner_client import RunnerClient
 from herder.worker.verify import TagVerifier
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,14 @@ class Worker:
         self.stale_run_lock_since: float | None = None
         self._probing = threading.Lock()
         self.log = _InstanceLog(env.logger, {"instance": instance.id})
+        self.runner_client = RunnerClient(
+            executor,
+            command=env.runner.command,
+            remote_user=self._remote_user,
+            resident=env.runner.deploying,
+            now=self._now,
+            logger=self.log,
+        )
 
     # ------------------------------------------------------------------ small helpers
 
@@ -254,6 +263,17 @@ class Worker:
         err = "" if result.ok else f"exit status {result.exit_status}"
         return result.ok, result.stdout, result.stderr, err
 
+    def _run_verb(
+        self, argv: list[str], stdin: bytes | None = None
+    ) -> tuple[bool, bytes, bytes, str]:
+        """Run a runner verb with the configured timeout: (ok, stdout, stderr, error text)."""
+        try:
+            result = self.runner_client.call(argv, stdin, self.env.settings.timeout_command)
+        except ExecutorError as exc:
+            return False, b"", b"", str(exc)
+        err = "" if result.ok else f"exit status {result.exit_status}"
+        return result.ok, result.stdout, result.stderr, err
+
     # ------------------------------------------------------------------ runners
 
     def new_runner(self, uuid: str, container: Container | None) -> Runner:
@@ -262,9 +282,7 @@ class Worker:
             uuid=uuid,
             container=container,
             instance_type=self.instance_type,
-            executor=self.executor,
-            remote_user=self._remote_user(),
-            command=self.env.runner.command,
+            client=self.runner_client,
             args=list(settings.runner_args),
             runtime_engine=settings.runtime_engine,
             runtime=self.env.runtime,
@@ -495,6 +513,7 @@ class Worker:
                     self.log.info("container %s: runner process abandoned", uuid)
                     runner.close()
                     del runners[uuid]
+        self.runner_client.close()
         self.executor.close()
 
     # ------------------------------------------------------------------ probing
@@ -633,15 +652,13 @@ class Worker:
         """Run ``--list`` and parse it; update the stale-lock timer (SPEC §3.5)."""
         prices = self.instance.price_history(self.instance_type)
         stdin = json.dumps([p.to_json() for p in prices]).encode() if prices else None
-        cmd = runner_protocol.list_command(
-            self.env.runner.command, self._remote_user(), with_prices=bool(prices)
-        )
+        argv = runner_protocol.list_argv(with_prices=bool(prices))
         before = self._now()
-        ok, stdout, stderr, err = self._execute(cmd, stdin)
+        ok, stdout, stderr, err = self._run_verb(argv, stdin)
         duration = self._now() - before
         if not ok:
             self.log.warning(
-                "run probe %r failed: %s: stdout=%r stderr=%r", cmd, err, stdout[:1000],
+                "run probe %r failed: %s: stdout=%r stderr=%r", " ".join(argv), err, stdout[:1000],
                 stderr[:1000],
             )
             self.env.metrics.run_probe_duration.labels("fail").observe(duration)
@@ -694,19 +711,13 @@ class Worker:
         Without the lock.  Idempotent: if ``--forget`` fails, the next probe lists the
         container again and this runs again; the reporter accepts repeats.
         """
-        runner_cmd = self.env.runner.command
-        user = self._remote_user()
         for uuid, code in sorted(exited.items()):
-            ok, log_data, stderr, err = self._execute(
-                runner_protocol.log_command(runner_cmd, user, uuid)
-            )
+            ok, log_data, stderr, err = self._run_verb(runner_protocol.log_argv(uuid))
             if not ok:
                 self.log.warning("container %s: cannot read log: %s %r", uuid, err, stderr[:500])
                 log_data = b""
             self.env.reporter.container_exited(uuid, code, log_data)
-            ok, _, stderr, err = self._execute(
-                runner_protocol.forget_command(runner_cmd, user, uuid)
-            )
+            ok, _, stderr, err = self._run_verb(runner_protocol.forget_argv(uuid))
             if not ok:
                 self.log.warning("container %s: cannot forget: %s %r", uuid, err, stderr[:500])
 
