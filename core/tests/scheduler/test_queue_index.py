@@ -87,15 +87,20 @@ def test_index_matches_full_recomputation(seed, limit, monkeypatch):
         assert [item[3] for item in index.supervisors] == [
             u for u in expected(entries) if entries[u].container.scheduling_parameters.supervisor
         ]
+        active = (ContainerState.QUEUED, ContainerState.LOCKED)
         assert index.attention == {
-            u: e for u, e in entries.items() if queue_index.needs_attention(e)
+            u: e for u, e in entries.items()
+            if e.container.priority < 1 or e.container.state not in active
         }
         assert index.waiting == sorted(
             (e.container.created_at, u)
             for u, e in entries.items()
-            if queue_index.is_waiting_for_work(e)
+            if e.container.priority > 0 and e.container.state in active
         )
-        assert index.counts == Counter(queue_index.count_label(e) for e in entries.values())
+        assert index.counts == Counter(
+            (e.container.state.value, e.instance_types[0].name if e.instance_types else "")
+            for e in entries.values()
+        )
 
 
 def test_unchanged_snapshot_costs_no_rebuild():

@@ -31,44 +31,43 @@ OrderItem = tuple[int, int, float, str, QueueEntry]
 _INCREMENTAL_LIMIT = 500
 
 
-def order_item(entry: QueueEntry) -> OrderItem:
-    c = entry.container
-    return (
-        0 if c.state is ContainerState.LOCKED else 1,
-        -c.priority,
-        entry.first_seen_at,
-        c.uuid,
-        entry,
-    )
+#: The state names, looked up rather than read through the enum's ``value`` descriptor, which
+#: costs more than everything else :func:`filing` does.
+_STATE_NAMES = {state: state.value for state in ContainerState}
+_QUEUED, _LOCKED = ContainerState.QUEUED, ContainerState.LOCKED
 
 
-def needs_attention(entry: QueueEntry) -> bool:
-    """Entries the sync step must look at even when no runner exists for them (SPEC §9.7).
+#: Everything the index files one entry under, as :func:`filing` computes it:
+#: (item, supervisor, attention, waiting, label).  A plain tuple: a named one costs a Python
+#: call to build, and this is built for every entry of the queue on a rebuild.
+Filing = tuple[OrderItem, bool, bool, "tuple[float, str] | None", tuple[str, str]]
 
-    A Queued or Locked container with a positive priority and no runner needs nothing from sync,
-    and those are nearly all of a long queue.
+
+def filing(entry: QueueEntry) -> Filing:
+    """File one entry: the index's rules, in one place.
+
+    * item: the entry's place in scheduler order;
+    * supervisor: listed again among the supervisors;
+    * attention: sync must look at it even when no runner exists for it (SPEC §9.7), which is
+      anything but a Queued or Locked container with a positive priority (nearly all of a long
+      queue is that);
+    * waiting: (created_at, uuid) when the longest-wait metric counts it (SPEC §9.9), else None;
+    * label: (state, first eligible type) of the queue_entries metric (SPEC §7.7).  A container
+      whose sizing failed has no eligible type (a Running container found after its types were
+      removed from the configuration); Arvados crashed indexing the empty list (SPEC §19.3 item
+      26), herder labels it with an empty type name.
     """
     c = entry.container
-    state = c.state
-    return c.priority < 1 or not (state is ContainerState.QUEUED or state is ContainerState.LOCKED)
-
-
-def is_waiting_for_work(entry: QueueEntry) -> bool:
-    """Counted by the longest-wait metric (SPEC §9.9), unless a runner already exists."""
-    c = entry.container
-    state = c.state
-    return c.priority > 0 and (state is ContainerState.QUEUED or state is ContainerState.LOCKED)
-
-
-def count_label(entry: QueueEntry) -> tuple[str, str]:
-    """(state, first eligible type) label of the queue_entries metric (SPEC §7.7).
-
-    A container whose sizing failed has no eligible type (a Running container found after its
-    types were removed from the configuration); Arvados crashed indexing the empty list (SPEC
-    §19.3 item 26), herder labels it with an empty type name.
-    """
+    state, priority, uuid = c.state, c.priority, c.uuid
+    active = state is _QUEUED or state is _LOCKED
     types = entry.instance_types
-    return (entry.container.state.value, types[0].name if types else "")
+    return (
+        (0 if state is _LOCKED else 1, -priority, entry.first_seen_at, uuid, entry),
+        c.spec.scheduling_parameters.supervisor,
+        priority < 1 or not active,
+        (c.created_at, uuid) if priority > 0 and active else None,
+        (_STATE_NAMES[state], types[0].name if types else ""),
+    )
 
 
 class QueueIndex:
@@ -121,30 +120,26 @@ class QueueIndex:
 
     def _rebuild(self, entries: dict[str, QueueEntry]) -> None:
         self.full_rebuilds += 1
-        locked = ContainerState.LOCKED
-        # order_item() inlined: this runs over the whole queue.
-        order = [
-            (
-                0 if (c := e.container).state is locked else 1,
-                -c.priority,
-                e.first_seen_at,
-                c.uuid,
-                e,
-            )
-            for e in entries.values()
-        ]
+        order: list[OrderItem] = []
+        supervisors: list[OrderItem] = []
+        attention: dict[str, QueueEntry] = {}
+        waiting: list[tuple[float, str]] = []
+        counts: dict[tuple[str, str], int] = {}
+        for uuid, entry in entries.items():
+            item, supervisor, needs_attention, waits, label = filing(entry)
+            order.append(item)
+            if supervisor:
+                supervisors.append(item)
+            if needs_attention:
+                attention[uuid] = entry
+            if waits is not None:
+                waiting.append(waits)
+            counts[label] = counts.get(label, 0) + 1
         order.sort()
-        self.order = order
-        self.supervisors = [
-            item for item in order if item[4].container.scheduling_parameters.supervisor
-        ]
-        self.attention = {u: e for u, e in entries.items() if needs_attention(e)}
-        waiting = [
-            (e.container.created_at, u) for u, e in entries.items() if is_waiting_for_work(e)
-        ]
+        supervisors.sort()
         waiting.sort()
-        self.waiting = waiting
-        self.counts = Counter(count_label(e) for e in entries.values())
+        self.order, self.supervisors, self.waiting = order, supervisors, waiting
+        self.attention, self.counts = attention, Counter(counts)
 
     def _merge(self, removed: list[QueueEntry], added: list[QueueEntry]) -> None:
         """Many changes: filter the sorted lists once and merge the new items in.
@@ -153,62 +148,56 @@ class QueueIndex:
         so this costs a few passes over the list instead of one insertion per change.
         """
         gone = {e.container.uuid for e in removed}
-        new_items = [order_item(e) for e in added]
-        new_items.sort()
+        new = [filing(e) for e in added]
+        new_items = sorted(f[0] for f in new)
         order = [item for item in self.order if item[3] not in gone]
         order.extend(new_items)
         order.sort()
         self.order = order
         supervisors = [item for item in self.supervisors if item[3] not in gone]
-        supervisors.extend(
-            item for item in new_items if item[4].container.scheduling_parameters.supervisor
-        )
+        supervisors.extend(f[0] for f in new if f[1])
         supervisors.sort()
         self.supervisors = supervisors
         waiting = [item for item in self.waiting if item[1] not in gone]
-        waiting.extend(
-            (e.container.created_at, e.container.uuid) for e in added if is_waiting_for_work(e)
-        )
+        waiting.extend(f[3] for f in new if f[3] is not None)
         waiting.sort()
         self.waiting = waiting
         attention, counts = self.attention, self.counts
         for entry in removed:
             attention.pop(entry.container.uuid, None)
-            label = count_label(entry)
-            counts[label] -= 1
-            if counts[label] <= 0:
-                del counts[label]
-        for entry in added:
-            if needs_attention(entry):
-                attention[entry.container.uuid] = entry
-            counts[count_label(entry)] += 1
+            _count_down(counts, filing(entry)[4])
+        for (item, _, needs_attention, _, label) in new:
+            if needs_attention:
+                attention[item[3]] = item[4]
+            counts[label] += 1
 
     def _remove(self, entry: QueueEntry) -> None:
-        item = order_item(entry)
+        item, supervisor, needs_attention, waits, label = filing(entry)
         _discard(self.order, item)
-        uuid = entry.container.uuid
-        if entry.container.scheduling_parameters.supervisor:
+        if supervisor:
             _discard(self.supervisors, item)
-        if needs_attention(entry):
-            self.attention.pop(uuid, None)
-        if is_waiting_for_work(entry):
-            _discard(self.waiting, (entry.container.created_at, uuid))
-        label = count_label(entry)
-        self.counts[label] -= 1
-        if self.counts[label] <= 0:
-            del self.counts[label]
+        if needs_attention:
+            self.attention.pop(item[3], None)
+        if waits is not None:
+            _discard(self.waiting, waits)
+        _count_down(self.counts, label)
 
     def _add(self, entry: QueueEntry) -> None:
-        item = order_item(entry)
+        item, supervisor, needs_attention, waits, label = filing(entry)
         bisect.insort(self.order, item)
-        uuid = entry.container.uuid
-        if entry.container.scheduling_parameters.supervisor:
+        if supervisor:
             bisect.insort(self.supervisors, item)
-        if needs_attention(entry):
-            self.attention[uuid] = entry
-        if is_waiting_for_work(entry):
-            bisect.insort(self.waiting, (entry.container.created_at, uuid))
-        self.counts[count_label(entry)] += 1
+        if needs_attention:
+            self.attention[item[3]] = entry
+        if waits is not None:
+            bisect.insort(self.waiting, waits)
+        self.counts[label] += 1
+
+
+def _count_down(counts: Counter[tuple[str, str]], label: tuple[str, str]) -> None:
+    counts[label] -= 1
+    if counts[label] <= 0:
+        del counts[label]
 
 
 def _discard(items: list[Any], item: tuple[Any, ...]) -> None:
