@@ -611,3 +611,15 @@ def test_a_dropped_connection_ends_the_stream(
         stream.send(b"again\n", 10)
         stream.receive_line(10)
     stream.close()
+
+
+def test_writing_to_a_stream_whose_command_ended_fails_at_once(
+    env: tuple[LocalSSHServer, SSHExecutor, Recorder],
+) -> None:
+    _, executor, _ = env
+    stream = executor.open_stream("exit 0", 10)
+    with pytest.raises(ExecutorError, match="stream ended"):
+        stream.receive_line(10)
+    with pytest.raises(ExecutorError, match="stream ended"):
+        stream.send(b"anyone there?\n", 10)
+    stream.close()

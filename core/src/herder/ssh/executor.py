@@ -212,6 +212,9 @@ class SSHStream(ExecStream):
         self._buffer = b""
 
     def send(self, data: bytes, timeout: float) -> None:
+        if self._channel.closed or self._channel.eof_received:
+            # The command has ended: writing could still "succeed" into the void.
+            raise ExecutorError(f"stream ended: {self._command!r} exited")
         try:
             self._channel.settimeout(timeout)
             self._channel.sendall(data)

@@ -37,7 +37,7 @@ from herder.executor import ExecResult, ExecStream, Executor, ExecutorError, Str
 log = logging.getLogger(__name__)
 
 #: Seconds between attempts to (re)open the resident agent after a failure.
-DEFAULT_REOPEN_DELAY = 30.0
+DEFAULT_REOPEN_DELAY = 10.0
 
 #: Seconds a verb waits for the stream to be free before it runs as a one-shot command.
 BUSY_WAIT = 0.2
