@@ -10,10 +10,12 @@ import base64
 import fcntl
 import json
 import os
+import queue
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -481,7 +483,7 @@ def test_the_file_runs_as_a_command_through_its_shell_header(tmp_path: Path) -> 
 
 
 class Serve:
-    """One ``--serve`` process and the request/response exchange with it."""
+    """One ``--serve`` process: requests and answers, and the events it sends unasked."""
 
     def __init__(self, state_dir: Path) -> None:
         self.proc = subprocess.Popen(
@@ -489,13 +491,21 @@ class Serve:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.next_id = 0
+        self.answers: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            doc = json.loads(line)
+            (self.events if "event" in doc else self.answers).put(doc)
 
     def send_line(self, line: bytes) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
         self.proc.stdin.write(line + b"\n")
         self.proc.stdin.flush()
-        answer: dict[str, Any] = json.loads(self.proc.stdout.readline())
-        return answer
+        return self.answers.get(timeout=20)
 
     def call(self, *argv: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
         self.next_id += 1
@@ -535,8 +545,11 @@ def test_serve_carries_out_verbs_as_the_one_shot_commands_do(
     assert serve.call("--list")[:2] == (0, f"{UUID}\n".encode())
     assert runner.list().running == [UUID]
     assert runner.lock_record()["start"] > 0
+    assert serve.events.empty()
     gate.touch()
-    assert wait_for(lambda: serve.call("--list")[1] == f"{UUID} exited 3\n".encode())
+    # The serve process says, unasked, that a container it started has ended.
+    assert serve.events.get(timeout=20) == {"event": "exited"}
+    assert serve.call("--list")[1] == f"{UUID} exited 3\n".encode()
     assert serve.call("--log", UUID)[:2] == (0, b"hi\n")
     assert serve.call("--forget", UUID)[0] == 0
     assert serve.call("--list")[:2] == (0, b"")

@@ -47,9 +47,10 @@ class StreamsUnsupported(ExecutorError):
 class ExecStream(ABC):
     """A command left running on the instance, spoken to line by line.
 
-    Used for the runner agent's resident mode.  Not safe for concurrent use: the caller
-    serializes.  Every failure (the command ended, the connection dropped, a deadline passed)
-    raises :class:`ExecutorError`; the stream is then unusable and must be closed.
+    Used for the runner agent's resident mode.  One thread may read while another writes;
+    the caller serializes writes, and reads.  Every failure (the command ended, the connection
+    dropped, a deadline passed) raises :class:`ExecutorError`; the stream is then unusable and
+    must be closed.
     """
 
     @abstractmethod
@@ -57,8 +58,8 @@ class ExecStream(ABC):
         """Write ``data`` to the command's stdin."""
 
     @abstractmethod
-    def receive_line(self, timeout: float) -> bytes:
-        """The next line of the command's stdout, without its newline."""
+    def receive_line(self, timeout: float | None) -> bytes:
+        """The next line of the command's stdout, without its newline (``None``: no deadline)."""
 
     @abstractmethod
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import queue
 import threading
 from collections.abc import Mapping
 
@@ -24,34 +25,55 @@ UUID = "zzzzz-dz642-000000000000001"
 
 
 class FakeStream(ExecStream):
-    """Answers like the agent would, or fails as told."""
+    """Answers like the agent would, or fails as told; lines go through a queue, so the
+    client's reader thread can wait on it as on a real channel."""
+
+    EOF = b"<eof>"
 
     def __init__(self, fail_send: bool = False, fail_receive: str = "") -> None:
         self.requests: list[dict[str, object]] = []
         self.fail_send = fail_send
-        self.fail_receive = fail_receive  # "", "eof", "garbage", "other-id"
+        self.fail_receive = fail_receive  # "", "eof", "garbage", "silent"
         self.closed = False
+        self.lines: queue.Queue[bytes] = queue.Queue()
         self.hold: threading.Event | None = None
 
     def send(self, data: bytes, timeout: float) -> None:
-        if self.fail_send:
+        if self.fail_send or self.closed:
             raise ExecutorError("stream closed: broken pipe")
-        self.requests.append(json.loads(data))
-
-    def receive_line(self, timeout: float) -> bytes:
-        if self.hold is not None:
-            self.hold.wait(5)
-        request = self.requests[-1]
+        request = json.loads(data)
+        self.requests.append(request)
         if self.fail_receive == "eof":
-            raise ExecutorError("stream ended")
-        if self.fail_receive == "garbage":
-            return b"{not json"
-        rid = request["id"] if self.fail_receive != "other-id" else -1
+            self.lines.put(self.EOF)
+        elif self.fail_receive == "garbage":
+            self.lines.put(b"{not json")
+        elif self.fail_receive != "silent":
+            threading.Thread(target=self._answer, args=(request,), daemon=True).start()
+
+    def _answer(self, request: dict[str, object]) -> None:
+        if self.hold is not None and request["argv"] == ["--kill", "15", UUID]:
+            self.hold.wait(5)
         out = base64.b64encode(f"resident {request['argv']}".encode()).decode()
-        return json.dumps({"id": rid, "status": 0, "stdout": out, "stderr": ""}).encode()
+        self.lines.put(json.dumps(
+            {"id": request["id"], "status": 0, "stdout": out, "stderr": ""}
+        ).encode())
+
+    def event(self) -> None:
+        self.lines.put(b'{"event": "exited"}')
+
+    def receive_line(self, timeout: float | None) -> bytes:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise ExecutorError("no answer on the stream") from None
+        if line == self.EOF:
+            self.lines.put(line)
+            raise ExecutorError("stream ended")
+        return line
 
     def close(self) -> None:
         self.closed = True
+        self.lines.put(self.EOF)
 
 
 class FakeExecutor(Executor):
@@ -156,7 +178,7 @@ def test_a_request_that_could_not_be_sent_runs_as_a_command() -> None:
     assert broken.closed and not c.resident
 
 
-@pytest.mark.parametrize("failure", ["eof", "garbage", "other-id"])
+@pytest.mark.parametrize("failure", ["eof", "garbage"])
 def test_a_sent_request_without_a_good_answer_fails_and_is_not_rerun(failure: str) -> None:
     """The agent may have started the container: re-running --detach could start it twice."""
     stream = FakeStream(fail_receive=failure)
@@ -168,7 +190,18 @@ def test_a_sent_request_without_a_good_answer_fails_and_is_not_rerun(failure: st
     assert stream.closed and not c.resident
 
 
-def test_a_busy_stream_sends_the_next_verb_as_a_command() -> None:
+def test_an_unanswered_request_times_out_and_ends_the_stream() -> None:
+    stream = FakeStream(fail_receive="silent")
+    ex = FakeExecutor([stream])
+    c = client(ex)
+    with pytest.raises(ExecutorError, match="no answer"):
+        c.call(["--list"], None, 0.05)
+    assert ex.commands == []
+    assert stream.closed and not c.resident
+
+
+def test_requests_in_flight_together_get_their_own_answers() -> None:
+    """A slow --kill does not hold up a --list sent after it: answers are matched by id."""
     stream = FakeStream()
     stream.hold = threading.Event()
     ex = FakeExecutor([stream])
@@ -176,12 +209,24 @@ def test_a_busy_stream_sends_the_next_verb_as_a_command() -> None:
     results: list[ExecResult] = []
     slow = threading.Thread(target=lambda: results.append(c.call(["--kill", "15", UUID], None, 10)))
     slow.start()
-    while not stream.requests:
-        threading.Event().wait(0.001)
-    assert c.call(["--list"], None, 10).stdout == b"one-shot"
+    assert c.call(["--list"], None, 10).stdout == b"resident ['--list']"
     stream.hold.set()
     slow.join()
-    assert results[0].stdout.startswith(b"resident")
+    assert results[0].stdout == b"resident ['--kill', '15', '" + UUID.encode() + b"']"
+    assert ex.commands == []
+
+
+def test_events_from_the_agent_reach_on_change() -> None:
+    stream = FakeStream()
+    ex = FakeExecutor([stream])
+    changed = threading.Semaphore(0)
+    c = RunnerClient(ex, command="/opt/r", remote_user=lambda: "root", resident=True,
+                     now=Clock(), on_change=changed.release)
+    c.call(["--list"], None, 10)  # opens the stream
+    stream.event()
+    stream.event()
+    assert changed.acquire(timeout=5) and changed.acquire(timeout=5)
+    assert c.call(["--list"], None, 10).stdout == b"resident ['--list']"  # still usable
 
 
 def test_close_stops_the_agent_and_later_verbs_use_commands() -> None:

@@ -404,3 +404,46 @@ def test_exit_collection_repeats_until_forgotten() -> None:
     h.probe(iid)
     assert len(h.reporter.exited) == 3
     assert h.worker(iid).running == {}
+
+
+# --------------------------------------------------------------------------- runner events
+
+
+def test_a_runner_event_probes_the_worker_at_once() -> None:
+    """The resident runner's "a container ended" triggers a probe without waiting a round."""
+    h, vm_id = setup_worker("running", age=10, containers=(C1,), runners=(C1,))
+    vm = h.cloud.vms[vm_id]
+    vm.host.containers[C1] = ("exited", 0)
+    before = vm.host.verbs().count("--list")
+    h.worker(vm_id).runner_changed()
+    h.runtime.run_until_idle()
+    assert vm.host.verbs().count("--list") == before + 1
+    assert vm.host.verbs()[-2:] == ["--log", "--forget"]  # the result was collected
+
+
+def test_a_runner_event_during_a_probe_makes_it_probe_once_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The probe's --list may have run just before the exit: it runs once more when it ends."""
+    h, vm_id = setup_worker("running", age=10, containers=(C1,), runners=(C1,))
+    vm, w = h.cloud.vms[vm_id], h.worker(vm_id)
+    lists = []
+
+    def event_during_first_list(kind: str) -> None:
+        if kind != "--list":
+            return
+        lists.append(kind)
+        if len(lists) == 1:
+            # The event's probe attempt runs at once, on "another thread", while this probe
+            # holds the worker: it cannot start, and must not be lost.
+            with monkeypatch.context() as m:
+                m.setattr(h.runtime, "spawn", lambda fn: fn())
+                w.runner_changed()
+        elif len(lists) == 2:
+            vm.host.containers[C1] = ("exited", 0)  # the exit the first listing missed
+
+    vm.host.hook = event_during_first_list
+    w.probe_and_update()
+    h.runtime.run_until_idle()
+    assert len(lists) == 2
+    assert vm.host.verbs()[-2:] == ["--log", "--forget"]

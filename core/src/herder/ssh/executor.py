@@ -201,37 +201,45 @@ def _drain(recv: Callable[[int], bytes], sink: list[bytes]) -> None:
 class SSHStream(ExecStream):
     """A command kept running on its own channel of the shared connection.
 
-    Reads wait on the channel with a timeout rather than a watchdog thread: a stream carries
-    many short exchanges, and a thread per exchange is what it exists to avoid.  What the
-    command writes to stderr is drained as it comes (so it cannot fill the window) and logged.
+    One thread may read while others write.  The channel's timeout is a fixed polling period
+    set once (paramiko has one timeout per channel, shared by reads and writes), and each call
+    loops over it until its own deadline, so no call changes another's.  What the command
+    writes to stderr is drained as it comes (so it cannot fill the window) and logged.
     """
+
+    #: Seconds each blocking channel call waits before the caller looks at its deadline.
+    POLL = 0.5
 
     def __init__(self, channel: paramiko.Channel, command: str) -> None:
         self._channel = channel
         self._command = command
         self._buffer = b""
+        channel.settimeout(self.POLL)
 
     def send(self, data: bytes, timeout: float) -> None:
         if self._channel.closed or self._channel.eof_received:
             # The command has ended: writing could still "succeed" into the void.
             raise ExecutorError(f"stream ended: {self._command!r} exited")
-        try:
-            self._channel.settimeout(timeout)
-            self._channel.sendall(data)
-        except TimeoutError as exc:
-            raise ExecutorError(f"stream write timed out after {timeout:g}s") from exc
-        except _CHANNEL_ERRORS as exc:
-            raise ExecutorError(f"stream closed: {exc or type(exc).__name__}") from exc
-
-    def receive_line(self, timeout: float) -> bytes:
         deadline = time.monotonic() + timeout
+        rest = data
+        while rest:
+            try:
+                sent = self._channel.send(rest)
+            except TimeoutError:
+                sent = 0  # the window is full: the command is not reading yet
+            except _CHANNEL_ERRORS as exc:
+                raise ExecutorError(f"stream closed: {exc or type(exc).__name__}") from exc
+            if sent == 0 and time.monotonic() > deadline:
+                raise ExecutorError(f"stream write timed out after {timeout:g}s")
+            rest = rest[sent:]
+
+    def receive_line(self, timeout: float | None) -> bytes:
+        deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self._buffer:
             self._drain_stderr()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if deadline is not None and time.monotonic() > deadline:
                 raise ExecutorError(f"no answer on the stream within {timeout:g}s")
             try:
-                self._channel.settimeout(min(remaining, 1.0))
                 chunk = self._channel.recv(_CHUNK)
             except TimeoutError:
                 continue
@@ -337,7 +345,7 @@ class SSHExecutor(Executor):
     def open_stream(self, command: str, timeout: float) -> SSHStream:
         channel = self._open_channel(timeout)
         try:
-            channel.settimeout(timeout)
+            channel.settimeout(timeout)  # for the exec request; the stream sets its own
             channel.exec_command(command)
         except _CHANNEL_ERRORS as exc:
             _close_quietly(channel)

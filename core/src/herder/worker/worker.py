@@ -196,12 +196,16 @@ class Worker:
         self.stale_run_lock_since: float | None = None
         self._probing = threading.Lock()
         self.log = _InstanceLog(env.logger, {"instance": instance.id})
+        #: set when the runner reported a change while a probe was running (see runner_changed)
+        self._probe_again = False
         self.runner_client = RunnerClient(
             executor,
             command=env.runner.command,
             remote_user=self._remote_user,
             resident=env.runner.deploying,
             now=self._now,
+            on_change=self.runner_changed,
+            name=f"runner-{instance.id}",
             logger=self.log,
         )
 
@@ -524,13 +528,38 @@ class Worker:
         Call in a background task, without the lock.  Returns at once if a probe of this
         worker is still running.
         """
-        if not self._probing.acquire(blocking=False):
-            self.log.debug("still waiting for last probe to finish")
-            return
-        try:
-            self._probe_and_update()
-        finally:
-            self._probing.release()
+        while True:
+            if not self._probing.acquire(blocking=False):
+                self.log.debug("still waiting for last probe to finish")
+                return
+            try:
+                with self.env.lock:
+                    self._probe_again = False
+                self._probe_and_update()
+            finally:
+                self._probing.release()
+            with self.env.lock:
+                if not self._probe_again:
+                    return
+
+    def runner_changed(self) -> None:
+        """The resident runner says a container ended: probe now, not at the next round.
+
+        Results then reach the queue within milliseconds of the exit instead of up to a
+        probe interval later.  These probes are not spaced by max_probes_per_second: they come
+        at most once per container end, and coalesce; a change reported while a probe runs
+        makes that probe run once more when it ends (its ``--list`` may have been too early).
+        Called from the runner client's reader thread: it only schedules.
+        """
+        with self.env.lock:
+            self._probe_again = True
+        self.env.runtime.spawn(self._probe_on_change)
+
+    def _probe_on_change(self) -> None:
+        with self.env.lock:
+            if not self._probe_again:
+                return  # a probe since the change has already looked
+        self.probe_and_update()
 
     def _probe_and_update(self) -> None:
         """SPEC §3.4, step by step."""
