@@ -3,9 +3,11 @@
     uv run python benchmarks/scheduler_scale.py            # 100,000 containers, 10,000 instances
     uv run python benchmarks/scheduler_scale.py --curve    # pass time from 1,000 to 100,000
 
-Every instance is busy with one running container and the pool is at quota, so a pass has the
-whole queue to order and nothing to start: the steady state of a long backlog.  The first pass
-also builds the scheduler's index from nothing; later passes reuse it.
+Every instance is full (one running container using all its VCPUs) and the pool is at quota,
+so a pass has the whole queue to order and nothing to start: the steady state of a long
+backlog.  The first pass also builds the scheduler's index from nothing; later passes reuse it.
+``--spare`` leaves one VCPU free on every instance instead, while every queued container needs
+at least two: the pass must then look for room for each kind of container before it can stop.
 """
 
 from __future__ import annotations
@@ -25,20 +27,24 @@ from conftest import GiB, Harness, R  # type: ignore[import-not-found]
 from herder.model import WorkerState
 
 TYPES = ("t1", "t2", "t4", "t8")
+VCPUS = (1, 2, 4, 8)
 
 
-def build(containers: int, instances: int) -> Harness:
+def build(containers: int, instances: int, spare: bool = False) -> Harness:
     """A harness with ``instances`` busy workers and ``containers`` queued containers."""
     h = Harness()
     h.pool.quota = instances
     n = 0
     for i in range(instances):
         n += 1
-        uuid = h.queue.add(R, n=n, started_at=0.0)
+        type_vcpus = VCPUS[i % 4]
+        used = max(1, type_vcpus - 1) if spare else type_vcpus
+        uuid = h.queue.add(R, n=n, started_at=0.0, vcpus=used)
         h.pool.add_worker(f"i-{i:07d}", TYPES[i % 4], WorkerState.RUNNING, uuids=[uuid])
     for i in range(containers):
         n += 1
-        h.queue.add(priority=1 + i % 1000, vcpus=1 + i % 4, ram=GiB, n=n)
+        vcpus = 2 + i % 3 if spare else 1 + i % 4
+        h.queue.add(priority=1 + i % 1000, vcpus=vcpus, ram=GiB, n=n)
     return h
 
 
@@ -50,8 +56,10 @@ def timed_pass(h: Harness) -> float:
     return elapsed
 
 
-def scale(containers: int, instances: int, repeats: int, freeze: bool) -> dict[str, float]:
-    h = build(containers, instances)
+def scale(
+    containers: int, instances: int, repeats: int, freeze: bool, spare: bool = False
+) -> dict[str, float]:
+    h = build(containers, instances, spare)
     if freeze:
         gc.collect()
         gc.freeze()
@@ -101,6 +109,7 @@ def main() -> None:
     ap.add_argument("--curve", action="store_true", help="pass time from 1,000 to 100,000")
     ap.add_argument("--freeze", action="store_true", help="gc.freeze() before the first pass")
     ap.add_argument("--memory", action="store_true", help="tracemalloc bytes per item")
+    ap.add_argument("--spare", action="store_true", help="one VCPU left free on each instance")
     args = ap.parse_args()
     if args.memory:
         c, i = memory(args.containers, args.instances)
@@ -111,7 +120,7 @@ def main() -> None:
           f"{'changed ms':>10} {'max ms':>7} {'us/ctr':>7}")
     for n in sizes:
         inst = args.instances if not args.curve else max(1, n // 10)
-        r = scale(n, inst, args.repeats, args.freeze)
+        r = scale(n, inst, args.repeats, args.freeze, args.spare)
         print(f"{n:>10} {inst:>9} {r['first'] * 1e3:>9.1f} {r['median'] * 1e3:>9.1f} "
               f"{r['changed'] * 1e3:>10.1f} {r['max'] * 1e3:>7.1f} {r['changed'] / n * 1e6:>7.2f}")
 

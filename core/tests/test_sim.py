@@ -213,7 +213,7 @@ def test_faults_shorthand_turns_every_fault_on_and_explicit_knobs_win() -> None:
         "ssh_failure_rate",
         "stale_lock_rate",
     ):
-        assert 0 < getattr(p, knob) <= 0.1, knob
+        assert 0 < getattr(p, knob) <= 0.2, knob  # moderate: most attempts still succeed
     assert p.runner_missing and p.quota_max_instances
     assert p.min_time_between_create_calls > 0 and p.min_time_between_list_calls > 0
     assert SimParameters.all_faults(seed=9).broken_rate == p.broken_rate

@@ -528,6 +528,31 @@ def test_limit_at_quota_then_raised_slowly(make):
     assert h.sched.max_containers == 6  # 5 instances evidently fit: 5 + 1
 
 
+def test_at_quota_the_limit_holds_back_only_containers_needing_a_new_instance(make):
+    """The quota counts instances: packing onto instances that exist goes on at the limit.
+
+    Arvados skips every container once max_containers is reached (SPEC §9.5 step 18), which
+    with several containers per instance leaves the spare room of a pool at quota unused.
+    """
+    h = make(types=big_types(), max_instances=2)
+    running = []
+    for i in range(2):
+        x = h.queue.add(R, vcpus=1)
+        running.append(x)
+        h.pool.add_worker(f"i-{i}", "big", WorkerState.RUNNING, [x])
+    h.pool.quota = 2
+    queued = [h.queue.add(Q, vcpus=1, priority=9 - i) for i in range(8)]
+    h.run_pass()
+    assert h.sched.max_containers == 2  # the limit itself is Arvados' (SPEC §9.5 step 9)
+    # 3 VCPUs spare on each of the two instances: six are locked, nothing is created, and the
+    # two that fit nowhere stay Queued without being locked and unlocked.
+    assert h.queue.ops("lock") == queued[:6]
+    assert h.pool.creates == []
+    assert h.queue.ops("unlock") == []
+    h.run_pass()  # now Locked: started on the instances they were booked on
+    assert sorted(h.pool.starts) == sorted(queued[:6])
+
+
 def test_unlimited_until_quota_then_capped(make):
     h = make(max_instances=0)
     uuids = [h.queue.add(Q) for _ in range(20)]

@@ -155,6 +155,10 @@ class Placement:
         self._route_cache: dict[frozenset[str], list[Bucket]] = {}
         self._nothing_fits: set[NeedsKey] = set()
         self._new_seq = 0
+        #: bumped whenever an allocation changes the spare resources
+        self.version = 0
+        self._created = 0  # instances added this pass: "fits nowhere" holds until one is
+        self._fits_anywhere: dict[tuple[int, int, int, int, int], tuple[int, bool]] = {}
         for seq, view in enumerate(views):
             slot = Slot(view, view.instance_type, self._spare(view, entries), (view.instance, seq))
             self.slots.append(slot)
@@ -275,6 +279,7 @@ class Placement:
 
     def allocate(self, slot: Slot, needs: InstanceResources) -> None:
         """Book ``needs`` on ``slot`` for the rest of the pass."""
+        self.version += 1
         old_count = slot.count
         slot.free = slot.free.sub(needs)
         slot.count = old_count + 1
@@ -295,12 +300,36 @@ class Placement:
         create has no id, so it goes first among its equals, ahead of older pending creates.
         """
         self._new_seq -= 1
+        self.version += 1
+        self._created += 1
         slot = Slot(view, it.name, InstanceResources.of_type(it).sub(needs), ("", self._new_seq))
         slot.count += 1
         self.slots.append(slot)
         self._file(slot, at_front=True)
         self._nothing_fits.clear()
         return slot
+
+    def fits_anywhere(self, needs: InstanceResources) -> bool:
+        """Whether any instance, of any type, still has room for ``needs``.
+
+        A cheap filter before :meth:`best`: remembered per needs for the rest of the pass, which
+        is right while nothing is created (spare resources only shrink).
+        """
+        key = (needs.vcpus, needs.ram, needs.scratch, needs.gpus, needs.gpu_vram)
+        known = self._fits_anywhere.get(key)
+        if known is not None and known[0] == self._created:
+            return known[1]
+        fits = any(
+            slot.open and slot.free.accommodates(needs)
+            for bucket in self._buckets.values()
+            for slot in bucket.slots
+        )
+        self._fits_anywhere[key] = (self._created, fits)
+        return fits
+
+    def has_room(self) -> bool:
+        """Whether any instance could still take a container this pass."""
+        return any(bucket.count_hist for bucket in self._buckets.values())
 
     def empty_slots(self) -> list[Slot]:
         """Instances left without any container, counting this pass's allocations."""

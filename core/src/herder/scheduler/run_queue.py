@@ -16,6 +16,13 @@ above the current workload, never more than one above the last level known to fi
 so that hitting the quota does not lock and unlock containers over and over until they exhaust
 their dispatch attempts.
 
+Unlike Arvados (SPEC §9.5 step 18 skips every container once the limit is reached), the limit
+holds back only containers that would need a new instance.  The quota it stands for counts
+instances; a container that fits on an instance that already exists needs none, so it is still
+locked and started there.  Arvados mostly runs one container per instance, where the two are
+the same; with several containers per instance, the instance-count limit would otherwise leave
+every instance but one slot idle for as long as the pool stays at its quota.
+
 Statuses are recorded as :class:`~herder.scheduler.status.Status` values only where the pass
 decides something specific; the rest ("preparing", "priority 0", "waiting at position N") are
 derived when the snapshot is read (:meth:`PassResult.sched_entries`).
@@ -104,6 +111,12 @@ class PassResult:
                 text = ""
             out.append(SchedEntry(entry, text))
         return out
+
+
+def _plain(entry: QueueEntry) -> bool:
+    """Not a supervisor and not priority 0: passing it over changes no count and no status."""
+    c = entry.container
+    return c.priority > 0 and not c.spec.scheduling_parameters.supervisor
 
 
 class ConcurrencyLimit:
@@ -248,11 +261,22 @@ class _Pass:
                     self.supervisors += 1
         seen = 0  # entries without a runner visited so far
         position = 0
+        # Past the limit only containers that fit on existing instances go on (see the module
+        # docstring).  Spare room only shrinks during a pass, so the walk ends when none is
+        # left, and a container whose needs fit no instance at all is passed over cheaply.
+        room_checked = -1
         while position < len(order):
-            if self.saturated():
-                self._count_later_supervisors(order, position)
-                break
             entry = order[position][4]
+            if self.saturated():
+                placement = self.placement
+                if room_checked != placement.version:
+                    if not placement.has_room():
+                        self._count_later_supervisors(order, position)
+                        break
+                    room_checked = placement.version
+                if _plain(entry) and not placement.fits_anywhere(entry.resources):
+                    position += 1
+                    continue
             uuid = entry.container.uuid
             if uuid not in running:
                 seen += 1
@@ -309,11 +333,12 @@ class _Pass:
 
     def _queued(self, entry: QueueEntry) -> bool:
         uuid = entry.container.uuid
-        if self.saturated():
-            return True
+        filling = self.saturated()  # beyond the limit: only onto instances that exist
         self.trying += 1
         best = self._best(entry)
         if best is None:
+            if filling:
+                return True
             if self.pool.at_quota():
                 return False
             if self._available_type(entry) is None:
@@ -329,13 +354,14 @@ class _Pass:
     def _locked(self, entry: QueueEntry) -> bool:
         ctr = entry.container
         uuid = ctr.uuid
-        if self.saturated():
-            return True
+        filling = self.saturated()  # beyond the limit: only onto instances that exist
         self.trying += 1
         best = self._best(entry)
         if best is not None:
             self.placement.allocate(best, entry.resources)
             self._start_on(best, entry)
+            return True
+        if filling:
             return True
         if self.pool.at_quota():
             return False
