@@ -150,6 +150,10 @@ class ContainerOps:
         return self._launch(uuid, "kill", lambda: self._kill(uuid, reason))
 
     def _kill(self, uuid: str, reason: str) -> None:
-        self._log.info("%s: killing runner because %s", uuid, reason)
-        self._pool.kill_container(uuid, reason)
+        # Most kills of finished containers only clear the record of a runner that has already
+        # exited: say "killing" only when a runner was there to kill.
+        if self._pool.kill_container(uuid, reason):
+            self._log.info("%s: killing runner because %s", uuid, reason)
+        else:
+            self._log.debug("%s: no runner left to kill (%s); forgetting it", uuid, reason)
         self._pool.forget_container(uuid)
