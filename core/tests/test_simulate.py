@@ -10,6 +10,7 @@ import pytest
 from herder.cli import main
 from herder.config import load_config
 from herder.simulate import WorkloadOptions, generate_workload, run_simulation
+from herder.testing.sim_stats import FAULT_KINDS
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SIM_YAML = str(EXAMPLES / "sim.yaml")
@@ -49,19 +50,7 @@ def test_simulation_with_every_fault(capsys):
     assert ctrs["unexpected_failures"] == 0
     # Each injected fault kind actually fired.
     faults = summary["faults_injected"]
-    for kind in (
-        "create_error",
-        "destroy_error",
-        "quota",
-        "capacity",
-        "rate_limit",
-        "never_boot",
-        "broken",
-        "disappear",
-        "runner_crash",
-        "ssh_failure",
-        "stale_lock",
-    ):
+    for kind in FAULT_KINDS:
         assert faults.get(kind, 0) > 0, (kind, faults)
     assert status == 0
 

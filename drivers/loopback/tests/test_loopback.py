@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -44,7 +45,7 @@ from herder.cloud import (
     RemoteRunner,
 )
 from herder.config import Config
-from herder.executor import ExecutorError, HostKeyError
+from herder.executor import ExecResult, ExecutorError, HostKeyError
 from herder.model import (
     Container,
     ContainerSpec,
@@ -584,6 +585,126 @@ def test_a_container_keeps_running_across_a_dispatcher_restart(
     gate.touch()
     done = wait_for(lambda: listing(harness, adopted, deployment.command).exited)
     assert done == {UUID: 0}
+
+
+# --------------------------------------------------------------------------- SSH outages
+
+
+def refused(address: str) -> bool:
+    host, port = address.split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return False
+    except OSError:
+        return True
+
+
+def test_stop_ssh_takes_the_server_down_and_start_ssh_brings_it_back(
+    harness: Harness,
+) -> None:
+    instance_set = harness.instance_set()
+    inst = harness.create(instance_set)
+    other = harness.create(instance_set)
+    assert harness.run(inst, "echo before") == "before\n"
+
+    assert instance_set.stop_ssh(inst.id) is True
+    assert refused(inst.address)
+    (listed,) = [i for i in instance_set.instances({}) if i.id == inst.id]
+    assert listed.address == inst.address  # still listed, at the same address, as a VM is
+    with pytest.raises(ExecutorError):
+        harness.executor(inst).execute("echo during")
+    assert harness.run(other, "echo unaffected") == "unaffected\n"
+    assert instance_set.stop_ssh(inst.id) is False  # already down
+
+    assert inst.start_ssh() is True
+    assert inst.start_ssh() is False  # already up
+    (back,) = [i for i in instance_set.instances({}) if i.id == inst.id]
+    assert back.address == inst.address  # the old port was free
+    assert harness.run(back, "echo after") == "after\n"
+    assert inst.stop_ssh() is True
+
+
+def test_stop_and_start_ssh_of_an_unknown_instance_do_nothing(harness: Harness) -> None:
+    instance_set = harness.instance_set()
+    assert instance_set.stop_ssh("lb-000000000000") is False
+    assert instance_set.start_ssh("lb-000000000000") is False
+
+
+def test_stop_ssh_cuts_commands_in_flight_but_detached_containers_live_on(
+    harness: Harness,
+) -> None:
+    instance_set = harness.instance_set()
+    inst = harness.create(instance_set)
+    deployment = deploy_runner(harness, inst)
+    gate = harness.gate()
+    ctr = container(UUID, "sh", "-c", f"until [ -e {gate} ]; do sleep 0.01; done; exit 5")
+    start(harness, inst, deployment.command, ctr)
+
+    executor = harness.executor(inst)
+    outcome: list[ExecResult | ExecutorError] = []
+    slow = f"sleep 30 # {gate}"
+
+    def in_flight() -> None:
+        try:
+            outcome.append(executor.execute(slow))
+        except ExecutorError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=in_flight)
+    thread.start()
+    assert wait_for(lambda: any(slow in cmdline for cmdline in _cmdlines()))
+    began = time.monotonic()
+    assert instance_set.stop_ssh(inst.id)
+    thread.join(20)
+    assert not thread.is_alive() and time.monotonic() - began < 15
+    assert not any(slow in cmdline for cmdline in _cmdlines())  # hung up, not left running
+    (result,) = outcome
+    if isinstance(result, ExecResult):
+        assert result.exit_status != 0
+
+    assert instance_set.start_ssh(inst.id)
+    assert listing(harness, inst, deployment.command).running == [UUID]
+    gate.touch()
+    done = wait_for(lambda: listing(harness, inst, deployment.command).exited)
+    assert done == {UUID: 5}
+
+
+def _cmdlines() -> list[str]:
+    """The command lines of this host's processes (arguments joined by spaces)."""
+    lines = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            lines.append(path.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return lines
+
+
+def test_start_ssh_moves_to_a_new_port_when_the_old_one_is_taken(harness: Harness) -> None:
+    instance_set = harness.instance_set()
+    inst = harness.create(instance_set)
+    instance_set.stop_ssh(inst.id)
+    host, port = inst.address.split(":")
+    with socket.socket() as squatter:
+        squatter.bind((host, int(port)))
+        squatter.listen(1)
+        assert instance_set.start_ssh(inst.id)
+    (moved,) = instance_set.instances({})
+    assert moved.address != inst.address
+    assert harness.run(moved, "echo moved") == "moved\n"
+    record = json.loads((inst.directory / RECORD_FILE).read_text())
+    assert f"{host}:{record['port']}" == moved.address  # a restart finds it there
+
+
+def test_an_instance_whose_ssh_is_down_can_be_destroyed_and_adopted(harness: Harness) -> None:
+    first = harness.instance_set()
+    gone, kept = harness.create(first), harness.create(first)
+    first.stop_ssh(gone.id)
+    first.stop_ssh(kept.id)
+    gone.destroy()
+    assert not gone.directory.exists()
+    first.stop()
+    (adopted,) = harness.instance_set().instances({})
+    assert adopted.id == kept.id
+    assert harness.run(adopted, "echo up") == "up\n"  # a new instance set starts every server
 
 
 # --------------------------------------------------------------------------- helpers

@@ -73,6 +73,24 @@ _UUID_RANDOM_LEN = 15
 _UUID_BYTE_LIMIT = 256 - 256 % len(_UUID_ALPHABET)
 
 
+
+@contextlib.contextmanager
+def immediate_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One committed ``BEGIN IMMEDIATE`` transaction on ``db``, or none at all.
+
+    For connections in autocommit mode (``isolation_level=None``), which herder's SQLite files
+    use so that every transaction is explicit.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        # Also after a failed COMMIT (disk full): the next write must find no open transaction.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
 class InvalidRequest(QueueError, ValueError):
     """A malformed submission or argument (as opposed to one refused for the container's state).
 
@@ -449,18 +467,9 @@ class SqliteQueue(ContainerQueue):
 
     # ---- opening
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """One committed transaction, or none at all (caller holds ``self._lock``)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException:
-            # Also after a failed COMMIT (disk full): the next write must find no open transaction.
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
+        return immediate_transaction(self._db)
 
     def _migrate(self) -> None:
         """Bring the schema up to date, one recorded version at a time."""

@@ -282,7 +282,8 @@ class SimDriver(Driver):
 
     Pass ``cloud`` to share a simulated cloud between driver objects (a dispatcher restart in
     a simulation); otherwise the first :meth:`instance_set` creates it, seeded by its
-    parameters and on its context's clock.
+    parameters and on its context's clock.  With ``state_file`` the cloud is kept in that file
+    and outlives the process (a dispatcher killed and started again on the wall clock).
 
     Capabilities: ``quota_errors`` (``quota_max_instances``), ``capacity_errors``
     (``capacity_error_rate`` / ``capacity_max_instances``), ``rate_limit_errors``
@@ -313,7 +314,9 @@ class SimDriver(Driver):
             params = SimParameters.model_validate(params.model_dump())
         with self._lock:
             if self.cloud is None:
-                self.cloud = SimCloud(seed=params.seed, runtime=context.runtime)
+                self.cloud = SimCloud(
+                    seed=params.seed, runtime=context.runtime, state_file=params.state_file
+                )
             instance_set = SimInstanceSet(self.cloud, params, context)
             self._last_set = instance_set
             return instance_set

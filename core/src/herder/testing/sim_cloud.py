@@ -10,7 +10,8 @@ simulated times.
 
 One :class:`SimCloud` is shared by every instance set a driver builds, as a cloud account is
 shared by every dispatcher that uses it: a restarted dispatcher sees (and adopts) the instances
-of the previous one.  All state is guarded by :attr:`SimCloud.lock`.
+of the previous one.  All state is guarded by :attr:`SimCloud.lock`.  With a state file
+(:mod:`herder.testing.sim_store`) the account also outlives the process that holds it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 from herder.cloud import HostKey
 from herder.model import InstanceType
@@ -161,8 +164,10 @@ class SimVM:
 class SimCloud:
     """One simulated cloud account: instances, processes, clock, random draws and statistics."""
 
-    def __init__(self, seed: int = 0, runtime: Runtime | None = None) -> None:
-        self.lock = threading.RLock()
+    def __init__(
+        self, seed: int = 0, runtime: Runtime | None = None, state_file: str | None = None
+    ) -> None:
+        self.lock: AbstractContextManager[Any] = threading.RLock()
         self.seed = seed
         self.runtime = runtime
         self._clock: Callable[[], float] = runtime.now if runtime is not None else time.time
@@ -174,6 +179,13 @@ class SimCloud:
         self._live: dict[str, list[SimProcess]] = {}
         self._events: list[tuple[float, int, SimVM | SimProcess]] = []
         self._stats = SimStats(cloud=self)
+        if state_file is not None:
+            # Imported here: a cloud without a state file needs none of it.
+            from herder.testing.sim_store import SimStore
+
+            store = SimStore(state_file)
+            store.load(self)
+            self.lock = store.saving_lock(self)
 
     # ------------------------------------------------------------------ clock and draws
 
@@ -210,6 +222,39 @@ class SimCloud:
             )
             for vm in self._vms.values()
         ]
+
+    def all_vms(self) -> list[SimVM]:
+        """Every instance the cloud still knows, listed or not (for persistence)."""
+        return list(self._vms.values())
+
+    def rng_state(self) -> object:
+        """The state of the cloud's random generator (for persistence)."""
+        return self._rng.getstate()
+
+    def restore(self, vms: list[SimVM], stats: SimStats, rng_state: object) -> None:
+        """Replace the whole state by a saved one, re-deriving what follows from it.
+
+        Ids continue after the last ones handed out (one per instance created, one pid per
+        process started), so a restored cloud never reuses one.  The event heap is rebuilt from
+        the instances and the processes not yet settled; the next :meth:`settle` catches up
+        with everything that happened since the state was saved, as if the cloud had run on.
+        """
+        self._vms = {vm.id: vm for vm in vms}
+        stats.cloud = self
+        self._stats = stats
+        self._rng.setstate(rng_state)  # type: ignore[arg-type]
+        self._ids = itertools.count(stats.created + 1)
+        self._pids = itertools.count(1000 + stats.container_starts)
+        self._live = {}
+        self._events = []
+        for vm in vms:
+            if vm.gone_at < math.inf:
+                self._push(vm.gone_at, vm)
+        for vm in vms:
+            for proc in vm.procs.values():
+                if not proc.settled:
+                    self._live.setdefault(proc.uuid, []).append(proc)
+                    self._push(proc.end_at, proc)
 
     def _push(self, at: float, item: SimVM | SimProcess) -> None:
         heapq.heappush(self._events, (at, next(self._seq), item))

@@ -24,19 +24,21 @@ Rate = Annotated[float, Field(ge=0.0, le=1.0)]
 
 #: What ``faults: true`` turns on.  Moderate: a run of a few hundred containers sees every kind
 #: fire, and the engine's retries still get every container done.  Broken and vanishing
-#: instances go early, so that they happen even to instances that live only minutes.
+#: instances go early, so that they happen even to instances that live only minutes.  The
+#: per-instance rates are the highest: packing puts a few hundred containers on a few dozen
+#: instances, and each kind must still fire in such a run.
 FAULT_DEFAULTS: dict[str, Any] = {
-    "create_error_rate": 0.05,
-    "destroy_error_rate": 0.05,
+    "create_error_rate": 0.1,
+    "destroy_error_rate": 0.15,
     "quota_max_instances": 10,
-    "capacity_error_rate": 0.05,
+    "capacity_error_rate": 0.15,
     "capacity_error_scope": "instance_type",
     "min_time_between_create_calls": 1.0,
     "min_time_between_list_calls": 1.0,
-    "never_boot_rate": 0.05,
-    "broken_rate": 0.08,
+    "never_boot_rate": 0.15,
+    "broken_rate": 0.2,
     "broken_after": (10.0, 120.0),
-    "disappear_rate": 0.05,
+    "disappear_rate": 0.15,
     "disappear_after": (10.0, 120.0),
     "runner_crash_rate": 0.03,
     "ssh_failure_rate": 0.01,
@@ -58,6 +60,11 @@ class SimParameters(DriverParameters):
     seed: int = Field(0, description="seed of every random draw (faults, jitter)")
     faults: bool = Field(
         False, description="turn every fault on at moderate rates (explicit knobs win)"
+    )
+    state_file: str | None = Field(
+        None,
+        description="SQLite file the simulated cloud keeps its state in, so that it outlives a "
+        "dispatcher process killed without warning (None: in memory only)",
     )
 
     # ---- instances

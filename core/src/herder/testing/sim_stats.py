@@ -20,6 +20,21 @@ CALL_KINDS = ("create", "list", "destroy", "set_tags")
 #: Outcomes of cloud calls counted in :attr:`SimStats.calls`.
 CALL_OUTCOMES = ("ok", "error", "quota", "capacity", "rate_limit")
 
+#: Every kind of fault the sim driver injects, as ``faults_injected`` counts them.
+FAULT_KINDS = (
+    "create_error",
+    "destroy_error",
+    "quota",
+    "capacity",
+    "rate_limit",
+    "never_boot",
+    "broken",
+    "disappear",
+    "runner_crash",
+    "ssh_failure",
+    "stale_lock",
+)
+
 
 class LiveInstances(Protocol):
     """What the statistics need from their cloud to bill instances that are still there."""

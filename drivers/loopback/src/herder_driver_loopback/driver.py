@@ -24,6 +24,9 @@ What it improves on Arvados' loopback driver, and why:
 * :meth:`LoopbackInstance.destroy` stops the instance's SSH server (Arvados leaks it, SPEC §19
   item 33) and removes its directory.
 * ``instances(tags)`` filters by tags, and tags are given back exactly as set.
+* :meth:`LoopbackInstanceSet.stop_ssh` and :meth:`~LoopbackInstanceSet.start_ssh` take one
+  instance's SSH server down and bring it back, for fault-injection tests: herder then meets
+  what it meets when a VM's sshd dies or its network drops, while the containers keep running.
 
 The init command is recorded in ``<instance dir>/init-command`` but never run: it is written to
 run as root on a fresh VM, and here it would run as the operator on the operator's own machine.
@@ -346,6 +349,14 @@ class LoopbackInstance(Instance):
     def destroy(self) -> None:
         self._owner.destroy(self.id)
 
+    def stop_ssh(self) -> bool:
+        """Take this instance's SSH server down (see :meth:`LoopbackInstanceSet.stop_ssh`)."""
+        return self._owner.stop_ssh(self.id)
+
+    def start_ssh(self) -> bool:
+        """Bring the SSH server back (see :meth:`LoopbackInstanceSet.start_ssh`)."""
+        return self._owner.start_ssh(self.id)
+
     def verify_host_key(self, key: HostKey, remote: RemoteRunner) -> None:
         """Accept only the host key generated for this instance when it was created."""
         expected_type, expected_blob = _key_blob(self._record.host_key)
@@ -474,6 +485,40 @@ class LoopbackInstanceSet(InstanceSet):
         shutil.rmtree(live.directory, ignore_errors=True)
         self._log.info("loopback instance %s destroyed", instance_id)
 
+    # ----------------------------------------------------------------- fault injection
+
+    def stop_ssh(self, instance_id: str) -> bool:
+        """Stop the instance's SSH server, leaving the instance and what runs on it in place.
+
+        This is an outage, not a shutdown: connections are refused and open ones are cut (so
+        commands in flight get SIGHUP, as over a dropped network), detached containers keep
+        running, the instance is still listed, and its address stays the same, as a VM's does.
+        :meth:`start_ssh` ends the outage.  Returns False when there is no such instance or its
+        server is already down.
+        """
+        with self._lock:
+            self._check_running()
+            live = self._live.get(instance_id)
+            if live is None or live.server is None:
+                return False
+            server, live.server = live.server, None
+        server.stop()  # waits for its commands: outside the lock
+        self._log.info("loopback instance %s: SSH server stopped", instance_id)
+        return True
+
+    def start_ssh(self, instance_id: str) -> bool:
+        """Start the SSH server :meth:`stop_ssh` stopped, on its old port if that is free.
+
+        Returns False when there is no such instance, its server is already running, or it
+        cannot start (the error is logged, as at adoption).
+        """
+        with self._lock:
+            self._check_running()
+            live = self._live.get(instance_id)
+            if live is None or live.server is not None:
+                return False
+            return self._restart_server(live, "SSH server restarted")
+
     # ----------------------------------------------------------------- internals
 
     def _check_running(self) -> None:
@@ -593,14 +638,14 @@ class LoopbackInstanceSet(InstanceSet):
                 self._log.error("ignoring %s: unreadable instance record: %s", directory, exc)
                 continue
             live = _Live(record=record, directory=directory)
-            self._restart_server(live)
+            self._restart_server(live, "adopted")
             self._live[record.id] = live
 
-    def _restart_server(self, live: _Live) -> None:
-        """Start an adopted instance's server on its old port if free, else on a new one.
+    def _restart_server(self, live: _Live, what: str) -> bool:
+        """Start an existing instance's server on its old port if free, else on a new one.
 
-        An instance whose server cannot start at all is still listed (without an address), so
-        herder sees it, gives up on it after its boot timeout, and destroys it.
+        An adopted instance whose server cannot start at all is still listed (without an
+        address), so herder sees it, gives up on it after its boot timeout, and destroys it.
         """
         record = live.record
         try:
@@ -616,12 +661,14 @@ class LoopbackInstanceSet(InstanceSet):
                 self._start_server(live, port=0)
         except (OSError, ValueError, paramiko.SSHException) as exc:
             self._log.error("loopback instance %s: cannot start its SSH server: %s", record.id, exc)
-            return
+            live.address = ""
+            return False
         port = _port_of(live.address)
         if port != record.port:
             live.record = replace(record, port=port)
             _write_json_atomically(live.directory / RECORD_FILE, live.record.to_json())
-        self._log.info("loopback instance %s adopted at %s", record.id, live.address)
+        self._log.info("loopback instance %s %s at %s", record.id, what, live.address)
+        return True
 
 
 def _port_of(address: str) -> int:
