@@ -97,4 +97,3 @@ def test_short_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     assert report.ok, report.format()
     assert report.faults["dispatcher SIGKILLs"] == 2
     assert report.faults["SSH outages"] == 3
-    assert report.elapsed < 60, report.format()
