@@ -14,6 +14,9 @@ from herder.commands import CommandError, Context
 from herder.plugins import PluginError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from herder.api.server import APIServer
     from herder.config import Config
     from herder.dispatcher import Dispatcher
     from herder.runtime import ThreadRuntime
@@ -39,8 +42,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    from herder.api.server import APIServer, APIServerError
-    from herder.client import default_data_dir, write_client_file
+    from herder.api.server import APIServer
+    from herder.client import default_data_dir
     from herder.dispatcher import Dispatcher, public_key_from_private
     from herder.embedded import prepare_serve
     from herder.runtime import ThreadRuntime
@@ -73,30 +76,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         runtime.shutdown()
         raise
     api = APIServer(dispatcher, config)
-    try:
-        api.start()
-    except APIServerError as exc:
-        dispatcher.stop()
-        runtime.shutdown()
-        raise CommandError(f"api.listen: {exc}") from exc
-    token = config.api.resolve_management_token()
-    if token:
-        write_client_file(data_dir, api.url, token)
-    else:
-        log.warning(
-            "no management token configured (api.management_token or $%s): the API refuses "
-            "every request",
-            config.api.management_token_env,
-        )
-
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    _start_api(api, config, data_dir, abandon=lambda: _stop_all(dispatcher.stop, runtime))
+    stop = _stop_on_signals()
     settle_startup_heap()
     dispatcher.start()
     log.info(
@@ -108,22 +89,15 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         config.queue.path,
         api.url,
     )
-    try:
-        while not stop.wait(1.0):
-            pass
-    finally:
-        api.stop()
-        dispatcher.stop()
-        runtime.shutdown()
-        log.info("stopped; containers and instances left running are adopted at the next start")
+    _wait_then_stop(stop, api, dispatcher.stop, runtime)
+    log.info("stopped; containers and instances left running are adopted at the next start")
     return 0
 
 
 def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir: Path) -> int:
     """Serve a dispatcher registered by a plugin (``dispatcher: <name>``) instead of the cloud
     engine: the same queue and API, without the instance routes."""
-    from herder.api.server import APIServer, APIServerError
-    from herder.client import write_client_file
+    from herder.api.server import APIServer
     from herder.dispatch.service import DispatchService, service_routes
 
     try:
@@ -133,29 +107,60 @@ def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir
         raise CommandError(f"dispatcher: {exc}") from exc
     # The API reads only the attributes DispatchService shares with the cloud engine.
     api = APIServer(cast("Dispatcher", service), config, routes=service_routes())
-    try:
-        api.start()
-    except APIServerError as exc:
-        service.stop()
-        runtime.shutdown()
-        raise CommandError(f"api.listen: {exc}") from exc
-    token = config.api.resolve_management_token()
-    if token:
-        write_client_file(data_dir, api.url, token)
+    _start_api(api, config, data_dir, abandon=lambda: _stop_all(service.stop, runtime))
     stop = _stop_on_signals()
     settle_startup_heap()
     service.start()
     log.info("serving cluster %s: dispatcher %s, queue %s, API %s",
              config.cluster_id, config.dispatcher, config.queue.path, api.url)
+    _wait_then_stop(stop, api, service.stop, runtime)
+    log.info("stopped; containers left running are taken up again at the next start")
+    return 0
+
+
+def _start_api(
+    api: APIServer, config: Config, data_dir: Path, abandon: Callable[[], None]
+) -> None:
+    """Start the management API and write client.json for the CLI.
+
+    A port that cannot be bound stops what was already started (``abandon``) and is reported
+    under the key that set it.
+    """
+    from herder.api.server import APIServerError
+    from herder.client import write_client_file
+
+    try:
+        api.start()
+    except APIServerError as exc:
+        abandon()
+        raise CommandError(f"api.listen: {exc}") from exc
+    token = config.api.resolve_management_token()
+    if token:
+        write_client_file(data_dir, api.url, token)
+    else:
+        log.warning(
+            "no management token configured (api.management_token or $%s): the API refuses "
+            "every request",
+            config.api.management_token_env,
+        )
+
+
+def _stop_all(stop_component: Callable[[], None], runtime: ThreadRuntime) -> None:
+    stop_component()
+    runtime.shutdown()
+
+
+def _wait_then_stop(
+    stop: threading.Event, api: APIServer, stop_component: Callable[[], None],
+    runtime: ThreadRuntime,
+) -> None:
+    """Serve until SIGINT or SIGTERM, then stop the API, the dispatcher and the runtime."""
     try:
         while not stop.wait(1.0):
             pass
     finally:
         api.stop()
-        service.stop()
-        runtime.shutdown()
-        log.info("stopped; containers left running are taken up again at the next start")
-    return 0
+        _stop_all(stop_component, runtime)
 
 
 def _stop_on_signals() -> threading.Event:
