@@ -1023,10 +1023,7 @@ class Supervisor:
         import select
 
         select.select([self.wake_r], [], [], timeout)
-        try:
-            os.read(self.wake_r, 512)
-        except BlockingIOError:
-            pass
+        drain(self.wake_r)
 
     def _forward_pending(self, pgid: int) -> None:
         while self.pending:

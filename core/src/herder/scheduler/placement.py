@@ -157,8 +157,7 @@ class Placement:
         self._new_seq = 0
         #: bumped whenever an allocation changes the spare resources
         self.version = 0
-        self._created = 0  # instances added this pass: "fits nowhere" holds until one is
-        self._fits_anywhere: dict[tuple[int, int, int, int, int], tuple[int, bool]] = {}
+        self._fits_anywhere: dict[tuple[int, int, int, int, int], bool] = {}
         for seq, view in enumerate(views):
             slot = Slot(view, view.instance_type, self._spare(view, entries), (view.instance, seq))
             self.slots.append(slot)
@@ -301,30 +300,28 @@ class Placement:
         """
         self._new_seq -= 1
         self.version += 1
-        self._created += 1
         slot = Slot(view, it.name, InstanceResources.of_type(it).sub(needs), ("", self._new_seq))
         slot.count += 1
         self.slots.append(slot)
         self._file(slot, at_front=True)
         self._nothing_fits.clear()
+        self._fits_anywhere.clear()
         return slot
 
     def fits_anywhere(self, needs: InstanceResources) -> bool:
         """Whether any instance, of any type, still has room for ``needs``.
 
-        A cheap filter before :meth:`best`: remembered per needs for the rest of the pass, which
-        is right while nothing is created (spare resources only shrink).
+        A cheap filter before :meth:`best`, remembered per needs like "nothing fits" in
+        :meth:`best`: spare resources only shrink, until an instance is added.
         """
         key = (needs.vcpus, needs.ram, needs.scratch, needs.gpus, needs.gpu_vram)
-        known = self._fits_anywhere.get(key)
-        if known is not None and known[0] == self._created:
-            return known[1]
-        fits = any(
-            slot.open and slot.free.accommodates(needs)
-            for bucket in self._buckets.values()
-            for slot in bucket.slots
-        )
-        self._fits_anywhere[key] = (self._created, fits)
+        fits = self._fits_anywhere.get(key)
+        if fits is None:
+            fits = self._fits_anywhere[key] = any(
+                slot.open and slot.free.accommodates(needs)
+                for bucket in self._buckets.values()
+                for slot in bucket.slots
+            )
         return fits
 
     def has_room(self) -> bool:

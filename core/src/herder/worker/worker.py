@@ -25,7 +25,7 @@ from typing import Any
 
 from herder import runner_protocol
 from herder.config import Config
-from herder.executor import Executor, ExecutorError
+from herder.executor import ExecResult, Executor, ExecutorError
 from herder.model import (
     BootOutcome,
     Container,
@@ -159,6 +159,16 @@ class RunProbeResult:
     broken: bool = False
 
 
+
+def _outcome(run: Callable[[], ExecResult]) -> tuple[bool, bytes, bytes, str]:
+    """(ok, stdout, stderr, error text) of a command: what the probe and install steps log."""
+    try:
+        result = run()
+    except ExecutorError as exc:
+        return False, b"", b"", str(exc)
+    err = "" if result.ok else f"exit status {result.exit_status}"
+    return result.ok, result.stdout, result.stderr, err
+
 class Worker:
     """The pool's record of one cloud instance."""
 
@@ -258,25 +268,15 @@ class Worker:
 
     def _execute(self, command: str, stdin: bytes | None = None) -> tuple[bool, bytes, bytes, str]:
         """Run a command with the configured timeout: (ok, stdout, stderr, error text)."""
-        try:
-            result = self.executor.execute(
-                command, stdin, None, self.env.settings.timeout_command
-            )
-        except ExecutorError as exc:
-            return False, b"", b"", str(exc)
-        err = "" if result.ok else f"exit status {result.exit_status}"
-        return result.ok, result.stdout, result.stderr, err
+        timeout = self.env.settings.timeout_command
+        return _outcome(lambda: self.executor.execute(command, stdin, None, timeout))
 
     def _run_verb(
         self, argv: list[str], stdin: bytes | None = None
     ) -> tuple[bool, bytes, bytes, str]:
         """Run a runner verb with the configured timeout: (ok, stdout, stderr, error text)."""
-        try:
-            result = self.runner_client.call(argv, stdin, self.env.settings.timeout_command)
-        except ExecutorError as exc:
-            return False, b"", b"", str(exc)
-        err = "" if result.ok else f"exit status {result.exit_status}"
-        return result.ok, result.stdout, result.stderr, err
+        timeout = self.env.settings.timeout_command
+        return _outcome(lambda: self.runner_client.call(argv, stdin, timeout))
 
     # ------------------------------------------------------------------ runners
 
