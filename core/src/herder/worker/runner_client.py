@@ -135,17 +135,17 @@ class RunnerClient:
     def _usable_session(self, timeout: float) -> _Session | None:
         """The open session, a newly opened one, or None to use a one-shot command."""
         with self._lock:
-            if self._session is not None:
+            if self._session is not None or not self._may_open():
                 return self._session
-            if not self._resident or self._closed or self._now() < self._next_open:
-                return None
         with self._opening:
-            with self._lock:
-                if self._session is not None:
-                    return self._session  # another caller opened it meanwhile
-                if not self._resident or self._closed or self._now() < self._next_open:
-                    return None
+            with self._lock:  # another caller may have opened it meanwhile, or failed to
+                if self._session is not None or not self._may_open():
+                    return self._session
             return self._open(timeout)
+
+    def _may_open(self) -> bool:
+        """Whether to try opening a stream now (caller holds ``_lock``)."""
+        return self._resident and not self._closed and self._now() >= self._next_open
 
     def _open(self, timeout: float) -> _Session | None:
         command = runner_protocol.command_line(
