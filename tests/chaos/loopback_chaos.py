@@ -35,7 +35,6 @@ import random
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,8 +53,9 @@ from invariants import (  # a sibling module, found through the path above
     queue_integrity,
     queue_rows,
 )
+from serve_process import ServeProcess
 
-from herder.client import Client, ClientError, read_client_file
+from herder.client import ClientError
 
 CHILD = Path(__file__).resolve().parent / "loopback_child.py"
 CANCEL_REASON = "cancelled by the chaos harness"
@@ -160,69 +160,22 @@ class ChaosReport:
 # --------------------------------------------------------------------------- the dispatcher
 
 
-class Serve:
+class Serve(ServeProcess):
     """``herder serve`` in a child process that injects SSH outages on request."""
 
     def __init__(self, directory: Path, outage_dir: Path) -> None:
-        self.data_dir = directory / "data"
         self.config = directory / "herder.yaml"
-        self.log_path = directory / "serve.log"
         self.outage_dir = outage_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.client: Client | None = None
-        self.started_at = 0.0
-
-    def start(self, timeout: float = 30.0) -> None:
-        (self.data_dir / "client.json").unlink(missing_ok=True)
-        args = [sys.executable, str(CHILD), str(self.outage_dir), "--log-format", "json",
-                "serve", "--config", str(self.config), "--data-dir", str(self.data_dir),
+        data_dir = directory / "data"
+        args = [sys.executable, str(CHILD), str(outage_dir), "--log-format", "json",
+                "serve", "--config", str(self.config), "--data-dir", str(data_dir),
                 "--listen", "127.0.0.1:0"]
-        env = {**os.environ, "HERDER_DATA_DIR": str(self.data_dir)}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                args, env=env, stdout=log, stderr=log, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"herder serve exited with {self.proc.returncode}")
-            endpoint = read_client_file(self.data_dir)
-            if endpoint is not None:
-                client = Client.from_endpoint(endpoint, timeout=10)
-                with contextlib.suppress(ClientError):
-                    client.health()
-                    self.client = client
-                    self.started_at = time.monotonic()
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("herder serve did not start")
+        log = directory / "serve.log"
+        super().__init__(args, data_dir, lambda: log)
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> bool:
+    def killed(self) -> bool:
         """SIGKILL the dispatcher; True if that is what ended it."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        code = self.proc.wait(timeout=30)
-        self.client = None
-        return code == -signal.SIGKILL
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """Stop it as an operator does (SIGTERM); its exit status."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self.client = None
-
-    def force_stop(self) -> None:
-        """Whatever state it is in, it is gone afterwards (the process group, by its id)."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        return self.kill() == -signal.SIGKILL
 
 
 def call(fn: Callable[[], Any]) -> Any:
@@ -409,7 +362,7 @@ class ChaosRun:
         return time.monotonic() - self.serve.started_at > 1.0
 
     def _kill_and_restart(self) -> None:
-        if self.serve.kill():
+        if self.serve.killed():
             self.faults["dispatcher SIGKILLs"] += 1
         self._outages_cut_short()
         time.sleep(self.rng.uniform(*self.o.downtime_seconds))
@@ -508,7 +461,7 @@ class ChaosRun:
     def _ssh_errors_logged(self) -> int:
         """SSH commands herder logged as failed: evidence that the outages were felt."""
         count = 0
-        for line in self.serve.log_path.read_text(errors="replace").splitlines():
+        for line in self.serve.log_path().read_text(errors="replace").splitlines():
             with contextlib.suppress(ValueError, AttributeError):
                 doc = json.loads(line)
                 message = str(doc.get("message", ""))

@@ -19,13 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import secrets
 import shutil
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +34,7 @@ from typing import Any
 
 import invariants
 from invariants import Check
+from serve_process import ServeProcess
 
 from herder.client import Client, ClientError
 from herder.model import InstanceType
@@ -203,69 +201,20 @@ class ChaosReport:
 # --------------------------------------------------------------------------- the dispatcher
 
 
-class Dispatcher:
-    """``herder serve`` as a subprocess, started, SIGKILLed and started again."""
+class Dispatcher(ServeProcess):
+    """``herder serve`` with the run's configuration; each start logs to a file of its own."""
 
     def __init__(self, workdir: Path, config: Path) -> None:
-        self.workdir = workdir
-        self.config = config
-        self.data_dir = workdir / "data"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(
+            [*HERDER, "--log-format", "json", "serve", "--config", str(config)],
+            workdir / "data",
+            lambda: workdir / f"serve-{self.starts}.log",
+        )
         self.starts = 0
-        self.client: Client | None = None
 
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"serve-{self.starts}.log"
-
-    def start(self) -> Client:
-        client_file = self.data_dir / "client.json"
-        client_file.unlink(missing_ok=True)
+    def start(self, timeout: float = 60.0) -> Client:
         self.starts += 1
-        env = {**os.environ, "HERDER_DATA_DIR": str(self.data_dir)}
-        args = [*HERDER, "--log-format", "json", "serve", "--config", str(self.config)]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                args, env=env, stdout=log, stderr=log, start_new_session=True
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"herder serve exited:\n{self.log_tail()}")
-            if client_file.exists():
-                info = json.loads(client_file.read_text())
-                self.client = Client(info["url"], info["token"], timeout=10)
-                self.client.health()
-                return self.client
-            time.sleep(0.05)
-        raise RuntimeError(f"herder serve did not start:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL: no handler runs, nothing is flushed or closed."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self.client = None
-
-    def stop(self) -> int:
-        """A clean stop (SIGTERM), as at the end of a run."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc is not None else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return -9
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return ""
+        return super().start(timeout)
 
 
 # --------------------------------------------------------------------------- the run
