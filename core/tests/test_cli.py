@@ -259,15 +259,37 @@ def test_plugins_table_is_aligned(
     assert sim[target_column:] == "herder.testing.sim:SimDriver"
 
 
-def test_broken_plugin_is_reported_without_traceback(
+def test_broken_plugin_is_reported_and_the_rest_listed(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     broken = metadata.EntryPoint("broken", "herder_test_no_such_plugin_module", "herder")
     monkeypatch.setattr(plugins_module, "_entry_points", lambda: [broken])
-    assert cli.main(["plugins"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("herder: error: cannot load plugins: cannot load plugin 'broken'")
-    assert "Traceback" not in err
+    assert cli.main(["plugins"]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    table, _, failures = out.partition("\nNot loaded:\n")
+    assert "herder.testing.sim:SimDriver" in table
+    assert failures.strip().startswith("plugin 'broken': cannot load plugin 'broken'")
+    assert "herder_test_no_such_plugin_module" in failures
+    assert cli.main(["plugins", "--json"]) == 0
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert "builtin" in listed
+    assert listed["broken"]["registrations"] == []
+    assert "herder_test_no_such_plugin_module" in listed["broken"]["error"]
+
+
+def test_choosing_a_broken_plugin_says_why(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    broken = metadata.EntryPoint("broken", "herder_test_no_such_plugin_module", "herder")
+    monkeypatch.setattr(plugins_module, "_entry_points", lambda: [broken])
+    config = tmp_path / "c.yaml"
+    config.write_text("cloud:\n  driver: broken\n")
+    assert cli.main(["config", "check", str(config)]) != 0
+    out, err = capsys.readouterr()
+    assert "unknown driver 'broken'" in out + err
+    assert "failed to load: plugin 'broken'" in out + err
+    assert "Traceback" not in out + err
 
 
 # ------------------------------------------------------------------------- the frame

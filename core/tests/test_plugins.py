@@ -181,29 +181,44 @@ def test_load_target() -> None:
 # ------------------------------------------------------------------------- conflicts
 
 
-def test_name_registered_by_two_plugins_is_an_error_naming_both() -> None:
+def test_name_registered_by_two_plugins_is_usable_from_neither() -> None:
     first = plugin_registering("herder_register_drivers", "dup", "a.b:C")
     second = plugin_registering("herder_register_drivers", "dup", "x.y:Z")
+    plugins = Plugins.load(entry_points=False, extra=[first, second])
+    assert "dup" not in plugins.names("driver")
     with pytest.raises(PluginError) as info:
-        Plugins.load(entry_points=False, extra=[first, second])
+        plugins.driver_class("dup")
     message = str(info.value)
     assert "driver 'dup' is registered twice" in message
     assert "Plugin_dup'" in message and "Plugin_dup#2'" in message
     assert "a.b:C" in message and "x.y:Z" in message
+    # The rest still loads, and the conflict is listed with the failures.
+    assert "sim" in plugins.names("driver")
+    assert [f.plugin for f in plugins.failures()] == ["driver 'dup'"]
 
 
-def test_same_target_from_two_plugins_is_still_an_error() -> None:
+def test_same_target_from_two_plugins_is_still_a_conflict() -> None:
     # Two distributions claiming one name is a packaging mistake even if they agree today.
     first = plugin_registering("herder_register_drivers", "dup", "a.b:C")
     second = plugin_registering("herder_register_drivers", "dup", "a.b:C")
+    plugins = Plugins.load(entry_points=False, extra=[first, second])
     with pytest.raises(PluginError, match="registered twice"):
-        Plugins.load(entry_points=False, extra=[first, second])
+        plugins.registration("driver", "dup")
 
 
-def test_shadowing_a_builtin_is_an_error() -> None:
+def test_a_third_plugin_on_a_conflicting_name_is_named_too() -> None:
+    claims = [plugin_registering("herder_register_drivers", "dup", f"m{i}:C") for i in range(3)]
+    plugins = Plugins.load(entry_points=False, extra=claims)
+    with pytest.raises(PluginError, match=r"m0:C.*m1:C.*m2:C"):
+        plugins.registration("driver", "dup")
+
+
+def test_shadowing_a_builtin_is_refused_and_the_builtin_stays() -> None:
     shadow = plugin_registering("herder_register_drivers", "sim", "mysim:Driver")
-    with pytest.raises(PluginError, match="by plugin 'builtin'"):
-        Plugins.load(entry_points=False, extra=[shadow])
+    plugins = Plugins.load(entry_points=False, extra=[shadow])
+    assert plugins.registration("driver", "sim").plugin == "builtin"
+    (failure,) = plugins.failures()
+    assert "by plugin 'builtin'" in failure.error and "mysim:Driver" in failure.error
 
 
 def test_one_plugin_may_repeat_itself_but_not_contradict_itself() -> None:
@@ -226,24 +241,47 @@ def test_name_must_be_a_plain_string(name: Any) -> None:
         Registry("driver", plugin="p").add(name, "m:A")
 
 
-def test_failing_hook_names_the_plugin() -> None:
+def test_failing_hook_leaves_that_plugin_out_and_names_it() -> None:
     class Broken:
+        @hookimpl
+        def herder_register_drivers(self, registry: Registry) -> None:
+            registry.add("halfway", "m:Halfway")
+
         @hookimpl
         def herder_register_executors(self, registry: Registry) -> None:
             raise RuntimeError("boom")
 
-    with pytest.raises(PluginError, match=r"plugin '.*Broken' failed in herder_register_executors"):
-        Plugins.load(entry_points=False, extra=[Broken()])
+    plugins = Plugins.load(entry_points=False, extra=[Broken(), ExecutorPlugin()])
+    (failure,) = plugins.failures()
+    assert failure.plugin.endswith("Broken")
+    assert "failed in herder_register_executors: boom" in failure.error
+    # Nothing of the broken plugin is kept, not even what it registered before failing.
+    assert "halfway" not in plugins.names("driver")
+    assert not any(i.name.endswith("Broken") for i in plugins.describe())
+    # The others load.
+    assert plugins.executor_class("fake") is FakeExecutor
+    with pytest.raises(PluginError, match=r"failed to load: plugin '.*Broken'.*boom"):
+        plugins.driver_class("halfway")
 
 
-def test_misspelled_hook_is_reported() -> None:
+def test_invalid_registration_leaves_that_plugin_out() -> None:
+    bad = plugin_registering("herder_register_drivers", " padded", "m:A")
+    plugins = Plugins.load(entry_points=False, extra=[bad, DriverPlugin()])
+    (failure,) = plugins.failures()
+    assert "invalid driver name" in failure.error
+    assert plugins.driver_class("fake") is FakeDriver
+
+
+def test_misspelled_hook_is_reported_and_the_rest_loads() -> None:
     class Typo:
         @hookimpl
         def herder_register_driver(self, registry: Registry) -> None:
             pass
 
-    with pytest.raises(PluginError, match="herder_register_driver"):
-        Plugins.load(entry_points=False, extra=[Typo()])
+    plugins = Plugins.load(entry_points=False, extra=[Typo(), DriverPlugin()])
+    (failure,) = plugins.failures()
+    assert "herder_register_driver" in failure.error
+    assert plugins.driver_class("fake") is FakeDriver
 
 
 # ------------------------------------------------------------------------- entry points
@@ -286,17 +324,40 @@ def test_entry_point_plugins_are_loaded(plugin_dir: Path, monkeypatch: pytest.Mo
         plugins.driver_class("epcloud")
 
 
-def test_entry_point_that_fails_to_import(
+def test_entry_point_that_fails_to_import_fails_alone(
     plugin_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_module(plugin_dir, "herder_test_ep_broken", "import herder_test_missing_sdk\n")
-    use_entry_points(monkeypatch, metadata.EntryPoint("broken", "herder_test_ep_broken", "herder"))
+    write_module(
+        plugin_dir,
+        "herder_test_ep_good",
+        """
+        from herder.hookspecs import hookimpl
+
+        @hookimpl
+        def herder_register_drivers(registry):
+            registry.add("good", "herder_test_ep_good:Driver")
+    """,
+    )
+    use_entry_points(
+        monkeypatch,
+        metadata.EntryPoint("broken", "herder_test_ep_broken", "herder"),
+        metadata.EntryPoint("good", "herder_test_ep_good", "herder"),
+    )
+    plugins = Plugins.load()
+    (failure,) = plugins.failures()
+    assert failure.plugin == "broken"
+    assert "cannot load plugin 'broken' (herder_test_ep_broken" in failure.error
+    assert "herder_test_missing_sdk" in failure.error
+    assert plugins.registration("driver", "good").plugin == "good"
+    assert "sim" in plugins.names("driver")
+    # Choosing the broken plugin's name says why it is missing.
     with pytest.raises(PluginError) as info:
-        Plugins.load()
-    assert "cannot load plugin 'broken' (herder_test_ep_broken" in str(info.value)
-    assert "herder_test_missing_sdk" in str(info.value)
-    # Tests and tools that do not want installed plugins are not affected.
-    Plugins.load(entry_points=False)
+        plugins.driver_class("broken")
+    message = str(info.value)
+    assert message.startswith("unknown driver 'broken'")
+    assert "failed to load: plugin 'broken'" in message
+    assert "herder_test_missing_sdk" in message
 
 
 def test_two_entry_points_registering_one_name(
@@ -319,5 +380,6 @@ def test_two_entry_points_registering_one_name(
         metadata.EntryPoint("one", "herder_test_ep_one", "herder"),
         metadata.EntryPoint("two", "herder_test_ep_two", "herder"),
     )
+    plugins = Plugins.load()
     with pytest.raises(PluginError, match="driver 'aws' is registered twice: by plugin 'one'"):
-        Plugins.load()
+        plugins.driver_class("aws")

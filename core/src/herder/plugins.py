@@ -8,8 +8,15 @@ Plugins are found in three places, in this order: herder's own :mod:`herder.buil
 modules named by entry points of the ``herder`` group (installed distributions), and objects
 handed to :meth:`Plugins.load` directly (tests, embedding applications).  Each plugin's
 registration hooks are called on their own, so that every registered name remembers which
-plugin registered it; a name claimed by two plugins is an error that names both, because
-silently letting one win would make the behaviour depend on installation order.
+plugin registered it.
+
+Plugins fail alone.  A plugin whose module cannot be imported, whose hooks are misspelled or
+whose registration hook raises is left out as a whole and recorded as a :class:`PluginFailure`;
+the others load.  ``herder plugins`` and the log at start-up name each failure, and choosing a
+name that is missing says which plugins failed and why.  A name claimed by two plugins is
+usable from neither (choosing it is an error that names both), because silently letting one
+win would make the behaviour depend on installation order; herder's own built-in names always
+stay herder's, so an installed package can never take ``loopback`` or ``sim`` away.
 """
 
 from __future__ import annotations
@@ -68,6 +75,10 @@ class Registry:
     kind: str
     plugin: str = ""
     items: dict[str, Registration] = field(default_factory=dict)
+    #: Names two plugins claimed, with the message that names both: usable from neither.
+    conflicts: dict[str, str] = field(default_factory=dict)
+    #: Claims on built-in names, refused (the built-in stays), each with its message.
+    refused: list[str] = field(default_factory=list)
 
     def add(self, name: str, target: str | type, description: str = "") -> None:
         """Register ``name``; ``target`` is ``"pkg.module:Class"`` (preferred) or the class.
@@ -89,19 +100,60 @@ class Registry:
                 f"{target!r}: expected 'package.module:Class'"
             )
         existing = self.items.get(name)
-        if existing is not None:
-            if existing.plugin != self.plugin:
-                raise PluginError(
-                    f"{_label(self.kind)} {name!r} is registered twice: by plugin "
-                    f"{existing.plugin!r} ({existing.target}) and by plugin {self.plugin!r} "
-                    f"({target}); uninstall one of them"
-                )
-            if existing.target != target:
-                raise PluginError(
-                    f"plugin {self.plugin!r} registered {_label(self.kind)} {name!r} twice, "
-                    f"as {existing.target} and as {target}"
-                )
+        if existing is not None and existing.target != target:
+            raise PluginError(
+                f"plugin {self.plugin!r} registered {_label(self.kind)} {name!r} twice, "
+                f"as {existing.target} and as {target}"
+            )
         self.items[name] = Registration(self.kind, name, target, self.plugin, description, obj)
+
+    def merge(self, other: Registry) -> None:
+        """Take ``other``'s registrations (one plugin's); a name two plugins claim is a conflict.
+
+        A conflict with a built-in name leaves the built-in in place; any other conflict takes
+        the name away from both, so that neither install order nor plugin names decide.
+        """
+        for name, reg in other.items.items():
+            if name in self.conflicts:
+                self.conflicts[name] += f" and by plugin {reg.plugin!r} ({reg.target})"
+                continue
+            existing = self.items.get(name)
+            if existing is None:
+                self.items[name] = reg
+                continue
+            message = (
+                f"{_label(self.kind)} {name!r} is registered twice: by plugin "
+                f"{existing.plugin!r} ({existing.target}) and by plugin {reg.plugin!r} "
+                f"({reg.target}); uninstall one of them"
+            )
+            if existing.plugin == _BUILTIN_NAME:
+                self.refused.append(message.replace("uninstall one of them", "the built-in stays"))
+                continue
+            del self.items[name]
+            self.conflicts[name] = message
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that was left out, and why: shown by ``herder plugins`` and logged at start."""
+
+    plugin: str
+    distribution: str
+    version: str
+    error: str
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "plugin": self.plugin,
+            "distribution": self.distribution,
+            "version": self.version,
+            "error": self.error,
+        }
+
+    def describe(self) -> str:
+        """``plugin 'x' (from dist 1.0): <why>``."""
+        origin = " ".join(part for part in (self.distribution, self.version) if part)
+        return f"plugin {self.plugin!r}{f' (from {origin})' if origin else ''}: {self.error}"
 
 
 @dataclass(frozen=True)
@@ -150,23 +202,28 @@ class Plugins:
         manager: pluggy.PluginManager,
         registries: dict[str, Registry],
         infos: list[PluginInfo],
+        failures: Sequence[PluginFailure] = (),
     ) -> None:
         self._manager = manager
         self._registries = registries
         self._infos = infos
+        self._failures = list(failures)
 
     # ----------------------------------------------------------------- loading
 
     @classmethod
     def load(cls, entry_points: bool = True, extra: Sequence[object] = ()) -> Plugins:
-        """Find every plugin and collect its registrations.
+        """Find every plugin and collect its registrations; a broken plugin is left out.
 
         ``entry_points=False`` skips installed distributions (tests want only the built-ins and
-        their own ``extra`` plugins, whatever else happens to be installed).
+        their own ``extra`` plugins, whatever else happens to be installed).  What was left out
+        is in :meth:`failures`; only a broken built-in (herder itself) raises
+        :class:`PluginError`.
         """
         manager = pluggy.PluginManager(hookspecs.PROJECT)
         manager.add_hookspecs(hookspecs)
         origins: dict[str, tuple[str, str]] = {}
+        failures: list[PluginFailure] = []
 
         from herder import builtin
 
@@ -174,18 +231,26 @@ class Plugins:
         origins[_BUILTIN_NAME] = ("herder", _herder_version())
         if entry_points:
             for ep in _entry_points():
-                name = _register_entry_point(manager, ep)
+                dist = ep.dist
+                origin = (dist.name, dist.version) if dist is not None else ("", "")
+                try:
+                    name = _register_entry_point(manager, ep)
+                except PluginError as exc:
+                    failures.append(PluginFailure(ep.name, *origin, str(exc)))
+                    continue
                 if name is not None:
-                    dist = ep.dist
-                    origins[name] = (dist.name, dist.version) if dist is not None else ("", "")
+                    origins[name] = origin
         for obj in extra:
-            name = _register(manager, obj, _unique_name(manager, _object_name(obj)))
-            origins[name] = ("", "")
-        try:
-            manager.check_pending()
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {exc.plugin!r}: {exc}") from exc
-        registries = _collect(manager)
+            name = _unique_name(manager, _object_name(obj))
+            try:
+                origins[_register(manager, obj, name)] = ("", "")
+            except PluginError as exc:
+                failures.append(PluginFailure(name, "", "", str(exc)))
+        for name, error in _drop_invalid(manager):
+            failures.append(PluginFailure(name, *origins.pop(name, ("", "")), error))
+        registries, failed = _collect(manager)
+        for name, error in failed:
+            failures.append(PluginFailure(name, *origins.pop(name, ("", "")), error))
         infos = [
             PluginInfo(
                 name=name,
@@ -197,7 +262,7 @@ class Plugins:
             )
             for name, _plugin in manager.list_name_plugin()
         ]
-        return cls(manager, registries, infos)
+        return cls(manager, registries, infos, failures)
 
     # ----------------------------------------------------------------- queries
 
@@ -207,20 +272,34 @@ class Plugins:
 
     def registration(self, kind: str, name: str) -> Registration:
         """The registration of ``name``, or :class:`PluginError` listing the installed ones."""
-        items = self._registry(kind).items
-        if name in items:
-            return items[name]
+        registry = self._registry(kind)
+        if name in registry.items:
+            return registry.items[name]
+        if name in registry.conflicts:
+            raise PluginError(registry.conflicts[name])
         raise PluginError(self.unknown_name_message(kind, name))
 
     def unknown_name_message(self, kind: str, name: str) -> str:
-        """``unknown driver 'x'; installed drivers: a, b (did you mean 'a'?)``."""
+        """``unknown driver 'x'; installed drivers: a, b (did you mean 'a'?)``.
+
+        When plugins failed to load, the message says so: the name may be one of theirs.  A
+        failed plugin whose entry point has the chosen name is named first, as the likely one.
+        """
         names = self.names(kind)
         if not names:
-            return f"unknown {_label(kind)} {name!r}; no {_plural(kind)} are installed"
-        message = f"unknown {_label(kind)} {name!r}; installed {_plural(kind)}: {', '.join(names)}"
-        close = difflib.get_close_matches(name, names, n=1)
-        if close:
-            message += f" (did you mean {close[0]!r}?)"
+            message = f"unknown {_label(kind)} {name!r}; no {_plural(kind)} are installed"
+        else:
+            message = (
+                f"unknown {_label(kind)} {name!r}; installed {_plural(kind)}: {', '.join(names)}"
+            )
+            close = difflib.get_close_matches(name, names, n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+        failures = sorted(self._failures, key=lambda f: f.plugin != name)
+        if failures:
+            message += "; these plugins failed to load: " + "; ".join(
+                f.describe() for f in failures
+            )
         return message
 
     def driver_class(self, name: str) -> type[Any]:
@@ -250,6 +329,20 @@ class Plugins:
     def describe(self) -> list[PluginInfo]:
         """Every installed plugin with what it registers, in load order."""
         return list(self._infos)
+
+    def failures(self) -> list[PluginFailure]:
+        """The plugins left out, and the names two plugins claimed, each with why."""
+        conflicts = [
+            PluginFailure(f"{_label(kind)} {name!r}", "", "", message)
+            for kind in KINDS
+            for name, message in sorted(self._registries[kind].conflicts.items())
+        ]
+        refused = [
+            PluginFailure(_label(kind), "", "", message)
+            for kind in KINDS
+            for message in self._registries[kind].refused
+        ]
+        return [*self._failures, *conflicts, *refused]
 
     def registrations(self) -> list[Registration]:
         """Every registration, by kind then name."""
@@ -345,21 +438,51 @@ def _unique_name(manager: pluggy.PluginManager, name: str) -> str:
     return candidate
 
 
-def _collect(manager: pluggy.PluginManager) -> dict[str, Registry]:
-    """Call each plugin's registration hooks separately, so registrations know their plugin."""
+def _drop_invalid(manager: pluggy.PluginManager) -> list[tuple[str, str]]:
+    """Unregister each plugin whose hooks pluggy cannot match (a misspelled hook name)."""
+    dropped: list[tuple[str, str]] = []
+    while True:
+        try:
+            manager.check_pending()
+        except pluggy.PluginValidationError as exc:
+            name = manager.get_name(exc.plugin) or _object_name(exc.plugin)
+            if name == _BUILTIN_NAME:
+                raise PluginError(f"herder's built-in plugin is broken: {exc}") from exc
+            manager.unregister(exc.plugin)
+            dropped.append((name, f"invalid hook: {exc}"))
+        else:
+            return dropped
+
+
+def _collect(
+    manager: pluggy.PluginManager,
+) -> tuple[dict[str, Registry], list[tuple[str, str]]]:
+    """Call each plugin's registration hooks on their own, so registrations know their plugin.
+
+    A plugin whose hook raises is unregistered, and none of its registrations are kept (a
+    plugin half registered would be harder to reason about than one missing); it is returned
+    with its error.
+    """
     registries = {kind: Registry(kind) for kind in KINDS}
-    plugins = manager.list_name_plugin()
-    for kind, hook_name in KINDS.items():
-        registry = registries[kind]
-        for name, plugin in plugins:
-            others: Iterable[object] = [p for _n, p in plugins if p is not plugin]
-            caller = manager.subset_hook_caller(hook_name, remove_plugins=others)
-            registry.plugin = name
-            try:
-                caller(registry=registry)
-            except PluginError:
+    failed: list[tuple[str, str]] = []
+    for name, plugin in manager.list_name_plugin():
+        others: Iterable[object] = [p for p in manager.get_plugins() if p is not plugin]
+        own = {kind: Registry(kind, plugin=name) for kind in KINDS}
+        try:
+            for kind, hook_name in KINDS.items():
+                caller = manager.subset_hook_caller(hook_name, remove_plugins=others)
+                try:
+                    caller(registry=own[kind])
+                except PluginError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(f"plugin {name!r} failed in {hook_name}: {exc}") from exc
+        except PluginError as exc:
+            if name == _BUILTIN_NAME:
                 raise
-            except Exception as exc:
-                raise PluginError(f"plugin {name!r} failed in {hook_name}: {exc}") from exc
-        registry.plugin = ""
-    return registries
+            manager.unregister(plugin)
+            failed.append((name, str(exc)))
+            continue
+        for kind in KINDS:
+            registries[kind].merge(own[kind])
+    return registries, failed

@@ -57,6 +57,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         )
     for path in setup.created:
         log.info("created %s", path)
+    for failure in ctx.plugins.failures():
+        log.warning("plugin not loaded: %s", failure.describe())
     public_key = None
     if config.cloud.deploy_public_key and config.containers.dispatch_private_key:
         try:
