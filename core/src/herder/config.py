@@ -130,6 +130,12 @@ class CloudConfig(_Strict):
     sync_interval: Duration = 60.0
     timeout_idle: Duration = 60.0
     timeout_booting: Duration = 600.0
+    boot_failure_backoff: Duration = Field(
+        60.0,
+        description="pause on creating an instance type after one of its instances failed to "
+        "boot; doubles with each failure in a row, up to boot_failure_backoff_max; 0 disables",
+    )
+    boot_failure_backoff_max: Duration = 1800.0
     timeout_probe: Duration = 600.0
     timeout_shutdown: Duration = 10.0
     timeout_term: Duration = 120.0

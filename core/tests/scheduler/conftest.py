@@ -32,7 +32,7 @@ from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransiti
 from herder.runtime import VirtualRuntime
 from herder.scheduler.scheduler import Scheduler
 from herder.sizing import choose_instance_types, resources_needed
-from herder.worker.interfaces import WorkerPool
+from herder.worker.interfaces import BootBackoff, QuotaLimit, WorkerPool
 
 GiB = 1 << 30
 
@@ -270,6 +270,8 @@ class StubPool(WorkerPool):
     def __init__(self, types: dict[str, InstanceType]) -> None:
         self.types = types
         self.quota = 1_000_000  # at quota when total workers >= quota
+        self.limit_kind: QuotaLimit = QuotaLimit.CLOUD_QUOTA  # which limit ``quota`` stands for
+        self.backoffs: dict[str, BootBackoff] = {}  # type name -> boot back-off
         self.capacity: dict[str, int] = {}  # provider type -> how many may exist
         self.can_create = 1_000_000
         self.workers: dict[str, InstanceView] = {}
@@ -347,6 +349,12 @@ class StubPool(WorkerPool):
 
     def at_quota(self) -> bool:
         return len(self.workers) >= self.quota
+
+    def quota_limit(self) -> QuotaLimit | None:
+        return self.limit_kind if self.at_quota() else None
+
+    def boot_backoff(self, instance_type: InstanceType) -> BootBackoff | None:
+        return self.backoffs.get(instance_type.name)
 
     def create(self, instance_type: InstanceType) -> InstanceView | None:
         self.creates.append(instance_type.name)

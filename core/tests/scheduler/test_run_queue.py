@@ -624,3 +624,63 @@ def test_scale_ten_thousand_containers_on_a_thousand_instances(make):
     assert {statuses[u] for u in order[4000:4040]} == {waiting_new("big")}
     assert [statuses[u] for u in order[4040:]] == [capacity(n) for n in range(1, 5961)]
     assert h.pool.creates.count("big") == 10 + 5960
+
+
+# --------------------------------------------------------------------------- limits, boot back-off
+
+
+def test_herders_own_instance_limit_is_not_blamed_on_the_cloud(make):
+    from herder.worker.interfaces import QuotaLimit
+
+    h = make(max_instances=1)
+    h.pool.quota = 1
+    h.pool.add_worker("i-1", "t8", WorkerState.RUNNING, [h.queue.add(R)])
+    x = h.queue.add(Q)
+    h.pool.limit_kind = QuotaLimit.MAX_INSTANCES
+    h.run_pass()
+    assert h.status(x) == (
+        "Waiting in queue at position 1.  Cluster is at its configured instance limit "
+        "(cloud.max_instances: 1) and cannot start any new instances right now."
+    )
+    h.pool.limit_kind = QuotaLimit.CLOUD_QUOTA
+    h.run_pass()
+    assert h.status(x) == cloud_limits(1)
+
+
+def _backoff(h, type_name: str, failures: int, seconds: float) -> None:
+    from herder.worker.interfaces import BootBackoff
+
+    h.pool.backoffs[type_name] = BootBackoff(type_name, failures, h.rt.now() + seconds)
+
+
+def test_boot_backoff_holds_creates_and_says_why(make):
+    h = make()
+    x = h.queue.add(L)
+    _backoff(h, "t1", 3, 240)
+    h.run_pass()
+    # The dearer types would not fix a bad image or firewall: nothing is created meanwhile.
+    assert h.pool.creates == []
+    assert h.status(x) == (
+        "Waiting in queue at position 1.  3 instances of type t1 failed to boot in a row; "
+        "next try in 4m; see herder cloudtest."
+    )
+    y = h.queue.add(Q)
+    h.run_pass()
+    assert h.queue.ops("lock") == []  # a Queued one is not locked for a type it cannot get
+    assert h.status(y).startswith("Waiting in queue at position 2.  3 instances of type t1")
+    del h.pool.backoffs["t1"]
+    h.run_pass()
+    assert h.pool.creates == ["t1"]
+
+
+def test_boot_backoff_tries_a_type_that_costs_no_more(make):
+    from .conftest import itype
+
+    types = {t.name: t for t in (itype("a", 1, 4, 1.0), itype("b", 1, 4, 1.0),
+                                 itype("c", 2, 8, 2.0))}
+    h = make(types=types)
+    x = h.queue.add(L)
+    _backoff(h, "a", 1, 60)
+    h.run_pass()
+    assert h.pool.creates == ["b"]
+    assert h.status(x) == waiting_new("b")

@@ -11,6 +11,7 @@ from worker_fakes import SET_ID, FakeInstanceSet, Harness, container, uuid
 from herder.cloud import CapacityError, QuotaError, RateLimitError
 from herder.model import IdleBehavior, WorkerState
 from herder.runtime import VirtualRuntime
+from herder.worker.interfaces import QuotaLimit
 from herder.worker.pool import PoolError
 
 C1 = uuid(1)
@@ -70,22 +71,53 @@ def test_max_concurrent_creates_refuses_only_while_at_limit() -> None:
     assert h.pool.create(h.types["small"]) is not None  # no fixed 5 s lockout
 
 
-def test_max_instances_counts_pending_and_shutdown_workers() -> None:
+def test_max_instances_counts_pending_creates_and_undestroyed_workers() -> None:
     h = Harness(max_instances=2)
     assert h.pool.create(h.types["small"]) is not None
     assert not h.pool.at_quota()
     assert h.pool.create(h.types["small"]) is not None  # pending creates count
     assert h.pool.at_quota()
+    assert h.pool.quota_limit() is QuotaLimit.MAX_INSTANCES  # herder's cap, not the cloud's
     assert h.pool.create(h.types["small"]) is None
     h.idle()
     iid = min(h.pool._workers)
+    h.cloud.destroy_fails = True
     h.pool.kill_instance(iid, "test")
     h.idle()
     assert h.state(iid) == "shutdown"
-    assert h.pool.at_quota()  # until it leaves the listing
+    assert h.pool.at_quota()  # the cloud refused the destroy: the instance still holds a place
+
+
+def test_an_accepted_destroy_frees_its_place_at_once() -> None:
+    h = Harness(max_instances=2, sync_interval=3600)
+    h.pool.create(h.types["small"])
+    h.pool.create(h.types["small"])
+    h.idle()
+    iid = min(h.pool._workers)
+    h.cloud.sticky_destroy = True  # the listing still shows it for a while
+    n = h.notifications
+    h.pool.kill_instance(iid, "test")
+    h.idle()
+    assert h.state(iid) == "shutdown"
+    assert not h.pool.at_quota()  # the destroy was accepted: no wait for the next sync
+    assert h.notifications > n  # and the scheduler heard of it
+    assert h.pool.create(h.types["small"]) is not None
+    h.idle()
+    assert h.pool.at_quota()
+    # Still listed after timeout_shutdown: destroyed again, and counted until accepted again.
+    h.cloud.destroy_fails = True
+    h.runtime.advance(11)
+    h.sync()
+    assert h.worker(iid).destroy_accepted is False
+    assert h.pool.at_quota()
+    h.cloud.destroy_fails = False
+    h.cloud.sticky_destroy = False
+    h.runtime.advance(11)
+    h.sync()
+    h.idle()
     h.sync()
     assert h.state(iid) == "gone"
-    assert not h.pool.at_quota()
+    assert len(h.pool._workers) == 2 and h.pool.at_quota()  # the two live ones
 
 
 def test_quota_error_with_no_other_instances_blocks_for_a_minute() -> None:
@@ -626,3 +658,72 @@ def test_bad_instance_secret_never_boots() -> None:
     h.probe(iid)
     assert h.state(iid) == "booting"
     assert h.cloud.vms[iid].host.commands == []
+
+
+# --------------------------------------------------------------------------- boot back-off
+
+
+def _fail_a_boot(h: Harness, type_name: str = "small") -> str:
+    """Create an instance of the type that never passes its boot probe, until it is shut down."""
+    before = set(h.pool._workers)
+    assert h.pool.create(h.types[type_name]) is not None
+    h.idle()
+    (iid,) = set(h.pool._workers) - before
+    h.cloud.vms[iid].host.boot_ok = False
+    h.runtime.advance(101)
+    h.probe(iid)
+    assert h.state(iid) == "shutdown"
+    return iid
+
+
+def test_boot_failures_pause_creates_of_that_type_growing_and_capped() -> None:
+    h = Harness(timeout_booting=100, boot_failure_backoff=60, boot_failure_backoff_max=200)
+    small = h.types["small"]
+    pauses = []
+    for failures in (1, 2, 3, 4):
+        _fail_a_boot(h)
+        backoff = h.pool.boot_backoff(small)
+        assert backoff is not None and backoff.failures == failures
+        pauses.append(backoff.until - h.runtime.now())
+        assert h.pool.create(small) is None  # no new instance of the type meanwhile
+        assert h.pool.boot_backoff(h.types["big"]) is None  # other types are not paused
+        n = h.notifications
+        h.runtime.advance(pauses[-1] - 1)
+        assert h.pool.create(small) is None
+        h.runtime.advance(1)
+        assert h.pool.boot_backoff(small) is None
+        assert h.notifications > n  # the scheduler is woken when the pause ends
+    assert pauses == [60, 120, 200, 200]
+    sample = h.registry.get_sample_value
+    assert sample("herder_boot_failures_in_a_row", {"instance_type": "small"}) == 4
+    assert sample("herder_boot_backoffs_total", {"instance_type": "small"}) == 4
+
+
+def test_an_instance_that_boots_ends_the_back_off() -> None:
+    h = Harness(timeout_booting=100, boot_failure_backoff=60)
+    small = h.types["small"]
+    _fail_a_boot(h)
+    h.runtime.advance(60)
+    _fail_a_boot(h)
+    h.runtime.advance(120)
+    h.create_booted()
+    assert h.pool.boot_backoff(small) is None
+    assert h.registry.get_sample_value(
+        "herder_boot_failures_in_a_row", {"instance_type": "small"}
+    ) == 0
+    _fail_a_boot(h)  # counting starts again from one
+    backoff = h.pool.boot_backoff(small)
+    assert backoff is not None and backoff.failures == 1
+
+
+def test_aborted_boots_and_a_disabled_back_off_do_not_pause() -> None:
+    h = Harness(timeout_booting=100, boot_failure_backoff=60)
+    h.pool.create(h.types["small"])
+    h.idle()
+    (iid,) = h.pool._workers
+    assert h.pool.shutdown(iid)  # the scheduler no longer needs it: not the type's fault
+    assert h.pool.boot_backoff(h.types["small"]) is None
+    off = Harness(timeout_booting=100, boot_failure_backoff=0)
+    _fail_a_boot(off)
+    assert off.pool.boot_backoff(off.types["small"]) is None
+    assert off.pool.create(off.types["small"]) is not None

@@ -48,7 +48,8 @@ from herder.scheduler.status import (
     Status,
     StatusKind,
 )
-from herder.worker.interfaces import WorkerPool
+from herder.units import format_duration
+from herder.worker.interfaces import BootBackoff, QuotaLimit, WorkerPool
 
 QUEUED = ContainerState.QUEUED
 LOCKED = ContainerState.LOCKED
@@ -73,7 +74,8 @@ class PassResult:
     running: Mapping[str, float] = field(default_factory=dict)
     statuses: dict[str, Status] = field(default_factory=dict)
     next_position: int = 0
-    at_quota: bool = False
+    quota_limit: QuotaLimit | None = None
+    max_instances: int = 0
     allocated_not_started: int = 0
     over_quota: int = 0
     max_containers: int = 0
@@ -89,7 +91,9 @@ class PassResult:
             (item for item in self.order if item[3] in running), key=lambda item: item[:4]
         )
         without = [item for item in self.order if item[3] not in running]
-        reason = StatusKind.CLOUD_LIMITS if self.at_quota else StatusKind.CLUSTER_CAPACITY
+        reason = StatusKind.CLUSTER_CAPACITY
+        if self.quota_limit is not None:
+            reason = _LIMIT_STATUS[self.quota_limit]
         position = self.next_position
         out: list[SchedEntry] = []
         for item in with_runner:
@@ -106,11 +110,18 @@ class PassResult:
                 text = Status(StatusKind.PRIORITY_ZERO, detail=ctr.state.value).text()
             elif ctr.state is QUEUED or ctr.state is LOCKED:
                 position += 1
-                text = Status(reason, position).text()
+                text = Status(reason, position, str(self.max_instances)).text()
             else:
                 text = ""
             out.append(SchedEntry(entry, text))
         return out
+
+
+#: The status of a container waiting behind a limit, by the limit the pool is at.
+_LIMIT_STATUS = {
+    QuotaLimit.CLOUD_QUOTA: StatusKind.CLOUD_LIMITS,
+    QuotaLimit.MAX_INSTANCES: StatusKind.MAX_INSTANCES,
+}
 
 
 def _plain(entry: QueueEntry) -> bool:
@@ -169,6 +180,7 @@ class RunQueue:
         self._ops = ops
         self._types = instance_types
         self._max_per_instance = config.cloud.max_running_containers_per_instance
+        self._max_instances = config.cloud.max_instances
         self._log = logger
         self.limit = ConcurrencyLimit(config)
         self.index = QueueIndex()
@@ -224,6 +236,7 @@ class _Pass:
         self.over_quota = 0
         self.allocated_not_started = 0
         self.at_capacity: dict[tuple[str, bool], bool] = {}
+        self.backoffs: dict[str, BootBackoff | None] = {}  # by type name, for this pass
         self._placement: Placement | None = None
 
     @property
@@ -285,7 +298,7 @@ class _Pass:
                     self.over_quota = len(order) - with_runner - seen + 1
                     break
             position += 1
-        at_quota = self.pool.at_quota()
+        quota_limit = self.pool.quota_limit()
         if self.over_quota_at >= 0 or self.over_max_super:
             self._unlock_over_quota(order)
         if self.over_quota_at >= 0:
@@ -295,7 +308,8 @@ class _Pass:
             running=running,
             statuses=self.statuses,
             next_position=self.qpos,
-            at_quota=at_quota,
+            quota_limit=quota_limit,
+            max_instances=self.rq._max_instances,
             allocated_not_started=self.allocated_not_started,
             over_quota=self.over_quota + len(self.over_max_super),
             max_containers=self.max_containers,
@@ -342,6 +356,7 @@ class _Pass:
             if self.pool.at_quota():
                 return False
             if self._available_type(entry) is None:
+                self._say_why_no_type(entry)
                 return True
         if self.pool.kill_container(uuid, "about to lock"):
             self.log.info("%s: not locking: runner from previous attempt has not exited", uuid)
@@ -367,10 +382,11 @@ class _Pass:
             return False
         it = self._available_type(entry)
         if it is None:
-            self.qpos += 1
-            self.statuses[uuid] = Status(
-                StatusKind.WAITING_INSTANCE_TYPE, self.qpos, self.rq.eligible_names(entry)[1]
-            )
+            if not self._say_why_no_type(entry):
+                self.qpos += 1
+                self.statuses[uuid] = Status(
+                    StatusKind.WAITING_INSTANCE_TYPE, self.qpos, self.rq.eligible_names(entry)[1]
+                )
             return True
         view = self.pool.create(it)
         if view is None:
@@ -399,21 +415,47 @@ class _Pass:
             self.allocated_not_started += 1
 
     def _available_type(self, entry: QueueEntry) -> InstanceType | None:
-        """The cheapest eligible type not at capacity (SPEC §9.5 step 17).
+        """The cheapest eligible type not at capacity nor paused (SPEC §9.5 step 17).
 
         Capacity answers are cached for the pass: if a type's capacity flag clears between a
         higher and a lower priority container, the higher one should get it next pass rather
-        than the lower one now.
+        than the lower one now.  A type paused after failed boots is passed over only for types
+        that cost no more: a boot failure is usually the image's or the network's, which a
+        dearer type would not fix, so waiting is cheaper than trying.
         """
+        ceiling: float | None = None
         for it in entry.instance_types:
+            if ceiling is not None and it.price > ceiling:
+                return None
             key = (it.provider_type, it.preemptible)
             if self.at_capacity.get(key):
                 continue
             if self.pool.at_capacity(it):
                 self.at_capacity[key] = True
                 continue
+            if self._backoff(it) is not None:
+                ceiling = it.price if ceiling is None else ceiling
+                continue
             return it
         return None
+
+    def _backoff(self, it: InstanceType) -> BootBackoff | None:
+        if it.name not in self.backoffs:
+            self.backoffs[it.name] = self.pool.boot_backoff(it)
+        return self.backoffs[it.name]
+
+    def _say_why_no_type(self, entry: QueueEntry) -> bool:
+        """Give a container that no type can serve the boot back-off status, if that is why."""
+        for it in entry.instance_types:
+            backoff = self._backoff(it)
+            if backoff is not None:
+                self.qpos += 1
+                left = format_duration(max(1.0, backoff.until - self.pin.now))
+                self.statuses[entry.container.uuid] = Status(
+                    StatusKind.BOOT_BACKOFF, self.qpos, (str(backoff.failures), it.name, left)
+                )
+                return True
+        return False
 
     # ---- after the loop
 

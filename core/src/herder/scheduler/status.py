@@ -1,9 +1,12 @@
 """The ``scheduling_status`` texts people see for a waiting container (SPEC §9.5).
 
 The texts are Arvados' own, word for word (note the two spaces after full stops): scripts and
-dashboards that parse them keep working.  A pass records a small :class:`Status` value and the
-text is only formatted when someone asks for it, so that a pass over 100,000 waiting containers
-does not format 100,000 strings nobody reads.
+dashboards that parse them keep working.  herder adds two that Arvados cannot say: herder's own
+instance cap (Arvados reports it as the cloud's limits) and a pause after failed boots.
+
+A pass records a small :class:`Status` value and the text is only formatted when someone asks
+for it, so that a pass over 100,000 waiting containers does not format 100,000 strings nobody
+reads.
 """
 
 from __future__ import annotations
@@ -36,6 +39,15 @@ CLUSTER_CAPACITY = (
     "Waiting in queue at position {}.  "
     "Cluster is at capacity and cannot start any new instances right now."
 )
+MAX_INSTANCES = (
+    "Waiting in queue at position {}.  "
+    "Cluster is at its configured instance limit (cloud.max_instances: {}) and cannot start "
+    "any new instances right now."
+)
+BOOT_BACKOFF = (
+    "Waiting in queue at position {}.  "
+    "{} instances of type {} failed to boot in a row; next try in {}; see herder cloudtest."
+)
 
 
 class StatusKind(StrEnum):
@@ -49,6 +61,8 @@ class StatusKind(StrEnum):
     WAITING_INSTANCE_TYPE = WAITING_INSTANCE_TYPE
     CLOUD_LIMITS = CLOUD_LIMITS
     CLUSTER_CAPACITY = CLUSTER_CAPACITY
+    MAX_INSTANCES = MAX_INSTANCES
+    BOOT_BACKOFF = BOOT_BACKOFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +70,8 @@ class Status:
     """A status decided by a pass, formatted on demand.
 
     ``position`` is the queue position for the "Waiting in ... position" texts; ``detail`` is the
-    instance type name, the container state, or the eligible type names.
+    instance type name, the container state, the eligible type names, the instance limit, or
+    (for a boot back-off) the failure count, the type name and the time left, formatted.
     """
 
     kind: StatusKind
@@ -72,6 +87,10 @@ class Status:
         if kind is StatusKind.WAITING_INSTANCE_TYPE:
             names = self.detail if isinstance(self.detail, tuple) else (self.detail,)
             return kind.value.format(self.position, ", ".join(names))
+        if kind is StatusKind.MAX_INSTANCES:
+            return kind.value.format(self.position, self.detail)
+        if kind is StatusKind.BOOT_BACKOFF:
+            return kind.value.format(self.position, *self.detail)
         return kind.value.format(self.position)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 
 from herder.model import Container, InstanceType, InstanceView, WorkerState
 
@@ -32,6 +34,26 @@ class NullReporter(ContainerReporter):
         pass
 
 
+class QuotaLimit(StrEnum):
+    """Which limit stops new instances: herder's own cap, or a quota the cloud reported.
+
+    Kept apart so that a status never blames the cloud for ``cloud.max_instances``.
+    """
+
+    MAX_INSTANCES = "max_instances"
+    CLOUD_QUOTA = "cloud_quota"
+
+
+@dataclass(frozen=True, slots=True)
+class BootBackoff:
+    """Instances of one type failed to boot ``failures`` times in a row: no create before
+    ``until`` (a growing, capped pause; the first instance of the type that boots ends it)."""
+
+    instance_type: str
+    failures: int
+    until: float
+
+
 class WorkerPool(ABC):
     """The pool as the scheduler sees it (SPEC §9.1)."""
 
@@ -56,6 +78,14 @@ class WorkerPool(ABC):
 
     @abstractmethod
     def at_quota(self) -> bool: ...
+
+    def quota_limit(self) -> QuotaLimit | None:
+        """Which limit :meth:`at_quota` is at (a pool that cannot tell says the cloud's)."""
+        return QuotaLimit.CLOUD_QUOTA if self.at_quota() else None
+
+    def boot_backoff(self, instance_type: InstanceType) -> BootBackoff | None:
+        """The pause on creating ``instance_type`` after boot failures, while it lasts."""
+        return None
 
     @abstractmethod
     def create(self, instance_type: InstanceType) -> InstanceView | None:

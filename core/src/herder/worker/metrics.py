@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Summary
+from prometheus_client import CollectorRegistry, Counter, Gauge, Summary
 from prometheus_client.core import GaugeMetricFamily
 
 from herder.model import BootOutcome, IdleBehavior, WorkerState
@@ -70,6 +70,18 @@ class PoolMetrics:
         )
         for outcome in BootOutcome:
             self.boot_outcomes.labels(outcome.value)
+        self.boot_failures_in_a_row = Gauge(
+            "herder_boot_failures_in_a_row",
+            "Instances of each type that failed to boot since one last booted",
+            ["instance_type"],
+            registry=registry,
+        )
+        self.boot_backoffs = Counter(
+            "herder_boot_backoffs",
+            "Pauses on creating an instance type after one of its instances failed to boot",
+            ["instance_type"],
+            registry=registry,
+        )
         self.instances_disappeared = Counter(
             "herder_instances_disappeared",
             "Instances that disappeared from the cloud listing, by the state they were in",

@@ -37,8 +37,9 @@ from herder.model import (
     WorkerState,
 )
 from herder.runtime import Runtime, TimerHandle
+from herder.units import format_duration
 from herder.worker.bootprobe import BootProbe, CommandBootProbe
-from herder.worker.interfaces import ContainerReporter, WorkerPool
+from herder.worker.interfaces import BootBackoff, ContainerReporter, QuotaLimit, WorkerPool
 from herder.worker.metrics import PoolMetrics, PoolSample
 from herder.worker.runner import RunnerDeployment
 from herder.worker.throttle import SlotLimiter, Throttle, wrap_instance_set
@@ -138,6 +139,7 @@ class Pool(WorkerPool):
         self._quota_until_fewer = 0  # at quota until fewer than this many instances
         self._quota_until = 0.0
         self._capacity_until: dict[CapacityKey, float] = {}
+        self._boot_backoff: dict[str, BootBackoff] = {}  # by instance type name
         self._listeners: Callbacks[[]] = Callbacks("pool subscriber", self._log)
         self._last_seq = 0
         self._started = False
@@ -162,6 +164,7 @@ class Pool(WorkerPool):
             submit_cloud_op=self._submit_cloud_op,
             logger=self._log,
             sequence=self._next_seq,
+            boot_outcome=self._record_boot_outcome,
         )
         self.metrics.set_source(self._metrics_sample)
 
@@ -294,14 +297,77 @@ class Pool(WorkerPool):
 
     def at_quota(self) -> bool:
         with self._lock:
-            return self._at_quota()
+            return self._quota_limit() is not None
+
+    def quota_limit(self) -> QuotaLimit | None:
+        with self._lock:
+            return self._quota_limit()
 
     def _at_quota(self) -> bool:
-        """Quota errors, or MaxInstances (pending creates and shut-down workers count)."""
+        return self._quota_limit() is not None
+
+    def _quota_limit(self) -> QuotaLimit | None:
+        """A quota error from the cloud, or max_instances (caller holds the lock).
+
+        Pending creates count, and so do shut-down workers until the cloud has accepted their
+        destroy: from then on the instance is on its way out and no longer holds a place (a
+        sync that still lists it after timeout_shutdown destroys it again, and it counts until
+        that destroy is accepted).
+        """
         if self._quota_until_fewer > 0 or self._runtime.now() < self._quota_until:
-            return True
+            return QuotaLimit.CLOUD_QUOTA
         limit = self._settings.max_instances
-        return limit > 0 and limit <= len(self._workers) + len(self._creating)
+        if limit > 0 and limit <= self._instance_count():
+            return QuotaLimit.MAX_INSTANCES
+        return None
+
+    def _instance_count(self) -> int:
+        """Instances that hold a place against max_instances (caller holds the lock)."""
+        gone = sum(1 for w in self._workers.values() if w.destroy_accepted)
+        return len(self._workers) - gone + len(self._creating)
+
+    # ------------------------------------------------------------------ boot failures
+
+    def boot_backoff(self, instance_type: InstanceType) -> BootBackoff | None:
+        with self._lock:
+            return self._active_backoff(instance_type)
+
+    def _active_backoff(self, instance_type: InstanceType) -> BootBackoff | None:
+        backoff = self._boot_backoff.get(instance_type.name)
+        if backoff is None or backoff.until <= self._runtime.now():
+            return None
+        return backoff
+
+    def _record_boot_outcome(self, it: InstanceType, outcome: BootOutcome) -> None:
+        """Grow or end the type's pause on creates (caller holds the lock).
+
+        An instance that never becomes reachable (a bad image, user or firewall) would
+        otherwise be replaced by another just like it every timeout_booting, for ever, each
+        paid for: after n failures in a row no instance of the type is created for
+        ``boot_failure_backoff * 2**(n-1)`` (capped).  An instance of the type that boots ends
+        the pause.  Instances that were aborted or disappeared say nothing about the type.
+        """
+        s = self._settings
+        if outcome is BootOutcome.SUCCESS:
+            if self._boot_backoff.pop(it.name, None) is not None:
+                self._log.info("instance type %s: an instance booted; boot back-off ended", it.name)
+                self.metrics.boot_failures_in_a_row.labels(it.name).set(0)
+            return
+        if outcome is not BootOutcome.FAILURE or s.boot_failure_backoff <= 0:
+            return
+        previous = self._boot_backoff.get(it.name)
+        failures = (previous.failures if previous else 0) + 1
+        pause = min(s.boot_failure_backoff * 2 ** min(failures - 1, 30), s.boot_failure_backoff_max)
+        until = self._runtime.now() + pause
+        self._boot_backoff[it.name] = BootBackoff(it.name, failures, until)
+        self.metrics.boot_failures_in_a_row.labels(it.name).set(failures)
+        self.metrics.boot_backoffs.labels(it.name).inc()
+        self._log.warning(
+            "instance type %s: %d instance(s) failed to boot in a row; no new %s instance for "
+            "%s (check the image, the admin user and the firewall with herder cloudtest)",
+            it.name, failures, it.name, format_duration(pause),
+        )
+        self._runtime.call_later(pause, self._notify)
 
     # ------------------------------------------------------------------ create
 
@@ -319,6 +385,7 @@ class Pool(WorkerPool):
             if (
                 self._at_capacity(instance_type)
                 or self._at_quota()
+                or self._active_backoff(instance_type) is not None
                 or self._throttle_create.error() is not None
             ):
                 return None
@@ -372,7 +439,7 @@ class Pool(WorkerPool):
             # Remove the pending create only after adding the worker, so it starts "booting".
             self._update_worker(instance, it)
             self._creating.pop(pending.secret, None)
-            if len(self._workers) + len(self._creating) == s.max_instances:
+            if self._instance_count() == s.max_instances:
                 self._log.info("now at max_instances limit of %d instances", s.max_instances)
         self._notify()
 
@@ -543,6 +610,7 @@ class Pool(WorkerPool):
                 and now - worker.destroyed > s.timeout_shutdown
             ):
                 worker.log.info("worker still listed after shutdown; retrying")
+                worker.destroy_accepted = False  # counts again until this destroy is accepted
                 worker.shutdown()
 
         for instance_id, worker in list(self._workers.items()):

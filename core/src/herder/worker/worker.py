@@ -67,6 +67,8 @@ class PoolSettings:
     sync_interval: float = 60.0
     timeout_idle: float = 60.0
     timeout_booting: float = 600.0
+    boot_failure_backoff: float = 60.0  # 0 = no back-off
+    boot_failure_backoff_max: float = 1800.0
     timeout_probe: float = 600.0
     timeout_shutdown: float = 10.0
     timeout_term: float = 120.0
@@ -94,6 +96,8 @@ class PoolSettings:
             sync_interval=_positive(c.sync_interval, 60.0),
             timeout_idle=_positive(c.timeout_idle, 60.0),
             timeout_booting=_positive(c.timeout_booting, 600.0),
+            boot_failure_backoff=max(0.0, c.boot_failure_backoff),
+            boot_failure_backoff_max=max(c.boot_failure_backoff, c.boot_failure_backoff_max),
             timeout_probe=_positive(c.timeout_probe, 600.0),
             timeout_shutdown=_positive(c.timeout_shutdown, 10.0),
             timeout_term=_positive(c.timeout_term, 120.0),
@@ -135,6 +139,8 @@ class WorkerEnv:
     logger: logging.Logger = log
     #: Pool-wide modification counter (see :meth:`Worker.touch`).
     sequence: Callable[[], int] = field(default_factory=lambda: itertools.count(1).__next__)
+    #: Told each worker's boot outcome, once (caller holds the lock): the pool's back-off.
+    boot_outcome: Callable[[InstanceType, BootOutcome], None] = lambda _type, _outcome: None
 
 
 class _InstanceLog(logging.LoggerAdapter[logging.Logger]):
@@ -197,6 +203,8 @@ class Worker:
         #: not move within an instant, so equal times cannot tell "changed since" apart.
         self.update_seq = env.sequence()
         self.destroyed: float | None = None
+        #: The cloud accepted the destroy: the instance no longer holds a place in the limits.
+        self.destroy_accepted = False
         self.first_ssh: float | None = None
         self.last_uuid = ""
         self.running: dict[str, Runner] = {}
@@ -250,6 +258,7 @@ class Worker:
             return
         self.boot_outcome = outcome
         self.env.metrics.boot_outcomes.labels(outcome.value).inc()
+        self.env.boot_outcome(self.instance_type, outcome)
 
     def _report_time_to_ready(self) -> None:
         """Observe first SSH -> ready, once (caller holds the lock).
@@ -481,6 +490,12 @@ class Worker:
                 instance.destroy()
             except Exception as exc:
                 self.log.warning("destroy failed: %s", exc)
+                return
+            with self.env.lock:
+                if self.state == WorkerState.SHUTDOWN:
+                    self.destroy_accepted = True
+            # A place against max_instances is free now: the scheduler may create at once.
+            self.env.notify()
 
         self.env.submit_cloud_op(destroy)
 
