@@ -149,6 +149,68 @@ def test_embedded_default_runs_a_container(tmp_path: Path) -> None:
             server.stop(signal.SIGKILL)
 
 
+def test_minimal_config_file_works_like_the_embedded_default(tmp_path: Path) -> None:
+    """`examples/minimal.yaml`: token, key, cluster id and every file under --data-dir."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "minimal.yaml"
+    work = tmp_path / "cwd"
+    work.mkdir()
+    data = tmp_path / "data"
+    server = Server(data, example, tmp_path / "serve.log")
+    server.env.pop("HERDER_MANAGEMENT_TOKEN", None)
+    server.env["HOME"] = str(tmp_path / "home")  # nothing may land in the user's own dirs
+    server.env.pop("XDG_DATA_HOME", None)
+    original = os.getcwd()
+    os.chdir(work)  # the server inherits this working directory
+    try:
+        server.start()
+        result = server.cli("submit", "--wait", "--", "sh", "-c", "echo hello; exit 3")
+        assert result.returncode == 3, result
+        assert "hello" in result.stdout + result.stderr
+        for name in ("cluster_id", "management_token", "ssh/id_ed25519", "herder.db",
+                     "loopback", "client.json"):
+            assert (data / name).exists(), name
+        assert list(work.iterdir()) == []  # nothing in the working directory
+        assert not (tmp_path / "home").exists()
+        # `config show` prints what serve runs.
+        env = {k: v for k, v in server.env.items() if k != "HERDER_MANAGEMENT_TOKEN"}
+        shown = subprocess.run(
+            [*HERDER, "--config", str(example), "config", "show", "--json", "--data-dir",
+             str(data)], env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert shown.returncode == 0, shown
+        effective = json.loads(shown.stdout)
+        assert effective["cluster_id"] == (data / "cluster_id").read_text().strip()
+        assert effective["queue"]["path"] == str(data / "herder.db")
+        assert effective["api"]["management_token"] == "<redacted>"
+        assert list(effective["instance_types"]) == ["local"]
+        # A second serve on the same data directory is refused with one clear line.
+        second = server.cli("--config", str(example), "serve", "--data-dir", str(data),
+                            "--listen", "127.0.0.1:0", timeout=60)
+        assert second.returncode == 1
+        assert "another herder serve (pid" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert server.stop() == 0
+    finally:
+        os.chdir(original)
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop(signal.SIGKILL)
+
+
+def test_bad_driver_parameter_under_serve_is_one_clear_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("cloud:\n  driver: loopback\n  driver_parameters:\n    max_instances: -3\n"
+                      "    bogus_key: 1\n")
+    result = subprocess.run(
+        [*HERDER, "--config", str(config), "serve", "--data-dir", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "HERDER_DATA_DIR": str(tmp_path / "d")},
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "cloud.driver_parameters.max_instances" in result.stderr
+    assert "cloud.driver_parameters.bogus_key" in result.stderr
+
+
 def _submit(server: Server, *command: str, name: str = "") -> str:
     args = ["submit", "--vcpus", "1", "--ram", "256MiB"]
     if name:

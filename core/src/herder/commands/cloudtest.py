@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     from herder.plugins import PluginError
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    config = prepare_serve(ctx.config if ctx.config_path else None, data_dir).config
+    config = prepare_serve(ctx.config, data_dir).config
 
     def progress(step: Step) -> None:
         if not args.json:

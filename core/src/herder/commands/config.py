@@ -36,11 +36,14 @@ def register(subparsers: Any) -> None:
     show = sub.add_parser(
         "show",
         help="print the effective configuration, defaults included",
-        description="Print the effective configuration with every default filled in (the "
-        "driver's parameters too, when the driver is installed), durations and sizes written "
-        "as text.  The management token is redacted.",
+        description="Print the configuration herder serve would run with: every default filled "
+        "in (the driver's parameters and, when none are configured, the driver's instance types "
+        "too), and what serve takes from the data directory (cluster id, queue path, SSH key, "
+        "loopback state).  Durations and sizes are written as text; the management token is "
+        "redacted.  Nothing is created: values serve has yet to generate are shown as such.",
     )
     show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    show.add_argument("--data-dir", metavar="DIR", help="the data directory serve would use")
     show.set_defaults(handler=run_show)
 
 
@@ -58,16 +61,64 @@ def run_check(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def run_show(args: argparse.Namespace, ctx: Context) -> int:
-    config = ctx.config
+    from pathlib import Path
+
+    from herder.client import default_data_dir
+    from herder.embedded import CLUSTER_ID_FILE, NOT_YET, TOKEN_FILE, prepare_serve
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    setup = prepare_serve(ctx.config, data_dir, create=False)
+    config = setup.config
     data = render_config(config)
+    if CLUSTER_ID_FILE in setup.pending:
+        data["cluster_id"] = NOT_YET
+    if TOKEN_FILE in setup.pending:
+        data["api"]["management_token"] = NOT_YET
     params = _effective_driver_parameters(ctx, config)
     if params is not None:
         data["cloud"]["driver_parameters"] = params
+    if not config.instance_types:
+        data["instance_types"] = _driver_instance_types(ctx, config)
     if args.json:
         ctx.print(json.dumps(data, indent=2))
     else:
         ctx.print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
     return 0
+
+
+def _driver_instance_types(ctx: Context, config: Config) -> dict[str, Any]:
+    """The instance types the driver offers when the file lists none, as the file would say
+    them (``serve`` uses exactly these); empty when the driver cannot tell."""
+    from herder.config import InstanceTypeConfig
+
+    try:
+        driver = ctx.plugins.driver_class(config.cloud.driver)
+        params = driver.validate_parameters(config.cloud.driver_parameters)
+        types = driver().default_instance_types(params)
+    except (CommandError, PluginError, ValueError, TypeError, OSError):
+        return {}
+    out: dict[str, Any] = {}
+    for name, it in types.items():
+        as_config = InstanceTypeConfig.model_validate(
+            {
+                "provider_type": it.provider_type,
+                "vcpus": it.vcpus,
+                "ram": it.ram,
+                "included_scratch": it.included_scratch,
+                "added_scratch": it.added_scratch,
+                "price": it.price,
+                "preemptible": it.preemptible,
+                "gpu": {
+                    "stack": it.gpu.stack,
+                    "driver_version": it.gpu.driver_version,
+                    "hardware_target": it.gpu.hardware_target,
+                    "device_count": it.gpu.device_count,
+                    "vram": it.gpu.vram,
+                },
+            }
+        )
+        out[name] = render_config(as_config)
+    return out
 
 
 def _effective_driver_parameters(ctx: Context, config: Config) -> dict[str, Any] | None:

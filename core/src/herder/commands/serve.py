@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from herder.api.server import APIServer
     from herder.config import Config
     from herder.dispatcher import Dispatcher
+    from herder.embedded import ServeSetup
     from herder.runtime import ThreadRuntime
 
 log = logging.getLogger("herder.serve")
@@ -42,15 +44,29 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    from herder.api.server import APIServer
     from herder.client import default_data_dir
-    from herder.dispatcher import Dispatcher, public_key_from_private
     from herder.embedded import prepare_serve
-    from herder.runtime import ThreadRuntime
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    setup = prepare_serve(ctx.config if ctx.config_path else None, data_dir)
-    config = setup.config
+    if ctx.config_path:
+        _check_config_file(ctx)
+    try:
+        setup = prepare_serve(ctx.config, data_dir)
+        lock = _hold_data_dir(data_dir)
+    except OSError as exc:
+        raise CommandError(f"data directory {data_dir}: {exc.strerror or exc}") from exc
+    try:
+        return _serve(args, ctx, setup)
+    finally:
+        os.close(lock)
+
+
+def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
+    from herder.api.server import APIServer
+    from herder.dispatcher import Dispatcher, public_key_from_private
+    from herder.runtime import ThreadRuntime
+
+    config, data_dir = setup.config, setup.data_dir
     if args.listen:
         config = config.model_copy(
             update={"api": config.api.model_copy(update={"listen": args.listen})}
@@ -118,6 +134,46 @@ def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir
     _wait_then_stop(stop, api, service.stop, runtime)
     log.info("stopped; containers left running are taken up again at the next start")
     return 0
+
+
+def _check_config_file(ctx: Context) -> None:
+    """The same checks as ``herder config check``, driver parameters included, so that a bad
+    file stops ``serve`` with one line per problem instead of a traceback from deep inside."""
+    from herder.config import check_config
+
+    assert ctx.config_path is not None
+    problems = check_config(ctx.config_path, ctx.plugins)
+    if problems:
+        lines = "\n".join(problem.format(ctx.config_path) for problem in problems)
+        raise CommandError(f"invalid configuration:\n{lines}")
+
+
+#: Held (flock) by the one ``herder serve`` that uses a data directory, for its whole life.
+SERVE_LOCK = "serve.lock"
+
+
+def _hold_data_dir(data_dir: Path) -> int:
+    """Refuse to serve from a data directory another ``herder serve`` is using.
+
+    Two dispatchers on one queue and one set of instances would start containers twice and
+    destroy each other's instances.  The lock is an flock, so it goes away with the process,
+    however it ends; the file records the holder's pid for the message.
+    """
+    import fcntl
+
+    fd = os.open(data_dir / SERVE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise CommandError(
+            f"another herder serve (pid {holder}) is using the data directory {data_dir}; "
+            "stop it first, or give this one its own --data-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _start_api(

@@ -696,6 +696,5 @@ class LoopbackDriver(Driver):
     def default_instance_types(self, params: DriverParameters) -> dict[str, InstanceType]:
         """The local machine, when the configuration lists no instance types (SPEC §8.1)."""
         state_dir = getattr(params, "state_dir", None) or default_state_dir()
-        os.makedirs(state_dir, exist_ok=True)
         it = local_instance_type(scratch_dir=state_dir)
         return {it.name: it}
