@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -59,6 +60,38 @@ class JSONFormatter(logging.Formatter):
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
+#: Loggers of libraries whose failures herder reports itself, in its own words.
+_LIBRARIES = ("paramiko", "herder.ssh.server.transport")
+#: How paramiko's transport thread announces the error it then logs line by line.
+_HEADLINE = re.compile(r"^(Exception \((client|server)\)|Socket exception|Unknown exception):")
+
+
+class LibraryNoise(logging.Filter):
+    """Keeps paramiko's failure reports to one warning line each.
+
+    When an SSH connection fails, paramiko's transport thread logs the error at ERROR level and
+    then its traceback at ERROR again, one record per line, a dozen records for one event that
+    the caller also raises to herder, which logs it once with what to do.  The headline is kept
+    and the traceback lines that follow it in the same thread are dropped; what a library
+    still logs at ERROR or above is shown as a warning.  (Only when not debugging:
+    ``--log-level debug`` shows everything.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._after_headline = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(_LIBRARIES) or record.levelno < logging.ERROR:
+            return True
+        if _HEADLINE.match(record.getMessage()):
+            self._after_headline.active = True
+        elif getattr(self._after_headline, "active", False):
+            return False  # a traceback line of the headline: herder reports the error itself
+        # A library's failure is herder's to judge: at most a warning from the library.
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
 
 def configure_logging(level: str, fmt: str = "auto", stream: IO[str] | None = None) -> None:
     """Send herder's log to ``stream`` (stderr) at ``level`` in ``fmt`` (auto, text or json).
@@ -71,11 +104,13 @@ def configure_logging(level: str, fmt: str = "auto", stream: IO[str] | None = No
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     handler.addFilter(IdFields())
+    if level != "debug":
+        handler.addFilter(LibraryNoise())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
     # Libraries' chatter is only interesting when debugging herder itself.
-    for noisy in ("paramiko", "herder.ssh.server.transport"):
+    for noisy in _LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
