@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,7 +117,11 @@ class Dispatcher:
         executor_factory: ExecutorFactory | None = None,
         public_key: str | None = None,
         uuid_random_bytes: Callable[[int], bytes] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        """``uuid_random_bytes`` and ``rng`` (the pool's draws: probe jitter, instance secrets)
+        default to unpredictable sources; a simulation passes seeded ones, so that the same
+        seed gives the same run."""
         self.config = config
         self.runtime = runtime
         self.plugins = plugins or Plugins.load()
@@ -177,6 +182,7 @@ class Dispatcher:
             runner_data=load_runner_binary(config).data,
             public_key=public_key,
             registry=self.registry,
+            rng=rng,
         )
         self.scheduler = Scheduler(
             runtime=runtime,

@@ -171,7 +171,8 @@ def run_simulation(
     from herder.dispatcher import Dispatcher
     from herder.testing.sim import SimDriver
 
-    params = dict(config.cloud.driver_parameters) if config.cloud.driver == "sim" else {}
+    configured_driver = config.cloud.driver
+    params = dict(config.cloud.driver_parameters) if configured_driver == "sim" else {}
     params.update(fault_overrides or {})
     # The sim driver stands in for the configured cloud, and the queue lives in memory: a
     # simulation never touches the operator's cloud account or database.
@@ -192,6 +193,7 @@ def run_simulation(
         runtime=runtime,
         driver=SimDriver(),
         uuid_random_bytes=random.Random(seed).randbytes,  # reproducible runs
+        rng=random.Random(f"{seed}:pool"),
     )
     wall_start = time.monotonic()
     disp.start()
@@ -257,9 +259,12 @@ def run_simulation(
             "cancel_reasons": dict(cancel_reasons.most_common()),
             "double_runs": stats.double_runs,
         },
+        "cloud": {"simulated": "sim", "configured_driver": configured_driver},
         "instances": {
             "created": stats.created,
             "destroyed": stats.destroyed,
+            # Gone without being destroyed: the sim's "disappear" fault (preempted, say).
+            "disappeared": stats.created - stats.destroyed - stats.alive,
             "left_behind": stats.alive,
             "peak": stats.peak_alive,
         },
@@ -292,8 +297,15 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"simulated {summary['time']['simulated']} in {summary['time']['wall_seconds']}s"
         + ("" if summary["time"]["finished"] else "  (NOT FINISHED: raise --max-time)"),
         "",
-        f"containers: {c['submitted']} submitted",
     ]
+    configured = summary.get("cloud", {}).get("configured_driver", "sim")
+    if configured != "sim":
+        lines += [
+            f"cloud: the simulated cloud stood in for driver {configured!r}; every other "
+            "setting of the configuration applied",
+            "",
+        ]
+    lines.append(f"containers: {c['submitted']} submitted")
     for state, n in c["by_final_state"].items():
         lines.append(f"  {state:<26} {n}")
     if c["not_final"]:
@@ -304,7 +316,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines += [
         "",
         f"instances: {inst['created']} created, {inst['destroyed']} destroyed, "
-        f"{inst['left_behind']} left behind, peak {inst['peak']}",
+        + (
+            f"{inst['disappeared']} disappeared without being destroyed, "
+            if inst.get("disappeared")
+            else ""
+        )
+        + f"{inst['left_behind']} left behind, peak {inst['peak']}",
         f"cost: {cost['instance_hours']} instance-hours, {cost['total']:.4f} total",
         f"queue wait: mean {summary['queue_wait_seconds']['mean']}s, "
         f"p95 {summary['queue_wait_seconds']['p95']}s",
@@ -312,6 +329,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         "cloud calls:",
     ]
     for kind, outcomes in summary["cloud_calls"].items():
+        if not outcomes:
+            continue  # never called
         detail = ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
         lines.append(f"  {kind:<10} {detail}")
     if summary["faults_injected"]:

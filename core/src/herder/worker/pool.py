@@ -110,6 +110,7 @@ class Pool(WorkerPool):
         self._executor_factory = executor_factory
         self._log = logger or log
         self._rng = rng or random.Random()
+        self._seeded = rng is not None
         self._public_key = public_key if settings.deploy_public_key else None
         self._lock = threading.Lock()
         self.metrics = PoolMetrics(registry if registry is not None else CollectorRegistry())
@@ -393,11 +394,18 @@ class Pool(WorkerPool):
             if limit > 0 and len(self._creating) >= limit:
                 self._log.info("reached max_concurrent_instance_create_ops (%d)", limit)
                 return None
-            pending = _PendingCreate(secrets.token_hex(20), instance_type, self._runtime.now())
+            pending = _PendingCreate(self._new_secret(), instance_type, self._runtime.now())
             self._creating[pending.secret] = pending
             view = self._pending_view(pending)
         self._submit_cloud_op(lambda: self._run_create(pending))
         return view
+
+    def _new_secret(self) -> str:
+        """An instance secret: from the system's secure source, unless a seeded generator was
+        given (a simulation, whose runs must repeat exactly)."""
+        if self._seeded:
+            return self._rng.randbytes(20).hex()
+        return secrets.token_hex(20)
 
     def _run_create(self, pending: _PendingCreate) -> None:
         """Background: call the cloud, then record the new worker or the error."""
