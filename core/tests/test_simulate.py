@@ -117,7 +117,7 @@ def test_one_seed_gives_the_same_run_in_separate_processes():
 def test_summary_explains_what_it_ran_and_leaves_out_empty_rows(capsys):
     from herder.simulate import format_summary
 
-    status, summary = _simulate(capsys, "--containers", "60", "--faults")
+    _, summary = _simulate(capsys, "--containers", "60", "--faults")
     assert summary["cloud"] == {"simulated": "sim", "configured_driver": "sim"}
     inst = summary["instances"]
     assert inst["disappeared"] == inst["created"] - inst["destroyed"] - inst["left_behind"]
