@@ -599,3 +599,60 @@ def test_a_reused_pid_with_another_start_time_is_not_the_supervisor(runner: Runn
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_an_exit_that_cannot_be_written_is_still_delivered(runner: Runner, tmp_path: Path) -> None:
+    """The disk fills up while the container runs: its exit code still reaches --list (from
+    the record reserved at start), so the dispatcher never runs it a second time."""
+    wrapper = tmp_path / "full_disk_runner.py"
+    wrapper.write_text(
+        "import errno, importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('herder_runner', {str(RUNNER)!r})\n"
+        "agent = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(agent)\n"
+        "real = agent.write_atomically\n"
+        "def full(path, data):\n"
+        "    if path.endswith('.exit') or path.endswith('broken'):\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return real(path, data)\n"
+        "agent.write_atomically = full\n"
+        "sys.exit(agent.main(sys.argv[1:]))\n"
+    )
+    config = {"uuid": UUID, "runtime": "process", "environment": {}, "command": ["true"]}
+    res = subprocess.run(
+        [PYTHON, str(wrapper), "--state-dir", str(runner.dir), "--detach", "--stdin-config",
+         UUID],
+        input=json.dumps(config).encode(), capture_output=True, timeout=20,
+    )
+    assert res.returncode == 0, res.stderr
+    assert runner.wait_exited() == 0
+    # The reservation was filled in place; the lock is free and nothing else is left over.
+    assert (runner.dir / f"{UUID}.exit").read_text().strip() == "0"
+    assert not list(runner.dir.glob("*.tmp-*"))
+    # With the disk really full, --list also reports the instance broken, so it is drained.
+    env = {**os.environ, "HERDER_RUNNER_MIN_FREE": str(1 << 62)}
+    listed = parse_list_output(runner.run("--list", env=env).stdout.decode(), "zzzzz")
+    assert listed.broken and listed.exited == {UUID: 0}
+
+
+def test_a_start_without_room_for_its_result_is_refused(runner: Runner, tmp_path: Path) -> None:
+    wrapper = tmp_path / "no_room_runner.py"
+    wrapper.write_text(
+        "import errno, importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('herder_runner', {str(RUNNER)!r})\n"
+        "agent = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(agent)\n"
+        "def full(self, uuid):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "agent.State.reserve_exit = full\n"
+        "sys.exit(agent.main(sys.argv[1:]))\n"
+    )
+    config = {"uuid": UUID, "runtime": "process", "environment": {}, "command": ["true"]}
+    res = subprocess.run(
+        [PYTHON, str(wrapper), "--state-dir", str(runner.dir), "--detach", "--stdin-config",
+         UUID],
+        input=json.dumps(config).encode(), capture_output=True, timeout=20,
+    )
+    assert res.returncode != 0
+    assert b"cannot reserve its exit record" in res.stderr
+    assert UUID not in runner.list_text()

@@ -320,11 +320,20 @@ def write_atomically(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        remove(tmp)  # a full disk must not also keep the half-written file
+        raise
+
+
+#: Size of the exit record reserved before a container starts: blanks, overwritten in place
+#: with the exit code if the disk is full by the time the container ends.
+EXIT_RESERVED = 24
 
 
 def remove(path: str) -> None:
@@ -438,11 +447,28 @@ class State:
                 found.add(stem)
         return sorted(found)
 
+    def reserve_exit(self, uuid: str) -> None:
+        """Allocate the exit record (blank) before the container starts.
+
+        A container that fills the disk must not lose its own result: an unrecorded exit looks
+        like a vanished runner, and the dispatcher would run the container again.  The space
+        reserved here is overwritten in place, which needs no new blocks.
+        """
+        fd = os.open(self.exit_path(uuid), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b" " * (EXIT_RESERVED - 1) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def read_exit(self, uuid: str) -> int | None:
         """The recorded exit code, or None when the container has not finished."""
         try:
             with open(self.exit_path(uuid), "rb") as f:
-                return int(f.read().strip())
+                text = f.read().strip()
+            if not text:
+                return None  # reserved, not written yet
+            return int(text)
         except FileNotFoundError:
             return None
         except ValueError:
@@ -577,12 +603,16 @@ def status_line(state: State, uuid: str) -> str | None:
     fd = open_existing(state.lock_path(uuid))
     if fd is None:
         code = state.read_exit(uuid)
-        return None if code is None else f"{uuid} exited {code}"
+        if code is None:
+            remove(state.exit_path(uuid))  # a reservation left behind, if any
+            return None
+        return f"{uuid} exited {code}"
     try:
         if try_flock(fd, fcntl.LOCK_EX):
             code = state.read_exit(uuid)
             if code is None:
                 remove(state.lock_path(uuid))
+                remove(state.exit_path(uuid))  # a reservation nobody will fill
                 return None
             return f"{uuid} exited {code}"
         try:
@@ -743,6 +773,12 @@ def cmd_detach(opts: Options, state: State) -> int:
         # Not running, so an earlier run's result and log are replaced by this run's.
         remove(state.exit_path(opts.uuid))
         remove(state.log_path(opts.uuid))
+        try:
+            state.reserve_exit(opts.uuid)
+        except OSError as e:
+            remove(state.exit_path(opts.uuid))
+            os.close(lock_fd)
+            raise RunnerError(f"{opts.uuid}: cannot reserve its exit record: {e}") from None
         os.ftruncate(lock_fd, 0)
         ack_r, ack_w = os.pipe()
         sys.stdout.flush()
@@ -809,13 +845,31 @@ def redirect_stdio(log_path: str) -> None:
 
 
 def record_exit(state: State, uuid: str, code: int) -> None:
-    """Write the exit record; a full disk here also means the instance is broken."""
+    """Write the exit record; a full disk here also means the instance is broken.
+
+    Normally a new file replaces the reservation atomically.  When that cannot be written
+    (the disk is full) the code goes into the reserved blanks in place, so the result still
+    reaches the dispatcher and the container is not run again; ``--list`` then reports the
+    instance broken (no space left), and it is drained.
+    """
+    record = f"{code}\n".encode()
     try:
-        write_atomically(state.exit_path(uuid), f"{code}\n".encode())
+        write_atomically(state.exit_path(uuid), record)
+        return
+    except OSError as e:
+        note(f"cannot write exit record {code}: {e}; using the reserved one")
+        failure = e
+    try:
+        fd = os.open(state.exit_path(uuid), os.O_WRONLY)
+        try:
+            os.pwrite(fd, record.ljust(EXIT_RESERVED - 1) + b"\n", 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
         note(f"cannot record exit code {code}: {e}")
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            state.mark_broken(f"cannot record exit code: {e}")
+    if failure.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        state.mark_broken(f"cannot record exit code: {failure}")
 
 
 # --------------------------------------------------------------------------- the supervisor
