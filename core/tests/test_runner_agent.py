@@ -463,7 +463,7 @@ def test_logs_can_live_outside_the_state_directory(runner: Runner, tmp_path: Pat
 
 
 def test_the_file_runs_as_a_command_through_its_shell_header(tmp_path: Path) -> None:
-    """Deployed, the agent is run by path: the shell header starts python3 -S -E on it."""
+    """Deployed, the agent is run by path: the shell header starts python3 -I -S on it."""
     deployed = tmp_path / "herder-runner~0123"
     deployed.write_bytes(RUNNER.read_bytes())
     deployed.chmod(0o755)
@@ -471,15 +471,39 @@ def test_the_file_runs_as_a_command_through_its_shell_header(tmp_path: Path) -> 
     env = {"PATH": path, "HERDER_RUNNER_DIR": str(tmp_path / "state")}
     res = subprocess.run([str(deployed), "--list"], capture_output=True, timeout=20, env=env)
     assert (res.returncode, res.stdout, res.stderr) == (0, b"", b"")
-    probe = "import sys; print(sys.flags.no_site, sys.flags.ignore_environment)"
-    # The header's flags are what python3 gets: no site, no PYTHON* variables.
+    probe = "import sys; print(sys.flags.no_site, sys.flags.ignore_environment, sys.flags.isolated)"
+    # The header's flags are what python3 gets: no site, no PYTHON* variables, isolated.
     header = RUNNER.read_text().splitlines()[2]
-    assert header == 'exec python3 -S -E "$0" "$@"'
+    assert header == 'exec python3 -I -S "$0" "$@"'
     flags = subprocess.run(
         ["sh", "-c", header.replace('"$0" "$@"', f"-c '{probe}'")],
         capture_output=True, timeout=20, env=env,
     )
-    assert flags.stdout.split() == [b"1", b"1"]
+    assert flags.stdout.split() == [b"1", b"1", b"1"]
+
+
+def test_modules_planted_beside_the_deployed_file_are_never_imported(tmp_path: Path) -> None:
+    """Whoever can write next to the runner must not get code run by it: its own directory is
+    not on the import path (python3 -I), so a planted ``json.py`` or ``fcntl.py`` stays unread."""
+    deployed = tmp_path / "herder-runner~0123"
+    deployed.write_bytes(RUNNER.read_bytes())
+    deployed.chmod(0o755)
+    marker = tmp_path / "planted-code-ran"
+    for module in ("json", "fcntl", "select", "signal", "errno"):
+        (tmp_path / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    path = f"{Path(PYTHON).parent}:{os.environ.get('PATH', '')}"
+    env = {"PATH": path, "HERDER_RUNNER_DIR": str(tmp_path / "state")}
+    res = subprocess.run([str(deployed), "--list"], capture_output=True, timeout=20, env=env)
+    assert res.returncode == 0, res.stderr
+    start = subprocess.run(
+        [str(deployed), "--detach", "--stdin-config", UUID], capture_output=True, timeout=20,
+        env=env, input=json.dumps({"uuid": UUID, "runtime": "process", "environment": {},
+                                   "command": ["true"]}).encode(),
+    )
+    assert start.returncode == 0, start.stderr
+    wait_for(lambda: b"exited" in subprocess.run(
+        [str(deployed), "--list"], capture_output=True, timeout=20, env=env).stdout)
+    assert not marker.exists()
 
 
 class Serve:

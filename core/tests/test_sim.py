@@ -73,11 +73,11 @@ def init_command(secret: str = SECRET) -> str:
 
 
 def install_snippet(path: str = RUNNER) -> str:
-    directory = path.rsplit("/", 1)[0] + "/"
-    return (
-        f'set -e; dstdir="{directory}"; dstfile="{path}"; mkdir -p "$dstdir"; '
-        f'touch "$dstfile"; chmod 0755 "$dstdir" "$dstfile"; cat >"$dstfile"'
-    )
+    """herder's own install snippet for ``path`` (as the instance's root user runs it)."""
+    from herder.worker.runner import RunnerDeployment
+
+    deployment = RunnerDeployment(command=path, data=b"x", md5="0")
+    return deployment.install_command("root")
 
 
 class SecretVerifier(Instance):

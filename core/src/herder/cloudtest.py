@@ -552,7 +552,7 @@ class CloudTest:
         if not runner.deploying:
             return f"not deploying; using {runner.command}"
         assert self._instance is not None
-        status, stdout, stderr = self._execute(runner.md5_check_command())
+        status, stdout, stderr = self._execute(runner.md5_check_command(self._instance.remote_user))
         if status == 0 and not stderr and stdout == runner.md5_expected_output():
             return f"{runner.command} already installed"
         status, _, stderr = self._execute(
@@ -560,7 +560,7 @@ class CloudTest:
         )
         if status != 0:
             raise StepFailed(f"installing {runner.command} exited {status}: {_text(stderr)}")
-        status, stdout, stderr = self._execute(runner.md5_check_command())
+        status, stdout, stderr = self._execute(runner.md5_check_command(self._instance.remote_user))
         if status != 0 or stdout != runner.md5_expected_output():
             raise StepFailed(f"md5 check after installing {runner.command} failed: "
                              f"{_text(stdout)} {_text(stderr)}")

@@ -119,7 +119,12 @@ class CloudConfig(_Strict):
     image_id: str = ""
     instance_init_command: str = ""
     deploy_runner: bool = Field(True, description="copy herder's runner agent to each instance")
-    deploy_runner_directory: str = "/tmp/herder-runner"
+    deploy_runner_directory: str = Field(
+        "/var/lib/herder/runner",
+        description="where the runner agent is installed on each instance: created 0700 and "
+        "owned by the user the runner runs as (root through sudo); refused if someone else "
+        "owns it",
+    )
     deploy_public_key: bool = True
     resource_tags: dict[str, str] = Field(default_factory=dict)
     tag_key_prefix: str = "Herder"

@@ -121,10 +121,17 @@ def prepare_serve(config: Config | None, data_dir: Path, *, create: bool = True)
             update={"dispatch_private_key": str(key)}
         )
     cloud = config.cloud
-    if cloud.driver == "loopback" and "state_dir" not in cloud.driver_parameters:
-        # The local driver's instances are herder's own state: under the data directory too.
-        params = {**cloud.driver_parameters, "state_dir": str(data_dir / "loopback")}
-        update["cloud"] = cloud.model_copy(update={"driver_parameters": params})
+    if cloud.driver == "loopback":
+        # The local driver's instances, and the runner it runs as the operator, are herder's
+        # own state: under the (private) data directory too.
+        changes: dict[str, object] = {}
+        if "state_dir" not in cloud.driver_parameters:
+            params = {**cloud.driver_parameters, "state_dir": str(data_dir / "loopback")}
+            changes["driver_parameters"] = params
+        if "deploy_runner_directory" not in cloud.model_fields_set:
+            changes["deploy_runner_directory"] = str(data_dir / "runner")
+        if changes:
+            update["cloud"] = cloud.model_copy(update=changes)
     setup.config = config.model_copy(update=update)
     return setup
 

@@ -30,6 +30,7 @@ Every argument that comes from data is a validated UUID or is quoted with :func:
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,3 +157,15 @@ def parse_list_output(text: str, cluster_id: str) -> ListResult:
             except ValueError:
                 continue
     return result
+
+
+#: What a command gets of this process's environment when the client sends none, as sshd
+#: gives a login: who and where the user is, and how to find programs.  Nothing else of the
+#: dispatcher's environment (its management token, cloud credentials) reaches a command, the
+#: runner it starts, or the containers that runner starts.
+LOGIN_VARIABLES = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "TZ", "TMPDIR")
+
+
+def login_environment() -> dict[str, str]:
+    """The variables of :data:`LOGIN_VARIABLES` that this process has."""
+    return {name: os.environ[name] for name in LOGIN_VARIABLES if name in os.environ}

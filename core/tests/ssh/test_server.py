@@ -97,6 +97,21 @@ def test_session_env_replaces_the_environment() -> None:
         assert out == b"inherited\n"
 
 
+def test_without_a_session_env_commands_get_a_login_environment_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The dispatcher's secrets (a token from the environment) never reach commands, the runner
+    # they start, or its containers.
+    monkeypatch.setenv("HERDER_MANAGEMENT_TOKEN", "s3cret-token")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-key")
+    with serving() as (server, key), client(server, key) as t:
+        status, out, _ = run(t, "env")
+        assert status == 0
+        names = {line.split("=", 1)[0] for line in out.decode().splitlines()}
+        assert b"s3cret" not in out
+        assert "PATH" in names and "HOME" in names
+
+
 def test_strip_sudo_removes_a_leading_sudo_only_when_asked() -> None:
     seen: list[str] = []
 

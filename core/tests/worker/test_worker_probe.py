@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 
 import pytest
 from worker_fakes import RUNNER, Harness, uuid
@@ -225,7 +226,7 @@ def test_every_command_has_the_configured_timeout() -> None:
 
 
 def runner_path() -> str:
-    return f"/tmp/herder-runner/herder-runner~{hashlib.md5(RUNNER).hexdigest()}"
+    return f"/var/lib/herder/runner/herder-runner~{hashlib.md5(RUNNER).hexdigest()}"
 
 
 def test_runner_already_installed_is_not_copied() -> None:
@@ -234,7 +235,10 @@ def test_runner_already_installed_is_not_copied() -> None:
     host.installed[runner_path()] = RUNNER
     h.probe(iid)
     assert host.verbs() == ["boot", "md5sum", "--list"]
-    assert host.commands[1][0] == f"md5sum {runner_path()}"
+    check = shlex.split(host.commands[1][0])
+    assert check[:3] == ["sudo", "sh", "-c"]
+    assert check[3].endswith('md5sum "$dstfile"')
+    assert f"dstfile={shlex.quote(runner_path())};" in check[3]
     assert host.commands[2][0] == f"sudo {runner_path()} --list"
     assert h.state(iid) == "idle"
 
@@ -247,12 +251,12 @@ def test_runner_installed_from_stdin_with_sudo_wrapping() -> None:
     assert host.verbs() == ["boot", "md5sum", "install", "--list"]
     cmd, stdin = host.commands[2]
     path = runner_path()
-    assert cmd == (
-        "sudo sh -c '"
-        f'set -e; dstdir="/tmp/herder-runner/"; dstfile="{path}"; mkdir -p "$dstdir"; '
-        'touch "$dstfile"; chmod 0755 "$dstdir" "$dstfile"; cat >"$dstfile"'
-        "'"
+    argv = shlex.split(cmd)
+    assert argv[:3] == ["sudo", "sh", "-c"]
+    assert argv[3].startswith(
+        f"set -e; umask 077; dstdir=/var/lib/herder/runner; dstfile={shlex.quote(path)}; "
     )
+    assert argv[3].endswith('cat >"$tmp"; chmod 0700 "$tmp"; mv -f "$tmp" "$dstfile"')
     assert stdin == RUNNER
     assert host.installed[path] == RUNNER
 
@@ -262,14 +266,17 @@ def test_runner_install_as_root_has_no_sudo() -> None:
     h.cloud.vms[iid].remote_user = "root"
     h.probe(iid)
     host = h.cloud.vms[iid].host
-    assert host.commands[2][0].startswith('set -e; dstdir="/tmp/herder-runner/"')
+    assert host.commands[2][0].startswith(
+        "sh -c 'set -e; umask 077; dstdir=/var/lib/herder/runner;"
+    )
     assert host.commands[3][0] == f"{runner_path()} --list"
 
 
 def test_install_snippet_quote_escaping() -> None:
     dep = RunnerDeployment.build(b"x", "/opt/o'dir", "unused")
     cmd = dep.install_command("admin")
-    assert cmd.startswith("sudo sh -c 'set -e; dstdir=\"/opt/o'\\''dir/\";")
+    assert shlex.split(cmd)[:3] == ["sudo", "sh", "-c"]
+    assert "dstdir='/opt/o'\"'\"'dir';" in shlex.split(cmd)[3]
     assert dep.md5_expected_output() == f"{hashlib.md5(b'x').hexdigest()}  {dep.command}\n".encode()
     assert RunnerDeployment.build(None, "/opt", "herder-runner").command == "herder-runner"
 

@@ -90,11 +90,17 @@ class FakeHost:
         return "".join(line + "\n" for line in lines)
 
 
+def dstfile(command: str) -> str:
+    """The runner path in herder's md5 check or install snippet (``sudo sh -c '<script>'``)."""
+    script = shlex.split(command)[-1]
+    m = re.search(r"dstfile=([^;]+);", script)
+    assert m is not None, command
+    return shlex.split(m.group(1))[0]
+
+
 def classify(command: str) -> str:
-    if command.startswith("md5sum "):
-        return "md5sum"
     if "dstfile=" in command:
-        return "install"
+        return "install" if 'cat >"$tmp"' in command else "md5sum"
     for verb in ("--list", "--detach", "--kill", "--log", "--forget"):
         if f" {verb}" in command:
             return verb
@@ -296,15 +302,13 @@ class FakeExecutor(Executor):
                 raise host.boot_error
             return ExecResult(0 if host.boot_ok else 1, b"", b"" if host.boot_ok else b"booting")
         if kind == "md5sum":
-            path = command.split(" ", 1)[1]
+            path = dstfile(command)
             if path not in host.installed:
                 return ExecResult(1, b"", b"md5sum: no such file\n")
             digest = hashlib.md5(host.installed[path]).hexdigest()
             return ExecResult(0, f"{digest}  {path}\n".encode(), b"")
         if kind == "install":
-            m = re.search(r'dstfile="([^"]+)"', command)
-            assert m is not None
-            host.installed[m.group(1)] = stdin or b""
+            host.installed[dstfile(command)] = stdin or b""
             return ExecResult(0, b"", b"")
         args = shlex.split(command)
         if args[0] == "sudo":

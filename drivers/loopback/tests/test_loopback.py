@@ -529,7 +529,7 @@ def deploy_runner(harness: Harness, inst: Instance) -> RunnerDeployment:
         RUNNER_AGENT.read_bytes(), str(harness.tmp / "deploy"), "herder-runner"
     )
     harness.run(inst, deployment.install_command(inst.remote_user), deployment.data)
-    check = harness.executor(inst).execute(deployment.md5_check_command())
+    check = harness.executor(inst).execute(deployment.md5_check_command(inst.remote_user))
     assert check.stdout == deployment.md5_expected_output()
     return deployment
 

@@ -1,6 +1,6 @@
 #!/bin/sh
 """:"
-exec python3 -S -E "$0" "$@"
+exec python3 -I -S "$0" "$@"
 herder-runner: starts, lists, signals and reports containers on one instance.
 
 (The two lines above are for the shell, see "Start-up time" below; to Python they are the
@@ -71,8 +71,10 @@ import time
 
 # Start-up time is the agent's main cost: herder runs a verb for every container start, probe
 # and result, and each one starts an interpreter.  So the file starts as a shell script that
-# runs python3 without ``site`` (-S: no .pth files, no site-packages scan) and without PYTHON*
-# variables (-E), and only the modules every verb needs are imported here; the others are
+# runs python3 without ``site`` (-S: no .pth files, no site-packages scan) and isolated (-I: no
+# PYTHON* variables, no user site, and above all not this file's own directory on the import
+# path, so nothing placed beside it is ever imported), and only the modules every verb needs
+# are imported here; the others are
 # imported by the functions that use them.  Python 3.9 compatibility matters more than the
 # newest idioms: the instance's python3 is whatever its image ships.
 

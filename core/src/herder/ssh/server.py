@@ -42,6 +42,7 @@ from paramiko.common import (
     OPEN_SUCCEEDED,
 )
 
+from herder.runner_protocol import login_environment
 from herder.ssh import send_exit_status
 
 log = logging.getLogger("herder.ssh.server")
@@ -170,7 +171,7 @@ def run_shell(request: ExecRequest) -> int:
     """Run ``request.command`` with ``sh -c`` in a new session, wiring the three streams.
 
     If the client sent environment variables the command gets only those (as the Arvados
-    loopback driver does); otherwise it inherits this process's environment.  A command whose
+    loopback driver does); otherwise it gets a login's (:func:`login_environment`).  A command whose
     client went away gets SIGHUP (its terminal, so to speak, hung up); that ends an abandoned
     ``sleep`` but lets a deliberately detached process (``nohup``, ``setsid``) live on.
     """
@@ -180,7 +181,7 @@ def run_shell(request: ExecRequest) -> int:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=request.env or None,
+            env=request.env or login_environment(),
             start_new_session=True,
         )
     except OSError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+import shlex
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,8 +63,33 @@ class RunnerDeployment:
     def deploying(self) -> bool:
         return bool(self.data)
 
-    def md5_check_command(self) -> str:
-        return f"md5sum {self.command}"
+    def _as_runner_user(self, remote_user: str, script: str) -> str:
+        """``script`` run by the user the runner runs as: root through sudo, unless the
+        instance's user is root already."""
+        if remote_user == "root":
+            return f"sh -c {shlex.quote(script)}"
+        return f"sudo sh -c {shlex.quote(script)}"
+
+    def _paths(self) -> str:
+        return (
+            f"dstdir={shlex.quote(posixpath.dirname(self.command))}; "
+            f"dstfile={shlex.quote(self.command)}; "
+        )
+
+    def md5_check_command(self, remote_user: str) -> str:
+        """Print the installed program's md5sum, only if its directory is herder's own.
+
+        The directory must be a real directory (no symlink) owned by the runner's user with
+        mode 0700, and the program a regular file: anything else prints nothing, so the
+        install step runs and refuses or repairs it.  Without this, a directory another user
+        created first (``/tmp`` is everyone's) would hold a program they can replace.
+        """
+        return self._as_runner_user(
+            remote_user,
+            self._paths()
+            + '[ -d "$dstdir" ] && [ ! -L "$dstdir" ] && [ ! -L "$dstfile" ] && '
+            '[ "$(stat -c %u:%a "$dstdir")" = "$(id -u):700" ] && md5sum "$dstfile"',
+        )
 
     def md5_expected_output(self) -> bytes:
         """``md5sum``'s exact output when the right program is installed (two spaces)."""
@@ -72,16 +98,25 @@ class RunnerDeployment:
     def install_command(self, remote_user: str) -> str:
         """The shell snippet that installs the program from stdin (SPEC §3.7).
 
-        touch + chmod come before writing, so a correct md5 always implies a correct mode.
+        The directory is created 0700 (umask 077, parents too); if it exists it must be a
+        real directory owned by the runner's user, else the install is refused with a message
+        that says why (exit 3) and nothing is written.  The program is written to a new file
+        made by ``mktemp`` (never following a symlink) and renamed over the old name, so the
+        old program, or a symlink planted in its place, is replaced and never written through.
         """
-        dstdir = posixpath.dirname(self.command) + "/"
-        snippet = (
-            f'set -e; dstdir="{dstdir}"; dstfile="{self.command}"; mkdir -p "$dstdir"; '
-            f'touch "$dstfile"; chmod 0755 "$dstdir" "$dstfile"; cat >"$dstfile"'
+        return self._as_runner_user(
+            remote_user,
+            "set -e; umask 077; "
+            + self._paths()
+            + 'refuse() { echo "herder: refusing runner directory $dstdir: $1" >&2; exit 3; }; '
+            '[ -e "$dstdir" ] || [ -L "$dstdir" ] || mkdir -p "$dstdir"; '
+            '[ -d "$dstdir" ] && [ ! -L "$dstdir" ] || refuse "not a directory"; '
+            'owner=$(stat -c %u "$dstdir"); '
+            '[ "$owner" = "$(id -u)" ] || refuse "owned by uid $owner, not by uid $(id -u)"; '
+            'chmod 0700 "$dstdir"; '
+            'tmp=$(mktemp "$dstdir/.install.XXXXXX"); cat >"$tmp"; chmod 0700 "$tmp"; '
+            'mv -f "$tmp" "$dstfile"',
         )
-        if remote_user == "root":
-            return snippet
-        return "sudo sh -c '" + snippet.replace("'", "'\\''") + "'"
 
 
 class Runner:

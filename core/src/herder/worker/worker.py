@@ -681,7 +681,7 @@ class Worker:
         runner = self.env.runner
         if not runner.deploying:
             return True, ""  # deployment disabled: the runner command is already installed
-        ok, stdout, stderr, _ = self._execute(runner.md5_check_command())
+        ok, stdout, stderr, _ = self._execute(runner.md5_check_command(self._remote_user()))
         if ok and not stderr and stdout == runner.md5_expected_output():
             self.log.debug("runner program already installed with the right md5")
             return True, ""

@@ -74,6 +74,7 @@ from herder.cloud import (
     RemoteRunner,
 )
 from herder.model import InstanceType
+from herder.runner_protocol import login_environment
 from herder.ssh.server import (
     ExecRequest,
     Handler,
@@ -282,7 +283,7 @@ def _runner_env_handler(runner_dir: str) -> Handler:
     """
 
     def handle(request: ExecRequest) -> int:
-        base = request.env or dict(os.environ)
+        base = request.env or login_environment()
         request.env = {
             **base,
             "HERDER_RUNNER_DIR": runner_dir,

@@ -29,7 +29,12 @@ from herder.config import Config, Size
 from herder.dispatch import Job, ProbingBackend, ProbingParameters
 from herder.model import Container, ContainerState, InstanceType
 from herder.queue.base import QueueError
-from herder.runner_protocol import ListResult, config_document, parse_list_output
+from herder.runner_protocol import (
+    ListResult,
+    config_document,
+    login_environment,
+    parse_list_output,
+)
 from herder.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -59,9 +64,12 @@ class Runner:
         self.runtime_engine = runtime_engine
 
     def call(self, *args: str, stdin: bytes = b"") -> bytes:
-        argv = [sys.executable, str(RUNNER), f"--state-dir={self.state_dir}", *args]
+        argv = [sys.executable, "-I", str(RUNNER), f"--state-dir={self.state_dir}", *args]
+        # A login's environment only: nothing of the dispatcher's (its token, credentials)
+        # reaches the agent or, through it, the containers.
         proc = subprocess.run(  # noqa: S603 - fixed program, arguments checked by the agent
-            argv, input=stdin, capture_output=True, timeout=RUNNER_TIMEOUT, check=False
+            argv, input=stdin, capture_output=True, timeout=RUNNER_TIMEOUT, check=False,
+            env=login_environment(),
         )
         if proc.returncode != 0:
             message = proc.stderr.decode(errors="replace").strip()
