@@ -540,3 +540,55 @@ def test_management_token_variable_name_is_configurable(monkeypatch: pytest.Monk
     monkeypatch.setenv("MY_TOKEN", "abc")
     monkeypatch.setenv("HERDER_MANAGEMENT_TOKEN", "other")
     assert config.api.resolve_management_token() == "abc"
+
+
+# ------------------------------------------------------------------------- hostile files
+
+
+@pytest.mark.parametrize(
+    ("listen", "why"),
+    [
+        ("999.1.1.1:99999", "port 99999 is above 65535"),
+        ("999.1.1.1:9190", "bad IPv4 address"),
+        ("[::zz]:9190", "bad IPv6 address"),
+        ("bad_host!:9190", "bad host name"),
+        ("127.0.0.1", "expected host:port"),
+    ],
+)
+def test_api_listen_is_checked(tmp_path: Path, listen: str, why: str) -> None:
+    path = write(tmp_path, f'api: {{listen: "{listen}"}}\n')
+    problems = keyed(check_config(path, None))
+    assert why in problems["api.listen"]
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", ":9190", "[::1]:9190", "localhost:80",
+                                    "api.example.org:443"])
+def test_api_listen_accepts_addresses_and_names(tmp_path: Path, listen: str) -> None:
+    assert check_config(write(tmp_path, f'api: {{listen: "{listen}"}}\n'), None) == []
+
+
+def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    lines.append("cloud: {driver_parameters: {x: *a8}}")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")  # 1 KiB that would expand to 387 million values
+    (problem,) = check_config(path, None)
+    assert "expands to more than 100,000 values" in problem.message
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        load_config(path)
+
+
+def test_ordinary_anchors_and_merge_keys_still_work(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        x-type: &base {vcpus: 2, ram: 4GiB, price: 0.1}
+        instance_types:
+          small: *base
+          large: {<<: *base, vcpus: 8}
+        """,
+    )
+    problems = keyed(check_config(path, None))
+    assert list(problems) == ["x-type"]  # only the unknown top-level key

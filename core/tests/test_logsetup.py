@@ -70,3 +70,23 @@ def test_debug_shows_everything(restore_root: None) -> None:
     _run_in_thread(_paramiko_style_failure)
     records = [json.loads(line) for line in out.getvalue().splitlines()]
     assert len(records) > 5 and {r["level"] for r in records} == {"error"}
+
+
+def test_text_log_lines_cannot_be_forged(restore_root: None) -> None:
+    out = io.StringIO()
+    configure_logging("info", "text", stream=out)
+    reason = "done\n2026-01-01 00:00:00,000 INFO    herder.api: token accepted\x1b[2J"
+    logging.getLogger("herder.api").info("cancelled: %s", reason)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith("cancelled: done\\n2026-01-01 00:00:00,000 INFO    herder.api: "
+                             "token accepted\\x1b[2J")
+
+
+def test_tables_show_control_characters_escaped() -> None:
+    from herder.commands import render_table
+
+    table = render_table(["name", "state"], [["evil\x1b]0;pwned\x07\nrow", "Queued"]])
+    assert "\x1b" not in table and "\x07" not in table
+    assert table.splitlines()[1].startswith("evil\\x1b]0;pwned\\x07\\nrow")
+    assert len(table.splitlines()) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,8 +161,54 @@ class QueueConfig(_Strict):
     path: str = Field("herder.db", description="SQLite database file")
 
 
+_LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})$")
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` (every interface) → (host, port).
+
+    The host must be an IP address or a host name, the port 0-65535 (0 picks a free one), so
+    that ``config check`` catches what binding would only find at start-up.
+    """
+    import ipaddress
+
+    m = _LISTEN_RE.match(listen.strip())
+    if m is None:
+        raise ValueError(f"invalid listen address {listen!r}: expected host:port")
+    port = int(m.group("port"))
+    if port > 65535:
+        raise ValueError(f"invalid listen address {listen!r}: port {port} is above 65535")
+    if m.group("v6") is not None:
+        host = m.group("v6")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid listen address {listen!r}: bad IPv6 address") from None
+        return host, port
+    host = m.group("host")
+    if host and re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"invalid listen address {listen!r}: bad IPv4 address") from None
+    elif host and not _HOSTNAME_RE.match(host):
+        raise ValueError(f"invalid listen address {listen!r}: bad host name {host!r}")
+    return host, port
+
+
 class APIConfig(_Strict):
     listen: str = "127.0.0.1:9190"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
     management_token: str = Field("", description="bearer token; empty closes the API")
     management_token_env: str = Field(
         "HERDER_MANAGEMENT_TOKEN", description="environment variable read when the token is empty"
@@ -398,6 +445,14 @@ def _parse_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], int], list[Config
         return None, {}, [ConfigProblem("", f"invalid YAML: {exc}")]
     try:
         node = loader.get_single_node()
+        if node is not None and _expanded_size(node) > MAX_YAML_VALUES:
+            return None, {}, [
+                ConfigProblem(
+                    "",
+                    f"the file expands to more than {MAX_YAML_VALUES:,} values through anchors "
+                    "and aliases; refusing to load it (a configuration never needs that many)",
+                )
+            ]
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         return None, {}, [_yaml_problem(exc)]
@@ -409,6 +464,47 @@ def _parse_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], int], list[Config
     if node is not None:
         _record_key_lines(node, (), lines)
     return data, lines, loader.duplicates
+
+
+#: A configuration with more values than this, counting every alias expanded, is refused:
+#: a few lines of nested aliases ("billion laughs") would otherwise take minutes to validate.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document has with every alias expanded.
+
+    The composer shares one node between an anchor and its aliases, so the document is a
+    graph; the size of each node is computed once (memoized), which keeps this linear in the
+    file while the number it finds may be astronomic.  A cycle (a recursive alias) counts as
+    too many.
+    """
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in visiting:
+            return MAX_YAML_VALUES + 1
+        visiting.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                total += size(key_node) + size(value_node)
+                if total > MAX_YAML_VALUES:
+                    break
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                total += size(item)
+                if total > MAX_YAML_VALUES:
+                    break
+        visiting.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
 
 
 def _record_key_lines(

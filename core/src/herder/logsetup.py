@@ -60,6 +60,23 @@ class JSONFormatter(logging.Formatter):
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
+#: C0 and C1 control characters and DEL, which a terminal or a line-based reader would act on.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\n``, ``\\x1b``): a reason or a
+    name someone else chose can neither start a forged log line nor drive the terminal."""
+    return _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+
+
+class TextFormatter(logging.Formatter):
+    """The text form: one line per record, whatever its message holds (tracebacks excepted)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
 #: Loggers of libraries whose failures herder reports itself, in its own words.
 _LIBRARIES = ("paramiko", "herder.ssh.server.transport")
 #: How paramiko's transport thread announces the error it then logs line by line.
@@ -102,7 +119,7 @@ def configure_logging(level: str, fmt: str = "auto", stream: IO[str] | None = No
     if fmt == "auto":
         fmt = "text" if stream.isatty() else "json"
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     handler.addFilter(IdFields())
     if level != "debug":
         handler.addFilter(LibraryNoise())

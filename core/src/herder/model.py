@@ -16,6 +16,20 @@ from typing import Any
 CONTAINER_UUID_RE = re.compile(r"^[a-z0-9]{5}-dz642-[a-z0-9]{15}$")
 CLUSTER_ID_RE = re.compile(r"^[a-z0-9]{5}$")
 
+# A container image reference, in the grammar of the OCI distribution spec (docker and podman
+# use it): ``[registry[:port]/]path[:tag][@algorithm:hex]``.  Checked where a container enters
+# herder, so that a value like ``--privileged`` or ``-v/:/host`` is refused with a 400 rather than
+# reaching an engine's command line.  Written without look-arounds: the same pattern is the
+# ``image`` field's ``pattern`` in the OpenAPI document.
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_NAME = rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+IMAGE_REFERENCE_PATTERN = rf"^(?:{_NAME}(?::{_TAG})?(?:@{_DIGEST})?)?$"
+IMAGE_REFERENCE_RE = re.compile(IMAGE_REFERENCE_PATTERN)
+
 
 def is_container_uuid(text: str) -> bool:
     """True for a well-formed container UUID (safe to put in a shell command unquoted)."""

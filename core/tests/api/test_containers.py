@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from herder.api import schema
 from herder.api.routes import utf8_prefix
 from herder.model import ContainerState
@@ -314,3 +316,30 @@ def test_utf8_prefix():
 def test_state_enum_matches_the_model():
     assert {s.value for s in ContainerState} == {"Queued", "Locked", "Running", "Complete",
                                                  "Cancelled"}
+
+
+@pytest.mark.parametrize(
+    "image", ["--privileged", "-v/:/host", "Ubuntu", "alpine;id", "a b", "alpine:", "$(id)"]
+)
+def test_image_must_be_an_image_reference(engine, image):
+    reply = engine.request("POST", "/api/v1/containers", {"command": ["true"], "image": image})
+    assert reply.status == 400, reply.json
+    assert "invalid image reference" in reply.json["error"]
+    assert engine.dispatcher.queue.counts()[ContainerState.QUEUED] == 0
+
+
+@pytest.mark.parametrize(
+    "image", ["alpine", "ubuntu:24.04", "localhost:5000/team/tool_x:v1.2-rc",
+              "ghcr.io/org/tool@sha256:" + "ab" * 32]
+)
+def test_image_references_are_accepted(engine, image):
+    assert engine.submit(image=image)["image"] == image
+
+
+def test_the_image_rule_is_in_the_openapi_document(engine):
+    from herder.model import IMAGE_REFERENCE_PATTERN
+
+    doc = engine.request("GET", "/api/v1/openapi.json").json
+    schemas = doc["components"]["schemas"]
+    submit = next(s for name, s in schemas.items() if name.startswith("SubmitRequest"))
+    assert submit["properties"]["image"]["pattern"] == IMAGE_REFERENCE_PATTERN

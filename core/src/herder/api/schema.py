@@ -27,7 +27,13 @@ from pydantic import (
     model_validator,
 )
 
-from herder.model import ContainerState, IdleBehavior, WorkerState
+from herder.model import (
+    IMAGE_REFERENCE_PATTERN,
+    IMAGE_REFERENCE_RE,
+    ContainerState,
+    IdleBehavior,
+    WorkerState,
+)
 from herder.units import parse_duration, parse_size
 
 #: Largest size, count or priority accepted: what the queue's SQLite integers can hold.
@@ -150,7 +156,15 @@ class SubmitRequest(_Request):
     """A new container."""
 
     command: Annotated[list[Text], Field(min_length=1, max_length=10_000)]
-    image: Text = ""
+    image: Annotated[
+        str,
+        Field(
+            max_length=512,
+            # In the document; checked by _image below, with a message people can act on.
+            json_schema_extra={"pattern": IMAGE_REFERENCE_PATTERN},
+            description="an image reference ([registry/]name[:tag][@digest]); empty: none",
+        ),
+    ] = ""
     environment: Annotated[dict[str, Text], Field(max_length=10_000)] = Field(
         default_factory=dict
     )
@@ -190,10 +204,21 @@ class SubmitRequest(_Request):
             raise ValueError("cwd must be an absolute path")
         return v
 
-    @field_validator("image", "name")
+    @field_validator("name")
     @classmethod
     def _plain_text(cls, v: str) -> str:
         return _no_nul(v, "the value")
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if not IMAGE_REFERENCE_RE.fullmatch(v):
+            raise ValueError(
+                f"invalid image reference {v[:80]!r}: expected [registry[:port]/]name[:tag]"
+                "[@digest], the name in lowercase (for example ubuntu:24.04 or "
+                "ghcr.io/org/tool@sha256:...)"
+            )
+        return v
 
 
 class CancelRequest(_Request):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 import threading
 from collections.abc import Sequence
 from http import HTTPStatus
@@ -36,6 +35,7 @@ from herder.api.routes import (
     parse_query,
 )
 from herder.config import Config
+from herder.config import parse_listen as config_parse_listen
 from herder.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -54,20 +54,16 @@ NOT_CONFIGURED = (
     "or the environment variable named by api.management_token_env"
 )
 
-_LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})$")
-
-
 class APIServerError(Exception):
     """The server cannot start (bad address, port in use)."""
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` (or ``[v6]:port``, or ``:port`` for every interface) → (host, port)."""
-    m = _LISTEN_RE.match(listen.strip())
-    if m is None or int(m.group("port")) > 65535:
-        raise APIServerError(f"invalid listen address {listen!r}: expected host:port")
-    host = m.group("v6") if m.group("v6") is not None else m.group("host")
-    return host, int(m.group("port"))
+    """:func:`herder.config.parse_listen`, failing as :class:`APIServerError`."""
+    try:
+        return config_parse_listen(listen)
+    except ValueError as exc:
+        raise APIServerError(str(exc)) from None
 
 
 class _HTTPServer(ThreadingHTTPServer):

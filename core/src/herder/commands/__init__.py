@@ -100,9 +100,17 @@ def resolve_config_path(option: str | None, environ: dict[str, str] | None = Non
 
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned columns separated by two spaces; empty cells shown as ``-``."""
+    """Left-aligned columns separated by two spaces; empty cells shown as ``-``.
+
+    Control characters in a cell (a container name is anyone's to choose) are shown escaped,
+    so they cannot move the cursor, recolour the terminal or break the table's lines.
+    """
+    from herder.logsetup import escape_controls
+
     cells = [[str(h).upper() for h in headers]]
-    cells += [["-" if v is None or v == "" else str(v) for v in row] for row in rows]
+    cells += [
+        ["-" if v is None or v == "" else escape_controls(str(v)) for v in row] for row in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [
         "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells

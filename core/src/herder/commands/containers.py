@@ -408,10 +408,13 @@ def run_container(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         print_json(ctx, ctr)
         return 0
+    from herder.logsetup import escape_controls
+
     rows = container_details(ctr)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        ctx.print(f"{key + ':':<{width + 1}} {'-' if value in (None, '') else value}")
+        shown = "-" if value in (None, "") else escape_controls(str(value))
+        ctx.print(f"{key + ':':<{width + 1}} {shown}")
     return 0
 
 
