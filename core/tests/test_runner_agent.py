@@ -625,28 +625,39 @@ def test_a_reused_pid_with_another_start_time_is_not_the_supervisor(runner: Runn
         stranger.wait()
 
 
-def test_an_exit_that_cannot_be_written_is_still_delivered(runner: Runner, tmp_path: Path) -> None:
-    """The disk fills up while the container runs: its exit code still reaches --list (from
-    the record reserved at start), so the dispatcher never runs it a second time."""
-    wrapper = tmp_path / "full_disk_runner.py"
+def _detach_with_a_full_disk(
+    runner: Runner, tmp_path: Path, patch: str
+) -> subprocess.CompletedProcess[bytes]:
+    """``--detach`` a ``true`` container through the agent with ``patch`` applied to it (code
+    that makes some writes fail as on a full disk); the forked supervisor keeps the patch."""
+    wrapper = tmp_path / "patched_runner.py"
     wrapper.write_text(
         "import errno, importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('herder_runner', {str(RUNNER)!r})\n"
         "agent = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(agent)\n"
+        + patch
+        + "sys.exit(agent.main(sys.argv[1:]))\n"
+    )
+    config = {"uuid": UUID, "runtime": "process", "environment": {}, "command": ["true"]}
+    return subprocess.run(
+        [PYTHON, str(wrapper), "--state-dir", str(runner.dir), "--detach", "--stdin-config",
+         UUID],
+        input=json.dumps(config).encode(), capture_output=True, timeout=20,
+    )
+
+
+def test_an_exit_that_cannot_be_written_is_still_delivered(runner: Runner, tmp_path: Path) -> None:
+    """The disk fills up while the container runs: its exit code still reaches --list (from
+    the record reserved at start), so the dispatcher never runs it a second time."""
+    res = _detach_with_a_full_disk(
+        runner, tmp_path,
         "real = agent.write_atomically\n"
         "def full(path, data):\n"
         "    if path.endswith('.exit') or path.endswith('broken'):\n"
         "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
         "    return real(path, data)\n"
-        "agent.write_atomically = full\n"
-        "sys.exit(agent.main(sys.argv[1:]))\n"
-    )
-    config = {"uuid": UUID, "runtime": "process", "environment": {}, "command": ["true"]}
-    res = subprocess.run(
-        [PYTHON, str(wrapper), "--state-dir", str(runner.dir), "--detach", "--stdin-config",
-         UUID],
-        input=json.dumps(config).encode(), capture_output=True, timeout=20,
+        "agent.write_atomically = full\n",
     )
     assert res.returncode == 0, res.stderr
     assert runner.wait_exited() == 0
@@ -660,22 +671,11 @@ def test_an_exit_that_cannot_be_written_is_still_delivered(runner: Runner, tmp_p
 
 
 def test_a_start_without_room_for_its_result_is_refused(runner: Runner, tmp_path: Path) -> None:
-    wrapper = tmp_path / "no_room_runner.py"
-    wrapper.write_text(
-        "import errno, importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('herder_runner', {str(RUNNER)!r})\n"
-        "agent = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(agent)\n"
+    res = _detach_with_a_full_disk(
+        runner, tmp_path,
         "def full(self, uuid):\n"
         "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "agent.State.reserve_exit = full\n"
-        "sys.exit(agent.main(sys.argv[1:]))\n"
-    )
-    config = {"uuid": UUID, "runtime": "process", "environment": {}, "command": ["true"]}
-    res = subprocess.run(
-        [PYTHON, str(wrapper), "--state-dir", str(runner.dir), "--detach", "--stdin-config",
-         UUID],
-        input=json.dumps(config).encode(), capture_output=True, timeout=20,
+        "agent.State.reserve_exit = full\n",
     )
     assert res.returncode != 0
     assert b"cannot reserve its exit record" in res.stderr
