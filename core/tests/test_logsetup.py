@@ -90,3 +90,14 @@ def test_tables_show_control_characters_escaped() -> None:
     assert "\x1b" not in table and "\x07" not in table
     assert table.splitlines()[1].startswith("evil\\x1b]0;pwned\\x07\\nrow")
     assert len(table.splitlines()) == 2
+
+
+def test_the_cli_leaves_the_callers_logging_as_it_was(restore_root: None) -> None:
+    from herder import cli
+
+    root = logging.getLogger()
+    mine = logging.NullHandler()
+    root.handlers[:] = [mine]
+    root.setLevel(logging.ERROR)
+    assert cli.main(["plugins", "--json"]) == 0
+    assert root.handlers == [mine] and root.level == logging.ERROR

@@ -15,7 +15,7 @@ from typing import Any
 from herder import __version__
 from herder.commands import CONFIG_ENV, DEFAULT_CONFIG_FILE, CommandError, Context
 from herder.commands import resolve_config_path as _resolve_config_path
-from herder.logsetup import configure_logging
+from herder.logsetup import logging_configured
 from herder.plugins import Plugins
 
 #: Modules with a ``register(subparsers)`` function, in the order ``herder --help`` lists them.
@@ -96,18 +96,18 @@ def main(argv: Sequence[str] | None = None, *, plugins: Plugins | None = None) -
     level = str(
         getattr(args, "log_level", None) or getattr(args, "default_log_level", DEFAULT_LOG_LEVEL)
     )
-    configure_logging(level, getattr(args, "log_format", "auto"))
-    config_option = getattr(args, "config", None)
-    ctx = Context(config_path=_resolve_config_path(config_option), loaded_plugins=plugins)
-    try:
-        status: int = args.handler(args, ctx)
-    except CommandError as exc:
-        print(f"herder: error: {exc}", file=sys.stderr)
-        return exc.status
-    except KeyboardInterrupt:
-        print("herder: interrupted", file=sys.stderr)
-        return 130
-    return status
+    with logging_configured(level, getattr(args, "log_format", "auto")):
+        config_option = getattr(args, "config", None)
+        ctx = Context(config_path=_resolve_config_path(config_option), loaded_plugins=plugins)
+        try:
+            status: int = args.handler(args, ctx)
+        except CommandError as exc:
+            print(f"herder: error: {exc}", file=sys.stderr)
+            return exc.status
+        except KeyboardInterrupt:
+            print("herder: interrupted", file=sys.stderr)
+            return 130
+        return status
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ found by :class:`IdFields`, in one place, so no message can forget it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import sys
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -131,3 +133,21 @@ def configure_logging(level: str, fmt: str = "auto", stream: IO[str] | None = No
     # Libraries' chatter is only interesting when debugging herder itself.
     for noisy in _LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+@contextlib.contextmanager
+def logging_configured(level: str, fmt: str = "auto") -> Iterator[None]:
+    """:func:`configure_logging` for the duration of one command, then the logging set-up as
+    it was: a program that runs herder's CLI in-process (tests among them) keeps its own
+    handlers, and none is left writing to a stream that has since been closed."""
+    root = logging.getLogger()
+    handlers, root_level = list(root.handlers), root.level
+    libraries = {name: logging.getLogger(name).level for name in _LIBRARIES}
+    configure_logging(level, fmt)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+        for name, library_level in libraries.items():
+            logging.getLogger(name).setLevel(library_level)
