@@ -26,6 +26,7 @@ from herder.runtime import VirtualRuntime
 from herder.testing.sim import SimDriver, SimInstanceSet, SimParameters
 from herder.testing.sim_cloud import SimCloud
 from herder.testing.sim_store import ProcessRecord, SimStore, read_processes
+from herder.worker.runner import RunnerDeployment
 
 T0 = 1_700_000_000.0
 RUNNER = "/tmp/herder-runner/herder-runner"
@@ -95,7 +96,8 @@ def test_everything_is_on_disk_when_the_call_returns(tmp_path: Path) -> None:
     (inst,) = [i for i in a.set.instances({}) if i.id == vm2]
     inst.set_tags({**TAGS, "HerderIdleBehavior": "hold"})
     a.advance(10)
-    assert a.run(vm1, f'dstfile="{RUNNER}"; cat >"$dstfile"', stdin=b"runner").ok
+    install = RunnerDeployment(command=RUNNER, data=b"runner", md5="0").install_command("root")
+    assert a.run(vm1, install, stdin=b"runner").ok
     assert a.start(vm1, 1, 60).ok
     # "killed" here: a is never closed or saved explicitly.
     b = Node(state, now=a.runtime.now())
