@@ -665,10 +665,12 @@ class GCEInstanceSet(InstanceSet):
             return {}
         try:
             reply = self.client.get_guest_attributes(
-                project=self.params.project,
-                zone=zone,
-                instance=name,
-                query_path=HOST_KEYS_PATH,
+                request=compute_v1.GetGuestAttributesInstanceRequest(
+                    project=self.params.project,
+                    zone=zone,
+                    instance=name,
+                    query_path=HOST_KEYS_PATH,
+                ),
                 retry=None,
                 timeout=self.params.request_timeout,
             )
