@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 API = "https://www.googleapis.com/compute/v1"
-ACCESS_TOKEN = "fake-access-token"  # noqa: S105 (the fake's own token, not a secret)
+ACCESS_TOKEN = "fake-access-token"
 
 
 @dataclass

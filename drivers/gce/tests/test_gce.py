@@ -563,7 +563,7 @@ def test_destroy_passes_other_errors_on(fake: FakeCompute, make_set: Any) -> Non
     instance = iset.create(SMALL, IMAGE, OWNER, "", None)
     fake.fail("delete", Failure(403, "forbidden", "Required 'compute.instances.delete' "
                                 "permission for 'projects/proj/zones/us-central1-a/instances/x'"))
-    with pytest.raises(CloudError, match="compute.instances.delete"):
+    with pytest.raises(CloudError, match=r"compute\.instances\.delete"):
         instance.destroy()
 
 

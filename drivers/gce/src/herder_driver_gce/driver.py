@@ -134,9 +134,8 @@ def credentials_for(params: GCEParameters) -> Any:
 
     if params.credentials_file:
         try:
-            return service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
-                params.credentials_file, scopes=[CLOUD_PLATFORM]
-            )
+            load = service_account.Credentials.from_service_account_file
+            return load(params.credentials_file, scopes=[CLOUD_PLATFORM])  # type: ignore[no-untyped-call]
         except (OSError, ValueError, KeyError) as exc:
             raise CloudError(
                 f"cloud.driver_parameters.credentials_file: cannot use "
@@ -144,7 +143,7 @@ def credentials_for(params: GCEParameters) -> Any:
                 f"({type(exc).__name__})"
             ) from None
     try:
-        credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM])  # type: ignore[no-untyped-call]
+        credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM])
     except auth_exceptions.DefaultCredentialsError as exc:
         raise CloudError(
             f"no Application Default Credentials ({exc}); set "
@@ -437,9 +436,9 @@ class GCEInstanceSet(InstanceSet):
         if scheduling:
             resource["scheduling"] = scheduling
         if accelerator:
-            accelerator_path = (
-                accelerator if "/" in accelerator else f"zones/{zone}/acceleratorTypes/{accelerator}"
-            )
+            accelerator_path = accelerator
+            if "/" not in accelerator:
+                accelerator_path = f"zones/{zone}/acceleratorTypes/{accelerator}"
             resource["guest_accelerators"] = [
                 {"accelerator_type": accelerator_path, "accelerator_count": it.gpu.device_count}
             ]

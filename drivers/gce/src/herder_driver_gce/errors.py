@@ -205,7 +205,10 @@ def operation_error(operation: Any) -> gexc.GoogleAPICallError | None:
         return None
     if not message:
         message = "; ".join(f"{e.code}: {e.message}" for e in errors) or "operation failed"
-    return gexc.from_http_status(status or 500, message, response=operation, errors=errors)
+    exc: gexc.GoogleAPICallError = gexc.from_http_status(  # type: ignore[no-untyped-call]
+        status or 500, message, response=operation, errors=errors
+    )
+    return exc
 
 
 def retry_after(exc: BaseException) -> float:
