@@ -336,8 +336,10 @@ class GCEInstanceSet(InstanceSet):
         zones = self.params.zones
         with self._lock:
             start = self._zone_index
-        last: BaseException | None = None
-        stockout: BaseException | None = None
+        # (GCE's error, herder's error) of the last attempt, and of the last stockout: a
+        # stockout is reported over a later error of another kind (a zone without the type).
+        last: tuple[BaseException, Exception] | None = None
+        stockout: tuple[BaseException, Exception] | None = None
         for attempt in range(len(zones)):
             index = (start + attempt) % len(zones)
             zone = zones[index]
@@ -355,18 +357,20 @@ class GCEInstanceSet(InstanceSet):
                     "insert %s (%s) in %s failed: %s", name, instance_type.provider_type, zone,
                     typed,
                 )
-                last = exc
+                last = (exc, typed)
                 if is_stockout(exc):
-                    stockout = exc
+                    stockout = last
                 if not is_zone_specific(exc):
                     break
                 continue
             self._count(zone, None)
             self._create_backoff.reset()
             return self._created(zone, name, resource)
-        failure = stockout or last
-        assert failure is not None
-        raise classify(failure, self._create_backoff, self.now(), "insert") from failure
+        assert last is not None  # zones has at least one entry
+        cause, failure = stockout or last
+        if failure is cause:
+            raise failure
+        raise failure from cause
 
     def _tag(self, name: str) -> str:
         return self.context.tag_key_prefix + name
