@@ -10,7 +10,9 @@ as ``{"error": {"code", "message", "errors": [{"reason", ...}]}}`` for HTTP erro
 Knobs for tests: :meth:`FakeCompute.fail` queues errors by call kind and zone (answered
 synchronously or in the operation), ``pending_polls`` makes operations take that many polls to
 finish, ``page_size`` caps pages whatever ``maxResults`` asks, ``after_get`` runs after a GET
-of an instance is answered (to change it between the driver's read and its write).  Addresses
+of an instance is answered (to change it between the driver's read and its write),
+``publish_host_keys`` / ``host_key`` say whether and which SSH host key the "guest agent"
+publishes, and ``address`` gives every instance one address (a local SSH server's).  Addresses
 are in 127.0.0.0/8 only.
 """
 
@@ -78,6 +80,8 @@ class FakeCompute:
         self.pending_polls = 0
         self.page_size: int | None = None
         self.publish_host_keys = True
+        self.address: str | None = None  # every instance's networkIP, else 127.100.x.y
+        self.host_key: str | None = None  # the host key published, else a random one
         self.after_get: Callable[[str, str], None] | None = None
         self.lock = threading.RLock()
         self._operations: dict[str, _Operation] = {}
@@ -291,7 +295,7 @@ class FakeCompute:
         if failure is not None:
             return self._operation(zone, "insert", name, failure)
         n = next(self._addresses)
-        address = f"127.100.{n // 250}.{n % 250 + 2}"
+        address = self.address or f"127.100.{n // 250}.{n % 250 + 2}"
         nics = []
         for nic in body.get("networkInterfaces", []):
             nic = dict(nic, networkIP=address, name="nic0")
@@ -318,7 +322,8 @@ class FakeCompute:
         items = {i["key"]: i.get("value") for i in body.get("metadata", {}).get("items", [])}
         if self.publish_host_keys and items.get("enable-guest-attributes") == "TRUE":
             blob = b"\x00\x00\x00\x0bssh-ed25519\x00\x00\x00\x20" + secrets.token_bytes(32)
-            self.host_keys[(zone, name)] = {"ssh-ed25519": base64.b64encode(blob).decode()}
+            published = self.host_key or base64.b64encode(blob).decode()
+            self.host_keys[(zone, name)] = {"ssh-ed25519": published}
         return self._operation(zone, "insert", name)
 
     def _matches(self, instance: dict[str, Any], expression: str) -> bool:

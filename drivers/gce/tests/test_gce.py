@@ -679,3 +679,50 @@ def test_driver_builds_a_set_from_validated_parameters(base_params: dict[str, An
     finally:
         iset.stop()
     assert PROJECT == "proj"
+
+
+# --------------------------------------------------------------------------- host keys over SSH
+
+
+@pytest.mark.parametrize("genuine", [True, False], ids=["published-key", "impostor"])
+def test_ssh_executor_trusts_exactly_the_published_host_key(
+    fake: FakeCompute, make_set: Any, tmp_path: Path, genuine: bool
+) -> None:
+    """herder's own SSH executor, with the instance-secret wrapper herder always uses: the
+    server's host key is accepted when the guest agent published it, and refused when another
+    key was published, even though the server would run any command (the secret is never
+    asked for: GCE's word is stronger)."""
+    from herder.config import Config
+    from herder.executor import ExecutorError
+    from herder.runtime import ThreadRuntime
+    from herder.ssh.executor import SSHExecutor
+    from herder.ssh.server import LocalSSHServer, generate_key, generate_key_file
+    from herder.worker.verify import TagVerifier
+
+    host_key, _ = generate_key()
+    other_key, _ = generate_key()
+    _, client_public = generate_key_file(tmp_path / "id_ed25519")
+    server = LocalSSHServer(host_key, [client_public], strip_sudo=True)
+    server.start()
+    runtime = ThreadRuntime()
+    host, port = server.address.rsplit(":", 1)
+    fake.address = host
+    fake.host_key = (host_key if genuine else other_key).get_base64()
+    instance = make_set().create(SMALL, IMAGE, OWNER, "", client_public)
+    config = Config.model_validate({
+        "containers": {"dispatch_private_key": str(tmp_path / "id_ed25519")},
+        "cloud": {"ssh_port": int(port), "timeout_command": 30},
+    })
+    executor = SSHExecutor(TagVerifier(instance, "secret-never-planted"), config, runtime,
+                           connect_timeout=10.0)
+    try:
+        if genuine:
+            result = executor.execute("echo $((40 + 2))", None, None, 30.0)
+            assert result.ok and result.stdout.strip() == b"42"
+        else:
+            with pytest.raises(ExecutorError, match="(?i)host key"):
+                executor.execute("true", None, None, 30.0)
+    finally:
+        executor.close()
+        runtime.shutdown()
+        server.stop()
