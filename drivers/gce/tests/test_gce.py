@@ -720,7 +720,7 @@ def test_ssh_executor_trusts_exactly_the_published_host_key(
             result = executor.execute("echo $((40 + 2))", None, None, 30.0)
             assert result.ok and result.stdout.strip() == b"42"
         else:
-            with pytest.raises(ExecutorError, match="(?i)host key"):
+            with pytest.raises(ExecutorError, match=r"(?i)host key"):
                 executor.execute("true", None, None, 30.0)
     finally:
         executor.close()
