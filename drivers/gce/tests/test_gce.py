@@ -622,7 +622,7 @@ def test_published_key_value_may_carry_the_key_type(fake: FakeCompute, make_set:
     blob = fake.host_key_blob(instance.zone, instance.id)
     with fake.lock:
         fake.host_keys[(instance.zone, instance.id)]["ssh-ed25519"] = (
-            "ssh-ed25519 " + base64.b64encode(blob).decode())
+            "ssh-ed25519 " + base64.b64encode(blob).decode() + " root@instance")
     instance.verify_host_key(HostKey("ssh-ed25519", blob), Refusing())
 
 

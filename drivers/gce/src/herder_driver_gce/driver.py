@@ -85,6 +85,8 @@ LOCAL_SSD_BYTES = 375 << 30
 GIB = 1 << 30
 #: Times a metadata write is retried after a stale fingerprint.
 FINGERPRINT_RETRIES = 5
+#: First pause after an operation wait that came back early and unfinished.
+QUICK_WAIT_PAUSE = 0.05
 #: aggregatedList page size (GCE allows up to 500).
 PAGE_SIZE = 500
 _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
@@ -491,15 +493,22 @@ class GCEInstanceSet(InstanceSet):
         self._wait(zone, operation)
 
     def _wait(self, zone: str, operation: Any) -> None:
-        """Wait for a zonal operation (``zoneOperations.wait`` blocks on the server for up to
-        two minutes per call) and raise what it reports."""
+        """Wait for a zonal operation and raise what it reports.
+
+        ``zoneOperations.wait`` blocks on the server until the operation is done or about two
+        minutes passed, but only on a best-effort basis: an overloaded server may answer at
+        once.  A wait that came back early and unfinished is followed by a short pause that
+        doubles each time (50 ms up to 1 s), so such answers never make a busy loop.
+        """
         deadline = self.now() + self.params.operation_timeout
+        pause = QUICK_WAIT_PAUSE
         while operation.status != compute_v1.Operation.Status.DONE:
             if self.now() >= deadline:
                 raise CloudError(
                     f"operation {operation.name} in {zone} still not done after "
                     f"{self.params.operation_timeout:g}s"
                 )
+            started = time.monotonic()
             operation = self.operations.wait(
                 project=self.params.project,
                 zone=zone,
@@ -507,6 +516,10 @@ class GCEInstanceSet(InstanceSet):
                 retry=None,
                 timeout=self.params.request_timeout + 150.0,
             )
+            done = operation.status == compute_v1.Operation.Status.DONE
+            if not done and time.monotonic() - started < 1.0:
+                time.sleep(pause)
+                pause = min(1.0, pause * 2)
         failure = operation_error(operation)
         if failure is not None:
             raise failure
@@ -687,7 +700,9 @@ class GCEInstanceSet(InstanceSet):
         for item in reply.query_value.items:
             if item.namespace != "hostkeys":
                 continue
-            blob = str(item.value).split()[-1] if item.value else ""
+            # The guest agent publishes the base64 key; tolerate "type key [comment]" too.
+            fields = str(item.value or "").split()
+            blob = fields[1] if len(fields) > 1 else (fields[0] if fields else "")
             try:
                 keys[str(item.key)] = base64.b64decode(blob, validate=True)
             except ValueError:
