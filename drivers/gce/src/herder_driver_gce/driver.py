@@ -45,6 +45,7 @@ from google.cloud import compute_v1
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from herder.cloud import (
+    CapacityError,
     CloudError,
     Driver,
     DriverContext,
@@ -55,6 +56,8 @@ from herder.cloud import (
     InstancePrice,
     InstanceSet,
     NotImplementedByDriver,
+    QuotaError,
+    RateLimitError,
     RemoteRunner,
 )
 from herder.model import InstanceType
@@ -295,7 +298,13 @@ def _tags_json(tags: Mapping[str, str]) -> str:
 
 
 class GCEInstanceSet(InstanceSet):
-    """The instances of one herder installation in one GCE project and region."""
+    """The instances of one herder installation in one GCE project and region.
+
+    ``clients``: an (InstancesClient, ZoneOperationsClient) pair to use instead of building
+    them from the parameters, for an embedding program that holds credentials of its own.
+    Thread-safe: the clients are, and the only shared state (the zone to start creates in, the
+    back-off delays) is guarded.
+    """
 
     def __init__(
         self,
@@ -525,8 +534,6 @@ class GCEInstanceSet(InstanceSet):
             raise failure
 
     def _count(self, zone: str, typed: BaseException | None) -> None:
-        from herder.cloud import CapacityError, QuotaError, RateLimitError
-
         outcome = "success"
         if isinstance(typed, CapacityError):
             outcome = "capacity"
