@@ -1,0 +1,1 @@
+"""herder's driver for Google Compute Engine (``cloud.driver: gce``)."""
