@@ -107,6 +107,7 @@ class Fault:
     message: str
     headers: dict[str, str] = field(default_factory=dict)
     times: int = 1
+    details: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -128,10 +129,12 @@ class FakeARM:
         self.requests: list[Request] = []
         self.resources: dict[tuple[str, str, str], dict[str, Any]] = {}  # (kind, rg, name)
         self.faults: list[Fault] = []
-        self.async_failures: list[tuple[str, str]] = []  # next VM creates fail with these
+        #: next VM creates fail with these (code, message, details)
+        self.async_failures: list[tuple[str, str, list[dict[str, str]]]] = []
         self.operations: dict[str, Operation] = {}
         self.page_size = 50
         self.polls = 1  # InProgress answers before an operation finishes
+        self.operation_retry_after = "0"  # what operation polls say; "0": the client's interval
         self.tokens: set[str] = set()
         self.token_requests: list[dict[str, str]] = []
         self.now = datetime.datetime(2026, 12, 6, 12, 0, tzinfo=datetime.UTC)
@@ -158,16 +161,18 @@ class FakeARM:
     # ----------------------------------------------------------------- test helpers
 
     def fail(self, method: str, path: str, status: int, code: str, message: str = "",
-             headers: dict[str, str] | None = None, times: int = 1) -> None:
+             headers: dict[str, str] | None = None, times: int = 1,
+             details: list[dict[str, str]] | None = None) -> None:
         """Answer the next ``times`` matching requests with an ARM error."""
         with self.lock:
             self.faults.append(Fault(method, path, status, code, message or code,
-                                     dict(headers or {}), times))
+                                     dict(headers or {}), times, list(details or [])))
 
-    def fail_next_create(self, code: str, message: str = "") -> None:
+    def fail_next_create(self, code: str, message: str = "",
+                         details: list[dict[str, str]] | None = None) -> None:
         """The next VM create is accepted, and its operation then fails with ``code``."""
         with self.lock:
-            self.async_failures.append((code, message or code))
+            self.async_failures.append((code, message or code, list(details or [])))
 
     def of_kind(self, kind: str, rg: str | None = None) -> dict[str, dict[str, Any]]:
         with self.lock:
@@ -223,7 +228,8 @@ class FakeARM:
                     fault.times -= 1
                     if fault.times <= 0:
                         self.faults.remove(fault)
-                    return _error(fault.status, fault.code, fault.message, fault.headers)
+                    return _error(fault.status, fault.code, fault.message, fault.headers,
+                                  fault.details)
             if parts.path.startswith("/operations/"):
                 return self._operation(parts.path.rsplit("/", 1)[1])
             match = _RESOURCE.match(parts.path)
@@ -314,10 +320,10 @@ class FakeARM:
         if op.result is None:
             if op.polls > 0:
                 op.polls -= 1
-                return 200, {"Retry-After": "0"}, {"status": "InProgress"}
+                return 200, {"Retry-After": self.operation_retry_after}, {"status": "InProgress"}
             error = op.finish()
             op.result = {"status": "Failed", "error": error} if error else {"status": "Succeeded"}
-        return 200, {"Retry-After": "0"}, op.result
+        return 200, {"Retry-After": self.operation_retry_after}, op.result
 
     def _put(self, kind: str, rg: str, name: str, key: tuple[str, str, str],
              headers: dict[str, str], body: Any) -> tuple[int, dict[str, str], Any]:
@@ -361,7 +367,7 @@ class FakeARM:
         return self._new_operation(finish, 201, res)
 
     def _finish_vm(self, key: tuple[str, str, str],
-                   error: tuple[str, str] | None) -> dict[str, Any] | None:
+                   error: tuple[str, str, list[dict[str, str]]] | None) -> dict[str, Any] | None:
         """A VM create finishes: it attaches its NIC and makes its disks, or fails."""
         with self.lock:
             vm = self.resources[key]
@@ -369,7 +375,10 @@ class FakeARM:
             rg = key[1]
             if error is not None:
                 props["provisioningState"] = "Failed"
-                return {"code": error[0], "message": error[1]}
+                body: dict[str, Any] = {"code": error[0], "message": error[1]}
+                if error[2]:
+                    body["details"] = error[2]
+                return body
             props["provisioningState"] = "Succeeded"
             props["vmId"] = str(uuid.uuid4())
             props["timeCreated"] = self.now.isoformat()
@@ -458,9 +467,12 @@ class FakeARM:
                 del self.resources[key]
 
 
-def _error(status: int, code: str, message: str,
-           headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
-    return status, dict(headers or {}), {"error": {"code": code, "message": message}}
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+           details: list[dict[str, str]] | None = None) -> tuple[int, dict[str, str], Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        error["details"] = details
+    return status, dict(headers or {}), {"error": error}
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -453,7 +453,7 @@ class AzureInstanceSet(InstanceSet):
                 from cryptography.hazmat.primitives import serialization
                 from cryptography.hazmat.primitives.asymmetric import rsa
 
-                private = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+                private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
                 self._spare_key = private.public_key().public_bytes(
                     serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
                 ).decode()
