@@ -546,3 +546,63 @@ def test_quota_group_overrides_by_size_or_prefix() -> None:
         return iset.quota_group(InstanceType(name="x", provider_type=size, vcpus=1, ram=1))
     assert (group("Standard_D2s_v3"), group("Standard_D4s_v3"), group("Standard_E2s_v3")) == (
         "special", "dee", "standardESv3Family")
+
+
+# --------------------------------------------------------------------------- CLI and config
+
+
+def test_herder_plugins_lists_azure(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from herder import cli
+
+    assert cli.main(["plugins", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    [plugin] = [r for r in rows if r["name"] == "azure"]
+    assert plugin["distribution"] == "herder-driver-azure"
+    assert {(r["kind"], r["name"], r["target"]) for r in plugin["registrations"]} == {
+        ("driver", "azure", "herder_driver_azure.driver:AzureDriver")}
+
+
+def test_example_config_passes_and_a_broken_copy_names_each_bad_key(tmp_path: Path) -> None:
+    import yaml
+
+    from herder import cli
+    from herder.config import check_config
+    from herder.plugins import Plugins
+
+    example = Path(__file__).resolve().parents[3] / "examples" / "azure.yaml"
+    plugins = Plugins.load()
+    assert [str(p) for p in check_config(example, plugins)] == []
+    assert cli.main(["config", "check", str(example)]) == 0
+    data = yaml.safe_load(example.read_text())
+    params = data["cloud"]["driver_parameters"]
+    params["locaton"] = params.pop("location")
+    params["admin_username"] = "root"
+    params["delete_dangling_resources_after"] = "a while"
+    params["client_secret"] = "Hunter2-written-in-the-file"
+    broken = tmp_path / "azure.yaml"
+    broken.write_text(yaml.safe_dump(data))
+    problems = " ".join(str(p) for p in check_config(broken, plugins))
+    for key in ("location", "locaton", "admin_username", "delete_dangling_resources_after",
+                "client_secret"):
+        assert f"driver_parameters.{key}" in problems
+    assert "Hunter2" not in problems
+    assert cli.main(["config", "check", str(broken)]) == 1
+
+
+def test_config_show_has_no_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from herder import cli
+
+    example = Path(__file__).resolve().parents[3] / "examples" / "azure.yaml"
+    monkeypatch.setenv("HERDER_TEST_AZURE_SECRET", "Hunter2-in-the-environment")
+    text = example.read_text().replace(
+        "client_secret_file: /etc/herder/azure-client-secret",
+        "client_secret_env: HERDER_TEST_AZURE_SECRET")
+    path = tmp_path / "azure.yaml"
+    path.write_text(text)
+    assert cli.main(["--config", str(path), "config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "client_secret_env: HERDER_TEST_AZURE_SECRET" in out
+    assert "Hunter2" not in out and "client_secret:" not in out
