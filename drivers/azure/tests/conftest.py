@@ -9,6 +9,7 @@ client-credentials exchange against the fake's token endpoint.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,18 @@ from .fakearm import CLIENT_ID, CLIENT_SECRET, TENANT, FakeARM
 
 OWNER_KEY = "HerderInstanceSetID"
 SET_ID = "zzzzz-zzzzz-000000000000000"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Every thread a test started (clean-up, deletions, the SDK's pollers, the fake's
+    handlers) has ended once its fixtures are torn down."""
+    before = set(threading.enumerate())
+    yield
+    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    for thread in left:  # a handler thread may still be closing its socket
+        thread.join(timeout=5)
+    assert [t.name for t in left if t.is_alive()] == []
 
 
 @pytest.fixture(autouse=True)

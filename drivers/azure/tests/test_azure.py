@@ -113,7 +113,11 @@ def test_incomplete_pairs_are_refused(extra: dict[str, str], message: str) -> No
 def test_service_principal_signs_in_with_the_secret_from_its_file(
     fake: FakeARM, make_set: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from herder_driver_azure.driver import SDK_LOGGERS
+
     caplog.set_level(logging.DEBUG)
+    for name in SDK_LOGGERS:  # the SDK at its most talkative
+        caplog.set_level(logging.DEBUG, logger=name)
     iset = make_set()
     assert iset.instances({}) == []
     form = fake.token_requests[-1]
@@ -122,6 +126,7 @@ def test_service_principal_signs_in_with_the_secret_from_its_file(
     assert form["scope"] == f"{fake.url}/.default"
     assert all(r.headers["authorization"].startswith("Bearer token-")
                for r in fake.requests if "/subscriptions/" in r.path)
+    assert "token" in caplog.text.lower()  # the SDK did log its sign-in
     assert CLIENT_SECRET not in caplog.text
 
 
@@ -380,6 +385,27 @@ def test_tag_names_azure_cannot_hold_round_trip(fake: FakeARM, make_set: Any) ->
     assert stored["created~2Dat"] == "herder's own" and "created-at" in stored
     assert instance.tags == tags
     assert [i.tags for i in iset.instances(OWNER)] == [tags]
+
+
+def test_any_tag_key_prefix_round_trips_and_set_tags_replaces_its_namespace(
+    fake: FakeARM, params: dict[str, Any]
+) -> None:
+    """cloud.tag_key_prefix may hold characters Azure refuses in tag names."""
+    prefix = "herder/prod&1?"
+    owner = {f"{prefix}InstanceSetID": SET_ID}
+    validated = AzureDriver.validate_parameters(params)
+    assert isinstance(validated, AzureParameters)
+    iset = AzureDriver().instance_set(validated, DriverContext(instance_set_id=SET_ID,
+                                                               tag_key_prefix=prefix))
+    try:
+        instance = iset.create(SMALL, IMAGE, {**owner, f"{prefix}IdleBehavior": "run",
+                                              f"{prefix}Old": "x"}, "", PUBKEY)
+        assert "herder~2Fprod~261~3FInstanceSetID" in fake.vm(str(instance))["tags"]
+        instance.set_tags({**owner, f"{prefix}IdleBehavior": "hold"})
+        [listed] = iset.instances(owner)
+        assert listed.tags == {**owner, f"{prefix}IdleBehavior": "hold"}
+    finally:
+        iset.stop()
 
 
 def test_tags_differing_only_in_case_are_refused(fake: FakeARM, make_set: Any) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import logging
 import math
 import re
 import secrets
@@ -644,4 +645,20 @@ class AzureDriver(Driver):
 
     def instance_set(self, params: DriverParameters, context: DriverContext) -> InstanceSet:
         assert isinstance(params, AzureParameters)
+        quiet_sdk_loggers()
         return AzureInstanceSet(params, context)
+
+
+#: The Azure SDK's loggers that speak at INFO on every request or token (headers, URLs):
+#: too much for herder's log, where every listing would add several lines.
+SDK_LOGGERS = ("azure.core.pipeline.policies.http_logging_policy", "azure.identity", "msal")
+
+
+def quiet_sdk_loggers() -> None:
+    """Show only warnings from the SDK's chatty loggers, unless the operator set their level
+    (``logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(...)``
+    before herder starts brings the request log back)."""
+    for name in SDK_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
