@@ -420,6 +420,7 @@ def test_set_tags_replaces_herders_tags_and_keeps_others(fake: FakeARM, make_set
                                           "HerderOld": "1", "Project": "p"}, "", PUBKEY)
     fake.vm(str(instance))["tags"]["CostCenter"] = "42"  # added by a policy or an operator
     instance.set_tags({**OWNER, "HerderIdleBehavior": "drain", "Project": "p"})
+    assert instance.tags["HerderIdleBehavior"] == "drain"
     stored = fake.vm(str(instance))["tags"]
     assert "created-at" in stored
     [listed] = iset.instances(OWNER)
@@ -632,3 +633,34 @@ def test_config_show_has_no_secret(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert "client_secret_env: HERDER_TEST_AZURE_SECRET" in out
     assert "Hunter2" not in out and "client_secret:" not in out
+
+
+# --------------------------------------------------------------------------- client set-up
+
+
+def test_operations_are_polled_at_the_configured_interval(fake: FakeARM, make_set: Any) -> None:
+    fake.polls = 3  # three "InProgress" answers before each operation ends
+    iset = make_set()
+    assert iset.compute._config.polling_interval == 0
+    assert iset.network._config.polling_interval == 0
+    iset.create(SMALL, IMAGE, OWNER, "", PUBKEY)
+    assert len(fake.calls("GET", "^/operations/")) == 2 * 4
+    default = AzureParameters.model_validate(MINIMAL)
+    assert default.poll_interval == 2.0  # not the SDK's 30 s
+
+
+def test_sdk_loggers_are_quieted_unless_set(fake: FakeARM, make_set: Any) -> None:
+    from herder_driver_azure.driver import SDK_LOGGERS
+
+    loggers = [logging.getLogger(name) for name in SDK_LOGGERS]
+    saved = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.NOTSET)
+        loggers[1].setLevel(logging.DEBUG)
+        make_set()
+        assert [logger.level for logger in loggers] == [
+            logging.WARNING, logging.DEBUG, logging.WARNING]
+    finally:
+        for logger, level in zip(loggers, saved, strict=True):
+            logger.setLevel(level)

@@ -179,12 +179,9 @@ class AzureInstance(Instance):
     def tags(self) -> dict[str, str]:
         return tagcodec.decode(self._vm.tags)
 
-    @property
-    def provisioning_state(self) -> str:
-        return str(self._vm.properties.provisioning_state or "") if self._vm.properties else ""
-
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._set.replace_tags(self.name, tags)
+        """Replace herder's tags; this snapshot then shows the VM as Azure returned it."""
+        self._vm = self._set.replace_tags(self.name, tags)
 
     def destroy(self) -> None:
         self._set.delete_vm(self.name)
@@ -503,7 +500,7 @@ class AzureInstanceSet(InstanceSet):
 
     # ----------------------------------------------------------------- per instance
 
-    def replace_tags(self, name: str, tags: Mapping[str, str]) -> None:
+    def replace_tags(self, name: str, tags: Mapping[str, str]) -> cm.VirtualMachine:
         """Make herder's tags of VM ``name`` exactly ``tags``.
 
         Tags whose names start with herder's tag prefix are replaced as a whole (one that
@@ -525,10 +522,10 @@ class AzureInstanceSet(InstanceSet):
                 condition: dict[str, Any] = {}
                 if vm.etag:
                     condition = {"etag": vm.etag, "match_condition": MatchConditions.IfNotModified}
-                self.compute.virtual_machines.begin_update(
+                updated: cm.VirtualMachine = self.compute.virtual_machines.begin_update(
                     rg, name, cm.VirtualMachineUpdate(tags={**kept, **encoded}), **condition
                 ).result()
-                return
+                return updated
             except HttpResponseError as exc:
                 if exc.status_code == 412 and attempt + 1 < TAG_ATTEMPTS:
                     self._log.debug("VM %s changed while its tags were set: retrying", name)
@@ -536,6 +533,7 @@ class AzureInstanceSet(InstanceSet):
                 raise self._classify(exc, "set tags") from exc
             except Exception as exc:
                 raise self._classify(exc, "set tags") from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def delete_vm(self, name: str) -> None:
         """Delete VM ``name`` (with its NIC and disks); one already gone is not an error."""
