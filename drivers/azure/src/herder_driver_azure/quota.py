@@ -22,9 +22,12 @@ from collections.abc import Mapping
 #: The one quota every spot VM counts against ("Total Regional Low-priority vCPUs").
 SPOT_GROUP = "lowPriority"
 
+#: Sizes are case-insensitive in Azure: series letters come before the vCPU count, feature
+#: letters after it, whatever their case.
 _SIZE = re.compile(
-    r"(?P<tier>[A-Za-z]+)_(?P<series>[A-Z]+)(?P<cpus>\d+)(?:-\d+)?(?P<features>[a-z]*)"
-    r"(?:_(?P<accel>[A-Z][A-Za-z0-9]*?))?(?:_(?P<version>v\d+))?$"
+    r"(?P<tier>[a-z]+)_(?P<series>[a-z]+)(?P<cpus>\d+)(?:-\d+)?(?P<features>[a-z]*)"
+    r"(?:_(?!v\d+$)(?P<accel>[a-z][a-z0-9]*))?(?:_(?P<version>v\d+))?",
+    re.IGNORECASE,
 )
 #: Feature letters that give a size a family of its own (m, r, t, i and others do not).
 _FAMILY_FEATURES = "abdlps"
@@ -36,10 +39,11 @@ def vm_family(size: str) -> str:
     match = _SIZE.fullmatch(size.strip())
     if not match:
         return size.strip().lower()
-    features = "".join(ch for ch in match["features"] if ch in _FAMILY_FEATURES).upper()
+    features = "".join(ch for ch in match["features"].lower() if ch in _FAMILY_FEATURES)
     accel = (match["accel"] or "").upper()
-    version = match["version"] or ""
-    return f"{match['tier'].lower()}{match['series']}{features}{accel}{version}Family"
+    version = (match["version"] or "").lower()
+    series = match["series"].upper()
+    return f"{match['tier'].lower()}{series}{features.upper()}{accel}{version}Family"
 
 
 def quota_group(size: str, preemptible: bool, overrides: Mapping[str, str]) -> str:
