@@ -408,10 +408,23 @@ def test_any_tag_key_prefix_round_trips_and_set_tags_replaces_its_namespace(
         iset.stop()
 
 
-def test_tags_differing_only_in_case_are_refused(fake: FakeARM, make_set: Any) -> None:
+def test_tags_azure_cannot_hold_are_refused(fake: FakeARM, make_set: Any) -> None:
+    iset = make_set()
     with pytest.raises(CloudError, match="case"):
-        make_set().create(SMALL, IMAGE, {**OWNER, "Role": "a", "role": "b"}, "", PUBKEY)
+        iset.create(SMALL, IMAGE, {**OWNER, "Role": "a", "role": "b"}, "", PUBKEY)
+    with pytest.raises(CloudError, match="longer than Azure's 256"):
+        iset.create(SMALL, IMAGE, {**OWNER, "Role": "x" * 257}, "", PUBKEY)
+    with pytest.raises(CloudError, match="per resource"):
+        iset.create(SMALL, IMAGE, {f"k{n}": "v" for n in range(50)}, "", PUBKEY)
     assert fake.calls("PUT") == []
+
+
+def test_nic_tags_merge_shared_tags_case_insensitively(fake: FakeARM, make_set: Any) -> None:
+    iset = make_set(shared={"project": "shared", "Owner": "data-team"})
+    instance = iset.create(SMALL, IMAGE, {**OWNER, "Project": "mine"}, "", PUBKEY)
+    nic_tags = fake.of_kind("nic")[f"{instance}-nic".lower()]["tags"]
+    assert {k: v for k, v in nic_tags.items() if k != "created-at"} == {
+        **OWNER, "Project": "mine", "Owner": "data-team"}
 
 
 def test_set_tags_replaces_herders_tags_and_keeps_others(fake: FakeARM, make_set: Any) -> None:

@@ -298,8 +298,8 @@ class AzureInstanceSet(InstanceSet):
         with self._lock:
             self._creating.add(name)
         try:
-            nic = self._create_nic(name, {**tagcodec.encode(self.context.shared_resource_tags),
-                                          **encoded, **stamp})
+            shared = tagcodec.encode(tagcodec.merge(self.context.shared_resource_tags, tags))
+            nic = self._create_nic(name, {**shared, **stamp})
             vm = self._create_vm(name, instance_type, image, {**encoded, **stamp},
                                  init_command, public_key, str(nic.id))
         finally:

@@ -24,6 +24,8 @@ from herder.cloud import CloudError
 CREATED_AT = "created-at"
 MAX_NAME = 512
 MAX_VALUE = 256
+#: Azure's limit on tags per resource (the driver adds ``created-at``).
+MAX_TAGS = 49
 
 _FORBIDDEN = set('<>%&\\?/~')
 _ESCAPE = re.compile(r"~([0-9A-F]{2})")
@@ -43,6 +45,9 @@ def decode_name(name: str) -> str:
 
 def encode(tags: Mapping[str, str]) -> dict[str, str]:
     """Azure tags for herder's ``tags``; raises CloudError for what Azure cannot hold."""
+    if len(tags) > MAX_TAGS:
+        raise CloudError(f"{len(tags)} tags: Azure allows {MAX_TAGS + 1} per resource, and the "
+                         "driver adds created-at")
     out: dict[str, str] = {}
     seen: dict[str, str] = {}
     for name, value in tags.items():
@@ -62,6 +67,13 @@ def encode(tags: Mapping[str, str]) -> dict[str, str]:
         seen[stored.lower()] = name
         out[stored] = value
     return out
+
+
+def merge(base: Mapping[str, str], tags: Mapping[str, str]) -> dict[str, str]:
+    """``base`` updated with ``tags``, a name of ``tags`` replacing one of ``base`` that differs
+    only in case (Azure would see the two as one tag)."""
+    wanted = {name.lower() for name in tags}
+    return {**{k: v for k, v in base.items() if k.lower() not in wanted}, **tags}
 
 
 def decode(tags: Mapping[str, str] | None) -> dict[str, str]:
