@@ -387,11 +387,11 @@ def test_tag_names_azure_cannot_hold_round_trip(fake: FakeARM, make_set: Any) ->
     assert [i.tags for i in iset.instances(OWNER)] == [tags]
 
 
+@pytest.mark.parametrize("prefix", ["herder/prod&1?", ""])
 def test_any_tag_key_prefix_round_trips_and_set_tags_replaces_its_namespace(
-    fake: FakeARM, params: dict[str, Any]
+    fake: FakeARM, params: dict[str, Any], prefix: str
 ) -> None:
-    """cloud.tag_key_prefix may hold characters Azure refuses in tag names."""
-    prefix = "herder/prod&1?"
+    """cloud.tag_key_prefix may hold characters Azure refuses in tag names, or be empty."""
     owner = {f"{prefix}InstanceSetID": SET_ID}
     validated = AzureDriver.validate_parameters(params)
     assert isinstance(validated, AzureParameters)
@@ -400,7 +400,8 @@ def test_any_tag_key_prefix_round_trips_and_set_tags_replaces_its_namespace(
     try:
         instance = iset.create(SMALL, IMAGE, {**owner, f"{prefix}IdleBehavior": "run",
                                               f"{prefix}Old": "x"}, "", PUBKEY)
-        assert "herder~2Fprod~261~3FInstanceSetID" in fake.vm(str(instance))["tags"]
+        if prefix:
+            assert "herder~2Fprod~261~3FInstanceSetID" in fake.vm(str(instance))["tags"]
         instance.set_tags({**owner, f"{prefix}IdleBehavior": "hold"})
         [listed] = iset.instances(owner)
         assert listed.tags == {**owner, f"{prefix}IdleBehavior": "hold"}

@@ -503,10 +503,11 @@ class AzureInstanceSet(InstanceSet):
     def replace_tags(self, name: str, tags: Mapping[str, str]) -> cm.VirtualMachine:
         """Make herder's tags of VM ``name`` exactly ``tags``.
 
-        Tags whose names start with herder's tag prefix are replaced as a whole (one that
-        ``tags`` lacks is removed); others (``created-at``, an operator's or a policy's) are
-        kept unless ``tags`` sets them.  Only the tags are sent, with the ETag read, so a VM
-        changed meanwhile is re-read and the change kept, not overwritten.
+        Tags whose names start with herder's tag prefix (every tag, with an empty prefix) are
+        replaced as a whole (one that ``tags`` lacks is removed); others (``created-at``, an
+        operator's or a policy's) are kept unless ``tags`` sets them.  Only the tags are sent,
+        with the ETag read, so a VM changed meanwhile is re-read and the change kept, not
+        overwritten.
         """
         encoded = tagcodec.encode(tags)
         prefix = self.context.tag_key_prefix
@@ -515,15 +516,14 @@ class AzureInstanceSet(InstanceSet):
             try:
                 vm = self.compute.virtual_machines.get(rg, name)
                 kept = {
-                    k: v for k, v in (vm.tags or {}).items()
-                    if not (prefix and tagcodec.decode_name(k).startswith(prefix))
-                    and k.lower() not in {e.lower() for e in encoded}
+                    k: v for k, v in (vm.tags or {}).items() if not self._herders(k, prefix)
                 }
                 condition: dict[str, Any] = {}
                 if vm.etag:
                     condition = {"etag": vm.etag, "match_condition": MatchConditions.IfNotModified}
                 updated: cm.VirtualMachine = self.compute.virtual_machines.begin_update(
-                    rg, name, cm.VirtualMachineUpdate(tags={**kept, **encoded}), **condition
+                    rg, name, cm.VirtualMachineUpdate(tags=tagcodec.merge(kept, encoded)),
+                    **condition,
                 ).result()
                 return updated
             except HttpResponseError as exc:
@@ -534,6 +534,14 @@ class AzureInstanceSet(InstanceSet):
             except Exception as exc:
                 raise self._classify(exc, "set tags") from exc
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    @staticmethod
+    def _herders(stored: str, prefix: str) -> bool:
+        """Whether a VM's tag is in herder's namespace, which set_tags replaces as a whole:
+        names with herder's tag prefix, or, with an empty prefix, all but ``created-at``."""
+        if stored.lower() == tagcodec.CREATED_AT:
+            return False
+        return not prefix or tagcodec.decode_name(stored).startswith(prefix)
 
     def delete_vm(self, name: str) -> None:
         """Delete VM ``name`` (with its NIC and disks); one already gone is not an error."""
