@@ -147,7 +147,9 @@ class FakeARM:
         self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.url = f"https://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, name="fake-arm")
+        # a short poll so that shutdown() returns at once rather than within half a second
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.02,),
+                                        name="fake-arm")
 
     def __enter__(self) -> FakeARM:
         self._thread.start()
