@@ -1,8 +1,9 @@
 """herder's engine with the azure driver against the fake ARM API.
 
 The fake's VMs cannot be logged in to, so the executor always fails to connect: the engine
-must create and tag VMs for a queued container, list them, and destroy them (with their NICs
-and disks) when they do not boot within ``timeout_booting``.
+must create and tag VMs for a queued container, list them, re-tag them when an operator holds
+them, and destroy them (with their NICs and disks) when they do not boot within
+``timeout_booting``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from herder.config import Config
 from herder.dispatcher import Dispatcher
 from herder.executor import ExecResult, Executor, ExecutorError
-from herder.model import ContainerSpec, RuntimeConstraints
+from herder.model import ContainerSpec, IdleBehavior, RuntimeConstraints
 from herder.runtime import VirtualRuntime
 
 from .conftest import base_params
@@ -72,6 +73,13 @@ def test_engine_creates_tags_lists_and_destroys_instances(fake: FakeARM,
         assert vm["properties"]["provisioningState"] == "Succeeded"
         assert vm["properties"]["storageProfile"]["dataDisks"][0]["diskSizeGB"] == 50
         assert fake.calls("GET", r"/virtualMachines$"), "the engine never listed"
+        # an operator holds the instance, then lets it run: herder re-tags it each time
+        for behavior in (IdleBehavior.HOLD, IdleBehavior.RUN):
+            dispatcher.pool.set_idle_behavior(vm["id"], behavior)
+            runtime.advance(1)
+            assert fake.vm(name)["tags"]["HerderIdleBehavior"] == behavior.value
+        assert "created-at" in fake.vm(name)["tags"]
+        assert len(fake.calls("PATCH", "/virtualMachines/")) >= 2
         runtime.advance(60)
         assert name not in fake.of_kind("vm")
         assert not [n for n in fake.of_kind("nic") if n.startswith(name)]
