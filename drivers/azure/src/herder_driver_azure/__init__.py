@@ -1,0 +1,1 @@
+"""herder's driver for Microsoft Azure virtual machines (``cloud.driver: azure``)."""
