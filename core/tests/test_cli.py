@@ -371,3 +371,27 @@ def test_serve_moves_the_startup_heap_out_of_the_collector() -> None:
         assert not any(gc.is_tracked(x) and x in gc.get_objects(generation=2) for x in loaded[:1])
     finally:
         gc.unfreeze()
+
+
+def test_config_show_never_prints_a_secret_the_driver_could_not_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        cloud:
+          driver: nosuchdriver
+          driver_parameters:
+            client_secret: hunter2-very-secret
+            client_secret_file: /etc/herder/secret
+            nested: {password: p4ss, region: eu}
+    """,
+    )
+    assert cli.main(["--config", path, "config", "show", "--json",
+                     "--data-dir", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "p4ss" not in out
+    params = json.loads(out)["cloud"]["driver_parameters"]
+    assert params["client_secret"] == "<redacted>"
+    assert params["client_secret_file"] == "/etc/herder/secret"
+    assert params["nested"] == {"password": "<redacted>", "region": "eu"}

@@ -77,6 +77,8 @@ def run_show(args: argparse.Namespace, ctx: Context) -> int:
     params = _effective_driver_parameters(ctx, config)
     if params is not None:
         data["cloud"]["driver_parameters"] = params
+    else:  # shown as written: whatever looks like a secret is still not printed
+        data["cloud"]["driver_parameters"] = _redact_secrets(data["cloud"]["driver_parameters"])
     if not config.instance_types:
         data["instance_types"] = _driver_instance_types(ctx, config)
     if args.json:
@@ -84,6 +86,28 @@ def run_show(args: argparse.Namespace, ctx: Context) -> int:
     else:
         ctx.print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
     return 0
+
+
+_SECRET_WORDS = ("secret", "password", "token", "credential", "private_key", "access_key")
+_REFERENCE_SUFFIXES = ("_file", "_env", "_path", "_id")
+
+
+def _redact_secrets(value: Any) -> Any:
+    """Parameters the driver could not check, with values under secret-looking names redacted
+    (a name that refers to a secret, such as ``client_secret_file``, is shown)."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            name = str(key).lower()
+            secret = any(word in name for word in _SECRET_WORDS)
+            if secret and not name.endswith(_REFERENCE_SUFFIXES) and item not in ("", None):
+                out[key] = "<redacted>"
+            else:
+                out[key] = _redact_secrets(item)
+        return out
+    if isinstance(value, list):
+        return [_redact_secrets(item) for item in value]
+    return value
 
 
 def _driver_instance_types(ctx: Context, config: Config) -> dict[str, Any]:
