@@ -395,3 +395,23 @@ def test_config_show_never_prints_a_secret_the_driver_could_not_check(
     assert params["client_secret"] == "<redacted>"
     assert params["client_secret_file"] == "/etc/herder/secret"
     assert params["nested"] == {"password": "<redacted>", "region": "eu"}
+
+
+def test_client_commands_start_without_the_heavy_modules() -> None:
+    """`herder submit` in a shell loop must be quick: building the command line and the client
+    imports neither the configuration models (pydantic), nor YAML, the plugin machinery, SSH or
+    metrics.  (The wall time itself is measured in benchmarks/cli_startup.py.)"""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, herder.cli\n"
+        "herder.cli.build_parser()\n"
+        "from herder.commands.containers import open_client\n"
+        "heavy = ('pydantic', 'yaml', 'pluggy', 'paramiko', 'prometheus_client',"
+        " 'herder.config')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == ""

@@ -271,9 +271,16 @@ def test_cancel_several(capsys, live):
     status, out, err = run(capsys, live, "cancel", a, b, "--reason", "tidy")
     assert status == 0 and out == ""
     assert f"{a}: Cancelled" in err and f"{b}: Cancelled" in err
-    status, _, err = run(capsys, live, "cancel", a, "sim01-dz642-000000000000000", "junk")
+    status, _, err = run(capsys, live, "cancel", a, "sim01-dz642-000000000000000")
     assert status == 1
-    assert "not found" in err and "junk: not a container uuid" in err
+    assert "not found" in err
+    # A malformed uuid is a usage error, as for every command, and nothing is cancelled.
+    c = submit(capsys, live, "--priority", "0", "--", "true")
+    status, _, err = run(capsys, live, "cancel", c, "junk")
+    assert status == 2 and "'junk' is not a container uuid" in err
+    assert live.dispatcher.queue.get(c).state.value == "Queued"
+    status, _, err = run(capsys, live, "container", "junk")
+    assert status == 2 and "'junk' is not a container uuid" in err
 
 
 # --------------------------------------------------------------------------- instances
@@ -298,29 +305,87 @@ def test_instances_table_and_json(capsys, live):
     assert item["instance"] == instance_id and item["running_container_uuids"] == [uuid]
 
 
-def test_hold_drain_run_kill_report_each_id(capsys, live):
+def test_hold_drain_resume_kill_report_each_id(capsys, live):
     submit(capsys, live, "--", "sim", "600", "0")
     live.runtime.advance(20)
     [instance_id] = _instance_ids(live)
-    hostport = live.url.removeprefix("http://")
 
     status, out, err = run(capsys, live, "hold", instance_id)
     assert (status, out) == (0, "")
-    assert err.strip() == f"{instance_id}: 200 OK ({hostport})"
+    assert err.strip() == f"{instance_id}: held"
     assert live.dispatcher.pool.instances()[0].idle_behavior == "hold"
 
     status, out, err = run(capsys, live, "drain", instance_id, "no-such-id")
     assert status == 1 and out == ""
     lines = err.strip().splitlines()
-    assert lines[0] == f"{instance_id}: 200 OK ({hostport})"
-    assert lines[1].startswith("no-such-id: 404 Not Found: ")
-    assert lines[1].endswith(f"({hostport})")
+    assert lines[0] == f"{instance_id}: draining"
+    assert lines[1] == "no-such-id: no such instance: no-such-id"
 
-    assert run(capsys, live, "run", instance_id)[0] == 0
+    status, _, err = run(capsys, live, "resume", instance_id)
+    assert status == 0 and err.strip() == f"{instance_id}: in use"
+    assert live.dispatcher.pool.instances()[0].idle_behavior == "run"
+    run(capsys, live, "hold", instance_id)
+    assert run(capsys, live, "run", instance_id)[0] == 0  # the old name still works
     assert live.dispatcher.pool.instances()[0].idle_behavior == "run"
     status, _, err = run(capsys, live, "kill", instance_id, "--reason", "testing")
-    assert status == 0
+    assert status == 0 and err.strip() == f"{instance_id}: shutting down"
     assert live.dispatcher.pool.instances()[0].worker_state == "shutdown"
+    # Every route that cannot find an instance says it the same way.
+    for action in ("hold", "kill"):
+        status, _, err = run(capsys, live, action, "no-such-id")
+        assert status == 1 and err.strip() == "no-such-id: no such instance: no-such-id"
+
+
+def test_priority_changes_and_checks_its_arguments(capsys, live):
+    uuid = submit(capsys, live, "--priority", "0", "--", "true")
+    status, out, err = run(capsys, live, "priority", uuid, "7")
+    assert (status, out) == (0, "") and err.strip() == f"{uuid}: priority 7 (Queued)"
+    assert live.dispatcher.queue.get(uuid).priority == 7
+    assert run(capsys, live, "priority", uuid, "-1")[0] == 2
+    assert run(capsys, live, "priority", "junk", "1")[0] == 2
+    status, _, err = run(capsys, live, "priority", "sim01-dz642-000000000000000", "1")
+    assert status == 1 and "not found" in err
+
+
+def test_ctrl_c_while_waiting_says_the_container_keeps_running(capsys, live, monkeypatch):
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(containers, "follow", interrupted)
+    status, out, err = run(capsys, live, "submit", "--wait", "--", "sim", "600", "0")
+    uuid = out.strip()
+    assert status == 130
+    assert f"{uuid}: no longer waiting; the container keeps running" in err
+    assert f"herder cancel {uuid}" in err
+    assert live.dispatcher.queue.get(uuid).state.value != "Cancelled"
+
+
+def test_a_closed_pipe_ends_quietly(capsys, live, monkeypatch):
+    def closed(*_args, **_kwargs):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(containers, "render_table", closed)
+    status, _, err = run(capsys, live, "containers")
+    assert status == 141 and err == ""
+
+
+def test_instance_types_cheapest_first(capsys):
+    status, out, _ = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"), "instance-types")
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "PROVIDER-TYPE", "VCPUS", "RAM", "SCRATCH", "GPUS",
+                                "PRICE", "PREEMPTIBLE"]
+    prices = [float(line.split()[-2]) for line in lines[1:]]
+    assert prices == sorted(prices) and len(prices) >= 2
+    status, out, _ = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"),
+                         "instance-types", "--json")
+    assert status == 0 and {"name", "price", "vcpus"} <= set(json.loads(out)[0])
+
+
+def test_help_documents_the_exit_status(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "exit status, for every command" in out and "141" in out
 
 
 def test_action_without_ids_is_a_usage_error(capsys, live):

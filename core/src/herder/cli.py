@@ -10,13 +10,15 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from herder import __version__
 from herder.commands import CONFIG_ENV, DEFAULT_CONFIG_FILE, CommandError, Context
 from herder.commands import resolve_config_path as _resolve_config_path
 from herder.logsetup import logging_configured
-from herder.plugins import Plugins
+
+if TYPE_CHECKING:
+    from herder.plugins import Plugins
 
 #: Modules with a ``register(subparsers)`` function, in the order ``herder --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -28,6 +30,18 @@ COMMAND_MODULES: tuple[str, ...] = (
     "herder.commands.instances",
     "herder.commands.cloudtest",
 )
+
+EXIT_STATUS = """\
+exit status, for every command:
+  0    done
+  1    it failed: the server refused or could not be reached, a name was not found, a
+       file was invalid (one line on stderr says what, and what to do)
+  2    usage error: an unknown option, a missing or malformed argument
+  130  interrupted (Ctrl-C)
+  141  stdout was closed early (as by `| head`)
+  `submit --wait` exits with the container's own exit code instead (1 if it was cancelled).
+errors are printed as `herder: error: <what is wrong>` on stderr; per-item results of
+cancel, hold, drain, resume and kill as `<id>: <result>`."""
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_LOG_LEVEL = "warning"
@@ -72,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="herder",
         description="An elastic cloud dispatcher: runs queued containers on cloud VMs it "
         "creates and retires.",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"herder {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -107,7 +123,27 @@ def main(argv: Sequence[str] | None = None, *, plugins: Plugins | None = None) -
         except KeyboardInterrupt:
             print("herder: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            return _stdout_closed()
         return status
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (``herder containers | head``): stop quietly.
+
+    stdout is pointed at /dev/null so that the interpreter's final flush at exit does not
+    raise again; 141 is what a shell reports for a program ended by SIGPIPE.
+    """
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests, embedding)
+        pass
+    finally:
+        os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

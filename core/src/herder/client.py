@@ -21,13 +21,16 @@ import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from herder.config import APIConfig, Config
+from herder import defaults
+
+if TYPE_CHECKING:
+    from herder.config import Config
 
 SERVER_ENV = "HERDER_SERVER"
-TOKEN_ENV = "HERDER_MANAGEMENT_TOKEN"  # noqa: S105 (a variable name, not a secret)
+TOKEN_ENV = defaults.MANAGEMENT_TOKEN_ENV
 DATA_DIR_ENV = "HERDER_DATA_DIR"
 CLIENT_FILE = "client.json"
 DEFAULT_TIMEOUT = 30.0
@@ -121,13 +124,15 @@ def resolve_endpoint(
     """
     env = os.environ if environ is None else environ
     saved = read_client_file(default_data_dir(env)) if config is None else None
-    api = config.api if config is not None else APIConfig()
     url = server or env.get(SERVER_ENV) or ""
     if not url:
-        url = saved.url if saved is not None else listen_url(api.listen)
+        listen = config.api.listen if config is not None else defaults.API_LISTEN
+        url = saved.url if saved is not None else listen_url(listen)
     secret = token or env.get(TOKEN_ENV, "").strip()
-    if not secret:
-        secret = api.resolve_management_token(env) or (saved.token if saved is not None else "")
+    if not secret and config is not None:
+        secret = config.api.resolve_management_token(env)
+    if not secret and saved is not None:
+        secret = saved.token
     return Endpoint(listen_url(url) if "://" not in url else url.rstrip("/"), secret)
 
 

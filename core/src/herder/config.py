@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 
+from herder import defaults
 from herder.model import CLUSTER_ID_RE, GPUSpec, InstanceType
 from herder.plugins import PluginError, Plugins
 from herder.units import parse_duration, parse_size
@@ -201,7 +202,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 class APIConfig(_Strict):
-    listen: str = "127.0.0.1:9190"
+    listen: str = defaults.API_LISTEN
 
     @field_validator("listen")
     @classmethod
@@ -211,7 +212,8 @@ class APIConfig(_Strict):
 
     management_token: str = Field("", description="bearer token; empty closes the API")
     management_token_env: str = Field(
-        "HERDER_MANAGEMENT_TOKEN", description="environment variable read when the token is empty"
+        defaults.MANAGEMENT_TOKEN_ENV,
+        description="environment variable read when the token is empty",
     )
 
     def resolve_management_token(self, environ: Mapping[str, str] | None = None) -> str:

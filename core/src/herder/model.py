@@ -7,6 +7,7 @@ validated by the pydantic models in :mod:`herder.config`, which build these reco
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -28,7 +29,17 @@ _NAME = rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
 _TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 IMAGE_REFERENCE_PATTERN = rf"^(?:{_NAME}(?::{_TAG})?(?:@{_DIGEST})?)?$"
-IMAGE_REFERENCE_RE = re.compile(IMAGE_REFERENCE_PATTERN)
+
+
+@functools.cache
+def _image_reference_re() -> re.Pattern[str]:
+    # Compiled on first use: the command-line client imports this module at every start.
+    return re.compile(IMAGE_REFERENCE_PATTERN)
+
+
+def is_image_reference(text: str) -> bool:
+    """Whether ``text`` is an image reference (or empty: no image)."""
+    return _image_reference_re().fullmatch(text) is not None
 
 
 def is_container_uuid(text: str) -> bool:

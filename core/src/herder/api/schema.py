@@ -29,10 +29,10 @@ from pydantic import (
 
 from herder.model import (
     IMAGE_REFERENCE_PATTERN,
-    IMAGE_REFERENCE_RE,
     ContainerState,
     IdleBehavior,
     WorkerState,
+    is_image_reference,
 )
 from herder.units import parse_duration, parse_size
 
@@ -212,7 +212,7 @@ class SubmitRequest(_Request):
     @field_validator("image")
     @classmethod
     def _image(cls, v: str) -> str:
-        if not IMAGE_REFERENCE_RE.fullmatch(v):
+        if not is_image_reference(v):
             raise ValueError(
                 f"invalid image reference {v[:80]!r}: expected [registry[:port]/]name[:tag]"
                 "[@digest], the name in lowercase (for example ubuntu:24.04 or "

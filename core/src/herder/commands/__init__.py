@@ -20,10 +20,11 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from herder.config import Config, ConfigError, load_config
-from herder.plugins import PluginError, Plugins
+if TYPE_CHECKING:
+    from herder.config import Config
+    from herder.plugins import Plugins
 
 #: The environment variable naming the config file when ``--config`` is not given.
 CONFIG_ENV = "HERDER_CONFIG"
@@ -59,6 +60,8 @@ class Context:
     def plugins(self) -> Plugins:
         """Every installed plugin (entry points included), unless some were given."""
         if self.loaded_plugins is None:
+            from herder.plugins import PluginError, Plugins
+
             try:
                 self.loaded_plugins = Plugins.load()
             except PluginError as exc:
@@ -69,6 +72,8 @@ class Context:
     def config(self) -> Config:
         """The effective configuration; a broken file is a :class:`CommandError`."""
         if self._config is None:
+            from herder.config import Config, ConfigError, load_config
+
             if self.config_path is None:
                 self._config = Config()
             else:

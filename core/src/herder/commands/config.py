@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from herder.commands import CommandError, Context
-from herder.config import Config, check_config, render_config
-from herder.plugins import PluginError
+
+if TYPE_CHECKING:
+    from herder.config import Config
 
 
 def register(subparsers: Any) -> None:
@@ -51,6 +50,8 @@ def run_check(args: argparse.Namespace, ctx: Context) -> int:
     path = args.file or ctx.config_path
     if path is None:
         raise CommandError("no configuration file given, and ./herder.yaml does not exist", 2)
+    from herder.config import check_config
+
     problems = check_config(path, ctx.plugins)
     if not problems:
         ctx.print(f"{path}: OK")
@@ -63,7 +64,10 @@ def run_check(args: argparse.Namespace, ctx: Context) -> int:
 def run_show(args: argparse.Namespace, ctx: Context) -> int:
     from pathlib import Path
 
+    import yaml
+
     from herder.client import default_data_dir
+    from herder.config import render_config
     from herder.embedded import CLUSTER_ID_FILE, NOT_YET, TOKEN_FILE, prepare_serve
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
@@ -113,7 +117,8 @@ def _redact_secrets(value: Any) -> Any:
 def _driver_instance_types(ctx: Context, config: Config) -> dict[str, Any]:
     """The instance types the driver offers when the file lists none, as the file would say
     them (``serve`` uses exactly these); empty when the driver cannot tell."""
-    from herder.config import InstanceTypeConfig
+    from herder.config import InstanceTypeConfig, render_config
+    from herder.plugins import PluginError
 
     try:
         driver = ctx.plugins.driver_class(config.cloud.driver)
@@ -152,6 +157,8 @@ def _effective_driver_parameters(ctx: Context, config: Config) -> dict[str, Any]
     shown as written; ``herder config check`` is where such problems are reported.  Drivers
     declare secrets as ``SecretStr`` so that they print as asterisks here.
     """
+    from herder.plugins import PluginError
+
     try:
         driver = ctx.plugins.driver_class(config.cloud.driver)
         params = driver.validate_parameters(config.cloud.driver_parameters)

@@ -150,6 +150,17 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=run_cancel)
 
     p = subparsers.add_parser(
+        "priority",
+        help="change a container's priority",
+        description="Set a container's priority: higher runs first, 0 holds a waiting one (and "
+        "cancels a running one, as in Arvados).",
+    )
+    p.add_argument("uuid")
+    p.add_argument("priority", type=int, metavar="N")
+    add_client_options(p)
+    p.set_defaults(handler=run_priority)
+
+    p = subparsers.add_parser(
         "logs",
         help="print a container's log",
         description="Print a container's log.  With --follow, keep printing it until the "
@@ -247,8 +258,16 @@ def run_submit(args: argparse.Namespace, ctx: Context) -> int:
         return 1
     if not args.wait:
         return 0
-    with client_errors():
-        return follow(client, ctx, ctr["uuid"])
+    try:
+        with client_errors():
+            return follow(client, ctx, ctr["uuid"])
+    except KeyboardInterrupt:
+        uuid = ctr["uuid"]
+        ctx.error(
+            f"herder: {uuid}: no longer waiting; the container keeps running "
+            f"(follow it with `herder logs -f {uuid}`, stop it with `herder cancel {uuid}`)"
+        )
+        return 130
 
 
 def _why(ctr: Mapping[str, Any]) -> str:
@@ -421,14 +440,23 @@ def run_container(args: argparse.Namespace, ctx: Context) -> int:
 # --------------------------------------------------------------------------- actions
 
 
+def run_priority(args: argparse.Namespace, ctx: Context) -> int:
+    _check_uuid(args.uuid)
+    if not 0 <= args.priority <= 2**31 - 1:
+        raise CommandError(f"priority {args.priority}: expected 0 or more", status=2)
+    client = open_client(args, ctx)
+    with client_errors():
+        ctr = client.set_priority(args.uuid, args.priority)
+    ctx.error(f"{args.uuid}: priority {ctr['priority']} ({ctr['state']})")
+    return 0
+
+
 def run_cancel(args: argparse.Namespace, ctx: Context) -> int:
+    for uuid in args.uuids:  # a usage error is reported before anything is cancelled
+        _check_uuid(uuid)
     client = open_client(args, ctx)
     failed = 0
     for uuid in args.uuids:
-        if not is_container_uuid(uuid):
-            ctx.error(f"{uuid}: not a container uuid")
-            failed += 1
-            continue
         try:
             ctr = client.cancel(uuid, args.reason)
         except ClientError as exc:

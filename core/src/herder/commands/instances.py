@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from herder.client import ClientError
 from herder.commands import CommandError, Context, print_json, render_table
@@ -30,12 +29,15 @@ WORKER_STATE_COLOURS = {
     "shutdown": "31",  # red
 }
 
+#: Command name -> (the API's action, help text, what is printed when it succeeded).
 ACTIONS = {
-    "hold": "hold instances: start nothing new on them and never shut them down",
-    "drain": "drain instances: start nothing new, shut each down once idle",
-    "run": "return instances to normal use",
-    "kill": "shut instances down now, whatever runs on them",
+    "hold": ("hold", "hold instances: start nothing new on them and never shut them down", "held"),
+    "drain": ("drain", "drain instances: start nothing new, shut each down once idle", "draining"),
+    "resume": ("run", "return held or draining instances to normal use", "in use"),
+    "kill": ("kill", "shut instances down now, whatever runs on them", "shutting down"),
 }
+#: Old command names kept for a release, and what they are now.
+ALIASES = {"run": "resume"}
 
 INSTANCE_HEADERS = (
     "instance", "address", "state", "idle-behavior", "type", "provider-type", "price",
@@ -52,12 +54,63 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     add_client_options(p)
     p.set_defaults(handler=run_instances)
-    for action, text in ACTIONS.items():
-        p = subparsers.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+    register_instance_types(subparsers)
+    for name, (action, text, done) in ACTIONS.items():
+        aliases = [old for old, new in ALIASES.items() if new == name]
+        p = subparsers.add_parser(
+            name, aliases=aliases, help=text, description=text[0].upper() + text[1:] + "."
+            + (f"  ({', '.join(aliases)}: the old name, kept for now.)" if aliases else ""),
+        )
         p.add_argument("instance_ids", nargs="+", metavar="INSTANCE")
         p.add_argument("--reason", default="", help="logged by the server (and recorded for kill)")
         add_client_options(p)
-        p.set_defaults(handler=run_action, action=action)
+        p.set_defaults(handler=run_action, action=action, done=done)
+
+
+def register_instance_types(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "instance-types",
+        help="list the instance types herder may create, with their prices",
+        description="List the instance types of the configuration (or, when it lists none, the "
+        "ones the driver offers), cheapest first: what herder chooses from for each container.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(handler=run_instance_types)
+
+
+def run_instance_types(args: argparse.Namespace, ctx: Context) -> int:
+    from herder.plugins import PluginError
+    from herder.units import format_size
+
+    config = ctx.config
+    types = config.build_instance_types()
+    if not types:
+        try:
+            driver = ctx.plugins.driver_class(config.cloud.driver)
+            params = driver.validate_parameters(config.cloud.driver_parameters)
+        except (PluginError, ValueError) as exc:
+            raise CommandError(f"cloud.driver: {exc}") from exc
+        types = driver().default_instance_types(params)
+    ordered = sorted(types.values(), key=lambda t: (t.price, t.vcpus, t.ram, t.name))
+    if args.json:
+        print_json(ctx, [t.to_json() for t in ordered])
+        return 0
+    rows = [
+        [
+            t.name,
+            t.provider_type,
+            t.vcpus,
+            format_size(t.ram),
+            format_size(t.scratch),
+            f"{t.gpu.device_count} {t.gpu.stack}".strip() if t.gpu.device_count else "",
+            f"{t.price:.6f}",
+            "yes" if t.preemptible else "no",
+        ]
+        for t in ordered
+    ]
+    headers = ["name", "provider-type", "vcpus", "ram", "scratch", "gpus", "price", "preemptible"]
+    ctx.print(render_table(headers, rows))
+    return 0
 
 
 def instance_row(item: Mapping[str, Any]) -> list[Any]:
@@ -87,9 +140,9 @@ def run_instances(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def run_action(args: argparse.Namespace, ctx: Context) -> int:
-    """Apply one action to each id; report each on stderr; 1 if any failed."""
+    """Apply one action to each id; one line per id on stderr (``<id>: held`` or ``<id>: <why
+    not>``), as ``cancel`` does; 1 if any failed."""
     client = open_client(args, ctx)
-    server = urlsplit(client.base_url).netloc
     failed = 0
     for instance_id in args.instance_ids:
         try:
@@ -97,17 +150,8 @@ def run_action(args: argparse.Namespace, ctx: Context) -> int:
         except ClientError as exc:
             if exc.status is None:  # the server is unreachable: no point trying the others
                 raise CommandError(str(exc)) from exc
-            ctx.error(f"{instance_id}: {_status_text(exc.status)}: {exc} ({server})")
+            ctx.error(f"{instance_id}: {exc}")
             failed += 1
             continue
-        ctx.error(f"{instance_id}: 200 OK ({server})")
+        ctx.error(f"{instance_id}: {args.done}")
     return 1 if failed else 0
-
-
-def _status_text(status: int) -> str:
-    from http import HTTPStatus
-
-    try:
-        return f"{status} {HTTPStatus(status).phrase}"
-    except ValueError:
-        return str(status)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from herder.commands import CommandError, Context
-from herder.plugins import PluginError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -64,6 +63,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
     from herder.api.server import APIServer
     from herder.dispatcher import Dispatcher, public_key_from_private
+    from herder.plugins import PluginError
     from herder.runtime import ThreadRuntime
 
     config, data_dir = setup.config, setup.data_dir
@@ -117,6 +117,7 @@ def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir
     engine: the same queue and API, without the instance routes."""
     from herder.api.server import APIServer
     from herder.dispatch.service import DispatchService, service_routes
+    from herder.plugins import PluginError
 
     try:
         service = DispatchService(config, runtime=runtime, plugins=ctx.plugins)

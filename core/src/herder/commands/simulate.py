@@ -7,15 +7,6 @@ import logging
 from typing import Any
 
 from herder.commands import CommandError, Context, print_json
-from herder.config import ConfigError, load_config
-from herder.simulate import (
-    WorkloadError,
-    WorkloadOptions,
-    format_summary,
-    generate_workload,
-    load_workload,
-    run_simulation,
-)
 from herder.units import parse_duration
 
 EPILOG = """\
@@ -131,6 +122,16 @@ def fault_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from herder.config import ConfigError, load_config
+    from herder.simulate import (
+        WorkloadError,
+        WorkloadOptions,
+        format_summary,
+        generate_workload,
+        load_workload,
+        run_simulation,
+    )
+
     if args.simulate_config:
         try:
             config = load_config(args.simulate_config)

@@ -740,7 +740,7 @@ class Pool(WorkerPool):
         with self._lock:
             worker = self._workers.get(instance_id)
             if worker is None:
-                raise PoolError("instance not found")
+                raise PoolError(f"no such instance: {instance_id}")
             worker.log.info("killing instance: %s", reason)
             worker.report_boot_outcome(BootOutcome.ABORTED)
             worker.shutdown()
@@ -750,7 +750,7 @@ class Pool(WorkerPool):
         with self._lock:
             worker = self._workers.get(instance_id)
             if worker is None:
-                raise PoolError("requested instance does not exist")
+                raise PoolError(f"no such instance: {instance_id}")
             worker.set_idle_behavior(behavior)
 
     # ------------------------------------------------------------------ metrics
