@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "herder.commands.containers",
     "herder.commands.instances",
     "herder.commands.cloudtest",
+    "herder.commands.queue",
 )
 
 EXIT_STATUS = """\

@@ -343,3 +343,20 @@ def test_the_image_rule_is_in_the_openapi_document(engine):
     schemas = doc["components"]["schemas"]
     submit = next(s for name, s in schemas.items() if name.startswith("SubmitRequest"))
     assert submit["properties"]["image"]["pattern"] == IMAGE_REFERENCE_PATTERN
+
+
+def test_a_queue_that_cannot_be_written_is_a_503_not_a_500(engine, monkeypatch):
+    import sqlite3
+
+    def full(*_args, **_kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(engine.dispatcher.queue, "submit", full)
+    reply = engine.request("POST", "/api/v1/containers", {"command": ["true"]})
+    assert reply.status == 503, reply.json
+    assert "the queue cannot be written right now: database or disk is full" in reply.json["error"]
+    monkeypatch.setattr(engine.dispatcher.queue, "submit",
+                        lambda *_a, **_k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    assert engine.request("POST", "/api/v1/containers", {"command": ["true"]}).status == 503
+    doc = engine.request("GET", "/api/v1/openapi.json").json
+    assert "503" in doc["paths"]["/api/v1/containers"]["post"]["responses"]

@@ -413,6 +413,32 @@ def test_exit_collection_repeats_until_forgotten() -> None:
     assert h.worker(iid).running == {}
 
 
+def test_an_exit_the_queue_cannot_record_stays_on_the_instance_until_it_can() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    host = h.cloud.vms[iid].host
+    host.containers[C1] = ("exited", 3)
+    recorded = h.reporter.container_exited
+    attempts: list[str] = []
+
+    def disk_full(uuid: str, exit_code: int, log: bytes) -> None:
+        attempts.append(uuid)
+        raise OSError(28, "No space left on device")
+
+    h.reporter.container_exited = disk_full  # type: ignore[method-assign]
+    h.runtime.advance(10)
+    h.probe(iid)
+    assert attempts == [C1]
+    assert "--forget" not in host.verbs()  # the result is still on the instance
+    assert host.containers[C1] == ("exited", 3)
+    assert h.state(iid) == "idle"  # the probe itself went on
+    h.reporter.container_exited = recorded  # type: ignore[method-assign]
+    h.runtime.advance(10)
+    h.probe(iid)
+    assert h.reporter.exited == [(C1, 3, b"")]
+    assert host.verbs()[-1] == "--forget" and C1 not in host.containers
+
+
 # --------------------------------------------------------------------------- runner events
 
 

@@ -30,6 +30,7 @@ _ERROR_TEXT = {
     405: "the path exists but not with this method",
     409: "the container's state does not allow this",
     413: "the request body is too large",
+    503: "the queue cannot be written right now (its disk is full, say); retry later",
 }
 
 _PATH_PARAMS: dict[str, dict[str, Any]] = {

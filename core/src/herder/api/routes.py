@@ -671,7 +671,7 @@ ROUTES: tuple[Route, ...] = (
         "POST", _C, ManagementAPI.submit_container, "submitContainer",
         "Submit a container", "containers",
         request_model=schema.SubmitRequest, response_model=schema.ContainerOut, status=201,
-        errors=(400, 413),
+        errors=(400, 413, 503),
     ),
     Route(
         "GET", _C, ManagementAPI.list_containers, "listContainers",
@@ -688,13 +688,13 @@ ROUTES: tuple[Route, ...] = (
         "POST", f"{_C}/{{uuid}}/cancel", ManagementAPI.cancel_container, "cancelContainer",
         "Cancel a container (its runner is killed if it runs)", "containers",
         request_model=schema.CancelRequest, response_model=schema.ContainerOut,
-        errors=(400, 404, 409, 413),
+        errors=(400, 404, 409, 413, 503),
     ),
     Route(
         "POST", f"{_C}/{{uuid}}/priority", ManagementAPI.set_priority, "setContainerPriority",
         "Change a container's priority (0 holds it in the queue)", "containers",
         request_model=schema.PriorityRequest, response_model=schema.ContainerOut,
-        errors=(400, 404, 409, 413),
+        errors=(400, 404, 409, 413, 503),
     ),
     Route(
         "GET", f"{_C}/{{uuid}}/log", ManagementAPI.read_log, "readContainerLog",

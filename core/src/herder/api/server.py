@@ -15,9 +15,11 @@ field; a 500 means a bug in herder, and is logged with its traceback.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
+import sqlite3
 import threading
 from collections.abc import Sequence
 from http import HTTPStatus
@@ -53,6 +55,19 @@ NOT_CONFIGURED = (
     "management API authentication is not configured: set api.management_token in the config "
     "or the environment variable named by api.management_token_env"
 )
+
+def storage_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the queue's storage cannot take a write now (a full disk, a quota,
+    a read-only or locked file): the client should retry later, nothing is wrong with the
+    request, and it is not a bug."""
+    if isinstance(exc, OSError) and not isinstance(exc, sqlite3.Error):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+    text = str(exc).lower()
+    return any(
+        words in text
+        for words in ("disk is full", "database is locked", "readonly database", "disk i/o")
+    )
+
 
 class APIServerError(Exception):
     """The server cannot start (bad address, port in use)."""
@@ -188,6 +203,15 @@ class APIServer:
             return Response(
                 exc.status, json.dumps(exc.body()).encode(), "application/json", exc.headers
             )
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not storage_unavailable(exc):
+                log.exception("management API: %s %s failed", method, urlsplit(target).path[:200])
+                return Response(500, b'{"error": "internal server error"}')
+            log.error("management API: %s %s: the queue cannot be written: %s",
+                      method, urlsplit(target).path[:200], exc)
+            body = {"error": f"the queue cannot be written right now: {exc}; retry later"}
+            return Response(503, json.dumps(body).encode(), "application/json",
+                            {"Retry-After": "30"})
         except Exception:
             log.exception("management API: %s %s failed", method, urlsplit(target).path[:200])
             return Response(500, b'{"error": "internal server error"}')

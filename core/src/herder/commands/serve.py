@@ -64,6 +64,7 @@ def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
     from herder.api.server import APIServer
     from herder.dispatcher import Dispatcher, public_key_from_private
     from herder.plugins import PluginError
+    from herder.queue.base import QueueError
     from herder.runtime import ThreadRuntime
 
     config, data_dir = setup.config, setup.data_dir
@@ -90,6 +91,9 @@ def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
     except PluginError as exc:
         runtime.shutdown()
         raise CommandError(f"cloud.driver: {exc}") from exc
+    except QueueError as exc:
+        runtime.shutdown()
+        raise CommandError(f"queue: {exc}") from exc
     except Exception:
         runtime.shutdown()
         raise
@@ -118,9 +122,13 @@ def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir
     from herder.api.server import APIServer
     from herder.dispatch.service import DispatchService, service_routes
     from herder.plugins import PluginError
+    from herder.queue.base import QueueError
 
     try:
         service = DispatchService(config, runtime=runtime, plugins=ctx.plugins)
+    except QueueError as exc:
+        runtime.shutdown()
+        raise CommandError(f"queue: {exc}") from exc
     except (PluginError, ValueError) as exc:
         runtime.shutdown()
         raise CommandError(f"dispatcher: {exc}") from exc

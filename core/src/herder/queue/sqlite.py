@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import secrets
 import sqlite3
 import threading
@@ -151,6 +152,163 @@ _UPDATE = (
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
+# --------------------------------------------------------------------------- guards on the file
+#
+# The queue is the one thing herder must never lose, so a file that is not the one herder left
+# (replaced, emptied, damaged) is refused with what to do, never opened as a new empty queue.
+
+
+#: Beside the queue file: the identity of the queue that lives in it.
+IDENTITY_SUFFIX = ".id"
+
+
+def _create_private(path: str) -> None:
+    """Create the queue file 0600 if it does not exist (SQLite gives its -wal and -shm files
+    the same mode), and warn when other users can read it (it holds containers' environments
+    and output) or replace it (its directory is writable by them)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        log.warning("queue file %s can be read by other users (mode %o); chmod 600 it",
+                    path, mode)
+    directory = os.path.dirname(os.path.abspath(path))
+    dir_mode = os.stat(directory).st_mode
+    if dir_mode & 0o022 and not dir_mode & 0o1000:
+        log.warning("other users may replace the queue file: %s is writable by them (mode %o)",
+                    directory, dir_mode & 0o777)
+
+
+def _damaged(path: str, why: str) -> str:
+    return (
+        f"queue file {path} is damaged ({why}); restore it from a backup (`herder queue "
+        "backup` makes one), or move it away to start an empty queue"
+    )
+
+
+def _check_integrity(db: sqlite3.Connection, path: str) -> None:
+    """SQLite's quick check over the whole file: damage found now, not as garbage later."""
+    problems = [row[0] for row in db.execute("PRAGMA quick_check(5)").fetchall()]
+    if problems != ["ok"]:
+        raise QueueError(_damaged(path, "; ".join(str(p) for p in problems)[:500]))
+
+
+def check_file(path: str) -> dict[str, Any]:
+    """Check a queue file without changing it (``herder queue check``), even while a
+    dispatcher uses it: integrity, identity, schema version, and that every row decodes.
+
+    Returns a report; raises :class:`QueueError` for a file that would be refused at start.
+    """
+    if not os.path.exists(path):
+        raise QueueError(f"queue file {path}: no such file")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        try:
+            _check_integrity(db, path)
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            version = db.execute("SELECT version FROM schema_version").fetchone()[0]
+            identity = ""
+            if "queue_identity" in tables:
+                found = db.execute("SELECT id FROM queue_identity").fetchone()
+                identity = str(found[0]) if found else ""
+            rows = db.execute(_SELECT).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise QueueError(_damaged(path, str(exc))) from exc
+    finally:
+        db.close()
+    try:
+        with open(path + IDENTITY_SUFFIX, encoding="ascii") as fh:
+            expected = fh.read().strip()
+    except FileNotFoundError:
+        expected = ""
+    if expected and identity and expected != identity:
+        raise QueueError(
+            f"queue file {path} holds queue {identity}, not queue {expected} that was kept there"
+        )
+    states: dict[str, int] = {}
+    unreadable = []
+    for row in rows:
+        container, why = _decode(row)
+        states[container.state.value] = states.get(container.state.value, 0) + 1
+        if why is not None and container.state in (QUEUED, LOCKED, RUNNING):
+            unreadable.append(container.uuid)
+    if int(version) > len(_MIGRATIONS):
+        raise QueueError(f"queue file {path} has schema version {version}, newer than this "
+                         f"herder understands ({len(_MIGRATIONS)}); upgrade herder")
+    return {
+        "path": path,
+        "identity": identity,
+        "schema_version": int(version),
+        "containers": dict(sorted(states.items())),
+        "unreadable_to_cancel": unreadable,
+    }
+
+
+def backup_file(path: str, destination: str) -> int:
+    """Copy the queue into ``destination`` with SQLite's online backup (consistent while a
+    dispatcher writes), created 0600; returns its size in bytes."""
+    if os.path.exists(destination):
+        raise QueueError(f"{destination} exists already; choose a new file for the backup")
+    fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    target = sqlite3.connect(destination)
+    try:
+        source.backup(target)
+    except sqlite3.DatabaseError as exc:
+        target.close()
+        os.unlink(destination)
+        raise QueueError(_damaged(path, str(exc))) from exc
+    finally:
+        source.close()
+    target.close()
+    return os.path.getsize(destination)
+
+
+def _check_identity(db: sqlite3.Connection, path: str, fresh: bool) -> None:
+    """Refuse a queue file that is not the one herder used at this path.
+
+    A new queue gets a random identity, stored in the file and in ``<path>.id`` beside it.  An
+    empty file where a queue was (truncated, or replaced by a new one) finds the ``.id`` file
+    without its queue; a different queue file finds another identity.
+    """
+    sidecar = path + IDENTITY_SUFFIX
+    try:
+        with open(sidecar, encoding="ascii") as fh:
+            expected = fh.read().strip()
+    except FileNotFoundError:
+        expected = ""
+    db.execute("CREATE TABLE IF NOT EXISTS queue_identity (id TEXT NOT NULL)")
+    row = db.execute("SELECT id FROM queue_identity").fetchone()
+    if row is None and fresh and expected:
+        raise QueueError(
+            f"queue file {path} is new or empty, but queue {expected} was kept there: the file "
+            f"was replaced or truncated.  Restore it from a backup; or, to start an empty queue "
+            f"on purpose, delete {sidecar}"
+        )
+    if row is None:
+        identity = expected or secrets.token_hex(16)
+        db.execute("INSERT INTO queue_identity (id) VALUES (?)", (identity,))
+        # Into the main file at once, so the identity survives whatever happens to the WAL.
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    else:
+        identity = str(row[0])
+        if expected and identity != expected:
+            raise QueueError(
+                f"queue file {path} holds queue {identity}, not queue {expected} that was kept "
+                f"there: another queue's file was put in its place.  Put the right file back, "
+                f"or delete {sidecar} to use this one"
+            )
+    if not expected:
+        fd = os.open(sidecar, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(identity + "\n")
+
+
 def _dumps(value: Any) -> str:
     return _ENCODER.encode(value)
 
@@ -264,6 +422,42 @@ def _update_row(c: Container) -> tuple[Any, ...]:
 
 
 def _from_row(row: Sequence[Any]) -> Container:
+    """The record of a row; one that cannot be decoded is shown as a placeholder (see
+    :func:`_decode`), so that one damaged row never stops a listing."""
+    return _decode(row)[0]
+
+
+def _decode(row: Sequence[Any]) -> tuple[Container, str | None]:
+    """The record of a row and None, or a placeholder and why the row could not be decoded.
+
+    A stored value of the wrong shape (a ``runtime_constraints`` that is a list, an
+    environment entry that is not a pair) must cost that one container, not the queue: the
+    placeholder keeps the uuid, the state and the times, with the reason as its error.
+    """
+    try:
+        return _decode_strictly(row), None
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        why = f"stored record could not be read ({type(exc).__name__}: {exc})"[:500]
+        try:
+            state = ContainerState(row[1])
+        except ValueError:
+            state = ContainerState.CANCELLED
+        number = (int, float)
+        return (
+            Container(
+                uuid=str(row[0]),
+                state=state,
+                priority=row[2] if isinstance(row[2], int) else 0,
+                spec=ContainerSpec(command=()),
+                created_at=row[4] if isinstance(row[4], number) else 0.0,
+                finished_at=row[7] if isinstance(row[7], number) else None,
+                runtime_status=(("error", why),),
+            ),
+            why,
+        )
+
+
+def _decode_strictly(row: Sequence[Any]) -> Container:
     return Container(
         uuid=row[0],
         state=ContainerState(row[1]),
@@ -453,13 +647,24 @@ class SqliteQueue(ContainerQueue):
             "queue observer", log
         )
         self._closed = False
+        self._path = path
+        on_disk = path != ":memory:" and not path.startswith("file:")
+        if on_disk:
+            _create_private(path)
         # isolation_level=None: no implicit transactions; every write opens its own explicitly.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._migrate()
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("PRAGMA busy_timeout=5000")
+                if on_disk:
+                    _check_integrity(self._db, path)
+                fresh = self._migrate()
+                if on_disk:
+                    _check_identity(self._db, path, fresh)
+            except sqlite3.DatabaseError as exc:
+                raise QueueError(_damaged(path, str(exc))) from exc
             self._load_active()
         except BaseException:
             self._db.close()
@@ -471,9 +676,13 @@ class SqliteQueue(ContainerQueue):
         """One committed transaction, or none at all (caller holds ``self._lock``)."""
         return immediate_transaction(self._db)
 
-    def _migrate(self) -> None:
-        """Bring the schema up to date, one recorded version at a time."""
+    def _migrate(self) -> bool:
+        """Bring the schema up to date, one recorded version at a time; True for a new queue."""
         with self._transaction() as db:
+            found = db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'schema_version'"
+            ).fetchone()
+            fresh = int(found[0]) == 0
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = db.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
@@ -488,6 +697,7 @@ class SqliteQueue(ContainerQueue):
                 for statement in statements:
                     db.execute(statement)
             db.execute("UPDATE schema_version SET version = ?", (len(_MIGRATIONS),))
+        return fresh
 
     def _load_active(self) -> None:
         """Rebuild the snapshot after a restart from every non-final container in storage.
@@ -502,8 +712,14 @@ class SqliteQueue(ContainerQueue):
             f"{_SELECT} WHERE state IN (?, ?, ?)", (QUEUED.value, LOCKED.value, RUNNING.value)
         ).fetchall()
         doomed: list[Container] = []
+        unreadable: list[tuple[Any, ...]] = []
         for row in rows:
-            c = _from_row(row)
+            c, why = _decode(row)
+            if why is not None:
+                log.error("cancelling %s: %s", c.uuid, why)
+                status = _dumps({"error": why})
+                unreadable.append((CANCELLED.value, now, status, c.uuid))
+                continue
             sizing = self._size(c)
             if sizing.error and c.state is not RUNNING:
                 log.warning("cancelling %s: no suitable instance type: %s", c.uuid, sizing.error)
@@ -514,9 +730,15 @@ class SqliteQueue(ContainerQueue):
                 # reading the first type (SPEC §19.3 item 26); herder code never assumes one.
                 log.warning("%s is running but fits no configured type: %s", c.uuid, sizing.error)
             self._entries[c.uuid] = QueueEntry(c, sizing.resources, sizing.instance_types, now)
-        if doomed:
+        if doomed or unreadable:
             with self._transaction() as db:
                 db.executemany(_UPDATE, [_update_row(c) for c in doomed])
+                # Written directly: the record cannot be decoded, so it cannot be re-encoded.
+                db.executemany(
+                    "UPDATE containers SET state = ?, finished_at = ?, runtime_status = ? "
+                    "WHERE uuid = ?",
+                    unreadable,
+                )
 
     # ---- helpers
 

@@ -760,7 +760,17 @@ class Worker:
             if not ok:
                 self.log.warning("container %s: cannot read log: %s %r", uuid, err, stderr[:500])
                 log_data = b""
-            self.env.reporter.container_exited(uuid, code, log_data)
+            try:
+                self.env.reporter.container_exited(uuid, code, log_data)
+            except Exception as exc:
+                # Not recorded (the queue's disk is full, say): the runner keeps the result
+                # and lists it again, so the next probe records it.  Forgetting it now would
+                # make the container look lost, and it would run a second time.
+                self.log.error(
+                    "container %s: cannot record its exit code %d, kept on the instance for "
+                    "the next probe: %s", uuid, code, exc,
+                )
+                continue
             ok, _, stderr, err = self._run_verb(runner_protocol.forget_argv(uuid))
             if not ok:
                 self.log.warning("container %s: cannot forget: %s %r", uuid, err, stderr[:500])

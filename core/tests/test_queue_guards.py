@@ -1,0 +1,186 @@
+"""Guards on the queue file: private, checked, never replaced or emptied without a word, and one
+unreadable row costs one container, not the queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from herder.model import ContainerSpec, ContainerState, InstanceType
+from herder.queue.base import QueueError
+from herder.queue.sqlite import IDENTITY_SUFFIX, SqliteQueue
+from herder.runtime import VirtualRuntime
+from herder.sizing import ConfigSizer
+
+GiB = 1 << 30
+TYPES = {"small": InstanceType("small", "p.small", 2, 8 * GiB, price=0.1)}
+
+
+def open_queue(path: Path) -> SqliteQueue:
+    return SqliteQueue(str(path), runtime=VirtualRuntime(), sizer=ConfigSizer(TYPES))
+
+
+def fill(path: Path, n: int = 3) -> list[str]:
+    queue = open_queue(path)
+    uuids = [queue.submit(ContainerSpec(command=("true",), name=f"c{i}")).uuid for i in range(n)]
+    queue.close()
+    return uuids
+
+
+def test_the_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "herder.db"
+    queue = open_queue(path)
+    queue.submit(ContainerSpec(command=("true",)))
+    for name in ("herder.db", "herder.db-wal", f"herder.db{IDENTITY_SUFFIX}"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    queue.close()
+
+
+def test_a_truncated_file_is_refused_not_started_empty(tmp_path: Path) -> None:
+    path = tmp_path / "herder.db"
+    fill(path)
+    for suffix in ("", "-wal", "-shm"):
+        if (tmp_path / f"herder.db{suffix}").exists():
+            os.truncate(tmp_path / f"herder.db{suffix}", 0)
+    with pytest.raises(QueueError, match="replaced or truncated") as info:
+        open_queue(path)
+    assert f"delete {path}{IDENTITY_SUFFIX}" in str(info.value)
+
+
+def test_another_queue_put_in_its_place_is_refused(tmp_path: Path) -> None:
+    path, other = tmp_path / "herder.db", tmp_path / "other" / "herder.db"
+    other.parent.mkdir()
+    fill(path)
+    fill(other, 1)
+    os.replace(other, path)
+    with pytest.raises(QueueError, match="another queue's file was put in its place"):
+        open_queue(path)
+
+
+def test_a_damaged_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "herder.db"
+    fill(path, 200)
+    size = path.stat().st_size
+    assert size > 3 * 4096
+    with open(path, "r+b") as fh:  # 4 KiB of damage inside the file
+        fh.seek(size // 2 // 4096 * 4096)
+        fh.write(b"\xa5" * 4096)
+    with pytest.raises(QueueError, match="is damaged") as info:
+        open_queue(path)
+    assert "restore it from a backup" in str(info.value)
+
+
+def test_a_file_that_is_no_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "herder.db"
+    path.write_bytes(b"this is not a database, " * 200)
+    with pytest.raises(QueueError, match="is damaged"):
+        open_queue(path)
+
+
+def test_an_older_queue_without_identity_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "herder.db"
+    uuids = fill(path)
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE queue_identity")
+    db.commit()
+    db.close()
+    (tmp_path / f"herder.db{IDENTITY_SUFFIX}").unlink()
+    queue = open_queue(path)
+    assert [queue.get(u) is not None for u in uuids] == [True] * 3
+    queue.close()
+    assert (tmp_path / f"herder.db{IDENTITY_SUFFIX}").read_text().strip()
+    open_queue(path).close()  # and it is its own queue from now on
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda spec: {**spec, "runtime_constraints": [1, 2]},
+        lambda spec: {**spec, "environment": [["ONLY_A_NAME"]]},
+        lambda spec: "not a spec at all",
+    ],
+)
+def test_an_unreadable_row_cancels_that_container_only(tmp_path: Path, damage) -> None:
+    path = tmp_path / "herder.db"
+    bad, good, _ = fill(path)
+    db = sqlite3.connect(path)
+    (raw,) = db.execute("SELECT spec FROM containers WHERE uuid = ?", (bad,)).fetchone()
+    db.execute("UPDATE containers SET spec = ? WHERE uuid = ?",
+               (json.dumps(damage(json.loads(raw))), bad))
+    db.commit()
+    db.close()
+    queue = open_queue(path)  # start-up goes on
+    entries, _ = queue.entries()
+    assert good in entries and bad not in entries
+    cancelled = queue.get(bad)
+    assert cancelled is not None and cancelled.state is ContainerState.CANCELLED
+    assert "stored record could not be read" in cancelled.status("error")
+    listed = {c.uuid: c for c in queue.list(None, 10, "")}
+    assert listed[bad].state is ContainerState.CANCELLED
+    queue.close()
+    again = open_queue(path)  # and the next start finds it already cancelled
+    assert again.get(bad).state is ContainerState.CANCELLED
+    again.close()
+
+
+# ------------------------------------------------------------------------- the commands
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from herder import cli
+
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_queue_check_and_backup(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HERDER_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    uuids = fill(data / "herder.db")
+    status, out, _ = _cli(capsys, "queue", "check", "--data-dir", str(data))
+    assert status == 0 and out.startswith(f"{data / 'herder.db'}: OK (queue ")
+    assert "3 Queued" in out
+    copy = tmp_path / "copy.db"
+    status, out, _ = _cli(capsys, "queue", "backup", str(copy), "--data-dir", str(data))
+    assert status == 0 and "backed up to" in out
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    restored = open_queue(copy)
+    assert all(restored.get(u) is not None for u in uuids)
+    restored.close()
+    assert _cli(capsys, "queue", "backup", str(copy), "--data-dir", str(data))[0] == 1
+    os.truncate(data / "herder.db", 0)
+    for suffix in ("-wal", "-shm"):
+        (data / f"herder.db{suffix}").unlink(missing_ok=True)
+    status, _, err = _cli(capsys, "queue", "check", "--data-dir", str(data))
+    assert status == 1 and "herder: error:" in err and "Traceback" not in err
+
+
+def test_serve_refuses_a_replaced_queue_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HERDER_CONFIG", raising=False)
+    monkeypatch.delenv("HERDER_MANAGEMENT_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    fill(data / "herder.db")
+    (data / "herder.db").unlink()
+    for suffix in ("-wal", "-shm"):
+        (data / f"herder.db{suffix}").unlink(missing_ok=True)
+    config = tmp_path / "sim.yaml"
+    config.write_text("cluster_id: guard\ncloud: {driver: sim}\n"
+                      "instance_types: {small: {vcpus: 2, ram: 8GiB}}\n")
+    status, _, err = _cli(capsys, "--config", str(config), "serve", "--data-dir", str(data),
+                          "--listen", "127.0.0.1:0")
+    assert status == 1
+    assert "queue: queue file" in err and "replaced or truncated" in err
+    assert "Traceback" not in err
