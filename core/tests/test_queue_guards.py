@@ -184,3 +184,33 @@ def test_serve_refuses_a_replaced_queue_in_one_line(
     assert status == 1
     assert "queue: queue file" in err and "replaced or truncated" in err
     assert "Traceback" not in err
+
+
+def test_a_second_queue_object_on_one_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "shared" / "herder.db"
+    path.parent.mkdir()
+    first = open_queue(path)
+    with pytest.raises(QueueError, match=r"in use by another herder \(pid \d+\)"):
+        open_queue(path)
+    first.close()
+    open_queue(path).close()  # free again once the first one is closed
+
+
+def test_a_second_serve_process_on_a_shared_queue_file_is_refused(tmp_path: Path) -> None:
+    """Two dispatchers with their own data directories but one queue file (queue.path)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "shared.db"
+    first = open_queue(path)  # held by this process, as a running herder would
+    config = tmp_path / "c.yaml"
+    config.write_text(f"cluster_id: share\ncloud: {{driver: sim}}\nqueue: {{path: {path}}}\n"
+                      "instance_types: {small: {vcpus: 2, ram: 8GiB}}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "herder.cli", "--config", str(config), "serve", "--data-dir",
+         str(tmp_path / "data"), "--listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    first.close()
+    assert result.returncode == 1
+    assert "in use by another herder" in result.stderr and "Traceback" not in result.stderr

@@ -183,6 +183,35 @@ def _create_private(path: str) -> None:
                     directory, dir_mode & 0o777)
 
 
+#: Beside the queue file: held (flock) by the one queue object that uses it.
+OWNER_SUFFIX = ".lock"
+
+
+def _take_ownership(path: str) -> int:
+    """Lock ``<path>.lock`` for this queue object, or refuse: two dispatchers on one queue
+    file would both lock, start and cancel the same containers, and run them twice.
+
+    An flock, released by :meth:`SqliteQueue.close` or by the process's end however it ends;
+    the file names the holder's pid for the message.  (``herder queue check`` and ``backup``
+    read the file without taking it.)
+    """
+    import fcntl
+
+    fd = os.open(path + OWNER_SUFFIX, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise QueueError(
+            f"queue file {path} is in use by another herder (pid {holder}); two dispatchers "
+            "on one queue would run containers twice: stop the other one first"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def _damaged(path: str, why: str) -> str:
     return (
         f"queue file {path} is damaged ({why}); restore it from a backup (`herder queue "
@@ -649,10 +678,15 @@ class SqliteQueue(ContainerQueue):
         self._closed = False
         self._path = path
         on_disk = path != ":memory:" and not path.startswith("file:")
+        self._owner_fd = _take_ownership(path) if on_disk else None
         if on_disk:
             _create_private(path)
         # isolation_level=None: no implicit transactions; every write opens its own explicitly.
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except BaseException:
+            self._release_ownership()
+            raise
         try:
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -668,6 +702,7 @@ class SqliteQueue(ContainerQueue):
             self._load_active()
         except BaseException:
             self._db.close()
+            self._release_ownership()
             raise
 
     # ---- opening
@@ -1009,3 +1044,9 @@ class SqliteQueue(ContainerQueue):
             if not self._closed:
                 self._closed = True
                 self._db.close()
+                self._release_ownership()
+
+    def _release_ownership(self) -> None:
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
