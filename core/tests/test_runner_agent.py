@@ -680,3 +680,36 @@ def test_a_start_without_room_for_its_result_is_refused(runner: Runner, tmp_path
     assert res.returncode != 0
     assert b"cannot reserve its exit record" in res.stderr
     assert UUID not in runner.list_text()
+
+
+@pytest.mark.parametrize(
+    ("engine", "stack", "expected"),
+    [
+        ("docker", "cuda", ["--gpus", "2"]),
+        ("podman", "cuda", ["--device", "nvidia.com/gpu=all"]),
+        ("docker", "rocm",
+         ["--device", "/dev/kfd", "--device", "/dev/dri", "--group-add", "video"]),
+    ],
+)
+def test_gpus_reach_the_engine(runner: Runner, tmp_path: Path, engine: str, stack: str,
+                               expected: list[str]) -> None:
+    calls = tmp_path / "calls"
+    write_fake_engine(tmp_path / "bin", calls, "", 0)
+    if engine != "docker":
+        (tmp_path / "bin" / "docker").rename(tmp_path / "bin" / engine)
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(command=["nvidia-smi"], runtime=engine, image="cuda:12",
+                 gpus={"stack": stack, "device_count": 2})
+    assert runner.wait_exited() == 0
+    run = engine_calls(calls)[-1]
+    assert run[run.index("run"):][:4] == ["run", "--rm", "--name", f"herder-{UUID}"]
+    start = run.index(expected[0])
+    assert run[start:start + len(expected)] == expected
+    assert run[-2:] == ["cuda:12", "nvidia-smi"]
+
+
+def test_a_malformed_gpu_request_is_refused(runner: Runner) -> None:
+    config = {"uuid": UUID, "runtime": "process", "environment": {}, "command": ["true"],
+              "gpus": {"stack": "quantum", "device_count": 1}}
+    res = runner.run("--detach", "--stdin-config", UUID, stdin=json.dumps(config).encode())
+    assert res.returncode != 0 and b"not cuda or rocm" in res.stderr

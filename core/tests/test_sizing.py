@@ -320,3 +320,25 @@ def test_config_sizer_remembers_answers_per_ask():
     for _ in range(2):  # a cached refusal is raised again, every time
         with pytest.raises(ConstraintsNotSatisfiable, match="not satisfiable"):
             sizer.choose_instance_types(ctr(64))
+
+
+def test_gpus_shorthand_finds_the_configured_gpu_types():
+    """`--gpus 1` with CUDA types configured: the lowest configured capability is asked for, so
+    every CUDA type with enough devices serves it (it used to match none)."""
+    from herder.sizing import gpu_request_for
+
+    t4 = InstanceType("t4", "g4dn.xlarge", 4, 16 * GiB, price=0.5,
+                      gpu=GPUSpec(stack="cuda", device_count=1, hardware_target="7.5",
+                                  driver_version="535.0"))
+    a10 = InstanceType("a10", "g5.xlarge", 4, 16 * GiB, price=1.0,
+                       gpu=GPUSpec(stack="cuda", device_count=1, hardware_target="8.6",
+                                   driver_version="535.0"))
+    plain = InstanceType("plain", "m5.xlarge", 4, 16 * GiB, price=0.2)
+    types = {t.name: t for t in (t4, a10, plain)}
+    request = gpu_request_for(1, types)
+    assert request.stack == "cuda" and request.hardware_target == ("7.5",)
+    wanted = ctr(vcpus=1, ram=GiB, gpu=request)
+    assert names(choose_instance_types(wanted, types, maximum_price_factor=3)) == ["t4", "a10"]
+    assert gpu_request_for(2, types).device_count == 2
+    with pytest.raises(ConstraintsNotSatisfiable):
+        choose_instance_types(ctr(vcpus=1, ram=GiB, gpu=gpu_request_for(2, types)), types)

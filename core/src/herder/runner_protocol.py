@@ -115,6 +115,11 @@ def config_document(
         "max_run_time": spec.scheduling_parameters.max_run_time,
         "vcpus": spec.runtime_constraints.vcpus,
         "ram": spec.runtime_constraints.ram,
+        # What the engine must give the container: the GPUs it asked for, of its stack.
+        "gpus": {
+            "stack": spec.runtime_constraints.gpu.stack,
+            "device_count": spec.runtime_constraints.gpu.device_count,
+        },
         "instance_type": instance_type.to_json(),
     }
     return json.dumps(doc, sort_keys=True).encode()

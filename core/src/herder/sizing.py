@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from herder.model import Container, InstanceResources, InstanceType
+from herder.model import Container, GPURequest, InstanceResources, InstanceType
 from herder.queue.base import Sizer
 
 
@@ -40,6 +40,26 @@ def resources_needed(container: Container, reserve_extra_ram: int = 0) -> Instan
         gpus=rc.gpu.device_count,
         gpu_vram=rc.gpu.vram,
     )
+
+
+def gpu_request_for(count: int, instance_types: Mapping[str, InstanceType]) -> GPURequest:
+    """What ``--gpus N`` (``gpus: N`` in the API) asks for: N GPUs of the configured GPU types.
+
+    The stack is the configured GPU types' one stack (else CUDA).  A CUDA request must name a
+    minimum compute capability (SPEC §8.4), and a ROCm one the targets it accepts; the short
+    form asks for the lowest capability, or every target, that the configured types of that
+    stack have, so that any of them with enough devices will do.  A request that names its own
+    capability or driver goes through the full form instead.
+    """
+    gpu_types = [it for it in instance_types.values() if it.gpu.device_count]
+    stacks = {it.gpu.stack for it in gpu_types}
+    stack = stacks.pop() if len(stacks) == 1 else "cuda"
+    targets = sorted({it.gpu.hardware_target for it in gpu_types
+                      if it.gpu.stack == stack and it.gpu.hardware_target})
+    if stack == "cuda" and targets:
+        lowest = min(targets, key=lambda t: tuple(int(p) for p in t.split(".") if p.isdigit()))
+        return GPURequest(stack=stack, device_count=count, hardware_target=(lowest,))
+    return GPURequest(stack=stack, device_count=count, hardware_target=tuple(targets))
 
 
 def _gpu_capability_ok(it: InstanceType, container: Container) -> bool:

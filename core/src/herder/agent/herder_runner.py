@@ -680,8 +680,12 @@ class RunConfig:
         max_run_time: float = 0.0,
         vcpus: float = 0.0,
         ram: int = 0,
+        gpu_stack: str = "",
+        gpu_count: int = 0,
     ) -> None:
         self.uuid = uuid
+        self.gpu_stack = gpu_stack
+        self.gpu_count = gpu_count
         self.command = command
         self.image = image
         self.environment = environment or {}
@@ -690,6 +694,19 @@ class RunConfig:
         self.max_run_time = max_run_time
         self.vcpus = vcpus
         self.ram = ram
+
+
+def _gpus(doc: dict[str, Any]) -> tuple[str, int]:
+    """The ``gpus`` entry: (stack, count), ("", 0) when absent (older dispatchers)."""
+    gpus = doc.get("gpus") or {}
+    if not isinstance(gpus, dict):
+        raise RunnerError("config gpus must be an object")
+    stack, count = gpus.get("stack") or "", gpus.get("device_count") or 0
+    if stack not in ("", "cuda", "rocm"):
+        raise RunnerError(f"config gpus stack {str(stack)[:20]!r} is not cuda or rocm")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise RunnerError("config gpus device_count must be a whole number")
+    return (stack, count) if count else ("", 0)
 
 
 def _number(doc: dict[str, Any], key: str) -> float:
@@ -742,7 +759,10 @@ def parse_config(raw: bytes, uuid: str, default_runtime: str) -> RunConfig:
     if image.startswith("-"):
         raise RunnerError(f"config image {image!r} is not an image name")
     ram = _number(doc, "ram")
+    gpu_stack, gpu_count = _gpus(doc)
     return RunConfig(
+        gpu_stack=gpu_stack,
+        gpu_count=gpu_count,
         uuid=uuid,
         command=list(command),
         image=image,
@@ -909,11 +929,28 @@ def engine_argv(engine: str, config: RunConfig) -> list[str]:
         argv += ["--cpus", f"{config.vcpus:g}"]
     if config.ram > 0:
         argv += ["--memory", str(config.ram)]
+    argv += gpu_args(engine, config)
     for key in sorted(config.environment):
         argv += ["-e", key]
     if config.cwd:
         argv += ["-w", config.cwd]
     return [*argv, config.image, *config.command]
+
+
+def gpu_args(engine: str, config: RunConfig) -> list[str]:
+    """The engine options that hand the container its GPUs.
+
+    CUDA: docker's ``--gpus N`` (NVIDIA Container Toolkit); podman through CDI, which names
+    devices rather than counts, so every GPU of the instance (herder chose a type with the
+    count asked for).  ROCm: the kernel driver's device files for both engines.
+    """
+    if not config.gpu_count:
+        return []
+    if config.gpu_stack == "rocm":
+        return ["--device", "/dev/kfd", "--device", "/dev/dri", "--group-add", "video"]
+    if os.path.basename(engine) == "podman":
+        return ["--device", "nvidia.com/gpu=all"]
+    return ["--gpus", str(config.gpu_count)]
 
 
 def container_name(uuid: str) -> str:

@@ -39,6 +39,7 @@ from herder.model import (
 from herder.queue.base import ContainerNotFound, InvalidTransition, QueueError
 from herder.runtime import Runtime
 from herder.scheduler.status import Status, StatusKind
+from herder.sizing import gpu_request_for
 
 if TYPE_CHECKING:
     from herder.dispatcher import Dispatcher
@@ -455,13 +456,6 @@ class ManagementAPI:
             raise APIError(404, f"container {uuid} not found", field="uuid")
         return ctr
 
-    def _gpu_stack(self) -> str:
-        """The stack ``gpus: N`` means: the configured GPU types' one stack, else cuda."""
-        stacks = {
-            it.gpu.stack for it in self.dispatcher.instance_types.values() if it.gpu.device_count
-        }
-        return stacks.pop() if len(stacks) == 1 else "cuda"
-
     def spec_from(self, body: schema.SubmitRequest) -> ContainerSpec:
         rc, sp = body.runtime_constraints, body.scheduling_parameters
         gpu = GPURequest()
@@ -471,7 +465,7 @@ class ManagementAPI:
                 g.stack, g.device_count, g.driver_version, tuple(g.hardware_target), g.vram
             )
         elif rc.gpus:
-            gpu = GPURequest(stack=self._gpu_stack(), device_count=rc.gpus)
+            gpu = gpu_request_for(rc.gpus, self.dispatcher.instance_types)
         return ContainerSpec(
             command=tuple(body.command),
             image=body.image,
