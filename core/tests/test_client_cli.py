@@ -535,3 +535,14 @@ def test_state_column_is_coloured_only_on_a_terminal(monkeypatch):
     assert use_colour(Context(None, stdout=io.StringIO())) is False
     monkeypatch.setenv("NO_COLOR", "1")
     assert use_colour(Context(None, stdout=_TTY())) is False
+
+
+def test_token_prints_the_token_the_cli_uses(capsys, monkeypatch, tmp_path):
+    assert cli.main(["token"]) == 1
+    assert "no management token found" in capsys.readouterr().err
+    write_client_file(tmp_path / "data", "http://127.0.0.1:9", "from-serve")
+    assert cli.main(["token"]) == 0
+    assert capsys.readouterr().out == "from-serve\n"
+    monkeypatch.setenv("HERDER_MANAGEMENT_TOKEN", "from-env")
+    assert cli.main(["token"]) == 0
+    assert capsys.readouterr().out == "from-env\n"

@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "herder.commands.instances",
     "herder.commands.cloudtest",
     "herder.commands.queue",
+    "herder.commands.token",
 )
 
 EXIT_STATUS = """\
