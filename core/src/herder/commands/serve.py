@@ -168,21 +168,15 @@ def _hold_data_dir(data_dir: Path) -> int:
     destroy each other's instances.  The lock is an flock, so it goes away with the process,
     however it ends; the file records the holder's pid for the message.
     """
-    import fcntl
+    from herder import lockfile
 
-    fd = os.open(data_dir / SERVE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
+        return lockfile.hold(data_dir / SERVE_LOCK)
+    except lockfile.LockHeld as held:
         raise CommandError(
-            f"another herder serve (pid {holder}) is using the data directory {data_dir}; "
+            f"another herder serve (pid {held.holder}) is using the data directory {data_dir}; "
             "stop it first, or give this one its own --data-dir"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
 
 
 def _start_api(

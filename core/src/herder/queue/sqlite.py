@@ -195,21 +195,15 @@ def _take_ownership(path: str) -> int:
     the file names the holder's pid for the message.  (``herder queue check`` and ``backup``
     read the file without taking it.)
     """
-    import fcntl
+    from herder import lockfile
 
-    fd = os.open(path + OWNER_SUFFIX, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
+        return lockfile.hold(path + OWNER_SUFFIX)
+    except lockfile.LockHeld as held:
         raise QueueError(
-            f"queue file {path} is in use by another herder (pid {holder}); two dispatchers "
-            "on one queue would run containers twice: stop the other one first"
+            f"queue file {path} is in use by another herder (pid {held.holder}); two "
+            "dispatchers on one queue would run containers twice: stop the other one first"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
 
 
 def _damaged(path: str, why: str) -> str:
