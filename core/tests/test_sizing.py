@@ -100,8 +100,29 @@ def test_nothing_fits_lists_all_types_by_price():
     types = table(it("b", vcpus=1, price=2.0), it("a", vcpus=1, price=1.0))
     with pytest.raises(ConstraintsNotSatisfiable) as exc:
         choose_instance_types(ctr(vcpus=2), types)
-    assert str(exc.value) == "constraints not satisfiable by any configured instance type"
+    assert str(exc.value) == (
+        "constraints not satisfiable by any configured instance type: needs 2 VCPUs; the most "
+        "any type has is 1 (b)"
+    )
     assert names(exc.value.available) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("needs", "says"),
+    [
+        ({"ram": 64 * GiB}, "of RAM (with the runtime's overhead); the most any type has is "
+                            "16GiB (b)"),
+        ({"scratch": 2 * GiB}, "needs 2GiB of scratch; the most any type has is 1GiB (a)"),
+        ({"preemptible": True}, "asks for a preemptible instance; no preemptible type"),
+        ({"vcpus": 4, "ram": 10 * GiB}, "no single type meets them all"),
+    ],
+)
+def test_nothing_fits_says_which_need_and_what_the_best_offers(needs, says):
+    types = table(it("a", vcpus=4, ram=8 * GiB, scratch=GiB, price=1.0),
+                  it("b", vcpus=1, ram=16 * GiB, price=2.0))
+    with pytest.raises(ConstraintsNotSatisfiable) as exc:
+        choose_instance_types(ctr(**needs), types)
+    assert says in str(exc.value)
 
 
 @pytest.mark.parametrize("field,value", [("vcpus", 2), ("ram", 17 * GiB), ("scratch", 1)])

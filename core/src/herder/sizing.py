@@ -76,6 +76,45 @@ def _gpu_capability_ok(it: InstanceType, container: Container) -> bool:
     return True
 
 
+def _why_nothing_fits(
+    need: InstanceResources, container: Container, types: list[InstanceType]
+) -> str:
+    """The first need no configured type meets, with the most any type offers; or, when each
+    need alone is met by some type, that none meets them all."""
+    from herder.units import format_size
+
+    preemptible = container.scheduling_parameters.preemptible
+    stack = container.runtime_constraints.gpu.stack
+
+    def best(values: list[tuple[int, str]]) -> tuple[int, str]:
+        return max(values) if values else (0, "none")
+
+    checks: list[tuple[bool, str]] = []
+    most, name = best([(t.vcpus, t.name) for t in types])
+    checks.append((most >= need.vcpus, f"needs {need.vcpus} VCPUs; the most any type has is "
+                                       f"{most} ({name})"))
+    most, name = best([(t.ram, t.name) for t in types])
+    checks.append((most >= need.ram, f"needs {format_size(need.ram)} of RAM (with the "
+                                     f"runtime's overhead); the most any type has is "
+                                     f"{format_size(most)} ({name})"))
+    most, name = best([(t.scratch, t.name) for t in types])
+    checks.append((most >= need.scratch, f"needs {format_size(need.scratch)} of scratch; the "
+                                         f"most any type has is {format_size(most)} ({name})"))
+    if preemptible:
+        checks.append((any(t.preemptible for t in types),
+                       "asks for a preemptible instance; no preemptible type is configured"))
+    if need.gpus:
+        same_stack = [t for t in types if t.gpu.stack == stack]
+        most, name = best([(t.gpu.device_count, t.name) for t in same_stack])
+        checks.append((most >= need.gpus, f"needs {need.gpus} {stack or 'plain'} GPUs; the most "
+                                          f"any type has is {most} ({name})"))
+    for ok, text in checks:
+        if not ok:
+            return text
+    return ("each need is met by some type, but no single type meets them all (or its GPU "
+            "capability, driver or VRAM is too low)")
+
+
 def _sort_key(it: InstanceType) -> tuple[float, int, int, int, str]:
     return (it.price, -it.ram, -it.vcpus, -it.scratch, it.name)
 
@@ -123,7 +162,9 @@ def choose_instance_types(
         max_price = limit if max_price == 0 else min(max_price, limit)
     if not accepted:
         raise ConstraintsNotSatisfiable(
-            "constraints not satisfiable by any configured instance type",
+            # Arvados' words first, which people may match on; then which need is the problem.
+            "constraints not satisfiable by any configured instance type: "
+            + _why_nothing_fits(need, container, list(instance_types.values())),
             sorted(instance_types.values(), key=lambda t: t.price),
         )
     accepted.sort(key=_sort_key)
