@@ -17,13 +17,14 @@ wrapped in another exception) when the cloud says so: herder's pool reacts to ea
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from herder.model import InstanceType
 from herder.runtime import Runtime
@@ -249,16 +250,21 @@ class InstanceSet(ABC):
     ) -> Instance:
         """Create one VM of ``instance_type.provider_type`` with ``tags``.
 
-        ``init_command`` (a shell script under 1 KiB) must run as root at first boot;
-        ``public_key`` (OpenSSH format), if given, must be allowed to log in as
-        :attr:`Instance.remote_user`.
+        ``image_id`` is the operator's ``cloud.image_id``; ``""`` when none is configured: use
+        the driver's documented default image, or raise :class:`CloudError` saying that
+        ``cloud.image_id`` must be set.  ``init_command`` (a shell script under 1 KiB) must run
+        as root at first boot; ``public_key`` (OpenSSH format), if given, must be allowed to
+        log in as :attr:`Instance.remote_user`.  ``tags`` carry a create key
+        (:func:`create_key`) that drivers declaring ``idempotent_create`` use.
         """
 
     @abstractmethod
     def instances(self, tags: Mapping[str, str]) -> list[Instance]:
-        """Every instance, booting and shutting-down ones included, that has all ``tags``.
+        """Every instance that has all ``tags``, booting ones included.
 
-        A driver may return more (herder filters again); it must not drop matching ones.
+        Instances that are terminated or being terminated are left out, even while the cloud
+        still lists them: herder counts every listed instance as alive (and paid for).  A
+        driver may return more (herder filters again); it must not drop matching ones.
         """
 
     def quota_group(self, instance_type: InstanceType) -> str:
@@ -273,6 +279,58 @@ class DriverParameters(BaseModel):
     """Base of a driver's parameter model: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class SecretRef(BaseModel):
+    """A secret named by reference, never written in the configuration: ``{env: VAR}`` (an
+    environment variable of herder's process) or ``{file: /path}`` (a file's content, without
+    the trailing newline).
+
+    The one way for every driver's parameters to take a credential: declare the field as
+    ``SecretRef`` (or ``SecretRef | None``) and call :meth:`read` when the instance set is
+    built, so ``herder config check`` and ``config show`` never see the secret itself.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: str = ""
+    file: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_plain_string(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            raise ValueError(
+                "secrets are given by reference, not written here: {env: VARIABLE} or "
+                "{file: /path/to/file}"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if bool(self.env) == bool(self.file):
+            raise ValueError("give exactly one of env and file")
+        return self
+
+    def read(self, environ: Mapping[str, str] | None = None) -> str:
+        """The secret; ValueError naming the reference (not the secret) when it is missing."""
+        if self.env:
+            env = os.environ if environ is None else environ
+            value = env.get(self.env, "")
+            if not value:
+                raise ValueError(f"environment variable {self.env} is not set or empty")
+            return value
+        try:
+            with open(self.file, encoding="utf-8") as handle:
+                value = handle.read().rstrip("\n")
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {self.file}: {exc.strerror}") from exc
+        if not value:
+            raise ValueError(f"secret file {self.file} is empty")
+        return value
+
+    def __str__(self) -> str:
+        return f"env:{self.env}" if self.env else f"file:{self.file}"
 
 
 @dataclass
