@@ -417,3 +417,37 @@ def test_a_pytest_run_reports_the_broken_rule(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 failed, 1 passed" in result.stdout, result.stdout
     assert f"(rule: {rules.LISTING_KEEPS_MATCHES})" in result.stdout
+
+
+def test_the_subclassing_route_needs_no_other_import(tmp_path: Path) -> None:
+    """As the guide writes it: a DriverConformance subclass and a target fixture, nothing else."""
+    module = tmp_path / "test_subclass.py"
+    module.write_text(
+        textwrap.dedent(
+            """
+            import pytest
+            from herder.model import InstanceType
+            from herder.testing.conformance import ConformanceTarget, DriverConformance
+            from herder.testing.sim import SimDriver
+
+            @pytest.fixture
+            def conformance_target():
+                return ConformanceTarget(
+                    driver=SimDriver(), params={"boot_delay": 0.0},
+                    instance_types=[InstanceType(name="s", provider_type="s", vcpus=1,
+                                                 ram=1 << 30)],
+                )
+
+            class TestMine(DriverConformance):
+                def test_my_own_thing(self, conformance_harness):
+                    assert conformance_harness.create().id
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
+         str(tmp_path), "-k", "my_own or ids_are_stable", str(module)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout, result.stdout
