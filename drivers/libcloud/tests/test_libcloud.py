@@ -146,3 +146,18 @@ def test_the_first_boot_script_authorizes_the_key_then_runs_the_command() -> Non
     assert lines[0] == "#!/bin/sh" and lines[-1] == "echo hi"
     assert "echo 'ssh-ed25519 AAAA x@y' >>/home/admin/.ssh/authorized_keys" in script
     assert "authorized_keys" not in first_boot_script("echo hi", None, "root")
+
+
+def test_config_check_rejects_spot_types_for_a_preset_without_spot(tmp_path: Any) -> None:
+    from herder.config import check_config
+    from herder.plugins import Plugins
+
+    path = tmp_path / "herder.yaml"
+    path.write_text(
+        "cloud: {driver: libcloud, driver_parameters: {provider: ec2}}\n"
+        "instance_types:\n"
+        "  m5.large: {vcpus: 2, ram: 8GiB}\n"
+        "  m5.large.spot: {provider_type: m5.large, vcpus: 2, ram: 8GiB, preemptible: true}\n"
+    )
+    (problem,) = check_config(path, Plugins.load())
+    assert problem.key == "instance_types.m5.large.spot.preemptible"
