@@ -32,8 +32,12 @@ from herder.cloud import (
     Driver,
     DriverContext,
     DriverParameters,
+    HostKey,
+    HostKeyMismatch,
     Instance,
     InstanceSet,
+    NotImplementedByDriver,
+    RemoteRunner,
     SecretRef,
     create_key,
 )
@@ -186,6 +190,14 @@ class LibcloudInstance(Instance):
     def destroy(self) -> None:
         self._owner.destroy(self)
 
+    def verify_host_key(self, key: HostKey, remote: RemoteRunner) -> None:
+        """A fake node backed by a local SSH server knows its key; others cannot check."""
+        genuine = (self.node.extra or {}).get("herder_host_key")
+        if genuine is None:
+            raise NotImplementedByDriver()
+        if key != genuine:
+            raise HostKeyMismatch(f"{self.id} presented a host key that is not its own")
+
 
 class LibcloudInstanceSet(InstanceSet):
     """One herder installation's nodes in one libcloud provider account."""
@@ -310,6 +322,8 @@ class LibcloudInstanceSet(InstanceSet):
                     "herder_provider_type": instance_type.provider_type,
                     "herder_user_data": script,
                 }
+                if self.preset.local_ssh:
+                    _start_local_vm(node, public_key)
                 return node
             return driver.create_node(
                 name=name, size=size, image=NodeImage(image_id, "", driver), **kwargs
@@ -354,11 +368,46 @@ class LibcloudInstanceSet(InstanceSet):
             for node in list(driver.list_nodes()):
                 if self.node_id(node) == wanted and not self._gone(node):
                     driver.destroy_node(node)
+                    _stop_local_vm(node)
 
         self._call("destroy_node", run)
 
     def stop(self) -> None:
         """Nothing to release: driver objects hold no background threads."""
+
+
+def _start_local_vm(node: Any, public_key: str | None) -> None:
+    """Back a fake node with an SSH server on 127.0.0.1 that runs commands with ``sh -c`` as
+    herder's user, the runner agent's state in a private directory: a "VM" herder can use."""
+    import os
+    import tempfile
+
+    from herder.ssh.server import ExecRequest, LocalSSHServer, generate_key, run_shell
+
+    host_key, _ = generate_key()
+    workdir = tempfile.mkdtemp(prefix="herder-libcloud-dummy-")
+
+    def handle(request: ExecRequest) -> int:
+        base = request.env or dict(os.environ)
+        request.env = {**base, "HERDER_RUNNER_DIR": workdir, "HERDER_RUNNER_LOG_DIR": workdir}
+        return run_shell(request)
+
+    server = LocalSSHServer(host_key, [public_key] if public_key else [], handle,
+                            strip_sudo=True)
+    server.start()
+    node.public_ips = [server.address]
+    node.extra["herder_server"] = server
+    node.extra["herder_workdir"] = workdir
+    node.extra["herder_host_key"] = HostKey(host_key.get_name(), host_key.asbytes())
+
+
+def _stop_local_vm(node: Any) -> None:
+    import shutil
+
+    server = (node.extra or {}).pop("herder_server", None)
+    if server is not None:
+        server.stop()
+        shutil.rmtree(node.extra.get("herder_workdir", ""), ignore_errors=True)
 
 
 def _ec2_tags(driver: Any, action: str, resource_id: str, tags: Mapping[str, str | None]) -> None:

@@ -49,15 +49,21 @@ class Preset:
     unique_ids: bool = True
     #: what the conformance suite checked for this preset (empty: nothing, so a warning)
     tested: str = ""
+    #: each node is backed by an SSH server on this host running commands as herder's user
+    #: (libcloud's dummy boots nothing; this lets ``herder serve`` run containers on it)
+    local_ssh: bool = False
 
 
 PRESETS: dict[str, Preset] = {
     "dummy": Preset(
         provider="dummy",
         tags=TagStrategy.FAKE_NODE,
-        capabilities=frozenset({Capability.IDEMPOTENT_CREATE}),
+        capabilities=frozenset(
+            {Capability.IDEMPOTENT_CREATE, Capability.HOST_KEY_VERIFICATION}
+        ),
         user_data_keyword=None,
         process_wide=True,
+        local_ssh=True,
         unique_ids=False,  # the dummy numbers nodes len(list) + 1: ids come back after a destroy
         tested="the conformance suite against libcloud's dummy driver",
     ),
