@@ -19,5 +19,5 @@ def herder_register_drivers(registry: Registry) -> None:
     registry.add(
         "libcloud",
         "herder_driver_libcloud.driver:LibcloudDriver",
-        "any apache-libcloud compute provider (tested presets: dummy, ec2)",
+        "any apache-libcloud compute provider (tested presets: dummy, ec2, openstack)",
     )

@@ -84,7 +84,7 @@ PRESETS: dict[str, Preset] = {
         tags=TagStrategy.METADATA,
         errors=OPENSTACK_ERRORS,
         capabilities=frozenset({Capability.QUOTA_ERRORS, Capability.RATE_LIMIT_ERRORS}),
-        tested="",  # no fake of the Compute API yet
+        tested="the conformance suite against a fake of the Compute (Nova) API",
     ),
 }
 
