@@ -7,6 +7,7 @@ passed, failed on purpose, or was interrupted.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,22 @@ def test_cli_table_and_failure_exit_status(
     out = capsys.readouterr().out
     assert status == 1
     assert "boot probe" in out and "FAILED" in out and "cloudtest FAILED" in out
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_cli_prints_each_step_once_whether_or_not_stderr_is_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tty: bool,
+) -> None:
+    config = tmp_path / "herder.yaml"
+    config.write_text(yaml.safe_dump(sim_config().model_dump(mode="json")))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    status = main(["cloudtest", "--config", str(config), "--data-dir", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    for name in STEP_NAMES:
+        lines = [line for line in err.splitlines() if f"{name}: " in line]
+        assert len(lines) == 1, (name, err)
 
 
 # --------------------------------------------------------------------------- loopback

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, Field, field_validator
 
-from herder.cloud import Driver, DriverContext, DriverParameters, InstanceSet
+from herder.cloud import Capability, Driver, DriverContext, DriverParameters, InstanceSet
 from herder.config import (
     Config,
     ConfigError,
@@ -61,10 +61,24 @@ class PickyDriver(FakeDriver):
         raise ValueError("credentials file /nope does not exist")
 
 
+class SpotInOneRegionDriver(FakeDriver):
+    """Can do spot only in one region: its capabilities depend on its parameters."""
+
+    def capabilities_for(self, params: DriverParameters) -> frozenset[Capability]:
+        assert isinstance(params, FakeParameters)
+        return frozenset({Capability.SPOT}) if params.region == "eu-spot" else frozenset()
+
+
+class MisspeltDriver(FakeDriver):
+    capabilities = frozenset({"spott"})
+
+
 class FakePlugin:
     @hookimpl
     def herder_register_drivers(self, registry: Registry) -> None:
         registry.add("fake", FakeDriver)
+        registry.add("spotty", SpotInOneRegionDriver)
+        registry.add("misspelt", MisspeltDriver)
         registry.add("picky", PickyDriver)
         registry.add("ghost", "herder_no_such_module:GhostDriver")
 
@@ -592,3 +606,32 @@ def test_ordinary_anchors_and_merge_keys_still_work(tmp_path: Path) -> None:
     )
     problems = keyed(check_config(path, None))
     assert list(problems) == ["x-type"]  # only the unknown top-level key
+
+
+SPOT_TYPES = """
+instance_types:
+  small: {provider_type: s1, vcpus: 1, ram: 1GiB}
+  small-spot: {provider_type: s1, vcpus: 1, ram: 1GiB, preemptible: true}
+"""
+
+
+def test_a_preemptible_type_needs_a_driver_that_can_do_spot_with_these_parameters(
+    tmp_path: Path, plugins: Plugins
+) -> None:
+    no_spot = write(tmp_path, "cloud: {driver: spotty, driver_parameters: {region: eu-1}}\n"
+                    + SPOT_TYPES, "a.yaml")
+    (problem,) = check_config(no_spot, plugins)
+    assert problem.key == "instance_types.small-spot.preemptible"
+    assert "'spotty' cannot create preemptible" in problem.message
+    spot = write(tmp_path, "cloud: {driver: spotty, driver_parameters: {region: eu-spot}}\n"
+                 + SPOT_TYPES, "b.yaml")
+    assert check_config(spot, plugins) == []
+
+
+def test_a_driver_declaring_an_unknown_capability_is_a_problem(
+    tmp_path: Path, plugins: Plugins
+) -> None:
+    path = write(tmp_path, "cloud: {driver: misspelt, driver_parameters: {region: eu-1}}\n")
+    (problem,) = check_config(path, plugins)
+    assert problem.key == "cloud.driver"
+    assert "unknown driver capabilities ['spott']" in problem.message

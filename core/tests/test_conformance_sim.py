@@ -11,12 +11,14 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from herder.cloud import (
+    Capability,
     Driver,
     DriverContext,
     DriverParameters,
@@ -32,6 +34,7 @@ from herder.model import GPUSpec, InstanceType
 from herder.testing.conformance import *  # noqa: F403  (collects TestDriverConformance)
 from herder.testing.conformance import (
     CHECKS,
+    BootRecord,
     ConformanceError,
     ConformanceHarness,
     ConformanceTarget,
@@ -39,7 +42,7 @@ from herder.testing.conformance import (
     rules,
     run_check,
 )
-from herder.testing.sim import SimDriver, SimParameters
+from herder.testing.sim import SimDriver, SimInstance, SimParameters
 
 SMALL = InstanceType(name="small", provider_type="s.small", vcpus=1, ram=1 << 30, price=0.1)
 SPOT = InstanceType(
@@ -80,9 +83,20 @@ def sim_target(driver: Driver | None = None, **overrides: Any) -> ConformanceTar
         "provoke_quota_error": _provoke_quota,
         "provoke_capacity_error": _provoke_capacity,
         "provoke_rate_limit_error": _provoke_rate_limit,
+        "boot_record": _sim_boot_record,
+        "strict": True,
     }
     fields.update(overrides)
     return ConformanceTarget(**fields)
+
+
+def _sim_boot_record(h: ConformanceHarness, instance: Instance) -> BootRecord:
+    """What the simulated cloud was given at create (it runs no real first boot)."""
+    listed = [i for i in h.instance_set().instances({}) if i.id == instance.id]
+    sim = listed[0] if listed else instance
+    sim = getattr(sim, "inner", sim)  # the broken drivers' wrapper
+    assert isinstance(sim, SimInstance)
+    return BootRecord(init_command=sim.init_command, public_keys=[sim.public_key or ""])
 
 
 @pytest.fixture
@@ -102,6 +116,8 @@ class _Wrapped(Instance):
 
     @property
     def id(self) -> str:
+        if self.owner.breaks == "counter_ids":
+            return self.owner.number(self.inner.id)
         return self.inner.id
 
     @property
@@ -118,9 +134,15 @@ class _Wrapped(Instance):
 
     @property
     def tags(self) -> dict[str, str]:
+        if self.owner.breaks == "tags_in_memory" and self.inner.id in self.owner.tags:
+            return dict(self.owner.tags[self.inner.id])
         return self.inner.tags
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.owner.breaks == "tags_in_memory":
+            with self.owner.lock:
+                self.owner.tags[self.inner.id] = dict(tags)  # never reaches the cloud
+            return
         self.inner.set_tags(tags)
 
     def destroy(self) -> None:
@@ -146,6 +168,13 @@ class _BrokenSet(InstanceSet):
         self.breaks = breaks
         self.lock = threading.Lock()
         self.destroyed: set[str] = set()
+        self.tags: dict[str, dict[str, str]] = {}
+        self.numbers: dict[str, str] = {}
+
+    def number(self, inner_id: str) -> str:
+        """A provider that numbers its nodes 1, 2, 3 in each process."""
+        with self.lock:
+            return self.numbers.setdefault(inner_id, str(len(self.numbers) + 1))
 
     def create(
         self,
@@ -155,6 +184,10 @@ class _BrokenSet(InstanceSet):
         init_command: str,
         public_key: str | None,
     ) -> Instance:
+        if self.breaks == "ignores_init_command":
+            init_command = ""
+        if self.breaks == "ignores_public_key":
+            public_key = None
         try:
             made = self.inner.create(instance_type, image_id, tags, init_command, public_key)
         except QuotaError as exc:
@@ -187,6 +220,9 @@ class BrokenSimDriver(Driver):
         self.sim = SimDriver()
 
     def instance_set(self, params: DriverParameters, context: DriverContext) -> InstanceSet:
+        if self.breaks == "not_idempotent":
+            # The sim then looks for a create key under a tag herder never sets.
+            context = replace(context, tag_key_prefix="Elsewhere")
         return _BrokenSet(self.sim.instance_set(params, context), self.breaks)
 
     def executor_factory(self, instance_set: InstanceSet) -> ExecutorFactory | None:
@@ -197,6 +233,11 @@ BROKEN_CASES = [
     ("drop_matching", "listing_keeps_matching_instances", rules.LISTING_KEEPS_MATCHES),
     ("destroy_twice", "destroy_twice_is_harmless", rules.DESTROY_IDEMPOTENT),
     ("plain_quota", "quota_error", rules.QUOTA_ERROR_TYPED),
+    ("counter_ids", "ids_never_reused", rules.IDS_NEVER_REUSED),
+    ("tags_in_memory", "tags_seen_by_another_instance_set", rules.TAGS_IN_CLOUD),
+    ("ignores_init_command", "init_command_and_public_key", rules.INIT_COMMAND_RUN),
+    ("ignores_public_key", "init_command_and_public_key", rules.PUBLIC_KEY_INSTALLED),
+    ("not_idempotent", "idempotent_create", rules.IDEMPOTENT_CREATE),
 ]
 
 
@@ -244,7 +285,7 @@ def test_undeclared_capabilities_are_skipped_not_failed() -> None:
 
 
 def test_a_declared_capability_without_its_hook_is_skipped_with_the_reason() -> None:
-    harness = ConformanceHarness(sim_target(provoke_quota_error=None))
+    harness = ConformanceHarness(sim_target(provoke_quota_error=None, strict=False))
     try:
         with pytest.raises(Skipped, match="gives no hook"):
             run_check("quota_error", harness)
@@ -252,9 +293,51 @@ def test_a_declared_capability_without_its_hook_is_skipped_with_the_reason() -> 
         harness.close()
 
 
+def test_strict_mode_fails_what_it_would_skip() -> None:
+    for target, check in (
+        (sim_target(provoke_quota_error=None), "quota_error"),
+        (sim_target(boot_record=None), "init_command_and_public_key"),
+    ):
+        harness = ConformanceHarness(target)
+        try:
+            with pytest.raises(ConformanceError, match="strict mode"):
+                run_check(check, harness)
+        finally:
+            harness.close()
+        lenient = ConformanceHarness(replace(target, strict=False))
+        try:
+            with pytest.raises(Skipped):
+                run_check(check, lenient)
+        finally:
+            lenient.close()
+
+
+def test_a_misspelt_capability_fails_loudly() -> None:
+    with pytest.raises(ValueError, match="unknown driver capabilities"):
+        sim_target(capabilities=frozenset({"quota_error"}))
+
+    class Misspelt(SimDriver):
+        capabilities = frozenset({"spot_instances"})
+
+    with pytest.raises(ValueError, match=r"'spot_instances'"):
+        _ = sim_target(Misspelt()).declared
+
+
+def test_capabilities_follow_the_parameters() -> None:
+    """The sim verifies host keys and knows prices only when its parameters say so."""
+    off = SimDriver().capabilities_for(
+        SimParameters(host_key_verification=False, price_history=False)
+    )
+    on = SimDriver().capabilities_for(SimParameters(host_key_verification=True,
+                                                    price_history=True))
+    assert Capability.HOST_KEY_VERIFICATION in on and Capability.PRICE_HISTORY in on
+    assert Capability.HOST_KEY_VERIFICATION not in off
+    assert Capability.PRICE_HISTORY not in off
+
+
 def test_host_key_capability_declared_but_not_implemented_fails() -> None:
     params = {**SIM_PARAMS, "host_key_verification": False}
-    harness = ConformanceHarness(sim_target(params=params))
+    harness = ConformanceHarness(sim_target(params=params, capabilities=SimDriver.capabilities))
     try:
         with pytest.raises(ConformanceError) as caught:
             run_check("host_key_verification", harness)
@@ -334,3 +417,37 @@ def test_a_pytest_run_reports_the_broken_rule(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 failed, 1 passed" in result.stdout, result.stdout
     assert f"(rule: {rules.LISTING_KEEPS_MATCHES})" in result.stdout
+
+
+def test_the_subclassing_route_needs_no_other_import(tmp_path: Path) -> None:
+    """As the guide writes it: a DriverConformance subclass and a target fixture, nothing else."""
+    module = tmp_path / "test_subclass.py"
+    module.write_text(
+        textwrap.dedent(
+            """
+            import pytest
+            from herder.model import InstanceType
+            from herder.testing.conformance import ConformanceTarget, DriverConformance
+            from herder.testing.sim import SimDriver
+
+            @pytest.fixture
+            def conformance_target():
+                return ConformanceTarget(
+                    driver=SimDriver(), params={"boot_delay": 0.0},
+                    instance_types=[InstanceType(name="s", provider_type="s", vcpus=1,
+                                                 ram=1 << 30)],
+                )
+
+            class TestMine(DriverConformance):
+                def test_my_own_thing(self, conformance_harness):
+                    assert conformance_harness.create().id
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
+         str(tmp_path), "-k", "my_own or ids_are_stable", str(module)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout, result.stdout

@@ -17,12 +17,14 @@ wrapped in another exception) when the cloud says so: herder's pool reacts to ea
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from herder.model import InstanceType
 from herder.runtime import Runtime
@@ -248,16 +250,21 @@ class InstanceSet(ABC):
     ) -> Instance:
         """Create one VM of ``instance_type.provider_type`` with ``tags``.
 
-        ``init_command`` (a shell script under 1 KiB) must run as root at first boot;
-        ``public_key`` (OpenSSH format), if given, must be allowed to log in as
-        :attr:`Instance.remote_user`.
+        ``image_id`` is the operator's ``cloud.image_id``; ``""`` when none is configured: use
+        the driver's documented default image, or raise :class:`CloudError` saying that
+        ``cloud.image_id`` must be set.  ``init_command`` (a shell script under 1 KiB) must run
+        as root at first boot; ``public_key`` (OpenSSH format), if given, must be allowed to
+        log in as :attr:`Instance.remote_user`.  ``tags`` carry a create key
+        (:func:`create_key`) that drivers declaring ``idempotent_create`` use.
         """
 
     @abstractmethod
     def instances(self, tags: Mapping[str, str]) -> list[Instance]:
-        """Every instance, booting and shutting-down ones included, that has all ``tags``.
+        """Every instance that has all ``tags``, booting ones included.
 
-        A driver may return more (herder filters again); it must not drop matching ones.
+        Instances that are terminated or being terminated are left out, even while the cloud
+        still lists them: herder counts every listed instance as alive (and paid for).  A
+        driver may return more (herder filters again); it must not drop matching ones.
         """
 
     def quota_group(self, instance_type: InstanceType) -> str:
@@ -274,9 +281,82 @@ class DriverParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SecretRef(BaseModel):
+    """A secret named by reference, never written in the configuration: ``{env: VAR}`` (an
+    environment variable of herder's process) or ``{file: /path}`` (a file's content, without
+    the trailing newline).
+
+    The one way for every driver's parameters to take a credential: declare the field as
+    ``SecretRef`` (or ``SecretRef | None``) and call :meth:`read` when the instance set is
+    built, so ``herder config check`` and ``config show`` never see the secret itself.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: str = ""
+    file: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_plain_string(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            raise ValueError(
+                "secrets are given by reference, not written here: {env: VARIABLE} or "
+                "{file: /path/to/file}"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if bool(self.env) == bool(self.file):
+            raise ValueError("give exactly one of env and file")
+        return self
+
+    def read(self, environ: Mapping[str, str] | None = None) -> str:
+        """The secret; ValueError naming the reference (not the secret) when it is missing."""
+        if self.env:
+            env = os.environ if environ is None else environ
+            value = env.get(self.env, "")
+            if not value:
+                raise ValueError(f"environment variable {self.env} is not set or empty")
+            return value
+        try:
+            with open(self.file, encoding="utf-8") as handle:
+                value = handle.read().rstrip("\n")
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {self.file}: {exc.strerror}") from exc
+        if not value:
+            raise ValueError(f"secret file {self.file} is empty")
+        return value
+
+    def __str__(self) -> str:
+        return f"env:{self.env}" if self.env else f"file:{self.file}"
+
+
 @dataclass
 class DriverContext:
-    """Everything herder hands a driver when it builds the instance set."""
+    """Everything herder hands a driver when it builds the instance set.
+
+    ``instance_set_id``: this herder installation's id; herder tags every instance it creates
+    with ``<tag_key_prefix>InstanceSetID`` set to it and lists with that tag as the filter, so
+    a driver needs it only to name cloud resources of its own (a security group, a key pair).
+
+    ``shared_resource_tags``: the operator's ``cloud.resource_tags``, tags wanted on every
+    cloud resource herder causes to exist (disks, network interfaces, key pairs), for cost and
+    ownership tracing.  A driver may add them to instances too, but must then leave them out of
+    :attr:`Instance.tags`, which gives back exactly what herder set.  Empty unless configured.
+
+    ``logger``: log through it (not the root logger), so the driver's lines carry herder's
+    format and level.  ``metrics_registry``: a ``prometheus_client`` ``CollectorRegistry`` to
+    register the driver's own metrics in, or None when metrics are off.
+
+    ``runtime``: herder's clock and timers (:class:`herder.runtime.Runtime`), or None.  Only a
+    driver that simulates time (a fake cloud whose instances boot after a delay) needs it, so
+    that it runs at the speed of herder's simulated clock; a real cloud driver ignores it.
+
+    ``tag_key_prefix``: the operator's ``cloud.tag_key_prefix``, which herder puts before each
+    of its tag names (``InstanceSetID``, ``InstanceType``, ``IdleBehavior``, ``InstanceSecret``).
+    """
 
     instance_set_id: str
     shared_resource_tags: dict[str, str] = field(default_factory=dict)
@@ -286,12 +366,74 @@ class DriverContext:
     tag_key_prefix: str = "Herder"
 
 
+class Capability(StrEnum):
+    """The optional features a driver may declare: a closed set.
+
+    A :class:`StrEnum`, so a driver may still declare plain strings (``"spot"``); but every
+    string must be one of these values, and :func:`parse_capabilities` rejects any other, so a
+    misspelt capability fails loudly instead of silently switching a feature (and its
+    conformance tests) off.
+    """
+
+    #: ``verify_host_key`` really checks keys (never raises NotImplementedByDriver).
+    HOST_KEY_VERIFICATION = "host_key_verification"
+    #: ``price_history`` returns the provider's spot prices.
+    PRICE_HISTORY = "price_history"
+    #: preemptible instance types can be created.
+    SPOT = "spot"
+    #: GPU instance types can be created.
+    GPU = "gpu"
+    #: the provider's quota errors are raised as :class:`QuotaError`.
+    QUOTA_ERRORS = "quota_errors"
+    #: the provider's capacity errors are raised as :class:`CapacityError`.
+    CAPACITY_ERRORS = "capacity_errors"
+    #: the provider's throttling is raised as :class:`RateLimitError`.
+    RATE_LIMIT_ERRORS = "rate_limit_errors"
+    #: a create repeated with the same create key (see :func:`create_key`) returns the
+    #: instance the first one made instead of making a second.
+    IDEMPOTENT_CREATE = "idempotent_create"
+
+
+def parse_capabilities(values: Iterable[str]) -> frozenset[Capability]:
+    """``values`` as :class:`Capability` members; ValueError naming any unknown one."""
+    out: set[Capability] = set()
+    unknown: list[str] = []
+    for value in values:
+        try:
+            out.add(Capability(value))
+        except ValueError:
+            unknown.append(str(value))
+    if unknown:
+        valid = ", ".join(sorted(c.value for c in Capability))
+        raise ValueError(f"unknown driver capabilities {sorted(unknown)} (valid: {valid})")
+    return frozenset(out)
+
+
+#: The tag (after herder's ``tag_key_prefix``) whose value is unique to one create call.
+CREATE_KEY_TAG = "InstanceSecret"
+
+
+def create_key(tags: Mapping[str, str], tag_key_prefix: str = "Herder") -> str | None:
+    """The create key of a create call with ``tags``, or None when herder gave none.
+
+    herder plants a fresh random ``<prefix>InstanceSecret`` tag in every create, and uses the
+    same value again only if it repeats that very create.  A driver declaring
+    :attr:`Capability.IDEMPOTENT_CREATE` uses it as the provider's idempotency token (EC2
+    ``ClientToken``, a GCE request id) or looks for an instance already carrying it before
+    creating, so that a create that timed out but succeeded is found instead of duplicated.
+    It is carried in the tags rather than as a new argument so that drivers written against
+    the original ``create`` signature keep working unchanged.
+    """
+    return tags.get(tag_key_prefix + CREATE_KEY_TAG) or None
+
+
 class Driver(ABC):
     """A cloud driver: validates its parameters and builds an :class:`InstanceSet`.
 
-    ``capabilities`` declares optional features (used by the conformance kit to skip tests):
-    ``"price_history"``, ``"spot"``, ``"gpu"``, ``"host_key_verification"``, ``"quota_errors"``,
-    ``"capacity_errors"``, ``"rate_limit_errors"``.
+    ``capabilities`` declares optional features (:class:`Capability` members or their string
+    values); herder and the conformance suite reject unknown ones.  When what a driver can do
+    depends on its parameters (a bridge to many providers, say), override
+    :meth:`capabilities_for`: herder asks it, not the class attribute.
     """
 
     parameters_model: ClassVar[type[DriverParameters]] = DriverParameters
@@ -301,14 +443,25 @@ class Driver(ABC):
     def validate_parameters(cls, raw: Mapping[str, Any] | None) -> DriverParameters:
         return cls.parameters_model.model_validate(dict(raw or {}))
 
+    def capabilities_for(self, params: DriverParameters) -> frozenset[Capability]:
+        """What the driver can do with ``params`` (default: the class's ``capabilities``).
+
+        herder uses the answer, e.g. ``herder config check`` rejects a preemptible instance
+        type when ``spot`` is missing, and the conformance suite skips the tests of missing
+        ones.  Raises ValueError for a capability outside :class:`Capability`.
+        """
+        return parse_capabilities(type(self).capabilities)
+
     @abstractmethod
     def instance_set(self, params: DriverParameters, context: DriverContext) -> InstanceSet: ...
 
     def default_instance_types(self, params: DriverParameters) -> dict[str, InstanceType]:
         """Instance types to offer when the configuration lists none.
 
-        Most clouds return nothing (the operator must say what may be bought); the loopback
-        driver offers the local machine itself.
+        Called once at start-up (``herder serve``, ``herder cloudtest``), after the parameters
+        were validated and only when ``cloud.instance_types`` is empty; must not call the
+        cloud.  Most clouds return nothing (the operator must say what may be bought); the
+        loopback driver offers the local machine itself.
         """
         return {}
 

@@ -346,10 +346,14 @@ class CloudTest:
         return bool(step.ok)
 
     def _emit(self, step: Step) -> None:
+        """Report a finished step once: through ``on_step`` when given (the CLI prints it),
+        else in the log.  Both would print every step twice on stderr."""
+        if self._on_step is not None:
+            log.debug("%s: %s in %.1fs %s", step.name, step.status, step.duration, step.detail)
+            self._on_step(step)
+            return
         level = logging.INFO if step.ok else logging.ERROR
         log.log(level, "%s: %s in %.1fs %s", step.name, step.status, step.duration, step.detail)
-        if self._on_step is not None:
-            self._on_step(step)
 
     def _wait(self, what: str, attempt: Callable[[], str | None]) -> str:
         """Call ``attempt`` until it returns a detail string or the timeout passes.

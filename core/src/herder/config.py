@@ -602,12 +602,38 @@ def _driver_problems(data: dict[str, Any], plugins: Plugins) -> list[ConfigProbl
         return []  # reported by the model already
     prefix = ("cloud", "driver_parameters")
     try:
-        driver_cls.validate_parameters(raw)
+        params = driver_cls.validate_parameters(raw)
     except ValidationError as exc:
         return problems_from_validation_error(exc, driver_cls.parameters_model, prefix)
     except (ValueError, TypeError) as exc:
         return [ConfigProblem("cloud.driver_parameters", str(exc))]
-    return []
+    return _capability_problems(data, name, driver_cls, params)
+
+
+def _capability_problems(
+    data: dict[str, Any], name: str, driver_cls: Any, params: Any
+) -> list[ConfigProblem]:
+    """Instance types the driver cannot create with these parameters (what it declares through
+    ``Driver.capabilities_for``): a preemptible type needs ``spot``.  A driver declaring an
+    unknown capability is a problem too, so a misspelling cannot switch a feature off."""
+    from herder.cloud import Capability
+
+    try:
+        capabilities = driver_cls().capabilities_for(params)
+    except (ValueError, TypeError) as exc:
+        return [ConfigProblem("cloud.driver", f"driver {name!r}: {exc}")]
+    types = data.get("instance_types") or {}
+    if not isinstance(types, dict) or Capability.SPOT in capabilities:
+        return []
+    return [
+        ConfigProblem(
+            f"instance_types.{type_name}.preemptible",
+            f"driver {name!r} cannot create preemptible (spot) instances with these "
+            "driver_parameters (it does not declare the 'spot' capability)",
+        )
+        for type_name, spec in types.items()
+        if isinstance(spec, dict) and spec.get("preemptible") is True
+    ]
 
 
 # --------------------------------------------------------------------------- error messages

@@ -7,6 +7,7 @@ sends them: an HTTP 400 with the code and message).
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,9 +16,10 @@ from herder_driver_aws.driver import AWSDriver
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models.instances import InstanceBackend
 
+from herder.cloud import Instance
 from herder.model import GPUSpec, InstanceType
 from herder.testing.conformance import *  # noqa: F403  (collects TestDriverConformance)
-from herder.testing.conformance import ConformanceHarness, ConformanceTarget
+from herder.testing.conformance import BootRecord, ConformanceHarness, ConformanceTarget
 
 ON_DEMAND = InstanceType(name="m5.large", provider_type="m5.large", vcpus=2, ram=8 << 30,
                          price=0.096)
@@ -32,6 +34,23 @@ def _failing_run(code: str, message: str) -> Any:
         raise EC2ClientError(code, message)
 
     return run_instances
+
+
+def _boot_record(ec2: Any) -> Any:
+    """What EC2 was told: the instance's user data and its key pair's public key."""
+
+    def hook(h: ConformanceHarness, instance: Instance) -> BootRecord:
+        attr = ec2.describe_instance_attribute(InstanceId=instance.id, Attribute="userData")
+        user_data = base64.b64decode(attr["UserData"].get("Value", "")).decode()
+        reply = ec2.describe_instances(InstanceIds=[instance.id])
+        key_name = reply["Reservations"][0]["Instances"][0].get("KeyName")
+        keys: list[str] = []
+        if key_name:
+            pairs = ec2.describe_key_pairs(KeyNames=[key_name], IncludePublicKey=True)
+            keys = [p.get("PublicKey", "") for p in pairs["KeyPairs"]]
+        return BootRecord(init_command=user_data, public_keys=keys)
+
+    return hook
 
 
 @pytest.fixture
@@ -54,4 +73,6 @@ def conformance_target(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Co
             "InsufficientInstanceCapacity", "We currently do not have sufficient m5.large capacity"
         ),
         provoke_rate_limit_error=provoke("RequestLimitExceeded", "Request limit exceeded."),
+        boot_record=_boot_record(ec2),
+        strict=True,
     )

@@ -7,14 +7,17 @@ failure of the VM create (the latter in its long-running operation), and a 429 w
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
+from typing import Any
 
 import pytest
 from herder_driver_azure.driver import AzureDriver
 
+from herder.cloud import Instance
 from herder.model import GPUSpec, InstanceType
 from herder.testing.conformance import *  # noqa: F403  (collects TestDriverConformance)
-from herder.testing.conformance import ConformanceHarness, ConformanceTarget
+from herder.testing.conformance import BootRecord, ConformanceHarness, ConformanceTarget
 
 from .conftest import base_params
 from .fakearm import FakeARM
@@ -46,6 +49,16 @@ def conformance_target(fake: FakeARM, secret_file: Path) -> ConformanceTarget:
                   {"Retry-After": "17"})
         h.create()
 
+    def boot_record(h: ConformanceHarness, instance: Instance) -> BootRecord:
+        # The fake boots nothing: read the custom data and SSH keys the VM was created with.
+        name: Any = getattr(instance, "name", instance.id.rsplit("/", 1)[-1])
+        profile = fake.vm(str(name))["properties"]["osProfile"]
+        keys = profile.get("linuxConfiguration", {}).get("ssh", {}).get("publicKeys", [])
+        return BootRecord(
+            init_command=base64.b64decode(profile.get("customData", "")).decode(),
+            public_keys=[k.get("keyData", "") for k in keys],
+        )
+
     return ConformanceTarget(
         driver=AzureDriver(),
         params=base_params(fake, secret_file),
@@ -54,4 +67,6 @@ def conformance_target(fake: FakeARM, secret_file: Path) -> ConformanceTarget:
         provoke_quota_error=quota,
         provoke_capacity_error=capacity,
         provoke_rate_limit_error=rate_limit,
+        boot_record=boot_record,
+        strict=True,
     )

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 from herder_driver_gce.driver import GCEDriver
 
+from herder.cloud import Instance
 from herder.model import GPUSpec, InstanceType
 from herder.ssh.server import LocalSSHServer, generate_key, generate_key_file
 from herder.testing.conformance import *  # noqa: F403  (collects TestDriverConformance)
-from herder.testing.conformance import ConformanceHarness, ConformanceTarget
+from herder.testing.conformance import BootRecord, ConformanceHarness, ConformanceTarget
 
 from .conftest import IMAGE, ZONES
 from .fake_compute import Failure, FakeCompute
@@ -65,6 +66,14 @@ def conformance_target(
 
         return hook
 
+    def boot_record(h: ConformanceHarness, instance: Instance) -> BootRecord:
+        # The one local SSH server runs no startup script: read what GCE was given instead.
+        zone = next(z for z, name in fake.instances if name == instance.id)
+        metadata = fake.metadata(zone, instance.id)
+        keys = [line.split(":", 1)[1] for line in metadata.get("ssh-keys", "").splitlines()
+                if ":" in line]
+        return BootRecord(init_command=metadata.get("startup-script", ""), public_keys=keys)
+
     return ConformanceTarget(
         driver=GCEDriver(),
         params=base_params,
@@ -82,4 +91,6 @@ def conformance_target(
             "available to fulfill the request.", in_operation=True), times=len(ZONES)),
         provoke_rate_limit_error=provoke(Failure(429, "rateLimitExceeded",
                                                  "Rate Limit Exceeded")),
+        boot_record=boot_record,
+        strict=True,
     )

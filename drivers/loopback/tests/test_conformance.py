@@ -6,16 +6,23 @@ commands run through herder's SSH executor with a key made for the test.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from herder_driver_loopback.driver import LoopbackDriver, LoopbackParameters
+from herder_driver_loopback.driver import (
+    INIT_COMMAND_FILE,
+    RECORD_FILE,
+    LoopbackDriver,
+    LoopbackInstance,
+    LoopbackParameters,
+)
 
-from herder.cloud import DriverContext, InstanceSet
+from herder.cloud import DriverContext, Instance, InstanceSet
 from herder.model import InstanceType
 from herder.ssh.server import generate_key_file
 from herder.testing.conformance import *  # noqa: F403  (collects TestDriverConformance)
-from herder.testing.conformance import ConformanceHarness, ConformanceTarget
+from herder.testing.conformance import BootRecord, ConformanceHarness, ConformanceTarget
 
 SMALL = InstanceType(name="small", provider_type="lb.small", vcpus=1, ram=1 << 30)
 MAX_INSTANCES = 4
@@ -36,6 +43,16 @@ def conformance_target(tmp_path: Path) -> ConformanceTarget:
         for _ in range(MAX_INSTANCES + 1):
             h.create()
 
+    def boot_record(h: ConformanceHarness, instance: Instance) -> BootRecord:
+        # The loopback host is this machine: the driver keeps the init command (it never runs
+        # it; its host keys are checked instead) and authorizes the key in its record.
+        assert isinstance(instance, LoopbackInstance)
+        record = json.loads((instance.directory / RECORD_FILE).read_text())
+        return BootRecord(
+            init_command=(instance.directory / INIT_COMMAND_FILE).read_text(),
+            public_keys=record["authorized_keys"],
+        )
+
     return ConformanceTarget(
         driver=LoopbackDriver(),
         params={"state_dir": str(tmp_path / "default"), "max_instances": MAX_INSTANCES},
@@ -45,5 +62,7 @@ def conformance_target(tmp_path: Path) -> ConformanceTarget:
         max_instances=MAX_INSTANCES,
         boot_timeout=20.0,
         provoke_quota_error=provoke_quota,
+        boot_record=boot_record,
+        strict=True,
     )
 

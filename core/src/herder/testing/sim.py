@@ -24,6 +24,7 @@ import threading
 from collections.abc import Mapping
 
 from herder.cloud import (
+    Capability,
     CapacityError,
     CloudError,
     Driver,
@@ -38,6 +39,7 @@ from herder.cloud import (
     QuotaError,
     RateLimitError,
     RemoteRunner,
+    create_key,
 )
 from herder.executor import ExecutorFactory
 from herder.model import InstanceType
@@ -128,6 +130,11 @@ class SimInstance(Instance):
         """The init command given to create (run "at first boot")."""
         return self._vm.init_command
 
+    @property
+    def public_key(self) -> str | None:
+        """The public key given to create (allowed to log in)."""
+        return self._vm.public_key
+
 
 class SimInstanceSet(InstanceSet):
     """One dispatcher's view of a simulated cloud, with the faults of its parameters.
@@ -167,11 +174,22 @@ class SimInstanceSet(InstanceSet):
         init_command: str,
         public_key: str | None,
     ) -> Instance:
-        """Create, after the stub driver's checks in its order (SPEC §14.2)."""
+        """Create, after the stub driver's checks in its order (SPEC §14.2).
+
+        Idempotent: a create whose create key (:func:`herder.cloud.create_key`) an instance
+        still listed carries returns that instance, as a cloud with client tokens does.
+        """
         cloud = self.cloud
+        prefix = self.context.tag_key_prefix if self.context is not None else "Herder"
+        key = create_key(tags, prefix)
         with cloud.lock:
             now = cloud.now()
             cloud.settle(now)
+            if key is not None:
+                for existing in cloud.listed_vms(now):
+                    if create_key(existing.tags, prefix) == key:
+                        cloud.call("create", "ok")
+                        return SimInstance(self, existing, existing.tags)
             self._check_create(instance_type, init_command, now)
             self._next_create_at = now + self.params.min_time_between_create_calls
             vm = cloud.add_vm(
@@ -287,8 +305,9 @@ class SimDriver(Driver):
 
     Capabilities: ``quota_errors`` (``quota_max_instances``), ``capacity_errors``
     (``capacity_error_rate`` / ``capacity_max_instances``), ``rate_limit_errors``
-    (``min_time_between_*_calls``), ``host_key_verification`` (``host_key_verification``),
-    ``price_history`` (``price_history``), plus ``spot`` and ``gpu`` (any type can be created).
+    (``min_time_between_*_calls``), ``host_key_verification`` and ``price_history`` (only when
+    the parameters of those names are on: :meth:`capabilities_for`), ``idempotent_create``,
+    plus ``spot`` and ``gpu`` (any type can be created).
     """
 
     parameters_model = SimParameters
@@ -301,8 +320,19 @@ class SimDriver(Driver):
             "price_history",
             "spot",
             "gpu",
+            "idempotent_create",
         }
     )
+
+    def capabilities_for(self, params: DriverParameters) -> frozenset[Capability]:
+        """The declared capabilities, less the two that the parameters switch off."""
+        caps = set(super().capabilities_for(params))
+        if isinstance(params, SimParameters):
+            if not params.host_key_verification:
+                caps.discard(Capability.HOST_KEY_VERIFICATION)
+            if not params.price_history:
+                caps.discard(Capability.PRICE_HISTORY)
+        return frozenset(caps)
 
     def __init__(self, cloud: SimCloud | None = None) -> None:
         self.cloud = cloud

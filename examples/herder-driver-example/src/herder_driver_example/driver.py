@@ -68,6 +68,10 @@ class _VM:
     host_key: HostKey
     workdir: str
     remote_user: str
+    #: What a real cloud would run at first boot and authorize: kept, so that tests can check
+    #: create passes them on (this provider boots no real VM).
+    init_command: str = ""
+    authorized_keys: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +80,8 @@ class ExampleCloud:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     vms: dict[str, _VM] = field(default_factory=dict)
+    #: The provider numbers instances once per account and never reuses a number, as herder
+    #: needs (an id names one instance only); a counter per instance set would not do.
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
 
@@ -177,7 +183,8 @@ class ExampleInstanceSet(InstanceSet):
                                 strip_sudo=True)
         server.start()
         vm = _VM(instance_id, instance_type.provider_type, dict(tags), server,
-                 HostKey(key.get_name(), key.asbytes()), workdir, getpass.getuser())
+                 HostKey(key.get_name(), key.asbytes()), workdir, getpass.getuser(),
+                 init_command=init_command, authorized_keys=[public_key])
         with self._cloud.lock:
             self._cloud.vms[instance_id] = vm
             snapshot = ExampleInstance(self, vm)

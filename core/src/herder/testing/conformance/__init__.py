@@ -23,6 +23,7 @@ from herder.testing.conformance.suite import (
     conformance_harness,
 )
 from herder.testing.conformance.target import (
+    BootRecord,
     ConformanceHarness,
     ConformanceTarget,
     new_instance_set_id,
@@ -31,6 +32,7 @@ from herder.testing.conformance.target import (
 __all__ = [
     "ALL_RULES",
     "CHECKS",
+    "BootRecord",
     "ConformanceError",
     "ConformanceHarness",
     "ConformanceTarget",

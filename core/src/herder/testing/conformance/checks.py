@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from herder.cloud import (
+    CREATE_KEY_TAG,
+    Capability,
     CapacityError,
     CloudError,
     HostKey,
@@ -35,16 +37,23 @@ from herder.runtime import ThreadRuntime
 from herder.testing.conformance import rules
 from herder.testing.conformance.rules import fail
 from herder.testing.conformance.target import ConformanceHarness
-from herder.worker.verify import TagVerifier, init_command
+from herder.worker.verify import SECRET_PATH, TagVerifier, init_command
 
 
 class Skipped(Exception):
     """The check does not apply to this driver; ``str(exc)`` says why."""
 
 
-def _require(harness: ConformanceHarness, capability: str) -> None:
+def _require(harness: ConformanceHarness, capability: Capability) -> None:
     if capability not in harness.target.declared:
-        raise Skipped(f"the driver does not declare the {capability!r} capability")
+        raise Skipped(f"the driver does not declare the {capability.value!r} capability")
+
+
+def _cannot_check(harness: ConformanceHarness, why: str, rule: str) -> Skipped:
+    """A skip, or in strict mode the failure of ``rule`` (a skipped check proves nothing)."""
+    if harness.target.strict:
+        raise fail(f"strict mode: {why}", rule)
+    return Skipped(why)
 
 
 def _by_id(listing: list[Instance], instance_id: str) -> Instance:
@@ -124,6 +133,82 @@ def check_ids_are_stable(harness: ConformanceHarness) -> None:
         harness.wait_listed(iset, harness.owner_tags(), [instance.id], rules.IDS_STABLE)
     if str(instance) == "":
         raise fail("str(instance) is empty; herder logs instances by it", rules.IDS_STABLE)
+
+
+def check_ids_never_reused(harness: ConformanceHarness) -> None:
+    """A destroyed instance's id is never given to a later one: herder keys its records (and
+    its decisions to destroy) by id, so a reused id would make it act on the wrong VM."""
+    iset = harness.instance_set()
+    first = harness.create(iset)
+    harness.wait_listed(iset, harness.owner_tags(), [first.id], rules.CREATED_IS_LISTED)
+    first.destroy()
+    harness.wait_gone(iset, harness.owner_tags(), first.id, rules.DESTROY_REMOVES)
+    later = [harness.create(iset), harness.create(iset)]
+    ids = [first.id, *(i.id for i in later)]
+    if len(set(ids)) != len(ids):
+        raise fail(
+            f"instances created one after another got ids {ids} (the first was destroyed "
+            "before the others were created)",
+            rules.IDS_NEVER_REUSED,
+        )
+    fresh = harness.restart_instance_set()
+    again = harness.create(fresh)
+    if again.id in ids:
+        raise fail(
+            f"an instance set restarted from the same parameters created {again.id}, an id "
+            f"already given out ({ids}); derive ids from the cloud, not from an in-memory counter",
+            rules.IDS_NEVER_REUSED,
+        )
+
+
+def check_tags_seen_by_another_instance_set(harness: ConformanceHarness) -> None:
+    """Tags set through one instance set are listed by another one built from the same
+    parameters: herder adopts its instances by their tags after a restart."""
+    iset = harness.instance_set()
+    key = harness.tag("IdleBehavior")
+    instance = harness.create(iset, tags={key: "run"})
+    harness.wait_listed(iset, harness.owner_tags(), [instance.id], rules.CREATED_IS_LISTED)
+    replacement = {**harness.owner_tags(), key: "hold"}
+    instance.set_tags(replacement)
+    other = harness.restart_instance_set()
+
+    def shows_new_tags(listing: list[Instance]) -> bool:
+        return any(i.id == instance.id and i.tags == replacement for i in listing)
+
+    ok, listing = harness.poll(other, harness.owner_tags(), shows_new_tags)
+    if not ok:
+        seen = [i.tags for i in listing if i.id == instance.id]
+        raise fail(
+            f"after set_tags({replacement!r}) and a restart (the instance set stopped, another "
+            f"built from the same parameters), the listing shows {instance.id} with tags "
+            f"{seen or 'none (not listed)'} {harness.target.listing_delay:g}s later",
+            rules.TAGS_IN_CLOUD,
+        )
+
+
+def check_idempotent_create(harness: ConformanceHarness) -> None:
+    """A create repeated with the same create key gives back the first instance."""
+    _require(harness, Capability.IDEMPOTENT_CREATE)
+    iset = harness.instance_set()
+    key_tags = {harness.tag(CREATE_KEY_TAG): secrets.token_hex(20)}
+    first = harness.create(iset, tags=key_tags)
+    repeated = harness.create(iset, tags=key_tags)
+    if repeated.id != first.id:
+        raise fail(
+            f"two creates with the same create key made {first.id} and {repeated.id}",
+            rules.IDEMPOTENT_CREATE,
+        )
+    listing = harness.wait_listed(iset, harness.owner_tags(), [first.id],
+                                  rules.CREATED_IS_LISTED)
+    same_key = [i.id for i in listing if i.tags.get(harness.tag(CREATE_KEY_TAG))
+                == key_tags[harness.tag(CREATE_KEY_TAG)]]
+    if len(same_key) != 1:
+        raise fail(f"the listing shows {len(same_key)} instances with one create key: {same_key}",
+                   rules.IDEMPOTENT_CREATE)
+    other = harness.create(iset, tags={harness.tag(CREATE_KEY_TAG): secrets.token_hex(20)})
+    if other.id == first.id:
+        raise fail(f"a create with a new create key returned the existing {first.id}",
+                   rules.IDEMPOTENT_CREATE)
 
 
 def check_set_tags_replaces_tags(harness: ConformanceHarness) -> None:
@@ -268,7 +353,8 @@ def check_thread_safety(harness: ConformanceHarness) -> None:
             rules.THREAD_SAFE,
         )
     if len(set(ids)) != len(ids):
-        raise fail(f"concurrent creates returned duplicate ids: {sorted(ids)}", rules.THREAD_SAFE)
+        raise fail(f"concurrent creates returned duplicate ids: {sorted(ids)}",
+                   rules.IDS_NEVER_REUSED)
     for instance_id in ids:
         harness.wait_gone(iset, harness.owner_tags(), instance_id, rules.DESTROY_REMOVES)
 
@@ -278,7 +364,7 @@ def check_thread_safety(harness: ConformanceHarness) -> None:
 
 def _provoke(
     harness: ConformanceHarness,
-    capability: str,
+    capability: Capability,
     hook: Callable[[ConformanceHarness], object] | None,
     expected: type[CloudError],
     rule: str,
@@ -286,7 +372,10 @@ def _provoke(
     """Run the target's hook and return the typed error it provoked; fail if it was not."""
     _require(harness, capability)
     if hook is None:
-        raise Skipped(f"the target declares {capability!r} but gives no hook to provoke one")
+        raise _cannot_check(
+            harness, f"the target declares {capability.value!r} but gives no hook to provoke one",
+            rule,
+        )
     try:
         hook(harness)
     except expected as exc:
@@ -307,12 +396,12 @@ def _provoke(
 
 
 def check_quota_error(harness: ConformanceHarness) -> None:
-    _provoke(harness, "quota_errors", harness.target.provoke_quota_error, QuotaError,
+    _provoke(harness, Capability.QUOTA_ERRORS, harness.target.provoke_quota_error, QuotaError,
              rules.QUOTA_ERROR_TYPED)
 
 
 def check_capacity_error(harness: ConformanceHarness) -> None:
-    exc = _provoke(harness, "capacity_errors", harness.target.provoke_capacity_error,
+    exc = _provoke(harness, Capability.CAPACITY_ERRORS, harness.target.provoke_capacity_error,
                    CapacityError, rules.CAPACITY_ERROR_TYPED)
     assert isinstance(exc, CapacityError)
     if exc.instance_type_specific and exc.quota_group_specific:
@@ -321,7 +410,7 @@ def check_capacity_error(harness: ConformanceHarness) -> None:
 
 
 def check_rate_limit_error(harness: ConformanceHarness) -> None:
-    exc = _provoke(harness, "rate_limit_errors", harness.target.provoke_rate_limit_error,
+    exc = _provoke(harness, Capability.RATE_LIMIT_ERRORS, harness.target.provoke_rate_limit_error,
                    RateLimitError, rules.RATE_LIMIT_ERROR_TYPED)
     assert isinstance(exc, RateLimitError)
     retry = getattr(exc, "earliest_retry", None)
@@ -428,6 +517,76 @@ def _run_until_booted(
                    rules.ADDRESS_USABLE)
 
 
+def check_init_command_and_public_key(harness: ConformanceHarness) -> None:
+    """create passes the init command and the public key on to the instance.
+
+    A driver that drops them passes every other check against a fake, and then no instance it
+    creates in production can be verified or logged in to.  Checked through the target's
+    ``boot_record`` hook (a fake cloud), else on a booted instance over SSH; otherwise skipped,
+    or failed in strict mode.
+    """
+    target = harness.target
+    iset = harness.instance_set()
+    secret = secrets.token_hex(20)
+    command = init_command(secret)
+    if target.boot_record is not None:
+        public_key = harness.public_key or _throwaway_public_key()
+        instance = harness.create(iset, tags={harness.tag("InstanceSecret"): secret},
+                                  init_command=command, public_key=public_key)
+        record = target.boot_record(harness, instance)
+        if command.strip() not in record.init_command:
+            raise fail(
+                f"the cloud was told to run {record.init_command[:300]!r} at boot of "
+                f"{instance.id}, which does not contain the init command {command!r}",
+                rules.INIT_COMMAND_RUN,
+            )
+        wanted = _key_body(public_key)
+        if wanted not in {_key_body(k) for k in record.public_keys}:
+            raise fail(
+                f"{instance.id} authorizes {list(record.public_keys)!r}, not the public key "
+                f"passed to create ({public_key[:60]}...)",
+                rules.PUBLIC_KEY_INSTALLED,
+            )
+        return
+    if target.driver.executor_factory(iset) is not None or not target.private_key_path:
+        raise _cannot_check(
+            harness,
+            "the target gives neither a boot_record hook nor a private_key_path (with herder's "
+            "SSH executor), so the suite cannot see whether create uses init_command and "
+            "public_key",
+            rules.INIT_COMMAND_RUN,
+        )
+    instance = harness.create(iset, tags={harness.tag("InstanceSecret"): secret},
+                              init_command=command)
+    runtime = ThreadRuntime()
+    executor = _executor_for(harness, TagVerifier(instance, secret, timeout=30.0), runtime)
+    try:
+        _run_until_booted(harness, instance, secret, executor)  # the key let us in
+        sudo = "" if instance.remote_user == "root" else "sudo "
+        result = executor.execute(f"{sudo}cat {SECRET_PATH}", None, None, 30.0)
+        if not result.ok or result.stdout.decode(errors="replace").strip() != secret:
+            raise fail(
+                f"{SECRET_PATH} on {instance.id} does not hold the secret the init command "
+                f"wrote (exit {result.exit_status}, stdout {result.stdout[:100]!r})",
+                rules.INIT_COMMAND_RUN,
+            )
+    finally:
+        executor.close()
+        runtime.shutdown()
+
+
+def _key_body(key: str) -> str:
+    """The type and base64 body of an OpenSSH public key, without its comment."""
+    return " ".join(key.split()[:2])
+
+
+def _throwaway_public_key() -> str:
+    """A valid OpenSSH public key nobody holds the private half of (for boot_record checks)."""
+    from herder.ssh.server import generate_key
+
+    return generate_key()[1]
+
+
 class _RefusingRemote(RemoteRunner):
     """A connection on which every command fails: a host that knows no secret."""
 
@@ -442,7 +601,7 @@ def check_host_key_verification(harness: ConformanceHarness) -> None:
     iset = harness.instance_set()
     instance = harness.create(iset)
     bogus = HostKey("ssh-ed25519", secrets.token_bytes(51))
-    declared = "host_key_verification" in harness.target.declared
+    declared = Capability.HOST_KEY_VERIFICATION in harness.target.declared
     try:
         instance.verify_host_key(bogus, _RefusingRemote())
     except NotImplementedByDriver as exc:
@@ -471,7 +630,7 @@ def check_host_key_verification(harness: ConformanceHarness) -> None:
 
 
 def check_price_history(harness: ConformanceHarness) -> None:
-    _require(harness, "price_history")
+    _require(harness, Capability.PRICE_HISTORY)
     it = harness.target.instance_type(preemptible=True) or harness.target.instance_types[0]
     instance = harness.create(instance_type=it)
     prices: Any = instance.price_history(it)
@@ -497,12 +656,12 @@ def _create_kind(harness: ConformanceHarness, it: InstanceType | None, rule: str
 
 
 def check_spot(harness: ConformanceHarness) -> None:
-    _require(harness, "spot")
+    _require(harness, Capability.SPOT)
     _create_kind(harness, harness.target.instance_type(preemptible=True), rules.SPOT_CREATES)
 
 
 def check_gpu(harness: ConformanceHarness) -> None:
-    _require(harness, "gpu")
+    _require(harness, Capability.GPU)
     _create_kind(harness, harness.target.instance_type(gpu=True), rules.GPU_CREATES)
 
 
@@ -512,6 +671,8 @@ CHECKS: dict[str, Callable[[ConformanceHarness], None]] = {
     "created_instance_is_listed": check_created_instance_is_listed,
     "listing_keeps_matching_instances": check_listing_keeps_matching_instances,
     "ids_are_stable": check_ids_are_stable,
+    "ids_never_reused": check_ids_never_reused,
+    "tags_seen_by_another_instance_set": check_tags_seen_by_another_instance_set,
     "set_tags_replaces_tags": check_set_tags_replaces_tags,
     "destroy_removes_instance": check_destroy_removes_instance,
     "destroy_twice_is_harmless": check_destroy_twice_is_harmless,
@@ -523,10 +684,12 @@ CHECKS: dict[str, Callable[[ConformanceHarness], None]] = {
     "rate_limit_error": check_rate_limit_error,
     "address_format": check_address_format,
     "booted_instance_runs_commands": check_booted_instance_runs_commands,
+    "init_command_and_public_key": check_init_command_and_public_key,
     "host_key_verification": check_host_key_verification,
     "price_history": check_price_history,
     "spot": check_spot,
     "gpu": check_gpu,
+    "idempotent_create": check_idempotent_create,
 }
 
 

@@ -31,6 +31,14 @@ CREATE_RETURNS_INSTANCE = (
 CREATED_IS_LISTED = "instances() lists every instance created, at most listing_delay after create"
 LISTING_KEEPS_MATCHES = "listings must not drop instances that match the tag filter"
 IDS_STABLE = "an instance's id is stable and the same in create and every listing"
+IDS_NEVER_REUSED = (
+    "an id names one instance only: no two instances ever get the same id, not even after "
+    "the first is destroyed"
+)
+TAGS_IN_CLOUD = (
+    "tags are stored in the cloud: another instance set built from the same parameters (another "
+    "process, another host) lists the same tags"
+)
 TAGS_EXACT = "tags are given back exactly as set (keys and values unchanged)"
 SET_TAGS_REPLACES = "set_tags replaces all tags, and a later listing shows the new tags"
 DESTROY_REMOVES = "destroy makes the instance leave the listing, at most listing_delay later"
@@ -60,6 +68,12 @@ HOST_KEY_DECLARED = (
 PRICE_HISTORY_ORDERED = "price_history returns InstancePrice points, newest first"
 SPOT_CREATES = "a driver declaring spot creates preemptible instance types"
 GPU_CREATES = "a driver declaring gpu creates GPU instance types"
+INIT_COMMAND_RUN = "create runs init_command as root at the instance's first boot"
+PUBLIC_KEY_INSTALLED = "create lets public_key log in as the instance's remote_user"
+IDEMPOTENT_CREATE = (
+    "a driver declaring idempotent_create returns the instance already made when a create is "
+    "repeated with the same create key (the <prefix>InstanceSecret tag) instead of making another"
+)
 
 #: Every rule, for documentation and for tools that list them.
 ALL_RULES: tuple[str, ...] = (
@@ -67,7 +81,9 @@ ALL_RULES: tuple[str, ...] = (
     CREATED_IS_LISTED,
     LISTING_KEEPS_MATCHES,
     IDS_STABLE,
+    IDS_NEVER_REUSED,
     TAGS_EXACT,
+    TAGS_IN_CLOUD,
     SET_TAGS_REPLACES,
     DESTROY_REMOVES,
     DESTROY_ONLY_TARGET,
@@ -85,4 +101,7 @@ ALL_RULES: tuple[str, ...] = (
     PRICE_HISTORY_ORDERED,
     SPOT_CREATES,
     GPU_CREATES,
+    INIT_COMMAND_RUN,
+    PUBLIC_KEY_INSTALLED,
+    IDEMPOTENT_CREATE,
 )

@@ -46,8 +46,20 @@ class DriverConformance:
     """Every check of the suite, one test each.  Needs a ``conformance_target`` fixture.
 
     Not collected itself (its name does not start with ``Test``); subclass it as
-    ``TestMyDriverConformance``, or import :class:`TestDriverConformance`.
+    ``TestMyDriverConformance``, or import :class:`TestDriverConformance`.  The class carries
+    its own ``conformance_harness`` fixture, so a subclass needs no other import.
     """
+
+    @pytest.fixture
+    def conformance_harness(
+        self, conformance_target: ConformanceTarget
+    ) -> Iterator[ConformanceHarness]:
+        """A harness for ``conformance_target``, cleaned up after the test."""
+        harness = ConformanceHarness(conformance_target)
+        try:
+            yield harness
+        finally:
+            harness.close()
 
     def test_create_returns_instance(self, conformance_harness: ConformanceHarness) -> None:
         _run("create_returns_instance", conformance_harness)
@@ -62,6 +74,14 @@ class DriverConformance:
 
     def test_ids_are_stable(self, conformance_harness: ConformanceHarness) -> None:
         _run("ids_are_stable", conformance_harness)
+
+    def test_ids_never_reused(self, conformance_harness: ConformanceHarness) -> None:
+        _run("ids_never_reused", conformance_harness)
+
+    def test_tags_seen_by_another_instance_set(
+        self, conformance_harness: ConformanceHarness
+    ) -> None:
+        _run("tags_seen_by_another_instance_set", conformance_harness)
 
     def test_set_tags_replaces_tags(self, conformance_harness: ConformanceHarness) -> None:
         _run("set_tags_replaces_tags", conformance_harness)
@@ -98,6 +118,11 @@ class DriverConformance:
     ) -> None:
         _run("booted_instance_runs_commands", conformance_harness)
 
+    def test_init_command_and_public_key(
+        self, conformance_harness: ConformanceHarness
+    ) -> None:
+        _run("init_command_and_public_key", conformance_harness)
+
     def test_host_key_verification(self, conformance_harness: ConformanceHarness) -> None:
         _run("host_key_verification", conformance_harness)
 
@@ -109,6 +134,9 @@ class DriverConformance:
 
     def test_gpu(self, conformance_harness: ConformanceHarness) -> None:
         _run("gpu", conformance_harness)
+
+    def test_idempotent_create(self, conformance_harness: ConformanceHarness) -> None:
+        _run("idempotent_create", conformance_harness)
 
 
 class TestDriverConformance(DriverConformance):

@@ -17,7 +17,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from herder.cloud import Driver, DriverContext, DriverParameters, Instance, InstanceSet
+from herder.cloud import (
+    Capability,
+    Driver,
+    DriverContext,
+    DriverParameters,
+    Instance,
+    InstanceSet,
+    parse_capabilities,
+)
 from herder.model import InstanceType
 from herder.testing.conformance.rules import fail
 
@@ -27,6 +35,23 @@ log = logging.getLogger("herder.testing.conformance")
 Provoke = Callable[["ConformanceHarness"], object]
 #: Builds an instance set for an instance-set id (see :class:`ConformanceTarget`).
 InstanceSetFactory = Callable[[DriverContext], InstanceSet]
+
+
+@dataclass(frozen=True)
+class BootRecord:
+    """What a (fake) cloud was told to do when it boots an instance, read back from the cloud.
+
+    ``init_command``: the first-boot script the instance will run, decoded (the suite looks for
+    the command it passed inside it, so wrapping it in a larger script is fine).
+    ``public_keys``: the OpenSSH public keys that may log in as the instance's remote user.
+    """
+
+    init_command: str
+    public_keys: Sequence[str] = ()
+
+
+#: Reads an instance's :class:`BootRecord` from the cloud or its fake (see ConformanceTarget).
+BootRecordHook = Callable[["ConformanceHarness", Instance], BootRecord]
 
 
 @dataclass
@@ -56,6 +81,15 @@ class ConformanceTarget:
     ``provoke_quota_error`` / ``provoke_capacity_error`` / ``provoke_rate_limit_error``: hooks
     that make the driver raise that error, given the harness (so what they create is cleaned
     up: use :meth:`ConformanceHarness.create` and :meth:`ConformanceHarness.instance_set`).
+
+    ``boot_record``: for a fake cloud whose instances never really boot, a hook returning what
+    the cloud was told to run and authorize at boot (:class:`BootRecord`); the suite then checks
+    that ``create`` passed on the init command and the public key.  Without it the suite checks
+    them by logging in to a booted instance (``private_key_path``).
+
+    ``strict``: fail, instead of skipping, the checks the suite cannot make with what the target
+    gives (init command and public key unverifiable, a declared capability without its
+    provoke hook).  Use it in a driver's own CI: a skipped check proves nothing.
     """
 
     driver: Driver
@@ -74,19 +108,24 @@ class ConformanceTarget:
     provoke_quota_error: Provoke | None = None
     provoke_capacity_error: Provoke | None = None
     provoke_rate_limit_error: Provoke | None = None
+    boot_record: BootRecordHook | None = None
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if not self.instance_types:
             raise ValueError("ConformanceTarget needs at least one instance type")
         if self.max_instances < 2:
             raise ValueError("ConformanceTarget.max_instances must be at least 2")
+        if self.capabilities is not None:
+            parse_capabilities(self.capabilities)  # a misspelt one fails here, loudly
 
     @property
-    def declared(self) -> frozenset[str]:
-        """The capabilities in effect: the target's own list, else the driver's declaration."""
+    def declared(self) -> frozenset[Capability]:
+        """The capabilities in effect: the target's own list, else what the driver declares
+        for these parameters (:meth:`Driver.capabilities_for`).  ValueError for unknown ones."""
         if self.capabilities is not None:
-            return frozenset(self.capabilities)
-        return frozenset(type(self.driver).capabilities)
+            return parse_capabilities(self.capabilities)
+        return parse_capabilities(self.driver.capabilities_for(self.validated_params()))
 
     def validated_params(self) -> DriverParameters:
         if isinstance(self.params, DriverParameters):
@@ -173,6 +212,21 @@ class ConformanceHarness:
         with self._lock:
             self._sets[set_id] = built
         return built
+
+    def restart_instance_set(self, instance_set_id: str | None = None) -> InstanceSet:
+        """Stop the instance set for ``instance_set_id`` and build a new one from the same
+        parameters, as a restarted herder (another process) would; later
+        :meth:`instance_set` calls return the new one.
+
+        The new set shares nothing in memory with the old one, so what it lists is what the
+        cloud itself stores.
+        """
+        set_id = instance_set_id or self.instance_set_id
+        with self._lock:
+            old = self._sets.pop(set_id, None)
+        if old is not None:
+            old.stop()
+        return self.instance_set(set_id)
 
     def create(
         self,
@@ -269,9 +323,28 @@ class ConformanceHarness:
         """
         with self._lock:
             created, self._created = self._created, []
-            sets = [*self._sets.values(), *self._extra_sets]
+            main = list(self._sets.values())
+            sets = [*main, *self._extra_sets]
             self._sets, self._extra_sets = {}, []
+        wanted = {instance.id for instance in created}
+        for iset in main:
+            # Fresh snapshots first: an instance object from a set that was since stopped
+            # (restart_instance_set) may no longer be able to act.
+            try:
+                listed = iset.instances({})
+            except Exception as exc:
+                log.warning("clean-up: cannot list instances: %s", exc)
+                continue
+            for instance in listed:
+                if instance.id in wanted:
+                    try:
+                        instance.destroy()
+                        wanted.discard(instance.id)
+                    except Exception as exc:
+                        log.warning("clean-up: cannot destroy %s: %s", instance.id, exc)
         for instance in created:
+            if instance.id not in wanted:
+                continue
             try:
                 instance.destroy()
             except Exception as exc:
@@ -281,3 +354,4 @@ class ConformanceHarness:
                 iset.stop()
             except Exception as exc:
                 log.warning("clean-up: cannot stop an instance set: %s", exc)
+

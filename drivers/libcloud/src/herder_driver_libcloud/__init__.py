@@ -1,0 +1,1 @@
+"""herder's ``libcloud`` driver: any compute provider apache-libcloud speaks to."""

@@ -1,0 +1,163 @@
+"""The bridge's own rules: error tables per preset, thread safety, presets and parameters."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+from herder_driver_libcloud.driver import (
+    LibcloudDriver,
+    LibcloudInstanceSet,
+    LibcloudParameters,
+    first_boot_script,
+)
+from herder_driver_libcloud.errors import EC2_ERRORS, NO_ERRORS, OPENSTACK_ERRORS, classify
+from herder_driver_libcloud.presets import PRESETS, TagStrategy
+from libcloud.common.exceptions import BaseHTTPError, RateLimitReachedError
+from pydantic import ValidationError
+
+from herder.cloud import (
+    Capability,
+    CapacityError,
+    CloudError,
+    DriverContext,
+    QuotaError,
+    RateLimitError,
+)
+
+NOW = 1_000_000.0
+
+# (table, exception, expected type, instance_type_specific, earliest_retry)
+ERROR_CASES: list[tuple[Any, BaseException, type[CloudError] | None, bool, float | None]] = [
+    (NO_ERRORS, RateLimitReachedError(headers={"retry-after": "7"}), RateLimitError, False,
+     NOW + 7),
+    (NO_ERRORS, BaseHTTPError(429, "Too Many Requests", {"Retry-After": "3"}), RateLimitError,
+     False, NOW + 3),
+    (NO_ERRORS, BaseHTTPError(429, "slow down"), RateLimitError, False, NOW + 10),
+    (NO_ERRORS, BaseHTTPError(400, "InstanceLimitExceeded: too many"), None, False, None),
+    (EC2_ERRORS, BaseHTTPError(400, "InstanceLimitExceeded: You have requested more"),
+     QuotaError, False, None),
+    (EC2_ERRORS, BaseHTTPError(400, "VcpuLimitExceeded: vCPU limit"), QuotaError, False, None),
+    (EC2_ERRORS, BaseHTTPError(500, "InsufficientInstanceCapacity: no m5.large"),
+     CapacityError, True, None),
+    (EC2_ERRORS, BaseHTTPError(503, "RequestLimitExceeded: Request limit exceeded."),
+     RateLimitError, False, NOW + 10),
+    (EC2_ERRORS, BaseHTTPError(400, "InvalidAMIID.NotFound: no such image"), None, False, None),
+    (OPENSTACK_ERRORS, BaseHTTPError(413, "Quota exceeded for instances: Requested 1"),
+     QuotaError, False, None),
+    (OPENSTACK_ERRORS, Exception("500 No valid host was found. There are not enough hosts"),
+     CapacityError, True, None),
+    (OPENSTACK_ERRORS, BaseHTTPError(413, "overLimit: Rate limit exceeded"), RateLimitError,
+     False, NOW + 10),
+    (OPENSTACK_ERRORS, BaseHTTPError(404, "Flavor not found"), None, False, None),
+]
+
+
+@pytest.mark.parametrize(("table", "exc", "expected", "type_specific", "retry"), ERROR_CASES)
+def test_errors_are_classified_per_preset(
+    table: Any, exc: BaseException, expected: type[CloudError] | None, type_specific: bool,
+    retry: float | None,
+) -> None:
+    typed = classify(exc, table, clock=lambda: NOW)
+    if expected is None:
+        assert typed is None
+        return
+    assert type(typed) is expected
+    if isinstance(typed, CapacityError):
+        assert typed.instance_type_specific == type_specific
+    if isinstance(typed, RateLimitError):
+        assert typed.earliest_retry == retry
+
+
+class RacyNodeDriver:
+    """A libcloud-like driver keeping per-request state on the object, as libcloud's
+    connections do: two threads inside one object at once see each other's request."""
+
+    def __init__(self, rendezvous: threading.Barrier) -> None:
+        self.rendezvous = rendezvous
+        self.action = ""
+
+    def list_nodes(self) -> list[Any]:
+        me = threading.current_thread().name
+        self.action = me
+        self.rendezvous.wait(timeout=10)  # both threads are now mid-request
+        if self.action != me:
+            raise AssertionError(f"request of {me} answered as {self.action}'s")
+        return []
+
+
+def test_concurrent_calls_never_share_a_libcloud_driver_object() -> None:
+    rendezvous = threading.Barrier(2)
+    params = LibcloudParameters(provider="ec2")
+    iset = LibcloudInstanceSet(
+        params, DriverContext(instance_set_id="x"), factory=lambda: RacyNodeDriver(rendezvous)
+    )
+    errors: list[BaseException] = []
+
+    def lister() -> None:
+        try:
+            iset.instances({})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lister, name=f"t{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert errors == []
+
+
+def test_a_provider_without_a_tested_preset_warns_naming_what_is_untested(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    params = LibcloudParameters(provider="vultr")
+    with caplog.at_level(logging.WARNING):
+        LibcloudInstanceSet(params, DriverContext(instance_set_id="x"), factory=object)
+    assert "'vultr' has no tested preset" in caplog.text
+    assert "not classified" in caplog.text
+
+
+def test_capabilities_come_from_the_preset() -> None:
+    driver = LibcloudDriver()
+    assert Capability.QUOTA_ERRORS in driver.capabilities_for(LibcloudParameters(provider="ec2"))
+    assert driver.capabilities_for(LibcloudParameters(provider="vultr")) == frozenset()
+    assert Capability.SPOT not in driver.capabilities_for(LibcloudParameters(provider="ec2"))
+
+
+def test_every_tested_preset_keeps_tags_in_the_provider() -> None:
+    for preset in PRESETS.values():
+        if preset.tags is TagStrategy.FAKE_NODE:
+            assert preset.process_wide, "node tags are only 'in the cloud' for a shared fake"
+
+
+def test_parameters_take_secrets_by_reference_only() -> None:
+    with pytest.raises(ValidationError, match="by reference"):
+        LibcloudParameters.model_validate({"provider": "ec2", "secret": "AKIA-plain"})
+    with pytest.raises(ValidationError, match="unknown libcloud provider 'ec3'"):
+        LibcloudParameters.model_validate({"provider": "ec3"})
+
+
+def test_the_first_boot_script_authorizes_the_key_then_runs_the_command() -> None:
+    script = first_boot_script("echo hi", "ssh-ed25519 AAAA x@y", "admin")
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/sh" and lines[-1] == "echo hi"
+    assert "echo 'ssh-ed25519 AAAA x@y' >>/home/admin/.ssh/authorized_keys" in script
+    assert "authorized_keys" not in first_boot_script("echo hi", None, "root")
+
+
+def test_config_check_rejects_spot_types_for_a_preset_without_spot(tmp_path: Any) -> None:
+    from herder.config import check_config
+    from herder.plugins import Plugins
+
+    path = tmp_path / "herder.yaml"
+    path.write_text(
+        "cloud: {driver: libcloud, driver_parameters: {provider: ec2}}\n"
+        "instance_types:\n"
+        "  m5.large: {vcpus: 2, ram: 8GiB}\n"
+        "  m5.large.spot: {provider_type: m5.large, vcpus: 2, ram: 8GiB, preemptible: true}\n"
+    )
+    (problem,) = check_config(path, Plugins.load())
+    assert problem.key == "instance_types.m5.large.spot.preemptible"
