@@ -11,8 +11,10 @@ The verified key is remembered, so reconnecting to the same key needs no new che
 key is checked again, and a connection whose key does not verify is closed at once (Arvados
 leaves it open, SPEC §19 item 30) and never used.
 
-paramiko is used directly rather than through fabric: invoke pipes stdin about one byte per SSH
-packet and polls for the exit status, both far too slow for herder's traffic.  Timeouts here are
+Reach: directly, or through a bastion (``cloud.ssh``; :mod:`herder.ssh.bastion`), which fabric
+connects to.  Commands themselves run on raw paramiko channels rather than through fabric's
+runner: invoke pipes stdin about one byte per SSH packet and polls for the exit status, both far
+too slow for herder's traffic.  Timeouts here are
 wall-clock deadlines on real sockets, not the engine's clock: they bound how long a thread of the
 runtime's pool may be held by a remote host, whatever clock the engine runs on.
 
@@ -43,11 +45,9 @@ from herder.executor import (
 )
 from herder.runtime import Runtime
 from herder.ssh import send_eof
+from herder.ssh.bastion import ConnectReport, Hop, bastion_for
 
 log = logging.getLogger("herder.ssh")
-
-#: Seconds to wait for TCP connect, SSH handshake, authentication and host-key verification.
-DEFAULT_CONNECT_TIMEOUT = 60.0
 
 #: Exit status reported when the server closed a command's channel without an exit status (for
 #: instance because the command was killed by a signal); OpenSSH's client uses the same.
@@ -296,12 +296,19 @@ class SSHExecutor(Executor):
         config: Config,
         runtime: Runtime,
         *,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        connect_timeout: float | None = None,
     ) -> None:
         self._key = load_private_key(config.containers.dispatch_private_key)
+        self._key_file = config.containers.dispatch_private_key
+        self._ssh = config.cloud.ssh
         self._default_port = config.cloud.ssh_port
         self._default_timeout = config.cloud.timeout_command
-        self._connect_timeout = connect_timeout
+        # Seconds for TCP connect, SSH handshake, login and host-key verification, per hop.
+        self._connect_timeout = (
+            self._ssh.connect_timeout if connect_timeout is None else connect_timeout
+        )
+        #: How the latest connection was made (through which bastion, how long each hop took).
+        self.last_connect: ConnectReport | None = None
         self._runtime = runtime
         # _lock guards the fields below and is never held during network I/O, so set_target()
         # and close() never wait for a command or a dial.
@@ -410,12 +417,23 @@ class SSHExecutor(Executor):
         """Connect, authenticate and verify the host key; the transport is closed on failure."""
         host, port = target_host_port(target.address, self._default_port)
         where = f"{target} at {host}:{port}"
-        try:
-            sock = socket.create_connection((host, port), timeout=self._connect_timeout)
-        except OSError as exc:
-            raise ExecutorError(f"cannot connect to {where}: {exc}") from exc
-        # paramiko leaves Nagle on, which costs ~40 ms per command round trip.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        bastion = bastion_for(self._ssh, self._key_file, host, port)
+        hops: list[Hop] = []
+        start = time.monotonic()
+        sock: socket.socket | paramiko.Channel
+        if bastion is None:
+            try:
+                sock = socket.create_connection((host, port), timeout=self._connect_timeout)
+            except OSError as exc:
+                raise ExecutorError(f"cannot connect to {where}: {exc}") from exc
+            # paramiko leaves Nagle on, which costs ~40 ms per command round trip.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            # The bastion's own errors (BastionError) name it and pass through as they are.
+            sock, bastion_seconds = bastion.open_channel(host, port, self._connect_timeout)
+            hops.append(Hop(f"bastion {bastion.name}", bastion_seconds))
+            where = f"{where} through bastion {bastion.name}"
+            start = time.monotonic()
         transport = paramiko.Transport(sock)
         transport.banner_timeout = self._connect_timeout
         transport.handshake_timeout = self._connect_timeout
@@ -439,6 +457,11 @@ class SSHExecutor(Executor):
         except BaseException:
             transport.close()
             raise
+        if self._ssh.keepalive_interval:
+            transport.set_keepalive(max(1, round(self._ssh.keepalive_interval)))
+        hops.append(Hop(f"instance {host}:{port}", time.monotonic() - start))
+        self.last_connect = ConnectReport(bastion.name if bastion else "", tuple(hops))
+        log.debug("SSH to %s: %s", target, self.last_connect.describe())
         return transport
 
     def _check_host_key(self, target: Instance, transport: paramiko.Transport) -> None:
