@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import fabric
 import paramiko
@@ -62,6 +63,12 @@ class ConnectReport:
 
     bastion: str
     hops: tuple[Hop, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bastion": self.bastion,
+            "hops": [{"hop": hop.name, "seconds": round(hop.seconds, 3)} for hop in self.hops],
+        }
 
     def describe(self) -> str:
         legs = ", ".join(f"{hop.name} {hop.seconds:.3f}s" for hop in self.hops)

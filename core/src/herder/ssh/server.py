@@ -335,6 +335,7 @@ class _Connection(paramiko.ServerInterface):
         """Connect to ``destination`` before answering, so a refused one fails the open (as
         OpenSSH does) instead of opening a channel that closes at once."""
         route = self._server.forward_to
+        self._server.forwarded.append(destination)
         where = route(*destination) if route is not None else None
         if where is None:
             return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
@@ -454,6 +455,7 @@ class LocalSSHServer:
         self._stopping = False
         self._address = ""
         self.connections_accepted = 0  # TCP connections accepted so far (tests count dials)
+        self.forwarded: list[tuple[str, int]] = []  # direct-tcpip destinations asked for
 
     @property
     def address(self) -> str:
