@@ -8,6 +8,8 @@ on the same port with the same host key, and work resumes.
 
 from __future__ import annotations
 
+import getpass
+import json
 import os
 import signal
 import time
@@ -89,9 +91,16 @@ def test_containers_run_through_a_bastion_that_goes_away_and_comes_back(
         bastion.stop()
         later = _submit(server, "sh", "-c", f"echo later > {out}/later # {marker}")
         deadline = time.monotonic() + 60
-        while not any(
-            f"127.0.0.1:{port}" in m and "next attempt" in m
-            for m in (str(line.get("message", "")) for line in server.log_lines())
+        # The bastion's failure shows in the log and in the status of the instances behind it.
+        while not (
+            any(
+                f"127.0.0.1:{port}" in m and "next attempt" in m
+                for m in (str(line.get("message", "")) for line in server.log_lines())
+            )
+            and any(
+                f"bastion {getpass.getuser()}@127.0.0.1:{port}" in i["probe_error"]
+                for i in json.loads(server.cli("instances", "--json").stdout)
+            )
         ):
             assert time.monotonic() < deadline, server.log_path.read_text()[-3000:]
             time.sleep(0.3)
