@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 from herder.config import config_from_data
 from herder.executor import ExecutorError, HostKeyError
@@ -316,3 +318,12 @@ def test_config_errors_name_the_key(ssh: dict[str, object], key: str) -> None:
     config, problems = config_from_data({"cloud": {"ssh": ssh}})
     assert config is None
     assert any(key in problem.format() for problem in problems), problems
+
+
+def test_the_core_readme_bastion_examples_are_valid_config() -> None:
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    blocks = re.findall(r"```yaml\n(.*?)```", readme.read_text(), re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        config, problems = config_from_data(yaml.safe_load(block))
+        assert config is not None, problems
