@@ -25,6 +25,7 @@ import base64
 import binascii
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -162,6 +163,9 @@ class Bastion:
                 raise self._failed_locked(reason) from exc
             transport = self.connection.transport
             assert transport is not None
+            if isinstance(transport.sock, socket.socket):
+                # paramiko leaves Nagle on: ~40 ms per round trip through the tunnel otherwise.
+                transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._keepalive:
                 transport.set_keepalive(self._keepalive)
             self._delay = 0.0
@@ -197,6 +201,7 @@ def close_shared_bastions() -> None:
     with _shared_lock:
         bastions = list(_shared.values())
         _shared.clear()
+        _fabric_configs.clear()
     for bastion in bastions:
         bastion.close()
 
@@ -240,9 +245,18 @@ def bastion_for(
     return _shared_bastion(key, lambda: _configured_bastion(gateway, settings))
 
 
+_fabric_configs: dict[str, fabric.Config] = {}
+
+
 def _fabric_config(settings: CloudSSHConfig) -> fabric.Config:
+    """The OpenSSH config as fabric reads it, parsed once per process (not once per dial)."""
     path = os.path.expanduser(settings.ssh_config_file) if settings.ssh_config_file else None
-    return fabric.Config(runtime_ssh_path=path)
+    key = path or ""
+    with _shared_lock:
+        config = _fabric_configs.get(key)
+        if config is None:
+            config = _fabric_configs[key] = fabric.Config(runtime_ssh_path=path)
+        return config
 
 
 def _explicit_bastion(settings: CloudSSHConfig, dispatch_key_file: str) -> Bastion:
