@@ -267,6 +267,19 @@ class SSHStream(ExecStream):
         _close_quietly(self._channel)
 
 
+class _ClientTransport(paramiko.Transport):
+    """A client transport whose thread wakes once a second when idle, not ten times.
+
+    paramiko's transport thread reads with a 0.1 s socket timeout to look for a close, a
+    re-key or a keep-alive that is due; with one transport per instance that is 10 wake-ups a
+    second per instance, each taking the GIL -- at 1,000 idle instances most of the
+    dispatcher's CPU (``benchmarks/ssh_scale.py``).  Data still wakes it at once, ``close()``
+    closes the socket, and keep-alives are whole seconds, so nothing here needs 0.1 s.
+    """
+
+    _active_check_timeout = 1.0
+
+
 class _TransportRunner(RemoteRunner):
     """Runs commands on a connection that is still being verified."""
 
@@ -434,7 +447,7 @@ class SSHExecutor(Executor):
             hops.append(Hop(f"bastion {bastion.name}", bastion_seconds))
             where = f"{where} through bastion {bastion.name}"
             start = time.monotonic()
-        transport = paramiko.Transport(sock)
+        transport = _ClientTransport(sock)
         transport.banner_timeout = self._connect_timeout
         transport.handshake_timeout = self._connect_timeout
         transport.auth_timeout = self._connect_timeout
