@@ -201,14 +201,23 @@ def _drain(recv: Callable[[int], bytes], sink: list[bytes]) -> None:
 class SSHStream(ExecStream):
     """A command kept running on its own channel of the shared connection.
 
-    One thread may read while others write.  The channel's timeout is a fixed polling period
-    set once (paramiko has one timeout per channel, shared by reads and writes), and each call
-    loops over it until its own deadline, so no call changes another's.  What the command
+    One thread may read while others write.  paramiko has one timeout per channel, shared by
+    reads and writes, so each call sets the period it wants right before it blocks and loops
+    until its own deadline: ``POLL`` for calls with a deadline, ``IDLE_POLL`` for a read that
+    waits for as long as it takes (the resident runner's reader, idle most of its life).  A
+    call may thus wake early or, at worst, look at its deadline ``IDLE_POLL`` late -- a write
+    that finds the window full just when the reader reset the period.  What the command
     writes to stderr is drained as it comes (so it cannot fill the window) and logged.
+
+    ``IDLE_POLL`` is long because every wake-up takes the GIL: at 0.5 s, 1,000 idle streams
+    cost the dispatcher about 8 % of a core (``benchmarks/ssh_scale.py``).  Data and a close
+    wake a waiting read at once whatever the period.
     """
 
-    #: Seconds each blocking channel call waits before the caller looks at its deadline.
+    #: Seconds a blocking channel call with a deadline waits before looking at it again.
     POLL = 0.5
+    #: Seconds a read without a deadline waits before draining stderr and waiting again.
+    IDLE_POLL = 5.0
 
     def __init__(self, channel: paramiko.Channel, command: str) -> None:
         self._channel = channel
@@ -224,6 +233,7 @@ class SSHStream(ExecStream):
         rest = data
         while rest:
             try:
+                self._channel.settimeout(self.POLL)
                 sent = self._channel.send(rest)
             except TimeoutError:
                 sent = 0  # the window is full: the command is not reading yet
@@ -237,9 +247,15 @@ class SSHStream(ExecStream):
         deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self._buffer:
             self._drain_stderr()
-            if deadline is not None and time.monotonic() > deadline:
-                raise ExecutorError(f"no answer on the stream within {timeout:g}s")
+            if deadline is None:
+                period = self.IDLE_POLL
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ExecutorError(f"no answer on the stream within {timeout:g}s")
+                period = min(self.POLL, left)
             try:
+                self._channel.settimeout(period)
                 chunk = self._channel.recv(_CHUNK)
             except TimeoutError:
                 continue
