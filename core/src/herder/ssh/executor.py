@@ -14,9 +14,11 @@ leaves it open, SPEC §19 item 30) and never used.
 Reach: directly, or through a bastion (``cloud.ssh``; :mod:`herder.ssh.bastion`), which fabric
 connects to.  Commands themselves run on raw paramiko channels rather than through fabric's
 runner: invoke pipes stdin about one byte per SSH packet and polls for the exit status, both far
-too slow for herder's traffic.  Timeouts here are
-wall-clock deadlines on real sockets, not the engine's clock: they bound how long a thread of the
-runtime's pool may be held by a remote host, whatever clock the engine runs on.
+too slow for herder's traffic.
+
+Timeouts here are wall-clock deadlines on real sockets, not the engine's clock: they bound how
+long a thread of the runtime's pool may be held by a remote host, whatever clock the engine runs
+on.
 
 Environment variables go out as SSH ``env`` requests.  Servers may refuse them silently
 (OpenSSH accepts only the names its ``AcceptEnv`` allows), so commands must not depend on them
