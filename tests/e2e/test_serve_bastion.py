@@ -70,8 +70,12 @@ def test_containers_run_through_a_bastion_that_goes_away_and_comes_back(
     config = tmp_path / "herder.yaml"
     config.write_text(
         CONFIG.format(
-            key=key, state_dir=tmp_path / "loopback", port=port, host_key=host_key_line,
-            db=tmp_path / "herder.db", marker=marker,
+            key=key,
+            state_dir=tmp_path / "loopback",
+            port=port,
+            host_key=host_key_line,
+            db=tmp_path / "herder.db",
+            marker=marker,
         )
     )
     server = Server(tmp_path / "data", config, tmp_path / "serve.log")
@@ -79,9 +83,7 @@ def test_containers_run_through_a_bastion_that_goes_away_and_comes_back(
         server.start()
         out = tmp_path / "out"
         out.mkdir()
-        uuids = [
-            _submit(server, "sh", "-c", f"echo {i} > {out}/{i} # {marker}") for i in range(3)
-        ]
+        uuids = [_submit(server, "sh", "-c", f"echo {i} > {out}/{i} # {marker}") for i in range(3)]
         states = _wait_final(server, uuids, timeout=180)
         assert {s["state"] for s in states.values()} == {"Complete"}, states
         assert sorted(p.name for p in out.iterdir()) == ["0", "1", "2"]
