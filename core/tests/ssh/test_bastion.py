@@ -174,6 +174,17 @@ def test_bastion_with_a_different_host_key_is_refused(net: Network) -> None:
         executor.execute("true")
 
 
+def test_bastion_refusing_the_login_is_a_clear_error(net: Network, tmp_path: Path) -> None:
+    other_key = tmp_path / "other_key"
+    generate_key_file(other_key)
+    with (
+        behind(net, bastion_key_file=str(other_key)) as (instance, executor),
+        pytest.raises(BastionError, match=r"bastion .*@127\.0\.0\.1:\d+: refused the login"),
+    ):
+        executor.execute("true")
+    assert instance.verified == []
+
+
 def test_bastion_host_key_from_known_hosts(net: Network, tmp_path: Path) -> None:
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{net.bastion_port} {net.bastion_key_line}\n")

@@ -115,12 +115,14 @@ class Bastion:
         transport, seconds = self._transport()
         try:
             channel = transport.open_channel("direct-tcpip", (host, port), ("", 0), timeout=timeout)
+        except paramiko.ChannelException as exc:
+            # The bastion answered: it cannot reach the instance (yet).  Not the bastion's fault.
+            raise ExecutorError(
+                f"bastion {self.name} cannot reach {host}:{port}: {exc or type(exc).__name__}"
+            ) from exc
         except _ERRORS as exc:
-            if transport.is_active():
-                # The bastion is fine; the instance is not reachable from it (yet).
-                raise ExecutorError(
-                    f"bastion {self.name} cannot reach {host}:{port}: {exc or type(exc).__name__}"
-                ) from exc
+            # No answer at all: the connection died (perhaps before its thread noticed) or the
+            # bastion is stuck.  Either way the bastion is the one to reconnect to.
             raise self._failed(f"connection lost ({exc or type(exc).__name__})") from exc
         return channel, seconds
 
