@@ -470,3 +470,17 @@ def test_state_column_is_coloured_only_on_a_terminal(monkeypatch):
     assert use_colour(Context(None, stdout=io.StringIO())) is False
     monkeypatch.setenv("NO_COLOR", "1")
     assert use_colour(Context(None, stdout=_TTY())) is False
+
+
+def test_instances_table_is_followed_by_probe_errors() -> None:
+    from herder.commands.instances import probe_error_lines
+
+    items = [
+        {"instance": "i-1", "address": "10.0.0.1", "probe_error": ""},
+        {"instance": "i-2", "address": "10.0.0.2", "probe_error": "bastion u@jump:22: refused"},
+        {"instance": "", "address": "", "probe_error": "instance has no address"},
+    ]
+    assert probe_error_lines(items) == [
+        "i-2: latest probe failed: bastion u@jump:22: refused",
+        "(creating): latest probe failed: instance has no address",
+    ]
