@@ -546,3 +546,17 @@ def test_token_prints_the_token_the_cli_uses(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HERDER_MANAGEMENT_TOKEN", "from-env")
     assert cli.main(["token"]) == 0
     assert capsys.readouterr().out == "from-env\n"
+
+
+def test_instances_table_is_followed_by_probe_errors() -> None:
+    from herder.commands.instances import probe_error_lines
+
+    items = [
+        {"instance": "i-1", "address": "10.0.0.1", "probe_error": ""},
+        {"instance": "i-2", "address": "10.0.0.2", "probe_error": "bastion u@jump:22: refused"},
+        {"instance": "", "address": "", "probe_error": "instance has no address"},
+    ]
+    assert probe_error_lines(items) == [
+        "i-2: latest probe failed: bastion u@jump:22: refused",
+        "(creating): latest probe failed: instance has no address",
+    ]

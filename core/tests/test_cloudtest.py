@@ -6,6 +6,7 @@ passed, failed on purpose, or was interrupted.
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ from herder.cloudtest import (
 from herder.config import Config
 from herder.executor import Executor
 from herder.model import InstanceType
-from herder.ssh.server import generate_key_file
+from herder.ssh.bastion import close_shared_bastions
+from herder.ssh.server import LocalSSHServer, generate_key, generate_key_file
 from herder.testing.sim import SimDriver, SimParameters
 from herder.worker.bootprobe import BootProbe
 
@@ -290,4 +292,41 @@ def test_loopback_failing_step_still_cleans_up(
     steps = {s["step"]: s["status"] for s in out["steps"]}
     assert steps["ssh"] == "ok" and steps["boot probe"] == "FAILED"
     assert steps["destroy"] == "ok" and steps["gone"] == "ok"
+    assert _loopback_instances(tmp_path) == []
+
+
+def test_loopback_through_a_bastion_reports_the_route_and_each_hop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bastion_key, bastion_line = generate_key()
+    dispatch_key = tmp_path / "dispatch_key"
+    _, dispatch_public = generate_key_file(dispatch_key)
+    bastion = LocalSSHServer(
+        bastion_key, [dispatch_public], forward_to=lambda host, port: (host, port)
+    )
+    bastion.start()
+    try:
+        host, port = bastion.address.rsplit(":", 1)
+        config = loopback_config(
+            tmp_path,
+            ssh={
+                "bastion_host": host,
+                "bastion_port": int(port),
+                "bastion_key_file": str(dispatch_key),
+                "bastion_host_key": bastion_line,
+            },
+        )
+        status = main(["cloudtest", "--config", str(config), "--json"])
+        out = json.loads(capsys.readouterr().out)
+    finally:
+        close_shared_bastions()
+        bastion.stop()
+    assert status == 0, out
+    steps = {s["step"]: s for s in out["steps"]}
+    assert f"through bastion {getpass.getuser()}@{host}:{port}" in steps["ssh"]["detail"]
+    route = out["ssh_route"]
+    assert route["bastion"] == f"{getpass.getuser()}@{host}:{port}"
+    assert [hop["hop"].split()[0] for hop in route["hops"]] == ["bastion", "instance"]
+    assert all(hop["seconds"] >= 0 for hop in route["hops"])
+    assert bastion.forwarded  # the instance was reached through the bastion
     assert _loopback_instances(tmp_path) == []

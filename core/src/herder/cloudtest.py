@@ -37,6 +37,7 @@ from herder.executor import Executor
 from herder.model import IdleBehavior, InstanceType
 from herder.plugins import Plugins
 from herder.runtime import Runtime, ThreadRuntime
+from herder.ssh.bastion import ConnectReport
 from herder.worker.bootprobe import BootProbe
 from herder.worker.runner import RunnerDeployment
 from herder.worker.verify import TagVerifier, init_command
@@ -96,6 +97,8 @@ class CloudtestReport:
     steps: list[Step] = field(default_factory=list)
     instance_id: str = ""
     interrupted: bool = False
+    #: How the SSH step reached the instance (bastion, hops and their seconds), when known.
+    ssh_route: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -110,6 +113,7 @@ class CloudtestReport:
             "instance_type": self.instance_type,
             "instance_id": self.instance_id,
             "interrupted": self.interrupted,
+            "ssh_route": self.ssh_route,
             "steps": [s.to_json() for s in self.steps],
         }
 
@@ -503,7 +507,13 @@ class CloudTest:
             self._refresh()
             executor.execute("true", None, None, self.config.cloud.timeout_command)
             assert self._instance is not None
-            return f"{self._instance.remote_user}@{self._instance.address}"
+            where = f"{self._instance.remote_user}@{self._instance.address}"
+            # The SSH executor says how it got there: through which bastion, each hop's time.
+            route: ConnectReport | None = getattr(executor, "last_connect", None)
+            if isinstance(route, ConnectReport):
+                self.report.ssh_route = route.to_json()
+                return f"{where} {route.describe()}"
+            return where
 
         return self._wait("could not run a command on the instance", connected)
 

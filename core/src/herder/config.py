@@ -19,7 +19,15 @@ from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 
 from herder import defaults
@@ -109,6 +117,68 @@ class ContainersConfig(_Strict):
         return v
 
 
+class CloudSSHConfig(_Strict):
+    """How the SSH executor reaches instances: directly, or through a bastion (jump host).
+
+    The bastion is either spelled out here (``bastion_host`` and friends) or left to the
+    user's OpenSSH config (``use_ssh_config``: its ``ProxyJump`` for the instance address
+    picks the bastion, as ``ssh`` would).  Either way the bastion's host key must be known
+    beforehand; instance host keys are still verified by herder's own rules.
+    """
+
+    bastion_host: str = Field("", description='jump host to reach instances through; "" = none')
+    bastion_port: int = Field(22, ge=1, le=65535)
+    bastion_user: str = Field("", description='login on the bastion; "" = the local user')
+    bastion_key_file: str = Field(
+        "", description='private key for the bastion; "" = containers.dispatch_private_key'
+    )
+    bastion_host_key: str = Field(
+        "", description='the bastion\'s public host key line; "" = look it up in known_hosts'
+    )
+    known_hosts_file: str = Field(
+        "~/.ssh/known_hosts", description="where the bastion's host key is looked up"
+    )
+    use_ssh_config: bool = False
+    ssh_config_file: str = Field(
+        "", description='the OpenSSH config to read; "" = ~/.ssh/config and /etc/ssh/ssh_config'
+    )
+    connect_timeout: Duration = Field(60.0, gt=0)
+    keepalive_interval: Duration = Field(30.0, ge=0)
+    bastion_retry_max: Duration = Field(
+        60.0, gt=0, description="longest pause between attempts to reach a failing bastion"
+    )
+
+    @field_validator("bastion_host_key")
+    @classmethod
+    def _host_key(cls, v: str) -> str:
+        if v and len(v.split()) < 2:
+            raise ValueError(
+                f"invalid host key {v!r}: expected an OpenSSH public key line "
+                "such as 'ssh-ed25519 AAAA...'"
+            )
+        return v
+
+    @field_validator("use_ssh_config")
+    @classmethod
+    def _one_bastion_source(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("bastion_host"):
+            raise ValueError(
+                "use_ssh_config and bastion_host exclude each other: the bastion comes either "
+                "from the OpenSSH config or from bastion_host"
+            )
+        return v
+
+    @field_validator("bastion_host")
+    @classmethod
+    def _bastion_host(cls, v: str) -> str:
+        if any(c.isspace() for c in v) or "@" in v:
+            raise ValueError(
+                f"invalid bastion host {v!r}: give the host name alone "
+                "(user and port have their own keys)"
+            )
+        return v
+
+
 class CloudConfig(_Strict):
     """The cloud and the worker pool (Arvados' ``CloudVMs`` section)."""
 
@@ -118,6 +188,7 @@ class CloudConfig(_Strict):
     boot_probe: str = "command"
     boot_probe_command: str = "true"
     ssh_port: int = Field(22, ge=1, le=65535)
+    ssh: CloudSSHConfig = Field(default_factory=CloudSSHConfig)
     image_id: str = ""
     instance_init_command: str = ""
     deploy_runner: bool = Field(True, description="copy herder's runner agent to each instance")

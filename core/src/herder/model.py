@@ -289,3 +289,4 @@ class InstanceView:
     last_probe: float = 0.0
     appeared: float = 0.0
     boot_outcome: str = ""
+    probe_error: str = ""  # why the latest probe failed; "" once one succeeds

@@ -480,3 +480,28 @@ def test_a_runner_event_during_a_probe_makes_it_probe_once_more(
     h.runtime.run_until_idle()
     assert len(lists) == 2
     assert vm.host.verbs()[-2:] == ["--log", "--forget"]
+
+
+def test_probe_error_shows_in_the_instance_view_until_a_probe_succeeds() -> None:
+    h, iid = setup_worker("idle", age=10)
+    vm = h.cloud.vms[iid]
+
+    def view() -> str:
+        return next(v.probe_error for v in h.pool.instances() if v.instance == iid)
+
+    vm.host.list_fails = True
+    h.probe(iid)
+    assert "exit status 1" in view()
+    vm.host.list_fails = False
+    h.probe(iid)
+    assert view() == ""
+
+
+def test_boot_probe_error_shows_in_the_instance_view() -> None:
+    h, iid = setup_worker("booting", age=10)
+    vm = h.cloud.vms[iid]
+    vm.host.boot_error = ExecutorError("bastion herder@jump:22: connection lost")
+    h.probe(iid)
+    assert "bastion herder@jump:22" in next(
+        v.probe_error for v in h.pool.instances() if v.instance == iid
+    )

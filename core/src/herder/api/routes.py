@@ -448,6 +448,7 @@ class ManagementAPI:
             last_probe=schema.rfc3339(view.last_probe),
             appeared=schema.rfc3339(view.appeared),
             boot_outcome=view.boot_outcome or None,
+            probe_error=view.probe_error,
         )
 
     def _get(self, uuid: str) -> Container:

@@ -323,6 +323,10 @@ class InstanceOut(_Response):
     last_probe: Timestamp
     appeared: Timestamp
     boot_outcome: str | None
+    probe_error: str = Field(
+        "", description="why the latest probe failed (unreachable, bastion down...); "
+        "empty once a probe succeeds"
+    )
 
 
 class InstanceList(_Response):

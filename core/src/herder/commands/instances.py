@@ -7,7 +7,7 @@ stderr (``<id>: 200 OK (<server>)``), nothing on stdout, and exit status 1 if an
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from herder.client import ClientError
@@ -136,7 +136,20 @@ def run_instances(args: argparse.Namespace, ctx: Context) -> int:
         return 0
     table = render_table(INSTANCE_HEADERS, [instance_row(i) for i in items])
     ctx.print(colour_column(table, "state", WORKER_STATE_COLOURS, use_colour(ctx)))
+    for line in probe_error_lines(items):
+        ctx.print(line)
     return 0
+
+
+def probe_error_lines(items: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per instance whose latest probe failed, below the table: too long for a column,
+    and the first thing to read when instances do not come up (a bastion down, a firewall)."""
+    return [
+        f"{item['instance'] or item['address'] or '(creating)'}: latest probe failed: "
+        f"{item['probe_error']}"
+        for item in items
+        if item.get("probe_error")
+    ]
 
 
 def run_action(args: argparse.Namespace, ctx: Context) -> int:

@@ -11,10 +11,14 @@ The verified key is remembered, so reconnecting to the same key needs no new che
 key is checked again, and a connection whose key does not verify is closed at once (Arvados
 leaves it open, SPEC §19 item 30) and never used.
 
-paramiko is used directly rather than through fabric: invoke pipes stdin about one byte per SSH
-packet and polls for the exit status, both far too slow for herder's traffic.  Timeouts here are
-wall-clock deadlines on real sockets, not the engine's clock: they bound how long a thread of the
-runtime's pool may be held by a remote host, whatever clock the engine runs on.
+Reach: directly, or through a bastion (``cloud.ssh``; :mod:`herder.ssh.bastion`), which fabric
+connects to.  Commands themselves run on raw paramiko channels rather than through fabric's
+runner: invoke pipes stdin about one byte per SSH packet and polls for the exit status, both far
+too slow for herder's traffic.
+
+Timeouts here are wall-clock deadlines on real sockets, not the engine's clock: they bound how
+long a thread of the runtime's pool may be held by a remote host, whatever clock the engine runs
+on.
 
 Environment variables go out as SSH ``env`` requests.  Servers may refuse them silently
 (OpenSSH accepts only the names its ``AcceptEnv`` allows), so commands must not depend on them
@@ -43,11 +47,9 @@ from herder.executor import (
 )
 from herder.runtime import Runtime
 from herder.ssh import send_eof
+from herder.ssh.bastion import ConnectReport, Hop, bastion_for
 
 log = logging.getLogger("herder.ssh")
-
-#: Seconds to wait for TCP connect, SSH handshake, authentication and host-key verification.
-DEFAULT_CONNECT_TIMEOUT = 60.0
 
 #: Exit status reported when the server closed a command's channel without an exit status (for
 #: instance because the command was killed by a signal); OpenSSH's client uses the same.
@@ -201,14 +203,23 @@ def _drain(recv: Callable[[int], bytes], sink: list[bytes]) -> None:
 class SSHStream(ExecStream):
     """A command kept running on its own channel of the shared connection.
 
-    One thread may read while others write.  The channel's timeout is a fixed polling period
-    set once (paramiko has one timeout per channel, shared by reads and writes), and each call
-    loops over it until its own deadline, so no call changes another's.  What the command
+    One thread may read while others write.  paramiko has one timeout per channel, shared by
+    reads and writes, so each call sets the period it wants right before it blocks and loops
+    until its own deadline: ``POLL`` for calls with a deadline, ``IDLE_POLL`` for a read that
+    waits for as long as it takes (the resident runner's reader, idle most of its life).  A
+    call may thus wake early or, at worst, look at its deadline ``IDLE_POLL`` late -- a write
+    that finds the window full just when the reader reset the period.  What the command
     writes to stderr is drained as it comes (so it cannot fill the window) and logged.
+
+    ``IDLE_POLL`` is long because every wake-up takes the GIL: at 0.5 s, 1,000 idle streams
+    cost the dispatcher about 8 % of a core (``benchmarks/ssh_scale.py``).  Data and a close
+    wake a waiting read at once whatever the period.
     """
 
-    #: Seconds each blocking channel call waits before the caller looks at its deadline.
+    #: Seconds a blocking channel call with a deadline waits before looking at it again.
     POLL = 0.5
+    #: Seconds a read without a deadline waits before draining stderr and waiting again.
+    IDLE_POLL = 5.0
 
     def __init__(self, channel: paramiko.Channel, command: str) -> None:
         self._channel = channel
@@ -224,6 +235,7 @@ class SSHStream(ExecStream):
         rest = data
         while rest:
             try:
+                self._channel.settimeout(self.POLL)
                 sent = self._channel.send(rest)
             except TimeoutError:
                 sent = 0  # the window is full: the command is not reading yet
@@ -237,9 +249,15 @@ class SSHStream(ExecStream):
         deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self._buffer:
             self._drain_stderr()
-            if deadline is not None and time.monotonic() > deadline:
-                raise ExecutorError(f"no answer on the stream within {timeout:g}s")
+            if deadline is None:
+                period = self.IDLE_POLL
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ExecutorError(f"no answer on the stream within {timeout:g}s")
+                period = min(self.POLL, left)
             try:
+                self._channel.settimeout(period)
                 chunk = self._channel.recv(_CHUNK)
             except TimeoutError:
                 continue
@@ -265,6 +283,19 @@ class SSHStream(ExecStream):
 
     def close(self) -> None:
         _close_quietly(self._channel)
+
+
+class _ClientTransport(paramiko.Transport):
+    """A client transport whose thread wakes once a second when idle, not ten times.
+
+    paramiko's transport thread reads with a 0.1 s socket timeout to look for a close, a
+    re-key or a keep-alive that is due; with one transport per instance that is 10 wake-ups a
+    second per instance, each taking the GIL -- at 1,000 idle instances most of the
+    dispatcher's CPU (``benchmarks/ssh_scale.py``).  Data still wakes it at once, ``close()``
+    closes the socket, and keep-alives are whole seconds, so nothing here needs 0.1 s.
+    """
+
+    _active_check_timeout = 1.0
 
 
 class _TransportRunner(RemoteRunner):
@@ -296,12 +327,19 @@ class SSHExecutor(Executor):
         config: Config,
         runtime: Runtime,
         *,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        connect_timeout: float | None = None,
     ) -> None:
         self._key = load_private_key(config.containers.dispatch_private_key)
+        self._key_file = config.containers.dispatch_private_key
+        self._ssh = config.cloud.ssh
         self._default_port = config.cloud.ssh_port
         self._default_timeout = config.cloud.timeout_command
-        self._connect_timeout = connect_timeout
+        # Seconds for TCP connect, SSH handshake, login and host-key verification, per hop.
+        self._connect_timeout = (
+            self._ssh.connect_timeout if connect_timeout is None else connect_timeout
+        )
+        #: How the latest connection was made (through which bastion, how long each hop took).
+        self.last_connect: ConnectReport | None = None
         self._runtime = runtime
         # _lock guards the fields below and is never held during network I/O, so set_target()
         # and close() never wait for a command or a dial.
@@ -410,13 +448,24 @@ class SSHExecutor(Executor):
         """Connect, authenticate and verify the host key; the transport is closed on failure."""
         host, port = target_host_port(target.address, self._default_port)
         where = f"{target} at {host}:{port}"
-        try:
-            sock = socket.create_connection((host, port), timeout=self._connect_timeout)
-        except OSError as exc:
-            raise ExecutorError(f"cannot connect to {where}: {exc}") from exc
-        # paramiko leaves Nagle on, which costs ~40 ms per command round trip.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport = paramiko.Transport(sock)
+        bastion = bastion_for(self._ssh, self._key_file, host, port)
+        hops: list[Hop] = []
+        start = time.monotonic()
+        sock: socket.socket | paramiko.Channel
+        if bastion is None:
+            try:
+                sock = socket.create_connection((host, port), timeout=self._connect_timeout)
+            except OSError as exc:
+                raise ExecutorError(f"cannot connect to {where}: {exc}") from exc
+            # paramiko leaves Nagle on, which costs ~40 ms per command round trip.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            # The bastion's own errors (BastionError) name it and pass through as they are.
+            sock, bastion_seconds = bastion.open_channel(host, port, self._connect_timeout)
+            hops.append(Hop(f"bastion {bastion.name}", bastion_seconds))
+            where = f"{where} through bastion {bastion.name}"
+            start = time.monotonic()
+        transport = _ClientTransport(sock)
         transport.banner_timeout = self._connect_timeout
         transport.handshake_timeout = self._connect_timeout
         transport.auth_timeout = self._connect_timeout
@@ -439,6 +488,11 @@ class SSHExecutor(Executor):
         except BaseException:
             transport.close()
             raise
+        if self._ssh.keepalive_interval:
+            transport.set_keepalive(max(1, round(self._ssh.keepalive_interval)))
+        hops.append(Hop(f"instance {host}:{port}", time.monotonic() - start))
+        self.last_connect = ConnectReport(bastion.name if bastion else "", tuple(hops))
+        log.debug("SSH to %s: %s", target, self.last_connect.describe())
         return transport
 
     def _check_host_key(self, target: Instance, transport: paramiko.Transport) -> None:

@@ -14,6 +14,10 @@ paramiko's server side has traps this module works around (each is marked where 
 * paramiko holds channels only by weak reference: a channel nobody keeps is collected and closed
   at once -- live channels are kept here until they close;
 * Nagle's algorithm costs ~40 ms per command -- TCP_NODELAY is set on accepted sockets.
+
+With ``forward_to`` the server is also a jump host: it opens ``direct-tcpip`` channels (what
+``ssh -J`` and fabric's gateway ask for) to where that function routes them, the way a bastion
+reaches instances the client cannot.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from paramiko.common import (
     MSG_CHANNEL_CLOSE,
     MSG_CHANNEL_REQUEST,
     OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_FAILED_CONNECT_FAILED,
     OPEN_SUCCEEDED,
 )
 
@@ -235,6 +240,27 @@ def _pump_out(source: IO[bytes], write: Callable[[bytes], None]) -> None:
 # --------------------------------------------------------------------------- paramiko plumbing
 
 
+def _pump_forward(
+    recv: Callable[[int], bytes],
+    send: Callable[[bytes], object],
+    sock: socket.socket,
+    channel: paramiko.Channel,
+) -> None:
+    """Copy one direction of a forwarded connection; either end closing closes both, so the
+    other direction's pump wakes up and ends too."""
+    try:
+        while data := recv(_CHUNK):
+            send(data)
+    except (paramiko.SSHException, OSError, EOFError):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        with contextlib.suppress(paramiko.SSHException, OSError, EOFError):
+            channel.close()
+
+
 def _request_then_start(channel: paramiko.Channel, message: paramiko.Message) -> None:
     """Handle a channel request, and start an accepted exec only once its reply is on the wire."""
     paramiko.Channel._handle_request(channel, message)  # type: ignore[attr-defined]
@@ -286,6 +312,7 @@ class _Connection(paramiko.ServerInterface):
         self._env: dict[int, dict[str, str]] = {}
         self._pending: dict[int, str] = {}
         self._requests: dict[int, ExecRequest] = {}
+        self._forwards: dict[int, socket.socket] = {}  # direct-tcpip channels being opened
 
     # authentication
     def get_allowed_auths(self, username: str) -> str:
@@ -302,11 +329,36 @@ class _Connection(paramiko.ServerInterface):
             return OPEN_SUCCEEDED
         return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
+    def check_channel_direct_tcpip_request(
+        self, chanid: int, origin: tuple[str, int], destination: tuple[str, int]
+    ) -> int:
+        """Connect to ``destination`` before answering, so a refused one fails the open (as
+        OpenSSH does) instead of opening a channel that closes at once."""
+        route = self._server.forward_to
+        self._server.forwarded.append(destination)
+        where = route(*destination) if route is not None else None
+        if where is None:
+            return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        host, port = where
+        try:
+            sock = socket.create_connection((host, port), timeout=10.0)
+        except OSError as exc:
+            log.info("cannot forward to %s:%s: %s", host, port, exc)
+            return OPEN_FAILED_CONNECT_FAILED
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self._forwards[chanid] = sock
+        return OPEN_SUCCEEDED
+
     def adopt(self, channel: paramiko.Channel) -> None:
         with self._lock:
             for chanid in [c for c, ch in self._channels.items() if ch.closed]:
                 self._forget(chanid)
             self._channels[channel.get_id()] = channel
+            sock = self._forwards.pop(channel.get_id(), None)
+        if sock is not None:
+            self._server.spawn_forward(channel, sock)
 
     def check_channel_env_request(
         self, channel: paramiko.Channel, name: bytes, value: bytes
@@ -353,6 +405,10 @@ class _Connection(paramiko.ServerInterface):
             requests = list(self._requests.values())
         for request in requests:
             request._abandon()
+        with self._lock:
+            forwards, self._forwards = list(self._forwards.values()), {}
+        for sock in forwards:
+            sock.close()
         self._server.connection_ended(self)
 
     def _forget(self, chanid: int) -> None:
@@ -368,6 +424,9 @@ class LocalSSHServer:
     ``authorized_keys``: OpenSSH public key lines; only these keys may log in (as any user).
     ``handler``: runs one command (default :func:`run_shell`).  ``strip_sudo``: remove a leading
     ``sudo `` from commands, for a server that already runs as the user commands expect.
+    ``forward_to``: where a ``direct-tcpip`` channel asking for ``(host, port)`` really goes
+    -- the jump host's view of its network -- or None to refuse it (no ``forward_to``: the
+    server is no jump host).
     """
 
     def __init__(
@@ -379,8 +438,10 @@ class LocalSSHServer:
         port: int = 0,
         *,
         strip_sudo: bool = False,
+        forward_to: Callable[[str, int], tuple[str, int] | None] | None = None,
     ) -> None:
         self.host_key = host_key
+        self.forward_to = forward_to
         self.authorized = _parse_authorized(authorized_keys)
         self.handler: Handler = handler or run_shell
         self.strip_sudo = strip_sudo
@@ -394,6 +455,7 @@ class LocalSSHServer:
         self._stopping = False
         self._address = ""
         self.connections_accepted = 0  # TCP connections accepted so far (tests count dials)
+        self.forwarded: list[tuple[str, int]] = []  # direct-tcpip destinations asked for
 
     @property
     def address(self) -> str:
@@ -497,6 +559,32 @@ class LocalSSHServer:
         with self._lock:
             self._sessions.add(thread)
         thread.start()
+
+    def spawn_forward(self, channel: paramiko.Channel, sock: socket.socket) -> None:
+        """Pump bytes both ways between a ``direct-tcpip`` channel and its destination."""
+
+        def pump(recv: Callable[[int], bytes], send: Callable[[bytes], object]) -> None:
+            try:
+                _pump_forward(recv, send, sock, channel)
+            finally:
+                with self._lock:
+                    self._sessions.discard(threading.current_thread())
+
+        chanid = channel.get_id()
+        threads = [
+            threading.Thread(
+                target=pump, args=(channel.recv, sock.sendall), name=f"ssh-fwd-in-{chanid}"
+            ),
+            threading.Thread(
+                target=pump, args=(sock.recv, channel.sendall), name=f"ssh-fwd-out-{chanid}"
+            ),
+        ]
+        for thread in threads:
+            thread.daemon = True
+        with self._lock:
+            self._sessions.update(threads)
+        for thread in threads:
+            thread.start()
 
     def _run_session(
         self, connection: _Connection, channel: paramiko.Channel, request: ExecRequest

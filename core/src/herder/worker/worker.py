@@ -163,6 +163,7 @@ class RunProbeResult:
     running: list[str] = field(default_factory=list)
     exited: dict[str, int] = field(default_factory=dict)
     broken: bool = False
+    error: str = ""  # why the probe failed (a bastion that refused, a timeout...), if it did
 
 
 
@@ -210,6 +211,7 @@ class Worker:
         self.running: dict[str, Runner] = {}
         self.starting: dict[str, Runner] = {}
         self.boot_outcome: BootOutcome | None = None
+        self.probe_error = ""
         self.time_to_ready_reported = False
         self.stale_run_lock_since: float | None = None
         self._probing = threading.Lock()
@@ -622,6 +624,11 @@ class Worker:
         result: RunProbeResult,
     ) -> list[str]:
         """Apply a finished probe (caller holds the lock); returns uuids newly running."""
+        # What operators see in the instance's status until a probe succeeds again.
+        if result.ok:
+            self.probe_error = ""
+        elif result.error or (not booted and detail.strip()):
+            self.probe_error = (result.error or detail.strip())[:500]
         if result.broken and self.idle_behavior == IdleBehavior.RUN:
             self.log.info("probe reported broken instance")
             self.report_boot_outcome(BootOutcome.FAILURE)
@@ -706,7 +713,7 @@ class Worker:
                 stderr[:1000],
             )
             self.env.metrics.run_probe_duration.labels("fail").observe(duration)
-            return RunProbeResult()
+            return RunProbeResult(error=err or stderr.decode(errors="replace").strip()[:500])
         self.env.metrics.run_probe_duration.labels("success").observe(duration)
         parsed = runner_protocol.parse_list_output(
             stdout.decode(errors="replace"), self.env.settings.cluster_id
@@ -794,6 +801,7 @@ class Worker:
             last_probe=self.probed,
             appeared=self.appeared,
             boot_outcome=self.boot_outcome.value if self.boot_outcome else "",
+            probe_error=self.probe_error,
         )
 
     def metrics_sample(self) -> WorkerSample:
