@@ -114,6 +114,8 @@ def test_nothing_fits_lists_all_types_by_price():
                             "16GiB (b)"),
         ({"scratch": 2 * GiB}, "needs 2GiB of scratch; the most any type has is 1GiB (a)"),
         ({"preemptible": True}, "asks for a preemptible instance; no preemptible type"),
+        ({"gpu": GPURequest(stack="cuda", device_count=1, hardware_target=("7.5",))},
+         "needs 1 cuda GPUs; no cuda instance type is configured"),
         ({"vcpus": 4, "ram": 10 * GiB}, "no single type meets them all"),
     ],
 )

@@ -104,10 +104,11 @@ def _why_nothing_fits(
         checks.append((any(t.preemptible for t in types),
                        "asks for a preemptible instance; no preemptible type is configured"))
     if need.gpus:
-        same_stack = [t for t in types if t.gpu.stack == stack]
+        same_stack = [t for t in types if t.gpu.stack == stack and t.gpu.device_count]
         most, name = best([(t.gpu.device_count, t.name) for t in same_stack])
-        checks.append((most >= need.gpus, f"needs {need.gpus} {stack or 'plain'} GPUs; the most "
-                                          f"any type has is {most} ({name})"))
+        offer = (f"the most any type has is {most} ({name})" if same_stack
+                 else f"no {stack or 'GPU'} instance type is configured")
+        checks.append((most >= need.gpus, f"needs {need.gpus} {stack} GPUs; {offer}"))
     for ok, text in checks:
         if not ok:
             return text
