@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,39 @@ class RateLimitError(CloudError):
     def __init__(self, message: str, earliest_retry: float) -> None:
         super().__init__(message)
         self.earliest_retry = earliest_retry
+
+
+class ThrottleBackoff:
+    """Growing delay between throttled calls, for drivers: ``clamp(previous × 1.5 + 1 s, 1 s,
+    60 s)``.
+
+    A driver keeps one per kind of call (create, list, other), so a throttled list does not
+    slow creates, grows it on each throttling answer to compute :class:`RateLimitError`'s
+    ``earliest_retry``, and resets it on any other answer: a quota or capacity error proves
+    the API takes calls again (Arvados resets only on success or a plain error, so one throttle
+    long after another would wait far too long).  Thread-safe.
+    """
+
+    MIN = 1.0
+    MAX = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._delay = 0.0
+
+    @property
+    def delay(self) -> float:
+        with self._lock:
+            return self._delay
+
+    def grow(self) -> float:
+        with self._lock:
+            self._delay = min(self.MAX, max(self.MIN, self._delay * 1.5 + 1.0))
+            return self._delay
+
+    def reset(self) -> None:
+        with self._lock:
+            self._delay = 0.0
 
 
 class QuotaError(CloudError):

@@ -10,11 +10,16 @@ failure, passed on with its AWS code and message so the log says what AWS said.
 from __future__ import annotations
 
 import re
-import threading
 
 from botocore.exceptions import ClientError
 
-from herder.cloud import CapacityError, CloudError, QuotaError, RateLimitError
+from herder.cloud import (
+    CapacityError,
+    CloudError,
+    QuotaError,
+    RateLimitError,
+    ThrottleBackoff,
+)
 
 #: Codes AWS uses when it throttles a caller (botocore's own list plus EC2's).
 THROTTLE_CODES = frozenset(
@@ -53,10 +58,6 @@ QUOTA_GROUP_CAPACITY_CODE = "VcpuLimitExceeded"
 TYPE_CAPACITY_CODE = "InsufficientInstanceCapacity"
 
 _SUBNET_MESSAGE = re.compile(r" subnet |sufficient free [Ii]pv[46] addresses")
-
-MIN_BACKOFF = 1.0
-MAX_BACKOFF = 60.0
-
 
 class AWSError(CloudError):
     """An EC2 error herder has no special reaction to; carries the AWS code and message."""
@@ -97,32 +98,8 @@ def is_capacity_error(code: str, message: str) -> bool:
     )
 
 
-class Backoff:
-    """Growing delay between throttled calls: ``clamp(previous × 1.5 + 1 s, 1 s, 60 s)``.
-
-    Each kind of call (create, list) has its own, so a throttled list does not slow creates.
-    Any answer from AWS other than throttling resets it: a quota or capacity error proves the
-    API accepts calls again (Arvados only resets on success or a plain error, SPEC §19 item 34,
-    so one throttle after a long-ago one would wait far too long).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._delay = 0.0
-
-    @property
-    def delay(self) -> float:
-        with self._lock:
-            return self._delay
-
-    def grow(self) -> float:
-        with self._lock:
-            self._delay = min(MAX_BACKOFF, max(MIN_BACKOFF, self._delay * 1.5 + 1.0))
-            return self._delay
-
-    def reset(self) -> None:
-        with self._lock:
-            self._delay = 0.0
+#: The shared growing back-off for throttled calls (one per kind of call).
+Backoff = ThrottleBackoff
 
 
 def classify(exc: BaseException, backoff: Backoff, now: float, operation: str = "") -> Exception:

@@ -24,13 +24,18 @@ GCE reports a failure in one of two places, and both must be read the same way:
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterable
 from typing import Any
 
 from google.api_core import exceptions as gexc
 
-from herder.cloud import CapacityError, CloudError, QuotaError, RateLimitError
+from herder.cloud import (
+    CapacityError,
+    CloudError,
+    QuotaError,
+    RateLimitError,
+    ThrottleBackoff,
+)
 
 #: GCE has no more of this machine type (or its GPUs) in this zone right now.
 STOCKOUT_CODES = frozenset(
@@ -73,10 +78,6 @@ _FAMILY_QUOTA = re.compile(r"[A-Z0-9_]+_(CPUS|GPUS)")
 _QUOTA_IN_MESSAGE = re.compile(r"Quota '([A-Z0-9_]+)' exceeded")
 #: An API request quota (requests per minute) is a rate limit, whatever its reason says.
 _REQUEST_QUOTA = re.compile(r"per (minute|second|100 seconds)|[Rr]ate [Ll]imit")
-
-MIN_BACKOFF = 1.0
-MAX_BACKOFF = 60.0
-
 
 class GCEError(CloudError):
     """A Compute Engine error herder has no special reaction to; keeps GCE's code and message."""
@@ -223,30 +224,8 @@ def retry_after(exc: BaseException) -> float:
         return 0.0
 
 
-class Backoff:
-    """Growing delay between throttled calls: ``clamp(previous × 1.5 + 1 s, 1 s, 60 s)``.
-
-    Each kind of call (create, list, other) has its own, so a throttled list does not slow
-    creates.  Any answer other than throttling resets it: it proves the API takes calls again.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._delay = 0.0
-
-    @property
-    def delay(self) -> float:
-        with self._lock:
-            return self._delay
-
-    def grow(self) -> float:
-        with self._lock:
-            self._delay = min(MAX_BACKOFF, max(MIN_BACKOFF, self._delay * 1.5 + 1.0))
-            return self._delay
-
-    def reset(self) -> None:
-        with self._lock:
-            self._delay = 0.0
+#: The shared growing back-off for throttled calls (one per kind of call).
+Backoff = ThrottleBackoff
 
 
 def classify(exc: BaseException, backoff: Backoff, now: float, operation: str = "") -> Exception:
