@@ -71,14 +71,23 @@ class Context:
     @property
     def config(self) -> Config:
         """The effective configuration; a broken file is a :class:`CommandError`."""
+        return self._load_config(check_plugins=False)
+
+    def checked_config(self) -> Config:
+        """:attr:`config`, with the plugin names and the driver's parameters checked too, as
+        ``herder config check`` does: what a command that runs the engine needs."""
+        return self._load_config(check_plugins=True)
+
+    def _load_config(self, *, check_plugins: bool) -> Config:
         if self._config is None:
             from herder.config import Config, ConfigError, load_config
 
             if self.config_path is None:
                 self._config = Config()
             else:
+                plugins = self.plugins if check_plugins else None
                 try:
-                    self._config = load_config(self.config_path)
+                    self._config = load_config(self.config_path, plugins)
                 except ConfigError as exc:
                     raise CommandError(f"invalid configuration:\n{exc}") from exc
         return self._config

@@ -47,10 +47,11 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     from herder.embedded import prepare_serve
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    if ctx.config_path:
-        _check_config_file(ctx)
+    # Checked as `config check` does, driver parameters included, so that a bad file stops
+    # serve with one line per problem instead of a traceback from deep inside.
+    config = ctx.checked_config()
     try:
-        setup = prepare_serve(ctx.config, data_dir)
+        setup = prepare_serve(config, data_dir)
         lock = _hold_data_dir(data_dir)
     except OSError as exc:
         raise CommandError(f"data directory {data_dir}: {exc.strerror or exc}") from exc
@@ -143,18 +144,6 @@ def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir
     _wait_then_stop(stop, api, service.stop, runtime)
     log.info("stopped; containers left running are taken up again at the next start")
     return 0
-
-
-def _check_config_file(ctx: Context) -> None:
-    """The same checks as ``herder config check``, driver parameters included, so that a bad
-    file stops ``serve`` with one line per problem instead of a traceback from deep inside."""
-    from herder.config import check_config
-
-    assert ctx.config_path is not None
-    problems = check_config(ctx.config_path, ctx.plugins)
-    if problems:
-        lines = "\n".join(problem.format(ctx.config_path) for problem in problems)
-        raise CommandError(f"invalid configuration:\n{lines}")
 
 
 #: Held (flock) by the one ``herder serve`` that uses a data directory, for its whole life.
