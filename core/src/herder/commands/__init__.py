@@ -24,6 +24,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from herder.config import Config
+    from herder.model import InstanceType
     from herder.plugins import Plugins
 
 #: The environment variable naming the config file when ``--config`` is not given.
@@ -91,6 +92,20 @@ class Context:
                 except ConfigError as exc:
                     raise CommandError(f"invalid configuration:\n{exc}") from exc
         return self._config
+
+    def driver_instance_types(self, config: Config) -> dict[str, InstanceType]:
+        """The instance types ``config``'s driver offers when the file lists none (what
+        ``serve`` then uses); a driver that cannot be loaded or configured is a
+        :class:`CommandError` naming ``cloud.driver``."""
+        from herder.plugins import PluginError
+
+        try:
+            driver = self.plugins.driver_class(config.cloud.driver)
+            params = driver.validate_parameters(config.cloud.driver_parameters)
+        except (PluginError, ValueError) as exc:
+            raise CommandError(f"cloud.driver: {exc}") from exc
+        types: dict[str, InstanceType] = driver().default_instance_types(params)
+        return types
 
     def print(self, text: str = "") -> None:
         """Write a line of the command's output (stdout)."""

@@ -118,13 +118,10 @@ def _driver_instance_types(ctx: Context, config: Config) -> dict[str, Any]:
     """The instance types the driver offers when the file lists none, as the file would say
     them (``serve`` uses exactly these); empty when the driver cannot tell."""
     from herder.config import InstanceTypeConfig, render_config
-    from herder.plugins import PluginError
 
     try:
-        driver = ctx.plugins.driver_class(config.cloud.driver)
-        params = driver.validate_parameters(config.cloud.driver_parameters)
-        types = driver().default_instance_types(params)
-    except (CommandError, PluginError, ValueError, TypeError, OSError):
+        types = ctx.driver_instance_types(config)
+    except (CommandError, ValueError, TypeError, OSError):
         return {}
     out: dict[str, Any] = {}
     for name, it in types.items():

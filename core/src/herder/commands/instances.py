@@ -79,18 +79,10 @@ def register_instance_types(subparsers: Any) -> None:
 
 
 def run_instance_types(args: argparse.Namespace, ctx: Context) -> int:
-    from herder.plugins import PluginError
     from herder.units import format_size
 
     config = ctx.config
-    types = config.build_instance_types()
-    if not types:
-        try:
-            driver = ctx.plugins.driver_class(config.cloud.driver)
-            params = driver.validate_parameters(config.cloud.driver_parameters)
-        except (PluginError, ValueError) as exc:
-            raise CommandError(f"cloud.driver: {exc}") from exc
-        types = driver().default_instance_types(params)
+    types = config.build_instance_types() or ctx.driver_instance_types(config)
     ordered = sorted(types.values(), key=lambda t: (t.price, t.vcpus, t.ram, t.name))
     if args.json:
         print_json(ctx, [t.to_json() for t in ordered])
