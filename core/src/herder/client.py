@@ -1,4 +1,10 @@
-"""A small client for herder's management API (stdlib ``urllib``), used by the CLI.
+"""A small client for herder's management API (stdlib ``http.client``), used by the CLI.
+
+One connection is kept open and reused for the client's requests (HTTP/1.1 keep-alive), so a
+command that makes many calls (following pages, waiting on a container) pays for one TCP and TLS
+handshake, not one per call.  Over HTTPS the server's certificate is verified: against the
+system's authorities, or against the file named by ``$HERDER_CA_FILE``, the server's own
+``api.tls_certificate`` (with a config file), or what ``herder serve`` recorded in ``client.json``.
 
 Where the server is and which token to send are resolved in one place,
 :func:`resolve_endpoint`: ``--server`` / ``--token`` flags, then ``$HERDER_SERVER`` /
@@ -13,11 +19,13 @@ server, pass the right token) rather than showing a traceback.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
-import urllib.error
-import urllib.request
+import ssl
+import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +40,12 @@ if TYPE_CHECKING:
 SERVER_ENV = "HERDER_SERVER"
 TOKEN_ENV = defaults.MANAGEMENT_TOKEN_ENV
 DATA_DIR_ENV = "HERDER_DATA_DIR"
+CA_FILE_ENV = "HERDER_CA_FILE"
 CLIENT_FILE = "client.json"
 DEFAULT_TIMEOUT = 30.0
+#: A kept connection idle longer than this is replaced before use: the server closes idle
+#: connections after a few seconds, and a request sent on one it is closing would be lost.
+REUSE_IDLE = 2.0
 
 
 class ClientError(Exception):
@@ -64,9 +76,11 @@ def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
 class Endpoint:
     url: str
     token: str
+    #: Certificate(s) to trust for an https URL; empty: the system's authorities.
+    ca_file: str = ""
 
 
-def listen_url(listen: str) -> str:
+def listen_url(listen: str, tls: bool = False) -> str:
     """The URL a local client uses for a server listening on ``listen`` (``host:port``).
 
     A wildcard address (``0.0.0.0``, ``::``, empty host) is reached through loopback.
@@ -81,11 +95,12 @@ def listen_url(listen: str) -> str:
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def read_client_file(data_dir: Path) -> Endpoint | None:
-    """The ``{"url", "token"}`` that ``herder serve`` left in ``data_dir``, if any."""
+    """The ``{"url", "token", "ca_file"}`` that ``herder serve`` left in ``data_dir``, if any."""
     path = data_dir / CLIENT_FILE
     try:
         doc = json.loads(path.read_text())
@@ -93,18 +108,23 @@ def read_client_file(data_dir: Path) -> Endpoint | None:
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("url"), str):
         return None
-    token = doc.get("token")
-    return Endpoint(doc["url"], token if isinstance(token, str) else "")
+    token, ca_file = doc.get("token"), doc.get("ca_file")
+    return Endpoint(
+        doc["url"],
+        token if isinstance(token, str) else "",
+        ca_file if isinstance(ca_file, str) else "",
+    )
 
 
-def write_client_file(data_dir: Path, url: str, token: str) -> Path:
-    """Record where the local server is and its token, readable by this user only."""
+def write_client_file(data_dir: Path, url: str, token: str, ca_file: str = "") -> Path:
+    """Record where the local server is, its token and the certificate to trust (served over
+    TLS), readable by this user only."""
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / CLIENT_FILE
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"url": url, "token": token}, f)
+        json.dump({"url": url, "token": token, "ca_file": ca_file}, f)
     os.replace(tmp, path)
     return path
 
@@ -125,15 +145,21 @@ def resolve_endpoint(
     env = os.environ if environ is None else environ
     saved = read_client_file(default_data_dir(env)) if config is None else None
     url = server or env.get(SERVER_ENV) or ""
+    ca_file = env.get(CA_FILE_ENV, "")
     if not url:
-        listen = config.api.listen if config is not None else defaults.API_LISTEN
-        url = saved.url if saved is not None else listen_url(listen)
+        if config is not None:
+            url = listen_url(config.api.listen, tls=bool(config.api.tls_certificate))
+            ca_file = ca_file or config.api.tls_certificate
+        elif saved is not None:
+            url, ca_file = saved.url, ca_file or saved.ca_file
+        else:
+            url = listen_url(defaults.API_LISTEN)
     secret = token or env.get(TOKEN_ENV, "").strip()
     if not secret and config is not None:
         secret = config.api.resolve_management_token(env)
     if not secret and saved is not None:
         secret = saved.token
-    return Endpoint(listen_url(url) if "://" not in url else url.rstrip("/"), secret)
+    return Endpoint(listen_url(url) if "://" not in url else url.rstrip("/"), secret, ca_file)
 
 
 # --------------------------------------------------------------------------- the client
@@ -142,16 +168,47 @@ def resolve_endpoint(
 class Client:
     """One method per API route; each returns the decoded JSON (or text for metrics)."""
 
-    def __init__(self, base_url: str, token: str = "", timeout: float = DEFAULT_TIMEOUT) -> None:
-        if urlsplit(base_url).scheme not in ("http", "https"):
+    def __init__(
+        self,
+        base_url: str,
+        token: str = "",
+        timeout: float = DEFAULT_TIMEOUT,
+        ca_file: str = "",
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ClientError(f"invalid server URL {base_url!r}: expected http://host:port")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ClientError(f"invalid server URL {base_url!r}: bad port") from None
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.ca_file = ca_file
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = port or (443 if self._https else 80)
+        #: A server behind a reverse proxy may live under a path prefix.
+        self._prefix = parts.path.rstrip("/")
+        self._conn: http.client.HTTPConnection | None = None
+        self._last_used = 0.0
+        self._lock = threading.Lock()
 
     @classmethod
     def from_endpoint(cls, endpoint: Endpoint, timeout: float = DEFAULT_TIMEOUT) -> Client:
-        return cls(endpoint.url, endpoint.token, timeout)
+        return cls(endpoint.url, endpoint.token, timeout, endpoint.ca_file)
+
+    def close(self) -> None:
+        """Close the kept connection (a later request opens a new one)."""
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- containers
 
@@ -265,7 +322,7 @@ class Client:
         body: Mapping[str, Any] | None = None,
         ok: tuple[int, ...] = (),
     ) -> tuple[int, bytes]:
-        url = self.base_url + path + (f"?{urlencode(query)}" if query else "")
+        target = self._prefix + path + (f"?{urlencode(query)}" if query else "")
         headers = {"Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -273,22 +330,76 @@ class Client:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        # The scheme was checked to be http(s) in __init__.
-        req = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as exc:
-            payload = exc.read()
-            if exc.code in ok:
-                return exc.code, payload
-            raise self._http_error(exc.code, payload) from None
-        except urllib.error.URLError as exc:
-            raise self._unreachable(exc.reason) from None
-        except TimeoutError as exc:
-            raise self._unreachable(exc) from None
-        except (ConnectionError, OSError) as exc:
-            raise self._unreachable(exc) from None
+        with self._lock:
+            status, payload = self._exchange(method, target, data, headers)
+        if status >= 400 and status not in ok:
+            raise self._http_error(status, payload)
+        return status, payload
+
+    def _exchange(
+        self, method: str, target: str, data: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        """Send one request on the kept connection (opening one if needed) and read the answer.
+
+        A GET that fails on a connection the server had already closed is sent once more on a
+        new one; other methods are not resent, so that a submission is never made twice.
+        """
+        for attempt in (1, 2):
+            reused = self._conn is not None and time.monotonic() - self._last_used < REUSE_IDLE
+            if not reused:
+                self._drop()
+            conn = self._conn or self._connect()
+            try:
+                conn.request(method, target, body=data, headers=headers)
+                resp = conn.getresponse()
+                payload = resp.read()
+            except ssl.SSLCertVerificationError as exc:
+                self._drop()
+                raise ClientError(
+                    f"cannot reach herder at {self.base_url}: its certificate is not trusted "
+                    f"({exc.verify_message}); set ${CA_FILE_ENV} to the server's certificate or "
+                    "its authority's"
+                ) from None
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                self._drop()
+                if reused and attempt == 1 and method == "GET":
+                    continue
+                raise self._unreachable(exc) from None
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop()
+                raise self._unreachable(exc) from None
+            if resp.will_close:
+                self._drop()
+            self._last_used = time.monotonic()
+            return resp.status, payload
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connect(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection
+        if self._https:
+            try:
+                context = ssl.create_default_context(cafile=self.ca_file or None)
+            except (OSError, ssl.SSLError) as exc:
+                why = getattr(exc, "strerror", None) or exc
+                raise ClientError(
+                    f"cannot read the certificate to trust, {self.ca_file} "
+                    f"(${CA_FILE_ENV} or api.tls_certificate): {why}"
+                ) from None
+            # A server's own certificate named as the one to trust is enough, as for ssh's
+            # known hosts: the chain need not reach a root.
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+            conn = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self.timeout, context=context
+            )
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        self._conn = conn
+        return conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def _unreachable(self, reason: object) -> ClientError:
         if isinstance(reason, ConnectionRefusedError):

@@ -27,6 +27,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 
@@ -286,6 +287,24 @@ class APIConfig(_Strict):
         defaults.MANAGEMENT_TOKEN_ENV,
         description="environment variable read when the token is empty",
     )
+    tls_certificate: str = Field(
+        "", description="PEM certificate (chain) to serve the API over HTTPS; empty: plain HTTP"
+    )
+    tls_key: str = Field("", description="PEM private key of tls_certificate")
+    request_timeout: Duration = Field(
+        30.0, gt=0, le=3600,
+        description="deadline for one whole request and its answer; slower clients are cut off",
+    )
+    max_connections: int = Field(
+        1000, ge=1, le=100_000, description="open connections served at once; beyond: 503"
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> APIConfig:
+        if bool(self.tls_certificate) != bool(self.tls_key):
+            missing = "tls_key" if self.tls_certificate else "tls_certificate"
+            raise ValueError(f"api.{missing} is needed too: TLS takes a certificate and its key")
+        return self
 
     def resolve_management_token(self, environ: Mapping[str, str] | None = None) -> str:
         """The token the API checks: the configured one, else the environment variable's.

@@ -80,7 +80,7 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 #: Loggers of libraries whose failures herder reports itself, in its own words.
-_LIBRARIES = ("paramiko", "herder.ssh.server.transport")
+_LIBRARIES = ("paramiko", "herder.ssh.server.transport", "uvicorn")
 #: How paramiko's transport thread announces the error it then logs line by line.
 _HEADLINE = re.compile(r"^(Exception \((client|server)\)|Socket exception|Unknown exception):")
 

@@ -17,10 +17,35 @@ from typing import Any
 import pytest
 
 from herder.api import APIServer
+from herder.api.app import create_app
+from herder.api.routes import ManagementAPI
 from herder.config import Config, load_config
 from herder.dispatcher import Dispatcher
 from herder.runtime import VirtualRuntime
 from herder.testing.sim import SimDriver
+
+
+@dataclass(frozen=True)
+class Route:
+    """One method and path the API serves, and whether it needs the token."""
+
+    method: str
+    path: str
+    auth: bool
+
+
+def served_routes(*, with_instances: bool = True) -> list[Route]:
+    """Every route of the application, read from its OpenAPI document (which the framework
+    generates from the routes it serves); an operation without security needs no token."""
+    app = create_app(ManagementAPI(None, VirtualRuntime()), "t", with_instances=with_instances)
+    return [
+        Route(method.upper(), path, op["security"] != [])
+        for path, ops in app.openapi()["paths"].items()
+        for method, op in ops.items()
+    ]
+
+
+ROUTES = served_routes()
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 TOKEN = "test-token-0123456789"

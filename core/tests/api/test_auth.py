@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from herder.api import ROUTES, Route
-from herder.api.server import NOT_CONFIGURED
+from herder.api.routes import NOT_CONFIGURED
+
+from .conftest import ROUTES, Route
 
 UUID = "sim01-dz642-000000000000000"
 

@@ -97,10 +97,12 @@ def test_container_lifecycle_as_seen_through_get(engine):
 def test_get_unknown_and_malformed_uuids(engine):
     reply = engine.request("GET", f"/api/v1/containers/{UNKNOWN}")
     assert reply.status == 404 and reply.json["field"] == "uuid"
-    for bad in ("nope", "SIM01-dz642-000000000000000", "sim01-dz642-0000", "%00", "a%2Fb"):
+    for bad in ("nope", "SIM01-dz642-000000000000000", "sim01-dz642-0000", "%00"):
         reply = engine.request("GET", f"/api/v1/containers/{bad}")
         assert reply.status == 400, bad
         assert reply.json["field"] == "uuid"
+    # An encoded slash is decoded before routing: a path no route has.
+    assert engine.request("GET", "/api/v1/containers/a%2Fb").status == 404
 
 
 def test_list_filters_by_state(engine):

@@ -3,18 +3,18 @@
 :class:`APIServer` serves a :class:`~herder.dispatcher.Dispatcher` under ``/api/v1/``:
 containers (submit, list, inspect, cancel, reprioritise, read the log), instances (list, hold,
 drain, run, kill), ``/metrics``, a health check, the installed plugins and an OpenAPI document.
-The routes live in :mod:`herder.api.routes`, the JSON shapes in :mod:`herder.api.schema`.
+The routes live in :mod:`herder.api.routes`, the application (errors, limits, the document) in
+:mod:`herder.api.app`, the JSON shapes in :mod:`herder.api.schema`, the server in
+:mod:`herder.api.server`.
 """
 
-from herder.api.routes import ROUTES, APIError, ManagementAPI, Route
+from herder.api.routes import APIError, ManagementAPI
 from herder.api.server import APIServer, APIServerError, parse_listen
 
 __all__ = [
-    "ROUTES",
     "APIError",
     "APIServer",
     "APIServerError",
     "ManagementAPI",
-    "Route",
     "parse_listen",
 ]

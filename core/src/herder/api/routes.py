@@ -1,13 +1,15 @@
-"""The management API's routes and what each one does, independent of the HTTP server.
+"""The management API's routes and what each one does.
 
-:data:`ROUTES` is the one table of routes: the server dispatches through it and the OpenAPI
-document is generated from it, so the two cannot disagree.  Each handler is a method of
-:class:`ManagementAPI` that takes a parsed :class:`Request` and returns a :class:`Response`, or
-raises :class:`APIError` for anything the client got wrong.
+Each route is a FastAPI path operation declared below with its parameters, body and response
+models, so the framework validates requests and generates the OpenAPI document from the same
+declarations the server dispatches through: a route cannot exist undocumented, nor be
+documented with a shape it does not send.  What a route *does* is a method of
+:class:`ManagementAPI`, which knows nothing of HTTP beyond :class:`APIError`.
 
 Handlers only call the engine's thread-safe reads and commands (the queue's methods, the pool's
 ``instances()`` and commands, the scheduler's ``snapshot()``), each of which returns a copy, so no
-engine lock is held while a response is built or written.
+engine lock is held while a response is built or written.  They are plain functions: the
+framework runs them on its bounded worker threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
-from urllib.parse import unquote
+from collections import Counter
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
 
 from herder.api import schema
 from herder.model import (
@@ -34,7 +37,6 @@ from herder.model import (
     InstanceView,
     RuntimeConstraints,
     SchedulingParameters,
-    is_container_uuid,
 )
 from herder.queue.base import ContainerNotFound, InvalidTransition, QueueError
 from herder.runtime import Runtime
@@ -56,7 +58,27 @@ MAX_LOG_CHUNK = 4 << 20
 #: Largest log offset accepted: far beyond any log, and offset + limit still fits SQLite.
 MAX_LOG_OFFSET = 2**53
 #: Instance ids are the provider's; anything printable and short is accepted, as a lookup key.
-INSTANCE_ID_RE = re.compile(r"^[^\x00-\x20\x7f]{1,255}$")
+INSTANCE_ID_PATTERN = r"^[^\x00-\x20\x7f]{1,255}$"
+INSTANCE_ID_RE = re.compile(INSTANCE_ID_PATTERN)
+#: Query parameters that may be given more than once; any other one given twice is refused,
+#: rather than silently keeping one of the values.
+REPEATABLE_QUERY = frozenset({"state"})
+NOT_CONFIGURED = (
+    "management API authentication is not configured: set api.management_token in the config "
+    "or the environment variable named by api.management_token_env"
+)
+
+#: What each error status means, for the OpenAPI document.
+ERROR_TEXT = {
+    400: "the request is malformed; `field` names what is wrong",
+    401: "no bearer token was given",
+    403: "the token is wrong, or the server has no management token configured",
+    404: "no such container or instance",
+    408: "the request was not received within the deadline",
+    409: "the container's state does not allow this",
+    413: "the request body is too large",
+    503: "the queue cannot be written right now (its disk is full, say); retry later",
+}
 
 
 class APIError(Exception):
@@ -82,225 +104,20 @@ class APIError(Exception):
         return out.model_dump(mode="json", exclude_none=True)
 
 
-@dataclass
-class Request:
-    """One parsed request: path parameters, validated query arguments and the raw body."""
-
-    method: str
-    path: str
-    params: dict[str, str] = field(default_factory=dict)
-    args: dict[str, Any] = field(default_factory=dict)
-    body: bytes = b""
+def reply(data: BaseModel, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """``data`` as a JSON response, serialized once by pydantic (the route's response model
+    documents it; the framework need not validate it a second time)."""
+    return Response(
+        data.model_dump_json(), status, dict(headers or {}), media_type="application/json"
+    )
 
 
-@dataclass
-class Response:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def json(cls, data: BaseModel, status: int = 200, **headers: str) -> Response:
-        return cls(status, data.model_dump_json().encode(), "application/json", dict(headers))
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` entry of a route that may answer with these error statuses."""
+    return {code: {"model": schema.ErrorOut, "description": ERROR_TEXT[code]} for code in codes}
 
 
-# --------------------------------------------------------------------------- query parameters
-
-
-@dataclass(frozen=True)
-class Param:
-    """A query parameter: how to parse one value, and its JSON schema for the OpenAPI document."""
-
-    name: str
-    parse: Callable[[str], Any]
-    schema: dict[str, Any]
-    description: str
-    repeatable: bool = False
-    default: Any = None
-
-
-def _int_between(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        if not re.fullmatch(r"[0-9]{1,19}", text):
-            raise ValueError(f"expected an integer from {low} to {high}")
-        value = int(text)
-        if not low <= value <= high:
-            raise ValueError(f"expected an integer from {low} to {high}")
-        return value
-
-    return parse
-
-
-def _state(text: str) -> ContainerState:
-    try:
-        return ContainerState(text)
-    except ValueError:
-        names = ", ".join(s.value for s in ContainerState)
-        raise ValueError(f"unknown state {text[:40]!r}; expected one of {names}") from None
-
-
-def _after(text: str) -> str:
-    if text and not is_container_uuid(text):
-        raise ValueError("expected a container uuid")
-    return text
-
-
-STATE_PARAM = Param(
-    "state",
-    _state,
-    {"type": "string", "enum": [s.value for s in ContainerState]},
-    "only containers in this state (repeat for several)",
-    repeatable=True,
-    default=(),
-)
-LIMIT_PARAM = Param(
-    "limit",
-    _int_between(1, MAX_PAGE),
-    {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
-    "page size",
-    default=DEFAULT_PAGE,
-)
-AFTER_PARAM = Param(
-    "after",
-    _after,
-    # Empty is accepted too: the first page, as when the parameter is left out.
-    {"type": "string", "pattern": f"^$|{CONTAINER_UUID_RE.pattern}"},
-    "return containers whose uuid sorts after this one (the previous page's `next`)",
-    default="",
-)
-OFFSET_PARAM = Param(
-    "offset",
-    _int_between(0, MAX_LOG_OFFSET),
-    {"type": "integer", "minimum": 0, "maximum": MAX_LOG_OFFSET, "default": 0},
-    "byte offset to read from (the previous chunk's `next_offset`)",
-    default=0,
-)
-LOG_LIMIT_PARAM = Param(
-    "limit",
-    _int_between(1, MAX_LOG_CHUNK),
-    {"type": "integer", "minimum": 1, "maximum": MAX_LOG_CHUNK, "default": DEFAULT_LOG_CHUNK},
-    "most bytes to return",
-    default=DEFAULT_LOG_CHUNK,
-)
-
-
-def parse_query(params: Sequence[Param], query: Mapping[str, list[str]]) -> dict[str, Any]:
-    """Validate the query string against a route's parameters; unknown ones are errors."""
-    known = {p.name: p for p in params}
-    for name in query:
-        if name not in known:
-            raise APIError(400, "unknown query parameter", field=name[:100])
-    out: dict[str, Any] = {}
-    for p in params:
-        values = query.get(p.name, [])
-        if not p.repeatable and len(values) > 1:
-            raise APIError(400, "given more than once", field=p.name)
-        try:
-            parsed = [p.parse(v) for v in values]
-        except ValueError as exc:
-            raise APIError(400, str(exc), field=p.name) from None
-        if p.repeatable:
-            out[p.name] = tuple(parsed)
-        else:
-            out[p.name] = parsed[0] if parsed else p.default
-    return out
-
-
-# --------------------------------------------------------------------------- routes
-
-Handler = Callable[["ManagementAPI", Request], Response]
-_PATH_PARAM_RE = re.compile(r"\{(\w+)\}")
-
-
-@dataclass(frozen=True)
-class Route:
-    """One method + path, its handler, and what the OpenAPI document says about it."""
-
-    method: str
-    path: str  # template, e.g. /api/v1/containers/{uuid}
-    handler: Handler
-    operation_id: str
-    summary: str
-    tag: str
-    request_model: type[BaseModel] | None = None
-    response_model: type[BaseModel] | None = None
-    status: int = 200
-    query: tuple[Param, ...] = ()
-    auth: bool = True
-    content_type: str = "application/json"
-    errors: tuple[int, ...] = ()
-
-    @property
-    def path_params(self) -> list[str]:
-        return _PATH_PARAM_RE.findall(self.path)
-
-    @property
-    def pattern(self) -> re.Pattern[str]:
-        """The path template as a regex: each ``{name}`` matches one path segment."""
-        parts = _PATH_PARAM_RE.split(self.path)  # literal, name, literal, name, ..., literal
-        regex = "".join(
-            re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+)" for i, part in enumerate(parts)
-        )
-        return re.compile(regex + "$")
-
-
-@dataclass
-class Router:
-    """Finds the route for a method and path: 404 for an unknown path, 405 for a wrong method."""
-
-    routes: Sequence[Route]
-    _compiled: list[tuple[re.Pattern[str], Route]] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._compiled = [(r.pattern, r) for r in self.routes]
-
-    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        allowed: list[str] = []
-        for pattern, route in self._compiled:
-            m = pattern.match(path)
-            if m is None:
-                continue
-            if route.method == method:
-                return route, {k: unquote(v, errors="replace") for k, v in m.groupdict().items()}
-            allowed.append(route.method)
-        if allowed:
-            raise APIError(
-                405, f"method {method} not allowed here", headers={"Allow": ", ".join(allowed)}
-            )
-        raise APIError(404, "no such route")
-
-
-# --------------------------------------------------------------------------- the API
-
-M = TypeVar("M", bound=BaseModel)
 InstanceAction = Literal["hold", "drain", "run", "kill"]
-
-
-def parse_body(model: type[M], body: bytes) -> M:
-    """Validate a JSON body (empty means ``{}``); errors name the first offending field."""
-    try:
-        return model.model_validate_json(body or b"{}")
-    except ValidationError as exc:
-        errors = schema.validation_errors(exc)
-        first = errors[0] if errors else schema.FieldError(field=None, error="invalid body")
-        if any(e["type"] == "json_invalid" for e in exc.errors(include_input=False)):
-            raise APIError(400, f"request body is not valid JSON: {first.error}") from None
-        raise APIError(400, first.error, field=first.field, errors=errors) from None
-
-
-def _uuid(req: Request) -> str:
-    uuid = req.params["uuid"]
-    if not is_container_uuid(uuid):
-        raise APIError(400, "not a container uuid", field="uuid")
-    return uuid
-
-
-def _instance_id(req: Request) -> str:
-    instance_id = req.params["instance_id"]
-    if not INSTANCE_ID_RE.fullmatch(instance_id):
-        raise APIError(400, "not an instance id", field="instance_id")
-    return instance_id
 
 
 def _sequence_length(lead: int) -> int:
@@ -342,18 +159,11 @@ def log_chunk_length(data: bytes, limit: int) -> int:
 
 
 class ManagementAPI:
-    """The handlers, bound to one dispatcher."""
+    """What each route does, bound to one dispatcher."""
 
-    def __init__(
-        self,
-        dispatcher: Dispatcher,
-        runtime: Runtime | None = None,
-        routes: Sequence[Route] | None = None,
-    ) -> None:
+    def __init__(self, dispatcher: Dispatcher, runtime: Runtime | None = None) -> None:
         self.dispatcher = dispatcher
         self.runtime = runtime or dispatcher.runtime
-        #: The routes being served (the OpenAPI document describes exactly these).
-        self.routes: tuple[Route, ...] = tuple(ROUTES if routes is None else routes)
         self._status_lock = threading.Lock()
         self._status_pass = -1
         self._statuses: dict[str, str] = {}
@@ -483,8 +293,7 @@ class ManagementAPI:
 
     # ---- containers
 
-    def submit_container(self, req: Request) -> Response:
-        body = parse_body(schema.SubmitRequest, req.body)
+    def submit_container(self, body: schema.SubmitRequest) -> schema.ContainerOut:
         try:
             ctr = self.dispatcher.queue.submit(self.spec_from(body))
         except QueueError as exc:
@@ -492,61 +301,50 @@ class ManagementAPI:
                 raise APIError(400, str(exc)) from None
             raise
         log.info("container %s submitted (%s)", ctr.uuid, ctr.state.value)
-        out = self.container_out(ctr, {})
-        return Response.json(out, 201, Location=f"{API_PREFIX}/containers/{ctr.uuid}")
+        return self.container_out(ctr, {})
 
-    def list_containers(self, req: Request) -> Response:
-        limit: int = req.args["limit"]
-        states: tuple[ContainerState, ...] = req.args["state"]
-        page = self.dispatcher.queue.list(states or None, limit + 1, req.args["after"])
+    def list_containers(
+        self, states: tuple[ContainerState, ...], limit: int, after: str
+    ) -> schema.ContainerList:
+        page = self.dispatcher.queue.list(states or None, limit + 1, after)
         more = len(page) > limit
         page = page[:limit]
         statuses = self.scheduling_statuses()
-        return Response.json(
-            schema.ContainerList(
-                items=[self.container_out(c, statuses) for c in page],
-                next=page[-1].uuid if more else None,
-            )
+        return schema.ContainerList(
+            items=[self.container_out(c, statuses) for c in page],
+            next=page[-1].uuid if more else None,
         )
 
-    def get_container(self, req: Request) -> Response:
-        ctr = self._get(_uuid(req))
-        return Response.json(self.container_out(ctr, self.scheduling_statuses()))
+    def get_container(self, uuid: str) -> schema.ContainerOut:
+        return self.container_out(self._get(uuid), self.scheduling_statuses())
 
-    def cancel_container(self, req: Request) -> Response:
-        uuid = _uuid(req)
-        body = parse_body(schema.CancelRequest, req.body)
+    def cancel_container(self, uuid: str, reason: str) -> schema.ContainerOut:
         ctr = self._get(uuid)
         if ctr.state is ContainerState.COMPLETE:
             raise APIError(409, f"container {uuid} has already completed")
-        reason = "cancelled via API" + (f": {body.reason}" if body.reason else "")
+        why = "cancelled via API" + (f": {reason}" if reason else "")
         try:
-            ctr = self.dispatcher.queue.cancel(uuid, reason)
+            ctr = self.dispatcher.queue.cancel(uuid, why)
         except InvalidTransition as exc:  # completed in the meantime
             raise APIError(409, str(exc)) from None
         except ContainerNotFound:
             raise APIError(404, f"container {uuid} not found", field="uuid") from None
-        log.info("container %s: %s", uuid, reason)
-        return Response.json(self.container_out(ctr, {}))
+        log.info("container %s: %s", uuid, why)
+        return self.container_out(ctr, {})
 
-    def set_priority(self, req: Request) -> Response:
-        uuid = _uuid(req)
-        body = parse_body(schema.PriorityRequest, req.body)
+    def set_priority(self, uuid: str, priority: int) -> schema.ContainerOut:
         self._get(uuid)
         try:
-            ctr = self.dispatcher.queue.set_priority(uuid, body.priority)
+            ctr = self.dispatcher.queue.set_priority(uuid, priority)
         except InvalidTransition as exc:
             raise APIError(409, str(exc)) from None
         except ContainerNotFound:
             raise APIError(404, f"container {uuid} not found", field="uuid") from None
-        return Response.json(self.container_out(ctr, self.scheduling_statuses()))
+        return self.container_out(ctr, self.scheduling_statuses())
 
-    def read_log(self, req: Request) -> Response:
+    def read_log(self, uuid: str, offset: int, limit: int) -> schema.LogChunk:
         """A chunk of the log.  ``final`` is decided from the state read *before* the log: a
         container's log is complete once it is final, so no late chunk can be missed."""
-        uuid = _uuid(req)
-        offset: int = req.args["offset"]
-        limit: int = req.args["limit"]
         final_state = self._get(uuid).state.final
         # Three bytes more than asked for, to finish a character the limit would cut.
         data = self.dispatcher.queue.read_log(uuid, offset, limit + 3)
@@ -554,199 +352,348 @@ class ManagementAPI:
         if final_state and len(data) <= limit:
             keep = len(data)  # the log is complete: a cut character at its end stays cut
         text = data[:keep].decode("utf-8", errors="replace")
-        return Response.json(
-            schema.LogChunk(
-                offset=offset,
-                next_offset=offset + keep,
-                data=text,
-                final=final_state and len(data) < limit + 3 and keep == len(data),
-            )
+        return schema.LogChunk(
+            offset=offset,
+            next_offset=offset + keep,
+            data=text,
+            final=final_state and len(data) < limit + 3 and keep == len(data),
         )
 
     # ---- instances
 
-    def list_instances(self, req: Request) -> Response:
+    def list_instances(self) -> schema.InstanceList:
         views = self.dispatcher.pool.instances()
         now = self.runtime.now()
-        return Response.json(schema.InstanceList(items=[self.instance_out(v, now) for v in views]))
+        return schema.InstanceList(items=[self.instance_out(v, now) for v in views])
 
-    def _instance_action(self, req: Request, action: InstanceAction) -> Response:
+    def instance_action(
+        self, instance_id: str, action: InstanceAction, reason: str
+    ) -> schema.InstanceActionOut:
         from herder.worker.pool import PoolError
 
-        instance_id = _instance_id(req)
-        body = parse_body(schema.InstanceActionRequest, req.body)
         pool = self.dispatcher.pool
         try:
             if action == "kill":
-                pool.kill_instance(instance_id, f"via management API: {body.reason}")
+                pool.kill_instance(instance_id, f"via management API: {reason}")
             else:
                 pool.set_idle_behavior(instance_id, IdleBehavior(action))
         except PoolError as exc:
             raise APIError(404, str(exc.args[0]) if exc.args else "instance not found") from None
         log.info(
             "instance %s: %s via management API%s",
-            instance_id,
-            action,
-            f": {body.reason}" if body.reason else "",
+            instance_id, action, f": {reason}" if reason else "",
         )
-        return Response.json(schema.InstanceActionOut(instance=instance_id, action=action))
-
-    def hold_instance(self, req: Request) -> Response:
-        return self._instance_action(req, "hold")
-
-    def drain_instance(self, req: Request) -> Response:
-        return self._instance_action(req, "drain")
-
-    def run_instance(self, req: Request) -> Response:
-        return self._instance_action(req, "run")
-
-    def kill_instance(self, req: Request) -> Response:
-        return self._instance_action(req, "kill")
+        return schema.InstanceActionOut(instance=instance_id, action=action)
 
     # ---- service
 
-    def health(self, req: Request) -> Response:
+    def health(self) -> tuple[schema.Health, int]:
         try:
             self.dispatcher.pool.check_health()
         except Exception as exc:
-            return Response.json(schema.Health(health="ERROR", error=str(exc)), 503)
-        return Response.json(schema.Health(health="OK"))
+            return schema.Health(health="ERROR", error=str(exc)), 503
+        return schema.Health(health="OK"), 200
 
-    def plugins(self, req: Request) -> Response:
-        infos = self.dispatcher.plugins.describe()
-        items = [i.to_json() for i in infos]
-        return Response.json(schema.PluginList.model_validate({"items": items}))
+    def plugins(self) -> schema.PluginList:
+        items = [i.to_json() for i in self.dispatcher.plugins.describe()]
+        return schema.PluginList.model_validate({"items": items})
 
-    def metrics(self, req: Request) -> Response:
-        return Response(200, generate_latest(self.dispatcher.registry), CONTENT_TYPE_LATEST)
+    def metrics(self) -> bytes:
+        from prometheus_client import generate_latest
 
-    def summary(self, req: Request) -> Response:
+        return generate_latest(self.dispatcher.registry)
+
+    def summary(self) -> schema.SummaryOut:
         from herder.api import status_page
 
         totals = status_page.summarize(
             self.dispatcher.pool.instances(), self.dispatcher.queue.counts()
         )
-        return Response.json(
-            schema.SummaryOut(
-                instances=totals.instances,
-                containers=totals.containers,
-                cost_per_hour=totals.cost_per_hour,
-            )
+        return schema.SummaryOut(
+            instances=totals.instances,
+            containers=totals.containers,
+            cost_per_hour=totals.cost_per_hour,
         )
 
-    # ---- the status page (its data comes from the authenticated routes above)
 
-    def status_page(self, req: Request) -> Response:
-        from herder.api import status_page
+# --------------------------------------------------------------------------- request parts
 
-        return Response(
-            200, status_page.page(), status_page.PAGE_CONTENT_TYPE, dict(status_page.PAGE_HEADERS)
+
+def management_api(request: Request) -> ManagementAPI:
+    """The :class:`ManagementAPI` the application was built with."""
+    api: ManagementAPI = request.app.state.api
+    return api
+
+
+API = Annotated[ManagementAPI, Depends(management_api)]
+
+_bearer = HTTPBearer(
+    auto_error=False, scheme_name="bearer",
+    description="the management token (api.management_token)",
+)
+
+
+def require_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """401 without a bearer token, 403 with a wrong one or when none is configured (SPEC
+    §10.2, made stricter: Arvados leaves the API open when no token is configured).  Compared
+    in constant time."""
+    import hmac
+
+    token: bytes = request.app.state.token
+    if not token:
+        raise APIError(403, NOT_CONFIGURED)
+    if credentials is None:
+        raise APIError(
+            401, "authorization required: send Authorization: Bearer <management token>",
+            headers={"WWW-Authenticate": "Bearer"},
         )
-
-    def static_asset(self, req: Request) -> Response:
-        from herder.api import status_page
-
-        try:
-            data, content_type = status_page.asset(req.params["name"])
-        except status_page.UnknownAsset:
-            raise APIError(404, "no such file", field="name") from None
-        return Response(200, data, content_type)
-
-    def openapi(self, req: Request) -> Response:
-        from herder.api.openapi import openapi_json
-
-        return Response(200, openapi_json(self.routes), "application/json")
+    offered = credentials.credentials.strip().encode("utf-8", "replace")
+    if not hmac.compare_digest(offered, token):
+        raise APIError(403, "the management token is not valid")
 
 
+def single_values(request: Request) -> None:
+    """Refuse a query parameter given twice unless it is a list (``state``)."""
+    counts = Counter(name for name, _ in request.query_params.multi_items())
+    for name, count in counts.items():
+        if count > 1 and name not in REPEATABLE_QUERY:
+            raise APIError(400, "given more than once", field=name[:100])
+
+
+class _Query(BaseModel):
+    """Base of query parameter sets: an unknown parameter is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListQuery(_Query):
+    state: list[ContainerState] = Field(
+        default_factory=list, description="only containers in this state (repeat for several)"
+    )
+    limit: int = Field(DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="page size")
+    # Empty is accepted too: the first page, as when the parameter is left out.
+    after: str = Field(
+        "",
+        pattern=f"^$|{CONTAINER_UUID_RE.pattern}",
+        description="return containers whose uuid sorts after this one (the previous page's "
+        "`next`)",
+    )
+
+
+class LogQuery(_Query):
+    offset: int = Field(
+        0, ge=0, le=MAX_LOG_OFFSET,
+        description="byte offset to read from (the previous chunk's `next_offset`)",
+    )
+    limit: int = Field(
+        DEFAULT_LOG_CHUNK, ge=1, le=MAX_LOG_CHUNK, description="most bytes to return"
+    )
+
+
+class NoQuery(_Query):
+    """Routes without query parameters still refuse unknown ones."""
+
+
+Uuid = Annotated[str, Path(pattern=CONTAINER_UUID_RE.pattern, description="container uuid")]
+InstanceId = Annotated[
+    str, Path(pattern=INSTANCE_ID_PATTERN, description="the provider's instance id")
+]
+NoParams = Annotated[NoQuery, Query()]
+
+# --------------------------------------------------------------------------- the routes
+
+AUTH = [Depends(require_token)]
 _C = f"{API_PREFIX}/containers"
 _I = f"{API_PREFIX}/instances"
 
-ROUTES: tuple[Route, ...] = (
-    Route(
-        "POST", _C, ManagementAPI.submit_container, "submitContainer",
-        "Submit a container", "containers",
-        request_model=schema.SubmitRequest, response_model=schema.ContainerOut, status=201,
-        errors=(400, 413, 503),
-    ),
-    Route(
-        "GET", _C, ManagementAPI.list_containers, "listContainers",
-        "List containers by uuid, a page at a time", "containers",
-        response_model=schema.ContainerList, query=(STATE_PARAM, LIMIT_PARAM, AFTER_PARAM),
-        errors=(400,),
-    ),
-    Route(
-        "GET", f"{_C}/{{uuid}}", ManagementAPI.get_container, "getContainer",
-        "Get one container, with its scheduling status", "containers",
-        response_model=schema.ContainerOut, errors=(400, 404),
-    ),
-    Route(
-        "POST", f"{_C}/{{uuid}}/cancel", ManagementAPI.cancel_container, "cancelContainer",
-        "Cancel a container (its runner is killed if it runs)", "containers",
-        request_model=schema.CancelRequest, response_model=schema.ContainerOut,
-        errors=(400, 404, 409, 413, 503),
-    ),
-    Route(
-        "POST", f"{_C}/{{uuid}}/priority", ManagementAPI.set_priority, "setContainerPriority",
-        "Change a container's priority (0 holds it in the queue)", "containers",
-        request_model=schema.PriorityRequest, response_model=schema.ContainerOut,
-        errors=(400, 404, 409, 413, 503),
-    ),
-    Route(
-        "GET", f"{_C}/{{uuid}}/log", ManagementAPI.read_log, "readContainerLog",
-        "Read a container's log from a byte offset", "containers",
-        response_model=schema.LogChunk, query=(OFFSET_PARAM, LOG_LIMIT_PARAM), errors=(400, 404),
-    ),
-    Route(
-        "GET", _I, ManagementAPI.list_instances, "listInstances",
-        "List instances, pending creates included", "instances",
-        response_model=schema.InstanceList,
-    ),
-    *(
-        Route(
-            "POST", f"{_I}/{{instance_id}}/{action}", handler, f"{action}Instance", summary,
-            "instances", request_model=schema.InstanceActionRequest,
-            response_model=schema.InstanceActionOut, errors=(400, 404, 413),
-        )
-        for action, handler, summary in (
-            ("hold", ManagementAPI.hold_instance,
-             "Hold an instance: start nothing new on it and never shut it down"),
-            ("drain", ManagementAPI.drain_instance,
-             "Drain an instance: start nothing new on it and shut it down once idle"),
-            ("run", ManagementAPI.run_instance,
-             "Return an instance to normal use"),
-            ("kill", ManagementAPI.kill_instance,
-             "Shut an instance down now, whatever runs on it"),
-        )
-    ),
-    Route(
-        "GET", f"{API_PREFIX}/health", ManagementAPI.health, "health",
-        "Health check (needs no token)", "service", response_model=schema.Health, auth=False,
-    ),
-    Route(
-        "GET", f"{API_PREFIX}/plugins", ManagementAPI.plugins, "listPlugins",
-        "Installed plugins and what they register", "service", response_model=schema.PluginList,
-    ),
-    Route(
-        "GET", f"{API_PREFIX}/openapi.json", ManagementAPI.openapi, "openapi",
-        "This API's OpenAPI document", "service",
-    ),
-    Route(
-        "GET", f"{API_PREFIX}/summary", ManagementAPI.summary, "summary",
-        "Totals: instances and containers by state, cost per hour now", "service",
-        response_model=schema.SummaryOut,
-    ),
-    Route(
-        "GET", "/", ManagementAPI.status_page, "statusPage",
-        "The status page (needs no token; its script asks for one)", "status page",
-        auth=False, content_type="text/html; charset=utf-8",
-    ),
-    Route(
-        "GET", "/static/{name}", ManagementAPI.static_asset, "statusPageAsset",
-        "A script or stylesheet of the status page", "status page",
-        auth=False, content_type="text/plain", errors=(404,),
-    ),
-    Route(
-        "GET", "/metrics", ManagementAPI.metrics, "metrics",
-        "Prometheus metrics", "service", content_type=CONTENT_TYPE_LATEST,
-    ),
-)  # fmt: skip
+containers = APIRouter(tags=["containers"], dependencies=AUTH, responses=errors(401, 403))
+
+
+@containers.post(
+    _C, status_code=201, response_model=schema.ContainerOut, operation_id="submitContainer",
+    summary="Submit a container", responses=errors(400, 413, 503),
+)
+def submit_container(api: API, body: schema.SubmitRequest, _q: NoParams) -> Response:
+    out = api.submit_container(body)
+    return reply(out, 201, {"Location": f"{_C}/{out.uuid}"})
+
+
+@containers.get(
+    _C, response_model=schema.ContainerList, operation_id="listContainers",
+    summary="List containers by uuid, a page at a time", responses=errors(400),
+)
+def list_containers(api: API, query: Annotated[ListQuery, Query()]) -> Response:
+    return reply(api.list_containers(tuple(query.state), query.limit, query.after))
+
+
+@containers.get(
+    f"{_C}/{{uuid}}", response_model=schema.ContainerOut, operation_id="getContainer",
+    summary="Get one container, with its scheduling status", responses=errors(400, 404),
+)
+def get_container(api: API, uuid: Uuid, _q: NoParams) -> Response:
+    return reply(api.get_container(uuid))
+
+
+@containers.post(
+    f"{_C}/{{uuid}}/cancel", response_model=schema.ContainerOut, operation_id="cancelContainer",
+    summary="Cancel a container (its runner is killed if it runs)",
+    responses=errors(400, 404, 409, 413, 503),
+)
+def cancel_container(
+    api: API, uuid: Uuid, _q: NoParams, body: schema.CancelRequest | None = None
+) -> Response:
+    return reply(api.cancel_container(uuid, body.reason if body else ""))
+
+
+@containers.post(
+    f"{_C}/{{uuid}}/priority", response_model=schema.ContainerOut,
+    operation_id="setContainerPriority",
+    summary="Change a container's priority (0 holds it in the queue)",
+    responses=errors(400, 404, 409, 413, 503),
+)
+def set_priority(api: API, uuid: Uuid, body: schema.PriorityRequest, _q: NoParams) -> Response:
+    return reply(api.set_priority(uuid, body.priority))
+
+
+@containers.get(
+    f"{_C}/{{uuid}}/log", response_model=schema.LogChunk, operation_id="readContainerLog",
+    summary="Read a container's log from a byte offset", responses=errors(400, 404),
+)
+def read_log(api: API, uuid: Uuid, query: Annotated[LogQuery, Query()]) -> Response:
+    return reply(api.read_log(uuid, query.offset, query.limit))
+
+
+instances = APIRouter(tags=["instances"], dependencies=AUTH, responses=errors(401, 403))
+
+
+@instances.get(
+    _I, response_model=schema.InstanceList, operation_id="listInstances",
+    summary="List instances, pending creates included",
+)
+def list_instances(api: API, _q: NoParams) -> Response:
+    return reply(api.list_instances())
+
+
+def _add_instance_action(action: InstanceAction, summary: str) -> None:
+    def act(
+        api: API, instance_id: InstanceId, _q: NoParams,
+        body: schema.InstanceActionRequest | None = None,
+    ) -> Response:
+        return reply(api.instance_action(instance_id, action, body.reason if body else ""))
+
+    instances.add_api_route(
+        # ``:path``: a provider's id may hold a "/" (sent as %2F, which the server decodes).
+        f"{_I}/{{instance_id:path}}/{action}", act, methods=["POST"],
+        response_model=schema.InstanceActionOut, operation_id=f"{action}Instance",
+        summary=summary, responses=errors(400, 404, 413),
+    )
+
+
+for _action, _summary in (
+    ("hold", "Hold an instance: start nothing new on it and never shut it down"),
+    ("drain", "Drain an instance: start nothing new on it and shut it down once idle"),
+    ("run", "Return an instance to normal use"),
+    ("kill", "Shut an instance down now, whatever runs on it"),
+):
+    _add_instance_action(_action, _summary)  # type: ignore[arg-type]
+
+
+service = APIRouter(tags=["service"])
+
+
+@service.get(
+    f"{API_PREFIX}/health", response_model=schema.Health, operation_id="health",
+    summary="Health check (needs no token)",
+    responses={503: {"model": schema.Health, "description": "the dispatcher is unhealthy"}},
+)
+def health(api: API, _q: NoParams) -> Response:
+    out, status = api.health()
+    return reply(out, status)
+
+
+@service.get(
+    f"{API_PREFIX}/plugins", response_model=schema.PluginList, operation_id="listPlugins",
+    summary="Installed plugins and what they register", dependencies=AUTH,
+    responses=errors(401, 403),
+)
+def plugins(api: API, _q: NoParams) -> Response:
+    return reply(api.plugins())
+
+
+@service.get(
+    f"{API_PREFIX}/openapi.json", operation_id="openapi", summary="This API's OpenAPI document",
+    dependencies=AUTH, responses=errors(401, 403),
+)
+async def openapi(request: Request, _q: NoParams) -> dict[str, Any]:
+    document: dict[str, Any] = request.app.openapi()
+    return document
+
+
+@service.get(
+    f"{API_PREFIX}/summary", response_model=schema.SummaryOut, operation_id="summary",
+    summary="Totals: instances and containers by state, cost per hour now", dependencies=AUTH,
+    responses=errors(401, 403),
+)
+def summary(api: API, _q: NoParams) -> Response:
+    return reply(api.summary())
+
+
+_METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@service.get(
+    "/metrics", operation_id="metrics", summary="Prometheus metrics", dependencies=AUTH,
+    response_class=Response,
+    responses={
+        200: {"content": {_METRICS_TYPE: {"schema": {"type": "string"}}},
+              "description": "the metrics in Prometheus' text format"},
+        **errors(401, 403),
+    },
+)
+def metrics(api: API, _q: NoParams) -> Response:
+    return Response(api.metrics(), media_type=_METRICS_TYPE)
+
+
+# The status page and its files need no token: the page's script asks for one.
+status_page_routes = APIRouter(tags=["status page"])
+
+
+@status_page_routes.get(
+    "/", operation_id="statusPage", summary="The status page", response_class=Response,
+    responses={200: {"content": {"text/html": {"schema": {"type": "string"}}},
+                     "description": "the page"}},
+)
+async def status_page(_q: NoParams) -> Response:
+    from herder.api import status_page as page
+
+    return Response(page.page(), media_type=page.PAGE_CONTENT_TYPE, headers=dict(page.PAGE_HEADERS))
+
+
+@status_page_routes.get(
+    "/static/{name}", operation_id="statusPageAsset",
+    summary="A script or stylesheet of the status page", response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                     "description": "the file"}, **errors(404)},
+)
+async def static_asset(name: str, _q: NoParams) -> Response:
+    from herder.api import status_page as page
+
+    try:
+        data, content_type = page.asset(name)
+    except page.UnknownAsset:
+        raise APIError(404, "no such file", field="name") from None
+    return Response(data, media_type=content_type)
+
+
+def build_router(*, with_instances: bool = True) -> APIRouter:
+    """Every route, with the instance ones only for an engine that has instances."""
+    router = APIRouter(dependencies=[Depends(single_values)])
+    router.include_router(containers)
+    if with_instances:
+        router.include_router(instances)
+    router.include_router(service)
+    router.include_router(status_page_routes)
+    return router

@@ -1,76 +1,58 @@
-"""The management API's HTTP server: stdlib ``ThreadingHTTPServer``, one thread per request.
+"""The management API's HTTP server: the ASGI application of :mod:`herder.api.app` on uvicorn.
 
-The server does the HTTP part only — routing through :class:`~herder.api.routes.Router`,
-authentication, reading and capping bodies, turning errors into JSON — and leaves what each route
-does to :class:`~herder.api.routes.ManagementAPI`.
+uvicorn speaks HTTP/1.1 with keep-alive on an event loop, so idle and slow clients cost a
+coroutine each, not a thread; the route handlers, which call the engine's blocking methods, run
+on a bounded pool of worker threads.  herder adds what a management endpoint facing a network
+needs and uvicorn leaves to its user:
 
-Authentication (SPEC §10.2, made stricter): every route but the health check needs
-``Authorization: Bearer <management token>``.  With no token configured the API refuses
-everything but the health check with 403 and says why, as Arvados does; no token is 401, a wrong
-one 403.  Tokens are compared in constant time.
+- a **deadline for a whole exchange** (``api.request_timeout``): a client that has not sent its
+  request and read the answer by then is cut off, with a 408 if nothing was answered yet, so a
+  crowd of slow clients cannot hold connections open for ever;
+- a bound on connections (``api.max_connections``; beyond it, 503) and a deep listen backlog;
+- **TLS** from ``api.tls_certificate`` and ``api.tls_key``;
+- start-up errors (an address in use, a certificate that does not load) raised at once, under
+  the configuration key that caused them, instead of in a background thread.
 
-Nothing a client sends produces a 500: malformed requests are 4xx with a JSON body naming the
-field; a 500 means a bug in herder, and is logged with its traceback.
+The server runs in its own thread with its own event loop: the dispatcher is threaded, and
+``herder serve`` and the tests start and stop the API next to it.
 """
 
 from __future__ import annotations
 
-import errno
-import hmac
-import json
+import asyncio
 import logging
-import sqlite3
+import socket
+import ssl
 import threading
-from collections.abc import Sequence
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING
 
-from herder.api.routes import (
-    APIError,
-    ManagementAPI,
-    Request,
-    Response,
-    Route,
-    Router,
-    parse_query,
-)
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from herder.api.app import MAX_BODY, create_app
+from herder.api.routes import NOT_CONFIGURED, ManagementAPI
 from herder.config import Config
 from herder.config import parse_listen as config_parse_listen
 from herder.runtime import Runtime
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from herder.dispatcher import Dispatcher
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("herder.api")
 
-#: Largest request body accepted; a container spec is a few KiB.
-MAX_BODY = 1 << 20
-#: Seconds a connection may sit idle (or dribble its body) before it is dropped.
-SOCKET_TIMEOUT = 30.0
-NOT_CONFIGURED = (
-    "management API authentication is not configured: set api.management_token in the config "
-    "or the environment variable named by api.management_token_env"
-)
-
-def storage_unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` says the queue's storage cannot take a write now (a full disk, a quota,
-    a read-only or locked file): the client should retry later, nothing is wrong with the
-    request, and it is not a bug."""
-    if isinstance(exc, OSError) and not isinstance(exc, sqlite3.Error):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-    text = str(exc).lower()
-    return any(
-        words in text
-        for words in ("disk is full", "database is locked", "readonly database", "disk i/o")
-    )
+#: Worker threads running route handlers at once; more requests wait for one.
+WORKER_THREADS = 32
+#: Connections waiting to be accepted before the kernel refuses new ones.
+BACKLOG = 1024
+#: Seconds an idle keep-alive connection is kept open.
+KEEP_ALIVE = 5
+#: Seconds the server waits for requests in flight when it stops.
+GRACEFUL_STOP = 5
 
 
 class APIServerError(Exception):
-    """The server cannot start (bad address, port in use)."""
+    """The server cannot start (bad address, port in use, a certificate that does not load)."""
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -81,16 +63,79 @@ def parse_listen(listen: str) -> tuple[str, int]:
         raise APIServerError(str(exc)) from None
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+class DeadlineProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each exchange.
 
-    def __init__(self, address: tuple[str, int], server: APIServer) -> None:
-        import socket
+    The clock starts with the first byte of a request (or when the connection opens) and stops
+    when its response is complete; between requests uvicorn's keep-alive timeout applies.  A
+    client still sending, or not reading, when the deadline passes is disconnected; if nothing
+    was answered yet it is told so with a 408 first.
+    """
 
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.api_server = server
-        super().__init__(address, _Handler)
+    #: Seconds for one whole exchange; set per server by :class:`APIServer`.
+    deadline: float = 30.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._peer_done = False
+        super().connection_made(transport)
+        self._arm_deadline()
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """A client that shuts down its side after sending a whole request still gets the
+        answer (then the connection closes); one that stops in the middle of its body is told
+        that the body was short."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE):
+                self._peer_done = True
+                return True
+            if self.conn.their_state is h11.SEND_BODY and not cycle.response_started:
+                self._refuse(b"400 Bad Request", b"request body shorter than its Content-Length")
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline_timer is None:
+            self._arm_deadline()
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        self._disarm_deadline()
+        if self._peer_done:
+            self.transport.close()  # after what was written: the client sends nothing more
+            return
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_deadline()
+        super().connection_lost(exc)
+
+    def _arm_deadline(self) -> None:
+        self._deadline_timer = self.loop.call_later(self.deadline, self._deadline_passed)
+
+    def _disarm_deadline(self) -> None:
+        timer, self._deadline_timer = self._deadline_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _deadline_passed(self) -> None:
+        self._deadline_timer = None
+        cycle = self.cycle
+        if self.transport.is_closing():
+            return
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            self._refuse(b"408 Request Timeout", b"request not received within the deadline")
+        self.transport.close()
+
+    def _refuse(self, status: bytes, message: bytes) -> None:
+        """Answer outside the request cycle (none started, or it cannot finish), then close."""
+        body = b'{"error": "' + message + b'"}'
+        self.transport.write(
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
+            + body
+        )
+        self.transport.close()
 
 
 class APIServer:
@@ -98,8 +143,7 @@ class APIServer:
 
     ``runtime`` is the clock used for durations such as ``time_in_state`` (the dispatcher's by
     default).  ``token`` overrides the configured management token (tests, embedding);
-    ``routes`` replaces the route table (extra pages add their routes to
-    :data:`~herder.api.routes.ROUTES`).
+    ``with_instances=False`` serves a dispatcher that has no instances (no instance routes).
     """
 
     def __init__(
@@ -109,205 +153,143 @@ class APIServer:
         runtime: Runtime | None = None,
         *,
         token: str | None = None,
-        routes: Sequence[Route] | None = None,
+        with_instances: bool = True,
         max_body: int = MAX_BODY,
     ) -> None:
         self.config = config
         self.listen = parse_listen(config.api.listen)
-        self.app = ManagementAPI(dispatcher, runtime, routes)
-        self.router = Router(self.app.routes)
-        self.max_body = max_body
-        self._token = (config.api.resolve_management_token() if token is None else token).encode()
-        self._httpd: _HTTPServer | None = None
+        self.api = ManagementAPI(dispatcher, runtime)
+        self._token = config.api.resolve_management_token() if token is None else token
+        self.app = create_app(
+            self.api, self._token, with_instances=with_instances, max_body=max_body
+        )
+        self._server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def token_configured(self) -> bool:
         return bool(self._token)
 
+    @property
+    def tls(self) -> bool:
+        return bool(self.config.api.tls_certificate)
+
     def start(self) -> None:
         """Bind and serve in a background thread; raises :class:`APIServerError` if it cannot."""
-        if self._httpd is not None:
+        if self._server is not None:
             return
+        settings = self._uvicorn_config()
         try:
-            self._httpd = _HTTPServer(self.listen, self)
-        except OSError as exc:
-            host, port = self.listen
-            raise APIServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-        httpd = self._httpd
+            settings.load()  # builds the TLS context: a bad certificate fails here, not later
+        except (OSError, ssl.SSLError) as exc:
+            raise APIServerError(
+                f"api.tls_certificate / api.tls_key: cannot load "
+                f"{self.config.api.tls_certificate}: {getattr(exc, 'strerror', None) or exc}"
+            ) from exc
+        sock = self._bind()
+        server = uvicorn.Server(settings)
+        ready = threading.Event()
+        self._server, self._socket = server, sock
         self._thread = threading.Thread(
-            # A short poll interval makes stop() prompt; an idle poll costs almost nothing.
-            target=lambda: httpd.serve_forever(poll_interval=0.05), name="herder-api", daemon=True
+            target=self._run, args=(server, sock, ready), name="herder-api", daemon=True
         )
         self._thread.start()
+        ready.wait(timeout=30.0)
+        if not server.started:
+            self.stop()
+            raise APIServerError(f"the API server on {self.url_for(sock)} did not start")
         if not self._token:
             log.warning("management API on %s refuses every request: %s", self.url, NOT_CONFIGURED)
         else:
             log.info("management API listening on %s", self.url)
 
+    def _uvicorn_config(self) -> uvicorn.Config:
+        api = self.config.api
+        return uvicorn.Config(
+            self.app,
+            http=type("Protocol", (DeadlineProtocol,), {"deadline": api.request_timeout}),
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            backlog=BACKLOG,
+            timeout_keep_alive=KEEP_ALIVE,
+            timeout_graceful_shutdown=GRACEFUL_STOP,
+            limit_concurrency=api.max_connections,
+            ssl_certfile=api.tls_certificate or None,
+            ssl_keyfile=api.tls_key or None,
+        )
+
+    def _bind(self) -> socket.socket:
+        host, port = self.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+        except OSError as exc:
+            raise APIServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        return sock
+
+    @staticmethod
+    def _run(server: uvicorn.Server, sock: socket.socket, ready: threading.Event) -> None:
+        async def serve() -> None:
+            import anyio.to_thread
+
+            anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
+            loop = asyncio.get_running_loop()
+            # ``started`` is set once the socket is served; tell start() then (or on failure).
+            waiter = loop.create_task(_signal_when_started(server, ready))
+            try:
+                await server.serve(sockets=[sock])
+            finally:
+                waiter.cancel()
+                ready.set()
+
+        try:
+            asyncio.run(serve())
+        except Exception:
+            log.exception("management API server stopped on an error")
+            ready.set()
+
     def stop(self) -> None:
-        """Stop accepting requests and close the socket (requests in flight finish on their own)."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
+        """Stop accepting requests, finish those in flight (a few seconds at most), close."""
+        server, self._server = self._server, None
+        if server is None:
             return
-        httpd.shutdown()
-        httpd.server_close()
+        server.should_exit = True
         if self._thread is not None:
-            self._thread.join(timeout=5.0)
+            self._thread.join(timeout=GRACEFUL_STOP + 5.0)
+        if self._socket is not None:
+            self._socket.close()
 
     @property
     def address(self) -> tuple[str, int]:
         """The (host, port) actually bound (the port is chosen by the OS for port 0)."""
-        if self._httpd is None:
+        if self._socket is None:
             raise APIServerError("the API server is not running")
-        host, port = self._httpd.server_address[:2]
+        host, port = self._socket.getsockname()[:2]
         return str(host), int(port)
 
     @property
     def url(self) -> str:
         """A URL a client on this machine can use (the wildcard address becomes loopback)."""
-        host, port = self.address
+        if self._socket is None:
+            raise APIServerError("the API server is not running")
+        return self.url_for(self._socket)
+
+    def url_for(self, sock: socket.socket) -> str:
+        host, port = sock.getsockname()[:2]
         if host in ("", "0.0.0.0"):  # noqa: S104 (comparing, not binding)
             host = "127.0.0.1"
         elif host == "::":
             host = "::1"
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    # ---- per request (called on the request's thread)
-
-    def authorize(self, header: str | None) -> None:
-        """Raise 401/403 unless ``header`` carries the management token."""
-        if not self._token:
-            raise APIError(403, NOT_CONFIGURED)
-        if not header:
-            raise APIError(
-                401, "authorization required: send Authorization: Bearer <management token>",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        scheme, _, credential = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
-            raise APIError(
-                401, "authorization required: send Authorization: Bearer <management token>",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if not hmac.compare_digest(credential.strip().encode("utf-8", "replace"), self._token):
-            raise APIError(403, "the management token is not valid")
-
-    def handle(
-        self, method: str, target: str, headers: Any, read_body: Callable[[int], bytes]
-    ) -> Response:
-        """Route, authorize, read the body, run the handler; every failure becomes a response."""
-        try:
-            return self._handle(method, target, headers, read_body)
-        except APIError as exc:
-            return Response(
-                exc.status, json.dumps(exc.body()).encode(), "application/json", exc.headers
-            )
-        except (sqlite3.OperationalError, OSError) as exc:
-            if not storage_unavailable(exc):
-                log.exception("management API: %s %s failed", method, urlsplit(target).path[:200])
-                return Response(500, b'{"error": "internal server error"}')
-            log.error("management API: %s %s: the queue cannot be written: %s",
-                      method, urlsplit(target).path[:200], exc)
-            body = {"error": f"the queue cannot be written right now: {exc}; retry later"}
-            return Response(503, json.dumps(body).encode(), "application/json",
-                            {"Retry-After": "30"})
-        except Exception:
-            log.exception("management API: %s %s failed", method, urlsplit(target).path[:200])
-            return Response(500, b'{"error": "internal server error"}')
-
-    def _handle(
-        self, method: str, target: str, headers: Any, read_body: Callable[[int], bytes]
-    ) -> Response:
-        url = urlsplit(target)
-        route, params = self.router.match(method, url.path)
-        if route.auth:
-            self.authorize(headers.get("Authorization"))
-        body = self._read_body(method, headers, read_body)
-        query = parse_qs(url.query, keep_blank_values=True, errors="replace", max_num_fields=100)
-        req = Request(method, url.path, params, parse_query(route.query, query), body)
-        return route.handler(self.app, req)
-
-    def _read_body(
-        self, method: str, headers: Any, read_body: Callable[[int], bytes]
-    ) -> bytes:
-        """The request body, within :attr:`max_body`; bodies of GET requests are ignored."""
-        if headers.get("Transfer-Encoding"):
-            raise APIError(411, "chunked request bodies are not supported: send Content-Length")
-        raw = headers.get("Content-Length")
-        if raw is None or method != "POST":
-            return b""
-        if not raw.strip().isdigit():
-            raise APIError(400, "invalid Content-Length header", field="Content-Length")
-        length = int(raw)
-        if length > self.max_body:
-            raise APIError(413, f"request body larger than {self.max_body} bytes")
-        body = read_body(length)
-        if len(body) != length:
-            raise APIError(400, "request body shorter than its Content-Length")
-        return body
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """Adapts http.server's handler to :meth:`APIServer.handle`; one instance per connection.
+async def _signal_when_started(server: uvicorn.Server, ready: threading.Event) -> None:
+    while not server.started:
+        await asyncio.sleep(0.005)
+    ready.set()
 
-    HTTP/1.0 semantics (one request per connection) keep it simple: an unread body or a refused
-    request never leaves a connection in an unknown state.
-    """
-
-    server: _HTTPServer
-    timeout = SOCKET_TIMEOUT
-
-    def version_string(self) -> str:
-        return "herder"
-
-    def __getattr__(self, name: str) -> Any:
-        # Any method (PUT, DELETE, FOO, ...) is routed: the router answers 405 for the ones a
-        # path does not support, where http.server would answer 501.
-        if name.startswith("do_"):
-            return self._serve
-        raise AttributeError(name)
-
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_POST(self) -> None:
-        self._serve()
-
-    def _serve(self) -> None:
-        resp = self.server.api_server.handle(
-            self.command, self.path, self.headers, self.rfile.read
-        )
-        self.send_response(resp.status)
-        self.send_header("Content-Type", resp.content_type)
-        self.send_header("Content-Length", str(len(resp.body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for key, value in resp.headers.items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(resp.body)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Protocol errors found by http.server itself (bad request line, huge headers), as JSON.
-
-        An HTTP version it does not speak is the client's mistake: 400, not 505.
-        """
-        if code >= 500:
-            code = HTTPStatus.BAD_REQUEST
-        # http.server falls back to HTTP/0.9 (no status line) for a request line it cannot
-        # read; a client deserves a status it can parse.
-        self.request_version = "HTTP/1.0"
-        text = message or HTTPStatus(code).phrase
-        body = json.dumps({"error": text}).encode()
-        self.send_response(code, text)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)

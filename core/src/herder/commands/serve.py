@@ -121,7 +121,7 @@ def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir
     """Serve a dispatcher registered by a plugin (``dispatcher: <name>``) instead of the cloud
     engine: the same queue and API, without the instance routes."""
     from herder.api.server import APIServer
-    from herder.dispatch.service import DispatchService, service_routes
+    from herder.dispatch.service import DispatchService
     from herder.plugins import PluginError
     from herder.queue.base import QueueError
 
@@ -134,7 +134,7 @@ def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir
         runtime.shutdown()
         raise CommandError(f"dispatcher: {exc}") from exc
     # The API reads only the attributes DispatchService shares with the cloud engine.
-    api = APIServer(cast("Dispatcher", service), config, routes=service_routes())
+    api = APIServer(cast("Dispatcher", service), config, with_instances=False)
     _start_api(api, config, data_dir, abandon=lambda: _stop_all(service.stop, runtime))
     stop = _stop_on_signals()
     settle_startup_heap()
@@ -186,7 +186,7 @@ def _start_api(
         raise CommandError(f"api.listen: {exc}") from exc
     token = config.api.resolve_management_token()
     if token:
-        write_client_file(data_dir, api.url, token)
+        write_client_file(data_dir, api.url, token, config.api.tls_certificate)
     else:
         log.warning(
             "no management token configured (api.management_token or $%s): the API refuses "

@@ -9,8 +9,7 @@ served (:func:`service_routes`), and the scheduler reports no scheduling status.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -21,9 +20,6 @@ from herder.plugins import Plugins
 from herder.queue.base import ContainerQueue
 from herder.runtime import Runtime
 from herder.sizing import ConfigSizer
-
-if TYPE_CHECKING:
-    from herder.api.routes import Route
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +92,3 @@ class DispatchService:
     def active_counts(self) -> dict[ContainerState, int]:
         return self.queue.counts()
 
-
-def service_routes() -> Sequence[Route]:
-    """The API routes that make sense without instances: all but the instance ones."""
-    from herder.api.routes import API_PREFIX, ROUTES
-
-    prefix = f"{API_PREFIX}/instances"
-    return tuple(r for r in ROUTES if not r.path.startswith(prefix))

@@ -1,0 +1,264 @@
+"""The HTTP layer: keep-alive, deadlines for slow clients, quiet disconnects, a bound on
+connections, TLS, and a client that reuses its connection."""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pydantic import ValidationError
+
+from herder.api import APIServer, APIServerError
+from herder.client import Client, ClientError, Endpoint, read_client_file, write_client_file
+from herder.config import APIConfig
+
+from .conftest import Engine, sim_config, start_engine, stop_engine
+
+
+def _with_api(**api: object):
+    config = sim_config()
+    return config.model_copy(update={"api": config.api.model_copy(update=api)})
+
+
+@pytest.fixture
+def impatient() -> Iterator[Engine]:
+    """An engine whose API gives each exchange half a second."""
+    eng = start_engine(_with_api(request_timeout=0.5))
+    yield eng
+    stop_engine(eng)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_requests_share_one_keep_alive_connection(engine):
+    host, port = engine.server.address
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    auth = {"Authorization": f"Bearer {engine.token}"}
+    try:
+        conn.request("GET", "/api/v1/instances", headers=auth)
+        first = conn.getresponse()
+        first.read()
+        local = conn.sock.getsockname()
+        for _ in range(5):
+            conn.request("GET", "/api/v1/containers", headers=auth)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            assert resp.version == 11
+            assert conn.sock.getsockname() == local  # the same connection, not a new one
+    finally:
+        conn.close()
+
+
+def test_a_client_that_never_finishes_its_request_is_cut_off_with_408(impatient):
+    host, port = impatient.server.address
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")  # headers never end
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+    assert b"deadline" in reply
+
+
+def test_a_client_that_dribbles_its_body_is_cut_off(impatient):
+    host, port = impatient.server.address
+    head = (
+        f"POST /api/v1/containers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        f"{impatient.token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(head + b'{"command": ')
+        reply = _read_all(sock)  # the server closes the connection: no hang
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 4"), reply[:100]
+    assert impatient.dispatcher.queue.list() == []
+
+
+def test_idle_connections_do_not_hold_up_other_clients(impatient):
+    host, port = impatient.server.address
+    idle = [socket.create_connection((host, port), timeout=10) for _ in range(100)]
+    try:
+        assert impatient.request("GET", "/api/v1/instances").status == 200
+        # And each idle one is closed at its deadline.
+        for sock in idle:
+            assert _read_all(sock).startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_clients_that_go_away_leave_no_traceback(engine, caplog):
+    host, port = engine.server.address
+    caplog.set_level(logging.DEBUG)
+    for data in (b"", b"GET /api/v1/inst", b"POST /api/v1/containers HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Length: 50\r\n\r\n{"):
+        sock = socket.create_connection((host, port), timeout=10)
+        sock.sendall(data)
+        # An abortive close (RST), as a client killed mid-request does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+    assert engine.request("GET", "/api/v1/health").status == 200
+    noisy = [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+    assert noisy == [], [r.getMessage() for r in noisy]
+
+
+def test_connections_beyond_the_bound_are_told_to_come_back():
+    eng = start_engine(_with_api(max_connections=3))
+    host, port = eng.server.address
+    held = [socket.create_connection((host, port), timeout=10) for _ in range(3)]
+    try:
+        reply = eng.request("GET", "/api/v1/health")
+        assert reply.status == 503
+    finally:
+        for sock in held:
+            sock.close()
+    try:
+        # Once they are gone, requests are served again (the server notices the closes).
+        for _ in range(100):
+            if eng.request("GET", "/api/v1/health").status == 200:
+                break
+        else:
+            raise AssertionError("the server kept refusing after the connections closed")
+    finally:
+        stop_engine(eng)
+
+
+def test_too_many_query_parameters_is_400_not_500(engine):
+    query = "&".join(f"p{i}=1" for i in range(1000))
+    for path in ("/api/v1/health", "/api/v1/containers"):
+        reply = engine.request("GET", f"{path}?{query}")
+        assert reply.status == 400, reply.body
+
+
+# --------------------------------------------------------------------------- the client
+
+
+def test_the_client_keeps_one_connection(engine):
+    client = Client(engine.server.url, engine.token)
+    try:
+        client.health()
+        first = client._conn.sock.getsockname()
+        client.containers()
+        client.instances()
+        client.submit({"command": ["sim", "1", "0"]})
+        assert client._conn.sock.getsockname() == first
+    finally:
+        client.close()
+
+
+def test_the_client_reconnects_after_the_server_closed_its_connection(engine, monkeypatch):
+    client = Client(engine.server.url, engine.token)
+    try:
+        client.health()
+        client._conn.sock.shutdown(socket.SHUT_RDWR)  # as a server closing an idle connection
+        assert client.containers()["items"] == []
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "herder test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "api.crt", tmp_path / "api.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+@pytest.fixture
+def tls_engine(tmp_path) -> Iterator[tuple[Engine, Path]]:
+    cert, key = _self_signed(tmp_path)
+    eng = start_engine(_with_api(tls_certificate=str(cert), tls_key=str(key)))
+    yield eng, cert
+    stop_engine(eng)
+
+
+def test_the_api_over_tls(tls_engine):
+    eng, cert = tls_engine
+    assert eng.server.url.startswith("https://127.0.0.1:")
+    client = Client(eng.server.url, eng.token, ca_file=str(cert))
+    try:
+        assert client.health()["health"] == "OK"
+        uuid = client.submit({"command": ["sim", "1", "0"]})["uuid"]
+        assert client.container(uuid)["uuid"] == uuid
+    finally:
+        client.close()
+
+
+def test_an_untrusted_certificate_is_refused_by_the_client(tls_engine):
+    eng, _ = tls_engine
+    with pytest.raises(ClientError, match="certificate is not trusted"):
+        Client(eng.server.url, eng.token).health()
+
+
+def test_plain_http_to_the_tls_port_gets_nothing_useful(tls_engine):
+    eng, _ = tls_engine
+    host, port = eng.server.address
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        with pytest.raises((http.client.HTTPException, ConnectionError, ssl.SSLError, OSError)):
+            conn.request("GET", "/api/v1/health")
+            conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+def test_a_certificate_that_does_not_load_is_a_startup_error(tmp_path, engine):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    config = _with_api(tls_certificate=str(bad), tls_key=str(bad))
+    with pytest.raises(APIServerError, match=r"api\.tls_certificate"):
+        APIServer(engine.dispatcher, config).start()
+
+
+def test_tls_needs_both_certificate_and_key():
+    with pytest.raises(ValidationError, match="tls_key is needed too"):
+        APIConfig(tls_certificate="/etc/herder/api.crt")
+    with pytest.raises(ValidationError, match="tls_certificate is needed too"):
+        APIConfig(tls_key="/etc/herder/api.key")
+
+
+def test_client_file_records_the_certificate_to_trust(tmp_path):
+    write_client_file(tmp_path, "https://127.0.0.1:9190", "tok", "/etc/herder/api.crt")
+    assert read_client_file(tmp_path) == Endpoint(
+        "https://127.0.0.1:9190", "tok", "/etc/herder/api.crt"
+    )
