@@ -100,29 +100,12 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _validation_error(request: Request, exc: Exception) -> Response:
     """The framework's validation errors as one 400 naming the first offending field."""
     assert isinstance(exc, RequestValidationError)
-    fields = [_field_error(err) for err in exc.errors()]
+    fields = schema.field_errors(exc.errors())
     first = fields[0] if fields else schema.FieldError(field=None, error="invalid request")
     body = schema.ErrorOut(error=first.error, field=first.field, errors=fields)
     return Response(
         body.model_dump_json(exclude_none=True), 400, media_type="application/json"
     )
-
-
-def _field_error(err: Any) -> schema.FieldError:
-    loc = tuple(p for p in err.get("loc", ()) if not str(p).startswith("function-"))
-    where, path = (loc[0], loc[1:]) if loc else ("", ())
-    kind = err.get("type", "")
-    message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    if kind == "json_invalid":
-        return schema.FieldError(field=None, error=f"request body is not valid JSON: {message}")
-    if where == "body" and not path and kind == "missing":
-        return schema.FieldError(field=None, error="a JSON object is required as request body")
-    if kind == "extra_forbidden":
-        message = "unknown query parameter" if where == "query" else "unknown field"
-    if where == "path":
-        message = f"not a valid {path[0] if path else 'path'}: {message}"
-    field = schema.field_path(path[:1] if where == "query" else path)
-    return schema.FieldError(field=field[:100] or None, error=message[:500])
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

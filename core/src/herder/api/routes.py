@@ -15,7 +15,6 @@ framework runs them on its bounded worker threads, never on the event loop.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections import Counter
 from collections.abc import Mapping
@@ -59,7 +58,6 @@ MAX_LOG_CHUNK = 4 << 20
 MAX_LOG_OFFSET = 2**53
 #: Instance ids are the provider's; anything printable and short is accepted, as a lookup key.
 INSTANCE_ID_PATTERN = r"^[^\x00-\x20\x7f]{1,255}$"
-INSTANCE_ID_RE = re.compile(INSTANCE_ID_PATTERN)
 #: Query parameters that may be given more than once; any other one given twice is refused,
 #: rather than silently keeping one of the values.
 REPEATABLE_QUERY = frozenset({"state"})

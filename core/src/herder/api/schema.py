@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -21,7 +22,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -381,26 +381,6 @@ class InstanceActionOut(_Response):
     action: Literal["hold", "drain", "run", "kill"]
 
 
-#: Every model the OpenAPI document lists under components/schemas.
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (
-    SubmitRequest,
-    CancelRequest,
-    PriorityRequest,
-    InstanceActionRequest,
-)
-RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
-    ContainerOut,
-    ContainerList,
-    LogChunk,
-    InstanceList,
-    InstanceActionOut,
-    SummaryOut,
-    PluginList,
-    Health,
-    ErrorOut,
-)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -424,13 +404,28 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def validation_errors(exc: ValidationError) -> list[FieldError]:
-    """Pydantic's errors as (field, message) pairs, without echoing huge inputs back."""
-    out = []
-    for err in exc.errors(include_url=False, include_input=False):
-        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
-        message = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown field"
-        out.append(FieldError(field=field_path(loc) or None, error=message[:500]))
-    return out
+#: Where the framework says a request's error is; pydantic's own errors carry no such prefix.
+_REQUEST_PARTS = ("body", "query", "path", "header")
+
+
+def field_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
+    """Validation errors (pydantic's, or the framework's for a whole request) as (field,
+    message) pairs that a person can act on, without echoing huge inputs back."""
+    return [_field_error(err) for err in errors]
+
+
+def _field_error(err: Mapping[str, Any]) -> FieldError:
+    loc = tuple(p for p in err.get("loc", ()) if not str(p).startswith("function-"))
+    where, path = (loc[0], loc[1:]) if loc and loc[0] in _REQUEST_PARTS else ("body", loc)
+    kind = err.get("type", "")
+    message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "json_invalid":
+        return FieldError(field=None, error=f"request body is not valid JSON: {message}"[:500])
+    if where == "body" and not path and kind == "missing":
+        return FieldError(field=None, error="a JSON object is required as request body")
+    if kind == "extra_forbidden":
+        message = "unknown query parameter" if where == "query" else "unknown field"
+    if where == "path":
+        message = f"not a valid {path[0] if path else 'path'}: {message}"
+    field = field_path(path[:1] if where == "query" else path)
+    return FieldError(field=field[:100] or None, error=message[:500])
