@@ -105,17 +105,19 @@ class Connection:
             head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
         self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         try:
-            status_line = await self.reader.readline()
-            if not status_line:
-                raise ConnectionResetError("closed by the server")
-            status = int(status_line.split()[1])
-            length, close = 0, False
-            while (line := await self.reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-                elif name.lower() == "connection" and "close" in value.lower():
-                    close = True
+            status = 100
+            while 100 <= status < 200:  # interim answers (100 Continue) come before the real one
+                status_line = await self.reader.readline()
+                if not status_line:
+                    raise ConnectionResetError("closed by the server")
+                status = int(status_line.split()[1])
+                length, close = 0, False
+                while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    if name.lower() == "content-length":
+                        length = int(value)
+                    elif name.lower() == "connection" and "close" in value.lower():
+                        close = True
             # A HEAD answer announces the length of a body it does not send.
             payload = b"" if method == "HEAD" else await self.reader.readexactly(length)
         except (ConnectionError, asyncio.IncompleteReadError):

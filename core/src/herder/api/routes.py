@@ -415,9 +415,11 @@ class ManagementAPI:
 
 
 # --------------------------------------------------------------------------- request parts
+# Dependencies are coroutines: they never block, and the framework would otherwise run each on
+# a worker thread of its own, a thread hand-off per dependency per request.
 
 
-def management_api(request: Request) -> ManagementAPI:
+async def management_api(request: Request) -> ManagementAPI:
     """The :class:`ManagementAPI` the application was built with."""
     api: ManagementAPI = request.app.state.api
     return api
@@ -431,7 +433,7 @@ _bearer = HTTPBearer(
 )
 
 
-def require_token(
+async def require_token(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -453,7 +455,7 @@ def require_token(
         raise APIError(403, "the management token is not valid")
 
 
-def single_values(request: Request) -> None:
+async def single_values(request: Request) -> None:
     """Refuse a query parameter given twice unless it is a list (``state``)."""
     counts = Counter(name for name, _ in request.query_params.multi_items())
     for name, count in counts.items():

@@ -78,6 +78,11 @@ class DeadlineProtocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._peer_done = False
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # A response goes out as two writes (head, body); with Nagle's algorithm the second
+            # waits for the client's delayed ACK of the first: 40 ms on every request.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
         self._arm_deadline()
 
