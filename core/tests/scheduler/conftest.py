@@ -28,11 +28,12 @@ from herder.model import (
     SchedulingParameters,
     WorkerState,
 )
-from herder.queue.base import QueueEntry
+from herder.queue.base import ContainerQueue, QueueEntry
 from herder.queue.memory import MemoryQueue
 from herder.runtime import VirtualRuntime
 from herder.scheduler.scheduler import Scheduler
 from herder.sizing import ConfigSizer, choose_instance_types, resources_needed
+from herder.testing.queue_conformance import QueueFactory, QueueSettings
 from herder.worker.interfaces import BootBackoff, QuotaLimit, WorkerPool
 
 GiB = 1 << 30
@@ -86,6 +87,7 @@ class StubQueue(MemoryQueue):
         runtime: VirtualRuntime,
         types: dict[str, InstanceType],
         max_dispatch_attempts: int = 0,
+        always_use_preemptible: bool = False,
     ) -> None:
         super().__init__(
             runtime=runtime,
@@ -93,6 +95,7 @@ class StubQueue(MemoryQueue):
             max_dispatch_attempts=(
                 max_dispatch_attempts or ContainersConfig().max_dispatch_attempts
             ),
+            always_use_preemptible=always_use_preemptible,
         )
         self.runtime = runtime
         self.types = types
@@ -381,3 +384,18 @@ class Harness:
 @pytest.fixture
 def make() -> Callable[..., Harness]:
     return Harness
+
+
+@pytest.fixture
+def stub_queue_factory() -> QueueFactory:
+    """Builds the stub queue for the queue conformance suite (test_stub_queue.py)."""
+
+    def build(settings: QueueSettings) -> ContainerQueue:
+        return StubQueue(
+            settings.runtime,
+            settings.instance_types,
+            settings.max_dispatch_attempts,
+            settings.always_use_preemptible,
+        )
+
+    return build
