@@ -22,6 +22,7 @@ from herder.executor import Executor, ExecutorFactory
 from herder.metrics import ContainerMetrics
 from herder.model import ContainerState, InstanceType
 from herder.plugins import Plugins
+from herder.queue.backend import open_queue
 from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
 from herder.runtime import Runtime
 from herder.scheduler.scheduler import Scheduler
@@ -138,17 +139,15 @@ class Dispatcher:
             reserve_extra_ram=config.containers.reserve_extra_ram,
             maximum_price_factor=config.containers.maximum_price_factor,
         )
+        #: Where the queue lives, for the start-up log line.
+        self.queue_description = "given"
         if queue is None:
-            from herder.queue.sqlite import SqliteQueue
-
-            queue = SqliteQueue(
-                config.queue.path,
+            queue, self.queue_description = open_queue(
+                config,
+                plugins=self.plugins,
                 runtime=runtime,
                 sizer=self.sizer,
-                cluster_id=config.cluster_id,
-                max_dispatch_attempts=config.containers.max_dispatch_attempts,
-                always_use_preemptible=config.containers.always_use_preemptible_instances,
-                **({"random_bytes": uuid_random_bytes} if uuid_random_bytes else {}),
+                random_bytes=uuid_random_bytes,
             )
         self.queue = queue
         self.instance_set_id = default_instance_set_id(config)

@@ -109,7 +109,7 @@ def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
         config.cloud.driver,
         len(dispatcher.instance_types),
         ", ".join(sorted(dispatcher.instance_types)) or "none",
-        config.queue.path,
+        dispatcher.queue_description,
         api.url,
     )
     _wait_then_stop(stop, api, dispatcher.stop, runtime)
@@ -140,7 +140,7 @@ def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir
     settle_startup_heap()
     service.start()
     log.info("serving cluster %s: dispatcher %s, queue %s, API %s",
-             config.cluster_id, config.dispatcher, config.queue.path, api.url)
+             config.cluster_id, config.dispatcher, service.queue_description, api.url)
     _wait_then_stop(stop, api, service.stop, runtime)
     log.info("stopped; containers left running are taken up again at the next start")
     return 0

@@ -18,6 +18,7 @@ from herder.config import Config
 from herder.dispatch.backend import DispatchBackend
 from herder.model import ContainerState, InstanceView
 from herder.plugins import Plugins
+from herder.queue.backend import open_queue
 from herder.queue.base import ContainerQueue
 from herder.runtime import Runtime
 from herder.sizing import ConfigSizer
@@ -48,7 +49,7 @@ class NoScheduler:
 
 
 class DispatchService:
-    """A SQLite queue plus one backend, started and stopped together."""
+    """The configured queue plus one backend, started and stopped together."""
 
     def __init__(
         self,
@@ -68,19 +69,18 @@ class DispatchService:
             config, config.dispatcher_parameters, runtime=runtime, registry=self.registry
         )
         self.instance_types = self.backend.instance_types()
+        #: Where the queue lives, for the start-up log line.
+        self.queue_description = "given"
         if queue is None:
-            from herder.queue.sqlite import SqliteQueue
-
-            queue = SqliteQueue(
-                config.queue.path,
+            queue, self.queue_description = open_queue(
+                config,
+                plugins=self.plugins,
                 runtime=runtime,
                 sizer=ConfigSizer(
                     self.instance_types,
                     reserve_extra_ram=config.containers.reserve_extra_ram,
                     maximum_price_factor=config.containers.maximum_price_factor,
                 ),
-                cluster_id=config.cluster_id,
-                max_dispatch_attempts=config.containers.max_dispatch_attempts,
             )
         self.queue = queue
         self.pool = NoInstances()
