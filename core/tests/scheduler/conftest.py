@@ -158,7 +158,7 @@ class StubQueue(MemoryQueue):
         """Change a record as another process would (no rules applied)."""
         with self._lock:
             self._records[uuid] = replace(self._records[uuid], **changes)
-        self._refresh(uuid)
+        self._refresh([uuid])
 
     def state(self, uuid: str) -> ContainerState:
         return self.db[uuid].state

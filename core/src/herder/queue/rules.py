@@ -392,32 +392,46 @@ class RuledQueue(ContainerQueue):
         except ConstraintsNotSatisfiable as exc:
             return Sizing(resources, [], str(exc) or "no suitable instance type")
 
-    def _refresh(self, uuid: str) -> None:
-        """Take in a change another process stored: the snapshot follows storage for ``uuid``,
-        and listeners are told.  For backends shared between processes."""
+    def _refresh(self, uuids: Iterable[str] | None = None) -> None:
+        """Take in changes another process stored: the snapshot follows storage for ``uuids``
+        (every unfinished container, and every one in the snapshot, when None), and listeners
+        and observers are told.  For backends shared between processes (and test doubles that
+        change records behind the queue's back)."""
+        changes: list[tuple[Container | None, Container]] = []
         with self._lock:
             if self._closed:
                 return
-            new = self._load(uuid)
-            if new is None:
-                return
-            entry = self._entries.get(uuid)
-            old = None if entry is None else entry.container
-            if old == new:
-                return
-            if entry is not None:
-                self._entries[uuid] = QueueEntry(
-                    new, entry.resources, entry.instance_types, entry.first_seen_at
-                )
-            elif not new.state.final:
-                sizing = self._size(new)
-                self._entries[uuid] = QueueEntry(
-                    new, sizing.resources, sizing.instance_types, self._runtime.now()
-                )
+            if uuids is None:
+                found = {c.uuid: c for c, why in self._load_unfinished() if why is None}
+                for uuid in self._entries.keys() - found.keys():
+                    record = self._load(uuid)
+                    if record is not None:
+                        found[uuid] = record
+                records = list(found.values())
             else:
-                return
-        self._notify()
-        self._observed(old, new)
+                records = [c for c in map(self._load, uuids) if c is not None]
+            now = self._runtime.now()
+            for new in records:
+                entry = self._entries.get(new.uuid)
+                old = None if entry is None else entry.container
+                if old == new:
+                    continue
+                if entry is not None:
+                    self._entries[new.uuid] = QueueEntry(
+                        new, entry.resources, entry.instance_types, entry.first_seen_at
+                    )
+                elif not new.state.final:
+                    sizing = self._size(new)
+                    self._entries[new.uuid] = QueueEntry(
+                        new, sizing.resources, sizing.instance_types, now
+                    )
+                else:
+                    continue
+                changes.append((old, new))
+        if changes:
+            self._notify()
+        for old, new in changes:
+            self._observed(old, new)
 
     def _notify(self) -> None:
         """Call every listener; one failing listener must not starve the others."""
