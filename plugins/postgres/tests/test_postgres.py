@@ -248,3 +248,38 @@ def test_open_queue_builds_it_from_the_configuration(
     assert c.uuid.startswith("pgtst-")
     queue.lock(c.uuid)
     assert queue.unlock(c.uuid).state is ContainerState.CANCELLED  # max_dispatch_attempts: 1
+
+
+def test_a_commit_of_unknown_outcome_is_reported_then_read_back(
+    make_queue: Callable[..., PostgresQueue],
+) -> None:
+    """The connection drops during COMMIT, after the server committed: the caller hears that
+    the outcome is unknown, the queue re-reads what was stored, and retrying applies the rules
+    to it: the lock is not counted twice."""
+    import psycopg
+
+    queue = make_queue()
+    c = queue.submit(SPEC)
+    assert queue.listening.wait(10)
+    changed = threading.Event()
+    queue.subscribe(changed.set)
+    db = queue._db
+    assert db is not None
+    real_execute = db.execute
+
+    def execute(query: Any, *args: Any, **kwargs: Any) -> Any:
+        result = real_execute(query, *args, **kwargs)
+        if query == "COMMIT":
+            db.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return result
+
+    db.execute = execute  # type: ignore[method-assign]
+    with pytest.raises(QueueUnavailable, match="while committing"):
+        queue.lock(c.uuid)
+    assert changed.wait(10), "the queue never re-read the container"
+    assert queue.entries()[0][c.uuid].container.state is ContainerState.LOCKED
+    with pytest.raises(QueueError, match="cannot lock"):
+        queue.lock(c.uuid)
+    got = queue.get(c.uuid)
+    assert got is not None and got.lock_count == 1

@@ -234,16 +234,20 @@ class PostgresQueue(RuledQueue):
             self._stopping.wait(delay)
             delay = min(delay * 2, 1.0)
 
-    def _write(self, work: Callable[[psycopg.Connection[Any]], T], notify: str) -> T:
+    def _write(self, work: Callable[[psycopg.Connection[Any]], T], notify: str | None) -> T:
         """``work`` in one transaction that also notifies the other processes of ``notify``
-        (a uuid, or everything)."""
+        (a uuid, or everything; None: nothing they need to know).
+
+        BEGIN and COMMIT are explicit so that a failure before the COMMIT (nothing stored,
+        safe to repeat) is told apart from one during it (outcome unknown)."""
 
         def run(db: psycopg.Connection[Any]) -> T:
             try:
                 db.execute("BEGIN")
                 result = work(db)
-                payload = f"{self._token} {notify}"
-                db.execute("SELECT pg_notify(%s, %s)", (self._channel, payload))
+                if notify is not None:
+                    payload = f"{self._token} {notify}"
+                    db.execute("SELECT pg_notify(%s, %s)", (self._channel, payload))
             except psycopg.OperationalError as exc:
                 if db.broken or db.closed:
                     raise _Uncommitted() from exc
@@ -289,14 +293,13 @@ class PostgresQueue(RuledQueue):
         """Take in what other processes change, until :meth:`close`; reconnect when the
         connection drops, then re-read everything (notifications sent meanwhile are lost)."""
         delay = 0.05
-        reconnected = False
         while not self._stopping.is_set():
             try:
                 with self._connect_raw() as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
-                    if reconnected:
-                        self._resync.set()
-                    reconnected = True
+                    # Changes made before this LISTEN (while the queue was being opened, or
+                    # while the connection was down) were announced to nobody: re-read.
+                    self._resync.set()
                     delay = 0.05
                     self.listening.set()
                     while not self._stopping.is_set():
@@ -418,18 +421,7 @@ class PostgresQueue(RuledQueue):
             )
 
         # No notification: a log is not a change of the container's record.
-        self._with_db(lambda db: self._log_transaction(db, work), write=True)
-
-    def _log_transaction(
-        self, db: psycopg.Connection[Any], work: Callable[[psycopg.Connection[Any]], None]
-    ) -> None:
-        try:
-            with db.transaction():
-                work(db)
-        except psycopg.OperationalError as exc:
-            if db.broken or db.closed:
-                raise _Uncommitted() from exc
-            raise
+        self._write(work, None)
 
     def _load_log(self, uuid: str, offset: int, end: int | None) -> bytes:
         rows = self._read(
