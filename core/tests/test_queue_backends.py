@@ -117,10 +117,11 @@ def test_open_queue_hands_the_containers_settings_to_the_backend(plugins: Plugin
         }
     )
     spot = InstanceType("s", "s", vcpus=1, ram=1 << 30, price=0.1, preemptible=True)
-    queue, where = open_queue(
+    opened_queue = open_queue(
         config, plugins=plugins, runtime=VirtualRuntime(), sizer=ConfigSizer({"s": spot})
     )
-    assert where == "notebook on top"
+    queue, where = opened_queue.queue, opened_queue.description
+    assert where == "notebook on top" and opened_queue.dispatch_lock is None
     ((params, context),) = NotebookBackend.opened
     assert params == NotebookParameters(shelf="top")
     assert (context.cluster_id, context.max_dispatch_attempts, context.always_use_preemptible) == (

@@ -239,11 +239,13 @@ def test_open_queue_builds_it_from_the_configuration(
     )
     from herder.sizing import ConfigSizer
 
-    queue, where = open_queue(
+    opened_queue = open_queue(
         config, plugins=plugins, runtime=VirtualRuntime(), sizer=ConfigSizer(conformance_types())
     )
+    queue, where = opened_queue.queue, opened_queue.description
     opened.append(queue)
     assert where.startswith("postgres herder@127.0.0.1:")
+    assert opened_queue.dispatch_lock is None  # no standby asked for: the queue is exclusive
     c = queue.submit(SPEC)
     assert c.uuid.startswith("pgtst-")
     queue.lock(c.uuid)

@@ -18,7 +18,7 @@ from herder.config import Config
 from herder.dispatch.backend import DispatchBackend
 from herder.model import ContainerState, InstanceView
 from herder.plugins import Plugins
-from herder.queue.backend import open_queue
+from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerQueue
 from herder.runtime import Runtime
 from herder.sizing import ConfigSizer
@@ -71,8 +71,10 @@ class DispatchService:
         self.instance_types = self.backend.instance_types()
         #: Where the queue lives, for the start-up log line.
         self.queue_description = "given"
+        #: Held before :meth:`start` when this herder may be a standby (``herder serve``).
+        self.dispatch_lock: DispatchLock | None = None
         if queue is None:
-            queue, self.queue_description = open_queue(
+            opened = open_queue(
                 config,
                 plugins=self.plugins,
                 runtime=runtime,
@@ -82,6 +84,8 @@ class DispatchService:
                     maximum_price_factor=config.containers.maximum_price_factor,
                 ),
             )
+            queue, self.queue_description = opened.queue, opened.description
+            self.dispatch_lock = opened.dispatch_lock
         self.queue = queue
         self.pool = NoInstances()
         self.scheduler = NoScheduler()
@@ -89,9 +93,15 @@ class DispatchService:
     def start(self) -> None:
         self.backend.start(self.queue)
 
+    def halt(self) -> None:
+        """Stop dispatching at once (the dispatch lock was lost); the queue stays open."""
+        self.backend.stop()
+
     def stop(self) -> None:
         self.backend.stop()
         self.queue.close()
+        if self.dispatch_lock is not None:
+            self.dispatch_lock.release()
 
     def active_counts(self) -> dict[ContainerState, int]:
         return self.queue.counts()

@@ -14,6 +14,7 @@ same way, whichever engine runs.
 from __future__ import annotations
 
 import secrets
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,15 @@ if TYPE_CHECKING:
     from herder.config import Config
     from herder.plugins import Plugins
 
-__all__ = ["QueueBackend", "QueueContext", "QueueParameters", "SqliteBackend", "open_queue"]
+__all__ = [
+    "DispatchLock",
+    "OpenedQueue",
+    "QueueBackend",
+    "QueueContext",
+    "QueueParameters",
+    "SqliteBackend",
+    "open_queue",
+]
 
 
 class QueueParameters(BaseModel):
@@ -65,6 +74,25 @@ class QueueContext:
         }
 
 
+class DispatchLock(ABC):
+    """Lets one of several herders sharing a queue dispatch from it; the others wait as
+    standbys, serving the API.
+
+    The holder must stop dispatching the moment it loses the lock (its database gone, its
+    connection cut): the lock calls ``on_lost`` at once, from its own thread, and then another
+    herder may take the lock and adopt the instances from their tags.
+    """
+
+    @abstractmethod
+    def acquire(self, stop: threading.Event, on_lost: Callable[[str], None]) -> bool:
+        """Wait until the lock is held (True) or ``stop`` is set (False).  Once held,
+        ``on_lost(reason)`` is called once if the lock is lost before :meth:`release`."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the lock up (or stop waiting for it); ``on_lost`` is not called after this."""
+
+
 class QueueBackend(ABC):
     """One kind of queue storage.  Constructed with no arguments; cheap to import."""
 
@@ -84,6 +112,11 @@ class QueueBackend(ABC):
         """Where the queue lives, for the start-up log line; never a secret."""
         return context.path
 
+    def dispatch_lock(self, params: QueueParameters, context: QueueContext) -> DispatchLock | None:
+        """The lock a standby waits for, when these parameters ask for a standby; None when
+        the queue itself refuses a second dispatcher (or cannot be shared at all)."""
+        return None
+
 
 class SqliteBackend(QueueBackend):
     """The embedded queue: one SQLite file at ``queue.path``; no parameters of its own."""
@@ -97,6 +130,17 @@ class SqliteBackend(QueueBackend):
         return f"sqlite {context.path}"
 
 
+@dataclass
+class OpenedQueue:
+    """What :func:`open_queue` gives an engine."""
+
+    queue: ContainerQueue
+    #: Where the queue lives, for the log (never a secret).
+    description: str
+    #: The lock to hold before dispatching, when this herder may be a standby.
+    dispatch_lock: DispatchLock | None = None
+
+
 def open_queue(
     config: Config,
     *,
@@ -104,8 +148,8 @@ def open_queue(
     runtime: Runtime,
     sizer: Sizer,
     random_bytes: Callable[[int], bytes] | None = None,
-) -> tuple[ContainerQueue, str]:
-    """The queue ``config`` asks for, and where it lives (for the log).
+) -> OpenedQueue:
+    """The queue ``config`` asks for, where it lives, and the dispatch lock if any.
 
     Raises :class:`~herder.plugins.PluginError` for a backend that is not installed and
     ``ValueError`` (pydantic's ``ValidationError``) for bad ``queue.backend_parameters``;
@@ -123,4 +167,6 @@ def open_queue(
         **({"random_bytes": random_bytes} if random_bytes is not None else {}),
     )
     queue = backend.open(params, context)
-    return queue, backend.describe(params, context)
+    return OpenedQueue(
+        queue, backend.describe(params, context), backend.dispatch_lock(params, context)
+    )

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from herder.cloud import SecretRef
 from herder.config import Duration
-from herder.queue.backend import QueueBackend, QueueContext, QueueParameters
+from herder.queue.backend import DispatchLock, QueueBackend, QueueContext, QueueParameters
 from herder.queue.base import QueueError
 
 if TYPE_CHECKING:
@@ -39,6 +39,17 @@ class PostgresParameters(QueueParameters):
     connect_timeout: Duration = Field(10.0, gt=0, description="timeout of one connection attempt")
     reconnect_for: Duration = Field(
         30.0, ge=0, description="how long a queue call waits for a lost database to come back"
+    )
+    standby: bool = Field(
+        False,
+        description="wait as the standby while another herder dispatches from this queue "
+        "(serving the API), instead of refusing to start",
+    )
+    lease: Duration = Field(
+        5.0,
+        gt=0,
+        description="standby: how soon a dispatcher that lost the database stops, and how "
+        "often the standby tries the lock",
     )
 
     @field_validator("dsn")
@@ -78,21 +89,22 @@ class PostgresParameters(QueueParameters):
         user = f"{parts['user']}@" if "user" in parts else ""
         return f"postgres {user}{where}/{parts.get('dbname', '')} schema {self.schema_name}"
 
-    def connector(self) -> Callable[[], psycopg.Connection[Any]]:
-        """A function opening a new autocommit connection; the password is read from its
-        reference at each connection (so a rotated secret is picked up on reconnect)."""
+    def connector(self, **libpq: Any) -> Callable[[], psycopg.Connection[Any]]:
+        """A function opening a new autocommit connection (with more libpq ``libpq``
+        parameters); the password is read from its reference at each connection (so a rotated
+        secret is picked up on reconnect)."""
         import psycopg
 
         def connect() -> psycopg.Connection[Any]:
             extra: dict[str, Any] = {"connect_timeout": max(1, round(self.connect_timeout))}
+            extra.update(libpq)
             if self.password is not None:
                 try:
                     extra["password"] = self.password.read()
                 except ValueError as exc:
                     raise QueueError(f"queue.backend_parameters.password: {exc}") from None
-            return psycopg.connect(
-                self.dsn, autocommit=True, application_name="herder", **extra
-            )
+            extra.setdefault("application_name", "herder")
+            return psycopg.connect(self.dsn, autocommit=True, **extra)
 
         return connect
 
@@ -110,8 +122,28 @@ class PostgresBackend(QueueBackend):
             params.connector(),
             schema=params.schema_name,
             reconnect_for=params.reconnect_for,
+            exclusive=not params.standby,
             **context.queue_settings(),
         )
+
+    def dispatch_lock(self, params: QueueParameters, context: QueueContext) -> DispatchLock | None:
+        """With ``standby``, the queue is opened shared and the lock decides who dispatches;
+        without, the queue itself refuses a second dispatcher."""
+        from herder_queue_postgres.leader import PostgresDispatchLock
+
+        assert isinstance(params, PostgresParameters)
+        if not params.standby:
+            return None
+        lease = params.lease
+        connect = params.connector(
+            application_name="herder-dispatch-lock",
+            keepalives=1,
+            keepalives_idle=max(1, round(lease / 3)),
+            keepalives_interval=1,
+            keepalives_count=3,
+            tcp_user_timeout=max(1000, round(lease * 1000)),
+        )
+        return PostgresDispatchLock(connect, schema=params.schema_name, lease=lease)
 
     def describe(self, params: QueueParameters, context: QueueContext) -> str:
         assert isinstance(params, PostgresParameters)

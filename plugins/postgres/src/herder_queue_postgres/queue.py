@@ -39,6 +39,7 @@ from herder.queue.base import ContainerNotFound, QueueError, QueueUnavailable, S
 from herder.queue.records import COLUMNS, decode, dumps, from_row, insert_row, update_row
 from herder.queue.rules import CANCELLED, UNFINISHED, RuledQueue, Unreadable
 from herder.runtime import Runtime
+from herder_queue_postgres.leader import lock_key
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class PostgresQueue(RuledQueue):
             conn.execute(sql.SQL("SET search_path TO {}").format(schema))
             if self._exclusive:
                 held = conn.execute(
-                    "SELECT pg_try_advisory_lock(hashtext(%s))", (f"herder-queue:{self._schema}",)
+                    "SELECT pg_try_advisory_lock(hashtext(%s))", (lock_key(self._schema),)
                 ).fetchone()
                 if not held or not held[0]:
                     raise _LockBusy()
