@@ -63,6 +63,7 @@ class Server:
 
     def start(self) -> None:
         client_file = self.data_dir / "client.json"
+        client_file.unlink(missing_ok=True)  # left by an earlier life of this server
         args = [*HERDER, "serve", "--config", str(self.config)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
