@@ -136,3 +136,24 @@ def test_the_standby_serves_the_api_then_takes_over(
     items = json.loads(standby.cli("containers", "--json").stdout)
     assert sorted(c["state"] for c in items) == ["Complete", "Complete"]
     assert pg_cluster.password not in leader.log() + standby.log()
+
+
+def test_a_dispatcher_that_loses_the_database_stops_at_once(
+    servers: tuple[Server, Server], pg_cluster: Any
+) -> None:
+    """The dispatch lock's connection is cut (as a database restart or a network cut would):
+    the dispatcher halts and exits with the reason, and the standby takes over."""
+    leader, standby = servers
+    leader.start()
+    leader.wait_for(lambda: "holding the dispatch lock" in leader.log(), "the lock")
+    standby.start()
+    standby.wait_for(lambda: "standby: waiting" in standby.log(), "the standby")
+    assert pg_cluster.terminate("herder-dispatch-lock") == 2  # the holder's and the waiter's
+    assert leader.proc is not None
+    assert leader.proc.wait(timeout=30) == 1
+    log = leader.log()
+    assert "lost the dispatch lock" in log and "stopping dispatching at once" in log
+    assert "start herder again to wait as the standby" in log
+    standby.wait_for(lambda: "holding the dispatch lock" in standby.log(), "the takeover")
+    done = standby.cli("submit", "--wait", "--", "echo", "after")
+    assert done.returncode == 0, done.stdout + done.stderr + standby.log()
