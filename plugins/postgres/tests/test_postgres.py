@@ -285,3 +285,36 @@ def test_a_commit_of_unknown_outcome_is_reported_then_read_back(
         queue.lock(c.uuid)
     got = queue.get(c.uuid)
     assert got is not None and got.lock_count == 1
+
+
+def test_a_row_that_cannot_be_read_cancels_that_container_only(
+    make_queue: Callable[..., PostgresQueue], pg_cluster: Any, schema_name: str
+) -> None:
+    queue = make_queue()
+    good = queue.submit(SPEC)
+    bad = queue.submit(SPEC)
+    queue.close()
+    with pg_cluster.connect() as db:
+        db.execute(
+            f"UPDATE {schema_name}.containers SET spec = %s WHERE uuid = %s",
+            ('{"command": "x", "runtime_constraints": [1, 2]}', bad.uuid),
+        )
+    queue = make_queue()
+    got = queue.get(bad.uuid)
+    assert got is not None and got.state is ContainerState.CANCELLED
+    assert "could not be read" in got.status("error")
+    assert set(queue.entries()[0]) == {good.uuid}
+    assert queue.lock(good.uuid).state is ContainerState.LOCKED
+
+
+def test_a_batch_submitted_elsewhere_reaches_the_dispatcher(
+    make_queue: Callable[..., PostgresQueue],
+) -> None:
+    dispatcher = make_queue()
+    assert dispatcher.listening.wait(10)
+    api_only = make_queue(exclusive=False)
+    seen = threading.Event()
+    dispatcher.subscribe(lambda: len(dispatcher.entries()[0]) == 5 and seen.set())
+    batch = api_only.submit_many([SPEC] * 5)
+    assert seen.wait(10), "the batch did not reach the dispatcher"
+    assert set(dispatcher.entries()[0]) == {c.uuid for c in batch}

@@ -83,8 +83,23 @@ _UPDATE = (
     "finished_at = %s, lock_count = %s, exit_code = %s, runtime_status = %s, instance_id = %s, "
     "instance_type = %s, cost = %s WHERE uuid = %s"
 )
-#: A notification naming every container at once (a batch submission): re-read them all.
+# At opening, only while still unfinished: another herder may have finished one since.
+_UNFINISHED = " AND state IN ('Queued', 'Locked', 'Running')"
+_UPDATE_UNFINISHED = _UPDATE + _UNFINISHED
+_CANCEL_UNREADABLE = (
+    "UPDATE containers SET state = %s, finished_at = %s, runtime_status = %s "
+    "WHERE uuid = %s AND state IN ('Queued', 'Locked', 'Running')"
+)
+#: A notification naming every container at once (a large batch): re-read them all.
 _EVERYTHING = "*"
+#: NOTIFY payloads must stay under 8000 bytes; longer lists of uuids become :data:`_EVERYTHING`.
+_MAX_NOTIFY = 7000
+
+
+def _changed(uuids: Sequence[str]) -> str:
+    """The notification payload (after the token) naming ``uuids``."""
+    listed = ",".join(uuids)
+    return listed if len(listed) <= _MAX_NOTIFY else _EVERYTHING
 
 
 class _LockBusy(Exception):
@@ -328,7 +343,7 @@ class PostgresQueue(RuledQueue):
         if token == self._token or not what:
             return
         try:
-            self._refresh(None if what == _EVERYTHING else [what])
+            self._refresh(None if what == _EVERYTHING else what.split(","))
         except QueueError as exc:
             log.warning("cannot read a change made by another herder: %s", exc)
 
@@ -341,7 +356,7 @@ class PostgresQueue(RuledQueue):
             with db.cursor() as cur:
                 cur.executemany(_INSERT, rows)
 
-        self._write(work, containers[0].uuid if len(containers) == 1 else _EVERYTHING)
+        self._write(work, _changed([c.uuid for c in containers]))
 
     def _store_change(
         self, uuid: str, change: Callable[[Container], Container]
@@ -367,15 +382,14 @@ class PostgresQueue(RuledQueue):
         def work(db: psycopg.Connection[Any]) -> None:
             with db.cursor() as cur:
                 if containers:
-                    cur.executemany(_UPDATE, [update_row(c) for c in containers])
+                    cur.executemany(_UPDATE_UNFINISHED, [update_row(c) for c in containers])
                 if unreadable:
                     cur.executemany(
-                        "UPDATE containers SET state = %s, finished_at = %s, runtime_status = %s "
-                        "WHERE uuid = %s",
+                        _CANCEL_UNREADABLE,
                         [(CANCELLED.value, now, dumps({"error": why}), u) for u, why in unreadable],
                     )
 
-        self._write(work, _EVERYTHING)
+        self._write(work, _changed([c.uuid for c in containers] + [u for u, _ in unreadable]))
 
     def _load(self, uuid: str) -> Container | None:
         row = self._read(lambda db: db.execute(f"{_SELECT} WHERE uuid = %s", (uuid,)).fetchone())
