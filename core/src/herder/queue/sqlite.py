@@ -2,9 +2,9 @@
 
 SQLite (stdlib ``sqlite3``, WAL journal, ``synchronous=NORMAL``) is the system of record: every
 state change is one committed transaction before it is visible anywhere else.  The rules, and
-the in-memory snapshot the scheduler reads on every pass, are :class:`~herder.queue.rules.
-RuledQueue`'s; this module only stores and loads, and guards the file (one owner, identity,
-integrity, schema version).
+the in-memory snapshot the scheduler reads on every pass, are those of
+:class:`~herder.queue.rules.RuledQueue`; this module only stores and loads, and guards the file
+(one owner, identity, integrity, schema version).
 
 One connection serves every thread, guarded by the queue's one lock.  A transition starts from
 the snapshot's record: one process owns the file (:func:`_take_ownership`), so nothing else
