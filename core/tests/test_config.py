@@ -195,7 +195,7 @@ def test_unknown_top_level_key_suggests_the_closest(tmp_path: Path) -> None:
 def test_unknown_key_without_close_match_lists_small_sections(tmp_path: Path) -> None:
     path = write(tmp_path, "queue: {database: x}\n")
     assert keyed(check_config(path, None)) == {
-        "queue.database": "unknown key; valid keys here: backend, path"
+        "queue.database": "unknown key; valid keys here: backend, path, backend_parameters"
     }
 
 

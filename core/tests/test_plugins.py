@@ -149,7 +149,7 @@ def test_unknown_name_when_nothing_of_that_kind_is_installed() -> None:
 
 def test_unknown_kind_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="unknown plugin kind"):
-        Plugins.load(entry_points=False).names("queue")
+        Plugins.load(entry_points=False).names("widget")
 
 
 def test_import_is_lazy_and_fails_only_when_chosen() -> None:

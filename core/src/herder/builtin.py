@@ -32,3 +32,9 @@ def herder_register_boot_probes(registry: Registry) -> None:
         "runs cloud.boot_probe_command on the instance; exit 0 means booted",
     )
 
+
+
+@hookimpl
+def herder_register_queues(registry: Registry) -> None:
+    """The embedded queue: one SQLite file at ``queue.path``."""
+    registry.add("sqlite", "herder.queue.backend:SqliteBackend", "SQLite file at queue.path")

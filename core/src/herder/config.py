@@ -230,8 +230,14 @@ class CloudConfig(_Strict):
 
 
 class QueueConfig(_Strict):
+    #: A queue backend registered by a plugin (``herder plugins`` lists them); built in: sqlite.
     backend: str = "sqlite"
-    path: str = Field("herder.db", description="SQLite database file")
+    path: str = Field(
+        "herder.db",
+        description="SQLite database file; dispatcher plugins keep their state beside it",
+    )
+    #: Passed to the backend named by ``backend``, checked by its own parameters model.
+    backend_parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 _LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})$")
@@ -453,6 +459,7 @@ def config_from_data(
     if plugins is not None and isinstance(data, dict):
         problems.extend(_plugin_name_problems(data, plugins))
         problems.extend(_driver_problems(data, plugins))
+        problems.extend(_queue_problems(data, plugins))
     return (config if not problems else None), problems
 
 
@@ -698,6 +705,34 @@ def _driver_problems(data: dict[str, Any], plugins: Plugins) -> list[ConfigProbl
     except (ValueError, TypeError) as exc:
         return [ConfigProblem("cloud.driver_parameters", str(exc))]
     return _capability_problems(data, name, driver_cls, params)
+
+
+def _queue_problems(data: dict[str, Any], plugins: Plugins) -> list[ConfigProblem]:
+    """The queue backend must be installed, and its own model must accept
+    ``queue.backend_parameters``."""
+    queue = data.get("queue", {})
+    if not isinstance(queue, dict):
+        return []  # reported by the model already
+    name = queue.get("backend", QueueConfig.model_fields["backend"].default)
+    if not isinstance(name, str):
+        return []
+    if name not in plugins.names("queue"):
+        return [ConfigProblem("queue.backend", plugins.unknown_name_message("queue", name))]
+    try:
+        backend_cls = plugins.queue_class(name)
+    except PluginError as exc:
+        return [ConfigProblem("queue.backend", str(exc))]
+    raw = queue.get("backend_parameters") or {}
+    if not isinstance(raw, dict):
+        return []  # reported by the model already
+    try:
+        backend_cls.validate_parameters(raw)
+    except ValidationError as exc:
+        prefix = ("queue", "backend_parameters")
+        return problems_from_validation_error(exc, backend_cls.parameters_model, prefix)
+    except (ValueError, TypeError) as exc:
+        return [ConfigProblem("queue.backend_parameters", str(exc))]
+    return []
 
 
 def _capability_problems(

@@ -22,6 +22,7 @@ from herder.executor import Executor, ExecutorFactory
 from herder.metrics import ContainerMetrics
 from herder.model import ContainerState, InstanceType
 from herder.plugins import Plugins
+from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
 from herder.runtime import Runtime
 from herder.scheduler.scheduler import Scheduler
@@ -138,18 +139,20 @@ class Dispatcher:
             reserve_extra_ram=config.containers.reserve_extra_ram,
             maximum_price_factor=config.containers.maximum_price_factor,
         )
+        #: Where the queue lives, for the start-up log line.
+        self.queue_description = "given"
+        #: Held before :meth:`start` when this herder may be a standby (``herder serve``).
+        self.dispatch_lock: DispatchLock | None = None
         if queue is None:
-            from herder.queue.sqlite import SqliteQueue
-
-            queue = SqliteQueue(
-                config.queue.path,
+            opened = open_queue(
+                config,
+                plugins=self.plugins,
                 runtime=runtime,
                 sizer=self.sizer,
-                cluster_id=config.cluster_id,
-                max_dispatch_attempts=config.containers.max_dispatch_attempts,
-                always_use_preemptible=config.containers.always_use_preemptible_instances,
-                **({"random_bytes": uuid_random_bytes} if uuid_random_bytes else {}),
+                random_bytes=uuid_random_bytes,
             )
+            queue, self.queue_description = opened.queue, opened.description
+            self.dispatch_lock = opened.dispatch_lock
         self.queue = queue
         self.instance_set_id = default_instance_set_id(config)
 
@@ -219,12 +222,20 @@ class Dispatcher:
         self.pool.start()
         self.scheduler.start()
 
+    def halt(self) -> None:
+        """Stop dispatching at once (the dispatch lock was lost): no more locks, starts, kills
+        or instance changes.  The queue stays open for the API until :meth:`stop`."""
+        self.scheduler.stop()
+        self.pool.stop()
+
     def stop(self) -> None:
         """Stop in reverse order of start; instances are left running for the next start."""
         self.scheduler.stop()
         self.pool.stop()
         self.instance_set.stop()
         self.queue.close()
+        if self.dispatch_lock is not None:
+            self.dispatch_lock.release()
 
     def active_counts(self) -> dict[ContainerState, int]:
         return self.queue.counts()

@@ -79,3 +79,14 @@ def herder_register_dispatchers(registry: Registry) -> None:
     The class must subclass :class:`herder.dispatch.DispatchBackend`; it is imported only when
     the ``dispatcher`` configuration key names it.
     """
+
+
+@hookspec
+def herder_register_queues(registry: Registry) -> None:
+    """Register queue backends: ``registry.add("postgres", "herder_queue_postgres:Backend")``.
+
+    The class must subclass :class:`herder.queue.backend.QueueBackend` and take no constructor
+    arguments; its ``parameters_model`` validates ``queue.backend_parameters`` (``herder config
+    check`` reports its errors under that key).  It is imported only when ``queue.backend``
+    names it.  Built-in: ``sqlite``, the embedded queue in one file.
+    """

@@ -39,6 +39,7 @@ KINDS: dict[str, str] = {
     "executor": "herder_register_executors",
     "boot_probe": "herder_register_boot_probes",
     "dispatcher": "herder_register_dispatchers",
+    "queue": "herder_register_queues",
 }
 
 _BUILTIN_NAME = "builtin"  # also the entry-point name herder's own distribution declares
@@ -52,7 +53,7 @@ class PluginError(Exception):
 class Registration:
     """One name registered by one plugin."""
 
-    kind: str  # "driver", "executor", "boot_probe", "dispatcher"
+    kind: str  # "driver", "executor", "boot_probe", "dispatcher", "queue"
     name: str
     target: str  # dotted path "pkg.module:Class"
     plugin: str  # name of the registering plugin
@@ -186,8 +187,12 @@ def load_target(target: str) -> Any:
     return obj
 
 
+#: How messages name a kind whose key alone would be unclear.
+_LABELS = {"queue": "queue backend"}
+
+
 def _label(kind: str) -> str:
-    return kind.replace("_", " ")
+    return _LABELS.get(kind, kind.replace("_", " "))
 
 
 def _plural(kind: str) -> str:
@@ -325,6 +330,12 @@ class Plugins:
         from herder.dispatch.backend import DispatchBackend
 
         return self._load_class("dispatcher", name, DispatchBackend)
+
+    def queue_class(self, name: str) -> type[Any]:
+        """The :class:`herder.queue.backend.QueueBackend` subclass registered as ``name``."""
+        from herder.queue.backend import QueueBackend
+
+        return self._load_class("queue", name, QueueBackend)
 
     def describe(self) -> list[PluginInfo]:
         """Every installed plugin with what it registers, in load order."""

@@ -362,3 +362,18 @@ def test_a_queue_that_cannot_be_written_is_a_503_not_a_500(engine, monkeypatch):
     assert engine.request("POST", "/api/v1/containers", {"command": ["true"]}).status == 503
     doc = engine.request("GET", "/api/v1/openapi.json").json
     assert "503" in doc["paths"]["/api/v1/containers"]["post"]["responses"]
+
+
+def test_a_queue_that_cannot_be_reached_is_a_503(engine, monkeypatch):
+    from herder.queue.base import QueueUnavailable
+
+    def lost(*_args, **_kwargs):
+        raise QueueUnavailable("the database connection was lost; reconnecting")
+
+    monkeypatch.setattr(engine.dispatcher.queue, "list", lost)
+    reply = engine.request("GET", "/api/v1/containers")
+    assert reply.status == 503, reply.json
+    assert reply.headers["retry-after"] == "30"
+    assert "connection was lost" in reply.json["error"]
+    doc = engine.request("GET", "/api/v1/openapi.json").json
+    assert "503" in doc["paths"]["/api/v1/containers"]["get"]["responses"]

@@ -9,13 +9,13 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from herder.config import Config
+from herder.config import Config, ContainersConfig
 from herder.model import (
     Container,
     ContainerSpec,
@@ -28,10 +28,12 @@ from herder.model import (
     SchedulingParameters,
     WorkerState,
 )
-from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition, QueueEntry
+from herder.queue.base import ContainerQueue, QueueEntry
+from herder.queue.memory import MemoryQueue
 from herder.runtime import VirtualRuntime
 from herder.scheduler.scheduler import Scheduler
-from herder.sizing import choose_instance_types, resources_needed
+from herder.sizing import ConfigSizer, choose_instance_types, resources_needed
+from herder.testing.queue_conformance import QueueFactory, QueueSettings
 from herder.worker.interfaces import BootBackoff, QuotaLimit, WorkerPool
 
 GiB = 1 << 30
@@ -74,32 +76,36 @@ def uuid_of(n: int) -> str:
 # --------------------------------------------------------------------------- queue
 
 
-@dataclass
-class Change:
-    uuid: str
-    frm: ContainerState
-    to: ContainerState
-
-
-class StubQueue(ContainerQueue):
-    """In-memory queue with the API server's rules (lock needs Queued and priority > 0, the
-    attempt cap on unlock/retry).  Records every state change attempt, failed ones included."""
+class StubQueue(MemoryQueue):
+    """The queue rules of :mod:`herder.queue.rules` over memory, plus what scheduler tests
+    need: containers put straight into any state (:meth:`add`), records changed as another
+    process would (:meth:`set`), and every lock, unlock, retry, cancel and forget call recorded
+    (failed ones included).  ``max_dispatch_attempts=0`` takes the configured default."""
 
     def __init__(
         self,
         runtime: VirtualRuntime,
         types: dict[str, InstanceType],
         max_dispatch_attempts: int = 0,
+        always_use_preemptible: bool = False,
     ) -> None:
+        super().__init__(
+            runtime=runtime,
+            sizer=ConfigSizer(types),
+            max_dispatch_attempts=(
+                max_dispatch_attempts or ContainersConfig().max_dispatch_attempts
+            ),
+            always_use_preemptible=always_use_preemptible,
+        )
         self.runtime = runtime
         self.types = types
-        self.max_dispatch_attempts = max_dispatch_attempts
-        self.db: dict[str, Container] = {}
-        self._entries: dict[str, QueueEntry] = {}
-        self.changes: list[Change] = []
         self.calls: list[tuple[str, str, str]] = []  # (op, uuid, reason)
-        self._listeners: list[Callable[[], None]] = []
         self._seq = itertools.count(1)
+
+    @property
+    def db(self) -> dict[str, Container]:
+        """Every stored record, by uuid."""
+        return self._records
 
     # ---- building
     def add(
@@ -118,6 +124,8 @@ class StubQueue(ContainerQueue):
         gpu: GPURequest | None = None,
         n: int | None = None,
     ) -> str:
+        """Store a container in ``state`` as if the queue had been opened with it there (a
+        container no type fits is kept, with no eligible types)."""
         uuid = uuid_of(n if n is not None else next(self._seq))
         now = self.runtime.now()
         spec = ContainerSpec(
@@ -137,125 +145,47 @@ class StubQueue(ContainerQueue):
             started_at=started_at,
             lock_count=1 if state in (L, R) else 0,
         )
-        self.db[uuid] = c
         types = choose_instance_types(c, self.types) if self.types else []
-        self._entries[uuid] = QueueEntry(
-            c, resources_needed(c), types, first_seen if first_seen is not None else now
-        )
+        with self._lock:
+            self._records[uuid] = c
+            self._entries[uuid] = QueueEntry(
+                c, resources_needed(c), types, first_seen if first_seen is not None else now
+            )
         self.notify()
         return uuid
 
     def set(self, uuid: str, **changes: Any) -> None:
         """Change a record as another process would (no rules applied)."""
-        self._store(replace(self.db[uuid], **changes))
-
-    def _store(self, c: Container) -> None:
-        self.db[c.uuid] = c
-        old = self._entries.get(c.uuid)
-        if old is not None:
-            self._entries[c.uuid] = QueueEntry(
-                c, old.resources, old.instance_types, old.first_seen_at
-            )
-        self.notify()
+        with self._lock:
+            self._records[uuid] = replace(self._records[uuid], **changes)
+        self._refresh([uuid])
 
     def state(self, uuid: str) -> ContainerState:
         return self.db[uuid].state
 
-    # ---- reads
-    def entries(self) -> tuple[dict[str, QueueEntry], float]:
-        return dict(self._entries), self.runtime.now()
-
-    def get(self, uuid: str) -> Container | None:
-        return self.db.get(uuid)
-
+    # ---- recorded calls
     def forget(self, uuid: str) -> None:
         self.calls.append(("forget", uuid, ""))
-        e = self._entries.get(uuid)
-        if e is not None and (
-            e.container.state.final or (e.container.state is Q and e.container.priority < 1)
-        ):
-            del self._entries[uuid]
-
-    # ---- changes
-    def _change(
-        self, uuid: str, frm: Iterable[ContainerState], to: ContainerState, **extra: Any
-    ) -> Container:
-        c = self.db.get(uuid)
-        if c is None:
-            raise ContainerNotFound(uuid)
-        frm = tuple(frm)
-        self.changes.append(Change(uuid, c.state, to))
-        if c.state not in frm:
-            raise InvalidTransition(f'changeState failed: state="{c.state.value}"')
-        new = replace(c, state=to, **extra)
-        self._store(new)
-        return new
+        super().forget(uuid)
 
     def lock(self, uuid: str) -> Container:
         self.calls.append(("lock", uuid, ""))
-        c = self.db.get(uuid)
-        if c is not None and c.priority < 1:
-            raise InvalidTransition("priority 0")
-        return self._change(uuid, [Q], L, lock_count=(c.lock_count + 1) if c else 0)
-
-    def _past_cap(self, uuid: str) -> bool:
-        c = self.db[uuid]
-        return 0 < self.max_dispatch_attempts <= c.lock_count
+        return super().lock(uuid)
 
     def unlock(self, uuid: str) -> Container:
         self.calls.append(("unlock", uuid, ""))
-        if uuid in self.db and self._past_cap(uuid):
-            return self._change(uuid, [L], X)
-        return self._change(uuid, [L], Q)
+        return super().unlock(uuid)
 
     def retry(self, uuid: str, reason: str) -> Container:
         self.calls.append(("retry", uuid, reason))
-        if uuid in self.db and self._past_cap(uuid):
-            return self._change(uuid, [L, R], X)
-        return self._change(uuid, [L, R], Q, started_at=None)
+        return super().retry(uuid, reason)
 
     def cancel(self, uuid: str, reason: str = "") -> Container:
         self.calls.append(("cancel", uuid, reason))
-        return self._change(uuid, [Q, L, R], X, runtime_status=(("error", reason),))
-
-    def set_running(self, uuid: str, instance_id: str = "", instance_type: str = "") -> Container:
-        return self._change(uuid, [L, R], R, started_at=self.runtime.now())
-
-    def finish(self, uuid: str, exit_code: int) -> Container:
-        return self._change(uuid, [L, R], C, exit_code=exit_code)
-
-    def set_priority(self, uuid: str, priority: int) -> Container:
-        c = replace(self.db[uuid], priority=priority)
-        self._store(c)
-        return c
-
-    def submit(self, spec: ContainerSpec) -> Container:
-        raise NotImplementedError
-
-    def add_cost(self, uuid: str, cost: float) -> None:
-        pass
-
-    def append_log(self, uuid: str, data: bytes) -> None:
-        pass
-
-    def read_log(self, uuid: str, offset: int = 0, limit: int | None = None) -> bytes:
-        return b""
-
-    def list(
-        self, states: Iterable[ContainerState] | None = None, limit: int = 100, after: str = ""
-    ) -> list[Container]:
-        return sorted(self.db.values(), key=lambda c: c.uuid)[:limit]
-
-    def counts(self) -> dict[ContainerState, int]:
-        return dict(Counter(c.state for c in self.db.values()))
-
-    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+        return super().cancel(uuid, reason)
 
     def notify(self) -> None:
-        for fn in list(self._listeners):
-            fn()
+        self._notify()
 
     def ops(self, op: str) -> list[str]:
         return [u for o, u, _ in self.calls if o == op]
@@ -454,3 +384,18 @@ class Harness:
 @pytest.fixture
 def make() -> Callable[..., Harness]:
     return Harness
+
+
+@pytest.fixture
+def stub_queue_factory() -> QueueFactory:
+    """Builds the stub queue for the queue conformance suite (test_stub_queue.py)."""
+
+    def build(settings: QueueSettings) -> ContainerQueue:
+        return StubQueue(
+            settings.runtime,
+            settings.instance_types,
+            settings.max_dispatch_attempts,
+            settings.always_use_preemptible,
+        )
+
+    return build

@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from herder import __version__
 from herder.api import schema
 from herder.api.routes import APIError, ManagementAPI, build_router
+from herder.queue.base import QueueUnavailable
 
 log = logging.getLogger("herder.api")
 
@@ -125,8 +126,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 class Failures:
-    """Errors that escape a route: a queue that cannot be written is a 503 the client may
-    retry; anything else is herder's bug, logged with its traceback and answered 500.
+    """Errors that escape a route: a queue that cannot be reached or written (a full disk, a
+    database connection lost) is a 503 the client may retry; anything else is herder's bug,
+    logged with its traceback and answered 500.
 
     Handled here, inside the framework's outermost layer, so that the response is sent and the
     error logged once, by herder, without the server logging it again.
@@ -151,7 +153,9 @@ class Failures:
             await self.app(scope, receive, tracked)
         except Exception as exc:
             what = f"{scope.get('method', '?')} {str(scope.get('path', ''))[:200]}"
-            if isinstance(exc, sqlite3.OperationalError | OSError) and storage_unavailable(exc):
+            if isinstance(exc, QueueUnavailable) or (
+                isinstance(exc, sqlite3.OperationalError | OSError) and storage_unavailable(exc)
+            ):
                 log.error("management API: %s: the queue cannot be written: %s", what, exc)
                 response = error_response(
                     503, f"the queue cannot be written right now: {exc}; retry later",

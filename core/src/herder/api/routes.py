@@ -75,7 +75,8 @@ ERROR_TEXT = {
     408: "the request was not received within the deadline",
     409: "the container's state does not allow this",
     413: "the request body is too large",
-    503: "the queue cannot be written right now (its disk is full, say); retry later",
+    503: "the queue cannot be reached or written right now (its disk is full, its database "
+    "connection lost); retry later",
 }
 
 
@@ -523,7 +524,7 @@ def submit_container(api: API, body: schema.SubmitRequest, _q: NoParams) -> Resp
 
 @containers.get(
     _C, response_model=schema.ContainerList, operation_id="listContainers",
-    summary="List containers by uuid, a page at a time", responses=errors(400),
+    summary="List containers by uuid, a page at a time", responses=errors(400, 503),
 )
 def list_containers(api: API, query: Annotated[ListQuery, Query()]) -> Response:
     return reply(api.list_containers(tuple(query.state), query.limit, query.after))
@@ -531,7 +532,7 @@ def list_containers(api: API, query: Annotated[ListQuery, Query()]) -> Response:
 
 @containers.get(
     f"{_C}/{{uuid}}", response_model=schema.ContainerOut, operation_id="getContainer",
-    summary="Get one container, with its scheduling status", responses=errors(400, 404),
+    summary="Get one container, with its scheduling status", responses=errors(400, 404, 503),
 )
 def get_container(api: API, uuid: Uuid, _q: NoParams) -> Response:
     return reply(api.get_container(uuid))
@@ -560,7 +561,7 @@ def set_priority(api: API, uuid: Uuid, body: schema.PriorityRequest, _q: NoParam
 
 @containers.get(
     f"{_C}/{{uuid}}/log", response_model=schema.LogChunk, operation_id="readContainerLog",
-    summary="Read a container's log from a byte offset", responses=errors(400, 404),
+    summary="Read a container's log from a byte offset", responses=errors(400, 404, 503),
 )
 def read_log(api: API, uuid: Uuid, query: Annotated[LogQuery, Query()]) -> Response:
     return reply(api.read_log(uuid, query.offset, query.limit))

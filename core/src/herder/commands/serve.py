@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from herder.config import Config
     from herder.dispatcher import Dispatcher
     from herder.embedded import ServeSetup
+    from herder.queue.backend import DispatchLock
     from herder.runtime import ThreadRuntime
 
 log = logging.getLogger("herder.serve")
@@ -102,6 +103,11 @@ def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
     _start_api(api, config, data_dir, abandon=lambda: _stop_all(dispatcher.stop, runtime))
     stop = _stop_on_signals()
     settle_startup_heap()
+    lost: list[str] = []
+    if not _take_dispatch_lock(dispatcher.dispatch_lock, stop, dispatcher.halt, lost,
+                               dispatcher.queue_description):
+        _wait_then_stop(stop, api, dispatcher.stop, runtime)
+        return 0
     dispatcher.start()
     log.info(
         "serving cluster %s: driver %s, %d instance type(s) (%s), queue %s, API %s",
@@ -109,10 +115,13 @@ def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
         config.cloud.driver,
         len(dispatcher.instance_types),
         ", ".join(sorted(dispatcher.instance_types)) or "none",
-        config.queue.path,
+        dispatcher.queue_description,
         api.url,
     )
     _wait_then_stop(stop, api, dispatcher.stop, runtime)
+    if lost:
+        raise CommandError(f"{lost[0]}; stopped dispatching (start herder again to wait as "
+                           "the standby)")
     log.info("stopped; containers and instances left running are adopted at the next start")
     return 0
 
@@ -138,12 +147,51 @@ def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir
     _start_api(api, config, data_dir, abandon=lambda: _stop_all(service.stop, runtime))
     stop = _stop_on_signals()
     settle_startup_heap()
+    lost: list[str] = []
+    if not _take_dispatch_lock(service.dispatch_lock, stop, service.halt, lost,
+                               service.queue_description):
+        _wait_then_stop(stop, api, service.stop, runtime)
+        return 0
     service.start()
     log.info("serving cluster %s: dispatcher %s, queue %s, API %s",
-             config.cluster_id, config.dispatcher, config.queue.path, api.url)
+             config.cluster_id, config.dispatcher, service.queue_description, api.url)
     _wait_then_stop(stop, api, service.stop, runtime)
+    if lost:
+        raise CommandError(f"{lost[0]}; stopped dispatching (start herder again to wait as "
+                           "the standby)")
     log.info("stopped; containers left running are taken up again at the next start")
     return 0
+
+
+def _take_dispatch_lock(
+    lock: DispatchLock | None,
+    stop: threading.Event,
+    halt: Callable[[], None],
+    lost: list[str],
+    where: str,
+) -> bool:
+    """Wait as the standby until this herder holds the dispatch lock (True), serving the API
+    meanwhile, or until asked to stop (False).  Without a lock (one dispatcher per queue,
+    enforced by the queue itself) there is nothing to wait for.
+
+    Once held, losing the lock halts dispatching at once, from the lock's own thread, records
+    why in ``lost`` and stops the process: another herder may be taking over already.
+    """
+    if lock is None:
+        return True
+    log.info("standby: waiting for the dispatch lock of queue %s; the API is served meanwhile",
+             where)
+
+    def on_lost(reason: str) -> None:
+        lost.append(reason)
+        log.error("%s: stopping dispatching at once", reason)
+        halt()
+        stop.set()
+
+    if not lock.acquire(stop, on_lost):
+        return False
+    log.info("holding the dispatch lock of queue %s: dispatching", where)
+    return True
 
 
 #: Held (flock) by the one ``herder serve`` that uses a data directory, for its whole life.

@@ -3,7 +3,7 @@
 The management API was written against the cloud engine (:class:`herder.dispatcher.Dispatcher`);
 this service offers the same attributes so that the container, service and status routes work
 unchanged.  There are no instances: the pool reports none and the instance actions are not
-served (:func:`service_routes`), and the scheduler reports no scheduling status.
+served (``APIServer(..., with_instances=False)``), and the scheduler reports no scheduling status.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from herder.config import Config
 from herder.dispatch.backend import DispatchBackend
 from herder.model import ContainerState, InstanceView
 from herder.plugins import Plugins
+from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerQueue
 from herder.runtime import Runtime
 from herder.sizing import ConfigSizer
@@ -44,7 +45,7 @@ class NoScheduler:
 
 
 class DispatchService:
-    """A SQLite queue plus one backend, started and stopped together."""
+    """The configured queue plus one backend, started and stopped together."""
 
     def __init__(
         self,
@@ -64,20 +65,23 @@ class DispatchService:
             config, config.dispatcher_parameters, runtime=runtime, registry=self.registry
         )
         self.instance_types = self.backend.instance_types()
+        #: Where the queue lives, for the start-up log line.
+        self.queue_description = "given"
+        #: Held before :meth:`start` when this herder may be a standby (``herder serve``).
+        self.dispatch_lock: DispatchLock | None = None
         if queue is None:
-            from herder.queue.sqlite import SqliteQueue
-
-            queue = SqliteQueue(
-                config.queue.path,
+            opened = open_queue(
+                config,
+                plugins=self.plugins,
                 runtime=runtime,
                 sizer=ConfigSizer(
                     self.instance_types,
                     reserve_extra_ram=config.containers.reserve_extra_ram,
                     maximum_price_factor=config.containers.maximum_price_factor,
                 ),
-                cluster_id=config.cluster_id,
-                max_dispatch_attempts=config.containers.max_dispatch_attempts,
             )
+            queue, self.queue_description = opened.queue, opened.description
+            self.dispatch_lock = opened.dispatch_lock
         self.queue = queue
         self.pool = NoInstances()
         self.scheduler = NoScheduler()
@@ -85,9 +89,15 @@ class DispatchService:
     def start(self) -> None:
         self.backend.start(self.queue)
 
+    def halt(self) -> None:
+        """Stop dispatching at once (the dispatch lock was lost); the queue stays open."""
+        self.backend.stop()
+
     def stop(self) -> None:
         self.backend.stop()
         self.queue.close()
+        if self.dispatch_lock is not None:
+            self.dispatch_lock.release()
 
     def active_counts(self) -> dict[ContainerState, int]:
         return self.queue.counts()

@@ -6,6 +6,7 @@ from herder.queue.base import (
     InvalidTransition,
     QueueEntry,
     QueueError,
+    QueueUnavailable,
     Sizer,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "InvalidTransition",
     "QueueEntry",
     "QueueError",
+    "QueueUnavailable",
     "Sizer",
 ]

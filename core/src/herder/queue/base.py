@@ -26,6 +26,11 @@ class QueueError(Exception):
     """A queue operation was refused."""
 
 
+class QueueUnavailable(QueueError):
+    """The queue's storage cannot be reached or written right now (a database connection lost,
+    a disk full); nothing is wrong with the request, which may be retried later."""
+
+
 class ContainerNotFound(QueueError):
     def __init__(self, uuid: str) -> None:
         super().__init__(f"container {uuid} not found")

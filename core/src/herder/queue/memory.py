@@ -1,0 +1,97 @@
+"""A queue that keeps its records in memory: the shared rules with nothing durable under them.
+
+For tests that want the real queue rules without a file (the scheduler tests' stub queue is
+built on it), and as the smallest example of a backend: everything here is storing and loading.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from herder.model import Container, ContainerState
+from herder.queue.base import ContainerNotFound, Sizer
+from herder.queue.rules import UNFINISHED, RuledQueue, Unreadable, cancelled
+from herder.runtime import Runtime
+
+__all__ = ["MemoryQueue"]
+
+
+class MemoryQueue(RuledQueue):
+    """The queue rules over a dict; everything is lost when the object goes.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        runtime: Runtime,
+        sizer: Sizer,
+        cluster_id: str = "zzzzz",
+        max_dispatch_attempts: int = 10,
+        always_use_preemptible: bool = False,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        super().__init__(
+            runtime=runtime,
+            sizer=sizer,
+            cluster_id=cluster_id,
+            max_dispatch_attempts=max_dispatch_attempts,
+            always_use_preemptible=always_use_preemptible,
+            random_bytes=random_bytes,
+        )
+        self._records: dict[str, Container] = {}
+        self._logs: dict[str, bytearray] = {}
+        self._open()
+
+    def _store_new(self, containers: Sequence[Container]) -> None:
+        for c in containers:
+            self._records[c.uuid] = c
+
+    def _store_change(
+        self, uuid: str, change: Callable[[Container], Container]
+    ) -> tuple[Container, Container]:
+        old = self._records.get(uuid)
+        if old is None:
+            raise ContainerNotFound(uuid)
+        new = change(old)
+        self._records[uuid] = new
+        return old, new
+
+    def _store_cancelled(
+        self, containers: Sequence[Container], unreadable: Sequence[Unreadable], now: float
+    ) -> None:
+        for c in containers:
+            self._records[c.uuid] = c
+        for uuid, why in unreadable:
+            self._records[uuid] = cancelled(self._records[uuid], now, why)
+
+    def _load(self, uuid: str) -> Container | None:
+        return self._records.get(uuid)
+
+    def _load_unfinished(self) -> list[tuple[Container, str | None]]:
+        return [(c, None) for c in self._records.values() if c.state in UNFINISHED]
+
+    def _load_page(
+        self, states: list[ContainerState] | None, limit: int, after: str
+    ) -> list[Container]:
+        found = sorted(
+            (c for c in self._records.values() if c.uuid > after),
+            key=lambda c: c.uuid,
+        )
+        if states is not None:
+            found = [c for c in found if c.state in states]
+        return found[:limit]
+
+    def _load_counts(self) -> dict[ContainerState, int]:
+        return dict(Counter(c.state for c in self._records.values()))
+
+    def _store_log(self, uuid: str, data: bytes) -> None:
+        self._logs.setdefault(uuid, bytearray()).extend(data)
+
+    def _load_log(self, uuid: str, offset: int, end: int | None) -> bytes:
+        return bytes(self._logs.get(uuid, b"")[offset:end])
+
+    def _close_storage(self) -> None:
+        """Nothing to release: the records go with the object."""

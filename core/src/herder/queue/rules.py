@@ -1,0 +1,646 @@
+"""The queue's rules, written once for every backend (SPEC §7).
+
+The rules are the ones the Arvados API server enforces and the dispatcher relies on (SPEC
+§7.6): a lock needs Queued and priority > 0 and counts a dispatch attempt; an unlock or a retry
+past ``max_dispatch_attempts`` cancels; a final container never changes again.  A container no
+configured instance type can run is cancelled rather than queued (SPEC §7.5): at submission,
+and again when the queue is opened, in case the configured types changed.
+
+Two layers live here:
+
+- the *state rules*, pure functions from the current record to the new one (or
+  :class:`~herder.queue.base.InvalidTransition`), which know nothing of storage or locking;
+- :class:`RuledQueue`, the :class:`~herder.queue.base.ContainerQueue` every backend subclasses:
+  it validates and sizes submissions, applies the state rules, keeps the in-memory snapshot the
+  scheduler reads on every pass (SPEC §7.1), and notifies listeners and observers.  A backend
+  only stores and loads records (the ``_store_*`` / ``_load_*`` methods), so that SQLite,
+  PostgreSQL and a test double cannot drift apart on what a lock or a retry means.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import NamedTuple
+
+from herder.callbacks import Callbacks
+from herder.model import (
+    CLUSTER_ID_RE,
+    Container,
+    ContainerSpec,
+    ContainerState,
+    InstanceResources,
+    InstanceType,
+)
+from herder.queue.base import (
+    ContainerNotFound,
+    ContainerQueue,
+    InvalidTransition,
+    Listener,
+    Observer,
+    QueueEntry,
+    QueueError,
+    Sizer,
+)
+from herder.runtime import Runtime
+from herder.sizing import ConstraintsNotSatisfiable
+
+log = logging.getLogger(__name__)
+
+QUEUED = ContainerState.QUEUED
+LOCKED = ContainerState.LOCKED
+RUNNING = ContainerState.RUNNING
+COMPLETE = ContainerState.COMPLETE
+CANCELLED = ContainerState.CANCELLED
+
+#: The states a container needs attention in; a backend loads these when it opens.
+UNFINISHED = (QUEUED, LOCKED, RUNNING)
+
+
+class InvalidRequest(QueueError, ValueError):
+    """A malformed submission or argument (as opposed to one refused for the container's state).
+
+    It is a :class:`ValueError` too, so callers that validate input generically catch it.
+    """
+
+
+# --------------------------------------------------------------------------- state rules
+#
+# Each rule takes the current record and returns the new one, the same object when nothing
+# changes, or raises InvalidTransition.  They are pure so that each rule lives in one place and
+# the queue's locking and storage stay out of them.
+
+Rule = Callable[[Container, float], Container]
+
+
+def _with_status(c: Container, key: str, value: str) -> tuple[tuple[str, str], ...]:
+    """runtime_status with ``key`` set to ``value`` (replacing any earlier value)."""
+    return (*((k, v) for k, v in c.runtime_status if k != key), (key, value))
+
+
+def _refuse(c: Container, action: str) -> InvalidTransition:
+    return InvalidTransition(f"cannot {action} container {c.uuid} in state {c.state}")
+
+
+def cancelled(c: Container, now: float, error: str = "") -> Container:
+    """``c`` Cancelled, recording ``error`` (if any) as runtime_status error."""
+    status = _with_status(c, "error", error) if error else c.runtime_status
+    return replace(c, state=CANCELLED, finished_at=now, runtime_status=status)
+
+
+def unsatisfiable_error(message: str) -> str:
+    return f"cannot run container: {message}"
+
+
+def _requeued(c: Container) -> Container:
+    """Back to Queued for another attempt: what the last attempt recorded no longer applies."""
+    return replace(
+        c, state=QUEUED, locked_at=None, started_at=None, instance_id="", instance_type=""
+    )
+
+
+def lock_rule(c: Container, now: float) -> Container:
+    if c.state is not QUEUED or c.priority <= 0:
+        raise _refuse(c, f"lock (priority {c.priority})")
+    return replace(c, state=LOCKED, lock_count=c.lock_count + 1, locked_at=now)
+
+
+def unlock_rule(c: Container, now: float, max_attempts: int) -> Container:
+    if c.state is not LOCKED:
+        raise _refuse(c, "unlock")
+    if c.lock_count >= max_attempts:
+        return cancelled(
+            c,
+            now,
+            "Failed to start container.  Cancelled after exceeding "
+            f"'containers.max_dispatch_attempts' (lock_count={c.lock_count})",
+        )
+    return _requeued(c)
+
+
+def running_rule(c: Container, now: float, instance_id: str, instance_type: str) -> Container:
+    if c.state is RUNNING:
+        return c
+    if c.state is not LOCKED:
+        raise _refuse(c, "start")
+    return replace(
+        c, state=RUNNING, started_at=now, instance_id=instance_id, instance_type=instance_type
+    )
+
+
+def finish_rule(c: Container, now: float, exit_code: int) -> Container:
+    if c.state.final:
+        return c
+    if c.state is QUEUED:
+        raise _refuse(c, "finish")
+    return replace(c, state=COMPLETE, exit_code=exit_code, finished_at=now)
+
+
+def retry_rule(c: Container, now: float, reason: str, max_attempts: int) -> Container:
+    """A lost runner: queue again, unless the attempts are used up.
+
+    A final container is left alone: its runner was lost after it finished or was cancelled,
+    which needs no retry.
+    """
+    if c.state.final:
+        return c
+    if c.state is QUEUED:
+        raise _refuse(c, "retry")
+    if c.lock_count >= max_attempts:
+        return cancelled(c, now, f"{reason}; cancelled after {c.lock_count} dispatch attempts")
+    return replace(_requeued(c), runtime_status=_with_status(c, "warning", reason))
+
+
+def cancel_rule(c: Container, now: float, reason: str) -> Container:
+    if c.state.final:
+        return c
+    return cancelled(c, now, reason)
+
+
+def priority_rule(c: Container, now: float, priority: int) -> Container:
+    if c.priority == priority:
+        return c
+    if c.state.final:
+        raise _refuse(c, "change the priority of")
+    return replace(c, priority=priority)
+
+
+def cost_rule(c: Container, now: float, cost: float) -> Container:
+    return replace(c, cost=c.cost + cost) if cost else c
+
+
+def may_forget(c: Container) -> bool:
+    """SPEC §7.2: only finished containers, and queued ones on hold, may leave the snapshot."""
+    return c.state.final or (c.state is QUEUED and c.priority == 0)
+
+
+def validate_spec(spec: ContainerSpec) -> None:
+    """Refuse a spec no runner could make sense of, before anything is stored."""
+    rc = spec.runtime_constraints
+    problems = []
+    if not spec.command or not all(isinstance(arg, str) for arg in spec.command):
+        problems.append("command must be a non-empty list of strings")
+    if not isinstance(spec.priority, int) or spec.priority < 0:
+        problems.append(f"priority must be an integer >= 0, not {spec.priority!r}")
+    for name in ("vcpus", "ram", "scratch"):
+        value = getattr(rc, name)
+        if not isinstance(value, int) or value < 0:
+            problems.append(f"runtime_constraints.{name} must be an integer >= 0, not {value!r}")
+    if rc.gpu.device_count < 0 or rc.gpu.vram < 0:
+        problems.append("runtime_constraints.gpu device_count and vram must be >= 0")
+    if problems:
+        raise InvalidRequest("invalid container: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------- uuids
+
+_UUID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+_UUID_RANDOM_LEN = 15
+#: Random bytes below this map uniformly onto the alphabet with ``% 36``; the rest are skipped.
+_UUID_BYTE_LIMIT = 256 - 256 % len(_UUID_ALPHABET)
+
+
+def new_uuid(cluster_id: str, random_bytes: Callable[[int], bytes]) -> str:
+    """``<cluster_id>-dz642-<15 random lowercase alphanumerics>``.
+
+    One draw of random bytes per UUID (not one per character) keeps a 100,000-container
+    submission fast; 24 bytes almost always hold 15 usable ones, else it draws again.
+    """
+    n = len(_UUID_ALPHABET)
+    chars = ""
+    while len(chars) < _UUID_RANDOM_LEN:
+        raw = random_bytes(24)
+        chars += "".join(_UUID_ALPHABET[b % n] for b in raw if b < _UUID_BYTE_LIMIT)
+    return f"{cluster_id}-dz642-{chars[:_UUID_RANDOM_LEN]}"
+
+
+# --------------------------------------------------------------------------- the queue
+
+
+class Sizing(NamedTuple):
+    resources: InstanceResources
+    instance_types: list[InstanceType]
+    error: str  # "" when at least one type fits
+
+
+#: A record that could not be decoded: its uuid, and why (see :meth:`RuledQueue._load_unfinished`).
+Unreadable = tuple[str, str]
+
+
+class RuledQueue(ContainerQueue):
+    """A :class:`ContainerQueue` that applies the rules above over a backend's storage.
+
+    Every public method takes ``self._lock``; the storage methods a backend implements are
+    called with it held, one at a time, so a backend may use one connection for everything.
+    Writes follow one order: store durably, replace the immutable record in the snapshot,
+    release the lock, then call the listeners, so that a listener reading the queue always sees
+    the change it is told about.
+
+    A subclass calls :meth:`_open` at the end of its ``__init__``, once its storage is ready.
+    """
+
+    def __init__(
+        self,
+        *,
+        runtime: Runtime,
+        sizer: Sizer,
+        cluster_id: str = "zzzzz",
+        max_dispatch_attempts: int = 10,
+        always_use_preemptible: bool = False,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        """``random_bytes`` draws the random part of new UUIDs; simulations pass a seeded
+        generator so that a run is reproducible."""
+        if not CLUSTER_ID_RE.fullmatch(cluster_id):
+            raise ValueError(f"invalid cluster_id {cluster_id!r}: need 5 lowercase alphanumerics")
+        if max_dispatch_attempts < 1:
+            raise ValueError("max_dispatch_attempts must be at least 1")
+        self._random_bytes = random_bytes
+        self._runtime = runtime
+        self._sizer = sizer
+        self._cluster_id = cluster_id
+        self._max_attempts = max_dispatch_attempts
+        self._always_preemptible = always_use_preemptible
+        self._lock = threading.Lock()
+        self._entries: dict[str, QueueEntry] = {}
+        self._listeners: Callbacks[[]] = Callbacks("queue listener", log)
+        self._observers: Callbacks[[Container | None, Container]] = Callbacks(
+            "queue observer", log
+        )
+        self._closed = False
+
+    # ---- what a backend provides (each called with self._lock held)
+
+    @abstractmethod
+    def _store_new(self, containers: Sequence[Container]) -> None:
+        """Store new containers, all or none (one transaction)."""
+
+    @abstractmethod
+    def _store_change(
+        self, uuid: str, change: Callable[[Container], Container]
+    ) -> tuple[Container, Container]:
+        """Read the current record of ``uuid``, compute ``new = change(old)``, and store
+        ``new`` durably unless it ``is old``; return ``(old, new)``.
+
+        A backend shared by several processes reads ``old`` from storage with the row locked
+        until ``new`` is stored; one used by this process alone may start from
+        :meth:`_cached`.  Raises :class:`ContainerNotFound` for an unknown uuid, and lets
+        ``change``'s exceptions through with nothing stored.
+        """
+
+    @abstractmethod
+    def _store_cancelled(self, containers: Sequence[Container], unreadable: Sequence[Unreadable],
+                         now: float) -> None:
+        """At opening: store cancellations decided by the rules, and cancel records that could
+        not be decoded (written directly: they cannot be re-encoded), in one transaction."""
+
+    @abstractmethod
+    def _load(self, uuid: str) -> Container | None:
+        """The stored record, or None."""
+
+    @abstractmethod
+    def _load_unfinished(self) -> list[tuple[Container, str | None]]:
+        """Every Queued, Locked or Running record, each with None, or with why it could not be
+        decoded (the record is then a placeholder keeping uuid and state)."""
+
+    @abstractmethod
+    def _load_page(
+        self, states: list[ContainerState] | None, limit: int, after: str
+    ) -> list[Container]:
+        """Records by uuid order after ``after``, in ``states`` (all when None)."""
+
+    @abstractmethod
+    def _load_counts(self) -> dict[ContainerState, int]:
+        """Number of stored records in each state."""
+
+    @abstractmethod
+    def _store_log(self, uuid: str, data: bytes) -> None:
+        """Append a non-empty chunk to the log of a container known to exist."""
+
+    @abstractmethod
+    def _load_log(self, uuid: str, offset: int, end: int | None) -> bytes:
+        """Bytes ``offset`` to ``end`` of the log (to its end when None)."""
+
+    @abstractmethod
+    def _close_storage(self) -> None:
+        """Release the storage; called once."""
+
+    # ---- opening
+
+    def _open(self) -> None:
+        """Rebuild the snapshot from every unfinished container in storage.
+
+        The configured instance types may have changed since the container was submitted, so
+        each is sized again: a Queued or Locked one that no longer fits anything is cancelled
+        (SPEC §7.5); a Running one is kept, with no eligible types, because it is running
+        somewhere already and the pool must still find it.  A record that cannot be decoded
+        costs that one container (cancelled with the reason), never the queue.
+        """
+        with self._lock:
+            now = self._runtime.now()
+            doomed: list[Container] = []
+            unreadable: list[Unreadable] = []
+            for c, why in self._load_unfinished():
+                if why is not None:
+                    log.error("cancelling %s: %s", c.uuid, why)
+                    unreadable.append((c.uuid, why))
+                    continue
+                sizing = self._size(c)
+                if sizing.error and c.state is not RUNNING:
+                    log.warning(
+                        "cancelling %s: no suitable instance type: %s", c.uuid, sizing.error
+                    )
+                    doomed.append(cancelled(c, now, unsatisfiable_error(sizing.error)))
+                    continue
+                if sizing.error:
+                    # An entry with no eligible types: Arvados' queue metrics crashed on these by
+                    # reading the first type (SPEC §19.3 item 26); herder code never assumes one.
+                    log.warning(
+                        "%s is running but fits no configured type: %s", c.uuid, sizing.error
+                    )
+                self._entries[c.uuid] = QueueEntry(
+                    c, sizing.resources, sizing.instance_types, now
+                )
+            if doomed or unreadable:
+                self._store_cancelled(doomed, unreadable, now)
+
+    # ---- helpers for subclasses
+
+    def _cached(self, uuid: str) -> Container | None:
+        """The snapshot's record of ``uuid``, if it is there (caller holds ``self._lock``)."""
+        entry = self._entries.get(uuid)
+        return None if entry is None else entry.container
+
+    def _stored(self, uuid: str) -> Container:
+        """The current record: the snapshot's, or storage's (caller holds ``self._lock``)."""
+        c = self._cached(uuid)
+        if c is None:
+            c = self._load(uuid)
+        if c is None:
+            raise ContainerNotFound(uuid)
+        return c
+
+    def _size(self, c: Container) -> Sizing:
+        resources = self._sizer.resources_needed(c)
+        try:
+            return Sizing(resources, self._sizer.choose_instance_types(c), "")
+        except ConstraintsNotSatisfiable as exc:
+            return Sizing(resources, [], str(exc) or "no suitable instance type")
+
+    def _refresh(self, uuids: Iterable[str] | None = None) -> None:
+        """Take in changes another process stored: the snapshot follows storage for ``uuids``
+        (every unfinished container, and every one in the snapshot, when None), and listeners
+        and observers are told.  For backends shared between processes (and test doubles that
+        change records behind the queue's back)."""
+        changes: list[tuple[Container | None, Container]] = []
+        with self._lock:
+            if self._closed:
+                return
+            if uuids is None:
+                found = {c.uuid: c for c, why in self._load_unfinished() if why is None}
+                for uuid in self._entries.keys() - found.keys():
+                    record = self._load(uuid)
+                    if record is not None:
+                        found[uuid] = record
+                records = list(found.values())
+            else:
+                records = [c for c in map(self._load, uuids) if c is not None]
+            now = self._runtime.now()
+            for new in records:
+                entry = self._entries.get(new.uuid)
+                old = None if entry is None else entry.container
+                if old == new:
+                    continue
+                if entry is not None:
+                    self._entries[new.uuid] = QueueEntry(
+                        new, entry.resources, entry.instance_types, entry.first_seen_at
+                    )
+                elif not new.state.final:
+                    sizing = self._size(new)
+                    self._entries[new.uuid] = QueueEntry(
+                        new, sizing.resources, sizing.instance_types, now
+                    )
+                else:
+                    continue
+                changes.append((old, new))
+        if changes:
+            self._notify()
+        for old, new in changes:
+            self._observed(old, new)
+
+    def _notify(self) -> None:
+        """Call every listener; one failing listener must not starve the others."""
+        self._listeners.call()
+
+    def _observed(self, old: Container | None, new: Container) -> None:
+        """Tell every observer about one change; a failing observer must not break the change."""
+        self._observers.call(old, new)
+
+    def _prepare(self, spec: ContainerSpec, now: float) -> tuple[Container, Sizing]:
+        """Validate and size a submission; unsatisfiable ones come back Cancelled."""
+        validate_spec(spec)
+        if self._always_preemptible and not spec.scheduling_parameters.preemptible:
+            sp = replace(spec.scheduling_parameters, preemptible=True)
+            spec = replace(spec, scheduling_parameters=sp)
+        c = Container(
+            uuid=new_uuid(self._cluster_id, self._random_bytes),
+            state=QUEUED,
+            priority=spec.priority,
+            spec=spec,
+            created_at=now,
+        )
+        sizing = self._size(c)
+        if sizing.error:
+            c = cancelled(c, now, unsatisfiable_error(sizing.error))
+        return c, sizing
+
+    def _transition(self, uuid: str, rule: Rule) -> Container:
+        """Apply ``rule`` to one container: store, update the snapshot, then notify."""
+        with self._lock:
+            now = self._runtime.now()
+            entry = self._entries.get(uuid)
+            sizing: Sizing | None = None
+
+            def change(old: Container) -> Container:
+                nonlocal sizing
+                new = rule(old, now)
+                if new is old:
+                    return old
+                if entry is None and not may_forget(new):
+                    # A forgotten container that needs attention again re-enters the snapshot.
+                    sizing = self._size(new)
+                if new.state is QUEUED and (old.state is not QUEUED or entry is None):
+                    new = self._cancel_if_unsatisfiable(new, entry, sizing, now)
+                return new
+
+            old, new = self._store_change(uuid, change)
+            if new is old:
+                return old
+            if entry is not None:
+                self._entries[uuid] = QueueEntry(
+                    new, entry.resources, entry.instance_types, entry.first_seen_at
+                )
+            elif sizing is not None and not new.state.final:
+                self._entries[uuid] = QueueEntry(new, sizing.resources, sizing.instance_types, now)
+        self._notify()
+        self._observed(old, new)
+        return new
+
+    def _cancel_if_unsatisfiable(
+        self, c: Container, entry: QueueEntry | None, sizing: Sizing | None, now: float
+    ) -> Container:
+        """Never queue a container that no type fits (Arvados 15942).
+
+        This happens when a Running container kept across a restart with no eligible types
+        (see :meth:`_open`) loses its runner and is queued again.
+        """
+        if entry is not None and entry.instance_types:
+            return c
+        if sizing is None:
+            sizing = self._size(c)
+        if not sizing.error:
+            return c
+        return cancelled(c, now, unsatisfiable_error(sizing.error))
+
+    # ---- reads used by the scheduler
+
+    def entries(self) -> tuple[dict[str, QueueEntry], float]:
+        with self._lock:
+            return dict(self._entries), self._runtime.now()
+
+    def get(self, uuid: str) -> Container | None:
+        with self._lock:
+            try:
+                return self._stored(uuid)
+            except ContainerNotFound:
+                return None
+
+    def forget(self, uuid: str) -> None:
+        """Drop from the snapshot (SPEC §7.2).  Not a change to any container: no notification."""
+        with self._lock:
+            entry = self._entries.get(uuid)
+            if entry is not None and may_forget(entry.container):
+                del self._entries[uuid]
+
+    # ---- state changes
+
+    def submit(self, spec: ContainerSpec) -> Container:
+        return self.submit_many([spec])[0]
+
+    def submit_many(self, specs: Iterable[ContainerSpec]) -> list[Container]:
+        """Submit several containers in one transaction: all are stored, or none is.
+
+        Validation and sizing happen before the lock is taken, so a large batch does not hold
+        up the scheduler's reads for longer than the insert itself.
+        """
+        now = self._runtime.now()
+        prepared = [self._prepare(spec, now) for spec in specs]
+        if not prepared:
+            return []
+        with self._lock:
+            self._store_new([c for c, _ in prepared])
+            for c, sizing in prepared:
+                # An unsatisfiable submission is cancelled at once and never needs attention.
+                if not c.state.final:
+                    self._entries[c.uuid] = QueueEntry(
+                        c, sizing.resources, sizing.instance_types, now
+                    )
+        self._notify()
+        for c, _ in prepared:
+            self._observed(None, c)
+        return [c for c, _ in prepared]
+
+    def lock(self, uuid: str) -> Container:
+        return self._transition(uuid, lock_rule)
+
+    def unlock(self, uuid: str) -> Container:
+        return self._transition(uuid, lambda c, now: unlock_rule(c, now, self._max_attempts))
+
+    def set_running(self, uuid: str, instance_id: str = "", instance_type: str = "") -> Container:
+        return self._transition(
+            uuid, lambda c, now: running_rule(c, now, instance_id, instance_type)
+        )
+
+    def finish(self, uuid: str, exit_code: int) -> Container:
+        return self._transition(uuid, lambda c, now: finish_rule(c, now, exit_code))
+
+    def retry(self, uuid: str, reason: str) -> Container:
+        return self._transition(uuid, lambda c, now: retry_rule(c, now, reason, self._max_attempts))
+
+    def cancel(self, uuid: str, reason: str = "") -> Container:
+        return self._transition(uuid, lambda c, now: cancel_rule(c, now, reason))
+
+    def set_priority(self, uuid: str, priority: int) -> Container:
+        if not isinstance(priority, int) or priority < 0:
+            raise InvalidRequest(f"priority must be an integer >= 0, not {priority!r}")
+        return self._transition(uuid, lambda c, now: priority_rule(c, now, priority))
+
+    def add_cost(self, uuid: str, cost: float) -> None:
+        if not math.isfinite(cost) or cost < 0:
+            raise InvalidRequest(f"cost must be a finite number >= 0, not {cost!r}")
+        self._transition(uuid, lambda c, now: cost_rule(c, now, cost))
+
+    # ---- logs
+
+    def append_log(self, uuid: str, data: bytes) -> None:
+        """Append a chunk at the end of the container's log (kept after it finishes, too)."""
+        with self._lock:
+            self._stored(uuid)
+            if data:
+                self._store_log(uuid, bytes(data))
+
+    def read_log(self, uuid: str, offset: int = 0, limit: int | None = None) -> bytes:
+        """Bytes ``offset`` to ``offset + limit`` of the log (to its end without a limit).
+
+        Offsets are bytes, so a client follows a log by asking again from ``offset + len(got)``.
+        """
+        if offset < 0 or (limit is not None and limit < 0):
+            raise InvalidRequest("log offset and limit must be >= 0")
+        end = None if limit is None else offset + limit
+        with self._lock:
+            self._stored(uuid)
+            if end == offset:
+                return b""
+            return self._load_log(uuid, offset, end)
+
+    # ---- listing for people
+
+    def list(
+        self,
+        states: Iterable[ContainerState] | None = None,
+        limit: int = 100,
+        after: str = "",
+    ) -> list[Container]:
+        if limit < 0:
+            raise InvalidRequest("limit must be >= 0")
+        wanted = None if states is None else [ContainerState(s) for s in states]
+        if wanted is not None and not wanted:
+            return []
+        with self._lock:
+            return self._load_page(wanted, limit, after)
+
+    def counts(self) -> dict[ContainerState, int]:
+        with self._lock:
+            found = self._load_counts()
+        out = dict.fromkeys(ContainerState, 0)
+        out.update(found)
+        return out
+
+    # ---- notifications and lifecycle
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        return self._listeners.add(listener)
+
+    def observe(self, observer: Observer) -> Callable[[], None]:
+        return self._observers.add(observer)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._close_storage()

@@ -1,0 +1,469 @@
+"""herder's queue conformance suite: what every container queue backend must do, as pytest tests.
+
+The dispatcher, the API and the scheduler rely on the rules of :mod:`herder.queue.rules` (lock
+needs Queued and priority > 0, the dispatch-attempt cap, final states never change, sizing at
+submission, the snapshot the scheduler reads) and on each change being durable and announced.
+A backend built on :class:`~herder.queue.rules.RuledQueue` gets the rules for free; this suite
+checks that its storage keeps them, across a reopen too.
+
+A backend's test module subclasses :class:`QueueConformance` (a ``Test*`` subclass is
+collected) and provides a ``queue_factory`` fixture::
+
+    import pytest
+    from herder.testing.queue_conformance import QueueConformance, QueueSettings
+
+    class TestMyQueueConformance(QueueConformance):
+        @pytest.fixture
+        def queue_factory(self, tmp_path):
+            def make(settings: QueueSettings) -> ContainerQueue:
+                return MyQueue(tmp_path / "q", runtime=settings.runtime, sizer=settings.sizer,
+                               cluster_id=settings.cluster_id,
+                               max_dispatch_attempts=settings.max_dispatch_attempts,
+                               always_use_preemptible=settings.always_use_preemptible)
+            return make
+
+Each call of the factory within one test must open the *same* storage (a second call after
+the first queue is closed is how the suite checks durability); each test must start empty.
+A backend that keeps nothing across a reopen sets ``durable = False`` on its subclass, and the
+durability tests are skipped.  Every check needs only the queue's public interface, a virtual
+clock, and no sleeps.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from herder.model import (
+    Container,
+    ContainerSpec,
+    ContainerState,
+    InstanceType,
+    RuntimeConstraints,
+    SchedulingParameters,
+)
+from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition, Sizer
+from herder.runtime import VirtualRuntime
+from herder.sizing import ConfigSizer
+
+__all__ = ["QueueConformance", "QueueFactory", "QueueSettings", "conformance_types"]
+
+GiB = 1 << 30
+Q = ContainerState.QUEUED
+L = ContainerState.LOCKED
+R = ContainerState.RUNNING
+C = ContainerState.COMPLETE
+X = ContainerState.CANCELLED
+
+
+def conformance_types() -> dict[str, InstanceType]:
+    """Two instance types: the suite's containers fit ``small`` (cheapest) and ``large``, or
+    neither when they ask for more than 64 GiB."""
+    return {
+        "small": InstanceType(
+            name="small", provider_type="small", vcpus=2, ram=8 * GiB, price=0.1
+        ),
+        "large": InstanceType(
+            name="large", provider_type="large", vcpus=16, ram=64 * GiB, price=0.8
+        ),
+    }
+
+
+@dataclass
+class QueueSettings:
+    """What a backend's factory builds its queue with; the suite chooses them per test."""
+
+    runtime: VirtualRuntime
+    instance_types: dict[str, InstanceType] = field(default_factory=conformance_types)
+    cluster_id: str = "zzzzz"
+    max_dispatch_attempts: int = 3
+    always_use_preemptible: bool = False
+
+    @property
+    def sizer(self) -> Sizer:
+        return ConfigSizer(self.instance_types)
+
+
+QueueFactory = Callable[[QueueSettings], ContainerQueue]
+
+
+def spec(
+    *, vcpus: int = 1, ram: int = GiB, priority: int = 1, preemptible: bool = False
+) -> ContainerSpec:
+    return ContainerSpec(
+        command=("echo", "hello"),
+        image="debian",
+        environment=(("A", "1"), ("SECRET", "s3cr3t")),
+        runtime_constraints=RuntimeConstraints(vcpus=vcpus, ram=ram),
+        scheduling_parameters=SchedulingParameters(preemptible=preemptible),
+        priority=priority,
+    )
+
+
+def _get(queue: ContainerQueue, uuid: str) -> Container:
+    c = queue.get(uuid)
+    assert c is not None, f"{uuid} is not in the queue"
+    return c
+
+
+class _Opened:
+    """The queues one test opened through the factory, closed when the test ends."""
+
+    def __init__(self, factory: QueueFactory) -> None:
+        self.factory = factory
+        self.runtime = VirtualRuntime()
+        self.queues: list[ContainerQueue] = []
+
+    def open(self, **settings: Any) -> ContainerQueue:
+        q = self.factory(QueueSettings(runtime=self.runtime, **settings))
+        self.queues.append(q)
+        return q
+
+    def close(self) -> None:
+        for q in self.queues:
+            q.close()
+
+
+class QueueConformance:
+    """Every check of the suite, one test each.  Needs a ``queue_factory`` fixture.
+
+    Not collected itself (its name does not start with ``Test``); subclass it as
+    ``TestMyQueueConformance``.
+    """
+
+    #: False for a backend that keeps nothing once closed: the reopen tests are skipped.
+    durable = True
+
+    @pytest.fixture
+    def opened(self, queue_factory: QueueFactory) -> Iterator[_Opened]:
+        opened = _Opened(queue_factory)
+        try:
+            yield opened
+        finally:
+            opened.close()
+
+    @pytest.fixture
+    def queue(self, opened: _Opened) -> ContainerQueue:
+        return opened.open()
+
+    @pytest.fixture
+    def rt(self, opened: _Opened) -> VirtualRuntime:
+        return opened.runtime
+
+    def _reopen(self, opened: _Opened, queue: ContainerQueue, **settings: Any) -> ContainerQueue:
+        if not self.durable:
+            pytest.skip("this backend keeps nothing across a reopen")
+        queue.close()
+        return opened.open(**settings)
+
+    # ---- submission
+
+    def test_submit_stores_a_queued_container(
+        self, queue: ContainerQueue, rt: VirtualRuntime
+    ) -> None:
+        c = queue.submit(spec(priority=5))
+        assert re.fullmatch(r"zzzzz-dz642-[0-9a-z]{15}", c.uuid), c.uuid
+        assert (c.state, c.priority, c.lock_count, c.created_at) == (Q, 5, 0, rt.now())
+        assert queue.get(c.uuid) == c
+        assert _get(queue, c.uuid).spec == spec(priority=5)
+        entries, _ = queue.entries()
+        assert [t.name for t in entries[c.uuid].instance_types] == ["small"]
+        big = queue.submit(spec(ram=32 * GiB))
+        assert [t.name for t in queue.entries()[0][big.uuid].instance_types] == ["large"]
+        assert big.uuid != c.uuid
+
+    def test_invalid_submission_is_refused_and_not_stored(self, queue: ContainerQueue) -> None:
+        with pytest.raises(ValueError, match="invalid container"):
+            queue.submit(ContainerSpec(command=()))
+        with pytest.raises(ValueError, match="priority"):
+            queue.submit(spec(priority=-1))
+        assert queue.list() == []
+        assert queue.entries()[0] == {}
+
+    def test_unsatisfiable_submission_is_cancelled_at_once(self, queue: ContainerQueue) -> None:
+        c = queue.submit(spec(ram=128 * GiB))
+        assert c.state is X
+        assert c.status("error").startswith("cannot run container")
+        assert c.uuid not in queue.entries()[0]
+        assert queue.get(c.uuid) == c
+
+    def test_always_use_preemptible_marks_submissions(self, opened: _Opened) -> None:
+        queue = opened.open(always_use_preemptible=True)
+        types = {
+            **conformance_types(),
+            "small.spot": InstanceType(
+                name="small.spot", provider_type="small", vcpus=2, ram=8 * GiB, price=0.03,
+                preemptible=True,
+            ),
+        }
+        queue.close()
+        queue = opened.open(always_use_preemptible=True, instance_types=types)
+        c = queue.submit(spec())
+        assert c.scheduling_parameters.preemptible
+        assert [t.name for t in queue.entries()[0][c.uuid].instance_types] == ["small.spot"]
+
+    # ---- lock / unlock
+
+    def test_lock_needs_queued_and_priority(
+        self, queue: ContainerQueue, rt: VirtualRuntime
+    ) -> None:
+        held = queue.submit(spec(priority=0))
+        with pytest.raises(InvalidTransition):
+            queue.lock(held.uuid)
+        c = queue.submit(spec())
+        rt.advance(7)
+        locked = queue.lock(c.uuid)
+        assert (locked.state, locked.lock_count, locked.locked_at) == (L, 1, rt.now())
+        with pytest.raises(InvalidTransition):
+            queue.lock(c.uuid)
+        assert queue.get(c.uuid) == locked
+
+    def test_unlock_requeues_then_cancels_past_the_cap(self, queue: ContainerQueue) -> None:
+        c = queue.submit(spec())
+        with pytest.raises(InvalidTransition):
+            queue.unlock(c.uuid)
+        for attempt in (1, 2):
+            queue.lock(c.uuid)
+            back = queue.unlock(c.uuid)
+            assert (back.state, back.lock_count, back.locked_at) == (Q, attempt, None)
+        queue.lock(c.uuid)
+        done = queue.unlock(c.uuid)
+        assert done.state is X
+        assert "max_dispatch_attempts" in done.status("error")
+
+    def test_concurrent_locks_only_one_wins(self, queue: ContainerQueue) -> None:
+        c = queue.submit(spec())
+        won: list[Container] = []
+        refused: list[Exception] = []
+        start = threading.Barrier(4)
+
+        def try_lock() -> None:
+            start.wait()
+            try:
+                won.append(queue.lock(c.uuid))
+            except InvalidTransition as exc:
+                refused.append(exc)
+
+        threads = [threading.Thread(target=try_lock) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and len(refused) == 3
+        assert _get(queue, c.uuid).lock_count == 1
+
+    # ---- running, finishing, retrying
+
+    def test_running_needs_a_lock_and_repeats_harmlessly(
+        self, queue: ContainerQueue, rt: VirtualRuntime
+    ) -> None:
+        c = queue.submit(spec())
+        with pytest.raises(InvalidTransition):
+            queue.set_running(c.uuid)
+        queue.lock(c.uuid)
+        rt.advance(3)
+        running = queue.set_running(c.uuid, "i-1", "small")
+        assert (running.state, running.started_at, running.instance_id, running.instance_type) == (
+            R, rt.now(), "i-1", "small"
+        )
+        assert queue.set_running(c.uuid, "i-2", "large") == running
+
+    def test_finish_records_the_exit_code_once(self, queue: ContainerQueue) -> None:
+        c = queue.submit(spec())
+        with pytest.raises(InvalidTransition):
+            queue.finish(c.uuid, 0)
+        queue.lock(c.uuid)
+        queue.set_running(c.uuid)
+        done = queue.finish(c.uuid, 3)
+        assert (done.state, done.exit_code) == (C, 3)
+        assert done.finished_at is not None
+        assert queue.finish(c.uuid, 0) == done
+        assert queue.cancel(c.uuid, "late") == done
+
+    def test_retry_requeues_with_a_warning_then_cancels_past_the_cap(
+        self, queue: ContainerQueue
+    ) -> None:
+        c = queue.submit(spec())
+        with pytest.raises(InvalidTransition):
+            queue.retry(c.uuid, "lost")
+        for _ in range(2):
+            queue.lock(c.uuid)
+            queue.set_running(c.uuid, "i-1", "small")
+            again = queue.retry(c.uuid, "runner lost")
+            assert (again.state, again.started_at, again.instance_id) == (Q, None, "")
+            assert again.status("warning") == "runner lost"
+        queue.lock(c.uuid)
+        done = queue.retry(c.uuid, "runner lost")
+        assert done.state is X
+        assert "3 dispatch attempts" in done.status("error")
+        assert queue.retry(c.uuid, "again") == done
+
+    # ---- cancel, priority, cost
+
+    def test_cancel_from_every_unfinished_state(self, queue: ContainerQueue) -> None:
+        queued = queue.submit(spec())
+        locked = queue.submit(spec())
+        running = queue.submit(spec())
+        queue.lock(locked.uuid)
+        queue.lock(running.uuid)
+        queue.set_running(running.uuid)
+        for c in (queued, locked, running):
+            out = queue.cancel(c.uuid, "by request")
+            assert (out.state, out.status("error")) == (X, "by request")
+            assert out.finished_at is not None
+        with pytest.raises(InvalidTransition):
+            queue.lock(queued.uuid)
+
+    def test_priority_changes_until_final(self, queue: ContainerQueue) -> None:
+        c = queue.submit(spec(priority=1))
+        assert queue.set_priority(c.uuid, 9).priority == 9
+        with pytest.raises(ValueError):
+            queue.set_priority(c.uuid, -1)
+        queue.cancel(c.uuid)
+        with pytest.raises(InvalidTransition):
+            queue.set_priority(c.uuid, 2)
+
+    def test_cost_accumulates(self, queue: ContainerQueue) -> None:
+        c = queue.submit(spec())
+        queue.add_cost(c.uuid, 0.25)
+        queue.add_cost(c.uuid, 0.5)
+        assert _get(queue, c.uuid).cost == 0.75
+        with pytest.raises(ValueError):
+            queue.add_cost(c.uuid, -1.0)
+
+    def test_unknown_container_is_not_found(self, queue: ContainerQueue) -> None:
+        uuid = "zzzzz-dz642-000000000000000"
+        assert queue.get(uuid) is None
+        for change in (
+            lambda: queue.lock(uuid),
+            lambda: queue.unlock(uuid),
+            lambda: queue.set_running(uuid),
+            lambda: queue.finish(uuid, 0),
+            lambda: queue.retry(uuid, "x"),
+            lambda: queue.cancel(uuid),
+            lambda: queue.set_priority(uuid, 1),
+            lambda: queue.append_log(uuid, b"x"),
+            lambda: queue.read_log(uuid),
+        ):
+            with pytest.raises(ContainerNotFound):
+                change()
+
+    # ---- the scheduler's snapshot
+
+    def test_forget_drops_only_final_or_held_containers(self, queue: ContainerQueue) -> None:
+        queued = queue.submit(spec())
+        held = queue.submit(spec(priority=0))
+        done = queue.submit(spec())
+        queue.cancel(done.uuid)
+        for c in (queued, held, done):
+            queue.forget(c.uuid)
+        assert set(queue.entries()[0]) == {queued.uuid}
+        assert _get(queue, done.uuid).state is X
+        # A held container given a priority needs attention again.
+        queue.set_priority(held.uuid, 3)
+        assert queue.entries()[0][held.uuid].container.priority == 3
+
+    def test_entries_follow_every_change(self, queue: ContainerQueue) -> None:
+        c = queue.submit(spec())
+        before, _ = queue.entries()
+        queue.lock(c.uuid)
+        after, _ = queue.entries()
+        assert before[c.uuid].container.state is Q  # the caller's copy did not change
+        assert after[c.uuid].container.state is L
+        assert after[c.uuid].first_seen_at == before[c.uuid].first_seen_at
+
+    # ---- notifications
+
+    def test_listeners_see_each_change_they_are_told_about(self, queue: ContainerQueue) -> None:
+        seen: list[ContainerState | None] = []
+        uuid: list[str] = []
+
+        def listener() -> None:
+            if uuid:
+                c = queue.get(uuid[0])
+                seen.append(None if c is None else c.state)
+
+        stop = queue.subscribe(listener)
+        c = queue.submit(spec())
+        uuid.append(c.uuid)
+        queue.lock(c.uuid)
+        queue.set_running(c.uuid)
+        queue.finish(c.uuid, 0)
+        stop()
+        queue.submit(spec())
+        assert seen == [L, R, C]
+
+    def test_observers_get_old_and_new(self, queue: ContainerQueue) -> None:
+        changes: list[tuple[ContainerState | None, ContainerState]] = []
+        queue.observe(
+            lambda old, new: changes.append((None if old is None else old.state, new.state))
+        )
+        c = queue.submit(spec())
+        queue.lock(c.uuid)
+        queue.cancel(c.uuid)
+        queue.cancel(c.uuid)  # no change, no observation
+        if changes:  # observing is optional for a queue that cannot report changes
+            assert changes == [(None, Q), (Q, L), (L, X)]
+
+    # ---- logs, listing, counts
+
+    def test_logs_append_and_read_by_byte_offsets(self, queue: ContainerQueue) -> None:
+        c = queue.submit(spec())
+        assert queue.read_log(c.uuid) == b""
+        queue.append_log(c.uuid, b"hello ")
+        queue.append_log(c.uuid, b"")
+        queue.append_log(c.uuid, b"world\n")
+        assert queue.read_log(c.uuid) == b"hello world\n"
+        assert queue.read_log(c.uuid, 3, 5) == b"lo wo"
+        assert queue.read_log(c.uuid, 6) == b"world\n"
+        assert queue.read_log(c.uuid, 100) == b""
+        assert queue.read_log(c.uuid, 2, 0) == b""
+        with pytest.raises(ValueError):
+            queue.read_log(c.uuid, -1)
+
+    def test_list_pages_by_uuid_and_filters_states(self, queue: ContainerQueue) -> None:
+        made = [queue.submit(spec()) for _ in range(5)]
+        queue.cancel(made[0].uuid)
+        uuids = sorted(c.uuid for c in made)
+        assert [c.uuid for c in queue.list(limit=2)] == uuids[:2]
+        assert [c.uuid for c in queue.list(limit=10, after=uuids[1])] == uuids[2:]
+        assert [c.uuid for c in queue.list(states=[X])] == [made[0].uuid]
+        assert queue.list(states=[]) == []
+        counts = queue.counts()
+        assert (counts[Q], counts[X], counts[L]) == (4, 1, 0)
+
+    # ---- durability
+
+    def test_reopen_keeps_records_logs_and_the_snapshot(
+        self, opened: _Opened, queue: ContainerQueue
+    ) -> None:
+        queued = queue.submit(spec())
+        running = queue.submit(spec())
+        done = queue.submit(spec())
+        queue.lock(running.uuid)
+        running = queue.set_running(running.uuid, "i-9", "small")
+        queue.append_log(running.uuid, b"line\n")
+        done = queue.cancel(done.uuid, "stop")
+        queue = self._reopen(opened, queue)
+        assert queue.get(running.uuid) == running
+        assert queue.get(done.uuid) == done
+        assert set(queue.entries()[0]) == {queued.uuid, running.uuid}
+        assert queue.read_log(running.uuid) == b"line\n"
+        assert queue.lock(queued.uuid).lock_count == 1
+
+    def test_reopen_cancels_what_no_longer_fits(
+        self, opened: _Opened, queue: ContainerQueue
+    ) -> None:
+        big = queue.submit(spec(ram=32 * GiB))
+        running = queue.submit(spec(ram=32 * GiB))
+        queue.lock(running.uuid)
+        queue.set_running(running.uuid)
+        queue = self._reopen(opened, queue, instance_types={"small": conformance_types()["small"]})
+        assert _get(queue, big.uuid).state is X
+        assert _get(queue, running.uuid).state is R
+        assert queue.entries()[0][running.uuid].instance_types == []

@@ -1,0 +1,320 @@
+"""The postgres queue against a real PostgreSQL on 127.0.0.1 (see conftest.py): the shipped
+conformance suite, notifications between processes, reconnection, the dispatch lock, the
+parameters as ``herder config check`` sees them, and the password kept out of every message."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from herder_queue_postgres.backend import PostgresBackend, PostgresParameters
+from herder_queue_postgres.queue import PostgresQueue
+
+from herder.config import Config, check_config
+from herder.model import ContainerSpec, ContainerState
+from herder.plugins import Plugins
+from herder.queue.backend import QueueContext, open_queue
+from herder.queue.base import ContainerQueue, QueueError, QueueUnavailable
+from herder.runtime import VirtualRuntime
+from herder.testing.queue_conformance import (
+    QueueConformance,
+    QueueFactory,
+    QueueSettings,
+    conformance_types,
+)
+
+SPEC = ContainerSpec(command=("true",))
+
+
+def _open(params: dict[str, Any], settings: QueueSettings, **extra: Any) -> PostgresQueue:
+    backend = PostgresBackend()
+    context = QueueContext(
+        runtime=settings.runtime,
+        sizer=settings.sizer,
+        cluster_id=settings.cluster_id,
+        max_dispatch_attempts=settings.max_dispatch_attempts,
+        always_use_preemptible=settings.always_use_preemptible,
+    )
+    parsed = backend.validate_parameters(params)
+    assert isinstance(parsed, PostgresParameters)
+    return PostgresQueue(
+        parsed.connector(),
+        schema=parsed.schema_name,
+        reconnect_for=parsed.reconnect_for,
+        **context.queue_settings(),
+        **extra,
+    )
+
+
+class TestPostgresQueueConformance(QueueConformance):
+    @pytest.fixture
+    def queue_factory(self, pg_params: Callable[..., dict[str, Any]]) -> QueueFactory:
+        def make(settings: QueueSettings) -> ContainerQueue:
+            return _open(pg_params(), settings)
+
+        return make
+
+
+@pytest.fixture
+def opened() -> Iterator[list[ContainerQueue]]:
+    queues: list[ContainerQueue] = []
+    yield queues
+    for q in queues:
+        q.close()
+
+
+@pytest.fixture
+def make_queue(
+    pg_params: Callable[..., dict[str, Any]], opened: list[ContainerQueue]
+) -> Callable[..., PostgresQueue]:
+    def make(**extra: Any) -> PostgresQueue:
+        q = _open(pg_params(reconnect_for=extra.pop("reconnect_for", 10)),
+                  QueueSettings(runtime=VirtualRuntime()), **extra)
+        opened.append(q)
+        return q
+
+    return make
+
+
+def test_a_second_dispatcher_on_the_queue_is_refused(
+    make_queue: Callable[..., PostgresQueue],
+) -> None:
+    first = make_queue()
+    with pytest.raises(QueueError, match="in use by another herder"):
+        make_queue()
+    first.close()
+    make_queue().submit(SPEC)  # the lock goes with the first queue
+
+
+def test_a_submission_elsewhere_wakes_the_dispatcher(
+    make_queue: Callable[..., PostgresQueue],
+) -> None:
+    dispatcher = make_queue()
+    woken = threading.Event()
+    dispatcher.subscribe(woken.set)
+    assert dispatcher.listening.wait(10)
+    api_only = make_queue(exclusive=False)
+    c = api_only.submit(SPEC)
+    assert woken.wait(10), "no notification reached the dispatcher"
+    entries, _ = dispatcher.entries()
+    assert entries[c.uuid].container.state is ContainerState.QUEUED
+    # A cancellation through the other process reaches the dispatcher's snapshot too.
+    woken.clear()
+    api_only.cancel(c.uuid, "by the user")
+    assert woken.wait(10)
+    assert dispatcher.entries()[0][c.uuid].container.state is ContainerState.CANCELLED
+
+
+def test_writers_in_two_processes_apply_the_rules_to_the_stored_record(
+    make_queue: Callable[..., PostgresQueue],
+) -> None:
+    dispatcher = make_queue()
+    api_only = make_queue(exclusive=False)
+    c = dispatcher.submit(SPEC)
+    api_only.cancel(c.uuid, "by the user")
+    # The dispatcher's snapshot may not have heard yet; the lock reads the stored row.
+    with pytest.raises(QueueError, match="cannot lock"):
+        dispatcher.lock(c.uuid)
+
+
+def test_calls_reconnect_after_the_connection_drops(
+    make_queue: Callable[..., PostgresQueue], pg_cluster: Any
+) -> None:
+    queue = make_queue()
+    c = queue.submit(SPEC)
+    assert queue.listening.wait(10)
+    assert pg_cluster.terminate() >= 2  # the queue's connection and its listener's
+    locked = queue.lock(c.uuid)
+    assert locked.state is ContainerState.LOCKED
+    assert queue.get(c.uuid) == locked
+    assert queue.counts()[ContainerState.LOCKED] == 1
+    # The reconnected queue still holds the dispatch lock.
+    with pytest.raises(QueueError, match="in use by another herder"):
+        make_queue()
+
+
+def test_listener_reconnects_and_catches_up(
+    make_queue: Callable[..., PostgresQueue], pg_cluster: Any
+) -> None:
+    dispatcher = make_queue()
+    api_only = make_queue(exclusive=False)
+    assert dispatcher.listening.wait(10)
+    pg_cluster.terminate()
+    woken = threading.Event()
+    dispatcher.subscribe(woken.set)
+    c = api_only.submit(SPEC)
+    assert woken.wait(15), "the dispatcher never heard of the submission"
+    assert c.uuid in dispatcher.entries()[0]
+
+
+def test_database_gone_is_unavailable_not_a_crash(
+    make_queue: Callable[..., PostgresQueue], pg_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = make_queue(reconnect_for=0)
+    c = queue.submit(SPEC)
+    monkeypatch.setenv("HERDER_TEST_PG_PASSWORD", "wrong")  # every reconnect now fails
+    pg_cluster.terminate()
+    with pytest.raises(QueueUnavailable, match="unavailable") as caught:
+        queue.lock(c.uuid)
+    assert "wrong" not in str(caught.value)
+    monkeypatch.setenv("HERDER_TEST_PG_PASSWORD", pg_cluster.password)
+    assert queue.lock(c.uuid).state is ContainerState.LOCKED  # back when the database is
+
+
+def test_password_never_reaches_logs_or_errors(
+    pg_params: Callable[..., dict[str, Any]],
+    pg_cluster: Any,
+    caplog: pytest.LogCaptureFixture,
+    opened: list[ContainerQueue],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    settings = QueueSettings(runtime=VirtualRuntime())
+    queue = _open(pg_params(reconnect_for=1), settings)
+    opened.append(queue)
+    pg_cluster.terminate()
+    queue.submit(SPEC)
+    assert PostgresParameters.model_validate(pg_params()).describe().startswith(
+        f"postgres herder@127.0.0.1:{pg_cluster.port}/postgres schema t_"
+    )
+    # From a file too; a wrong one fails without saying what it was.
+    secret = tmp_path / "pw"
+    secret.write_text("not-the-password\n")
+    with pytest.raises(QueueUnavailable) as caught:
+        _open(pg_params(password={"file": str(secret)}, reconnect_for=0), settings)
+    assert "not-the-password" not in str(caught.value)
+    assert pg_cluster.password not in caplog.text
+    assert "not-the-password" not in caplog.text
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@pytest.fixture
+def plugins() -> Plugins:
+    from herder_queue_postgres import plugin
+
+    return Plugins.load(entry_points=False, extra=[plugin])
+
+
+def _check(tmp_path: Path, plugins: Plugins, params: str) -> dict[str, str]:
+    path = tmp_path / "herder.yaml"
+    path.write_text(
+        f"cloud: {{driver: sim}}\nqueue: {{backend: postgres, backend_parameters: {params}}}\n"
+    )
+    return {p.key: p.message for p in check_config(path, plugins)}
+
+
+def test_config_check_validates_the_parameters(tmp_path: Path, plugins: Plugins) -> None:
+    assert _check(tmp_path, plugins, "{dsn: 'host=db user=herder', password: {env: PW}}") == {}
+    problems = _check(tmp_path, plugins, "{dsn: 'host=db password=hunter2', schema_name: 'A-b'}")
+    assert set(problems) == {"queue.backend_parameters.dsn", "queue.backend_parameters.schema_name"}
+    assert "by reference" in problems["queue.backend_parameters.dsn"]
+    assert "hunter2" not in str(problems)
+    problems = _check(tmp_path, plugins, "{dsn: 'postgresql://herder:hunter2@db/herder'}")
+    assert set(problems) == {"queue.backend_parameters.dsn"} and "hunter2" not in str(problems)
+    problems = _check(tmp_path, plugins, "{dsn: 'host=db', password: hunter2}")
+    assert "by reference" in problems["queue.backend_parameters.password"]
+    assert "hunter2" not in str(problems)
+    assert set(_check(tmp_path, plugins, "{dsn: 'host=db', pasword: {env: X}}")) == {
+        "queue.backend_parameters.pasword"
+    }
+    assert set(_check(tmp_path, plugins, "{}")) == {"queue.backend_parameters.dsn"}
+
+
+def test_open_queue_builds_it_from_the_configuration(
+    plugins: Plugins, pg_params: Callable[..., dict[str, Any]], opened: list[ContainerQueue]
+) -> None:
+    config = Config.model_validate(
+        {
+            "cluster_id": "pgtst",
+            "containers": {"max_dispatch_attempts": 1},
+            "queue": {"backend": "postgres", "backend_parameters": pg_params()},
+        }
+    )
+    from herder.sizing import ConfigSizer
+
+    opened_queue = open_queue(
+        config, plugins=plugins, runtime=VirtualRuntime(), sizer=ConfigSizer(conformance_types())
+    )
+    queue, where = opened_queue.queue, opened_queue.description
+    opened.append(queue)
+    assert where.startswith("postgres herder@127.0.0.1:")
+    assert opened_queue.dispatch_lock is None  # no standby asked for: the queue is exclusive
+    c = queue.submit(SPEC)
+    assert c.uuid.startswith("pgtst-")
+    queue.lock(c.uuid)
+    assert queue.unlock(c.uuid).state is ContainerState.CANCELLED  # max_dispatch_attempts: 1
+
+
+def test_a_commit_of_unknown_outcome_is_reported_then_read_back(
+    make_queue: Callable[..., PostgresQueue],
+) -> None:
+    """The connection drops during COMMIT, after the server committed: the caller hears that
+    the outcome is unknown, the queue re-reads what was stored, and retrying applies the rules
+    to it: the lock is not counted twice."""
+    import psycopg
+
+    queue = make_queue()
+    c = queue.submit(SPEC)
+    assert queue.listening.wait(10)
+    changed = threading.Event()
+    queue.subscribe(changed.set)
+    db = queue._db
+    assert db is not None
+    real_execute = db.execute
+
+    def execute(query: Any, *args: Any, **kwargs: Any) -> Any:
+        result = real_execute(query, *args, **kwargs)
+        if query == "COMMIT":
+            db.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return result
+
+    db.execute = execute  # type: ignore[method-assign]
+    with pytest.raises(QueueUnavailable, match="while committing"):
+        queue.lock(c.uuid)
+    assert changed.wait(10), "the queue never re-read the container"
+    assert queue.entries()[0][c.uuid].container.state is ContainerState.LOCKED
+    with pytest.raises(QueueError, match="cannot lock"):
+        queue.lock(c.uuid)
+    got = queue.get(c.uuid)
+    assert got is not None and got.lock_count == 1
+
+
+def test_a_row_that_cannot_be_read_cancels_that_container_only(
+    make_queue: Callable[..., PostgresQueue], pg_cluster: Any, schema_name: str
+) -> None:
+    queue = make_queue()
+    good = queue.submit(SPEC)
+    bad = queue.submit(SPEC)
+    queue.close()
+    with pg_cluster.connect() as db:
+        db.execute(
+            f"UPDATE {schema_name}.containers SET spec = %s WHERE uuid = %s",
+            ('{"command": "x", "runtime_constraints": [1, 2]}', bad.uuid),
+        )
+    queue = make_queue()
+    got = queue.get(bad.uuid)
+    assert got is not None and got.state is ContainerState.CANCELLED
+    assert "could not be read" in got.status("error")
+    assert set(queue.entries()[0]) == {good.uuid}
+    assert queue.lock(good.uuid).state is ContainerState.LOCKED
+
+
+def test_a_batch_submitted_elsewhere_reaches_the_dispatcher(
+    make_queue: Callable[..., PostgresQueue],
+) -> None:
+    dispatcher = make_queue()
+    assert dispatcher.listening.wait(10)
+    api_only = make_queue(exclusive=False)
+    seen = threading.Event()
+    dispatcher.subscribe(lambda: len(dispatcher.entries()[0]) == 5 and seen.set())
+    batch = api_only.submit_many([SPEC] * 5)
+    assert seen.wait(10), "the batch did not reach the dispatcher"
+    assert set(dispatcher.entries()[0]) == {c.uuid for c in batch}
