@@ -310,9 +310,54 @@ class InstanceSet(ABC):
 
 
 class DriverParameters(BaseModel):
-    """Base of a driver's parameter model: unknown keys are errors."""
+    """Base of a driver's parameter model: unknown keys are errors.
+
+    A secret written in the clear where a :class:`SecretRef` is expected is refused, and is
+    replaced by a placeholder before validation, so that no error message, log line or
+    ``config check`` output repeats it (pydantic's errors quote the input they refuse).
+    """
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_plain_secrets(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        fields = _secret_fields(cls)
+        if not fields:
+            return data
+        out = dict(data)
+        for name, kind in fields.items():
+            value = out.get(name)
+            if kind == "one" and isinstance(value, str) and value:
+                out[name] = PLAIN_SECRET_PLACEHOLDER
+            elif kind == "map" and isinstance(value, Mapping):
+                out[name] = {
+                    k: PLAIN_SECRET_PLACEHOLDER if isinstance(v, str) and v else v
+                    for k, v in value.items()
+                }
+        return out
+
+
+#: What a secret written in the clear is replaced with before validation.
+PLAIN_SECRET_PLACEHOLDER = "<secret not shown>"  # noqa: S105 (a placeholder, not a secret)
+
+
+def _secret_fields(model: type[BaseModel]) -> dict[str, str]:
+    """The fields of ``model`` holding a :class:`SecretRef` (``"one"``) or a map of them
+    (``"map"``), from their annotations."""
+    import typing
+
+    found: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) in (dict, Mapping) and args[-1:] == (SecretRef,):
+            found[name] = "map"
+        elif annotation is SecretRef or SecretRef in args:
+            found[name] = "one"
+    return found
 
 
 class SecretRef(BaseModel):
