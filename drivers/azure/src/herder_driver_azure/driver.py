@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import logging
 import math
-import hashlib
 import re
 import secrets
 import string

@@ -9,7 +9,6 @@ and the secret never reaches a log line or argv.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
