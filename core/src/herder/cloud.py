@@ -1,4 +1,4 @@
-"""The cloud driver interface (SPEC §1): what a driver for a new cloud implements.
+"""The cloud driver interface: what a driver for a new cloud implements.
 
 A driver package registers a :class:`Driver` subclass under a name (see :mod:`herder.hookspecs`).
 herder builds one :class:`InstanceSet` from it and calls that from several threads at once, so
@@ -11,7 +11,8 @@ modify or destroy anything it was not asked to, and must give tags back exactly 
 
 Errors: raise :class:`RateLimitError`, :class:`QuotaError` or :class:`CapacityError` directly (not
 wrapped in another exception) when the cloud says so: herder's pool reacts to each differently
-(SPEC §5.3).  Anything else is an ordinary failure that is logged and retried later.
+(see ``DEVELOPING-DRIVERS.md``).  Anything else is an ordinary failure that is logged and
+retried later.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class InstancePrice:
 
 
 def normalize_price_history(prices: list[InstancePrice]) -> list[InstancePrice]:
-    """Newest first, with runs of equal price collapsed to their oldest point (SPEC §1.6).
+    """Newest first, with runs of equal price collapsed to their oldest point.
 
     Adjacent entries with the same start time or the same price keep only the older one.  The
     input is not modified.
@@ -302,7 +303,8 @@ class InstanceSet(ABC):
         """
 
     def quota_group(self, instance_type: InstanceType) -> str:
-        """Name of the quota family ``instance_type`` counts against (SPEC §1.2)."""
+        """Name of the quota family ``instance_type`` counts against: herder stops creating
+        types of a group whose quota the cloud reported exhausted, and no others."""
         return "-preemptible" if instance_type.preemptible else ""
 
     def stop(self) -> None:

@@ -1,4 +1,4 @@
-"""The rules a cloud driver must keep, as herder relies on them (SPEC §1).
+"""The rules a cloud driver must keep, as herder relies on them (``DEVELOPING-DRIVERS.md`` §2).
 
 Each rule has one sentence, quoted in every failure message as ``(rule: <sentence>)`` so that a
 driver author reading a red test knows what to fix without reading herder's internals.
