@@ -72,7 +72,9 @@ def _boot_record(ec2: Any) -> Any:
 
 
 @pytest.fixture
-def conformance_target(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> ConformanceTarget:
+def conformance_target(
+    ec2: Any, monkeypatch: pytest.MonkeyPatch, client_tokens: dict[str, Any]
+) -> ConformanceTarget:
     def provoke(code: str, message: str) -> Any:
         def hook(h: ConformanceHarness) -> None:
             with monkeypatch.context() as m:

@@ -247,3 +247,18 @@ def test_faults_of_nodes_that_went_to_error_are_classified_per_preset(
     assert "went to ERROR" in str(error)
     if isinstance(error, CapacityError):
         assert error.instance_type_specific is type_specific
+
+
+def test_the_ec2_preset_sends_a_hash_of_the_create_key_as_client_token() -> None:
+    import hashlib
+
+    from herder.model import InstanceType
+
+    provider = _RecordingProvider()  # no list_nodes: the token alone makes the create safe
+    iset = LibcloudInstanceSet(LibcloudParameters(provider="ec2"),
+                               DriverContext(instance_set_id="x"), factory=lambda: provider)
+    small = InstanceType(name="d", provider_type="m5.large", vcpus=2, ram=8 << 30)
+    iset.create(small, "ami-1", {"HerderInstanceSecret": "k" * 40}, "true", None)
+    iset.create(small, "ami-1", {}, "true", None)
+    assert provider.calls[0]["ex_clienttoken"] == hashlib.sha256(b"k" * 40).hexdigest()
+    assert "ex_clienttoken" not in provider.calls[1]

@@ -19,6 +19,7 @@ Every provider with user data can do that, so no provider-specific key-pair hand
 from __future__ import annotations
 
 import functools
+import hashlib
 import shlex
 import threading
 import time
@@ -312,7 +313,13 @@ class LibcloudInstanceSet(InstanceSet):
         public_key: str | None,
     ) -> Instance:
         key = create_key(tags, self.context.tag_key_prefix)
-        if key is not None and Capability.IDEMPOTENT_CREATE in self.preset.capabilities:
+        token_keyword = self.preset.client_token_keyword
+        if (
+            key is not None
+            and token_keyword is None
+            and Capability.IDEMPOTENT_CREATE in self.preset.capabilities
+        ):
+            # No token the provider honours: look for the node the first create made.
             for existing in self.instances({self._tag("InstanceSecret"): key}):
                 return existing
         if not image_id and not self.preset.process_wide:
@@ -335,6 +342,9 @@ class LibcloudInstanceSet(InstanceSet):
                 kwargs[self.preset.user_data_keyword] = script
             if self.preset.tags is not TagStrategy.FAKE_NODE:
                 kwargs["ex_metadata"] = tags
+            if key is not None and token_keyword:
+                # A hash: the key doubles as the instance secret, and EC2 takes 64 characters.
+                kwargs[token_keyword] = hashlib.sha256(key.encode()).hexdigest()
             if instance_type.preemptible and self.preset.spot_keyword:
                 kwargs[self.preset.spot_keyword] = True
                 if instance_type.price > 0 and self.preset.spot_price_keyword:

@@ -60,6 +60,10 @@ class Preset:
     #: the provider accepts a create and places the node later, reporting a failure to place
     #: it (no capacity) only as the node's ERROR state: create waits for the placement
     awaits_placement: bool = False
+    #: keyword of create_node that carries an idempotency token (EC2's ``ClientToken``): with
+    #: it, a repeated create key is the provider's to recognise, and the preset declares
+    #: ``idempotent_create``
+    client_token_keyword: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -87,8 +91,10 @@ PRESETS: dict[str, Preset] = {
                 Capability.SPOT,
                 # EC2's GPU types are sizes like any other (no accelerator to attach)
                 Capability.GPU,
+                Capability.IDEMPOTENT_CREATE,
             }
         ),
+        client_token_keyword="ex_clienttoken",  # noqa: S106 (a keyword name)
         spot_keyword="ex_spot",
         spot_price_keyword="ex_spot_max_price",
         # libcloud's default signature for EC2 is SigV2, which current endpoints (and moto)
