@@ -72,3 +72,10 @@ def test_a_secret_in_the_clear_is_never_repeated_by_the_error() -> None:
     assert {e["loc"][0] for e in info.value.errors()} == {"token", "options"}
     ok = ManyParams.model_validate({"token": {"env": "T"}, "options": {"p": {"file": "/f"}}})
     assert ok.token == SecretRef(env="T") and ok.options["p"] == SecretRef(file="/f")
+
+
+def test_a_reference_is_dumped_as_written_and_validates_back() -> None:
+    params = ManyParams.model_validate({"token": {"env": "T"}, "options": {"p": {"file": "/f"}}})
+    dumped = params.model_dump()
+    assert dumped["token"] == {"env": "T"} and dumped["options"] == {"p": {"file": "/f"}}
+    assert ManyParams.model_validate(dumped) == params

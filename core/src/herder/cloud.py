@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 
 from herder.model import InstanceType
 from herder.runtime import Runtime
@@ -409,6 +409,11 @@ class SecretRef(BaseModel):
         if not value:
             raise ValueError(f"secret file {self.file} is empty")
         return value
+
+    @model_serializer(mode="plain")
+    def _as_written(self) -> dict[str, str]:
+        """Dumped as the operator writes it (``{env: VAR}``), which validates back the same."""
+        return {"env": self.env} if self.env else {"file": self.file}
 
     def __str__(self) -> str:
         return f"env:{self.env}" if self.env else f"file:{self.file}"
