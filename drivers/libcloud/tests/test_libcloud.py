@@ -118,6 +118,7 @@ def test_a_provider_without_a_tested_preset_warns_naming_what_is_untested(
         LibcloudInstanceSet(params, DriverContext(instance_set_id="x"), factory=object)
     assert "'vultr' has no tested preset" in caplog.text
     assert "not classified" in caplog.text
+    assert "no spot, GPU types or idempotent creates" in caplog.text
 
 
 def test_capabilities_come_from_the_preset() -> None:

@@ -237,7 +237,8 @@ class LibcloudInstanceSet(InstanceSet):
             context.logger.warning(
                 "libcloud provider %r has no tested preset: tags are kept as server metadata "
                 "(untested), provider errors are not classified (quota, capacity and rate "
-                "limits count as ordinary failures), and node ids are assumed unique",
+                "limits count as ordinary failures), node ids are assumed unique, and no "
+                "spot, GPU types or idempotent creates are offered",
                 params.provider,
             )
 
