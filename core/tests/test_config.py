@@ -663,6 +663,17 @@ def test_spot_variants_from_the_price_factor_need_spot(tmp_path: Path, plugins: 
                         plugins) == []
 
 
+
+def test_always_preemptible_needs_spot(tmp_path: Path, plugins: Plugins) -> None:
+    text = ("cloud: {driver: spotty, driver_parameters: {region: REGION}}\n"
+            "containers: {always_use_preemptible_instances: true}\n")
+    (problem,) = check_config(write(tmp_path, text.replace("REGION", "eu-1"), "a.yaml"), plugins)
+    assert problem.key == "containers.always_use_preemptible_instances"
+    assert "'spot' capability" in problem.message
+    assert check_config(write(tmp_path, text.replace("REGION", "eu-spot"), "b.yaml"),
+                        plugins) == []
+
+
 def test_a_driver_declaring_an_unknown_capability_is_a_problem(
     tmp_path: Path, plugins: Plugins
 ) -> None:

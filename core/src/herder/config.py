@@ -686,9 +686,9 @@ def _capability_problems(
 ) -> list[ConfigProblem]:
     """Instance types the driver cannot create with these parameters (what it declares through
     ``Driver.capabilities_for``): a preemptible type (or the spot variants that
-    ``containers.preemptible_price_factor`` adds) needs ``spot``, a type with GPUs needs
-    ``gpu``.  A driver declaring an unknown capability is a problem too, so a misspelling
-    cannot switch a feature off."""
+    ``containers.preemptible_price_factor`` adds, or ``always_use_preemptible_instances``)
+    needs ``spot``, a type with GPUs needs ``gpu``.  A driver declaring an unknown capability
+    is a problem too, so a misspelling cannot switch a feature off."""
     from herder.cloud import Capability
 
     try:
@@ -707,6 +707,14 @@ def _capability_problems(
         problems.append(ConfigProblem(
             "containers.preemptible_price_factor",
             cannot.format(what="the preemptible (spot) variants this adds",
+                          capability="spot"),
+        ))
+    always = containers.get("always_use_preemptible_instances") if isinstance(
+        containers, dict) else False
+    if not spot and always is True:
+        problems.append(ConfigProblem(
+            "containers.always_use_preemptible_instances",
+            cannot.format(what="the preemptible (spot) instances this asks for",
                           capability="spot"),
         ))
     types = data.get("instance_types") or {}
