@@ -21,6 +21,10 @@ How herder's interface maps onto GCE, and why:
   the guest agent publishes its SSH host keys as guest attributes (``hostkeys/``), which
   only the Compute API can write: a presented key must be one of them.  Until they are
   published, herder falls back to the instance secret.
+* **Idempotent creates**: an insert carries a ``requestId`` derived from herder's create key
+  (and the zone), and the instance name is derived from the key too, so a repeated create is
+  answered with the first insert's operation, or, once GCE forgot the request id, finds its
+  name taken by the instance the first create made.
 * **Destroy** does not wait for the delete operation (a minute or more): the instance turns
   STOPPING at once, which listings drop, and an instance GCE already deleted is no error.
 """
