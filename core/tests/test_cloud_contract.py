@@ -53,3 +53,29 @@ def test_a_secret_is_read_from_the_environment_or_a_file(tmp_path: Path) -> None
 def test_a_secret_written_in_the_configuration_is_refused(raw: object, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         Params.model_validate({"api_key": raw})
+
+
+class ManyParams(DriverParameters):
+    token: SecretRef | None = None
+    options: dict[str, SecretRef] = {}
+    region: str = ""
+
+
+def test_a_secret_in_the_clear_is_never_repeated_by_the_error() -> None:
+    with pytest.raises(ValidationError) as info:
+        ManyParams.model_validate(
+            {"token": "hunter2-token", "options": {"password": "hunter2-pass"}, "region": "r"}
+        )
+    text = str(info.value)
+    assert "hunter2" not in text
+    assert "given by reference" in text
+    assert {e["loc"][0] for e in info.value.errors()} == {"token", "options"}
+    ok = ManyParams.model_validate({"token": {"env": "T"}, "options": {"p": {"file": "/f"}}})
+    assert ok.token == SecretRef(env="T") and ok.options["p"] == SecretRef(file="/f")
+
+
+def test_a_reference_is_dumped_as_written_and_validates_back() -> None:
+    params = ManyParams.model_validate({"token": {"env": "T"}, "options": {"p": {"file": "/f"}}})
+    dumped = params.model_dump()
+    assert dumped["token"] == {"env": "T"} and dumped["options"] == {"p": {"file": "/f"}}
+    assert ManyParams.model_validate(dumped) == params

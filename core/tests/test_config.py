@@ -62,11 +62,15 @@ class PickyDriver(FakeDriver):
 
 
 class SpotInOneRegionDriver(FakeDriver):
-    """Can do spot only in one region: its capabilities depend on its parameters."""
+    """Can do spot only in one region, GPUs in another: its capabilities depend on its
+    parameters."""
 
     def capabilities_for(self, params: DriverParameters) -> frozenset[Capability]:
         assert isinstance(params, FakeParameters)
-        return frozenset({Capability.SPOT}) if params.region == "eu-spot" else frozenset()
+        return {
+            "eu-spot": frozenset({Capability.SPOT}),
+            "eu-gpu": frozenset({Capability.GPU}),
+        }.get(params.region, frozenset())
 
 
 class MisspeltDriver(FakeDriver):
@@ -626,6 +630,48 @@ def test_a_preemptible_type_needs_a_driver_that_can_do_spot_with_these_parameter
     spot = write(tmp_path, "cloud: {driver: spotty, driver_parameters: {region: eu-spot}}\n"
                  + SPOT_TYPES, "b.yaml")
     assert check_config(spot, plugins) == []
+
+
+GPU_TYPES = """
+instance_types:
+  small: {provider_type: s1, vcpus: 1, ram: 1GiB, gpu: {device_count: 0}}
+  gpu-small: {provider_type: g1, vcpus: 4, ram: 16GiB,
+              gpu: {stack: cuda, hardware_target: "7.5", device_count: 1, vram: 16GiB}}
+"""
+
+
+def test_a_gpu_type_needs_a_driver_that_declares_gpu(tmp_path: Path, plugins: Plugins) -> None:
+    without = write(tmp_path, "cloud: {driver: spotty, driver_parameters: {region: eu-1}}\n"
+                    + GPU_TYPES, "a.yaml")
+    (problem,) = check_config(without, plugins)
+    assert problem.key == "instance_types.gpu-small.gpu"
+    assert "'spotty' cannot create instances with GPUs" in problem.message
+    assert "'gpu' capability" in problem.message
+    with_gpu = write(tmp_path, "cloud: {driver: spotty, driver_parameters: {region: eu-gpu}}\n"
+                     + GPU_TYPES, "b.yaml")
+    assert check_config(with_gpu, plugins) == []
+
+
+def test_spot_variants_from_the_price_factor_need_spot(tmp_path: Path, plugins: Plugins) -> None:
+    text = ("cloud: {driver: spotty, driver_parameters: {region: REGION}}\n"
+            "containers: {preemptible_price_factor: 0.3}\n"
+            "instance_types:\n  small: {provider_type: s1, vcpus: 1, ram: 1GiB}\n")
+    (problem,) = check_config(write(tmp_path, text.replace("REGION", "eu-1"), "a.yaml"), plugins)
+    assert problem.key == "containers.preemptible_price_factor"
+    assert "preemptible (spot) variants" in problem.message
+    assert check_config(write(tmp_path, text.replace("REGION", "eu-spot"), "b.yaml"),
+                        plugins) == []
+
+
+
+def test_always_preemptible_needs_spot(tmp_path: Path, plugins: Plugins) -> None:
+    text = ("cloud: {driver: spotty, driver_parameters: {region: REGION}}\n"
+            "containers: {always_use_preemptible_instances: true}\n")
+    (problem,) = check_config(write(tmp_path, text.replace("REGION", "eu-1"), "a.yaml"), plugins)
+    assert problem.key == "containers.always_use_preemptible_instances"
+    assert "'spot' capability" in problem.message
+    assert check_config(write(tmp_path, text.replace("REGION", "eu-spot"), "b.yaml"),
+                        plugins) == []
 
 
 def test_a_driver_declaring_an_unknown_capability_is_a_problem(

@@ -228,6 +228,17 @@ class BrokenSimDriver(Driver):
     def executor_factory(self, instance_set: InstanceSet) -> ExecutorFactory | None:
         return self.sim.executor_factory(instance_set)
 
+    def capabilities_for(self, params: DriverParameters) -> frozenset[Capability]:
+        caps = self.sim.capabilities_for(params)
+        if self.breaks == "undeclared_default_gpu":
+            return caps - {Capability.GPU}
+        return caps
+
+    def default_instance_types(self, params: DriverParameters) -> dict[str, InstanceType]:
+        if self.breaks in ("undeclared_default_gpu", "nothing"):
+            return {GPU.name: GPU, SPOT.name: SPOT}  # fine while gpu and spot are declared
+        return self.sim.default_instance_types(params)
+
 
 BROKEN_CASES = [
     ("drop_matching", "listing_keeps_matching_instances", rules.LISTING_KEEPS_MATCHES),
@@ -238,6 +249,8 @@ BROKEN_CASES = [
     ("ignores_init_command", "init_command_and_public_key", rules.INIT_COMMAND_RUN),
     ("ignores_public_key", "init_command_and_public_key", rules.PUBLIC_KEY_INSTALLED),
     ("not_idempotent", "idempotent_create", rules.IDEMPOTENT_CREATE),
+    ("undeclared_default_gpu", "default_types_within_capabilities",
+     rules.DEFAULT_TYPES_DECLARED),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The cloud driver interface (SPEC §1): what a driver for a new cloud implements.
+"""The cloud driver interface: what a driver for a new cloud implements.
 
 A driver package registers a :class:`Driver` subclass under a name (see :mod:`herder.hookspecs`).
 herder builds one :class:`InstanceSet` from it and calls that from several threads at once, so
@@ -11,7 +11,8 @@ modify or destroy anything it was not asked to, and must give tags back exactly 
 
 Errors: raise :class:`RateLimitError`, :class:`QuotaError` or :class:`CapacityError` directly (not
 wrapped in another exception) when the cloud says so: herder's pool reacts to each differently
-(SPEC §5.3).  Anything else is an ordinary failure that is logged and retried later.
+(see ``DEVELOPING-DRIVERS.md``).  Anything else is an ordinary failure that is logged and
+retried later.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 
 from herder.model import InstanceType
 from herder.runtime import Runtime
@@ -131,7 +132,7 @@ class InstancePrice:
 
 
 def normalize_price_history(prices: list[InstancePrice]) -> list[InstancePrice]:
-    """Newest first, with runs of equal price collapsed to their oldest point (SPEC §1.6).
+    """Newest first, with runs of equal price collapsed to their oldest point.
 
     Adjacent entries with the same start time or the same price keep only the older one.  The
     input is not modified.
@@ -302,7 +303,8 @@ class InstanceSet(ABC):
         """
 
     def quota_group(self, instance_type: InstanceType) -> str:
-        """Name of the quota family ``instance_type`` counts against (SPEC §1.2)."""
+        """Name of the quota family ``instance_type`` counts against: herder stops creating
+        types of a group whose quota the cloud reported exhausted, and no others."""
         return "-preemptible" if instance_type.preemptible else ""
 
     def stop(self) -> None:
@@ -310,9 +312,54 @@ class InstanceSet(ABC):
 
 
 class DriverParameters(BaseModel):
-    """Base of a driver's parameter model: unknown keys are errors."""
+    """Base of a driver's parameter model: unknown keys are errors.
+
+    A secret written in the clear where a :class:`SecretRef` is expected is refused, and is
+    replaced by a placeholder before validation, so that no error message, log line or
+    ``config check`` output repeats it (pydantic's errors quote the input they refuse).
+    """
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_plain_secrets(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        fields = _secret_fields(cls)
+        if not fields:
+            return data
+        out = dict(data)
+        for name, kind in fields.items():
+            value = out.get(name)
+            if kind == "one" and isinstance(value, str) and value:
+                out[name] = PLAIN_SECRET_PLACEHOLDER
+            elif kind == "map" and isinstance(value, Mapping):
+                out[name] = {
+                    k: PLAIN_SECRET_PLACEHOLDER if isinstance(v, str) and v else v
+                    for k, v in value.items()
+                }
+        return out
+
+
+#: What a secret written in the clear is replaced with before validation.
+PLAIN_SECRET_PLACEHOLDER = "<secret not shown>"  # noqa: S105 (a placeholder, not a secret)
+
+
+def _secret_fields(model: type[BaseModel]) -> dict[str, str]:
+    """The fields of ``model`` holding a :class:`SecretRef` (``"one"``) or a map of them
+    (``"map"``), from their annotations."""
+    import typing
+
+    found: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) in (dict, Mapping) and args[-1:] == (SecretRef,):
+            found[name] = "map"
+        elif annotation is SecretRef or SecretRef in args:
+            found[name] = "one"
+    return found
 
 
 class SecretRef(BaseModel):
@@ -362,6 +409,11 @@ class SecretRef(BaseModel):
         if not value:
             raise ValueError(f"secret file {self.file} is empty")
         return value
+
+    @model_serializer(mode="plain")
+    def _as_written(self) -> dict[str, str]:
+        """Dumped as the operator writes it (``{env: VAR}``), which validates back the same."""
+        return {"env": self.env} if self.env else {"file": self.file}
 
     def __str__(self) -> str:
         return f"env:{self.env}" if self.env else f"file:{self.file}"

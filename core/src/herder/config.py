@@ -739,26 +739,62 @@ def _capability_problems(
     data: dict[str, Any], name: str, driver_cls: Any, params: Any
 ) -> list[ConfigProblem]:
     """Instance types the driver cannot create with these parameters (what it declares through
-    ``Driver.capabilities_for``): a preemptible type needs ``spot``.  A driver declaring an
-    unknown capability is a problem too, so a misspelling cannot switch a feature off."""
+    ``Driver.capabilities_for``): a preemptible type (or the spot variants that
+    ``containers.preemptible_price_factor`` adds, or ``always_use_preemptible_instances``)
+    needs ``spot``, a type with GPUs needs ``gpu``.  A driver declaring an unknown capability
+    is a problem too, so a misspelling cannot switch a feature off."""
     from herder.cloud import Capability
 
     try:
         capabilities = driver_cls().capabilities_for(params)
     except (ValueError, TypeError) as exc:
         return [ConfigProblem("cloud.driver", f"driver {name!r}: {exc}")]
+    problems: list[ConfigProblem] = []
+    cannot = (
+        f"driver {name!r} cannot create {{what}} with these driver_parameters (it does not "
+        "declare the {capability!r} capability)"
+    )
+    spot = Capability.SPOT in capabilities
+    containers = data.get("containers")
+    factor = containers.get("preemptible_price_factor") if isinstance(containers, dict) else 0
+    if not spot and isinstance(factor, (int, float)) and factor > 0:
+        problems.append(ConfigProblem(
+            "containers.preemptible_price_factor",
+            cannot.format(what="the preemptible (spot) variants this adds",
+                          capability="spot"),
+        ))
+    always = containers.get("always_use_preemptible_instances") if isinstance(
+        containers, dict) else False
+    if not spot and always is True:
+        problems.append(ConfigProblem(
+            "containers.always_use_preemptible_instances",
+            cannot.format(what="the preemptible (spot) instances this asks for",
+                          capability="spot"),
+        ))
     types = data.get("instance_types") or {}
-    if not isinstance(types, dict) or Capability.SPOT in capabilities:
-        return []
-    return [
-        ConfigProblem(
-            f"instance_types.{type_name}.preemptible",
-            f"driver {name!r} cannot create preemptible (spot) instances with these "
-            "driver_parameters (it does not declare the 'spot' capability)",
-        )
-        for type_name, spec in types.items()
-        if isinstance(spec, dict) and spec.get("preemptible") is True
-    ]
+    if not isinstance(types, dict):
+        return problems
+    for type_name, spec in types.items():
+        if not isinstance(spec, dict):
+            continue
+        if not spot and spec.get("preemptible") is True:
+            problems.append(ConfigProblem(
+                f"instance_types.{type_name}.preemptible",
+                cannot.format(what="preemptible (spot) instances", capability="spot"),
+            ))
+        gpu = spec.get("gpu")
+        count = gpu.get("device_count") if isinstance(gpu, dict) else None
+        if (
+            Capability.GPU not in capabilities
+            and isinstance(count, int)
+            and not isinstance(count, bool)
+            and count > 0
+        ):
+            problems.append(ConfigProblem(
+                f"instance_types.{type_name}.gpu",
+                cannot.format(what="instances with GPUs", capability="gpu"),
+            ))
+    return problems
 
 
 # --------------------------------------------------------------------------- error messages

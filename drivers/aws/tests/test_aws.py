@@ -104,12 +104,40 @@ def test_half_a_static_key_pair_is_refused() -> None:
     with pytest.raises(ValidationError, match="together"):
         AWSParameters(region="r", access_key_id="AKIA")
     with pytest.raises(ValidationError, match="not both"):
-        AWSParameters(region="r", access_key_id="A", secret_access_key="s", profile="p")
+        AWSDriver.validate_parameters({"region": "r", "access_key_id": "A",
+                                       "secret_access_key": {"env": "S"}, "profile": "p"})
+    with pytest.raises(ValidationError, match="session_token needs"):
+        AWSDriver.validate_parameters({"region": "r", "session_token": {"env": "T"}})
 
 
-def test_client_has_sdk_retries_off_and_timeouts() -> None:
+def test_a_secret_key_in_the_clear_is_refused_without_repeating_it() -> None:
+    with pytest.raises(ValidationError) as info:
+        AWSDriver.validate_parameters(
+            {"region": "r", "access_key_id": "A", "secret_access_key": "wJalr-in-the-yaml"}
+        )
+    assert "wJalr" not in str(info.value)
+    assert "secret_access_key" in str(info.value) and "{env: VARIABLE}" in str(info.value)
+
+
+def test_static_keys_are_read_by_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "aws-secret"
+    secret.write_text("from-the-file\n")
+    monkeypatch.setenv("HERDER_TEST_AWS_TOKEN", "token-from-env")
+    iset = make_set(None, access_key_id="AKIDTEST", secret_access_key={"file": str(secret)},
+                    session_token={"env": "HERDER_TEST_AWS_TOKEN"})
+    credentials = iset.client._request_signer._credentials
+    assert (credentials.access_key, credentials.secret_key, credentials.token) == (
+        "AKIDTEST", "from-the-file", "token-from-env")
+    with pytest.raises(CloudError, match="HERDER_TEST_AWS_UNSET is not set"):
+        make_set(None, access_key_id="A", secret_access_key={"env": "HERDER_TEST_AWS_UNSET"})
+
+
+def test_client_has_sdk_retries_off_and_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERDER_TEST_AWS_SECRET", "b")
     iset = make_set(None, connect_timeout=3, read_timeout=7, access_key_id="a",
-                    secret_access_key="b")
+                    secret_access_key={"env": "HERDER_TEST_AWS_SECRET"})
     config = iset.client.meta.config
     assert config.retries["total_max_attempts"] == 1
     assert (config.connect_timeout, config.read_timeout) == (3, 7)
@@ -476,3 +504,39 @@ def test_example_config_passes_and_a_broken_copy_names_each_bad_key(tmp_path: Pa
     problems = " ".join(str(p) for p in check_config(broken, plugins))
     for key in ("subnet", "ebs_price", "region"):
         assert f"driver_parameters.{key}" in problems
+
+
+# --------------------------------------------------------------------------- idempotent creates
+
+
+def test_the_create_key_is_the_client_token_per_subnet_and_a_repeat_starts_there(
+    ec2: Any, client_tokens: dict[str, Any]
+) -> None:
+    a, b, c = subnets(ec2, 3)
+    calls: list[dict[str, Any]] = []
+    client = Recorder(make_set(ec2).client, calls,
+                      {a: ("InsufficientFreeAddressesInSubnet", "no addresses")})
+    iset = make_set(ec2, client=client, subnet_ids=[a, b, c])
+    keyed = {**OWNER, "HerderInstanceSecret": "k" * 40}
+    first = iset.create(SMALL, IMAGE, keyed, "", None)
+    tokens = [call["ClientToken"] for call in calls]
+    assert tried(calls) == [a, b]
+    assert len(set(tokens)) == 2 and all(len(t) <= 64 and t.isascii() for t in tokens)
+    assert "k" * 40 not in tokens  # the instance secret itself never leaves as a token
+    # Another create moves the set's next subnet on; the repeat still goes where the key went.
+    client.failures = {b: ("InsufficientFreeAddressesInSubnet", "no addresses")}
+    other = iset.create(SMALL, IMAGE, {**OWNER, "HerderInstanceSecret": "o" * 40}, "", None)
+    assert describe(ec2, other.id)["SubnetId"] == c
+    calls.clear()
+    client.failures = {}
+    repeated = iset.create(SMALL, IMAGE, keyed, "", None)
+    assert tried(calls) == [b] and calls[0]["ClientToken"] == tokens[1]
+    assert repeated.id == first.id
+    assert len(iset.instances(OWNER)) == 2
+
+
+def test_a_create_without_a_key_sends_no_client_token(ec2: Any) -> None:
+    calls: list[dict[str, Any]] = []
+    iset = make_set(ec2, client=Recorder(make_set(ec2).client, calls))
+    iset.create(SMALL, IMAGE, OWNER, "", None)
+    assert "ClientToken" not in calls[0]

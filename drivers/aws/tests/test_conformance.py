@@ -54,7 +54,9 @@ def _boot_record(ec2: Any) -> Any:
 
 
 @pytest.fixture
-def conformance_target(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[ConformanceTarget]:
+def conformance_target(
+    ec2: Any, monkeypatch: pytest.MonkeyPatch, client_tokens: dict[str, Any]
+) -> Iterator[ConformanceTarget]:
     def provoke(code: str, message: str) -> Any:
         def hook(h: ConformanceHarness) -> None:
             with monkeypatch.context() as m:

@@ -72,7 +72,7 @@ def base_params(fake: FakeARM, secret_file: Path) -> dict[str, Any]:
         "network_resource_group": "net-rg",
         "tenant_id": TENANT,
         "client_id": CLIENT_ID,
-        "client_secret_file": str(secret_file),
+        "client_secret": {"file": str(secret_file)},
         "management_endpoint": fake.url,
         "authority_host": fake.url,
         "ca_bundle": str(fake.cert),

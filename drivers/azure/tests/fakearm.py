@@ -335,11 +335,11 @@ class FakeARM:
         if refused:
             return refused
         if existing is not None:
-            if kind == "vm":  # an update: tags (and what else the body says) replaced
-                existing["tags"] = dict(body.get("tags") or {})
-                existing["etag"] = self._etag()
-                return self._new_operation(lambda: None, 200, existing)
-            return _error(409, "Conflict", f"{name} exists")
+            # A PUT on an existing resource is an update, as in ARM: tags (and what else the
+            # body says) replaced.
+            existing["tags"] = dict(body.get("tags") or {})
+            existing["etag"] = self._etag()
+            return self._new_operation(lambda: None, 200, existing)
         res: dict[str, Any] = {
             "id": self.resource_id(kind, rg, name), "name": name,
             "type": {"vm": "Microsoft.Compute/virtualMachines",

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from herder_driver_azure.driver import AzureDriver, AzureInstanceSet, custom_data
+from herder_driver_azure.driver import (
+    AzureDriver,
+    AzureInstance,
+    AzureInstanceSet,
+    custom_data,
+)
 from herder_driver_azure.params import AzureParameters
 from pydantic import ValidationError
 
@@ -88,18 +93,34 @@ def test_bad_parameters_name_the_key(raw: dict[str, Any], key: str) -> None:
 def test_a_secret_in_the_configuration_is_refused_without_echoing_it() -> None:
     with pytest.raises(ValidationError) as info:
         AzureDriver.validate_parameters({**MINIMAL, "client_secret": "hunter2-secret"})
-    assert "client_secret_file" in str(info.value)
+    assert "client_secret" in str(info.value) and "{file: /path/to/file}" in str(info.value)
     assert "hunter2-secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "line"),
+    [
+        ({"client_secret_file": "/etc/herder/azure"}, "client_secret: {file: /etc/herder/azure}"),
+        ({"client_secret_env": "AZURE_SECRET"}, "client_secret: {env: AZURE_SECRET}"),
+    ],
+)
+def test_the_former_secret_keys_are_refused_with_the_line_to_write(
+    old: dict[str, str], line: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        AzureDriver.validate_parameters({**MINIMAL, "tenant_id": "t", "client_id": "c", **old})
+    assert f"write '{line}' instead" in str(info.value)
+    assert next(iter(old)) in str(info.value)
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         ({"shared_image_gallery_name": "g"}, "together"),
-        ({"client_id": "c", "client_secret_env": "X"}, "tenant_id and client_id"),
-        ({"tenant_id": "t", "client_id": "c"}, "exactly one"),
-        ({"tenant_id": "t", "client_id": "c", "client_secret_env": "X",
-          "client_secret_file": "/f"}, "exactly one"),
+        ({"client_id": "c", "client_secret": {"env": "X"}}, "tenant_id and client_id"),
+        ({"tenant_id": "t", "client_id": "c"}, "needs client_secret"),
+        ({"tenant_id": "t", "client_id": "c", "client_secret": {"env": "X", "file": "/f"}},
+         "exactly one"),
     ],
 )
 def test_incomplete_pairs_are_refused(extra: dict[str, str], message: str) -> None:
@@ -134,16 +155,16 @@ def test_service_principal_secret_from_an_environment_variable(
     fake: FakeARM, make_set: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HERDER_AZURE_SECRET", CLIENT_SECRET)
-    iset = make_set(client_secret_file="", client_secret_env="HERDER_AZURE_SECRET")
+    iset = make_set(client_secret={"env": "HERDER_AZURE_SECRET"})
     iset.instances({})
     assert fake.token_requests[-1]["client_secret"] == CLIENT_SECRET
 
 
 def test_missing_secret_names_its_source(make_set: Any, tmp_path: Path) -> None:
-    with pytest.raises(CloudError, match=r"client_secret_file .*nowhere"):
-        make_set(client_secret_file=str(tmp_path / "nowhere"))
-    with pytest.raises(CloudError, match="environment variable HERDER_UNSET"):
-        make_set(client_secret_file="", client_secret_env="HERDER_UNSET")
+    with pytest.raises(CloudError, match=r"client_secret \(file:.*nowhere\): cannot read"):
+        make_set(client_secret={"file": str(tmp_path / "nowhere")})
+    with pytest.raises(CloudError, match="environment variable HERDER_UNSET is not set"):
+        make_set(client_secret={"env": "HERDER_UNSET"})
 
 
 def test_wrong_secret_is_an_error_that_does_not_show_it(
@@ -151,7 +172,7 @@ def test_wrong_secret_is_an_error_that_does_not_show_it(
 ) -> None:
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-secret-123")
-    iset = make_set(client_secret_file=str(wrong))
+    iset = make_set(client_secret={"file": str(wrong)})
     with pytest.raises(Exception) as info:
         iset.instances({})
     assert "not-the-secret-123" not in str(info.value)
@@ -161,7 +182,7 @@ def test_without_a_principal_the_default_chain_is_used(params: dict[str, Any]) -
     from azure.identity import DefaultAzureCredential
 
     raw = {k: v for k, v in params.items()
-           if k not in ("tenant_id", "client_id", "client_secret_file")}
+           if k not in ("tenant_id", "client_id", "client_secret")}
     validated = AzureDriver.validate_parameters(raw)
     iset = AzureDriver().instance_set(validated, DriverContext(instance_set_id=SET_ID))
     try:
@@ -181,7 +202,7 @@ def test_an_embedding_program_may_pass_its_own_credential(
             fake.tokens.add("embedded")
             return AccessToken("embedded", 2**31)
 
-    validated = AzureDriver.validate_parameters({**params, "client_secret_file": "/nowhere"})
+    validated = AzureDriver.validate_parameters({**params, "client_secret": {"file": "/nowhere"}})
     assert isinstance(validated, AzureParameters)
     iset = AzureInstanceSet(validated, DriverContext(instance_set_id=SET_ID),
                             credential=Token())  # type: ignore[arg-type]
@@ -642,14 +663,15 @@ def test_config_show_has_no_secret(tmp_path: Path, capsys: pytest.CaptureFixture
     example = Path(__file__).resolve().parents[3] / "examples" / "azure.yaml"
     monkeypatch.setenv("HERDER_TEST_AZURE_SECRET", "Hunter2-in-the-environment")
     text = example.read_text().replace(
-        "client_secret_file: /etc/herder/azure-client-secret",
-        "client_secret_env: HERDER_TEST_AZURE_SECRET")
+        "client_secret: {file: /etc/herder/azure-client-secret}",
+        "client_secret: {env: HERDER_TEST_AZURE_SECRET}")
+    assert "HERDER_TEST_AZURE_SECRET" in text
     path = tmp_path / "azure.yaml"
     path.write_text(text)
     assert cli.main(["--config", str(path), "config", "show"]) == 0
     out = capsys.readouterr().out
-    assert "client_secret_env: HERDER_TEST_AZURE_SECRET" in out
-    assert "Hunter2" not in out and "client_secret:" not in out
+    assert "env: HERDER_TEST_AZURE_SECRET" in out
+    assert "Hunter2" not in out
 
 
 # --------------------------------------------------------------------------- client set-up
@@ -681,3 +703,47 @@ def test_sdk_loggers_are_quieted_unless_set(fake: FakeARM, make_set: Any) -> Non
     finally:
         for logger, level in zip(loggers, saved, strict=True):
             logger.setLevel(level)
+
+
+# --------------------------------------------------------------------------- idempotent creates
+
+
+def test_a_repeated_create_key_finds_the_vm_the_first_create_made(
+    fake: FakeARM, make_set: Any
+) -> None:
+    iset = make_set()
+    keyed = {**OWNER, "HerderInstanceSecret": "a" * 40}
+    first = iset.create(SMALL, IMAGE, keyed, "", PUBKEY)
+    repeated = iset.create(SMALL, IMAGE, keyed, "", PUBKEY)
+    assert repeated.id == first.id and repeated.address == first.address != ""
+    assert repeated.tags == first.tags == keyed
+    assert len(fake.calls("PUT", "/virtualMachines/")) == 1 and len(fake.of_kind("vm")) == 1
+    other = iset.create(SMALL, IMAGE, {**OWNER, "HerderInstanceSecret": "b" * 40}, "", PUBKEY)
+    assert other.id != first.id and len(fake.of_kind("vm")) == 2
+    assert isinstance(first, AzureInstance) and first.name == iset.name_for_key("a" * 40)
+    unkeyed = [iset.create(SMALL, IMAGE, OWNER, "", PUBKEY) for _ in range(2)]
+    assert unkeyed[0].id != unkeyed[1].id  # without a key, names stay random
+
+
+def test_a_repeat_after_a_failed_create_makes_the_vm_again(fake: FakeARM, make_set: Any) -> None:
+    iset = make_set()
+    keyed = {**OWNER, "HerderInstanceSecret": "c" * 40}
+    fake.fail_next_create("ZonalAllocationFailed", "no room in zone 1")
+    with pytest.raises(CloudError):
+        iset.create(SMALL, IMAGE, keyed, "", PUBKEY)
+    assert fake.of_kind("vm") == {}
+    made = iset.create(SMALL, IMAGE, keyed, "", PUBKEY)
+    assert [i.id for i in iset.instances(OWNER)] == [made.id]
+
+
+def test_a_vm_of_the_keyed_name_made_by_another_create_is_not_adopted(
+    fake: FakeARM, make_set: Any
+) -> None:
+    iset = make_set()
+    keyed = {**OWNER, "HerderInstanceSecret": "d" * 40}
+    first = iset.create(SMALL, IMAGE, keyed, "", PUBKEY)
+    assert isinstance(first, AzureInstance)
+    fake.vm(first.name)["tags"]["HerderInstanceSecret"] = "e" * 40
+    with pytest.raises(CloudError, match="another create made it"):
+        iset.create(SMALL, IMAGE, keyed, "", PUBKEY)
+    assert len(fake.of_kind("vm")) == 1

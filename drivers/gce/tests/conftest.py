@@ -83,7 +83,7 @@ def base_params(fake: FakeCompute, key_file: str) -> dict[str, Any]:
         "project": PROJECT,
         "zones": list(ZONES),
         "api_endpoint": fake.url,
-        "credentials_file": key_file,
+        "credentials": {"file": key_file},
     }
 
 

@@ -25,6 +25,7 @@ import json
 import re
 import secrets
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -85,6 +86,7 @@ class FakeCompute:
         self.after_get: Callable[[str, str], None] | None = None
         self.lock = threading.RLock()
         self._operations: dict[str, _Operation] = {}
+        self.request_ids: dict[str, str] = {}  # requestId -> operation name
         self._ids = itertools.count(1000)
         self._addresses = itertools.count(2)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -285,6 +287,30 @@ class FakeCompute:
     # ----------------------------------------------------------------- instances
 
     def _insert(self, r: Request, zone: str) -> Reply:
+        # requestId as GCE documents it: a UUID (else 400), and a request repeating one is
+        # not carried out again but answered with the first request's operation, as long as
+        # the fake has not forgotten it (``forget_request_ids``: GCE keeps them about 60 min).
+        request_id = (r.query.get("requestId") or [""])[0]
+        if request_id:
+            try:
+                uuid.UUID(request_id)
+            except ValueError:
+                return self._error(400, "invalid", f"Invalid value for field 'requestId': "
+                                   f"'{request_id}'. Must be a valid UUID.")
+            earlier = self.request_ids.get(request_id)
+            if earlier is not None:
+                return 200, self._operations[earlier].data, {}, None
+        reply = self._insert_new(r, zone)
+        if request_id and reply[0] == 200:
+            self.request_ids[request_id] = reply[1]["name"]
+        return reply
+
+    def forget_request_ids(self) -> None:
+        """Forget every request id, as GCE does after about an hour."""
+        with self.lock:
+            self.request_ids.clear()
+
+    def _insert_new(self, r: Request, zone: str) -> Reply:
         failure = self._take_failure("insert", zone)
         if failure is not None and not failure.in_operation:
             return self._failure_reply(failure)

@@ -6,6 +6,7 @@ import base64
 import json
 import re
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from herder.cloud import (
 from herder.model import GPUSpec, InstanceType
 
 from .conftest import IMAGE, OWNER, PROJECT, SET_ID, ZONES, write_key_file
-from .fake_compute import Failure, FakeCompute
+from .fake_compute import Failure, FakeCompute, Request
 
 SMALL = InstanceType(name="small", provider_type="e2-standard-2", vcpus=2, ram=8 << 30,
                      price=0.067)
@@ -83,7 +84,7 @@ def test_parameter_defaults() -> None:
     assert not p.external_ip and p.verify_host_keys
     assert p.scopes == ["https://www.googleapis.com/auth/cloud-platform"]
     assert p.boot_disk_type == "pd-balanced" and p.scratch_disk == "persistent"
-    assert p.admin_username == "herder" and p.credentials_file == ""
+    assert p.admin_username == "herder" and p.credentials is None
 
 
 @pytest.mark.parametrize(
@@ -274,7 +275,7 @@ def test_application_default_credentials(
 ) -> None:
     path = write_key_file(tmp_path / "adc.json", fake, private_key_pem)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", path)
-    make_set(credentials_file="").create(SMALL, IMAGE, OWNER, "", None)
+    make_set(credentials=None).create(SMALL, IMAGE, OWNER, "", None)
     auth = fake.requests[0].headers.get("authorization", "")
     assert auth.startswith("Bearer ") and len(auth) > len("Bearer ")
 
@@ -285,12 +286,33 @@ def test_unusable_key_file_is_named_without_its_contents(
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"type": "service_account", "private_key": private_key_pem}))
     with pytest.raises(CloudError) as info:
-        make_set(credentials_file=str(bad))
-    assert "credentials_file" in str(info.value) and str(bad) in str(info.value)
+        make_set(credentials={"file": str(bad)})
+    assert "credentials" in str(info.value) and str(bad) in str(info.value)
     assert "PRIVATE KEY" not in str(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
-    with pytest.raises(CloudError, match="credentials_file"):
-        make_set(credentials_file=str(tmp_path / "missing.json"))
+    with pytest.raises(CloudError, match=r"credentials \(file:.*missing.json\): cannot read"):
+        make_set(credentials={"file": str(tmp_path / "missing.json")})
+
+
+def test_the_key_can_come_from_an_environment_variable(
+    fake: FakeCompute, make_set: Any, key_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HERDER_TEST_GCE_KEY", Path(key_file).read_text())
+    make_set(credentials={"env": "HERDER_TEST_GCE_KEY"}).create(SMALL, IMAGE, OWNER, "", None)
+    assert fake.requests[-1].headers.get("authorization", "").startswith("Bearer ")
+    monkeypatch.setenv("HERDER_TEST_GCE_KEY", "not json at all")
+    with pytest.raises(CloudError, match=r"env:HERDER_TEST_GCE_KEY.*not a service-account key"):
+        make_set(credentials={"env": "HERDER_TEST_GCE_KEY"})
+
+
+def test_the_former_credentials_file_key_is_refused_with_what_to_write(
+    base_params: dict[str, Any],
+) -> None:
+    raw = {k: v for k, v in base_params.items() if k != "credentials"}
+    with pytest.raises(ValidationError) as info:
+        GCEDriver.validate_parameters({**raw, "credentials_file": "/etc/herder/gce.json"})
+    assert "credentials_file" in str(info.value)
+    assert "write 'credentials: {file: /etc/herder/gce.json}' instead" in str(info.value)
 
 
 def test_pending_operations_are_waited_for_on_the_configured_endpoint(
@@ -726,3 +748,63 @@ def test_ssh_executor_trusts_exactly_the_published_host_key(
         executor.close()
         runtime.shutdown()
         server.stop()
+
+
+# --------------------------------------------------------------------------- idempotent creates
+
+
+def test_a_repeated_create_key_is_one_insert_with_one_request_id(
+    fake: FakeCompute, make_set: Any
+) -> None:
+    iset = make_set()
+    keyed = {**OWNER, "HerderInstanceSecret": "a" * 40}
+    first = iset.create(SMALL, IMAGE, keyed, "", None)
+    repeated = iset.create(SMALL, IMAGE, keyed, "", None)
+    assert repeated.id == first.id and fake.all_names() == [first.id]
+    ids = [r.query["requestId"][0] for r in fake.calls("POST", r"/instances$")]
+    assert len(ids) == 2 and ids[0] == ids[1] and str(uuid.UUID(ids[0])) == ids[0]
+    other = iset.create(SMALL, IMAGE, {**OWNER, "HerderInstanceSecret": "b" * 40}, "", None)
+    assert other.id != first.id and len(fake.all_names()) == 2
+    plain = iset.create(SMALL, IMAGE, OWNER, "", None)  # no key: no request id
+    assert "requestId" not in fake.calls("POST", r"/instances$")[-1].query
+    assert plain.id not in (first.id, other.id)
+
+
+def test_a_repeat_after_gce_forgot_the_request_id_finds_the_instance_by_name(
+    fake: FakeCompute, make_set: Any
+) -> None:
+    iset = make_set()
+    keyed = {**OWNER, "HerderInstanceSecret": "c" * 40}
+    first = iset.create(SMALL, IMAGE, keyed, "", None)
+    fake.forget_request_ids()
+    assert iset.create(SMALL, IMAGE, keyed, "", None).id == first.id
+    assert fake.all_names() == [first.id]
+    # A name taken by an instance of another create is not taken for this one's.
+    fake.forget_request_ids()
+    fake.change_metadata(ZONES[0], first.id, "herder-tags",
+                         json.dumps({**OWNER, "HerderInstanceSecret": "d" * 40}))
+    with pytest.raises(CloudError, match="already exists"):
+        iset.create(SMALL, IMAGE, keyed, "", None)
+
+
+def test_a_repeated_create_goes_to_the_zone_its_key_went_to(
+    fake: FakeCompute, make_set: Any
+) -> None:
+    iset = make_set()
+    keyed = {**OWNER, "HerderInstanceSecret": "e" * 40}
+    fake.fail("insert", STOCKOUT, zone=ZONES[0])
+    first = iset.create(SMALL, IMAGE, keyed, "", None)
+    assert isinstance(first, GCEInstance) and first.zone == ZONES[1]
+    fake.fail("insert", STOCKOUT, zone=ZONES[1])  # the next create moves on to the third zone
+    moved = iset.create(SMALL, IMAGE, {**OWNER, "HerderInstanceSecret": "f" * 40}, "", None)
+    assert isinstance(moved, GCEInstance) and moved.zone == ZONES[2]
+    repeated = iset.create(SMALL, IMAGE, keyed, "", None)
+    assert repeated.id == first.id and len(fake.all_names()) == 2
+    assert fake.calls("POST", r"/instances$")[-1].path.split("/")[6] == ZONES[1]
+
+
+def test_the_fake_refuses_a_request_id_that_is_not_a_uuid(fake: FakeCompute) -> None:
+    status, payload, _, _ = fake.route(Request(
+        "POST", f"/compute/v1/projects/{PROJECT}/zones/{ZONES[0]}/instances",
+        {"requestId": ["not-a-uuid"]}, {"name": "x"}, {}))
+    assert status == 400 and "requestId" in payload["error"]["message"]

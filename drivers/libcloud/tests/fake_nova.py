@@ -31,6 +31,11 @@ class FakeNova:
         self.servers: dict[str, dict[str, Any]] = {}
         self.user_data: dict[str, str] = {}
         self.failures: list[tuple[int, dict[str, Any], dict[str, str]]] = []
+        #: faults the next creates' servers turn ERROR with, after scheduling
+        self.faults: list[dict[str, Any]] = []
+        #: how many reads a new server stays in BUILD (scheduling) before its fate shows
+        self.build_reads = 0
+        self._pending: dict[str, tuple[int, dict[str, Any] | None]] = {}
         self._next_ip = 10
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
@@ -52,6 +57,13 @@ class FakeNova:
         with self.lock:
             self.failures.append((status, body, headers or {}))
 
+    def fault_next_create(self, message: str, code: int = 500) -> None:
+        """The next create is accepted (202) and its server then goes to ERROR with this fault,
+        as Nova reports a failed scheduling ("No valid host was found") after answering."""
+        with self.lock:
+            self.faults.append({"code": code, "message": message,
+                                "created": "2026-01-01T00:00:01Z", "details": ""})
+
     # ----------------------------------------------------------------- requests
 
     def handle(self, method: str, path: str, body: Any) -> tuple[int, Any, dict[str, str]]:
@@ -60,6 +72,8 @@ class FakeNova:
             if method == "GET" and path == "/flavors/detail":
                 return 200, {"flavors": FLAVORS}, {}
             if method == "GET" and path == "/servers/detail":
+                for server_id in list(self._pending):
+                    self._advance(server_id)
                 return 200, {"servers": list(self.servers.values())}, {}
             if method == "POST" and path == "/servers":
                 if self.failures:
@@ -73,6 +87,7 @@ class FakeNova:
                 return 404, {"itemNotFound": {"message": "Instance could not be found",
                                               "code": 404}}, {}
             if method == "GET" and not match.group(2):
+                self._advance(server["id"])
                 return 200, {"server": server}, {}
             if method == "PUT" and match.group(2):
                 server["metadata"] = dict(body["metadata"])
@@ -81,6 +96,25 @@ class FakeNova:
                 del self.servers[server["id"]]
                 return 204, None, {}
         return 405, {"badRequest": {"message": "unsupported", "code": 405}}, {}
+
+    def _advance(self, server_id: str) -> None:
+        """One read of a server still being scheduled: after ``build_reads`` reads it is
+        placed (ACTIVE) or, with a queued fault, in ERROR with that fault and no address."""
+        pending = self._pending.get(server_id)
+        if pending is None:
+            return
+        reads, fault = pending
+        if reads > 0:
+            self._pending[server_id] = (reads - 1, fault)
+            return
+        del self._pending[server_id]
+        server = self.servers[server_id]
+        if fault is None:
+            server.update({"status": "ACTIVE", "OS-EXT-STS:task_state": None,
+                           "OS-EXT-STS:vm_state": "active"})
+        else:
+            server.update({"status": "ERROR", "OS-EXT-STS:task_state": None,
+                           "OS-EXT-STS:vm_state": "error", "fault": fault, "addresses": {}})
 
     def _create(self, spec: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
         server_id = str(uuid.uuid4())
@@ -108,6 +142,13 @@ class FakeNova:
             "OS-EXT-STS:power_state": 1,
         }
         self.user_data[server_id] = base64.b64decode(spec.get("user_data", "")).decode()
+        fault = self.faults.pop(0) if self.faults else None
+        if fault is not None or self.build_reads > 0:
+            # Scheduled after the answer: BUILD until read build_reads more times.  (libcloud
+            # reads the server once itself, right after the POST.)
+            self.servers[server_id].update({"status": "BUILD", "OS-EXT-STS:vm_state": "building",
+                                            "OS-EXT-STS:task_state": "scheduling"})
+            self._pending[server_id] = (self.build_reads, fault)
         return 202, {"server": {"id": server_id, "links": [], "adminPass": "x"}}, {}
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:

@@ -25,13 +25,17 @@ from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models.instances import InstanceBackend
 
 from herder.cloud import Instance
-from herder.model import InstanceType
+from herder.model import GPUSpec, InstanceType
 from herder.testing.conformance import *  # noqa: F403  (collects TestDriverConformance)
 from herder.testing.conformance import BootRecord, ConformanceHarness, ConformanceTarget
 
 REGION = "us-east-1"
 IMAGE = "ami-12c6146b"
 SMALL = InstanceType(name="m5.large", provider_type="m5.large", vcpus=2, ram=8 << 30)
+SPOT = InstanceType(name="m5.large.spot", provider_type="m5.large", vcpus=2, ram=8 << 30,
+                    price=0.04, preemptible=True)
+GPU = InstanceType(name="g5.xlarge", provider_type="g5.xlarge", vcpus=4, ram=16 << 30,
+                   price=1.006, gpu=GPUSpec(stack="cuda", device_count=1, vram=24 << 30))
 MOTO_NAMESPACE = "http://ec2.amazonaws.com/doc/2016-11-15"
 
 
@@ -68,7 +72,9 @@ def _boot_record(ec2: Any) -> Any:
 
 
 @pytest.fixture
-def conformance_target(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> ConformanceTarget:
+def conformance_target(
+    ec2: Any, monkeypatch: pytest.MonkeyPatch, client_tokens: dict[str, Any]
+) -> ConformanceTarget:
     def provoke(code: str, message: str) -> Any:
         def hook(h: ConformanceHarness) -> None:
             with monkeypatch.context() as m:
@@ -86,7 +92,7 @@ def conformance_target(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Conformance
             "options": {"region": REGION},
         },
         image_id=IMAGE,
-        instance_types=[SMALL],
+        instance_types=[SMALL, SPOT, GPU],
         provoke_quota_error=provoke("InstanceLimitExceeded", "You have requested more instances"),
         provoke_capacity_error=provoke(
             "InsufficientInstanceCapacity", "We currently do not have sufficient m5.large capacity"
@@ -95,3 +101,34 @@ def conformance_target(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> Conformance
         boot_record=_boot_record(ec2),
         strict=True,
     )
+
+
+def test_a_preemptible_type_is_a_spot_instance_at_its_price(ec2: Any) -> None:
+    from herder.cloud import DriverContext
+
+    driver = LibcloudDriver()
+    params = driver.validate_parameters({
+        "provider": "ec2",
+        "key": {"env": "AWS_ACCESS_KEY_ID"},
+        "secret": {"env": "AWS_SECRET_ACCESS_KEY"},
+        "options": {"region": REGION},
+    })
+    iset = driver.instance_set(params, DriverContext(instance_set_id="spot-test"))
+    requests: list[dict[str, Any]] = []
+    original = InstanceBackend.run_instances
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        requests.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(InstanceBackend, "run_instances", recording)
+        spot = iset.create(SPOT, IMAGE, {"HerderInstanceSetID": "spot-test"}, "true", None)
+        on_demand = iset.create(SMALL, IMAGE, {"HerderInstanceSetID": "spot-test"}, "true", None)
+    lifecycle = {
+        i["InstanceId"]: i.get("InstanceLifecycle", "on-demand")
+        for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
+    }
+    assert lifecycle == {spot.id: "spot", on_demand.id: "on-demand"}
+    assert requests[0]["instance_market_options"] == "spot"
+    assert not requests[1]["instance_market_options"]

@@ -118,13 +118,17 @@ def test_a_provider_without_a_tested_preset_warns_naming_what_is_untested(
         LibcloudInstanceSet(params, DriverContext(instance_set_id="x"), factory=object)
     assert "'vultr' has no tested preset" in caplog.text
     assert "not classified" in caplog.text
+    assert "no spot, GPU types or idempotent creates" in caplog.text
 
 
 def test_capabilities_come_from_the_preset() -> None:
     driver = LibcloudDriver()
     assert Capability.QUOTA_ERRORS in driver.capabilities_for(LibcloudParameters(provider="ec2"))
     assert driver.capabilities_for(LibcloudParameters(provider="vultr")) == frozenset()
-    assert Capability.SPOT not in driver.capabilities_for(LibcloudParameters(provider="ec2"))
+    ec2 = driver.capabilities_for(LibcloudParameters(provider="ec2"))
+    assert {Capability.SPOT, Capability.GPU} <= ec2
+    openstack = driver.capabilities_for(LibcloudParameters(provider="openstack"))
+    assert Capability.SPOT not in openstack and Capability.GPU not in openstack
 
 
 def test_every_tested_preset_keeps_tags_in_the_provider() -> None:
@@ -148,16 +152,114 @@ def test_the_first_boot_script_authorizes_the_key_then_runs_the_command() -> Non
     assert "authorized_keys" not in first_boot_script("echo hi", None, "root")
 
 
-def test_config_check_rejects_spot_types_for_a_preset_without_spot(tmp_path: Any) -> None:
+TYPES = (
+    "instance_types:\n"
+    "  m5.large: {vcpus: 2, ram: 8GiB}\n"
+    "  m5.large.spot: {provider_type: m5.large, vcpus: 2, ram: 8GiB, preemptible: true}\n"
+    "  g5.xlarge: {vcpus: 4, ram: 16GiB, gpu: {stack: cuda, device_count: 1, vram: 24GiB}}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("provider", "refused"),
+    [
+        ("ec2", set()),
+        ("openstack", {"instance_types.m5.large.spot.preemptible", "instance_types.g5.xlarge.gpu"}),
+        ("dummy", {"instance_types.m5.large.spot.preemptible", "instance_types.g5.xlarge.gpu"}),
+    ],
+)
+def test_config_check_takes_spot_and_gpu_capabilities_from_the_preset(
+    tmp_path: Any, provider: str, refused: set[str]
+) -> None:
     from herder.config import check_config
     from herder.plugins import Plugins
 
     path = tmp_path / "herder.yaml"
-    path.write_text(
-        "cloud: {driver: libcloud, driver_parameters: {provider: ec2}}\n"
-        "instance_types:\n"
-        "  m5.large: {vcpus: 2, ram: 8GiB}\n"
-        "  m5.large.spot: {provider_type: m5.large, vcpus: 2, ram: 8GiB, preemptible: true}\n"
-    )
-    (problem,) = check_config(path, Plugins.load())
-    assert problem.key == "instance_types.m5.large.spot.preemptible"
+    path.write_text(f"cloud: {{driver: libcloud, driver_parameters: {{provider: {provider}}}}}\n"
+                    + TYPES)
+    assert {p.key for p in check_config(path, Plugins.load())} == refused
+
+
+def test_a_preemptible_type_is_never_made_on_demand_by_a_preset_without_spot() -> None:
+    from herder.model import InstanceType
+
+    iset = LibcloudInstanceSet(LibcloudParameters(provider="openstack"),
+                               DriverContext(instance_set_id="x"), factory=lambda: None)
+    spot = InstanceType(name="s", provider_type="m1", vcpus=1, ram=1 << 30, preemptible=True)
+    with pytest.raises(CloudError, match="cannot create preemptible"):
+        iset.create(spot, "image-1", {}, "true", None)
+
+
+class _RecordingProvider:
+    """A libcloud driver object that records what create_node was asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def list_sizes(self) -> list[Any]:
+        from libcloud.compute.base import NodeSize
+
+        return [NodeSize("m5.large", "m5.large", 8192, 0, 0, 0.1, self)]
+
+    def create_node(self, **kwargs: Any) -> Any:
+        from libcloud.compute.base import Node
+        from libcloud.compute.types import NodeState
+
+        self.calls.append(kwargs)
+        return Node(f"i-{len(self.calls)}", kwargs["name"], NodeState.PENDING, [], [], self,
+                    extra={"instance_type": "m5.large", "tags": dict(kwargs["ex_metadata"])})
+
+
+def test_the_ec2_preset_asks_for_spot_with_the_type_price_as_maximum() -> None:
+    from herder.model import InstanceType
+
+    provider = _RecordingProvider()
+    iset = LibcloudInstanceSet(LibcloudParameters(provider="ec2"),
+                               DriverContext(instance_set_id="x"), factory=lambda: provider)
+    spot = InstanceType(name="s", provider_type="m5.large", vcpus=2, ram=8 << 30, price=0.04,
+                        preemptible=True)
+    iset.create(spot, "ami-1", {}, "true", None)
+    iset.create(InstanceType(name="d", provider_type="m5.large", vcpus=2, ram=8 << 30),
+                "ami-1", {}, "true", None)
+    assert provider.calls[0]["ex_spot"] is True and provider.calls[0]["ex_spot_max_price"] == 0.04
+    assert "ex_spot" not in provider.calls[1] and "ex_spot_max_price" not in provider.calls[1]
+
+
+@pytest.mark.parametrize(
+    ("table", "fault", "expected", "type_specific"),
+    [
+        (OPENSTACK_ERRORS, {"code": 500, "message": "No valid host was found. There are not "
+                            "enough hosts available."}, CapacityError, True),
+        (OPENSTACK_ERRORS, {"code": 403, "message": "Quota exceeded for ram"}, QuotaError, False),
+        (OPENSTACK_ERRORS, {"code": 500, "message": "Unexpected error while running command"},
+         CloudError, False),
+        (OPENSTACK_ERRORS, None, CloudError, False),
+        (NO_ERRORS, {"code": 500, "message": "No valid host was found."}, CloudError, False),
+        (EC2_ERRORS, {"message": "InsufficientInstanceCapacity"}, CapacityError, True),
+    ],
+)
+def test_faults_of_nodes_that_went_to_error_are_classified_per_preset(
+    table: Any, fault: Any, expected: type[CloudError], type_specific: bool
+) -> None:
+    from herder_driver_libcloud.errors import classify_fault
+
+    error = classify_fault(fault, table)
+    assert type(error) is expected
+    assert "went to ERROR" in str(error)
+    if isinstance(error, CapacityError):
+        assert error.instance_type_specific is type_specific
+
+
+def test_the_ec2_preset_sends_a_hash_of_the_create_key_as_client_token() -> None:
+    import hashlib
+
+    from herder.model import InstanceType
+
+    provider = _RecordingProvider()  # no list_nodes: the token alone makes the create safe
+    iset = LibcloudInstanceSet(LibcloudParameters(provider="ec2"),
+                               DriverContext(instance_set_id="x"), factory=lambda: provider)
+    small = InstanceType(name="d", provider_type="m5.large", vcpus=2, ram=8 << 30)
+    iset.create(small, "ami-1", {"HerderInstanceSecret": "k" * 40}, "true", None)
+    iset.create(small, "ami-1", {}, "true", None)
+    assert provider.calls[0]["ex_clienttoken"] == hashlib.sha256(b"k" * 40).hexdigest()
+    assert "ex_clienttoken" not in provider.calls[1]

@@ -16,9 +16,11 @@ What it improves on Arvados' EC2 driver, and why:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -37,6 +39,7 @@ from herder.cloud import (
     Instance,
     InstancePrice,
     InstanceSet,
+    create_key,
 )
 from herder.model import InstanceType
 from herder_driver_aws.errors import (
@@ -55,6 +58,15 @@ from herder_driver_aws.quota import quota_group
 GONE_STATES = frozenset({"shutting-down", "terminated"})
 #: The device the extra scratch volume is attached as.
 SCRATCH_DEVICE = "/dev/xvdt"
+#: How many recent create keys remember the subnet their last attempt used.
+REMEMBERED_CREATE_KEYS = 1000
+
+
+def client_token(key: str, subnet: str) -> str:
+    """RunInstances' ``ClientToken`` for create key ``key`` in ``subnet``: at most 64 ASCII
+    characters, as EC2 requires.  One per subnet, since EC2 answers a token reused with other
+    parameters (another subnet, on failover) with ``IdempotentParameterMismatch``."""
+    return hashlib.sha256(f"{key}\0{subnet}".encode()).hexdigest()
 
 
 def format_price(price: float) -> str:
@@ -71,16 +83,23 @@ def user_data(init_command: str) -> str:
 def ec2_client(params: AWSParameters) -> Any:
     """An EC2 client with SDK retries off (herder's pool does its own) and timeouts set.
 
-    Credentials: static keys, else a named profile, else boto3's default chain; instance
-    metadata is then only read with IMDSv2 tokens.
+    Credentials: static keys (the secret and session token read now from where the parameters
+    point), else a named profile, else boto3's default chain; instance metadata is then only
+    read with IMDSv2 tokens.
     """
     core = botocore.session.Session(profile=params.profile or None)
     core.set_config_variable("ec2_metadata_v1_disabled", True)
+    try:
+        secret = params.secret_access_key.read() if params.secret_access_key else None
+        token = params.session_token.read() if params.session_token else None
+    except ValueError as exc:  # names the variable or file, never the secret
+        raise CloudError(f"cloud.driver_parameters: {exc}") from None
     session = boto3.Session(
         botocore_session=core,
         region_name=params.region,
         aws_access_key_id=params.access_key_id or None,
-        aws_secret_access_key=params.secret_access_key.get_secret_value() or None,
+        aws_secret_access_key=secret,
+        aws_session_token=token,
     )
     config = botocore.config.Config(
         retries={"mode": "standard", "total_max_attempts": 1},
@@ -193,9 +212,10 @@ class AWSInstanceSet(InstanceSet):
         self._create_backoff = Backoff()
         self._list_backoff = Backoff()
         self._other_backoff = Backoff()
-        self._lock = threading.Lock()  # guards the two fields below
+        self._lock = threading.Lock()  # guards the three fields below
         self._key_names: dict[str, str] = {}  # first fingerprint -> key pair name
         self._subnet_index = 0
+        self._key_subnets: OrderedDict[str, int] = OrderedDict()  # create key -> subnet index
         self._key_lock = threading.Lock()  # one key-pair lookup/import at a time
 
     # ----------------------------------------------------------------- create
@@ -208,9 +228,12 @@ class AWSInstanceSet(InstanceSet):
         init_command: str,
         public_key: str | None,
     ) -> Instance:
+        """RunInstances with herder's create key as the client token: EC2 answers a repeated
+        create (one that timed out but went through) with the instance it made the first time,
+        as long as it is repeated in the same subnet, which the set remembers per key."""
         key_name = self._key_pair(public_key) if public_key else None
         request = self._run_request(instance_type, image_id, tags, init_command, key_name)
-        data = self._run_with_failover(request)
+        data = self._run_with_failover(request, create_key(tags, self.context.tag_key_prefix))
         return AWSInstance(self, data)
 
     def _run_request(
@@ -277,12 +300,15 @@ class AWSInstanceSet(InstanceSet):
             specs.append({"ResourceType": "volume", "Tags": _tag_list(shared)})
         return specs
 
-    def _run_with_failover(self, request: dict[str, Any]) -> dict[str, Any]:
-        """RunInstances in each subnet in turn, from the last one used, while errors are
-        subnet-specific; report a capacity error over any other (SPEC §16.2)."""
+    def _run_with_failover(self, request: dict[str, Any], key: str | None) -> dict[str, Any]:
+        """RunInstances in each subnet in turn, from the last one used (for a repeated create
+        key: the one its last attempt used), while errors are subnet-specific; report a
+        capacity error over any other (SPEC §16.2)."""
         subnets = self.params.subnet_ids or [""]
         with self._lock:
             start = self._subnet_index
+            if key is not None and key in self._key_subnets:
+                start = self._key_subnets[key] % len(subnets)
         last: ClientError | None = None
         capacity: ClientError | None = None
         for attempt in range(len(subnets)):
@@ -291,8 +317,12 @@ class AWSInstanceSet(InstanceSet):
             nic = dict(request["NetworkInterfaces"][0])
             if subnet:
                 nic["SubnetId"] = subnet
+            attempt_request = {**request, "NetworkInterfaces": [nic]}
+            if key is not None:
+                attempt_request["ClientToken"] = client_token(key, subnet)
+                self._remember_subnet(key, index)
             try:
-                reply = self.client.run_instances(**{**request, "NetworkInterfaces": [nic]})
+                reply = self.client.run_instances(**attempt_request)
             except ClientError as exc:
                 self._after_attempt(index, subnet, success=False)
                 code, message = error_code(exc)
@@ -312,6 +342,14 @@ class AWSInstanceSet(InstanceSet):
         failure = capacity or last
         assert failure is not None
         raise classify(failure, self._create_backoff, self._now(), "RunInstances") from failure
+
+    def _remember_subnet(self, key: str, index: int) -> None:
+        """Remember where the create with ``key`` was last tried (the newest keys only)."""
+        with self._lock:
+            self._key_subnets[key] = index
+            self._key_subnets.move_to_end(key)
+            while len(self._key_subnets) > REMEMBERED_CREATE_KEYS:
+                self._key_subnets.popitem(last=False)
 
     def _after_attempt(self, index: int, subnet: str, *, success: bool) -> None:
         """Count the attempt and remember the subnet, failed or not, to start there next."""
@@ -461,7 +499,10 @@ class AWSDriver(Driver):
 
     parameters_model = AWSParameters
     capabilities = frozenset(
-        {"price_history", "spot", "gpu", "quota_errors", "capacity_errors", "rate_limit_errors"}
+        {
+            "price_history", "spot", "gpu", "quota_errors", "capacity_errors",
+            "rate_limit_errors", "idempotent_create",
+        }
     )
 
     def instance_set(self, params: DriverParameters, context: DriverContext) -> InstanceSet:

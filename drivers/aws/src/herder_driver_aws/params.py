@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from herder.cloud import DriverParameters
+from herder.cloud import DriverParameters, SecretRef
 from herder.config import Duration
 from herder_driver_aws.quota import DEFAULT_QUOTA_GROUPS
 
@@ -27,7 +27,10 @@ class AWSParameters(DriverParameters):
 
     region: str = Field(min_length=1)
     access_key_id: str = ""
-    secret_access_key: SecretStr = SecretStr("")
+    #: by reference only (``{env: VAR}`` or ``{file: PATH}``): never written in the YAML
+    secret_access_key: SecretRef | None = None
+    #: the session token of temporary credentials, by reference too
+    session_token: SecretRef | None = None
     profile: str = ""
     endpoint_url: str = ""
     security_group_ids: list[str] = Field(default_factory=list)
@@ -57,9 +60,11 @@ class AWSParameters(DriverParameters):
     def _one_credential_source(self) -> AWSParameters:
         """Static keys come in pairs, and exclude a profile: a half-set pair is a typo."""
         has_id = bool(self.access_key_id)
-        has_secret = bool(self.secret_access_key.get_secret_value())
+        has_secret = self.secret_access_key is not None
         if has_id != has_secret:
             raise ValueError("access_key_id and secret_access_key must be given together")
         if has_id and self.profile:
             raise ValueError("give either access_key_id/secret_access_key or profile, not both")
+        if self.session_token is not None and not has_id:
+            raise ValueError("session_token needs access_key_id and secret_access_key")
         return self

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import logging
 import math
 import re
@@ -51,6 +52,7 @@ from herder.cloud import (
     Instance,
     InstanceSet,
     RateLimitError,
+    create_key,
 )
 from herder.model import InstanceType
 from herder_driver_azure import tags as tagcodec
@@ -252,6 +254,16 @@ class AzureInstanceSet(InstanceSet):
     def new_name(self) -> str:
         return self.name_prefix + "".join(secrets.choice(_ALPHABET) for _ in range(RANDOM_LENGTH))
 
+    def name_for_key(self, key: str) -> str:
+        """The VM name of the create with ``key``: the random part derived from the key, so
+        that a repeated create looks for (and finds) the VM the first one made."""
+        hashed = int.from_bytes(hashlib.sha256(key.encode()).digest(), "big")
+        chars = []
+        for _ in range(RANDOM_LENGTH):
+            hashed, index = divmod(hashed, len(_ALPHABET))
+            chars.append(_ALPHABET[index])
+        return self.name_prefix + "".join(chars)
+
     def image_reference(self, image_id: str) -> cm.ImageReference:
         """The image: a resource id as given (managed image, gallery image version), a
         marketplace URN ``publisher:offer:sku:version``, or a name: a version of that image in
@@ -291,9 +303,17 @@ class AzureInstanceSet(InstanceSet):
         init_command: str,
         public_key: str | None,
     ) -> Instance:
+        """Create the NIC, then the VM.  With a create key the VM's name comes from the key
+        and is looked up first: a repeated create (after one that timed out but went through)
+        returns the VM the first one made instead of making a second."""
         encoded = tagcodec.encode(tags)
         image = self.image_reference(image_id)
-        name = self.new_name()
+        key = create_key(tags, self.context.tag_key_prefix)
+        name = self.new_name() if key is None else self.name_for_key(key)
+        if key is not None:
+            existing = self._made_by(name, key)
+            if existing is not None:
+                return existing
         stamp = {tagcodec.CREATED_AT: rfc3339(self._now())}
         with self._lock:
             self._creating.add(name)
@@ -305,6 +325,29 @@ class AzureInstanceSet(InstanceSet):
         finally:
             with self._lock:
                 self._creating.discard(name)
+        return AzureInstance(self, vm, _private_address(nic))
+
+    def _made_by(self, name: str, key: str) -> AzureInstance | None:
+        """VM ``name`` if the create with ``key`` made it and it is not going away, else None;
+        a VM of that name made by another create is an error (never adopted)."""
+        rg = self.params.resource_group
+        try:
+            vm = self.compute.virtual_machines.get(rg, name)
+        except ResourceNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._classify(exc, "read virtual machine") from exc
+        state = vm.properties.provisioning_state if vm.properties else None
+        if str(state or "").lower() in ("deleting", "failed"):
+            return None
+        if create_key(tagcodec.decode(vm.tags), self.context.tag_key_prefix) != key:
+            raise CloudError(f"virtual machine {name} exists but another create made it")
+        try:
+            nic = self.network.network_interfaces.get(rg, f"{name}-nic")
+        except ResourceNotFoundError:
+            return AzureInstance(self, vm, "")  # the next listing has the address
+        except Exception as exc:
+            raise self._classify(exc, "read network interface") from exc
         return AzureInstance(self, vm, _private_address(nic))
 
     def _create_nic(self, name: str, nic_tags: dict[str, str]) -> nm.NetworkInterface:
@@ -646,7 +689,8 @@ class AzureDriver(Driver):
 
     parameters_model = AzureParameters
     capabilities = frozenset(
-        {"spot", "gpu", "quota_errors", "capacity_errors", "rate_limit_errors"}
+        {"spot", "gpu", "quota_errors", "capacity_errors", "rate_limit_errors",
+         "idempotent_create"}
     )
 
     def instance_set(self, params: DriverParameters, context: DriverContext) -> InstanceSet:

@@ -1,20 +1,18 @@
 """The ``azure`` driver's parameters (``cloud.driver_parameters``), validated before any Azure call.
 
-Secrets never live in the configuration file: a service principal's client secret is read, when
-the instance set is built, from a file or an environment variable that the file only *names*.
-So ``herder config show`` has nothing to hide, and the secret never reaches a log line or argv.
+Secrets never live in the configuration file: a service principal's client secret is named by
+reference (``client_secret: {file: PATH}`` or ``{env: VARIABLE}``, herder's one way for every
+driver) and read when the instance set is built.  So ``herder config show`` has nothing to hide,
+and the secret never reaches a log line or argv.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
-from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from herder.cloud import DriverParameters
+from herder.cloud import DriverParameters, SecretRef
 from herder.config import Duration
 
 #: Management endpoints of Azure's national clouds (``cloud_environment``).  Each cloud's token
@@ -73,8 +71,13 @@ class AzureParameters(DriverParameters):
     # credentials: a service principal, else azure-identity's default chain
     tenant_id: str = Field("", description="service principal's tenant")
     client_id: str = Field("", description="service principal's application (client) id")
-    client_secret_file: str = Field("", description="file holding the client secret")
-    client_secret_env: str = Field("", description="environment variable holding it")
+    client_secret: SecretRef | None = Field(
+        None, description="its secret by reference: {file: PATH} or {env: VARIABLE}"
+    )
+    #: The former spellings of ``client_secret: {file: ...}`` / ``{env: ...}``: refused with
+    #: the line to write instead, so that every driver names its secrets one way.
+    client_secret_file: str | None = Field(None, exclude=True, description="replaced")
+    client_secret_env: str | None = Field(None, exclude=True, description="replaced")
     # endpoints
     cloud_environment: str = Field("AzurePublicCloud", description="national cloud")
     management_endpoint: str = Field("", description="Resource Manager URL (default: the cloud's)")
@@ -87,24 +90,13 @@ class AzureParameters(DriverParameters):
         default_factory=dict, description="VM size (or size prefix) -> quota group"
     )
 
-    #: Only here to refuse it with the way to give it instead: a secret never belongs in the
-    #: configuration file.  Masked before validation, so that no error shows the value.
-    client_secret: str | None = Field(None, exclude=True, description="not allowed")
-
-    @model_validator(mode="before")
+    @field_validator("client_secret_file", "client_secret_env")
     @classmethod
-    def _mask_secret(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("client_secret") is not None:
-            return {**data, "client_secret": "<redacted>"}
-        return data
-
-    @field_validator("client_secret")
-    @classmethod
-    def _no_secret_in_the_file(cls, value: str | None) -> None:
+    def _replaced_by_a_reference(cls, value: str | None, info: ValidationInfo) -> None:
         if value is not None:
+            kind = "file" if info.field_name == "client_secret_file" else "env"
             raise ValueError(
-                "the client secret must not be written in the configuration: put it in a file "
-                "(client_secret_file) or an environment variable (client_secret_env)"
+                f"replaced by a reference: write 'client_secret: {{{kind}: {value}}}' instead"
             )
         return None
 
@@ -171,13 +163,12 @@ class AzureParameters(DriverParameters):
             raise ValueError("shared_image_gallery_name and shared_image_gallery_image_version "
                              "must be given together")
         principal = (self.tenant_id, self.client_id)
-        secret_sources = bool(self.client_secret_file) + bool(self.client_secret_env)
-        if any(principal) or secret_sources:
+        if any(principal) or self.client_secret is not None:
             if not all(principal):
                 raise ValueError("a service principal needs tenant_id and client_id")
-            if secret_sources != 1:
-                raise ValueError("a service principal needs its secret from exactly one of "
-                                 "client_secret_file and client_secret_env")
+            if self.client_secret is None:
+                raise ValueError("a service principal needs client_secret: {file: PATH} or "
+                                 "{env: VARIABLE}")
         return self
 
     # ----------------------------------------------------------------- derived
@@ -203,21 +194,12 @@ class AzureParameters(DriverParameters):
         return bool(self.client_id)
 
     def read_client_secret(self) -> str:
-        """The service principal's secret, read now from its file or environment variable.
+        """The service principal's secret, read now from where ``client_secret`` points.
 
-        Raises ValueError naming the source (never the value) when it is missing or empty.
+        Raises ValueError naming the reference (never the value) when it is missing or empty.
         """
-        if self.client_secret_file:
-            path = Path(self.client_secret_file).expanduser()
-            try:
-                secret = path.read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"cannot read client_secret_file {str(path)!r}: "
-                                 f"{exc.strerror}") from None
-            source = f"client_secret_file {str(path)!r}"
-        else:
-            secret = os.environ.get(self.client_secret_env, "").strip()
-            source = f"environment variable {self.client_secret_env}"
-        if not secret:
-            raise ValueError(f"the client secret in {source} is empty or missing")
-        return secret
+        assert self.client_secret is not None
+        try:
+            return self.client_secret.read().strip()
+        except ValueError as exc:
+            raise ValueError(f"client_secret ({self.client_secret}): {exc}") from None

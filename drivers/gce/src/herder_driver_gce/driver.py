@@ -21,6 +21,10 @@ How herder's interface maps onto GCE, and why:
   the guest agent publishes its SSH host keys as guest attributes (``hostkeys/``), which
   only the Compute API can write: a presented key must be one of them.  Until they are
   published, herder falls back to the instance secret.
+* **Idempotent creates**: an insert carries a ``requestId`` derived from herder's create key
+  (and the zone), and the instance name is derived from the key too, so a repeated create is
+  answered with the first insert's operation, or, once GCE forgot the request id, finds its
+  name taken by the instance the first create made.
 * **Destroy** does not wait for the delete operation (a minute or more): the instance turns
   STOPPING at once, which listings drop, and an instance GCE already deleted is no error.
 """
@@ -35,6 +39,8 @@ import secrets
 import string
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -59,6 +65,7 @@ from herder.cloud import (
     QuotaError,
     RateLimitError,
     RemoteRunner,
+    create_key,
 )
 from herder.model import InstanceType
 from herder_driver_gce.errors import (
@@ -93,6 +100,10 @@ QUICK_WAIT_PAUSE = 0.05
 #: aggregatedList page size (GCE allows up to 500).
 PAGE_SIZE = 500
 _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
+#: How many recent create keys remember the zone their last attempt used.
+REMEMBERED_CREATE_KEYS = 1000
+#: The namespace of the request ids derived from create keys (a fixed, random UUID).
+REQUEST_ID_NAMESPACE = uuid.UUID("6f1d0a52-3c1e-4b8e-9f57-2f4c6e0d8a13")
 
 
 def set_label_value(instance_set_id: str) -> str:
@@ -112,6 +123,26 @@ def instance_name(prefix: str, instance_set_id: str) -> str:
     return f"{prefix}-{digest}-{suffix}"
 
 
+def keyed_instance_name(prefix: str, instance_set_id: str, key: str) -> str:
+    """The name of the instance made by the create with ``key``: like :func:`instance_name`,
+    with the suffix derived from the key, so that a repeated create asks for the same name and
+    GCE refuses a second instance (``alreadyExists``) instead of making one."""
+    digest = hashlib.sha256(instance_set_id.encode()).hexdigest()[:8]
+    hashed = int.from_bytes(hashlib.sha256(key.encode()).digest(), "big")
+    suffix = ""
+    for _ in range(10):
+        hashed, index = divmod(hashed, len(_SUFFIX_ALPHABET))
+        suffix += _SUFFIX_ALPHABET[index]
+    return f"{prefix}-{digest}-{suffix}"
+
+
+def request_id(key: str, zone: str) -> str:
+    """The ``requestId`` of the insert for create key ``key`` in ``zone``: a UUID, as GCE
+    requires, the same for every repeat (GCE then answers with the first request's operation
+    instead of inserting again), and one per zone so that failover is a new request."""
+    return str(uuid.uuid5(REQUEST_ID_NAMESPACE, f"{key}/{zone}"))
+
+
 def startup_script(init_command: str) -> str:
     """The ``startup-script`` metadata: GCE runs it as root at every boot (herder's init
     command is idempotent: it writes the instance secret)."""
@@ -129,30 +160,35 @@ def ssh_keys_entry(user: str, public_key: str) -> str:
 
 
 def credentials_for(params: GCEParameters) -> Any:
-    """Service-account key file credentials, or Application Default Credentials.
+    """Service-account key credentials (``credentials``), or Application Default Credentials.
 
-    The file is read by google-auth only; its contents never reach herder's logs or errors.
+    The key is read from its reference now and handed to google-auth; its contents never reach
+    herder's logs or errors, which name the reference only.
     """
     import google.auth
     from google.auth import exceptions as auth_exceptions
     from google.oauth2 import service_account
 
-    if params.credentials_file:
+    if params.credentials is not None:
+        where = f"cloud.driver_parameters.credentials ({params.credentials})"
         try:
-            load = service_account.Credentials.from_service_account_file
-            return load(params.credentials_file, scopes=[CLOUD_PLATFORM])  # type: ignore[no-untyped-call]
-        except (OSError, ValueError, KeyError) as exc:
+            text = params.credentials.read()
+        except ValueError as exc:  # names the variable or file only
+            raise CloudError(f"{where}: {exc}") from None
+        try:
+            load = service_account.Credentials.from_service_account_info
+            return load(json.loads(text), scopes=[CLOUD_PLATFORM])  # type: ignore[no-untyped-call]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # The type only: a parser's message could quote a piece of the key.
             raise CloudError(
-                f"cloud.driver_parameters.credentials_file: cannot use "
-                f"{params.credentials_file!r} as a service-account key file "
-                f"({type(exc).__name__})"
+                f"{where}: not a service-account key ({type(exc).__name__})"
             ) from None
     try:
         credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM])
     except auth_exceptions.DefaultCredentialsError as exc:
         raise CloudError(
             f"no Application Default Credentials ({exc}); set "
-            "cloud.driver_parameters.credentials_file or GOOGLE_APPLICATION_CREDENTIALS"
+            "cloud.driver_parameters.credentials or GOOGLE_APPLICATION_CREDENTIALS"
         ) from None
     return credentials
 
@@ -323,8 +359,9 @@ class GCEInstanceSet(InstanceSet):
         self._create_backoff = Backoff()
         self._list_backoff = Backoff()
         self._other_backoff = Backoff()
-        self._lock = threading.Lock()  # guards _zone_index
+        self._lock = threading.Lock()  # guards _zone_index and _key_zones
         self._zone_index = 0
+        self._key_zones: OrderedDict[str, int] = OrderedDict()  # create key -> zone index
 
     # ----------------------------------------------------------------- create
 
@@ -342,11 +379,17 @@ class GCEInstanceSet(InstanceSet):
         except ValueError as exc:
             raise CloudError(str(exc)) from None
         set_id = tags.get(self._tag("InstanceSetID"), self.context.instance_set_id)
-        name = instance_name(self.params.name_prefix, set_id)
+        key = create_key(tags, self.context.tag_key_prefix)
+        if key is None:
+            name = instance_name(self.params.name_prefix, set_id)
+        else:
+            name = keyed_instance_name(self.params.name_prefix, set_id, key)
         metadata = self._metadata(tags, init_command, public_key)
         zones = self.params.zones
         with self._lock:
             start = self._zone_index
+            if key is not None and key in self._key_zones:
+                start = self._key_zones[key] % len(zones)
         # (GCE's error, herder's error) of the last attempt, and of the last stockout: a
         # stockout is reported over a later error of another kind (a zone without the type).
         last: tuple[BaseException, Exception] | None = None
@@ -359,9 +402,21 @@ class GCEInstanceSet(InstanceSet):
             )
             with self._lock:
                 self._zone_index = index
+                if key is not None:
+                    self._key_zones[key] = index
+                    self._key_zones.move_to_end(key)
+                    while len(self._key_zones) > REMEMBERED_CREATE_KEYS:
+                        self._key_zones.popitem(last=False)
             try:
-                self._insert(zone, resource)
+                self._insert(zone, resource, request_id(key, zone) if key else "")
             except Exception as exc:
+                existing = None
+                if key is not None and isinstance(exc, gexc.Conflict):
+                    existing = self._made_by(zone, name, key)
+                if existing is not None:
+                    self._count(zone, None)
+                    self._create_backoff.reset()
+                    return existing
                 typed = classify(exc, self._create_backoff, self.now(), "insert")
                 self._count(zone, typed)
                 self._log.info(
@@ -491,15 +546,33 @@ class GCEInstanceSet(InstanceSet):
             }
         ]
 
-    def _insert(self, zone: str, resource: dict[str, Any]) -> None:
-        operation = self.client.insert_unary(
+    def _insert(self, zone: str, resource: dict[str, Any], request_id: str) -> None:
+        request = compute_v1.InsertInstanceRequest(
             project=self.params.project,
             zone=zone,
             instance_resource=compute_v1.Instance(resource),
-            retry=None,
-            timeout=self.params.request_timeout,
+        )
+        if request_id:
+            request.request_id = request_id
+        operation = self.client.insert_unary(
+            request=request, retry=None, timeout=self.params.request_timeout
         )
         self._wait(zone, operation)
+
+    def _made_by(self, zone: str, name: str, key: str) -> GCEInstance | None:
+        """The instance ``name`` in ``zone`` if the create with ``key`` made it (an insert
+        repeated after GCE forgot its request id finds its name taken), else None."""
+        try:
+            data = self.client.get(
+                project=self.params.project, zone=zone, instance=name, retry=None,
+                timeout=self.params.request_timeout,
+            )
+        except gexc.GoogleAPICallError:
+            return None
+        found = GCEInstance(self, data, zone)
+        if create_key(found.tags, self.context.tag_key_prefix) != key:
+            return None
+        return found
 
     def _wait(self, zone: str, operation: Any) -> None:
         """Wait for a zonal operation and raise what it reports.
@@ -735,7 +808,10 @@ class GCEDriver(Driver):
 
     parameters_model = GCEParameters
     capabilities = frozenset(
-        {"price_history", "spot", "gpu", "quota_errors", "capacity_errors", "rate_limit_errors"}
+        {
+            "price_history", "spot", "gpu", "quota_errors", "capacity_errors",
+            "rate_limit_errors", "idempotent_create",
+        }
     )
 
     def instance_set(self, params: DriverParameters, context: DriverContext) -> InstanceSet:

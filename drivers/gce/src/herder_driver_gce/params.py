@@ -3,8 +3,8 @@
 Everything GCE would refuse later for its form (zone names, label keys and values, the name
 prefix of instances) is refused here, so ``herder config check`` names the key instead of a
 create failing at 3 a.m.  Nothing here is secret: credentials come from Application Default
-Credentials or from a service-account key *file*, whose path is not a secret and whose contents
-herder never reads into its configuration.
+Credentials or from a service-account key named by reference (``credentials: {file: PATH}`` or
+``{env: VARIABLE}``), read only when the instance set is built.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from herder.cloud import DriverParameters
+from herder.cloud import DriverParameters, SecretRef
 from herder.config import Duration, Size
 
 #: GCE label keys: a lowercase letter, then up to 62 lowercase letters, digits, ``-``, ``_``.
@@ -98,11 +98,14 @@ class GCEParameters(DriverParameters):
         default_factory=dict, description="labels added to every instance and its disks"
     )
     name_prefix: str = Field("herder", description="start of every instance name")
-    credentials_file: str = Field(
-        "",
-        description="path of a service-account key file ('' for Application Default "
-        "Credentials)",
+    credentials: SecretRef | None = Field(
+        None,
+        description="a service-account key (its JSON) by reference: {file: PATH} or "
+        "{env: VARIABLE}; none for Application Default Credentials",
     )
+    #: The former spelling of ``credentials: {file: PATH}``: refused with that line, so that
+    #: every driver names its secrets one way.
+    credentials_file: str | None = Field(None, exclude=True, description="replaced")
     api_endpoint: str = Field(
         "",
         description="Compute API endpoint (Private Service Connect, a proxy); '' for Google's",
@@ -126,6 +129,15 @@ class GCEParameters(DriverParameters):
     )
 
     _zones = field_validator("zones", mode="before")(_zone_list)
+
+    @field_validator("credentials_file")
+    @classmethod
+    def _replaced_by_a_reference(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError(
+                f"replaced by a reference: write 'credentials: {{file: {value}}}' instead"
+            )
+        return None
 
     @field_validator("zones")
     @classmethod

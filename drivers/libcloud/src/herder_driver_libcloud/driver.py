@@ -18,8 +18,11 @@ Every provider with user data can do that, so no provider-specific key-pair hand
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import shlex
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -41,8 +44,9 @@ from herder.cloud import (
     SecretRef,
     create_key,
 )
+from herder.config import Duration
 from herder.model import InstanceType
-from herder_driver_libcloud.errors import classify
+from herder_driver_libcloud.errors import classify, classify_fault
 from herder_driver_libcloud.presets import Preset, TagStrategy, preset_for
 
 T = TypeVar("T")
@@ -76,6 +80,15 @@ class LibcloudParameters(DriverParameters):
     remote_user: str = Field("root", description="user herder logs in as")
     address: str = Field("public", description="address to reach SSH on: public or private")
     name_prefix: str = Field("herder-", description="prefix of the node names the bridge picks")
+    placement_timeout: Duration = Field(
+        300.0,
+        ge=0,
+        description="how long create waits for the provider to place a node, for presets "
+        "that report a failed placement (no capacity) only afterwards (openstack); 0: no wait",
+    )
+    poll_interval: Duration = Field(
+        2.0, ge=0, description="how often a node is read while create waits for its placement"
+    )
 
     @field_validator("provider")
     @classmethod
@@ -207,9 +220,14 @@ class LibcloudInstanceSet(InstanceSet):
         params: LibcloudParameters,
         context: DriverContext,
         factory: Callable[[], Any] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.params = params
         self.context = context
+        self._clock = clock
+        self._sleep = sleep
         self.preset = preset_for(params.provider)
         shared_key = str(params.key) if params.key is not None else ""  # the account
         self._connections = _Connections(factory or self._new_driver, self.preset, shared_key)
@@ -219,7 +237,8 @@ class LibcloudInstanceSet(InstanceSet):
             context.logger.warning(
                 "libcloud provider %r has no tested preset: tags are kept as server metadata "
                 "(untested), provider errors are not classified (quota, capacity and rate "
-                "limits count as ordinary failures), and node ids are assumed unique",
+                "limits count as ordinary failures), node ids are assumed unique, and no "
+                "spot, GPU types or idempotent creates are offered",
                 params.provider,
             )
 
@@ -295,11 +314,22 @@ class LibcloudInstanceSet(InstanceSet):
         public_key: str | None,
     ) -> Instance:
         key = create_key(tags, self.context.tag_key_prefix)
-        if key is not None and Capability.IDEMPOTENT_CREATE in self.preset.capabilities:
+        token_keyword = self.preset.client_token_keyword
+        if (
+            key is not None
+            and token_keyword is None
+            and Capability.IDEMPOTENT_CREATE in self.preset.capabilities
+        ):
+            # No token the provider honours: look for the node the first create made.
             for existing in self.instances({self._tag("InstanceSecret"): key}):
                 return existing
         if not image_id and not self.preset.process_wide:
             raise CloudError("no image: set cloud.image_id")
+        if instance_type.preemptible and self.preset.spot_keyword is None:
+            # herder's config check refuses such types already (the preset does not declare
+            # spot); an on-demand node must never be made in their place.
+            raise CloudError(f"libcloud {self.params.provider}: the bridge cannot create "
+                             f"preemptible (spot) nodes for this provider")
         tags = dict(tags)
         name = f"{self.params.name_prefix}{uuid.uuid4().hex[:12]}"
         script = first_boot_script(init_command, public_key, self.params.remote_user)
@@ -313,6 +343,13 @@ class LibcloudInstanceSet(InstanceSet):
                 kwargs[self.preset.user_data_keyword] = script
             if self.preset.tags is not TagStrategy.FAKE_NODE:
                 kwargs["ex_metadata"] = tags
+            if key is not None and token_keyword:
+                # A hash: the key doubles as the instance secret, and EC2 takes 64 characters.
+                kwargs[token_keyword] = hashlib.sha256(key.encode()).hexdigest()
+            if instance_type.preemptible and self.preset.spot_keyword:
+                kwargs[self.preset.spot_keyword] = True
+                if instance_type.price > 0 and self.preset.spot_price_keyword:
+                    kwargs[self.preset.spot_price_keyword] = instance_type.price
             if self.preset.process_wide:  # libcloud's dummy takes no extra arguments
                 node = driver.create_node(name, size, NodeImage(image_id, "", driver))
                 node.extra = {
@@ -330,10 +367,57 @@ class LibcloudInstanceSet(InstanceSet):
             )
 
         node = self._call("create_node", run)
+        if self.preset.awaits_placement:
+            node = self._await_placement(node)
         instance = LibcloudInstance(self, node)
         if self.preset.tags is TagStrategy.EC2_TAGS and not instance.tags:
             instance._tags = tags  # some EC2 replies omit tags given at create
         return instance
+
+    def _await_placement(self, node: Any) -> Any:
+        """Wait until the provider has placed ``node`` (left scheduling), and return it as last
+        read.  A node it put in ERROR instead is destroyed, and its fault raised as herder's
+        error (OpenStack's "No valid host was found" is a capacity error for the type), so no
+        broken node is left for herder to wait on.  After ``placement_timeout`` the node is
+        returned as it is: herder's boot timeout deals with it."""
+        from libcloud.compute.types import NodeState
+
+        deadline = self._clock() + self.params.placement_timeout
+        while True:
+            extra = node.extra or {}
+            if node.state == NodeState.ERROR or extra.get("vm_state") == "error":
+                failure = classify_fault(extra.get("fault"), self.preset.errors)
+                self.context.logger.info(
+                    "libcloud %s: node %s went to ERROR after its create (%s); destroying it",
+                    self.params.provider, node.id, failure,
+                )
+                self._destroy_quietly(node)
+                raise failure
+            scheduling = extra.get("task_state") in (None, "scheduling")
+            if node.state != NodeState.PENDING or not scheduling:
+                return node
+            if self._clock() >= deadline:
+                self.context.logger.info(
+                    "libcloud %s: node %s not placed after %gs; herder's boot timeout applies",
+                    self.params.provider, node.id, self.params.placement_timeout,
+                )
+                return node
+            self._sleep(self.params.poll_interval)
+            wanted = node.id
+            read = self._call("read node", functools.partial(_node_details, node_id=wanted))
+            if read is None:
+                raise CloudError(f"libcloud {self.params.provider}: node {wanted} disappeared "
+                                 "while it was being placed")
+            node = read
+
+    def _destroy_quietly(self, node: Any) -> None:
+        try:
+            self._call("destroy_node", lambda d: d.destroy_node(node))
+        except CloudError as exc:
+            self.context.logger.warning(
+                "libcloud %s: cannot destroy node %s that went to ERROR (herder will, once "
+                "it lists it): %s", self.params.provider, node.id, exc,
+            )
 
     def instances(self, tags: Mapping[str, str]) -> list[Instance]:
         nodes = self._call("list_nodes", lambda driver: list(driver.list_nodes()))
@@ -374,6 +458,11 @@ class LibcloudInstanceSet(InstanceSet):
 
     def stop(self) -> None:
         """Nothing to release: driver objects hold no background threads."""
+
+
+def _node_details(driver: Any, node_id: str) -> Any:
+    """The node as the provider describes it now (None when it no longer exists)."""
+    return driver.ex_get_node_details(node_id)
 
 
 def _start_local_vm(node: Any, public_key: str | None) -> None:

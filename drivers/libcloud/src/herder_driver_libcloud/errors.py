@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from herder.cloud import CapacityError, CloudError, QuotaError, RateLimitError
 
@@ -82,3 +83,24 @@ def classify(
     if any(marker in text for marker in table.capacity_any):
         return CapacityError(text.strip())
     return None
+
+
+def classify_fault(fault: Any, table: ErrorTable) -> CloudError:
+    """herder's error for a node the provider accepted and then put in ERROR, from the fault
+    it reports (OpenStack: ``{"code": 500, "message": "No valid host was found. ..."}``).
+
+    Capacity and quota markers count as at create time (Nova's "No valid host was found" is
+    its capacity error, reported after the create call returned); anything else is an
+    ordinary failure naming the fault.
+    """
+    fault = fault if isinstance(fault, dict) else {}
+    message = str(fault.get("message") or "no fault reported")
+    code = fault.get("code")
+    text = f"{code} {message}" if code else message
+    if any(marker in text for marker in table.quota):
+        return QuotaError(f"node went to ERROR: {text}")
+    if any(marker in text for marker in table.capacity_type):
+        return CapacityError(f"node went to ERROR: {text}", instance_type_specific=True)
+    if any(marker in text for marker in table.capacity_any):
+        return CapacityError(f"node went to ERROR: {text}")
+    return CloudError(f"node went to ERROR: {text}")

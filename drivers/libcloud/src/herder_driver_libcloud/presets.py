@@ -52,6 +52,18 @@ class Preset:
     #: each node is backed by an SSH server on this host running commands as herder's user
     #: (libcloud's dummy boots nothing; this lets ``herder serve`` run containers on it)
     local_ssh: bool = False
+    #: keyword of create_node that asks for a spot (preemptible) node, and the one carrying the
+    #: maximum price; None when the provider has no spot market (the preset then does not
+    #: declare ``spot``, and ``herder config check`` refuses preemptible types)
+    spot_keyword: str | None = None
+    spot_price_keyword: str | None = None
+    #: the provider accepts a create and places the node later, reporting a failure to place
+    #: it (no capacity) only as the node's ERROR state: create waits for the placement
+    awaits_placement: bool = False
+    #: keyword of create_node that carries an idempotency token (EC2's ``ClientToken``): with
+    #: it, a repeated create key is the provider's to recognise, and the preset declares
+    #: ``idempotent_create``
+    client_token_keyword: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -72,8 +84,19 @@ PRESETS: dict[str, Preset] = {
         tags=TagStrategy.EC2_TAGS,
         errors=EC2_ERRORS,
         capabilities=frozenset(
-            {Capability.QUOTA_ERRORS, Capability.CAPACITY_ERRORS, Capability.RATE_LIMIT_ERRORS}
+            {
+                Capability.QUOTA_ERRORS,
+                Capability.CAPACITY_ERRORS,
+                Capability.RATE_LIMIT_ERRORS,
+                Capability.SPOT,
+                # EC2's GPU types are sizes like any other (no accelerator to attach)
+                Capability.GPU,
+                Capability.IDEMPOTENT_CREATE,
+            }
         ),
+        client_token_keyword="ex_clienttoken",  # noqa: S106 (a keyword name)
+        spot_keyword="ex_spot",
+        spot_price_keyword="ex_spot_max_price",
         # libcloud's default signature for EC2 is SigV2, which current endpoints (and moto)
         # route elsewhere, so that every listing is quietly empty.
         default_options={"signature_version": "4"},
@@ -83,7 +106,12 @@ PRESETS: dict[str, Preset] = {
         provider="openstack",
         tags=TagStrategy.METADATA,
         errors=OPENSTACK_ERRORS,
-        capabilities=frozenset({Capability.QUOTA_ERRORS, Capability.RATE_LIMIT_ERRORS}),
+        capabilities=frozenset(
+            {Capability.QUOTA_ERRORS, Capability.CAPACITY_ERRORS, Capability.RATE_LIMIT_ERRORS}
+        ),
+        # Nova answers 202 and schedules afterwards: "No valid host was found" arrives as the
+        # server's fault when it turns ERROR.
+        awaits_placement=True,
         tested="the conformance suite against a fake of the Compute (Nova) API",
     ),
 }

@@ -665,6 +665,32 @@ def check_gpu(harness: ConformanceHarness) -> None:
     _create_kind(harness, harness.target.instance_type(gpu=True), rules.GPU_CREATES)
 
 
+def check_default_types_within_capabilities(harness: ConformanceHarness) -> None:
+    """The types a driver offers by itself need the capabilities it declares: herder checks
+    configured types against them (``herder config check``), and must be able to trust the
+    driver's own offer as much."""
+    target = harness.target
+    params = target.validated_params()
+    try:
+        offered: Any = target.driver.default_instance_types(params)
+    except Exception as exc:
+        raise fail(f"default_instance_types raised {type(exc).__name__}: {exc}",
+                   rules.DEFAULT_TYPES_DECLARED) from exc
+    if not isinstance(offered, dict) or not all(
+        isinstance(it, InstanceType) for it in offered.values()
+    ):
+        raise fail(f"default_instance_types returned {offered!r}, not a dict of InstanceType",
+                   rules.DEFAULT_TYPES_DECLARED)
+    declared = target.declared
+    for name, it in offered.items():
+        if it.preemptible and Capability.SPOT not in declared:
+            raise fail(f"default_instance_types offers preemptible {name!r} without declaring "
+                       "spot", rules.DEFAULT_TYPES_DECLARED)
+        if it.gpu.device_count > 0 and Capability.GPU not in declared:
+            raise fail(f"default_instance_types offers {name!r} with GPUs without declaring "
+                       "gpu", rules.DEFAULT_TYPES_DECLARED)
+
+
 #: Every check, by the name its pytest test carries (``test_<name>``).
 CHECKS: dict[str, Callable[[ConformanceHarness], None]] = {
     "create_returns_instance": check_create_returns_instance,
@@ -690,6 +716,7 @@ CHECKS: dict[str, Callable[[ConformanceHarness], None]] = {
     "spot": check_spot,
     "gpu": check_gpu,
     "idempotent_create": check_idempotent_create,
+    "default_types_within_capabilities": check_default_types_within_capabilities,
 }
 
 

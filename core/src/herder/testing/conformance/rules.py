@@ -1,4 +1,4 @@
-"""The rules a cloud driver must keep, as herder relies on them (SPEC §1).
+"""The rules a cloud driver must keep, as herder relies on them (``DEVELOPING-DRIVERS.md`` §2).
 
 Each rule has one sentence, quoted in every failure message as ``(rule: <sentence>)`` so that a
 driver author reading a red test knows what to fix without reading herder's internals.
@@ -68,6 +68,10 @@ HOST_KEY_DECLARED = (
 PRICE_HISTORY_ORDERED = "price_history returns InstancePrice points, newest first"
 SPOT_CREATES = "a driver declaring spot creates preemptible instance types"
 GPU_CREATES = "a driver declaring gpu creates GPU instance types"
+DEFAULT_TYPES_DECLARED = (
+    "default_instance_types offers a preemptible type only with the spot capability and a type "
+    "with GPUs only with the gpu capability (for the same parameters)"
+)
 INIT_COMMAND_RUN = "create runs init_command as root at the instance's first boot"
 PUBLIC_KEY_INSTALLED = "create lets public_key log in as the instance's remote_user"
 IDEMPOTENT_CREATE = (
@@ -101,6 +105,7 @@ ALL_RULES: tuple[str, ...] = (
     PRICE_HISTORY_ORDERED,
     SPOT_CREATES,
     GPU_CREATES,
+    DEFAULT_TYPES_DECLARED,
     INIT_COMMAND_RUN,
     PUBLIC_KEY_INSTALLED,
     IDEMPOTENT_CREATE,

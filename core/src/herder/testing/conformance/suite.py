@@ -138,6 +138,11 @@ class DriverConformance:
     def test_idempotent_create(self, conformance_harness: ConformanceHarness) -> None:
         _run("idempotent_create", conformance_harness)
 
+    def test_default_types_within_capabilities(
+        self, conformance_harness: ConformanceHarness
+    ) -> None:
+        _run("default_types_within_capabilities", conformance_harness)
+
 
 class TestDriverConformance(DriverConformance):
     """The suite, collected as is by ``from herder.testing.conformance import *``."""
