@@ -6,6 +6,7 @@ runtime (wall clock or virtual) and in where the queue lives.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from herder.cloud import Driver, DriverContext, Instance, InstanceSet
+from herder.cloud import Driver, DriverContext, DriverParameters, Instance, InstanceSet
 from herder.config import Config
 from herder.executor import Executor, ExecutorFactory
 from herder.metrics import ContainerMetrics
@@ -43,6 +44,29 @@ def default_instance_set_id(config: Config) -> str:
         return config.cloud.instance_set_id
     digest = hashlib.sha256(f"herder:{config.cluster_id}".encode()).hexdigest()[:15]
     return f"{config.cluster_id}-is000-{digest}"
+
+
+def with_driver_billing(
+    config: Config,
+    driver: Driver,
+    params: DriverParameters,
+    types: dict[str, InstanceType],
+) -> dict[str, InstanceType]:
+    """The types, each with the billing the driver states unless its config keys state one.
+
+    A ``<name>.preemptible`` variant follows its base type's keys.
+    """
+    out: dict[str, InstanceType] = {}
+    for name, it in types.items():
+        cfg = config.instance_types.get(name) or config.instance_types.get(
+            name.removesuffix(".preemptible")
+        )
+        stated = driver.billing(params, it)
+        if (cfg is not None and cfg.configured_billing() is not None) or stated is None:
+            out[name] = it
+        else:
+            out[name] = dataclasses.replace(it, billing=stated)
+    return out
 
 
 class QueueReporter(ContainerReporter):
@@ -130,8 +154,11 @@ class Dispatcher:
             driver = self.plugins.driver_class(config.cloud.driver)()
         self.driver = driver
         params = driver.validate_parameters(config.cloud.driver_parameters)
-        self.instance_types = config.build_instance_types() or driver.default_instance_types(
-            params
+        self.instance_types = with_driver_billing(
+            config,
+            driver,
+            params,
+            config.build_instance_types() or driver.default_instance_types(params),
         )
         self.sizer = ConfigSizer(
             self.instance_types,

@@ -204,8 +204,14 @@ def run_simulation(
     pending.reverse()
     deadline = start + max_sim_time
     all_final_at: float | None = None
+    # An idle instance whose billing increment is paid is kept until the increment ends.
+    paid_idle = max(
+        (max(it.billing.increment, it.billing.minimum) for it in disp.instance_types.values()),
+        default=0.0,
+    )
     drain_grace = (
-        config.cloud.timeout_idle
+        paid_idle
+        + config.cloud.timeout_idle
         + 2 * config.cloud.sync_interval
         + config.cloud.timeout_shutdown
         + 2 * config.cloud.probe_interval

@@ -31,6 +31,7 @@ from herder.executor import ExecutorFactory
 from herder.model import (
     BootOutcome,
     Container,
+    DrainCause,
     IdleBehavior,
     InstanceType,
     InstanceView,
@@ -670,7 +671,10 @@ class Pool(WorkerPool):
             due: list[str] = []
             for instance_id in sorted(self._workers):
                 worker = self._workers[instance_id]
-                if worker.state == WorkerState.SHUTDOWN or worker.shutdown_if_idle():
+                if worker.state == WorkerState.SHUTDOWN:
+                    continue
+                worker.retire_if_old()
+                if worker.shutdown_if_idle():
                     continue
                 if instance_id in self._probe_pending:
                     continue
@@ -745,13 +749,59 @@ class Pool(WorkerPool):
             worker.report_boot_outcome(BootOutcome.ABORTED)
             worker.shutdown()
 
-    def set_idle_behavior(self, instance_id: str, behavior: IdleBehavior) -> None:
-        """Set run / hold / drain; may shut the worker down at once."""
+    def set_idle_behavior(
+        self,
+        instance_id: str,
+        behavior: IdleBehavior,
+        cause: DrainCause = DrainCause.OPERATOR,
+        reason: str = "",
+    ) -> None:
+        """Set run / hold / drain; may shut the worker down at once.
+
+        The default cause is an operator's request (the API and CLI call this), which herder
+        never undoes by itself.
+        """
         with self._lock:
             worker = self._workers.get(instance_id)
             if worker is None:
                 raise PoolError(f"no such instance: {instance_id}")
-            worker.set_idle_behavior(behavior)
+            if cause is DrainCause.OPERATOR and not reason and behavior != IdleBehavior.RUN:
+                reason = f"{behavior.value} requested by an operator"
+            worker.set_idle_behavior(behavior, cause, reason)
+
+    def auto_drain(self, instance_id: str, cause: DrainCause, reason: str) -> bool:
+        """Drain an instance for one of herder's own reasons, if it is taking work now.
+
+        Refused (False) for an instance that is held or draining already: whatever set that
+        (an operator, say) keeps it.
+        """
+        with self._lock:
+            worker = self._workers.get(instance_id)
+            if worker is None or worker.idle_behavior != IdleBehavior.RUN:
+                return False
+            if worker.state == WorkerState.SHUTDOWN:
+                return False
+            worker.set_idle_behavior(IdleBehavior.DRAIN, cause, reason)
+        self._notify()
+        return True
+
+    def undo_drain(self, instance_id: str, cause: DrainCause) -> bool:
+        """Put an instance drained for ``cause`` back to work; False if anything else drained it.
+
+        Only herder's reversible causes can be undone: an operator's drain (or hold) stays.
+        """
+        if not cause.automatic_undo:
+            return False
+        with self._lock:
+            worker = self._workers.get(instance_id)
+            if worker is None or worker.drain_cause is not cause:
+                return False
+            if worker.idle_behavior != IdleBehavior.DRAIN or worker.state == WorkerState.SHUTDOWN:
+                return False
+            worker.log.info("drain (%s) cancelled: %s", cause.value, "work for it returned")
+            worker.set_idle_behavior(IdleBehavior.RUN)
+        self._notify()
+        return True
 
     # ------------------------------------------------------------------ metrics
 
