@@ -30,6 +30,7 @@ from herder.config import Config
 from herder.model import InstanceType, WorkerState
 from herder.queue.base import ContainerQueue
 from herder.runtime import Runtime, TimerHandle
+from herder.scheduler.consolidate import Consolidator
 from herder.scheduler.metrics import SchedulerMetrics
 from herder.scheduler.ops import RETRY_DELAY, ContainerOps
 from herder.scheduler.queue_index import QueueIndex
@@ -92,6 +93,12 @@ class Scheduler:
             pool=pool,
             timeout=config.containers.stale_lock_timeout,
             on_timeout=self._trigger.fire,
+            logger=self._log,
+        )
+        self._consolidator = Consolidator(
+            pool=pool,
+            instance_types=instance_types,
+            threshold=config.cloud.consolidation_threshold,
             logger=self._log,
         )
         self._last = PassResult()
@@ -214,6 +221,13 @@ class Scheduler:
                 queue_time=queue_time,
                 any_unknown=counts.get(WorkerState.UNKNOWN, 0) > 0,
             )
+            if self._consolidator.enabled:
+                index = self._run_queue.index
+                self._consolidator.run(
+                    now=now,
+                    entries=entries,
+                    demand=any(uuid not in running for _, uuid in index.waiting),
+                )
             self._update_metrics(result, running, now)
             self.passes += 1
         next_wake = now + self._config.cloud.poll_interval
