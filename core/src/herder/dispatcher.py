@@ -20,13 +20,21 @@ from prometheus_client import CollectorRegistry
 from herder.cloud import Driver, DriverContext, DriverParameters, Instance, InstanceSet
 from herder.config import Config
 from herder.executor import Executor, ExecutorFactory
-from herder.metrics import ContainerMetrics
+from herder.metrics import ContainerMetrics, SpendMetrics
 from herder.model import ContainerState, InstanceType
 from herder.plugins import Plugins
 from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
 from herder.runtime import Runtime
 from herder.scheduler.scheduler import Scheduler
 from herder.sizing import ConfigSizer
+from herder.spend import (
+    Budget,
+    JsonLinesLedger,
+    MemoryLedger,
+    SpendLedger,
+    SpendTracker,
+    ledger_path_for,
+)
 from herder.worker.bootprobe import BootProbe
 from herder.worker.interfaces import ContainerReporter
 from herder.worker.pool import Pool
@@ -142,10 +150,15 @@ class Dispatcher:
         public_key: str | None = None,
         uuid_random_bytes: Callable[[int], bytes] | None = None,
         rng: random.Random | None = None,
+        ledger: SpendLedger | None = None,
     ) -> None:
         """``uuid_random_bytes`` and ``rng`` (the pool's draws: probe jitter, instance secrets)
         default to unpredictable sources; a simulation passes seeded ones, so that the same
-        seed gives the same run."""
+        seed gives the same run.
+
+        ``ledger`` keeps the instances' spend; by default a JSON-lines file next to the queue's
+        database (``cloud.budget.ledger_path`` to choose), or memory for a queue in memory.  A
+        queue backend that keeps spend itself would be passed here."""
         self.config = config
         self.runtime = runtime
         self.plugins = plugins or Plugins.load()
@@ -211,6 +224,15 @@ class Dispatcher:
             registry=self.registry,
             rng=rng,
         )
+        self.ledger = ledger if ledger is not None else open_ledger(config)
+        self.spend = SpendTracker(self.ledger, self.instance_types, runtime.now())
+        budget = config.cloud.budget
+        self.budget = Budget(
+            period=budget.period,
+            soft_limit=budget.soft_limit,
+            hard_limit=budget.hard_limit,
+            on_hard_limit=budget.on_hard_limit,
+        )
         self.scheduler = Scheduler(
             runtime=runtime,
             queue=self.queue,
@@ -218,7 +240,10 @@ class Dispatcher:
             config=config,
             instance_types=self.instance_types,
             registry=self.registry,
+            tracker=self.spend,
+            budget=self.budget,
         )
+        self.spend_metrics = SpendMetrics(self.registry, self.budget)
         self.metrics = ContainerMetrics(self.registry, self.queue, self.pool)
         self._started = False
         self._lock = threading.Lock()
@@ -252,9 +277,20 @@ class Dispatcher:
         self.pool.stop()
         self.instance_set.stop()
         self.queue.close()
+        close = getattr(self.ledger, "close", None)
+        if close is not None:
+            close()
 
     def active_counts(self) -> dict[ContainerState, int]:
         return self.queue.counts()
+
+
+def open_ledger(config: Config) -> SpendLedger:
+    """The spend ledger the configuration asks for (see :func:`herder.spend.ledger_path_for`)."""
+    path = ledger_path_for(config.cloud.budget.ledger_path, config.queue.path)
+    if path is None:
+        return MemoryLedger()
+    return JsonLinesLedger(path)
 
 
 def public_key_from_private(path: str) -> str:

@@ -29,6 +29,7 @@ GiB = 1024**3
 def sim_config(types: dict[str, Any] | None = None, **cloud: Any) -> Config:
     """A sim cloud with short timeouts; ``cloud`` keys override the ``cloud`` section."""
     params = {"seed": 5, "boot_delay": 5, **cloud.pop("driver_parameters", {})}
+    queue_path = cloud.pop("queue_path", ":memory:")
     return Config.model_validate(
         {
             "cluster_id": "spend",
@@ -45,7 +46,7 @@ def sim_config(types: dict[str, Any] | None = None, **cloud: Any) -> Config:
                 "max_concurrent_instance_create_ops": 4,
                 **cloud,
             },
-            "queue": {"path": ":memory:"},
+            "queue": {"path": queue_path},
             "instance_types": types
             or {"c4": {"vcpus": 4, "ram": "16GiB", "price": 1.0}},
         }
@@ -55,15 +56,24 @@ def sim_config(types: dict[str, Any] | None = None, **cloud: Any) -> Config:
 class Engine:
     """One dispatcher on a sim cloud; time moves only through :meth:`run_for`."""
 
-    def __init__(self, config: Config, *, driver: SimDriver | None = None, **kwargs: Any) -> None:
-        self.runtime = VirtualRuntime(strict=True)
+    def __init__(
+        self,
+        config: Config,
+        *,
+        driver: SimDriver | None = None,
+        runtime: VirtualRuntime | None = None,
+        seed: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        """Pass the ``driver`` and ``runtime`` of a stopped engine to restart on its cloud."""
+        self.runtime = runtime or VirtualRuntime(strict=True)
         self.start = self.runtime.now()
         self.driver = driver or SimDriver()
         self.disp = Dispatcher(
             config,
             runtime=self.runtime,
             driver=self.driver,
-            uuid_random_bytes=random.Random(1).randbytes,
+            uuid_random_bytes=random.Random(seed).randbytes,
             rng=random.Random("1:pool"),
             **kwargs,
         )
@@ -100,6 +110,10 @@ class Engine:
         while self.runtime.now() < end:
             self.runtime.advance(min(step, end - self.runtime.now()))
 
+    def run_until(self, elapsed: float) -> None:
+        """Run until ``elapsed`` seconds after the engine's start."""
+        self.run_for(max(0.0, self.start + elapsed - self.runtime.now()))
+
     def run_until_done(self, uuids: list[str], limit: float = 6 * 3600) -> None:
         end = self.runtime.now() + limit
         while self.runtime.now() < end:
@@ -124,6 +138,14 @@ class Engine:
     def instance_of(self, uuid: str) -> str:
         return self.container(uuid).instance_id
 
-    def stop(self) -> None:
+    def status(self, uuid: str) -> str:
+        """The container's scheduling status as of the last pass."""
+        for item in self.disp.scheduler.snapshot():
+            if item.entry.container.uuid == uuid:
+                return item.scheduling_status
+        return ""
+
+    def stop(self, *, keep_runtime: bool = False) -> None:
         self.disp.stop()
-        self.runtime.shutdown()
+        if not keep_runtime:
+            self.runtime.shutdown()

@@ -64,6 +64,8 @@ class PassInput:
     entries: dict[str, QueueEntry]
     queue_time: float
     worker_counts: dict[WorkerState, int]
+    #: Why no instance may be created (the spend budget's message), or None.
+    no_new_instances: str | None = None
 
 
 @dataclass(slots=True)
@@ -353,6 +355,8 @@ class _Pass:
         if best is None and self._reclaimable(entry) is None:
             if filling:
                 return True
+            if self._over_budget(entry):
+                return True  # not locked: it could not use the lock
             if self.pool.at_quota():
                 return False
             if self._available_type(entry) is None:
@@ -378,6 +382,8 @@ class _Pass:
             return True
         if filling:
             return True
+        if self._over_budget(entry):
+            return True
         if self.pool.at_quota():
             return False
         it = self._available_type(entry)
@@ -395,6 +401,15 @@ class _Pass:
         self.statuses[uuid] = Status(StatusKind.WAITING_NEW_INSTANCE, detail=it.name)
         self.allocated_not_started += 1
         self.placement.add_created(view, it, entry.resources)
+        return True
+
+    def _over_budget(self, entry: QueueEntry) -> bool:
+        """The budget forbids new instances: the container waits, and says why."""
+        why = self.pin.no_new_instances
+        if why is None:
+            return False
+        self.qpos += 1
+        self.statuses[entry.container.uuid] = Status(StatusKind.BUDGET, self.qpos, why)
         return True
 
     def _reclaimable(self, entry: QueueEntry) -> Slot | None:
