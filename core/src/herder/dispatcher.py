@@ -274,6 +274,8 @@ class Dispatcher:
     def stop(self) -> None:
         """Stop in reverse order of start; instances are left running for the next start."""
         self.scheduler.stop()
+        # After the scheduler (which books spend in its passes) has stopped: no pass races this.
+        self.spend.flush(self.runtime.now())
         self.pool.stop()
         self.instance_set.stop()
         self.queue.close()

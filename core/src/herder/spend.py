@@ -18,6 +18,7 @@ table next to the containers) and the dispatcher would hand that in instead.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -108,26 +109,30 @@ class SpendLedger(Protocol):
 
 
 class MemoryLedger:
-    """A ledger that lives as long as the process (simulations, a queue in memory)."""
+    """A ledger that lives as long as the process (simulations, a queue in memory).
+
+    Entries are kept in time order, so a range is found by bisection.
+    """
 
     def __init__(self, entries: Iterable[SpendEntry] = ()) -> None:
         self._lock = threading.Lock()
         self._entries = sorted(entries, key=lambda e: e.at)
+        self._ats = [e.at for e in self._entries]
 
     def record(self, entry: SpendEntry) -> None:
         with self._lock:
-            if self._entries and entry.at < self._entries[-1].at:
-                self._entries.append(entry)
-                self._entries.sort(key=lambda e: e.at)
-            else:
-                self._entries.append(entry)
+            index = bisect.bisect_right(self._ats, entry.at)
+            self._ats.insert(index, entry.at)
+            self._entries.insert(index, entry)
 
     def total(self, start: float, end: float) -> float:
         return math.fsum(e.amount for e in self.entries(start, end))
 
     def entries(self, start: float, end: float) -> list[SpendEntry]:
         with self._lock:
-            return [e for e in self._entries if start <= e.at < end]
+            low = bisect.bisect_left(self._ats, start)
+            high = bisect.bisect_left(self._ats, end)
+            return self._entries[low:high]
 
 
 class JsonLinesLedger(MemoryLedger):
@@ -209,8 +214,9 @@ class SpendTracker:
     it is cheap.  Not thread-safe: one caller (the scheduler's pass) drives it.
     """
 
-    #: Per-second spend is booked at most this often per instance.
-    RECORD_EVERY = 60.0
+    #: Per-second spend is booked at most this often per instance (what is not booked yet
+    #: still counts, see :meth:`spent`; a restart books it from the instance's start).
+    RECORD_EVERY = 300.0
     #: How far back a restart looks for instances it still bills.
     LOOKBACK = 40 * 86400.0
 
@@ -223,6 +229,10 @@ class SpendTracker:
         self.ledger = ledger
         self._types = instance_types
         self._live: dict[str, _Accrual] = {}
+        #: (start, end) of the period last asked about, and what the ledger holds for it: kept
+        #: up to date as entries are booked, so the ledger is summed once per period.
+        self._period: tuple[float, float] | None = None
+        self._period_total = 0.0
         #: Instances the ledger knows from before this process, by id (start, booked so far).
         self._earlier: dict[str, _Accrual] = {}
         for entry in ledger.entries(now - self.LOOKBACK, math.inf):
@@ -271,8 +281,15 @@ class SpendTracker:
         if per_second and not force and until - acc.last_recorded < self.RECORD_EVERY:
             return
         self.ledger.record(SpendEntry(until, delta, instance_id, acc.instance_type, acc.started_at))
+        if self._period is not None and self._period[0] <= until < self._period[1]:
+            self._period_total += delta
         acc.recorded += delta
         acc.last_recorded = until
+
+    def flush(self, now: float) -> None:
+        """Book everything incurred up to ``now`` (at shutdown: nothing is left unbooked)."""
+        for instance_id, acc in self._live.items():
+            self._book(instance_id, acc, max(now, acc.last_seen), force=True)
 
     def unbooked(self, now: float) -> float:
         """Spend incurred by live instances but not booked yet (per-second billing)."""
@@ -282,7 +299,10 @@ class SpendTracker:
 
     def spent(self, start: float, end: float, now: float) -> float:
         """Spend booked in [start, end), plus what is not booked yet when ``now`` is in it."""
-        total = self.ledger.total(start, end)
+        if self._period != (start, end):
+            self._period = (start, end)
+            self._period_total = self.ledger.total(start, end)
+        total = self._period_total
         if start <= now < end:
             total += self.unbooked(now)
         return total

@@ -185,3 +185,17 @@ def test_budget_keys_are_checked_with_their_key_path():
         ("cloud.budget.hard_limit", "must not be below soft_limit (5), got 2"),
         ("cloud.budget.on_hard_limit", "invalid action 'kill': expected finish or stop"),
     ]
+
+
+def test_ledger_file_reads_back_in_time_order_and_skips_a_torn_line(tmp_path: Path):
+    path = tmp_path / "spend.jsonl"
+    ledger = JsonLinesLedger(path)
+    ledger.record(SpendEntry(200.0, 2.0, "i-2", "h", 150.0))
+    ledger.record(SpendEntry(100.0, 1.0, "i-1", "h", 50.0))
+    ledger.close()
+    with path.open("a") as f:
+        f.write('{"at": 300.0, "amou')  # a crash mid-write
+    again = JsonLinesLedger(path)
+    assert [e.instance_id for e in again.entries(0, 1000)] == ["i-1", "i-2"]
+    assert again.total(100.0, 200.0) == 1.0  # start inclusive, end exclusive
+    again.close()
