@@ -148,6 +148,18 @@ class JsonLinesLedger(MemoryLedger):
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(fd, 0o600)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
+        if self._torn_tail():
+            # A crash mid-write left half a line: end it, or the next entry would join it.
+            self._file.write("\n")
+            self._file.flush()
+
+    def _torn_tail(self) -> bool:
+        with self.path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
 
     def _load(self) -> list[SpendEntry]:
         try:

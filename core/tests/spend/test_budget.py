@@ -198,4 +198,6 @@ def test_ledger_file_reads_back_in_time_order_and_skips_a_torn_line(tmp_path: Pa
     again = JsonLinesLedger(path)
     assert [e.instance_id for e in again.entries(0, 1000)] == ["i-1", "i-2"]
     assert again.total(100.0, 200.0) == 1.0  # start inclusive, end exclusive
+    again.record(SpendEntry(400.0, 4.0, "i-4", "h", 350.0))
     again.close()
+    assert JsonLinesLedger(path).total(0, 1000) == 7.0  # the new entry is on a line of its own
