@@ -101,19 +101,22 @@ class Consolidator:
         ]
         if len(working) < 2:
             return []
-        light = []
-        for view in working:
-            use = self._use(view, entries)
-            if use is None or use.used_vcpus == 0 or use.fraction > self._threshold:
-                continue
-            if now - self._reclaimed_at.get(view.instance, -math.inf) < REDRAIN_HOLDOFF:
-                continue
-            light.append(use)
-        light.sort(key=Use.sort_key)
-        # Keep at least one instance taking work: the one that would empty last.
-        keep = len(working) - len(light)
-        if keep == 0:
-            light.pop()
+        uses = [u for u in (self._use(v, entries) for v in working) if u and u.used_vcpus]
+        if not uses:
+            return []  # idle ones go by the idle rules
+        # The instance that would empty last keeps taking work whatever its use: it lives
+        # longest anyway, so work placed there costs least.
+        keeper = max(uses, key=Use.sort_key)
+        light = sorted(
+            (
+                u
+                for u in uses
+                if u is not keeper
+                and u.fraction <= self._threshold
+                and now - self._reclaimed_at.get(u.view.instance, -math.inf) >= REDRAIN_HOLDOFF
+            ),
+            key=Use.sort_key,
+        )
         drained = []
         for use in light:
             reason = (
