@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from herder.cloud import Driver, DriverContext, DriverParameters, Instance, InstanceSet
 from herder.config import Config
+from herder.costs import CostReport, build_report, last_periods
 from herder.executor import Executor, ExecutorFactory
 from herder.metrics import ContainerMetrics, SpendMetrics
 from herder.model import ContainerState, InstanceType
@@ -29,11 +30,15 @@ from herder.scheduler.scheduler import Scheduler
 from herder.sizing import ConfigSizer
 from herder.spend import (
     Budget,
+    BudgetState,
+    ContainerCost,
+    ContainerCostLog,
     JsonLinesLedger,
     MemoryLedger,
     SpendLedger,
     SpendTracker,
     ledger_path_for,
+    period_bounds,
 )
 from herder.worker.bootprobe import BootProbe
 from herder.worker.interfaces import ContainerReporter
@@ -85,11 +90,17 @@ class QueueReporter(ContainerReporter):
     """
 
     def __init__(
-        self, queue: ContainerQueue, instance_types: dict[str, InstanceType], runtime: Runtime
+        self,
+        queue: ContainerQueue,
+        instance_types: dict[str, InstanceType],
+        runtime: Runtime,
+        costs: ContainerCostLog | None = None,
     ) -> None:
+        """``costs`` also keeps each finished container's cost, for cost reports."""
         self.queue = queue
         self.instance_types = instance_types
         self.runtime = runtime
+        self.costs = costs
 
     def container_started(self, uuid: str, instance_id: str, instance_type: str) -> None:
         try:
@@ -106,13 +117,27 @@ class QueueReporter(ContainerReporter):
             return
         if log_data:
             self.queue.append_log(uuid, log_data)
+        cost = 0.0
         if ctr.started_at is not None and ctr.instance_type in self.instance_types:
             hours = max(0.0, self.runtime.now() - ctr.started_at) / 3600.0
-            self.queue.add_cost(uuid, hours * self.instance_types[ctr.instance_type].price)
+            cost = hours * self.instance_types[ctr.instance_type].price
+            self.queue.add_cost(uuid, cost)
         try:
             self.queue.finish(uuid, exit_code)
         except InvalidTransition as exc:
             log.warning("cannot record exit code %d of %s: %s", exit_code, uuid, exc)
+            return
+        if self.costs is not None:
+            self.costs.record_container(
+                ContainerCost(
+                    at=self.runtime.now(),
+                    uuid=uuid,
+                    name=ctr.spec.name,
+                    instance_type=ctr.instance_type,
+                    cost=ctr.cost + cost,
+                    exit_code=exit_code,
+                )
+            )
 
 
 @dataclass
@@ -209,7 +234,13 @@ class Dispatcher:
         if executor_factory is None:
             executor_factory = self._configured_executor_factory()
 
-        self.reporter = QueueReporter(self.queue, self.instance_types, runtime)
+        self.ledger = ledger if ledger is not None else open_ledger(config)
+        self.reporter = QueueReporter(
+            self.queue,
+            self.instance_types,
+            runtime,
+            costs=self.ledger if isinstance(self.ledger, ContainerCostLog) else None,
+        )
         self.pool = Pool(
             runtime=runtime,
             instance_set=self.instance_set,
@@ -224,7 +255,6 @@ class Dispatcher:
             registry=self.registry,
             rng=rng,
         )
-        self.ledger = ledger if ledger is not None else open_ledger(config)
         self.spend = SpendTracker(self.ledger, self.instance_types, runtime.now())
         budget = config.cloud.budget
         self.budget = Budget(
@@ -285,6 +315,41 @@ class Dispatcher:
 
     def active_counts(self) -> dict[ContainerState, int]:
         return self.queue.counts()
+
+    # ---- spend, for the API (plain data; thread-safe)
+
+    def budget_state(self) -> BudgetState:
+        """The budget as of the latest scheduling pass: period, spend in it, limits, whether
+        they are reached.  Before the first pass, spend in the period as the ledger has it."""
+        last = self.budget.last
+        if last is not None:
+            return last
+        now = self.runtime.now()
+        start, end = period_bounds(now, self.budget.period)
+        b = self.budget
+        return BudgetState(
+            b.period, start, end, self.ledger.total(start, end), b.soft_limit, b.hard_limit,
+            b.on_hard_limit, at=now,
+        )
+
+    def cost_report(self, period: str = "day", periods: int = 7) -> CostReport:
+        """Spend by ``period`` (hour, day, month; UTC) over the last ``periods`` of them, by
+        instance type, and the cost of the containers that finished meanwhile.
+
+        Spend is what the ledger has booked: per-second spend of running instances is booked
+        every few minutes, so the current period may lag that much (``budget_state`` counts
+        it).  Raises ValueError for an unknown period.
+        """
+        now = self.runtime.now()
+        since, until = last_periods(now, period, periods)
+        costs = self.ledger if isinstance(self.ledger, ContainerCostLog) else None
+        return build_report(
+            self.ledger.entries(since, until),
+            costs.containers(since, until) if costs is not None else [],
+            period=period,
+            since=since,
+            until=until,
+        )
 
 
 def open_ledger(config: Config) -> SpendLedger:

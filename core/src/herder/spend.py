@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from herder.model import PER_SECOND, Billing, InstanceType, InstanceView
 
@@ -92,6 +92,44 @@ class SpendEntry:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class ContainerCost:
+    """What one finished container cost: its running time at its instance type's price."""
+
+    at: float  # when it finished
+    uuid: str
+    name: str
+    instance_type: str
+    cost: float
+    exit_code: int
+
+    def to_json(self) -> dict[str, float | int | str]:
+        return {
+            "kind": "container",
+            "at": self.at,
+            "uuid": self.uuid,
+            "name": self.name,
+            "instance_type": self.instance_type,
+            "cost": self.cost,
+            "exit_code": self.exit_code,
+        }
+
+
+@runtime_checkable
+class ContainerCostLog(Protocol):
+    """Where the cost of each finished container is kept, for cost reports.
+
+    Separate from :class:`SpendLedger` (what the budget needs); both file ledgers here
+    implement it, and a queue backend would answer it from its container records.
+    """
+
+    def record_container(self, cost: ContainerCost) -> None: ...
+
+    def containers(self, start: float, end: float) -> list[ContainerCost]:
+        """Containers that finished in ``[start, end)``, oldest first."""
+        ...
+
+
 class SpendLedger(Protocol):
     """Where spend is kept.  Implementations are thread-safe."""
 
@@ -114,10 +152,23 @@ class MemoryLedger:
     Entries are kept in time order, so a range is found by bisection.
     """
 
-    def __init__(self, entries: Iterable[SpendEntry] = ()) -> None:
+    def __init__(
+        self, entries: Iterable[SpendEntry] = (), containers: Iterable[ContainerCost] = ()
+    ) -> None:
         self._lock = threading.Lock()
         self._entries = sorted(entries, key=lambda e: e.at)
         self._ats = [e.at for e in self._entries]
+        self._containers = sorted(containers, key=lambda c: c.at)
+
+    def record_container(self, cost: ContainerCost) -> None:
+        with self._lock:
+            self._containers.append(cost)
+            if len(self._containers) > 1 and cost.at < self._containers[-2].at:
+                self._containers.sort(key=lambda c: c.at)
+
+    def containers(self, start: float, end: float) -> list[ContainerCost]:
+        with self._lock:
+            return [c for c in self._containers if start <= c.at < end]
 
     def record(self, entry: SpendEntry) -> None:
         with self._lock:
@@ -144,7 +195,8 @@ class JsonLinesLedger(MemoryLedger):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        super().__init__(self._load())
+        entries, containers = _read_lines(self.path)
+        super().__init__(entries, containers)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(fd, 0o600)
         self._file = os.fdopen(fd, "a", encoding="utf-8")
@@ -161,39 +213,67 @@ class JsonLinesLedger(MemoryLedger):
             f.seek(-1, os.SEEK_END)
             return f.read(1) != b"\n"
 
-    def _load(self) -> list[SpendEntry]:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        out: list[SpendEntry] = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-                out.append(
-                    SpendEntry(
-                        at=float(raw["at"]),
-                        amount=float(raw["amount"]),
-                        instance_id=str(raw["instance_id"]),
-                        instance_type=str(raw["instance_type"]),
-                        started_at=float(raw["started_at"]),
-                    )
-                )
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("%s:%d: skipping unreadable spend entry: %s", self.path, number, exc)
-        return out
-
     def record(self, entry: SpendEntry) -> None:
-        with self._lock:
-            self._file.write(json.dumps(entry.to_json(), sort_keys=True) + "\n")
-            self._file.flush()
+        self._append(entry.to_json())
         super().record(entry)
+
+    def record_container(self, cost: ContainerCost) -> None:
+        self._append(cost.to_json())
+        super().record_container(cost)
+
+    def _append(self, data: Mapping[str, object]) -> None:
+        with self._lock:
+            self._file.write(json.dumps(data, sort_keys=True) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
         with self._lock:
             self._file.close()
+
+
+def _read_lines(path: Path) -> tuple[list[SpendEntry], list[ContainerCost]]:
+    """The entries of a ledger file; unreadable lines are skipped with a warning."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [], []
+    out: list[SpendEntry] = []
+    containers: list[ContainerCost] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            if raw.get("kind") == "container":
+                containers.append(
+                    ContainerCost(
+                        at=float(raw["at"]),
+                        uuid=str(raw["uuid"]),
+                        name=str(raw["name"]),
+                        instance_type=str(raw["instance_type"]),
+                        cost=float(raw["cost"]),
+                        exit_code=int(raw["exit_code"]),
+                    )
+                )
+                continue
+            out.append(
+                SpendEntry(
+                    at=float(raw["at"]),
+                    amount=float(raw["amount"]),
+                    instance_id=str(raw["instance_id"]),
+                    instance_type=str(raw["instance_type"]),
+                    started_at=float(raw["started_at"]),
+                )
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("%s:%d: skipping unreadable spend entry: %s", path, number, exc)
+    return out, containers
+
+
+def read_ledger(path: str | os.PathLike[str]) -> MemoryLedger:
+    """A ledger file's contents, read only (``herder costs``: nothing is created or written)."""
+    entries, containers = _read_lines(Path(path))
+    return MemoryLedger(entries, containers)
 
 
 def ledger_path_for(ledger_path: str, queue_path: str) -> str | None:
