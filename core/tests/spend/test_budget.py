@@ -201,3 +201,26 @@ def test_ledger_file_reads_back_in_time_order_and_skips_a_torn_line(tmp_path: Pa
     again.record(SpendEntry(400.0, 4.0, "i-4", "h", 350.0))
     again.close()
     assert JsonLinesLedger(path).total(0, 1000) == 7.0  # the new entry is on a line of its own
+
+
+def test_a_budget_drain_is_still_undone_after_a_restart(tmp_path: Path):
+    keys = budget(hard_limit=0.5, ledger_path=str(tmp_path / "spend.jsonl"))
+    config = sim_config(**keys, queue_path=str(tmp_path / "herder.db"))
+    eng = Engine(config)
+    held = eng.submit(3 * 3600, name="long")
+    eng.run_for(35 * 60)
+    instance = eng.instance_of(held)
+    eng.stop(keep_runtime=True)
+    assert eng.driver.cloud is not None
+    (vm,) = [v for v in eng.driver.cloud.all_vms() if v.id == instance]
+    assert vm.tags["HerderDrainCause"] == "budget"
+
+    again = Engine(config, driver=eng.driver, runtime=eng.runtime, seed=2)
+    again.run_for(60)
+    (view,) = [v for v in again.instances() if v.instance == instance]
+    assert view.idle_behavior == IdleBehavior.DRAIN and view.drain_cause == DrainCause.BUDGET
+    again.run_for(eng.start + DAY_LEFT + 30 - again.runtime.now())  # the next day begins
+    (view,) = [v for v in again.instances() if v.instance == instance]
+    assert view.idle_behavior == IdleBehavior.RUN
+    assert again.container(held).state == ContainerState.RUNNING
+    again.stop()

@@ -46,6 +46,7 @@ from herder.worker.runner import RunnerDeployment
 from herder.worker.throttle import SlotLimiter, Throttle, wrap_instance_set
 from herder.worker.verify import TagVerifier, init_command
 from herder.worker.worker import (
+    TAG_DRAIN_CAUSE,
     TAG_IDLE_BEHAVIOR,
     TAG_INSTANCE_SECRET,
     TAG_INSTANCE_SET_ID,
@@ -512,6 +513,16 @@ class Pool(WorkerPool):
             )
             behavior = IdleBehavior.DRAIN
         worker = Worker(self._env, wrapped, it, self._executor_factory(wrapped), state, behavior)
+        if behavior != IdleBehavior.RUN:
+            # Who set it, as the tags remember it (a drain from before a restart): herder's
+            # own reversible drains stay reversible.
+            try:
+                cause = DrainCause(instance.tags.get(s.tag(TAG_DRAIN_CAUSE), ""))
+            except ValueError:
+                cause = DrainCause.NONE
+            if cause is not DrainCause.NONE:
+                worker.drain_cause = cause
+                worker.reason = f"{behavior.value} ({cause.value}) set before herder restarted"
         self._workers[instance.id] = worker
         self._log.info(
             "instance %s: new worker (%s, type %s, idle behavior %s)",

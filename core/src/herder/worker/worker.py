@@ -52,6 +52,9 @@ TAG_INSTANCE_SET_ID = "InstanceSetID"
 TAG_INSTANCE_TYPE = "InstanceType"
 TAG_IDLE_BEHAVIOR = "IdleBehavior"
 TAG_INSTANCE_SECRET = "InstanceSecret"  # noqa: S105 (a tag name)
+#: What drained or held the instance (:class:`DrainCause`), so that herder still knows after a
+#: restart which drains are its own to undo.  Written only once a cause has been set.
+TAG_DRAIN_CAUSE = "DrainCause"
 
 
 def _positive(value: float, default: float) -> float:
@@ -581,6 +584,9 @@ class Worker:
             settings.tag(TAG_INSTANCE_TYPE): self.instance_type.name,
             settings.tag(TAG_IDLE_BEHAVIOR): self.idle_behavior.value,
         }
+        cause_tag = settings.tag(TAG_DRAIN_CAUSE)
+        if self.drain_cause is not DrainCause.NONE or cause_tag in tags:
+            desired[cause_tag] = self.drain_cause.value
         if all(tags.get(k) == v for k, v in desired.items()):
             return
         tags.update(desired)
