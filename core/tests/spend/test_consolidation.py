@@ -9,10 +9,10 @@ from herder.model import DrainCause, IdleBehavior
 MiB = 1024**2
 
 
-def _two_instances(threshold: float) -> tuple[Engine, list[str], str]:
+def _two_instances(threshold: float, **cloud: object) -> tuple[Engine, list[str], str]:
     """Instance A (created first) runs two short containers; B one long one that fills its
     RAM.  Returns the engine, the short containers and the long one."""
-    eng = Engine(sim_config(consolidation_threshold=threshold))
+    eng = Engine(sim_config(consolidation_threshold=threshold, **cloud))
     shorts = [eng.submit(300, ram=2 * GiB, max_run_time=600, name=f"s{i}") for i in range(2)]
     eng.run_for(2)
     long = eng.submit(3600, ram=14 * GiB, max_run_time=7200, name="long")
@@ -89,4 +89,23 @@ def test_an_operator_drain_is_never_undone():
     views = {v.instance: v for v in eng.disp.pool.instances()}
     if drained in views:  # still finishing its containers, or shut down already
         assert views[drained].drain_cause == DrainCause.OPERATOR
+    eng.stop()
+
+
+def test_an_emptied_consolidated_instance_keeps_its_paid_hour_for_demand():
+    hourly = {"billing_increment": 3600, "billing_minimum": 3600}
+    eng, shorts, long = _two_instances(0.5, driver_parameters=hourly)
+    eng.run_for(5)
+    drained = eng.instance_of(shorts[0])
+    eng.run_until_done(shorts)
+    eng.run_for(120)  # well past timeout_idle: still there, its hour is paid
+    (view,) = [v for v in eng.instances() if v.instance == drained]
+    assert view.worker_state.value == "idle" and view.drain_cause == DrainCause.CONSOLIDATION
+    big = eng.submit(60, ram=4 * GiB)  # does not fit the long container's instance
+    eng.run_for(10)
+    assert eng.instance_of(big) == drained  # taken back, nothing created
+    assert eng.stats.created == 2
+    eng.run_until(3600)
+    assert drained not in [v.instance for v in eng.instances()]  # gone before a second hour
+    assert eng.instance_of(long) in [v.instance for v in eng.instances()]
     eng.stop()

@@ -496,6 +496,11 @@ class Worker:
             case WorkerState.BOOTING:
                 return draining
             case WorkerState.IDLE:
+                if draining and self.drain_cause is DrainCause.CONSOLIDATION:
+                    # Consolidation only steers work away; once empty, the instance goes by
+                    # the idle rules, so a paid billing increment is not thrown away and
+                    # demand can still take it back meanwhile.
+                    return self.idle_expired(now)
                 return draining or self.idle_expired(now)
             case WorkerState.RUNNING:
                 runners = [*self.running.values(), *self.starting.values()]
