@@ -235,6 +235,7 @@ class Dispatcher:
             executor_factory = self._configured_executor_factory()
 
         self.ledger = ledger if ledger is not None else open_ledger(config)
+        self.spend = SpendTracker(self.ledger, self.instance_types, runtime.now())
         self.reporter = QueueReporter(
             self.queue,
             self.instance_types,
@@ -254,8 +255,8 @@ class Dispatcher:
             public_key=public_key,
             registry=self.registry,
             rng=rng,
+            started_at=self.spend.started_at,
         )
-        self.spend = SpendTracker(self.ledger, self.instance_types, runtime.now())
         budget = config.cloud.budget
         self.budget = Budget(
             period=budget.period,

@@ -335,6 +335,12 @@ class SpendTracker:
                 )
             acc.recorded += entry.amount
             acc.last_recorded = max(acc.last_recorded, entry.at)
+        #: Never changed after this: read from other threads (the pool's adoption).
+        self._starts = {k: acc.started_at for k, acc in self._earlier.items()}
+
+    def started_at(self, instance_id: str) -> float | None:
+        """When an instance the ledger knew before this process started (thread-safe)."""
+        return self._starts.get(instance_id)
 
     def _billing(self, type_name: str) -> Billing:
         it = self._types.get(type_name)

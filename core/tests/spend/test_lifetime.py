@@ -52,3 +52,22 @@ def test_an_operator_hold_is_not_turned_into_a_lifetime_drain():
     assert view.idle_behavior == IdleBehavior.HOLD
     assert view.drain_cause == DrainCause.OPERATOR
     eng.stop()
+
+
+def test_the_lifetime_counts_from_the_start_the_ledger_remembers_across_a_restart(tmp_path):
+    config = sim_config(
+        max_instance_lifetime="10m",
+        budget={"ledger_path": str(tmp_path / "spend.jsonl")},
+        queue_path=str(tmp_path / "herder.db"),
+    )
+    eng = Engine(config)
+    long = eng.submit(30 * 60)
+    eng.run_for(8 * 60)
+    instance = eng.instance_of(long)
+    eng.stop(keep_runtime=True)
+    again = Engine(config, driver=eng.driver, runtime=eng.runtime, seed=2)
+    again.run_for(3 * 60)  # 11 minutes old: drained, though adopted only 3 minutes ago
+    (view,) = [v for v in again.instances() if v.instance == instance]
+    assert view.drain_cause == DrainCause.LIFETIME
+    assert again.container(long).state == ContainerState.RUNNING
+    again.stop()

@@ -104,8 +104,12 @@ class Pool(WorkerPool):
         registry: CollectorRegistry | None = None,
         logger: logging.Logger | None = None,
         rng: random.Random | None = None,
+        started_at: Callable[[str], float | None] | None = None,
     ) -> None:
+        """``started_at`` tells when an instance found in the cloud (not created by this
+        process) started, if anything remembers it (the spend ledger does)."""
         self._runtime = runtime
+        self._started_at = started_at
         self._settings = settings = PoolSettings.from_config(config)
         self._instance_types = dict(instance_types)
         self._instance_set_id = instance_set_id
@@ -513,6 +517,10 @@ class Pool(WorkerPool):
             )
             behavior = IdleBehavior.DRAIN
         worker = Worker(self._env, wrapped, it, self._executor_factory(wrapped), state, behavior)
+        if state == WorkerState.UNKNOWN and self._started_at is not None:
+            started = self._started_at(instance.id)
+            if started is not None and started < worker.started:
+                worker.started = started
         if behavior != IdleBehavior.RUN:
             # Who set it, as the tags remember it (a drain from before a restart): herder's
             # own reversible drains stay reversible.

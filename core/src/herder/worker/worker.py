@@ -209,6 +209,10 @@ class Worker:
         self.drain_cause = DrainCause.NONE
         self.reason = ""
         self.appeared = now
+        #: When the instance started, as far as herder knows: its creation, or for an instance
+        #: adopted after a restart what the spend ledger remembers (else the adoption).  Billing
+        #: increments and the lifetime limit count from it; boot timeouts from ``appeared``.
+        self.started = now
         self.probed = now  # start of the last successful probe
         self.busy = now  # last time known busy
         self.updated = now  # last local modification
@@ -445,8 +449,8 @@ class Worker:
         self.shutdown_if_idle()
 
     def age(self) -> float:
-        """Seconds since the instance appeared (its creation, or its adoption after a restart)."""
-        return self._now() - self.appeared
+        """Seconds since the instance started (see :attr:`started`)."""
+        return self._now() - self.started
 
     def retire_if_old(self) -> bool:
         """Drain an instance past ``max_instance_lifetime`` (caller holds the lock).
@@ -481,7 +485,7 @@ class Worker:
         if now - self.busy < s.timeout_idle:
             return False
         billing = self.instance_type.billing
-        age = now - self.appeared
+        age = now - self.started
         if billing.per_second and age >= billing.minimum:
             return True
         return billing.paid_until(age) - age <= s.billing_shutdown_margin
