@@ -361,3 +361,7 @@ class InstanceView:
     reason: str = ""
     #: What set it (see :class:`DrainCause`); herder undoes only its own reversible causes.
     drain_cause: DrainCause = DrainCause.NONE
+    #: When the billing increment the instance is in ends (epoch seconds), for types billed in
+    #: increments longer than a second; 0 otherwise.  An idle instance is kept until shortly
+    #: before it (``cloud.billing_shutdown_margin``).
+    paid_until: float = 0.0

@@ -889,7 +889,14 @@ class Worker:
             probe_error=self.probe_error,
             reason=self.reason,
             drain_cause=self.drain_cause,
+            paid_until=self._paid_until(),
         )
+
+    def _paid_until(self) -> float:
+        billing = self.instance_type.billing
+        if billing.per_second and billing.minimum <= 1:
+            return 0.0
+        return self.started + billing.paid_until(self._now() - self.started)
 
     def metrics_sample(self) -> WorkerSample:
         """What the fleet gauges need (caller holds the lock)."""
