@@ -521,9 +521,10 @@ class Pool(WorkerPool):
             started = self._started_at(instance.id)
             if started is not None and started < worker.started:
                 worker.started = started
-        if behavior != IdleBehavior.RUN:
+        if behavior != IdleBehavior.RUN and it.provider_type:
             # Who set it, as the tags remember it (a drain from before a restart): herder's
-            # own reversible drains stay reversible.
+            # own reversible drains stay reversible.  (Not for a type no longer configured:
+            # that drain is for good.)
             try:
                 cause = DrainCause(instance.tags.get(s.tag(TAG_DRAIN_CAUSE), ""))
             except ValueError:
@@ -817,7 +818,7 @@ class Pool(WorkerPool):
                 return False
             if worker.idle_behavior != IdleBehavior.DRAIN or worker.state == WorkerState.SHUTDOWN:
                 return False
-            worker.log.info("drain (%s) cancelled: %s", cause.value, "work for it returned")
+            worker.log.info("drain (%s) undone", cause.value)
             worker.set_idle_behavior(IdleBehavior.RUN)
         self._notify()
         return True
