@@ -59,6 +59,7 @@ class BudgetEnforcer:
             if state.hard_reached:
                 self._hard_limit(state, views)
             else:
+                self._stopped.clear()
                 for view in views:
                     if view.drain_cause is DrainCause.BUDGET and self._pool.undo_drain(
                         view.instance, DrainCause.BUDGET
