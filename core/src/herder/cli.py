@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "herder.commands.plugins",
     "herder.commands.containers",
     "herder.commands.instances",
+    "herder.commands.costs",
     "herder.commands.cloudtest",
     "herder.commands.queue",
     "herder.commands.token",

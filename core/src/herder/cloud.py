@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 
-from herder.model import InstanceType
+from herder.model import Billing, InstanceType
 from herder.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -550,6 +550,17 @@ class Driver(ABC):
         loopback driver offers the local machine itself.
         """
         return {}
+
+    def billing(self, params: DriverParameters, instance_type: InstanceType) -> Billing | None:
+        """How the cloud bills ``instance_type`` (increment and minimum), or None: unknown.
+
+        herder keeps an idle instance whose billing increment is already paid until just
+        before the increment ends, and computes spend with it.  A type's own
+        ``billing_increment`` / ``billing_minimum`` keys win over this answer; with neither,
+        herder assumes per-second billing.  Called once per type at start-up; must not call
+        the cloud.
+        """
+        return None
 
     def executor_factory(self, instance_set: InstanceSet) -> ExecutorFactory | None:
         """Executors for ``instance_set``'s instances, or None (the default) for the configured one.

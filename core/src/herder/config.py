@@ -32,7 +32,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from herder import defaults
-from herder.model import CLUSTER_ID_RE, GPUSpec, InstanceType
+from herder.model import CLUSTER_ID_RE, Billing, GPUSpec, InstanceType
 from herder.plugins import PluginError, Plugins
 from herder.units import parse_duration, parse_size
 
@@ -68,6 +68,40 @@ class InstanceTypeConfig(_Strict):
     price: float = Field(0.0, ge=0)
     preemptible: bool = False
     gpu: GPUConfig = Field(default_factory=GPUConfig)
+    billing_increment: Duration | None = Field(
+        None,
+        description="the cloud bills this type in steps of this long (1s, 1h); unset: what the "
+        "driver says, else per second",
+    )
+    billing_minimum: Duration | None = Field(
+        None,
+        description="the least time the cloud bills for one instance of this type (60s); "
+        "unset: what the driver says, else 0 (or one increment when billing_increment is set)",
+    )
+
+    @field_validator("billing_increment")
+    @classmethod
+    def _increment(cls, v: float | None) -> float | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be at least 1s, got {duration_text(v)}")
+        return v
+
+    @field_validator("billing_minimum")
+    @classmethod
+    def _minimum(cls, v: float | None) -> float | None:
+        if v is not None and v < 0:
+            raise ValueError("must not be negative")
+        return v
+
+    def configured_billing(self) -> Billing | None:
+        """The billing this type's keys state, or None when neither key is set."""
+        if self.billing_increment is None and self.billing_minimum is None:
+            return None
+        increment = self.billing_increment if self.billing_increment is not None else 1.0
+        minimum = self.billing_minimum
+        if minimum is None:
+            minimum = increment if increment > 1 else 0.0
+        return Billing(increment, minimum)
 
     def build(self, name: str) -> InstanceType:
         return InstanceType(
@@ -79,6 +113,7 @@ class InstanceTypeConfig(_Strict):
             added_scratch=self.added_scratch,
             price=self.price,
             preemptible=self.preemptible,
+            billing=self.configured_billing() or Billing(),
             gpu=GPUSpec(
                 stack=self.gpu.stack,
                 driver_version=self.gpu.driver_version,
@@ -180,6 +215,60 @@ class CloudSSHConfig(_Strict):
         return v
 
 
+class BudgetConfig(_Strict):
+    """A spend limit per period (``cloud.budget``), in the instance types' price unit.
+
+    Spend is what the instances cost while they live (their lifetimes at the prices in force,
+    rounded to each type's billing increment), counted from the start of each period (UTC).
+    """
+
+    period: str = Field("day", description="hour, day or month (UTC)")
+    soft_limit: float | None = Field(
+        None, ge=0, description="at or above this spend no new instance is created; unset: none"
+    )
+    hard_limit: float | None = Field(
+        None,
+        ge=0,
+        description="at or above this spend every instance is drained; unset: none",
+    )
+    on_hard_limit: str = Field(
+        "finish",
+        description="what running containers do at the hard limit: finish (run to their end) "
+        "or stop (cancelled, saying why)",
+    )
+    ledger_path: str = Field(
+        "",
+        description="file the period's spend is kept in across restarts; \"\" = herder-spend.jsonl "
+        "next to queue.path (memory only when the queue is in memory)",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.soft_limit is not None or self.hard_limit is not None
+
+    @field_validator("period")
+    @classmethod
+    def _period(cls, v: str) -> str:
+        if v not in ("hour", "day", "month"):
+            raise ValueError(f"invalid budget period {v!r}: expected hour, day or month")
+        return v
+
+    @field_validator("on_hard_limit")
+    @classmethod
+    def _action(cls, v: str) -> str:
+        if v not in ("finish", "stop"):
+            raise ValueError(f"invalid action {v!r}: expected finish or stop")
+        return v
+
+    @field_validator("hard_limit")
+    @classmethod
+    def _hard_above_soft(cls, v: float | None, info: ValidationInfo) -> float | None:
+        soft = info.data.get("soft_limit")
+        if v is not None and soft is not None and v < soft:
+            raise ValueError(f"must not be below soft_limit ({soft:g}), got {v:g}")
+        return v
+
+
 class CloudConfig(_Strict):
     """The cloud and the worker pool (Arvados' ``CloudVMs`` section)."""
 
@@ -208,6 +297,30 @@ class CloudConfig(_Strict):
     max_probes_per_second: float = Field(10.0, ge=0)
     sync_interval: Duration = 60.0
     timeout_idle: Duration = 60.0
+    billing_shutdown_margin: Duration = Field(
+        60.0,
+        ge=0,
+        description="an idle instance whose billing increment is paid is kept until this long "
+        "before the increment ends (per-second types: timeout_idle alone decides)",
+    )
+    max_instance_lifetime: Duration = Field(
+        0.0,
+        ge=0,
+        description="an instance older than this is drained (takes no new container, finishes "
+        "its own) and replaced as demand asks; 0 = no limit",
+    )
+    consolidation_threshold: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="an instance using at most this fraction of its VCPUs is lightly used: "
+        "while nothing waits for an instance, the lightly used ones that can empty soonest "
+        "are drained so that new containers go elsewhere; 0 = off",
+    )
+    budget: BudgetConfig = Field(
+        default_factory=lambda: BudgetConfig(),
+        description="a spend limit per period; without soft_limit or hard_limit: none",
+    )
     timeout_booting: Duration = 600.0
     boot_failure_backoff: Duration = Field(
         60.0,
@@ -379,6 +492,7 @@ class Config(_Strict):
                     price=it.price * factor,
                     preemptible=True,
                     gpu=it.gpu,
+                    billing=it.billing,
                 )
         return types
 

@@ -6,6 +6,7 @@ runtime (wall clock or virtual) and in where the queue lives.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -16,10 +17,11 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from herder.cloud import Driver, DriverContext, Instance, InstanceSet
+from herder.cloud import Driver, DriverContext, DriverParameters, Instance, InstanceSet
 from herder.config import Config
+from herder.costs import CostReport, build_report, last_periods
 from herder.executor import Executor, ExecutorFactory
-from herder.metrics import ContainerMetrics
+from herder.metrics import ContainerMetrics, SpendMetrics
 from herder.model import ContainerState, InstanceType
 from herder.plugins import Plugins
 from herder.queue.backend import DispatchLock, open_queue
@@ -27,6 +29,18 @@ from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransiti
 from herder.runtime import Runtime
 from herder.scheduler.scheduler import Scheduler
 from herder.sizing import ConfigSizer
+from herder.spend import (
+    Budget,
+    BudgetState,
+    ContainerCost,
+    ContainerCostLog,
+    JsonLinesLedger,
+    MemoryLedger,
+    SpendLedger,
+    SpendTracker,
+    ledger_path_for,
+    period_bounds,
+)
 from herder.worker.bootprobe import BootProbe
 from herder.worker.interfaces import ContainerReporter
 from herder.worker.pool import Pool
@@ -46,6 +60,29 @@ def default_instance_set_id(config: Config) -> str:
     return f"{config.cluster_id}-is000-{digest}"
 
 
+def with_driver_billing(
+    config: Config,
+    driver: Driver,
+    params: DriverParameters,
+    types: dict[str, InstanceType],
+) -> dict[str, InstanceType]:
+    """The types, each with the billing the driver states unless its config keys state one.
+
+    A ``<name>.preemptible`` variant follows its base type's keys.
+    """
+    out: dict[str, InstanceType] = {}
+    for name, it in types.items():
+        cfg = config.instance_types.get(name) or config.instance_types.get(
+            name.removesuffix(".preemptible")
+        )
+        stated = driver.billing(params, it)
+        if (cfg is not None and cfg.configured_billing() is not None) or stated is None:
+            out[name] = it
+        else:
+            out[name] = dataclasses.replace(it, billing=stated)
+    return out
+
+
 class QueueReporter(ContainerReporter):
     """Records what workers report (a start, an exit code and log) in the queue.
 
@@ -54,11 +91,17 @@ class QueueReporter(ContainerReporter):
     """
 
     def __init__(
-        self, queue: ContainerQueue, instance_types: dict[str, InstanceType], runtime: Runtime
+        self,
+        queue: ContainerQueue,
+        instance_types: dict[str, InstanceType],
+        runtime: Runtime,
+        costs: ContainerCostLog | None = None,
     ) -> None:
+        """``costs`` also keeps each finished container's cost, for cost reports."""
         self.queue = queue
         self.instance_types = instance_types
         self.runtime = runtime
+        self.costs = costs
 
     def container_started(self, uuid: str, instance_id: str, instance_type: str) -> None:
         try:
@@ -75,13 +118,27 @@ class QueueReporter(ContainerReporter):
             return
         if log_data:
             self.queue.append_log(uuid, log_data)
+        cost = 0.0
         if ctr.started_at is not None and ctr.instance_type in self.instance_types:
             hours = max(0.0, self.runtime.now() - ctr.started_at) / 3600.0
-            self.queue.add_cost(uuid, hours * self.instance_types[ctr.instance_type].price)
+            cost = hours * self.instance_types[ctr.instance_type].price
+            self.queue.add_cost(uuid, cost)
         try:
             self.queue.finish(uuid, exit_code)
         except InvalidTransition as exc:
             log.warning("cannot record exit code %d of %s: %s", exit_code, uuid, exc)
+            return
+        if self.costs is not None:
+            self.costs.record_container(
+                ContainerCost(
+                    at=self.runtime.now(),
+                    uuid=uuid,
+                    name=ctr.spec.name,
+                    instance_type=ctr.instance_type,
+                    cost=ctr.cost + cost,
+                    exit_code=exit_code,
+                )
+            )
 
 
 @dataclass
@@ -119,10 +176,15 @@ class Dispatcher:
         public_key: str | None = None,
         uuid_random_bytes: Callable[[int], bytes] | None = None,
         rng: random.Random | None = None,
+        ledger: SpendLedger | None = None,
     ) -> None:
         """``uuid_random_bytes`` and ``rng`` (the pool's draws: probe jitter, instance secrets)
         default to unpredictable sources; a simulation passes seeded ones, so that the same
-        seed gives the same run."""
+        seed gives the same run.
+
+        ``ledger`` keeps the instances' spend; by default a JSON-lines file next to the queue's
+        database (``cloud.budget.ledger_path`` to choose), or memory for a queue in memory.  A
+        queue backend that keeps spend itself would be passed here."""
         self.config = config
         self.runtime = runtime
         self.plugins = plugins or Plugins.load()
@@ -131,8 +193,11 @@ class Dispatcher:
             driver = self.plugins.driver_class(config.cloud.driver)()
         self.driver = driver
         params = driver.validate_parameters(config.cloud.driver_parameters)
-        self.instance_types = config.build_instance_types() or driver.default_instance_types(
-            params
+        self.instance_types = with_driver_billing(
+            config,
+            driver,
+            params,
+            config.build_instance_types() or driver.default_instance_types(params),
         )
         self.sizer = ConfigSizer(
             self.instance_types,
@@ -172,7 +237,14 @@ class Dispatcher:
         if executor_factory is None:
             executor_factory = self._configured_executor_factory()
 
-        self.reporter = QueueReporter(self.queue, self.instance_types, runtime)
+        self.ledger = ledger if ledger is not None else open_ledger(config)
+        self.spend = SpendTracker(self.ledger, self.instance_types, runtime.now())
+        self.reporter = QueueReporter(
+            self.queue,
+            self.instance_types,
+            runtime,
+            costs=self.ledger if isinstance(self.ledger, ContainerCostLog) else None,
+        )
         self.pool = Pool(
             runtime=runtime,
             instance_set=self.instance_set,
@@ -186,6 +258,14 @@ class Dispatcher:
             public_key=public_key,
             registry=self.registry,
             rng=rng,
+            started_at=self.spend.started_at,
+        )
+        budget = config.cloud.budget
+        self.budget = Budget(
+            period=budget.period,
+            soft_limit=budget.soft_limit,
+            hard_limit=budget.hard_limit,
+            on_hard_limit=budget.on_hard_limit,
         )
         self.scheduler = Scheduler(
             runtime=runtime,
@@ -194,7 +274,10 @@ class Dispatcher:
             config=config,
             instance_types=self.instance_types,
             registry=self.registry,
+            tracker=self.spend,
+            budget=self.budget,
         )
+        self.spend_metrics = SpendMetrics(self.registry, self.budget)
         self.metrics = ContainerMetrics(self.registry, self.queue, self.pool)
         self._started = False
         self._lock = threading.Lock()
@@ -231,14 +314,62 @@ class Dispatcher:
     def stop(self) -> None:
         """Stop in reverse order of start; instances are left running for the next start."""
         self.scheduler.stop()
+        # After the scheduler (which books spend in its passes) has stopped: no pass races this.
+        self.spend.flush(self.runtime.now())
         self.pool.stop()
         self.instance_set.stop()
         self.queue.close()
+        close = getattr(self.ledger, "close", None)
+        if close is not None:
+            close()
         if self.dispatch_lock is not None:
             self.dispatch_lock.release()
 
     def active_counts(self) -> dict[ContainerState, int]:
         return self.queue.counts()
+
+    # ---- spend, for the API (plain data; thread-safe)
+
+    def budget_state(self) -> BudgetState:
+        """The budget as of the latest scheduling pass: period, spend in it, limits, whether
+        they are reached.  Before the first pass, spend in the period as the ledger has it."""
+        last = self.budget.last
+        if last is not None:
+            return last
+        now = self.runtime.now()
+        start, end = period_bounds(now, self.budget.period)
+        b = self.budget
+        return BudgetState(
+            b.period, start, end, self.ledger.total(start, end), b.soft_limit, b.hard_limit,
+            b.on_hard_limit, at=now,
+        )
+
+    def cost_report(self, period: str = "day", periods: int = 7) -> CostReport:
+        """Spend by ``period`` (hour, day, month; UTC) over the last ``periods`` of them, by
+        instance type, and the cost of the containers that finished meanwhile.
+
+        Spend is what the ledger has booked: per-second spend of running instances is booked
+        every few minutes, so the current period may lag that much (``budget_state`` counts
+        it).  Raises ValueError for an unknown period.
+        """
+        now = self.runtime.now()
+        since, until = last_periods(now, period, periods)
+        costs = self.ledger if isinstance(self.ledger, ContainerCostLog) else None
+        return build_report(
+            self.ledger.entries(since, until),
+            costs.containers(since, until) if costs is not None else [],
+            period=period,
+            since=since,
+            until=until,
+        )
+
+
+def open_ledger(config: Config) -> SpendLedger:
+    """The spend ledger the configuration asks for (see :func:`herder.spend.ledger_path_for`)."""
+    path = ledger_path_for(config.cloud.budget.ledger_path, config.queue.path)
+    if path is None:
+        return MemoryLedger()
+    return JsonLinesLedger(path)
 
 
 def public_key_from_private(path: str) -> str:

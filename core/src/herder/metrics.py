@@ -9,7 +9,11 @@ end well, and what the fleet costs right now:
 - ``herder_queue_wait_seconds``: histogram of the time from a container's creation to its start;
 - ``herder_containers_finished_total{outcome}``: ``complete_ok``, ``complete_failed`` (non-zero
   exit code) or ``cancelled``;
-- ``herder_instances_cost_per_hour``: summed hourly price of every instance that exists.
+- ``herder_instances_cost_per_hour``: summed hourly price of every instance that exists;
+- ``herder_spend_period{period}``: what the instances cost in the current budget period
+  (``cloud.budget.period``, UTC), rounded to the types' billing increments;
+- ``herder_spend_limit{limit}`` and ``herder_spend_limit_reached{limit}``: the budget's soft
+  and hard limits, where configured, and whether spend has reached them (1) or not (0).
 
 The counters and the histogram are fed by the queue's change observer
 (:meth:`~herder.queue.base.ContainerQueue.observe`), so every way a container can start or end
@@ -26,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from herder.model import Container, ContainerState, InstanceView
 from herder.queue.base import ContainerQueue
+from herder.spend import Budget
 from herder.worker.interfaces import WorkerPool
 
 #: The states ``herder_queue_containers`` reports: the ones a container is still waiting or
@@ -121,3 +126,46 @@ class _LiveGauges:
             cost.add_metric([], fleet_cost_per_hour(self._pool.instances()))
         yield depth
         yield cost
+
+
+class SpendMetrics:
+    """The ``herder_spend_*`` gauges, from the budget's latest evaluation (each pass books spend
+    and evaluates; a scrape only reads the result, never the ledger)."""
+
+    def __init__(self, registry: CollectorRegistry, budget: Budget) -> None:
+        self._budget = budget
+        registry.register(self)
+
+    def describe(self) -> Iterator[Any]:
+        yield from self._families(live=False)
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._families(live=True)
+
+    def _families(self, *, live: bool) -> Iterator[Any]:
+        spent = GaugeMetricFamily(
+            "herder_spend_period",
+            "Spend of the instances in the current budget period (UTC), in the price unit",
+            labels=["period"],
+        )
+        limits = GaugeMetricFamily(
+            "herder_spend_limit", "The budget's configured spend limits", labels=["limit"]
+        )
+        reached = GaugeMetricFamily(
+            "herder_spend_limit_reached",
+            "1 when spend in the period has reached the limit, else 0",
+            labels=["limit"],
+        )
+        state = self._budget.last if live else None
+        if state is not None:
+            spent.add_metric([state.period], state.spent)
+            for name, limit, hit in (
+                ("soft", state.soft_limit, state.soft_reached),
+                ("hard", state.hard_limit, state.hard_reached),
+            ):
+                if limit is not None:
+                    limits.add_metric([name], limit)
+                    reached.add_metric([name], 1.0 if hit else 0.0)
+        yield spent
+        yield limits
+        yield reached

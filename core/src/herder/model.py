@@ -8,6 +8,7 @@ validated by the pydantic models in :mod:`herder.config`, which build these reco
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -62,6 +63,50 @@ class GPUSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Billing:
+    """How a cloud bills an instance's time: in ``increment`` seconds, at least ``minimum``.
+
+    Per-second billing with a one-minute minimum (most clouds today) is ``Billing(1, 60)``;
+    hourly billing is ``Billing(3600, 3600)``.  The engine uses it to keep an idle instance
+    whose time is already paid for (see :meth:`paid_until`), and to compute spend.
+    """
+
+    increment: float = 1.0
+    minimum: float = 0.0
+
+    def billed_seconds(self, lifetime: float) -> float:
+        """Seconds charged for an instance that lived ``lifetime`` seconds."""
+        if lifetime <= 0:
+            return 0.0
+        inc = self.increment if self.increment > 0 else 1.0
+        # A hair of tolerance: 3600.0000001 s of an hourly instance is one hour, not two.
+        units = math.ceil(lifetime / inc - 1e-9)
+        return max(self.minimum, units * inc)
+
+    def paid_until(self, age: float) -> float:
+        """The age at which the time already charged for runs out (>= ``age``).
+
+        An instance is charged for the increment it is in as soon as it starts it, so the
+        increment being used is paid for to its end.
+        """
+        inc = self.increment if self.increment > 0 else 1.0
+        end = math.ceil(max(0.0, age) / inc) * inc
+        if end <= age:
+            end += inc  # on the boundary: the next increment starts now
+        return max(self.minimum, end)
+
+    def cost(self, lifetime: float, price_per_hour: float) -> float:
+        return self.billed_seconds(lifetime) * price_per_hour / 3600.0
+
+    @property
+    def per_second(self) -> bool:
+        return self.increment <= 1.0
+
+
+PER_SECOND = Billing()
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceType:
     """One configured instance type (SPEC §8.1): what herder may ask a cloud for."""
 
@@ -74,6 +119,9 @@ class InstanceType:
     price: float = 0.0
     preemptible: bool = False
     gpu: GPUSpec = field(default_factory=GPUSpec)
+    #: How the cloud bills this type (from the configuration, else the driver).  Per second
+    #: unless told otherwise.  Not in :meth:`to_json`: the runner agent has no use for it.
+    billing: Billing = PER_SECOND
 
     @property
     def scratch(self) -> int:
@@ -261,6 +309,25 @@ class IdleBehavior(StrEnum):
     DRAIN = "drain"  # shut down as soon as idle, start nothing new
 
 
+class DrainCause(StrEnum):
+    """Who or what set an instance's idle behaviour to drain (or hold), for its ``reason``.
+
+    Only herder's own reversible causes (consolidation, the budget) are ever undone by herder;
+    an operator's drain, and one whose cause is not known (set before a restart), never are.
+    """
+
+    NONE = ""
+    OPERATOR = "operator"
+    BROKEN = "broken"
+    LIFETIME = "lifetime"
+    CONSOLIDATION = "consolidation"
+    BUDGET = "budget"
+
+    @property
+    def automatic_undo(self) -> bool:
+        return self in (DrainCause.CONSOLIDATION, DrainCause.BUDGET)
+
+
 class BootOutcome(StrEnum):
     FAILURE = "failure"
     SUCCESS = "success"
@@ -290,3 +357,11 @@ class InstanceView:
     appeared: float = 0.0
     boot_outcome: str = ""
     probe_error: str = ""  # why the latest probe failed; "" once one succeeds
+    #: Why the idle behaviour is what it is ("" for run, or when nobody said): people read it.
+    reason: str = ""
+    #: What set it (see :class:`DrainCause`); herder undoes only its own reversible causes.
+    drain_cause: DrainCause = DrainCause.NONE
+    #: When the billing increment the instance is in ends (epoch seconds), for types billed in
+    #: increments longer than a second; 0 otherwise.  An idle instance is kept until shortly
+    #: before it (``cloud.billing_shutdown_margin``).
+    paid_until: float = 0.0

@@ -169,6 +169,7 @@ def run_simulation(
 ) -> SimulationResult:
     """Run ``workload`` through the engine on the sim driver and summarise what happened."""
     from herder.dispatcher import Dispatcher
+    from herder.spend import MemoryLedger
     from herder.testing.sim import SimDriver
 
     configured_driver = config.cloud.driver
@@ -194,6 +195,7 @@ def run_simulation(
         driver=SimDriver(),
         uuid_random_bytes=random.Random(seed).randbytes,  # reproducible runs
         rng=random.Random(f"{seed}:pool"),
+        ledger=MemoryLedger(),  # never the operator's spend ledger
     )
     wall_start = time.monotonic()
     disp.start()
@@ -204,8 +206,14 @@ def run_simulation(
     pending.reverse()
     deadline = start + max_sim_time
     all_final_at: float | None = None
+    # An idle instance whose billing increment is paid is kept until the increment ends.
+    paid_idle = max(
+        (max(it.billing.increment, it.billing.minimum) for it in disp.instance_types.values()),
+        default=0.0,
+    )
     drain_grace = (
-        config.cloud.timeout_idle
+        paid_idle
+        + config.cloud.timeout_idle
         + 2 * config.cloud.sync_interval
         + config.cloud.timeout_shutdown
         + 2 * config.cloud.probe_interval
@@ -279,6 +287,13 @@ def run_simulation(
             "p95": round(_percentile(waits, 0.95), 1),
         },
         "time": {
+            # From the first submission until the last container reached a final state.
+            "makespan_seconds": round(
+                (all_final_at if all_final_at is not None else sim_end)
+                - start
+                - (workload[0].at if workload else 0.0),
+                1,
+            ),
             "simulated_seconds": round(sim_end - start, 1),
             "simulated": format_duration(sim_end - start),
             "wall_seconds": round(wall, 2),
@@ -337,4 +352,48 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append("faults injected:")
         for kind, n in summary["faults_injected"].items():
             lines.append(f"  {kind:<22} {n}")
+    return "\n".join(lines)
+
+
+#: The rows of ``herder simulate --compare``: (label, how to read it from a summary, format).
+COMPARE_ROWS: tuple[tuple[str, tuple[str, str], str], ...] = (
+    ("cost", ("cost", "total"), "{:.4f}"),
+    ("instance-hours", ("cost", "instance_hours"), "{:.3f}"),
+    ("makespan (s)", ("time", "makespan_seconds"), "{:.0f}"),
+    ("queue wait mean (s)", ("queue_wait_seconds", "mean"), "{:.1f}"),
+    ("queue wait p95 (s)", ("queue_wait_seconds", "p95"), "{:.1f}"),
+    ("instances created", ("instances", "created"), "{}"),
+    ("instances at peak", ("instances", "peak"), "{}"),
+    ("containers not final", ("containers", "not_final"), "{}"),
+)
+
+
+def compare_summaries(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The figures ``--compare`` shows, per configuration, plus B's change against A."""
+    out: dict[str, Any] = {"configurations": list(summaries), "rows": []}
+    names = list(summaries)
+    for label, (section, key), _fmt in COMPARE_ROWS:
+        values = [summaries[n][section][key] for n in names]
+        row: dict[str, Any] = {"figure": label, "values": dict(zip(names, values, strict=True))}
+        if len(values) == 2 and isinstance(values[0], int | float) and values[0]:
+            row["change_percent"] = round(100.0 * (values[1] - values[0]) / values[0], 1)
+        out["rows"].append(row)
+    return out
+
+
+def format_comparison(comparison: Mapping[str, Any]) -> str:
+    """The comparison as a table: one column per configuration, then B against A."""
+    names: list[str] = comparison["configurations"]
+    formats = {label: fmt for label, _path, fmt in COMPARE_ROWS}
+    width = max(12, *(len(n) for n in names))
+    header = f"{'':<22}" + "".join(f"{n:>{width + 2}}" for n in names) + f"{'change':>10}"
+    lines = [header]
+    for row in comparison["rows"]:
+        fmt = formats[row["figure"]]
+        cells = "".join(f"{fmt.format(row['values'][n]):>{width + 2}}" for n in names)
+        change = row.get("change_percent")
+        lines.append(
+            f"{row['figure']:<22}{cells}"
+            + (f"{change:>+9.1f}%" if change is not None else f"{'':>10}")
+        )
     return "\n".join(lines)

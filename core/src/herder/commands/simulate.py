@@ -20,8 +20,13 @@ sizes more often), each running between --min-duration and --max-duration; a --f
 them exits with code 1.  Or `--workload FILE`: a YAML/JSON list of containers with keys command,
 vcpus, ram, scratch, priority, preemptible, max_run_time, at, count.
 
+Compare: `--compare A.yaml B.yaml` runs the same workload through both configurations and prints
+them side by side (cost, instance-hours, makespan, queue waits, instances), with B's change
+against A: what a budget, an instance lifetime, consolidation or a billing increment does before
+it is deployed.  A generated workload is sized for A's instance types.
+
 Exit status: 0 when every container reached a final state, no container ran twice at once and no
-instance was left behind; 1 otherwise.
+instance was left behind (in both runs, with --compare); 1 otherwise.
 """
 
 
@@ -92,6 +97,12 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--max-time", default="24h", help="give up after this much simulated time (default 24h)"
     )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A.yaml", "B.yaml"),
+        help="run the same workload through two configurations and compare them",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=run)
 
@@ -122,7 +133,7 @@ def fault_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    from herder.config import ConfigError, load_config
+    from herder.config import Config, ConfigError, load_config
     from herder.simulate import (
         WorkloadError,
         WorkloadOptions,
@@ -132,11 +143,20 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         run_simulation,
     )
 
-    if args.simulate_config:
+    def load(path: str) -> Config:
         try:
-            config = load_config(args.simulate_config)
+            return load_config(path)
         except ConfigError as exc:
             raise CommandError(f"invalid configuration:\n{exc}") from exc
+
+    compare: list[tuple[str, Config]] = []
+    if args.compare:
+        if args.simulate_config:
+            raise CommandError("--compare names both configurations; drop --config", status=2)
+        compare = [(path, load(path)) for path in args.compare]
+        config = compare[0][1]
+    elif args.simulate_config:
+        config = load(args.simulate_config)
     else:
         config = ctx.config
     if args.containers < 0:
@@ -167,26 +187,59 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     saved_level = engine_log.level
     if getattr(args, "log_level", "warning") not in ("debug", "info"):
         engine_log.setLevel(logging.CRITICAL)
+    runs = compare or [("", config)]
+    summaries: dict[str, dict[str, Any]] = {}
     try:
-        result = run_simulation(
-            config,
-            workload,
-            fault_overrides=fault_overrides(args),
-            max_sim_time=_duration(args.max_time, "--max-time"),
-        )
+        for name, run_config in runs:
+            result = run_simulation(
+                run_config,
+                workload,
+                fault_overrides=fault_overrides(args),
+                max_sim_time=_duration(args.max_time, "--max-time"),
+            )
+            summaries[_unique(name, summaries)] = result.summary
     except ValueError as exc:  # e.g. a fault knob out of range
         raise CommandError(f"cannot simulate: {exc}") from exc
     finally:
         engine_log.setLevel(saved_level)
-    summary = result.summary
+    if compare:
+        return _print_comparison(ctx, args, summaries)
+    summary = summaries[""]
     if args.json:
         print_json(ctx, summary)
     else:
         ctx.print(format_summary(summary))
-    ok = (
+    return 0 if _ok(summary) else 1
+
+
+def _ok(summary: dict[str, Any]) -> bool:
+    return bool(
         summary["time"]["finished"]
         and summary["containers"]["not_final"] == 0
         and summary["containers"]["double_runs"] == 0
         and summary["instances"]["left_behind"] == 0
     )
-    return 0 if ok else 1
+
+
+def _unique(name: str, taken: dict[str, Any]) -> str:
+    """A column name for ``name``: the file's name, made unique if both are called alike."""
+    from pathlib import Path
+
+    base = Path(name).name if name else ""
+    label, n = base, 2
+    while label in taken:
+        label, n = f"{base} ({n})", n + 1
+    return label
+
+
+def _print_comparison(
+    ctx: Context, args: argparse.Namespace, summaries: dict[str, dict[str, Any]]
+) -> int:
+    from herder.simulate import compare_summaries, format_comparison
+
+    comparison = compare_summaries(summaries)
+    if args.json:
+        print_json(ctx, {"comparison": comparison, "summaries": summaries})
+    else:
+        ctx.print(format_comparison(comparison))
+    return 0 if all(_ok(s) for s in summaries.values()) else 1

@@ -29,6 +29,7 @@ import logging
 from collections.abc import Iterable, Mapping
 
 from herder.model import (
+    DrainCause,
     IdleBehavior,
     InstanceResources,
     InstanceType,
@@ -158,10 +159,14 @@ class Placement:
         #: bumped whenever an allocation changes the spare resources
         self.version = 0
         self._fits_anywhere: dict[tuple[int, int, int, int, int], bool] = {}
+        #: instances drained by consolidation (usually none): demand may take them back
+        self._drained: list[Slot] = []
         for seq, view in enumerate(views):
             slot = Slot(view, view.instance_type, self._spare(view, entries), (view.instance, seq))
             self.slots.append(slot)
             self._file(slot, at_front=False)
+            if view.drain_cause is DrainCause.CONSOLIDATION:
+                self._drained.append(slot)
         for bucket in self._buckets.values():
             bucket.slots.sort(key=lambda s: s.id_key)
 
@@ -231,6 +236,40 @@ class Placement:
             ]
             self._route_cache[names] = route
         return route
+
+    # ---- instances drained by consolidation, for demand to take back
+
+    def reclaimable(self, needs: InstanceResources, names: frozenset[str]) -> Slot | None:
+        """A ready instance that consolidation drained and that has room for ``needs``.
+
+        Work that would otherwise need a new instance goes there instead: the drain was only
+        meant for as long as nothing needed the instance.  The fullest one is taken, as
+        :meth:`best` would.
+        """
+        found: Slot | None = None
+        for slot in self._drained:
+            view = slot.view
+            if (
+                view.drain_cause is not DrainCause.CONSOLIDATION
+                or view.idle_behavior != IdleBehavior.DRAIN
+                or view.worker_state not in READY
+                or slot.type_name not in names
+                or not slot.free.accommodates(needs)
+            ):
+                continue
+            if found is None or slot.count > found.count:
+                found = slot
+        return found
+
+    def reopen(self, slot: Slot) -> None:
+        """The instance takes work again (its drain was undone): file it for the pass."""
+        slot.view.idle_behavior = IdleBehavior.RUN
+        slot.view.drain_cause = DrainCause.NONE
+        slot.view.reason = ""
+        self.version += 1
+        self._nothing_fits.clear()
+        self._fits_anywhere.clear()
+        self._file(slot, at_front=False)
 
     # ---- the per-container questions
 

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from herder.config import Config
-from herder.model import ContainerState, InstanceType, WorkerState
+from herder.model import ContainerState, DrainCause, InstanceType, WorkerState
 from herder.queue.base import QueueEntry
 from herder.scheduler.ops import ContainerOps
 from herder.scheduler.placement import READY, Placement, Slot
@@ -64,6 +64,8 @@ class PassInput:
     entries: dict[str, QueueEntry]
     queue_time: float
     worker_counts: dict[WorkerState, int]
+    #: Why no instance may be created (the spend budget's message), or None.
+    no_new_instances: str | None = None
 
 
 @dataclass(slots=True)
@@ -350,9 +352,11 @@ class _Pass:
         filling = self.saturated()  # beyond the limit: only onto instances that exist
         self.trying += 1
         best = self._best(entry)
-        if best is None:
+        if best is None and self._reclaimable(entry) is None:
             if filling:
                 return True
+            if self._over_budget(entry):
+                return True  # not locked: it could not use the lock
             if self.pool.at_quota():
                 return False
             if self._available_type(entry) is None:
@@ -371,12 +375,14 @@ class _Pass:
         uuid = ctr.uuid
         filling = self.saturated()  # beyond the limit: only onto instances that exist
         self.trying += 1
-        best = self._best(entry)
+        best = self._best(entry) or self._reclaim(entry)
         if best is not None:
             self.placement.allocate(best, entry.resources)
             self._start_on(best, entry)
             return True
         if filling:
+            return True
+        if self._over_budget(entry):
             return True
         if self.pool.at_quota():
             return False
@@ -396,6 +402,37 @@ class _Pass:
         self.allocated_not_started += 1
         self.placement.add_created(view, it, entry.resources)
         return True
+
+    def _over_budget(self, entry: QueueEntry) -> bool:
+        """The budget forbids new instances: the container waits, and says why."""
+        why = self.pin.no_new_instances
+        if why is None:
+            return False
+        self.qpos += 1
+        self.statuses[entry.container.uuid] = Status(StatusKind.BUDGET, self.qpos, why)
+        return True
+
+    def _reclaimable(self, entry: QueueEntry) -> Slot | None:
+        names, _ = self.rq.eligible_names(entry)
+        return self.placement.reclaimable(entry.resources, names)
+
+    def _reclaim(self, entry: QueueEntry) -> Slot | None:
+        """Demand returned: undo a consolidation drain rather than create an instance.
+
+        Only consolidation's own drains are undone (the pool refuses any other cause), so an
+        operator's drain stays whatever the queue holds.
+        """
+        slot = self._reclaimable(entry)
+        if slot is None:
+            return None
+        if not self.pool.undo_drain(slot.view.instance, DrainCause.CONSOLIDATION):
+            return None
+        self.log.info(
+            "%s: instance %s taken back from consolidation for it",
+            entry.container.uuid, slot.view.instance,
+        )
+        self.placement.reopen(slot)
+        return slot
 
     def _start_on(self, slot: Slot, entry: QueueEntry) -> None:
         """Start a Locked container on the instance chosen for it, or say why it waits."""

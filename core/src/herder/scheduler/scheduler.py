@@ -30,6 +30,8 @@ from herder.config import Config
 from herder.model import InstanceType, WorkerState
 from herder.queue.base import ContainerQueue
 from herder.runtime import Runtime, TimerHandle
+from herder.scheduler.budget import BudgetEnforcer
+from herder.scheduler.consolidate import Consolidator
 from herder.scheduler.metrics import SchedulerMetrics
 from herder.scheduler.ops import RETRY_DELAY, ContainerOps
 from herder.scheduler.queue_index import QueueIndex
@@ -37,6 +39,7 @@ from herder.scheduler.run_queue import PassInput, PassResult, RunQueue
 from herder.scheduler.stale_locks import StaleLockFixer
 from herder.scheduler.status import SchedEntry
 from herder.scheduler.sync import Syncer
+from herder.spend import Budget, SpendTracker
 from herder.worker.interfaces import WorkerPool
 
 __all__ = ["SchedEntry", "Scheduler"]
@@ -64,7 +67,11 @@ class Scheduler:
         instance_types: dict[str, InstanceType],
         registry: CollectorRegistry | None = None,
         logger: logging.Logger | None = None,
+        tracker: SpendTracker | None = None,
+        budget: Budget | None = None,
     ) -> None:
+        """``tracker`` books the instances' spend each pass, and ``budget`` (if given and
+        enabled) limits it; without a tracker neither happens."""
         self._runtime = runtime
         self._queue = queue
         self._pool = pool
@@ -92,6 +99,18 @@ class Scheduler:
             pool=pool,
             timeout=config.containers.stale_lock_timeout,
             on_timeout=self._trigger.fire,
+            logger=self._log,
+        )
+        self._budget: BudgetEnforcer | None = None
+        if tracker is not None:
+            self._budget = BudgetEnforcer(
+                pool=pool, ops=self.ops, tracker=tracker, budget=budget or Budget(),
+                logger=self._log,
+            )
+        self._consolidator = Consolidator(
+            pool=pool,
+            instance_types=instance_types,
+            threshold=config.cloud.consolidation_threshold,
             logger=self._log,
         )
         self._last = PassResult()
@@ -191,6 +210,7 @@ class Scheduler:
             if self._phase is _Phase.STOPPED:
                 return
             now = self._runtime.now()
+            no_new = self._budget.before_pass(now) if self._budget is not None else None
             counts = self._pool.count_workers()
             running = self._pool.running()
             entries, queue_time = self._queue.entries()
@@ -201,6 +221,7 @@ class Scheduler:
                     entries=entries,
                     queue_time=queue_time,
                     worker_counts=counts,
+                    no_new_instances=no_new,
                 )
             )
             self._last = result
@@ -214,6 +235,13 @@ class Scheduler:
                 queue_time=queue_time,
                 any_unknown=counts.get(WorkerState.UNKNOWN, 0) > 0,
             )
+            if self._consolidator.enabled:
+                index = self._run_queue.index
+                self._consolidator.run(
+                    now=now,
+                    entries=entries,
+                    demand=any(uuid not in running for _, uuid in index.waiting),
+                )
             self._update_metrics(result, running, now)
             self.passes += 1
         next_wake = now + self._config.cloud.poll_interval

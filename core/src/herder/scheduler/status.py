@@ -2,7 +2,8 @@
 
 The texts are Arvados' own, word for word (note the two spaces after full stops): scripts and
 dashboards that parse them keep working.  herder adds two that Arvados cannot say: herder's own
-instance cap (Arvados reports it as the cloud's limits) and a pause after failed boots.
+instance cap (Arvados reports it as the cloud's limits), a pause after failed boots, and a
+spend budget that forbids new instances (``cloud.budget``).
 
 A pass records a small :class:`Status` value and the text is only formatted when someone asks
 for it, so that a pass over 100,000 waiting containers does not format 100,000 strings nobody
@@ -49,6 +50,8 @@ BOOT_BACKOFF = (
     "{} instances of type {} failed to boot in a row; next try in {}; see herder cloudtest."
 )
 
+BUDGET = "Waiting in queue at position {}.  Cloud budget reached: {}."
+
 
 class StatusKind(StrEnum):
     """Each kind's value is its text template."""
@@ -63,6 +66,7 @@ class StatusKind(StrEnum):
     CLUSTER_CAPACITY = CLUSTER_CAPACITY
     MAX_INSTANCES = MAX_INSTANCES
     BOOT_BACKOFF = BOOT_BACKOFF
+    BUDGET = BUDGET
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +91,7 @@ class Status:
         if kind is StatusKind.WAITING_INSTANCE_TYPE:
             names = self.detail if isinstance(self.detail, tuple) else (self.detail,)
             return kind.value.format(self.position, ", ".join(names))
-        if kind is StatusKind.MAX_INSTANCES:
+        if kind is StatusKind.MAX_INSTANCES or kind is StatusKind.BUDGET:
             return kind.value.format(self.position, self.detail)
         if kind is StatusKind.BOOT_BACKOFF:
             return kind.value.format(self.position, *self.detail)

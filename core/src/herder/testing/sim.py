@@ -42,8 +42,8 @@ from herder.cloud import (
     create_key,
 )
 from herder.executor import ExecutorFactory
-from herder.model import InstanceType
-from herder.testing.sim_cloud import SimCloud, SimVM
+from herder.model import Billing, InstanceType
+from herder.testing.sim_cloud import SimCloud, SimVM, sim_billing
 from herder.testing.sim_executor import SimExecutor
 from herder.testing.sim_params import SimParameters
 from herder.testing.sim_stats import DoubleRun, SimStats
@@ -350,6 +350,12 @@ class SimDriver(Driver):
             instance_set = SimInstanceSet(self.cloud, params, context)
             self._last_set = instance_set
             return instance_set
+
+    def billing(self, params: DriverParameters, instance_type: InstanceType) -> Billing | None:
+        """The ``billing_increment`` / ``billing_minimum`` the simulated cloud bills with."""
+        if not isinstance(params, SimParameters):
+            params = SimParameters.model_validate(params.model_dump())
+        return sim_billing(params)
 
     def executor_factory(self, instance_set: InstanceSet) -> ExecutorFactory | None:
         """Sim instances are reached by calling them: build :class:`SimExecutor` s.

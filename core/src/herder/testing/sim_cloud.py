@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from herder.cloud import HostKey
-from herder.model import InstanceType
+from herder.model import Billing, InstanceType
 from herder.runtime import Runtime
 from herder.testing.sim_params import SimParameters, draw_delay
 from herder.testing.sim_stats import DoubleRun, SimStats
@@ -114,6 +114,11 @@ class SimProcess:
         return "\n".join(lines) + "\n"
 
 
+def sim_billing(params: SimParameters) -> Billing:
+    """The billing the simulated cloud applies (and reports) for every instance type."""
+    return Billing(params.billing_increment, params.billing_minimum)
+
+
 @dataclass(eq=False)
 class SimVM:
     """One simulated instance, as the cloud knows it (listings hand out snapshots of it)."""
@@ -142,6 +147,11 @@ class SimVM:
     @property
     def remote_user(self) -> str:
         return self.params.remote_user
+
+    @property
+    def billing(self) -> Billing:
+        """How the simulated cloud bills this instance: its parameters, not herder's belief."""
+        return sim_billing(self.params)
 
     def listed(self, now: float) -> bool:
         """Still in the cloud's listing (booting, running or shutting down)."""
@@ -217,7 +227,7 @@ class SimCloud:
         return [
             (
                 vm.instance_type.name,
-                max(0.0, min(now, vm.gone_at) - vm.created_at),
+                vm.billing.billed_seconds(min(now, vm.gone_at) - vm.created_at),
                 vm.instance_type.price,
             )
             for vm in self._vms.values()
@@ -295,7 +305,9 @@ class SimCloud:
             self._stats.disappeared += 1
             self.fault("disappear")
         it = vm.instance_type
-        self._stats.bill_gone(it.name, vm.gone_at - vm.created_at, it.price)
+        self._stats.bill_gone(
+            it.name, vm.billing.billed_seconds(vm.gone_at - vm.created_at), it.price
+        )
 
     # ------------------------------------------------------------------ instances
 

@@ -93,6 +93,15 @@ class SimParameters(DriverParameters):
     price_history: bool = Field(
         False, description="instances report a price history (so --list gets --stdin-prices)"
     )
+    billing_increment: float = Field(
+        1.0,
+        ge=1.0,
+        description="seconds: the simulated cloud bills instances in steps of this long "
+        "(3600 = hourly), and says so to herder (Driver.billing)",
+    )
+    billing_minimum: NonNegativeFloat = Field(
+        0.0, description="seconds: the least time the simulated cloud bills for one instance"
+    )
     kill_delay: NonNegativeFloat = Field(
         2.0,
         description="seconds a container process lives after SIGTERM; up to 1 s the runner "

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from herder.model import Container, InstanceType, InstanceView, WorkerState
+from herder.model import Container, DrainCause, InstanceType, InstanceView, WorkerState
 
 
 class ContainerReporter(ABC):
@@ -86,6 +86,16 @@ class WorkerPool(ABC):
     def boot_backoff(self, instance_type: InstanceType) -> BootBackoff | None:
         """The pause on creating ``instance_type`` after boot failures, while it lasts."""
         return None
+
+    def auto_drain(self, instance_id: str, cause: DrainCause, reason: str) -> bool:
+        """Drain an instance that takes work, for one of herder's own reasons (consolidation,
+        the budget); False if refused (held, draining already, unknown).  A pool without
+        idle behaviours refuses."""
+        return False
+
+    def undo_drain(self, instance_id: str, cause: DrainCause) -> bool:
+        """Put an instance drained for ``cause`` back to work; never undoes other causes."""
+        return False
 
     @abstractmethod
     def create(self, instance_type: InstanceType) -> InstanceView | None:

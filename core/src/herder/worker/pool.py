@@ -31,6 +31,7 @@ from herder.executor import ExecutorFactory
 from herder.model import (
     BootOutcome,
     Container,
+    DrainCause,
     IdleBehavior,
     InstanceType,
     InstanceView,
@@ -45,6 +46,7 @@ from herder.worker.runner import RunnerDeployment
 from herder.worker.throttle import SlotLimiter, Throttle, wrap_instance_set
 from herder.worker.verify import TagVerifier, init_command
 from herder.worker.worker import (
+    TAG_DRAIN_CAUSE,
     TAG_IDLE_BEHAVIOR,
     TAG_INSTANCE_SECRET,
     TAG_INSTANCE_SET_ID,
@@ -102,8 +104,12 @@ class Pool(WorkerPool):
         registry: CollectorRegistry | None = None,
         logger: logging.Logger | None = None,
         rng: random.Random | None = None,
+        started_at: Callable[[str], float | None] | None = None,
     ) -> None:
+        """``started_at`` tells when an instance found in the cloud (not created by this
+        process) started, if anything remembers it (the spend ledger does)."""
         self._runtime = runtime
+        self._started_at = started_at
         self._settings = settings = PoolSettings.from_config(config)
         self._instance_types = dict(instance_types)
         self._instance_set_id = instance_set_id
@@ -511,6 +517,21 @@ class Pool(WorkerPool):
             )
             behavior = IdleBehavior.DRAIN
         worker = Worker(self._env, wrapped, it, self._executor_factory(wrapped), state, behavior)
+        if state == WorkerState.UNKNOWN and self._started_at is not None:
+            started = self._started_at(instance.id)
+            if started is not None and started < worker.started:
+                worker.started = started
+        if behavior != IdleBehavior.RUN and it.provider_type:
+            # Who set it, as the tags remember it (a drain from before a restart): herder's
+            # own reversible drains stay reversible.  (Not for a type no longer configured:
+            # that drain is for good.)
+            try:
+                cause = DrainCause(instance.tags.get(s.tag(TAG_DRAIN_CAUSE), ""))
+            except ValueError:
+                cause = DrainCause.NONE
+            if cause is not DrainCause.NONE:
+                worker.drain_cause = cause
+                worker.reason = f"{behavior.value} ({cause.value}) set before herder restarted"
         self._workers[instance.id] = worker
         self._log.info(
             "instance %s: new worker (%s, type %s, idle behavior %s)",
@@ -670,7 +691,10 @@ class Pool(WorkerPool):
             due: list[str] = []
             for instance_id in sorted(self._workers):
                 worker = self._workers[instance_id]
-                if worker.state == WorkerState.SHUTDOWN or worker.shutdown_if_idle():
+                if worker.state == WorkerState.SHUTDOWN:
+                    continue
+                worker.retire_if_old()
+                if worker.shutdown_if_idle():
                     continue
                 if instance_id in self._probe_pending:
                     continue
@@ -745,13 +769,59 @@ class Pool(WorkerPool):
             worker.report_boot_outcome(BootOutcome.ABORTED)
             worker.shutdown()
 
-    def set_idle_behavior(self, instance_id: str, behavior: IdleBehavior) -> None:
-        """Set run / hold / drain; may shut the worker down at once."""
+    def set_idle_behavior(
+        self,
+        instance_id: str,
+        behavior: IdleBehavior,
+        cause: DrainCause = DrainCause.OPERATOR,
+        reason: str = "",
+    ) -> None:
+        """Set run / hold / drain; may shut the worker down at once.
+
+        The default cause is an operator's request (the API and CLI call this), which herder
+        never undoes by itself.
+        """
         with self._lock:
             worker = self._workers.get(instance_id)
             if worker is None:
                 raise PoolError(f"no such instance: {instance_id}")
-            worker.set_idle_behavior(behavior)
+            if cause is DrainCause.OPERATOR and not reason and behavior != IdleBehavior.RUN:
+                reason = f"{behavior.value} requested by an operator"
+            worker.set_idle_behavior(behavior, cause, reason)
+
+    def auto_drain(self, instance_id: str, cause: DrainCause, reason: str) -> bool:
+        """Drain an instance for one of herder's own reasons, if it is taking work now.
+
+        Refused (False) for an instance that is held or draining already: whatever set that
+        (an operator, say) keeps it.
+        """
+        with self._lock:
+            worker = self._workers.get(instance_id)
+            if worker is None or worker.idle_behavior != IdleBehavior.RUN:
+                return False
+            if worker.state == WorkerState.SHUTDOWN:
+                return False
+            worker.set_idle_behavior(IdleBehavior.DRAIN, cause, reason)
+        self._notify()
+        return True
+
+    def undo_drain(self, instance_id: str, cause: DrainCause) -> bool:
+        """Put an instance drained for ``cause`` back to work; False if anything else drained it.
+
+        Only herder's reversible causes can be undone: an operator's drain (or hold) stays.
+        """
+        if not cause.automatic_undo:
+            return False
+        with self._lock:
+            worker = self._workers.get(instance_id)
+            if worker is None or worker.drain_cause is not cause:
+                return False
+            if worker.idle_behavior != IdleBehavior.DRAIN or worker.state == WorkerState.SHUTDOWN:
+                return False
+            worker.log.info("drain (%s) undone", cause.value)
+            worker.set_idle_behavior(IdleBehavior.RUN)
+        self._notify()
+        return True
 
     # ------------------------------------------------------------------ metrics
 

@@ -29,6 +29,7 @@ from herder.executor import ExecResult, Executor, ExecutorError
 from herder.model import (
     BootOutcome,
     Container,
+    DrainCause,
     IdleBehavior,
     InstanceType,
     InstanceView,
@@ -36,6 +37,7 @@ from herder.model import (
     is_container_uuid,
 )
 from herder.runtime import Runtime, Task
+from herder.units import format_duration
 from herder.worker.bootprobe import BootProbe
 from herder.worker.interfaces import ContainerReporter
 from herder.worker.metrics import PoolMetrics, WorkerSample, worker_category
@@ -50,6 +52,9 @@ TAG_INSTANCE_SET_ID = "InstanceSetID"
 TAG_INSTANCE_TYPE = "InstanceType"
 TAG_IDLE_BEHAVIOR = "IdleBehavior"
 TAG_INSTANCE_SECRET = "InstanceSecret"  # noqa: S105 (a tag name)
+#: What drained or held the instance (:class:`DrainCause`), so that herder still knows after a
+#: restart which drains are its own to undo.  Written only once a cause has been set.
+TAG_DRAIN_CAUSE = "DrainCause"
 
 
 def _positive(value: float, default: float) -> float:
@@ -66,6 +71,8 @@ class PoolSettings:
     probe_interval: float = 10.0
     sync_interval: float = 60.0
     timeout_idle: float = 60.0
+    billing_shutdown_margin: float = 60.0
+    max_instance_lifetime: float = 0.0  # 0 = no limit
     timeout_booting: float = 600.0
     boot_failure_backoff: float = 60.0  # 0 = no back-off
     boot_failure_backoff_max: float = 1800.0
@@ -95,6 +102,8 @@ class PoolSettings:
             probe_interval=_positive(c.probe_interval, 10.0),
             sync_interval=_positive(c.sync_interval, 60.0),
             timeout_idle=_positive(c.timeout_idle, 60.0),
+            billing_shutdown_margin=max(0.0, c.billing_shutdown_margin),
+            max_instance_lifetime=max(0.0, c.max_instance_lifetime),
             timeout_booting=_positive(c.timeout_booting, 600.0),
             boot_failure_backoff=max(0.0, c.boot_failure_backoff),
             boot_failure_backoff_max=max(c.boot_failure_backoff, c.boot_failure_backoff_max),
@@ -196,7 +205,14 @@ class Worker:
         self.state = state
         self.state_since = now
         self.idle_behavior = idle_behavior
+        #: What set the idle behaviour, and why, in words (see :class:`DrainCause`).
+        self.drain_cause = DrainCause.NONE
+        self.reason = ""
         self.appeared = now
+        #: When the instance started, as far as herder knows: its creation, or for an instance
+        #: adopted after a restart what the spend ledger remembers (else the adoption).  Billing
+        #: increments and the lifetime limit count from it; boot timeouts from ``appeared``.
+        self.started = now
         self.probed = now  # start of the last successful probe
         self.busy = now  # last time known busy
         self.updated = now  # last local modification
@@ -398,7 +414,9 @@ class Worker:
                 self.log.warning("container %s unkillable, but the worker is held", uuid)
                 return
             self.log.warning("container %s unkillable, draining worker", uuid)
-            self.set_idle_behavior(IdleBehavior.DRAIN)
+            self.set_idle_behavior(
+                IdleBehavior.DRAIN, DrainCause.BROKEN, f"container {uuid} could not be killed"
+            )
 
     def on_killed(self, uuid: str, runner: Runner) -> None:
         """A kill command reported the process gone."""
@@ -408,12 +426,69 @@ class Worker:
 
     # ------------------------------------------------------------------ idle behaviour, shutdown
 
-    def set_idle_behavior(self, behavior: IdleBehavior) -> None:
-        """Set, save in tags, and shut down at once if now eligible (caller holds the lock)."""
-        self.log.info("set idle behavior %s", behavior.value)
+    def set_idle_behavior(
+        self,
+        behavior: IdleBehavior,
+        cause: DrainCause = DrainCause.NONE,
+        reason: str = "",
+    ) -> None:
+        """Set, save in tags, and shut down at once if now eligible (caller holds the lock).
+
+        ``cause`` and ``reason`` say who set it and why (shown with the instance); setting
+        ``run`` clears them.
+        """
+        self.log.info(
+            "set idle behavior %s%s", behavior.value, f" ({reason})" if reason else ""
+        )
         self.idle_behavior = behavior
+        if behavior == IdleBehavior.RUN:
+            cause, reason = DrainCause.NONE, ""
+        self.drain_cause = cause
+        self.reason = reason
         self.save_tags()
         self.shutdown_if_idle()
+
+    def age(self) -> float:
+        """Seconds since the instance started (see :attr:`started`)."""
+        return self._now() - self.started
+
+    def retire_if_old(self) -> bool:
+        """Drain an instance past ``max_instance_lifetime`` (caller holds the lock).
+
+        Draining, not killing: it finishes what runs on it, takes nothing new, and shuts down
+        once empty; demand then creates a fresh instance.  Held instances and ones already
+        draining are left alone.  True if drained now.
+        """
+        limit = self.env.settings.max_instance_lifetime
+        if limit <= 0 or self.idle_behavior != IdleBehavior.RUN:
+            return False
+        if self.state not in (WorkerState.IDLE, WorkerState.RUNNING) or self.age() < limit:
+            return False
+        self.set_idle_behavior(
+            IdleBehavior.DRAIN,
+            DrainCause.LIFETIME,
+            f"older than cloud.max_instance_lifetime ({format_duration(limit)}): draining, "
+            "to be replaced",
+        )
+        return True
+
+    def idle_expired(self, now: float) -> bool:
+        """Whether an idle worker has been idle long enough to shut down (SPEC §3.10, extended).
+
+        Idle for ``timeout_idle`` is needed, as in Arvados.  Then, when the cloud bills in
+        increments, an instance whose current increment (or minimum) is already paid is kept
+        for work until ``billing_shutdown_margin`` before it runs out: shutting it down sooner
+        saves nothing, and a container arriving meanwhile gets an instance without a boot.
+        With per-second billing past the minimum this is exactly the idle timeout.
+        """
+        s = self.env.settings
+        if now - self.busy < s.timeout_idle:
+            return False
+        billing = self.instance_type.billing
+        age = now - self.started
+        if billing.per_second and age >= billing.minimum:
+            return True
+        return billing.paid_until(age) - age <= s.billing_shutdown_margin
 
     def eligible_for_shutdown(self) -> bool:
         """Whether the idle/drain/unknown rules say to shut down now (SPEC §3.10)."""
@@ -425,7 +500,12 @@ class Worker:
             case WorkerState.BOOTING:
                 return draining
             case WorkerState.IDLE:
-                return draining or now - self.busy >= self.env.settings.timeout_idle
+                if draining and self.drain_cause is DrainCause.CONSOLIDATION:
+                    # Consolidation only steers work away; once empty, the instance goes by
+                    # the idle rules, so a paid billing increment is not thrown away and
+                    # demand can still take it back meanwhile.
+                    return self.idle_expired(now)
+                return draining or self.idle_expired(now)
             case WorkerState.RUNNING:
                 runners = [*self.running.values(), *self.starting.values()]
                 return draining and all(r.givenup for r in runners)
@@ -513,6 +593,9 @@ class Worker:
             settings.tag(TAG_INSTANCE_TYPE): self.instance_type.name,
             settings.tag(TAG_IDLE_BEHAVIOR): self.idle_behavior.value,
         }
+        cause_tag = settings.tag(TAG_DRAIN_CAUSE)
+        if self.drain_cause is not DrainCause.NONE or cause_tag in tags:
+            desired[cause_tag] = self.drain_cause.value
         if all(tags.get(k) == v for k, v in desired.items()):
             return
         tags.update(desired)
@@ -632,7 +715,9 @@ class Worker:
         if result.broken and self.idle_behavior == IdleBehavior.RUN:
             self.log.info("probe reported broken instance")
             self.report_boot_outcome(BootOutcome.FAILURE)
-            self.set_idle_behavior(IdleBehavior.DRAIN)
+            self.set_idle_behavior(
+                IdleBehavior.DRAIN, DrainCause.BROKEN, "the runner reported the instance broken"
+            )
         if not result.ok or (not booted and not result.running and not self.running):
             if self.state == WorkerState.SHUTDOWN:
                 return []  # shut down during the probe (or just now, for being broken)
@@ -802,7 +887,16 @@ class Worker:
             appeared=self.appeared,
             boot_outcome=self.boot_outcome.value if self.boot_outcome else "",
             probe_error=self.probe_error,
+            reason=self.reason,
+            drain_cause=self.drain_cause,
+            paid_until=self._paid_until(),
         )
+
+    def _paid_until(self) -> float:
+        billing = self.instance_type.billing
+        if billing.per_second and billing.minimum <= 1:
+            return 0.0
+        return self.started + billing.paid_until(self._now() - self.started)
 
     def metrics_sample(self) -> WorkerSample:
         """What the fleet gauges need (caller holds the lock)."""
