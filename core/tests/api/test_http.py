@@ -3,9 +3,7 @@ connections, TLS, and a client that reuses its connection."""
 
 from __future__ import annotations
 
-import datetime
 import http.client
-import ipaddress
 import logging
 import socket
 import ssl
@@ -13,15 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
 from herder.api import APIServer, APIServerError
 from herder.client import Client, ClientError, Endpoint, read_client_file, write_client_file
 from herder.config import APIConfig
+from herder.testing.tls import self_signed_certificate
 
 from .conftest import Engine, sim_config, start_engine, stop_engine
 
@@ -173,40 +168,9 @@ def test_the_client_reconnects_after_the_server_closed_its_connection(engine, mo
 # --------------------------------------------------------------------------- TLS
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "herder test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "api.crt", tmp_path / "api.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
-
-
 @pytest.fixture
 def tls_engine(tmp_path) -> Iterator[tuple[Engine, Path]]:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     eng = start_engine(_with_api(tls_certificate=str(cert), tls_key=str(key)))
     yield eng, cert
     stop_engine(eng)

@@ -20,7 +20,6 @@ Every request is recorded (method, path, query, headers, JSON body) for tests to
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import itertools
 import json
 import re
@@ -34,10 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from herder.testing.tls import self_signed_certificate
 
 TENANT = "00000000-0000-0000-0000-00000000feed"
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
@@ -53,38 +49,6 @@ _RESOURCE = re.compile(
     r"(?P<ns>[^/]+)/(?P<type>[^/]+)(?:/(?P<name>[^/]+))?$",
     re.IGNORECASE,
 )
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for IP 127.0.0.1 (and its key), written under ``directory``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-arm")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "fake-arm.pem", directory / "fake-arm.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 @dataclass
@@ -124,7 +88,7 @@ class FakeARM:
 
     def __init__(self, directory: Path, subscription: str = "sub-1") -> None:
         self.subscription = subscription
-        self.cert, self._key = make_certificate(directory)
+        self.cert, self._key = self_signed_certificate(directory, "fake-arm")
         self.lock = threading.RLock()
         self.requests: list[Request] = []
         self.resources: dict[tuple[str, str, str], dict[str, Any]] = {}  # (kind, rg, name)
