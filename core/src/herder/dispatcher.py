@@ -18,9 +18,10 @@ from prometheus_client import CollectorRegistry
 
 from herder.cloud import Driver, DriverContext, Instance, InstanceSet
 from herder.config import Config
+from herder.engine import InstanceNotFound
 from herder.executor import Executor, ExecutorFactory
 from herder.metrics import ContainerMetrics
-from herder.model import ContainerState, InstanceType
+from herder.model import ContainerState, IdleBehavior, InstanceType, InstanceView
 from herder.plugins import Plugins
 from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
@@ -29,7 +30,7 @@ from herder.scheduler.scheduler import Scheduler
 from herder.sizing import ConfigSizer
 from herder.worker.bootprobe import BootProbe
 from herder.worker.interfaces import ContainerReporter
-from herder.worker.pool import Pool
+from herder.worker.pool import Pool, PoolError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,13 @@ def load_runner_binary(config: Config) -> RunnerBinary:
 
 
 class Dispatcher:
-    """One herder engine: queue + instance set + pool + scheduler, started and stopped together."""
+    """One herder engine: queue + instance set + pool + scheduler, started and stopped together.
+
+    Implements :class:`herder.engine.Engine`, the interface the API reads it through.
+    """
+
+    #: The cloud engine runs instances: the API serves the instance routes.
+    has_instances = True
 
     def __init__(
         self,
@@ -239,6 +246,32 @@ class Dispatcher:
 
     def active_counts(self) -> dict[ContainerState, int]:
         return self.queue.counts()
+
+    # ---- the engine interface's instance commands and reads (herder.engine.Engine)
+
+    def instances(self) -> list[InstanceView]:
+        return self.pool.instances()
+
+    def kill_instance(self, instance_id: str, reason: str) -> None:
+        try:
+            self.pool.kill_instance(instance_id, reason)
+        except PoolError as exc:
+            raise InstanceNotFound(*exc.args) from None
+
+    def set_idle_behavior(self, instance_id: str, behavior: IdleBehavior) -> None:
+        try:
+            self.pool.set_idle_behavior(instance_id, behavior)
+        except PoolError as exc:
+            raise InstanceNotFound(*exc.args) from None
+
+    def check_health(self) -> None:
+        self.pool.check_health()
+
+    def scheduling_passes(self) -> int:
+        return self.scheduler.passes
+
+    def scheduling_statuses(self) -> dict[str, str]:
+        return {e.entry.container.uuid: e.scheduling_status for e in self.scheduler.snapshot()}
 
 
 def public_key_from_private(path: str) -> str:

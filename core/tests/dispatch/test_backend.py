@@ -8,7 +8,8 @@ import pytest
 
 from herder.config import Config, check_config
 from herder.dispatch import DispatchBackend
-from herder.dispatch.service import DispatchService, service_routes
+from herder.dispatch.service import DispatchService
+from herder.engine import InstanceNotFound
 from herder.hookspecs import hookimpl
 from herder.model import ContainerSpec, ContainerState, InstanceType, RuntimeConstraints
 from herder.plugins import PluginError, Plugins
@@ -94,11 +95,25 @@ def test_service_runs_the_backend_on_a_queue_sized_by_it(plugins: Plugins) -> No
     rt.run_until_idle()
     assert service.queue.get(fits.uuid).state is ContainerState.COMPLETE  # type: ignore[union-attr]
     assert too_big.state is ContainerState.CANCELLED
-    assert service.pool.instances() == [] and service.scheduler.snapshot() == []
+    assert not service.has_instances and service.instances() == []
+    assert service.scheduling_statuses() == {} and service.scheduling_passes() == 0
+    with pytest.raises(InstanceNotFound, match="echo has no instances"):
+        service.kill_instance("i-1", "test")
     service.stop()
 
 
-def test_service_routes_leave_out_instances() -> None:
-    paths = {r.path for r in service_routes()}
+def test_the_api_of_an_engine_without_instances_leaves_out_the_instance_routes(
+    plugins: Plugins,
+) -> None:
+    """APIServer reads ``has_instances`` from the engine: no flag to pass, none to forget."""
+    from herder.api import APIServer
+
+    config = Config.model_validate({
+        "dispatcher": "echo", "queue": {"path": ":memory:"},
+        "api": {"listen": "127.0.0.1:0", "management_token": "t"},
+    })
+    service = DispatchService(config, runtime=VirtualRuntime(), plugins=plugins)
+    paths = set(APIServer(service, config).app.openapi()["paths"])
+    service.queue.close()
     assert "/api/v1/containers" in paths
     assert not any("/instances" in p for p in paths)

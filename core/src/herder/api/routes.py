@@ -43,7 +43,7 @@ from herder.scheduler.status import Status, StatusKind
 from herder.sizing import gpu_request_for
 
 if TYPE_CHECKING:
-    from herder.dispatcher import Dispatcher
+    from herder.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,11 @@ def log_chunk_length(data: bytes, limit: int) -> int:
 
 
 class ManagementAPI:
-    """What each route does, bound to one dispatcher."""
+    """What each route does, bound to one engine (:class:`herder.engine.Engine`)."""
 
-    def __init__(self, dispatcher: Dispatcher, runtime: Runtime | None = None) -> None:
-        self.dispatcher = dispatcher
-        self.runtime = runtime or dispatcher.runtime
+    def __init__(self, engine: Engine, runtime: Runtime | None = None) -> None:
+        self.engine = engine
+        self.runtime = runtime or engine.runtime
         self._status_lock = threading.Lock()
         self._status_pass = -1
         self._statuses: dict[str, str] = {}
@@ -175,12 +175,11 @@ class ManagementAPI:
         The pass counter is read before the snapshot: if a pass ends in between, the newer
         snapshot is cached under the older number and simply rebuilt on the next request.
         """
-        scheduler = self.dispatcher.scheduler
-        passes = scheduler.passes
+        passes = self.engine.scheduling_passes()
         with self._status_lock:
             if passes == self._status_pass:
                 return self._statuses
-        index = {e.entry.container.uuid: e.scheduling_status for e in scheduler.snapshot()}
+        index = self.engine.scheduling_statuses()
         with self._status_lock:
             self._status_pass, self._statuses = passes, index
         return index
@@ -261,7 +260,7 @@ class ManagementAPI:
         )
 
     def _get(self, uuid: str) -> Container:
-        ctr = self.dispatcher.queue.get(uuid)
+        ctr = self.engine.queue.get(uuid)
         if ctr is None:
             raise APIError(404, f"container {uuid} not found", field="uuid")
         return ctr
@@ -275,7 +274,7 @@ class ManagementAPI:
                 g.stack, g.device_count, g.driver_version, tuple(g.hardware_target), g.vram
             )
         elif rc.gpus:
-            gpu = gpu_request_for(rc.gpus, self.dispatcher.instance_types)
+            gpu = gpu_request_for(rc.gpus, self.engine.instance_types)
         return ContainerSpec(
             command=tuple(body.command),
             image=body.image,
@@ -294,7 +293,7 @@ class ManagementAPI:
 
     def submit_container(self, body: schema.SubmitRequest) -> schema.ContainerOut:
         try:
-            ctr = self.dispatcher.queue.submit(self.spec_from(body))
+            ctr = self.engine.queue.submit(self.spec_from(body))
         except QueueError as exc:
             if isinstance(exc, ValueError):
                 raise APIError(400, str(exc)) from None
@@ -305,7 +304,7 @@ class ManagementAPI:
     def list_containers(
         self, states: tuple[ContainerState, ...], limit: int, after: str
     ) -> schema.ContainerList:
-        page = self.dispatcher.queue.list(states or None, limit + 1, after)
+        page = self.engine.queue.list(states or None, limit + 1, after)
         more = len(page) > limit
         page = page[:limit]
         statuses = self.scheduling_statuses()
@@ -323,7 +322,7 @@ class ManagementAPI:
             raise APIError(409, f"container {uuid} has already completed")
         why = "cancelled via API" + (f": {reason}" if reason else "")
         try:
-            ctr = self.dispatcher.queue.cancel(uuid, why)
+            ctr = self.engine.queue.cancel(uuid, why)
         except InvalidTransition as exc:  # completed in the meantime
             raise APIError(409, str(exc)) from None
         except ContainerNotFound:
@@ -334,7 +333,7 @@ class ManagementAPI:
     def set_priority(self, uuid: str, priority: int) -> schema.ContainerOut:
         self._get(uuid)
         try:
-            ctr = self.dispatcher.queue.set_priority(uuid, priority)
+            ctr = self.engine.queue.set_priority(uuid, priority)
         except InvalidTransition as exc:
             raise APIError(409, str(exc)) from None
         except ContainerNotFound:
@@ -346,7 +345,7 @@ class ManagementAPI:
         container's log is complete once it is final, so no late chunk can be missed."""
         final_state = self._get(uuid).state.final
         # Three bytes more than asked for, to finish a character the limit would cut.
-        data = self.dispatcher.queue.read_log(uuid, offset, limit + 3)
+        data = self.engine.queue.read_log(uuid, offset, limit + 3)
         keep = log_chunk_length(data, limit)
         if final_state and len(data) <= limit:
             keep = len(data)  # the log is complete: a cut character at its end stays cut
@@ -361,22 +360,21 @@ class ManagementAPI:
     # ---- instances
 
     def list_instances(self) -> schema.InstanceList:
-        views = self.dispatcher.pool.instances()
+        views = self.engine.instances()
         now = self.runtime.now()
         return schema.InstanceList(items=[self.instance_out(v, now) for v in views])
 
     def instance_action(
         self, instance_id: str, action: InstanceAction, reason: str
     ) -> schema.InstanceActionOut:
-        from herder.worker.pool import PoolError
+        from herder.engine import InstanceNotFound
 
-        pool = self.dispatcher.pool
         try:
             if action == "kill":
-                pool.kill_instance(instance_id, f"via management API: {reason}")
+                self.engine.kill_instance(instance_id, f"via management API: {reason}")
             else:
-                pool.set_idle_behavior(instance_id, IdleBehavior(action))
-        except PoolError as exc:
+                self.engine.set_idle_behavior(instance_id, IdleBehavior(action))
+        except InstanceNotFound as exc:
             raise APIError(404, str(exc.args[0]) if exc.args else "instance not found") from None
         log.info(
             "instance %s: %s via management API%s",
@@ -388,25 +386,25 @@ class ManagementAPI:
 
     def health(self) -> tuple[schema.Health, int]:
         try:
-            self.dispatcher.pool.check_health()
+            self.engine.check_health()
         except Exception as exc:
             return schema.Health(health="ERROR", error=str(exc)), 503
         return schema.Health(health="OK"), 200
 
     def plugins(self) -> schema.PluginList:
-        items = [i.to_json() for i in self.dispatcher.plugins.describe()]
+        items = [i.to_json() for i in self.engine.plugins.describe()]
         return schema.PluginList.model_validate({"items": items})
 
     def metrics(self) -> bytes:
         from prometheus_client import generate_latest
 
-        return generate_latest(self.dispatcher.registry)
+        return generate_latest(self.engine.registry)
 
     def summary(self) -> schema.SummaryOut:
         from herder.api import status_page
 
         totals = status_page.summarize(
-            self.dispatcher.pool.instances(), self.dispatcher.queue.counts()
+            self.engine.instances(), self.engine.queue.counts()
         )
         return schema.SummaryOut(
             instances=totals.instances,

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from herder.commands import CommandError, Context
 
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
     from herder.api.server import APIServer
     from herder.config import Config
-    from herder.dispatcher import Dispatcher
     from herder.embedded import ServeSetup
     from herder.queue.backend import DispatchLock
     from herder.runtime import ThreadRuntime
@@ -142,8 +141,7 @@ def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir
     except (PluginError, ValueError) as exc:
         runtime.shutdown()
         raise CommandError(f"dispatcher: {exc}") from exc
-    # The API reads only the attributes DispatchService shares with the cloud engine.
-    api = APIServer(cast("Dispatcher", service), config, with_instances=False)
+    api = APIServer(service, config)
     _start_api(api, config, data_dir, abandon=lambda: _stop_all(service.stop, runtime))
     stop = _stop_on_signals()
     settle_startup_heap()
