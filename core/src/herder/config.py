@@ -440,8 +440,8 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins | None = None) ->
 def check_config(path: str | os.PathLike[str], plugins: Plugins | None) -> list[ConfigProblem]:
     """Every problem in a configuration file (an empty list when it is fine).
 
-    ``plugins=None`` skips the checks that need installed plugins (the driver, executor and
-    boot probe names, and the driver's parameters).
+    ``plugins=None`` skips the checks that need installed plugins (the driver, executor, boot
+    probe, dispatcher and queue backend names, and the parameters each plugin's model checks).
     """
     return _load(path, plugins)[1]
 
@@ -459,6 +459,7 @@ def config_from_data(
     if plugins is not None and isinstance(data, dict):
         problems.extend(_plugin_name_problems(data, plugins))
         problems.extend(_driver_problems(data, plugins))
+        problems.extend(_dispatcher_problems(data, plugins))
         problems.extend(_queue_problems(data, plugins))
     return (config if not problems else None), problems
 
@@ -705,6 +706,32 @@ def _driver_problems(data: dict[str, Any], plugins: Plugins) -> list[ConfigProbl
     except (ValueError, TypeError) as exc:
         return [ConfigProblem("cloud.driver_parameters", str(exc))]
     return _capability_problems(data, name, driver_cls, params)
+
+
+def _dispatcher_problems(data: dict[str, Any], plugins: Plugins) -> list[ConfigProblem]:
+    """A plugin dispatcher's own model must accept ``dispatcher_parameters``.
+
+    An unknown name is reported by :func:`_plugin_name_problems`; the cloud engine takes its
+    parameters under ``cloud`` and reads no ``dispatcher_parameters``.
+    """
+    name = data.get("dispatcher", "cloud")
+    if not isinstance(name, str) or name == "cloud" or name not in plugins.names("dispatcher"):
+        return []
+    try:
+        backend_cls = plugins.dispatcher_class(name)
+    except PluginError as exc:
+        return [ConfigProblem("dispatcher", str(exc))]
+    raw = data.get("dispatcher_parameters") or {}
+    if not isinstance(raw, dict):
+        return []  # reported by the model already
+    try:
+        backend_cls.validate_parameters(raw)
+    except ValidationError as exc:
+        prefix = ("dispatcher_parameters",)
+        return problems_from_validation_error(exc, backend_cls.parameters_model, prefix)
+    except (ValueError, TypeError) as exc:
+        return [ConfigProblem("dispatcher_parameters", str(exc))]
+    return []
 
 
 def _queue_problems(data: dict[str, Any], plugins: Plugins) -> list[ConfigProblem]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import Field
 
 from herder.config import Config, check_config
-from herder.dispatch import DispatchBackend
+from herder.dispatch import DispatchBackend, ProbingParameters
 from herder.dispatch.service import DispatchService
 from herder.engine import InstanceNotFound
 from herder.hookspecs import hookimpl
@@ -117,3 +118,52 @@ def test_the_api_of_an_engine_without_instances_leaves_out_the_instance_routes(
     service.queue.close()
     assert "/api/v1/containers" in paths
     assert not any("/instances" in p for p in paths)
+
+
+class ShelfParameters(ProbingParameters):
+    shelf: str = Field(description="where jobs go")
+
+
+class ShelfBackend(EchoBackend):
+    parameters_model = ShelfParameters
+
+
+class _ShelfPlugin:
+    @hookimpl
+    def herder_register_dispatchers(self, registry):  # type: ignore[no-untyped-def]
+        registry.add("shelf", ShelfBackend, "test backend with parameters")
+
+
+def test_config_check_reports_dispatcher_parameters_under_their_key(tmp_path: Path) -> None:
+    """The backend's ``parameters_model`` checks ``dispatcher_parameters`` in config check, as
+    a driver's model does ``cloud.driver_parameters``: each problem named by its key."""
+    plugins = Plugins.load(entry_points=False, extra=[PLUGIN, _ShelfPlugin()])
+    path = tmp_path / "herder.yaml"
+    path.write_text("dispatcher: shelf\ndispatcher_parameters: {shelv: a, batch_size: 0}\n")
+    problems = {p.key: p.message for p in check_config(path, plugins)}
+    assert set(problems) == {
+        "dispatcher_parameters.shelf",
+        "dispatcher_parameters.shelv",
+        "dispatcher_parameters.batch_size",
+    }
+    assert "did you mean 'shelf'" in problems["dispatcher_parameters.shelv"]
+    path.write_text("dispatcher: shelf\ndispatcher_parameters: {shelf: top}\n")
+    assert check_config(path, plugins) == []
+
+
+def test_a_backend_without_parameters_refuses_any(tmp_path: Path, plugins: Plugins) -> None:
+    path = tmp_path / "herder.yaml"
+    path.write_text("dispatcher: echo\ndispatcher_parameters: {verbose: true}\n")
+    assert [p.key for p in check_config(path, plugins)] == ["dispatcher_parameters.verbose"]
+
+
+def test_the_backend_gets_its_parameters_validated() -> None:
+    plugins = Plugins.load(entry_points=False, extra=[PLUGIN, _ShelfPlugin()])
+    config = Config.model_validate({
+        "dispatcher": "shelf", "dispatcher_parameters": {"shelf": "top", "batch_size": 7},
+        "queue": {"path": ":memory:"},
+    })
+    service = DispatchService(config, runtime=VirtualRuntime(), plugins=plugins)
+    assert isinstance(service.backend.params, ShelfParameters)
+    assert (service.backend.params.shelf, service.backend.params.batch_size) == ("top", 7)
+    service.queue.close()
