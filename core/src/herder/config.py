@@ -103,9 +103,9 @@ class ContainersConfig(_Strict):
     )
     stale_lock_timeout: Duration = 60.0
     reserve_extra_ram: Size = 0
-    maximum_price_factor: float = Field(1.5, ge=0)
+    maximum_price_factor: float = Field(defaults.MAXIMUM_PRICE_FACTOR, ge=0)
     preemptible_price_factor: float = Field(0.0, ge=0)
-    max_dispatch_attempts: int = Field(10, ge=1)
+    max_dispatch_attempts: int = Field(defaults.MAX_DISPATCH_ATTEMPTS, ge=1)
     always_use_preemptible_instances: bool = False
 
     @field_validator("runtime_engine")
@@ -201,7 +201,7 @@ class CloudConfig(_Strict):
     )
     deploy_public_key: bool = True
     resource_tags: dict[str, str] = Field(default_factory=dict)
-    tag_key_prefix: str = "Herder"
+    tag_key_prefix: str = defaults.TAG_KEY_PREFIX
     instance_set_id: str = Field("", description="defaults to a digest of cluster_id")
     poll_interval: Duration = 10.0
     probe_interval: Duration = 10.0
@@ -233,7 +233,7 @@ class QueueConfig(_Strict):
     #: A queue backend registered by a plugin (``herder plugins`` lists them); built in: sqlite.
     backend: str = "sqlite"
     path: str = Field(
-        "herder.db",
+        defaults.QUEUE_FILE,
         description="SQLite database file; dispatcher plugins keep their state beside it",
     )
     #: Passed to the backend named by ``backend``, checked by its own parameters model.
@@ -329,7 +329,7 @@ class APIConfig(_Strict):
 class Config(_Strict):
     """The whole configuration file."""
 
-    cluster_id: str = "zzzzz"
+    cluster_id: str = defaults.CLUSTER_ID
     #: "cloud" (herder's elastic cloud engine) or a dispatcher registered by a plugin, which
     #: ``herder serve`` runs instead (:mod:`herder.dispatch`).
     dispatcher: str = "cloud"

@@ -1,6 +1,6 @@
 """Wiring: builds the queue, the cloud instance set, the pool and the scheduler from a Config.
 
-``herder serve`` and ``herder simulate`` both run a :class:`Dispatcher`; they differ only in the
+``herder serve`` and ``herder simulate`` both run a :class:`CloudEngine`; they differ only in the
 runtime (wall clock or virtual) and in where the queue lives.
 """
 
@@ -104,8 +104,10 @@ def load_runner_binary(config: Config) -> RunnerBinary:
     return RunnerBinary(path.read_bytes())
 
 
-class Dispatcher:
-    """One herder engine: queue + instance set + pool + scheduler, started and stopped together.
+class CloudEngine:
+    """herder's cloud engine: queue + instance set + pool + scheduler, started and stopped
+    together.  (Named apart from :class:`herder.dispatch.Dispatcher`, the SDK's loop for
+    dispatchers that are not the cloud engine.)
 
     Implements :class:`herder.engine.Engine`, the interface the API reads it through.
     """
@@ -291,3 +293,18 @@ def public_key_from_private(path: str) -> str:
             continue
         return f"{key.get_name()} {key.get_base64()}"
     raise ValueError(f"{path}: not a usable SSH private key ({'; '.join(errors)})")
+
+
+def __getattr__(name: str) -> object:
+    """``herder.dispatcher.Dispatcher``, the cloud engine's former name, still imports (with
+    a DeprecationWarning) so that scripts written against it keep working for a release."""
+    if name == "Dispatcher":
+        import warnings
+
+        warnings.warn(
+            "herder.dispatcher.Dispatcher is now herder.dispatcher.CloudEngine",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return CloudEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The engine interface: what the management API, the CLI and the status page need of an engine.
 
-``herder serve`` runs one of two engines: the cloud engine (:class:`herder.dispatcher.Dispatcher`:
+``herder serve`` runs one of two engines: the cloud engine (:class:`herder.dispatcher.CloudEngine`:
 queue, instance set, pool and scheduler) or a plugin dispatcher's service
 (:class:`herder.dispatch.service.DispatchService`: queue and one backend, no instances).  Both
 implement :class:`Engine`, so the API is written once against this protocol and never reaches

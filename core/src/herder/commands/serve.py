@@ -63,7 +63,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
 def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
     from herder.api.server import APIServer
-    from herder.dispatcher import Dispatcher, public_key_from_private
+    from herder.dispatcher import CloudEngine, public_key_from_private
     from herder.plugins import PluginError
     from herder.queue.base import QueueError
     from herder.runtime import ThreadRuntime
@@ -88,7 +88,9 @@ def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
     if config.dispatcher != "cloud":
         return serve_backend(config, ctx, runtime, data_dir)
     try:
-        dispatcher = Dispatcher(config, runtime=runtime, plugins=ctx.plugins, public_key=public_key)
+        dispatcher = CloudEngine(
+            config, runtime=runtime, plugins=ctx.plugins, public_key=public_key
+        )
     except PluginError as exc:
         runtime.shutdown()
         raise CommandError(f"cloud.driver: {exc}") from exc

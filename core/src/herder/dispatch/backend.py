@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
 from herder.config import Config, Duration
-from herder.dispatch.dispatcher import Dispatcher, Job, UpdateAction
+from herder.dispatch.dispatcher import BATCH_SIZE, POLL_PERIOD, Dispatcher, Job, UpdateAction
 from herder.model import InstanceType
 from herder.queue.base import ContainerQueue
 from herder.runtime import Runtime, TimerHandle
@@ -87,9 +87,9 @@ class ProbingParameters(DispatcherParameters):
     """The ``dispatcher_parameters`` every :class:`ProbingBackend` takes; extend it."""
 
     probe_interval: Duration = Field(1.0, gt=0, description="how often ends are looked for")
-    poll_period: Duration = Field(10.0, gt=0, description="queue poll when no change is seen")
+    poll_period: Duration = Field(POLL_PERIOD, gt=0, description="queue poll when no change seen")
     min_retry_period: Duration = Field(10.0, ge=0, description="wait before retrying a failure")
-    batch_size: int = Field(100, ge=1, description="containers read from the queue at once")
+    batch_size: int = Field(BATCH_SIZE, ge=1, description="containers read from the queue at once")
 
 
 class ProbingBackend(DispatchBackend):

@@ -21,6 +21,7 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from herder import defaults
 from herder.model import Container, ContainerState
 from herder.queue.base import QueueError, Sizer
 from herder.queue.records import COLUMNS, decode, dumps, from_row, insert_row, update_row
@@ -293,8 +294,8 @@ class SqliteQueue(RuledQueue):
         *,
         runtime: Runtime,
         sizer: Sizer,
-        cluster_id: str = "zzzzz",
-        max_dispatch_attempts: int = 10,
+        cluster_id: str = defaults.CLUSTER_ID,
+        max_dispatch_attempts: int = defaults.MAX_DISPATCH_ATTEMPTS,
         always_use_preemptible: bool = False,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
