@@ -238,6 +238,9 @@ def check_file(path: str) -> dict[str, Any]:
     """
     if not os.path.exists(path):
         raise QueueError(f"queue file {path}: no such file")
+    # The mark before the file's count: a dispatcher writing meanwhile only raises the count,
+    # so a queue in use is never taken for one that lost commits.
+    marked = _read_mark(path)
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         try:
@@ -263,7 +266,6 @@ def check_file(path: str) -> dict[str, Any]:
         raise QueueError(
             f"queue file {path} holds queue {identity}, not queue {expected} that was kept there"
         )
-    marked = _read_mark(path)
     if marked > stored:
         raise QueueError(_lost_commits(path, stored, marked))
     states: dict[str, int] = {}
