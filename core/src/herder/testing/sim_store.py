@@ -7,12 +7,21 @@ SQLite file (WAL mode): instances with their tags, fates and files, container pr
 their start, planned endings and runner records, the random generator and every counter of
 :class:`~herder.testing.sim_stats.SimStats`.
 
-When it is written: whenever the outermost holder releases the cloud's lock
-(:class:`SavingLock`), the changes since the last save are written in one transaction, before
-the call that made them returns.  So whatever a dispatcher was told (an instance created, a
-container started) is on disk before it can act on it, and a SIGKILL at any moment leaves a
-state at least as new as what the dispatcher knew.  Only what changed is written: a row is
-rewritten when its encoding differs from the last one written.
+Shared by live processes: the cloud's lock (:class:`SavingLock`) is also a lock on the file.
+Its outermost holder opens a write transaction on the file (``BEGIN IMMEDIATE``: another
+process's holder waits), re-reads the state if another process saved since (the ``generation``
+counter of the ``meta`` table says so), works on it, and writes its changes in the same
+transaction on release.  So two dispatchers on one state file (a leader and its standby) see one
+cloud, one change at a time, as they would a real one: instances one created, the other lists
+and adopts; a container one started, the other finds running.
+
+When it is written: whenever the outermost holder releases the cloud's lock, the changes since
+the last save are written in one transaction, before the call that made them returns.  So
+whatever a dispatcher was told (an instance created, a container started) is on disk before it
+can act on it, and a SIGKILL at any moment leaves a state at least as new as what the
+dispatcher knew (a holder killed mid-call leaves the file as it was: its call never returned).
+Only what changed is written: a row is rewritten when its encoding differs from the last one
+written.
 
 Loading needs no replay: everything that happens in the simulated cloud is an absolute
 wall-clock time (boot, broken, vanish, a process's planned end), evaluated lazily against the
@@ -93,26 +102,34 @@ class ProcessRecord:
 
 
 class SavingLock:
-    """The cloud's re-entrant lock, saving the state when its outermost holder releases it.
+    """The cloud's re-entrant lock: its outermost holder also holds the state file, reading
+    what other processes saved on taking it and saving the state on releasing it.
 
     Saving under the lock is what makes a save consistent (no half-made change is written)
     and what orders it before the caller hears the result of its call.
     """
 
-    def __init__(self, save: Callable[[], None]) -> None:
+    def __init__(self, begin: Callable[[], None], finish: Callable[[], None]) -> None:
         self._lock = threading.RLock()
         self._depth = 0
-        self._save = save
+        self._begin = begin
+        self._finish = finish
 
     def __enter__(self) -> SavingLock:
         self._lock.acquire()
+        if self._depth == 0:
+            try:
+                self._begin()
+            except BaseException:
+                self._lock.release()
+                raise
         self._depth += 1
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         try:
             if self._depth == 1:
-                self._save()
+                self._finish()
         finally:
             self._depth -= 1
             self._lock.release()
@@ -273,7 +290,9 @@ class SimStore:
         # A process killed loses nothing written to the operating system; NORMAL is durable
         # against that, which is all a simulation needs.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        # Long enough for another process's holder, however busy the machine: a holder only
+        # does in-memory work between taking the file and releasing it.
+        self._db.execute("PRAGMA busy_timeout=60000")
         with self._transaction() as db:
             for statement in _SCHEMA:
                 db.execute(statement)
@@ -289,6 +308,8 @@ class SimStore:
         self._proc_rows: dict[int, str] = {}
         self._meta: dict[str, str] = {}
         self._rng_state: object = None
+        #: The file's ``generation`` as last read or written by this store (-1: unknown).
+        self._generation = -1
 
     def close(self) -> None:
         self._db.close()
@@ -297,17 +318,53 @@ class SimStore:
         return immediate_transaction(self._db)
 
     def saving_lock(self, cloud: SimCloud) -> SavingLock:
-        """A lock for ``cloud`` that saves it into this store on every outermost release."""
-        return SavingLock(lambda: self.save(cloud))
+        """A lock for ``cloud`` that holds this store's file from its outermost acquire to its
+        release, reading the cloud again when another process saved, saving it on release."""
+        return SavingLock(lambda: self.begin(cloud), lambda: self.finish(cloud))
+
+    def _file_generation(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def begin(self, cloud: SimCloud) -> None:
+        """Take the file (a write transaction) and catch up with what other processes saved."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            generation = self._file_generation()
+            if generation != self._generation:
+                self.load(cloud)
+                self._generation = generation
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._generation = -1
+            raise
+
+    def finish(self, cloud: SimCloud) -> None:
+        """Write what changed in the transaction :meth:`begin` opened, and commit it."""
+        try:
+            self._save_in_transaction(cloud)
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._generation = -1  # the memory is ahead of the file: read it again next time
+            raise
 
     # ---- loading
 
     def load(self, cloud: SimCloud) -> bool:
-        """Restore ``cloud`` from the file; False (and ``cloud`` untouched) when it is new."""
+        """Restore ``cloud`` from the file; False (and ``cloud`` untouched) when it is new.
+
+        Instances ``cloud`` already has are updated in place, not replaced: the driver's
+        instances and executors hold them, and must see the state another process saved.
+        """
         db = self._db
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         if "stats" not in meta:
             return False
+        self._generation = int(meta.get("generation", 0))
+        known = {vm.id: vm for vm in cloud.all_vms()}
+        self._vm_rows, self._files, self._proc_rows = {}, {}, {}
         params = {
             key: SimParameters.model_validate_json(data)
             for key, data in db.execute("SELECT key, data FROM params")
@@ -319,6 +376,11 @@ class SimStore:
         for vm_id, text in db.execute("SELECT id, data FROM vms"):
             data = json.loads(text)
             vm = decode_vm(data, params[data["params"]], files.get(vm_id, {}))
+            held = known.get(vm_id)
+            if held is not None:
+                for f in dataclasses.fields(SimVM):
+                    setattr(held, f.name, getattr(vm, f.name))
+                vm = held
             vms[vm_id] = vm
             self._vm_rows[vm_id] = text
             self._files.update({(vm_id, p): b for p, b in vm.files.items()})
@@ -333,12 +395,20 @@ class SimStore:
             list(vms.values()), decode_stats(json.loads(meta["stats"])), _decode_rng(meta["rng"])
         )
         self._meta = {k: v for k, v in meta.items() if k in ("seed", "stats", "rng")}
+        self._rng_state = None
         return True
 
     # ---- saving
 
     def save(self, cloud: SimCloud) -> None:
-        """Write what changed since the last save, in one transaction (caller holds the lock)."""
+        """Write what changed since the last save, in one transaction of its own (caller holds
+        the cloud's lock but not the file: :meth:`begin` / :meth:`finish` do both)."""
+        with self._transaction():
+            self._save_in_transaction(cloud)
+
+    def _save_in_transaction(self, cloud: SimCloud) -> None:
+        """Write what changed since the last save, bumping the file's generation; the caller's
+        transaction commits it."""
         vm_rows: dict[str, str] = {}
         files: dict[tuple[str, str], bytes] = {}
         procs: dict[int, tuple[SimProcess, str]] = {}
@@ -364,8 +434,12 @@ class SimStore:
         )
         if changed.empty:
             return
-        with self._transaction() as db:
-            changed.write(db)
+        generation = max(self._generation, self._file_generation()) + 1
+        changed.write(self._db)
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation),)
+        )
+        self._generation = generation
         for p, key in new_params:
             self._params[id(p)] = (p, key)
         self._vm_rows = vm_rows
