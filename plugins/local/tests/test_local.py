@@ -287,3 +287,20 @@ def test_config_check_names_bad_dispatcher_parameters(
     assert f"{path}: queue.backend_parameters.path: " in err
     path.write_text("dispatcher: local\ndispatcher_parameters: {vcpus: 2}\n")
     assert cli.main(["config", "check", str(path)]) == 0
+
+
+def test_serve_refuses_bad_dispatcher_parameters_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``herder serve`` checks the file as ``config check`` does, before starting anything."""
+    from herder import cli
+
+    monkeypatch.delenv("HERDER_CONFIG", raising=False)
+    path = tmp_path / "herder.yaml"
+    path.write_text("dispatcher: local\ndispatcher_parameters: {ram: lots}\n")
+    status = cli.main(["--config", str(path), "serve", "--data-dir", str(tmp_path / "data"),
+                       "--listen", "127.0.0.1:0"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "dispatcher_parameters.ram" in err and "Traceback" not in err
+    assert not (tmp_path / "data" / "herder.db").exists()
