@@ -158,11 +158,12 @@ def log_chunk_length(data: bytes, limit: int) -> int:
 
 
 class ManagementAPI:
-    """What each route does, bound to one engine (:class:`herder.engine.Engine`)."""
+    """What each route does, bound to one dispatcher: an engine (:class:`herder.engine.Engine`),
+    the cloud engine or a plugin dispatcher's service, reached only through that interface."""
 
-    def __init__(self, engine: Engine, runtime: Runtime | None = None) -> None:
-        self.engine = engine
-        self.runtime = runtime or engine.runtime
+    def __init__(self, dispatcher: Engine, runtime: Runtime | None = None) -> None:
+        self.dispatcher = dispatcher
+        self.runtime = runtime or dispatcher.runtime
         self._status_lock = threading.Lock()
         self._status_pass = -1
         self._statuses: dict[str, str] = {}
@@ -175,11 +176,11 @@ class ManagementAPI:
         The pass counter is read before the snapshot: if a pass ends in between, the newer
         snapshot is cached under the older number and simply rebuilt on the next request.
         """
-        passes = self.engine.scheduling_passes()
+        passes = self.dispatcher.scheduling_passes()
         with self._status_lock:
             if passes == self._status_pass:
                 return self._statuses
-        index = self.engine.scheduling_statuses()
+        index = self.dispatcher.scheduling_statuses()
         with self._status_lock:
             self._status_pass, self._statuses = passes, index
         return index
@@ -260,7 +261,7 @@ class ManagementAPI:
         )
 
     def _get(self, uuid: str) -> Container:
-        ctr = self.engine.queue.get(uuid)
+        ctr = self.dispatcher.queue.get(uuid)
         if ctr is None:
             raise APIError(404, f"container {uuid} not found", field="uuid")
         return ctr
@@ -274,7 +275,7 @@ class ManagementAPI:
                 g.stack, g.device_count, g.driver_version, tuple(g.hardware_target), g.vram
             )
         elif rc.gpus:
-            gpu = gpu_request_for(rc.gpus, self.engine.instance_types)
+            gpu = gpu_request_for(rc.gpus, self.dispatcher.instance_types)
         return ContainerSpec(
             command=tuple(body.command),
             image=body.image,
@@ -293,7 +294,7 @@ class ManagementAPI:
 
     def submit_container(self, body: schema.SubmitRequest) -> schema.ContainerOut:
         try:
-            ctr = self.engine.queue.submit(self.spec_from(body))
+            ctr = self.dispatcher.queue.submit(self.spec_from(body))
         except QueueError as exc:
             if isinstance(exc, ValueError):
                 raise APIError(400, str(exc)) from None
@@ -304,7 +305,7 @@ class ManagementAPI:
     def list_containers(
         self, states: tuple[ContainerState, ...], limit: int, after: str
     ) -> schema.ContainerList:
-        page = self.engine.queue.list(states or None, limit + 1, after)
+        page = self.dispatcher.queue.list(states or None, limit + 1, after)
         more = len(page) > limit
         page = page[:limit]
         statuses = self.scheduling_statuses()
@@ -322,7 +323,7 @@ class ManagementAPI:
             raise APIError(409, f"container {uuid} has already completed")
         why = "cancelled via API" + (f": {reason}" if reason else "")
         try:
-            ctr = self.engine.queue.cancel(uuid, why)
+            ctr = self.dispatcher.queue.cancel(uuid, why)
         except InvalidTransition as exc:  # completed in the meantime
             raise APIError(409, str(exc)) from None
         except ContainerNotFound:
@@ -333,7 +334,7 @@ class ManagementAPI:
     def set_priority(self, uuid: str, priority: int) -> schema.ContainerOut:
         self._get(uuid)
         try:
-            ctr = self.engine.queue.set_priority(uuid, priority)
+            ctr = self.dispatcher.queue.set_priority(uuid, priority)
         except InvalidTransition as exc:
             raise APIError(409, str(exc)) from None
         except ContainerNotFound:
@@ -345,7 +346,7 @@ class ManagementAPI:
         container's log is complete once it is final, so no late chunk can be missed."""
         final_state = self._get(uuid).state.final
         # Three bytes more than asked for, to finish a character the limit would cut.
-        data = self.engine.queue.read_log(uuid, offset, limit + 3)
+        data = self.dispatcher.queue.read_log(uuid, offset, limit + 3)
         keep = log_chunk_length(data, limit)
         if final_state and len(data) <= limit:
             keep = len(data)  # the log is complete: a cut character at its end stays cut
@@ -360,7 +361,7 @@ class ManagementAPI:
     # ---- instances
 
     def list_instances(self) -> schema.InstanceList:
-        views = self.engine.instances()
+        views = self.dispatcher.instances()
         now = self.runtime.now()
         return schema.InstanceList(items=[self.instance_out(v, now) for v in views])
 
@@ -371,9 +372,9 @@ class ManagementAPI:
 
         try:
             if action == "kill":
-                self.engine.kill_instance(instance_id, f"via management API: {reason}")
+                self.dispatcher.kill_instance(instance_id, f"via management API: {reason}")
             else:
-                self.engine.set_idle_behavior(instance_id, IdleBehavior(action))
+                self.dispatcher.set_idle_behavior(instance_id, IdleBehavior(action))
         except InstanceNotFound as exc:
             raise APIError(404, str(exc.args[0]) if exc.args else "instance not found") from None
         log.info(
@@ -386,25 +387,25 @@ class ManagementAPI:
 
     def health(self) -> tuple[schema.Health, int]:
         try:
-            self.engine.check_health()
+            self.dispatcher.check_health()
         except Exception as exc:
             return schema.Health(health="ERROR", error=str(exc)), 503
         return schema.Health(health="OK"), 200
 
     def plugins(self) -> schema.PluginList:
-        items = [i.to_json() for i in self.engine.plugins.describe()]
+        items = [i.to_json() for i in self.dispatcher.plugins.describe()]
         return schema.PluginList.model_validate({"items": items})
 
     def metrics(self) -> bytes:
         from prometheus_client import generate_latest
 
-        return generate_latest(self.engine.registry)
+        return generate_latest(self.dispatcher.registry)
 
     def summary(self) -> schema.SummaryOut:
         from herder.api import status_page
 
         totals = status_page.summarize(
-            self.engine.instances(), self.engine.queue.counts()
+            self.dispatcher.instances(), self.dispatcher.queue.counts()
         )
         return schema.SummaryOut(
             instances=totals.instances,

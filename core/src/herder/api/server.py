@@ -153,7 +153,7 @@ class APIServer:
 
     def __init__(
         self,
-        engine: Engine,
+        dispatcher: Engine,
         config: Config,
         runtime: Runtime | None = None,
         *,
@@ -162,10 +162,10 @@ class APIServer:
     ) -> None:
         self.config = config
         self.listen = parse_listen(config.api.listen)
-        self.api = ManagementAPI(engine, runtime)
+        self.api = ManagementAPI(dispatcher, runtime)
         self._token = config.api.resolve_management_token() if token is None else token
         self.app = create_app(
-            self.api, self._token, with_instances=engine.has_instances, max_body=max_body
+            self.api, self._token, with_instances=dispatcher.has_instances, max_body=max_body
         )
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None
