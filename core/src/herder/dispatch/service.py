@@ -83,6 +83,7 @@ class DispatchService:
     def active_counts(self) -> dict[ContainerState, int]:
         return self.queue.counts()
 
+    # ---- the engine interface: no instances, no scheduler
 
     def instances(self) -> list[InstanceView]:
         return []
