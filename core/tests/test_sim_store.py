@@ -319,3 +319,50 @@ def test_the_file_is_held_for_the_whole_of_a_call(tmp_path: Path) -> None:
     other.execute("BEGIN IMMEDIATE")
     other.execute("ROLLBACK")
     other.close()
+
+
+def test_processes_wanting_the_file_take_turns(tmp_path: Path) -> None:
+    """A holder that wants the file again while another waits gets it after the waiter: a
+    dispatcher calling the cloud back to back cannot starve a standby that is starting.
+
+    Each :class:`FileTurns` here has descriptors of its own, as a process has (flocks of
+    different open files exclude each other even in one process)."""
+    import fcntl
+    import threading
+    import time
+
+    from herder.testing.sim_store import FileTurns
+
+    path = str(tmp_path / "sim.db")
+    busy, starting = FileTurns(path), FileTurns(path)
+    order: list[str] = []
+
+    def waiting_for_turn() -> bool:
+        """Whether someone keeps the turn while waiting for the file (a probe of our own)."""
+        with open(path + ".turn", "rb") as probe:
+            try:
+                fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(probe.fileno(), fcntl.LOCK_UN)
+            return False
+
+    def take(turns: FileTurns, name: str) -> None:
+        turns.acquire()
+        order.append(name)
+        turns.release()
+
+    busy.acquire()
+    waiter = threading.Thread(target=take, args=(starting, "starting"))
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while not waiting_for_turn():  # the starting one holds the turn, blocked on the file
+        assert time.monotonic() < deadline
+    busy.release()
+    again = threading.Thread(target=take, args=(busy, "busy again"))
+    again.start()
+    waiter.join(30)
+    again.join(30)
+    assert order == ["starting", "busy again"]
+    busy.close()
+    starting.close()

@@ -8,12 +8,13 @@ their start, planned endings and runner records, the random generator and every 
 :class:`~herder.testing.sim_stats.SimStats`.
 
 Shared by live processes: the cloud's lock (:class:`SavingLock`) is also a lock on the file.
-Its outermost holder opens a write transaction on the file (``BEGIN IMMEDIATE``: another
-process's holder waits), re-reads the state if another process saved since (the ``generation``
-counter of the ``meta`` table says so), works on it, and writes its changes in the same
-transaction on release.  So two dispatchers on one state file (a leader and its standby) see one
-cloud, one change at a time, as they would a real one: instances one created, the other lists
-and adopts; a container one started, the other finds running.
+Its outermost holder takes the file (:class:`FileTurns`: processes that want it take turns, so a
+busy dispatcher cannot starve a starting one), opens a write transaction, re-reads the state if
+another process saved since (the ``generation`` counter of the ``meta`` table says so), works on
+it, and writes its changes in the same transaction on release.  So two dispatchers on one state
+file (a leader and its standby) see one cloud, one change at a time, as they would a real one:
+instances one created, the other lists and adopts; a container one started, the other finds
+running.
 
 When it is written: whenever the outermost holder releases the cloud's lock, the changes since
 the last save are written in one transaction, before the call that made them returns.  So
@@ -39,8 +40,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 from collections import Counter
@@ -133,6 +136,37 @@ class SavingLock:
         finally:
             self._depth -= 1
             self._lock.release()
+
+
+class FileTurns:
+    """A lock between processes, beside the state file, that processes wanting it take in turn.
+
+    SQLite's own write lock is no good for this: a process waiting for it sleeps and tries
+    again, and a dispatcher whose threads call the cloud back to back takes it again first,
+    every time; a standby starting meanwhile waited for minutes.  Here a process that wants the
+    file first takes ``<file>.turn``, then waits for ``<file>.hold`` while keeping the turn, and
+    gives the turn back once it holds the file: the process holding the file cannot take it
+    again before the waiting one had it.  Both are flocks, freed by the kernel when a process
+    dies, however it dies.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._turn = os.open(path + ".turn", os.O_RDWR | os.O_CREAT, 0o600)
+        self._hold = os.open(path + ".hold", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def acquire(self) -> None:
+        fcntl.flock(self._turn, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._hold, fcntl.LOCK_EX)
+        finally:
+            fcntl.flock(self._turn, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        fcntl.flock(self._hold, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._turn)
+        os.close(self._hold)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -290,17 +324,19 @@ class SimStore:
         # A process killed loses nothing written to the operating system; NORMAL is durable
         # against that, which is all a simulation needs.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        # Long enough for another process's holder, however busy the machine: a holder only
-        # does in-memory work between taking the file and releasing it.
+        # Writers take turns (FileTurns) before they write; this is for anything else.
         self._db.execute("PRAGMA busy_timeout=60000")
-        with self._transaction() as db:
-            for statement in _SCHEMA:
-                db.execute(statement)
-            row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
-            elif row[0] != str(FORMAT_VERSION):
-                raise ValueError(f"{self.path}: sim state format {row[0]}, need {FORMAT_VERSION}")
+        self._turns = FileTurns(self.path)
+        try:
+            self._turns.acquire()
+            try:
+                self._create()
+            finally:
+                self._turns.release()
+        except BaseException:
+            self._turns.close()
+            self._db.close()
+            raise
         # What the file holds, as last written: a row is written again only when it differs.
         self._params: dict[int, tuple[SimParameters, str]] = {}
         self._vm_rows: dict[str, str] = {}
@@ -311,8 +347,20 @@ class SimStore:
         #: The file's ``generation`` as last read or written by this store (-1: unknown).
         self._generation = -1
 
+    def _create(self) -> None:
+        """The tables of a new file; a file of another format is refused."""
+        with self._transaction() as db:
+            for statement in _SCHEMA:
+                db.execute(statement)
+            row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
+            elif row[0] != str(FORMAT_VERSION):
+                raise ValueError(f"{self.path}: sim state format {row[0]}, need {FORMAT_VERSION}")
+
     def close(self) -> None:
         self._db.close()
+        self._turns.close()
 
     def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         return immediate_transaction(self._db)
@@ -327,8 +375,14 @@ class SimStore:
         return 0 if row is None else int(row[0])
 
     def begin(self, cloud: SimCloud) -> None:
-        """Take the file (a write transaction) and catch up with what other processes saved."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """Take the file (its turn, then a write transaction) and catch up with what other
+        processes saved."""
+        self._turns.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._turns.release()
+            raise
         try:
             generation = self._file_generation()
             if generation != self._generation:
@@ -336,6 +390,7 @@ class SimStore:
                 self._generation = generation
         except BaseException:
             self._db.execute("ROLLBACK")
+            self._turns.release()
             self._generation = -1
             raise
 
@@ -349,6 +404,8 @@ class SimStore:
                 self._db.execute("ROLLBACK")
             self._generation = -1  # the memory is ahead of the file: read it again next time
             raise
+        finally:
+            self._turns.release()
 
     # ---- loading
 
@@ -403,8 +460,12 @@ class SimStore:
     def save(self, cloud: SimCloud) -> None:
         """Write what changed since the last save, in one transaction of its own (caller holds
         the cloud's lock but not the file: :meth:`begin` / :meth:`finish` do both)."""
-        with self._transaction():
-            self._save_in_transaction(cloud)
+        self._turns.acquire()
+        try:
+            with self._transaction():
+                self._save_in_transaction(cloud)
+        finally:
+            self._turns.release()
 
     def _save_in_transaction(self, cloud: SimCloud) -> None:
         """Write what changed since the last save, bumping the file's generation; the caller's
