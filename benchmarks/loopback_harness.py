@@ -1,6 +1,6 @@
 """An in-process herder on the loopback driver, for the latency and throughput benchmarks.
 
-The same wiring as ``herder serve`` (a :class:`~herder.dispatcher.Dispatcher` on a
+The same wiring as ``herder serve`` (a :class:`~herder.dispatcher.CloudEngine` on a
 :class:`~herder.runtime.ThreadRuntime`, the SQLite queue, real SSH to loopback instances, the
 deployed runner agent), without the API server, so that a benchmark submits to the queue
 directly and sees every state change through :meth:`ContainerQueue.observe`.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from herder.config import Config
-from herder.dispatcher import Dispatcher, public_key_from_private
+from herder.dispatcher import CloudEngine, public_key_from_private
 from herder.executor import Executor
 from herder.model import Container, ContainerSpec, ContainerState, WorkerState
 from herder.runtime import ThreadRuntime
@@ -74,7 +74,7 @@ class Bench:
         self.times: dict[tuple[str, ContainerState], float] = {}
         self.finished = 0
         self._cond = threading.Condition()
-        self.dispatcher = Dispatcher(
+        self.dispatcher = CloudEngine(
             config,
             runtime=self.runtime,
             public_key=public_key_from_private(str(key)),

@@ -22,7 +22,7 @@ import time
 import tracemalloc
 
 from herder.config import Config
-from herder.dispatcher import Dispatcher
+from herder.dispatcher import CloudEngine
 from herder.model import ContainerSpec, ContainerState
 from herder.runtime import VirtualRuntime
 from herder.testing.sim import SimDriver
@@ -52,7 +52,7 @@ def main() -> None:
     )
     runtime = VirtualRuntime(strict=False)
     tracemalloc.start()
-    disp = Dispatcher(config, runtime=runtime, driver=SimDriver(),
+    disp = CloudEngine(config, runtime=runtime, driver=SimDriver(),
                       uuid_random_bytes=random.Random(0).randbytes)
     disp.start()
     for _ in range(args.workers):

@@ -28,7 +28,7 @@ from herder.client import (
 from herder.commands import Context, containers
 from herder.commands.containers import colour_column, exit_status
 from herder.config import Config, load_config
-from herder.dispatcher import Dispatcher
+from herder.dispatcher import CloudEngine
 from herder.runtime import VirtualRuntime
 from herder.testing.sim import SimDriver
 
@@ -55,7 +55,7 @@ class Live:
 
     def __init__(self, config: Config) -> None:
         self.runtime = VirtualRuntime()
-        self.dispatcher = Dispatcher(config, runtime=self.runtime, driver=SimDriver())
+        self.dispatcher = CloudEngine(config, runtime=self.runtime, driver=SimDriver())
         self.dispatcher.start()
         self.runtime.run_until_idle()
         self.server = APIServer(self.dispatcher, config)

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from herder.config import Config, check_config
 from herder.dispatch.service import DispatchService
-from herder.dispatcher import Dispatcher
+from herder.dispatcher import CloudEngine
 from herder.hookspecs import hookimpl
 from herder.model import ContainerSpec, InstanceType
 from herder.plugins import PluginError, Plugins, Registry
@@ -162,7 +162,7 @@ def test_every_engine_gets_its_queue_from_the_one_place(plugins: Plugins) -> Non
 
     plugins = Plugins.load(entry_points=False, extra=[Plugin(), IdlePlugin()])
     rt = VirtualRuntime()
-    engine = Dispatcher(_preemptible_config(), runtime=rt, plugins=plugins, driver=SimDriver())
+    engine = CloudEngine(_preemptible_config(), runtime=rt, plugins=plugins, driver=SimDriver())
     service = DispatchService(_preemptible_config(dispatcher="idle"), runtime=rt, plugins=plugins)
     for queue in (engine.queue, service.queue):
         assert isinstance(queue, SqliteQueue)

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from herder.model import ContainerSpec, ContainerState, InstanceType
 from herder.queue.base import QueueError
-from herder.queue.sqlite import IDENTITY_SUFFIX, SqliteQueue
+from herder.queue.sqlite import COMMITS_SUFFIX, IDENTITY_SUFFIX, SqliteQueue
 from herder.runtime import VirtualRuntime
 from herder.sizing import ConfigSizer
 
@@ -214,3 +217,86 @@ def test_a_second_serve_process_on_a_shared_queue_file_is_refused(tmp_path: Path
     first.close()
     assert result.returncode == 1
     assert "in use by another herder" in result.stderr and "Traceback" not in result.stderr
+
+
+# A dispatcher's process that submits containers, then is SIGKILLed: its last commits are left
+# in the -wal file, never checkpointed into the main file.
+KILLED_WRITER = """
+import os, signal, sys
+from herder.model import ContainerSpec, InstanceType
+from herder.queue.sqlite import SqliteQueue
+from herder.runtime import VirtualRuntime
+from herder.sizing import ConfigSizer
+
+types = {"small": InstanceType("small", "p.small", 2, 8 << 30, price=0.1)}
+queue = SqliteQueue(sys.argv[1], runtime=VirtualRuntime(), sizer=ConfigSizer(types))
+for i in range(int(sys.argv[2])):
+    print(queue.submit(ContainerSpec(command=("true",), name=f"k{i}")).uuid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def killed_writer(path: Path, n: int) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(path), str(n)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return proc.stdout.split()
+
+
+def test_a_lost_write_ahead_log_is_refused_with_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The -wal file deleted after a SIGKILL: SQLite alone opens the main file as it was at the
+    last checkpoint, and the containers submitted since are gone without a word."""
+    monkeypatch.delenv("HERDER_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    path = data / "herder.db"
+    before = fill(path)
+    backup = tmp_path / "backup.db"
+    assert _cli(capsys, "queue", "backup", str(backup), "--data-dir", str(data))[0] == 0
+    lost = killed_writer(path, 5)
+    assert len(lost) == 5 and (data / "herder.db-wal").stat().st_size > 0
+    (data / "herder.db-wal").unlink()
+    with pytest.raises(QueueError, match=r"missing 5 committed change\(s\)") as info:
+        open_queue(path)
+    message = str(info.value)
+    assert "herder queue backup" in message and f"delete {path}{COMMITS_SUFFIX}" in message
+    status, _, err = _cli(capsys, "queue", "check", "--data-dir", str(data))
+    assert status == 1 and "missing 5 committed change(s)" in err and "Traceback" not in err
+    # What the message says: restore the backup and delete the mark, and the queue opens.
+    os.replace(backup, path)
+    (data / "herder.db-shm").unlink(missing_ok=True)
+    (data / f"herder.db{COMMITS_SUFFIX}").unlink()
+    queue = open_queue(path)
+    assert [queue.get(u) is not None for u in before] == [True] * 3
+    queue.close()
+
+
+def test_a_kill_with_the_log_kept_loses_nothing_and_is_not_refused(tmp_path: Path) -> None:
+    path = tmp_path / "herder.db"
+    before = fill(path)
+    after = killed_writer(path, 5)
+    after += killed_writer(path, 2)
+    queue = open_queue(path)
+    assert all(queue.get(u) is not None for u in before + after)
+    queue.close()
+    # A clean close checkpoints and removes the log: nothing is missing then either.
+    assert not (tmp_path / "herder.db-wal").exists()
+    open_queue(path).close()
+
+
+def test_every_write_is_counted_in_the_file_and_the_mark(tmp_path: Path) -> None:
+    path = tmp_path / "herder.db"
+    queue = open_queue(path)
+    uuid = queue.submit(ContainerSpec(command=("true",))).uuid
+    queue.cancel(uuid, "test")
+    queue.close()
+    db = sqlite3.connect(path)
+    stored = db.execute("PRAGMA user_version").fetchone()[0]
+    db.close()
+    assert stored == 2 and int((tmp_path / f"herder.db{COMMITS_SUFFIX}").read_text()) == 2
+    assert stat.S_IMODE((tmp_path / f"herder.db{COMMITS_SUFFIX}").stat().st_mode) == 0o600

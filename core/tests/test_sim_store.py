@@ -258,3 +258,111 @@ def test_without_a_state_file_nothing_is_written(tmp_path: Path) -> None:
     iset.create(SMALL, "img", TAGS, "", None)
     assert type(iset.cloud.lock).__name__ == "RLock"
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- shared while live
+
+
+def test_two_live_processes_share_one_cloud(tmp_path: Path) -> None:
+    """A leader and its standby on one state file see one cloud, as they would a real one: what
+    one creates, starts, tags or destroys, the other lists, finds running and sees changed,
+    without either being restarted."""
+    state = tmp_path / "sim.db"
+    a, b = Node(state), Node(state)
+    vm = a.create()
+    assert [i.id for i in b.set.instances({})] == [vm]
+    a.advance(10)
+    b.advance(10)
+    install = RunnerDeployment(command=RUNNER, data=b"runner", md5="0").install_command("root")
+    assert a.run(vm, install, stdin=b"runner").ok
+    assert a.start(vm, 1, 60).ok
+    assert b.listing(vm) == f"{uuid(1)}\n"  # b's executor reads what a's started
+    (inst,) = b.set.instances({})
+    inst.set_tags({**TAGS, "HerderIdleBehavior": "drain"})
+    a.advance(1)
+    (seen,) = a.set.instances({})
+    assert seen.tags["HerderIdleBehavior"] == "drain"
+    assert b.cloud.stats.to_json()["container_starts"] == 1
+    inst.destroy()
+    a.advance(1)
+    b.advance(1)
+    assert a.set.instances({}) == [] and b.set.instances({}) == []
+
+
+def test_a_container_started_by_both_is_a_double_run(tmp_path: Path) -> None:
+    """The check a failover test relies on: one container alive on two instances at once,
+    started by two processes, is counted once in the shared statistics."""
+    state = tmp_path / "sim.db"
+    a, b = Node(state), Node(state)
+    vm1, vm2 = a.create(), b.create()
+    a.advance(10)
+    b.advance(10)
+    install = RunnerDeployment(command=RUNNER, data=b"runner", md5="0").install_command("root")
+    assert a.run(vm1, install, stdin=b"runner").ok and b.run(vm2, install, stdin=b"runner").ok
+    assert a.start(vm1, 7, 60).ok
+    assert b.start(vm2, 7, 60).ok
+    with a.cloud.lock:  # the statistics as the file has them now, b's start included
+        (double,) = a.cloud.stats.double_run_details
+    assert (double.uuid, double.instance_id) == (uuid(7), vm2)
+    starts = [(p.uuid, p.instance_id) for p in read_processes(state)]
+    assert starts == [(uuid(7), vm1), (uuid(7), vm2)]
+
+
+def test_the_file_is_held_for_the_whole_of_a_call(tmp_path: Path) -> None:
+    """While one process holds the cloud, another cannot write the file: its saves wait."""
+    state = tmp_path / "sim.db"
+    a = Node(state)
+    a.create()
+    other = sqlite3.connect(state, timeout=0.05)
+    with a.cloud.lock, pytest.raises(sqlite3.OperationalError, match="locked"):
+        other.execute("BEGIN IMMEDIATE")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("ROLLBACK")
+    other.close()
+
+
+def test_processes_wanting_the_file_take_turns(tmp_path: Path) -> None:
+    """A holder that wants the file again while another waits gets it after the waiter: a
+    dispatcher calling the cloud back to back cannot starve a standby that is starting.
+
+    Each :class:`FileTurns` here has descriptors of its own, as a process has (flocks of
+    different open files exclude each other even in one process)."""
+    import fcntl
+    import threading
+    import time
+
+    from herder.testing.sim_store import FileTurns
+
+    path = str(tmp_path / "sim.db")
+    busy, starting = FileTurns(path), FileTurns(path)
+    order: list[str] = []
+
+    def waiting_for_turn() -> bool:
+        """Whether someone keeps the turn while waiting for the file (a probe of our own)."""
+        with open(path + ".turn", "rb") as probe:
+            try:
+                fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(probe.fileno(), fcntl.LOCK_UN)
+            return False
+
+    def take(turns: FileTurns, name: str) -> None:
+        turns.acquire()
+        order.append(name)
+        turns.release()
+
+    busy.acquire()
+    waiter = threading.Thread(target=take, args=(starting, "starting"))
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while not waiting_for_turn():  # the starting one holds the turn, blocked on the file
+        assert time.monotonic() < deadline
+    busy.release()
+    again = threading.Thread(target=take, args=(busy, "busy again"))
+    again.start()
+    waiter.join(30)
+    again.join(30)
+    assert order == ["starting", "busy again"]
+    busy.close()
+    starting.close()

@@ -1,6 +1,6 @@
 """The status page in a real headless Chromium, against a real API server.
 
-The engine is a Dispatcher on the wall-clock ThreadRuntime and the sim driver with fast
+The engine is a CloudEngine on the wall-clock ThreadRuntime and the sim driver with fast
 timings, served by an APIServer in this process.  The test types the token into the page, sees
 the instance and the containers, drains the instance from the page and watches it change.
 """
@@ -19,7 +19,7 @@ import pytest
 
 from herder.api import APIServer
 from herder.config import Config, load_config
-from herder.dispatcher import Dispatcher
+from herder.dispatcher import CloudEngine
 from herder.model import ContainerSpec, RuntimeConstraints
 from herder.runtime import ThreadRuntime
 from herder.testing.sim import SimDriver
@@ -61,10 +61,10 @@ def fast_sim_config() -> Config:
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[APIServer, Dispatcher]]:
+def server() -> Iterator[tuple[APIServer, CloudEngine]]:
     config = fast_sim_config()
     runtime = ThreadRuntime()
-    dispatcher = Dispatcher(config, runtime=runtime, driver=SimDriver())
+    dispatcher = CloudEngine(config, runtime=runtime, driver=SimDriver())
     dispatcher.start()
     api = APIServer(dispatcher, config)
     api.start()
@@ -113,7 +113,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
         time.sleep(0.1)
 
 
-def submit(dispatcher: Dispatcher, name: str, seconds: int, vcpus: int = 1) -> str:
+def submit(dispatcher: CloudEngine, name: str, seconds: int, vcpus: int = 1) -> str:
     spec = ContainerSpec(
         command=("sim", str(seconds), "0"),
         name=name,

@@ -89,7 +89,7 @@ def listen_url(listen: str, tls: bool = False) -> str:
         return listen.rstrip("/")
     host, sep, port = listen.strip().rpartition(":")
     if not sep:
-        host, port = listen.strip(), "9190"
+        host, port = listen.strip(), defaults.API_PORT
     host = host.strip("[]")
     if host in ("", "0.0.0.0"):  # noqa: S104 (comparing, not binding)
         host = "127.0.0.1"

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 
+from herder import defaults
 from herder.model import Billing, InstanceType
 from herder.runtime import Runtime
 
@@ -449,7 +450,7 @@ class DriverContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("herder.driver"))
     metrics_registry: Any = None  # prometheus_client CollectorRegistry, or None
     runtime: Runtime | None = None  # the engine's clock, for drivers that simulate time
-    tag_key_prefix: str = "Herder"
+    tag_key_prefix: str = defaults.TAG_KEY_PREFIX
 
 
 class Capability(StrEnum):
@@ -499,7 +500,9 @@ def parse_capabilities(values: Iterable[str]) -> frozenset[Capability]:
 CREATE_KEY_TAG = "InstanceSecret"
 
 
-def create_key(tags: Mapping[str, str], tag_key_prefix: str = "Herder") -> str | None:
+def create_key(
+    tags: Mapping[str, str], tag_key_prefix: str = defaults.TAG_KEY_PREFIX
+) -> str | None:
     """The create key of a create call with ``tags``, or None when herder gave none.
 
     herder plants a fresh random ``<prefix>InstanceSecret`` tag in every create, and uses the

@@ -138,9 +138,9 @@ class ContainersConfig(_Strict):
     )
     stale_lock_timeout: Duration = 60.0
     reserve_extra_ram: Size = 0
-    maximum_price_factor: float = Field(1.5, ge=0)
+    maximum_price_factor: float = Field(defaults.MAXIMUM_PRICE_FACTOR, ge=0)
     preemptible_price_factor: float = Field(0.0, ge=0)
-    max_dispatch_attempts: int = Field(10, ge=1)
+    max_dispatch_attempts: int = Field(defaults.MAX_DISPATCH_ATTEMPTS, ge=1)
     always_use_preemptible_instances: bool = False
 
     @field_validator("runtime_engine")
@@ -290,7 +290,7 @@ class CloudConfig(_Strict):
     )
     deploy_public_key: bool = True
     resource_tags: dict[str, str] = Field(default_factory=dict)
-    tag_key_prefix: str = "Herder"
+    tag_key_prefix: str = defaults.TAG_KEY_PREFIX
     instance_set_id: str = Field("", description="defaults to a digest of cluster_id")
     poll_interval: Duration = 10.0
     probe_interval: Duration = 10.0
@@ -346,7 +346,7 @@ class QueueConfig(_Strict):
     #: A queue backend registered by a plugin (``herder plugins`` lists them); built in: sqlite.
     backend: str = "sqlite"
     path: str = Field(
-        "herder.db",
+        defaults.QUEUE_FILE,
         description="SQLite database file; dispatcher plugins keep their state beside it",
     )
     #: Passed to the backend named by ``backend``, checked by its own parameters model.
@@ -442,7 +442,7 @@ class APIConfig(_Strict):
 class Config(_Strict):
     """The whole configuration file."""
 
-    cluster_id: str = "zzzzz"
+    cluster_id: str = defaults.CLUSTER_ID
     #: "cloud" (herder's elastic cloud engine) or a dispatcher registered by a plugin, which
     #: ``herder serve`` runs instead (:mod:`herder.dispatch`).
     dispatcher: str = "cloud"
@@ -554,8 +554,8 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins | None = None) ->
 def check_config(path: str | os.PathLike[str], plugins: Plugins | None) -> list[ConfigProblem]:
     """Every problem in a configuration file (an empty list when it is fine).
 
-    ``plugins=None`` skips the checks that need installed plugins (the driver, executor and
-    boot probe names, and the driver's parameters).
+    ``plugins=None`` skips the checks that need installed plugins (the driver, executor, boot
+    probe, dispatcher and queue backend names, and the parameters each plugin's model checks).
     """
     return _load(path, plugins)[1]
 
@@ -573,6 +573,7 @@ def config_from_data(
     if plugins is not None and isinstance(data, dict):
         problems.extend(_plugin_name_problems(data, plugins))
         problems.extend(_driver_problems(data, plugins))
+        problems.extend(_dispatcher_problems(data, plugins))
         problems.extend(_queue_problems(data, plugins))
     return (config if not problems else None), problems
 
@@ -819,6 +820,32 @@ def _driver_problems(data: dict[str, Any], plugins: Plugins) -> list[ConfigProbl
     except (ValueError, TypeError) as exc:
         return [ConfigProblem("cloud.driver_parameters", str(exc))]
     return _capability_problems(data, name, driver_cls, params)
+
+
+def _dispatcher_problems(data: dict[str, Any], plugins: Plugins) -> list[ConfigProblem]:
+    """A plugin dispatcher's own model must accept ``dispatcher_parameters``.
+
+    An unknown name is reported by :func:`_plugin_name_problems`; the cloud engine takes its
+    parameters under ``cloud`` and reads no ``dispatcher_parameters``.
+    """
+    name = data.get("dispatcher", "cloud")
+    if not isinstance(name, str) or name == "cloud" or name not in plugins.names("dispatcher"):
+        return []
+    try:
+        backend_cls = plugins.dispatcher_class(name)
+    except PluginError as exc:
+        return [ConfigProblem("dispatcher", str(exc))]
+    raw = data.get("dispatcher_parameters") or {}
+    if not isinstance(raw, dict):
+        return []  # reported by the model already
+    try:
+        backend_cls.validate_parameters(raw)
+    except ValidationError as exc:
+        prefix = ("dispatcher_parameters",)
+        return problems_from_validation_error(exc, backend_cls.parameters_model, prefix)
+    except (ValueError, TypeError) as exc:
+        return [ConfigProblem("dispatcher_parameters", str(exc))]
+    return []
 
 
 def _queue_problems(data: dict[str, Any], plugins: Plugins) -> list[ConfigProblem]:

@@ -1,6 +1,6 @@
 """Wiring: builds the queue, the cloud instance set, the pool and the scheduler from a Config.
 
-``herder serve`` and ``herder simulate`` both run a :class:`Dispatcher`; they differ only in the
+``herder serve`` and ``herder simulate`` both run a :class:`CloudEngine`; they differ only in the
 runtime (wall clock or virtual) and in where the queue lives.
 """
 
@@ -20,9 +20,10 @@ from prometheus_client import CollectorRegistry
 from herder.cloud import Driver, DriverContext, DriverParameters, Instance, InstanceSet
 from herder.config import Config
 from herder.costs import CostReport, build_report, last_periods
+from herder.engine import InstanceNotFound
 from herder.executor import Executor, ExecutorFactory
 from herder.metrics import ContainerMetrics, SpendMetrics
-from herder.model import ContainerState, InstanceType
+from herder.model import ContainerState, IdleBehavior, InstanceType, InstanceView
 from herder.plugins import Plugins
 from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
@@ -43,7 +44,7 @@ from herder.spend import (
 )
 from herder.worker.bootprobe import BootProbe
 from herder.worker.interfaces import ContainerReporter
-from herder.worker.pool import Pool
+from herder.worker.pool import Pool, PoolError
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,16 @@ def load_runner_binary(config: Config) -> RunnerBinary:
     return RunnerBinary(path.read_bytes())
 
 
-class Dispatcher:
-    """One herder engine: queue + instance set + pool + scheduler, started and stopped together."""
+class CloudEngine:
+    """herder's cloud engine: queue + instance set + pool + scheduler, started and stopped
+    together.  (Named apart from :class:`herder.dispatch.Dispatcher`, the SDK's loop for
+    dispatchers that are not the cloud engine.)
+
+    Implements :class:`herder.engine.Engine`, the interface the API reads it through.
+    """
+
+    #: The cloud engine runs instances: the API serves the instance routes.
+    has_instances = True
 
     def __init__(
         self,
@@ -328,6 +337,32 @@ class Dispatcher:
     def active_counts(self) -> dict[ContainerState, int]:
         return self.queue.counts()
 
+    # ---- the engine interface's instance commands and reads (herder.engine.Engine)
+
+    def instances(self) -> list[InstanceView]:
+        return self.pool.instances()
+
+    def kill_instance(self, instance_id: str, reason: str) -> None:
+        try:
+            self.pool.kill_instance(instance_id, reason)
+        except PoolError as exc:
+            raise InstanceNotFound(*exc.args) from None
+
+    def set_idle_behavior(self, instance_id: str, behavior: IdleBehavior) -> None:
+        try:
+            self.pool.set_idle_behavior(instance_id, behavior)
+        except PoolError as exc:
+            raise InstanceNotFound(*exc.args) from None
+
+    def check_health(self) -> None:
+        self.pool.check_health()
+
+    def scheduling_passes(self) -> int:
+        return self.scheduler.passes
+
+    def scheduling_statuses(self) -> dict[str, str]:
+        return {e.entry.container.uuid: e.scheduling_status for e in self.scheduler.snapshot()}
+
     # ---- spend, for the API (plain data; thread-safe)
 
     def budget_state(self) -> BudgetState:
@@ -389,3 +424,18 @@ def public_key_from_private(path: str) -> str:
             continue
         return f"{key.get_name()} {key.get_base64()}"
     raise ValueError(f"{path}: not a usable SSH private key ({'; '.join(errors)})")
+
+
+def __getattr__(name: str) -> object:
+    """``herder.dispatcher.Dispatcher``, the cloud engine's former name, still imports (with
+    a DeprecationWarning) so that scripts written against it keep working for a release."""
+    if name == "Dispatcher":
+        import warnings
+
+        warnings.warn(
+            "herder.dispatcher.Dispatcher is now herder.dispatcher.CloudEngine",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return CloudEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

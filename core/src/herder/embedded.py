@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from herder import defaults
 from herder.config import Config
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ def prepare_serve(config: Config | None, data_dir: Path, *, create: bool = True)
         if cluster_id:
             update["cluster_id"] = cluster_id
     if "path" not in config.queue.model_fields_set:
-        update["queue"] = config.queue.model_copy(update={"path": str(data_dir / "herder.db")})
+        queue_path = str(data_dir / defaults.QUEUE_FILE)
+        update["queue"] = config.queue.model_copy(update={"path": queue_path})
     if not config.api.resolve_management_token():
         token = value(TOKEN_FILE, lambda: secrets.token_urlsafe(32))
         if token:

@@ -168,7 +168,7 @@ def run_simulation(
     step: float = 1.0,
 ) -> SimulationResult:
     """Run ``workload`` through the engine on the sim driver and summarise what happened."""
-    from herder.dispatcher import Dispatcher
+    from herder.dispatcher import CloudEngine
     from herder.spend import MemoryLedger
     from herder.testing.sim import SimDriver
 
@@ -189,7 +189,7 @@ def run_simulation(
     runtime = VirtualRuntime(strict=False)
     start = runtime.now()
     seed = int(params.get("seed", 0))
-    disp = Dispatcher(
+    disp = CloudEngine(
         config,
         runtime=runtime,
         driver=SimDriver(),

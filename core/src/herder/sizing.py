@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from herder import defaults
 from herder.model import Container, GPURequest, InstanceResources, InstanceType
 from herder.queue.base import Sizer
 
@@ -125,7 +126,7 @@ def choose_instance_types(
     instance_types: Mapping[str, InstanceType],
     *,
     reserve_extra_ram: int = 0,
-    maximum_price_factor: float = 1.5,
+    maximum_price_factor: float = defaults.MAXIMUM_PRICE_FACTOR,
 ) -> list[InstanceType]:
     """Eligible types: the cheapest adequate one first, then others within its price × factor."""
     if not instance_types:
@@ -185,7 +186,7 @@ class ConfigSizer(Sizer):
         instance_types: Mapping[str, InstanceType],
         *,
         reserve_extra_ram: int = 0,
-        maximum_price_factor: float = 1.5,
+        maximum_price_factor: float = defaults.MAXIMUM_PRICE_FACTOR,
     ) -> None:
         self.instance_types = dict(instance_types)
         self.reserve_extra_ram = reserve_extra_ram

@@ -1,4 +1,4 @@
-"""A real Dispatcher on the sim driver and virtual clock, served by a real APIServer.
+"""A real CloudEngine on the sim driver and virtual clock, served by a real APIServer.
 
 The HTTP server runs in its own thread; the engine's clock only moves when a test calls
 ``engine.advance``, which tests do only between requests (the virtual runtime is
@@ -20,7 +20,7 @@ from herder.api import APIServer
 from herder.api.app import create_app
 from herder.api.routes import ManagementAPI
 from herder.config import Config, load_config
-from herder.dispatcher import Dispatcher
+from herder.dispatcher import CloudEngine
 from herder.runtime import VirtualRuntime
 from herder.testing.sim import SimDriver
 
@@ -79,7 +79,7 @@ class Reply:
 @dataclass
 class Engine:
     runtime: VirtualRuntime
-    dispatcher: Dispatcher
+    dispatcher: CloudEngine
     server: APIServer
     token: str
 
@@ -127,7 +127,7 @@ class Engine:
 
 def start_engine(config: Config) -> Engine:
     runtime = VirtualRuntime()
-    dispatcher = Dispatcher(config, runtime=runtime, driver=SimDriver())
+    dispatcher = CloudEngine(config, runtime=runtime, driver=SimDriver())
     dispatcher.start()
     runtime.run_until_idle()
     server = APIServer(dispatcher, config)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import Field
 
 from herder.config import Config, check_config
-from herder.dispatch import DispatchBackend
+from herder.dispatch import DispatchBackend, ProbingParameters
 from herder.dispatch.service import DispatchService
+from herder.engine import InstanceNotFound
 from herder.hookspecs import hookimpl
 from herder.model import ContainerSpec, ContainerState, InstanceType, RuntimeConstraints
 from herder.plugins import PluginError, Plugins
@@ -94,15 +96,74 @@ def test_service_runs_the_backend_on_a_queue_sized_by_it(plugins: Plugins) -> No
     rt.run_until_idle()
     assert service.queue.get(fits.uuid).state is ContainerState.COMPLETE  # type: ignore[union-attr]
     assert too_big.state is ContainerState.CANCELLED
-    assert service.pool.instances() == [] and service.scheduler.snapshot() == []
+    assert not service.has_instances and service.instances() == []
+    assert service.scheduling_statuses() == {} and service.scheduling_passes() == 0
+    with pytest.raises(InstanceNotFound, match="echo has no instances"):
+        service.kill_instance("i-1", "test")
     service.stop()
 
 
-def test_service_routes_leave_out_instances() -> None:
-    from herder.api.app import create_app
-    from herder.api.routes import ManagementAPI
+def test_the_api_of_an_engine_without_instances_leaves_out_the_instance_routes(
+    plugins: Plugins,
+) -> None:
+    """APIServer reads ``has_instances`` from the engine: no flag to pass, none to forget."""
+    from herder.api import APIServer
 
-    app = create_app(ManagementAPI(None, VirtualRuntime()), "t", with_instances=False)  # type: ignore[arg-type]
-    paths = set(app.openapi()["paths"])
+    config = Config.model_validate({
+        "dispatcher": "echo", "queue": {"path": ":memory:"},
+        "api": {"listen": "127.0.0.1:0", "management_token": "t"},
+    })
+    service = DispatchService(config, runtime=VirtualRuntime(), plugins=plugins)
+    paths = set(APIServer(service, config).app.openapi()["paths"])
+    service.queue.close()
     assert "/api/v1/containers" in paths
     assert not any("/instances" in p for p in paths)
+
+
+class ShelfParameters(ProbingParameters):
+    shelf: str = Field(description="where jobs go")
+
+
+class ShelfBackend(EchoBackend):
+    parameters_model = ShelfParameters
+
+
+class _ShelfPlugin:
+    @hookimpl
+    def herder_register_dispatchers(self, registry):  # type: ignore[no-untyped-def]
+        registry.add("shelf", ShelfBackend, "test backend with parameters")
+
+
+def test_config_check_reports_dispatcher_parameters_under_their_key(tmp_path: Path) -> None:
+    """The backend's ``parameters_model`` checks ``dispatcher_parameters`` in config check, as
+    a driver's model does ``cloud.driver_parameters``: each problem named by its key."""
+    plugins = Plugins.load(entry_points=False, extra=[PLUGIN, _ShelfPlugin()])
+    path = tmp_path / "herder.yaml"
+    path.write_text("dispatcher: shelf\ndispatcher_parameters: {shelv: a, batch_size: 0}\n")
+    problems = {p.key: p.message for p in check_config(path, plugins)}
+    assert set(problems) == {
+        "dispatcher_parameters.shelf",
+        "dispatcher_parameters.shelv",
+        "dispatcher_parameters.batch_size",
+    }
+    assert "did you mean 'shelf'" in problems["dispatcher_parameters.shelv"]
+    path.write_text("dispatcher: shelf\ndispatcher_parameters: {shelf: top}\n")
+    assert check_config(path, plugins) == []
+
+
+def test_a_backend_without_parameters_refuses_any(tmp_path: Path, plugins: Plugins) -> None:
+    path = tmp_path / "herder.yaml"
+    path.write_text("dispatcher: echo\ndispatcher_parameters: {verbose: true}\n")
+    assert [p.key for p in check_config(path, plugins)] == ["dispatcher_parameters.verbose"]
+
+
+def test_the_backend_gets_its_parameters_validated() -> None:
+    plugins = Plugins.load(entry_points=False, extra=[PLUGIN, _ShelfPlugin()])
+    config = Config.model_validate({
+        "dispatcher": "shelf", "dispatcher_parameters": {"shelf": "top", "batch_size": 7},
+        "queue": {"path": ":memory:"},
+    })
+    service = DispatchService(config, runtime=VirtualRuntime(), plugins=plugins)
+    assert isinstance(service.backend.params, ShelfParameters)
+    assert (service.backend.params.shelf, service.backend.params.batch_size) == ("top", 7)
+    service.queue.close()

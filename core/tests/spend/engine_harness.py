@@ -10,7 +10,7 @@ import random
 from typing import Any
 
 from herder.config import Config
-from herder.dispatcher import Dispatcher
+from herder.dispatcher import CloudEngine
 from herder.model import (
     Container,
     ContainerSpec,
@@ -69,7 +69,7 @@ class Engine:
         self.runtime = runtime or VirtualRuntime(strict=True)
         self.start = self.runtime.now()
         self.driver = driver or SimDriver()
-        self.disp = Dispatcher(
+        self.disp = CloudEngine(
             config,
             runtime=self.runtime,
             driver=self.driver,

@@ -11,7 +11,7 @@ from herder.config import Config
 from herder.model import InstanceType
 from herder.runtime import VirtualRuntime
 from herder.worker.bootprobe import CommandBootProbe
-from herder.worker.throttle import SlotLimiter, Throttle, wrap_instance_set
+from herder.worker.throttle import CloudCallThrottle, SlotLimiter, wrap_instance_set
 from herder.worker.verify import TagVerifier, init_command
 
 KEY = HostKey("ssh-ed25519", b"key")
@@ -99,7 +99,7 @@ def test_command_boot_probe() -> None:
 
 def test_throttle() -> None:
     rt = VirtualRuntime()
-    t = Throttle(rt)
+    t = CloudCallThrottle(rt)
     fired: list[float] = []
     t.check_rate_limit_error(RuntimeError("x"), "create")
     t.check_rate_limit_error(RateLimitError("x", rt.now()), "create")  # retry time not future

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from herder.config import Config
-from herder.dispatcher import Dispatcher
+from herder.dispatcher import CloudEngine
 from herder.executor import ExecResult, Executor, ExecutorError
 from herder.model import ContainerSpec, IdleBehavior, RuntimeConstraints
 from herder.runtime import VirtualRuntime
@@ -55,7 +55,7 @@ def config(fake: FakeARM, secret_file: Path) -> Config:
 def test_engine_creates_tags_lists_and_destroys_instances(fake: FakeARM,
                                                           secret_file: Path) -> None:
     runtime = VirtualRuntime(strict=False)
-    dispatcher = Dispatcher(config(fake, secret_file), runtime=runtime,
+    dispatcher = CloudEngine(config(fake, secret_file), runtime=runtime,
                             registry=CollectorRegistry(),
                             executor_factory=lambda instance: Unreachable())
     try:

@@ -16,7 +16,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from herder.config import Config
-from herder.dispatcher import Dispatcher
+from herder.dispatcher import CloudEngine
 from herder.executor import ExecResult, Executor, ExecutorError
 from herder.model import ContainerSpec, RuntimeConstraints
 from herder.runtime import VirtualRuntime
@@ -57,7 +57,7 @@ def test_engine_creates_tags_lists_and_destroys_instances(
 ) -> None:
     runtime = VirtualRuntime(strict=False)
     registry = CollectorRegistry()
-    dispatcher = Dispatcher(config(base_params), runtime=runtime, registry=registry,
+    dispatcher = CloudEngine(config(base_params), runtime=runtime, registry=registry,
                             executor_factory=lambda instance: Unreachable())
     try:
         dispatcher.start()

@@ -264,3 +264,43 @@ def test_real_runner_cancel_kills_the_process(tmp_path: Path, rt: VirtualRuntime
     finally:
         backend.stop()
         q.close()
+
+
+def test_config_check_names_bad_dispatcher_parameters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``herder config check`` as an operator runs it (real plugin discovery): the plugin's
+    parameters model reports each bad key under ``dispatcher_parameters``."""
+    from herder import cli
+
+    path = tmp_path / "herder.yaml"
+    path.write_text(
+        "dispatcher: local\n"
+        "dispatcher_parameters: {vcpus: -1, probe_intervl: 2}\n"
+        "queue: {backend: sqlite, backend_parameters: {path: x}}\n"
+    )
+    assert cli.main(["config", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: dispatcher_parameters.vcpus: " in err
+    assert (f"{path}: dispatcher_parameters.probe_intervl: unknown key "
+            "(did you mean 'probe_interval'?)") in err
+    assert f"{path}: queue.backend_parameters.path: " in err
+    path.write_text("dispatcher: local\ndispatcher_parameters: {vcpus: 2}\n")
+    assert cli.main(["config", "check", str(path)]) == 0
+
+
+def test_serve_refuses_bad_dispatcher_parameters_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``herder serve`` checks the file as ``config check`` does, before starting anything."""
+    from herder import cli
+
+    monkeypatch.delenv("HERDER_CONFIG", raising=False)
+    path = tmp_path / "herder.yaml"
+    path.write_text("dispatcher: local\ndispatcher_parameters: {ram: lots}\n")
+    status = cli.main(["--config", str(path), "serve", "--data-dir", str(tmp_path / "data"),
+                       "--listen", "127.0.0.1:0"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "dispatcher_parameters.ram" in err and "Traceback" not in err
+    assert not (tmp_path / "data" / "herder.db").exists()

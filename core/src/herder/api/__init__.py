@@ -1,6 +1,6 @@
 """herder's management HTTP API (the model is Arvados' management API, SPEC §10.2).
 
-:class:`APIServer` serves a :class:`~herder.dispatcher.Dispatcher` under ``/api/v1/``:
+:class:`APIServer` serves an engine (:class:`herder.engine.Engine`) under ``/api/v1/``:
 containers (submit, list, inspect, cancel, reprioritise, read the log), instances (list, hold,
 drain, run, kill), ``/metrics``, a health check, the installed plugins and an OpenAPI document.
 The routes live in :mod:`herder.api.routes`, the application (errors, limits, the document) in

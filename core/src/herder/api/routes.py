@@ -43,7 +43,7 @@ from herder.scheduler.status import Status, StatusKind
 from herder.sizing import gpu_request_for
 
 if TYPE_CHECKING:
-    from herder.dispatcher import Dispatcher
+    from herder.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,10 @@ def log_chunk_length(data: bytes, limit: int) -> int:
 
 
 class ManagementAPI:
-    """What each route does, bound to one dispatcher."""
+    """What each route does, bound to one dispatcher: an engine (:class:`herder.engine.Engine`),
+    the cloud engine or a plugin dispatcher's service, reached only through that interface."""
 
-    def __init__(self, dispatcher: Dispatcher, runtime: Runtime | None = None) -> None:
+    def __init__(self, dispatcher: Engine, runtime: Runtime | None = None) -> None:
         self.dispatcher = dispatcher
         self.runtime = runtime or dispatcher.runtime
         self._status_lock = threading.Lock()
@@ -175,12 +176,11 @@ class ManagementAPI:
         The pass counter is read before the snapshot: if a pass ends in between, the newer
         snapshot is cached under the older number and simply rebuilt on the next request.
         """
-        scheduler = self.dispatcher.scheduler
-        passes = scheduler.passes
+        passes = self.dispatcher.scheduling_passes()
         with self._status_lock:
             if passes == self._status_pass:
                 return self._statuses
-        index = {e.entry.container.uuid: e.scheduling_status for e in scheduler.snapshot()}
+        index = self.dispatcher.scheduling_statuses()
         with self._status_lock:
             self._status_pass, self._statuses = passes, index
         return index
@@ -361,22 +361,21 @@ class ManagementAPI:
     # ---- instances
 
     def list_instances(self) -> schema.InstanceList:
-        views = self.dispatcher.pool.instances()
+        views = self.dispatcher.instances()
         now = self.runtime.now()
         return schema.InstanceList(items=[self.instance_out(v, now) for v in views])
 
     def instance_action(
         self, instance_id: str, action: InstanceAction, reason: str
     ) -> schema.InstanceActionOut:
-        from herder.worker.pool import PoolError
+        from herder.engine import InstanceNotFound
 
-        pool = self.dispatcher.pool
         try:
             if action == "kill":
-                pool.kill_instance(instance_id, f"via management API: {reason}")
+                self.dispatcher.kill_instance(instance_id, f"via management API: {reason}")
             else:
-                pool.set_idle_behavior(instance_id, IdleBehavior(action))
-        except PoolError as exc:
+                self.dispatcher.set_idle_behavior(instance_id, IdleBehavior(action))
+        except InstanceNotFound as exc:
             raise APIError(404, str(exc.args[0]) if exc.args else "instance not found") from None
         log.info(
             "instance %s: %s via management API%s",
@@ -388,7 +387,7 @@ class ManagementAPI:
 
     def health(self) -> tuple[schema.Health, int]:
         try:
-            self.dispatcher.pool.check_health()
+            self.dispatcher.check_health()
         except Exception as exc:
             return schema.Health(health="ERROR", error=str(exc)), 503
         return schema.Health(health="OK"), 200
@@ -406,7 +405,7 @@ class ManagementAPI:
         from herder.api import status_page
 
         totals = status_page.summarize(
-            self.dispatcher.pool.instances(), self.dispatcher.queue.counts()
+            self.dispatcher.instances(), self.dispatcher.queue.counts()
         )
         return schema.SummaryOut(
             instances=totals.instances,

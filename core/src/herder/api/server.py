@@ -37,7 +37,7 @@ from herder.config import parse_listen as config_parse_listen
 from herder.runtime import Runtime
 
 if TYPE_CHECKING:
-    from herder.dispatcher import Dispatcher
+    from herder.engine import Engine
 
 log = logging.getLogger("herder.api")
 
@@ -144,21 +144,20 @@ class DeadlineProtocol(H11Protocol):
 
 
 class APIServer:
-    """Serves a :class:`~herder.dispatcher.Dispatcher`'s management API on ``api.listen``.
+    """Serves an engine's (:class:`herder.engine.Engine`) management API on ``api.listen``.
 
-    ``runtime`` is the clock used for durations such as ``time_in_state`` (the dispatcher's by
-    default).  ``token`` overrides the configured management token (tests, embedding);
-    ``with_instances=False`` serves a dispatcher that has no instances (no instance routes).
+    ``runtime`` is the clock used for durations such as ``time_in_state`` (the engine's by
+    default).  ``token`` overrides the configured management token (tests, embedding).  The
+    instance routes are served only when the engine has instances (``Engine.has_instances``).
     """
 
     def __init__(
         self,
-        dispatcher: Dispatcher,
+        dispatcher: Engine,
         config: Config,
         runtime: Runtime | None = None,
         *,
         token: str | None = None,
-        with_instances: bool = True,
         max_body: int = MAX_BODY,
     ) -> None:
         self.config = config
@@ -166,7 +165,7 @@ class APIServer:
         self.api = ManagementAPI(dispatcher, runtime)
         self._token = config.api.resolve_management_token() if token is None else token
         self.app = create_app(
-            self.api, self._token, with_instances=with_instances, max_body=max_body
+            self.api, self._token, with_instances=dispatcher.has_instances, max_body=max_body
         )
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None

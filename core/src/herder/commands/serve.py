@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from herder.commands import CommandError, Context
 
@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
     from herder.api.server import APIServer
     from herder.config import Config
-    from herder.dispatcher import Dispatcher
     from herder.embedded import ServeSetup
+    from herder.engine import Engine
     from herder.queue.backend import DispatchLock
     from herder.runtime import ThreadRuntime
 
@@ -64,9 +64,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
 def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
     from herder.api.server import APIServer
-    from herder.dispatcher import Dispatcher, public_key_from_private
-    from herder.plugins import PluginError
-    from herder.queue.base import QueueError
+    from herder.dispatcher import public_key_from_private
     from herder.runtime import ThreadRuntime
 
     config, data_dir = setup.config, setup.data_dir
@@ -86,81 +84,72 @@ def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
             raise CommandError(f"containers.dispatch_private_key: {exc}") from exc
 
     runtime = ThreadRuntime()
-    if config.dispatcher != "cloud":
-        return serve_backend(config, ctx, runtime, data_dir)
-    try:
-        dispatcher = Dispatcher(config, runtime=runtime, plugins=ctx.plugins, public_key=public_key)
-    except PluginError as exc:
-        runtime.shutdown()
-        raise CommandError(f"cloud.driver: {exc}") from exc
-    except QueueError as exc:
-        runtime.shutdown()
-        raise CommandError(f"queue: {exc}") from exc
-    except Exception:
-        runtime.shutdown()
-        raise
-    api = APIServer(dispatcher, config)
-    _start_api(api, config, data_dir, abandon=lambda: _stop_all(dispatcher.stop, runtime))
+    engine = _build_engine(config, ctx, runtime, public_key)
+    api = APIServer(engine, config)
+    _start_api(api, config, data_dir, abandon=lambda: _stop_all(engine.stop, runtime))
     stop = _stop_on_signals()
     settle_startup_heap()
     lost: list[str] = []
-    if not _take_dispatch_lock(dispatcher.dispatch_lock, stop, dispatcher.halt, lost,
-                               dispatcher.queue_description):
-        _wait_then_stop(stop, api, dispatcher.stop, runtime)
+    if not _take_dispatch_lock(engine.dispatch_lock, stop, engine.halt, lost,
+                               engine.queue_description):
+        _wait_then_stop(stop, api, engine.stop, runtime)
         return 0
-    dispatcher.start()
-    log.info(
-        "serving cluster %s: driver %s, %d instance type(s) (%s), queue %s, API %s",
-        config.cluster_id,
-        config.cloud.driver,
-        len(dispatcher.instance_types),
-        ", ".join(sorted(dispatcher.instance_types)) or "none",
-        dispatcher.queue_description,
-        api.url,
-    )
-    _wait_then_stop(stop, api, dispatcher.stop, runtime)
+    engine.start()
+    log.info("serving cluster %s: %s, queue %s, API %s",
+             config.cluster_id, _what_runs(config, engine), engine.queue_description, api.url)
+    _wait_then_stop(stop, api, engine.stop, runtime)
     if lost:
         raise CommandError(f"{lost[0]}; stopped dispatching (start herder again to wait as "
                            "the standby)")
-    log.info("stopped; containers and instances left running are adopted at the next start")
+    if engine.has_instances:
+        log.info("stopped; containers and instances left running are adopted at the next start")
+    else:
+        log.info("stopped; containers left running are taken up again at the next start")
     return 0
 
 
-def serve_backend(config: Config, ctx: Context, runtime: ThreadRuntime, data_dir: Path) -> int:
-    """Serve a dispatcher registered by a plugin (``dispatcher: <name>``) instead of the cloud
-    engine: the same queue and API, without the instance routes."""
-    from herder.api.server import APIServer
-    from herder.dispatch.service import DispatchService
+def _build_engine(
+    config: Config, ctx: Context, runtime: ThreadRuntime, public_key: str | None
+) -> Engine:
+    """The cloud engine, or the service of the dispatcher a plugin registered (``dispatcher:
+    <name>``): the same queue, API and standby either way, through the engine interface.
+    A failure to build it stops the runtime and is reported under the key that caused it."""
     from herder.plugins import PluginError
     from herder.queue.base import QueueError
 
     try:
-        service = DispatchService(config, runtime=runtime, plugins=ctx.plugins)
+        if config.dispatcher == "cloud":
+            from herder.dispatcher import CloudEngine
+
+            try:
+                return CloudEngine(
+                    config, runtime=runtime, plugins=ctx.plugins, public_key=public_key
+                )
+            except PluginError as exc:
+                raise CommandError(f"cloud.driver: {exc}") from exc
+        from herder.dispatch.service import DispatchService
+
+        try:
+            return DispatchService(config, runtime=runtime, plugins=ctx.plugins)
+        except (PluginError, ValueError) as exc:
+            if isinstance(exc, QueueError):
+                raise
+            raise CommandError(f"dispatcher: {exc}") from exc
     except QueueError as exc:
         runtime.shutdown()
         raise CommandError(f"queue: {exc}") from exc
-    except (PluginError, ValueError) as exc:
+    except BaseException:
         runtime.shutdown()
-        raise CommandError(f"dispatcher: {exc}") from exc
-    # The API reads only the attributes DispatchService shares with the cloud engine.
-    api = APIServer(cast("Dispatcher", service), config, with_instances=False)
-    _start_api(api, config, data_dir, abandon=lambda: _stop_all(service.stop, runtime))
-    stop = _stop_on_signals()
-    settle_startup_heap()
-    lost: list[str] = []
-    if not _take_dispatch_lock(service.dispatch_lock, stop, service.halt, lost,
-                               service.queue_description):
-        _wait_then_stop(stop, api, service.stop, runtime)
-        return 0
-    service.start()
-    log.info("serving cluster %s: dispatcher %s, queue %s, API %s",
-             config.cluster_id, config.dispatcher, service.queue_description, api.url)
-    _wait_then_stop(stop, api, service.stop, runtime)
-    if lost:
-        raise CommandError(f"{lost[0]}; stopped dispatching (start herder again to wait as "
-                           "the standby)")
-    log.info("stopped; containers left running are taken up again at the next start")
-    return 0
+        raise
+
+
+def _what_runs(config: Config, engine: Engine) -> str:
+    """The start-up log line's account of the engine."""
+    if not engine.has_instances:
+        return f"dispatcher {config.dispatcher}"
+    types = sorted(engine.instance_types)
+    return (f"driver {config.cloud.driver}, {len(types)} instance type(s) "
+            f"({', '.join(types) or 'none'})")
 
 
 def _take_dispatch_lock(

@@ -8,7 +8,12 @@ stream of its later records (:class:`Updates`) and the state changes the functio
 The guide is ``docs/dispatch.md``.
 """
 
-from herder.dispatch.backend import DispatchBackend, ProbingBackend, ProbingParameters
+from herder.dispatch.backend import (
+    DispatchBackend,
+    DispatcherParameters,
+    ProbingBackend,
+    ProbingParameters,
+)
 from herder.dispatch.dispatcher import CanRun, Dispatcher, Job, RunFunction, UpdateAction
 from herder.dispatch.throttle import Throttle
 from herder.dispatch.updates import CloseReason, Updates
@@ -18,6 +23,7 @@ __all__ = [
     "CloseReason",
     "DispatchBackend",
     "Dispatcher",
+    "DispatcherParameters",
     "Job",
     "ProbingBackend",
     "ProbingParameters",

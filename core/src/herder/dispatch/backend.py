@@ -2,8 +2,10 @@
 
 A plugin registers a :class:`DispatchBackend` subclass under a name with the
 ``herder_register_dispatchers`` hook; ``dispatcher: <name>`` in the configuration file selects
-it, and ``dispatcher_parameters`` is passed to it unchanged.  The backend usually builds a
-:class:`herder.dispatch.Dispatcher` in :meth:`DispatchBackend.start`.
+it.  ``dispatcher_parameters`` is validated by the backend's ``parameters_model`` (a subclass of
+:class:`DispatcherParameters`), by ``herder config check`` and ``herder serve`` alike, errors
+naming the key, as a driver's and a queue backend's parameters are.  The backend usually builds
+a :class:`herder.dispatch.Dispatcher` in :meth:`DispatchBackend.start`.
 """
 
 from __future__ import annotations
@@ -11,25 +13,44 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
 from herder.config import Config, Duration
-from herder.dispatch.dispatcher import Dispatcher, Job, UpdateAction
+from herder.dispatch.dispatcher import BATCH_SIZE, POLL_PERIOD, Dispatcher, Job, UpdateAction
 from herder.model import InstanceType
 from herder.queue.base import ContainerQueue
 from herder.runtime import Runtime, TimerHandle
+
+
+class DispatcherParameters(BaseModel):
+    """The ``dispatcher_parameters`` of a backend that takes none: any key is reported, so a
+    misspelling never goes unnoticed.  A backend with parameters extends it."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class DispatchBackend(ABC):
     """One way to run containers that is not herder's cloud engine.
 
     Constructed once per ``herder serve`` with the whole configuration, its own
-    ``dispatcher_parameters`` (validate them here and raise ``ValueError`` with a clear message),
-    the runtime and the metrics registry.
+    ``dispatcher_parameters`` (validated by ``parameters_model`` into :attr:`params`; raise
+    ``ValueError`` with a clear message for what a model cannot check), the runtime and the
+    metrics registry.
     """
+
+    #: Validates ``dispatcher_parameters``; ``herder config check`` reports its errors under
+    #: ``dispatcher_parameters.<key>``.
+    parameters_model: ClassVar[type[DispatcherParameters]] = DispatcherParameters
+    params: DispatcherParameters
+
+    @classmethod
+    def validate_parameters(cls, raw: Mapping[str, Any] | None) -> DispatcherParameters:
+        """``dispatcher_parameters`` checked by :attr:`parameters_model` (pydantic's
+        ``ValidationError`` when they do not fit)."""
+        return cls.parameters_model.model_validate(dict(raw or {}))
 
     def __init__(
         self,
@@ -41,6 +62,7 @@ class DispatchBackend(ABC):
     ) -> None:
         self.config = config
         self.parameters = dict(parameters)
+        self.params = self.validate_parameters(parameters)
         self.runtime = runtime
         self.registry = registry if registry is not None else CollectorRegistry()
 
@@ -61,15 +83,13 @@ class DispatchBackend(ABC):
         """Stop taking containers.  Containers that run on are taken up again at next start."""
 
 
-class ProbingParameters(BaseModel):
+class ProbingParameters(DispatcherParameters):
     """The ``dispatcher_parameters`` every :class:`ProbingBackend` takes; extend it."""
 
-    model_config = ConfigDict(extra="forbid")
-
     probe_interval: Duration = Field(1.0, gt=0, description="how often ends are looked for")
-    poll_period: Duration = Field(10.0, gt=0, description="queue poll when no change is seen")
+    poll_period: Duration = Field(POLL_PERIOD, gt=0, description="queue poll when no change seen")
     min_retry_period: Duration = Field(10.0, ge=0, description="wait before retrying a failure")
-    batch_size: int = Field(100, ge=1, description="containers read from the queue at once")
+    batch_size: int = Field(BATCH_SIZE, ge=1, description="containers read from the queue at once")
 
 
 class ProbingBackend(DispatchBackend):
@@ -82,6 +102,7 @@ class ProbingBackend(DispatchBackend):
     :meth:`_probe_again` when there is still something to watch).
     """
 
+    parameters_model: ClassVar[type[DispatcherParameters]] = ProbingParameters
     params: ProbingParameters
 
     def __init__(

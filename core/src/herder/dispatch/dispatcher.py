@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 QUEUED, LOCKED, RUNNING = ContainerState.QUEUED, ContainerState.LOCKED, ContainerState.RUNNING
 HELD_STATES = (LOCKED, RUNNING)
+#: Seconds between queue polls when no change is reported (``poll_period``).
+POLL_PERIOD = 10.0
+#: Containers read from the queue at once (``batch_size``).
+BATCH_SIZE = 100
 
 #: The user function: called once per container, in the background, with its :class:`Job`.
 RunFunction = Callable[["Job"], None]
@@ -134,9 +138,9 @@ class Dispatcher:
         run: RunFunction,
         *,
         runtime: Runtime,
-        poll_period: float = 10.0,
+        poll_period: float = POLL_PERIOD,
         min_retry_period: float = 0.0,
-        batch_size: int = 100,
+        batch_size: int = BATCH_SIZE,
         max_concurrent: int | None = None,
         can_run: CanRun | None = None,
     ) -> None:

@@ -1,21 +1,20 @@
 """What ``herder serve`` runs when ``dispatcher`` names a :class:`DispatchBackend`.
 
-The management API was written against the cloud engine (:class:`herder.dispatcher.Dispatcher`);
-this service offers the same attributes so that the container, service and status routes work
-unchanged.  There are no instances: the pool reports none and the instance actions are not
-served (``APIServer(..., with_instances=False)``), and the scheduler reports no scheduling status.
+:class:`DispatchService` implements :class:`herder.engine.Engine`, as the cloud engine does, so
+the management API serves it unchanged.  It has no instances (``has_instances`` is False: the
+API leaves the instance routes out) and no scheduler (no pass ever records a scheduling status).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from herder.config import Config
 from herder.dispatch.backend import DispatchBackend
-from herder.model import ContainerState, InstanceView
+from herder.engine import InstanceNotFound
+from herder.model import ContainerState, IdleBehavior, InstanceView
 from herder.plugins import Plugins
 from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerQueue
@@ -25,27 +24,11 @@ from herder.sizing import ConfigSizer
 log = logging.getLogger(__name__)
 
 
-class NoInstances:
-    """The pool as the API sees it, for a backend that has no instances."""
-
-    def instances(self) -> list[InstanceView]:
-        return []
-
-    def check_health(self) -> None:
-        """Healthy while the process serves: the backend reports its own failures in logs."""
-
-
-class NoScheduler:
-    """The scheduler as the API sees it: no pass ever records a scheduling status."""
-
-    passes = 0
-
-    def snapshot(self) -> list[Any]:
-        return []
-
-
 class DispatchService:
     """The configured queue plus one backend, started and stopped together."""
+
+    #: A backend hands containers to another system: there are no instances to show or command.
+    has_instances = False
 
     def __init__(
         self,
@@ -83,8 +66,6 @@ class DispatchService:
             queue, self.queue_description = opened.queue, opened.description
             self.dispatch_lock = opened.dispatch_lock
         self.queue = queue
-        self.pool = NoInstances()
-        self.scheduler = NoScheduler()
 
     def start(self) -> None:
         self.backend.start(self.queue)
@@ -102,3 +83,23 @@ class DispatchService:
     def active_counts(self) -> dict[ContainerState, int]:
         return self.queue.counts()
 
+    # ---- the engine interface: no instances, no scheduler
+
+    def instances(self) -> list[InstanceView]:
+        return []
+
+    def kill_instance(self, instance_id: str, reason: str) -> None:
+        raise InstanceNotFound(f"dispatcher {self.config.dispatcher} has no instances")
+
+    def set_idle_behavior(self, instance_id: str, behavior: IdleBehavior) -> None:
+        raise InstanceNotFound(f"dispatcher {self.config.dispatcher} has no instances")
+
+    def check_health(self) -> None:
+        """Healthy while the process serves: the backend reports its own failures in logs."""
+
+    def scheduling_passes(self) -> int:
+        return 0
+
+    def scheduling_statuses(self) -> dict[str, str]:
+        """The backend decides what runs when; it records no scheduling status."""
+        return {}

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from herder import defaults
 from herder.queue.base import ContainerQueue, Sizer
 from herder.runtime import Runtime
 
@@ -56,10 +57,10 @@ class QueueContext:
 
     runtime: Runtime
     sizer: Sizer
-    cluster_id: str = "zzzzz"
-    max_dispatch_attempts: int = 10
+    cluster_id: str = defaults.CLUSTER_ID
+    max_dispatch_attempts: int = defaults.MAX_DISPATCH_ATTEMPTS
     always_use_preemptible: bool = False
-    path: str = "herder.db"
+    path: str = defaults.QUEUE_FILE
     random_bytes: Callable[[int], bytes] = field(default=secrets.token_bytes)
 
     def queue_settings(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from herder import defaults
 from herder.model import Container, ContainerState
 from herder.queue.base import ContainerNotFound, Sizer
 from herder.queue.rules import UNFINISHED, RuledQueue, Unreadable, cancelled
@@ -28,8 +29,8 @@ class MemoryQueue(RuledQueue):
         *,
         runtime: Runtime,
         sizer: Sizer,
-        cluster_id: str = "zzzzz",
-        max_dispatch_attempts: int = 10,
+        cluster_id: str = defaults.CLUSTER_ID,
+        max_dispatch_attempts: int = defaults.MAX_DISPATCH_ATTEMPTS,
         always_use_preemptible: bool = False,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:

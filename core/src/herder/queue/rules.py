@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import NamedTuple
 
+from herder import defaults
 from herder.callbacks import Callbacks
 from herder.model import (
     CLUSTER_ID_RE,
@@ -249,8 +250,8 @@ class RuledQueue(ContainerQueue):
         *,
         runtime: Runtime,
         sizer: Sizer,
-        cluster_id: str = "zzzzz",
-        max_dispatch_attempts: int = 10,
+        cluster_id: str = defaults.CLUSTER_ID,
+        max_dispatch_attempts: int = defaults.MAX_DISPATCH_ATTEMPTS,
         always_use_preemptible: bool = False,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:

@@ -4,7 +4,9 @@ SQLite (stdlib ``sqlite3``, WAL journal, ``synchronous=NORMAL``) is the system o
 state change is one committed transaction before it is visible anywhere else.  The rules, and
 the in-memory snapshot the scheduler reads on every pass, are those of
 :class:`~herder.queue.rules.RuledQueue`; this module only stores and loads, and guards the file
-(one owner, identity, integrity, schema version).
+(one owner, identity, integrity, schema version, and the commits counted: a committed change
+lives in the ``-wal`` file until a checkpoint copies it into the main file, and a queue whose
+WAL was lost is refused, :func:`_check_commits`).
 
 One connection serves every thread, guarded by the queue's one lock.  A transition starts from
 the snapshot's record: one process owns the file (:func:`_take_ownership`), so nothing else
@@ -21,6 +23,7 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from herder import defaults
 from herder.model import Container, ContainerState
 from herder.queue.base import QueueError, Sizer
 from herder.queue.records import COLUMNS, decode, dumps, from_row, insert_row, update_row
@@ -168,6 +171,65 @@ def _check_integrity(db: sqlite3.Connection, path: str) -> None:
         raise QueueError(_damaged(path, "; ".join(str(p) for p in problems)[:500]))
 
 
+#: Beside the queue file: how many write transactions the queue has committed (its commit
+#: mark).  The file itself counts them too, in SQLite's ``user_version`` header field, written
+#: in the same transaction as the change; a file that counts fewer than the mark lost commits.
+COMMITS_SUFFIX = ".commits"
+
+
+def _read_mark(path: str) -> int:
+    try:
+        with open(path + COMMITS_SUFFIX, encoding="ascii") as fh:
+            text = fh.read().strip()
+    except FileNotFoundError:
+        return 0
+    return int(text) if text.isdigit() else 0
+
+
+def _lost_commits(path: str, stored: int, marked: int) -> str:
+    return (
+        f"queue file {path} is missing {marked - stored} committed change(s) of the {marked} "
+        f"this queue made: its write-ahead log {path}-wal was deleted or replaced while "
+        f"herder was not running, and containers it recorded are lost.  Restore the queue from "
+        f"a backup (`herder queue backup` makes one) and delete {path}{COMMITS_SUFFIX}; or, to "
+        f"go on with what the file holds, delete {path}{COMMITS_SUFFIX}"
+    )
+
+
+def _check_commits(db: sqlite3.Connection, path: str, fresh: bool) -> tuple[int, int]:
+    """Refuse a queue file that holds fewer commits than the queue made: (commits, mark fd).
+
+    With the WAL journal a committed change is in ``<path>-wal`` until the next checkpoint;
+    delete that file after a crash (a SIGKILL, a power cut, a clean-up script) and SQLite opens
+    the main file as it was at the checkpoint, without a word, losing every container submitted
+    or finished since.  So each write transaction also counts itself in the file's
+    ``user_version`` field (no schema change), and after each commit the count is written to
+    ``<path>.commits`` (a few bytes, no fsync: it must survive the process, which the page
+    cache ensures, not a power cut, which ``synchronous=NORMAL`` does not promise either).  At
+    opening, a file whose count is below the mark has lost commits.  A kill between a commit
+    and its mark leaves the mark one behind, so the last commit alone can go unnoticed.
+
+    A new file (``fresh``) starts a new count: the identity check already refused a new file
+    where a queue was kept.
+    """
+    stored = int(db.execute("PRAGMA user_version").fetchone()[0])
+    marked = _read_mark(path)
+    if not fresh and marked > stored:
+        raise QueueError(_lost_commits(path, stored, marked))
+    fd = os.open(path + COMMITS_SUFFIX, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        _write_mark(fd, stored)
+    except BaseException:
+        os.close(fd)
+        raise
+    return stored, fd
+
+
+def _write_mark(fd: int, commits: int) -> None:
+    """One write of fixed width at offset 0: a reader never sees a mix of two counts."""
+    os.pwrite(fd, b"%020d\n" % commits, 0)
+
+
 def check_file(path: str) -> dict[str, Any]:
     """Check a queue file without changing it (``herder queue check``), even while a
     dispatcher uses it: integrity, identity, schema version, and that every row decodes.
@@ -176,6 +238,9 @@ def check_file(path: str) -> dict[str, Any]:
     """
     if not os.path.exists(path):
         raise QueueError(f"queue file {path}: no such file")
+    # The mark before the file's count: a dispatcher writing meanwhile only raises the count,
+    # so a queue in use is never taken for one that lost commits.
+    marked = _read_mark(path)
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         try:
@@ -187,6 +252,7 @@ def check_file(path: str) -> dict[str, Any]:
                 found = db.execute("SELECT id FROM queue_identity").fetchone()
                 identity = str(found[0]) if found else ""
             rows = db.execute(_SELECT).fetchall()
+            stored = int(db.execute("PRAGMA user_version").fetchone()[0])
         except sqlite3.DatabaseError as exc:
             raise QueueError(_damaged(path, str(exc))) from exc
     finally:
@@ -200,6 +266,8 @@ def check_file(path: str) -> dict[str, Any]:
         raise QueueError(
             f"queue file {path} holds queue {identity}, not queue {expected} that was kept there"
         )
+    if marked > stored:
+        raise QueueError(_lost_commits(path, stored, marked))
     states: dict[str, int] = {}
     unreadable = []
     for row in rows:
@@ -293,8 +361,8 @@ class SqliteQueue(RuledQueue):
         *,
         runtime: Runtime,
         sizer: Sizer,
-        cluster_id: str = "zzzzz",
-        max_dispatch_attempts: int = 10,
+        cluster_id: str = defaults.CLUSTER_ID,
+        max_dispatch_attempts: int = defaults.MAX_DISPATCH_ATTEMPTS,
         always_use_preemptible: bool = False,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
@@ -310,6 +378,9 @@ class SqliteQueue(RuledQueue):
         )
         self._path = path
         on_disk = path != ":memory:" and not path.startswith("file:")
+        #: Commits counted in the file and in its commit mark (None: not counted, in memory).
+        self._commits: int | None = None
+        self._mark_fd: int | None = None
         self._owner_fd = _take_ownership(path) if on_disk else None
         if on_disk:
             _create_private(path)
@@ -329,6 +400,7 @@ class SqliteQueue(RuledQueue):
                 fresh = self._migrate()
                 if on_disk:
                     _check_identity(self._db, path, fresh)
+                    self._commits, self._mark_fd = _check_commits(self._db, path, fresh)
             except sqlite3.DatabaseError as exc:
                 raise QueueError(_damaged(path, str(exc))) from exc
             self._open()
@@ -339,9 +411,20 @@ class SqliteQueue(RuledQueue):
 
     # ---- opening
 
-    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """One committed transaction, or none at all (caller holds ``self._lock``)."""
-        return immediate_transaction(self._db)
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One committed transaction, or none at all (caller holds ``self._lock``), counted in
+        the file and, once committed, in the commit mark (:func:`_check_commits`)."""
+        if self._commits is None or self._mark_fd is None:
+            with immediate_transaction(self._db) as db:
+                yield db
+            return
+        count = self._commits + 1
+        with immediate_transaction(self._db) as db:
+            yield db
+            db.execute(f"PRAGMA user_version = {count:d}")
+        self._commits = count
+        _write_mark(self._mark_fd, count)
 
     def _migrate(self) -> bool:
         """Bring the schema up to date, one recorded version at a time; True for a new queue."""
@@ -452,6 +535,9 @@ class SqliteQueue(RuledQueue):
         self._release_ownership()
 
     def _release_ownership(self) -> None:
+        if self._mark_fd is not None:
+            os.close(self._mark_fd)
+            self._mark_fd = None
         if self._owner_fd is not None:
             os.close(self._owner_fd)
             self._owner_fd = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 
+from herder import defaults
 from herder.cloud import (
     Capability,
     CapacityError,
@@ -180,7 +181,8 @@ class SimInstanceSet(InstanceSet):
         still listed carries returns that instance, as a cloud with client tokens does.
         """
         cloud = self.cloud
-        prefix = self.context.tag_key_prefix if self.context is not None else "Herder"
+        context = self.context
+        prefix = context.tag_key_prefix if context is not None else defaults.TAG_KEY_PREFIX
         key = create_key(tags, prefix)
         with cloud.lock:
             now = cloud.now()

@@ -64,7 +64,8 @@ class SimParameters(DriverParameters):
     state_file: str | None = Field(
         None,
         description="SQLite file the simulated cloud keeps its state in, so that it outlives a "
-        "dispatcher process killed without warning (None: in memory only)",
+        "dispatcher process killed without warning and can be shared by live ones (a leader "
+        "and its standby) (None: in memory only)",
     )
 
     # ---- instances

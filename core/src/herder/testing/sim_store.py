@@ -7,12 +7,22 @@ SQLite file (WAL mode): instances with their tags, fates and files, container pr
 their start, planned endings and runner records, the random generator and every counter of
 :class:`~herder.testing.sim_stats.SimStats`.
 
-When it is written: whenever the outermost holder releases the cloud's lock
-(:class:`SavingLock`), the changes since the last save are written in one transaction, before
-the call that made them returns.  So whatever a dispatcher was told (an instance created, a
-container started) is on disk before it can act on it, and a SIGKILL at any moment leaves a
-state at least as new as what the dispatcher knew.  Only what changed is written: a row is
-rewritten when its encoding differs from the last one written.
+Shared by live processes: the cloud's lock (:class:`SavingLock`) is also a lock on the file.
+Its outermost holder takes the file (:class:`FileTurns`: processes that want it take turns, so a
+busy dispatcher cannot starve a starting one), opens a write transaction, re-reads the state if
+another process saved since (the ``generation`` counter of the ``meta`` table says so), works on
+it, and writes its changes in the same transaction on release.  So two dispatchers on one state
+file (a leader and its standby) see one cloud, one change at a time, as they would a real one:
+instances one created, the other lists and adopts; a container one started, the other finds
+running.
+
+When it is written: whenever the outermost holder releases the cloud's lock, the changes since
+the last save are written in one transaction, before the call that made them returns.  So
+whatever a dispatcher was told (an instance created, a container started) is on disk before it
+can act on it, and a SIGKILL at any moment leaves a state at least as new as what the
+dispatcher knew (a holder killed mid-call leaves the file as it was: its call never returned).
+Only what changed is written: a row is rewritten when its encoding differs from the last one
+written.
 
 Loading needs no replay: everything that happens in the simulated cloud is an absolute
 wall-clock time (boot, broken, vanish, a process's planned end), evaluated lazily against the
@@ -30,8 +40,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 from collections import Counter
@@ -93,29 +105,68 @@ class ProcessRecord:
 
 
 class SavingLock:
-    """The cloud's re-entrant lock, saving the state when its outermost holder releases it.
+    """The cloud's re-entrant lock: its outermost holder also holds the state file, reading
+    what other processes saved on taking it and saving the state on releasing it.
 
     Saving under the lock is what makes a save consistent (no half-made change is written)
     and what orders it before the caller hears the result of its call.
     """
 
-    def __init__(self, save: Callable[[], None]) -> None:
+    def __init__(self, begin: Callable[[], None], finish: Callable[[], None]) -> None:
         self._lock = threading.RLock()
         self._depth = 0
-        self._save = save
+        self._begin = begin
+        self._finish = finish
 
     def __enter__(self) -> SavingLock:
         self._lock.acquire()
+        if self._depth == 0:
+            try:
+                self._begin()
+            except BaseException:
+                self._lock.release()
+                raise
         self._depth += 1
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         try:
             if self._depth == 1:
-                self._save()
+                self._finish()
         finally:
             self._depth -= 1
             self._lock.release()
+
+
+class FileTurns:
+    """A lock between processes, beside the state file, that processes wanting it take in turn.
+
+    SQLite's own write lock is no good for this: a process waiting for it sleeps and tries
+    again, and a dispatcher whose threads call the cloud back to back takes it again first,
+    every time; a standby starting meanwhile waited for minutes.  Here a process that wants the
+    file first takes ``<file>.turn``, then waits for ``<file>.hold`` while keeping the turn, and
+    gives the turn back once it holds the file: the process holding the file cannot take it
+    again before the waiting one had it.  Both are flocks, freed by the kernel when a process
+    dies, however it dies.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._turn = os.open(path + ".turn", os.O_RDWR | os.O_CREAT, 0o600)
+        self._hold = os.open(path + ".hold", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def acquire(self) -> None:
+        fcntl.flock(self._turn, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._hold, fcntl.LOCK_EX)
+        finally:
+            fcntl.flock(self._turn, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        fcntl.flock(self._hold, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._turn)
+        os.close(self._hold)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -273,7 +324,31 @@ class SimStore:
         # A process killed loses nothing written to the operating system; NORMAL is durable
         # against that, which is all a simulation needs.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        # Writers take turns (FileTurns) before they write; this is for anything else.
+        self._db.execute("PRAGMA busy_timeout=60000")
+        self._turns = FileTurns(self.path)
+        try:
+            self._turns.acquire()
+            try:
+                self._create()
+            finally:
+                self._turns.release()
+        except BaseException:
+            self._turns.close()
+            self._db.close()
+            raise
+        # What the file holds, as last written: a row is written again only when it differs.
+        self._params: dict[int, tuple[SimParameters, str]] = {}
+        self._vm_rows: dict[str, str] = {}
+        self._files: dict[tuple[str, str], bytes] = {}
+        self._proc_rows: dict[int, str] = {}
+        self._meta: dict[str, str] = {}
+        self._rng_state: object = None
+        #: The file's ``generation`` as last read or written by this store (-1: unknown).
+        self._generation = -1
+
+    def _create(self) -> None:
+        """The tables of a new file; a file of another format is refused."""
         with self._transaction() as db:
             for statement in _SCHEMA:
                 db.execute(statement)
@@ -282,32 +357,71 @@ class SimStore:
                 db.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
             elif row[0] != str(FORMAT_VERSION):
                 raise ValueError(f"{self.path}: sim state format {row[0]}, need {FORMAT_VERSION}")
-        # What the file holds, as last written: a row is written again only when it differs.
-        self._params: dict[int, tuple[SimParameters, str]] = {}
-        self._vm_rows: dict[str, str] = {}
-        self._files: dict[tuple[str, str], bytes] = {}
-        self._proc_rows: dict[int, str] = {}
-        self._meta: dict[str, str] = {}
-        self._rng_state: object = None
 
     def close(self) -> None:
         self._db.close()
+        self._turns.close()
 
     def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         return immediate_transaction(self._db)
 
     def saving_lock(self, cloud: SimCloud) -> SavingLock:
-        """A lock for ``cloud`` that saves it into this store on every outermost release."""
-        return SavingLock(lambda: self.save(cloud))
+        """A lock for ``cloud`` that holds this store's file from its outermost acquire to its
+        release, reading the cloud again when another process saved, saving it on release."""
+        return SavingLock(lambda: self.begin(cloud), lambda: self.finish(cloud))
+
+    def _file_generation(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def begin(self, cloud: SimCloud) -> None:
+        """Take the file (its turn, then a write transaction) and catch up with what other
+        processes saved."""
+        self._turns.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._turns.release()
+            raise
+        try:
+            generation = self._file_generation()
+            if generation != self._generation:
+                self.load(cloud)
+                self._generation = generation
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._turns.release()
+            self._generation = -1
+            raise
+
+    def finish(self, cloud: SimCloud) -> None:
+        """Write what changed in the transaction :meth:`begin` opened, and commit it."""
+        try:
+            self._save_in_transaction(cloud)
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._generation = -1  # the memory is ahead of the file: read it again next time
+            raise
+        finally:
+            self._turns.release()
 
     # ---- loading
 
     def load(self, cloud: SimCloud) -> bool:
-        """Restore ``cloud`` from the file; False (and ``cloud`` untouched) when it is new."""
+        """Restore ``cloud`` from the file; False (and ``cloud`` untouched) when it is new.
+
+        Instances ``cloud`` already has are updated in place, not replaced: the driver's
+        instances and executors hold them, and must see the state another process saved.
+        """
         db = self._db
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         if "stats" not in meta:
             return False
+        self._generation = int(meta.get("generation", 0))
+        known = {vm.id: vm for vm in cloud.all_vms()}
+        self._vm_rows, self._files, self._proc_rows = {}, {}, {}
         params = {
             key: SimParameters.model_validate_json(data)
             for key, data in db.execute("SELECT key, data FROM params")
@@ -319,6 +433,11 @@ class SimStore:
         for vm_id, text in db.execute("SELECT id, data FROM vms"):
             data = json.loads(text)
             vm = decode_vm(data, params[data["params"]], files.get(vm_id, {}))
+            held = known.get(vm_id)
+            if held is not None:
+                for f in dataclasses.fields(SimVM):
+                    setattr(held, f.name, getattr(vm, f.name))
+                vm = held
             vms[vm_id] = vm
             self._vm_rows[vm_id] = text
             self._files.update({(vm_id, p): b for p, b in vm.files.items()})
@@ -333,12 +452,24 @@ class SimStore:
             list(vms.values()), decode_stats(json.loads(meta["stats"])), _decode_rng(meta["rng"])
         )
         self._meta = {k: v for k, v in meta.items() if k in ("seed", "stats", "rng")}
+        self._rng_state = None
         return True
 
     # ---- saving
 
     def save(self, cloud: SimCloud) -> None:
-        """Write what changed since the last save, in one transaction (caller holds the lock)."""
+        """Write what changed since the last save, in one transaction of its own (caller holds
+        the cloud's lock but not the file: :meth:`begin` / :meth:`finish` do both)."""
+        self._turns.acquire()
+        try:
+            with self._transaction():
+                self._save_in_transaction(cloud)
+        finally:
+            self._turns.release()
+
+    def _save_in_transaction(self, cloud: SimCloud) -> None:
+        """Write what changed since the last save, bumping the file's generation; the caller's
+        transaction commits it."""
         vm_rows: dict[str, str] = {}
         files: dict[tuple[str, str], bytes] = {}
         procs: dict[int, tuple[SimProcess, str]] = {}
@@ -364,8 +495,12 @@ class SimStore:
         )
         if changed.empty:
             return
-        with self._transaction() as db:
-            changed.write(db)
+        generation = max(self._generation, self._file_generation()) + 1
+        changed.write(self._db)
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation),)
+        )
+        self._generation = generation
         for p, key in new_params:
             self._params[id(p)] = (p, key)
         self._vm_rows = vm_rows

@@ -43,7 +43,7 @@ from herder.worker.bootprobe import BootProbe, CommandBootProbe
 from herder.worker.interfaces import BootBackoff, ContainerReporter, QuotaLimit, WorkerPool
 from herder.worker.metrics import PoolMetrics, PoolSample
 from herder.worker.runner import RunnerDeployment
-from herder.worker.throttle import SlotLimiter, Throttle, wrap_instance_set
+from herder.worker.throttle import CloudCallThrottle, SlotLimiter, wrap_instance_set
 from herder.worker.verify import TagVerifier, init_command
 from herder.worker.worker import (
     TAG_DRAIN_CAUSE,
@@ -128,8 +128,8 @@ class Pool(WorkerPool):
         )
         self._cloud_ops = SlotLimiter(runtime, settings.max_cloud_ops_per_second)
         self._probe_slots = SlotLimiter(runtime, settings.max_probes_per_second)
-        self._throttle_create = Throttle(runtime)
-        self._throttle_instances = Throttle(runtime)
+        self._throttle_create = CloudCallThrottle(runtime)
+        self._throttle_instances = CloudCallThrottle(runtime)
         if boot_probe is None:
             boot_probe = CommandBootProbe(config.cloud.boot_probe_command)
         boot_probe.bind(config)

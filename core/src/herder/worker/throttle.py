@@ -2,9 +2,9 @@
 
 SPEC §2 and §5.2.  Three separate concerns keep the pool from hammering a provider:
 
-* :class:`Throttle` remembers a provider's "rate limited until T" answer for one kind of call
-  (create, list) and refuses that kind of call until T, so no request is sent before the
-  provider said it would accept one.
+* :class:`CloudCallThrottle` remembers a provider's "rate limited until T" answer for one kind
+  of call (create, list) and refuses that kind of call until T, so no request is sent before
+  the provider said it would accept one.
 * :class:`SlotLimiter` spaces calls at most ``per_second`` apart.  Arvados makes each call wait
   for the next tick of a shared ticker; herder never sleeps in engine code, so instead each call
   *reserves* the next free start time and is scheduled with :meth:`Runtime.call_at`.  That works
@@ -39,8 +39,10 @@ class CloudThrottled(Exception):
     """Calls of one kind are suspended because the provider asked us to back off."""
 
 
-class Throttle:
+class CloudCallThrottle:
     """Suspends one kind of cloud call until a time the provider named (SPEC §5.2).
+
+    (Named apart from :class:`herder.dispatch.Throttle`, the SDK's retry period per container.)
 
     The retry time itself is allowed: Arvados clears the error only strictly *after* it, so a
     wake-up scheduled exactly at the retry time would find the throttle still set and nothing

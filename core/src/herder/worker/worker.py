@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from herder import runner_protocol
-from herder.config import Config
+from herder import defaults, runner_protocol
+from herder.config import CloudConfig, Config, ContainersConfig
 from herder.executor import ExecResult, Executor, ExecutorError
 from herder.model import (
     BootOutcome,
@@ -62,58 +62,71 @@ def _positive(value: float, default: float) -> float:
     return value if value > 0 else default
 
 
+#: The configuration's defaults: the pool's own defaults are read from them, never repeated.
+_CLOUD = CloudConfig()
+_CONTAINERS = ContainersConfig()
+
+
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
-    """The pool's and workers' knobs, with code defaults applied (SPEC §5.1)."""
+    """The pool's and workers' knobs, with code defaults applied (SPEC §5.1).
 
-    cluster_id: str = "zzzzz"
-    tag_key_prefix: str = "Herder"
-    probe_interval: float = 10.0
-    sync_interval: float = 60.0
-    timeout_idle: float = 60.0
-    billing_shutdown_margin: float = 60.0
-    max_instance_lifetime: float = 0.0  # 0 = no limit
-    timeout_booting: float = 600.0
-    boot_failure_backoff: float = 60.0  # 0 = no back-off
-    boot_failure_backoff_max: float = 1800.0
-    timeout_probe: float = 600.0
-    timeout_shutdown: float = 10.0
-    timeout_term: float = 120.0
-    timeout_signal: float = 5.0
-    timeout_stale_run_lock: float = 5.0
-    timeout_command: float = 60.0
-    max_probes_per_second: float = 10.0
-    max_cloud_ops_per_second: float = 10.0
-    max_concurrent_creates: int = 1  # 0 = unlimited
-    max_instances: int = 64  # 0 = unlimited
+    The defaults are the configuration's (a pool built without a configuration, as tests do,
+    behaves as an unconfigured ``herder serve``), and a duration or rate configured as 0 or
+    less falls back to the same default.
+    """
+
+    cluster_id: str = defaults.CLUSTER_ID
+    tag_key_prefix: str = _CLOUD.tag_key_prefix
+    probe_interval: float = _CLOUD.probe_interval
+    sync_interval: float = _CLOUD.sync_interval
+    timeout_idle: float = _CLOUD.timeout_idle
+    billing_shutdown_margin: float = _CLOUD.billing_shutdown_margin
+    max_instance_lifetime: float = _CLOUD.max_instance_lifetime  # 0 = no limit
+    timeout_booting: float = _CLOUD.timeout_booting
+    boot_failure_backoff: float = _CLOUD.boot_failure_backoff  # 0 = no back-off
+    boot_failure_backoff_max: float = _CLOUD.boot_failure_backoff_max
+    timeout_probe: float = _CLOUD.timeout_probe
+    timeout_shutdown: float = _CLOUD.timeout_shutdown
+    timeout_term: float = _CLOUD.timeout_term
+    timeout_signal: float = _CLOUD.timeout_signal
+    timeout_stale_run_lock: float = _CLOUD.timeout_stale_run_lock
+    timeout_command: float = _CLOUD.timeout_command
+    max_probes_per_second: float = _CLOUD.max_probes_per_second
+    max_cloud_ops_per_second: float = _CLOUD.max_cloud_ops_per_second
+    max_concurrent_creates: int = _CLOUD.max_concurrent_instance_create_ops  # 0 = unlimited
+    max_instances: int = _CLOUD.max_instances  # 0 = unlimited
     runner_args: tuple[str, ...] = ()
-    runtime_engine: str = "auto"
-    image_id: str = ""
-    instance_init_command: str = ""
-    deploy_public_key: bool = True
+    runtime_engine: str = _CONTAINERS.runtime_engine
+    image_id: str = _CLOUD.image_id
+    instance_init_command: str = _CLOUD.instance_init_command
+    deploy_public_key: bool = _CLOUD.deploy_public_key
     resource_tags: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Config) -> PoolSettings:
-        c = config.cloud
+        c, d = config.cloud, _CLOUD
         return cls(
             cluster_id=config.cluster_id,
             tag_key_prefix=c.tag_key_prefix,
-            probe_interval=_positive(c.probe_interval, 10.0),
-            sync_interval=_positive(c.sync_interval, 60.0),
-            timeout_idle=_positive(c.timeout_idle, 60.0),
+            probe_interval=_positive(c.probe_interval, d.probe_interval),
+            sync_interval=_positive(c.sync_interval, d.sync_interval),
+            timeout_idle=_positive(c.timeout_idle, d.timeout_idle),
             billing_shutdown_margin=max(0.0, c.billing_shutdown_margin),
             max_instance_lifetime=max(0.0, c.max_instance_lifetime),
-            timeout_booting=_positive(c.timeout_booting, 600.0),
+            timeout_booting=_positive(c.timeout_booting, d.timeout_booting),
             boot_failure_backoff=max(0.0, c.boot_failure_backoff),
             boot_failure_backoff_max=max(c.boot_failure_backoff, c.boot_failure_backoff_max),
-            timeout_probe=_positive(c.timeout_probe, 600.0),
-            timeout_shutdown=_positive(c.timeout_shutdown, 10.0),
-            timeout_term=_positive(c.timeout_term, 120.0),
-            timeout_signal=_positive(c.timeout_signal, 5.0),
-            timeout_stale_run_lock=_positive(c.timeout_stale_run_lock, 5.0),
-            timeout_command=_positive(c.timeout_command, 60.0),
-            max_probes_per_second=c.max_probes_per_second if c.max_probes_per_second >= 1 else 10,
+            timeout_probe=_positive(c.timeout_probe, d.timeout_probe),
+            timeout_shutdown=_positive(c.timeout_shutdown, d.timeout_shutdown),
+            timeout_term=_positive(c.timeout_term, d.timeout_term),
+            timeout_signal=_positive(c.timeout_signal, d.timeout_signal),
+            timeout_stale_run_lock=_positive(c.timeout_stale_run_lock, d.timeout_stale_run_lock),
+            timeout_command=_positive(c.timeout_command, d.timeout_command),
+            max_probes_per_second=(
+                c.max_probes_per_second if c.max_probes_per_second >= 1
+                else d.max_probes_per_second
+            ),
             max_cloud_ops_per_second=c.max_cloud_ops_per_second,
             max_concurrent_creates=c.max_concurrent_instance_create_ops,
             max_instances=c.max_instances,

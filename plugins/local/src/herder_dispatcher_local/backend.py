@@ -110,6 +110,9 @@ def host_capacity() -> tuple[int, int]:
 class LocalBackend(ProbingBackend):
     """Takes containers from the queue while they fit this host, and runs them here."""
 
+    parameters_model = LocalParameters
+    params: LocalParameters
+
     def __init__(
         self,
         config: Config,
@@ -119,7 +122,6 @@ class LocalBackend(ProbingBackend):
         registry: CollectorRegistry | None = None,
     ) -> None:
         super().__init__(config, parameters, runtime=runtime, registry=registry)
-        self.params: LocalParameters = LocalParameters.model_validate(dict(parameters))
         host_vcpus, host_ram = host_capacity()
         self.vcpus = self.params.vcpus or host_vcpus
         self.ram = self.params.ram or host_ram

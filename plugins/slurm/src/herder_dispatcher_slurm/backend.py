@@ -134,6 +134,9 @@ def job_script(container: Container, work_dir: Path) -> str:
 class SlurmBackend(ProbingBackend):
     """Locks containers and runs each as a Slurm job."""
 
+    parameters_model = SlurmParameters
+    params: SlurmParameters
+
     def __init__(
         self,
         config: Config,
@@ -143,7 +146,6 @@ class SlurmBackend(ProbingBackend):
         registry: CollectorRegistry | None = None,
     ) -> None:
         super().__init__(config, parameters, runtime=runtime, registry=registry)
-        self.params: SlurmParameters = SlurmParameters.model_validate(dict(parameters))
         self.work_dir = Path(
             self.params.work_dir or Path(config.queue.path).resolve().parent / "slurm"
         )

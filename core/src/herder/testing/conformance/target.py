@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from herder import defaults
 from herder.cloud import (
     Capability,
     Driver,
@@ -103,7 +104,7 @@ class ConformanceTarget:
     max_instances: int = 4
     private_key_path: str | None = None
     ssh_port: int = 22
-    tag_key_prefix: str = "Herder"
+    tag_key_prefix: str = defaults.TAG_KEY_PREFIX
     instance_set_factory: InstanceSetFactory | None = None
     provoke_quota_error: Provoke | None = None
     provoke_capacity_error: Provoke | None = None
