@@ -227,7 +227,10 @@ def test_containers_table_and_json(capsys, live):
 
 
 def test_containers_follows_pages_up_to_the_limit(capsys, live):
-    made = sorted(submit(capsys, live, "--priority", "0", "--", "true") for _ in range(5))
+    made = []
+    for _ in range(5):
+        made.insert(0, submit(capsys, live, "--priority", "0", "--", "true"))
+        live.runtime.advance(1)
     _, out, err = run(capsys, live, "containers", "--json", "--limit", "3")
     assert [c["uuid"] for c in json.loads(out)] == made[:3]
     assert "--limit" in err
@@ -235,6 +238,28 @@ def test_containers_follows_pages_up_to_the_limit(capsys, live):
     assert len(json.loads(out)) == 5 and err == ""  # exactly all: no hint
     client = Client(live.url, TOKEN)
     assert [c["uuid"] for c in client.iter_containers(page_size=2)] == made
+
+
+def test_containers_lists_the_latest_submission_first_and_filters_by_time(capsys, live):
+    for _ in range(3):
+        submit(capsys, live, "--priority", "0", "--", "true")
+    live.runtime.advance(3600)
+    latest = submit(capsys, live, "--priority", "0", "--", "true")
+    _, out, _ = run(capsys, live, "containers", "--limit", "1")
+    assert out.splitlines()[1].split()[0] == latest
+    created = live.dispatcher.queue.get(latest)
+    assert created is not None
+    since = containers.since_time("10m", now=created.created_at)
+    status, out, _ = run(capsys, live, "containers", "--json", "--since", since)
+    assert status == 0 and [c["uuid"] for c in json.loads(out)] == [latest]
+    status, _, err = run(capsys, live, "containers", "--since", "last tuesday")
+    assert status == 2 and "--since 'last tuesday'" in err and err.count("\n") == 1
+
+
+def test_since_time_takes_a_duration_or_a_time():
+    assert containers.since_time("1h", now=7200.0) == "1970-01-01T01:00:00Z"
+    assert containers.since_time("2026-12-06T10:00:00Z") == "2026-12-06T10:00:00Z"
+    assert containers.since_time("2026-12-06T11:00:00+01:00") == "2026-12-06T10:00:00Z"
 
 
 def test_container_detail(capsys, live):

@@ -216,25 +216,42 @@ class Client:
         return self._json("POST", "/api/v1/containers", body=spec)
 
     def containers(
-        self, states: Iterable[str] = (), limit: int | None = None, after: str = ""
+        self,
+        states: Iterable[str] = (),
+        limit: int | None = None,
+        after: str = "",
+        *,
+        since: str = "",
+        array: str = "",
     ) -> dict[str, Any]:
-        """One page: ``{"items": [...], "next": uuid or None}``."""
+        """One page, newest first: ``{"items": [...], "next": uuid or None}``.  ``since`` is an
+        RFC 3339 time; ``array`` an array id."""
         query: list[tuple[str, str]] = [("state", s) for s in states]
         if limit is not None:
             query.append(("limit", str(limit)))
         if after:
             query.append(("after", after))
+        if since:
+            query.append(("since", since))
+        if array:
+            query.append(("array", array))
         return self._json("GET", "/api/v1/containers", query=query)
 
     def iter_containers(
-        self, states: Iterable[str] = (), limit: int | None = None, page_size: int = 500
+        self,
+        states: Iterable[str] = (),
+        limit: int | None = None,
+        page_size: int = 500,
+        *,
+        since: str = "",
+        array: str = "",
     ) -> Iterator[dict[str, Any]]:
-        """Every matching container (at most ``limit``), following the pages."""
+        """Every matching container (at most ``limit``), newest first, following the pages."""
         states = tuple(states)
         after, seen = "", 0
         while limit is None or seen < limit:
             size = page_size if limit is None else min(page_size, limit - seen)
-            page = self.containers(states, size, after)
+            page = self.containers(states, size, after, since=since, array=array)
             for item in page["items"]:
                 seen += 1
                 yield item

@@ -129,7 +129,7 @@ def test_list_pages_by_uuid(engine):
     seen: list[str] = []
     after, pages = "", 0
     while True:
-        reply = engine.request("GET", f"/api/v1/containers?limit=3&after={after}")
+        reply = engine.request("GET", f"/api/v1/containers?order=uuid&limit=3&after={after}")
         assert reply.status == 200
         page = reply.json
         seen += [c["uuid"] for c in page["items"]]
@@ -141,9 +141,48 @@ def test_list_pages_by_uuid(engine):
     assert seen == submitted
     assert pages == 3
     # A page that ends exactly at the last container says there is no next page.
-    exact = engine.request("GET", f"/api/v1/containers?limit=2&after={submitted[4]}").json
+    exact = engine.request(
+        "GET", f"/api/v1/containers?order=uuid&limit=2&after={submitted[4]}"
+    ).json
     assert [c["uuid"] for c in exact["items"]] == submitted[5:]
     assert exact["next"] is None
+
+
+def test_list_is_newest_first_and_the_latest_submission_is_on_the_first_page(engine):
+    submitted = []
+    for _ in range(5):
+        submitted.append(engine.submit(priority=0)["uuid"])
+        engine.advance(1)
+    seen: list[str] = []
+    after = ""
+    while True:
+        page = engine.request("GET", f"/api/v1/containers?limit=2&after={after}").json
+        seen += [c["uuid"] for c in page["items"]]
+        if page["next"] is None:
+            break
+        if after == "":
+            # Submitted between two pages: first on a new first page, never on the next ones.
+            latest = engine.submit(priority=0)["uuid"]
+            first = engine.request("GET", "/api/v1/containers?limit=1").json["items"]
+            assert [c["uuid"] for c in first] == [latest]
+        after = page["next"]
+    assert seen == submitted[::-1]
+
+
+def test_list_filters_by_creation_time(engine):
+    old = engine.submit(priority=0)
+    engine.advance(60)
+    new = engine.submit(priority=0)
+    since = new["created_at"]
+    reply = engine.request("GET", f"/api/v1/containers?since={since}")
+    assert reply.status == 200, reply.body
+    assert [c["uuid"] for c in reply.json["items"]] == [new["uuid"]]
+    everything = engine.request("GET", "/api/v1/containers?since=0").json["items"]
+    assert {c["uuid"] for c in everything} == {old["uuid"], new["uuid"]}
+    reply = engine.request("GET", f"/api/v1/containers?order=uuid&since={since}")
+    assert reply.status == 400 and reply.json["field"] == "order"
+    reply = engine.request("GET", f"/api/v1/containers?after={UNKNOWN}")
+    assert reply.status == 400 and reply.json["field"] == "after"
 
 
 def test_list_rejects_bad_query_parameters(engine):
@@ -155,6 +194,9 @@ def test_list_rejects_bad_query_parameters(engine):
         ("limit=1&limit=2", "limit"),
         ("after=garbage", "after"),
         ("colour=blue", "colour"),
+        ("since=yesterday", "since"),
+        ("order=random", "order"),
+        ("array=nope", "array"),
     ):
         reply = engine.request("GET", f"/api/v1/containers?{query}")
         assert reply.status == 400, query
@@ -370,7 +412,7 @@ def test_a_queue_that_cannot_be_reached_is_a_503(engine, monkeypatch):
     def lost(*_args, **_kwargs):
         raise QueueUnavailable("the database connection was lost; reconnecting")
 
-    monkeypatch.setattr(engine.dispatcher.queue, "list", lost)
+    monkeypatch.setattr(engine.dispatcher.queue, "newest", lost)
     reply = engine.request("GET", "/api/v1/containers")
     assert reply.status == 503, reply.json
     assert reply.headers["retry-after"] == "30"

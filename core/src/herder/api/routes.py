@@ -18,6 +18,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from herder.api import schema
 from herder.model import (
+    ARRAY_ID_RE,
     CONTAINER_UUID_RE,
     Container,
     ContainerSpec,
@@ -37,7 +39,7 @@ from herder.model import (
     RuntimeConstraints,
     SchedulingParameters,
 )
-from herder.queue.base import ContainerNotFound, InvalidTransition, QueueError
+from herder.queue.base import ContainerNotFound, InvalidTransition, ListFilter, QueueError
 from herder.runtime import Runtime
 from herder.scheduler.status import Status, StatusKind
 from herder.sizing import gpu_request_for
@@ -303,9 +305,28 @@ class ManagementAPI:
         return self.container_out(ctr, {})
 
     def list_containers(
-        self, states: tuple[ContainerState, ...], limit: int, after: str
+        self,
+        states: tuple[ContainerState, ...],
+        limit: int,
+        after: str,
+        *,
+        order: ListOrder = "newest",
+        since: float | None = None,
+        array_id: str = "",
     ) -> schema.ContainerList:
-        page = self.dispatcher.queue.list(states or None, limit + 1, after)
+        """A page of containers: newest first (keyset paging on creation time and uuid, so
+        that what is submitted meanwhile neither shifts nor repeats a page), or by uuid."""
+        queue = self.dispatcher.queue
+        if order == "uuid":
+            if since is not None or array_id:
+                raise APIError(400, "since and array need order=newest", field="order")
+            page = queue.list(states or None, limit + 1, after)
+        else:
+            wanted = ListFilter(states=states or None, since=since, array_id=array_id)
+            try:
+                page = queue.newest(wanted, limit + 1, after)
+            except ContainerNotFound:
+                raise APIError(400, f"no container {after} to continue after", "after") from None
         more = len(page) > limit
         page = page[:limit]
         statuses = self.scheduling_statuses()
@@ -470,17 +491,32 @@ class _Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+ListOrder = Literal["newest", "uuid"]
+
+
 class ListQuery(_Query):
     state: list[ContainerState] = Field(
         default_factory=list, description="only containers in this state (repeat for several)"
+    )
+    order: ListOrder = Field(
+        "newest",
+        description="`newest`: by creation time, newest first (the default); `uuid`: by uuid",
+    )
+    since: datetime | None = Field(
+        None, description="only containers created at or after this time (RFC 3339, or "
+        "seconds since the epoch); with order=newest"
+    )
+    array: str = Field(
+        "", pattern=f"^$|{ARRAY_ID_RE.pattern}",
+        description="only the members of this array (`submit --count`); with order=newest",
     )
     limit: int = Field(DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="page size")
     # Empty is accepted too: the first page, as when the parameter is left out.
     after: str = Field(
         "",
         pattern=f"^$|{CONTAINER_UUID_RE.pattern}",
-        description="return containers whose uuid sorts after this one (the previous page's "
-        "`next`)",
+        description="continue after this container (the previous page's `next`): in the "
+        "listing's order, so the same `order` and filters must be given again",
     )
 
 
@@ -524,10 +560,19 @@ def submit_container(api: API, body: schema.SubmitRequest, _q: NoParams) -> Resp
 
 @containers.get(
     _C, response_model=schema.ContainerList, operation_id="listContainers",
-    summary="List containers by uuid, a page at a time", responses=errors(400, 503),
+    summary="List containers, newest first, a page at a time", responses=errors(400, 503),
 )
 def list_containers(api: API, query: Annotated[ListQuery, Query()]) -> Response:
-    return reply(api.list_containers(tuple(query.state), query.limit, query.after))
+    since = None
+    if query.since is not None:
+        when = query.since
+        since = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    return reply(
+        api.list_containers(
+            tuple(query.state), query.limit, query.after,
+            order=query.order, since=since, array_id=query.array,
+        )
+    )
 
 
 @containers.get(

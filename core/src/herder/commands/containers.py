@@ -119,13 +119,18 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "containers",
         help="list containers",
-        description="List containers (by uuid), with why each waiting one waits.",
+        description="List containers, newest first, with why each waiting one waits.",
     )
     p.add_argument(
         "--state",
         action="append",
         choices=[s.value for s in ContainerState],
         help="only this state (repeat for several)",
+    )
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only those created since WHEN: a duration ago (30m, 2h) or an RFC 3339 time",
     )
     p.add_argument("--limit", type=int, default=100, help="show at most N (default 100)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -366,10 +371,13 @@ CONTAINER_HEADERS = (
 def run_containers(args: argparse.Namespace, ctx: Context) -> int:
     if args.limit < 1:
         raise CommandError("--limit must be at least 1", 2)
+    since = since_time(args.since) if args.since else ""
     client = open_client(args, ctx)
     with client_errors():
         # One more than asked for, to know whether to say that there are more.
-        items = list(client.iter_containers(args.state or (), limit=args.limit + 1))
+        items = list(
+            client.iter_containers(args.state or (), limit=args.limit + 1, since=since)
+        )
     more = len(items) > args.limit
     items = items[: args.limit]
     if args.json:
@@ -378,8 +386,30 @@ def run_containers(args: argparse.Namespace, ctx: Context) -> int:
         table = render_table(CONTAINER_HEADERS, [container_row(c) for c in items])
         ctx.print(colour_column(table, "state", STATE_COLOURS, use_colour(ctx)))
     if more:
-        ctx.error(f"(showing the first {args.limit}; use --limit for more)")
+        ctx.error(f"(showing the newest {args.limit}; use --limit for more)")
     return 0
+
+
+def since_time(text: str, now: float | None = None) -> str:
+    """``--since``'s value as the RFC 3339 time the API takes: a duration (``2h``) means that
+    long before ``now``; anything else must be an RFC 3339 time already."""
+    from datetime import UTC, datetime
+
+    try:
+        ago = parse_duration(text)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise CommandError(
+                f"--since {text!r}: expected a duration (30m, 2h) or a time like "
+                "2026-12-06T10:00:00Z", 2
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    start = (time.time() if now is None else now) - ago
+    return datetime.fromtimestamp(start, UTC).isoformat().replace("+00:00", "Z")
 
 
 def container_details(ctr: Mapping[str, Any]) -> list[tuple[str, Any]]:

@@ -42,6 +42,7 @@ from herder.queue.base import (
     ContainerQueue,
     InvalidTransition,
     Listener,
+    ListFilter,
     Observer,
     QueueEntry,
     QueueError,
@@ -313,6 +314,13 @@ class RuledQueue(ContainerQueue):
         self, states: list[ContainerState] | None, limit: int, after: str
     ) -> list[Container]:
         """Records by uuid order after ``after``, in ``states`` (all when None)."""
+
+    @abstractmethod
+    def _load_newest(
+        self, filter: ListFilter, limit: int, cursor: tuple[float, str] | None
+    ) -> list[Container]:
+        """Records matching ``filter``, ordered by ``(created_at, uuid)`` descending, strictly
+        after ``cursor`` in that order (from the newest when None); at most ``limit``."""
 
     @abstractmethod
     def _load_counts(self) -> dict[ContainerState, int]:
@@ -609,6 +617,25 @@ class RuledQueue(ContainerQueue):
             return self._load_log(uuid, offset, end)
 
     # ---- listing for people
+
+    def newest(
+        self, filter: ListFilter | None = None, limit: int = 100, after: str = ""
+    ) -> list[Container]:
+        if limit < 0:
+            raise InvalidRequest("limit must be >= 0")
+        filter = filter or ListFilter()
+        if filter.states is not None:
+            filter = replace(filter, states=tuple(ContainerState(s) for s in filter.states))
+            if not filter.states:
+                return []
+        if filter.since is not None and not math.isfinite(filter.since):
+            raise InvalidRequest("since must be a finite time")
+        with self._lock:
+            cursor = None
+            if after:
+                last = self._stored(after)
+                cursor = (last.created_at, last.uuid)
+            return self._load_newest(filter, limit, cursor) if limit else []
 
     def list(
         self,

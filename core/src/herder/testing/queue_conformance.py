@@ -47,7 +47,13 @@ from herder.model import (
     RuntimeConstraints,
     SchedulingParameters,
 )
-from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition, Sizer
+from herder.queue.base import (
+    ContainerNotFound,
+    ContainerQueue,
+    InvalidTransition,
+    ListFilter,
+    Sizer,
+)
 from herder.runtime import VirtualRuntime
 from herder.sizing import ConfigSizer
 
@@ -436,6 +442,47 @@ class QueueConformance:
         assert queue.list(states=[]) == []
         counts = queue.counts()
         assert (counts[Q], counts[X], counts[L]) == (4, 1, 0)
+
+    def test_newest_lists_newest_first_with_keyset_paging(
+        self, queue: ContainerQueue, rt: VirtualRuntime
+    ) -> None:
+        made = []
+        for i in range(5):
+            made.append(queue.submit(spec()))
+            if i != 2:  # two share a creation time: the uuid breaks the tie, descending
+                rt.advance(10)
+        order = sorted(made, key=lambda c: (c.created_at, c.uuid), reverse=True)
+        uuids = [c.uuid for c in order]
+        assert [c.uuid for c in queue.newest()] == uuids
+        first = queue.newest(limit=2)
+        assert [c.uuid for c in first] == uuids[:2]
+        # A container submitted between two pages does not shift the next page.
+        rt.advance(10)
+        fresh = queue.submit(spec())
+        page = queue.newest(limit=2, after=first[-1].uuid)
+        assert [c.uuid for c in page] == uuids[2:4]
+        assert [c.uuid for c in queue.newest(limit=10, after=page[-1].uuid)] == uuids[4:]
+        assert queue.newest(limit=1)[0].uuid == fresh.uuid
+        assert queue.newest(limit=0) == []
+        with pytest.raises(ContainerNotFound):
+            queue.newest(after="zzzzz-dz642-000000000000000")
+
+    def test_newest_filters_by_state_and_time(
+        self, queue: ContainerQueue, rt: VirtualRuntime
+    ) -> None:
+        old = queue.submit(spec())
+        rt.advance(100)
+        since = rt.now()
+        mid = queue.submit(spec())
+        rt.advance(1)
+        new = queue.submit(spec())
+        queue.cancel(mid.uuid, "stop")
+        assert [c.uuid for c in queue.newest(ListFilter(since=since))] == [new.uuid, mid.uuid]
+        assert [c.uuid for c in queue.newest(ListFilter(states=(Q,)))] == [new.uuid, old.uuid]
+        both = ListFilter(states=(X,), since=since)
+        assert [c.uuid for c in queue.newest(both)] == [mid.uuid]
+        assert queue.newest(ListFilter(states=())) == []
+        assert queue.newest(ListFilter(array_id="zzzzz-a88ay-000000000000000")) == []
 
     # ---- durability
 
