@@ -192,6 +192,51 @@ def test_submit_wait_exits_1_when_cancelled(capsys, live, monkeypatch):
     assert "Cancelled: operator said no" in err
 
 
+def test_submit_from_yaml_submits_all_with_the_options_as_defaults(capsys, live, tmp_path):
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        "- command: [sim, '5', '0']\n  name: first\n  env: {A: '1'}\n"
+        "- command: sim 5 0\n  vcpus: 2\n  ram: 1GiB\n"
+    )
+    status, out, err = run(capsys, live, "submit", "--priority", "7", "--from", str(jobs))
+    assert status == 0, err
+    uuids = out.split()
+    assert len(uuids) == 2 and all(UUID_RE.match(u) for u in uuids)
+    first, second = (live.dispatcher.queue.get(u) for u in uuids)
+    assert first is not None and second is not None
+    assert first.spec.name == "first" and first.spec.environment == (("A", "1"),)
+    assert second.spec.command == ("sim", "5", "0")
+    assert second.spec.runtime_constraints.vcpus == 2
+    assert first.priority == second.priority == 7
+
+
+def test_submit_from_json_lines_waits_for_all(capsys, live, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"command": ["sim", "5", "0"]}\n\n{"command": ["sim", "5", "3"]}\n')
+    status, out, err = run(capsys, live, "submit", "--wait", "--from", str(jobs))
+    assert status == 1, err  # the second one exits 3
+    assert len(out.split()) == 2
+    assert "2 of 2 ended, 1 failed or cancelled" in err
+    assert "exit code 3" in err
+
+
+def test_submit_from_a_bad_item_submits_nothing_and_names_it(capsys, live, tmp_path):
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text("- command: ['true']\n- command: ['true']\n  colour: blue\n")
+    status, out, err = run(capsys, live, "submit", "--from", str(jobs))
+    assert status == 2 and out == ""
+    assert "jobs.yaml item 2: unknown field 'colour'" in err
+    jobs.write_text('{"command": ["true"]}\n{"command": ["true"], "cwd": "relative"}\n')
+    status, out, err = run(capsys, live, "submit", "--from", str(jobs))
+    assert status == 1 and out == ""
+    assert f"{jobs}:2: " in err and "cwd" in err and len(err.splitlines()) == 1
+    assert live.dispatcher.queue.list() == []
+    status, _, err = run(capsys, live, "submit", "--from", str(tmp_path / "none.yaml"))
+    assert status == 2 and "No such file" in err
+    status, _, err = run(capsys, live, "submit", "--from", str(jobs), "--", "true")
+    assert status == 2 and "not both" in err
+
+
 def test_exit_status_mapping():
     assert exit_status({"state": "Complete", "exit_code": 0}) == 0
     assert exit_status({"state": "Complete", "exit_code": 42}) == 42

@@ -26,7 +26,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,6 +214,12 @@ class Client:
 
     def submit(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         return self._json("POST", "/api/v1/containers", body=spec)
+
+    def submit_batch(self, specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Submit every spec in one request: all are stored, or none is."""
+        reply = self._json("POST", "/api/v1/containers/batch", body={"items": list(specs)})
+        items: list[dict[str, Any]] = reply["items"]
+        return items
 
     def containers(
         self,

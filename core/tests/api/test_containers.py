@@ -47,6 +47,24 @@ def test_submit_returns_the_stored_container(engine):
     assert stored is not None and stored.spec.environment == (("GREETING", "hi"),)
 
 
+def test_batch_submits_every_item_or_none(engine):
+    items = [{"command": ["sim", "5", "0"], "name": f"job{i}"} for i in range(3)]
+    reply = engine.request("POST", "/api/v1/containers/batch", {"items": items})
+    assert reply.status == 201, reply.body
+    made = schema.BatchOut.model_validate(reply.json).items
+    assert [c.name for c in made] == ["job0", "job1", "job2"]
+    assert all(engine.dispatcher.queue.get(c.uuid) is not None for c in made)
+    before = engine.dispatcher.queue.counts()
+    bad = [*items, {"command": ["true"], "runtime_constraints": {"ram": "lots"}}]
+    reply = engine.request("POST", "/api/v1/containers/batch", {"items": bad})
+    assert reply.status == 400
+    assert reply.json["field"] == "items[3].runtime_constraints.ram"
+    assert engine.dispatcher.queue.counts() == before
+    for body in ({"items": []}, {}, {"items": [{}]}):
+        reply = engine.request("POST", "/api/v1/containers/batch", body)
+        assert reply.status == 400, body
+
+
 def test_gpus_shorthand_and_full_gpu_request(engine):
     ctr = engine.submit(runtime_constraints={"gpus": 1})
     assert ctr["runtime_constraints"]["gpu"]["device_count"] == 1

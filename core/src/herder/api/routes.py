@@ -304,6 +304,21 @@ class ManagementAPI:
         log.info("container %s submitted (%s)", ctr.uuid, ctr.state.value)
         return self.container_out(ctr, {})
 
+    def submit_batch(self, body: schema.BatchRequest) -> schema.BatchOut:
+        """Every item stored in one transaction, or none: an item the queue refuses is a 400
+        naming its index."""
+        specs = [self.spec_from(item) for item in body.items]
+        try:
+            made = self.dispatcher.queue.submit_many(specs)
+        except QueueError as exc:
+            if isinstance(exc, ValueError):
+                index = getattr(exc, "index", None)
+                field = None if index is None else f"items[{index}]"
+                raise APIError(400, str(exc), field=field) from None
+            raise
+        log.info("%d containers submitted in one batch", len(made))
+        return schema.BatchOut(items=[self.container_out(c, {}) for c in made])
+
     def list_containers(
         self,
         states: tuple[ContainerState, ...],
@@ -556,6 +571,16 @@ containers = APIRouter(tags=["containers"], dependencies=AUTH, responses=errors(
 def submit_container(api: API, body: schema.SubmitRequest, _q: NoParams) -> Response:
     out = api.submit_container(body)
     return reply(out, 201, {"Location": f"{_C}/{out.uuid}"})
+
+
+@containers.post(
+    f"{_C}/batch", status_code=201, response_model=schema.BatchOut,
+    operation_id="submitContainers",
+    summary="Submit several containers at once: all of them, or none",
+    responses=errors(400, 413, 503),
+)
+def submit_batch(api: API, body: schema.BatchRequest, _q: NoParams) -> Response:
+    return reply(api.submit_batch(body), 201)
 
 
 @containers.get(

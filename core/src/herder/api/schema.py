@@ -221,6 +221,16 @@ class SubmitRequest(_Request):
         return v
 
 
+#: Most containers one batch (or array) request may submit.
+MAX_BATCH = 10_000
+
+
+class BatchRequest(_Request):
+    """Several containers submitted at once: all are stored, or none is."""
+
+    items: Annotated[list[SubmitRequest], Field(min_length=1, max_length=MAX_BATCH)]
+
+
 class CancelRequest(_Request):
     reason: Annotated[str, Field(max_length=MAX_REASON_LENGTH)] = ""
 
@@ -291,6 +301,10 @@ class ContainerOut(_Response):
     started_at: Timestamp
     finished_at: Timestamp
     run_time: float | None = Field(description="seconds it has run (so far), null if not started")
+
+
+class BatchOut(_Response):
+    items: list[ContainerOut] = Field(description="the containers, in the request's order")
 
 
 class ContainerList(_Response):

@@ -204,6 +204,13 @@ def _register_submit(subparsers: Any) -> None:
     p.add_argument("--max-run-time", default="0", metavar="DURATION", help="e.g. 1h (0: none)")
     p.add_argument("--preemptible", action="store_true", help="may run on preemptible instances")
     p.add_argument("--wait", action="store_true", help="follow it to the end")
+    p.add_argument(
+        "--from", dest="from_file", metavar="FILE",
+        help="submit every container FILE describes, all or none: YAML (a list of mappings) "
+        "or JSON lines (one object a line), each with the fields of the options above "
+        "(command, image, vcpus, ram, scratch, gpus, priority, env, name, cwd, runtime, "
+        "max_run_time, preemptible); the options given here are the defaults; - reads stdin",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     add_client_options(p)
     p.set_defaults(handler=run_submit)
@@ -252,7 +259,174 @@ def build_submission(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+#: The keys an item of ``submit --from`` may have, and the option each stands for.
+FILE_FIELDS = {
+    "command": "command", "image": "image", "vcpus": "vcpus", "ram": "ram",
+    "scratch": "scratch", "gpus": "gpus", "priority": "priority", "env": "env",
+    "environment": "env", "name": "name", "cwd": "cwd", "runtime": "runtime",
+    "max_run_time": "max_run_time", "preemptible": "preemptible",
+}  # fmt: skip
+
+
+def read_submissions(text: str, name: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """The items of a ``submit --from`` file, each with where it is (for messages): JSON
+    lines when every non-blank line is a JSON object, else a YAML list of mappings."""
+    import json
+
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if lines and all(line.lstrip().startswith("{") for _, line in lines):
+        items: list[tuple[str, Mapping[str, Any]]] = []
+        for n, line in lines:
+            try:
+                doc = json.loads(line)
+            except ValueError as exc:
+                raise CommandError(f"{name}:{n}: not valid JSON: {exc}", 2) from None
+            if not isinstance(doc, dict):
+                raise CommandError(f"{name}:{n}: expected a JSON object", 2)
+            items.append((f"{name}:{n}", doc))
+        return items
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        why = " ".join(str(exc).split())[:200]
+        raise CommandError(f"{name}: not valid YAML or JSON lines: {why}", 2) from None
+    if not isinstance(doc, list) or not all(isinstance(item, dict) for item in doc):
+        raise CommandError(
+            f"{name}: expected a YAML list of containers (mappings) or JSON lines", 2
+        )
+    return [(f"{name} item {i + 1}", item) for i, item in enumerate(doc)]
+
+
+def submission_from_item(
+    defaults: argparse.Namespace, where: str, item: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One item of a ``submit --from`` file as an API request body: its keys replace the
+    options' values, and go through the same checks as the options."""
+    values = dict(vars(defaults))
+    values["command"] = []
+    for key, value in item.items():
+        dest = FILE_FIELDS.get(str(key))
+        if dest is None:
+            known = ", ".join(sorted(k for k in FILE_FIELDS if k != "environment"))
+            raise CommandError(f"{where}: unknown field {key!r} (known: {known})", 2)
+        if dest == "command" and isinstance(value, str):
+            import shlex
+
+            value = shlex.split(value)  # words, as a shell would split them; never run by one
+        if dest == "env" and isinstance(value, dict):
+            value = [f"{k}={v}" for k, v in value.items()]
+        if dest in ("ram", "scratch", "max_run_time") and isinstance(value, int | float):
+            value = str(value)
+        values[dest] = value
+    if not isinstance(values["command"], list) or not all(
+        isinstance(arg, str) for arg in values["command"]
+    ):
+        raise CommandError(f"{where}: command must be a list of strings or one string", 2)
+    if not isinstance(values["env"], list):
+        raise CommandError(f"{where}: env must be a mapping or a list of K=V", 2)
+    try:
+        return build_submission(argparse.Namespace(**values))
+    except CommandError as exc:
+        raise CommandError(f"{where}: {exc}", exc.status) from None
+
+
+def run_submit_from(args: argparse.Namespace, ctx: Context) -> int:
+    """``submit --from FILE``: every container in one request, all or none."""
+    command = [arg for arg in args.command if arg != "--"]
+    if command:
+        raise CommandError("give either --from FILE or a command, not both", 2)
+    name = args.from_file
+    try:
+        if name == "-":
+            text = ctx.stdin.read()
+        else:
+            with open(name, encoding="utf-8") as fh:
+                text = fh.read()
+    except OSError as exc:
+        raise CommandError(f"{name}: {exc.strerror or exc}", 2) from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{name}: not UTF-8 text", 2) from None
+    items = read_submissions(text, "stdin" if name == "-" else name)
+    if not items:
+        raise CommandError(f"{name}: no containers in it", 2)
+    bodies = [submission_from_item(args, where, item) for where, item in items]
+    client = open_client(args, ctx)
+    try:
+        made = client.submit_batch(bodies)
+    except ClientError as exc:
+        raise CommandError(_name_item(str(exc), exc.field, items)) from exc
+    return report_submitted(client, ctx, made, args.wait)
+
+
+def _name_item(message: str, field: str | None, items: list[tuple[str, Any]]) -> str:
+    """The server's error with the batch index it names replaced by the item's place in the
+    file (``items[3].ram`` → ``jobs.yaml item 4: ... (ram)``)."""
+    import re
+
+    found = re.match(r"items\[(\d+)\]\.?(.*)", field or "")
+    if found is None or int(found.group(1)) >= len(items):
+        return message
+    where = items[int(found.group(1))][0]
+    message = re.sub(r"^item \d+: ", "", message).replace(f" ({field})", "")
+    rest = f" ({found.group(2)})" if found.group(2) else ""
+    return f"{where}: {message}{rest}"
+
+
+def report_submitted(
+    client: Client, ctx: Context, made: list[dict[str, Any]], wait: bool
+) -> int:
+    """Print the uuids of a batch; with ``wait``, wait until every one has ended.  Exits 1 if
+    any was cancelled or failed."""
+    cancelled = 0
+    for ctr in made:
+        ctx.print(ctr["uuid"])
+        if ctr["state"] == ContainerState.CANCELLED:
+            ctx.error(f"herder: {ctr['uuid']}: cancelled: {_why(ctr)}")
+            cancelled += 1
+    if not wait:
+        return 1 if cancelled else 0
+    uuids = [c["uuid"] for c in made]
+    try:
+        with client_errors():
+            return wait_all(client, ctx, uuids)
+    except KeyboardInterrupt:
+        ctx.error(
+            f"herder: no longer waiting; the {len(uuids)} containers keep running (list them "
+            f"with `herder containers`, stop them with `herder cancel UUID...`)"
+        )
+        return 130
+
+
+def wait_all(client: Client, ctx: Context, uuids: list[str]) -> int:
+    """Poll until every container in ``uuids`` has ended, with a progress line on stderr
+    whenever the counts change; 0 when every one completed with exit code 0, else 1."""
+    pending = list(uuids)
+    failed, last = 0, ""
+    while True:
+        still = []
+        for uuid in pending:
+            ctr = client.container(uuid)
+            if ctr["state"] not in (ContainerState.COMPLETE, ContainerState.CANCELLED):
+                still.append(uuid)
+            elif exit_status(ctr) != 0:
+                failed += 1
+                ctx.error(f"herder: {uuid}: {progress_line(ctr)}")
+        pending = still
+        done = len(uuids) - len(pending)
+        line = f"herder: {done} of {len(uuids)} ended, {failed} failed or cancelled"
+        if line != last:
+            ctx.error(line)
+            last = line
+        if not pending:
+            return 1 if failed else 0
+        sleep(POLL_INTERVAL)
+
+
 def run_submit(args: argparse.Namespace, ctx: Context) -> int:
+    if args.from_file is not None:
+        return run_submit_from(args, ctx)
     body = build_submission(args)
     client = open_client(args, ctx)
     with client_errors():

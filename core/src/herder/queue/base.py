@@ -116,6 +116,11 @@ class ContainerQueue(ABC):
         any configured instance type)."""
 
     @abstractmethod
+    def submit_many(self, specs: Iterable[ContainerSpec]) -> list[Container]:
+        """Submit several containers in one transaction: all are stored, or none is.  A spec
+        that is refused makes the whole batch fail, naming its index."""
+
+    @abstractmethod
     def lock(self, uuid: str) -> Container:
         """Queued with priority > 0 → Locked; counts one dispatch attempt."""
 

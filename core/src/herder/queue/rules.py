@@ -67,7 +67,12 @@ class InvalidRequest(QueueError, ValueError):
     """A malformed submission or argument (as opposed to one refused for the container's state).
 
     It is a :class:`ValueError` too, so callers that validate input generically catch it.
+    ``index`` is the position of the refused spec in a batch (:meth:`RuledQueue.submit_many`).
     """
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 # --------------------------------------------------------------------------- state rules
@@ -547,7 +552,15 @@ class RuledQueue(ContainerQueue):
         up the scheduler's reads for longer than the insert itself.
         """
         now = self._runtime.now()
-        prepared = [self._prepare(spec, now) for spec in specs]
+        specs = list(specs)
+        prepared = []
+        for index, spec in enumerate(specs):
+            try:
+                prepared.append(self._prepare(spec, now))
+            except InvalidRequest as exc:
+                if len(specs) == 1:
+                    raise
+                raise InvalidRequest(f"item {index}: {exc}", index) from None
         if not prepared:
             return []
         with self._lock:

@@ -191,6 +191,18 @@ class QueueConformance:
         assert queue.list() == []
         assert queue.entries()[0] == {}
 
+    def test_a_batch_is_stored_whole_or_not_at_all(self, queue: ContainerQueue) -> None:
+        made = queue.submit_many([spec(priority=2), spec(ram=128 * GiB), spec()])
+        assert [c.state for c in made] == [Q, X, Q]
+        assert made[0].priority == 2
+        assert {c.uuid for c in queue.list()} == {c.uuid for c in made}
+        assert set(queue.entries()[0]) == {made[0].uuid, made[2].uuid}
+        with pytest.raises(ValueError, match=r"item 2: .*priority") as refused:
+            queue.submit_many([spec(), spec(), spec(priority=-1)])
+        assert getattr(refused.value, "index", None) == 2
+        assert len(queue.list()) == 3
+        assert queue.submit_many([]) == []
+
     def test_unsatisfiable_submission_is_cancelled_at_once(self, queue: ContainerQueue) -> None:
         c = queue.submit(spec(ram=128 * GiB))
         assert c.state is X
