@@ -237,6 +237,40 @@ def test_submit_from_a_bad_item_submits_nothing_and_names_it(capsys, live, tmp_p
     assert status == 2 and "not both" in err
 
 
+def test_submit_count_makes_an_array_to_list_and_cancel(capsys, live):
+    status, out, err = run(capsys, live, "submit", "--count", "3", "--priority", "0", "--",
+                           "true")
+    assert status == 0, err
+    uuids = out.split()
+    array_id = re.search(r"array (\S+): 3 containers", err)
+    assert array_id is not None and len(uuids) == 3
+    array = array_id.group(1)
+    submit(capsys, live, "--priority", "0", "--", "true")  # not a member
+    status, out, _ = run(capsys, live, "containers", "--json", "--array", array)
+    assert status == 0 and sorted(c["uuid"] for c in json.loads(out)) == sorted(uuids)
+    live.dispatcher.queue.cancel(uuids[0], "done with it")
+    status, _, err = run(capsys, live, "cancel", "--array", array)
+    assert status == 0, err
+    assert sorted(line.split(":")[0] for line in err.splitlines()) == sorted(uuids[1:])
+    states = {c.uuid: c.state.value for c in live.dispatcher.queue.list()}
+    assert [states[u] for u in uuids] == ["Cancelled"] * 3
+    assert list(states.values()).count("Queued") == 1
+    status, _, err = run(capsys, live, "cancel", "--array", array)
+    assert status == 0 and "no unfinished containers" in err
+    for argv in (("cancel",), ("cancel", "--array", "nope"), ("containers", "--array", "x"),
+                 ("submit", "--count", "0", "--", "true")):
+        status, _, err = run(capsys, live, *argv)
+        assert status == 2 and len(err.splitlines()) == 1, argv
+
+
+def test_submit_count_wait_waits_for_every_member(capsys, live):
+    status, out, err = run(capsys, live, "submit", "--count", "3", "--wait", "--",
+                           "sim", "5", "0")
+    assert status == 0, err
+    assert len(out.split()) == 3
+    assert "3 of 3 ended, 0 failed or cancelled" in err
+
+
 def test_exit_status_mapping():
     assert exit_status({"state": "Complete", "exit_code": 0}) == 0
     assert exit_status({"state": "Complete", "exit_code": 42}) == 42

@@ -221,6 +221,10 @@ class Client:
         items: list[dict[str, Any]] = reply["items"]
         return items
 
+    def submit_array(self, spec: Mapping[str, Any], count: int) -> dict[str, Any]:
+        """``count`` containers of ``spec``: ``{"array_id", "items"}``."""
+        return self._json("POST", "/api/v1/containers/array", body={**spec, "count": count})
+
     def containers(
         self,
         states: Iterable[str] = (),

@@ -65,6 +65,21 @@ def test_batch_submits_every_item_or_none(engine):
         assert reply.status == 400, body
 
 
+def test_array_submits_count_members_and_lists_them(engine):
+    body = {"command": ["sim", "5", "0"], "environment": {"X": "y"}, "count": 3}
+    reply = engine.request("POST", "/api/v1/containers/array", body)
+    assert reply.status == 201, reply.body
+    out = schema.ArrayOut.model_validate(reply.json)
+    assert [c.environment["HERDER_ARRAY_INDEX"] for c in out.items] == ["0", "1", "2"]
+    assert all(c.array_id == out.array_id and c.environment["X"] == "y" for c in out.items)
+    engine.submit()
+    listed = engine.request("GET", f"/api/v1/containers?array={out.array_id}").json["items"]
+    assert sorted(c["uuid"] for c in listed) == sorted(c.uuid for c in out.items)
+    for bad in ({**body, "count": 0}, {**body, "count": 10_001}, {"command": ["true"]}):
+        reply = engine.request("POST", "/api/v1/containers/array", bad)
+        assert reply.status == 400 and reply.json["field"] == "count", bad
+
+
 def test_gpus_shorthand_and_full_gpu_request(engine):
     ctr = engine.submit(runtime_constraints={"gpus": 1})
     assert ctr["runtime_constraints"]["gpu"]["device_count"] == 1

@@ -231,6 +231,7 @@ class ManagementAPI:
             started_at=schema.rfc3339(ctr.started_at),
             finished_at=schema.rfc3339(ctr.finished_at),
             run_time=run_time,
+            array_id=ctr.array_id,
         )
 
     @staticmethod
@@ -318,6 +319,18 @@ class ManagementAPI:
             raise
         log.info("%d containers submitted in one batch", len(made))
         return schema.BatchOut(items=[self.container_out(c, {}) for c in made])
+
+    def submit_array(self, body: schema.ArrayRequest) -> schema.ArrayOut:
+        try:
+            made = self.dispatcher.queue.submit_array(self.spec_from(body), body.count)
+        except QueueError as exc:
+            if isinstance(exc, ValueError):
+                raise APIError(400, str(exc)) from None
+            raise
+        log.info("array %s of %d containers submitted", made[0].array_id, len(made))
+        return schema.ArrayOut(
+            array_id=made[0].array_id, items=[self.container_out(c, {}) for c in made]
+        )
 
     def list_containers(
         self,
@@ -581,6 +594,16 @@ def submit_container(api: API, body: schema.SubmitRequest, _q: NoParams) -> Resp
 )
 def submit_batch(api: API, body: schema.BatchRequest, _q: NoParams) -> Response:
     return reply(api.submit_batch(body), 201)
+
+
+@containers.post(
+    f"{_C}/array", status_code=201, response_model=schema.ArrayOut,
+    operation_id="submitArray",
+    summary="Submit an array: count containers of one spec, each told its index",
+    responses=errors(400, 413, 503),
+)
+def submit_array(api: API, body: schema.ArrayRequest, _q: NoParams) -> Response:
+    return reply(api.submit_array(body), 201)
 
 
 @containers.get(

@@ -231,6 +231,13 @@ class BatchRequest(_Request):
     items: Annotated[list[SubmitRequest], Field(min_length=1, max_length=MAX_BATCH)]
 
 
+class ArrayRequest(SubmitRequest):
+    """``count`` containers of one spec sharing an array id; each finds its index (0 to
+    count - 1) in ``$HERDER_ARRAY_INDEX`` and the id in ``$HERDER_ARRAY_ID``."""
+
+    count: Annotated[int, Field(ge=1, le=MAX_BATCH)]
+
+
 class CancelRequest(_Request):
     reason: Annotated[str, Field(max_length=MAX_REASON_LENGTH)] = ""
 
@@ -301,10 +308,16 @@ class ContainerOut(_Response):
     started_at: Timestamp
     finished_at: Timestamp
     run_time: float | None = Field(description="seconds it has run (so far), null if not started")
+    array_id: str = Field("", description="the array it belongs to; empty when none")
 
 
 class BatchOut(_Response):
     items: list[ContainerOut] = Field(description="the containers, in the request's order")
+
+
+class ArrayOut(_Response):
+    array_id: str = Field(description="list, wait on or cancel the members with it")
+    items: list[ContainerOut] = Field(description="the members, by index")
 
 
 class ContainerList(_Response):

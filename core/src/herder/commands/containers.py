@@ -16,7 +16,7 @@ from typing import Any
 
 from herder.client import Client, ClientError, resolve_endpoint
 from herder.commands import CommandError, Context, print_json, render_table
-from herder.model import ContainerState, is_container_uuid
+from herder.model import ContainerState, is_array_id, is_container_uuid
 from herder.units import format_duration, format_size, parse_duration, parse_size
 
 #: Seconds between polls while ``submit --wait`` and ``logs --follow`` wait.
@@ -105,6 +105,11 @@ def _duration(seconds: float | None) -> str:
     return "" if seconds is None else format_duration(seconds)
 
 
+def _check_array(array_id: str) -> None:
+    if not is_array_id(array_id):
+        raise CommandError(f"{array_id!r} is not an array id (zzzzz-a88ay-...)", status=2)
+
+
 def _check_uuid(uuid: str) -> None:
     if not is_container_uuid(uuid):
         raise CommandError(f"{uuid!r} is not a container uuid", status=2)
@@ -132,6 +137,7 @@ def register(subparsers: Any) -> None:
         metavar="WHEN",
         help="only those created since WHEN: a duration ago (30m, 2h) or an RFC 3339 time",
     )
+    p.add_argument("--array", metavar="ID", default="", help="only the members of this array")
     p.add_argument("--limit", type=int, default=100, help="show at most N (default 100)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     add_client_options(p)
@@ -146,10 +152,12 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "cancel",
         help="cancel containers",
-        description="Cancel containers; a running one is stopped.  Prints one line per uuid "
-        "on stderr; the exit status is 1 if any could not be cancelled.",
+        description="Cancel containers (or every unfinished member of an array); a running "
+        "one is stopped.  Prints one line per uuid on stderr; the exit status is 1 if any "
+        "could not be cancelled.",
     )
-    p.add_argument("uuids", nargs="+", metavar="UUID")
+    p.add_argument("uuids", nargs="*", metavar="UUID")
+    p.add_argument("--array", metavar="ID", default="", help="cancel the members of this array")
     p.add_argument("--reason", default="", help="recorded with the cancellation")
     add_client_options(p)
     p.set_defaults(handler=run_cancel)
@@ -204,6 +212,12 @@ def _register_submit(subparsers: Any) -> None:
     p.add_argument("--max-run-time", default="0", metavar="DURATION", help="e.g. 1h (0: none)")
     p.add_argument("--preemptible", action="store_true", help="may run on preemptible instances")
     p.add_argument("--wait", action="store_true", help="follow it to the end")
+    p.add_argument(
+        "--count", type=int, metavar="N",
+        help="submit an array: N containers of this spec, each with its index (0 to N-1) in "
+        "$HERDER_ARRAY_INDEX and the array id in $HERDER_ARRAY_ID; list, wait on or cancel "
+        "them together with --array ID",
+    )
     p.add_argument(
         "--from", dest="from_file", metavar="FILE",
         help="submit every container FILE describes, all or none: YAML (a list of mappings) "
@@ -375,59 +389,95 @@ def _name_item(message: str, field: str | None, items: list[tuple[str, Any]]) ->
 
 
 def report_submitted(
-    client: Client, ctx: Context, made: list[dict[str, Any]], wait: bool
+    client: Client, ctx: Context, made: list[dict[str, Any]], wait: bool, array_id: str = ""
 ) -> int:
-    """Print the uuids of a batch; with ``wait``, wait until every one has ended.  Exits 1 if
-    any was cancelled or failed."""
+    """Print the uuids of a batch or an array; with ``wait``, wait until every one has ended.
+    Exits 1 if any was cancelled or failed."""
     cancelled = 0
     for ctr in made:
         ctx.print(ctr["uuid"])
         if ctr["state"] == ContainerState.CANCELLED:
             ctx.error(f"herder: {ctr['uuid']}: cancelled: {_why(ctr)}")
             cancelled += 1
+    if array_id:
+        ctx.error(f"herder: array {array_id}: {len(made)} containers")
     if not wait:
         return 1 if cancelled else 0
-    uuids = [c["uuid"] for c in made]
+    fetch = _array_members(client, array_id) if array_id else _batch_members(client, made)
     try:
         with client_errors():
-            return wait_all(client, ctx, uuids)
+            return wait_all(ctx, fetch, len(made))
     except KeyboardInterrupt:
+        which = f" --array {array_id}" if array_id else ""
         ctx.error(
-            f"herder: no longer waiting; the {len(uuids)} containers keep running (list them "
-            f"with `herder containers`, stop them with `herder cancel UUID...`)"
+            f"herder: no longer waiting; the {len(made)} containers keep running (list them "
+            f"with `herder containers{which}`, stop them with `herder cancel"
+            f"{which or ' UUID...'}`)"
         )
         return 130
 
 
-def wait_all(client: Client, ctx: Context, uuids: list[str]) -> int:
-    """Poll until every container in ``uuids`` has ended, with a progress line on stderr
-    whenever the counts change; 0 when every one completed with exit code 0, else 1."""
-    pending = list(uuids)
-    failed, last = 0, ""
+Fetch = Callable[[], list[dict[str, Any]]]
+
+
+def _array_members(client: Client, array_id: str) -> Fetch:
+    """Every member of the array, a few pages per poll whatever its size."""
+    return lambda: list(client.iter_containers(array=array_id))
+
+
+def _batch_members(client: Client, made: list[dict[str, Any]]) -> Fetch:
+    """Every container of a batch: one request per container that has not ended yet."""
+    latest = {c["uuid"]: c for c in made}
+
+    def fetch() -> list[dict[str, Any]]:
+        for uuid, ctr in latest.items():
+            if not _ended(ctr):
+                latest[uuid] = client.container(uuid)
+        return list(latest.values())
+
+    return fetch
+
+
+def _ended(ctr: Mapping[str, Any]) -> bool:
+    return ctr["state"] in (ContainerState.COMPLETE, ContainerState.CANCELLED)
+
+
+def wait_all(ctx: Context, fetch: Fetch, total: int) -> int:
+    """Poll until every container ``fetch`` returns has ended, with a progress line on stderr
+    whenever the counts change and one line per failure; 0 when every one completed with exit
+    code 0, else 1."""
+    told: set[str] = set()
+    last = ""
     while True:
-        still = []
-        for uuid in pending:
-            ctr = client.container(uuid)
-            if ctr["state"] not in (ContainerState.COMPLETE, ContainerState.CANCELLED):
-                still.append(uuid)
-            elif exit_status(ctr) != 0:
-                failed += 1
-                ctx.error(f"herder: {uuid}: {progress_line(ctr)}")
-        pending = still
-        done = len(uuids) - len(pending)
-        line = f"herder: {done} of {len(uuids)} ended, {failed} failed or cancelled"
+        records = fetch()
+        ended = [c for c in records if _ended(c)]
+        failed = [c for c in ended if exit_status(c) != 0]
+        for ctr in failed:
+            if ctr["uuid"] not in told:
+                told.add(ctr["uuid"])
+                ctx.error(f"herder: {ctr['uuid']}: {progress_line(ctr)}")
+        line = f"herder: {len(ended)} of {total} ended, {len(failed)} failed or cancelled"
         if line != last:
             ctx.error(line)
             last = line
-        if not pending:
+        if len(ended) >= total:
             return 1 if failed else 0
         sleep(POLL_INTERVAL)
 
 
 def run_submit(args: argparse.Namespace, ctx: Context) -> int:
     if args.from_file is not None:
+        if args.count is not None:
+            raise CommandError("give either --from FILE or --count N, not both", 2)
         return run_submit_from(args, ctx)
     body = build_submission(args)
+    if args.count is not None:
+        if args.count < 1:
+            raise CommandError(f"--count {args.count}: expected 1 or more", 2)
+        client = open_client(args, ctx)
+        with client_errors():
+            array = client.submit_array(body, args.count)
+        return report_submitted(client, ctx, array["items"], args.wait, array["array_id"])
     client = open_client(args, ctx)
     with client_errors():
         ctr = client.submit(body)
@@ -546,11 +596,15 @@ def run_containers(args: argparse.Namespace, ctx: Context) -> int:
     if args.limit < 1:
         raise CommandError("--limit must be at least 1", 2)
     since = since_time(args.since) if args.since else ""
+    if args.array:
+        _check_array(args.array)
     client = open_client(args, ctx)
     with client_errors():
         # One more than asked for, to know whether to say that there are more.
         items = list(
-            client.iter_containers(args.state or (), limit=args.limit + 1, since=since)
+            client.iter_containers(
+                args.state or (), limit=args.limit + 1, since=since, array=args.array
+            )
         )
     more = len(items) > args.limit
     items = items[: args.limit]
@@ -656,11 +710,23 @@ def run_priority(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def run_cancel(args: argparse.Namespace, ctx: Context) -> int:
+    if not args.uuids and not args.array:
+        raise CommandError("nothing to cancel: give UUIDs or --array ID", 2)
     for uuid in args.uuids:  # a usage error is reported before anything is cancelled
         _check_uuid(uuid)
+    if args.array:
+        _check_array(args.array)
     client = open_client(args, ctx)
+    uuids = list(args.uuids)
+    if args.array:
+        unfinished = ("Queued", "Locked", "Running")
+        with client_errors():
+            members = [c["uuid"] for c in client.iter_containers(unfinished, array=args.array)]
+        if not members:
+            ctx.error(f"{args.array}: no unfinished containers in this array")
+        uuids += members
     failed = 0
-    for uuid in args.uuids:
+    for uuid in uuids:
         try:
             ctr = client.cancel(uuid, args.reason)
         except ClientError as exc:

@@ -121,6 +121,11 @@ class ContainerQueue(ABC):
         that is refused makes the whole batch fail, naming its index."""
 
     @abstractmethod
+    def submit_array(self, spec: ContainerSpec, count: int) -> list[Container]:
+        """``count`` containers of one spec sharing a new array id (``Container.array_id``),
+        each with its index in ``$HERDER_ARRAY_INDEX``; all stored, or none."""
+
+    @abstractmethod
     def lock(self, uuid: str) -> Container:
         """Queued with priority > 0 → Locked; counts one dispatch attempt."""
 

@@ -30,6 +30,8 @@ from typing import NamedTuple
 
 from herder.callbacks import Callbacks
 from herder.model import (
+    ARRAY_ID_ENV,
+    ARRAY_INDEX_ENV,
     CLUSTER_ID_RE,
     Container,
     ContainerSpec,
@@ -211,8 +213,17 @@ _UUID_RANDOM_LEN = 15
 _UUID_BYTE_LIMIT = 256 - 256 % len(_UUID_ALPHABET)
 
 
-def new_uuid(cluster_id: str, random_bytes: Callable[[int], bytes]) -> str:
-    """``<cluster_id>-dz642-<15 random lowercase alphanumerics>``.
+#: The infix of array ids (``<cluster_id>-a88ay-<15 alphanumerics>``), as dz642 is containers'.
+ARRAY_INFIX = "a88ay"
+#: Most members one array may have.
+MAX_ARRAY = 100_000
+_ARRAY_ENV = frozenset({ARRAY_ID_ENV, ARRAY_INDEX_ENV})
+
+
+def new_uuid(
+    cluster_id: str, random_bytes: Callable[[int], bytes], infix: str = "dz642"
+) -> str:
+    """``<cluster_id>-dz642-<15 random lowercase alphanumerics>`` (``infix`` for other kinds).
 
     One draw of random bytes per UUID (not one per character) keeps a 100,000-container
     submission fast; 24 bytes almost always hold 15 usable ones, else it draws again.
@@ -222,7 +233,7 @@ def new_uuid(cluster_id: str, random_bytes: Callable[[int], bytes]) -> str:
     while len(chars) < _UUID_RANDOM_LEN:
         raw = random_bytes(24)
         chars += "".join(_UUID_ALPHABET[b % n] for b in raw if b < _UUID_BYTE_LIMIT)
-    return f"{cluster_id}-dz642-{chars[:_UUID_RANDOM_LEN]}"
+    return f"{cluster_id}-{infix}-{chars[:_UUID_RANDOM_LEN]}"
 
 
 # --------------------------------------------------------------------------- the queue
@@ -454,7 +465,9 @@ class RuledQueue(ContainerQueue):
         """Tell every observer about one change; a failing observer must not break the change."""
         self._observers.call(old, new)
 
-    def _prepare(self, spec: ContainerSpec, now: float) -> tuple[Container, Sizing]:
+    def _prepare(
+        self, spec: ContainerSpec, now: float, array_id: str = ""
+    ) -> tuple[Container, Sizing]:
         """Validate and size a submission; unsatisfiable ones come back Cancelled."""
         validate_spec(spec)
         if self._always_preemptible and not spec.scheduling_parameters.preemptible:
@@ -466,6 +479,7 @@ class RuledQueue(ContainerQueue):
             priority=spec.priority,
             spec=spec,
             created_at=now,
+            array_id=array_id,
         )
         sizing = self._size(c)
         if sizing.error:
@@ -561,6 +575,31 @@ class RuledQueue(ContainerQueue):
                 if len(specs) == 1:
                     raise
                 raise InvalidRequest(f"item {index}: {exc}", index) from None
+        return self._store_prepared(prepared, now)
+
+    def submit_array(self, spec: ContainerSpec, count: int) -> list[Container]:
+        """``count`` containers of one spec sharing a new array id, in one transaction.
+
+        Each member finds its index (0 to count - 1) in ``$HERDER_ARRAY_INDEX`` and the array
+        id in ``$HERDER_ARRAY_ID``, replacing any value the spec gave them.
+        """
+        if not isinstance(count, int) or not 1 <= count <= MAX_ARRAY:
+            raise InvalidRequest(f"count must be 1 to {MAX_ARRAY}, not {count!r}")
+        array_id = new_uuid(self._cluster_id, self._random_bytes, ARRAY_INFIX)
+        base = tuple((k, v) for k, v in spec.environment if k not in _ARRAY_ENV)
+        now = self._runtime.now()
+        validate_spec(spec)
+        prepared = []
+        for index in range(count):
+            env = (*base, (ARRAY_ID_ENV, array_id), (ARRAY_INDEX_ENV, str(index)))
+            member = replace(spec, environment=tuple(sorted(env)))
+            prepared.append(self._prepare(member, now, array_id))
+        return self._store_prepared(prepared, now)
+
+    def _store_prepared(
+        self, prepared: list[tuple[Container, Sizing]], now: float
+    ) -> list[Container]:
+        """Store validated submissions in one transaction, then tell listeners."""
         if not prepared:
             return []
         with self._lock:

@@ -203,6 +203,32 @@ class QueueConformance:
         assert len(queue.list()) == 3
         assert queue.submit_many([]) == []
 
+    def test_an_array_shares_an_id_and_tells_each_member_its_index(
+        self, queue: ContainerQueue
+    ) -> None:
+        other = queue.submit(spec())
+        made = queue.submit_array(spec(priority=3), 4)
+        array_id = made[0].array_id
+        assert re.fullmatch(r"zzzzz-a88ay-[0-9a-z]{15}", array_id), array_id
+        assert {c.array_id for c in made} == {array_id} and other.array_id == ""
+        for index, c in enumerate(made):
+            env = dict(c.spec.environment)
+            assert env["HERDER_ARRAY_INDEX"] == str(index)
+            assert env["HERDER_ARRAY_ID"] == array_id
+            assert env["A"] == "1" and c.priority == 3
+            assert _get(queue, c.uuid).array_id == array_id
+        members = queue.newest(ListFilter(array_id=array_id))
+        assert sorted(c.uuid for c in members) == sorted(c.uuid for c in made)
+        queue.cancel(made[0].uuid)
+        unfinished = queue.newest(ListFilter(states=(Q,), array_id=array_id))
+        assert len(unfinished) == 3
+        assert queue.submit_array(spec(), 2)[0].array_id != array_id
+        with pytest.raises(ValueError, match="count"):
+            queue.submit_array(spec(), 0)
+        with pytest.raises(ValueError, match="priority"):
+            queue.submit_array(spec(priority=-1), 2)
+        assert len(queue.list()) == 7
+
     def test_unsatisfiable_submission_is_cancelled_at_once(self, queue: ContainerQueue) -> None:
         c = queue.submit(spec(ram=128 * GiB))
         assert c.state is X
