@@ -271,6 +271,22 @@ def test_submit_count_wait_waits_for_every_member(capsys, live):
     assert "3 of 3 ended, 0 failed or cancelled" in err
 
 
+def test_submit_after_waits_for_the_dependency(capsys, live, tmp_path):
+    first = submit(capsys, live, "--", "sim", "20", "0")
+    status, out, err = run(capsys, live, "submit", "--after", first, "--wait", "--",
+                           "sim", "5", "0")
+    assert status == 0, err
+    assert f"until {first} complete with exit code 0" in err
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(f"- command: sim 5 0\n  after: {first}\n")
+    status, out, err = run(capsys, live, "submit", "--from", str(jobs))
+    assert status == 0, err
+    ctr = live.dispatcher.queue.get(out.strip())
+    assert ctr is not None and ctr.spec.after == (first,)
+    status, _, err = run(capsys, live, "submit", "--after", "nope", "--", "true")
+    assert status == 2 and "--after 'nope': not a container uuid" in err
+
+
 def test_exit_status_mapping():
     assert exit_status({"state": "Complete", "exit_code": 0}) == 0
     assert exit_status({"state": "Complete", "exit_code": 42}) == 42

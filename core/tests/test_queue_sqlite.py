@@ -623,3 +623,32 @@ def test_schema_version_1_file_is_upgraded_in_place(rt, tmp_path):
     db = sqlite3.connect(path)
     assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
     db.close()
+
+
+def test_a_dependency_that_finished_before_a_stop_releases_its_waiter_at_reopen(rt, tmp_path):
+    """If herder stopped between finishing a container and releasing those that waited for
+    it, the queue settles them when it opens again."""
+    path = str(tmp_path / "queue.db")
+    q = make_queue(rt, path)
+    first = q.submit(spec())
+    ok_waiter = q.submit(replace(spec(), after=(first.uuid,)))
+    failed = q.submit(spec())
+    doomed = q.submit(replace(spec(), after=(failed.uuid,)))
+    q.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE containers SET state = 'Complete', exit_code = 0 WHERE uuid = ?",
+               (first.uuid,))
+    db.execute("UPDATE containers SET state = 'Complete', exit_code = 2 WHERE uuid = ?",
+               (failed.uuid,))
+    db.commit()
+    db.close()
+    q = make_queue(rt, path)
+    try:
+        released = q.get(ok_waiter.uuid)
+        assert released is not None and released.status("waiting_for") == ""
+        assert q.lock(ok_waiter.uuid).state is L
+        cancelled = q.get(doomed.uuid)
+        assert cancelled is not None and cancelled.state is CANCELLED
+        assert "exit code 2" in cancelled.status("error")
+    finally:
+        q.close()

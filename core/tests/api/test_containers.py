@@ -80,6 +80,46 @@ def test_array_submits_count_members_and_lists_them(engine):
         assert reply.status == 400 and reply.json["field"] == "count", bad
 
 
+def _run_until(engine, done, limit: float = 900.0) -> None:
+    waited = 0.0
+    while not done():
+        assert waited < limit, "gave up waiting on the virtual clock"
+        engine.advance(5)
+        waited += 5
+
+
+def test_after_holds_a_container_until_its_dependency_completes(engine):
+    first = engine.submit(command=["sim", "30", "0"])["uuid"]
+    held = engine.submit(command=["sim", "5", "0"], after=[first])
+    assert held["after"] == [first] and held["state"] == "Queued"
+    assert first in held["scheduling_status"] and "exit code 0" in held["scheduling_status"]
+    engine.advance(1)
+    seen = engine.container(held["uuid"])
+    assert seen["state"] == "Queued"
+    assert seen["scheduling_status"].startswith("This container will not be scheduled")
+    assert first in seen["scheduling_status"]
+    _run_until(engine, lambda: engine.container(held["uuid"])["state"] == "Complete")
+    assert engine.container(first)["state"] == "Complete"
+    first_done = engine.container(first)["finished_at"]
+    assert engine.container(held["uuid"])["started_at"] >= first_done
+
+
+def test_after_a_failed_dependency_cancels_with_the_reason(engine):
+    failing = engine.submit(command=["sim", "10", "4"])["uuid"]
+    waiter = engine.submit(after=[failing])["uuid"]
+    _run_until(engine, lambda: engine.container(waiter)["state"] == "Cancelled")
+    error = engine.container(waiter)["runtime_status"]["error"]
+    assert error == f"dependency {failing} failed with exit code 4"
+    reply = engine.request("POST", "/api/v1/containers", {"command": ["true"], "after": [UNKNOWN]})
+    assert reply.status == 400 and reply.json["field"] == "after"
+    assert UNKNOWN in reply.json["error"]
+    reply = engine.request("POST", "/api/v1/containers", {"command": ["true"], "after": ["x"]})
+    assert reply.status == 400 and reply.json["field"] == "after[0]"
+    batch = {"items": [{"command": ["true"]}, {"command": ["true"], "after": [UNKNOWN]}]}
+    reply = engine.request("POST", "/api/v1/containers/batch", batch)
+    assert reply.status == 400 and reply.json["field"] == "items[1].after"
+
+
 def test_gpus_shorthand_and_full_gpu_request(engine):
     ctr = engine.submit(runtime_constraints={"gpus": 1})
     assert ctr["runtime_constraints"]["gpu"]["device_count"] == 1

@@ -11,6 +11,8 @@ from .conftest import served_routes
 #: The API's operations: a route added or lost changes this list on purpose.
 OPERATIONS = {
     ("POST", "/api/v1/containers"),
+    ("POST", "/api/v1/containers/batch"),
+    ("POST", "/api/v1/containers/array"),
     ("GET", "/api/v1/containers"),
     ("GET", "/api/v1/containers/{uuid}"),
     ("POST", "/api/v1/containers/{uuid}/cancel"),

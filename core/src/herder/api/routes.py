@@ -40,8 +40,9 @@ from herder.model import (
     SchedulingParameters,
 )
 from herder.queue.base import ContainerNotFound, InvalidTransition, ListFilter, QueueError
+from herder.queue.rules import waiting_for
 from herder.runtime import Runtime
-from herder.scheduler.status import Status, StatusKind
+from herder.scheduler.status import Status, StatusKind, dependency_status
 from herder.sizing import gpu_request_for
 
 if TYPE_CHECKING:
@@ -232,13 +233,18 @@ class ManagementAPI:
             finished_at=schema.rfc3339(ctr.finished_at),
             run_time=run_time,
             array_id=ctr.array_id,
+            after=list(spec.after),
         )
 
     @staticmethod
     def _scheduling_status(ctr: Container, statuses: Mapping[str, str]) -> str:
         """The last pass's status; containers on hold (priority 0) may have left the scheduler's
-        snapshot, so they get the scheduler's priority-zero text here."""
+        snapshot, so they get the scheduler's priority-zero text here, and one submitted with
+        ``after`` says what it waits for before the scheduler's first pass has seen it."""
         status = statuses.get(ctr.uuid)
+        held = waiting_for(ctr)
+        if status is None and held:
+            return dependency_status(held).text()
         if status is None and ctr.priority == 0:
             return Status(StatusKind.PRIORITY_ZERO, detail=ctr.state.value).text()
         return status or ""
@@ -291,6 +297,7 @@ class ManagementAPI:
             ),
             priority=body.priority,
             name=body.name,
+            after=tuple(body.after),
         )
 
     # ---- containers
@@ -300,7 +307,7 @@ class ManagementAPI:
             ctr = self.dispatcher.queue.submit(self.spec_from(body))
         except QueueError as exc:
             if isinstance(exc, ValueError):
-                raise APIError(400, str(exc)) from None
+                raise APIError(400, str(exc), field=getattr(exc, "field", None)) from None
             raise
         log.info("container %s submitted (%s)", ctr.uuid, ctr.state.value)
         return self.container_out(ctr, {})
@@ -315,6 +322,8 @@ class ManagementAPI:
             if isinstance(exc, ValueError):
                 index = getattr(exc, "index", None)
                 field = None if index is None else f"items[{index}]"
+                if field and getattr(exc, "field", None):
+                    field += f".{getattr(exc, 'field', '')}"
                 raise APIError(400, str(exc), field=field) from None
             raise
         log.info("%d containers submitted in one batch", len(made))
@@ -325,7 +334,7 @@ class ManagementAPI:
             made = self.dispatcher.queue.submit_array(self.spec_from(body), body.count)
         except QueueError as exc:
             if isinstance(exc, ValueError):
-                raise APIError(400, str(exc)) from None
+                raise APIError(400, str(exc), field=getattr(exc, "field", None)) from None
             raise
         log.info("array %s of %d containers submitted", made[0].array_id, len(made))
         return schema.ArrayOut(

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from herder.model import (
+    CONTAINER_UUID_RE,
     IMAGE_REFERENCE_PATTERN,
     ContainerState,
     IdleBehavior,
@@ -176,6 +177,13 @@ class SubmitRequest(_Request):
     )
     priority: Count = 1
     name: Annotated[str, Field(max_length=MAX_NAME_LENGTH)] = ""
+    after: Annotated[
+        list[Annotated[str, Field(pattern=CONTAINER_UUID_RE.pattern)]], Field(max_length=1000)
+    ] = Field(
+        default_factory=list,
+        description="containers that must complete with exit code 0 first: this one is held "
+        "until they have, and cancelled if one fails or is cancelled",
+    )
 
     @field_validator("command")
     @classmethod
@@ -309,6 +317,9 @@ class ContainerOut(_Response):
     finished_at: Timestamp
     run_time: float | None = Field(description="seconds it has run (so far), null if not started")
     array_id: str = Field("", description="the array it belongs to; empty when none")
+    after: list[str] = Field(
+        default_factory=list, description="the containers it was submitted to wait for"
+    )
 
 
 class BatchOut(_Response):

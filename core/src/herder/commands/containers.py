@@ -213,6 +213,11 @@ def _register_submit(subparsers: Any) -> None:
     p.add_argument("--preemptible", action="store_true", help="may run on preemptible instances")
     p.add_argument("--wait", action="store_true", help="follow it to the end")
     p.add_argument(
+        "--after", action="append", default=[], metavar="UUID",
+        help="hold it until container UUID has completed with exit code 0; it is cancelled "
+        "if UUID fails or is cancelled (repeat for several)",
+    )
+    p.add_argument(
         "--count", type=int, metavar="N",
         help="submit an array: N containers of this spec, each with its index (0 to N-1) in "
         "$HERDER_ARRAY_INDEX and the array id in $HERDER_ARRAY_ID; list, wait on or cancel "
@@ -223,7 +228,8 @@ def _register_submit(subparsers: Any) -> None:
         help="submit every container FILE describes, all or none: YAML (a list of mappings) "
         "or JSON lines (one object a line), each with the fields of the options above "
         "(command, image, vcpus, ram, scratch, gpus, priority, env, name, cwd, runtime, "
-        "max_run_time, preemptible); the options given here are the defaults; - reads stdin",
+        "max_run_time, preemptible, after); the options given here are the defaults; - reads "
+        "stdin",
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     add_client_options(p)
@@ -254,6 +260,9 @@ def build_submission(args: argparse.Namespace) -> dict[str, Any]:
         max_run_time = parse_duration(args.max_run_time)
     except ValueError as exc:
         raise CommandError(f"--max-run-time: {exc}", 2) from exc
+    for uuid in args.after:
+        if not isinstance(uuid, str) or not is_container_uuid(uuid):
+            raise CommandError(f"--after {uuid!r}: not a container uuid", 2)
     constraints: dict[str, Any] = {"vcpus": args.vcpus, "ram": ram, "scratch": scratch}
     if args.gpus:
         constraints["gpus"] = args.gpus
@@ -270,6 +279,7 @@ def build_submission(args: argparse.Namespace) -> dict[str, Any]:
         },
         "priority": args.priority,
         "name": args.name,
+        **({"after": list(args.after)} if args.after else {}),
     }
 
 
@@ -278,7 +288,7 @@ FILE_FIELDS = {
     "command": "command", "image": "image", "vcpus": "vcpus", "ram": "ram",
     "scratch": "scratch", "gpus": "gpus", "priority": "priority", "env": "env",
     "environment": "env", "name": "name", "cwd": "cwd", "runtime": "runtime",
-    "max_run_time": "max_run_time", "preemptible": "preemptible",
+    "max_run_time": "max_run_time", "preemptible": "preemptible", "after": "after",
 }  # fmt: skip
 
 
@@ -329,6 +339,8 @@ def submission_from_item(
             import shlex
 
             value = shlex.split(value)  # words, as a shell would split them; never run by one
+        if dest == "after" and isinstance(value, str):
+            value = [value]
         if dest == "env" and isinstance(value, dict):
             value = [f"{k}={v}" for k, v in value.items()]
         if dest in ("ram", "scratch", "max_run_time") and isinstance(value, int | float):
@@ -338,6 +350,8 @@ def submission_from_item(
         isinstance(arg, str) for arg in values["command"]
     ):
         raise CommandError(f"{where}: command must be a list of strings or one string", 2)
+    if not isinstance(values["after"], list):
+        raise CommandError(f"{where}: after must be a uuid or a list of uuids", 2)
     if not isinstance(values["env"], list):
         raise CommandError(f"{where}: env must be a mapping or a list of K=V", 2)
     try:

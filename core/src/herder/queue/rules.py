@@ -19,6 +19,7 @@ Two layers live here:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -38,6 +39,7 @@ from herder.model import (
     ContainerState,
     InstanceResources,
     InstanceType,
+    is_container_uuid,
 )
 from herder.queue.base import (
     ContainerNotFound,
@@ -69,12 +71,14 @@ class InvalidRequest(QueueError, ValueError):
     """A malformed submission or argument (as opposed to one refused for the container's state).
 
     It is a :class:`ValueError` too, so callers that validate input generically catch it.
-    ``index`` is the position of the refused spec in a batch (:meth:`RuledQueue.submit_many`).
+    ``index`` is the position of the refused spec in a batch (:meth:`RuledQueue.submit_many`),
+    ``field`` the field of the spec at fault when one is.
     """
 
-    def __init__(self, message: str, index: int | None = None) -> None:
+    def __init__(self, message: str, index: int | None = None, field: str | None = None) -> None:
         super().__init__(message)
         self.index = index
+        self.field = field
 
 
 # --------------------------------------------------------------------------- state rules
@@ -96,8 +100,10 @@ def _refuse(c: Container, action: str) -> InvalidTransition:
 
 
 def cancelled(c: Container, now: float, error: str = "") -> Container:
-    """``c`` Cancelled, recording ``error`` (if any) as runtime_status error."""
+    """``c`` Cancelled, recording ``error`` (if any) as runtime_status error; it waits for
+    nothing any more."""
     status = _with_status(c, "error", error) if error else c.runtime_status
+    status = tuple((k, v) for k, v in status if k != WAITING_FOR)
     return replace(c, state=CANCELLED, finished_at=now, runtime_status=status)
 
 
@@ -112,9 +118,73 @@ def _requeued(c: Container) -> Container:
     )
 
 
+#: runtime_status key of a container held by ``after``: the uuids it still waits for, spaced.
+WAITING_FOR = "waiting_for"
+#: Most containers one container may wait for.
+MAX_AFTER = 1000
+
+
+def waiting_for(c: Container) -> list[str]:
+    """The containers ``c`` still waits for before it may run (``--after``)."""
+    return c.status(WAITING_FOR).split()
+
+
+def _without_status(c: Container, key: str) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in c.runtime_status if k != key)
+
+
+def dependency_failure(dep: Container) -> str:
+    """Why a container that waited for ``dep`` is cancelled, or "" if ``dep`` succeeded."""
+    if dep.state is COMPLETE and dep.exit_code == 0:
+        return ""
+    if dep.state is COMPLETE:
+        return f"dependency {dep.uuid} failed with exit code {dep.exit_code}"
+    why = dep.status("error")
+    return f"dependency {dep.uuid} was cancelled" + (f" ({why})" if why else "")
+
+
+def held_at_submission(c: Container, deps: Sequence[Container], now: float) -> Container:
+    """A new container with ``after``: held while some dependency has not finished, cancelled
+    (with which one and why) if one has failed or been cancelled already."""
+    pending = []
+    for dep in deps:
+        if not dep.state.final:
+            pending.append(dep.uuid)
+            continue
+        failure = dependency_failure(dep)
+        if failure:
+            return cancelled(c, now, failure)
+    if not pending:
+        return c
+    return replace(c, runtime_status=_with_status(c, WAITING_FOR, " ".join(pending)))
+
+
+def dependency_rule(c: Container, now: float, dep: Container) -> Container:
+    """``dep`` has finished: a container waiting for it waits for one less, or is cancelled
+    when ``dep`` did not complete with exit code 0."""
+    pending = waiting_for(c)
+    if c.state.final or dep.uuid not in pending:
+        return c
+    failure = dependency_failure(dep)
+    if failure:
+        return cancelled(c, now, failure)
+    rest = [u for u in pending if u != dep.uuid]
+    if rest:
+        return replace(c, runtime_status=_with_status(c, WAITING_FOR, " ".join(rest)))
+    return replace(c, runtime_status=_without_status(c, WAITING_FOR))
+
+
+def _dependency_rule_of(dep: Container, c: Container, now: float) -> Container:
+    return dependency_rule(c, now, dep)
+
+
 def lock_rule(c: Container, now: float) -> Container:
     if c.state is not QUEUED or c.priority <= 0:
         raise _refuse(c, f"lock (priority {c.priority})")
+    if waiting_for(c):
+        raise InvalidTransition(
+            f"cannot lock container {c.uuid}: it waits for {', '.join(waiting_for(c))}"
+        )
     return replace(c, state=LOCKED, lock_count=c.lock_count + 1, locked_at=now)
 
 
@@ -201,6 +271,11 @@ def validate_spec(spec: ContainerSpec) -> None:
             problems.append(f"runtime_constraints.{name} must be an integer >= 0, not {value!r}")
     if rc.gpu.device_count < 0 or rc.gpu.vram < 0:
         problems.append("runtime_constraints.gpu device_count and vram must be >= 0")
+    if len(spec.after) > MAX_AFTER:
+        problems.append(f"after: at most {MAX_AFTER} containers")
+    bad = [u for u in spec.after if not is_container_uuid(u)]
+    if bad:
+        problems.append(f"after: {bad[0][:60]!r} is not a container uuid")
     if problems:
         raise InvalidRequest("invalid container: " + "; ".join(problems))
 
@@ -285,6 +360,8 @@ class RuledQueue(ContainerQueue):
         self._always_preemptible = always_use_preemptible
         self._lock = threading.Lock()
         self._entries: dict[str, QueueEntry] = {}
+        #: Containers in the snapshot that wait for others (``after``); may hold stale uuids.
+        self._held: set[str] = set()
         self._listeners: Callbacks[[]] = Callbacks("queue listener", log)
         self._observers: Callbacks[[Container | None, Container]] = Callbacks(
             "queue observer", log
@@ -390,8 +467,12 @@ class RuledQueue(ContainerQueue):
                 self._entries[c.uuid] = QueueEntry(
                     c, sizing.resources, sizing.instance_types, now
                 )
+                if waiting_for(c):
+                    self._held.add(c.uuid)
             if doomed or unreadable:
                 self._store_cancelled(doomed, unreadable, now)
+        if self._held:
+            self._settle_from_storage()
 
     # ---- helpers for subclasses
 
@@ -451,11 +532,21 @@ class RuledQueue(ContainerQueue):
                     )
                 else:
                     continue
+                if waiting_for(new):
+                    self._held.add(new.uuid)
                 changes.append((old, new))
         if changes:
             self._notify()
         for old, new in changes:
             self._observed(old, new)
+        # What another process finished may release containers held here, and what it
+        # submitted may wait for containers that have finished since.
+        finished = [new for old, new in changes if new.state.final and old is not None
+                    and not old.state.final]
+        if finished and self._held:
+            self._settle(finished)
+        if any(waiting_for(new) for _, new in changes):
+            self._settle_from_storage()
 
     def _notify(self) -> None:
         """Call every listener; one failing listener must not starve the others."""
@@ -486,8 +577,10 @@ class RuledQueue(ContainerQueue):
             c = cancelled(c, now, unsatisfiable_error(sizing.error))
         return c, sizing
 
-    def _transition(self, uuid: str, rule: Rule) -> Container:
-        """Apply ``rule`` to one container: store, update the snapshot, then notify."""
+    def _transition(self, uuid: str, rule: Rule, *, settle: bool = True) -> Container:
+        """Apply ``rule`` to one container: store, update the snapshot, then notify; then
+        settle what waited for it, if it has just finished (unless ``settle`` is false: the
+        caller settles)."""
         with self._lock:
             now = self._runtime.now()
             entry = self._entries.get(uuid)
@@ -516,6 +609,8 @@ class RuledQueue(ContainerQueue):
                 self._entries[uuid] = QueueEntry(new, sizing.resources, sizing.instance_types, now)
         self._notify()
         self._observed(old, new)
+        if settle and new.state.final and not old.state.final and self._held:
+            self._settle([new])
         return new
 
     def _cancel_if_unsatisfiable(
@@ -574,7 +669,7 @@ class RuledQueue(ContainerQueue):
             except InvalidRequest as exc:
                 if len(specs) == 1:
                     raise
-                raise InvalidRequest(f"item {index}: {exc}", index) from None
+                raise InvalidRequest(f"item {index}: {exc}", index, exc.field) from None
         return self._store_prepared(prepared, now)
 
     def submit_array(self, spec: ContainerSpec, count: int) -> list[Container]:
@@ -603,6 +698,11 @@ class RuledQueue(ContainerQueue):
         if not prepared:
             return []
         with self._lock:
+            batch = len(prepared) > 1
+            prepared = [
+                (self._hold(c, i if batch else None, now), sizing)
+                for i, (c, sizing) in enumerate(prepared)
+            ]
             self._store_new([c for c, _ in prepared])
             for c, sizing in prepared:
                 # An unsatisfiable submission is cancelled at once and never needs attention.
@@ -610,10 +710,62 @@ class RuledQueue(ContainerQueue):
                     self._entries[c.uuid] = QueueEntry(
                         c, sizing.resources, sizing.instance_types, now
                     )
+                    if waiting_for(c):
+                        self._held.add(c.uuid)
         self._notify()
         for c, _ in prepared:
             self._observed(None, c)
         return [c for c, _ in prepared]
+
+    def _hold(self, c: Container, index: int | None, now: float) -> Container:
+        """Apply ``after`` to a new container (caller holds ``self._lock``): every dependency
+        must exist; the container waits for those not finished yet, or is cancelled at once if
+        one has failed already."""
+        if not c.spec.after or c.state.final:
+            return c
+        deps = []
+        for uuid in dict.fromkeys(c.spec.after):
+            try:
+                deps.append(self._stored(uuid))
+            except ContainerNotFound:
+                where = "" if index is None else f"item {index}: "
+                raise InvalidRequest(
+                    f"{where}after: no container {uuid}", index, "after"
+                ) from None
+        return held_at_submission(c, deps, now)
+
+    def _settle(self, finished: Iterable[Container]) -> None:
+        """Tell the containers waiting for ``finished`` (final ones) that they have ended:
+        each is released once all it waits for completed with exit code 0, and cancelled
+        as soon as one did not.  Cancellations cascade to what waited for them in turn,
+        iteratively, so a long chain costs no stack."""
+        work = [c for c in finished if c.state.final]
+        while work:
+            done = work.pop()
+            with self._lock:
+                candidates = []
+                for uuid in list(self._held):
+                    c = self._cached(uuid)
+                    if c is None or c.state.final or not waiting_for(c):
+                        self._held.discard(uuid)
+                    elif done.uuid in waiting_for(c):
+                        candidates.append(uuid)
+            rule: Rule = functools.partial(_dependency_rule_of, done)
+            for uuid in candidates:
+                try:
+                    new = self._transition(uuid, rule, settle=False)
+                except ContainerNotFound:
+                    continue
+                if new.state.final:
+                    work.append(new)
+
+    def _settle_from_storage(self) -> None:
+        """Settle held containers whose dependencies finished while nobody was told (a stop
+        between the two writes; a container submitted elsewhere after its dependency ended)."""
+        with self._lock:
+            deps = {u for uuid in self._held for u in waiting_for(self._stored(uuid))}
+            finished = [c for c in map(self._load, deps) if c is not None and c.state.final]
+        self._settle(finished)
 
     def lock(self, uuid: str) -> Container:
         return self._transition(uuid, lock_rule)

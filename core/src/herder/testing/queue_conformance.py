@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -521,6 +521,96 @@ class QueueConformance:
         assert [c.uuid for c in queue.newest(both)] == [mid.uuid]
         assert queue.newest(ListFilter(states=())) == []
         assert queue.newest(ListFilter(array_id="zzzzz-a88ay-000000000000000")) == []
+
+    # ---- dependencies (``after``)
+
+    def test_after_holds_until_the_dependency_completes_with_0(
+        self, queue: ContainerQueue, rt: VirtualRuntime
+    ) -> None:
+        first = queue.submit(spec())
+        second = queue.submit(spec())
+        held = queue.submit(replace(spec(), after=(first.uuid, second.uuid)))
+        assert held.state is Q
+        assert held.status("waiting_for").split() == [first.uuid, second.uuid]
+        with pytest.raises(InvalidTransition, match="waits for"):
+            queue.lock(held.uuid)
+        self._complete(queue, first.uuid, 0)
+        assert _get(queue, held.uuid).status("waiting_for") == second.uuid
+        with pytest.raises(InvalidTransition):
+            queue.lock(held.uuid)
+        self._complete(queue, second.uuid, 0)
+        released = _get(queue, held.uuid)
+        assert released.state is Q and released.status("waiting_for") == ""
+        assert queue.entries()[0][held.uuid].container == released
+        assert queue.lock(held.uuid).state is L
+
+    def test_after_a_failure_cancels_with_the_reason_down_the_chain(
+        self, queue: ContainerQueue
+    ) -> None:
+        first = queue.submit(spec())
+        middle = queue.submit(replace(spec(), after=(first.uuid,)))
+        last = queue.submit(replace(spec(), after=(middle.uuid,)))
+        other = queue.submit(spec())
+        self._complete(queue, first.uuid, 3)
+        middle = _get(queue, middle.uuid)
+        assert middle.state is X
+        assert middle.status("error") == f"dependency {first.uuid} failed with exit code 3"
+        assert middle.status("waiting_for") == ""
+        last = _get(queue, last.uuid)
+        assert last.state is X
+        assert last.status("error").startswith(f"dependency {middle.uuid} was cancelled")
+        assert _get(queue, other.uuid).state is Q
+        stopped = queue.submit(spec())
+        waiter = queue.submit(replace(spec(), after=(stopped.uuid,)))
+        queue.cancel(stopped.uuid, "operator said no")
+        assert _get(queue, waiter.uuid).status("error") == (
+            f"dependency {stopped.uuid} was cancelled (operator said no)"
+        )
+
+    def test_after_finished_or_unknown_containers_at_submission(
+        self, queue: ContainerQueue
+    ) -> None:
+        ok = queue.submit(spec())
+        self._complete(queue, ok.uuid, 0)
+        failed = queue.submit(spec())
+        self._complete(queue, failed.uuid, 1)
+        free = queue.submit(replace(spec(), after=(ok.uuid,)))
+        assert free.state is Q and free.status("waiting_for") == ""
+        doomed = queue.submit(replace(spec(), after=(ok.uuid, failed.uuid)))
+        assert doomed.state is X and f"dependency {failed.uuid} failed" in doomed.status("error")
+        assert doomed.uuid not in queue.entries()[0]
+        unknown = "zzzzz-dz642-000000000000000"
+        stored = len(queue.list())
+        with pytest.raises(ValueError, match=f"after: no container {unknown}"):
+            queue.submit(replace(spec(), after=(unknown,)))
+        with pytest.raises(ValueError, match=f"item 1: after: no container {unknown}"):
+            queue.submit_many([spec(), replace(spec(), after=(unknown,))])
+        with pytest.raises(ValueError, match="not a container uuid"):
+            queue.submit(replace(spec(), after=("; rm -rf /",)))
+        assert len(queue.list()) == stored
+
+    def test_an_array_may_wait_and_be_waited_for(self, queue: ContainerQueue) -> None:
+        first = queue.submit(spec())
+        members = queue.submit_array(replace(spec(), after=(first.uuid,)), 3)
+        assert all(c.status("waiting_for") == first.uuid for c in members)
+        self._complete(queue, first.uuid, 0)
+        assert all(_get(queue, c.uuid).status("waiting_for") == "" for c in members)
+
+    def test_held_containers_stay_held_across_a_reopen(
+        self, opened: _Opened, queue: ContainerQueue
+    ) -> None:
+        first = queue.submit(spec())
+        held = queue.submit(replace(spec(), after=(first.uuid,)))
+        queue = self._reopen(opened, queue)
+        assert _get(queue, held.uuid).status("waiting_for") == first.uuid
+        self._complete(queue, first.uuid, 0)
+        assert _get(queue, held.uuid).status("waiting_for") == ""
+
+    @staticmethod
+    def _complete(queue: ContainerQueue, uuid: str, exit_code: int) -> None:
+        queue.lock(uuid)
+        queue.set_running(uuid, "i-1", "small")
+        queue.finish(uuid, exit_code)
 
     # ---- durability
 
