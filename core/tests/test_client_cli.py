@@ -490,16 +490,37 @@ def test_a_closed_pipe_ends_quietly(capsys, live, monkeypatch):
 
 
 def test_instance_types_cheapest_first(capsys):
-    status, out, _ = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"), "instance-types")
+    status, out, _ = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"), "instance-types",
+                         "--offline")
     assert status == 0
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "PROVIDER-TYPE", "VCPUS", "RAM", "SCRATCH", "GPUS",
-                                "PRICE", "PREEMPTIBLE"]
-    prices = [float(line.split()[-2]) for line in lines[1:]]
+                                "PRICE", "SPOT", "PREEMPTIBLE"]
+    prices = [float(line.split()[6]) for line in lines[1:]]
+    assert all(line.split()[7] == "-" for line in lines[1:])  # no server: no spot prices
     assert prices == sorted(prices) and len(prices) >= 2
     status, out, _ = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"),
-                         "instance-types", "--json")
-    assert status == 0 and {"name", "price", "vcpus"} <= set(json.loads(out)[0])
+                         "instance-types", "--json", "--offline")
+    assert status == 0 and {"name", "price", "vcpus", "spot_price"} <= set(json.loads(out)[0])
+
+
+def test_instance_types_come_from_the_server_when_one_answers(capsys, live, monkeypatch):
+    monkeypatch.setattr(live.dispatcher.pool, "spot_prices", lambda: {"medium": 0.0421})
+    status, out, err = run(capsys, live, "instance-types")
+    assert status == 0 and err == ""
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert list(rows) == ["small", "medium", "large", "xlarge"]
+    assert rows["medium"][7] == "0.042100"
+    status, out, _ = run(capsys, live, "instance-types", "--json")
+    assert [t["spot_price"] for t in json.loads(out)] == [None, 0.0421, None, None]
+
+
+def test_instance_types_fall_back_to_the_configuration(capsys):
+    status, out, err = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"), "instance-types",
+                           "--server", f"http://127.0.0.1:{_closed_port()}")
+    assert status == 0
+    assert "no server answered" in err and "configuration's types" in err
+    assert len(out.splitlines()) >= 3
 
 
 def test_help_documents_the_exit_status(capsys):

@@ -290,6 +290,11 @@ class Client:
 
     # ---- instances
 
+    def instance_types(self) -> list[dict[str, Any]]:
+        """The server's instance types, cheapest first, with ``spot_price`` (or None)."""
+        items: list[dict[str, Any]] = self._json("GET", "/api/v1/instance-types")["items"]
+        return items
+
     def instances(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self._json("GET", "/api/v1/instances")["items"]
         return items

@@ -19,6 +19,7 @@ OPERATIONS = {
     ("POST", "/api/v1/containers/{uuid}/priority"),
     ("GET", "/api/v1/containers/{uuid}/log"),
     ("GET", "/api/v1/instances"),
+    ("GET", "/api/v1/instance-types"),
     ("POST", "/api/v1/instances/{instance_id}/hold"),
     ("POST", "/api/v1/instances/{instance_id}/drain"),
     ("POST", "/api/v1/instances/{instance_id}/run"),

@@ -423,6 +423,21 @@ class ManagementAPI:
         now = self.runtime.now()
         return schema.InstanceList(items=[self.instance_out(v, now) for v in views])
 
+    def list_instance_types(self) -> schema.InstanceTypeList:
+        spot = self.dispatcher.pool.spot_prices()
+        types = sorted(
+            self.dispatcher.instance_types.values(),
+            key=lambda t: (t.price, t.vcpus, t.ram, t.name),
+        )
+        return schema.InstanceTypeList(
+            items=[
+                schema.InstanceTypeOut.model_validate(
+                    {**t.to_json(), "spot_price": spot.get(t.name)}
+                )
+                for t in types
+            ]
+        )
+
     def instance_action(
         self, instance_id: str, action: InstanceAction, reason: str
     ) -> schema.InstanceActionOut:
@@ -670,6 +685,15 @@ def read_log(api: API, uuid: Uuid, query: Annotated[LogQuery, Query()]) -> Respo
 
 
 instances = APIRouter(tags=["instances"], dependencies=AUTH, responses=errors(401, 403))
+
+
+@instances.get(
+    f"{API_PREFIX}/instance-types", response_model=schema.InstanceTypeList,
+    operation_id="listInstanceTypes",
+    summary="List the instance types herder may create, cheapest first, with spot prices",
+)
+def list_instance_types(api: API, _q: NoParams) -> Response:
+    return reply(api.list_instance_types())
 
 
 @instances.get(

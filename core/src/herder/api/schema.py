@@ -343,6 +343,37 @@ class LogChunk(_Response):
     final: bool = Field(description="true when the container has ended and data reaches the end")
 
 
+class InstanceTypeGPUOut(_Response):
+    stack: str
+    driver_version: str
+    hardware_target: str
+    device_count: int
+    vram: int
+
+
+class InstanceTypeOut(_Response):
+    """An instance type herder may create (configured, or offered by the driver)."""
+
+    name: str
+    provider_type: str
+    vcpus: int
+    ram: int
+    included_scratch: int
+    added_scratch: int
+    scratch: int
+    price: float = Field(description="configured price per hour")
+    preemptible: bool
+    gpu: InstanceTypeGPUOut
+    spot_price: float | None = Field(
+        description="current price per hour on the provider's spot market, from an instance "
+        "of this type running now; null when none runs or the driver does not tell"
+    )
+
+
+class InstanceTypeList(_Response):
+    items: list[InstanceTypeOut] = Field(description="cheapest first")
+
+
 class InstanceOut(_Response):
     """An instance (SPEC §10.2's InstanceView, plus what operators ask next)."""
 
