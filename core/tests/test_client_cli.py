@@ -287,6 +287,18 @@ def test_submit_after_waits_for_the_dependency(capsys, live, tmp_path):
     assert status == 2 and "--after 'nope': not a container uuid" in err
 
 
+def test_vcpus_zero_is_a_shared_vcpu_and_negative_is_refused(capsys, live):
+    uuid = submit(capsys, live, "--vcpus", "0", "--", "true")
+    ctr = live.dispatcher.queue.get(uuid)
+    assert ctr is not None and ctr.runtime_constraints.vcpus == 0
+    assert ctr.state.value == "Queued"
+    for option, value in (("--vcpus", "-1"), ("--gpus", "-2"), ("--ram", "-1G")):
+        status, out, err = run(capsys, live, "submit", f"{option}={value}", "--", "true")
+        assert status == 2 and out == "", (option, err)
+        assert len(err.splitlines()) == 1 and option.split("-")[-1] in err
+    assert len(live.dispatcher.queue.list()) == 1
+
+
 def test_exit_status_mapping():
     assert exit_status({"state": "Complete", "exit_code": 0}) == 0
     assert exit_status({"state": "Complete", "exit_code": 42}) == 42

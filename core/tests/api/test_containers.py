@@ -120,6 +120,17 @@ def test_after_a_failed_dependency_cancels_with_the_reason(engine):
     assert reply.status == 400 and reply.json["field"] == "items[1].after"
 
 
+def test_zero_vcpus_is_accepted_and_negative_refused(engine):
+    ctr = engine.submit(runtime_constraints={"vcpus": 0})
+    assert ctr["state"] == "Queued" and ctr["runtime_constraints"]["vcpus"] == 0
+    for constraints, field in (({"vcpus": -1}, "runtime_constraints.vcpus"),
+                               ({"ram": -1}, "runtime_constraints.ram"),
+                               ({"ram": "-1GiB"}, "runtime_constraints.ram")):
+        reply = engine.request("POST", "/api/v1/containers",
+                               {"command": ["true"], "runtime_constraints": constraints})
+        assert reply.status == 400 and reply.json["field"] == field, constraints
+
+
 def test_gpus_shorthand_and_full_gpu_request(engine):
     ctr = engine.submit(runtime_constraints={"gpus": 1})
     assert ctr["runtime_constraints"]["gpu"]["device_count"] == 1

@@ -134,8 +134,16 @@ class RuntimeConstraintsBody(_Request):
     """What the container needs.  ``gpus: N`` is short for ``gpu: {device_count: N}`` with the
     stack of the configured GPU instance types."""
 
-    vcpus: Count = 1
-    ram: Size = 0
+    vcpus: Annotated[
+        int,
+        Field(
+            ge=0, le=2**31 - 1,
+            description="VCPUs needed; 0 asks for a share of one VCPU that all 0-VCPU "
+            "containers on an instance share (as in Arvados), for light work",
+        ),
+    ] = 1
+    ram: Annotated[Size, Field(description="bytes of RAM needed; 0: nothing beyond the "
+                                           "configured reserve")] = 0
     scratch: Size = 0
     gpus: Count | None = None
     gpu: GPURequestBody | None = None

@@ -195,7 +195,11 @@ def _register_submit(subparsers: Any) -> None:
         usage="herder submit [options] -- COMMAND [ARGS...]",
     )
     p.add_argument("--image", default="", help="container image (none: run as a process)")
-    p.add_argument("--vcpus", type=int, default=1, help="VCPUs needed (default 1)")
+    p.add_argument(
+        "--vcpus", type=int, default=1,
+        help="VCPUs needed (default 1); 0 asks for a share of one VCPU that every 0-VCPU "
+        "container on the instance shares, for light work",
+    )
     p.add_argument("--ram", default="0", metavar="SIZE", help="RAM needed, e.g. 2GiB")
     p.add_argument("--scratch", default="0", metavar="SIZE", help="scratch space, e.g. 10GiB")
     p.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs needed")
@@ -260,6 +264,10 @@ def build_submission(args: argparse.Namespace) -> dict[str, Any]:
         max_run_time = parse_duration(args.max_run_time)
     except ValueError as exc:
         raise CommandError(f"--max-run-time: {exc}", 2) from exc
+    if not isinstance(args.vcpus, int) or isinstance(args.vcpus, bool) or args.vcpus < 0:
+        raise CommandError(f"--vcpus {args.vcpus!r}: expected a whole number, 0 or more", 2)
+    if not isinstance(args.gpus, int) or isinstance(args.gpus, bool) or args.gpus < 0:
+        raise CommandError(f"--gpus {args.gpus!r}: expected a whole number, 0 or more", 2)
     for uuid in args.after:
         if not isinstance(uuid, str) or not is_container_uuid(uuid):
             raise CommandError(f"--after {uuid!r}: not a container uuid", 2)

@@ -229,6 +229,19 @@ class QueueConformance:
             queue.submit_array(spec(priority=-1), 2)
         assert len(queue.list()) == 7
 
+    def test_negative_resources_are_refused_and_zero_vcpus_shares_one(
+        self, queue: ContainerQueue
+    ) -> None:
+        for bad in (spec(vcpus=-1), spec(ram=-1)):
+            with pytest.raises(ValueError, match="must be an integer >= 0"):
+                queue.submit(bad)
+        assert queue.list() == []
+        # SPEC 8.5: a 0-VCPU container shares one VCPU with the other 0-VCPU containers of
+        # its instance; it is a real request, not a mistake.
+        light = queue.submit(spec(vcpus=0))
+        assert light.state is Q
+        assert queue.entries()[0][light.uuid].resources.vcpus == 0
+
     def test_unsatisfiable_submission_is_cancelled_at_once(self, queue: ContainerQueue) -> None:
         c = queue.submit(spec(ram=128 * GiB))
         assert c.state is X
