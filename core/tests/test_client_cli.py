@@ -283,6 +283,8 @@ def test_submit_after_waits_for_the_dependency(capsys, live, tmp_path):
     assert status == 0, err
     ctr = live.dispatcher.queue.get(out.strip())
     assert ctr is not None and ctr.spec.after == (first,)
+    status, out, _ = run(capsys, live, "container", ctr.uuid)
+    assert re.search(rf"^after:\s+{first}$", out, re.M)
     status, _, err = run(capsys, live, "submit", "--after", "nope", "--", "true")
     assert status == 2 and "--after 'nope': not a container uuid" in err
 

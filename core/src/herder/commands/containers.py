@@ -678,6 +678,8 @@ def container_details(ctr: Mapping[str, Any]) -> list[tuple[str, Any]]:
         ("state", ctr["state"]),
         ("scheduling status", ctr.get("scheduling_status")),
         ("priority", ctr["priority"]),
+        ("array", ctr.get("array_id")),
+        ("after", " ".join(ctr.get("after") or [])),
         ("command", " ".join(ctr["command"])),
         ("image", ctr.get("image")),
         ("runtime", ctr.get("runtime")),
