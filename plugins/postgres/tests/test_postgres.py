@@ -346,3 +346,37 @@ def test_a_schema_version_1_queue_is_upgraded_in_place(
     with pg_cluster.connect() as db:
         row = db.execute(f"SELECT version FROM {schema_name}.schema_version").fetchone()
     assert row is not None and row[0] == len(MIGRATIONS) == 2
+
+
+def test_a_container_held_elsewhere_is_released_by_the_dispatcher(
+    make_queue: Callable[..., PostgresQueue],
+) -> None:
+    """A container submitted through a standby, waiting for one the dispatcher runs, is
+    released by the dispatcher when that one completes; the standby sees it."""
+    from dataclasses import replace
+
+    dispatcher = make_queue()
+    assert dispatcher.listening.wait(10)
+    api_only = make_queue(exclusive=False)
+    assert api_only.listening.wait(10)
+    first = dispatcher.submit(SPEC)
+    arrived = threading.Event()
+    dispatcher.subscribe(lambda: len(dispatcher.entries()[0]) == 2 and arrived.set())
+    held = api_only.submit(replace(SPEC, after=(first.uuid,)))
+    assert held.status("waiting_for") == first.uuid
+    assert arrived.wait(10), "the held container did not reach the dispatcher"
+    released = threading.Event()
+
+    def check() -> None:
+        c = api_only.get(held.uuid)
+        if c is not None and not c.status("waiting_for"):
+            released.set()
+
+    api_only.subscribe(check)
+    dispatcher.lock(first.uuid)
+    dispatcher.set_running(first.uuid)
+    dispatcher.finish(first.uuid, 0)
+    got = dispatcher.get(held.uuid)
+    assert got is not None and got.status("waiting_for") == ""
+    assert released.wait(10), "the standby did not see the release"
+    assert dispatcher.lock(held.uuid).state is ContainerState.LOCKED

@@ -360,8 +360,9 @@ class RuledQueue(ContainerQueue):
         self._always_preemptible = always_use_preemptible
         self._lock = threading.Lock()
         self._entries: dict[str, QueueEntry] = {}
-        #: Containers in the snapshot that wait for others (``after``); may hold stale uuids.
-        self._held: set[str] = set()
+        #: uuid → the containers in the snapshot that wait for it (``after``), so that a
+        #: finished container finds its waiters without a scan; may hold stale entries.
+        self._waiters: dict[str, set[str]] = {}
         self._listeners: Callbacks[[]] = Callbacks("queue listener", log)
         self._observers: Callbacks[[Container | None, Container]] = Callbacks(
             "queue observer", log
@@ -468,10 +469,10 @@ class RuledQueue(ContainerQueue):
                     c, sizing.resources, sizing.instance_types, now
                 )
                 if waiting_for(c):
-                    self._held.add(c.uuid)
+                    self._wait(c)
             if doomed or unreadable:
                 self._store_cancelled(doomed, unreadable, now)
-        if self._held:
+        if self._waiters:
             self._settle_from_storage()
 
     # ---- helpers for subclasses
@@ -533,7 +534,7 @@ class RuledQueue(ContainerQueue):
                 else:
                     continue
                 if waiting_for(new):
-                    self._held.add(new.uuid)
+                    self._wait(new)
                 changes.append((old, new))
         if changes:
             self._notify()
@@ -543,10 +544,11 @@ class RuledQueue(ContainerQueue):
         # submitted may wait for containers that have finished since.
         finished = [new for old, new in changes if new.state.final and old is not None
                     and not old.state.final]
-        if finished and self._held:
+        if finished and self._waiters:
             self._settle(finished)
-        if any(waiting_for(new) for _, new in changes):
-            self._settle_from_storage()
+        deps = {dep for _, new in changes for dep in waiting_for(new)}
+        if deps:
+            self._settle_from_storage(deps)
 
     def _notify(self) -> None:
         """Call every listener; one failing listener must not starve the others."""
@@ -609,7 +611,7 @@ class RuledQueue(ContainerQueue):
                 self._entries[uuid] = QueueEntry(new, sizing.resources, sizing.instance_types, now)
         self._notify()
         self._observed(old, new)
-        if settle and new.state.final and not old.state.final and self._held:
+        if settle and new.state.final and not old.state.final and self._waiters:
             self._settle([new])
         return new
 
@@ -711,7 +713,7 @@ class RuledQueue(ContainerQueue):
                         c, sizing.resources, sizing.instance_types, now
                     )
                     if waiting_for(c):
-                        self._held.add(c.uuid)
+                        self._wait(c)
         self._notify()
         for c, _ in prepared:
             self._observed(None, c)
@@ -734,6 +736,11 @@ class RuledQueue(ContainerQueue):
                 ) from None
         return held_at_submission(c, deps, now)
 
+    def _wait(self, c: Container) -> None:
+        """Index ``c`` under each container it waits for (caller holds ``self._lock``)."""
+        for dep in waiting_for(c):
+            self._waiters.setdefault(dep, set()).add(c.uuid)
+
     def _settle(self, finished: Iterable[Container]) -> None:
         """Tell the containers waiting for ``finished`` (final ones) that they have ended:
         each is released once all it waits for completed with exit code 0, and cancelled
@@ -743,13 +750,7 @@ class RuledQueue(ContainerQueue):
         while work:
             done = work.pop()
             with self._lock:
-                candidates = []
-                for uuid in list(self._held):
-                    c = self._cached(uuid)
-                    if c is None or c.state.final or not waiting_for(c):
-                        self._held.discard(uuid)
-                    elif done.uuid in waiting_for(c):
-                        candidates.append(uuid)
+                candidates = sorted(self._waiters.pop(done.uuid, ()))
             rule: Rule = functools.partial(_dependency_rule_of, done)
             for uuid in candidates:
                 try:
@@ -759,11 +760,12 @@ class RuledQueue(ContainerQueue):
                 if new.state.final:
                     work.append(new)
 
-    def _settle_from_storage(self) -> None:
-        """Settle held containers whose dependencies finished while nobody was told (a stop
-        between the two writes; a container submitted elsewhere after its dependency ended)."""
+    def _settle_from_storage(self, deps: Iterable[str] | None = None) -> None:
+        """Settle held containers whose dependencies (``deps``, or all of them) finished while
+        nobody was told (a stop between the two writes; a container submitted elsewhere after
+        its dependency ended)."""
         with self._lock:
-            deps = {u for uuid in self._held for u in waiting_for(self._stored(uuid))}
+            deps = list(self._waiters if deps is None else deps)
             finished = [c for c in map(self._load, deps) if c is not None and c.state.final]
         self._settle(finished)
 
