@@ -220,6 +220,20 @@ def test_submit_from_json_lines_waits_for_all(capsys, live, tmp_path):
     assert "exit code 3" in err
 
 
+def test_submit_from_a_large_batch_waits_through_the_listing(capsys, live, tmp_path, monkeypatch):
+    jobs = tmp_path / "jobs.jsonl"
+    lines = (json.dumps({"command": ["sim", "5", str(i % 2)]}) + "\n" for i in range(30))
+    jobs.write_text("".join(lines))
+    asked: list[str] = []
+    real = Client.container
+    monkeypatch.setattr(Client, "container", lambda self, uuid: asked.append(uuid) or real(
+        self, uuid))
+    status, out, err = run(capsys, live, "submit", "--wait", "--from", str(jobs))
+    assert status == 1 and len(out.split()) == 30
+    assert "30 of 30 ended, 15 failed or cancelled" in err
+    assert asked == []  # followed through the listing, not container by container
+
+
 def test_submit_from_a_bad_item_submits_nothing_and_names_it(capsys, live, tmp_path):
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text("- command: ['true']\n- command: ['true']\n  colour: blue\n")
@@ -261,6 +275,15 @@ def test_submit_count_makes_an_array_to_list_and_cancel(capsys, live):
                  ("submit", "--count", "0", "--", "true")):
         status, _, err = run(capsys, live, *argv)
         assert status == 2 and len(err.splitlines()) == 1, argv
+
+
+def test_an_array_that_fits_nothing_is_one_line_of_error(capsys, live):
+    status, out, err = run(capsys, live, "submit", "--count", "50", "--vcpus", "512", "--",
+                           "true")
+    assert status == 1 and len(out.split()) == 50
+    [line] = [x for x in err.splitlines() if "cancelled" in x]
+    assert line.startswith("herder: 50 containers: cancelled: cannot run container")
+    assert "512" in line
 
 
 def test_submit_count_wait_waits_for_every_member(capsys, live):

@@ -415,12 +415,17 @@ def report_submitted(
 ) -> int:
     """Print the uuids of a batch or an array; with ``wait``, wait until every one has ended.
     Exits 1 if any was cancelled or failed."""
-    cancelled = 0
+    reasons: dict[str, list[str]] = {}
     for ctr in made:
         ctx.print(ctr["uuid"])
         if ctr["state"] == ContainerState.CANCELLED:
-            ctx.error(f"herder: {ctr['uuid']}: cancelled: {_why(ctr)}")
-            cancelled += 1
+            reasons.setdefault(_why(ctr), []).append(ctr["uuid"])
+    # One line per reason, not per container: an array that fits no instance type is one
+    # problem, however many members it has.
+    for why, uuids in reasons.items():
+        who = uuids[0] if len(uuids) == 1 else f"{len(uuids)} containers"
+        ctx.error(f"herder: {who}: cancelled: {why}")
+    cancelled = sum(len(uuids) for uuids in reasons.values())
     if array_id:
         ctx.error(f"herder: array {array_id}: {len(made)} containers")
     if not wait:
@@ -447,9 +452,30 @@ def _array_members(client: Client, array_id: str) -> Fetch:
     return lambda: list(client.iter_containers(array=array_id))
 
 
+#: Above this many containers, a batch is followed through the listing, not one by one.
+FOLLOW_ONE_BY_ONE = 20
+
+
 def _batch_members(client: Client, made: list[dict[str, Any]]) -> Fetch:
-    """Every container of a batch: one request per container that has not ended yet."""
+    """Every container of a batch: one request per container that has not ended yet for a
+    small batch; for a large one, the listing of what was created since the batch (a few
+    pages, however large the batch), so that waiting never costs the server a request per
+    container per poll."""
     latest = {c["uuid"]: c for c in made}
+    if len(made) > FOLLOW_ONE_BY_ONE:
+        from datetime import datetime, timedelta
+
+        # A second early: the timestamps are rounded to milliseconds.
+        start = min(datetime.fromisoformat(c["created_at"].replace("Z", "+00:00")) for c in made)
+        since = (start - timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+
+        def listed() -> list[dict[str, Any]]:
+            for ctr in client.iter_containers(since=since):
+                if ctr["uuid"] in latest:
+                    latest[ctr["uuid"]] = ctr
+            return list(latest.values())
+
+        return listed
 
     def fetch() -> list[dict[str, Any]]:
         for uuid, ctr in latest.items():
