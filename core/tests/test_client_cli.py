@@ -192,6 +192,138 @@ def test_submit_wait_exits_1_when_cancelled(capsys, live, monkeypatch):
     assert "Cancelled: operator said no" in err
 
 
+def test_submit_from_yaml_submits_all_with_the_options_as_defaults(capsys, live, tmp_path):
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        "- command: [sim, '5', '0']\n  name: first\n  env: {A: '1'}\n"
+        "- command: sim 5 0\n  vcpus: 2\n  ram: 1GiB\n"
+    )
+    status, out, err = run(capsys, live, "submit", "--priority", "7", "--from", str(jobs))
+    assert status == 0, err
+    uuids = out.split()
+    assert len(uuids) == 2 and all(UUID_RE.match(u) for u in uuids)
+    first, second = (live.dispatcher.queue.get(u) for u in uuids)
+    assert first is not None and second is not None
+    assert first.spec.name == "first" and first.spec.environment == (("A", "1"),)
+    assert second.spec.command == ("sim", "5", "0")
+    assert second.spec.runtime_constraints.vcpus == 2
+    assert first.priority == second.priority == 7
+
+
+def test_submit_from_json_lines_waits_for_all(capsys, live, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"command": ["sim", "5", "0"]}\n\n{"command": ["sim", "5", "3"]}\n')
+    status, out, err = run(capsys, live, "submit", "--wait", "--from", str(jobs))
+    assert status == 1, err  # the second one exits 3
+    assert len(out.split()) == 2
+    assert "2 of 2 ended, 1 failed or cancelled" in err
+    assert "exit code 3" in err
+
+
+def test_submit_from_a_large_batch_waits_through_the_listing(capsys, live, tmp_path, monkeypatch):
+    jobs = tmp_path / "jobs.jsonl"
+    lines = (json.dumps({"command": ["sim", "5", str(i % 2)]}) + "\n" for i in range(30))
+    jobs.write_text("".join(lines))
+    asked: list[str] = []
+    real = Client.container
+    monkeypatch.setattr(Client, "container", lambda self, uuid: asked.append(uuid) or real(
+        self, uuid))
+    status, out, err = run(capsys, live, "submit", "--wait", "--from", str(jobs))
+    assert status == 1 and len(out.split()) == 30
+    assert "30 of 30 ended, 15 failed or cancelled" in err
+    assert asked == []  # followed through the listing, not container by container
+
+
+def test_submit_from_a_bad_item_submits_nothing_and_names_it(capsys, live, tmp_path):
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text("- command: ['true']\n- command: ['true']\n  colour: blue\n")
+    status, out, err = run(capsys, live, "submit", "--from", str(jobs))
+    assert status == 2 and out == ""
+    assert "jobs.yaml item 2: unknown field 'colour'" in err
+    jobs.write_text('{"command": ["true"]}\n{"command": ["true"], "cwd": "relative"}\n')
+    status, out, err = run(capsys, live, "submit", "--from", str(jobs))
+    assert status == 1 and out == ""
+    assert f"{jobs}:2: " in err and "cwd" in err and len(err.splitlines()) == 1
+    assert live.dispatcher.queue.list() == []
+    status, _, err = run(capsys, live, "submit", "--from", str(tmp_path / "none.yaml"))
+    assert status == 2 and "No such file" in err
+    status, _, err = run(capsys, live, "submit", "--from", str(jobs), "--", "true")
+    assert status == 2 and "not both" in err
+
+
+def test_submit_count_makes_an_array_to_list_and_cancel(capsys, live):
+    status, out, err = run(capsys, live, "submit", "--count", "3", "--priority", "0", "--",
+                           "true")
+    assert status == 0, err
+    uuids = out.split()
+    array_id = re.search(r"array (\S+): 3 containers", err)
+    assert array_id is not None and len(uuids) == 3
+    array = array_id.group(1)
+    submit(capsys, live, "--priority", "0", "--", "true")  # not a member
+    status, out, _ = run(capsys, live, "containers", "--json", "--array", array)
+    assert status == 0 and sorted(c["uuid"] for c in json.loads(out)) == sorted(uuids)
+    live.dispatcher.queue.cancel(uuids[0], "done with it")
+    status, _, err = run(capsys, live, "cancel", "--array", array)
+    assert status == 0, err
+    assert sorted(line.split(":")[0] for line in err.splitlines()) == sorted(uuids[1:])
+    states = {c.uuid: c.state.value for c in live.dispatcher.queue.list()}
+    assert [states[u] for u in uuids] == ["Cancelled"] * 3
+    assert list(states.values()).count("Queued") == 1
+    status, _, err = run(capsys, live, "cancel", "--array", array)
+    assert status == 0 and "no unfinished containers" in err
+    for argv in (("cancel",), ("cancel", "--array", "nope"), ("containers", "--array", "x"),
+                 ("submit", "--count", "0", "--", "true")):
+        status, _, err = run(capsys, live, *argv)
+        assert status == 2 and len(err.splitlines()) == 1, argv
+
+
+def test_an_array_that_fits_nothing_is_one_line_of_error(capsys, live):
+    status, out, err = run(capsys, live, "submit", "--count", "50", "--vcpus", "512", "--",
+                           "true")
+    assert status == 1 and len(out.split()) == 50
+    [line] = [x for x in err.splitlines() if "cancelled" in x]
+    assert line.startswith("herder: 50 containers: cancelled: cannot run container")
+    assert "512" in line
+
+
+def test_submit_count_wait_waits_for_every_member(capsys, live):
+    status, out, err = run(capsys, live, "submit", "--count", "3", "--wait", "--",
+                           "sim", "5", "0")
+    assert status == 0, err
+    assert len(out.split()) == 3
+    assert "3 of 3 ended, 0 failed or cancelled" in err
+
+
+def test_submit_after_waits_for_the_dependency(capsys, live, tmp_path):
+    first = submit(capsys, live, "--", "sim", "20", "0")
+    status, out, err = run(capsys, live, "submit", "--after", first, "--wait", "--",
+                           "sim", "5", "0")
+    assert status == 0, err
+    assert f"until {first} complete with exit code 0" in err
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(f"- command: sim 5 0\n  after: {first}\n")
+    status, out, err = run(capsys, live, "submit", "--from", str(jobs))
+    assert status == 0, err
+    ctr = live.dispatcher.queue.get(out.strip())
+    assert ctr is not None and ctr.spec.after == (first,)
+    status, out, _ = run(capsys, live, "container", ctr.uuid)
+    assert re.search(rf"^after:\s+{first}$", out, re.M)
+    status, _, err = run(capsys, live, "submit", "--after", "nope", "--", "true")
+    assert status == 2 and "--after 'nope': not a container uuid" in err
+
+
+def test_vcpus_zero_is_a_shared_vcpu_and_negative_is_refused(capsys, live):
+    uuid = submit(capsys, live, "--vcpus", "0", "--", "true")
+    ctr = live.dispatcher.queue.get(uuid)
+    assert ctr is not None and ctr.runtime_constraints.vcpus == 0
+    assert ctr.state.value == "Queued"
+    for option, value in (("--vcpus", "-1"), ("--gpus", "-2"), ("--ram", "-1G")):
+        status, out, err = run(capsys, live, "submit", f"{option}={value}", "--", "true")
+        assert status == 2 and out == "", (option, err)
+        assert len(err.splitlines()) == 1 and option.split("-")[-1] in err
+    assert len(live.dispatcher.queue.list()) == 1
+
+
 def test_exit_status_mapping():
     assert exit_status({"state": "Complete", "exit_code": 0}) == 0
     assert exit_status({"state": "Complete", "exit_code": 42}) == 42
@@ -227,7 +359,10 @@ def test_containers_table_and_json(capsys, live):
 
 
 def test_containers_follows_pages_up_to_the_limit(capsys, live):
-    made = sorted(submit(capsys, live, "--priority", "0", "--", "true") for _ in range(5))
+    made = []
+    for _ in range(5):
+        made.insert(0, submit(capsys, live, "--priority", "0", "--", "true"))
+        live.runtime.advance(1)
     _, out, err = run(capsys, live, "containers", "--json", "--limit", "3")
     assert [c["uuid"] for c in json.loads(out)] == made[:3]
     assert "--limit" in err
@@ -235,6 +370,28 @@ def test_containers_follows_pages_up_to_the_limit(capsys, live):
     assert len(json.loads(out)) == 5 and err == ""  # exactly all: no hint
     client = Client(live.url, TOKEN)
     assert [c["uuid"] for c in client.iter_containers(page_size=2)] == made
+
+
+def test_containers_lists_the_latest_submission_first_and_filters_by_time(capsys, live):
+    for _ in range(3):
+        submit(capsys, live, "--priority", "0", "--", "true")
+    live.runtime.advance(3600)
+    latest = submit(capsys, live, "--priority", "0", "--", "true")
+    _, out, _ = run(capsys, live, "containers", "--limit", "1")
+    assert out.splitlines()[1].split()[0] == latest
+    created = live.dispatcher.queue.get(latest)
+    assert created is not None
+    since = containers.since_time("10m", now=created.created_at)
+    status, out, _ = run(capsys, live, "containers", "--json", "--since", since)
+    assert status == 0 and [c["uuid"] for c in json.loads(out)] == [latest]
+    status, _, err = run(capsys, live, "containers", "--since", "last tuesday")
+    assert status == 2 and "--since 'last tuesday'" in err and err.count("\n") == 1
+
+
+def test_since_time_takes_a_duration_or_a_time():
+    assert containers.since_time("1h", now=7200.0) == "1970-01-01T01:00:00Z"
+    assert containers.since_time("2026-12-06T10:00:00Z") == "2026-12-06T10:00:00Z"
+    assert containers.since_time("2026-12-06T11:00:00+01:00") == "2026-12-06T10:00:00Z"
 
 
 def test_container_detail(capsys, live):
@@ -370,16 +527,37 @@ def test_a_closed_pipe_ends_quietly(capsys, live, monkeypatch):
 
 
 def test_instance_types_cheapest_first(capsys):
-    status, out, _ = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"), "instance-types")
+    status, out, _ = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"), "instance-types",
+                         "--offline")
     assert status == 0
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "PROVIDER-TYPE", "VCPUS", "RAM", "SCRATCH", "GPUS",
-                                "PRICE", "PREEMPTIBLE"]
-    prices = [float(line.split()[-2]) for line in lines[1:]]
+                                "PRICE", "SPOT", "PREEMPTIBLE"]
+    prices = [float(line.split()[6]) for line in lines[1:]]
+    assert all(line.split()[7] == "-" for line in lines[1:])  # no server: no spot prices
     assert prices == sorted(prices) and len(prices) >= 2
     status, out, _ = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"),
-                         "instance-types", "--json")
-    assert status == 0 and {"name", "price", "vcpus"} <= set(json.loads(out)[0])
+                         "instance-types", "--json", "--offline")
+    assert status == 0 and {"name", "price", "vcpus", "spot_price"} <= set(json.loads(out)[0])
+
+
+def test_instance_types_come_from_the_server_when_one_answers(capsys, live, monkeypatch):
+    monkeypatch.setattr(live.dispatcher.pool, "spot_prices", lambda: {"medium": 0.0421})
+    status, out, err = run(capsys, live, "instance-types")
+    assert status == 0 and err == ""
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert list(rows) == ["small", "medium", "large", "xlarge"]
+    assert rows["medium"][7] == "0.042100"
+    status, out, _ = run(capsys, live, "instance-types", "--json")
+    assert [t["spot_price"] for t in json.loads(out)] == [None, 0.0421, None, None]
+
+
+def test_instance_types_fall_back_to_the_configuration(capsys):
+    status, out, err = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"), "instance-types",
+                           "--server", f"http://127.0.0.1:{_closed_port()}")
+    assert status == 0
+    assert "no server answered" in err and "configuration's types" in err
+    assert len(out.splitlines()) >= 3
 
 
 def test_help_documents_the_exit_status(capsys):

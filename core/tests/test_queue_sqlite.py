@@ -394,7 +394,7 @@ def test_file_database_uses_wal_and_records_schema_version(rt, tmp_path):
     make_queue(rt, path).close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()
@@ -592,3 +592,63 @@ def test_scheduling_parameters_survive_storage(rt, tmp_path):
     c = q.submit(s)
     q.close()
     assert make_queue(rt, path).get(c.uuid).spec == s
+
+
+def test_schema_version_1_file_is_upgraded_in_place(rt, tmp_path):
+    """A queue file written before listings by time and arrays (schema 1) opens, keeps its
+    containers, and lists them newest first; ``herder queue check`` reads it before too."""
+    from herder.queue.sqlite import _MIGRATIONS, check_file
+
+    path = str(tmp_path / "queue.db")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version (version) VALUES (1)")
+    for statement in _MIGRATIONS[0]:
+        db.execute(statement)
+    for n, created in enumerate((10.0, 30.0, 20.0)):
+        db.execute(
+            "INSERT INTO containers (uuid, state, priority, spec, created_at) "
+            "VALUES (?, 'Queued', 1, ?, ?)",
+            (f"zzzzz-dz642-{n:015d}", '{"command": ["true"]}', created),
+        )
+    db.commit()
+    db.close()
+    assert check_file(path)["containers"] == {"Queued": 3}
+    q = make_queue(rt, path)
+    try:
+        assert [c.uuid[-1] for c in q.newest()] == ["1", "2", "0"]
+        assert all(c.array_id == "" for c in q.newest())
+    finally:
+        q.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    db.close()
+
+
+def test_a_dependency_that_finished_before_a_stop_releases_its_waiter_at_reopen(rt, tmp_path):
+    """If herder stopped between finishing a container and releasing those that waited for
+    it, the queue settles them when it opens again."""
+    path = str(tmp_path / "queue.db")
+    q = make_queue(rt, path)
+    first = q.submit(spec())
+    ok_waiter = q.submit(replace(spec(), after=(first.uuid,)))
+    failed = q.submit(spec())
+    doomed = q.submit(replace(spec(), after=(failed.uuid,)))
+    q.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE containers SET state = 'Complete', exit_code = 0 WHERE uuid = ?",
+               (first.uuid,))
+    db.execute("UPDATE containers SET state = 'Complete', exit_code = 2 WHERE uuid = ?",
+               (failed.uuid,))
+    db.commit()
+    db.close()
+    q = make_queue(rt, path)
+    try:
+        released = q.get(ok_waiter.uuid)
+        assert released is not None and released.status("waiting_for") == ""
+        assert q.lock(ok_waiter.uuid).state is L
+        cancelled = q.get(doomed.uuid)
+        assert cancelled is not None and cancelled.state is CANCELLED
+        assert "exit code 2" in cancelled.status("error")
+    finally:
+        q.close()

@@ -324,3 +324,35 @@ def test_shell_metacharacters_and_secrets(fast_server: Server, tmp_path: Path) -
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     assert token not in fast_server.log_path.read_text()
+
+
+def test_arrays_and_dependencies_run_in_order(fast_server: Server, tmp_path: Path) -> None:
+    """An array waits for a first container; a last one waits for the whole array; a
+    container after a failing one is cancelled with the reason; `submit --wait` on the array
+    waits for every member."""
+    marker = fast_server.marker  # type: ignore[attr-defined]
+    out = tmp_path / "out"
+    out.mkdir()
+    first = _submit(fast_server, "sh", "-c", f"sleep 0.5; echo a > {out}/first # {marker}")
+    array = fast_server.cli(
+        "submit", "--vcpus", "1", "--ram", "256MiB", "--count", "3", "--after", first, "--",
+        "sh", "-c", f'test -f {out}/first && echo "$HERDER_ARRAY_ID" > {out}/m$HERDER_ARRAY_INDEX'
+        f" # {marker}",
+    )
+    assert array.returncode == 0, array
+    members = array.stdout.split()
+    array_id = array.stderr.split("array ", 1)[1].split(":", 1)[0]
+    waited = fast_server.cli(
+        "submit", "--vcpus", "1", "--ram", "256MiB", "--wait",
+        *[arg for m in members for arg in ("--after", m)], "--",
+        "sh", "-c", f"ls {out} > {out}/last # {marker}",
+    )
+    assert waited.returncode == 0, waited
+    assert (out / "last").read_text().split() == ["first", "last", "m0", "m1", "m2"]
+    assert {(out / f"m{i}").read_text().strip() for i in range(3)} == {array_id}
+    listed = json.loads(fast_server.cli("containers", "--json", "--array", array_id).stdout)
+    assert sorted(c["uuid"] for c in listed) == sorted(members)
+    failing = _submit(fast_server, "sh", "-c", f"exit 5 # {marker}")
+    doomed = fast_server.cli("submit", "--after", failing, "--wait", "--", "true")
+    assert doomed.returncode == 1
+    assert f"dependency {failing} failed with exit code 5" in doomed.stderr

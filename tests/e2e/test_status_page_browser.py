@@ -198,3 +198,75 @@ def test_page_shows_the_fleet_and_drains_an_instance(server, browser, tmp_path):
     if shots:
         for name in ("status-before.png", "status-after.png"):
             shutil.copy(tmp_path / name, Path(shots) / name)
+
+
+def login(browser: Any, url: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(url + "/")
+    wait_for("the token form", lambda: browser.find_element(By.ID, "token")).send_keys(TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
+    wait_for("the status", lambda: browser.find_element(By.ID, "status").is_displayed())
+
+
+def test_page_shows_the_queue_in_order_finished_containers_and_follows_a_log(
+    server, browser, tmp_path
+):
+    from selenium.webdriver.common.by import By
+
+    api, dispatcher = server
+    queue = dispatcher.queue
+    ok = submit(dispatcher, "quick", 1)
+    failing = queue.submit(ContainerSpec(command=("sim", "1", "3"), name="fails")).uuid
+    blocker = submit(dispatcher, "blocker", 600)
+    # Held behind the blocker, so they stay in the queue: by priority, then by age.
+    held = []
+    for name, priority in (("low-old", 1), ("high", 5), ("low-new", 1)):
+        spec = ContainerSpec(command=("sim", "5", "0"), name=name, priority=priority,
+                             after=(blocker,))
+        held.append(queue.submit(spec).uuid)
+        time.sleep(0.01)  # distinct creation times on the wall clock
+    wait_for("the quick ones to finish", lambda: all(
+        queue.get(u).state.value == "Complete" for u in (ok, failing)), timeout=30)
+    wait_for("the blocker to run", lambda: queue.get(blocker).state.value == "Running")
+
+    login(browser, api.url)
+    names = wait_for("the queue", lambda: [
+        row.find_element(By.CSS_SELECTOR, ".name").text
+        for row in browser.find_elements(By.CSS_SELECTOR, "#queue tbody tr")
+    ] or None)
+    assert names == ["high", "low-old", "low-new"]
+    first = browser.find_element(By.CSS_SELECTOR, f'#queue tr[data-container="{held[1]}"]')
+    assert first.find_element(By.CSS_SELECTOR, ".position").text == "1"
+    assert blocker in first.find_element(By.CSS_SELECTOR, ".status").text
+
+    done = wait_for("the finished list", lambda: browser.find_element(
+        By.CSS_SELECTOR, f'#finished tr[data-container="{failing}"]'))
+    assert "exit code 3" in done.find_element(By.CSS_SELECTOR, ".outcome").text
+    assert done.find_element(By.CSS_SELECTOR, ".cost").text.startswith("$")
+    good = browser.find_element(By.CSS_SELECTOR, f'#finished tr[data-container="{ok}"]')
+    assert "exit code 0" in good.text
+
+    # The log of the running container, followed as it grows, until the container ends.
+    queue.append_log(blocker, b"first line\n")
+    row = browser.find_element(By.CSS_SELECTOR, f'#running tr[data-container="{blocker}"]')
+    row.find_element(By.CSS_SELECTOR, 'button[data-action="log"]').click()
+    log = browser.find_element(By.ID, "log-text")
+    wait_for("the first line", lambda: "first line" in log.text)
+    assert "following" in browser.find_element(By.ID, "log-state").text
+    queue.append_log(blocker, b"second <b>line</b>\n")
+    wait_for("the second line", lambda: "second <b>line</b>" in log.text)
+    assert log.text.count("first line") == 1
+    queue.cancel(blocker, "test over")
+    wait_for("the end of the log", lambda: "complete" in browser.find_element(
+        By.ID, "log-state").text)
+    # The blocker's cancellation cancels what waited for it; the finished list says why.
+    row = wait_for("the cancelled dependent", lambda: browser.find_element(
+        By.CSS_SELECTOR, f'#finished tr[data-container="{held[0]}"]'))
+    assert f"dependency {blocker} was cancelled" in row.text
+    browser.find_element(By.ID, "log-close").click()
+    assert not browser.find_element(By.ID, "log-view").is_displayed()
+    browser.save_screenshot(str(tmp_path / "status-finished.png"))
+    shots = os.environ.get("HERDER_SCREENSHOT_DIR")
+    if shots:
+        shutil.copy(tmp_path / "status-finished.png", Path(shots) / "status-finished.png")

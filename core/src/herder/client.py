@@ -26,7 +26,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -215,26 +215,53 @@ class Client:
     def submit(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         return self._json("POST", "/api/v1/containers", body=spec)
 
+    def submit_batch(self, specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Submit every spec in one request: all are stored, or none is."""
+        reply = self._json("POST", "/api/v1/containers/batch", body={"items": list(specs)})
+        items: list[dict[str, Any]] = reply["items"]
+        return items
+
+    def submit_array(self, spec: Mapping[str, Any], count: int) -> dict[str, Any]:
+        """``count`` containers of ``spec``: ``{"array_id", "items"}``."""
+        return self._json("POST", "/api/v1/containers/array", body={**spec, "count": count})
+
     def containers(
-        self, states: Iterable[str] = (), limit: int | None = None, after: str = ""
+        self,
+        states: Iterable[str] = (),
+        limit: int | None = None,
+        after: str = "",
+        *,
+        since: str = "",
+        array: str = "",
     ) -> dict[str, Any]:
-        """One page: ``{"items": [...], "next": uuid or None}``."""
+        """One page, newest first: ``{"items": [...], "next": uuid or None}``.  ``since`` is an
+        RFC 3339 time; ``array`` an array id."""
         query: list[tuple[str, str]] = [("state", s) for s in states]
         if limit is not None:
             query.append(("limit", str(limit)))
         if after:
             query.append(("after", after))
+        if since:
+            query.append(("since", since))
+        if array:
+            query.append(("array", array))
         return self._json("GET", "/api/v1/containers", query=query)
 
     def iter_containers(
-        self, states: Iterable[str] = (), limit: int | None = None, page_size: int = 500
+        self,
+        states: Iterable[str] = (),
+        limit: int | None = None,
+        page_size: int = 500,
+        *,
+        since: str = "",
+        array: str = "",
     ) -> Iterator[dict[str, Any]]:
-        """Every matching container (at most ``limit``), following the pages."""
+        """Every matching container (at most ``limit``), newest first, following the pages."""
         states = tuple(states)
         after, seen = "", 0
         while limit is None or seen < limit:
             size = page_size if limit is None else min(page_size, limit - seen)
-            page = self.containers(states, size, after)
+            page = self.containers(states, size, after, since=since, array=array)
             for item in page["items"]:
                 seen += 1
                 yield item
@@ -262,6 +289,11 @@ class Client:
         return self._json("GET", path, query=query)
 
     # ---- instances
+
+    def instance_types(self) -> list[dict[str, Any]]:
+        """The server's instance types, cheapest first, with ``spot_price`` (or None)."""
+        items: list[dict[str, Any]] = self._json("GET", "/api/v1/instance-types")["items"]
+        return items
 
     def instances(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self._json("GET", "/api/v1/instances")["items"]

@@ -354,6 +354,9 @@ class CloudEngine:
         except PoolError as exc:
             raise InstanceNotFound(*exc.args) from None
 
+    def spot_prices(self) -> dict[str, float]:
+        return self.pool.spot_prices()
+
     def check_health(self) -> None:
         self.pool.check_health()
 

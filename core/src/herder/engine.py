@@ -95,6 +95,10 @@ class Engine(Protocol):
         """Set run / hold / drain on an instance (:class:`InstanceNotFound` if unknown)."""
         ...
 
+    def spot_prices(self) -> dict[str, float]:
+        """Instance type name → the current spot price where the engine has seen one."""
+        ...
+
     def check_health(self) -> None:
         """Raise with the reason when the engine cannot work; return when it can."""
         ...

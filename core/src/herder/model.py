@@ -203,6 +203,21 @@ class ContainerSpec:
     scheduling_parameters: SchedulingParameters = field(default_factory=SchedulingParameters)
     priority: int = 1
     name: str = ""
+    #: Containers that must complete with exit code 0 before this one may run (``--after``).
+    after: tuple[str, ...] = ()
+
+
+#: The environment variable that tells each member of an array its index (0 to count - 1).
+ARRAY_INDEX_ENV = "HERDER_ARRAY_INDEX"
+#: The environment variable that tells each member of an array the array's id.
+ARRAY_ID_ENV = "HERDER_ARRAY_ID"
+#: ``<cluster_id>-a88ay-<15 lowercase alphanumerics>``: the id shared by an array's members.
+ARRAY_ID_RE = re.compile(r"^[a-z0-9]{5}-a88ay-[a-z0-9]{15}$")
+
+
+def is_array_id(text: str) -> bool:
+    """True for a well-formed array id (see :data:`ARRAY_ID_RE`)."""
+    return bool(ARRAY_ID_RE.fullmatch(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +242,8 @@ class Container:
     instance_id: str = ""
     instance_type: str = ""
     cost: float = 0.0
+    #: The array this container belongs to (``submit --count``); "" when it is on its own.
+    array_id: str = ""
 
     # Convenience accessors used all over the engine.
     @property

@@ -47,6 +47,90 @@ def test_submit_returns_the_stored_container(engine):
     assert stored is not None and stored.spec.environment == (("GREETING", "hi"),)
 
 
+def test_batch_submits_every_item_or_none(engine):
+    items = [{"command": ["sim", "5", "0"], "name": f"job{i}"} for i in range(3)]
+    reply = engine.request("POST", "/api/v1/containers/batch", {"items": items})
+    assert reply.status == 201, reply.body
+    made = schema.BatchOut.model_validate(reply.json).items
+    assert [c.name for c in made] == ["job0", "job1", "job2"]
+    assert all(engine.dispatcher.queue.get(c.uuid) is not None for c in made)
+    before = engine.dispatcher.queue.counts()
+    bad = [*items, {"command": ["true"], "runtime_constraints": {"ram": "lots"}}]
+    reply = engine.request("POST", "/api/v1/containers/batch", {"items": bad})
+    assert reply.status == 400
+    assert reply.json["field"] == "items[3].runtime_constraints.ram"
+    assert engine.dispatcher.queue.counts() == before
+    for body in ({"items": []}, {}, {"items": [{}]}):
+        reply = engine.request("POST", "/api/v1/containers/batch", body)
+        assert reply.status == 400, body
+
+
+def test_array_submits_count_members_and_lists_them(engine):
+    body = {"command": ["sim", "5", "0"], "environment": {"X": "y"}, "count": 3}
+    reply = engine.request("POST", "/api/v1/containers/array", body)
+    assert reply.status == 201, reply.body
+    out = schema.ArrayOut.model_validate(reply.json)
+    assert [c.environment["HERDER_ARRAY_INDEX"] for c in out.items] == ["0", "1", "2"]
+    assert all(c.array_id == out.array_id and c.environment["X"] == "y" for c in out.items)
+    engine.submit()
+    listed = engine.request("GET", f"/api/v1/containers?array={out.array_id}").json["items"]
+    assert sorted(c["uuid"] for c in listed) == sorted(c.uuid for c in out.items)
+    for bad in ({**body, "count": 0}, {**body, "count": 10_001}, {"command": ["true"]}):
+        reply = engine.request("POST", "/api/v1/containers/array", bad)
+        assert reply.status == 400 and reply.json["field"] == "count", bad
+
+
+def _run_until(engine, done, limit: float = 900.0) -> None:
+    waited = 0.0
+    while not done():
+        assert waited < limit, "gave up waiting on the virtual clock"
+        engine.advance(5)
+        waited += 5
+
+
+def test_after_holds_a_container_until_its_dependency_completes(engine):
+    first = engine.submit(command=["sim", "30", "0"])["uuid"]
+    held = engine.submit(command=["sim", "5", "0"], after=[first])
+    assert held["after"] == [first] and held["state"] == "Queued"
+    assert first in held["scheduling_status"] and "exit code 0" in held["scheduling_status"]
+    engine.advance(1)
+    seen = engine.container(held["uuid"])
+    assert seen["state"] == "Queued"
+    assert seen["scheduling_status"].startswith("This container will not be scheduled")
+    assert first in seen["scheduling_status"]
+    _run_until(engine, lambda: engine.container(held["uuid"])["state"] == "Complete")
+    assert engine.container(first)["state"] == "Complete"
+    first_done = engine.container(first)["finished_at"]
+    assert engine.container(held["uuid"])["started_at"] >= first_done
+
+
+def test_after_a_failed_dependency_cancels_with_the_reason(engine):
+    failing = engine.submit(command=["sim", "10", "4"])["uuid"]
+    waiter = engine.submit(after=[failing])["uuid"]
+    _run_until(engine, lambda: engine.container(waiter)["state"] == "Cancelled")
+    error = engine.container(waiter)["runtime_status"]["error"]
+    assert error == f"dependency {failing} failed with exit code 4"
+    reply = engine.request("POST", "/api/v1/containers", {"command": ["true"], "after": [UNKNOWN]})
+    assert reply.status == 400 and reply.json["field"] == "after"
+    assert UNKNOWN in reply.json["error"]
+    reply = engine.request("POST", "/api/v1/containers", {"command": ["true"], "after": ["x"]})
+    assert reply.status == 400 and reply.json["field"] == "after[0]"
+    batch = {"items": [{"command": ["true"]}, {"command": ["true"], "after": [UNKNOWN]}]}
+    reply = engine.request("POST", "/api/v1/containers/batch", batch)
+    assert reply.status == 400 and reply.json["field"] == "items[1].after"
+
+
+def test_zero_vcpus_is_accepted_and_negative_refused(engine):
+    ctr = engine.submit(runtime_constraints={"vcpus": 0})
+    assert ctr["state"] == "Queued" and ctr["runtime_constraints"]["vcpus"] == 0
+    for constraints, field in (({"vcpus": -1}, "runtime_constraints.vcpus"),
+                               ({"ram": -1}, "runtime_constraints.ram"),
+                               ({"ram": "-1GiB"}, "runtime_constraints.ram")):
+        reply = engine.request("POST", "/api/v1/containers",
+                               {"command": ["true"], "runtime_constraints": constraints})
+        assert reply.status == 400 and reply.json["field"] == field, constraints
+
+
 def test_gpus_shorthand_and_full_gpu_request(engine):
     ctr = engine.submit(runtime_constraints={"gpus": 1})
     assert ctr["runtime_constraints"]["gpu"]["device_count"] == 1
@@ -129,7 +213,7 @@ def test_list_pages_by_uuid(engine):
     seen: list[str] = []
     after, pages = "", 0
     while True:
-        reply = engine.request("GET", f"/api/v1/containers?limit=3&after={after}")
+        reply = engine.request("GET", f"/api/v1/containers?order=uuid&limit=3&after={after}")
         assert reply.status == 200
         page = reply.json
         seen += [c["uuid"] for c in page["items"]]
@@ -141,9 +225,48 @@ def test_list_pages_by_uuid(engine):
     assert seen == submitted
     assert pages == 3
     # A page that ends exactly at the last container says there is no next page.
-    exact = engine.request("GET", f"/api/v1/containers?limit=2&after={submitted[4]}").json
+    exact = engine.request(
+        "GET", f"/api/v1/containers?order=uuid&limit=2&after={submitted[4]}"
+    ).json
     assert [c["uuid"] for c in exact["items"]] == submitted[5:]
     assert exact["next"] is None
+
+
+def test_list_is_newest_first_and_the_latest_submission_is_on_the_first_page(engine):
+    submitted = []
+    for _ in range(5):
+        submitted.append(engine.submit(priority=0)["uuid"])
+        engine.advance(1)
+    seen: list[str] = []
+    after = ""
+    while True:
+        page = engine.request("GET", f"/api/v1/containers?limit=2&after={after}").json
+        seen += [c["uuid"] for c in page["items"]]
+        if page["next"] is None:
+            break
+        if after == "":
+            # Submitted between two pages: first on a new first page, never on the next ones.
+            latest = engine.submit(priority=0)["uuid"]
+            first = engine.request("GET", "/api/v1/containers?limit=1").json["items"]
+            assert [c["uuid"] for c in first] == [latest]
+        after = page["next"]
+    assert seen == submitted[::-1]
+
+
+def test_list_filters_by_creation_time(engine):
+    old = engine.submit(priority=0)
+    engine.advance(60)
+    new = engine.submit(priority=0)
+    since = new["created_at"]
+    reply = engine.request("GET", f"/api/v1/containers?since={since}")
+    assert reply.status == 200, reply.body
+    assert [c["uuid"] for c in reply.json["items"]] == [new["uuid"]]
+    everything = engine.request("GET", "/api/v1/containers?since=0").json["items"]
+    assert {c["uuid"] for c in everything} == {old["uuid"], new["uuid"]}
+    reply = engine.request("GET", f"/api/v1/containers?order=uuid&since={since}")
+    assert reply.status == 400 and reply.json["field"] == "order"
+    reply = engine.request("GET", f"/api/v1/containers?after={UNKNOWN}")
+    assert reply.status == 400 and reply.json["field"] == "after"
 
 
 def test_list_rejects_bad_query_parameters(engine):
@@ -155,6 +278,9 @@ def test_list_rejects_bad_query_parameters(engine):
         ("limit=1&limit=2", "limit"),
         ("after=garbage", "after"),
         ("colour=blue", "colour"),
+        ("since=yesterday", "since"),
+        ("order=random", "order"),
+        ("array=nope", "array"),
     ):
         reply = engine.request("GET", f"/api/v1/containers?{query}")
         assert reply.status == 400, query
@@ -370,7 +496,7 @@ def test_a_queue_that_cannot_be_reached_is_a_503(engine, monkeypatch):
     def lost(*_args, **_kwargs):
         raise QueueUnavailable("the database connection was lost; reconnecting")
 
-    monkeypatch.setattr(engine.dispatcher.queue, "list", lost)
+    monkeypatch.setattr(engine.dispatcher.queue, "newest", lost)
     reply = engine.request("GET", "/api/v1/containers")
     assert reply.status == 503, reply.json
     assert reply.headers["retry-after"] == "30"

@@ -11,12 +11,15 @@ from .conftest import served_routes
 #: The API's operations: a route added or lost changes this list on purpose.
 OPERATIONS = {
     ("POST", "/api/v1/containers"),
+    ("POST", "/api/v1/containers/batch"),
+    ("POST", "/api/v1/containers/array"),
     ("GET", "/api/v1/containers"),
     ("GET", "/api/v1/containers/{uuid}"),
     ("POST", "/api/v1/containers/{uuid}/cancel"),
     ("POST", "/api/v1/containers/{uuid}/priority"),
     ("GET", "/api/v1/containers/{uuid}/log"),
     ("GET", "/api/v1/instances"),
+    ("GET", "/api/v1/instance-types"),
     ("POST", "/api/v1/instances/{instance_id}/hold"),
     ("POST", "/api/v1/instances/{instance_id}/drain"),
     ("POST", "/api/v1/instances/{instance_id}/run"),

@@ -108,6 +108,18 @@ def test_locks_queued_containers_with_priority_and_calls_function_once(q, rt) ->
     assert fn.calls == [a]  # later passes only update, never call again
 
 
+def test_a_container_waiting_for_another_is_started_once_that_one_completes(q, rt) -> None:
+    first = submit(q)
+    waiter = q.submit(ContainerSpec(command=("true",), after=(first,))).uuid
+    fn = Recorder()
+    make(q, rt, fn)
+    assert fn.calls == [first] and state(q, waiter) is Q
+    q.set_running(first)
+    q.finish(first, 0)
+    rt.run_until_idle()
+    assert fn.calls == [first, waiter]
+
+
 def test_highest_priority_first_within_concurrency_limit(q, rt) -> None:
     low, high = submit(q, priority=1), submit(q, priority=9)
     fn = Recorder()

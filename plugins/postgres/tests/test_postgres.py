@@ -318,3 +318,65 @@ def test_a_batch_submitted_elsewhere_reaches_the_dispatcher(
     batch = api_only.submit_many([SPEC] * 5)
     assert seen.wait(10), "the batch did not reach the dispatcher"
     assert set(dispatcher.entries()[0]) == {c.uuid for c in batch}
+
+
+def test_a_schema_version_1_queue_is_upgraded_in_place(
+    make_queue: Callable[..., PostgresQueue], pg_cluster: Any, schema_name: str
+) -> None:
+    """A queue written before listings by time and arrays (schema 1) keeps its containers and
+    lists them newest first once a newer herder opens it."""
+    from herder_queue_postgres.queue import MIGRATIONS
+
+    with pg_cluster.connect() as db:
+        db.execute(f"CREATE SCHEMA {schema_name}")
+        db.execute(f"SET search_path TO {schema_name}")
+        db.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+        db.execute("INSERT INTO schema_version (version) VALUES (1)")
+        for statement in MIGRATIONS[0]:
+            db.execute(statement)
+        for n, created in enumerate((10.0, 30.0, 20.0)):
+            db.execute(
+                "INSERT INTO containers (uuid, state, priority, spec, created_at) "
+                "VALUES (%s, 'Queued', 1, %s, %s)",
+                (f"zzzzz-dz642-{n:015d}", '{"command": ["true"]}', created),
+            )
+    queue = make_queue()
+    assert [c.uuid[-1] for c in queue.newest()] == ["1", "2", "0"]
+    assert all(c.array_id == "" for c in queue.newest())
+    with pg_cluster.connect() as db:
+        row = db.execute(f"SELECT version FROM {schema_name}.schema_version").fetchone()
+    assert row is not None and row[0] == len(MIGRATIONS) == 2
+
+
+def test_a_container_held_elsewhere_is_released_by_the_dispatcher(
+    make_queue: Callable[..., PostgresQueue],
+) -> None:
+    """A container submitted through a standby, waiting for one the dispatcher runs, is
+    released by the dispatcher when that one completes; the standby sees it."""
+    from dataclasses import replace
+
+    dispatcher = make_queue()
+    assert dispatcher.listening.wait(10)
+    api_only = make_queue(exclusive=False)
+    assert api_only.listening.wait(10)
+    first = dispatcher.submit(SPEC)
+    arrived = threading.Event()
+    dispatcher.subscribe(lambda: len(dispatcher.entries()[0]) == 2 and arrived.set())
+    held = api_only.submit(replace(SPEC, after=(first.uuid,)))
+    assert held.status("waiting_for") == first.uuid
+    assert arrived.wait(10), "the held container did not reach the dispatcher"
+    released = threading.Event()
+
+    def check() -> None:
+        c = api_only.get(held.uuid)
+        if c is not None and not c.status("waiting_for"):
+            released.set()
+
+    api_only.subscribe(check)
+    dispatcher.lock(first.uuid)
+    dispatcher.set_running(first.uuid)
+    dispatcher.finish(first.uuid, 0)
+    got = dispatcher.get(held.uuid)
+    assert got is not None and got.status("waiting_for") == ""
+    assert released.wait(10), "the standby did not see the release"
+    assert dispatcher.lock(held.uuid).state is ContainerState.LOCKED

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from herder.api import schema
 from herder.model import (
+    ARRAY_ID_RE,
     CONTAINER_UUID_RE,
     Container,
     ContainerSpec,
@@ -37,9 +39,10 @@ from herder.model import (
     RuntimeConstraints,
     SchedulingParameters,
 )
-from herder.queue.base import ContainerNotFound, InvalidTransition, QueueError
+from herder.queue.base import ContainerNotFound, InvalidTransition, ListFilter, QueueError
+from herder.queue.rules import waiting_for
 from herder.runtime import Runtime
-from herder.scheduler.status import Status, StatusKind
+from herder.scheduler.status import Status, StatusKind, dependency_status
 from herder.sizing import gpu_request_for
 
 if TYPE_CHECKING:
@@ -229,13 +232,19 @@ class ManagementAPI:
             started_at=schema.rfc3339(ctr.started_at),
             finished_at=schema.rfc3339(ctr.finished_at),
             run_time=run_time,
+            array_id=ctr.array_id,
+            after=list(spec.after),
         )
 
     @staticmethod
     def _scheduling_status(ctr: Container, statuses: Mapping[str, str]) -> str:
         """The last pass's status; containers on hold (priority 0) may have left the scheduler's
-        snapshot, so they get the scheduler's priority-zero text here."""
+        snapshot, so they get the scheduler's priority-zero text here, and one submitted with
+        ``after`` says what it waits for before the scheduler's first pass has seen it."""
         status = statuses.get(ctr.uuid)
+        held = waiting_for(ctr)
+        if status is None and held:
+            return dependency_status(held).text()
         if status is None and ctr.priority == 0:
             return Status(StatusKind.PRIORITY_ZERO, detail=ctr.state.value).text()
         return status or ""
@@ -288,6 +297,7 @@ class ManagementAPI:
             ),
             priority=body.priority,
             name=body.name,
+            after=tuple(body.after),
         )
 
     # ---- containers
@@ -297,15 +307,63 @@ class ManagementAPI:
             ctr = self.dispatcher.queue.submit(self.spec_from(body))
         except QueueError as exc:
             if isinstance(exc, ValueError):
-                raise APIError(400, str(exc)) from None
+                raise APIError(400, str(exc), field=getattr(exc, "field", None)) from None
             raise
         log.info("container %s submitted (%s)", ctr.uuid, ctr.state.value)
         return self.container_out(ctr, {})
 
+    def submit_batch(self, body: schema.BatchRequest) -> schema.BatchOut:
+        """Every item stored in one transaction, or none: an item the queue refuses is a 400
+        naming its index."""
+        specs = [self.spec_from(item) for item in body.items]
+        try:
+            made = self.dispatcher.queue.submit_many(specs)
+        except QueueError as exc:
+            if isinstance(exc, ValueError):
+                index = getattr(exc, "index", None)
+                field = None if index is None else f"items[{index}]"
+                if field and getattr(exc, "field", None):
+                    field += f".{getattr(exc, 'field', '')}"
+                raise APIError(400, str(exc), field=field) from None
+            raise
+        log.info("%d containers submitted in one batch", len(made))
+        return schema.BatchOut(items=[self.container_out(c, {}) for c in made])
+
+    def submit_array(self, body: schema.ArrayRequest) -> schema.ArrayOut:
+        try:
+            made = self.dispatcher.queue.submit_array(self.spec_from(body), body.count)
+        except QueueError as exc:
+            if isinstance(exc, ValueError):
+                raise APIError(400, str(exc), field=getattr(exc, "field", None)) from None
+            raise
+        log.info("array %s of %d containers submitted", made[0].array_id, len(made))
+        return schema.ArrayOut(
+            array_id=made[0].array_id, items=[self.container_out(c, {}) for c in made]
+        )
+
     def list_containers(
-        self, states: tuple[ContainerState, ...], limit: int, after: str
+        self,
+        states: tuple[ContainerState, ...],
+        limit: int,
+        after: str,
+        *,
+        order: ListOrder = "newest",
+        since: float | None = None,
+        array_id: str = "",
     ) -> schema.ContainerList:
-        page = self.dispatcher.queue.list(states or None, limit + 1, after)
+        """A page of containers: newest first (keyset paging on creation time and uuid, so
+        that what is submitted meanwhile neither shifts nor repeats a page), or by uuid."""
+        queue = self.dispatcher.queue
+        if order == "uuid":
+            if since is not None or array_id:
+                raise APIError(400, "since and array need order=newest", field="order")
+            page = queue.list(states or None, limit + 1, after)
+        else:
+            wanted = ListFilter(states=states or None, since=since, array_id=array_id)
+            try:
+                page = queue.newest(wanted, limit + 1, after)
+            except ContainerNotFound:
+                raise APIError(400, f"no container {after} to continue after", "after") from None
         more = len(page) > limit
         page = page[:limit]
         statuses = self.scheduling_statuses()
@@ -364,6 +422,21 @@ class ManagementAPI:
         views = self.dispatcher.instances()
         now = self.runtime.now()
         return schema.InstanceList(items=[self.instance_out(v, now) for v in views])
+
+    def list_instance_types(self) -> schema.InstanceTypeList:
+        spot = self.dispatcher.spot_prices()
+        types = sorted(
+            self.dispatcher.instance_types.values(),
+            key=lambda t: (t.price, t.vcpus, t.ram, t.name),
+        )
+        return schema.InstanceTypeList(
+            items=[
+                schema.InstanceTypeOut.model_validate(
+                    {**t.to_json(), "spot_price": spot.get(t.name)}
+                )
+                for t in types
+            ]
+        )
 
     def instance_action(
         self, instance_id: str, action: InstanceAction, reason: str
@@ -469,17 +542,32 @@ class _Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+ListOrder = Literal["newest", "uuid"]
+
+
 class ListQuery(_Query):
     state: list[ContainerState] = Field(
         default_factory=list, description="only containers in this state (repeat for several)"
+    )
+    order: ListOrder = Field(
+        "newest",
+        description="`newest`: by creation time, newest first (the default); `uuid`: by uuid",
+    )
+    since: datetime | None = Field(
+        None, description="only containers created at or after this time (RFC 3339, or "
+        "seconds since the epoch); with order=newest"
+    )
+    array: str = Field(
+        "", pattern=f"^$|{ARRAY_ID_RE.pattern}",
+        description="only the members of this array (`submit --count`); with order=newest",
     )
     limit: int = Field(DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="page size")
     # Empty is accepted too: the first page, as when the parameter is left out.
     after: str = Field(
         "",
         pattern=f"^$|{CONTAINER_UUID_RE.pattern}",
-        description="return containers whose uuid sorts after this one (the previous page's "
-        "`next`)",
+        description="continue after this container (the previous page's `next`): in the "
+        "listing's order, so the same `order` and filters must be given again",
     )
 
 
@@ -521,12 +609,41 @@ def submit_container(api: API, body: schema.SubmitRequest, _q: NoParams) -> Resp
     return reply(out, 201, {"Location": f"{_C}/{out.uuid}"})
 
 
+@containers.post(
+    f"{_C}/batch", status_code=201, response_model=schema.BatchOut,
+    operation_id="submitContainers",
+    summary="Submit several containers at once: all of them, or none",
+    responses=errors(400, 413, 503),
+)
+def submit_batch(api: API, body: schema.BatchRequest, _q: NoParams) -> Response:
+    return reply(api.submit_batch(body), 201)
+
+
+@containers.post(
+    f"{_C}/array", status_code=201, response_model=schema.ArrayOut,
+    operation_id="submitArray",
+    summary="Submit an array: count containers of one spec, each told its index",
+    responses=errors(400, 413, 503),
+)
+def submit_array(api: API, body: schema.ArrayRequest, _q: NoParams) -> Response:
+    return reply(api.submit_array(body), 201)
+
+
 @containers.get(
     _C, response_model=schema.ContainerList, operation_id="listContainers",
-    summary="List containers by uuid, a page at a time", responses=errors(400, 503),
+    summary="List containers, newest first, a page at a time", responses=errors(400, 503),
 )
 def list_containers(api: API, query: Annotated[ListQuery, Query()]) -> Response:
-    return reply(api.list_containers(tuple(query.state), query.limit, query.after))
+    since = None
+    if query.since is not None:
+        when = query.since
+        since = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    return reply(
+        api.list_containers(
+            tuple(query.state), query.limit, query.after,
+            order=query.order, since=since, array_id=query.array,
+        )
+    )
 
 
 @containers.get(
@@ -567,6 +684,15 @@ def read_log(api: API, uuid: Uuid, query: Annotated[LogQuery, Query()]) -> Respo
 
 
 instances = APIRouter(tags=["instances"], dependencies=AUTH, responses=errors(401, 403))
+
+
+@instances.get(
+    f"{API_PREFIX}/instance-types", response_model=schema.InstanceTypeList,
+    operation_id="listInstanceTypes",
+    summary="List the instance types herder may create, cheapest first, with spot prices",
+)
+def list_instance_types(api: API, _q: NoParams) -> Response:
+    return reply(api.list_instance_types())
 
 
 @instances.get(

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from herder.model import (
+    CONTAINER_UUID_RE,
     IMAGE_REFERENCE_PATTERN,
     ContainerState,
     IdleBehavior,
@@ -133,8 +134,16 @@ class RuntimeConstraintsBody(_Request):
     """What the container needs.  ``gpus: N`` is short for ``gpu: {device_count: N}`` with the
     stack of the configured GPU instance types."""
 
-    vcpus: Count = 1
-    ram: Size = 0
+    vcpus: Annotated[
+        int,
+        Field(
+            ge=0, le=2**31 - 1,
+            description="VCPUs needed; 0 asks for a share of one VCPU that all 0-VCPU "
+            "containers on an instance share (as in Arvados), for light work",
+        ),
+    ] = 1
+    ram: Annotated[Size, Field(description="bytes of RAM needed; 0: nothing beyond the "
+                                           "configured reserve")] = 0
     scratch: Size = 0
     gpus: Count | None = None
     gpu: GPURequestBody | None = None
@@ -176,6 +185,13 @@ class SubmitRequest(_Request):
     )
     priority: Count = 1
     name: Annotated[str, Field(max_length=MAX_NAME_LENGTH)] = ""
+    after: Annotated[
+        list[Annotated[str, Field(pattern=CONTAINER_UUID_RE.pattern)]], Field(max_length=1000)
+    ] = Field(
+        default_factory=list,
+        description="containers that must complete with exit code 0 first: this one is held "
+        "until they have, and cancelled if one fails or is cancelled",
+    )
 
     @field_validator("command")
     @classmethod
@@ -219,6 +235,23 @@ class SubmitRequest(_Request):
                 "ghcr.io/org/tool@sha256:...)"
             )
         return v
+
+
+#: Most containers one batch (or array) request may submit.
+MAX_BATCH = 10_000
+
+
+class BatchRequest(_Request):
+    """Several containers submitted at once: all are stored, or none is."""
+
+    items: Annotated[list[SubmitRequest], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+class ArrayRequest(SubmitRequest):
+    """``count`` containers of one spec sharing an array id; each finds its index (0 to
+    count - 1) in ``$HERDER_ARRAY_INDEX`` and the id in ``$HERDER_ARRAY_ID``."""
+
+    count: Annotated[int, Field(ge=1, le=MAX_BATCH)]
 
 
 class CancelRequest(_Request):
@@ -291,6 +324,19 @@ class ContainerOut(_Response):
     started_at: Timestamp
     finished_at: Timestamp
     run_time: float | None = Field(description="seconds it has run (so far), null if not started")
+    array_id: str = Field("", description="the array it belongs to; empty when none")
+    after: list[str] = Field(
+        default_factory=list, description="the containers it was submitted to wait for"
+    )
+
+
+class BatchOut(_Response):
+    items: list[ContainerOut] = Field(description="the containers, in the request's order")
+
+
+class ArrayOut(_Response):
+    array_id: str = Field(description="list, wait on or cancel the members with it")
+    items: list[ContainerOut] = Field(description="the members, by index")
 
 
 class ContainerList(_Response):
@@ -303,6 +349,37 @@ class LogChunk(_Response):
     next_offset: int = Field(description="offset to ask for next")
     data: str = Field(description="the log text (UTF-8, invalid bytes replaced)")
     final: bool = Field(description="true when the container has ended and data reaches the end")
+
+
+class InstanceTypeGPUOut(_Response):
+    stack: str
+    driver_version: str
+    hardware_target: str
+    device_count: int
+    vram: int
+
+
+class InstanceTypeOut(_Response):
+    """An instance type herder may create (configured, or offered by the driver)."""
+
+    name: str
+    provider_type: str
+    vcpus: int
+    ram: int
+    included_scratch: int
+    added_scratch: int
+    scratch: int
+    price: float = Field(description="configured price per hour")
+    preemptible: bool
+    gpu: InstanceTypeGPUOut
+    spot_price: float | None = Field(
+        description="current price per hour on the provider's spot market, from an instance "
+        "of this type running now; null when none runs or the driver does not tell"
+    )
+
+
+class InstanceTypeList(_Response):
+    items: list[InstanceTypeOut] = Field(description="cheapest first")
 
 
 class InstanceOut(_Response):

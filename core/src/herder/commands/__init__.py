@@ -54,6 +54,7 @@ class Context:
     config_path: str | None
     stdout: IO[str] = field(default_factory=lambda: sys.stdout)
     stderr: IO[str] = field(default_factory=lambda: sys.stderr)
+    stdin: IO[str] = field(default_factory=lambda: sys.stdin)
     loaded_plugins: Plugins | None = None
     _config: Config | None = field(default=None, init=False, repr=False)
 

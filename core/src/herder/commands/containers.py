@@ -16,7 +16,7 @@ from typing import Any
 
 from herder.client import Client, ClientError, resolve_endpoint
 from herder.commands import CommandError, Context, print_json, render_table
-from herder.model import ContainerState, is_container_uuid
+from herder.model import ContainerState, is_array_id, is_container_uuid
 from herder.units import format_duration, format_size, parse_duration, parse_size
 
 #: Seconds between polls while ``submit --wait`` and ``logs --follow`` wait.
@@ -105,6 +105,11 @@ def _duration(seconds: float | None) -> str:
     return "" if seconds is None else format_duration(seconds)
 
 
+def _check_array(array_id: str) -> None:
+    if not is_array_id(array_id):
+        raise CommandError(f"{array_id!r} is not an array id (zzzzz-a88ay-...)", status=2)
+
+
 def _check_uuid(uuid: str) -> None:
     if not is_container_uuid(uuid):
         raise CommandError(f"{uuid!r} is not a container uuid", status=2)
@@ -119,7 +124,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "containers",
         help="list containers",
-        description="List containers (by uuid), with why each waiting one waits.",
+        description="List containers, newest first, with why each waiting one waits.",
     )
     p.add_argument(
         "--state",
@@ -127,6 +132,12 @@ def register(subparsers: Any) -> None:
         choices=[s.value for s in ContainerState],
         help="only this state (repeat for several)",
     )
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only those created since WHEN: a duration ago (30m, 2h) or an RFC 3339 time",
+    )
+    p.add_argument("--array", metavar="ID", default="", help="only the members of this array")
     p.add_argument("--limit", type=int, default=100, help="show at most N (default 100)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     add_client_options(p)
@@ -141,10 +152,12 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "cancel",
         help="cancel containers",
-        description="Cancel containers; a running one is stopped.  Prints one line per uuid "
-        "on stderr; the exit status is 1 if any could not be cancelled.",
+        description="Cancel containers (or every unfinished member of an array); a running "
+        "one is stopped.  Prints one line per uuid on stderr; the exit status is 1 if any "
+        "could not be cancelled.",
     )
-    p.add_argument("uuids", nargs="+", metavar="UUID")
+    p.add_argument("uuids", nargs="*", metavar="UUID")
+    p.add_argument("--array", metavar="ID", default="", help="cancel the members of this array")
     p.add_argument("--reason", default="", help="recorded with the cancellation")
     add_client_options(p)
     p.set_defaults(handler=run_cancel)
@@ -182,7 +195,11 @@ def _register_submit(subparsers: Any) -> None:
         usage="herder submit [options] -- COMMAND [ARGS...]",
     )
     p.add_argument("--image", default="", help="container image (none: run as a process)")
-    p.add_argument("--vcpus", type=int, default=1, help="VCPUs needed (default 1)")
+    p.add_argument(
+        "--vcpus", type=int, default=1,
+        help="VCPUs needed (default 1); 0 asks for a share of one VCPU that every 0-VCPU "
+        "container on the instance shares, for light work",
+    )
     p.add_argument("--ram", default="0", metavar="SIZE", help="RAM needed, e.g. 2GiB")
     p.add_argument("--scratch", default="0", metavar="SIZE", help="scratch space, e.g. 10GiB")
     p.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs needed")
@@ -199,6 +216,25 @@ def _register_submit(subparsers: Any) -> None:
     p.add_argument("--max-run-time", default="0", metavar="DURATION", help="e.g. 1h (0: none)")
     p.add_argument("--preemptible", action="store_true", help="may run on preemptible instances")
     p.add_argument("--wait", action="store_true", help="follow it to the end")
+    p.add_argument(
+        "--after", action="append", default=[], metavar="UUID",
+        help="hold it until container UUID has completed with exit code 0; it is cancelled "
+        "if UUID fails or is cancelled (repeat for several)",
+    )
+    p.add_argument(
+        "--count", type=int, metavar="N",
+        help="submit an array: N containers of this spec, each with its index (0 to N-1) in "
+        "$HERDER_ARRAY_INDEX and the array id in $HERDER_ARRAY_ID; list, wait on or cancel "
+        "them together with --array ID",
+    )
+    p.add_argument(
+        "--from", dest="from_file", metavar="FILE",
+        help="submit every container FILE describes, all or none: YAML (a list of mappings) "
+        "or JSON lines (one object a line), each with the fields of the options above "
+        "(command, image, vcpus, ram, scratch, gpus, priority, env, name, cwd, runtime, "
+        "max_run_time, preemptible, after); the options given here are the defaults; - reads "
+        "stdin",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     add_client_options(p)
     p.set_defaults(handler=run_submit)
@@ -228,6 +264,13 @@ def build_submission(args: argparse.Namespace) -> dict[str, Any]:
         max_run_time = parse_duration(args.max_run_time)
     except ValueError as exc:
         raise CommandError(f"--max-run-time: {exc}", 2) from exc
+    if not isinstance(args.vcpus, int) or isinstance(args.vcpus, bool) or args.vcpus < 0:
+        raise CommandError(f"--vcpus {args.vcpus!r}: expected a whole number, 0 or more", 2)
+    if not isinstance(args.gpus, int) or isinstance(args.gpus, bool) or args.gpus < 0:
+        raise CommandError(f"--gpus {args.gpus!r}: expected a whole number, 0 or more", 2)
+    for uuid in args.after:
+        if not isinstance(uuid, str) or not is_container_uuid(uuid):
+            raise CommandError(f"--after {uuid!r}: not a container uuid", 2)
     constraints: dict[str, Any] = {"vcpus": args.vcpus, "ram": ram, "scratch": scratch}
     if args.gpus:
         constraints["gpus"] = args.gpus
@@ -244,11 +287,245 @@ def build_submission(args: argparse.Namespace) -> dict[str, Any]:
         },
         "priority": args.priority,
         "name": args.name,
+        **({"after": list(args.after)} if args.after else {}),
     }
 
 
+#: The keys an item of ``submit --from`` may have, and the option each stands for.
+FILE_FIELDS = {
+    "command": "command", "image": "image", "vcpus": "vcpus", "ram": "ram",
+    "scratch": "scratch", "gpus": "gpus", "priority": "priority", "env": "env",
+    "environment": "env", "name": "name", "cwd": "cwd", "runtime": "runtime",
+    "max_run_time": "max_run_time", "preemptible": "preemptible", "after": "after",
+}  # fmt: skip
+
+
+def read_submissions(text: str, name: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """The items of a ``submit --from`` file, each with where it is (for messages): JSON
+    lines when every non-blank line is a JSON object, else a YAML list of mappings."""
+    import json
+
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if lines and all(line.lstrip().startswith("{") for _, line in lines):
+        items: list[tuple[str, Mapping[str, Any]]] = []
+        for n, line in lines:
+            try:
+                doc = json.loads(line)
+            except ValueError as exc:
+                raise CommandError(f"{name}:{n}: not valid JSON: {exc}", 2) from None
+            if not isinstance(doc, dict):
+                raise CommandError(f"{name}:{n}: expected a JSON object", 2)
+            items.append((f"{name}:{n}", doc))
+        return items
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        why = " ".join(str(exc).split())[:200]
+        raise CommandError(f"{name}: not valid YAML or JSON lines: {why}", 2) from None
+    if not isinstance(doc, list) or not all(isinstance(item, dict) for item in doc):
+        raise CommandError(
+            f"{name}: expected a YAML list of containers (mappings) or JSON lines", 2
+        )
+    return [(f"{name} item {i + 1}", item) for i, item in enumerate(doc)]
+
+
+def submission_from_item(
+    defaults: argparse.Namespace, where: str, item: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One item of a ``submit --from`` file as an API request body: its keys replace the
+    options' values, and go through the same checks as the options."""
+    values = dict(vars(defaults))
+    values["command"] = []
+    for key, value in item.items():
+        dest = FILE_FIELDS.get(str(key))
+        if dest is None:
+            known = ", ".join(sorted(k for k in FILE_FIELDS if k != "environment"))
+            raise CommandError(f"{where}: unknown field {key!r} (known: {known})", 2)
+        if dest == "command" and isinstance(value, str):
+            import shlex
+
+            value = shlex.split(value)  # words, as a shell would split them; never run by one
+        if dest == "after" and isinstance(value, str):
+            value = [value]
+        if dest == "env" and isinstance(value, dict):
+            value = [f"{k}={v}" for k, v in value.items()]
+        if dest in ("ram", "scratch", "max_run_time") and isinstance(value, int | float):
+            value = str(value)
+        values[dest] = value
+    if not isinstance(values["command"], list) or not all(
+        isinstance(arg, str) for arg in values["command"]
+    ):
+        raise CommandError(f"{where}: command must be a list of strings or one string", 2)
+    if not isinstance(values["after"], list):
+        raise CommandError(f"{where}: after must be a uuid or a list of uuids", 2)
+    if not isinstance(values["env"], list):
+        raise CommandError(f"{where}: env must be a mapping or a list of K=V", 2)
+    try:
+        return build_submission(argparse.Namespace(**values))
+    except CommandError as exc:
+        raise CommandError(f"{where}: {exc}", exc.status) from None
+
+
+def run_submit_from(args: argparse.Namespace, ctx: Context) -> int:
+    """``submit --from FILE``: every container in one request, all or none."""
+    command = [arg for arg in args.command if arg != "--"]
+    if command:
+        raise CommandError("give either --from FILE or a command, not both", 2)
+    name = args.from_file
+    try:
+        if name == "-":
+            text = ctx.stdin.read()
+        else:
+            with open(name, encoding="utf-8") as fh:
+                text = fh.read()
+    except OSError as exc:
+        raise CommandError(f"{name}: {exc.strerror or exc}", 2) from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{name}: not UTF-8 text", 2) from None
+    items = read_submissions(text, "stdin" if name == "-" else name)
+    if not items:
+        raise CommandError(f"{name}: no containers in it", 2)
+    bodies = [submission_from_item(args, where, item) for where, item in items]
+    client = open_client(args, ctx)
+    try:
+        made = client.submit_batch(bodies)
+    except ClientError as exc:
+        raise CommandError(_name_item(str(exc), exc.field, items)) from exc
+    return report_submitted(client, ctx, made, args.wait)
+
+
+def _name_item(message: str, field: str | None, items: list[tuple[str, Any]]) -> str:
+    """The server's error with the batch index it names replaced by the item's place in the
+    file (``items[3].ram`` → ``jobs.yaml item 4: ... (ram)``)."""
+    import re
+
+    found = re.match(r"items\[(\d+)\]\.?(.*)", field or "")
+    if found is None or int(found.group(1)) >= len(items):
+        return message
+    where = items[int(found.group(1))][0]
+    message = re.sub(r"^item \d+: ", "", message).replace(f" ({field})", "")
+    rest = f" ({found.group(2)})" if found.group(2) else ""
+    return f"{where}: {message}{rest}"
+
+
+def report_submitted(
+    client: Client, ctx: Context, made: list[dict[str, Any]], wait: bool, array_id: str = ""
+) -> int:
+    """Print the uuids of a batch or an array; with ``wait``, wait until every one has ended.
+    Exits 1 if any was cancelled or failed."""
+    reasons: dict[str, list[str]] = {}
+    for ctr in made:
+        ctx.print(ctr["uuid"])
+        if ctr["state"] == ContainerState.CANCELLED:
+            reasons.setdefault(_why(ctr), []).append(ctr["uuid"])
+    # One line per reason, not per container: an array that fits no instance type is one
+    # problem, however many members it has.
+    for why, uuids in reasons.items():
+        who = uuids[0] if len(uuids) == 1 else f"{len(uuids)} containers"
+        ctx.error(f"herder: {who}: cancelled: {why}")
+    cancelled = sum(len(uuids) for uuids in reasons.values())
+    if array_id:
+        ctx.error(f"herder: array {array_id}: {len(made)} containers")
+    if not wait:
+        return 1 if cancelled else 0
+    fetch = _array_members(client, array_id) if array_id else _batch_members(client, made)
+    try:
+        with client_errors():
+            return wait_all(ctx, fetch, len(made))
+    except KeyboardInterrupt:
+        which = f" --array {array_id}" if array_id else ""
+        ctx.error(
+            f"herder: no longer waiting; the {len(made)} containers keep running (list them "
+            f"with `herder containers{which}`, stop them with `herder cancel"
+            f"{which or ' UUID...'}`)"
+        )
+        return 130
+
+
+Fetch = Callable[[], list[dict[str, Any]]]
+
+
+def _array_members(client: Client, array_id: str) -> Fetch:
+    """Every member of the array, a few pages per poll whatever its size."""
+    return lambda: list(client.iter_containers(array=array_id))
+
+
+#: Above this many containers, a batch is followed through the listing, not one by one.
+FOLLOW_ONE_BY_ONE = 20
+
+
+def _batch_members(client: Client, made: list[dict[str, Any]]) -> Fetch:
+    """Every container of a batch: one request per container that has not ended yet for a
+    small batch; for a large one, the listing of what was created since the batch (a few
+    pages, however large the batch), so that waiting never costs the server a request per
+    container per poll."""
+    latest = {c["uuid"]: c for c in made}
+    if len(made) > FOLLOW_ONE_BY_ONE:
+        from datetime import datetime, timedelta
+
+        # A second early: the timestamps are rounded to milliseconds.
+        start = min(datetime.fromisoformat(c["created_at"].replace("Z", "+00:00")) for c in made)
+        since = (start - timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+
+        def listed() -> list[dict[str, Any]]:
+            for ctr in client.iter_containers(since=since):
+                if ctr["uuid"] in latest:
+                    latest[ctr["uuid"]] = ctr
+            return list(latest.values())
+
+        return listed
+
+    def fetch() -> list[dict[str, Any]]:
+        for uuid, ctr in latest.items():
+            if not _ended(ctr):
+                latest[uuid] = client.container(uuid)
+        return list(latest.values())
+
+    return fetch
+
+
+def _ended(ctr: Mapping[str, Any]) -> bool:
+    return ctr["state"] in (ContainerState.COMPLETE, ContainerState.CANCELLED)
+
+
+def wait_all(ctx: Context, fetch: Fetch, total: int) -> int:
+    """Poll until every container ``fetch`` returns has ended, with a progress line on stderr
+    whenever the counts change and one line per failure; 0 when every one completed with exit
+    code 0, else 1."""
+    told: set[str] = set()
+    last = ""
+    while True:
+        records = fetch()
+        ended = [c for c in records if _ended(c)]
+        failed = [c for c in ended if exit_status(c) != 0]
+        for ctr in failed:
+            if ctr["uuid"] not in told:
+                told.add(ctr["uuid"])
+                ctx.error(f"herder: {ctr['uuid']}: {progress_line(ctr)}")
+        line = f"herder: {len(ended)} of {total} ended, {len(failed)} failed or cancelled"
+        if line != last:
+            ctx.error(line)
+            last = line
+        if len(ended) >= total:
+            return 1 if failed else 0
+        sleep(POLL_INTERVAL)
+
+
 def run_submit(args: argparse.Namespace, ctx: Context) -> int:
+    if args.from_file is not None:
+        if args.count is not None:
+            raise CommandError("give either --from FILE or --count N, not both", 2)
+        return run_submit_from(args, ctx)
     body = build_submission(args)
+    if args.count is not None:
+        if args.count < 1:
+            raise CommandError(f"--count {args.count}: expected 1 or more", 2)
+        client = open_client(args, ctx)
+        with client_errors():
+            array = client.submit_array(body, args.count)
+        return report_submitted(client, ctx, array["items"], args.wait, array["array_id"])
     client = open_client(args, ctx)
     with client_errors():
         ctr = client.submit(body)
@@ -366,10 +643,17 @@ CONTAINER_HEADERS = (
 def run_containers(args: argparse.Namespace, ctx: Context) -> int:
     if args.limit < 1:
         raise CommandError("--limit must be at least 1", 2)
+    since = since_time(args.since) if args.since else ""
+    if args.array:
+        _check_array(args.array)
     client = open_client(args, ctx)
     with client_errors():
         # One more than asked for, to know whether to say that there are more.
-        items = list(client.iter_containers(args.state or (), limit=args.limit + 1))
+        items = list(
+            client.iter_containers(
+                args.state or (), limit=args.limit + 1, since=since, array=args.array
+            )
+        )
     more = len(items) > args.limit
     items = items[: args.limit]
     if args.json:
@@ -378,8 +662,30 @@ def run_containers(args: argparse.Namespace, ctx: Context) -> int:
         table = render_table(CONTAINER_HEADERS, [container_row(c) for c in items])
         ctx.print(colour_column(table, "state", STATE_COLOURS, use_colour(ctx)))
     if more:
-        ctx.error(f"(showing the first {args.limit}; use --limit for more)")
+        ctx.error(f"(showing the newest {args.limit}; use --limit for more)")
     return 0
+
+
+def since_time(text: str, now: float | None = None) -> str:
+    """``--since``'s value as the RFC 3339 time the API takes: a duration (``2h``) means that
+    long before ``now``; anything else must be an RFC 3339 time already."""
+    from datetime import UTC, datetime
+
+    try:
+        ago = parse_duration(text)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise CommandError(
+                f"--since {text!r}: expected a duration (30m, 2h) or a time like "
+                "2026-12-06T10:00:00Z", 2
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    start = (time.time() if now is None else now) - ago
+    return datetime.fromtimestamp(start, UTC).isoformat().replace("+00:00", "Z")
 
 
 def container_details(ctr: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -398,6 +704,8 @@ def container_details(ctr: Mapping[str, Any]) -> list[tuple[str, Any]]:
         ("state", ctr["state"]),
         ("scheduling status", ctr.get("scheduling_status")),
         ("priority", ctr["priority"]),
+        ("array", ctr.get("array_id")),
+        ("after", " ".join(ctr.get("after") or [])),
         ("command", " ".join(ctr["command"])),
         ("image", ctr.get("image")),
         ("runtime", ctr.get("runtime")),
@@ -452,11 +760,23 @@ def run_priority(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def run_cancel(args: argparse.Namespace, ctx: Context) -> int:
+    if not args.uuids and not args.array:
+        raise CommandError("nothing to cancel: give UUIDs or --array ID", 2)
     for uuid in args.uuids:  # a usage error is reported before anything is cancelled
         _check_uuid(uuid)
+    if args.array:
+        _check_array(args.array)
     client = open_client(args, ctx)
+    uuids = list(args.uuids)
+    if args.array:
+        unfinished = ("Queued", "Locked", "Running")
+        with client_errors():
+            members = [c["uuid"] for c in client.iter_containers(unfinished, array=args.array)]
+        if not members:
+            ctx.error(f"{args.array}: no unfinished containers in this array")
+        uuids += members
     failed = 0
-    for uuid in args.uuids:
+    for uuid in uuids:
         try:
             ctr = client.cancel(uuid, args.reason)
         except ClientError as exc:

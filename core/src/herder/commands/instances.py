@@ -71,36 +71,56 @@ def register_instance_types(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "instance-types",
         help="list the instance types herder may create, with their prices",
-        description="List the instance types of the configuration (or, when it lists none, the "
-        "ones the driver offers), cheapest first: what herder chooses from for each container.",
+        description="List the instance types herder chooses from for each container, cheapest "
+        "first: those of the running server, with the current spot price of preemptible types "
+        "that have an instance now; when no server answers, those of the configuration (or, "
+        "when it lists none, the ones the driver offers).",
     )
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument(
+        "--offline", action="store_true",
+        help="read the configuration only; do not ask a server",
+    )
+    add_client_options(p)
     p.set_defaults(handler=run_instance_types)
 
 
 def run_instance_types(args: argparse.Namespace, ctx: Context) -> int:
     from herder.units import format_size
 
-    config = ctx.config
-    types = config.build_instance_types() or ctx.driver_instance_types(config)
-    ordered = sorted(types.values(), key=lambda t: (t.price, t.vcpus, t.ram, t.name))
+    items: list[dict[str, Any]] | None = None
+    if not args.offline:
+        try:
+            with open_client(args, ctx) as client:
+                items = client.instance_types()
+        except (ClientError, CommandError) as exc:
+            ctx.error(f"herder: no server answered ({exc}); showing the configuration's types")
+    if items is None:
+        config = ctx.config
+        types = config.build_instance_types() or ctx.driver_instance_types(config)
+        ordered = sorted(types.values(), key=lambda t: (t.price, t.vcpus, t.ram, t.name))
+        items = [{**t.to_json(), "spot_price": None} for t in ordered]
     if args.json:
-        print_json(ctx, [t.to_json() for t in ordered])
+        print_json(ctx, items)
         return 0
     rows = [
         [
-            t.name,
-            t.provider_type,
-            t.vcpus,
-            format_size(t.ram),
-            format_size(t.scratch),
-            f"{t.gpu.device_count} {t.gpu.stack}".strip() if t.gpu.device_count else "",
-            f"{t.price:.6f}",
-            "yes" if t.preemptible else "no",
+            t["name"],
+            t["provider_type"],
+            t["vcpus"],
+            format_size(t["ram"]),
+            format_size(t["scratch"]),
+            f"{t['gpu']['device_count']} {t['gpu']['stack']}".strip()
+            if t["gpu"]["device_count"] else "",
+            f"{t['price']:.6f}",
+            "" if t.get("spot_price") is None else f"{t['spot_price']:.6f}",
+            "yes" if t["preemptible"] else "no",
         ]
-        for t in ordered
+        for t in items
     ]
-    headers = ["name", "provider-type", "vcpus", "ram", "scratch", "gpus", "price", "preemptible"]
+    headers = [
+        "name", "provider-type", "vcpus", "ram", "scratch", "gpus", "price", "spot", "preemptible",
+    ]  # fmt: skip
     ctx.print(render_table(headers, rows))
     return 0
 

@@ -19,6 +19,7 @@ from herder.dispatch.throttle import Throttle
 from herder.dispatch.updates import CloseReason, Updates
 from herder.model import Container, ContainerState
 from herder.queue.base import ContainerNotFound, ContainerQueue, QueueError
+from herder.queue.rules import waiting_for
 from herder.runtime import Runtime, TimerHandle
 
 log = logging.getLogger(__name__)
@@ -268,13 +269,14 @@ class Dispatcher:
         return throttled
 
     def _read_queued(self, todo: set[str]) -> list[Container]:
-        """Release trackers of containers back in Queued; return the ones worth locking."""
+        """Release trackers of containers back in Queued; return the ones worth locking (not
+        on hold, and not waiting for others: ``submit --after``)."""
         candidates = []
         for ctr in self._pages((QUEUED,)):
             if ctr.uuid in todo:
                 todo.discard(ctr.uuid)
                 self._drop(ctr.uuid, CloseReason.RELEASED, ctr)
-            if ctr.priority > 0:
+            if ctr.priority > 0 and not (ctr.runtime_status and waiting_for(ctr)):
                 candidates.append(ctr)
         return candidates
 

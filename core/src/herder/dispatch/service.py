@@ -103,3 +103,7 @@ class DispatchService:
     def scheduling_statuses(self) -> dict[str, str]:
         """The backend decides what runs when; it records no scheduling status."""
         return {}
+
+    def spot_prices(self) -> dict[str, float]:
+        """No instances, so no spot price seen."""
+        return {}

@@ -66,6 +66,19 @@ class Sizer(ABC):
         """Eligible types, cheapest first.  Raises ConstraintsNotSatisfiable if none."""
 
 
+@dataclass(frozen=True, slots=True)
+class ListFilter:
+    """Which containers a listing for people shows (:meth:`ContainerQueue.newest`).
+
+    ``states``: only these (all when None); ``since``: only those created at or after this
+    time; ``array_id``: only the members of this array (all when "").
+    """
+
+    states: tuple[ContainerState, ...] | None = None
+    since: float | None = None
+    array_id: str = ""
+
+
 Listener = Callable[[], None]
 #: Called as ``observer(old, new)`` after a change is committed; ``old`` is None for a submission.
 Observer = Callable[["Container | None", Container], None]
@@ -101,6 +114,16 @@ class ContainerQueue(ABC):
     def submit(self, spec: ContainerSpec) -> Container:
         """Store a new container in state Queued (or Cancelled with a reason if it cannot fit
         any configured instance type)."""
+
+    @abstractmethod
+    def submit_many(self, specs: Iterable[ContainerSpec]) -> list[Container]:
+        """Submit several containers in one transaction: all are stored, or none is.  A spec
+        that is refused makes the whole batch fail, naming its index."""
+
+    @abstractmethod
+    def submit_array(self, spec: ContainerSpec, count: int) -> list[Container]:
+        """``count`` containers of one spec sharing a new array id (``Container.array_id``),
+        each with its index in ``$HERDER_ARRAY_INDEX``; all stored, or none."""
 
     @abstractmethod
     def lock(self, uuid: str) -> Container:
@@ -142,6 +165,16 @@ class ContainerQueue(ABC):
     def read_log(self, uuid: str, offset: int = 0, limit: int | None = None) -> bytes: ...
 
     # ---- listing for people (API / CLI)
+
+    @abstractmethod
+    def newest(
+        self, filter: ListFilter | None = None, limit: int = 100, after: str = ""
+    ) -> list[Container]:
+        """Containers newest first (by creation time, then uuid, both descending), a page at
+        a time: ``after`` is the uuid of the previous page's last container, and the page
+        continues from its position (keyset paging on ``(created_at, uuid)``), so that
+        containers submitted meanwhile never shift a page.  Raises
+        :class:`ContainerNotFound` for an unknown ``after``."""
 
     @abstractmethod
     def list(

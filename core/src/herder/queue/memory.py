@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from herder import defaults
 from herder.model import Container, ContainerState
-from herder.queue.base import ContainerNotFound, Sizer
+from herder.queue.base import ContainerNotFound, ListFilter, Sizer
 from herder.queue.rules import UNFINISHED, RuledQueue, Unreadable, cancelled
 from herder.runtime import Runtime
 
@@ -83,6 +83,23 @@ class MemoryQueue(RuledQueue):
         )
         if states is not None:
             found = [c for c in found if c.state in states]
+        return found[:limit]
+
+    def _load_newest(
+        self, filter: ListFilter, limit: int, cursor: tuple[float, str] | None
+    ) -> list[Container]:
+        found = sorted(
+            (
+                c
+                for c in self._records.values()
+                if (cursor is None or (c.created_at, c.uuid) < cursor)
+                and (filter.states is None or c.state in filter.states)
+                and (filter.since is None or c.created_at >= filter.since)
+                and (not filter.array_id or c.array_id == filter.array_id)
+            ),
+            key=lambda c: (c.created_at, c.uuid),
+            reverse=True,
+        )
         return found[:limit]
 
     def _load_counts(self) -> dict[ContainerState, int]:

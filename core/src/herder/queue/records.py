@@ -24,8 +24,10 @@ from herder.model import (
 #: The columns of a container row, in the order every function here uses.
 COLUMNS = (
     "uuid, state, priority, spec, created_at, locked_at, started_at, finished_at, lock_count, "
-    "exit_code, runtime_status, instance_id, instance_type, cost"
+    "exit_code, runtime_status, instance_id, instance_type, cost, array_id"
 )
+#: How many columns :data:`COLUMNS` names (for building placeholders).
+COLUMN_COUNT = 15
 #: The columns :func:`update_row` gives, in order, followed by the uuid.
 UPDATE_COLUMNS = (
     "state", "priority", "locked_at", "started_at", "finished_at", "lock_count", "exit_code",
@@ -73,6 +75,7 @@ def _spec_to_json(spec: ContainerSpec) -> dict[str, Any]:
         },
         "priority": spec.priority,
         "name": spec.name,
+        **({"after": list(spec.after)} if spec.after else {}),
     }
 
 
@@ -107,6 +110,7 @@ def _spec_from_json(data: dict[str, Any]) -> ContainerSpec:
         ),
         priority=data.get("priority", 1),
         name=data.get("name", ""),
+        after=tuple(str(u) for u in data.get("after", ())),
     )
 
 
@@ -126,6 +130,7 @@ def insert_row(c: Container) -> tuple[Any, ...]:
         c.instance_id,
         c.instance_type,
         c.cost,
+        c.array_id,
     )
 
 
@@ -178,6 +183,7 @@ def decode(row: Sequence[Any]) -> tuple[Container, str | None]:
                 created_at=row[4] if isinstance(row[4], number) else 0.0,
                 finished_at=row[7] if isinstance(row[7], number) else None,
                 runtime_status=(("error", why),),
+                array_id=row[14] if len(row) > 14 and isinstance(row[14], str) else "",
             ),
             why,
         )
@@ -199,4 +205,5 @@ def _decode_strictly(row: Sequence[Any]) -> Container:
         instance_id=row[11],
         instance_type=row[12],
         cost=row[13],
+        array_id=row[14],
     )

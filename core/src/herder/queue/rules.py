@@ -19,6 +19,7 @@ Two layers live here:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -31,18 +32,22 @@ from typing import NamedTuple
 from herder import defaults
 from herder.callbacks import Callbacks
 from herder.model import (
+    ARRAY_ID_ENV,
+    ARRAY_INDEX_ENV,
     CLUSTER_ID_RE,
     Container,
     ContainerSpec,
     ContainerState,
     InstanceResources,
     InstanceType,
+    is_container_uuid,
 )
 from herder.queue.base import (
     ContainerNotFound,
     ContainerQueue,
     InvalidTransition,
     Listener,
+    ListFilter,
     Observer,
     QueueEntry,
     QueueError,
@@ -67,7 +72,14 @@ class InvalidRequest(QueueError, ValueError):
     """A malformed submission or argument (as opposed to one refused for the container's state).
 
     It is a :class:`ValueError` too, so callers that validate input generically catch it.
+    ``index`` is the position of the refused spec in a batch (:meth:`RuledQueue.submit_many`),
+    ``field`` the field of the spec at fault when one is.
     """
+
+    def __init__(self, message: str, index: int | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+        self.field = field
 
 
 # --------------------------------------------------------------------------- state rules
@@ -89,8 +101,10 @@ def _refuse(c: Container, action: str) -> InvalidTransition:
 
 
 def cancelled(c: Container, now: float, error: str = "") -> Container:
-    """``c`` Cancelled, recording ``error`` (if any) as runtime_status error."""
+    """``c`` Cancelled, recording ``error`` (if any) as runtime_status error; it waits for
+    nothing any more."""
     status = _with_status(c, "error", error) if error else c.runtime_status
+    status = tuple((k, v) for k, v in status if k != WAITING_FOR)
     return replace(c, state=CANCELLED, finished_at=now, runtime_status=status)
 
 
@@ -105,9 +119,73 @@ def _requeued(c: Container) -> Container:
     )
 
 
+#: runtime_status key of a container held by ``after``: the uuids it still waits for, spaced.
+WAITING_FOR = "waiting_for"
+#: Most containers one container may wait for.
+MAX_AFTER = 1000
+
+
+def waiting_for(c: Container) -> list[str]:
+    """The containers ``c`` still waits for before it may run (``--after``)."""
+    return c.status(WAITING_FOR).split()
+
+
+def _without_status(c: Container, key: str) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in c.runtime_status if k != key)
+
+
+def dependency_failure(dep: Container) -> str:
+    """Why a container that waited for ``dep`` is cancelled, or "" if ``dep`` succeeded."""
+    if dep.state is COMPLETE and dep.exit_code == 0:
+        return ""
+    if dep.state is COMPLETE:
+        return f"dependency {dep.uuid} failed with exit code {dep.exit_code}"
+    why = dep.status("error")
+    return f"dependency {dep.uuid} was cancelled" + (f" ({why})" if why else "")
+
+
+def held_at_submission(c: Container, deps: Sequence[Container], now: float) -> Container:
+    """A new container with ``after``: held while some dependency has not finished, cancelled
+    (with which one and why) if one has failed or been cancelled already."""
+    pending = []
+    for dep in deps:
+        if not dep.state.final:
+            pending.append(dep.uuid)
+            continue
+        failure = dependency_failure(dep)
+        if failure:
+            return cancelled(c, now, failure)
+    if not pending:
+        return c
+    return replace(c, runtime_status=_with_status(c, WAITING_FOR, " ".join(pending)))
+
+
+def dependency_rule(c: Container, now: float, dep: Container) -> Container:
+    """``dep`` has finished: a container waiting for it waits for one less, or is cancelled
+    when ``dep`` did not complete with exit code 0."""
+    pending = waiting_for(c)
+    if c.state.final or dep.uuid not in pending:
+        return c
+    failure = dependency_failure(dep)
+    if failure:
+        return cancelled(c, now, failure)
+    rest = [u for u in pending if u != dep.uuid]
+    if rest:
+        return replace(c, runtime_status=_with_status(c, WAITING_FOR, " ".join(rest)))
+    return replace(c, runtime_status=_without_status(c, WAITING_FOR))
+
+
+def _dependency_rule_of(dep: Container, c: Container, now: float) -> Container:
+    return dependency_rule(c, now, dep)
+
+
 def lock_rule(c: Container, now: float) -> Container:
     if c.state is not QUEUED or c.priority <= 0:
         raise _refuse(c, f"lock (priority {c.priority})")
+    if waiting_for(c):
+        raise InvalidTransition(
+            f"cannot lock container {c.uuid}: it waits for {', '.join(waiting_for(c))}"
+        )
     return replace(c, state=LOCKED, lock_count=c.lock_count + 1, locked_at=now)
 
 
@@ -194,6 +272,11 @@ def validate_spec(spec: ContainerSpec) -> None:
             problems.append(f"runtime_constraints.{name} must be an integer >= 0, not {value!r}")
     if rc.gpu.device_count < 0 or rc.gpu.vram < 0:
         problems.append("runtime_constraints.gpu device_count and vram must be >= 0")
+    if len(spec.after) > MAX_AFTER:
+        problems.append(f"after: at most {MAX_AFTER} containers")
+    bad = [u for u in spec.after if not is_container_uuid(u)]
+    if bad:
+        problems.append(f"after: {bad[0][:60]!r} is not a container uuid")
     if problems:
         raise InvalidRequest("invalid container: " + "; ".join(problems))
 
@@ -206,8 +289,17 @@ _UUID_RANDOM_LEN = 15
 _UUID_BYTE_LIMIT = 256 - 256 % len(_UUID_ALPHABET)
 
 
-def new_uuid(cluster_id: str, random_bytes: Callable[[int], bytes]) -> str:
-    """``<cluster_id>-dz642-<15 random lowercase alphanumerics>``.
+#: The infix of array ids (``<cluster_id>-a88ay-<15 alphanumerics>``), as dz642 is containers'.
+ARRAY_INFIX = "a88ay"
+#: Most members one array may have.
+MAX_ARRAY = 100_000
+_ARRAY_ENV = frozenset({ARRAY_ID_ENV, ARRAY_INDEX_ENV})
+
+
+def new_uuid(
+    cluster_id: str, random_bytes: Callable[[int], bytes], infix: str = "dz642"
+) -> str:
+    """``<cluster_id>-dz642-<15 random lowercase alphanumerics>`` (``infix`` for other kinds).
 
     One draw of random bytes per UUID (not one per character) keeps a 100,000-container
     submission fast; 24 bytes almost always hold 15 usable ones, else it draws again.
@@ -217,7 +309,7 @@ def new_uuid(cluster_id: str, random_bytes: Callable[[int], bytes]) -> str:
     while len(chars) < _UUID_RANDOM_LEN:
         raw = random_bytes(24)
         chars += "".join(_UUID_ALPHABET[b % n] for b in raw if b < _UUID_BYTE_LIMIT)
-    return f"{cluster_id}-dz642-{chars[:_UUID_RANDOM_LEN]}"
+    return f"{cluster_id}-{infix}-{chars[:_UUID_RANDOM_LEN]}"
 
 
 # --------------------------------------------------------------------------- the queue
@@ -269,6 +361,9 @@ class RuledQueue(ContainerQueue):
         self._always_preemptible = always_use_preemptible
         self._lock = threading.Lock()
         self._entries: dict[str, QueueEntry] = {}
+        #: uuid → the containers in the snapshot that wait for it (``after``), so that a
+        #: finished container finds its waiters without a scan; may hold stale entries.
+        self._waiters: dict[str, set[str]] = {}
         self._listeners: Callbacks[[]] = Callbacks("queue listener", log)
         self._observers: Callbacks[[Container | None, Container]] = Callbacks(
             "queue observer", log
@@ -314,6 +409,13 @@ class RuledQueue(ContainerQueue):
         self, states: list[ContainerState] | None, limit: int, after: str
     ) -> list[Container]:
         """Records by uuid order after ``after``, in ``states`` (all when None)."""
+
+    @abstractmethod
+    def _load_newest(
+        self, filter: ListFilter, limit: int, cursor: tuple[float, str] | None
+    ) -> list[Container]:
+        """Records matching ``filter``, ordered by ``(created_at, uuid)`` descending, strictly
+        after ``cursor`` in that order (from the newest when None); at most ``limit``."""
 
     @abstractmethod
     def _load_counts(self) -> dict[ContainerState, int]:
@@ -367,8 +469,12 @@ class RuledQueue(ContainerQueue):
                 self._entries[c.uuid] = QueueEntry(
                     c, sizing.resources, sizing.instance_types, now
                 )
+                if waiting_for(c):
+                    self._wait(c)
             if doomed or unreadable:
                 self._store_cancelled(doomed, unreadable, now)
+        if self._waiters:
+            self._settle_from_storage()
 
     # ---- helpers for subclasses
 
@@ -428,11 +534,22 @@ class RuledQueue(ContainerQueue):
                     )
                 else:
                     continue
+                if waiting_for(new):
+                    self._wait(new)
                 changes.append((old, new))
         if changes:
             self._notify()
         for old, new in changes:
             self._observed(old, new)
+        # What another process finished may release containers held here, and what it
+        # submitted may wait for containers that have finished since.
+        finished = [new for old, new in changes if new.state.final and old is not None
+                    and not old.state.final]
+        if finished and self._waiters:
+            self._settle(finished)
+        deps = {dep for _, new in changes for dep in waiting_for(new)}
+        if deps:
+            self._settle_from_storage(deps)
 
     def _notify(self) -> None:
         """Call every listener; one failing listener must not starve the others."""
@@ -442,7 +559,9 @@ class RuledQueue(ContainerQueue):
         """Tell every observer about one change; a failing observer must not break the change."""
         self._observers.call(old, new)
 
-    def _prepare(self, spec: ContainerSpec, now: float) -> tuple[Container, Sizing]:
+    def _prepare(
+        self, spec: ContainerSpec, now: float, array_id: str = ""
+    ) -> tuple[Container, Sizing]:
         """Validate and size a submission; unsatisfiable ones come back Cancelled."""
         validate_spec(spec)
         if self._always_preemptible and not spec.scheduling_parameters.preemptible:
@@ -454,14 +573,17 @@ class RuledQueue(ContainerQueue):
             priority=spec.priority,
             spec=spec,
             created_at=now,
+            array_id=array_id,
         )
         sizing = self._size(c)
         if sizing.error:
             c = cancelled(c, now, unsatisfiable_error(sizing.error))
         return c, sizing
 
-    def _transition(self, uuid: str, rule: Rule) -> Container:
-        """Apply ``rule`` to one container: store, update the snapshot, then notify."""
+    def _transition(self, uuid: str, rule: Rule, *, settle: bool = True) -> Container:
+        """Apply ``rule`` to one container: store, update the snapshot, then notify; then
+        settle what waited for it, if it has just finished (unless ``settle`` is false: the
+        caller settles)."""
         with self._lock:
             now = self._runtime.now()
             entry = self._entries.get(uuid)
@@ -490,6 +612,8 @@ class RuledQueue(ContainerQueue):
                 self._entries[uuid] = QueueEntry(new, sizing.resources, sizing.instance_types, now)
         self._notify()
         self._observed(old, new)
+        if settle and new.state.final and not old.state.final and self._waiters:
+            self._settle([new])
         return new
 
     def _cancel_if_unsatisfiable(
@@ -540,10 +664,48 @@ class RuledQueue(ContainerQueue):
         up the scheduler's reads for longer than the insert itself.
         """
         now = self._runtime.now()
-        prepared = [self._prepare(spec, now) for spec in specs]
+        specs = list(specs)
+        prepared = []
+        for index, spec in enumerate(specs):
+            try:
+                prepared.append(self._prepare(spec, now))
+            except InvalidRequest as exc:
+                if len(specs) == 1:
+                    raise
+                raise InvalidRequest(f"item {index}: {exc}", index, exc.field) from None
+        return self._store_prepared(prepared, now)
+
+    def submit_array(self, spec: ContainerSpec, count: int) -> list[Container]:
+        """``count`` containers of one spec sharing a new array id, in one transaction.
+
+        Each member finds its index (0 to count - 1) in ``$HERDER_ARRAY_INDEX`` and the array
+        id in ``$HERDER_ARRAY_ID``, replacing any value the spec gave them.
+        """
+        if not isinstance(count, int) or not 1 <= count <= MAX_ARRAY:
+            raise InvalidRequest(f"count must be 1 to {MAX_ARRAY}, not {count!r}")
+        array_id = new_uuid(self._cluster_id, self._random_bytes, ARRAY_INFIX)
+        base = tuple((k, v) for k, v in spec.environment if k not in _ARRAY_ENV)
+        now = self._runtime.now()
+        validate_spec(spec)
+        prepared = []
+        for index in range(count):
+            env = (*base, (ARRAY_ID_ENV, array_id), (ARRAY_INDEX_ENV, str(index)))
+            member = replace(spec, environment=tuple(sorted(env)))
+            prepared.append(self._prepare(member, now, array_id))
+        return self._store_prepared(prepared, now)
+
+    def _store_prepared(
+        self, prepared: list[tuple[Container, Sizing]], now: float
+    ) -> list[Container]:
+        """Store validated submissions in one transaction, then tell listeners."""
         if not prepared:
             return []
         with self._lock:
+            batch = len(prepared) > 1
+            prepared = [
+                (self._hold(c, i if batch else None, now), sizing)
+                for i, (c, sizing) in enumerate(prepared)
+            ]
             self._store_new([c for c, _ in prepared])
             for c, sizing in prepared:
                 # An unsatisfiable submission is cancelled at once and never needs attention.
@@ -551,10 +713,62 @@ class RuledQueue(ContainerQueue):
                     self._entries[c.uuid] = QueueEntry(
                         c, sizing.resources, sizing.instance_types, now
                     )
+                    if waiting_for(c):
+                        self._wait(c)
         self._notify()
         for c, _ in prepared:
             self._observed(None, c)
         return [c for c, _ in prepared]
+
+    def _hold(self, c: Container, index: int | None, now: float) -> Container:
+        """Apply ``after`` to a new container (caller holds ``self._lock``): every dependency
+        must exist; the container waits for those not finished yet, or is cancelled at once if
+        one has failed already."""
+        if not c.spec.after or c.state.final:
+            return c
+        deps = []
+        for uuid in dict.fromkeys(c.spec.after):
+            try:
+                deps.append(self._stored(uuid))
+            except ContainerNotFound:
+                where = "" if index is None else f"item {index}: "
+                raise InvalidRequest(
+                    f"{where}after: no container {uuid}", index, "after"
+                ) from None
+        return held_at_submission(c, deps, now)
+
+    def _wait(self, c: Container) -> None:
+        """Index ``c`` under each container it waits for (caller holds ``self._lock``)."""
+        for dep in waiting_for(c):
+            self._waiters.setdefault(dep, set()).add(c.uuid)
+
+    def _settle(self, finished: Iterable[Container]) -> None:
+        """Tell the containers waiting for ``finished`` (final ones) that they have ended:
+        each is released once all it waits for completed with exit code 0, and cancelled
+        as soon as one did not.  Cancellations cascade to what waited for them in turn,
+        iteratively, so a long chain costs no stack."""
+        work = [c for c in finished if c.state.final]
+        while work:
+            done = work.pop()
+            with self._lock:
+                candidates = sorted(self._waiters.pop(done.uuid, ()))
+            rule: Rule = functools.partial(_dependency_rule_of, done)
+            for uuid in candidates:
+                try:
+                    new = self._transition(uuid, rule, settle=False)
+                except ContainerNotFound:
+                    continue
+                if new.state.final:
+                    work.append(new)
+
+    def _settle_from_storage(self, deps: Iterable[str] | None = None) -> None:
+        """Settle held containers whose dependencies (``deps``, or all of them) finished while
+        nobody was told (a stop between the two writes; a container submitted elsewhere after
+        its dependency ended)."""
+        with self._lock:
+            deps = list(self._waiters if deps is None else deps)
+            finished = [c for c in map(self._load, deps) if c is not None and c.state.final]
+        self._settle(finished)
 
     def lock(self, uuid: str) -> Container:
         return self._transition(uuid, lock_rule)
@@ -610,6 +824,25 @@ class RuledQueue(ContainerQueue):
             return self._load_log(uuid, offset, end)
 
     # ---- listing for people
+
+    def newest(
+        self, filter: ListFilter | None = None, limit: int = 100, after: str = ""
+    ) -> list[Container]:
+        if limit < 0:
+            raise InvalidRequest("limit must be >= 0")
+        filter = filter or ListFilter()
+        if filter.states is not None:
+            filter = replace(filter, states=tuple(ContainerState(s) for s in filter.states))
+            if not filter.states:
+                return []
+        if filter.since is not None and not math.isfinite(filter.since):
+            raise InvalidRequest("since must be a finite time")
+        with self._lock:
+            cursor = None
+            if after:
+                last = self._stored(after)
+                cursor = (last.created_at, last.uuid)
+            return self._load_newest(filter, limit, cursor) if limit else []
 
     def list(
         self,

@@ -25,8 +25,16 @@ from typing import Any
 
 from herder import defaults
 from herder.model import Container, ContainerState
-from herder.queue.base import QueueError, Sizer
-from herder.queue.records import COLUMNS, decode, dumps, from_row, insert_row, update_row
+from herder.queue.base import ListFilter, QueueError, Sizer
+from herder.queue.records import (
+    COLUMN_COUNT,
+    COLUMNS,
+    decode,
+    dumps,
+    from_row,
+    insert_row,
+    update_row,
+)
 from herder.queue.rules import (
     CANCELLED,
     LOCKED,
@@ -92,11 +100,19 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE UNIQUE INDEX logs_uuid_start ON logs (uuid, start)",
     ),
+    # Listings newest first and arrays (issue 19): one step, so that it can be renumbered
+    # when merged beside other schema changes.
+    (
+        "ALTER TABLE containers ADD COLUMN array_id TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX containers_created_uuid ON containers (created_at, uuid)",
+        "CREATE INDEX containers_array ON containers (array_id, created_at, uuid) "
+        "WHERE array_id != ''",
+    ),
 )
 
 # Built from constants only, never from input.
 _SELECT = f"SELECT {COLUMNS} FROM containers"  # noqa: S608
-_INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join('?' * 14)})"  # noqa: S608
+_INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join('?' * COLUMN_COUNT)})"  # noqa: S608
 _UPDATE = (
     "UPDATE containers SET state = ?, priority = ?, locked_at = ?, started_at = ?, "
     "finished_at = ?, lock_count = ?, exit_code = ?, runtime_status = ?, instance_id = ?, "
@@ -251,7 +267,12 @@ def check_file(path: str) -> dict[str, Any]:
             if "queue_identity" in tables:
                 found = db.execute("SELECT id FROM queue_identity").fetchone()
                 identity = str(found[0]) if found else ""
-            rows = db.execute(_SELECT).fetchall()
+            columns = {row[1] for row in db.execute("PRAGMA table_info(containers)")}
+            # A file not yet upgraded has no array_id column: its containers are in no array.
+            select = _SELECT if "array_id" in columns else _SELECT.replace(
+                "array_id FROM", "'' FROM"
+            )
+            rows = db.execute(select).fetchall()
             stored = int(db.execute("PRAGMA user_version").fetchone()[0])
         except sqlite3.DatabaseError as exc:
             raise QueueError(_damaged(path, str(exc))) from exc
@@ -495,6 +516,28 @@ class SqliteQueue(RuledQueue):
             sql += f" AND state IN ({', '.join('?' * len(states))})"
             params += [s.value for s in states]
         sql += " ORDER BY uuid LIMIT ?"
+        params.append(limit)
+        return [from_row(row) for row in self._db.execute(sql, params).fetchall()]
+
+    def _load_newest(
+        self, filter: ListFilter, limit: int, cursor: tuple[float, str] | None
+    ) -> list[Container]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if cursor is not None:
+            clauses.append("(created_at < ? OR (created_at = ? AND uuid < ?))")
+            params += [cursor[0], cursor[0], cursor[1]]
+        if filter.states is not None:
+            clauses.append(f"state IN ({', '.join('?' * len(filter.states))})")
+            params += [s.value for s in filter.states]
+        if filter.since is not None:
+            clauses.append("created_at >= ?")
+            params.append(filter.since)
+        if filter.array_id:
+            clauses.append("array_id = ? AND array_id != ''")
+            params.append(filter.array_id)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"{_SELECT}{where} ORDER BY created_at DESC, uuid DESC LIMIT ?"
         params.append(limit)
         return [from_row(row) for row in self._db.execute(sql, params).fetchall()]
 

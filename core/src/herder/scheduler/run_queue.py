@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from herder.config import Config
 from herder.model import ContainerState, DrainCause, InstanceType, WorkerState
 from herder.queue.base import QueueEntry
+from herder.queue.rules import waiting_for
 from herder.scheduler.ops import ContainerOps
 from herder.scheduler.placement import READY, Placement, Slot
 from herder.scheduler.queue_index import OrderItem, QueueIndex
@@ -47,6 +48,7 @@ from herder.scheduler.status import (
     SchedEntry,
     Status,
     StatusKind,
+    dependency_status,
 )
 from herder.units import format_duration
 from herder.worker.interfaces import BootBackoff, QuotaLimit, WorkerPool
@@ -127,9 +129,14 @@ _LIMIT_STATUS = {
 
 
 def _plain(entry: QueueEntry) -> bool:
-    """Not a supervisor and not priority 0: passing it over changes no count and no status."""
+    """Not a supervisor, not priority 0 and not held by ``after``: passing it over changes no
+    count and no status."""
     c = entry.container
-    return c.priority > 0 and not c.spec.scheduling_parameters.supervisor
+    return (
+        c.priority > 0
+        and not c.spec.scheduling_parameters.supervisor
+        and not (c.runtime_status and waiting_for(c))
+    )
 
 
 class ConcurrencyLimit:
@@ -325,6 +332,11 @@ class _Pass:
         supervisor = ctr.scheduling_parameters.supervisor
         if supervisor:
             self.supervisors += 1
+        held = waiting_for(ctr) if ctr.runtime_status else None
+        if held:
+            # Not locked until what it waits for has completed (the queue refuses the lock).
+            self.statuses[ctr.uuid] = dependency_status(held)
+            return True
         if ctr.priority < 1:
             return True  # status PRIORITY_ZERO, derived when read
         if supervisor and 0 < self.max_supervisors < self.supervisors:

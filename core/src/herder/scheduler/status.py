@@ -1,9 +1,10 @@
 """The ``scheduling_status`` texts people see for a waiting container (SPEC §9.5).
 
 The texts are Arvados' own, word for word (note the two spaces after full stops): scripts and
-dashboards that parse them keep working.  herder adds two that Arvados cannot say: herder's own
-instance cap (Arvados reports it as the cloud's limits), a pause after failed boots, and a
-spend budget that forbids new instances (``cloud.budget``).
+dashboards that parse them keep working.  herder adds four that Arvados cannot say: herder's own
+instance cap (Arvados reports it as the cloud's limits), a pause after failed boots, a spend
+budget that forbids new instances (``cloud.budget``), and the containers one submitted with
+``--after`` waits for.
 
 A pass records a small :class:`Status` value and the text is only formatted when someone asks
 for it, so that a pass over 100,000 waiting containers does not format 100,000 strings nobody
@@ -45,6 +46,10 @@ MAX_INSTANCES = (
     "Cluster is at its configured instance limit (cloud.max_instances: {}) and cannot start "
     "any new instances right now."
 )
+WAITING_DEPENDENCIES = (
+    "This container will not be scheduled to run until {} complete with exit code 0 "
+    "(submitted with --after)."
+)
 BOOT_BACKOFF = (
     "Waiting in queue at position {}.  "
     "{} instances of type {} failed to boot in a row; next try in {}; see herder cloudtest."
@@ -67,6 +72,13 @@ class StatusKind(StrEnum):
     MAX_INSTANCES = MAX_INSTANCES
     BOOT_BACKOFF = BOOT_BACKOFF
     BUDGET = BUDGET
+    WAITING_DEPENDENCIES = WAITING_DEPENDENCIES
+
+
+def _some(uuids: tuple[str, ...]) -> str:
+    """The first few of ``uuids``, and how many more, for a line people read."""
+    shown = ", ".join(uuids[:3])
+    return shown + (f" and {len(uuids) - 3} more" if len(uuids) > 3 else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +107,9 @@ class Status:
             return kind.value.format(self.position, self.detail)
         if kind is StatusKind.BOOT_BACKOFF:
             return kind.value.format(self.position, *self.detail)
+        if kind is StatusKind.WAITING_DEPENDENCIES:
+            uuids = self.detail if isinstance(self.detail, tuple) else (self.detail,)
+            return kind.value.format(_some(uuids))
         return kind.value.format(self.position)
 
 
@@ -108,6 +123,11 @@ class SchedEntry:
 
     entry: QueueEntry
     scheduling_status: str
+
+
+def dependency_status(waiting_for: list[str]) -> Status:
+    """The status of a container held by ``after`` until ``waiting_for`` complete."""
+    return Status(StatusKind.WAITING_DEPENDENCIES, detail=tuple(waiting_for))
 
 
 def is_waiting(state: ContainerState) -> bool:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -47,7 +47,13 @@ from herder.model import (
     RuntimeConstraints,
     SchedulingParameters,
 )
-from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition, Sizer
+from herder.queue.base import (
+    ContainerNotFound,
+    ContainerQueue,
+    InvalidTransition,
+    ListFilter,
+    Sizer,
+)
 from herder.runtime import VirtualRuntime
 from herder.sizing import ConfigSizer
 
@@ -184,6 +190,57 @@ class QueueConformance:
             queue.submit(spec(priority=-1))
         assert queue.list() == []
         assert queue.entries()[0] == {}
+
+    def test_a_batch_is_stored_whole_or_not_at_all(self, queue: ContainerQueue) -> None:
+        made = queue.submit_many([spec(priority=2), spec(ram=128 * GiB), spec()])
+        assert [c.state for c in made] == [Q, X, Q]
+        assert made[0].priority == 2
+        assert {c.uuid for c in queue.list()} == {c.uuid for c in made}
+        assert set(queue.entries()[0]) == {made[0].uuid, made[2].uuid}
+        with pytest.raises(ValueError, match=r"item 2: .*priority") as refused:
+            queue.submit_many([spec(), spec(), spec(priority=-1)])
+        assert getattr(refused.value, "index", None) == 2
+        assert len(queue.list()) == 3
+        assert queue.submit_many([]) == []
+
+    def test_an_array_shares_an_id_and_tells_each_member_its_index(
+        self, queue: ContainerQueue
+    ) -> None:
+        other = queue.submit(spec())
+        made = queue.submit_array(spec(priority=3), 4)
+        array_id = made[0].array_id
+        assert re.fullmatch(r"zzzzz-a88ay-[0-9a-z]{15}", array_id), array_id
+        assert {c.array_id for c in made} == {array_id} and other.array_id == ""
+        for index, c in enumerate(made):
+            env = dict(c.spec.environment)
+            assert env["HERDER_ARRAY_INDEX"] == str(index)
+            assert env["HERDER_ARRAY_ID"] == array_id
+            assert env["A"] == "1" and c.priority == 3
+            assert _get(queue, c.uuid).array_id == array_id
+        members = queue.newest(ListFilter(array_id=array_id))
+        assert sorted(c.uuid for c in members) == sorted(c.uuid for c in made)
+        queue.cancel(made[0].uuid)
+        unfinished = queue.newest(ListFilter(states=(Q,), array_id=array_id))
+        assert len(unfinished) == 3
+        assert queue.submit_array(spec(), 2)[0].array_id != array_id
+        with pytest.raises(ValueError, match="count"):
+            queue.submit_array(spec(), 0)
+        with pytest.raises(ValueError, match="priority"):
+            queue.submit_array(spec(priority=-1), 2)
+        assert len(queue.list()) == 7
+
+    def test_negative_resources_are_refused_and_zero_vcpus_shares_one(
+        self, queue: ContainerQueue
+    ) -> None:
+        for bad in (spec(vcpus=-1), spec(ram=-1)):
+            with pytest.raises(ValueError, match="must be an integer >= 0"):
+                queue.submit(bad)
+        assert queue.list() == []
+        # SPEC 8.5: a 0-VCPU container shares one VCPU with the other 0-VCPU containers of
+        # its instance; it is a real request, not a mistake.
+        light = queue.submit(spec(vcpus=0))
+        assert light.state is Q
+        assert queue.entries()[0][light.uuid].resources.vcpus == 0
 
     def test_unsatisfiable_submission_is_cancelled_at_once(self, queue: ContainerQueue) -> None:
         c = queue.submit(spec(ram=128 * GiB))
@@ -436,6 +493,137 @@ class QueueConformance:
         assert queue.list(states=[]) == []
         counts = queue.counts()
         assert (counts[Q], counts[X], counts[L]) == (4, 1, 0)
+
+    def test_newest_lists_newest_first_with_keyset_paging(
+        self, queue: ContainerQueue, rt: VirtualRuntime
+    ) -> None:
+        made = []
+        for i in range(5):
+            made.append(queue.submit(spec()))
+            if i != 2:  # two share a creation time: the uuid breaks the tie, descending
+                rt.advance(10)
+        order = sorted(made, key=lambda c: (c.created_at, c.uuid), reverse=True)
+        uuids = [c.uuid for c in order]
+        assert [c.uuid for c in queue.newest()] == uuids
+        first = queue.newest(limit=2)
+        assert [c.uuid for c in first] == uuids[:2]
+        # A container submitted between two pages does not shift the next page.
+        rt.advance(10)
+        fresh = queue.submit(spec())
+        page = queue.newest(limit=2, after=first[-1].uuid)
+        assert [c.uuid for c in page] == uuids[2:4]
+        assert [c.uuid for c in queue.newest(limit=10, after=page[-1].uuid)] == uuids[4:]
+        assert queue.newest(limit=1)[0].uuid == fresh.uuid
+        assert queue.newest(limit=0) == []
+        with pytest.raises(ContainerNotFound):
+            queue.newest(after="zzzzz-dz642-000000000000000")
+
+    def test_newest_filters_by_state_and_time(
+        self, queue: ContainerQueue, rt: VirtualRuntime
+    ) -> None:
+        old = queue.submit(spec())
+        rt.advance(100)
+        since = rt.now()
+        mid = queue.submit(spec())
+        rt.advance(1)
+        new = queue.submit(spec())
+        queue.cancel(mid.uuid, "stop")
+        assert [c.uuid for c in queue.newest(ListFilter(since=since))] == [new.uuid, mid.uuid]
+        assert [c.uuid for c in queue.newest(ListFilter(states=(Q,)))] == [new.uuid, old.uuid]
+        both = ListFilter(states=(X,), since=since)
+        assert [c.uuid for c in queue.newest(both)] == [mid.uuid]
+        assert queue.newest(ListFilter(states=())) == []
+        assert queue.newest(ListFilter(array_id="zzzzz-a88ay-000000000000000")) == []
+
+    # ---- dependencies (``after``)
+
+    def test_after_holds_until_the_dependency_completes_with_0(
+        self, queue: ContainerQueue, rt: VirtualRuntime
+    ) -> None:
+        first = queue.submit(spec())
+        second = queue.submit(spec())
+        held = queue.submit(replace(spec(), after=(first.uuid, second.uuid)))
+        assert held.state is Q
+        assert held.status("waiting_for").split() == [first.uuid, second.uuid]
+        with pytest.raises(InvalidTransition, match="waits for"):
+            queue.lock(held.uuid)
+        self._complete(queue, first.uuid, 0)
+        assert _get(queue, held.uuid).status("waiting_for") == second.uuid
+        with pytest.raises(InvalidTransition):
+            queue.lock(held.uuid)
+        self._complete(queue, second.uuid, 0)
+        released = _get(queue, held.uuid)
+        assert released.state is Q and released.status("waiting_for") == ""
+        assert queue.entries()[0][held.uuid].container == released
+        assert queue.lock(held.uuid).state is L
+
+    def test_after_a_failure_cancels_with_the_reason_down_the_chain(
+        self, queue: ContainerQueue
+    ) -> None:
+        first = queue.submit(spec())
+        middle = queue.submit(replace(spec(), after=(first.uuid,)))
+        last = queue.submit(replace(spec(), after=(middle.uuid,)))
+        other = queue.submit(spec())
+        self._complete(queue, first.uuid, 3)
+        middle = _get(queue, middle.uuid)
+        assert middle.state is X
+        assert middle.status("error") == f"dependency {first.uuid} failed with exit code 3"
+        assert middle.status("waiting_for") == ""
+        last = _get(queue, last.uuid)
+        assert last.state is X
+        assert last.status("error").startswith(f"dependency {middle.uuid} was cancelled")
+        assert _get(queue, other.uuid).state is Q
+        stopped = queue.submit(spec())
+        waiter = queue.submit(replace(spec(), after=(stopped.uuid,)))
+        queue.cancel(stopped.uuid, "operator said no")
+        assert _get(queue, waiter.uuid).status("error") == (
+            f"dependency {stopped.uuid} was cancelled (operator said no)"
+        )
+
+    def test_after_finished_or_unknown_containers_at_submission(
+        self, queue: ContainerQueue
+    ) -> None:
+        ok = queue.submit(spec())
+        self._complete(queue, ok.uuid, 0)
+        failed = queue.submit(spec())
+        self._complete(queue, failed.uuid, 1)
+        free = queue.submit(replace(spec(), after=(ok.uuid,)))
+        assert free.state is Q and free.status("waiting_for") == ""
+        doomed = queue.submit(replace(spec(), after=(ok.uuid, failed.uuid)))
+        assert doomed.state is X and f"dependency {failed.uuid} failed" in doomed.status("error")
+        assert doomed.uuid not in queue.entries()[0]
+        unknown = "zzzzz-dz642-000000000000000"
+        stored = len(queue.list())
+        with pytest.raises(ValueError, match=f"after: no container {unknown}"):
+            queue.submit(replace(spec(), after=(unknown,)))
+        with pytest.raises(ValueError, match=f"item 1: after: no container {unknown}"):
+            queue.submit_many([spec(), replace(spec(), after=(unknown,))])
+        with pytest.raises(ValueError, match="not a container uuid"):
+            queue.submit(replace(spec(), after=("; rm -rf /",)))
+        assert len(queue.list()) == stored
+
+    def test_an_array_may_wait_and_be_waited_for(self, queue: ContainerQueue) -> None:
+        first = queue.submit(spec())
+        members = queue.submit_array(replace(spec(), after=(first.uuid,)), 3)
+        assert all(c.status("waiting_for") == first.uuid for c in members)
+        self._complete(queue, first.uuid, 0)
+        assert all(_get(queue, c.uuid).status("waiting_for") == "" for c in members)
+
+    def test_held_containers_stay_held_across_a_reopen(
+        self, opened: _Opened, queue: ContainerQueue
+    ) -> None:
+        first = queue.submit(spec())
+        held = queue.submit(replace(spec(), after=(first.uuid,)))
+        queue = self._reopen(opened, queue)
+        assert _get(queue, held.uuid).status("waiting_for") == first.uuid
+        self._complete(queue, first.uuid, 0)
+        assert _get(queue, held.uuid).status("waiting_for") == ""
+
+    @staticmethod
+    def _complete(queue: ContainerQueue, uuid: str, exit_code: int) -> None:
+        queue.lock(uuid)
+        queue.set_running(uuid, "i-1", "small")
+        queue.finish(uuid, exit_code)
 
     # ---- durability
 

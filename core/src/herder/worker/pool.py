@@ -255,6 +255,30 @@ class Pool(WorkerPool):
         views.sort(key=lambda v: (v.instance, v.instance_type))
         return views
 
+    def spot_prices(self) -> dict[str, float]:
+        """The current price of each preemptible instance type that has an instance now, as
+        its driver reports it (``Instance.price_history``, spot markets); types without an
+        instance, or whose driver reports nothing, are left out.
+
+        The driver is asked outside the pool lock, one instance per type; a driver that fails
+        costs that type its entry, never the caller.
+        """
+        with self._lock:
+            chosen: dict[str, Worker] = {}
+            for w in self._workers.values():
+                if w.instance_type.preemptible:
+                    chosen.setdefault(w.instance_type.name, w)
+        out: dict[str, float] = {}
+        for name, w in chosen.items():
+            try:
+                prices = w.instance.price_history(w.instance_type)
+            except Exception as exc:  # a driver's failure must not break a listing
+                self._log.warning("price history of %s unavailable: %s", w.instance.id, exc)
+                continue
+            if prices:
+                out[name] = max(prices, key=lambda p: p.start_time).price
+        return out
+
     @staticmethod
     def _pending_view(pending: _PendingCreate) -> InstanceView:
         it = pending.instance_type

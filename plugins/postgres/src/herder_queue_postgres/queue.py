@@ -35,8 +35,22 @@ import psycopg
 from psycopg import sql
 
 from herder.model import Container, ContainerState
-from herder.queue.base import ContainerNotFound, QueueError, QueueUnavailable, Sizer
-from herder.queue.records import COLUMNS, decode, dumps, from_row, insert_row, update_row
+from herder.queue.base import (
+    ContainerNotFound,
+    ListFilter,
+    QueueError,
+    QueueUnavailable,
+    Sizer,
+)
+from herder.queue.records import (
+    COLUMN_COUNT,
+    COLUMNS,
+    decode,
+    dumps,
+    from_row,
+    insert_row,
+    update_row,
+)
 from herder.queue.rules import CANCELLED, UNFINISHED, RuledQueue, Unreadable
 from herder.runtime import Runtime
 from herder_queue_postgres.leader import lock_key
@@ -73,11 +87,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (uuid, start)
         )""",
     ),
+    # Listings newest first and arrays (issue 19): one step, so that it can be renumbered
+    # when merged beside other schema changes.
+    (
+        "ALTER TABLE containers ADD COLUMN array_id text NOT NULL DEFAULT ''",
+        "CREATE INDEX containers_created_uuid ON containers (created_at, uuid)",
+        "CREATE INDEX containers_array ON containers (array_id, created_at, uuid) "
+        "WHERE array_id <> ''",
+    ),
 )
 
 # Built from constants only, never from input.
 _SELECT = f"SELECT {COLUMNS} FROM containers"  # noqa: S608
-_INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join(['%s'] * 14)})"  # noqa: S608
+_INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join(['%s'] * COLUMN_COUNT)})"  # noqa: S608
 _UPDATE = (
     "UPDATE containers SET state = %s, priority = %s, locked_at = %s, started_at = %s, "
     "finished_at = %s, lock_count = %s, exit_code = %s, runtime_status = %s, instance_id = %s, "
@@ -413,6 +435,30 @@ class PostgresQueue(RuledQueue):
                 (after, wanted, wanted, limit),
             ).fetchall()
         )
+        return [from_row(row) for row in rows]
+
+    def _load_newest(
+        self, filter: ListFilter, limit: int, cursor: tuple[float, str] | None
+    ) -> list[Container]:
+        clauses: list[sql.Composable] = [sql.SQL("TRUE")]
+        params: list[Any] = []
+        if cursor is not None:
+            clauses.append(sql.SQL("(created_at, uuid) < (%s, %s)"))
+            params += [cursor[0], cursor[1]]
+        if filter.states is not None:
+            clauses.append(sql.SQL("state = ANY(%s::text[])"))
+            params.append([s.value for s in filter.states])
+        if filter.since is not None:
+            clauses.append(sql.SQL("created_at >= %s"))
+            params.append(filter.since)
+        if filter.array_id:
+            clauses.append(sql.SQL("array_id = %s AND array_id <> ''"))
+            params.append(filter.array_id)
+        query = sql.SQL("{} WHERE {} ORDER BY created_at DESC, uuid DESC LIMIT %s").format(
+            sql.SQL(_SELECT), sql.SQL(" AND ").join(clauses)  # constants only
+        )
+        params.append(limit)
+        rows = self._read(lambda db: db.execute(query, params).fetchall())
         return [from_row(row) for row in rows]
 
     def _load_counts(self) -> dict[ContainerState, int]:

@@ -5,6 +5,9 @@
 
 const TOKEN_KEY = "herder-management-token";
 const REFRESH_MS = 3000;
+// How often the log view asks for more of a running container's log.
+const LOG_POLL_MS = 1000;
+const FINISHED_SHOWN = 50;
 const STATE_ORDER = ["running", "idle", "booting", "unknown", "shutdown"];
 let timer = null;
 let busy = false;
@@ -182,8 +185,91 @@ function containerTable(items, columns, empty) {
       columns.map(([, cell]) => cell(ctr))))));
 }
 
+// The queue in the order the scheduler serves it (SPEC 9.5): Locked before Queued, then
+// higher priority first, then older first.
+function queueOrder(a, b) {
+  const locked = (c) => (c.state === "Locked" ? 0 : 1);
+  return locked(a) - locked(b) || b.priority - a.priority ||
+    Date.parse(a.created_at) - Date.parse(b.created_at) || (a.uuid < b.uuid ? -1 : 1);
+}
+
+function outcome(ctr) {
+  if (ctr.state === "Complete") return `exit code ${ctr.exit_code}`;
+  return "cancelled: " + ((ctr.runtime_status && ctr.runtime_status.error) || "no reason given");
+}
+
+function logButton(ctr) {
+  return actionButton("log", "Show this container's log (followed while it runs)",
+                      () => openLog(ctr.uuid));
+}
+
+function renderFinished(items) {
+  const latest = [...items].sort((a, b) => Date.parse(b.finished_at) - Date.parse(a.finished_at));
+  $("finished").replaceChildren(containerTable(latest, [
+    ["Container", c => el("td", { class: "id" }, c.uuid)],
+    ["Name", c => el("td", { class: "name" }, c.name)],
+    ["State", c => el("td", {}, stateBadge(c.state))],
+    ["Outcome", c => el("td", {
+      class: "outcome" + ((c.state === "Complete" && c.exit_code === 0) ? "" : " outcome-failed"),
+    }, outcome(c))],
+    ["Finished", c => el("td", { class: "num" }, since(c.finished_at) + " ago")],
+    ["Run time", c => el("td", { class: "num" }, duration(c.run_time))],
+    ["Cost", c => el("td", { class: "num cost" }, money(c.cost))],
+    ["", c => el("td", {}, logButton(c))],
+  ], "Nothing has finished yet."));
+}
+
+// The log view: reads the log route from the last offset, appending, until the server says
+// the log is final (the container has ended and everything was read).
+const logView = { uuid: null, offset: 0, timer: null, generation: 0 };
+
+function openLog(uuid) {
+  clearTimeout(logView.timer);
+  logView.generation += 1;
+  Object.assign(logView, { uuid, offset: 0 });
+  $("log-uuid").textContent = uuid;
+  $("log-state").textContent = "(following)";
+  $("log-text").textContent = "";
+  $("log-view").hidden = false;
+  pollLog(logView.generation);
+}
+
+function closeLog() {
+  clearTimeout(logView.timer);
+  logView.generation += 1;
+  logView.uuid = null;
+  $("log-view").hidden = true;
+}
+
+async function pollLog(generation) {
+  if (generation !== logView.generation) return;
+  const path = `/api/v1/containers/${encodeURIComponent(logView.uuid)}/log`;
+  try {
+    for (;;) {
+      const chunk = await api("GET", `${path}?offset=${logView.offset}`);
+      if (generation !== logView.generation) return;  // closed or switched meanwhile
+      const box = $("log-text");
+      const atEnd = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
+      if (chunk.data) box.append(document.createTextNode(chunk.data));
+      if (atEnd) box.scrollTop = box.scrollHeight;
+      const advanced = chunk.next_offset > logView.offset;
+      logView.offset = chunk.next_offset;
+      if (chunk.final) {
+        $("log-state").textContent = "(complete: the container has ended)";
+        return;
+      }
+      if (!advanced) break;
+    }
+  } catch (err) {
+    if (err instanceof AuthError) return showLogin("The management token was refused: " + err.message);
+    $("log-state").textContent = "(" + err.message + "; retrying)";
+  }
+  logView.timer = setTimeout(() => pollLog(generation), LOG_POLL_MS);
+}
+
 function renderContainers(items) {
-  const waiting = items.filter(c => c.state === "Queued" || c.state === "Locked");
+  const waiting = items.filter(c => c.state === "Queued" || c.state === "Locked")
+    .sort(queueOrder);
   const running = items.filter(c => c.state === "Running");
   const common = [
     ["Container", c => el("td", { class: "id" }, c.uuid)],
@@ -191,6 +277,7 @@ function renderContainers(items) {
     ["State", c => el("td", {}, stateBadge(c.state))],
   ];
   $("queue").replaceChildren(containerTable(waiting, [
+    ["#", c => el("td", { class: "num position" }, waiting.indexOf(c) + 1)],
     ...common,
     ["Priority", c => el("td", { class: "num" }, c.priority)],
     ["Waiting", c => el("td", { class: "num" }, since(c.created_at))],
@@ -202,7 +289,8 @@ function renderContainers(items) {
     ["Instance", c => el("td", { class: "id" }, c.instance_id || "")],
     ["Type", c => el("td", {}, c.instance_type || "")],
     ["Run time", c => el("td", { class: "num" }, duration(c.run_time))],
-    ["", c => el("td", {}, cancelButton(c))],
+    ["Cost so far", c => el("td", { class: "num cost" }, money(c.cost))],
+    ["", c => el("td", {}, logButton(c), cancelButton(c))],
   ], "Nothing is running."));
 }
 
@@ -213,14 +301,17 @@ async function refresh() {
   busy = true;
   try {
     const active = "state=Queued&state=Locked&state=Running&limit=1000";
-    const [summary, instances, containers] = await Promise.all([
+    const ended = `state=Complete&state=Cancelled&limit=${FINISHED_SHOWN}`;
+    const [summary, instances, containers, finished] = await Promise.all([
       api("GET", "/api/v1/summary"),
       api("GET", "/api/v1/instances"),
       api("GET", `/api/v1/containers?${active}`),
+      api("GET", `/api/v1/containers?${ended}`),
     ]);
     renderTotals(summary);
     renderInstances(instances.items);
     renderContainers(containers.items);
+    renderFinished(finished.items);
     $("login").hidden = true;
     $("status").hidden = false;
     $("logout").hidden = false;
@@ -249,7 +340,9 @@ document.addEventListener("DOMContentLoaded", () => {
     showMessage("");
     refresh();
   });
+  $("log-close").addEventListener("click", closeLog);
   $("logout").addEventListener("click", () => {
+    closeLog();
     sessionStorage.removeItem(TOKEN_KEY);
     showMessage("");
     showLogin();
