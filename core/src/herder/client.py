@@ -19,11 +19,10 @@ server, pass the right token) rather than showing a traceback.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
-import ssl
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -35,6 +34,8 @@ from urllib.parse import quote, urlencode, urlsplit
 from herder import defaults
 
 if TYPE_CHECKING:
+    import http.client
+
     from herder.config import Config
 
 SERVER_ENV = "HERDER_SERVER"
@@ -376,6 +377,8 @@ class Client:
         A GET that fails on a connection the server had already closed is sent once more on a
         new one; other methods are not resent, so that a submission is never made twice.
         """
+        import http.client  # here, not at the top: commands that send nothing start faster
+
         for attempt in (1, 2):
             reused = self._conn is not None and time.monotonic() - self._last_used < REUSE_IDLE
             if not reused:
@@ -385,13 +388,6 @@ class Client:
                 conn.request(method, target, body=data, headers=headers)
                 resp = conn.getresponse()
                 payload = resp.read()
-            except ssl.SSLCertVerificationError as exc:
-                self._drop()
-                raise ClientError(
-                    f"cannot reach herder at {self.base_url}: its certificate is not trusted "
-                    f"({exc.verify_message}); set ${CA_FILE_ENV} to the server's certificate or "
-                    "its authority's"
-                ) from None
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 self._drop()
                 if reused and attempt == 1 and method == "GET":
@@ -399,6 +395,12 @@ class Client:
                 raise self._unreachable(exc) from None
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
+                if _untrusted_certificate(exc):
+                    raise ClientError(
+                        f"cannot reach herder at {self.base_url}: its certificate is not trusted "
+                        f"({getattr(exc, 'verify_message', exc)}); set ${CA_FILE_ENV} to the "
+                        "server's certificate or its authority's"
+                    ) from None
                 raise self._unreachable(exc) from None
             if resp.will_close:
                 self._drop()
@@ -407,8 +409,12 @@ class Client:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _connect(self) -> http.client.HTTPConnection:
+        import http.client
+
         conn: http.client.HTTPConnection
         if self._https:
+            import ssl  # only for https: a noticeable part of a plain command's start-up
+
             try:
                 context = ssl.create_default_context(cafile=self.ca_file or None)
             except (OSError, ssl.SSLError) as exc:
@@ -462,6 +468,13 @@ class Client:
             )
         where = f" ({field})" if field else ""
         return ClientError(f"{message}{where}", status, field)
+
+
+def _untrusted_certificate(exc: BaseException) -> bool:
+    """Whether ``exc`` is a TLS handshake refusing the server's certificate (``ssl`` is only
+    imported for https, so it is recognised without importing it)."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(exc, ssl.SSLCertVerificationError)
 
 
 def _error_text(payload: bytes) -> tuple[str, str | None]:
