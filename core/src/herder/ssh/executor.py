@@ -47,7 +47,7 @@ from herder.executor import (
 )
 from herder.runtime import Runtime
 from herder.ssh import send_eof
-from herder.ssh.bastion import ConnectReport, Hop, bastion_for
+from herder.ssh.bastion import ConnectReport, Hop, ProxyCommandRoute, bastion_for
 
 log = logging.getLogger("herder.ssh")
 
@@ -448,7 +448,7 @@ class SSHExecutor(Executor):
         """Connect, authenticate and verify the host key; the transport is closed on failure."""
         host, port = target_host_port(target.address, self._default_port)
         where = f"{target} at {host}:{port}"
-        bastion = bastion_for(self._ssh, self._key_file, host, port)
+        bastion = bastion_for(self._ssh, self._key_file, host, port, target.remote_user)
         hops: list[Hop] = []
         start = time.monotonic()
         sock: socket.socket | paramiko.Channel
@@ -462,8 +462,9 @@ class SSHExecutor(Executor):
         else:
             # The bastion's own errors (BastionError) name it and pass through as they are.
             sock, bastion_seconds = bastion.open_channel(host, port, self._connect_timeout)
-            hops.append(Hop(f"bastion {bastion.name}", bastion_seconds))
-            where = f"{where} through bastion {bastion.name}"
+            via = "proxy" if isinstance(bastion, ProxyCommandRoute) else "bastion"
+            hops.append(Hop(f"{via} {bastion.name}", bastion_seconds))
+            where = f"{where} through {via} {bastion.name}"
             start = time.monotonic()
         transport = _ClientTransport(sock)
         transport.banner_timeout = self._connect_timeout
