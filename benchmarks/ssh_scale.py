@@ -1,28 +1,33 @@
-"""SSH at scale: what N connected, idle instances cost the dispatcher's SSH path.
+"""SSH at scale: what N connected, idle instances cost the dispatcher.
 
-    uv run python benchmarks/ssh_scale.py --instances 250
-    uv run python benchmarks/ssh_scale.py --instances 1000 --measure 30
+    uv run python benchmarks/ssh_scale.py --instances 2000 --pool --measure 60
+    uv run python benchmarks/ssh_scale.py --instances 2000 --pool --bastion --measure 60
+    uv run python benchmarks/ssh_scale.py --instances 1000 --measure 30     # the bare SSH path
 
 The instances live in a *separate* process (``ssh_scale.py serve``, started by the script): one
-paramiko SSH server per instance on 127.0.0.1, each with its own host key and runner directory,
-whose ``herder-runner --serve`` is emulated in that process (a thread answering the resident
-runner protocol: ``--list`` says "nothing running").  So the figures measure herder alone.
+asyncssh server on one event loop listening for every instance on 127.0.0.1, each with its own
+host key and runner directory, whose ``herder-runner --serve`` is emulated there (answering the
+resident runner protocol: ``--list`` says "nothing running"; other commands read their stdin
+and succeed).  So the figures measure herder alone.  ``--bastion`` adds a jump host to that
+process, and herder reaches every instance through it (``cloud.ssh.bastion_*``).
 
-This process plays the dispatcher's SSH path with herder's real classes: per instance one
-:class:`~herder.ssh.executor.SSHExecutor` (one connection, the host key verified against the
-instance's own) and one :class:`~herder.worker.runner_client.RunnerClient` holding the resident
-runner stream; then ``--list`` probes at ``--probe-interval`` (10 s, the default), spread
-evenly, at most ``--max-probes-per-second`` (sized for N: N / interval x 1.2), on a pool of
-``--probe-threads`` threads as the runtime's pool would.  It reports:
+``--pool`` is a dispatcher restarted with every instance already there: herder's
+:class:`~herder.worker.pool.Pool` on a :class:`~herder.runtime.ThreadRuntime`, with
+``SSHExecutor`` for each instance, lists them, adopts them (connect, verify the host key, boot
+probe, runner md5 check and install, resident runner, ``--list``) at the default
+``probe_interval`` with ``max_probes_per_second`` sized for them (N / interval x 1.2), then
+stays idle with them for ``--measure`` seconds.  It reports the seconds until every instance
+is idle (adopted and probed) and the CPU that took, then idle RSS, threads, ``--list`` probes
+per second and CPU as % of one core.
 
-* ``connect``: seconds until every instance is connected, verified and its resident runner
-  answered a first ``--list`` (what a restart must do before all are adopted and probed), with
-  ``--connect-threads`` in parallel;
-* RSS and threads of this process before and after, per instance;
-* CPU (user+system) per wall second while idle and probing, as % of one core.
+Without ``--pool``, the bare SSH path: per instance one
+:class:`~herder.ssh.executor.SSHExecutor` and one
+:class:`~herder.worker.runner_client.RunnerClient` holding the resident runner stream; then
+``--list`` probes of every instance every ``--probe-interval``, spread evenly, on
+``--probe-threads`` threads.  ``connect`` is the seconds until every instance answered a first
+``--list`` with ``--connect-threads`` in parallel.
 
-Not covered yet: the pool, scheduler and queue (the full ``Dispatcher``) above the SSH path,
-and a bastion in between.
+Not covered: the scheduler and queue above the pool (``probing_cost.py`` measures those).
 """
 
 from __future__ import annotations
