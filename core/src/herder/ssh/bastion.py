@@ -342,10 +342,12 @@ def bastion_for(
         return None
     if not isinstance(gateway, fabric.Connection):
         # fabric hands over the ProxyCommand with %p already expanded from the config's Port
-        # (22 by default), not the instance's port: expand the raw line ourselves.
-        raw = config.base_ssh_config._lookup(hostname=host).get("proxycommand")
-        if not raw:
-            return None
+        # (22 by default), not the instance's port: expand the raw line ourselves.  paramiko
+        # has no public way to read it unexpanded; without one, take fabric's.
+        unexpanded = getattr(config.base_ssh_config, "_lookup", None)
+        raw = str(gateway)
+        if unexpanded is not None:
+            raw = unexpanded(hostname=host).get("proxycommand") or raw
         argv = expand_proxy_command(
             raw, host=str(target.host), original=host, port=port, user=user
         )
