@@ -669,3 +669,21 @@ def test_writing_to_a_stream_whose_command_ended_fails_at_once(
     with pytest.raises(ExecutorError, match="stream ended"):
         stream.send(b"anyone there?\n", 10)
     stream.close()
+
+
+def test_the_shared_watchdog_fires_due_deadlines_and_forgets_cancelled_ones() -> None:
+    from herder.ssh.executor import _Watchdog
+
+    watchdog = _Watchdog()
+    fired: list[str] = []
+    done = threading.Event()
+    later = watchdog.watch(3600.0, lambda: fired.append("later"))
+    cancelled = watchdog.watch(3600.0, lambda: fired.append("cancelled"))
+    watchdog.cancel(cancelled)
+    assert [entry[1] for entry in watchdog._due] == [later]
+    # An earlier deadline added after a later one wakes the sleeping thread.
+    watchdog.watch(0.0, lambda: (fired.append("due"), done.set()))
+    assert done.wait(30)
+    assert fired == ["due"]
+    watchdog.cancel(later)
+    assert watchdog._due == []

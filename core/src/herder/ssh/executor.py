@@ -149,10 +149,19 @@ class _Watchdog:
                     self._cond.wait(self._due[0][0] - now if self._due else None)
                     now = time.monotonic()
                 _, _, expire = heapq.heappop(self._due)
-            try:
-                expire()
-            except Exception:  # one command's close must not stop the others' deadlines
-                log.exception("closing a command that timed out failed")
+            # Closing can block (a send into a connection whose peer stopped reading), and
+            # must not hold up the other commands' deadlines: a thread per *expired* command,
+            # which is rare.
+            threading.Thread(
+                target=self._expire, args=(expire,), name="ssh-timeout", daemon=True
+            ).start()
+
+    @staticmethod
+    def _expire(expire: Callable[[], None]) -> None:
+        try:
+            expire()
+        except Exception:
+            log.exception("closing a command that timed out failed")
 
 
 _watchdog = _Watchdog()
