@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import select
 import socket
 import threading
@@ -120,7 +121,7 @@ class _Watchdog:
         self._thread: threading.Thread | None = None
 
     def watch(self, timeout: float, expire: Callable[[], None]) -> int:
-        """Call ``expire`` (on the watchdog thread) in ``timeout`` seconds unless cancelled."""
+        """Call ``expire`` in ``timeout`` seconds unless cancelled; returns the token to cancel."""
         token = next(self._tokens)
         entry = (time.monotonic() + timeout, token, expire)
         with self._cond:
@@ -164,7 +165,15 @@ class _Watchdog:
             log.exception("closing a command that timed out failed")
 
 
+    def _forked(self) -> None:
+        """In a forked child the thread is gone (and the parent's commands with it)."""
+        self._cond = threading.Condition()
+        self._due = []
+        self._thread = None
+
+
 _watchdog = _Watchdog()
+os.register_at_fork(after_in_child=_watchdog._forked)
 
 
 def run_on_channel(
