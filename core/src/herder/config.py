@@ -294,6 +294,12 @@ class CloudConfig(_Strict):
     instance_set_id: str = Field("", description="defaults to a digest of cluster_id")
     poll_interval: Duration = 10.0
     probe_interval: Duration = 10.0
+    idle_probe_interval: Duration = Field(
+        60.0,
+        description="how often an idle instance whose resident runner stream is up is probed "
+        "(the stream reports container ends and a lost connection at once); 0 or anything not "
+        "longer than probe_interval = every probe_interval",
+    )
     max_probes_per_second: float = Field(10.0, ge=0)
     sync_interval: Duration = 60.0
     timeout_idle: Duration = 60.0

@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,13 @@ import yaml
 
 from herder.config import config_from_data
 from herder.executor import ExecutorError, HostKeyError
-from herder.ssh.bastion import Bastion, BastionError, bastion_for, close_shared_bastions
+from herder.ssh.bastion import (
+    Bastion,
+    BastionError,
+    bastion_for,
+    close_shared_bastions,
+    expand_proxy_command,
+)
 from herder.ssh.executor import SSHExecutor
 from herder.ssh.server import LocalSSHServer, generate_key, generate_key_file
 
@@ -313,6 +320,110 @@ def test_openssh_config_without_proxyjump_connects_directly(net: Network, tmp_pa
         assert executor.execute("true").ok
         assert executor.last_connect is not None
         assert executor.last_connect.bastion == ""
+
+
+# A netcat in Python: records the words it was given, then joins its stdin and stdout to
+# 127.0.0.1 at the given port (the "private" host in the first word only goes in the record).
+NETCAT = """
+import os, socket, sys, threading
+host, port, record = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+with open(record, "a") as f:
+    f.write(" ".join(sys.argv[1:3]) + "\\n")
+sock = socket.create_connection(("127.0.0.1", port))
+def up():
+    while data := os.read(0, 65536):
+        sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+threading.Thread(target=up, daemon=True).start()
+while data := sock.recv(65536):
+    os.write(1, data)
+"""
+
+
+def proxy_config(tmp_path: Path, proxy_line: str) -> tuple[dict[str, object], Path]:
+    """``use_ssh_config`` settings whose config reaches 127.0.0.3 through ``proxy_line``,
+    where ``{netcat}`` and ``{record}`` name the script above and the file it writes."""
+    netcat, record = tmp_path / "netcat.py", tmp_path / "proxied"
+    netcat.write_text(NETCAT)
+    ssh_config = tmp_path / "ssh_config"
+    line = proxy_line.format(netcat=f"{sys.executable} {netcat}", record=record)
+    ssh_config.write_text(f"Host 127.0.0.3\n    ProxyCommand {line}\n")
+    ssh = {"use_ssh_config": True, "ssh_config_file": str(ssh_config), "connect_timeout": 10}
+    return ssh, record
+
+
+def test_proxycommand_from_an_openssh_config(tmp_path: Path) -> None:
+    key_path = tmp_path / "id_ed25519"
+    _, public = generate_key_file(key_path)
+    ssh, record = proxy_config(tmp_path, "exec {netcat} %h %p {record}")
+    with ssh_server([public]) as server:
+        port = int(server.address.rsplit(":", 1)[1])
+        # Only the proxy can reach it: the server listens on 127.0.0.1, not 127.0.0.3.
+        instance = FakeInstance(f"127.0.0.3:{port}", only(server.host_key))
+        with executor_for(instance, key_path, ssh=ssh) as executor:
+            assert executor.execute("echo proxied").stdout == b"proxied\n"
+            data = os.urandom(1 << 18)
+            result = executor.execute("sha256sum", stdin=data, timeout=20)
+            assert result.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+            report = executor.last_connect
+            assert report is not None
+            assert report.bastion.startswith("exec ")
+            assert [hop.name.split()[0] for hop in report.hops] == ["proxy", "instance"]
+        # %h and %p were the instance's host and port (not the config's default port 22).
+        assert record.read_text() == f"127.0.0.3 {port}\n"
+
+
+def test_proxycommand_connection_closes_with_its_process(tmp_path: Path) -> None:
+    key_path = tmp_path / "id_ed25519"
+    _, public = generate_key_file(key_path)
+    ssh, _ = proxy_config(tmp_path, "{netcat} %h %p {record}")
+    with ssh_server([public]) as server:
+        port = int(server.address.rsplit(":", 1)[1])
+        with executor_for(FakeInstance(f"127.0.0.3:{port}"), key_path, ssh=ssh) as executor:
+            assert executor.execute("true").ok
+            transport = executor._transport
+            assert transport is not None
+            sock = transport.sock
+            assert isinstance(sock, socket.socket)
+            process = getattr(sock, "process", None)
+            assert process is not None and process.poll() is None
+        # executor.close() hung up: the proxy process was ended and reaped, not left behind.
+        assert process.returncode is not None
+
+
+def test_proxycommand_refuses_hosts_that_are_not_plain_names(tmp_path: Path) -> None:
+    key_path = tmp_path / "id_ed25519"
+    generate_key_file(key_path)
+    ssh, record = proxy_config(tmp_path, "{netcat} %h %p {record}")
+    config = tmp_path / "ssh_config"
+    config.write_text("Host *\n" + config.read_text().split("\n", 1)[1])
+    for address in ("127.0.0.3;touch {0}:22", "$(touch {0}):22", "-oProxyCommand=x:22"):
+        evil = address.format(tmp_path / "pwned")
+        with (
+            executor_for(FakeInstance(evil), key_path, ssh=ssh) as executor,
+            pytest.raises(ExecutorError, match="refusing to put host"),
+        ):
+            executor.execute("true")
+    assert not record.exists() and not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("ssh -W %h:%p jump", ["ssh", "-W", "10.0.0.5:2222", "jump"]),
+        ("exec nc %h %p", ["nc", "10.0.0.5", "2222"]),
+        ("connect '%h port %p' 100%%", ["connect", "10.0.0.5 port 2222", "100%"]),
+        ("proxy --user=%r --as %n", ["proxy", "--user=crunch", "--as", "inst-5"]),
+    ],
+)
+def test_proxycommand_tokens_expand_inside_words(line: str, words: list[str]) -> None:
+    got = expand_proxy_command(line, host="10.0.0.5", original="inst-5", port=2222, user="crunch")
+    assert got == words
+
+
+def test_proxycommand_unknown_token_is_an_error() -> None:
+    with pytest.raises(ExecutorError, match="%C"):
+        expand_proxy_command("proxy %C", host="h", original="h", port=22, user="u")
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from herder.config import Config
 from herder.executor import ExecutorError, HostKeyError, NoAddressError
 from herder.runtime import VirtualRuntime
 from herder.ssh import send_eof
-from herder.ssh.executor import SSHExecutor, target_host_port
+from herder.ssh.executor import SSHExecutor, SSHStream, target_host_port
 from herder.ssh.server import (
     ExecRequest,
     Handler,
@@ -589,6 +589,52 @@ def test_a_stream_whose_command_ends_raises(
     stream.close()  # idempotent
 
 
+def test_an_idle_reader_sees_lots_of_stderr_without_waiting_for_stdout(
+    env: tuple[LocalSSHServer, SSHExecutor, Recorder],
+) -> None:
+    """More stderr than the channel's window, then a line: the reader, waiting for that line
+    without a deadline, must drain stderr as it comes or the command stalls for good."""
+    _, executor, _ = env
+    command = "read -r go; head -c 4000000 /dev/zero | tr '\\0' x >&2; echo done"
+    stream = executor.open_stream(command, 10)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(stream.receive_line(None)))
+    reader.start()
+    try:
+        stream.send(b"go\n", 10)
+        reader.join(30)
+        assert got == [b"done"]
+    finally:
+        stream.close()
+        reader.join(30)
+
+
+def test_closing_a_stream_ends_its_idle_reader(
+    env: tuple[LocalSSHServer, SSHExecutor, Recorder],
+) -> None:
+    """A reader without a deadline, waiting or about to wait, ends when the stream is closed,
+    not IDLE_POLL later (longer than this test may take)."""
+    _, executor, _ = env
+    stream = executor.open_stream("cat", 10)
+    assert SSHStream.IDLE_POLL >= 30
+    stream.send(b"first\n", 10)
+    assert stream.receive_line(10) == b"first"
+    errors: list[ExecutorError] = []
+
+    def read() -> None:
+        try:
+            stream.receive_line(None)
+        except ExecutorError as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    stream.close()
+    reader.join(20)
+    assert not reader.is_alive()
+    assert len(errors) == 1
+
+
 def test_a_silent_stream_times_out(env: tuple[LocalSSHServer, SSHExecutor, Recorder]) -> None:
     _, executor, _ = env
     stream = executor.open_stream("sleep 5", 10)
@@ -623,3 +669,21 @@ def test_writing_to_a_stream_whose_command_ended_fails_at_once(
     with pytest.raises(ExecutorError, match="stream ended"):
         stream.send(b"anyone there?\n", 10)
     stream.close()
+
+
+def test_the_shared_watchdog_fires_due_deadlines_and_forgets_cancelled_ones() -> None:
+    from herder.ssh.executor import _Watchdog
+
+    watchdog = _Watchdog()
+    fired: list[str] = []
+    done = threading.Event()
+    later = watchdog.watch(3600.0, lambda: fired.append("later"))
+    cancelled = watchdog.watch(3600.0, lambda: fired.append("cancelled"))
+    watchdog.cancel(cancelled)
+    assert [entry[1] for entry in watchdog._due] == [later]
+    # An earlier deadline added after a later one wakes the sleeping thread.
+    watchdog.watch(0.0, lambda: (fired.append("due"), done.set()))
+    assert done.wait(30)
+    assert fired == ["due"]
+    watchdog.cancel(later)
+    assert watchdog._due == []

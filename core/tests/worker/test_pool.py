@@ -727,3 +727,76 @@ def test_aborted_boots_and_a_disabled_back_off_do_not_pause() -> None:
     _fail_a_boot(off)
     assert off.pool.boot_backoff(off.types["small"]) is None
     assert off.pool.create(off.types["small"]) is not None
+
+
+# --------------------------------------------------------------------------- idle probing
+
+
+def list_times(h: Harness, iid: str, after: float) -> list[float]:
+    host = h.cloud.vms[iid].host
+    return [t - after for (c, _), t in zip(host.commands, host.times, strict=True)
+            if "--list" in c and t > after]
+
+
+@pytest.fixture
+def resident(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """Whether the workers' resident runner streams are up (the fake executor has none)."""
+    from herder.worker.runner_client import RunnerClient
+
+    up = {"up": True}
+    monkeypatch.setattr(RunnerClient, "resident", property(lambda self: up["up"]))
+    return up
+
+
+def test_idle_worker_with_a_resident_runner_is_probed_every_idle_probe_interval(
+    resident: dict[str, bool],
+) -> None:
+    h = Harness(probe_interval=10, idle_probe_interval=60, timeout_idle=1000)
+    iid = h.create_booted()
+    start = h.runtime.now()
+    h.pool.start()
+    h.runtime.advance(125)
+    times = list_times(h, iid, start)
+    assert len(times) == 2  # the rounds at 60 and 120, not all twelve
+    assert 60 <= times[0] < 61 and 120 <= times[1] < 121
+    assert h.state(iid) == "idle"
+
+
+def test_idle_worker_is_probed_every_round_once_its_stream_is_down(
+    resident: dict[str, bool],
+) -> None:
+    h = Harness(probe_interval=10, idle_probe_interval=60, timeout_idle=1000)
+    iid = h.create_booted()
+    start = h.runtime.now()
+    h.pool.start()
+    h.runtime.advance(25)
+    assert list_times(h, iid, start) == []
+    resident["up"] = False  # the connection died, and with it the stream
+    h.runtime.advance(20)
+    assert len(list_times(h, iid, start)) == 2  # the rounds at 30 and 40
+
+
+def test_busy_worker_is_probed_every_round_whatever_its_stream(
+    resident: dict[str, bool],
+) -> None:
+    h = Harness(probe_interval=10, idle_probe_interval=60, timeout_idle=1000)
+    iid = h.create_booted()
+    h.pool.start_container(iid, container(1))
+    h.idle()
+    start = h.runtime.now()
+    h.pool.start()
+    h.runtime.advance(35)
+    assert len(list_times(h, iid, start)) == 3
+    assert h.state(iid) == "running"
+
+
+@pytest.mark.parametrize("idle_interval", [0, 10])
+def test_idle_probe_interval_not_above_probe_interval_probes_every_round(
+    resident: dict[str, bool], idle_interval: float
+) -> None:
+    h = Harness(probe_interval=10, idle_probe_interval=idle_interval, timeout_idle=1000)
+    iid = h.create_booted()
+    start = h.runtime.now()
+    h.pool.start()
+    h.runtime.advance(35)
+    assert len(list_times(h, iid, start)) == 3

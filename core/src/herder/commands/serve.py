@@ -6,6 +6,7 @@ import argparse
 import gc
 import logging
 import os
+import resource
 import signal
 import threading
 from pathlib import Path
@@ -62,6 +63,33 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         os.close(lock)
 
 
+#: Where the open-file limit is raised to when the hard limit is "unlimited" (Linux's default
+#: fs.nr_open: a soft limit above it is refused).
+_NOFILE_CAP = 1 << 20
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files to the hard limit; (before, after).
+
+    Each connected instance holds three descriptors -- its socket and the pipe paramiko makes
+    so that its resident runner's reader can sleep until data arrives -- so 2,000 instances
+    need about 6,000, far past the usual soft limit of 1,024, after which connections fail
+    with "Too many open files".  The hard limit is the administrator's; the soft one is only
+    a default, which servers commonly raise (as the Go runtime does for every program).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _NOFILE_CAP if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+        return soft, soft
+    log.info("open-file limit raised from %d to %d", soft, target)
+    return soft, target
+
+
 def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
     from herder.api.server import APIServer
     from herder.dispatcher import public_key_from_private
@@ -83,6 +111,7 @@ def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
         except ValueError as exc:
             raise CommandError(f"containers.dispatch_private_key: {exc}") from exc
 
+    raise_open_file_limit()
     runtime = ThreadRuntime()
     engine = _build_engine(config, ctx, runtime, public_key)
     api = APIServer(engine, config)

@@ -17,15 +17,23 @@ the bastion's error, and the next attempt to reach it waits 1 s, then 2 s, 4 s..
 The bastion's host key must be known beforehand, from ``cloud.ssh.bastion_host_key`` or the
 known_hosts file; fabric's default, adding whatever key is presented, is replaced by
 paramiko's ``RejectPolicy``.
+
+With ``use_ssh_config``, a ``ProxyCommand`` for the instance's address is run too (without a
+shell, tokens expanded by :func:`expand_proxy_command`): each connection then goes through its
+own process, whose stdin and stdout carry the instance's SSH connection.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import getpass
 import logging
 import os
+import re
+import shlex
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -191,6 +199,103 @@ class Bastion:
         return BastionError(f"bastion {self.name}: {reason}")
 
 
+# --------------------------------------------------------------------------- ProxyCommand
+
+#: What a host name or address may contain to be put into a ProxyCommand: names, IPv4 and IPv6.
+_SAFE_HOST = re.compile(r"[A-Za-z0-9_.:%-]+")
+_TOKEN = re.compile(r"%(.?)")
+
+
+def expand_proxy_command(raw: str, *, host: str, original: str, port: int, user: str) -> list[str]:
+    """The argv of an OpenSSH ``ProxyCommand`` line for one instance, tokens expanded.
+
+    The line comes from the user's OpenSSH config and is run without a shell (as paramiko and
+    fabric run it): it is split into words first and the tokens are expanded inside each word,
+    so an expanded value can never become a word, an option or shell syntax of its own.  A
+    leading ``exec``, common in such lines for a shell's sake, is dropped.  Tokens as in
+    OpenSSH: ``%h`` the host to reach (after ``HostName``), ``%n`` the host as herder named it,
+    ``%p`` the instance's port (herder's, not the config's), ``%r`` the remote user, ``%%`` a
+    percent sign.  Host names come from cloud instance data, so anything but a plain name or
+    address is refused before it gets near a command.
+    """
+    for name in (host, original):
+        if not _SAFE_HOST.fullmatch(name) or name.startswith("-"):
+            raise ExecutorError(f"refusing to put host {name!r} into a ProxyCommand")
+    try:
+        words = shlex.split(raw)
+    except ValueError as exc:
+        raise ExecutorError(f"cannot parse ProxyCommand {raw!r}: {exc}") from exc
+    if words and words[0] == "exec":
+        words = words[1:]
+    if not words:
+        raise ExecutorError(f"empty ProxyCommand {raw!r}")
+    values = {"%": "%", "h": host, "n": original, "p": str(port), "r": user or getpass.getuser()}
+
+    def token(match: re.Match[str]) -> str:
+        value = values.get(match.group(1))
+        if value is None:
+            raise ExecutorError(f"ProxyCommand {raw!r}: token {match.group(0)!r} not supported")
+        return value
+
+    return [_TOKEN.sub(token, os.path.expanduser(word)) for word in words]
+
+
+class _ProxySocket(socket.socket):
+    """Our end of a socket pair whose other end is a ProxyCommand's stdin and stdout.
+
+    A real socket rather than paramiko's ``ProxyCommand`` object: that one never reports the
+    command's end of output (its reads spin until their timeout) and never reaps the process.
+    Closing this end (paramiko does when the connection ends) ends and reaps the command.
+    """
+
+    process: subprocess.Popen[bytes] | None = None
+
+    def close(self) -> None:
+        super().close()
+        process, self.process = self.process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyCommandRoute:
+    """Reaching one instance through a ProxyCommand of the user's OpenSSH config.
+
+    Each connection runs its own command (as OpenSSH does), so a fleet behind a ProxyCommand
+    costs one process per connected instance; ``ProxyJump`` shares one bastion connection.
+    """
+
+    argv: tuple[str, ...]
+    name: str
+
+    def open_channel(self, host: str, port: int, timeout: float) -> tuple[socket.socket, float]:
+        """Start the command; its stdin and stdout are the connection to ``host:port``."""
+        start = time.monotonic()
+        ours, theirs = socket.socketpair()
+        try:
+            process = subprocess.Popen(  # noqa: S603 -- the user's own config, no shell
+                self.argv,
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                close_fds=True,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise ExecutorError(f"cannot run ProxyCommand {self.name!r}: {exc}") from exc
+        finally:
+            theirs.close()
+        sock = _ProxySocket(fileno=ours.detach())
+        sock.process = process
+        return sock, time.monotonic() - start
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -217,9 +322,11 @@ def _shared_bastion(key: Hashable, build: Callable[[], Bastion]) -> Bastion:
 
 
 def bastion_for(
-    settings: CloudSSHConfig, dispatch_key_file: str, host: str, port: int
-) -> Bastion | None:
-    """The bastion that leads to ``host:port`` under ``settings``; None: connect directly."""
+    settings: CloudSSHConfig, dispatch_key_file: str, host: str, port: int, user: str = ""
+) -> Bastion | ProxyCommandRoute | None:
+    """What leads to ``host:port`` under ``settings``: a bastion, the OpenSSH config's
+    ProxyCommand, or None to connect directly.  ``user`` is the login on the instance (``%r``).
+    """
     if settings.bastion_host:
         key: Hashable = ("explicit", settings.model_dump_json(), dispatch_key_file)
         return _shared_bastion(key, lambda: _explicit_bastion(settings, dispatch_key_file))
@@ -234,10 +341,17 @@ def bastion_for(
     if not gateway:
         return None
     if not isinstance(gateway, fabric.Connection):
-        raise ExecutorError(
-            f"the OpenSSH config reaches {host} through a ProxyCommand, which herder does not "
-            "run; use ProxyJump"
+        # fabric hands over the ProxyCommand with %p already expanded from the config's Port
+        # (22 by default), not the instance's port: expand the raw line ourselves.  paramiko
+        # has no public way to read it unexpanded; without one, take fabric's.
+        unexpanded = getattr(config.base_ssh_config, "_lookup", None)
+        raw = str(gateway)
+        if unexpanded is not None:
+            raw = unexpanded(hostname=host).get("proxycommand") or raw
+        argv = expand_proxy_command(
+            raw, host=str(target.host), original=host, port=port, user=user
         )
+        return ProxyCommandRoute(tuple(argv), raw)
     chain = []
     hop: object = gateway
     while isinstance(hop, fabric.Connection):

@@ -27,7 +27,11 @@ unless the server is known to accept them.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import os
+import select
 import socket
 import threading
 import time
@@ -47,7 +51,7 @@ from herder.executor import (
 )
 from herder.runtime import Runtime
 from herder.ssh import send_eof
-from herder.ssh.bastion import ConnectReport, Hop, bastion_for
+from herder.ssh.bastion import ConnectReport, Hop, ProxyCommandRoute, bastion_for
 
 log = logging.getLogger("herder.ssh")
 
@@ -99,6 +103,79 @@ def target_host_port(address: str, default_port: int) -> tuple[str, int]:
 # --------------------------------------------------------------------------- one command
 
 
+class _Watchdog:
+    """One thread that closes the channels of commands past their deadline, for all commands.
+
+    A timer thread per command (and a thread draining its stderr) was most of the cost of the
+    commands a fleet's adoption runs -- three or four per instance, 2,000 instances after a
+    restart (``benchmarks/ssh_scale.py --pool``).  This thread sleeps until the earliest live
+    deadline; a cancelled deadline is taken out at once, so it never wakes for nothing.
+    Closing the channel wakes every blocking step of the command (the exec reply, a stdin
+    write waiting for window space, the wait for output), so one deadline bounds them all.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, Callable[[], None]]] = []  # a heap
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, timeout: float, expire: Callable[[], None]) -> int:
+        """Call ``expire`` in ``timeout`` seconds unless cancelled; returns the token to cancel."""
+        token = next(self._tokens)
+        entry = (time.monotonic() + timeout, token, expire)
+        with self._cond:
+            heapq.heappush(self._due, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ssh-watchdog", daemon=True)
+                self._thread.start()
+            elif self._due[0] is entry:
+                self._cond.notify()
+        return token
+
+    def cancel(self, token: int) -> None:
+        with self._cond:
+            for i, entry in enumerate(self._due):
+                if entry[1] == token:
+                    self._due[i] = self._due[-1]
+                    self._due.pop()
+                    heapq.heapify(self._due)
+                    return
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                while not self._due or self._due[0][0] > now:
+                    self._cond.wait(self._due[0][0] - now if self._due else None)
+                    now = time.monotonic()
+                _, _, expire = heapq.heappop(self._due)
+            # Closing can block (a send into a connection whose peer stopped reading), and
+            # must not hold up the other commands' deadlines: a thread per *expired* command,
+            # which is rare.
+            threading.Thread(
+                target=self._expire, args=(expire,), name="ssh-timeout", daemon=True
+            ).start()
+
+    @staticmethod
+    def _expire(expire: Callable[[], None]) -> None:
+        try:
+            expire()
+        except Exception:
+            log.exception("closing a command that timed out failed")
+
+
+    def _forked(self) -> None:
+        """In a forked child the thread is gone (and the parent's commands with it)."""
+        self._cond = threading.Condition()
+        self._due = []
+        self._thread = None
+
+
+_watchdog = _Watchdog()
+os.register_at_fork(after_in_child=_watchdog._forked)
+
+
 def run_on_channel(
     channel: paramiko.Channel,
     command: str,
@@ -108,9 +185,9 @@ def run_on_channel(
 ) -> ExecResult:
     """Run ``command`` on a freshly opened session channel and collect its results.
 
-    A watchdog closes the channel at the deadline; that wakes every blocking step (the exec
-    reply, a stdin write waiting for window space, output reads), so one timer bounds them all.
-    The channel is always closed on return.
+    The shared watchdog closes the channel at the deadline.  The channel is always closed on
+    return.  Only a command with stdin gets a thread of its own (to write it while the output
+    is read); stdout and stderr are read together on this thread.
     """
     expired = threading.Event()
 
@@ -118,9 +195,8 @@ def run_on_channel(
         expired.set()
         _close_quietly(channel)
 
-    watchdog = threading.Timer(timeout, expire)
-    watchdog.daemon = True
-    watchdog.start()
+    deadline = time.monotonic() + timeout
+    token = _watchdog.watch(timeout, expire)
     writer: threading.Thread | None = None
     try:
         if env:
@@ -133,19 +209,20 @@ def run_on_channel(
             writer.start()
         else:
             send_eof(channel)
-        stdout, stderr = _read_outputs(channel)
-        status = channel.recv_exit_status()
+        stdout, stderr = _read_outputs(channel, deadline)
+        channel.status_event.wait(max(0.0, deadline - time.monotonic()))
+        status = channel.recv_exit_status() if channel.status_event.is_set() else -1
     except _CHANNEL_ERRORS as exc:
         if expired.is_set():
             raise ExecutorError(f"command timed out after {timeout:g}s") from exc
         raise ExecutorError(f"cannot run command: {exc or type(exc).__name__}") from exc
     finally:
-        watchdog.cancel()
+        _watchdog.cancel(token)
         _close_quietly(channel)
         if writer is not None:
             writer.join()
     if status == -1:
-        if expired.is_set():
+        if expired.is_set() or time.monotonic() >= deadline:
             raise ExecutorError(f"command timed out after {timeout:g}s")
         if not channel.get_transport().is_active():
             raise ExecutorError("connection lost before the command finished")
@@ -176,55 +253,68 @@ def _write_stdin(channel: paramiko.Channel, data: bytes) -> None:
         pass
 
 
-def _read_outputs(channel: paramiko.Channel) -> tuple[bytes, bytes]:
-    """Read stdout and stderr at the same time until EOF, so neither fills the window and stalls.
+def _wait_readable(fd: int, timeout: float) -> None:
+    """Wait until ``fd`` is readable or ``timeout`` seconds passed.  ``poll``, not ``select``:
+    a dispatcher with 2,000 connections has descriptors past select's limit of 1,024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.poll(max(0, int(timeout * 1000) + 1))
 
-    Plain blocking reads: closing the channel (the watchdog does at the deadline) wakes both.
+
+def _read_outputs(channel: paramiko.Channel, deadline: float) -> tuple[bytes, bytes]:
+    """Read stdout and stderr as they come until EOF (or the deadline), neither filling the
+    window and stalling the other.
+
+    paramiko's ``fileno()`` is a pipe it makes readable whenever either stream has data or
+    the channel reached EOF or closed, so one wait covers both streams without a thread each.
     """
-    err: list[bytes] = []
-    reader = threading.Thread(
-        target=_drain, args=(channel.recv_stderr, err), name="ssh-stderr", daemon=True
-    )
-    reader.start()
     out: list[bytes] = []
-    _drain(channel.recv, out)
-    reader.join()
-    return b"".join(out), b"".join(err)
-
-
-def _drain(recv: Callable[[int], bytes], sink: list[bytes]) -> None:
+    err: list[bytes] = []
+    wake = channel.fileno()
     try:
-        while data := recv(_CHUNK):
-            sink.append(data)
+        while True:
+            if channel.recv_ready():
+                out.append(channel.recv(_CHUNK))
+            elif channel.recv_stderr_ready():
+                err.append(channel.recv_stderr(_CHUNK))
+            elif channel.eof_received or channel.closed:
+                break
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                _wait_readable(wake, left)
     except _CHANNEL_ERRORS:
         pass  # the channel broke; the exit status (or its absence) tells the caller
+    return b"".join(out), b"".join(err)
 
 
 class SSHStream(ExecStream):
     """A command kept running on its own channel of the shared connection.
 
-    One thread may read while others write.  paramiko has one timeout per channel, shared by
-    reads and writes, so each call sets the period it wants right before it blocks and loops
-    until its own deadline: ``POLL`` for calls with a deadline, ``IDLE_POLL`` for a read that
-    waits for as long as it takes (the resident runner's reader, idle most of its life).  A
-    call may thus wake early or, at worst, look at its deadline ``IDLE_POLL`` late -- a write
-    that finds the window full just when the reader reset the period.  What the command
-    writes to stderr is drained as it comes (so it cannot fill the window) and logged.
+    One thread may read while others write.  Writes use paramiko's channel timeout, ``POLL``
+    at a time, until their own deadline.  Reads do not: they wait on the channel's
+    ``fileno()``, a pipe paramiko makes readable when stdout or stderr data arrives or the
+    channel reaches EOF or closes, so an idle reader (the resident runner's, idle most of its
+    life) sleeps until something happens rather than waking on a timer -- at 2,000 idle
+    streams a 5 s timer still cost 400 wake-ups a second, each taking the GIL
+    (``benchmarks/ssh_scale.py``).  What the command writes to stderr is drained as it comes
+    (so it cannot fill the window) and logged.
 
-    ``IDLE_POLL`` is long because every wake-up takes the GIL: at 0.5 s, 1,000 idle streams
-    cost the dispatcher about 8 % of a core (``benchmarks/ssh_scale.py``).  Data and a close
-    wake a waiting read at once whatever the period.
+    ``IDLE_POLL`` only bounds how long a reader can miss a wake-up: when ``close()`` races
+    with a reader about to wait, paramiko closes the pipe under it.
     """
 
-    #: Seconds a blocking channel call with a deadline waits before looking at it again.
+    #: Seconds a blocking write waits before looking at its deadline again.
     POLL = 0.5
-    #: Seconds a read without a deadline waits before draining stderr and waiting again.
-    IDLE_POLL = 5.0
+    #: Seconds a read without a deadline waits before looking at the channel again anyway.
+    IDLE_POLL = 60.0
 
     def __init__(self, channel: paramiko.Channel, command: str) -> None:
         self._channel = channel
         self._command = command
         self._buffer = b""
+        self._wake = channel.fileno()
         channel.settimeout(self.POLL)
 
     def send(self, data: bytes, timeout: float) -> None:
@@ -235,7 +325,6 @@ class SSHStream(ExecStream):
         rest = data
         while rest:
             try:
-                self._channel.settimeout(self.POLL)
                 sent = self._channel.send(rest)
             except TimeoutError:
                 sent = 0  # the window is full: the command is not reading yet
@@ -247,26 +336,31 @@ class SSHStream(ExecStream):
 
     def receive_line(self, timeout: float | None) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
+        channel = self._channel
         while b"\n" not in self._buffer:
             self._drain_stderr()
+            if channel.recv_ready() or channel.eof_received or channel.closed:
+                try:
+                    chunk = channel.recv(_CHUNK)  # does not block: data, or EOF
+                except _CHANNEL_ERRORS as exc:
+                    raise ExecutorError(f"stream closed: {exc or type(exc).__name__}") from exc
+                if not chunk:
+                    self._drain_stderr()
+                    raise ExecutorError(f"stream ended: {self._command!r} exited")
+                self._buffer += chunk
+                continue
             if deadline is None:
                 period = self.IDLE_POLL
             else:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                period = deadline - time.monotonic()
+                if period <= 0:
                     raise ExecutorError(f"no answer on the stream within {timeout:g}s")
-                period = min(self.POLL, left)
             try:
-                self._channel.settimeout(period)
-                chunk = self._channel.recv(_CHUNK)
-            except TimeoutError:
-                continue
-            except _CHANNEL_ERRORS as exc:
-                raise ExecutorError(f"stream closed: {exc or type(exc).__name__}") from exc
-            if not chunk:
-                self._drain_stderr()
-                raise ExecutorError(f"stream ended: {self._command!r} exited")
-            self._buffer += chunk
+                _wait_readable(self._wake, period)
+            except (OSError, ValueError):
+                # The pipe was closed under us: the channel is closed, seen above next time.
+                if not channel.closed:
+                    raise ExecutorError("stream closed") from None
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line
 
@@ -282,20 +376,24 @@ class SSHStream(ExecStream):
             return
 
     def close(self) -> None:
+        # Wake a reader waiting on the pipe before paramiko closes it (and the descriptor
+        # number can be reused): a closed input buffer makes the pipe readable.
+        self._channel.in_buffer.close()
         _close_quietly(self._channel)
 
 
 class _ClientTransport(paramiko.Transport):
-    """A client transport whose thread wakes once a second when idle, not ten times.
+    """A client transport whose thread wakes every 5 s when idle, not ten times a second.
 
     paramiko's transport thread reads with a 0.1 s socket timeout to look for a close, a
     re-key or a keep-alive that is due; with one transport per instance that is 10 wake-ups a
     second per instance, each taking the GIL -- at 1,000 idle instances most of the
-    dispatcher's CPU (``benchmarks/ssh_scale.py``).  Data still wakes it at once, ``close()``
-    closes the socket, and keep-alives are whole seconds, so nothing here needs 0.1 s.
+    dispatcher's CPU (``benchmarks/ssh_scale.py``); at 2,000, once a second still was 2,000
+    wake-ups a second.  Data still wakes it at once and ``close()`` does not wait for it (the
+    thread ends at its next wake-up); keep-alives (30 s by default) go out up to 5 s late.
     """
 
-    _active_check_timeout = 1.0
+    _active_check_timeout = 5.0
 
 
 class _TransportRunner(RemoteRunner):
@@ -448,7 +546,7 @@ class SSHExecutor(Executor):
         """Connect, authenticate and verify the host key; the transport is closed on failure."""
         host, port = target_host_port(target.address, self._default_port)
         where = f"{target} at {host}:{port}"
-        bastion = bastion_for(self._ssh, self._key_file, host, port)
+        bastion = bastion_for(self._ssh, self._key_file, host, port, target.remote_user)
         hops: list[Hop] = []
         start = time.monotonic()
         sock: socket.socket | paramiko.Channel
@@ -462,8 +560,9 @@ class SSHExecutor(Executor):
         else:
             # The bastion's own errors (BastionError) name it and pass through as they are.
             sock, bastion_seconds = bastion.open_channel(host, port, self._connect_timeout)
-            hops.append(Hop(f"bastion {bastion.name}", bastion_seconds))
-            where = f"{where} through bastion {bastion.name}"
+            via = "proxy" if isinstance(bastion, ProxyCommandRoute) else "bastion"
+            hops.append(Hop(f"{via} {bastion.name}", bastion_seconds))
+            where = f"{where} through {via} {bastion.name}"
             start = time.monotonic()
         transport = _ClientTransport(sock)
         transport.banner_timeout = self._connect_timeout

@@ -707,7 +707,8 @@ class Pool(WorkerPool):
         """Shut down workers that should go, then probe each of the others once.
 
         Probe starts are spaced 1/max_probes_per_second apart.  A worker whose probe from an
-        earlier round has not started yet is skipped, so slow rounds never pile up.
+        earlier round has not started yet is skipped, so slow rounds never pile up; so is an
+        idle worker with a resident runner probed less than idle_probe_interval ago.
         """
         with self._lock:
             if self._stopped:
@@ -720,7 +721,7 @@ class Pool(WorkerPool):
                 worker.retire_if_old()
                 if worker.shutdown_if_idle():
                     continue
-                if instance_id in self._probe_pending:
+                if instance_id in self._probe_pending or worker.probe_can_wait():
                     continue
                 self._probe_pending.add(instance_id)
                 due.append(instance_id)

@@ -79,6 +79,8 @@ class PoolSettings:
     cluster_id: str = defaults.CLUSTER_ID
     tag_key_prefix: str = _CLOUD.tag_key_prefix
     probe_interval: float = _CLOUD.probe_interval
+    # <= probe_interval: no slower probing of idle workers
+    idle_probe_interval: float = _CLOUD.idle_probe_interval
     sync_interval: float = _CLOUD.sync_interval
     timeout_idle: float = _CLOUD.timeout_idle
     billing_shutdown_margin: float = _CLOUD.billing_shutdown_margin
@@ -110,6 +112,7 @@ class PoolSettings:
             cluster_id=config.cluster_id,
             tag_key_prefix=c.tag_key_prefix,
             probe_interval=_positive(c.probe_interval, d.probe_interval),
+            idle_probe_interval=max(0.0, c.idle_probe_interval),
             sync_interval=_positive(c.sync_interval, d.sync_interval),
             timeout_idle=_positive(c.timeout_idle, d.timeout_idle),
             billing_shutdown_margin=max(0.0, c.billing_shutdown_margin),
@@ -634,6 +637,26 @@ class Worker:
         self.executor.close()
 
     # ------------------------------------------------------------------ probing
+
+    def probe_can_wait(self) -> bool:
+        """Whether this round's probe may be skipped (caller holds the lock).
+
+        An idle worker whose resident runner stream is up needs no ``--list`` every
+        ``probe_interval``: nothing runs there to finish, the stream would tell of a container
+        ending, and a connection that dies ends the stream (the worker is then probed every
+        round again).  It is still probed every ``idle_probe_interval``, which bounds how late
+        a silently hung instance or a runner reporting itself broken is noticed.  At 2,000
+        idle instances this is most of the probes, and most of the dispatcher's CPU
+        (``benchmarks/ssh_scale.py --pool``).
+        """
+        settings = self.env.settings
+        if settings.idle_probe_interval <= settings.probe_interval:
+            return False
+        if self.state != WorkerState.IDLE or self.runner_count() or self.probe_error:
+            return False
+        if self._now() - self.probed >= settings.idle_probe_interval:
+            return False
+        return self.runner_client.resident
 
     def probe_and_update(self) -> None:
         """Probe the instance and update state from the results (SPEC §3.3).
