@@ -107,6 +107,10 @@ class ContainersConfig(_Strict):
     preemptible_price_factor: float = Field(0.0, ge=0)
     max_dispatch_attempts: int = Field(10, ge=1)
     always_use_preemptible_instances: bool = False
+    log_limit: Size = Field(
+        64 << 20,
+        description="bytes of output kept per container attempt; 0 keeps everything",
+    )
 
     @field_validator("runtime_engine")
     @classmethod

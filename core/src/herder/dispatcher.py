@@ -66,6 +66,12 @@ class QueueReporter(ContainerReporter):
         except (InvalidTransition, ContainerNotFound) as exc:
             log.debug("not marking %s running: %s", uuid, exc)
 
+    def container_log(self, uuid: str, data: bytes) -> None:
+        try:
+            self.queue.append_log(uuid, data)
+        except ContainerNotFound:
+            log.warning("runner sent the log of unknown container %s", uuid)
+
     def container_exited(self, uuid: str, exit_code: int, log_data: bytes) -> None:
         ctr = self.queue.get(uuid)
         if ctr is None:

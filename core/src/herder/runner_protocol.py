@@ -101,9 +101,16 @@ def forget_command(runner: str, remote_user: str, uuid: str) -> str:
 
 
 def config_document(
-    container: Container, instance_type: InstanceType, runtime_engine: str = "auto"
+    container: Container,
+    instance_type: InstanceType,
+    runtime_engine: str = "auto",
+    log_limit: int = 0,
 ) -> bytes:
-    """The JSON document sent on the stdin of ``--detach``: everything the runner needs."""
+    """The JSON document sent on the stdin of ``--detach``: everything the runner needs.
+
+    ``log_limit`` (bytes, 0 for none) is where the runner stops writing the container's
+    output, with a "truncated" line, so that the log stays bounded on the instance too.
+    """
     spec = container.spec
     doc: dict[str, Any] = {
         "uuid": container.uuid,
@@ -121,6 +128,7 @@ def config_document(
             "device_count": spec.runtime_constraints.gpu.device_count,
         },
         "instance_type": instance_type.to_json(),
+        "log_limit": log_limit,
     }
     return json.dumps(doc, sort_keys=True).encode()
 

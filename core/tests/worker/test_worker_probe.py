@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -388,7 +389,8 @@ def test_exited_container_is_collected_then_forgotten() -> None:
     host.logs[C1] = b"hello\n"
     h.runtime.advance(10)
     h.probe(iid)
-    assert h.reporter.exited == [(C1, 3, b"hello\n")]
+    assert h.reporter.exited == [(C1, 3, b"")]
+    assert h.reporter.logs == {C1: b"hello\n"}  # stored before the exit is recorded
     verbs = host.verbs()
     assert verbs[-3:] == ["--list", "--log", "--forget"]
     assert host.commands[-2][0] == runner_protocol.log_command(runner_path(), "admin", C1)
@@ -505,3 +507,38 @@ def test_boot_probe_error_shows_in_the_instance_view() -> None:
     assert "bastion herder@jump:22" in next(
         v.probe_error for v in h.pool.instances() if v.instance == iid
     )
+
+
+def test_live_log_pieces_are_stored_once_whichever_comes_first() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    worker = h.worker(iid)
+    worker.relay_log(C1, 0, b"stdout a\n")
+    worker.relay_log(C1, 0, b"stdout a\n")  # a new serve process sends from the start
+    worker.relay_log(C1, 9, b"stdout b\n")
+    worker.relay_log(C1, 30, b"stdout gap\n")  # beyond what is stored: left to the exit
+    assert h.reporter.logs == {C1: b"stdout a\nstdout b\n"}
+    host = h.cloud.vms[iid].host
+    host.containers[C1] = ("exited", 0)
+    host.logs[C1] = b"stdout a\nstdout b\nstderr c\n"
+    h.runtime.advance(10)
+    h.probe(iid)
+    assert h.reporter.logs == {C1: b"stdout a\nstdout b\nstderr c\n"}
+    assert h.reporter.exited == [(C1, 0, b"")]
+
+
+def test_herder_cuts_a_log_the_runner_did_not_cut_at_the_limit() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    worker = h.worker(iid)
+    limit = 100
+    worker.env.settings = dataclasses.replace(worker.env.settings, log_limit=limit)
+    worker.relay_log(C1, 0, b"x" * (limit + 2000))
+    worker.relay_log(C1, limit + 2000, b"more\n")
+    stored = h.reporter.logs[C1]
+    assert stored.startswith(b"x" * (limit + 1024))
+    assert stored.endswith(
+        f"runner log truncated by herder at {limit + 1024} bytes (containers.log_limit); "
+        "later output is discarded\n".encode()
+    )
+    assert b"more" not in stored

@@ -351,6 +351,10 @@ class RecordingReporter(ContainerReporter):
     def __init__(self) -> None:
         self.started: list[tuple[str, str, str]] = []
         self.exited: list[tuple[str, int, bytes]] = []
+        self.logs: dict[str, bytes] = {}
+
+    def container_log(self, uuid: str, data: bytes) -> None:
+        self.logs[uuid] = self.logs.get(uuid, b"") + data
 
     def container_started(self, uuid: str, instance_id: str, instance_type: str) -> None:
         self.started.append((uuid, instance_id, instance_type))

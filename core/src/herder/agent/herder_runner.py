@@ -21,7 +21,12 @@ own crunch-run::
 (``{"id": N, "argv": [...], "stdin": "<base64>"}``), carries out the verb the argv names
 exactly as the one-shot command would, and answers with one JSON line each
 (``{"id": N, "status": S, "stdout": "<base64>", "stderr": "<base64>"}``) until stdin ends,
-plus ``{"event": "exited"}`` whenever a container it started has ended.
+plus ``{"event": "exited"}`` whenever a container it started has ended, and
+``{"event": "log", "uuid": U, "offset": N, "data": "<base64>"}`` with what was added to a
+container's log since the last such event, a few times a second (at most ``LOG_CHUNK`` bytes
+per container and ``LOG_TICK_BUDGET`` bytes in all per tick, so the stream is bounded in size and
+rate; a log that grows faster is caught up later, or collected whole with ``--log``).  Each
+serve process sends every log from offset 0: the dispatcher keeps only what it has not stored.
 herder keeps one per instance on an open SSH channel, so a verb costs a message rather than
 an interpreter start-up.  Requests are handled one at a time; every durable fact lives in the
 state directory either way, so a serve process that dies loses nothing.
@@ -43,7 +48,13 @@ Files, all in the state directory (``/var/lock/herder-runner``; ``--state-dir`` 
     the container's exit code, written atomically once it has finished.  It stays until the
     dispatcher has collected it with ``--forget``, so a result survives a lost connection.
 ``<uuid>.log``
-    the container's combined stdout and stderr, plus the supervisor's own notes.  Logs live in
+    the container's stdout and stderr, plus the supervisor's own notes, one line each, every
+    line marked with where it came from: ``stdout <text>``, ``stderr <text>`` or
+    ``runner <text>``, in the order the supervisor read them (so the two streams stay apart
+    and still interleave as they were written).  A line not ended within a second, or longer
+    than 8 KiB, is written in pieces, each marked.  Past the config's ``log_limit`` (bytes) one
+    ``runner log truncated ...`` line is written and later output is read and discarded, so a
+    chatty container neither blocks nor fills the disk.  Logs live in
     ``/var/log/herder-runner`` when the state directory is the default one, because
     ``/var/lock`` is a tiny tmpfs on common distributions and a chatty container would fill it
     and break the instance; ``--log-dir`` / ``HERDER_RUNNER_LOG_DIR`` choose another place.
@@ -127,6 +138,18 @@ BROKEN_PATTERNS = (
     r"oci runtime.*mount.*no such file or directory",
 )
 BROKEN_SCAN_BYTES = 64 * 1024
+
+#: Seconds between the serve process's looks at the logs of its containers.
+LOG_TICK = 0.25
+#: Bytes of one container's log sent in one event, and of all logs in one tick.
+LOG_CHUNK = 64 * 1024
+LOG_TICK_BUDGET = 256 * 1024
+#: A partial line is written out once it is this long or this old (seconds).
+PARTIAL_LINE_MAX = 8192
+PARTIAL_LINE_AGE = 1.0
+#: Seconds the supervisor keeps reading output after the container ended (background
+#: processes outside its process group may hold the pipes open).
+DRAIN_TIMEOUT = 2.0
 
 
 class UsageError(Exception):
@@ -526,10 +549,13 @@ def warn(message: str) -> None:
 
 
 def note(message: str) -> None:
-    """A supervisor's line in the container log (its stderr is the log file)."""
+    """A supervisor's line in the container log (its stderr is the log file), marked
+    ``runner`` like the container's own lines are marked with their stream."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    lines = message.rstrip("\n").split("\n")
+    text = "".join(f"runner {stamp} herder-runner: {line}\n" for line in lines)
     try:
-        os.write(2, f"{stamp} herder-runner: {message}\n".encode())
+        os.write(2, text.encode())
     except OSError:
         pass
 
@@ -682,8 +708,10 @@ class RunConfig:
         ram: int = 0,
         gpu_stack: str = "",
         gpu_count: int = 0,
+        log_limit: int = 0,
     ) -> None:
         self.uuid = uuid
+        self.log_limit = log_limit
         self.gpu_stack = gpu_stack
         self.gpu_count = gpu_count
         self.command = command
@@ -760,7 +788,9 @@ def parse_config(raw: bytes, uuid: str, default_runtime: str) -> RunConfig:
         raise RunnerError(f"config image {image!r} is not an image name")
     ram = _number(doc, "ram")
     gpu_stack, gpu_count = _gpus(doc)
+    log_limit = _number(doc, "log_limit")
     return RunConfig(
+        log_limit=int(log_limit),
         gpu_stack=gpu_stack,
         gpu_count=gpu_count,
         uuid=uuid,
@@ -973,15 +1003,25 @@ def engine_environment(config: RunConfig) -> dict[str, str]:
 
 
 def engine_call(engine: str, *args: str) -> None:
-    """A best-effort housekeeping call to the engine, output to the log."""
+    """A best-effort housekeeping call to the engine; what it prints goes into the log as the
+    runner's notes (never unmarked)."""
     import subprocess
 
     try:
-        subprocess.run(  # noqa: S603 - fixed verbs and a validated container name
-            [engine, *args], stdin=subprocess.DEVNULL, timeout=ENGINE_CALL_TIMEOUT, check=False
+        done = subprocess.run(  # noqa: S603 - fixed verbs and a validated container name
+            [engine, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=ENGINE_CALL_TIMEOUT,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError) as e:
         note(f"{engine} {' '.join(args)}: {e}")
+        return
+    output = done.stdout.decode("utf-8", "replace").strip()
+    if done.returncode != 0 and output:
+        note(f"{os.path.basename(engine)} {args[0]}: {output}")
 
 
 def scan_for_breakage(state: State, uuid: str) -> None:
@@ -999,6 +1039,70 @@ def scan_for_breakage(state: State, uuid: str) -> None:
             note(f"instance marked broken: {line.strip()}")
             state.mark_broken(line.strip())
             return
+
+
+class LogWriter:
+    """Writes the container's output into its log, one marked line at a time (see the top of
+    the file), and stops at the configured limit with one clear marker line.
+
+    Lines go out whole, so a reader following the file by offset never sees half a line of
+    one stream glued to a line of the other.
+    """
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd = fd
+        self.limit = limit
+        self.written = 0
+        self.truncated = False
+        self.partial: dict[bytes, bytes] = {}
+        self.partial_since: dict[bytes, float] = {}
+
+    def feed(self, stream: bytes, data: bytes) -> None:
+        """Take a chunk read from ``stream``; complete lines are written at once."""
+        buffered = self.partial.pop(stream, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        for line in lines:
+            self._line(stream, line)
+        while len(rest) >= PARTIAL_LINE_MAX:
+            self._line(stream, rest[:PARTIAL_LINE_MAX])
+            rest = rest[PARTIAL_LINE_MAX:]
+        if rest:
+            self.partial[stream] = rest
+            if not lines and stream in self.partial_since:
+                return
+            self.partial_since[stream] = time.monotonic()
+        else:
+            self.partial_since.pop(stream, None)
+
+    def next_flush(self) -> float | None:
+        """When the oldest partial line is due (monotonic time), or None."""
+        if not self.partial_since:
+            return None
+        return min(self.partial_since.values()) + PARTIAL_LINE_AGE
+
+    def flush(self, everything: bool = False) -> None:
+        """Write partial lines that are old enough (all of them at the end)."""
+        now = time.monotonic()
+        for stream, since in list(self.partial_since.items()):
+            if everything or now - since >= PARTIAL_LINE_AGE:
+                del self.partial_since[stream]
+                self._line(stream, self.partial.pop(stream, b""))
+
+    def _line(self, stream: bytes, text: bytes) -> None:
+        if self.truncated:
+            return
+        record = stream + b" " + text + b"\n"
+        if self.limit and self.written + len(record) > self.limit:
+            self.truncated = True
+            record = (
+                f"runner log truncated: the output exceeded the log limit of {self.limit} "
+                "bytes (containers.log_limit); later output is discarded\n"
+            ).encode()
+        try:
+            os.write(self.fd, record)
+        except OSError:
+            return  # a full disk: the exit record is reserved, the log is best-effort
+        self.written += len(record)
 
 
 class Supervisor:
@@ -1019,6 +1123,9 @@ class Supervisor:
         self.ack_fd = ack_fd
         self.kill_grace = kill_grace
         self.engine: str | None = None
+        self.output = LogWriter(1, config.log_limit)
+        #: the container's stdout and stderr pipes still open, by fd: the stream's marker
+        self.pipes: dict[int, bytes] = {}
         self.pending: list[int] = []
         self.timed_out = False
         self.wake_r, wake_w = os.pipe()
@@ -1065,9 +1172,28 @@ class Supervisor:
             engine_call(self.engine, "rm", "--force", container_name(self.config.uuid))
             argv = engine_argv(self.engine, self.config)
             env, cwd = engine_environment(self.config), None
-        return subprocess.Popen(  # noqa: S603 - argv is the container's own command list
-            argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True
-        )
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            proc = subprocess.Popen(  # noqa: S603 - argv is the container's own command list
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=err_w,
+                start_new_session=True,
+            )
+        except OSError:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        os.close(out_w)
+        os.close(err_w)
+        for fd, marker in ((out_r, b"stdout"), (err_r, b"stderr")):
+            os.set_blocking(fd, False)
+            self.pipes[fd] = marker
+        return proc
 
     def _publish(self, pgid: int | None) -> None:
         """Write the lock record, then tell the waiting ``--detach`` that we have started."""
@@ -1103,20 +1229,55 @@ class Supervisor:
             if kill_at is not None and now >= kill_at:
                 kill_at = None
                 self._kill_hard(proc.pid)
-            wake_times = [t for t in (deadline, kill_at) if t is not None]
+            wake_times = [t for t in (deadline, kill_at, self.output.next_flush()) if t is not None]
             timeout = min([30.0, *(t - now for t in wake_times)])
             self._sleep(max(timeout, 0.0))
+            self.output.flush()
         # Whatever the container left running in its process group goes with it.
         kill_group(proc.pid, signal.SIGKILL)
         returncode = proc.wait()
+        self._drain_output()
         return EXIT_TIMED_OUT if self.timed_out else exit_code(returncode)
 
     def _sleep(self, timeout: float) -> None:
-        """Sleep until a signal (SIGCHLD included) arrives or the timeout passes."""
+        """Sleep until output, a signal (SIGCHLD included) or the timeout; copy the output."""
         import select
 
-        select.select([self.wake_r], [], [], timeout)
+        ready = select.select([self.wake_r, *self.pipes], [], [], timeout)[0]
         drain(self.wake_r)
+        for fd in ready:
+            if fd in self.pipes:
+                self._read_pipe(fd)
+
+    def _read_pipe(self, fd: int) -> None:
+        """Copy what one pipe holds into the log; close it at its end."""
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.output.feed(self.pipes[fd], data)
+            return
+        del self.pipes[fd]
+        os.close(fd)
+
+    def _drain_output(self) -> None:
+        """After the container ended: the rest of its output, to the last line."""
+        import select
+
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while self.pipes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for fd in select.select(list(self.pipes), [], [], remaining)[0]:
+                self._read_pipe(fd)
+        for fd in self.pipes:
+            os.close(fd)
+        self.pipes.clear()
+        self.output.flush(everything=True)
 
     def _forward_pending(self, pgid: int) -> None:
         while self.pending:
@@ -1267,8 +1428,15 @@ def cmd_serve(opts: Options, state: State) -> int:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     sink = sys.stdout.buffer
     pending = b""
+    sent: dict[str, int] = {}
+    next_tick = time.monotonic()
     while True:
-        ready = select.select([0, wake_r], [], [])[0]
+        ready = select.select([0, wake_r], [], [], max(0.0, next_tick - time.monotonic()))[0]
+        if time.monotonic() >= next_tick:
+            next_tick = time.monotonic() + LOG_TICK
+            for event in follow_logs(state, sent):
+                sink.write(json.dumps(event).encode() + b"\n")
+            sink.flush()
         if wake_r in ready:
             drain(wake_r)
             if reap_children():
@@ -1286,6 +1454,48 @@ def cmd_serve(opts: Options, state: State) -> int:
             if line.strip():
                 sink.write(json.dumps(handle_request(line, opts)).encode() + b"\n")
                 sink.flush()
+
+
+def follow_logs(state: State, sent: dict[str, int]) -> list[dict[str, Any]]:
+    """The ``log`` events for what the logs of known containers gained since ``sent``.
+
+    ``sent`` maps uuid to the offset sent so far, and is updated; containers that are gone
+    (forgotten) leave it.  At most ``LOG_CHUNK`` bytes per container and ``LOG_TICK_BUDGET``
+    in all, so one chatty container cannot flood the channel the verbs share.
+    """
+    import base64
+
+    try:
+        uuids = state.known_uuids()
+    except OSError:
+        return []
+    for uuid in list(sent):
+        if uuid not in uuids:
+            del sent[uuid]
+    events: list[dict[str, Any]] = []
+    budget = LOG_TICK_BUDGET
+    for uuid in uuids:
+        offset = sent.get(uuid, 0)
+        try:
+            with open(state.log_path(uuid), "rb") as f:
+                if os.fstat(f.fileno()).st_size < offset:
+                    offset = 0  # a new run of the same container replaced the log
+                f.seek(offset)
+                data = f.read(min(LOG_CHUNK, budget))
+        except OSError:
+            continue
+        if not data:
+            sent[uuid] = offset
+            continue
+        events.append(
+            {"event": "log", "uuid": uuid, "offset": offset,
+             "data": base64.b64encode(data).decode()}
+        )
+        sent[uuid] = offset + len(data)
+        budget -= len(data)
+        if budget <= 0:
+            break
+    return events
 
 
 def drain(fd: int) -> None:

@@ -20,7 +20,7 @@ from herder.model import ContainerState, is_container_uuid
 from herder.units import format_duration, format_size, parse_duration, parse_size
 
 #: Seconds between polls while ``submit --wait`` and ``logs --follow`` wait.
-POLL_INTERVAL = 1.0
+POLL_INTERVAL = 0.5
 #: How the waiting commands pause between polls (replaced in tests that drive a virtual clock).
 sleep: Callable[[float], None] = time.sleep
 

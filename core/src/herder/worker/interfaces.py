@@ -23,7 +23,12 @@ class ContainerReporter(ABC):
 
     @abstractmethod
     def container_exited(self, uuid: str, exit_code: int, log: bytes) -> None:
-        """The runner reported the container's exit code; ``log`` is its output."""
+        """The runner reported the container's exit code; ``log`` is its output (what the
+        worker has not already passed on with :meth:`container_log`)."""
+
+    def container_log(self, uuid: str, data: bytes) -> None:
+        """More of the container's output, as it is written (whatever the container's state:
+        a cancelled container's last lines arrive after it was cancelled)."""
 
 
 class NullReporter(ContainerReporter):

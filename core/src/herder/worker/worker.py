@@ -15,6 +15,7 @@ others take it themselves.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -52,6 +53,12 @@ TAG_IDLE_BEHAVIOR = "IdleBehavior"
 TAG_INSTANCE_SECRET = "InstanceSecret"  # noqa: S105 (a tag name)
 
 
+#: Bytes past ``containers.log_limit`` herder still stores: the runner's own "truncated" line.
+TRUNCATION_ROOM = 1024
+#: Seconds to wait for a container's log before shutting its instance down.
+SAVE_OUTPUT_TIMEOUT = 10.0
+
+
 def _positive(value: float, default: float) -> float:
     """Arvados' rule: a duration or rate that is unset (<= 0) takes the code default."""
     return value if value > 0 else default
@@ -81,6 +88,7 @@ class PoolSettings:
     max_instances: int = 64  # 0 = unlimited
     runner_args: tuple[str, ...] = ()
     runtime_engine: str = "auto"
+    log_limit: int = 64 << 20  # 0 = unlimited
     image_id: str = ""
     instance_init_command: str = ""
     deploy_public_key: bool = True
@@ -110,6 +118,7 @@ class PoolSettings:
             max_instances=c.max_instances,
             runner_args=tuple(config.containers.runner_args),
             runtime_engine=config.containers.runtime_engine,
+            log_limit=config.containers.log_limit,
             image_id=c.image_id,
             instance_init_command=c.instance_init_command,
             deploy_public_key=c.deploy_public_key,
@@ -218,6 +227,10 @@ class Worker:
         self.log = _InstanceLog(env.logger, {"instance": instance.id})
         #: set when the runner reported a change while a probe was running (see runner_changed)
         self._probe_again = False
+        #: uuid -> bytes of the runner's log of the current attempt stored in the queue; its
+        #: own lock, because the stream's reader and a probe both store logs.
+        self._output_lock = threading.Lock()
+        self._output_stored: dict[str, int] = {}
         self.runner_client = RunnerClient(
             executor,
             command=env.runner.command,
@@ -225,6 +238,7 @@ class Worker:
             resident=env.runner.deploying,
             now=self._now,
             on_change=self.runner_changed,
+            on_log=self.relay_log,
             name=f"runner-{instance.id}",
             logger=self.log,
         )
@@ -301,6 +315,7 @@ class Worker:
             args=list(settings.runner_args),
             runtime_engine=settings.runtime_engine,
             runtime=self.env.runtime,
+            log_limit=settings.log_limit,
             lock=self.env.lock,
             timeout_term=settings.timeout_term,
             timeout_signal=settings.timeout_signal,
@@ -315,6 +330,8 @@ class Worker:
         self.log.debug("starting container %s", container.uuid)
         runner = self.new_runner(container.uuid, container)
         self.starting[container.uuid] = runner
+        with self._output_lock:
+            self._output_stored.pop(container.uuid, None)  # a new run starts a new log
         if self.state != WorkerState.RUNNING:
             self.set_state(WorkerState.RUNNING)
             self.env.notify()
@@ -472,15 +489,20 @@ class Worker:
             label, since_last_success, self.state.value,
             "; try `herder cloudtest` to debug" if label == "new instance" else "",
         )
-        self.shutdown()
+        self.shutdown(save_output=False)  # it does not answer: no log to save
         return True
 
-    def shutdown(self) -> None:
+    def shutdown(self, save_output: bool = True) -> None:
         """Mark shut down and ask the cloud to destroy the instance (caller holds the lock).
 
         A failed destroy is only logged: the pool's sync destroys again while the instance is
-        still listed after timeout_shutdown.
+        still listed after timeout_shutdown.  With ``save_output``, the logs of containers
+        still on the instance are read once more before it is destroyed (when its resident
+        runner is up, so the instance answers), so that they are kept to the last line.
         """
+        uuids = sorted({*self.running, *self.starting})
+        if not (save_output and uuids and self.runner_client.resident):
+            uuids = []
         now = self.touch()
         self.destroyed = now
         self.set_state(WorkerState.SHUTDOWN)
@@ -499,7 +521,31 @@ class Worker:
             # A place against max_instances is free now: the scheduler may create at once.
             self.env.notify()
 
-        self.env.submit_cloud_op(destroy)
+        if not uuids:
+            self.env.submit_cloud_op(destroy)
+            return
+
+        def save_then_destroy() -> None:
+            self._save_output(uuids)
+            self.env.submit_cloud_op(destroy)
+
+        self.env.runtime.spawn(save_then_destroy)
+
+    def _save_output(self, uuids: list[str]) -> None:
+        """Store what the runner logged for ``uuids`` and herder has not stored yet."""
+        timeout = min(self.env.settings.timeout_command, SAVE_OUTPUT_TIMEOUT)
+        for uuid in uuids:
+            call = functools.partial(
+                self.runner_client.call, runner_protocol.log_argv(uuid), None, timeout
+            )
+            ok, data, _, err = _outcome(call)
+            if not ok:
+                self.log.info("container %s: cannot save its log before shutdown: %s", uuid, err)
+                continue
+            try:
+                self.relay_log(uuid, 0, data)
+            except Exception as exc:
+                self.log.warning("container %s: cannot store its log: %s", uuid, exc)
 
     def save_tags(self) -> None:
         """Write the instance type and idle behaviour to the instance's tags if they differ.
@@ -764,11 +810,13 @@ class Worker:
         """
         for uuid, code in sorted(exited.items()):
             ok, log_data, stderr, err = self._run_verb(runner_protocol.log_argv(uuid))
-            if not ok:
+            if ok:
+                # The whole log: what the live relay has stored already is skipped.
+                self.relay_log(uuid, 0, log_data)
+            else:
                 self.log.warning("container %s: cannot read log: %s %r", uuid, err, stderr[:500])
-                log_data = b""
             try:
-                self.env.reporter.container_exited(uuid, code, log_data)
+                self.env.reporter.container_exited(uuid, code, b"")
             except Exception as exc:
                 # Not recorded (the queue's disk is full, say): the runner keeps the result
                 # and lists it again, so the next probe records it.  Forgetting it now would
@@ -781,6 +829,39 @@ class Worker:
             ok, _, stderr, err = self._run_verb(runner_protocol.forget_argv(uuid))
             if not ok:
                 self.log.warning("container %s: cannot forget: %s %r", uuid, err, stderr[:500])
+                continue
+            with self._output_lock:
+                self._output_stored.pop(uuid, None)
+
+    def relay_log(self, uuid: str, offset: int, data: bytes) -> None:
+        """Store the part of ``data`` (bytes ``offset``... of the runner's log of ``uuid``)
+        that the queue does not have yet.
+
+        Called with the live pieces the resident runner sends, and with the whole log when the
+        result is collected, so every byte is stored once whichever comes first.  Bytes past
+        ``containers.log_limit`` (plus room for the runner's own "truncated" line) are
+        dropped with a line saying so, for runners that do not stop at the limit themselves.
+        A piece that cannot be stored (the queue is down) is not counted, so the collection at
+        the exit stores it.
+        """
+        limit = self.env.settings.log_limit
+        bound = limit + TRUNCATION_ROOM if limit else None
+        with self._output_lock:
+            stored = self._output_stored.get(uuid, 0)
+            end = offset + len(data)
+            if offset > stored or end <= stored:
+                return  # a gap (the exit collection fills it) or nothing new
+            fresh = data[stored - offset:]
+            if bound is not None and end > bound:
+                fresh = fresh[: max(0, bound - stored)]
+                if stored < bound:
+                    fresh += (
+                        f"runner log truncated by herder at {bound} bytes "
+                        "(containers.log_limit); later output is discarded\n"
+                    ).encode()
+            if fresh:
+                self.env.reporter.container_log(uuid, fresh)
+            self._output_stored[uuid] = end
 
     # ------------------------------------------------------------------ views
 
