@@ -426,6 +426,20 @@ class QueueConformance:
         with pytest.raises(ValueError):
             queue.read_log(c.uuid, -1)
 
+    def test_logs_grow_while_running_and_after_a_cancel(self, queue: ContainerQueue) -> None:
+        """Live logs arrive piece by piece, and a cancelled container's last lines come after
+        its cancellation: both are appended, and neither is a change of the record."""
+        c = queue.submit(spec())
+        queue.lock(c.uuid)
+        running = queue.set_running(c.uuid, "i-1", "small")
+        queue.append_log(c.uuid, b"stdout one\n")
+        assert queue.read_log(c.uuid) == b"stdout one\n"
+        cancelled = queue.cancel(c.uuid, "stop")
+        queue.append_log(c.uuid, b"stdout two\n")
+        assert queue.read_log(c.uuid) == b"stdout one\nstdout two\n"
+        assert queue.read_log(c.uuid, len(b"stdout one\n")) == b"stdout two\n"
+        assert queue.get(c.uuid) == cancelled and running.state is R
+
     def test_list_pages_by_uuid_and_filters_states(self, queue: ContainerQueue) -> None:
         made = [queue.submit(spec()) for _ in range(5)]
         queue.cancel(made[0].uuid)
