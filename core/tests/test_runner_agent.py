@@ -104,6 +104,11 @@ class Runner:
     def list_text(self) -> str:
         return self.run("--list").stdout.decode()
 
+    def wait_failed(self, uuid: str = UUID) -> tuple[str, str]:
+        failed: dict[str, tuple[str, str]] = wait_for(lambda: self.list().failed)
+        assert uuid in failed, f"{uuid} did not fail: {self.list_text()!r}"
+        return failed[uuid]
+
     def wait_exited(self, uuid: str = UUID) -> int:
         codes: dict[str, int] = wait_for(lambda: self.list().exited)
         assert uuid in codes, f"{uuid} did not finish: {self.list_text()!r}"
@@ -435,7 +440,9 @@ def test_engine_run_command_and_unreachable_daemon_marks_broken(
         vcpus=2,
         ram=1 << 30,
     )
-    assert runner.wait_exited() == 125
+    # Not an exit code: the instance could not start it.
+    assert runner.wait_failed() == ("instance", message)
+    assert runner.list().exited == {}
     name = f"herder-{UUID}"
     run = ["run", "--rm", "--name", name, "--cpus", "2", "--memory", str(1 << 30)]
     assert engine_calls(calls) == [
@@ -780,3 +787,33 @@ def test_serve_sends_log_lines_while_the_container_runs(
     assert second["offset"] == len(b"stdout before\n")
     assert base64.b64decode(second["data"]) == b"stderr after\n"
     assert serve.finish() == 0
+
+
+def test_a_missing_image_fails_the_container_not_the_instance(
+    runner: Runner, tmp_path: Path
+) -> None:
+    message = ("docker: Error response from daemon: pull access denied for nosuch, repository "
+               "does not exist or may require docker login.")
+    write_fake_engine(tmp_path / "bin", tmp_path / "calls", message, 125)
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(command=["true"], runtime="docker", image="nosuch:1")
+    assert runner.wait_failed() == ("container", message)
+    assert not runner.list().broken
+    assert b"could not be started (container failure)" in runner.log()
+
+
+def test_a_program_exiting_125_in_an_engine_is_an_exit_code(
+    runner: Runner, tmp_path: Path
+) -> None:
+    write_fake_engine(tmp_path / "bin", tmp_path / "calls", "my program failed", 125)
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(command=["prog"], runtime="docker", image="debian:12")
+    assert runner.wait_exited() == 125
+    assert runner.list().failed == {} and not runner.list().broken
+
+
+def test_a_missing_engine_fails_the_instance(runner: Runner) -> None:
+    runner.env = {**os.environ, "PATH": "/nonexistent"}
+    runner.start(command=["true"], runtime="podman", image="debian:12")
+    assert runner.wait_failed() == ("instance", "the container engine podman is not installed")
+    assert runner.list().broken

@@ -427,3 +427,76 @@ def test_a_log_past_the_limit_ends_with_a_truncated_line(fast_server: Server) ->
     assert "line 1999" not in log
     assert log.rstrip("\n").endswith("later output is discarded")
     assert len(log.encode()) < 8192 + 1024
+
+
+FAKE_DOCKER = """#!/bin/sh
+# A docker CLI for the loopback instances: "nodaemon" images find no daemon, "nosuch" images do
+# not exist, any other image runs the command as a plain process.
+[ "$1" = run ] || exit 0
+shift
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rm) shift ;;
+    --name|--cpus|--memory|-e|-w|--gpus|--device|--group-add) shift 2 ;;
+    *) break ;;
+  esac
+done
+image=$1
+shift
+case "$image" in
+  nodaemon*)
+    echo "docker: Cannot connect to the Docker daemon at unix:///var/run/docker.sock." >&2
+    exit 125 ;;
+  nosuch*)
+    echo "Unable to find image '$image' locally" >&2
+    echo "docker: Error response from daemon: pull access denied for nosuch." >&2
+    exit 125 ;;
+esac
+exec "$@"
+"""
+
+
+def test_infrastructure_failures_are_not_exit_codes(tmp_path: Path) -> None:
+    marker = f"m{os.getpid()}x{time.monotonic_ns()}"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    config = tmp_path / "herder.yaml"
+    config.write_text(
+        FAST_CONFIG.format(
+            max_instances=4, state_dir=tmp_path / "loopback", db=tmp_path / "herder.db",
+            marker=marker,
+        ).replace("  log_limit: 8KiB\n", "  log_limit: 8KiB\n  max_dispatch_attempts: 2\n")
+    )
+    server = Server(tmp_path / "data", config, tmp_path / "serve.log")
+    server.env["PATH"] = f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    server.start()
+    try:
+        program = _submit(server, "sh", "-c", f"echo mine; exit 125 # {marker}",
+                          extra=("--image", "alpine:3"))
+        image = _submit(server, "true", extra=("--image", "nosuch:1"))
+        states = _wait_final(server, [program, image])
+        # A real program exiting 125 is its exit code.
+        assert states[program]["state"] == "Complete", states[program]
+        assert states[program]["exit_code"] == 125
+        # No such image: cancelled with the runtime's message, the instance stays in service.
+        assert states[image]["state"] == "Cancelled" and states[image]["exit_code"] is None
+        assert "pull access denied for nosuch" in states[image]["runtime_status"]["error"]
+        instances = json.loads(server.cli("instances", "--json").stdout)
+        assert instances and all(i["idle_behavior"] == "run" for i in instances), instances
+        # No daemon: the instance is at fault; retried elsewhere until the attempts run out.
+        daemon = _submit(server, "true", extra=("--image", "nodaemon:1"))
+        states = _wait_final(server, [daemon])
+        c = states[daemon]
+        assert c["state"] == "Cancelled" and c["exit_code"] is None, c
+        assert c["attempts"] == 2
+        assert "Cannot connect to the Docker daemon" in c["runtime_status"]["error"]
+        drained = [line for line in server.log_lines()
+                   if "cannot start containers" in str(line.get("message", ""))]
+        assert len(drained) == 2, drained
+        assert server.stop() == 0
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop(signal.SIGKILL)
+        _cleanup_runner_processes(marker)

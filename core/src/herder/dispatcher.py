@@ -20,7 +20,7 @@ from herder.cloud import Driver, DriverContext, Instance, InstanceSet
 from herder.config import Config
 from herder.executor import Executor, ExecutorFactory
 from herder.metrics import ContainerMetrics
-from herder.model import ContainerState, InstanceType
+from herder.model import Container, ContainerState, InstanceType
 from herder.plugins import Plugins
 from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
@@ -66,6 +66,29 @@ class QueueReporter(ContainerReporter):
         except (InvalidTransition, ContainerNotFound) as exc:
             log.debug("not marking %s running: %s", uuid, exc)
 
+    def container_failed(
+        self, uuid: str, instance_side: bool, message: str, instance_id: str = ""
+    ) -> None:
+        """Retry (counted against max dispatch attempts) or cancel; never an exit code."""
+        ctr = self.queue.get(uuid)
+        if ctr is None or ctr.state.final:
+            return
+        self._add_cost(ctr)
+        try:
+            if instance_side:
+                where = f"instance {instance_id}" if instance_id else "the instance"
+                self.queue.retry(uuid, f"{where} could not start the container: {message}")
+            else:
+                self.queue.cancel(uuid, f"the container could not be started: {message}")
+        except InvalidTransition as exc:
+            log.warning("cannot record the start failure of %s: %s", uuid, exc)
+
+    def _add_cost(self, ctr: Container) -> None:
+        """Charge the time the container held its instance."""
+        if ctr.started_at is not None and ctr.instance_type in self.instance_types:
+            hours = max(0.0, self.runtime.now() - ctr.started_at) / 3600.0
+            self.queue.add_cost(ctr.uuid, hours * self.instance_types[ctr.instance_type].price)
+
     def container_log(self, uuid: str, data: bytes) -> None:
         try:
             self.queue.append_log(uuid, data)
@@ -81,9 +104,7 @@ class QueueReporter(ContainerReporter):
             return
         if log_data:
             self.queue.append_log(uuid, log_data)
-        if ctr.started_at is not None and ctr.instance_type in self.instance_types:
-            hours = max(0.0, self.runtime.now() - ctr.started_at) / 3600.0
-            self.queue.add_cost(uuid, hours * self.instance_types[ctr.instance_type].price)
+        self._add_cost(ctr)
         try:
             self.queue.finish(uuid, exit_code)
         except InvalidTransition as exc:

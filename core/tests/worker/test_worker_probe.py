@@ -542,3 +542,28 @@ def test_herder_cuts_a_log_the_runner_did_not_cut_at_the_limit() -> None:
         "later output is discarded\n".encode()
     )
     assert b"more" not in stored
+
+
+def test_an_instance_that_cannot_start_containers_is_drained_and_no_exit_code_recorded() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    host = h.cloud.vms[iid].host
+    host.containers[C1] = ("failed", "instance", "docker: Cannot connect to the Docker daemon")
+    h.runtime.advance(10)
+    h.probe(iid)
+    assert h.reporter.exited == []
+    assert h.reporter.failed == [(C1, True, "docker: Cannot connect to the Docker daemon", iid)]
+    assert h.worker(iid).idle_behavior == IdleBehavior.DRAIN
+    assert host.verbs()[-1] == "--forget" and C1 not in host.containers
+
+
+def test_a_container_that_cannot_start_leaves_the_instance_in_service() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    host = h.cloud.vms[iid].host
+    host.containers[C1] = ("failed", "container", "pull access denied for nosuch")
+    h.runtime.advance(10)
+    h.probe(iid)
+    assert h.reporter.failed == [(C1, False, "pull access denied for nosuch", iid)]
+    assert h.worker(iid).idle_behavior == IdleBehavior.RUN
+    assert h.state(iid) == "idle"

@@ -84,6 +84,8 @@ class FakeHost:
                 lines.append(u)
             elif st == "stale":
                 lines.append(f"{u} stale")
+            elif st[0] == "failed":
+                lines.append(f"{u} failed {st[1]} {st[2]}")
             else:
                 lines.append(f"{u} exited {st[1]}")
         lines.extend(self.extra_list_lines)
@@ -351,6 +353,7 @@ class RecordingReporter(ContainerReporter):
     def __init__(self) -> None:
         self.started: list[tuple[str, str, str]] = []
         self.exited: list[tuple[str, int, bytes]] = []
+        self.failed: list[tuple[str, bool, str, str]] = []
         self.logs: dict[str, bytes] = {}
 
     def container_log(self, uuid: str, data: bytes) -> None:
@@ -361,6 +364,11 @@ class RecordingReporter(ContainerReporter):
 
     def container_exited(self, uuid: str, exit_code: int, log: bytes) -> None:
         self.exited.append((uuid, exit_code, log))
+
+    def container_failed(
+        self, uuid: str, instance_side: bool, message: str, instance_id: str = ""
+    ) -> None:
+        self.failed.append((uuid, instance_side, message, instance_id))
 
 
 def make_config(**cloud: Any) -> Config:

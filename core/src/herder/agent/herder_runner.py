@@ -45,8 +45,13 @@ Files, all in the state directory (``/var/lock/herder-runner``; ``--state-dir`` 
     process group.  A held lock means "this container may still be running", which is what keeps a
     container from being started twice.
 ``<uuid>.exit``
-    the container's exit code, written atomically once it has finished.  It stays until the
-    dispatcher has collected it with ``--forget``, so a result survives a lost connection.
+    the container's exit code, written atomically once it has finished; or, when the container
+    could not be started at all, ``failed instance <message>`` (this instance cannot run
+    containers: the engine is missing or broken, the supervisor failed) or ``failed container
+    <message>`` (this container cannot run anywhere: no such image).  ``--list`` reports these
+    as ``<uuid> failed <side> <message>``, never as an exit code: a program may exit 125 too.
+    It stays until the dispatcher has collected it with ``--forget``, so a result survives a
+    lost connection.
 ``<uuid>.log``
     the container's stdout and stderr, plus the supervisor's own notes, one line each, every
     line marked with where it came from: ``stdout <text>``, ``stderr <text>`` or
@@ -138,6 +143,31 @@ BROKEN_PATTERNS = (
     r"oci runtime.*mount.*no such file or directory",
 )
 BROKEN_SCAN_BYTES = 64 * 1024
+
+#: Who a start failure is blamed on: the instance (retried elsewhere) or the container.
+FAILURE_SIDES = ("instance", "container")
+#: With an engine, exit status 125 is the engine's own error (docker run, podman run) when its
+#: stderr says so; these lines say the image is at fault, not the instance.
+IMAGE_ERRORS = (
+    r"unable to find image",
+    r"pull access denied",
+    r"manifest unknown",
+    r"repository does not exist",
+    r"no such image",
+    r"image not known",
+    r"invalid reference format",
+    r"reading manifest",
+)
+#: ... and these that the engine itself failed (the daemon is down, the OCI runtime broke).
+ENGINE_ERRORS = (
+    r"^docker: ",
+    r"^error: ",
+    r"error response from daemon",
+    r"cannot connect to the docker daemon",
+    r"oci runtime",
+)
+EXIT_ENGINE_FAILED = 125
+STDERR_TAIL = 4096
 
 #: Seconds between the serve process's looks at the logs of its containers.
 LOG_TICK = 0.25
@@ -486,14 +516,20 @@ class State:
         finally:
             os.close(fd)
 
-    def read_exit(self, uuid: str) -> int | None:
-        """The recorded exit code, or None when the container has not finished."""
+    def read_exit(self, uuid: str) -> str | None:
+        """What ``--list`` says of a finished container (``exited N`` or ``failed <side>
+        <message>``), or None when it has not finished."""
         try:
             with open(self.exit_path(uuid), "rb") as f:
                 text = f.read().strip()
             if not text:
                 return None  # reserved, not written yet
-            return int(text)
+            if text.startswith(b"failed "):
+                side, _, message = text[7:].decode("utf-8", "replace").partition(" ")
+                if side not in FAILURE_SIDES:
+                    raise ValueError(side)
+                return f"failed {side} {one_line(message) or 'unknown failure'}"
+            return f"exited {int(text)}"
         except FileNotFoundError:
             return None
         except ValueError:
@@ -540,6 +576,12 @@ class State:
             write_atomically(self.broken_path, reason.encode() + b"\n")
         except OSError as e:
             note(f"cannot write broken marker: {e}")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` as one printable line of at most ``limit`` characters (for ``--list``)."""
+    cleaned = "".join(c if c.isprintable() else " " for c in text)
+    return " ".join(cleaned.split())[:limit]
 
 
 def warn(message: str) -> None:
@@ -634,7 +676,7 @@ def status_line(state: State, uuid: str) -> str | None:
         if code is None:
             remove(state.exit_path(uuid))  # a reservation left behind, if any
             return None
-        return f"{uuid} exited {code}"
+        return f"{uuid} {code}"
     try:
         if try_flock(fd, fcntl.LOCK_EX):
             code = state.read_exit(uuid)
@@ -642,7 +684,7 @@ def status_line(state: State, uuid: str) -> str | None:
                 remove(state.lock_path(uuid))
                 remove(state.exit_path(uuid))  # a reservation nobody will fill
                 return None
-            return f"{uuid} exited {code}"
+            return f"{uuid} {code}"
         try:
             record = state.read_lock(uuid)
         except RunnerError:
@@ -872,16 +914,24 @@ def become_supervisor(
 ) -> NoReturn:
     """The forked child: detach from the caller, run the container, record its exit code."""
     code = EXIT_RUNNER_FAILED
+    failure: tuple[str, str] | None = None
     try:
         os.setsid()
         redirect_stdio(state.log_path(config.uuid))
-        code = Supervisor(state, config, lock_fd, ack_fd, kill_grace).run()
-    except BaseException:
+        supervisor = Supervisor(state, config, lock_fd, ack_fd, kill_grace)
+        code = supervisor.run()
+        failure = supervisor.failure
+    except BaseException as e:
         import traceback
 
         note("supervisor failed:\n" + traceback.format_exc())
+        failure = ("instance", f"the runner's supervisor failed: {e!r}")
     finally:
-        record_exit(state, config.uuid, code)
+        if failure is not None:
+            note(f"the container could not be started ({failure[0]} failure): {failure[1]}")
+            if failure[0] == "instance":
+                state.mark_broken(failure[1])
+        record_exit(state, config.uuid, code, failure)
         os._exit(0)
 
 
@@ -896,7 +946,9 @@ def redirect_stdio(log_path: str) -> None:
     os.close(log)
 
 
-def record_exit(state: State, uuid: str, code: int) -> None:
+def record_exit(
+    state: State, uuid: str, code: int, failure: tuple[str, str] | None = None
+) -> None:
     """Write the exit record; a full disk here also means the instance is broken.
 
     Normally a new file replaces the reservation atomically.  When that cannot be written
@@ -905,23 +957,26 @@ def record_exit(state: State, uuid: str, code: int) -> None:
     instance broken (no space left), and it is drained.
     """
     record = f"{code}\n".encode()
+    if failure is not None:
+        record = f"failed {failure[0]} {one_line(failure[1])}\n".encode()
     try:
         write_atomically(state.exit_path(uuid), record)
         return
     except OSError as e:
         note(f"cannot write exit record {code}: {e}; using the reserved one")
-        failure = e
+        write_error = e
     try:
         fd = os.open(state.exit_path(uuid), os.O_WRONLY)
         try:
-            os.pwrite(fd, record.ljust(EXIT_RESERVED - 1) + b"\n", 0)
+            os.pwrite(fd, record.rstrip(b"\n")[: EXIT_RESERVED - 1].ljust(EXIT_RESERVED - 1)
+                      + b"\n", 0)
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as e:
         note(f"cannot record exit code {code}: {e}")
-    if failure.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-        state.mark_broken(f"cannot record exit code: {failure}")
+    if write_error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        state.mark_broken(f"cannot record exit code: {write_error}")
 
 
 # --------------------------------------------------------------------------- the supervisor
@@ -941,7 +996,7 @@ def choose_engine(config: RunConfig) -> str | None:
     if config.runtime in ENGINES:
         path = shutil.which(config.runtime)
         if path is None:
-            raise FileNotFoundError(errno.ENOENT, "container engine not found", config.runtime)
+            raise EngineMissing(f"the container engine {config.runtime} is not installed")
         return path
     if not config.image:
         return None
@@ -949,6 +1004,26 @@ def choose_engine(config: RunConfig) -> str | None:
         path = shutil.which(name)
         if path is not None:
             return path
+    return None
+
+
+class EngineMissing(Exception):
+    """The configured container engine is not on this instance: no container can run here."""
+
+
+def engine_failure(stderr_tail: bytes) -> tuple[str, str] | None:
+    """Who failed, when the engine exited 125: (side, the engine's message), or None when
+    nothing the engine said explains it (the program itself exited 125)."""
+    import re
+
+    lines = [line.strip() for line in stderr_tail.decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line]
+    for patterns, side in ((IMAGE_ERRORS, "container"), (ENGINE_ERRORS, "instance")):
+        found = [
+            line for line in lines if any(re.search(p, line, re.IGNORECASE) for p in patterns)
+        ]
+        if found:
+            return side, one_line(found[-1])
     return None
 
 
@@ -1056,9 +1131,13 @@ class LogWriter:
         self.truncated = False
         self.partial: dict[bytes, bytes] = {}
         self.partial_since: dict[bytes, float] = {}
+        #: the last bytes of stderr, kept even past the limit: what an engine said on failing
+        self.stderr_tail = b""
 
     def feed(self, stream: bytes, data: bytes) -> None:
         """Take a chunk read from ``stream``; complete lines are written at once."""
+        if stream == b"stderr":
+            self.stderr_tail = (self.stderr_tail + data)[-STDERR_TAIL:]
         buffered = self.partial.pop(stream, b"") + data
         *lines, rest = buffered.split(b"\n")
         for line in lines:
@@ -1123,6 +1202,8 @@ class Supervisor:
         self.ack_fd = ack_fd
         self.kill_grace = kill_grace
         self.engine: str | None = None
+        #: (side, message) when the container could not be started (see the exit record)
+        self.failure: tuple[str, str] | None = None
         self.output = LogWriter(1, config.log_limit)
         #: the container's stdout and stderr pipes still open, by fd: the stream's marker
         self.pipes: dict[int, bytes] = {}
@@ -1144,9 +1225,16 @@ class Supervisor:
         """Start the container, wait for it, and return the exit code to record."""
         try:
             proc = self._start()
+        except EngineMissing as e:
+            self._publish(None)
+            self.failure = ("instance", str(e))
+            return EXIT_ENGINE_FAILED
         except OSError as e:
             note(f"cannot start container: {e}")
             self._publish(None)
+            if self.engine is not None:
+                self.failure = ("instance", f"cannot run {self.engine}: {e}")
+                return EXIT_ENGINE_FAILED
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return EXIT_NOT_FOUND
             return EXIT_NOT_EXECUTABLE
@@ -1156,6 +1244,8 @@ class Supervisor:
         except BaseException:
             kill_group(proc.pid, signal.SIGKILL)  # recorded as a runner failure: leave no orphans
             raise
+        if self.engine is not None and code == EXIT_ENGINE_FAILED and not self.timed_out:
+            self.failure = engine_failure(self.output.stderr_tail)
         if self.engine is not None and code != 0 and not self.timed_out:
             scan_for_breakage(self.state, self.config.uuid)
         return code

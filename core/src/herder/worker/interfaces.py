@@ -26,6 +26,14 @@ class ContainerReporter(ABC):
         """The runner reported the container's exit code; ``log`` is its output (what the
         worker has not already passed on with :meth:`container_log`)."""
 
+    def container_failed(
+        self, uuid: str, instance_side: bool, message: str, instance_id: str = ""
+    ) -> None:
+        """The runner could not start the container: ``instance_side`` when the instance is
+        at fault (retry it elsewhere), else the container is (cancel it); ``message`` is the
+        runtime's own.  Reporters that do not tell failures apart record the engine's 125."""
+        self.container_exited(uuid, 125, b"")
+
     def container_log(self, uuid: str, data: bytes) -> None:
         """More of the container's output, as it is written (whatever the container's state:
         a cancelled container's last lines arrive after it was cancelled)."""

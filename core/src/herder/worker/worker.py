@@ -171,6 +171,8 @@ class RunProbeResult:
     ok: bool = False
     running: list[str] = field(default_factory=list)
     exited: dict[str, int] = field(default_factory=dict)
+    #: uuid -> (side, message): containers the runner could not start
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)
     broken: bool = False
     error: str = ""  # why the probe failed (a bastion that refused, a timeout...), if it did
 
@@ -653,8 +655,8 @@ class Worker:
         result = RunProbeResult()
         if booted or initial == WorkerState.UNKNOWN:
             result = self.probe_running()
-            if result.ok and result.exited:
-                self.collect_exited(result.exited)
+            if result.ok and (result.exited or result.failed):
+                self.collect_exited(result.exited, result.failed)
         with self.env.lock:
             newly_running = self._apply_probe(seq0, initial, booted, probe_start, detail, result)
         for uuid in newly_running:
@@ -768,6 +770,7 @@ class Worker:
             ok=True,
             running=[u for u in parsed.running if self._valid_uuid(u)],
             exited={u: c for u, c in parsed.exited.items() if self._valid_uuid(u)},
+            failed={u: f for u, f in parsed.failed.items() if self._valid_uuid(u)},
             broken=parsed.broken,
         )
         for uuid in parsed.stale:
@@ -802,13 +805,20 @@ class Worker:
             return True
         return False
 
-    def collect_exited(self, exited: dict[str, int]) -> None:
+    def collect_exited(
+        self, exited: dict[str, int], failed: dict[str, tuple[str, str]] | None = None
+    ) -> None:
         """Pull each finished container's result and log, then let the runner forget it.
 
         Without the lock.  Idempotent: if ``--forget`` fails, the next probe lists the
         container again and this runs again; the reporter accepts repeats.
+
+        A container the runner could not start (``failed``) is no exit code: blamed on the
+        instance, the container is retried elsewhere and the instance is drained; blamed on the
+        container (no such image), it is cancelled and the instance stays in service.
         """
-        for uuid, code in sorted(exited.items()):
+        results: dict[str, int | tuple[str, str]] = {**exited, **(failed or {})}
+        for uuid, outcome in sorted(results.items()):
             ok, log_data, stderr, err = self._run_verb(runner_protocol.log_argv(uuid))
             if ok:
                 # The whole log: what the live relay has stored already is skipped.
@@ -816,14 +826,17 @@ class Worker:
             else:
                 self.log.warning("container %s: cannot read log: %s %r", uuid, err, stderr[:500])
             try:
-                self.env.reporter.container_exited(uuid, code, b"")
+                if isinstance(outcome, int):
+                    self.env.reporter.container_exited(uuid, outcome, b"")
+                else:
+                    self._start_failed(uuid, *outcome)
             except Exception as exc:
                 # Not recorded (the queue's disk is full, say): the runner keeps the result
                 # and lists it again, so the next probe records it.  Forgetting it now would
                 # make the container look lost, and it would run a second time.
                 self.log.error(
-                    "container %s: cannot record its exit code %d, kept on the instance for "
-                    "the next probe: %s", uuid, code, exc,
+                    "container %s: cannot record its result %r, kept on the instance for "
+                    "the next probe: %s", uuid, outcome, exc,
                 )
                 continue
             ok, _, stderr, err = self._run_verb(runner_protocol.forget_argv(uuid))
@@ -832,6 +845,20 @@ class Worker:
                 continue
             with self._output_lock:
                 self._output_stored.pop(uuid, None)
+
+    def _start_failed(self, uuid: str, side: str, message: str) -> None:
+        """Record a container the runner could not start, and drain an instance at fault."""
+        instance_side = side == runner_protocol.FAILURE_INSTANCE
+        self.log.warning(
+            "container %s could not be started (%s failure): %s", uuid, side, message
+        )
+        if instance_side:
+            with self.env.lock:
+                if self.idle_behavior == IdleBehavior.RUN:
+                    self.log.info("draining: the instance cannot start containers")
+                    self.report_boot_outcome(BootOutcome.FAILURE)
+                    self.set_idle_behavior(IdleBehavior.DRAIN)
+        self.env.reporter.container_failed(uuid, instance_side, message, self.id)
 
     def relay_log(self, uuid: str, offset: int, data: bytes) -> None:
         """Store the part of ``data`` (bytes ``offset``... of the runner's log of ``uuid``)
