@@ -394,7 +394,7 @@ def test_file_database_uses_wal_and_records_schema_version(rt, tmp_path):
     make_queue(rt, path).close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()
@@ -592,3 +592,24 @@ def test_scheduling_parameters_survive_storage(rt, tmp_path):
     c = q.submit(s)
     q.close()
     assert make_queue(rt, path).get(c.uuid).spec == s
+
+
+def test_a_version_1_file_is_upgraded_in_place_to_keep_attempts(rt, tmp_path):
+    path = str(tmp_path / "queue.db")
+    q = make_queue(rt, path)
+    c = q.submit(spec())
+    q.close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE containers DROP COLUMN attempts")  # as version 1 left it
+    db.execute("UPDATE schema_version SET version = 1")
+    db.commit()
+    db.close()
+    q = make_queue(rt, path)
+    assert q.get(c.uuid) == c and c.attempt_history == ()
+    q.lock(c.uuid)
+    q.set_running(c.uuid, "i-1", "small")
+    assert [a.instance_id for a in q.get(c.uuid).attempt_history] == ["i-1"]
+    q.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    db.close()

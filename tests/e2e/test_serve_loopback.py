@@ -492,6 +492,14 @@ def test_infrastructure_failures_are_not_exit_codes(tmp_path: Path) -> None:
         assert c["state"] == "Cancelled" and c["exit_code"] is None, c
         assert c["attempts"] == 2
         assert "Cannot connect to the Docker daemon" in c["runtime_status"]["error"]
+        # Each attempt is in the record: where it ran, and why it ended.
+        history = c["attempt_history"]
+        assert [a["outcome"] for a in history] == ["retried", "retried"], history
+        assert len({a["instance_id"] for a in history}) == 2  # retried elsewhere
+        assert all("could not start the container: docker: Cannot connect" in a["reason"]
+                   for a in history)
+        shown = server.cli("container", daemon).stdout
+        assert "It ran 2 times" in shown
         drained = [line for line in server.log_lines()
                    if "cannot start containers" in str(line.get("message", ""))]
         assert len(drained) == 2, drained

@@ -318,3 +318,23 @@ def test_a_batch_submitted_elsewhere_reaches_the_dispatcher(
     batch = api_only.submit_many([SPEC] * 5)
     assert seen.wait(10), "the batch did not reach the dispatcher"
     assert set(dispatcher.entries()[0]) == {c.uuid for c in batch}
+
+
+def test_a_version_1_schema_is_upgraded_in_place_to_keep_attempts(
+    make_queue: Callable[..., PostgresQueue], pg_cluster: Any, schema_name: str
+) -> None:
+    queue = make_queue()
+    c = queue.submit(SPEC)
+    queue.close()
+    with pg_cluster.connect() as db:  # as version 1 left it
+        db.execute(f"ALTER TABLE {schema_name}.containers DROP COLUMN attempts")
+        db.execute(f"UPDATE {schema_name}.schema_version SET version = 1")
+    queue = make_queue()
+    assert queue.get(c.uuid) == c and c.attempt_history == ()
+    queue.lock(c.uuid)
+    queue.set_running(c.uuid, "i-1", "small")
+    got = queue.get(c.uuid)
+    assert got is not None and [a.instance_id for a in got.attempt_history] == ["i-1"]
+    with pg_cluster.connect() as db:
+        row = db.execute(f"SELECT version FROM {schema_name}.schema_version").fetchone()
+    assert row is not None and row[0] == 2

@@ -221,6 +221,20 @@ class ManagementAPI:
             instance_id=ctr.instance_id or None,
             instance_type=ctr.instance_type or None,
             attempts=ctr.lock_count,
+            attempt_history=[
+                schema.AttemptOut(
+                    number=a.number,
+                    instance_id=a.instance_id or None,
+                    instance_type=a.instance_type or None,
+                    started_at=schema.rfc3339(a.started_at),
+                    ended_at=schema.rfc3339(a.ended_at),
+                    outcome=a.outcome,
+                    reason=a.reason,
+                    exit_code=a.exit_code,
+                    cost=a.cost,
+                )
+                for a in ctr.attempt_history
+            ],
             exit_code=ctr.exit_code,
             cost=ctr.cost,
             runtime_status=dict(ctr.runtime_status),

@@ -263,6 +263,23 @@ class SchedulingParametersOut(_Response):
     supervisor: bool
 
 
+class AttemptOut(_Response):
+    """One dispatch of a container: where, when, and how it ended."""
+
+    number: int = Field(description="1 for the first dispatch, counting every lock")
+    instance_id: str | None
+    instance_type: str | None
+    started_at: Timestamp
+    ended_at: Timestamp
+    outcome: str = Field(
+        description="running, complete, retried (runner or instance lost, or the instance "
+        "could not start it), unlocked (never started) or cancelled"
+    )
+    reason: str = Field(description="why it ended so, for retried, unlocked and cancelled")
+    exit_code: int | None
+    cost: float
+
+
 class ContainerOut(_Response):
     """A container as the API shows it."""
 
@@ -283,6 +300,9 @@ class ContainerOut(_Response):
     instance_id: str | None
     instance_type: str | None
     attempts: int = Field(description="how many times the container was locked for dispatch")
+    attempt_history: list[AttemptOut] = Field(
+        default_factory=list, description="every dispatch attempt, oldest first"
+    )
     exit_code: int | None
     cost: float
     runtime_status: dict[str, str]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -434,7 +434,45 @@ def run_container(args: argparse.Namespace, ctx: Context) -> int:
     for key, value in rows:
         shown = "-" if value in (None, "") else escape_controls(str(value))
         ctx.print(f"{key + ':':<{width + 1}} {shown}")
+    history = ctr.get("attempt_history") or []
+    if history:
+        ctx.print("")
+        ctx.print(attempts_table(history))
+        ran = [a for a in history if a.get("started_at")]
+        if len(ran) > 1:
+            ctx.print(f"It ran {len(ran)} times:")
+            for a in ran[:-1]:
+                ctx.print(f"  attempt {a['number']} on {a.get('instance_id') or '-'}: "
+                          f"{escape_controls(attempt_outcome(a))}")
     return 0
+
+
+def attempt_outcome(attempt: Mapping[str, Any]) -> str:
+    """One attempt's end in words: the exit code, or the outcome and why."""
+    outcome = str(attempt.get("outcome", ""))
+    if outcome == "complete":
+        return f"exit code {attempt.get('exit_code')}"
+    reason = attempt.get("reason") or ""
+    return f"{outcome}: {reason}" if reason else outcome
+
+
+def attempts_table(history: Sequence[Mapping[str, Any]]) -> str:
+    """Every dispatch attempt: where, when, how it ended and what it cost."""
+    rows = [
+        [
+            a.get("number"),
+            a.get("instance_id"),
+            a.get("instance_type"),
+            a.get("started_at"),
+            a.get("ended_at"),
+            attempt_outcome(a),
+            f"{a.get('cost', 0.0):.6f}",
+        ]
+        for a in history
+    ]
+    return render_table(
+        ["attempt", "instance", "type", "started", "ended", "outcome", "cost"], rows
+    )
 
 
 # --------------------------------------------------------------------------- actions

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from herder.model import (
+    Attempt,
     Container,
     ContainerSpec,
     ContainerState,
@@ -24,12 +25,14 @@ from herder.model import (
 #: The columns of a container row, in the order every function here uses.
 COLUMNS = (
     "uuid, state, priority, spec, created_at, locked_at, started_at, finished_at, lock_count, "
-    "exit_code, runtime_status, instance_id, instance_type, cost"
+    "exit_code, runtime_status, instance_id, instance_type, cost, attempts"
 )
+#: How many columns :data:`COLUMNS` names.
+COLUMN_COUNT = 15
 #: The columns :func:`update_row` gives, in order, followed by the uuid.
 UPDATE_COLUMNS = (
     "state", "priority", "locked_at", "started_at", "finished_at", "lock_count", "exit_code",
-    "runtime_status", "instance_id", "instance_type", "cost",
+    "runtime_status", "instance_id", "instance_type", "cost", "attempts",
 )
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -41,6 +44,11 @@ def dumps(value: Any) -> str:
 
 def status_json(c: Container) -> str:
     return dumps(dict(c.runtime_status)) if c.runtime_status else "{}"
+
+
+def attempts_json(c: Container) -> str:
+    """The attempt history as JSON text (``[]`` for none)."""
+    return dumps([a.to_json() for a in c.attempt_history]) if c.attempt_history else "[]"
 
 
 def _spec_to_json(spec: ContainerSpec) -> dict[str, Any]:
@@ -126,6 +134,7 @@ def insert_row(c: Container) -> tuple[Any, ...]:
         c.instance_id,
         c.instance_type,
         c.cost,
+        attempts_json(c),
     )
 
 
@@ -143,6 +152,7 @@ def update_row(c: Container) -> tuple[Any, ...]:
         c.instance_id,
         c.instance_type,
         c.cost,
+        attempts_json(c),
         c.uuid,
     )
 
@@ -199,4 +209,7 @@ def _decode_strictly(row: Sequence[Any]) -> Container:
         instance_id=row[11],
         instance_type=row[12],
         cost=row[13],
+        attempt_history=tuple(
+            Attempt.from_json(a) for a in json.loads(row[14] if len(row) > 14 else "[]")
+        ),
     )

@@ -31,6 +31,7 @@ from typing import NamedTuple
 from herder.callbacks import Callbacks
 from herder.model import (
     CLUSTER_ID_RE,
+    Attempt,
     Container,
     ContainerSpec,
     ContainerState,
@@ -87,10 +88,39 @@ def _refuse(c: Container, action: str) -> InvalidTransition:
     return InvalidTransition(f"cannot {action} container {c.uuid} in state {c.state}")
 
 
+def _ended(
+    c: Container, now: float, outcome: str, reason: str = "", exit_code: int | None = None
+) -> tuple[Attempt, ...]:
+    """The attempt history with the current attempt ended.
+
+    The current attempt is the last one while it is open; a Locked container that never
+    started has none open, and gets one that never started (its dispatch was an attempt too).
+    A Queued container has no attempt to end.
+    """
+    history = c.attempt_history
+    if history and history[-1].ended_at is None:
+        last = replace(
+            history[-1], ended_at=now, outcome=outcome, reason=reason, exit_code=exit_code
+        )
+        return (*history[:-1], last)
+    if c.state is QUEUED:
+        return history
+    return (
+        *history,
+        Attempt(
+            number=c.lock_count, instance_id=c.instance_id, instance_type=c.instance_type,
+            ended_at=now, outcome=outcome, reason=reason, exit_code=exit_code,
+        ),
+    )
+
+
 def cancelled(c: Container, now: float, error: str = "") -> Container:
     """``c`` Cancelled, recording ``error`` (if any) as runtime_status error."""
     status = _with_status(c, "error", error) if error else c.runtime_status
-    return replace(c, state=CANCELLED, finished_at=now, runtime_status=status)
+    return replace(
+        c, state=CANCELLED, finished_at=now, runtime_status=status,
+        attempt_history=_ended(c, now, "cancelled", error),
+    )
 
 
 def unsatisfiable_error(message: str) -> str:
@@ -120,7 +150,7 @@ def unlock_rule(c: Container, now: float, max_attempts: int) -> Container:
             "Failed to start container.  Cancelled after exceeding "
             f"'containers.max_dispatch_attempts' (lock_count={c.lock_count})",
         )
-    return _requeued(c)
+    return replace(_requeued(c), attempt_history=_ended(c, now, "unlocked"))
 
 
 def running_rule(c: Container, now: float, instance_id: str, instance_type: str) -> Container:
@@ -128,8 +158,12 @@ def running_rule(c: Container, now: float, instance_id: str, instance_type: str)
         return c
     if c.state is not LOCKED:
         raise _refuse(c, "start")
+    attempt = Attempt(
+        number=c.lock_count, instance_id=instance_id, instance_type=instance_type, started_at=now
+    )
     return replace(
-        c, state=RUNNING, started_at=now, instance_id=instance_id, instance_type=instance_type
+        c, state=RUNNING, started_at=now, instance_id=instance_id, instance_type=instance_type,
+        attempt_history=(*c.attempt_history, attempt),
     )
 
 
@@ -138,7 +172,10 @@ def finish_rule(c: Container, now: float, exit_code: int) -> Container:
         return c
     if c.state is QUEUED:
         raise _refuse(c, "finish")
-    return replace(c, state=COMPLETE, exit_code=exit_code, finished_at=now)
+    return replace(
+        c, state=COMPLETE, exit_code=exit_code, finished_at=now,
+        attempt_history=_ended(c, now, "complete", exit_code=exit_code),
+    )
 
 
 def retry_rule(c: Container, now: float, reason: str, max_attempts: int) -> Container:
@@ -152,8 +189,12 @@ def retry_rule(c: Container, now: float, reason: str, max_attempts: int) -> Cont
     if c.state is QUEUED:
         raise _refuse(c, "retry")
     if c.lock_count >= max_attempts:
-        return cancelled(c, now, f"{reason}; cancelled after {c.lock_count} dispatch attempts")
-    return replace(_requeued(c), runtime_status=_with_status(c, "warning", reason))
+        gone = cancelled(c, now, f"{reason}; cancelled after {c.lock_count} dispatch attempts")
+        return replace(gone, attempt_history=_ended(c, now, "retried", reason))
+    return replace(
+        _requeued(c), runtime_status=_with_status(c, "warning", reason),
+        attempt_history=_ended(c, now, "retried", reason),
+    )
 
 
 def cancel_rule(c: Container, now: float, reason: str) -> Container:
@@ -171,7 +212,13 @@ def priority_rule(c: Container, now: float, priority: int) -> Container:
 
 
 def cost_rule(c: Container, now: float, cost: float) -> Container:
-    return replace(c, cost=c.cost + cost) if cost else c
+    """Add to the container's cost, and to its latest attempt's (the one that cost it)."""
+    if not cost:
+        return c
+    history = c.attempt_history
+    if history:
+        history = (*history[:-1], replace(history[-1], cost=history[-1].cost + cost))
+    return replace(c, cost=c.cost + cost, attempt_history=history)
 
 
 def may_forget(c: Container) -> bool:

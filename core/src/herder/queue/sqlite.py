@@ -23,7 +23,15 @@ from typing import Any
 
 from herder.model import Container, ContainerState
 from herder.queue.base import QueueError, Sizer
-from herder.queue.records import COLUMNS, decode, dumps, from_row, insert_row, update_row
+from herder.queue.records import (
+    COLUMN_COUNT,
+    COLUMNS,
+    decode,
+    dumps,
+    from_row,
+    insert_row,
+    update_row,
+)
 from herder.queue.rules import (
     CANCELLED,
     LOCKED,
@@ -89,15 +97,17 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE UNIQUE INDEX logs_uuid_start ON logs (uuid, start)",
     ),
+    # Step 2 (issue 14): every dispatch attempt of a container, as JSON in its row.
+    ("ALTER TABLE containers ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]'",),
 )
 
 # Built from constants only, never from input.
 _SELECT = f"SELECT {COLUMNS} FROM containers"  # noqa: S608
-_INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join('?' * 14)})"  # noqa: S608
+_INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join('?' * COLUMN_COUNT)})"  # noqa: S608
 _UPDATE = (
     "UPDATE containers SET state = ?, priority = ?, locked_at = ?, started_at = ?, "
     "finished_at = ?, lock_count = ?, exit_code = ?, runtime_status = ?, instance_id = ?, "
-    "instance_type = ?, cost = ? WHERE uuid = ?"
+    "instance_type = ?, cost = ?, attempts = ? WHERE uuid = ?"
 )
 
 # --------------------------------------------------------------------------- guards on the file

@@ -182,6 +182,17 @@ function containerTable(items, columns, empty) {
       columns.map(([, cell]) => cell(ctr))))));
 }
 
+// Earlier attempts of a container and how each ended: a container that ran twice says why.
+function attemptsCell(c) {
+  const earlier = (c.attempt_history || []).filter(a => a.ended_at !== null);
+  return el("td", { class: "attempts" },
+    el("div", { class: "num" }, String(c.attempts)),
+    earlier.map(a => el("div", { class: "attempt muted" },
+      `#${a.number}${a.instance_id ? " on " + a.instance_id : ""}: ` +
+      (a.outcome === "complete" ? `exit code ${a.exit_code}` :
+        a.outcome + (a.reason ? ": " + a.reason : "")))));
+}
+
 function renderContainers(items) {
   const waiting = items.filter(c => c.state === "Queued" || c.state === "Locked");
   const running = items.filter(c => c.state === "Running");
@@ -195,6 +206,7 @@ function renderContainers(items) {
     ["Priority", c => el("td", { class: "num" }, c.priority)],
     ["Waiting", c => el("td", { class: "num" }, since(c.created_at))],
     ["Scheduling status", c => el("td", { class: "status" }, c.scheduling_status)],
+    ["Attempts", attemptsCell],
     ["", c => el("td", {}, cancelButton(c))],
   ], "Nothing is waiting."));
   $("running").replaceChildren(containerTable(running, [
@@ -202,6 +214,7 @@ function renderContainers(items) {
     ["Instance", c => el("td", { class: "id" }, c.instance_id || "")],
     ["Type", c => el("td", {}, c.instance_type || "")],
     ["Run time", c => el("td", { class: "num" }, duration(c.run_time))],
+    ["Attempts", attemptsCell],
     ["", c => el("td", {}, cancelButton(c))],
   ], "Nothing is running."));
 }
