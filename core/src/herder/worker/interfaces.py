@@ -74,6 +74,12 @@ class WorkerPool(ABC):
     def running(self) -> dict[str, float]:
         """uuid → 0.0 for containers with a runner, or → exit time for recently exited ones."""
 
+    def lost_reason(self, uuid: str) -> str:
+        """Why the runner of ``uuid`` is gone, once ("" when the pool does not know): its
+        instance left the cloud's listing, or stopped answering past the probe timeout and
+        was shut down.  Recorded with the retry, so a second run says why."""
+        return ""
+
     @abstractmethod
     def instances(self) -> list[InstanceView]:
         """One view per worker plus one per pending create, sorted by instance id."""

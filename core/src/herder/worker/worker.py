@@ -223,6 +223,8 @@ class Worker:
         self.starting: dict[str, Runner] = {}
         self.boot_outcome: BootOutcome | None = None
         self.probe_error = ""
+        #: why its containers are lost, once it shut down for not answering ("" otherwise)
+        self.lost_reason = ""
         self.time_to_ready_reported = False
         self.stale_run_lock_since: float | None = None
         self._probing = threading.Lock()
@@ -491,6 +493,11 @@ class Worker:
             label, since_last_success, self.state.value,
             "; try `herder cloudtest` to debug" if label == "new instance" else "",
         )
+        if self.runner_count():
+            self.lost_reason = (
+                f"instance {self.id} did not answer for {since_last_success:.0f}s "
+                f"(past cloud.timeout_probe {threshold:g}s) and was shut down"
+            )
         self.shutdown(save_output=False)  # it does not answer: no log to save
         return True
 
