@@ -585,3 +585,13 @@ def test_container_detail_says_it_ran_twice_and_why(capsys, live):
     assert [(a["number"], a["outcome"], a["exit_code"]) for a in history] == [
         (1, "retried", None), (2, "complete", 0)]
     assert history[0]["reason"] == "instance i-first disappeared"
+
+
+def test_submit_pull_policy_reaches_the_record(capsys, live):
+    uuid = submit(capsys, live, "--image", "alpine:3", "--pull", "always", "--", "sim", "5", "0")
+    status, out, _ = run(capsys, live, "container", uuid, "--json")
+    assert json.loads(out)["pull_policy"] == "always"
+    status, out, _ = run(capsys, live, "container", uuid)
+    assert re.search(r"^pull policy:\s+always$", out, re.M)
+    status, _, err = run(capsys, live, "submit", "--pull", "sometimes", "--", "true")
+    assert status == 2 and "--pull" in err

@@ -67,3 +67,15 @@ def test_log_pieces_are_kept_after_a_cancel() -> None:
     queue.cancel(uuid, "stop")
     reporter.container_log(uuid, b"stdout b\n")
     assert queue.read_log(uuid) == b"stdout a\nstdout b\n"
+
+
+def test_an_image_pull_is_shown_in_the_record_while_it_runs() -> None:
+    queue, reporter, _ = _setup()
+    uuid = _running(queue)
+    reporter.container_pulled(uuid, 3.25)
+    c = queue.get(uuid)
+    assert c is not None and c.status("image_pull") == "pulled in 3.2s"
+    queue.finish(uuid, 0)
+    reporter.container_pulled(uuid, 9.0)  # too late: ignored, the record is final
+    c = queue.get(uuid)
+    assert c is not None and c.status("image_pull") == "pulled in 3.2s"

@@ -447,6 +447,7 @@ def test_engine_run_command_and_unreachable_daemon_marks_broken(
     run = ["run", "--rm", "--name", name, "--cpus", "2", "--memory", str(1 << 30)]
     assert engine_calls(calls) == [
         ["", "rm", "--force", name],  # housekeeping sees none of the container's environment
+        ["", "image", "inspect", "debian:12"],  # present: no pull (if-not-present)
         ["secret-value", *run, "-e", "FOO", "-w", "/work", "debian:12", "echo", "hi"],
     ]
     assert runner.list().broken
@@ -817,3 +818,75 @@ def test_a_missing_engine_fails_the_instance(runner: Runner) -> None:
     runner.start(command=["true"], runtime="podman", image="debian:12")
     assert runner.wait_failed() == ("instance", "the container engine podman is not installed")
     assert runner.list().broken
+
+
+def write_pulling_engine(bin_dir: Path, calls: Path, have: str, pull_fails: str = "") -> None:
+    """A ``docker`` whose images are the lines of the file ``have``; ``pull`` adds one, or
+    fails with ``pull_fails`` (exit 1) when that is set."""
+    bin_dir.mkdir()
+    engine = bin_dir / "docker"
+    pull = f"echo {pull_fails!r} >&2; exit 1" if pull_fails else f"echo $2 >> {have}"
+    engine.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$@" "--" >> {calls}\n'
+        'case "$1" in\n'
+        f'  image) grep -qx "$3" {have} || {{ echo "Error: No such image: $3" >&2; exit 1; }} ;;\n'
+        f"  pull) {pull} ;;\n"
+        '  run) echo ran ;;\n'
+        "esac\n"
+    )
+    engine.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("policy", "have", "pulls"),
+    [("if-not-present", "", True), ("if-not-present", "img:1", False), ("always", "img:1", True)],
+)
+def test_the_pull_policy_decides_when_the_image_is_pulled(
+    runner: Runner, tmp_path: Path, policy: str, have: str, pulls: bool
+) -> None:
+    images, calls = tmp_path / "images", tmp_path / "calls"
+    images.write_text(have + "\n" if have else "")
+    write_pulling_engine(tmp_path / "bin", calls, str(images))
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(command=["x"], runtime="docker", image="img:1", pull_policy=policy)
+    assert runner.wait_exited() == 0
+    verbs = [call[0] for call in engine_calls(calls)]
+    assert ("pull" in verbs) is pulls
+    log = runner.log()
+    assert b"stdout ran\n" in runner.raw_log()
+    listed = runner.run("--list").stdout.decode()
+    if pulls:
+        assert b"pulled image img:1 in " in log
+        assert f"{UUID} pulled " in listed
+    else:
+        assert "pulled" not in listed
+    runner.run("--forget", UUID)
+    assert not (runner.dir / f"{UUID}.pull").exists()
+
+
+def test_pull_policy_never_fails_the_container_when_the_image_is_missing(
+    runner: Runner, tmp_path: Path
+) -> None:
+    images, calls = tmp_path / "images", tmp_path / "calls"
+    images.write_text("")
+    write_pulling_engine(tmp_path / "bin", calls, str(images))
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(command=["x"], runtime="docker", image="img:1", pull_policy="never")
+    assert runner.wait_failed() == (
+        "container", "image img:1 is not on the instance and the pull policy is never")
+    assert "pull" not in [call[0] for call in engine_calls(calls)]
+    assert not runner.list().broken
+
+
+def test_a_failed_pull_fails_the_container_with_the_engines_message(
+    runner: Runner, tmp_path: Path
+) -> None:
+    images, calls = tmp_path / "images", tmp_path / "calls"
+    images.write_text("")
+    denied = "Error response from daemon: pull access denied for img"
+    write_pulling_engine(tmp_path / "bin", calls, str(images), pull_fails=denied)
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(command=["x"], runtime="docker", image="img:1")
+    assert runner.wait_failed() == ("container", f"image pull failed: {denied}")
+    assert b"pulling image img:1 failed after" in runner.log()

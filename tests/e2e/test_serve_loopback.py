@@ -474,12 +474,15 @@ def test_infrastructure_failures_are_not_exit_codes(tmp_path: Path) -> None:
     server.start()
     try:
         program = _submit(server, "sh", "-c", f"echo mine; exit 125 # {marker}",
-                          extra=("--image", "alpine:3"))
+                          extra=("--image", "alpine:3", "--pull", "always"))
         image = _submit(server, "true", extra=("--image", "nosuch:1"))
         states = _wait_final(server, [program, image])
         # A real program exiting 125 is its exit code.
         assert states[program]["state"] == "Complete", states[program]
         assert states[program]["exit_code"] == 125
+        # It was pulled first (policy always), and the record says how long that took.
+        assert states[program]["runtime_status"]["image_pull"].startswith("pulled in ")
+        assert "pulled image alpine:3 in" in _log(server, program)
         # No such image: cancelled with the runtime's message, the instance stays in service.
         assert states[image]["state"] == "Cancelled" and states[image]["exit_code"] is None
         assert "pull access denied for nosuch" in states[image]["runtime_status"]["error"]

@@ -89,6 +89,12 @@ class QueueReporter(ContainerReporter):
             hours = max(0.0, self.runtime.now() - ctr.started_at) / 3600.0
             self.queue.add_cost(ctr.uuid, hours * self.instance_types[ctr.instance_type].price)
 
+    def container_pulled(self, uuid: str, seconds: float) -> None:
+        try:
+            self.queue.set_status(uuid, "image_pull", f"pulled in {seconds:.1f}s")
+        except (InvalidTransition, ContainerNotFound) as exc:
+            log.debug("not recording the image pull of %s: %s", uuid, exc)
+
     def container_log(self, uuid: str, data: bytes) -> None:
         try:
             self.queue.append_log(uuid, data)

@@ -155,6 +155,13 @@ class ContainerSpec:
     scheduling_parameters: SchedulingParameters = field(default_factory=SchedulingParameters)
     priority: int = 1
     name: str = ""
+    #: when the runner pulls the image: "if-not-present", "always", "never"; "" for the
+    #: configured default (``containers.pull_policy``)
+    pull_policy: str = ""
+
+
+#: The image pull policies a container (or ``containers.pull_policy``) may name.
+PULL_POLICIES = ("if-not-present", "always", "never")
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,8 @@ back to the dispatcher nor its credentials:
     not collected yet), and ``<uuid> failed <side> <message>`` (the container could not be
     started: ``instance`` when this instance cannot run containers, ``container`` when the
     container cannot run anywhere, e.g. no such image; never an exit code, which a program may
-    also return).  Older parsers ignore the extra lines: they have more than one token and the
+    also return), and ``<uuid> pulled <seconds>`` (how long pulling its image took).  Older
+    parsers ignore the extra lines: they have more than one token and the
     second is not ``stale``.
 ``<runner> --detach --stdin-config [args...] <uuid>``
     start the container described by the JSON document on stdin, in the background, and return.
@@ -113,6 +114,7 @@ def config_document(
     instance_type: InstanceType,
     runtime_engine: str = "auto",
     log_limit: int = 0,
+    pull_policy: str = "if-not-present",
 ) -> bytes:
     """The JSON document sent on the stdin of ``--detach``: everything the runner needs.
 
@@ -137,6 +139,8 @@ def config_document(
         },
         "instance_type": instance_type.to_json(),
         "log_limit": log_limit,
+        # When the runner pulls the image: the container's own policy, else the default.
+        "pull_policy": spec.pull_policy or pull_policy,
     }
     return json.dumps(doc, sort_keys=True).encode()
 
@@ -150,6 +154,8 @@ class ListResult:
     exited: dict[str, int] = field(default_factory=dict)
     #: uuid -> (side, message) of containers that could not be started
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: uuid -> seconds the runner took to pull the container's image
+    pulled: dict[str, float] = field(default_factory=dict)
     broken: bool = False
 
 
@@ -177,6 +183,11 @@ def parse_list_output(text: str, cluster_id: str) -> ListResult:
         elif len(tokens) >= 3 and tokens[1] == "failed" and tokens[2] in FAILURE_SIDES:
             message = line.split(None, 3)[3] if len(tokens) > 3 else ""
             result.failed[tokens[0]] = (tokens[2], message)
+        elif len(tokens) == 3 and tokens[1] == "pulled":
+            try:
+                result.pulled[tokens[0]] = float(tokens[2])
+            except ValueError:
+                continue
         elif len(tokens) == 3 and tokens[1] == "exited":
             try:
                 result.exited[tokens[0]] = int(tokens[2])

@@ -567,3 +567,13 @@ def test_a_container_that_cannot_start_leaves_the_instance_in_service() -> None:
     assert h.reporter.failed == [(C1, False, "pull access denied for nosuch", iid)]
     assert h.worker(iid).idle_behavior == IdleBehavior.RUN
     assert h.state(iid) == "idle"
+
+
+def test_an_image_pull_is_reported_once() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    host = h.cloud.vms[iid].host
+    host.extra_list_lines.append(f"{C1} pulled 2.500")
+    h.probe(iid)
+    h.runtime.advance(10)
+    h.probe(iid)
+    assert h.reporter.pulled == [(C1, 2.5)]

@@ -354,7 +354,11 @@ class RecordingReporter(ContainerReporter):
         self.started: list[tuple[str, str, str]] = []
         self.exited: list[tuple[str, int, bytes]] = []
         self.failed: list[tuple[str, bool, str, str]] = []
+        self.pulled: list[tuple[str, float]] = []
         self.logs: dict[str, bytes] = {}
+
+    def container_pulled(self, uuid: str, seconds: float) -> None:
+        self.pulled.append((uuid, seconds))
 
     def container_log(self, uuid: str, data: bytes) -> None:
         self.logs[uuid] = self.logs.get(uuid, b"") + data

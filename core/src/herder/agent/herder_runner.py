@@ -63,6 +63,11 @@ Files, all in the state directory (``/var/lock/herder-runner``; ``--state-dir`` 
     ``/var/log/herder-runner`` when the state directory is the default one, because
     ``/var/lock`` is a tiny tmpfs on common distributions and a chatty container would fill it
     and break the instance; ``--log-dir`` / ``HERDER_RUNNER_LOG_DIR`` choose another place.
+``<uuid>.pull``
+    how many seconds pulling the container's image took, when the runner pulled it (the pull
+    policy, ``if-not-present``, ``always`` or ``never``, comes with the config); ``--list``
+    reports it as ``<uuid> pulled <seconds>``.  A pull that fails is a start failure (see
+    ``<uuid>.exit``), blamed on the container unless the engine itself failed.
 ``broken``
     the instance cannot run containers (the container engine is unreachable, the disk is full);
     ``--list`` reports it and the dispatcher drains the instance.
@@ -167,6 +172,9 @@ ENGINE_ERRORS = (
     r"oci runtime",
 )
 EXIT_ENGINE_FAILED = 125
+PULL_POLICIES = ("if-not-present", "always", "never")
+#: Seconds an image pull may take, and an image inspection.
+PULL_TIMEOUT = 3600.0
 STDERR_TAIL = 4096
 
 #: Seconds between the serve process's looks at the logs of its containers.
@@ -478,6 +486,18 @@ class State:
     def exit_path(self, uuid: str) -> str:
         return self.path(uuid, ".exit")
 
+    def pull_path(self, uuid: str) -> str:
+        return self.path(uuid, ".pull")
+
+    def pull_line(self, uuid: str) -> str | None:
+        """The ``--list`` line saying how long the image pull took, if there was one."""
+        try:
+            with open(self.pull_path(uuid), "rb") as f:
+                seconds = float(f.read().strip() or b"nan")
+        except (OSError, ValueError):
+            return None
+        return f"{uuid} pulled {seconds:.3f}" if seconds >= 0 else None
+
     def log_path(self, uuid: str) -> str:
         return os.path.join(self.log_dir, checked_uuid(uuid) + ".log")
 
@@ -721,7 +741,13 @@ def cmd_list(opts: Options, state: State) -> int:
     lines = []
     try:
         with state.dir_lock():
-            lines = [line for uuid in state.known_uuids() if (line := status_line(state, uuid))]
+            for uuid in state.known_uuids():
+                line = status_line(state, uuid)
+                if line:
+                    lines.append(line)
+                    pulled = state.pull_line(uuid)
+                    if pulled:
+                        lines.append(pulled)
     except OSError as e:
         reason = reason or f"cannot read state directory: {e}"
     if reason is not None:
@@ -751,8 +777,10 @@ class RunConfig:
         gpu_stack: str = "",
         gpu_count: int = 0,
         log_limit: int = 0,
+        pull_policy: str = "if-not-present",
     ) -> None:
         self.uuid = uuid
+        self.pull_policy = pull_policy
         self.log_limit = log_limit
         self.gpu_stack = gpu_stack
         self.gpu_count = gpu_count
@@ -831,7 +859,12 @@ def parse_config(raw: bytes, uuid: str, default_runtime: str) -> RunConfig:
     ram = _number(doc, "ram")
     gpu_stack, gpu_count = _gpus(doc)
     log_limit = _number(doc, "log_limit")
+    pull_policy = _string(doc, "pull_policy") or "if-not-present"
+    if pull_policy not in PULL_POLICIES:
+        raise RunnerError(f"config pull_policy {pull_policy[:20]!r} is not one of "
+                          f"{', '.join(PULL_POLICIES)}")
     return RunConfig(
+        pull_policy=pull_policy,
         log_limit=int(log_limit),
         gpu_stack=gpu_stack,
         gpu_count=gpu_count,
@@ -867,6 +900,7 @@ def cmd_detach(opts: Options, state: State) -> int:
         # Not running, so an earlier run's result and log are replaced by this run's.
         remove(state.exit_path(opts.uuid))
         remove(state.log_path(opts.uuid))
+        remove(state.pull_path(opts.uuid))
         try:
             state.reserve_exit(opts.uuid)
         except OSError as e:
@@ -1005,6 +1039,33 @@ def choose_engine(config: RunConfig) -> str | None:
         if path is not None:
             return path
     return None
+
+
+class ImageUnavailable(Exception):
+    """The image cannot be had: ``side`` is who is at fault (see ``<uuid>.exit``)."""
+
+    def __init__(self, side: str, message: str) -> None:
+        super().__init__(message)
+        self.side = side
+        self.message = message
+
+
+def engine_capture(engine: str, args: list[str], timeout: float) -> tuple[bool, str]:
+    """Run an engine command for its answer: (succeeded, what it printed)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(  # noqa: S603 - fixed verbs; the image name cannot be an option
+            [engine, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, f"{os.path.basename(engine)} {args[0]}: {e}"
+    return done.returncode == 0, done.stdout.decode("utf-8", "replace")[-STDERR_TAIL:]
 
 
 class EngineMissing(Exception):
@@ -1225,6 +1286,10 @@ class Supervisor:
         """Start the container, wait for it, and return the exit code to record."""
         try:
             proc = self._start()
+        except ImageUnavailable as e:
+            self._publish(None)
+            self.failure = (e.side, e.message)
+            return EXIT_ENGINE_FAILED
         except EngineMissing as e:
             self._publish(None)
             self.failure = ("instance", str(e))
@@ -1260,6 +1325,7 @@ class Supervisor:
         if self.engine is not None:
             # A container left behind by a supervisor that was SIGKILLed would block the name.
             engine_call(self.engine, "rm", "--force", container_name(self.config.uuid))
+            self._prepare_image(self.engine)
             argv = engine_argv(self.engine, self.config)
             env, cwd = engine_environment(self.config), None
         out_r, out_w = os.pipe()
@@ -1284,6 +1350,40 @@ class Supervisor:
             os.set_blocking(fd, False)
             self.pipes[fd] = marker
         return proc
+
+    def _prepare_image(self, engine: str) -> None:
+        """Have the image on the instance as the pull policy says, timing a pull.
+
+        Raises :class:`ImageUnavailable` when it cannot be had: the container's fault (no such
+        image, or not present under ``never``) unless the engine itself failed.
+        """
+        image, policy = self.config.image, self.config.pull_policy
+        if policy != "always":
+            present, said = engine_capture(engine, ["image", "inspect", image], PULL_TIMEOUT)
+            if present:
+                return
+            failure = engine_failure(said.encode())
+            if failure is not None and failure[0] == "instance":
+                raise ImageUnavailable("instance", failure[1])
+            if policy == "never":
+                raise ImageUnavailable(
+                    "container", f"image {image} is not on the instance and the pull policy "
+                    "is never"
+                )
+        note(f"pulling image {image} (pull policy {policy})")
+        started = time.monotonic()
+        pulled, said = engine_capture(engine, ["pull", image], PULL_TIMEOUT)
+        took = time.monotonic() - started
+        if not pulled:
+            failure = engine_failure(said.encode())
+            side, message = failure or ("container", one_line(said) or "the engine said nothing")
+            note(f"pulling image {image} failed after {took:.1f}s: {message}")
+            raise ImageUnavailable(side, f"image pull failed: {message}")
+        note(f"pulled image {image} in {took:.1f}s")
+        try:
+            write_atomically(self.state.pull_path(self.config.uuid), f"{took:.3f}\n".encode())
+        except OSError as e:
+            note(f"cannot record the pull time: {e}")
 
     def _publish(self, pgid: int | None) -> None:
         """Write the lock record, then tell the waiting ``--detach`` that we have started."""
@@ -1488,6 +1588,7 @@ def cmd_forget(opts: Options, state: State) -> int:
                 raise RunnerError(f"{uuid}: still running; kill it first")
             remove(state.exit_path(uuid))
             remove(state.log_path(uuid))
+            remove(state.pull_path(uuid))
             remove(state.lock_path(uuid))
         finally:
             if fd is not None:

@@ -202,6 +202,7 @@ class ManagementAPI:
             environment=dict(spec.environment),
             cwd=spec.cwd,
             runtime=spec.runtime,
+            pull_policy=spec.pull_policy,
             runtime_constraints=schema.RuntimeConstraintsOut(
                 vcpus=rc.vcpus,
                 ram=rc.ram,
@@ -302,6 +303,7 @@ class ManagementAPI:
             ),
             priority=body.priority,
             name=body.name,
+            pull_policy=body.pull_policy,
         )
 
     # ---- containers

@@ -176,6 +176,9 @@ class SubmitRequest(_Request):
     )
     priority: Count = 1
     name: Annotated[str, Field(max_length=MAX_NAME_LENGTH)] = ""
+    pull_policy: Literal["", "if-not-present", "always", "never"] = Field(
+        "", description="when to pull the image; empty: containers.pull_policy"
+    )
 
     @field_validator("command")
     @classmethod
@@ -292,6 +295,7 @@ class ContainerOut(_Response):
     environment: dict[str, str]
     cwd: str
     runtime: str
+    pull_policy: str = Field("", description="as submitted; empty: containers.pull_policy")
     runtime_constraints: RuntimeConstraintsOut
     scheduling_parameters: SchedulingParametersOut
     scheduling_status: str = Field(

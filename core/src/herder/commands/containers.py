@@ -182,6 +182,10 @@ def _register_submit(subparsers: Any) -> None:
         usage="herder submit [options] -- COMMAND [ARGS...]",
     )
     p.add_argument("--image", default="", help="container image (none: run as a process)")
+    p.add_argument(
+        "--pull", default="", choices=["if-not-present", "always", "never"],
+        help="when to pull the image (default: the server's containers.pull_policy)",
+    )
     p.add_argument("--vcpus", type=int, default=1, help="VCPUs needed (default 1)")
     p.add_argument("--ram", default="0", metavar="SIZE", help="RAM needed, e.g. 2GiB")
     p.add_argument("--scratch", default="0", metavar="SIZE", help="scratch space, e.g. 10GiB")
@@ -237,6 +241,7 @@ def build_submission(args: argparse.Namespace) -> dict[str, Any]:
         "environment": environment,
         "cwd": args.cwd,
         "runtime": args.runtime,
+        "pull_policy": args.pull,
         "runtime_constraints": constraints,
         "scheduling_parameters": {
             "preemptible": args.preemptible,
@@ -400,6 +405,7 @@ def container_details(ctr: Mapping[str, Any]) -> list[tuple[str, Any]]:
         ("priority", ctr["priority"]),
         ("command", " ".join(ctr["command"])),
         ("image", ctr.get("image")),
+        ("pull policy", ctr.get("pull_policy")),
         ("runtime", ctr.get("runtime")),
         ("needs", need),
         ("preemptible", "yes" if sp.get("preemptible") else "no"),

@@ -81,6 +81,7 @@ def _spec_to_json(spec: ContainerSpec) -> dict[str, Any]:
         },
         "priority": spec.priority,
         "name": spec.name,
+        "pull_policy": spec.pull_policy,
     }
 
 
@@ -115,6 +116,7 @@ def _spec_from_json(data: dict[str, Any]) -> ContainerSpec:
         ),
         priority=data.get("priority", 1),
         name=data.get("name", ""),
+        pull_policy=data.get("pull_policy", ""),
     )
 
 

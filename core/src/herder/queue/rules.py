@@ -211,6 +211,14 @@ def priority_rule(c: Container, now: float, priority: int) -> Container:
     return replace(c, priority=priority)
 
 
+def status_rule(c: Container, now: float, key: str, value: str) -> Container:
+    if c.status(key) == value:
+        return c
+    if c.state.final:
+        raise _refuse(c, f"set {key} of")
+    return replace(c, runtime_status=_with_status(c, key, value))
+
+
 def cost_rule(c: Container, now: float, cost: float) -> Container:
     """Add to the container's cost, and to its latest attempt's (the one that cost it)."""
     if not cost:
@@ -626,6 +634,11 @@ class RuledQueue(ContainerQueue):
         if not isinstance(priority, int) or priority < 0:
             raise InvalidRequest(f"priority must be an integer >= 0, not {priority!r}")
         return self._transition(uuid, lambda c, now: priority_rule(c, now, priority))
+
+    def set_status(self, uuid: str, key: str, value: str) -> Container:
+        if not key or key in ("error", "warning"):
+            raise InvalidRequest(f"runtime_status key {key!r} is not one to set")
+        return self._transition(uuid, lambda c, now: status_rule(c, now, key, value))
 
     def add_cost(self, uuid: str, cost: float) -> None:
         if not math.isfinite(cost) or cost < 0:

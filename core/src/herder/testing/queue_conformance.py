@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -409,6 +409,27 @@ class QueueConformance:
         queue.cancel(c.uuid)  # no change, no observation
         if changes:  # observing is optional for a queue that cannot report changes
             assert changes == [(None, Q), (Q, L), (L, X)]
+
+    # ---- what runners report while containers run
+
+    def test_the_pull_policy_is_stored_and_the_pull_time_recorded(
+        self, opened: _Opened, queue: ContainerQueue
+    ) -> None:
+        c = queue.submit(replace(spec(), pull_policy="always"))
+        assert _get(queue, c.uuid).spec.pull_policy == "always"
+        queue.lock(c.uuid)
+        queue.set_running(c.uuid, "i-1", "small")
+        queue.set_status(c.uuid, "image_pull", "pulled in 2.5s")
+        assert _get(queue, c.uuid).status("image_pull") == "pulled in 2.5s"
+        with pytest.raises(ValueError):
+            queue.set_status(c.uuid, "error", "not through here")
+        done = queue.finish(c.uuid, 0)
+        with pytest.raises(InvalidTransition):
+            queue.set_status(c.uuid, "image_pull", "later")
+        if self.durable:
+            queue = self._reopen(opened, queue)
+            assert _get(queue, c.uuid) == done
+            assert done.spec.pull_policy == "always"
 
     # ---- attempts
 

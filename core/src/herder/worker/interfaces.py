@@ -34,6 +34,9 @@ class ContainerReporter(ABC):
         runtime's own.  Reporters that do not tell failures apart record the engine's 125."""
         self.container_exited(uuid, 125, b"")
 
+    def container_pulled(self, uuid: str, seconds: float) -> None:
+        """The runner pulled the container's image, taking ``seconds``."""
+
     def container_log(self, uuid: str, data: bytes) -> None:
         """More of the container's output, as it is written (whatever the container's state:
         a cancelled container's last lines arrive after it was cancelled)."""

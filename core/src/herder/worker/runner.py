@@ -137,6 +137,7 @@ class Runner:
         runtime_engine: str,
         runtime: Runtime,
         log_limit: int = 0,
+        pull_policy: str = "if-not-present",
         lock: threading.Lock,
         timeout_term: float,
         timeout_signal: float,
@@ -152,6 +153,7 @@ class Runner:
         self._args = list(args)
         self._runtime_engine = runtime_engine
         self._log_limit = log_limit
+        self._pull_policy = pull_policy
         self._runtime = runtime
         self._lock = lock
         self._timeout_term = timeout_term
@@ -180,7 +182,8 @@ class Runner:
         assert self.container is not None, "a detected runner is never started"
         argv = runner_protocol.detach_argv(self._args, self.uuid)
         stdin = runner_protocol.config_document(
-            self.container, self._instance_type, self._runtime_engine, self._log_limit
+            self.container, self._instance_type, self._runtime_engine, self._log_limit,
+            self._pull_policy,
         )
         try:
             result = self._client.call(argv, stdin, self._timeout_command)

@@ -89,6 +89,7 @@ class PoolSettings:
     runner_args: tuple[str, ...] = ()
     runtime_engine: str = "auto"
     log_limit: int = 64 << 20  # 0 = unlimited
+    pull_policy: str = "if-not-present"
     image_id: str = ""
     instance_init_command: str = ""
     deploy_public_key: bool = True
@@ -119,6 +120,7 @@ class PoolSettings:
             runner_args=tuple(config.containers.runner_args),
             runtime_engine=config.containers.runtime_engine,
             log_limit=config.containers.log_limit,
+            pull_policy=config.containers.pull_policy,
             image_id=c.image_id,
             instance_init_command=c.instance_init_command,
             deploy_public_key=c.deploy_public_key,
@@ -173,6 +175,8 @@ class RunProbeResult:
     exited: dict[str, int] = field(default_factory=dict)
     #: uuid -> (side, message): containers the runner could not start
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: uuid -> seconds its image pull took
+    pulled: dict[str, float] = field(default_factory=dict)
     broken: bool = False
     error: str = ""  # why the probe failed (a bastion that refused, a timeout...), if it did
 
@@ -235,6 +239,8 @@ class Worker:
         #: own lock, because the stream's reader and a probe both store logs.
         self._output_lock = threading.Lock()
         self._output_stored: dict[str, int] = {}
+        #: containers whose image pull time was reported (guarded by ``_output_lock``)
+        self._pulls_reported: set[str] = set()
         self.runner_client = RunnerClient(
             executor,
             command=env.runner.command,
@@ -320,6 +326,7 @@ class Worker:
             runtime_engine=settings.runtime_engine,
             runtime=self.env.runtime,
             log_limit=settings.log_limit,
+            pull_policy=settings.pull_policy,
             lock=self.env.lock,
             timeout_term=settings.timeout_term,
             timeout_signal=settings.timeout_signal,
@@ -336,6 +343,7 @@ class Worker:
         self.starting[container.uuid] = runner
         with self._output_lock:
             self._output_stored.pop(container.uuid, None)  # a new run starts a new log
+            self._pulls_reported.discard(container.uuid)
         if self.state != WorkerState.RUNNING:
             self.set_state(WorkerState.RUNNING)
             self.env.notify()
@@ -662,6 +670,8 @@ class Worker:
         result = RunProbeResult()
         if booted or initial == WorkerState.UNKNOWN:
             result = self.probe_running()
+            if result.ok and result.pulled:
+                self._report_pulls(result.pulled)
             if result.ok and (result.exited or result.failed):
                 self.collect_exited(result.exited, result.failed)
         with self.env.lock:
@@ -778,6 +788,7 @@ class Worker:
             running=[u for u in parsed.running if self._valid_uuid(u)],
             exited={u: c for u, c in parsed.exited.items() if self._valid_uuid(u)},
             failed={u: f for u, f in parsed.failed.items() if self._valid_uuid(u)},
+            pulled={u: s for u, s in parsed.pulled.items() if self._valid_uuid(u)},
             broken=parsed.broken,
         )
         for uuid in parsed.stale:
@@ -852,6 +863,19 @@ class Worker:
                 continue
             with self._output_lock:
                 self._output_stored.pop(uuid, None)
+                self._pulls_reported.discard(uuid)
+
+    def _report_pulls(self, pulled: dict[str, float]) -> None:
+        """Tell the reporter each image pull once (``--list`` repeats it every probe)."""
+        for uuid, seconds in sorted(pulled.items()):
+            with self._output_lock:
+                if uuid in self._pulls_reported:
+                    continue
+                self._pulls_reported.add(uuid)
+            try:
+                self.env.reporter.container_pulled(uuid, seconds)
+            except Exception as exc:
+                self.log.warning("container %s: cannot record its image pull: %s", uuid, exc)
 
     def _start_failed(self, uuid: str, side: str, message: str) -> None:
         """Record a container the runner could not start, and drain an instance at fault."""
