@@ -577,3 +577,28 @@ def test_an_image_pull_is_reported_once() -> None:
     h.runtime.advance(10)
     h.probe(iid)
     assert h.reporter.pulled == [(C1, 2.5)]
+
+
+def test_an_instance_shut_down_while_it_answers_gives_its_logs_first() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    host = h.cloud.vms[iid].host
+    host.logs[C1] = b"stdout last words\n"
+    h.pool.kill_instance(iid, "test")
+    h.runtime.run_until_idle()
+    assert h.reporter.logs == {C1: b"stdout last words\n"}
+    verbs = host.verbs()
+    assert verbs[-1] == "--log"
+    assert h.cloud.vms[iid].destroy_calls == 1  # then destroyed
+
+
+def test_an_instance_that_stopped_answering_is_shut_down_without_waiting_for_logs() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    host = h.cloud.vms[iid].host
+    host.logs[C1] = b"stdout unreachable\n"
+    h.worker(iid).probe_error = "connection refused"
+    h.pool.kill_instance(iid, "test")
+    h.runtime.run_until_idle()
+    assert "--log" not in host.verbs()
+    assert h.cloud.vms[iid].destroy_calls == 1

@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+#: Seconds after a container ended before its log counts as complete: output read by the
+#: runner as the container stopped is still on its way (relayed a few times a second).
+LOG_SETTLE_SECONDS = 2.0
 #: Page size of the container list when ``limit`` is not given, and the largest allowed.
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
@@ -359,8 +362,10 @@ class ManagementAPI:
 
     def read_log(self, uuid: str, offset: int, limit: int) -> schema.LogChunk:
         """A chunk of the log.  ``final`` is decided from the state read *before* the log: a
-        container's log is complete once it is final, so no late chunk can be missed."""
-        final_state = self._get(uuid).state.final
+        container's log is complete once it is final, its runner is gone and
+        ``LOG_SETTLE_SECONDS`` have passed (a cancelled container's last lines arrive after
+        its cancellation), so no late chunk can be missed."""
+        final_state = self._log_settled(self._get(uuid))
         # Three bytes more than asked for, to finish a character the limit would cut.
         data = self.dispatcher.queue.read_log(uuid, offset, limit + 3)
         keep = log_chunk_length(data, limit)
@@ -373,6 +378,16 @@ class ManagementAPI:
             data=text,
             final=final_state and len(data) < limit + 3 and keep == len(data),
         )
+
+    def _log_settled(self, ctr: Container) -> bool:
+        """Whether no more output can reach the container's log."""
+        if not ctr.state.final:
+            return False
+        pool = getattr(self.dispatcher, "pool", None)
+        if pool is not None and pool.running().get(ctr.uuid) == 0.0:
+            return False  # its runner is still stopping: the last lines are on their way
+        finished = ctr.finished_at
+        return finished is None or self.runtime.now() - finished >= LOG_SETTLE_SECONDS
 
     # ---- instances
 

@@ -326,7 +326,10 @@ class LogChunk(_Response):
     offset: int = Field(description="byte offset of data in the log")
     next_offset: int = Field(description="offset to ask for next")
     data: str = Field(description="the log text (UTF-8, invalid bytes replaced)")
-    final: bool = Field(description="true when the container has ended and data reaches the end")
+    final: bool = Field(
+        description="true when the container has ended, its runner is gone, a moment has "
+        "passed for its last lines, and data reaches the end"
+    )
 
 
 class InstanceOut(_Response):

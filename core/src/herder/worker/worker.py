@@ -514,12 +514,12 @@ class Worker:
 
         A failed destroy is only logged: the pool's sync destroys again while the instance is
         still listed after timeout_shutdown.  With ``save_output``, the logs of containers
-        still on the instance are read once more before it is destroyed (when its resident
-        runner is up, so the instance answers), so that they are kept to the last line.
+        still on the instance are read once more before it is destroyed (when its last probe
+        succeeded, so the instance answers), so that they are kept to the last line.
         """
         uuids = sorted({*self.running, *self.starting})
-        if not (save_output and uuids and self.runner_client.resident):
-            uuids = []
+        if not (save_output and uuids and not self.probe_error):
+            uuids = []  # nothing to save, or the last probe failed: it may not answer
         now = self.touch()
         self.destroyed = now
         self.set_state(WorkerState.SHUTDOWN)
