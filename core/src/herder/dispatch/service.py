@@ -31,6 +31,10 @@ class NoInstances:
     def instances(self) -> list[InstanceView]:
         return []
 
+    def running(self) -> dict[str, float]:
+        """No runners the API could wait for (the backend collects logs at the exit)."""
+        return {}
+
     def check_health(self) -> None:
         """Healthy while the process serves: the backend reports its own failures in logs."""
 
