@@ -55,6 +55,12 @@ TAG_INSTANCE_SECRET = "InstanceSecret"  # noqa: S105 (a tag name)
 
 #: Bytes past ``containers.log_limit`` herder still stores: the runner's own "truncated" line.
 TRUNCATION_ROOM = 1024
+#: The line before the log of a container a previous herder process started: herder cannot
+#: tell how much of it that process stored, so it stores the runner's whole log again.
+ADOPTED_LOG_NOTE = (
+    b"runner herder restarted while the container ran: output stored before the restart "
+    b"may appear again below\n"
+)
 #: Seconds to wait for a container's log before shutting its instance down.
 SAVE_OUTPUT_TIMEOUT = 10.0
 
@@ -241,6 +247,9 @@ class Worker:
         self._output_stored: dict[str, int] = {}
         #: containers whose image pull time was reported (guarded by ``_output_lock``)
         self._pulls_reported: set[str] = set()
+        #: containers started by an earlier herder process, whose log may be partly stored
+        #: already: their log is stored again from its start, after a line saying so
+        self._adopted: set[str] = set()
         self.runner_client = RunnerClient(
             executor,
             command=env.runner.command,
@@ -344,6 +353,7 @@ class Worker:
         with self._output_lock:
             self._output_stored.pop(container.uuid, None)  # a new run starts a new log
             self._pulls_reported.discard(container.uuid)
+            self._adopted.discard(container.uuid)
         if self.state != WorkerState.RUNNING:
             self.set_state(WorkerState.RUNNING)
             self.env.notify()
@@ -413,6 +423,9 @@ class Worker:
                 # Not started by us: a previous herder process started it.
                 self.log.info("container %s: runner process detected", uuid)
                 self.running[uuid] = self.new_runner(uuid, None)
+                with self._output_lock:
+                    if uuid not in self._output_stored:
+                        self._adopted.add(uuid)
             newly_running.append(uuid)
             changed = True
         for uuid in [u for u in self.running if u not in alive]:
@@ -917,8 +930,13 @@ class Worker:
                         f"runner log truncated by herder at {bound} bytes "
                         "(containers.log_limit); later output is discarded\n"
                     ).encode()
+            if fresh and stored == 0 and uuid in self._adopted:
+                fresh = (
+                    ADOPTED_LOG_NOTE + fresh
+                )
             if fresh:
                 self.env.reporter.container_log(uuid, fresh)
+            self._adopted.discard(uuid)
             self._output_stored[uuid] = end
 
     # ------------------------------------------------------------------ views
