@@ -595,3 +595,20 @@ def test_submit_pull_policy_reaches_the_record(capsys, live):
     assert re.search(r"^pull policy:\s+always$", out, re.M)
     status, _, err = run(capsys, live, "submit", "--pull", "sometimes", "--", "true")
     assert status == 2 and "--pull" in err
+
+
+def test_logs_stream_keeps_one_streams_lines_without_markers(capsys, live):
+    from herder.commands.containers import StreamFilter
+
+    uuid = submit(capsys, live, "--priority", "0", "--", "true")
+    live.dispatcher.queue.append_log(uuid, b"stdout one\nstderr two\nrunner note\nstdout thr")
+    live.dispatcher.queue.append_log(uuid, b"ee\n")
+    status, out, _ = run(capsys, live, "logs", uuid, "--stream", "stdout")
+    assert status == 0 and out == "one\nthree\n"
+    status, out, _ = run(capsys, live, "logs", uuid, "--stream", "stderr")
+    assert out == "two\n"
+    status, out, _ = run(capsys, live, "logs", uuid)
+    assert out == "stdout one\nstderr two\nrunner note\nstdout three\n"
+    # Chunks cut inside a line are joined before filtering.
+    f = StreamFilter("stderr")
+    assert f.feed("stdout a\nstd") + f.feed("err b\nstderr c") + f.end() == "b\nc\n"

@@ -168,6 +168,10 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("uuid")
     p.add_argument("-f", "--follow", action="store_true", help="wait for more until it ends")
+    p.add_argument(
+        "--stream", choices=["stdout", "stderr", "runner"], default="",
+        help="only this stream's lines, without their marker (default: every line, marked)",
+    )
     add_client_options(p)
     p.set_defaults(handler=run_logs)
 
@@ -307,7 +311,36 @@ def progress_line(ctr: Mapping[str, Any]) -> str:
     return f"Cancelled: {_why(ctr)}"
 
 
-def follow(client: Client, ctx: Context, uuid: str, *, exit_with_container: bool = True) -> int:
+class StreamFilter:
+    """One stream's lines of a marked log (``stdout <text>``...), without the marker.
+
+    Chunks of the log may end inside a line: the partial line is kept for the next one.
+    """
+
+    def __init__(self, stream: str) -> None:
+        self.prefix = stream + " "
+        self.partial = ""
+
+    def feed(self, text: str) -> str:
+        *lines, self.partial = (self.partial + text).split("\n")
+        return "".join(self._keep(line) for line in lines)
+
+    def end(self) -> str:
+        rest, self.partial = self.partial, ""
+        return self._keep(rest) if rest else ""
+
+    def _keep(self, line: str) -> str:
+        return line[len(self.prefix):] + "\n" if line.startswith(self.prefix) else ""
+
+
+def follow(
+    client: Client,
+    ctx: Context,
+    uuid: str,
+    *,
+    exit_with_container: bool = True,
+    only: StreamFilter | None = None,
+) -> int:
     """Print the log as it grows and progress lines on stderr, until the container ends.
 
     Returns the container's exit status (:func:`exit_status`), or 0 when ``exit_with_container``
@@ -321,7 +354,7 @@ def follow(client: Client, ctx: Context, uuid: str, *, exit_with_container: bool
         if line != last:
             ctx.error(f"herder: {uuid}: {line}")
             last = line
-        offset, final = print_log(client, ctx, uuid, offset)
+        offset, final = print_log(client, ctx, uuid, offset, only)
         if final:
             break
         sleep(POLL_INTERVAL)
@@ -332,12 +365,18 @@ def follow(client: Client, ctx: Context, uuid: str, *, exit_with_container: bool
     return exit_status(ctr) if exit_with_container else 0
 
 
-def print_log(client: Client, ctx: Context, uuid: str, offset: int) -> tuple[int, bool]:
-    """Print the log from ``offset`` to its current end; return the new offset and ``final``."""
+def print_log(
+    client: Client, ctx: Context, uuid: str, offset: int, only: StreamFilter | None = None
+) -> tuple[int, bool]:
+    """Print the log from ``offset`` to its current end (``only`` one stream's lines, when
+    given); return the new offset and ``final``."""
     while True:
         chunk = client.log(uuid, offset)
-        if chunk["data"]:
-            ctx.stdout.write(chunk["data"])
+        text = chunk["data"]
+        if only is not None:
+            text = only.feed(text) + (only.end() if chunk["final"] else "")
+        if text:
+            ctx.stdout.write(text)
             ctx.stdout.flush()
         advanced = chunk["next_offset"] > offset
         offset = chunk["next_offset"]
@@ -517,8 +556,11 @@ def run_logs(args: argparse.Namespace, ctx: Context) -> int:
     _check_uuid(args.uuid)
     client = open_client(args, ctx)
     with client_errors():
+        only = StreamFilter(args.stream) if args.stream else None
         if args.follow:
-            return follow(client, ctx, args.uuid, exit_with_container=False)
-        print_log(client, ctx, args.uuid, 0)
+            return follow(client, ctx, args.uuid, exit_with_container=False, only=only)
+        _, final = print_log(client, ctx, args.uuid, 0, only)
+        if only is not None and not final:
+            ctx.stdout.write(only.end())  # a running container's last, unfinished line
     return 0
 
