@@ -1358,6 +1358,8 @@ class Supervisor:
         image, or not present under ``never``) unless the engine itself failed.
         """
         image, policy = self.config.image, self.config.pull_policy
+        if not image:
+            return  # the engine says what it thinks of a run without one
         if policy != "always":
             present, said = engine_capture(engine, ["image", "inspect", image], PULL_TIMEOUT)
             if present:
