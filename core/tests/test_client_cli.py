@@ -738,3 +738,55 @@ def test_instances_table_is_followed_by_probe_errors() -> None:
         "i-2: latest probe failed: bastion u@jump:22: refused",
         "(creating): latest probe failed: instance has no address",
     ]
+
+
+def test_container_detail_says_it_ran_twice_and_why(capsys, live):
+    from herder.model import ContainerSpec
+
+    q = live.dispatcher.queue
+    c = q.submit(ContainerSpec(command=("sim", "5", "0"), priority=0))
+    q.set_priority(c.uuid, 1)
+    q.lock(c.uuid)
+    q.set_running(c.uuid, "i-first", "small")
+    q.retry(c.uuid, "instance i-first disappeared")
+    q.lock(c.uuid)
+    q.set_running(c.uuid, "i-second", "small")
+    q.finish(c.uuid, 0)
+    status, out, _ = run(capsys, live, "container", c.uuid)
+    assert status == 0
+    assert re.search(r"^1\s+i-first\s+small\s+\S+\s+\S+\s+retried: instance i-first "
+                     r"disappeared\s", out, re.M), out
+    assert re.search(r"^2\s+i-second\s+small\s+\S+\s+\S+\s+exit code 0\s", out, re.M), out
+    assert "It ran 2 times:\n  attempt 1 on i-first: retried: instance i-first disappeared" in out
+    status, out, _ = run(capsys, live, "container", c.uuid, "--json")
+    history = json.loads(out)["attempt_history"]
+    assert [(a["number"], a["outcome"], a["exit_code"]) for a in history] == [
+        (1, "retried", None), (2, "complete", 0)]
+    assert history[0]["reason"] == "instance i-first disappeared"
+
+
+def test_submit_pull_policy_reaches_the_record(capsys, live):
+    uuid = submit(capsys, live, "--image", "alpine:3", "--pull", "always", "--", "sim", "5", "0")
+    status, out, _ = run(capsys, live, "container", uuid, "--json")
+    assert json.loads(out)["pull_policy"] == "always"
+    status, out, _ = run(capsys, live, "container", uuid)
+    assert re.search(r"^pull policy:\s+always$", out, re.M)
+    status, _, err = run(capsys, live, "submit", "--pull", "sometimes", "--", "true")
+    assert status == 2 and "--pull" in err
+
+
+def test_logs_stream_keeps_one_streams_lines_without_markers(capsys, live):
+    from herder.commands.containers import StreamFilter
+
+    uuid = submit(capsys, live, "--priority", "0", "--", "true")
+    live.dispatcher.queue.append_log(uuid, b"stdout one\nstderr two\nrunner note\nstdout thr")
+    live.dispatcher.queue.append_log(uuid, b"ee\n")
+    status, out, _ = run(capsys, live, "logs", uuid, "--stream", "stdout")
+    assert status == 0 and out == "one\nthree\n"
+    status, out, _ = run(capsys, live, "logs", uuid, "--stream", "stderr")
+    assert out == "two\n"
+    status, out, _ = run(capsys, live, "logs", uuid)
+    assert out == "stdout one\nstderr two\nrunner note\nstdout three\n"
+    # Chunks cut inside a line are joined before filtering.
+    f = StreamFilter("stderr")
+    assert f.feed("stdout a\nstd") + f.feed("err b\nstderr c") + f.end() == "b\nc\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from dataclasses import replace
@@ -18,7 +19,7 @@ from herder.model import (
     is_container_uuid,
 )
 from herder.queue.base import ContainerNotFound, InvalidTransition, QueueError
-from herder.queue.sqlite import InvalidRequest, SqliteQueue
+from herder.queue.sqlite import _MIGRATIONS, InvalidRequest, SqliteQueue
 from herder.runtime import VirtualRuntime
 from herder.sizing import ConfigSizer
 
@@ -394,7 +395,7 @@ def test_file_database_uses_wal_and_records_schema_version(rt, tmp_path):
     make_queue(rt, path).close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(len(_MIGRATIONS),)]
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()
@@ -621,7 +622,7 @@ def test_schema_version_1_file_is_upgraded_in_place(rt, tmp_path):
     finally:
         q.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(len(_MIGRATIONS),)]
     db.close()
 
 
@@ -652,3 +653,28 @@ def test_a_dependency_that_finished_before_a_stop_releases_its_waiter_at_reopen(
         assert "exit code 2" in cancelled.status("error")
     finally:
         q.close()
+
+
+def test_a_file_from_before_attempts_is_upgraded_in_place_to_keep_them(rt, tmp_path):
+    path = str(tmp_path / "queue.db")
+    q = make_queue(rt, path)
+    c = q.submit(spec())
+    q.close()
+    # As the version before attempts left it: every column added since taken out again.
+    step = next(i for i, sql in enumerate(_MIGRATIONS) if "COLUMN attempts" in " ".join(sql))
+    db = sqlite3.connect(path)
+    for statements in _MIGRATIONS[step:]:
+        for column in re.findall(r"ADD COLUMN (\w+)", " ".join(statements)):
+            db.execute(f"ALTER TABLE containers DROP COLUMN {column}")
+    db.execute("UPDATE schema_version SET version = ?", (step,))
+    db.commit()
+    db.close()
+    q = make_queue(rt, path)
+    assert q.get(c.uuid) == c and c.attempt_history == ()
+    q.lock(c.uuid)
+    q.set_running(c.uuid, "i-1", "small")
+    assert [a.instance_id for a in q.get(c.uuid).attempt_history] == ["i-1"]
+    q.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(len(_MIGRATIONS),)]
+    db.close()

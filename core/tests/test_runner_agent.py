@@ -59,6 +59,16 @@ def wait_for(condition: Callable[[], Any], timeout: float = 3.0) -> Any:
         time.sleep(0.01)
 
 
+def unmarked(log: bytes) -> bytes:
+    """A marked log's lines without their markers; every line must carry one."""
+    out = b""
+    for line in log.splitlines(keepends=True):
+        marker, _, text = line.partition(b" ")
+        assert marker in (b"stdout", b"stderr", b"runner"), line
+        out += text
+    return out
+
+
 class Runner:
     """Runs the agent against one state directory."""
 
@@ -94,15 +104,25 @@ class Runner:
     def list_text(self) -> str:
         return self.run("--list").stdout.decode()
 
+    def wait_failed(self, uuid: str = UUID) -> tuple[str, str]:
+        failed: dict[str, tuple[str, str]] = wait_for(lambda: self.list().failed)
+        assert uuid in failed, f"{uuid} did not fail: {self.list_text()!r}"
+        return failed[uuid]
+
     def wait_exited(self, uuid: str = UUID) -> int:
         codes: dict[str, int] = wait_for(lambda: self.list().exited)
         assert uuid in codes, f"{uuid} did not finish: {self.list_text()!r}"
         return codes[uuid]
 
-    def log(self, uuid: str = UUID) -> bytes:
+    def raw_log(self, uuid: str = UUID) -> bytes:
+        """The log as stored: every line marked with its stream."""
         res = self.run("--log", uuid)
         assert res.returncode == 0, res.stderr
         return res.stdout
+
+    def log(self, uuid: str = UUID) -> bytes:
+        """The log's text, stream markers taken off (checked to be there)."""
+        return unmarked(self.raw_log(uuid))
 
     def lock_record(self, uuid: str = UUID) -> dict[str, Any]:
         record: dict[str, Any] = json.loads((self.dir / f"{uuid}.lock").read_text())
@@ -420,11 +440,14 @@ def test_engine_run_command_and_unreachable_daemon_marks_broken(
         vcpus=2,
         ram=1 << 30,
     )
-    assert runner.wait_exited() == 125
+    # Not an exit code: the instance could not start it.
+    assert runner.wait_failed() == ("instance", message)
+    assert runner.list().exited == {}
     name = f"herder-{UUID}"
     run = ["run", "--rm", "--name", name, "--cpus", "2", "--memory", str(1 << 30)]
     assert engine_calls(calls) == [
         ["", "rm", "--force", name],  # housekeeping sees none of the container's environment
+        ["", "image", "inspect", "debian:12"],  # present: no pull (if-not-present)
         ["secret-value", *run, "-e", "FOO", "-w", "/work", "debian:12", "echo", "hi"],
     ]
     assert runner.list().broken
@@ -452,7 +475,7 @@ def test_logs_can_live_outside_the_state_directory(runner: Runner, tmp_path: Pat
     runner.env = {**os.environ, "HERDER_RUNNER_LOG_DIR": str(logs)}
     runner.start(command=["echo", "elsewhere"])
     assert runner.wait_exited() == 0
-    assert (logs / f"{UUID}.log").read_bytes() == b"elsewhere\n"
+    assert (logs / f"{UUID}.log").read_bytes() == b"stdout elsewhere\n"
     assert not (runner.dir / f"{UUID}.log").exists()
     assert runner.log() == b"elsewhere\n"
     assert runner.run("--forget", UUID).returncode == 0
@@ -517,13 +540,17 @@ class Serve:
         self.next_id = 0
         self.answers: queue.Queue[dict[str, Any]] = queue.Queue()
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.logs: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             doc = json.loads(line)
-            (self.events if "event" in doc else self.answers).put(doc)
+            if doc.get("event") == "log":
+                self.logs.put(doc)
+            else:
+                (self.events if "event" in doc else self.answers).put(doc)
 
     def send_line(self, line: bytes) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -574,7 +601,7 @@ def test_serve_carries_out_verbs_as_the_one_shot_commands_do(
     # The serve process says, unasked, that a container it started has ended.
     assert serve.events.get(timeout=20) == {"event": "exited"}
     assert serve.call("--list")[1] == f"{UUID} exited 3\n".encode()
-    assert serve.call("--log", UUID)[:2] == (0, b"hi\n")
+    assert serve.call("--log", UUID)[:2] == (0, b"stdout hi\n")
     assert serve.call("--forget", UUID)[0] == 0
     assert serve.call("--list")[:2] == (0, b"")
     assert serve.finish() == 0
@@ -713,3 +740,153 @@ def test_a_malformed_gpu_request_is_refused(runner: Runner) -> None:
               "gpus": {"stack": "quantum", "device_count": 1}}
     res = runner.run("--detach", "--stdin-config", UUID, stdin=json.dumps(config).encode())
     assert res.returncode != 0 and b"not cuda or rocm" in res.stderr
+
+
+def test_log_keeps_stdout_and_stderr_apart_in_order(runner: Runner) -> None:
+    runner.start(command=["sh", "-c", "echo one; echo two >&2; echo three"])
+    assert runner.wait_exited() == 0
+    lines = runner.raw_log().splitlines()
+    # Each stream keeps its order; how the two interleave depends on when each was read.
+    assert [line for line in lines if line.startswith(b"stdout ")] == [
+        b"stdout one", b"stdout three"]
+    assert [line for line in lines if line.startswith(b"stderr ")] == [b"stderr two"]
+    assert len(lines) == 3
+
+
+def test_log_writes_a_partial_line_at_the_end(runner: Runner) -> None:
+    runner.start(command=["sh", "-c", "printf 'no newline'"])
+    assert runner.wait_exited() == 0
+    assert runner.raw_log() == b"stdout no newline\n"
+
+
+def test_log_stops_at_the_limit_with_a_marker(runner: Runner) -> None:
+    runner.start(command=["sh", "-c", "i=0; while [ $i -lt 200 ]; do echo line $i; "
+                          "i=$((i+1)); done; echo done >&2"], log_limit=300)
+    assert runner.wait_exited() == 0
+    log = runner.raw_log()
+    assert log.startswith(b"stdout line 0\nstdout line 1\n")
+    assert b"stderr done" not in log
+    assert log.endswith(b"runner log truncated: the output exceeded the log limit of 300 bytes "
+                        b"(containers.log_limit); later output is discarded\n")
+    assert len(log) < 300 + 200
+
+
+def test_serve_sends_log_lines_while_the_container_runs(
+    runner: Runner, serve: Serve, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    config = {"uuid": UUID, "runtime": "process", "environment": {"GATE": str(gate)},
+              "command": gated("echo before", "echo after >&2")}
+    assert serve.call("--detach", "--stdin-config", UUID,
+                      stdin=json.dumps(config).encode())[0] == 0
+    first = serve.logs.get(timeout=20)
+    assert (first["uuid"], first["offset"]) == (UUID, 0)
+    assert base64.b64decode(first["data"]) == b"stdout before\n"
+    assert runner.list().running == [UUID]  # seen while the container still runs
+    gate.touch()
+    second = serve.logs.get(timeout=20)
+    assert second["offset"] == len(b"stdout before\n")
+    assert base64.b64decode(second["data"]) == b"stderr after\n"
+    assert serve.finish() == 0
+
+
+def test_a_missing_image_fails_the_container_not_the_instance(
+    runner: Runner, tmp_path: Path
+) -> None:
+    message = ("docker: Error response from daemon: pull access denied for nosuch, repository "
+               "does not exist or may require docker login.")
+    write_fake_engine(tmp_path / "bin", tmp_path / "calls", message, 125)
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(command=["true"], runtime="docker", image="nosuch:1")
+    assert runner.wait_failed() == ("container", message)
+    assert not runner.list().broken
+    assert b"could not be started (container failure)" in runner.log()
+
+
+def test_a_program_exiting_125_in_an_engine_is_an_exit_code(
+    runner: Runner, tmp_path: Path
+) -> None:
+    write_fake_engine(tmp_path / "bin", tmp_path / "calls", "my program failed", 125)
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(command=["prog"], runtime="docker", image="debian:12")
+    assert runner.wait_exited() == 125
+    assert runner.list().failed == {} and not runner.list().broken
+
+
+def test_a_missing_engine_fails_the_instance(runner: Runner) -> None:
+    runner.env = {**os.environ, "PATH": "/nonexistent"}
+    runner.start(command=["true"], runtime="podman", image="debian:12")
+    assert runner.wait_failed() == ("instance", "the container engine podman is not installed")
+    assert runner.list().broken
+
+
+def write_pulling_engine(bin_dir: Path, calls: Path, have: str, pull_fails: str = "") -> None:
+    """A ``docker`` whose images are the lines of the file ``have``; ``pull`` adds one, or
+    fails with ``pull_fails`` (exit 1) when that is set."""
+    bin_dir.mkdir()
+    engine = bin_dir / "docker"
+    pull = f"echo {pull_fails!r} >&2; exit 1" if pull_fails else f"echo $2 >> {have}"
+    engine.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$@" "--" >> {calls}\n'
+        'case "$1" in\n'
+        f'  image) grep -qx "$3" {have} || {{ echo "Error: No such image: $3" >&2; exit 1; }} ;;\n'
+        f"  pull) {pull} ;;\n"
+        '  run) echo ran ;;\n'
+        "esac\n"
+    )
+    engine.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("policy", "have", "pulls"),
+    [("if-not-present", "", True), ("if-not-present", "img:1", False), ("always", "img:1", True)],
+)
+def test_the_pull_policy_decides_when_the_image_is_pulled(
+    runner: Runner, tmp_path: Path, policy: str, have: str, pulls: bool
+) -> None:
+    images, calls = tmp_path / "images", tmp_path / "calls"
+    images.write_text(have + "\n" if have else "")
+    write_pulling_engine(tmp_path / "bin", calls, str(images))
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(command=["x"], runtime="docker", image="img:1", pull_policy=policy)
+    assert runner.wait_exited() == 0
+    verbs = [call[0] for call in engine_calls(calls)]
+    assert ("pull" in verbs) is pulls
+    log = runner.log()
+    assert b"stdout ran\n" in runner.raw_log()
+    listed = runner.run("--list").stdout.decode()
+    if pulls:
+        assert b"pulled image img:1 in " in log
+        assert f"{UUID} pulled " in listed
+    else:
+        assert "pulled" not in listed
+    runner.run("--forget", UUID)
+    assert not (runner.dir / f"{UUID}.pull").exists()
+
+
+def test_pull_policy_never_fails_the_container_when_the_image_is_missing(
+    runner: Runner, tmp_path: Path
+) -> None:
+    images, calls = tmp_path / "images", tmp_path / "calls"
+    images.write_text("")
+    write_pulling_engine(tmp_path / "bin", calls, str(images))
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(command=["x"], runtime="docker", image="img:1", pull_policy="never")
+    assert runner.wait_failed() == (
+        "container", "image img:1 is not on the instance and the pull policy is never")
+    assert "pull" not in [call[0] for call in engine_calls(calls)]
+    assert not runner.list().broken
+
+
+def test_a_failed_pull_fails_the_container_with_the_engines_message(
+    runner: Runner, tmp_path: Path
+) -> None:
+    images, calls = tmp_path / "images", tmp_path / "calls"
+    images.write_text("")
+    denied = "Error response from daemon: pull access denied for img"
+    write_pulling_engine(tmp_path / "bin", calls, str(images), pull_fails=denied)
+    runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    runner.start(command=["x"], runtime="docker", image="img:1")
+    assert runner.wait_failed() == ("container", f"image pull failed: {denied}")
+    assert b"pulling image img:1 failed after" in runner.log()

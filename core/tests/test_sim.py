@@ -942,6 +942,10 @@ def test_the_engine_pool_runs_a_container_on_the_sim() -> None:
     class Reporter(ContainerReporter):
         def __init__(self) -> None:
             self.exited: dict[str, tuple[int, bytes]] = {}
+            self.logs: dict[str, bytes] = {}
+
+        def container_log(self, uuid: str, data: bytes) -> None:
+            self.logs[uuid] = self.logs.get(uuid, b"") + data
 
         def container_started(self, uuid: str, instance_id: str, instance_type: str) -> None:
             pass
@@ -984,8 +988,8 @@ def test_the_engine_pool_runs_a_container_on_the_sim() -> None:
         assert view.worker_state == WorkerState.IDLE
         assert pool.start_container(view.instance, container(1, ("sim", "10", "3")))
         sim.advance(20)
-        code, log = reporter.exited[uuid(1)]
-        assert code == 3 and b"exited with code 3" in log
+        code, _ = reporter.exited[uuid(1)]
+        assert code == 3 and b"exited with code 3" in reporter.logs[uuid(1)]
         sim.advance(60)
         assert pool.instances() == []  # idle shutdown
     finally:

@@ -34,6 +34,8 @@ cloud:
   timeout_booting: 30s
   timeout_signal: 1s
   timeout_term: 10s
+containers:
+  log_limit: 8KiB
 queue:
   path: {db}
 api:
@@ -211,8 +213,8 @@ def test_bad_driver_parameter_under_serve_is_one_clear_line(tmp_path: Path) -> N
     assert "cloud.driver_parameters.bogus_key" in result.stderr
 
 
-def _submit(server: Server, *command: str, name: str = "") -> str:
-    args = ["submit", "--vcpus", "1", "--ram", "256MiB"]
+def _submit(server: Server, *command: str, name: str = "", extra: tuple[str, ...] = ()) -> str:
+    args = ["submit", "--vcpus", "1", "--ram", "256MiB", *extra]
     if name:
         args += ["--name", name]
     result = server.cli(*args, "--", *command)
@@ -356,3 +358,188 @@ def test_arrays_and_dependencies_run_in_order(fast_server: Server, tmp_path: Pat
     doomed = fast_server.cli("submit", "--after", failing, "--wait", "--", "true")
     assert doomed.returncode == 1
     assert f"dependency {failing} failed with exit code 5" in doomed.stderr
+
+
+def _log(server: Server, uuid: str) -> str:
+    result = server.cli("logs", uuid)
+    assert result.returncode == 0, result
+    return result.stdout
+
+
+def _wait_log(server: Server, uuid: str, text: str, timeout: float = 60) -> str:
+    """The log once it holds ``text`` (fails after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = _log(server, uuid)
+        if text in log:
+            return log
+        assert time.monotonic() < deadline, (log, server.log_path.read_text()[-3000:])
+        time.sleep(0.2)
+
+
+def test_live_log_lines_arrive_while_the_container_runs(
+    fast_server: Server, tmp_path: Path
+) -> None:
+    marker = fast_server.marker  # type: ignore[attr-defined]
+    gate = tmp_path / "gate"
+    uuid = _submit(
+        fast_server, "sh", "-c",
+        f"echo first; echo warn >&2; while [ ! -e {gate} ]; do sleep 0.1; done; "
+        f"echo last >&2 # {marker}",
+    )
+    follow = subprocess.Popen(
+        [*HERDER, "logs", "--follow", uuid], env=fast_server.env, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert follow.stdout is not None
+        seen = ""
+        while "stdout first" not in seen:
+            line = follow.stdout.readline()
+            assert line, "logs --follow ended early"
+            seen += line
+        # Shown while the container is still running: it waits for the gate.
+        assert json.loads(fast_server.cli("container", uuid, "--json").stdout)["state"] == (
+            "Running"
+        )
+        log = _wait_log(fast_server, uuid, "stderr warn")
+        assert "stdout first" in log and "last" not in log
+        gate.touch()
+        rest, _ = follow.communicate(timeout=60)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert "stderr last" in seen + rest
+    states = _wait_final(fast_server, [uuid])
+    assert states[uuid]["exit_code"] == 0
+    log = _log(fast_server, uuid)
+    # Every line once, each stream marked.
+    assert [line for line in log.splitlines() if not line.startswith("runner ")] == [
+        "stdout first", "stderr warn", "stderr last"
+    ] or sorted(log.splitlines()) == ["stderr last", "stderr warn", "stdout first"]
+
+
+def test_cancelled_and_timed_out_containers_keep_their_output(fast_server: Server) -> None:
+    marker = fast_server.marker  # type: ignore[attr-defined]
+    cancelled = _submit(
+        fast_server, "sh", "-c",
+        f"trap 'echo got TERM; exit 1' TERM; echo alive; while true; do sleep 0.1; done "
+        f"# {marker}",
+    )
+    timed_out = _submit(
+        fast_server, "sh", "-c", f"echo begin; sleep 30 # {marker}",
+        extra=("--max-run-time", "2s"),
+    )
+    _wait_log(fast_server, cancelled, "stdout alive")
+    assert fast_server.cli("cancel", cancelled).returncode == 0
+    # The lines written after the cancellation, while the container stopped, are kept too.
+    log = _wait_log(fast_server, cancelled, "stdout got TERM")
+    assert log.index("stdout alive") < log.index("stdout got TERM")
+    # herder cancels a container past its max run time (the runner would stop it too).
+    states = _wait_final(fast_server, [timed_out])
+    assert states[timed_out]["state"] == "Cancelled", json.dumps(states[timed_out])
+    assert "max run time" in states[timed_out]["runtime_status"]["error"]
+    # Whichever stopped it first (herder's cancel or the runner's own limit), the runner's
+    # note about it is the log's last line, after the container's own output.
+    log = _wait_log(fast_server, timed_out, "\nrunner ")
+    assert log.startswith("stdout begin\n")
+    assert "received signal 15" in log or "max run time of 2 seconds exceeded" in log
+
+
+def test_a_log_past_the_limit_ends_with_a_truncated_line(fast_server: Server) -> None:
+    marker = fast_server.marker  # type: ignore[attr-defined]
+    uuid = _submit(
+        fast_server, "sh", "-c",
+        f"i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1)); done # {marker}",
+    )
+    states = _wait_final(fast_server, [uuid])
+    assert states[uuid]["exit_code"] == 0
+    log = _wait_log(fast_server, uuid, "log truncated")
+    assert log.startswith("stdout line 0\n")
+    assert "line 1999" not in log
+    assert log.rstrip("\n").endswith("later output is discarded")
+    assert len(log.encode()) < 8192 + 1024
+
+
+FAKE_DOCKER = """#!/bin/sh
+# A docker CLI for the loopback instances: "nodaemon" images find no daemon, "nosuch" images do
+# not exist, any other image runs the command as a plain process.
+[ "$1" = run ] || exit 0
+shift
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rm) shift ;;
+    --name|--cpus|--memory|-e|-w|--gpus|--device|--group-add) shift 2 ;;
+    *) break ;;
+  esac
+done
+image=$1
+shift
+case "$image" in
+  nodaemon*)
+    echo "docker: Cannot connect to the Docker daemon at unix:///var/run/docker.sock." >&2
+    exit 125 ;;
+  nosuch*)
+    echo "Unable to find image '$image' locally" >&2
+    echo "docker: Error response from daemon: pull access denied for nosuch." >&2
+    exit 125 ;;
+esac
+exec "$@"
+"""
+
+
+def test_infrastructure_failures_are_not_exit_codes(tmp_path: Path) -> None:
+    marker = f"m{os.getpid()}x{time.monotonic_ns()}"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    config = tmp_path / "herder.yaml"
+    config.write_text(
+        FAST_CONFIG.format(
+            max_instances=4, state_dir=tmp_path / "loopback", db=tmp_path / "herder.db",
+            marker=marker,
+        ).replace("  log_limit: 8KiB\n", "  log_limit: 8KiB\n  max_dispatch_attempts: 2\n")
+    )
+    server = Server(tmp_path / "data", config, tmp_path / "serve.log")
+    server.env["PATH"] = f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    server.start()
+    try:
+        program = _submit(server, "sh", "-c", f"echo mine; exit 125 # {marker}",
+                          extra=("--image", "alpine:3", "--pull", "always"))
+        image = _submit(server, "true", extra=("--image", "nosuch:1"))
+        states = _wait_final(server, [program, image])
+        # A real program exiting 125 is its exit code.
+        assert states[program]["state"] == "Complete", states[program]
+        assert states[program]["exit_code"] == 125
+        # It was pulled first (policy always), and the record says how long that took.
+        assert states[program]["runtime_status"]["image_pull"].startswith("pulled in ")
+        assert "pulled image alpine:3 in" in _log(server, program)
+        # No such image: cancelled with the runtime's message, the instance stays in service.
+        assert states[image]["state"] == "Cancelled" and states[image]["exit_code"] is None
+        assert "pull access denied for nosuch" in states[image]["runtime_status"]["error"]
+        instances = json.loads(server.cli("instances", "--json").stdout)
+        assert instances and all(i["idle_behavior"] == "run" for i in instances), instances
+        # No daemon: the instance is at fault; retried elsewhere until the attempts run out.
+        daemon = _submit(server, "true", extra=("--image", "nodaemon:1"))
+        states = _wait_final(server, [daemon])
+        c = states[daemon]
+        assert c["state"] == "Cancelled" and c["exit_code"] is None, c
+        assert c["attempts"] == 2
+        assert "Cannot connect to the Docker daemon" in c["runtime_status"]["error"]
+        # Each attempt is in the record: where it ran, and why it ended.
+        history = c["attempt_history"]
+        assert [a["outcome"] for a in history] == ["retried", "retried"], history
+        assert len({a["instance_id"] for a in history}) == 2  # retried elsewhere
+        assert all("could not start the container: docker: Cannot connect" in a["reason"]
+                   for a in history)
+        shown = server.cli("container", daemon).stdout
+        assert "It ran 2 times" in shown
+        drained = [line for line in server.log_lines()
+                   if "cannot start containers" in str(line.get("message", ""))]
+        assert len(drained) == 2, drained
+        assert server.stop() == 0
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop(signal.SIGKILL)
+        _cleanup_runner_processes(marker)

@@ -142,6 +142,23 @@ class ContainersConfig(_Strict):
     preemptible_price_factor: float = Field(0.0, ge=0)
     max_dispatch_attempts: int = Field(defaults.MAX_DISPATCH_ATTEMPTS, ge=1)
     always_use_preemptible_instances: bool = False
+    pull_policy: str = Field(
+        "if-not-present",
+        description="when runners pull a container's image: if-not-present, always or never",
+    )
+    log_limit: Size = Field(
+        64 << 20,
+        description="bytes of output kept per container attempt; 0 keeps everything",
+    )
+
+    @field_validator("pull_policy")
+    @classmethod
+    def _pull_policy(cls, v: str) -> str:
+        if v not in ("if-not-present", "always", "never"):
+            raise ValueError(
+                f"invalid pull policy {v!r}: expected if-not-present, always or never"
+            )
+        return v
 
     @field_validator("runtime_engine")
     @classmethod

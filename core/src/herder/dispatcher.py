@@ -23,7 +23,7 @@ from herder.costs import CostReport, build_report, last_periods
 from herder.engine import InstanceNotFound
 from herder.executor import Executor, ExecutorFactory
 from herder.metrics import ContainerMetrics, SpendMetrics
-from herder.model import ContainerState, IdleBehavior, InstanceType, InstanceView
+from herder.model import Container, ContainerState, IdleBehavior, InstanceType, InstanceView
 from herder.plugins import Plugins
 from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
@@ -110,6 +110,44 @@ class QueueReporter(ContainerReporter):
         except (InvalidTransition, ContainerNotFound) as exc:
             log.debug("not marking %s running: %s", uuid, exc)
 
+    def container_failed(
+        self, uuid: str, instance_side: bool, message: str, instance_id: str = ""
+    ) -> None:
+        """Retry (counted against max dispatch attempts) or cancel; never an exit code."""
+        ctr = self.queue.get(uuid)
+        if ctr is None or ctr.state.final:
+            return
+        self._add_cost(ctr)
+        try:
+            if instance_side:
+                where = f"instance {instance_id}" if instance_id else "the instance"
+                self.queue.retry(uuid, f"{where} could not start the container: {message}")
+            else:
+                self.queue.cancel(uuid, f"the container could not be started: {message}")
+        except InvalidTransition as exc:
+            log.warning("cannot record the start failure of %s: %s", uuid, exc)
+
+    def _add_cost(self, ctr: Container) -> float:
+        """Charge the time the container held its instance; returns what was added."""
+        if ctr.started_at is None or ctr.instance_type not in self.instance_types:
+            return 0.0
+        hours = max(0.0, self.runtime.now() - ctr.started_at) / 3600.0
+        cost = hours * self.instance_types[ctr.instance_type].price
+        self.queue.add_cost(ctr.uuid, cost)
+        return cost
+
+    def container_pulled(self, uuid: str, seconds: float) -> None:
+        try:
+            self.queue.set_status(uuid, "image_pull", f"pulled in {seconds:.1f}s")
+        except (InvalidTransition, ContainerNotFound) as exc:
+            log.debug("not recording the image pull of %s: %s", uuid, exc)
+
+    def container_log(self, uuid: str, data: bytes) -> None:
+        try:
+            self.queue.append_log(uuid, data)
+        except ContainerNotFound:
+            log.warning("runner sent the log of unknown container %s", uuid)
+
     def container_exited(self, uuid: str, exit_code: int, log_data: bytes) -> None:
         ctr = self.queue.get(uuid)
         if ctr is None:
@@ -119,11 +157,7 @@ class QueueReporter(ContainerReporter):
             return
         if log_data:
             self.queue.append_log(uuid, log_data)
-        cost = 0.0
-        if ctr.started_at is not None and ctr.instance_type in self.instance_types:
-            hours = max(0.0, self.runtime.now() - ctr.started_at) / 3600.0
-            cost = hours * self.instance_types[ctr.instance_type].price
-            self.queue.add_cost(uuid, cost)
+        cost = self._add_cost(ctr)
         try:
             self.queue.finish(uuid, exit_code)
         except InvalidTransition as exc:
@@ -353,6 +387,9 @@ class CloudEngine:
             self.pool.set_idle_behavior(instance_id, behavior)
         except PoolError as exc:
             raise InstanceNotFound(*exc.args) from None
+
+    def has_runner(self, uuid: str) -> bool:
+        return self.pool.running().get(uuid) == 0.0
 
     def spot_prices(self) -> dict[str, float]:
         return self.pool.spot_prices()

@@ -95,6 +95,11 @@ class Engine(Protocol):
         """Set run / hold / drain on an instance (:class:`InstanceNotFound` if unknown)."""
         ...
 
+    def has_runner(self, uuid: str) -> bool:
+        """Whether a runner for the container still exists (its last output may be on its way
+        to the log)."""
+        ...
+
     def spot_prices(self) -> dict[str, float]:
         """Instance type name → the current spot price where the engine has seen one."""
         ...

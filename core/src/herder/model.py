@@ -205,6 +205,9 @@ class ContainerSpec:
     name: str = ""
     #: Containers that must complete with exit code 0 before this one may run (``--after``).
     after: tuple[str, ...] = ()
+    #: when the runner pulls the image: "if-not-present", "always", "never"; "" for the
+    #: configured default (``containers.pull_policy``)
+    pull_policy: str = ""
 
 
 #: The environment variable that tells each member of an array its index (0 to count - 1).
@@ -218,6 +221,58 @@ ARRAY_ID_RE = re.compile(r"^[a-z0-9]{5}-a88ay-[a-z0-9]{15}$")
 def is_array_id(text: str) -> bool:
     """True for a well-formed array id (see :data:`ARRAY_ID_RE`)."""
     return bool(ARRAY_ID_RE.fullmatch(text))
+
+
+#: The image pull policies a container (or ``containers.pull_policy``) may name.
+PULL_POLICIES = ("if-not-present", "always", "never")
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One dispatch of a container: where it ran, when, and how that ended.
+
+    ``outcome`` is ``running`` while the attempt lasts, then ``complete`` (the program exited,
+    ``exit_code`` says how), ``retried`` (the runner or its instance was lost, or the instance
+    could not start it: ``reason`` says which), ``unlocked`` (it never started there) or
+    ``cancelled``.  ``started_at`` is None for an attempt that never started.
+    """
+
+    number: int
+    instance_id: str = ""
+    instance_type: str = ""
+    started_at: float | None = None
+    ended_at: float | None = None
+    outcome: str = "running"
+    reason: str = ""
+    exit_code: int | None = None
+    cost: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "instance_id": self.instance_id,
+            "instance_type": self.instance_type,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "exit_code": self.exit_code,
+            "cost": self.cost,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Attempt:
+        return cls(
+            number=int(data["number"]),
+            instance_id=str(data.get("instance_id", "")),
+            instance_type=str(data.get("instance_type", "")),
+            started_at=data.get("started_at"),
+            ended_at=data.get("ended_at"),
+            outcome=str(data.get("outcome", "running")),
+            reason=str(data.get("reason", "")),
+            exit_code=data.get("exit_code"),
+            cost=float(data.get("cost", 0.0)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +299,8 @@ class Container:
     cost: float = 0.0
     #: The array this container belongs to (``submit --count``); "" when it is on its own.
     array_id: str = ""
+    #: Every dispatch attempt, oldest first (see :class:`Attempt`).
+    attempt_history: tuple[Attempt, ...] = ()
 
     # Convenience accessors used all over the engine.
     @property

@@ -8,7 +8,11 @@ back to the dispatcher nor its credentials:
     one line per container the runner knows about:
     ``<uuid>`` (running), ``<uuid> stale`` (process gone, lock still held), ``broken`` (instance
     cannot run containers) and, herder's addition, ``<uuid> exited <code>`` (finished, result
-    not collected yet).  Older parsers ignore the extra line: it has more than one token and the
+    not collected yet), and ``<uuid> failed <side> <message>`` (the container could not be
+    started: ``instance`` when this instance cannot run containers, ``container`` when the
+    container cannot run anywhere, e.g. no such image; never an exit code, which a program may
+    also return), and ``<uuid> pulled <seconds>`` (how long pulling its image took).  Older
+    parsers ignore the extra lines: they have more than one token and the
     second is not ``stale``.
 ``<runner> --detach --stdin-config [args...] <uuid>``
     start the container described by the JSON document on stdin, in the background, and return.
@@ -36,6 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from herder.model import Container, InstanceType, is_container_uuid
+
+#: Who a failure to start a container is blamed on (see ``failed`` above).
+FAILURE_INSTANCE = "instance"
+FAILURE_CONTAINER = "container"
+FAILURE_SIDES = (FAILURE_INSTANCE, FAILURE_CONTAINER)
 
 
 def _sudo(remote_user: str) -> str:
@@ -101,9 +110,17 @@ def forget_command(runner: str, remote_user: str, uuid: str) -> str:
 
 
 def config_document(
-    container: Container, instance_type: InstanceType, runtime_engine: str = "auto"
+    container: Container,
+    instance_type: InstanceType,
+    runtime_engine: str = "auto",
+    log_limit: int = 0,
+    pull_policy: str = "if-not-present",
 ) -> bytes:
-    """The JSON document sent on the stdin of ``--detach``: everything the runner needs."""
+    """The JSON document sent on the stdin of ``--detach``: everything the runner needs.
+
+    ``log_limit`` (bytes, 0 for none) is where the runner stops writing the container's
+    output, with a "truncated" line, so that the log stays bounded on the instance too.
+    """
     spec = container.spec
     doc: dict[str, Any] = {
         "uuid": container.uuid,
@@ -121,6 +138,9 @@ def config_document(
             "device_count": spec.runtime_constraints.gpu.device_count,
         },
         "instance_type": instance_type.to_json(),
+        "log_limit": log_limit,
+        # When the runner pulls the image: the container's own policy, else the default.
+        "pull_policy": spec.pull_policy or pull_policy,
     }
     return json.dumps(doc, sort_keys=True).encode()
 
@@ -132,6 +152,10 @@ class ListResult:
     running: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     exited: dict[str, int] = field(default_factory=dict)
+    #: uuid -> (side, message) of containers that could not be started
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: uuid -> seconds the runner took to pull the container's image
+    pulled: dict[str, float] = field(default_factory=dict)
     broken: bool = False
 
 
@@ -156,6 +180,14 @@ def parse_list_output(text: str, cluster_id: str) -> ListResult:
             result.running.append(tokens[0])
         elif len(tokens) == 2 and tokens[1] == "stale":
             result.stale.append(tokens[0])
+        elif len(tokens) >= 3 and tokens[1] == "failed" and tokens[2] in FAILURE_SIDES:
+            message = line.split(None, 3)[3] if len(tokens) > 3 else ""
+            result.failed[tokens[0]] = (tokens[2], message)
+        elif len(tokens) == 3 and tokens[1] == "pulled":
+            try:
+                result.pulled[tokens[0]] = float(tokens[2])
+            except ValueError:
+                continue
         elif len(tokens) == 3 and tokens[1] == "exited":
             try:
                 result.exited[tokens[0]] = int(tokens[2])

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from herder.api import schema
-from herder.api.routes import utf8_prefix
+from herder.api.routes import LOG_SETTLE_SECONDS, utf8_prefix
 from herder.model import ContainerState
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -418,8 +418,20 @@ def test_log_of_invalid_utf8_is_replaced_not_refused(engine):
     uuid = engine.submit(priority=0)["uuid"]
     engine.dispatcher.queue.append_log(uuid, b"ok \xff\xfe bytes\n")
     engine.dispatcher.queue.cancel(uuid, "done")
+    engine.advance(LOG_SETTLE_SECONDS)
     chunk = engine.request("GET", f"/api/v1/containers/{uuid}/log").json
     assert chunk["data"] == "ok \ufffd\ufffd bytes\n" and chunk["final"] is True
+
+
+def test_a_log_is_final_only_once_its_last_lines_could_have_arrived(engine):
+    uuid = engine.submit(priority=0)["uuid"]
+    engine.dispatcher.queue.cancel(uuid, "by the user")
+    chunk = engine.request("GET", f"/api/v1/containers/{uuid}/log").json
+    assert chunk["final"] is False  # a cancelled container's runner may still be writing
+    engine.dispatcher.queue.append_log(uuid, b"stdout got TERM\n")
+    engine.advance(LOG_SETTLE_SECONDS)
+    chunk = engine.request("GET", f"/api/v1/containers/{uuid}/log").json
+    assert chunk == {"offset": 0, "next_offset": 16, "data": "stdout got TERM\n", "final": True}
 
 
 def test_log_parameters_are_validated(engine):

@@ -34,7 +34,7 @@ def test_start_container_runs_detach_with_config_on_stdin() -> None:
     runner = h.pool._runner.command
     assert cmd == runner_protocol.detach_command(runner, "admin", ["--foo", "--extra='args'"], C1)
     assert cmd.startswith(f"sudo {runner} --detach --stdin-config --foo ")
-    assert stdin == runner_protocol.config_document(ctr, h.types["small"], "process")
+    assert stdin == runner_protocol.config_document(ctr, h.types["small"], "process", 64 << 20)
     w = h.worker(iid)
     assert list(w.running) == [C1] and w.starting == {}
     assert w.last_uuid == C1

@@ -37,6 +37,7 @@ class FakeStream(ExecStream):
         self.closed = False
         self.lines: queue.Queue[bytes] = queue.Queue()
         self.hold: threading.Event | None = None
+        self.closed_event = threading.Event()
 
     def send(self, data: bytes, timeout: float) -> None:
         if self.fail_send or self.closed:
@@ -73,6 +74,7 @@ class FakeStream(ExecStream):
 
     def close(self) -> None:
         self.closed = True
+        self.closed_event.set()
         self.lines.put(self.EOF)
 
 
@@ -238,3 +240,32 @@ def test_close_stops_the_agent_and_later_verbs_use_commands() -> None:
     assert stream.closed
     assert c.call(["--list"], None, 10).stdout == b"one-shot"
     assert len(ex.opened) == 1
+
+
+def test_log_events_reach_on_log_and_do_not_count_as_a_change() -> None:
+    stream = FakeStream()
+    ex = FakeExecutor([stream])
+    pieces: queue.Queue[tuple[str, int, bytes]] = queue.Queue()
+    changed = threading.Semaphore(0)
+    c = RunnerClient(ex, command="/opt/r", remote_user=lambda: "root", resident=True,
+                     now=Clock(), on_change=changed.release,
+                     on_log=lambda uuid, offset, data: pieces.put((uuid, offset, data)))
+    c.call(["--list"], None, 10)  # opens the stream
+    data = base64.b64encode(b"stdout hi\n").decode()
+    stream.lines.put(json.dumps(
+        {"event": "log", "uuid": UUID, "offset": 7, "data": data}).encode())
+    assert pieces.get(timeout=5) == (UUID, 7, b"stdout hi\n")
+    stream.event()  # handled after the log event, in order
+    assert changed.acquire(timeout=5)
+    assert not changed.acquire(blocking=False)  # the log event was no change
+    assert c.call(["--list"], None, 10).stdout == b"resident ['--list']"
+
+
+def test_a_log_event_for_a_malformed_uuid_ends_the_stream() -> None:
+    stream = FakeStream()
+    ex = FakeExecutor([stream])
+    c = client(ex)
+    c.call(["--list"], None, 10)
+    stream.lines.put(json.dumps(
+        {"event": "log", "uuid": "../../etc/passwd", "offset": 0, "data": ""}).encode())
+    assert stream.closed_event.wait(5)  # a broken agent: the stream is ended

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -13,10 +14,12 @@ from herder import runner_protocol
 from herder.executor import ExecutorError, NoAddressError
 from herder.model import IdleBehavior, WorkerState
 from herder.worker.runner import RunnerDeployment
+from herder.worker.worker import ADOPTED_LOG_NOTE
 
 TB = 600.0  # timeout_booting
 TP = 300.0  # timeout_probe
 C1 = uuid(1)
+C2 = uuid(2)  # started by this herder process (C1 is found running, i.e. adopted)
 
 
 def setup_worker(
@@ -388,7 +391,9 @@ def test_exited_container_is_collected_then_forgotten() -> None:
     host.logs[C1] = b"hello\n"
     h.runtime.advance(10)
     h.probe(iid)
-    assert h.reporter.exited == [(C1, 3, b"hello\n")]
+    assert h.reporter.exited == [(C1, 3, b"")]
+    # Stored before the exit is recorded; C1 was running before this herder process started.
+    assert h.reporter.logs == {C1: ADOPTED_LOG_NOTE + b"hello\n"}
     verbs = host.verbs()
     assert verbs[-3:] == ["--list", "--log", "--forget"]
     assert host.commands[-2][0] == runner_protocol.log_command(runner_path(), "admin", C1)
@@ -505,3 +510,106 @@ def test_boot_probe_error_shows_in_the_instance_view() -> None:
     assert "bastion herder@jump:22" in next(
         v.probe_error for v in h.pool.instances() if v.instance == iid
     )
+
+
+def test_live_log_pieces_are_stored_once_whichever_comes_first() -> None:
+    h, iid = setup_worker("idle", age=10)
+    h.probe(iid)
+    worker = h.worker(iid)
+    worker.relay_log(C2, 0, b"stdout a\n")
+    worker.relay_log(C2, 0, b"stdout a\n")  # a new serve process sends from the start
+    worker.relay_log(C2, 9, b"stdout b\n")
+    worker.relay_log(C2, 30, b"stdout gap\n")  # beyond what is stored: left to the exit
+    assert h.reporter.logs == {C2: b"stdout a\nstdout b\n"}
+    host = h.cloud.vms[iid].host
+    host.containers[C2] = ("exited", 0)
+    host.logs[C2] = b"stdout a\nstdout b\nstderr c\n"
+    h.runtime.advance(10)
+    h.probe(iid)
+    assert h.reporter.logs == {C2: b"stdout a\nstdout b\nstderr c\n"}
+    assert h.reporter.exited == [(C2, 0, b"")]
+
+
+def test_an_adopted_containers_log_is_stored_again_after_a_note() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)  # found running: a previous herder process started it
+    h.worker(iid).relay_log(C1, 0, b"stdout a\n")
+    h.worker(iid).relay_log(C1, 9, b"stdout b\n")
+    assert h.reporter.logs == {C1: ADOPTED_LOG_NOTE + b"stdout a\nstdout b\n"}
+
+
+def test_herder_cuts_a_log_the_runner_did_not_cut_at_the_limit() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    worker = h.worker(iid)
+    limit = 100
+    worker.env.settings = dataclasses.replace(worker.env.settings, log_limit=limit)
+    worker.relay_log(C2, 0, b"x" * (limit + 2000))
+    worker.relay_log(C2, limit + 2000, b"more\n")
+    stored = h.reporter.logs[C2]
+    assert stored.startswith(b"x" * (limit + 1024))
+    assert stored.endswith(
+        f"runner log truncated by herder at {limit + 1024} bytes (containers.log_limit); "
+        "later output is discarded\n".encode()
+    )
+    assert b"more" not in stored
+
+
+def test_an_instance_that_cannot_start_containers_is_drained_and_no_exit_code_recorded() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    host = h.cloud.vms[iid].host
+    host.containers[C1] = ("failed", "instance", "docker: Cannot connect to the Docker daemon")
+    h.runtime.advance(10)
+    h.probe(iid)
+    assert h.reporter.exited == []
+    assert h.reporter.failed == [(C1, True, "docker: Cannot connect to the Docker daemon", iid)]
+    assert h.worker(iid).idle_behavior == IdleBehavior.DRAIN
+    assert host.verbs()[-1] == "--forget" and C1 not in host.containers
+
+
+def test_a_container_that_cannot_start_leaves_the_instance_in_service() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    host = h.cloud.vms[iid].host
+    host.containers[C1] = ("failed", "container", "pull access denied for nosuch")
+    h.runtime.advance(10)
+    h.probe(iid)
+    assert h.reporter.failed == [(C1, False, "pull access denied for nosuch", iid)]
+    assert h.worker(iid).idle_behavior == IdleBehavior.RUN
+    assert h.state(iid) == "idle"
+
+
+def test_an_image_pull_is_reported_once() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    host = h.cloud.vms[iid].host
+    host.extra_list_lines.append(f"{C1} pulled 2.500")
+    h.probe(iid)
+    h.runtime.advance(10)
+    h.probe(iid)
+    assert h.reporter.pulled == [(C1, 2.5)]
+
+
+def test_an_instance_shut_down_while_it_answers_gives_its_logs_first() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    host = h.cloud.vms[iid].host
+    host.logs[C1] = b"stdout last words\n"
+    h.pool.kill_instance(iid, "test")
+    h.runtime.run_until_idle()
+    assert h.reporter.logs == {C1: ADOPTED_LOG_NOTE + b"stdout last words\n"}
+    verbs = host.verbs()
+    assert verbs[-1] == "--log"
+    assert h.cloud.vms[iid].destroy_calls == 1  # then destroyed
+
+
+def test_an_instance_that_stopped_answering_is_shut_down_without_waiting_for_logs() -> None:
+    h, iid = setup_worker("idle", age=10, containers=(C1,))
+    h.probe(iid)
+    host = h.cloud.vms[iid].host
+    host.logs[C1] = b"stdout unreachable\n"
+    h.worker(iid).probe_error = "connection refused"
+    h.pool.kill_instance(iid, "test")
+    h.runtime.run_until_idle()
+    assert "--log" not in host.verbs()
+    assert h.cloud.vms[iid].destroy_calls == 1

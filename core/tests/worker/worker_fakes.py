@@ -84,6 +84,8 @@ class FakeHost:
                 lines.append(u)
             elif st == "stale":
                 lines.append(f"{u} stale")
+            elif st[0] == "failed":
+                lines.append(f"{u} failed {st[1]} {st[2]}")
             else:
                 lines.append(f"{u} exited {st[1]}")
         lines.extend(self.extra_list_lines)
@@ -351,12 +353,26 @@ class RecordingReporter(ContainerReporter):
     def __init__(self) -> None:
         self.started: list[tuple[str, str, str]] = []
         self.exited: list[tuple[str, int, bytes]] = []
+        self.failed: list[tuple[str, bool, str, str]] = []
+        self.pulled: list[tuple[str, float]] = []
+        self.logs: dict[str, bytes] = {}
+
+    def container_pulled(self, uuid: str, seconds: float) -> None:
+        self.pulled.append((uuid, seconds))
+
+    def container_log(self, uuid: str, data: bytes) -> None:
+        self.logs[uuid] = self.logs.get(uuid, b"") + data
 
     def container_started(self, uuid: str, instance_id: str, instance_type: str) -> None:
         self.started.append((uuid, instance_id, instance_type))
 
     def container_exited(self, uuid: str, exit_code: int, log: bytes) -> None:
         self.exited.append((uuid, exit_code, log))
+
+    def container_failed(
+        self, uuid: str, instance_side: bool, message: str, instance_id: str = ""
+    ) -> None:
+        self.failed.append((uuid, instance_side, message, instance_id))
 
 
 def make_config(**cloud: Any) -> Config:

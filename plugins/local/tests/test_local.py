@@ -32,6 +32,7 @@ class FakeRunner:
         self.running: set[str] = set()
         self.exited: dict[str, int] = {}
         self.logs: dict[str, bytes] = {}
+        self.failed: dict[str, tuple[str, str]] = {}
         self.detached: list[str] = []
         self.killed: list[str] = []
         self.forgotten: list[str] = []
@@ -44,7 +45,9 @@ class FakeRunner:
         return True
 
     def list(self, cluster_id: str) -> ListResult:
-        return ListResult(running=sorted(self.running), exited=dict(self.exited))
+        return ListResult(
+            running=sorted(self.running), exited=dict(self.exited), failed=dict(self.failed)
+        )
 
     def kill(self, uuid: str, signum: int = 15) -> None:
         self.killed.append(uuid)
@@ -58,6 +61,7 @@ class FakeRunner:
     def forget(self, uuid: str) -> None:
         self.forgotten.append(uuid)
         self.exited.pop(uuid, None)
+        self.failed.pop(uuid, None)
 
     def exit(self, uuid: str, code: int, log: bytes = b"") -> None:
         self.running.discard(uuid)
@@ -304,3 +308,24 @@ def test_serve_refuses_bad_dispatcher_parameters_in_one_line(
     assert status == 1
     assert "dispatcher_parameters.ram" in err and "Traceback" not in err
     assert not (tmp_path / "data" / "herder.db").exists()
+
+
+def test_a_container_that_could_not_start_is_not_an_exit_code(setup, rt) -> None:
+    backend, fake, q = setup
+    image, engine = submit(q), submit(q)
+    backend.start(q)
+    rt.run_until_idle()
+    for uuid in (image, engine):
+        fake.running.discard(uuid)
+    fake.failed[image] = ("container", "pull access denied for nosuch")
+    fake.failed[engine] = ("instance", "docker: Cannot connect to the Docker daemon")
+    rt.advance(1.0)
+    got = get(q, image)
+    assert got.state is ContainerState.CANCELLED and got.exit_code is None
+    assert got.status("error") == (
+        "the container could not be started: pull access denied for nosuch")
+    again = get(q, engine)
+    assert again.exit_code is None and again.lock_count == 1
+    assert again.attempt_history[0].outcome == "retried"
+    assert "Cannot connect to the Docker daemon" in again.attempt_history[0].reason
+    assert {image, engine} <= set(fake.forgotten)

@@ -21,7 +21,12 @@ own crunch-run::
 (``{"id": N, "argv": [...], "stdin": "<base64>"}``), carries out the verb the argv names
 exactly as the one-shot command would, and answers with one JSON line each
 (``{"id": N, "status": S, "stdout": "<base64>", "stderr": "<base64>"}``) until stdin ends,
-plus ``{"event": "exited"}`` whenever a container it started has ended.
+plus ``{"event": "exited"}`` whenever a container it started has ended, and
+``{"event": "log", "uuid": U, "offset": N, "data": "<base64>"}`` with what was added to a
+container's log since the last such event, a few times a second (at most ``LOG_CHUNK`` bytes
+per container and ``LOG_TICK_BUDGET`` bytes in all per tick, so the stream is bounded in size and
+rate; a log that grows faster is caught up later, or collected whole with ``--log``).  Each
+serve process sends every log from offset 0: the dispatcher keeps only what it has not stored.
 herder keeps one per instance on an open SSH channel, so a verb costs a message rather than
 an interpreter start-up.  Requests are handled one at a time; every durable fact lives in the
 state directory either way, so a serve process that dies loses nothing.
@@ -40,13 +45,29 @@ Files, all in the state directory (``/var/lock/herder-runner``; ``--state-dir`` 
     process group.  A held lock means "this container may still be running", which is what keeps a
     container from being started twice.
 ``<uuid>.exit``
-    the container's exit code, written atomically once it has finished.  It stays until the
-    dispatcher has collected it with ``--forget``, so a result survives a lost connection.
+    the container's exit code, written atomically once it has finished; or, when the container
+    could not be started at all, ``failed instance <message>`` (this instance cannot run
+    containers: the engine is missing or broken, the supervisor failed) or ``failed container
+    <message>`` (this container cannot run anywhere: no such image).  ``--list`` reports these
+    as ``<uuid> failed <side> <message>``, never as an exit code: a program may exit 125 too.
+    It stays until the dispatcher has collected it with ``--forget``, so a result survives a
+    lost connection.
 ``<uuid>.log``
-    the container's combined stdout and stderr, plus the supervisor's own notes.  Logs live in
+    the container's stdout and stderr, plus the supervisor's own notes, one line each, every
+    line marked with where it came from: ``stdout <text>``, ``stderr <text>`` or
+    ``runner <text>``, in the order the supervisor read them (so the two streams stay apart
+    and still interleave as they were written).  A line not ended within a second, or longer
+    than 8 KiB, is written in pieces, each marked.  Past the config's ``log_limit`` (bytes) one
+    ``runner log truncated ...`` line is written and later output is read and discarded, so a
+    chatty container neither blocks nor fills the disk.  Logs live in
     ``/var/log/herder-runner`` when the state directory is the default one, because
     ``/var/lock`` is a tiny tmpfs on common distributions and a chatty container would fill it
     and break the instance; ``--log-dir`` / ``HERDER_RUNNER_LOG_DIR`` choose another place.
+``<uuid>.pull``
+    how many seconds pulling the container's image took, when the runner pulled it (the pull
+    policy, ``if-not-present``, ``always`` or ``never``, comes with the config); ``--list``
+    reports it as ``<uuid> pulled <seconds>``.  A pull that fails is a start failure (see
+    ``<uuid>.exit``), blamed on the container unless the engine itself failed.
 ``broken``
     the instance cannot run containers (the container engine is unreachable, the disk is full);
     ``--list`` reports it and the dispatcher drains the instance.
@@ -127,6 +148,46 @@ BROKEN_PATTERNS = (
     r"oci runtime.*mount.*no such file or directory",
 )
 BROKEN_SCAN_BYTES = 64 * 1024
+
+#: Who a start failure is blamed on: the instance (retried elsewhere) or the container.
+FAILURE_SIDES = ("instance", "container")
+#: With an engine, exit status 125 is the engine's own error (docker run, podman run) when its
+#: stderr says so; these lines say the image is at fault, not the instance.
+IMAGE_ERRORS = (
+    r"unable to find image",
+    r"pull access denied",
+    r"manifest unknown",
+    r"repository does not exist",
+    r"no such image",
+    r"image not known",
+    r"invalid reference format",
+    r"reading manifest",
+)
+#: ... and these that the engine itself failed (the daemon is down, the OCI runtime broke).
+ENGINE_ERRORS = (
+    r"^docker: ",
+    r"^error: ",
+    r"error response from daemon",
+    r"cannot connect to the docker daemon",
+    r"oci runtime",
+)
+EXIT_ENGINE_FAILED = 125
+PULL_POLICIES = ("if-not-present", "always", "never")
+#: Seconds an image pull may take, and an image inspection.
+PULL_TIMEOUT = 3600.0
+STDERR_TAIL = 4096
+
+#: Seconds between the serve process's looks at the logs of its containers.
+LOG_TICK = 0.25
+#: Bytes of one container's log sent in one event, and of all logs in one tick.
+LOG_CHUNK = 64 * 1024
+LOG_TICK_BUDGET = 256 * 1024
+#: A partial line is written out once it is this long or this old (seconds).
+PARTIAL_LINE_MAX = 8192
+PARTIAL_LINE_AGE = 1.0
+#: Seconds the supervisor keeps reading output after the container ended (background
+#: processes outside its process group may hold the pipes open).
+DRAIN_TIMEOUT = 2.0
 
 
 class UsageError(Exception):
@@ -425,6 +486,18 @@ class State:
     def exit_path(self, uuid: str) -> str:
         return self.path(uuid, ".exit")
 
+    def pull_path(self, uuid: str) -> str:
+        return self.path(uuid, ".pull")
+
+    def pull_line(self, uuid: str) -> str | None:
+        """The ``--list`` line saying how long the image pull took, if there was one."""
+        try:
+            with open(self.pull_path(uuid), "rb") as f:
+                seconds = float(f.read().strip() or b"nan")
+        except (OSError, ValueError):
+            return None
+        return f"{uuid} pulled {seconds:.3f}" if seconds >= 0 else None
+
     def log_path(self, uuid: str) -> str:
         return os.path.join(self.log_dir, checked_uuid(uuid) + ".log")
 
@@ -463,14 +536,20 @@ class State:
         finally:
             os.close(fd)
 
-    def read_exit(self, uuid: str) -> int | None:
-        """The recorded exit code, or None when the container has not finished."""
+    def read_exit(self, uuid: str) -> str | None:
+        """What ``--list`` says of a finished container (``exited N`` or ``failed <side>
+        <message>``), or None when it has not finished."""
         try:
             with open(self.exit_path(uuid), "rb") as f:
                 text = f.read().strip()
             if not text:
                 return None  # reserved, not written yet
-            return int(text)
+            if text.startswith(b"failed "):
+                side, _, message = text[7:].decode("utf-8", "replace").partition(" ")
+                if side not in FAILURE_SIDES:
+                    raise ValueError(side)
+                return f"failed {side} {one_line(message) or 'unknown failure'}"
+            return f"exited {int(text)}"
         except FileNotFoundError:
             return None
         except ValueError:
@@ -519,6 +598,12 @@ class State:
             note(f"cannot write broken marker: {e}")
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` as one printable line of at most ``limit`` characters (for ``--list``)."""
+    cleaned = "".join(c if c.isprintable() else " " for c in text)
+    return " ".join(cleaned.split())[:limit]
+
+
 def warn(message: str) -> None:
     """A message for the caller, on stderr."""
     sys.stderr.write(f"herder-runner: {message}\n")
@@ -526,10 +611,13 @@ def warn(message: str) -> None:
 
 
 def note(message: str) -> None:
-    """A supervisor's line in the container log (its stderr is the log file)."""
+    """A supervisor's line in the container log (its stderr is the log file), marked
+    ``runner`` like the container's own lines are marked with their stream."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    lines = message.rstrip("\n").split("\n")
+    text = "".join(f"runner {stamp} herder-runner: {line}\n" for line in lines)
     try:
-        os.write(2, f"{stamp} herder-runner: {message}\n".encode())
+        os.write(2, text.encode())
     except OSError:
         pass
 
@@ -608,7 +696,7 @@ def status_line(state: State, uuid: str) -> str | None:
         if code is None:
             remove(state.exit_path(uuid))  # a reservation left behind, if any
             return None
-        return f"{uuid} exited {code}"
+        return f"{uuid} {code}"
     try:
         if try_flock(fd, fcntl.LOCK_EX):
             code = state.read_exit(uuid)
@@ -616,7 +704,7 @@ def status_line(state: State, uuid: str) -> str | None:
                 remove(state.lock_path(uuid))
                 remove(state.exit_path(uuid))  # a reservation nobody will fill
                 return None
-            return f"{uuid} exited {code}"
+            return f"{uuid} {code}"
         try:
             record = state.read_lock(uuid)
         except RunnerError:
@@ -653,7 +741,13 @@ def cmd_list(opts: Options, state: State) -> int:
     lines = []
     try:
         with state.dir_lock():
-            lines = [line for uuid in state.known_uuids() if (line := status_line(state, uuid))]
+            for uuid in state.known_uuids():
+                line = status_line(state, uuid)
+                if line:
+                    lines.append(line)
+                    pulled = state.pull_line(uuid)
+                    if pulled:
+                        lines.append(pulled)
     except OSError as e:
         reason = reason or f"cannot read state directory: {e}"
     if reason is not None:
@@ -682,8 +776,12 @@ class RunConfig:
         ram: int = 0,
         gpu_stack: str = "",
         gpu_count: int = 0,
+        log_limit: int = 0,
+        pull_policy: str = "if-not-present",
     ) -> None:
         self.uuid = uuid
+        self.pull_policy = pull_policy
+        self.log_limit = log_limit
         self.gpu_stack = gpu_stack
         self.gpu_count = gpu_count
         self.command = command
@@ -760,7 +858,14 @@ def parse_config(raw: bytes, uuid: str, default_runtime: str) -> RunConfig:
         raise RunnerError(f"config image {image!r} is not an image name")
     ram = _number(doc, "ram")
     gpu_stack, gpu_count = _gpus(doc)
+    log_limit = _number(doc, "log_limit")
+    pull_policy = _string(doc, "pull_policy") or "if-not-present"
+    if pull_policy not in PULL_POLICIES:
+        raise RunnerError(f"config pull_policy {pull_policy[:20]!r} is not one of "
+                          f"{', '.join(PULL_POLICIES)}")
     return RunConfig(
+        pull_policy=pull_policy,
+        log_limit=int(log_limit),
         gpu_stack=gpu_stack,
         gpu_count=gpu_count,
         uuid=uuid,
@@ -795,6 +900,7 @@ def cmd_detach(opts: Options, state: State) -> int:
         # Not running, so an earlier run's result and log are replaced by this run's.
         remove(state.exit_path(opts.uuid))
         remove(state.log_path(opts.uuid))
+        remove(state.pull_path(opts.uuid))
         try:
             state.reserve_exit(opts.uuid)
         except OSError as e:
@@ -842,16 +948,24 @@ def become_supervisor(
 ) -> NoReturn:
     """The forked child: detach from the caller, run the container, record its exit code."""
     code = EXIT_RUNNER_FAILED
+    failure: tuple[str, str] | None = None
     try:
         os.setsid()
         redirect_stdio(state.log_path(config.uuid))
-        code = Supervisor(state, config, lock_fd, ack_fd, kill_grace).run()
-    except BaseException:
+        supervisor = Supervisor(state, config, lock_fd, ack_fd, kill_grace)
+        code = supervisor.run()
+        failure = supervisor.failure
+    except BaseException as e:
         import traceback
 
         note("supervisor failed:\n" + traceback.format_exc())
+        failure = ("instance", f"the runner's supervisor failed: {e!r}")
     finally:
-        record_exit(state, config.uuid, code)
+        if failure is not None:
+            note(f"the container could not be started ({failure[0]} failure): {failure[1]}")
+            if failure[0] == "instance":
+                state.mark_broken(failure[1])
+        record_exit(state, config.uuid, code, failure)
         os._exit(0)
 
 
@@ -866,7 +980,9 @@ def redirect_stdio(log_path: str) -> None:
     os.close(log)
 
 
-def record_exit(state: State, uuid: str, code: int) -> None:
+def record_exit(
+    state: State, uuid: str, code: int, failure: tuple[str, str] | None = None
+) -> None:
     """Write the exit record; a full disk here also means the instance is broken.
 
     Normally a new file replaces the reservation atomically.  When that cannot be written
@@ -875,23 +991,26 @@ def record_exit(state: State, uuid: str, code: int) -> None:
     instance broken (no space left), and it is drained.
     """
     record = f"{code}\n".encode()
+    if failure is not None:
+        record = f"failed {failure[0]} {one_line(failure[1])}\n".encode()
     try:
         write_atomically(state.exit_path(uuid), record)
         return
     except OSError as e:
         note(f"cannot write exit record {code}: {e}; using the reserved one")
-        failure = e
+        write_error = e
     try:
         fd = os.open(state.exit_path(uuid), os.O_WRONLY)
         try:
-            os.pwrite(fd, record.ljust(EXIT_RESERVED - 1) + b"\n", 0)
+            os.pwrite(fd, record.rstrip(b"\n")[: EXIT_RESERVED - 1].ljust(EXIT_RESERVED - 1)
+                      + b"\n", 0)
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as e:
         note(f"cannot record exit code {code}: {e}")
-    if failure.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-        state.mark_broken(f"cannot record exit code: {failure}")
+    if write_error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        state.mark_broken(f"cannot record exit code: {write_error}")
 
 
 # --------------------------------------------------------------------------- the supervisor
@@ -911,7 +1030,7 @@ def choose_engine(config: RunConfig) -> str | None:
     if config.runtime in ENGINES:
         path = shutil.which(config.runtime)
         if path is None:
-            raise FileNotFoundError(errno.ENOENT, "container engine not found", config.runtime)
+            raise EngineMissing(f"the container engine {config.runtime} is not installed")
         return path
     if not config.image:
         return None
@@ -919,6 +1038,53 @@ def choose_engine(config: RunConfig) -> str | None:
         path = shutil.which(name)
         if path is not None:
             return path
+    return None
+
+
+class ImageUnavailable(Exception):
+    """The image cannot be had: ``side`` is who is at fault (see ``<uuid>.exit``)."""
+
+    def __init__(self, side: str, message: str) -> None:
+        super().__init__(message)
+        self.side = side
+        self.message = message
+
+
+def engine_capture(engine: str, args: list[str], timeout: float) -> tuple[bool, str]:
+    """Run an engine command for its answer: (succeeded, what it printed)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(  # noqa: S603 - fixed verbs; the image name cannot be an option
+            [engine, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, f"{os.path.basename(engine)} {args[0]}: {e}"
+    return done.returncode == 0, done.stdout.decode("utf-8", "replace")[-STDERR_TAIL:]
+
+
+class EngineMissing(Exception):
+    """The configured container engine is not on this instance: no container can run here."""
+
+
+def engine_failure(stderr_tail: bytes) -> tuple[str, str] | None:
+    """Who failed, when the engine exited 125: (side, the engine's message), or None when
+    nothing the engine said explains it (the program itself exited 125)."""
+    import re
+
+    lines = [line.strip() for line in stderr_tail.decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line]
+    for patterns, side in ((IMAGE_ERRORS, "container"), (ENGINE_ERRORS, "instance")):
+        found = [
+            line for line in lines if any(re.search(p, line, re.IGNORECASE) for p in patterns)
+        ]
+        if found:
+            return side, one_line(found[-1])
     return None
 
 
@@ -973,15 +1139,25 @@ def engine_environment(config: RunConfig) -> dict[str, str]:
 
 
 def engine_call(engine: str, *args: str) -> None:
-    """A best-effort housekeeping call to the engine, output to the log."""
+    """A best-effort housekeeping call to the engine; what it prints goes into the log as the
+    runner's notes (never unmarked)."""
     import subprocess
 
     try:
-        subprocess.run(  # noqa: S603 - fixed verbs and a validated container name
-            [engine, *args], stdin=subprocess.DEVNULL, timeout=ENGINE_CALL_TIMEOUT, check=False
+        done = subprocess.run(  # noqa: S603 - fixed verbs and a validated container name
+            [engine, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=ENGINE_CALL_TIMEOUT,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError) as e:
         note(f"{engine} {' '.join(args)}: {e}")
+        return
+    output = done.stdout.decode("utf-8", "replace").strip()
+    if done.returncode != 0 and output:
+        note(f"{os.path.basename(engine)} {args[0]}: {output}")
 
 
 def scan_for_breakage(state: State, uuid: str) -> None:
@@ -999,6 +1175,74 @@ def scan_for_breakage(state: State, uuid: str) -> None:
             note(f"instance marked broken: {line.strip()}")
             state.mark_broken(line.strip())
             return
+
+
+class LogWriter:
+    """Writes the container's output into its log, one marked line at a time (see the top of
+    the file), and stops at the configured limit with one clear marker line.
+
+    Lines go out whole, so a reader following the file by offset never sees half a line of
+    one stream glued to a line of the other.
+    """
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd = fd
+        self.limit = limit
+        self.written = 0
+        self.truncated = False
+        self.partial: dict[bytes, bytes] = {}
+        self.partial_since: dict[bytes, float] = {}
+        #: the last bytes of stderr, kept even past the limit: what an engine said on failing
+        self.stderr_tail = b""
+
+    def feed(self, stream: bytes, data: bytes) -> None:
+        """Take a chunk read from ``stream``; complete lines are written at once."""
+        if stream == b"stderr":
+            self.stderr_tail = (self.stderr_tail + data)[-STDERR_TAIL:]
+        buffered = self.partial.pop(stream, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        for line in lines:
+            self._line(stream, line)
+        while len(rest) >= PARTIAL_LINE_MAX:
+            self._line(stream, rest[:PARTIAL_LINE_MAX])
+            rest = rest[PARTIAL_LINE_MAX:]
+        if rest:
+            self.partial[stream] = rest
+            if not lines and stream in self.partial_since:
+                return
+            self.partial_since[stream] = time.monotonic()
+        else:
+            self.partial_since.pop(stream, None)
+
+    def next_flush(self) -> float | None:
+        """When the oldest partial line is due (monotonic time), or None."""
+        if not self.partial_since:
+            return None
+        return min(self.partial_since.values()) + PARTIAL_LINE_AGE
+
+    def flush(self, everything: bool = False) -> None:
+        """Write partial lines that are old enough (all of them at the end)."""
+        now = time.monotonic()
+        for stream, since in list(self.partial_since.items()):
+            if everything or now - since >= PARTIAL_LINE_AGE:
+                del self.partial_since[stream]
+                self._line(stream, self.partial.pop(stream, b""))
+
+    def _line(self, stream: bytes, text: bytes) -> None:
+        if self.truncated:
+            return
+        record = stream + b" " + text + b"\n"
+        if self.limit and self.written + len(record) > self.limit:
+            self.truncated = True
+            record = (
+                f"runner log truncated: the output exceeded the log limit of {self.limit} "
+                "bytes (containers.log_limit); later output is discarded\n"
+            ).encode()
+        try:
+            os.write(self.fd, record)
+        except OSError:
+            return  # a full disk: the exit record is reserved, the log is best-effort
+        self.written += len(record)
 
 
 class Supervisor:
@@ -1019,6 +1263,11 @@ class Supervisor:
         self.ack_fd = ack_fd
         self.kill_grace = kill_grace
         self.engine: str | None = None
+        #: (side, message) when the container could not be started (see the exit record)
+        self.failure: tuple[str, str] | None = None
+        self.output = LogWriter(1, config.log_limit)
+        #: the container's stdout and stderr pipes still open, by fd: the stream's marker
+        self.pipes: dict[int, bytes] = {}
         self.pending: list[int] = []
         self.timed_out = False
         self.wake_r, wake_w = os.pipe()
@@ -1037,9 +1286,20 @@ class Supervisor:
         """Start the container, wait for it, and return the exit code to record."""
         try:
             proc = self._start()
+        except ImageUnavailable as e:
+            self._publish(None)
+            self.failure = (e.side, e.message)
+            return EXIT_ENGINE_FAILED
+        except EngineMissing as e:
+            self._publish(None)
+            self.failure = ("instance", str(e))
+            return EXIT_ENGINE_FAILED
         except OSError as e:
             note(f"cannot start container: {e}")
             self._publish(None)
+            if self.engine is not None:
+                self.failure = ("instance", f"cannot run {self.engine}: {e}")
+                return EXIT_ENGINE_FAILED
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return EXIT_NOT_FOUND
             return EXIT_NOT_EXECUTABLE
@@ -1049,6 +1309,8 @@ class Supervisor:
         except BaseException:
             kill_group(proc.pid, signal.SIGKILL)  # recorded as a runner failure: leave no orphans
             raise
+        if self.engine is not None and code == EXIT_ENGINE_FAILED and not self.timed_out:
+            self.failure = engine_failure(self.output.stderr_tail)
         if self.engine is not None and code != 0 and not self.timed_out:
             scan_for_breakage(self.state, self.config.uuid)
         return code
@@ -1063,11 +1325,67 @@ class Supervisor:
         if self.engine is not None:
             # A container left behind by a supervisor that was SIGKILLed would block the name.
             engine_call(self.engine, "rm", "--force", container_name(self.config.uuid))
+            self._prepare_image(self.engine)
             argv = engine_argv(self.engine, self.config)
             env, cwd = engine_environment(self.config), None
-        return subprocess.Popen(  # noqa: S603 - argv is the container's own command list
-            argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True
-        )
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            proc = subprocess.Popen(  # noqa: S603 - argv is the container's own command list
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=err_w,
+                start_new_session=True,
+            )
+        except OSError:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        os.close(out_w)
+        os.close(err_w)
+        for fd, marker in ((out_r, b"stdout"), (err_r, b"stderr")):
+            os.set_blocking(fd, False)
+            self.pipes[fd] = marker
+        return proc
+
+    def _prepare_image(self, engine: str) -> None:
+        """Have the image on the instance as the pull policy says, timing a pull.
+
+        Raises :class:`ImageUnavailable` when it cannot be had: the container's fault (no such
+        image, or not present under ``never``) unless the engine itself failed.
+        """
+        image, policy = self.config.image, self.config.pull_policy
+        if not image:
+            return  # the engine says what it thinks of a run without one
+        if policy != "always":
+            present, said = engine_capture(engine, ["image", "inspect", image], PULL_TIMEOUT)
+            if present:
+                return
+            failure = engine_failure(said.encode())
+            if failure is not None and failure[0] == "instance":
+                raise ImageUnavailable("instance", failure[1])
+            if policy == "never":
+                raise ImageUnavailable(
+                    "container", f"image {image} is not on the instance and the pull policy "
+                    "is never"
+                )
+        note(f"pulling image {image} (pull policy {policy})")
+        started = time.monotonic()
+        pulled, said = engine_capture(engine, ["pull", image], PULL_TIMEOUT)
+        took = time.monotonic() - started
+        if not pulled:
+            failure = engine_failure(said.encode())
+            side, message = failure or ("container", one_line(said) or "the engine said nothing")
+            note(f"pulling image {image} failed after {took:.1f}s: {message}")
+            raise ImageUnavailable(side, f"image pull failed: {message}")
+        note(f"pulled image {image} in {took:.1f}s")
+        try:
+            write_atomically(self.state.pull_path(self.config.uuid), f"{took:.3f}\n".encode())
+        except OSError as e:
+            note(f"cannot record the pull time: {e}")
 
     def _publish(self, pgid: int | None) -> None:
         """Write the lock record, then tell the waiting ``--detach`` that we have started."""
@@ -1103,20 +1421,55 @@ class Supervisor:
             if kill_at is not None and now >= kill_at:
                 kill_at = None
                 self._kill_hard(proc.pid)
-            wake_times = [t for t in (deadline, kill_at) if t is not None]
+            wake_times = [t for t in (deadline, kill_at, self.output.next_flush()) if t is not None]
             timeout = min([30.0, *(t - now for t in wake_times)])
             self._sleep(max(timeout, 0.0))
+            self.output.flush()
         # Whatever the container left running in its process group goes with it.
         kill_group(proc.pid, signal.SIGKILL)
         returncode = proc.wait()
+        self._drain_output()
         return EXIT_TIMED_OUT if self.timed_out else exit_code(returncode)
 
     def _sleep(self, timeout: float) -> None:
-        """Sleep until a signal (SIGCHLD included) arrives or the timeout passes."""
+        """Sleep until output, a signal (SIGCHLD included) or the timeout; copy the output."""
         import select
 
-        select.select([self.wake_r], [], [], timeout)
+        ready = select.select([self.wake_r, *self.pipes], [], [], timeout)[0]
         drain(self.wake_r)
+        for fd in ready:
+            if fd in self.pipes:
+                self._read_pipe(fd)
+
+    def _read_pipe(self, fd: int) -> None:
+        """Copy what one pipe holds into the log; close it at its end."""
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.output.feed(self.pipes[fd], data)
+            return
+        del self.pipes[fd]
+        os.close(fd)
+
+    def _drain_output(self) -> None:
+        """After the container ended: the rest of its output, to the last line."""
+        import select
+
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while self.pipes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for fd in select.select(list(self.pipes), [], [], remaining)[0]:
+                self._read_pipe(fd)
+        for fd in self.pipes:
+            os.close(fd)
+        self.pipes.clear()
+        self.output.flush(everything=True)
 
     def _forward_pending(self, pgid: int) -> None:
         while self.pending:
@@ -1237,6 +1590,7 @@ def cmd_forget(opts: Options, state: State) -> int:
                 raise RunnerError(f"{uuid}: still running; kill it first")
             remove(state.exit_path(uuid))
             remove(state.log_path(uuid))
+            remove(state.pull_path(uuid))
             remove(state.lock_path(uuid))
         finally:
             if fd is not None:
@@ -1267,8 +1621,15 @@ def cmd_serve(opts: Options, state: State) -> int:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     sink = sys.stdout.buffer
     pending = b""
+    sent: dict[str, int] = {}
+    next_tick = time.monotonic()
     while True:
-        ready = select.select([0, wake_r], [], [])[0]
+        ready = select.select([0, wake_r], [], [], max(0.0, next_tick - time.monotonic()))[0]
+        if time.monotonic() >= next_tick:
+            next_tick = time.monotonic() + LOG_TICK
+            for event in follow_logs(state, sent):
+                sink.write(json.dumps(event).encode() + b"\n")
+            sink.flush()
         if wake_r in ready:
             drain(wake_r)
             if reap_children():
@@ -1286,6 +1647,48 @@ def cmd_serve(opts: Options, state: State) -> int:
             if line.strip():
                 sink.write(json.dumps(handle_request(line, opts)).encode() + b"\n")
                 sink.flush()
+
+
+def follow_logs(state: State, sent: dict[str, int]) -> list[dict[str, Any]]:
+    """The ``log`` events for what the logs of known containers gained since ``sent``.
+
+    ``sent`` maps uuid to the offset sent so far, and is updated; containers that are gone
+    (forgotten) leave it.  At most ``LOG_CHUNK`` bytes per container and ``LOG_TICK_BUDGET``
+    in all, so one chatty container cannot flood the channel the verbs share.
+    """
+    import base64
+
+    try:
+        uuids = state.known_uuids()
+    except OSError:
+        return []
+    for uuid in list(sent):
+        if uuid not in uuids:
+            del sent[uuid]
+    events: list[dict[str, Any]] = []
+    budget = LOG_TICK_BUDGET
+    for uuid in uuids:
+        offset = sent.get(uuid, 0)
+        try:
+            with open(state.log_path(uuid), "rb") as f:
+                if os.fstat(f.fileno()).st_size < offset:
+                    offset = 0  # a new run of the same container replaced the log
+                f.seek(offset)
+                data = f.read(min(LOG_CHUNK, budget))
+        except OSError:
+            continue
+        if not data:
+            sent[uuid] = offset
+            continue
+        events.append(
+            {"event": "log", "uuid": uuid, "offset": offset,
+             "data": base64.b64encode(data).decode()}
+        )
+        sent[uuid] = offset + len(data)
+        budget -= len(data)
+        if budget <= 0:
+            break
+    return events
 
 
 def drain(fd: int) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from herder.api import schema
 from herder.model import (
@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+#: Seconds after a container ended before its log counts as complete: output read by the
+#: runner as the container stopped is still on its way (relayed a few times a second).
+LOG_SETTLE_SECONDS = 2.0
 #: Page size of the container list when ``limit`` is not given, and the largest allowed.
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
@@ -205,6 +208,7 @@ class ManagementAPI:
             environment=dict(spec.environment),
             cwd=spec.cwd,
             runtime=spec.runtime,
+            pull_policy=spec.pull_policy,
             runtime_constraints=schema.RuntimeConstraintsOut(
                 vcpus=rc.vcpus,
                 ram=rc.ram,
@@ -224,6 +228,20 @@ class ManagementAPI:
             instance_id=ctr.instance_id or None,
             instance_type=ctr.instance_type or None,
             attempts=ctr.lock_count,
+            attempt_history=[
+                schema.AttemptOut(
+                    number=a.number,
+                    instance_id=a.instance_id or None,
+                    instance_type=a.instance_type or None,
+                    started_at=schema.rfc3339(a.started_at),
+                    ended_at=schema.rfc3339(a.ended_at),
+                    outcome=a.outcome,
+                    reason=a.reason,
+                    exit_code=a.exit_code,
+                    cost=a.cost,
+                )
+                for a in ctr.attempt_history
+            ],
             exit_code=ctr.exit_code,
             cost=ctr.cost,
             runtime_status=dict(ctr.runtime_status),
@@ -298,6 +316,7 @@ class ManagementAPI:
             priority=body.priority,
             name=body.name,
             after=tuple(body.after),
+            pull_policy=body.pull_policy,
         )
 
     # ---- containers
@@ -401,8 +420,10 @@ class ManagementAPI:
 
     def read_log(self, uuid: str, offset: int, limit: int) -> schema.LogChunk:
         """A chunk of the log.  ``final`` is decided from the state read *before* the log: a
-        container's log is complete once it is final, so no late chunk can be missed."""
-        final_state = self._get(uuid).state.final
+        container's log is complete once it is final, its runner is gone and
+        ``LOG_SETTLE_SECONDS`` have passed (a cancelled container's last lines arrive after
+        its cancellation), so no late chunk can be missed."""
+        final_state = self._log_settled(self._get(uuid))
         # Three bytes more than asked for, to finish a character the limit would cut.
         data = self.dispatcher.queue.read_log(uuid, offset, limit + 3)
         keep = log_chunk_length(data, limit)
@@ -415,6 +436,15 @@ class ManagementAPI:
             data=text,
             final=final_state and len(data) < limit + 3 and keep == len(data),
         )
+
+    def _log_settled(self, ctr: Container) -> bool:
+        """Whether no more output can reach the container's log."""
+        if not ctr.state.final:
+            return False
+        if self.dispatcher.has_runner(ctr.uuid):
+            return False  # its runner is still stopping: the last lines are on their way
+        finished = ctr.finished_at
+        return finished is None or self.runtime.now() - finished >= LOG_SETTLE_SECONDS
 
     # ---- instances
 
@@ -553,7 +583,12 @@ class ListQuery(_Query):
         "newest",
         description="`newest`: by creation time, newest first (the default); `uuid`: by uuid",
     )
-    since: datetime | None = Field(
+    # Documented as what a query string can carry (a time or a number), not as "or null":
+    # leaving the parameter out is how a client asks for no limit.
+    since: Annotated[
+        datetime | None,
+        WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]}),
+    ] = Field(
         None, description="only containers created at or after this time (RFC 3339, or "
         "seconds since the epoch); with order=newest"
     )

@@ -192,6 +192,9 @@ class SubmitRequest(_Request):
         description="containers that must complete with exit code 0 first: this one is held "
         "until they have, and cancelled if one fails or is cancelled",
     )
+    pull_policy: Literal["", "if-not-present", "always", "never"] = Field(
+        "", description="when to pull the image; empty: containers.pull_policy"
+    )
 
     @field_validator("command")
     @classmethod
@@ -296,6 +299,23 @@ class SchedulingParametersOut(_Response):
     supervisor: bool
 
 
+class AttemptOut(_Response):
+    """One dispatch of a container: where, when, and how it ended."""
+
+    number: int = Field(description="1 for the first dispatch, counting every lock")
+    instance_id: str | None
+    instance_type: str | None
+    started_at: Timestamp
+    ended_at: Timestamp
+    outcome: str = Field(
+        description="running, complete, retried (runner or instance lost, or the instance "
+        "could not start it), unlocked (never started) or cancelled"
+    )
+    reason: str = Field(description="why it ended so, for retried, unlocked and cancelled")
+    exit_code: int | None
+    cost: float
+
+
 class ContainerOut(_Response):
     """A container as the API shows it."""
 
@@ -308,6 +328,7 @@ class ContainerOut(_Response):
     environment: dict[str, str]
     cwd: str
     runtime: str
+    pull_policy: str = Field("", description="as submitted; empty: containers.pull_policy")
     runtime_constraints: RuntimeConstraintsOut
     scheduling_parameters: SchedulingParametersOut
     scheduling_status: str = Field(
@@ -316,6 +337,9 @@ class ContainerOut(_Response):
     instance_id: str | None
     instance_type: str | None
     attempts: int = Field(description="how many times the container was locked for dispatch")
+    attempt_history: list[AttemptOut] = Field(
+        default_factory=list, description="every dispatch attempt, oldest first"
+    )
     exit_code: int | None
     cost: float
     runtime_status: dict[str, str]
@@ -348,7 +372,10 @@ class LogChunk(_Response):
     offset: int = Field(description="byte offset of data in the log")
     next_offset: int = Field(description="offset to ask for next")
     data: str = Field(description="the log text (UTF-8, invalid bytes replaced)")
-    final: bool = Field(description="true when the container has ended and data reaches the end")
+    final: bool = Field(
+        description="true when the container has ended, its runner is gone, a moment has "
+        "passed for its last lines, and data reaches the end"
+    )
 
 
 class InstanceTypeGPUOut(_Response):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,7 +20,7 @@ from herder.model import ContainerState, is_array_id, is_container_uuid
 from herder.units import format_duration, format_size, parse_duration, parse_size
 
 #: Seconds between polls while ``submit --wait`` and ``logs --follow`` wait.
-POLL_INTERVAL = 1.0
+POLL_INTERVAL = 0.5
 #: How the waiting commands pause between polls (replaced in tests that drive a virtual clock).
 sleep: Callable[[float], None] = time.sleep
 
@@ -181,6 +181,10 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("uuid")
     p.add_argument("-f", "--follow", action="store_true", help="wait for more until it ends")
+    p.add_argument(
+        "--stream", choices=["stdout", "stderr", "runner"], default="",
+        help="only this stream's lines, without their marker (default: every line, marked)",
+    )
     add_client_options(p)
     p.set_defaults(handler=run_logs)
 
@@ -195,6 +199,10 @@ def _register_submit(subparsers: Any) -> None:
         usage="herder submit [options] -- COMMAND [ARGS...]",
     )
     p.add_argument("--image", default="", help="container image (none: run as a process)")
+    p.add_argument(
+        "--pull", default="", choices=["if-not-present", "always", "never"],
+        help="when to pull the image (default: the server's containers.pull_policy)",
+    )
     p.add_argument(
         "--vcpus", type=int, default=1,
         help="VCPUs needed (default 1); 0 asks for a share of one VCPU that every 0-VCPU "
@@ -280,6 +288,7 @@ def build_submission(args: argparse.Namespace) -> dict[str, Any]:
         "environment": environment,
         "cwd": args.cwd,
         "runtime": args.runtime,
+        "pull_policy": args.pull,
         "runtime_constraints": constraints,
         "scheduling_parameters": {
             "preemptible": args.preemptible,
@@ -579,7 +588,36 @@ def progress_line(ctr: Mapping[str, Any]) -> str:
     return f"Cancelled: {_why(ctr)}"
 
 
-def follow(client: Client, ctx: Context, uuid: str, *, exit_with_container: bool = True) -> int:
+class StreamFilter:
+    """One stream's lines of a marked log (``stdout <text>``...), without the marker.
+
+    Chunks of the log may end inside a line: the partial line is kept for the next one.
+    """
+
+    def __init__(self, stream: str) -> None:
+        self.prefix = stream + " "
+        self.partial = ""
+
+    def feed(self, text: str) -> str:
+        *lines, self.partial = (self.partial + text).split("\n")
+        return "".join(self._keep(line) for line in lines)
+
+    def end(self) -> str:
+        rest, self.partial = self.partial, ""
+        return self._keep(rest) if rest else ""
+
+    def _keep(self, line: str) -> str:
+        return line[len(self.prefix):] + "\n" if line.startswith(self.prefix) else ""
+
+
+def follow(
+    client: Client,
+    ctx: Context,
+    uuid: str,
+    *,
+    exit_with_container: bool = True,
+    only: StreamFilter | None = None,
+) -> int:
     """Print the log as it grows and progress lines on stderr, until the container ends.
 
     Returns the container's exit status (:func:`exit_status`), or 0 when ``exit_with_container``
@@ -593,7 +631,7 @@ def follow(client: Client, ctx: Context, uuid: str, *, exit_with_container: bool
         if line != last:
             ctx.error(f"herder: {uuid}: {line}")
             last = line
-        offset, final = print_log(client, ctx, uuid, offset)
+        offset, final = print_log(client, ctx, uuid, offset, only)
         if final:
             break
         sleep(POLL_INTERVAL)
@@ -604,12 +642,18 @@ def follow(client: Client, ctx: Context, uuid: str, *, exit_with_container: bool
     return exit_status(ctr) if exit_with_container else 0
 
 
-def print_log(client: Client, ctx: Context, uuid: str, offset: int) -> tuple[int, bool]:
-    """Print the log from ``offset`` to its current end; return the new offset and ``final``."""
+def print_log(
+    client: Client, ctx: Context, uuid: str, offset: int, only: StreamFilter | None = None
+) -> tuple[int, bool]:
+    """Print the log from ``offset`` to its current end (``only`` one stream's lines, when
+    given); return the new offset and ``final``."""
     while True:
         chunk = client.log(uuid, offset)
-        if chunk["data"]:
-            ctx.stdout.write(chunk["data"])
+        text = chunk["data"]
+        if only is not None:
+            text = only.feed(text) + (only.end() if chunk["final"] else "")
+        if text:
+            ctx.stdout.write(text)
             ctx.stdout.flush()
         advanced = chunk["next_offset"] > offset
         offset = chunk["next_offset"]
@@ -708,6 +752,7 @@ def container_details(ctr: Mapping[str, Any]) -> list[tuple[str, Any]]:
         ("after", " ".join(ctr.get("after") or [])),
         ("command", " ".join(ctr["command"])),
         ("image", ctr.get("image")),
+        ("pull policy", ctr.get("pull_policy")),
         ("runtime", ctr.get("runtime")),
         ("needs", need),
         ("preemptible", "yes" if sp.get("preemptible") else "no"),
@@ -742,7 +787,45 @@ def run_container(args: argparse.Namespace, ctx: Context) -> int:
     for key, value in rows:
         shown = "-" if value in (None, "") else escape_controls(str(value))
         ctx.print(f"{key + ':':<{width + 1}} {shown}")
+    history = ctr.get("attempt_history") or []
+    if history:
+        ctx.print("")
+        ctx.print(attempts_table(history))
+        ran = [a for a in history if a.get("started_at")]
+        if len(ran) > 1:
+            ctx.print(f"It ran {len(ran)} times:")
+            for a in ran[:-1]:
+                ctx.print(f"  attempt {a['number']} on {a.get('instance_id') or '-'}: "
+                          f"{escape_controls(attempt_outcome(a))}")
     return 0
+
+
+def attempt_outcome(attempt: Mapping[str, Any]) -> str:
+    """One attempt's end in words: the exit code, or the outcome and why."""
+    outcome = str(attempt.get("outcome", ""))
+    if outcome == "complete":
+        return f"exit code {attempt.get('exit_code')}"
+    reason = attempt.get("reason") or ""
+    return f"{outcome}: {reason}" if reason else outcome
+
+
+def attempts_table(history: Sequence[Mapping[str, Any]]) -> str:
+    """Every dispatch attempt: where, when, how it ended and what it cost."""
+    rows = [
+        [
+            a.get("number"),
+            a.get("instance_id"),
+            a.get("instance_type"),
+            a.get("started_at"),
+            a.get("ended_at"),
+            attempt_outcome(a),
+            f"{a.get('cost', 0.0):.6f}",
+        ]
+        for a in history
+    ]
+    return render_table(
+        ["attempt", "instance", "type", "started", "ended", "outcome", "cost"], rows
+    )
 
 
 # --------------------------------------------------------------------------- actions
@@ -793,8 +876,11 @@ def run_logs(args: argparse.Namespace, ctx: Context) -> int:
     _check_uuid(args.uuid)
     client = open_client(args, ctx)
     with client_errors():
+        only = StreamFilter(args.stream) if args.stream else None
         if args.follow:
-            return follow(client, ctx, args.uuid, exit_with_container=False)
-        print_log(client, ctx, args.uuid, 0)
+            return follow(client, ctx, args.uuid, exit_with_container=False, only=only)
+        _, final = print_log(client, ctx, args.uuid, 0, only)
+        if only is not None and not final:
+            ctx.stdout.write(only.end())  # a running container's last, unfinished line
     return 0
 

@@ -104,6 +104,10 @@ class DispatchService:
         """The backend decides what runs when; it records no scheduling status."""
         return {}
 
+    def has_runner(self, uuid: str) -> bool:
+        """The backend stores a container's whole log when it records the exit."""
+        return False
+
     def spot_prices(self) -> dict[str, float]:
         """No instances, so no spot price seen."""
         return {}

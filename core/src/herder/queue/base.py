@@ -152,6 +152,11 @@ class ContainerQueue(ABC):
     @abstractmethod
     def set_priority(self, uuid: str, priority: int) -> Container: ...
 
+    def set_status(self, uuid: str, key: str, value: str) -> Container:
+        """Record ``key: value`` in a non-final container's runtime_status (what the runner
+        reports while it runs, e.g. how long its image pull took)."""
+        raise NotImplementedError
+
     @abstractmethod
     def add_cost(self, uuid: str, cost: float) -> None:
         """Add to the container's accumulated cost."""

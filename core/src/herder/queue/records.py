@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from herder.model import (
+    Attempt,
     Container,
     ContainerSpec,
     ContainerState,
@@ -24,14 +25,14 @@ from herder.model import (
 #: The columns of a container row, in the order every function here uses.
 COLUMNS = (
     "uuid, state, priority, spec, created_at, locked_at, started_at, finished_at, lock_count, "
-    "exit_code, runtime_status, instance_id, instance_type, cost, array_id"
+    "exit_code, runtime_status, instance_id, instance_type, cost, array_id, attempts"
 )
 #: How many columns :data:`COLUMNS` names (for building placeholders).
-COLUMN_COUNT = 15
+COLUMN_COUNT = 16
 #: The columns :func:`update_row` gives, in order, followed by the uuid.
 UPDATE_COLUMNS = (
     "state", "priority", "locked_at", "started_at", "finished_at", "lock_count", "exit_code",
-    "runtime_status", "instance_id", "instance_type", "cost",
+    "runtime_status", "instance_id", "instance_type", "cost", "attempts",
 )
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -43,6 +44,11 @@ def dumps(value: Any) -> str:
 
 def status_json(c: Container) -> str:
     return dumps(dict(c.runtime_status)) if c.runtime_status else "{}"
+
+
+def attempts_json(c: Container) -> str:
+    """The attempt history as JSON text (``[]`` for none)."""
+    return dumps([a.to_json() for a in c.attempt_history]) if c.attempt_history else "[]"
 
 
 def _spec_to_json(spec: ContainerSpec) -> dict[str, Any]:
@@ -76,6 +82,7 @@ def _spec_to_json(spec: ContainerSpec) -> dict[str, Any]:
         "priority": spec.priority,
         "name": spec.name,
         **({"after": list(spec.after)} if spec.after else {}),
+        "pull_policy": spec.pull_policy,
     }
 
 
@@ -111,6 +118,7 @@ def _spec_from_json(data: dict[str, Any]) -> ContainerSpec:
         priority=data.get("priority", 1),
         name=data.get("name", ""),
         after=tuple(str(u) for u in data.get("after", ())),
+        pull_policy=data.get("pull_policy", ""),
     )
 
 
@@ -131,6 +139,7 @@ def insert_row(c: Container) -> tuple[Any, ...]:
         c.instance_type,
         c.cost,
         c.array_id,
+        attempts_json(c),
     )
 
 
@@ -148,6 +157,7 @@ def update_row(c: Container) -> tuple[Any, ...]:
         c.instance_id,
         c.instance_type,
         c.cost,
+        attempts_json(c),
         c.uuid,
     )
 
@@ -206,4 +216,7 @@ def _decode_strictly(row: Sequence[Any]) -> Container:
         instance_type=row[12],
         cost=row[13],
         array_id=row[14],
+        attempt_history=tuple(
+            Attempt.from_json(a) for a in json.loads(row[15] if len(row) > 15 else "[]")
+        ),
     )

@@ -35,6 +35,7 @@ from herder.model import (
     ARRAY_ID_ENV,
     ARRAY_INDEX_ENV,
     CLUSTER_ID_RE,
+    Attempt,
     Container,
     ContainerSpec,
     ContainerState,
@@ -100,12 +101,41 @@ def _refuse(c: Container, action: str) -> InvalidTransition:
     return InvalidTransition(f"cannot {action} container {c.uuid} in state {c.state}")
 
 
+def _ended(
+    c: Container, now: float, outcome: str, reason: str = "", exit_code: int | None = None
+) -> tuple[Attempt, ...]:
+    """The attempt history with the current attempt ended.
+
+    The current attempt is the last one while it is open; a Locked container that never
+    started has none open, and gets one that never started (its dispatch was an attempt too).
+    A Queued container has no attempt to end.
+    """
+    history = c.attempt_history
+    if history and history[-1].ended_at is None:
+        last = replace(
+            history[-1], ended_at=now, outcome=outcome, reason=reason, exit_code=exit_code
+        )
+        return (*history[:-1], last)
+    if c.state is QUEUED:
+        return history
+    return (
+        *history,
+        Attempt(
+            number=c.lock_count, instance_id=c.instance_id, instance_type=c.instance_type,
+            ended_at=now, outcome=outcome, reason=reason, exit_code=exit_code,
+        ),
+    )
+
+
 def cancelled(c: Container, now: float, error: str = "") -> Container:
     """``c`` Cancelled, recording ``error`` (if any) as runtime_status error; it waits for
     nothing any more."""
     status = _with_status(c, "error", error) if error else c.runtime_status
     status = tuple((k, v) for k, v in status if k != WAITING_FOR)
-    return replace(c, state=CANCELLED, finished_at=now, runtime_status=status)
+    return replace(
+        c, state=CANCELLED, finished_at=now, runtime_status=status,
+        attempt_history=_ended(c, now, "cancelled", error),
+    )
 
 
 def unsatisfiable_error(message: str) -> str:
@@ -199,7 +229,7 @@ def unlock_rule(c: Container, now: float, max_attempts: int) -> Container:
             "Failed to start container.  Cancelled after exceeding "
             f"'containers.max_dispatch_attempts' (lock_count={c.lock_count})",
         )
-    return _requeued(c)
+    return replace(_requeued(c), attempt_history=_ended(c, now, "unlocked"))
 
 
 def running_rule(c: Container, now: float, instance_id: str, instance_type: str) -> Container:
@@ -207,8 +237,12 @@ def running_rule(c: Container, now: float, instance_id: str, instance_type: str)
         return c
     if c.state is not LOCKED:
         raise _refuse(c, "start")
+    attempt = Attempt(
+        number=c.lock_count, instance_id=instance_id, instance_type=instance_type, started_at=now
+    )
     return replace(
-        c, state=RUNNING, started_at=now, instance_id=instance_id, instance_type=instance_type
+        c, state=RUNNING, started_at=now, instance_id=instance_id, instance_type=instance_type,
+        attempt_history=(*c.attempt_history, attempt),
     )
 
 
@@ -217,7 +251,10 @@ def finish_rule(c: Container, now: float, exit_code: int) -> Container:
         return c
     if c.state is QUEUED:
         raise _refuse(c, "finish")
-    return replace(c, state=COMPLETE, exit_code=exit_code, finished_at=now)
+    return replace(
+        c, state=COMPLETE, exit_code=exit_code, finished_at=now,
+        attempt_history=_ended(c, now, "complete", exit_code=exit_code),
+    )
 
 
 def retry_rule(c: Container, now: float, reason: str, max_attempts: int) -> Container:
@@ -231,8 +268,12 @@ def retry_rule(c: Container, now: float, reason: str, max_attempts: int) -> Cont
     if c.state is QUEUED:
         raise _refuse(c, "retry")
     if c.lock_count >= max_attempts:
-        return cancelled(c, now, f"{reason}; cancelled after {c.lock_count} dispatch attempts")
-    return replace(_requeued(c), runtime_status=_with_status(c, "warning", reason))
+        gone = cancelled(c, now, f"{reason}; cancelled after {c.lock_count} dispatch attempts")
+        return replace(gone, attempt_history=_ended(c, now, "retried", reason))
+    return replace(
+        _requeued(c), runtime_status=_with_status(c, "warning", reason),
+        attempt_history=_ended(c, now, "retried", reason),
+    )
 
 
 def cancel_rule(c: Container, now: float, reason: str) -> Container:
@@ -249,8 +290,22 @@ def priority_rule(c: Container, now: float, priority: int) -> Container:
     return replace(c, priority=priority)
 
 
+def status_rule(c: Container, now: float, key: str, value: str) -> Container:
+    if c.status(key) == value:
+        return c
+    if c.state.final:
+        raise _refuse(c, f"set {key} of")
+    return replace(c, runtime_status=_with_status(c, key, value))
+
+
 def cost_rule(c: Container, now: float, cost: float) -> Container:
-    return replace(c, cost=c.cost + cost) if cost else c
+    """Add to the container's cost, and to its latest attempt's (the one that cost it)."""
+    if not cost:
+        return c
+    history = c.attempt_history
+    if history:
+        history = (*history[:-1], replace(history[-1], cost=history[-1].cost + cost))
+    return replace(c, cost=c.cost + cost, attempt_history=history)
 
 
 def may_forget(c: Container) -> bool:
@@ -794,6 +849,11 @@ class RuledQueue(ContainerQueue):
         if not isinstance(priority, int) or priority < 0:
             raise InvalidRequest(f"priority must be an integer >= 0, not {priority!r}")
         return self._transition(uuid, lambda c, now: priority_rule(c, now, priority))
+
+    def set_status(self, uuid: str, key: str, value: str) -> Container:
+        if not key or key in ("error", "warning"):
+            raise InvalidRequest(f"runtime_status key {key!r} is not one to set")
+        return self._transition(uuid, lambda c, now: status_rule(c, now, key, value))
 
     def add_cost(self, uuid: str, cost: float) -> None:
         if not math.isfinite(cost) or cost < 0:

@@ -100,23 +100,36 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE UNIQUE INDEX logs_uuid_start ON logs (uuid, start)",
     ),
-    # Listings newest first and arrays (issue 19): one step, so that it can be renumbered
-    # when merged beside other schema changes.
+    # Step 2: listings newest first, and arrays.
     (
         "ALTER TABLE containers ADD COLUMN array_id TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX containers_created_uuid ON containers (created_at, uuid)",
         "CREATE INDEX containers_array ON containers (array_id, created_at, uuid) "
         "WHERE array_id != ''",
     ),
+    # Step 3: every dispatch attempt of a container, as JSON in its row.
+    ("ALTER TABLE containers ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]'",),
 )
 
 # Built from constants only, never from input.
 _SELECT = f"SELECT {COLUMNS} FROM containers"  # noqa: S608
+#: Columns that upgrades added, with what a file written before them means: no array, no
+#: recorded attempts.
+_ADDED_COLUMNS = {"array_id": "''", "attempts": "'[]'"}
+
+
+def _select_from_older(columns: set[str]) -> str:
+    """:data:`_SELECT` for a file that may not be upgraded yet (``queue check`` reads files
+    as they are): a column it lacks reads as what it meant before the column existed."""
+    wanted = [name.strip() for name in COLUMNS.split(",")]
+    return "SELECT " + ", ".join(  # noqa: S608 (constant names and literals only)
+        name if name in columns else _ADDED_COLUMNS[name] for name in wanted
+    ) + " FROM containers"
 _INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join('?' * COLUMN_COUNT)})"  # noqa: S608
 _UPDATE = (
     "UPDATE containers SET state = ?, priority = ?, locked_at = ?, started_at = ?, "
     "finished_at = ?, lock_count = ?, exit_code = ?, runtime_status = ?, instance_id = ?, "
-    "instance_type = ?, cost = ? WHERE uuid = ?"
+    "instance_type = ?, cost = ?, attempts = ? WHERE uuid = ?"
 )
 
 # --------------------------------------------------------------------------- guards on the file
@@ -268,11 +281,7 @@ def check_file(path: str) -> dict[str, Any]:
                 found = db.execute("SELECT id FROM queue_identity").fetchone()
                 identity = str(found[0]) if found else ""
             columns = {row[1] for row in db.execute("PRAGMA table_info(containers)")}
-            # A file not yet upgraded has no array_id column: its containers are in no array.
-            select = _SELECT if "array_id" in columns else _SELECT.replace(
-                "array_id FROM", "'' FROM"
-            )
-            rows = db.execute(select).fetchall()
+            rows = db.execute(_select_from_older(columns)).fetchall()
             stored = int(db.execute("PRAGMA user_version").fetchone()[0])
         except sqlite3.DatabaseError as exc:
             raise QueueError(_damaged(path, str(exc))) from exc

@@ -89,7 +89,9 @@ class Scheduler:
         self._run_queue = RunQueue(
             pool=pool, ops=self.ops, config=config, instance_types=instance_types, logger=self._log
         )
-        self._syncer = Syncer(queue=queue, ops=self.ops, logger=self._log)
+        self._syncer = Syncer(
+            queue=queue, ops=self.ops, logger=self._log, lost_reason=pool.lost_reason
+        )
         self._metrics = SchedulerMetrics(
             registry if registry is not None else CollectorRegistry(), pool
         )

@@ -22,7 +22,7 @@ exit: an older snapshot may not show the exit code yet.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from herder.model import Container, ContainerState
@@ -52,9 +52,19 @@ class Syncer:
     #: Re-examine soon a container whose runner exited after the queue snapshot was taken.
     EXIT_RECHECK_DELAY = 0.25
 
-    def __init__(self, *, queue: ContainerQueue, ops: ContainerOps, logger: logging.Logger) -> None:
+    def __init__(
+        self,
+        *,
+        queue: ContainerQueue,
+        ops: ContainerOps,
+        logger: logging.Logger,
+        lost_reason: Callable[[str], str] = lambda uuid: "",
+    ) -> None:
+        """``lost_reason(uuid)`` says why a container's runner is gone, when the pool knows
+        (its instance left the cloud, or stopped answering past the probe timeout)."""
         self._queue = queue
         self._ops = ops
+        self._lost_reason = lost_reason
         self._log = logger
         self._reported_bad_state = False
 
@@ -150,7 +160,7 @@ class Syncer:
         if not has_runner:
             # While some workers have not been probed yet, the runner may be on one of them.
             if not any_unknown:
-                self._ops.retry(uuid, "not running on any worker")
+                self._ops.retry(uuid, self._lost_reason(uuid) or "not running on any worker")
         elif exit_known:
             self._ops.retry(uuid, "state=Running after crunch-run exited")
         elif ctr.priority < 1:

@@ -467,6 +467,86 @@ class QueueConformance:
         if changes:  # observing is optional for a queue that cannot report changes
             assert changes == [(None, Q), (Q, L), (L, X)]
 
+    # ---- what runners report while containers run
+
+    def test_the_pull_policy_is_stored_and_the_pull_time_recorded(
+        self, opened: _Opened, queue: ContainerQueue
+    ) -> None:
+        c = queue.submit(replace(spec(), pull_policy="always"))
+        assert _get(queue, c.uuid).spec.pull_policy == "always"
+        queue.lock(c.uuid)
+        queue.set_running(c.uuid, "i-1", "small")
+        queue.set_status(c.uuid, "image_pull", "pulled in 2.5s")
+        assert _get(queue, c.uuid).status("image_pull") == "pulled in 2.5s"
+        with pytest.raises(ValueError):
+            queue.set_status(c.uuid, "error", "not through here")
+        done = queue.finish(c.uuid, 0)
+        with pytest.raises(InvalidTransition):
+            queue.set_status(c.uuid, "image_pull", "later")
+        if self.durable:
+            queue = self._reopen(opened, queue)
+            assert _get(queue, c.uuid) == done
+            assert done.spec.pull_policy == "always"
+
+    # ---- attempts
+
+    def test_every_attempt_is_recorded_with_its_outcome(
+        self, opened: _Opened, queue: ContainerQueue, rt: VirtualRuntime
+    ) -> None:
+        """A container that ran twice says so, and why: each dispatch is one attempt, with
+        its instance, type, times, outcome, reason, exit code and cost, kept across a reopen."""
+        c = queue.submit(spec())
+        queue.lock(c.uuid)
+        queue.unlock(c.uuid)  # dispatched, never started
+        queue.lock(c.uuid)
+        t1 = rt.now()
+        queue.set_running(c.uuid, "i-1", "small")
+        queue.add_cost(c.uuid, 0.5)
+        rt.advance(10)
+        queue.retry(c.uuid, "instance i-1 disappeared")
+        queue.lock(c.uuid)
+        t2 = rt.now()
+        queue.set_running(c.uuid, "i-2", "big")
+        running = _get(queue, c.uuid).attempt_history[-1]
+        assert (running.number, running.outcome, running.ended_at) == (3, "running", None)
+        queue.add_cost(c.uuid, 0.25)
+        rt.advance(5)
+        queue.finish(c.uuid, 7)
+        history = _get(queue, c.uuid).attempt_history
+        assert [(a.number, a.outcome, a.instance_id, a.instance_type) for a in history] == [
+            (1, "unlocked", "", ""), (2, "retried", "i-1", "small"), (3, "complete", "i-2", "big")
+        ]
+        assert history[0].started_at is None
+        assert (history[1].started_at, history[1].ended_at) == (t1, t1 + 10)
+        assert history[1].reason == "instance i-1 disappeared" and history[1].exit_code is None
+        assert (history[1].cost, history[2].cost) == (0.5, 0.25)
+        assert (history[2].started_at, history[2].ended_at, history[2].exit_code) == (
+            t2, t2 + 5, 7)
+        if self.durable:
+            queue = self._reopen(opened, queue)
+            assert _get(queue, c.uuid).attempt_history == history
+
+    def test_a_retry_past_the_cap_ends_the_attempt_once(self, queue: ContainerQueue) -> None:
+        c = queue.submit(spec())
+        for _ in range(3):  # QueueSettings.max_dispatch_attempts
+            queue.lock(c.uuid)
+            queue.retry(c.uuid, "instance lost")
+        got = _get(queue, c.uuid)
+        assert got.state is X
+        assert [a.outcome for a in got.attempt_history] == ["retried"] * 3
+        assert all(a.reason == "instance lost" for a in got.attempt_history)
+
+    def test_a_cancel_ends_the_running_attempt(self, queue: ContainerQueue) -> None:
+        c = queue.submit(spec())
+        queue.cancel(queue.submit(spec()).uuid)  # never dispatched: no attempt
+        queue.lock(c.uuid)
+        queue.set_running(c.uuid, "i-1", "small")
+        queue.cancel(c.uuid, "by the user")
+        (attempt,) = _get(queue, c.uuid).attempt_history
+        assert (attempt.outcome, attempt.reason) == ("cancelled", "by the user")
+        assert attempt.ended_at is not None
+        assert all(not x.attempt_history for x in queue.list(states=[X]) if x.uuid != c.uuid)
+
     # ---- logs, listing, counts
 
     def test_logs_append_and_read_by_byte_offsets(self, queue: ContainerQueue) -> None:
@@ -482,6 +562,20 @@ class QueueConformance:
         assert queue.read_log(c.uuid, 2, 0) == b""
         with pytest.raises(ValueError):
             queue.read_log(c.uuid, -1)
+
+    def test_logs_grow_while_running_and_after_a_cancel(self, queue: ContainerQueue) -> None:
+        """Live logs arrive piece by piece, and a cancelled container's last lines come after
+        its cancellation: both are appended, and neither is a change of the record."""
+        c = queue.submit(spec())
+        queue.lock(c.uuid)
+        running = queue.set_running(c.uuid, "i-1", "small")
+        queue.append_log(c.uuid, b"stdout one\n")
+        assert queue.read_log(c.uuid) == b"stdout one\n"
+        cancelled = queue.cancel(c.uuid, "stop")
+        queue.append_log(c.uuid, b"stdout two\n")
+        assert queue.read_log(c.uuid) == b"stdout one\nstdout two\n"
+        assert queue.read_log(c.uuid, len(b"stdout one\n")) == b"stdout two\n"
+        assert queue.get(c.uuid) == cancelled and running.state is R
 
     def test_list_pages_by_uuid_and_filters_states(self, queue: ContainerQueue) -> None:
         made = [queue.submit(spec()) for _ in range(5)]

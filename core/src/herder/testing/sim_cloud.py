@@ -140,6 +140,9 @@ class SimVM:
     destroyed_at: float | None = None
     gone_at: float = math.inf
     broken_reported: bool = False
+    #: [start, end) of a time the instance does not answer though it runs and stays listed
+    #: (a network partition): its processes go on, and their results wait to be collected.
+    silent: tuple[float, float] = (math.inf, math.inf)
     files: dict[str, bytes] = field(default_factory=dict)
     procs: dict[str, SimProcess] = field(default_factory=dict)
     prices: bytes = b""
@@ -158,14 +161,17 @@ class SimVM:
         return now < self.gone_at
 
     def reachable(self, now: float) -> bool:
-        """Running: not destroyed and not vanished."""
+        """Running (not destroyed, not vanished) and answering (not in its silent time)."""
+        if self.silent[0] <= now < self.silent[1]:
+            return False
         return self.destroyed_at is None and now < self.vanish_at and now < self.gone_at
 
     def booted(self, now: float) -> bool:
         return now >= self.boot_at
 
     def current_address(self, now: float) -> str:
-        return self.address if now >= self.address_at and self.reachable(now) else ""
+        running = self.destroyed_at is None and now < self.vanish_at and now < self.gone_at
+        return self.address if now >= self.address_at and running else ""
 
     def broken(self, now: float) -> bool:
         return now >= self.broken_at

@@ -23,7 +23,23 @@ class ContainerReporter(ABC):
 
     @abstractmethod
     def container_exited(self, uuid: str, exit_code: int, log: bytes) -> None:
-        """The runner reported the container's exit code; ``log`` is its output."""
+        """The runner reported the container's exit code; ``log`` is its output (what the
+        worker has not already passed on with :meth:`container_log`)."""
+
+    def container_failed(
+        self, uuid: str, instance_side: bool, message: str, instance_id: str = ""
+    ) -> None:
+        """The runner could not start the container: ``instance_side`` when the instance is
+        at fault (retry it elsewhere), else the container is (cancel it); ``message`` is the
+        runtime's own.  Reporters that do not tell failures apart record the engine's 125."""
+        self.container_exited(uuid, 125, b"")
+
+    def container_pulled(self, uuid: str, seconds: float) -> None:
+        """The runner pulled the container's image, taking ``seconds``."""
+
+    def container_log(self, uuid: str, data: bytes) -> None:
+        """More of the container's output, as it is written (whatever the container's state:
+        a cancelled container's last lines arrive after it was cancelled)."""
 
 
 class NullReporter(ContainerReporter):
@@ -60,6 +76,12 @@ class WorkerPool(ABC):
     @abstractmethod
     def running(self) -> dict[str, float]:
         """uuid → 0.0 for containers with a runner, or → exit time for recently exited ones."""
+
+    def lost_reason(self, uuid: str) -> str:
+        """Why the runner of ``uuid`` is gone, once ("" when the pool does not know): its
+        instance left the cloud's listing, or stopped answering past the probe timeout and
+        was shut down.  Recorded with the retry, so a second run says why."""
+        return ""
 
     @abstractmethod
     def instances(self) -> list[InstanceView]:

@@ -142,6 +142,8 @@ class Pool(WorkerPool):
         self._workers: dict[str, Worker] = {}
         self._creating: dict[str, _PendingCreate] = {}
         self._exited: dict[str, float] = {}
+        #: uuid -> why its runner is gone, for the scheduler's retry (see lost_reason)
+        self._lost: dict[str, str] = {}
         self._loaded = False
         self._quota_until_fewer = 0  # at quota until fewer than this many instances
         self._quota_until = 0.0
@@ -236,6 +238,10 @@ class Pool(WorkerPool):
     def loaded(self) -> bool:
         with self._lock:
             return self._loaded
+
+    def lost_reason(self, uuid: str) -> str:
+        with self._lock:
+            return self._lost.pop(uuid, "")
 
     def running(self) -> dict[str, float]:
         """uuid -> 0.0 while a runner exists, or -> exit time until forgotten (SPEC §5.6)."""
@@ -670,6 +676,11 @@ class Pool(WorkerPool):
             if worker.update_seq > threshold:
                 continue
             worker.log.info("instance disappeared in cloud (state %s)", worker.state.value)
+            reason = worker.lost_reason or (
+                f"instance {instance_id} is gone from the cloud (state {worker.state.value})"
+            )
+            for uuid in (*worker.running, *worker.starting):
+                self._lost[uuid] = reason
             worker.report_boot_outcome(BootOutcome.DISAPPEARED)
             self.metrics.instances_disappeared.labels(worker.state.value).inc()
             if worker.destroyed is not None:
@@ -748,6 +759,7 @@ class Pool(WorkerPool):
                 return False
             if container.uuid in worker.running or container.uuid in worker.starting:
                 return True  # already there: never start a container twice
+            self._lost.pop(container.uuid, None)
             worker.start_container(container)
             return True
 

@@ -136,6 +136,8 @@ class Runner:
         args: list[str],
         runtime_engine: str,
         runtime: Runtime,
+        log_limit: int = 0,
+        pull_policy: str = "if-not-present",
         lock: threading.Lock,
         timeout_term: float,
         timeout_signal: float,
@@ -150,6 +152,8 @@ class Runner:
         self._client = client
         self._args = list(args)
         self._runtime_engine = runtime_engine
+        self._log_limit = log_limit
+        self._pull_policy = pull_policy
         self._runtime = runtime
         self._lock = lock
         self._timeout_term = timeout_term
@@ -178,7 +182,8 @@ class Runner:
         assert self.container is not None, "a detected runner is never started"
         argv = runner_protocol.detach_argv(self._args, self.uuid)
         stdin = runner_protocol.config_document(
-            self.container, self._instance_type, self._runtime_engine
+            self.container, self._instance_type, self._runtime_engine, self._log_limit,
+            self._pull_policy,
         )
         try:
             result = self._client.call(argv, stdin, self._timeout_command)

@@ -7,7 +7,8 @@ to one resident ``<runner> --serve`` per instance, kept open as an
 :class:`~herder.executor.ExecStream`; the agent handles them exactly as the one-shot commands
 (same code, same state directory), so either way of calling means the same thing.  The agent
 also says, unasked, when a container it started has ended, and ``on_change`` passes that on so
-the worker can collect the result at once rather than at its next periodic probe.
+the worker can collect the result at once rather than at its next periodic probe; and it sends
+what containers print as they print it (``log`` events), which ``on_log`` passes on.
 
 One reader thread per open stream takes the answers (matched to requests by id) and the
 events; requests may be in flight together and are answered in order.
@@ -36,6 +37,7 @@ from collections.abc import Callable
 
 from herder import runner_protocol
 from herder.executor import ExecResult, ExecStream, Executor, ExecutorError, StreamsUnsupported
+from herder.model import is_container_uuid
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ class RunnerClient:
     ``remote_user`` is a callable because an instance's user can be learnt after the worker is
     made; ``now`` is the engine clock (only used to space reopen attempts); ``on_change`` is
     called (from the reader thread, so it must not block) when the agent reports that a
-    container ended.
+    container ended, and ``on_log(uuid, offset, data)`` with each piece of a container's log
+    (from the reader thread too: it should store the piece and return).
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class RunnerClient:
         resident: bool,
         now: Callable[[], float],
         on_change: Callable[[], None] = lambda: None,
+        on_log: Callable[[str, int, bytes], None] = lambda uuid, offset, data: None,
         reopen_delay: float = DEFAULT_REOPEN_DELAY,
         name: str = "runner",
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
@@ -94,6 +98,7 @@ class RunnerClient:
         self._remote_user = remote_user
         self._now = now
         self._on_change = on_change
+        self._on_log = on_log
         self._reopen_delay = reopen_delay
         self._name = name
         self._log = logger
@@ -236,10 +241,17 @@ class RunnerClient:
                 return
             try:
                 request_id, result = _parse_line(line)
+                piece = _log_piece(line) if request_id is None else None
             except ExecutorError as exc:
                 self._log.warning("resident runner: %s", exc)
                 self._end(session, exc)
                 return
+            if piece is not None:
+                try:
+                    self._on_log(*piece)
+                except Exception as exc:  # the queue unreachable, say: collected at the exit
+                    self._log.warning("resident runner: cannot store a log piece: %s", exc)
+                continue
             if request_id is None:
                 try:
                     self._on_change()
@@ -251,6 +263,27 @@ class RunnerClient:
             if pending is not None:
                 pending.result = result
                 pending.done.set()
+
+
+def _log_piece(line: bytes) -> tuple[str, int, bytes] | None:
+    """(uuid, offset, data) of a ``log`` event line, None for any other event.
+
+    The uuid is checked here: it comes from the instance and names a file on the dispatcher's
+    side of things only through the queue, but a malformed one is a broken agent.
+    """
+    doc = json.loads(line)
+    if doc.get("event") != "log":
+        return None
+    try:
+        uuid, offset = doc["uuid"], doc["offset"]
+        if not isinstance(uuid, str) or not is_container_uuid(uuid):
+            raise ValueError(f"log event for a malformed uuid {str(uuid)[:40]!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError("log event offset is not a whole number")
+        data = base64.b64decode(doc["data"], validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise ExecutorError(f"malformed log event from the resident runner: {exc}") from exc
+    return uuid, offset, data
 
 
 def _parse_line(line: bytes) -> tuple[int | None, ExecResult | None]:

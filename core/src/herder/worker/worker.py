@@ -15,6 +15,7 @@ others take it themselves.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -55,6 +56,18 @@ TAG_INSTANCE_SECRET = "InstanceSecret"  # noqa: S105 (a tag name)
 #: What drained or held the instance (:class:`DrainCause`), so that herder still knows after a
 #: restart which drains are its own to undo.  Written only once a cause has been set.
 TAG_DRAIN_CAUSE = "DrainCause"
+
+
+#: Bytes past ``containers.log_limit`` herder still stores: the runner's own "truncated" line.
+TRUNCATION_ROOM = 1024
+#: The line before the log of a container a previous herder process started: herder cannot
+#: tell how much of it that process stored, so it stores the runner's whole log again.
+ADOPTED_LOG_NOTE = (
+    b"runner herder restarted while the container ran: output stored before the restart "
+    b"may appear again below\n"
+)
+#: Seconds to wait for a container's log before shutting its instance down.
+SAVE_OUTPUT_TIMEOUT = 10.0
 
 
 def _positive(value: float, default: float) -> float:
@@ -100,6 +113,8 @@ class PoolSettings:
     max_instances: int = _CLOUD.max_instances  # 0 = unlimited
     runner_args: tuple[str, ...] = ()
     runtime_engine: str = _CONTAINERS.runtime_engine
+    log_limit: int = _CONTAINERS.log_limit  # 0 = unlimited
+    pull_policy: str = _CONTAINERS.pull_policy
     image_id: str = _CLOUD.image_id
     instance_init_command: str = _CLOUD.instance_init_command
     deploy_public_key: bool = _CLOUD.deploy_public_key
@@ -135,6 +150,8 @@ class PoolSettings:
             max_instances=c.max_instances,
             runner_args=tuple(config.containers.runner_args),
             runtime_engine=config.containers.runtime_engine,
+            log_limit=config.containers.log_limit,
+            pull_policy=config.containers.pull_policy,
             image_id=c.image_id,
             instance_init_command=c.instance_init_command,
             deploy_public_key=c.deploy_public_key,
@@ -187,6 +204,10 @@ class RunProbeResult:
     ok: bool = False
     running: list[str] = field(default_factory=list)
     exited: dict[str, int] = field(default_factory=dict)
+    #: uuid -> (side, message): containers the runner could not start
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: uuid -> seconds its image pull took
+    pulled: dict[str, float] = field(default_factory=dict)
     broken: bool = False
     error: str = ""  # why the probe failed (a bastion that refused, a timeout...), if it did
 
@@ -244,12 +265,23 @@ class Worker:
         self.starting: dict[str, Runner] = {}
         self.boot_outcome: BootOutcome | None = None
         self.probe_error = ""
+        #: why its containers are lost, once it shut down for not answering ("" otherwise)
+        self.lost_reason = ""
         self.time_to_ready_reported = False
         self.stale_run_lock_since: float | None = None
         self._probing = threading.Lock()
         self.log = _InstanceLog(env.logger, {"instance": instance.id})
         #: set when the runner reported a change while a probe was running (see runner_changed)
         self._probe_again = False
+        #: uuid -> bytes of the runner's log of the current attempt stored in the queue; its
+        #: own lock, because the stream's reader and a probe both store logs.
+        self._output_lock = threading.Lock()
+        self._output_stored: dict[str, int] = {}
+        #: containers whose image pull time was reported (guarded by ``_output_lock``)
+        self._pulls_reported: set[str] = set()
+        #: containers started by an earlier herder process, whose log may be partly stored
+        #: already: their log is stored again from its start, after a line saying so
+        self._adopted: set[str] = set()
         self.runner_client = RunnerClient(
             executor,
             command=env.runner.command,
@@ -257,6 +289,7 @@ class Worker:
             resident=env.runner.deploying,
             now=self._now,
             on_change=self.runner_changed,
+            on_log=self.relay_log,
             name=f"runner-{instance.id}",
             logger=self.log,
         )
@@ -333,6 +366,8 @@ class Worker:
             args=list(settings.runner_args),
             runtime_engine=settings.runtime_engine,
             runtime=self.env.runtime,
+            log_limit=settings.log_limit,
+            pull_policy=settings.pull_policy,
             lock=self.env.lock,
             timeout_term=settings.timeout_term,
             timeout_signal=settings.timeout_signal,
@@ -347,6 +382,10 @@ class Worker:
         self.log.debug("starting container %s", container.uuid)
         runner = self.new_runner(container.uuid, container)
         self.starting[container.uuid] = runner
+        with self._output_lock:
+            self._output_stored.pop(container.uuid, None)  # a new run starts a new log
+            self._pulls_reported.discard(container.uuid)
+            self._adopted.discard(container.uuid)
         if self.state != WorkerState.RUNNING:
             self.set_state(WorkerState.RUNNING)
             self.env.notify()
@@ -416,6 +455,9 @@ class Worker:
                 # Not started by us: a previous herder process started it.
                 self.log.info("container %s: runner process detected", uuid)
                 self.running[uuid] = self.new_runner(uuid, None)
+                with self._output_lock:
+                    if uuid not in self._output_stored:
+                        self._adopted.add(uuid)
             newly_running.append(uuid)
             changed = True
         for uuid in [u for u in self.running if u not in alive]:
@@ -568,15 +610,25 @@ class Worker:
             label, since_last_success, self.state.value,
             "; try `herder cloudtest` to debug" if label == "new instance" else "",
         )
-        self.shutdown()
+        if self.runner_count():
+            self.lost_reason = (
+                f"instance {self.id} did not answer for {since_last_success:.0f}s "
+                f"(past cloud.timeout_probe {threshold:g}s) and was shut down"
+            )
+        self.shutdown(save_output=False)  # it does not answer: no log to save
         return True
 
-    def shutdown(self) -> None:
+    def shutdown(self, save_output: bool = True) -> None:
         """Mark shut down and ask the cloud to destroy the instance (caller holds the lock).
 
         A failed destroy is only logged: the pool's sync destroys again while the instance is
-        still listed after timeout_shutdown.
+        still listed after timeout_shutdown.  With ``save_output``, the logs of containers
+        still on the instance are read once more before it is destroyed (when its last probe
+        succeeded, so the instance answers), so that they are kept to the last line.
         """
+        uuids = sorted({*self.running, *self.starting})
+        if not (save_output and uuids and not self.probe_error):
+            uuids = []  # nothing to save, or the last probe failed: it may not answer
         now = self.touch()
         self.destroyed = now
         self.set_state(WorkerState.SHUTDOWN)
@@ -595,7 +647,31 @@ class Worker:
             # A place against max_instances is free now: the scheduler may create at once.
             self.env.notify()
 
-        self.env.submit_cloud_op(destroy)
+        if not uuids:
+            self.env.submit_cloud_op(destroy)
+            return
+
+        def save_then_destroy() -> None:
+            self._save_output(uuids)
+            self.env.submit_cloud_op(destroy)
+
+        self.env.runtime.spawn(save_then_destroy)
+
+    def _save_output(self, uuids: list[str]) -> None:
+        """Store what the runner logged for ``uuids`` and herder has not stored yet."""
+        timeout = min(self.env.settings.timeout_command, SAVE_OUTPUT_TIMEOUT)
+        for uuid in uuids:
+            call = functools.partial(
+                self.runner_client.call, runner_protocol.log_argv(uuid), None, timeout
+            )
+            ok, data, _, err = _outcome(call)
+            if not ok:
+                self.log.info("container %s: cannot save its log before shutdown: %s", uuid, err)
+                continue
+            try:
+                self.relay_log(uuid, 0, data)
+            except Exception as exc:
+                self.log.warning("container %s: cannot store its log: %s", uuid, exc)
 
     def save_tags(self) -> None:
         """Write the instance type and idle behaviour to the instance's tags if they differ.
@@ -726,8 +802,10 @@ class Worker:
         result = RunProbeResult()
         if booted or initial == WorkerState.UNKNOWN:
             result = self.probe_running()
-            if result.ok and result.exited:
-                self.collect_exited(result.exited)
+            if result.ok and result.pulled:
+                self._report_pulls(result.pulled)
+            if result.ok and (result.exited or result.failed):
+                self.collect_exited(result.exited, result.failed)
         with self.env.lock:
             newly_running = self._apply_probe(seq0, initial, booted, probe_start, detail, result)
         for uuid in newly_running:
@@ -843,6 +921,8 @@ class Worker:
             ok=True,
             running=[u for u in parsed.running if self._valid_uuid(u)],
             exited={u: c for u, c in parsed.exited.items() if self._valid_uuid(u)},
+            failed={u: f for u, f in parsed.failed.items() if self._valid_uuid(u)},
+            pulled={u: s for u, s in parsed.pulled.items() if self._valid_uuid(u)},
             broken=parsed.broken,
         )
         for uuid in parsed.stale:
@@ -877,31 +957,108 @@ class Worker:
             return True
         return False
 
-    def collect_exited(self, exited: dict[str, int]) -> None:
+    def collect_exited(
+        self, exited: dict[str, int], failed: dict[str, tuple[str, str]] | None = None
+    ) -> None:
         """Pull each finished container's result and log, then let the runner forget it.
 
         Without the lock.  Idempotent: if ``--forget`` fails, the next probe lists the
         container again and this runs again; the reporter accepts repeats.
+
+        A container the runner could not start (``failed``) is no exit code: blamed on the
+        instance, the container is retried elsewhere and the instance is drained; blamed on the
+        container (no such image), it is cancelled and the instance stays in service.
         """
-        for uuid, code in sorted(exited.items()):
+        results: dict[str, int | tuple[str, str]] = {**exited, **(failed or {})}
+        for uuid, outcome in sorted(results.items()):
             ok, log_data, stderr, err = self._run_verb(runner_protocol.log_argv(uuid))
-            if not ok:
+            if ok:
+                # The whole log: what the live relay has stored already is skipped.
+                self.relay_log(uuid, 0, log_data)
+            else:
                 self.log.warning("container %s: cannot read log: %s %r", uuid, err, stderr[:500])
-                log_data = b""
             try:
-                self.env.reporter.container_exited(uuid, code, log_data)
+                if isinstance(outcome, int):
+                    self.env.reporter.container_exited(uuid, outcome, b"")
+                else:
+                    self._start_failed(uuid, *outcome)
             except Exception as exc:
                 # Not recorded (the queue's disk is full, say): the runner keeps the result
                 # and lists it again, so the next probe records it.  Forgetting it now would
                 # make the container look lost, and it would run a second time.
                 self.log.error(
-                    "container %s: cannot record its exit code %d, kept on the instance for "
-                    "the next probe: %s", uuid, code, exc,
+                    "container %s: cannot record its result %r, kept on the instance for "
+                    "the next probe: %s", uuid, outcome, exc,
                 )
                 continue
             ok, _, stderr, err = self._run_verb(runner_protocol.forget_argv(uuid))
             if not ok:
                 self.log.warning("container %s: cannot forget: %s %r", uuid, err, stderr[:500])
+                continue
+            with self._output_lock:
+                self._output_stored.pop(uuid, None)
+                self._pulls_reported.discard(uuid)
+
+    def _report_pulls(self, pulled: dict[str, float]) -> None:
+        """Tell the reporter each image pull once (``--list`` repeats it every probe)."""
+        for uuid, seconds in sorted(pulled.items()):
+            with self._output_lock:
+                if uuid in self._pulls_reported:
+                    continue
+                self._pulls_reported.add(uuid)
+            try:
+                self.env.reporter.container_pulled(uuid, seconds)
+            except Exception as exc:
+                self.log.warning("container %s: cannot record its image pull: %s", uuid, exc)
+
+    def _start_failed(self, uuid: str, side: str, message: str) -> None:
+        """Record a container the runner could not start, and drain an instance at fault."""
+        instance_side = side == runner_protocol.FAILURE_INSTANCE
+        self.log.warning(
+            "container %s could not be started (%s failure): %s", uuid, side, message
+        )
+        if instance_side:
+            with self.env.lock:
+                if self.idle_behavior == IdleBehavior.RUN:
+                    self.log.info("draining: the instance cannot start containers")
+                    self.report_boot_outcome(BootOutcome.FAILURE)
+                    self.set_idle_behavior(IdleBehavior.DRAIN)
+        self.env.reporter.container_failed(uuid, instance_side, message, self.id)
+
+    def relay_log(self, uuid: str, offset: int, data: bytes) -> None:
+        """Store the part of ``data`` (bytes ``offset``... of the runner's log of ``uuid``)
+        that the queue does not have yet.
+
+        Called with the live pieces the resident runner sends, and with the whole log when the
+        result is collected, so every byte is stored once whichever comes first.  Bytes past
+        ``containers.log_limit`` (plus room for the runner's own "truncated" line) are
+        dropped with a line saying so, for runners that do not stop at the limit themselves.
+        A piece that cannot be stored (the queue is down) is not counted, so the collection at
+        the exit stores it.
+        """
+        limit = self.env.settings.log_limit
+        bound = limit + TRUNCATION_ROOM if limit else None
+        with self._output_lock:
+            stored = self._output_stored.get(uuid, 0)
+            end = offset + len(data)
+            if offset > stored or end <= stored:
+                return  # a gap (the exit collection fills it) or nothing new
+            fresh = data[stored - offset:]
+            if bound is not None and end > bound:
+                fresh = fresh[: max(0, bound - stored)]
+                if stored < bound:
+                    fresh += (
+                        f"runner log truncated by herder at {bound} bytes "
+                        "(containers.log_limit); later output is discarded\n"
+                    ).encode()
+            if fresh and stored == 0 and uuid in self._adopted:
+                fresh = (
+                    ADOPTED_LOG_NOTE + fresh
+                )
+            if fresh:
+                self.env.reporter.container_log(uuid, fresh)
+            self._adopted.discard(uuid)
+            self._output_stored[uuid] = end
 
     # ------------------------------------------------------------------ views
 

@@ -191,14 +191,21 @@ class LocalBackend(ProbingBackend):
         if result is not None:
             for uuid, code in result.exited.items():
                 self._collect(uuid, code)
-            self._retry_lost(set(result.running) | set(result.exited))
+            for uuid, (side, message) in result.failed.items():
+                self._collect(uuid, None, side, message)
+            self._retry_lost(set(result.running) | set(result.exited) | set(result.failed))
         with self._lock:
             busy = bool(self._jobs) or (result is not None and bool(result.running))
         if busy:
             self._probe_again()
 
-    def _collect(self, uuid: str, code: int) -> None:
-        """Record an exit: log, then exit code, then let the runner forget it."""
+    def _collect(self, uuid: str, code: int | None, side: str = "", message: str = "") -> None:
+        """Record an exit: log, then exit code, then let the runner forget it.
+
+        ``code`` is None for a container the runner could not start: it is retried when this
+        machine was at fault (``side`` instance; the attempts cap ends it), else cancelled,
+        with the runtime's ``message`` either way, never as an exit code.
+        """
         with self._lock:
             job = self._jobs.pop(uuid, None)
             self._started.discard(uuid)
@@ -211,8 +218,14 @@ class LocalBackend(ProbingBackend):
                 data = self.runner.log(uuid)  # a cancelled container's log is kept too
                 if data:
                     queue.append_log(uuid, data)
-                if not ctr.state.final:
+                if ctr.state.final:
+                    pass
+                elif code is not None:
                     queue.finish(uuid, code)
+                elif side == "instance":
+                    queue.retry(uuid, f"this machine could not start the container: {message}")
+                else:
+                    queue.cancel(uuid, f"the container could not be started: {message}")
             elif job is None and ctr is None:
                 log.info("forgetting %s: unknown to the queue", uuid)
             self.runner.forget(uuid)

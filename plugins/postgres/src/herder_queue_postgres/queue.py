@@ -87,14 +87,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (uuid, start)
         )""",
     ),
-    # Listings newest first and arrays (issue 19): one step, so that it can be renumbered
-    # when merged beside other schema changes.
+    # Step 2: listings newest first, and arrays.
     (
         "ALTER TABLE containers ADD COLUMN array_id text NOT NULL DEFAULT ''",
         "CREATE INDEX containers_created_uuid ON containers (created_at, uuid)",
         "CREATE INDEX containers_array ON containers (array_id, created_at, uuid) "
         "WHERE array_id <> ''",
     ),
+    # Step 3: every dispatch attempt of a container, as JSON in its row.
+    ("ALTER TABLE containers ADD COLUMN attempts text NOT NULL DEFAULT '[]'",),
 )
 
 # Built from constants only, never from input.
@@ -103,7 +104,7 @@ _INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join(['%s'] * COLUM
 _UPDATE = (
     "UPDATE containers SET state = %s, priority = %s, locked_at = %s, started_at = %s, "
     "finished_at = %s, lock_count = %s, exit_code = %s, runtime_status = %s, instance_id = %s, "
-    "instance_type = %s, cost = %s WHERE uuid = %s"
+    "instance_type = %s, cost = %s, attempts = %s WHERE uuid = %s"
 )
 # At opening, only while still unfinished: another herder may have finished one since.
 _UNFINISHED = " AND state IN ('Queued', 'Locked', 'Running')"

@@ -267,6 +267,17 @@ async function pollLog(generation) {
   logView.timer = setTimeout(() => pollLog(generation), LOG_POLL_MS);
 }
 
+// Earlier attempts of a container and how each ended: a container that ran twice says why.
+function attemptsCell(c) {
+  const earlier = (c.attempt_history || []).filter(a => a.ended_at !== null);
+  return el("td", { class: "attempts" },
+    el("div", { class: "num" }, String(c.attempts)),
+    earlier.map(a => el("div", { class: "attempt muted" },
+      `#${a.number}${a.instance_id ? " on " + a.instance_id : ""}: ` +
+      (a.outcome === "complete" ? `exit code ${a.exit_code}` :
+        a.outcome + (a.reason ? ": " + a.reason : "")))));
+}
+
 function renderContainers(items) {
   const waiting = items.filter(c => c.state === "Queued" || c.state === "Locked")
     .sort(queueOrder);
@@ -282,6 +293,7 @@ function renderContainers(items) {
     ["Priority", c => el("td", { class: "num" }, c.priority)],
     ["Waiting", c => el("td", { class: "num" }, since(c.created_at))],
     ["Scheduling status", c => el("td", { class: "status" }, c.scheduling_status)],
+    ["Attempts", attemptsCell],
     ["", c => el("td", {}, cancelButton(c))],
   ], "Nothing is waiting."));
   $("running").replaceChildren(containerTable(running, [
@@ -289,6 +301,7 @@ function renderContainers(items) {
     ["Instance", c => el("td", { class: "id" }, c.instance_id || "")],
     ["Type", c => el("td", {}, c.instance_type || "")],
     ["Run time", c => el("td", { class: "num" }, duration(c.run_time))],
+    ["Attempts", attemptsCell],
     ["Cost so far", c => el("td", { class: "num cost" }, money(c.cost))],
     ["", c => el("td", {}, logButton(c), cancelButton(c))],
   ], "Nothing is running."));
