@@ -17,7 +17,14 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from herder.cloud import Driver, DriverContext, DriverParameters, Instance, InstanceSet
+from herder.cloud import (
+    Capability,
+    Driver,
+    DriverContext,
+    DriverParameters,
+    Instance,
+    InstanceSet,
+)
 from herder.config import Config
 from herder.costs import CostReport, build_report, last_periods
 from herder.executor import Executor, ExecutorFactory
@@ -27,6 +34,7 @@ from herder.plugins import Plugins
 from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
 from herder.runtime import Runtime
+from herder.scheduler.quotas import QuotaHeadroom, QuotaState
 from herder.scheduler.scheduler import Scheduler
 from herder.sizing import ConfigSizer
 from herder.spend import (
@@ -267,6 +275,17 @@ class Dispatcher:
             hard_limit=budget.hard_limit,
             on_hard_limit=budget.on_hard_limit,
         )
+        #: The cloud's quotas, read only from drivers that declare they can.
+        self.quotas = QuotaHeadroom(
+            read=(
+                self.instance_set.quotas
+                if Capability.QUOTA_HEADROOM in driver.capabilities_for(params)
+                else None
+            ),
+            group_of=self.instance_set.quota_group,
+            refresh_interval=config.cloud.quota_refresh_interval,
+            logger=logging.getLogger("herder.scheduler.quotas"),
+        )
         self.scheduler = Scheduler(
             runtime=runtime,
             queue=self.queue,
@@ -276,6 +295,7 @@ class Dispatcher:
             registry=self.registry,
             tracker=self.spend,
             budget=self.budget,
+            quotas=self.quotas,
         )
         self.spend_metrics = SpendMetrics(self.registry, self.budget)
         self.metrics = ContainerMetrics(self.registry, self.queue, self.pool)
@@ -329,6 +349,11 @@ class Dispatcher:
         return self.queue.counts()
 
     # ---- spend, for the API (plain data; thread-safe)
+
+    def quota_states(self) -> list[QuotaState]:
+        """The cloud's quotas as last read, with what herder's instances take of each, what
+        it created since the read and what waiting containers want; [] when none are read."""
+        return self.quotas.states(self.pool.instances(), self.instance_types)
 
     def budget_state(self) -> BudgetState:
         """The budget as of the latest scheduling pass: period, spend in it, limits, whether
