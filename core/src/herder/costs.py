@@ -80,6 +80,27 @@ class CostReport:
         }
 
 
+def rfc3339(ts: float) -> str | None:
+    """Epoch seconds as the API writes times (RFC 3339, UTC, milliseconds); 0 as None."""
+    if not ts:
+        return None
+    return (
+        datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def report_document(report: CostReport) -> dict[str, Any]:
+    """The report as ``GET /api/v1/costs`` answers it (times in RFC 3339), so that
+    ``herder costs --json`` prints one shape whether it asked the server or read the ledger."""
+    data = report.to_json()
+    data["since"] = rfc3339(report.since)
+    data["until"] = rfc3339(report.until)
+    for bucket in data["by_period"]:
+        bucket["start"] = rfc3339(bucket["start"])
+        bucket["end"] = rfc3339(bucket["end"])
+    return data
+
+
 def period_label(start: float, period: str) -> str:
     return datetime.fromtimestamp(start, UTC).strftime(_LABEL_FORMATS[period])
 
