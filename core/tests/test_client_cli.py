@@ -625,3 +625,16 @@ def test_costs_fall_back_to_the_ledger_when_no_server_answers(capsys, tmp_path):
     assert status == 0
     doc = json.loads(out)
     assert doc["total"] == 0.25 and doc["by_instance_type"] == {"small": 0.25}
+
+
+def test_submit_labels_from_repeated_flags(capsys, live):
+    from herder.commands.containers import build_submission
+
+    args = cli.build_parser().parse_args(
+        ["submit", "--label", "project=genomics", "--label", "run=7", "--", "true"]
+    )
+    assert build_submission(args)["labels"] == {"project": "genomics", "run": "7"}
+    uuid = submit(capsys, live, "--label", "project=genomics", "--", "sim", "5", "0")
+    assert live.dispatcher.queue.get(uuid).spec.labels == (("project", "genomics"),)
+    status, _, err = run(capsys, live, "submit", "--label", "novalue", "--", "true")
+    assert status == 2 and "--label 'novalue': expected KEY=VALUE" in err

@@ -18,7 +18,7 @@ from herder.model import (
     is_container_uuid,
 )
 from herder.queue.base import ContainerNotFound, InvalidTransition, QueueError
-from herder.queue.sqlite import InvalidRequest, SqliteQueue
+from herder.queue.sqlite import _MIGRATIONS, InvalidRequest, SqliteQueue
 from herder.runtime import VirtualRuntime
 from herder.sizing import ConfigSizer
 
@@ -394,7 +394,7 @@ def test_file_database_uses_wal_and_records_schema_version(rt, tmp_path):
     make_queue(rt, path).close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(len(_MIGRATIONS),)]
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()

@@ -42,9 +42,11 @@ class ContainerCosts:
     #: total / finished (0 when none finished)
     per_container: float = 0.0
     by_instance_type: dict[str, float] = field(default_factory=dict)
-    #: by the container's name: the label a submitter gives today (labels of their own
-    #: will come with the queue's record of them)
+    #: by the container's name
     by_name: dict[str, float] = field(default_factory=dict)
+    #: by label, ``key=value``: a container counts under each of its labels (so these may
+    #: add up to more than ``total``), one without labels under ``""``
+    by_label: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,7 @@ class CostReport:
                 "per_container": self.containers.per_container,
                 "by_instance_type": self.containers.by_instance_type,
                 "by_name": self.containers.by_name,
+                "by_label": self.containers.by_label,
             },
         }
 
@@ -135,9 +138,12 @@ def build_report(
     finished = [c for c in containers if since <= c.at < until]
     ctr_by_type: dict[str, list[float]] = defaultdict(list)
     by_name: dict[str, list[float]] = defaultdict(list)
+    by_label: dict[str, list[float]] = defaultdict(list)
     for c in finished:
         ctr_by_type[c.instance_type].append(c.cost)
         by_name[c.name].append(c.cost)
+        for key, value in c.labels or (("", ""),):
+            by_label[f"{key}={value}" if key else ""].append(c.cost)
     ctr_total = math.fsum(c.cost for c in finished)
     return CostReport(
         period=period,
@@ -152,6 +158,7 @@ def build_report(
             per_container=ctr_total / len(finished) if finished else 0.0,
             by_instance_type={k: math.fsum(v) for k, v in sorted(ctr_by_type.items())},
             by_name={k: math.fsum(v) for k, v in sorted(by_name.items())},
+            by_label={k: math.fsum(v) for k, v in sorted(by_label.items())},
         ),
     )
 

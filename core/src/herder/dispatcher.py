@@ -145,6 +145,7 @@ class QueueReporter(ContainerReporter):
                     instance_type=ctr.instance_type,
                     cost=ctr.cost + cost,
                     exit_code=exit_code,
+                    labels=ctr.spec.labels,
                 )
             )
 

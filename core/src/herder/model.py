@@ -203,6 +203,9 @@ class ContainerSpec:
     scheduling_parameters: SchedulingParameters = field(default_factory=SchedulingParameters)
     priority: int = 1
     name: str = ""
+    #: Free-form ``key=value`` labels, sorted by key, for the submitter's own bookkeeping: cost
+    #: reports group by them (``herder costs``).  herder gives them no other meaning.
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,9 +102,11 @@ class ContainerCost:
     instance_type: str
     cost: float
     exit_code: int
+    #: the container's labels (``key=value``), for reports by label
+    labels: tuple[tuple[str, str], ...] = ()
 
-    def to_json(self) -> dict[str, float | int | str]:
-        return {
+    def to_json(self) -> dict[str, object]:
+        data: dict[str, object] = {
             "kind": "container",
             "at": self.at,
             "uuid": self.uuid,
@@ -113,6 +115,9 @@ class ContainerCost:
             "cost": self.cost,
             "exit_code": self.exit_code,
         }
+        if self.labels:  # lines of containers without labels stay as they were
+            data["labels"] = dict(self.labels)
+        return data
 
 
 @runtime_checkable
@@ -253,6 +258,9 @@ def _read_lines(path: Path) -> tuple[list[SpendEntry], list[ContainerCost]]:
                         instance_type=str(raw["instance_type"]),
                         cost=float(raw["cost"]),
                         exit_code=int(raw["exit_code"]),
+                        labels=tuple(
+                            sorted((str(k), str(v)) for k, v in raw.get("labels", {}).items())
+                        ),
                     )
                 )
                 continue

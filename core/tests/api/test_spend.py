@@ -109,3 +109,31 @@ def test_instances_say_why_they_drain(engine: Engine) -> None:
     [inst] = engine.request("GET", "/api/v1/instances").json["items"]
     assert inst["drain_cause"] == "operator"
     assert inst["idle_behavior"] == "drain"
+
+
+def test_labels_at_submit_are_shown_and_group_the_cost_report(engine: Engine) -> None:
+    a = engine.submit(command=["sim", "30", "0"], labels={"project": "genomics", "team": "a"})
+    b = engine.submit(command=["sim", "60", "0"], labels={"project": "genomics"})
+    c = engine.submit(command=["sim", "30", "0"])
+    assert a["labels"] == {"project": "genomics", "team": "a"} and c["labels"] == {}
+    engine.advance(600)
+    costs = [engine.container(x["uuid"])["cost"] for x in (a, b, c)]
+    assert all(cost > 0 for cost in costs)
+    report = engine.request("GET", "/api/v1/costs").json["containers"]
+    assert report["by_label"] == {
+        "": pytest.approx(costs[2]),
+        "project=genomics": pytest.approx(costs[0] + costs[1]),
+        "team=a": pytest.approx(costs[0]),
+    }
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [({"-bad": "x"}, "invalid label key"), ({"k": "a\nb"}, "without control characters")],
+)
+def test_bad_labels_are_refused_naming_the_field(
+    engine: Engine, labels: dict[str, str], message: str
+) -> None:
+    reply = engine.request("POST", "/api/v1/containers", {"command": ["true"], "labels": labels})
+    assert reply.status == 400
+    assert reply.json["field"].startswith("labels") and message in reply.json["error"]

@@ -195,6 +195,7 @@ class ManagementAPI:
         return schema.ContainerOut(
             uuid=ctr.uuid,
             name=spec.name,
+            labels=dict(spec.labels),
             state=ctr.state,
             priority=ctr.priority,
             command=list(spec.command),
@@ -291,6 +292,7 @@ class ManagementAPI:
             ),
             priority=body.priority,
             name=body.name,
+            labels=tuple(sorted(body.labels.items())),
         )
 
     # ---- containers

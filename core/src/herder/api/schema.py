@@ -43,6 +43,11 @@ MAX_RUN_TIME = 10 * 365 * 24 * 3600.0
 #: Environment variable names a container engine and a shell both accept.
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME_LENGTH = 255
+#: A label key: letters, digits and ``. _ / -``, starting with a letter or digit (as the
+#: clouds' own tag keys mostly allow, so that labels could be copied to them).
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 255
 MAX_REASON_LENGTH = 1000
 
 
@@ -176,6 +181,27 @@ class SubmitRequest(_Request):
     )
     priority: Count = 1
     name: Annotated[str, Field(max_length=MAX_NAME_LENGTH)] = ""
+    labels: Annotated[dict[str, str], Field(max_length=MAX_LABELS)] = Field(
+        default_factory=dict,
+        description="free-form labels (key: letters, digits, . _ / -; value: up to 255 "
+        "characters) that cost reports group by",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not LABEL_KEY_RE.fullmatch(key):
+                raise ValueError(
+                    f"invalid label key {key[:70]!r}: expected up to 63 letters, digits and "
+                    "'._/-', starting with a letter or digit"
+                )
+            if len(value) > MAX_LABEL_VALUE or any(ord(ch) < 32 for ch in value):
+                raise ValueError(
+                    f"label {key!r}: a value of at most {MAX_LABEL_VALUE} characters without "
+                    "control characters"
+                )
+        return v
 
     @field_validator("command")
     @classmethod
@@ -268,6 +294,7 @@ class ContainerOut(_Response):
 
     uuid: str
     name: str
+    labels: dict[str, str] = Field(default_factory=dict)
     state: ContainerState
     priority: int
     command: list[str]

@@ -23,7 +23,15 @@ from typing import Any
 
 from herder.model import Container, ContainerState
 from herder.queue.base import QueueError, Sizer
-from herder.queue.records import COLUMNS, decode, dumps, from_row, insert_row, update_row
+from herder.queue.records import (
+    COLUMN_COUNT,
+    COLUMNS,
+    decode,
+    dumps,
+    from_row,
+    insert_row,
+    update_row,
+)
 from herder.queue.rules import (
     CANCELLED,
     LOCKED,
@@ -89,11 +97,16 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE UNIQUE INDEX logs_uuid_start ON logs (uuid, start)",
     ),
+    # ---- step: container labels (free-form key=value at submit, for cost reports).  Rows
+    # written before it get none.
+    ("ALTER TABLE containers ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",),
 )
 
 # Built from constants only, never from input.
 _SELECT = f"SELECT {COLUMNS} FROM containers"  # noqa: S608
-_INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join('?' * 14)})"  # noqa: S608
+_INSERT = (
+    f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join('?' * COLUMN_COUNT)})"  # noqa: S608
+)
 _UPDATE = (
     "UPDATE containers SET state = ?, priority = ?, locked_at = ?, started_at = ?, "
     "finished_at = ?, lock_count = ?, exit_code = ?, runtime_status = ?, instance_id = ?, "

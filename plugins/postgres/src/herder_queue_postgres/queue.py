@@ -36,7 +36,15 @@ from psycopg import sql
 
 from herder.model import Container, ContainerState
 from herder.queue.base import ContainerNotFound, QueueError, QueueUnavailable, Sizer
-from herder.queue.records import COLUMNS, decode, dumps, from_row, insert_row, update_row
+from herder.queue.records import (
+    COLUMN_COUNT,
+    COLUMNS,
+    decode,
+    dumps,
+    from_row,
+    insert_row,
+    update_row,
+)
 from herder.queue.rules import CANCELLED, UNFINISHED, RuledQueue, Unreadable
 from herder.runtime import Runtime
 from herder_queue_postgres.leader import lock_key
@@ -73,11 +81,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (uuid, start)
         )""",
     ),
+    # ---- step: container labels (free-form key=value at submit, for cost reports).  Rows
+    # written before it get none.
+    ("ALTER TABLE containers ADD COLUMN labels text NOT NULL DEFAULT '{}'",),
 )
 
 # Built from constants only, never from input.
 _SELECT = f"SELECT {COLUMNS} FROM containers"  # noqa: S608
-_INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join(['%s'] * 14)})"  # noqa: S608
+_INSERT = (
+    f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join(['%s'] * COLUMN_COUNT)})"  # noqa: S608
+)
 _UPDATE = (
     "UPDATE containers SET state = %s, priority = %s, locked_at = %s, started_at = %s, "
     "finished_at = %s, lock_count = %s, exit_code = %s, runtime_status = %s, instance_id = %s, "
