@@ -368,3 +368,11 @@ class InstanceView:
     #: increments longer than a second; 0 otherwise.  An idle instance is kept until shortly
     #: before it (``cloud.billing_shutdown_margin``).
     paid_until: float = 0.0
+    #: The price per hour in force now as the driver's price history reports it (spot
+    #: markets), 0 when it reports none: spend then counts at ``price``, the type's.
+    market_price: float = 0.0
+
+    @property
+    def price_now(self) -> float:
+        """What the instance costs per hour now: its market price if known, else its type's."""
+        return self.market_price or self.price

@@ -305,6 +305,10 @@ class _Accrual:
     last_recorded: float = -math.inf
     last_seen: float = 0.0
     price: float = 0.0
+    #: Cost of the billed seconds before the latest price change, and how many they were:
+    #: a spot price that moves reprices only the time after the move.
+    frozen_cost: float = 0.0
+    frozen_billed: float = 0.0
 
 
 class SpendTracker:
@@ -368,7 +372,14 @@ class SpendTracker:
                 )
                 self._live[view.instance] = acc
             acc.last_seen = now
-            acc.price = view.price
+            price = view.price_now
+            if acc.price and price != acc.price:
+                # The market moved: what was billed so far keeps the old price.
+                acc.frozen_cost = self._due(acc, now)
+                acc.frozen_billed = self._billing(acc.instance_type).billed_seconds(
+                    max(now - acc.started_at, 1e-6)
+                )
+            acc.price = price
             self._book(view.instance, acc, now, force=False)
         for instance_id in [i for i in self._live if i not in seen]:
             acc = self._live.pop(instance_id)
@@ -377,7 +388,8 @@ class SpendTracker:
     def _due(self, acc: _Accrual, until: float) -> float:
         # An instance that exists has begun its first increment (and its minimum).
         lifetime = max(until - acc.started_at, 1e-6)
-        return self._billing(acc.instance_type).cost(lifetime, acc.price)
+        billed = self._billing(acc.instance_type).billed_seconds(lifetime)
+        return acc.frozen_cost + max(0.0, billed - acc.frozen_billed) * acc.price / 3600.0
 
     def _book(self, instance_id: str, acc: _Accrual, until: float, *, force: bool) -> None:
         delta = self._due(acc, until) - acc.recorded
