@@ -103,6 +103,7 @@ def test_instances_say_why_they_drain(engine: Engine) -> None:
     engine.advance(20)
     [inst] = engine.request("GET", "/api/v1/instances").json["items"]
     assert inst["drain_cause"] == "" and "paid_until" in inst and "reason" in inst
+    assert inst["market_price"] is None  # the example's sim reports no price history
     reply = engine.request("POST", f"/api/v1/instances/{inst['instance']}/drain",
                            {"reason": "maintenance"})
     assert reply.status == 200

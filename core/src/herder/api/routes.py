@@ -262,6 +262,7 @@ class ManagementAPI:
             reason=view.reason,
             drain_cause=view.drain_cause.value,
             paid_until=schema.rfc3339(view.paid_until),
+            market_price=view.market_price or None,
         )
 
     def _get(self, uuid: str) -> Container:

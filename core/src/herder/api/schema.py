@@ -366,6 +366,10 @@ class InstanceOut(_Response):
         None, description="when the billing increment the instance is in ends (types billed "
         "in increments only)"
     )
+    market_price: float | None = Field(
+        None, description="the price per hour in force from the driver's price history (spot "
+        "markets), which spend counts; null when the driver reports none"
+    )
 
 
 class InstanceList(_Response):
