@@ -638,3 +638,13 @@ def test_submit_labels_from_repeated_flags(capsys, live):
     assert live.dispatcher.queue.get(uuid).spec.labels == (("project", "genomics"),)
     status, _, err = run(capsys, live, "submit", "--label", "novalue", "--", "true")
     assert status == 2 and "--label 'novalue': expected KEY=VALUE" in err
+
+
+def test_budget_shows_the_periods_spend_against_the_limits(capsys, live):
+    status, out, _ = run(capsys, live, "budget")
+    assert status == 0
+    assert out.startswith("spend this day: 0.00 (soft limit none, hard limit none; "
+                          "on hard limit: finish): under the limits")
+    status, out, _ = run(capsys, live, "budget", "--json")
+    doc = json.loads(out)
+    assert doc["period"] == "day" and doc["soft_reached"] is False and doc["message"] == ""

@@ -7,7 +7,8 @@ ledger file that ``herder serve`` keeps (``cloud.budget.ledger_path``, else
 ``herder-spend.jsonl`` next to the queue), so it works whether or not serve runs, and changes
 nothing.  Both give the same document (the API's), so ``--json`` has one shape.
 
-``herder quotas`` shows the quotas the driver last read, only from the server.
+``herder quotas`` shows the quotas the driver last read and ``herder budget`` the budget's
+period, only from the server.
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ def register(subparsers: Any) -> None:
     q.add_argument("--json", action="store_true", help="print JSON for scripts")
     add_client_options(q)
     q.set_defaults(handler=run_quotas)
+    b = subparsers.add_parser(
+        "budget",
+        help="the spend budget: the period's spend against its soft and hard limits",
+        description="The spend of the current budget period (cloud.budget) against its soft "
+        "and hard limits, and what waiting containers are told once one is reached.",
+    )
+    b.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_client_options(b)
+    b.set_defaults(handler=run_budget)
 
 
 def _ledger_path(args: argparse.Namespace, ctx: Context) -> Path:
@@ -180,4 +190,29 @@ def run_quotas(args: argparse.Namespace, ctx: Context) -> int:
          "description"),
         rows,
     ))
+    return 0
+
+
+def _limit(value: float | None) -> str:
+    return "none" if value is None else f"{value:.2f}"
+
+
+def run_budget(args: argparse.Namespace, ctx: Context) -> int:
+    client = open_client(args, ctx)
+    with client_errors(), client:
+        document = client.budget()
+    if args.json:
+        print_json(ctx, document)
+        return 0
+    state = "hard limit reached" if document["hard_reached"] else (
+        "soft limit reached" if document["soft_reached"] else "under the limits"
+    )
+    ctx.print(
+        f"spend this {document['period']}: {document['spent']:.2f} "
+        f"(soft limit {_limit(document['soft_limit'])}, hard limit "
+        f"{_limit(document['hard_limit'])}; on hard limit: {document['on_hard_limit']}): {state}"
+    )
+    ctx.print(f"period {document['period_start']} to {document['period_end']}")
+    if document["message"]:
+        ctx.print(f"waiting containers say: {document['message']}")
     return 0
