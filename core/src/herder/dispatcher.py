@@ -28,7 +28,7 @@ from herder.cloud import (
 from herder.config import Config
 from herder.costs import CostReport, build_report, last_periods
 from herder.executor import Executor, ExecutorFactory
-from herder.metrics import ContainerMetrics, SpendMetrics
+from herder.metrics import ContainerMetrics, QuotaMetrics, SpendMetrics
 from herder.model import ContainerState, InstanceType
 from herder.plugins import Plugins
 from herder.queue.backend import DispatchLock, open_queue
@@ -299,6 +299,7 @@ class Dispatcher:
             quotas=self.quotas,
         )
         self.spend_metrics = SpendMetrics(self.registry, self.budget)
+        self.quota_metrics = QuotaMetrics(self.registry, self.quota_states)
         self.metrics = ContainerMetrics(self.registry, self.queue, self.pool)
         self._started = False
         self._lock = threading.Lock()

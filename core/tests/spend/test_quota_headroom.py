@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from engine_harness import Engine, sim_config
+from prometheus_client import generate_latest
 
 from herder.cloud import NotImplementedByDriver, Quota, QuotaUnit
 from herder.config import Config
@@ -50,6 +51,10 @@ def test_a_container_that_only_the_full_quota_serves_waits_saying_which_quota():
     )
     (state,) = [s for s in eng.disp.quota_states() if s.quota.group == "c"]
     assert (state.quota.limit, state.quota.usage, state.herder, state.wanted) == (4, 4, 4, 4)
+    metrics = generate_latest(eng.disp.registry).decode()
+    assert 'herder_quota_limit{quota="sim-c-vcpus",unit="vcpus"} 4.0' in metrics
+    assert 'herder_quota_usage{quota="sim-c-vcpus",unit="vcpus"} 4.0' in metrics
+    assert 'herder_quota_herder{quota="sim-c-vcpus",unit="vcpus"} 4.0' in metrics
     # The first finishes, its instance goes, the next read sees room: the second runs.
     eng.run_until_done([first, second], limit=1200)
     assert eng.container(second).exit_code == 0
