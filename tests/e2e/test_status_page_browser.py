@@ -41,7 +41,8 @@ def fast_sim_config() -> Config:
     config = load_config(EXAMPLES / "sim.yaml")
     cloud = config.cloud.model_copy(
         update={
-            "driver_parameters": {"seed": 1, "boot_delay": 0.2},
+            "driver_parameters": {"seed": 1, "boot_delay": 0.2, "quota_vcpus": {"s": 64}},
+            "quota_refresh_interval": 0.5,
             "poll_interval": 0.2,
             "probe_interval": 0.2,
             "sync_interval": 0.5,
@@ -173,6 +174,13 @@ def test_page_shows_the_fleet_and_drains_an_instance(server, browser, tmp_path):
     assert browser.find_element(By.ID, "budget-spent").text.startswith("$0.0")
     assert browser.find_element(By.ID, "budget-limits").text == (
         "soft limit $100.000, hard limit $200.000"
+    )
+    # The cloud's quota the sim reports: the small instance's 2 vCPUs of 64.
+    wait_for(
+        "the quota to show",
+        lambda: browser.find_element(
+            By.CSS_SELECTOR, '#quotas tr[data-quota="sim-s-vcpus"] .used'
+        ).text == "2 of 64 vcpus",
     )
     # The token survives a reload of the tab: no second login.
     browser.refresh()

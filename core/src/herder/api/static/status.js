@@ -151,13 +151,31 @@ function budgetCard(budget) {
   );
 }
 
-function renderTotals(summary, budget) {
+// The cloud's quotas herder reads (drivers with quota_headroom): usage against the limit,
+// herder's own share and what waiting containers want; null when none are read.
+function quotaCard(quotas) {
+  if (!quotas || !quotas.enabled || !quotas.items.length) return null;
+  const num = (v) => Number.isInteger(v) ? String(v) : Number(v).toFixed(2);
+  return el("div", { class: "card", id: "quotas" }, el("h3", {}, "Cloud quotas"),
+    el("table", {},
+      el("thead", {}, el("tr", {}, ["Quota", "Used", "Herder", "Wanted"].map(
+        h => el("th", {}, h)))),
+      el("tbody", {}, quotas.items.map(q => el("tr", { "data-quota": q.name,
+                                                      title: q.description },
+        el("td", { class: "id" }, q.name),
+        el("td", { class: "num used" }, `${num(q.usage + q.pending)} of ${num(q.limit)} ${q.unit}`),
+        el("td", { class: "num" }, num(q.herder)),
+        el("td", { class: "num" }, num(q.wanted)),
+      )))));
+}
+
+function renderTotals(summary, budget, quotas) {
   const list = (counts) => el("ul", {}, Object.entries(counts).map(
     ([state, n]) => el("li", {}, stateBadge(state), " ", String(n))));
   $("totals").replaceChildren(
     el("div", { class: "card" }, el("h3", {}, "Cost per hour now"),
        el("div", { class: "big", id: "cost-per-hour" }, money(summary.cost_per_hour))),
-    ...[budgetCard(budget)].filter(Boolean),
+    ...[budgetCard(budget), quotaCard(quotas)].filter(Boolean),
     el("div", { class: "card", id: "instance-totals" }, el("h3", {}, "Instances"),
        list(summary.instances)),
     el("div", { class: "card", id: "container-totals" }, el("h3", {}, "Containers"),
@@ -242,16 +260,18 @@ async function refresh() {
   busy = true;
   try {
     const active = "state=Queued&state=Locked&state=Running&limit=1000";
-    const [summary, instances, containers, budget] = await Promise.all([
+    const optional = (path) => api("GET", path).catch((err) => {
+      if (err instanceof AuthError) throw err;
+      return null;  // not on this server (a dispatcher without instances): left out
+    });
+    const [summary, instances, containers, budget, quotas] = await Promise.all([
       api("GET", "/api/v1/summary"),
       api("GET", "/api/v1/instances"),
       api("GET", `/api/v1/containers?${active}`),
-      api("GET", "/api/v1/budget").catch((err) => {
-        if (err instanceof AuthError) throw err;
-        return null;  // no budget route on this server: the card is left out
-      }),
+      optional("/api/v1/budget"),
+      optional("/api/v1/quotas"),
     ]);
-    renderTotals(summary, budget);
+    renderTotals(summary, budget, quotas);
     renderInstances(instances.items);
     renderContainers(containers.items);
     $("login").hidden = true;
