@@ -7,6 +7,7 @@ import io
 import json
 import re
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -790,3 +791,90 @@ def test_logs_stream_keeps_one_streams_lines_without_markers(capsys, live):
     # Chunks cut inside a line are joined before filtering.
     f = StreamFilter("stderr")
     assert f.feed("stdout a\nstd") + f.feed("err b\nstderr c") + f.end() == "b\nc\n"
+
+
+# --------------------------------------------------------------------------- spend
+
+
+def test_quotas_of_a_driver_that_cannot_read_them(capsys, live):
+    status, out, _ = run(capsys, live, "quotas")
+    assert status == 0
+    assert "quotas are not read" in out
+    status, out, _ = run(capsys, live, "quotas", "--json")
+    assert json.loads(out) == {"enabled": False, "items": []}
+
+
+def test_quotas_table_shows_limit_usage_and_herders_share(capsys, monkeypatch):
+    config = _config()
+    params = {**config.cloud.driver_parameters, "quota_vcpus": {"s": 4}}
+    config = config.model_copy(update={"cloud": config.cloud.model_copy(
+        update={"driver_parameters": params, "quota_refresh_interval": 10.0})})
+    server = Live(config)
+    try:
+        monkeypatch.setattr(containers, "sleep", server.runtime.advance)
+        submit(capsys, server, "--vcpus", "2", "--ram", "1GiB", "--", "sim", "600", "0")
+        server.runtime.advance(30)
+        status, out, _ = run(capsys, server, "quotas")
+        assert status == 0
+        header, row = out.splitlines()[:2]
+        assert header.split()[:9] == ["QUOTA", "GROUP", "UNIT", "LIMIT", "USAGE", "HERDER",
+                                      "PENDING", "WANTED", "HEADROOM"]
+        assert row.split()[:9] == ["sim-s-vcpus", "s", "vcpus", "4", "2", "2", "0", "0", "2"]
+    finally:
+        server.stop()
+
+
+def test_costs_asks_the_server_when_one_answers(capsys, live):
+    submit(capsys, live, "--", "sim", "30", "0")
+    live.runtime.advance(400)
+    status, out, _ = run(capsys, live, "costs", "--json", "--period", "hour", "--last", "3")
+    assert status == 0
+    doc = json.loads(out)
+    assert len(doc["by_period"]) == 3 and doc["since"].endswith("Z")
+    assert doc["total"] > 0 and doc["containers"]["finished"] == 1
+    status, out, _ = run(capsys, live, "costs")
+    assert status == 0
+    assert out.startswith("spend by day (UTC), from the server")
+    assert "finished containers: 1" in out
+
+
+def test_costs_fall_back_to_the_ledger_when_no_server_answers(capsys, tmp_path):
+    from herder.spend import JsonLinesLedger, SpendEntry
+
+    url = f"http://127.0.0.1:{_closed_port()}"
+    status, _, err = run(capsys, None, "costs", "--server", url)
+    assert status == 1
+    assert "no spend recorded yet:" in err and "herder-spend.jsonl" in err
+    path = Path(err.split("no spend recorded yet: ")[1].split(" does not exist")[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ledger = JsonLinesLedger(path)
+    now = time.time()
+    ledger.record(SpendEntry(now - 60, 0.25, "i-1", "small", now - 120))
+    ledger.close()
+    status, out, _ = run(capsys, None, "costs", "--server", url, "--json")
+    assert status == 0
+    doc = json.loads(out)
+    assert doc["total"] == 0.25 and doc["by_instance_type"] == {"small": 0.25}
+
+
+def test_submit_labels_from_repeated_flags(capsys, live):
+    from herder.commands.containers import build_submission
+
+    args = cli.build_parser().parse_args(
+        ["submit", "--label", "project=genomics", "--label", "run=7", "--", "true"]
+    )
+    assert build_submission(args)["labels"] == {"project": "genomics", "run": "7"}
+    uuid = submit(capsys, live, "--label", "project=genomics", "--", "sim", "5", "0")
+    assert live.dispatcher.queue.get(uuid).spec.labels == (("project", "genomics"),)
+    status, _, err = run(capsys, live, "submit", "--label", "novalue", "--", "true")
+    assert status == 2 and "--label 'novalue': expected KEY=VALUE" in err
+
+
+def test_budget_shows_the_periods_spend_against_the_limits(capsys, live):
+    status, out, _ = run(capsys, live, "budget")
+    assert status == 0
+    assert out.startswith("spend this day: 0.00 (soft limit none, hard limit none; "
+                          "on hard limit: finish): under the limits")
+    status, out, _ = run(capsys, live, "budget", "--json")
+    doc = json.loads(out)
+    assert doc["period"] == "day" and doc["soft_reached"] is False and doc["message"] == ""

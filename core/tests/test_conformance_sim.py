@@ -57,6 +57,7 @@ SIM_PARAMS: dict[str, Any] = {
     "boot_delay": 0.0,
     "host_key_verification": True,
     "price_history": True,
+    "quota_vcpus": {"s": 1000, "s-p": 1000, "g": 1000},
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from herder.api import APIServer
-from herder.config import Config, load_config
+from herder.config import BudgetConfig, Config, load_config
 from herder.dispatcher import CloudEngine
 from herder.model import ContainerSpec, RuntimeConstraints
 from herder.runtime import ThreadRuntime
@@ -41,11 +41,13 @@ def fast_sim_config() -> Config:
     config = load_config(EXAMPLES / "sim.yaml")
     cloud = config.cloud.model_copy(
         update={
-            "driver_parameters": {"seed": 1, "boot_delay": 0.2},
+            "driver_parameters": {"seed": 1, "boot_delay": 0.2, "quota_vcpus": {"s": 64}},
+            "quota_refresh_interval": 0.5,
             "poll_interval": 0.2,
             "probe_interval": 0.2,
             "sync_interval": 0.5,
             "timeout_idle": 600.0,
+            "budget": BudgetConfig(period="day", soft_limit=100.0, hard_limit=200.0),
         }
     )
     return config.model_copy(
@@ -166,6 +168,20 @@ def test_page_shows_the_fleet_and_drains_an_instance(server, browser, tmp_path):
     assert queued.find_element(By.CSS_SELECTOR, ".status").text
     assert dispatcher.queue.get(waiting).state.value == "Cancelled"  # unsatisfiable
     assert "$0.050" in browser.find_element(By.ID, "cost-per-hour").text
+    # The budget: spend of the day against its limits.
+    budget = browser.find_element(By.ID, "budget")
+    assert "spend this day" in budget.text.lower()
+    assert browser.find_element(By.ID, "budget-spent").text.startswith("$0.0")
+    assert browser.find_element(By.ID, "budget-limits").text == (
+        "soft limit $100.000, hard limit $200.000"
+    )
+    # The cloud's quota the sim reports: the small instance's 2 vCPUs of 64.
+    wait_for(
+        "the quota to show",
+        lambda: browser.find_element(
+            By.CSS_SELECTOR, '#quotas tr[data-quota="sim-s-vcpus"] .used'
+        ).text == "2 of 64 vcpus",
+    )
     # The token survives a reload of the tab: no second login.
     browser.refresh()
     wait_for("the page after reload",
@@ -183,6 +199,13 @@ def test_page_shows_the_fleet_and_drains_an_instance(server, browser, tmp_path):
     )
     [view] = [v for v in dispatcher.pool.instances() if v.instance == instance]
     assert view.idle_behavior.value == "drain"
+    # Why it drains is shown next to its numbers.
+    wait_for(
+        "the drain cause to show",
+        lambda: "operator" in browser.find_element(
+            By.CSS_SELECTOR, f'tr[data-instance="{instance}"] .reason'
+        ).text,
+    )
 
     # Cancelling the container lets the drained instance shut down; the page follows.
     dispatcher.queue.cancel(running, "test")

@@ -307,6 +307,21 @@ class Client:
         path = f"/api/v1/instances/{quote(instance_id, safe='')}/{action}"
         return self._json("POST", path, body={"reason": reason})
 
+    # ---- spend
+
+    def quotas(self) -> dict[str, Any]:
+        """The cloud's quotas: ``{"enabled": bool, "items": [...]}``."""
+        return self._json("GET", "/api/v1/quotas")
+
+    def budget(self) -> dict[str, Any]:
+        return self._json("GET", "/api/v1/budget")
+
+    def costs(self, period: str = "day", last: int = 7) -> dict[str, Any]:
+        """The cost report over the current ``period`` and the ``last``-1 before it."""
+        return self._json(
+            "GET", "/api/v1/costs", query=[("period", period), ("last", str(last))]
+        )
+
     # ---- service
 
     def health(self) -> dict[str, Any]:

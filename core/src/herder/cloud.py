@@ -149,6 +149,40 @@ def normalize_price_history(prices: list[InstancePrice]) -> list[InstancePrice]:
     return out
 
 
+class QuotaUnit(StrEnum):
+    """What a :class:`Quota` counts, and so how much one instance of a type takes of it."""
+
+    VCPUS = "vcpus"
+    GPUS = "gpus"
+    INSTANCES = "instances"
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """One of the account's quotas as the cloud reports it: ``usage`` of ``limit``.
+
+    ``group`` is the quota group (:meth:`InstanceSet.quota_group`) whose types count against
+    it, so herder knows which types a full quota blocks; ``name`` is the provider's own name
+    for it (``L-1216C47A``, ``N2_CPUS``, ``standardDSv3Family``), shown to people.  ``usage``
+    is the whole account's, herder's instances and everyone else's.
+    """
+
+    group: str
+    name: str
+    limit: float
+    usage: float
+    unit: QuotaUnit = QuotaUnit.VCPUS
+    description: str = ""
+
+    def need(self, instance_type: InstanceType) -> float:
+        """How much one instance of ``instance_type`` takes of this quota."""
+        if self.unit is QuotaUnit.GPUS:
+            return float(instance_type.gpu.device_count)
+        if self.unit is QuotaUnit.INSTANCES:
+            return 1.0
+        return float(instance_type.vcpus)
+
+
 @dataclass(frozen=True, slots=True)
 class HostKey:
     """An SSH host key as the server presented it: ``ssh-ed25519`` and the raw key blob."""
@@ -307,6 +341,18 @@ class InstanceSet(ABC):
         """Name of the quota family ``instance_type`` counts against: herder stops creating
         types of a group whose quota the cloud reported exhausted, and no others."""
         return "-preemptible" if instance_type.preemptible else ""
+
+    def quotas(self) -> list[Quota]:
+        """The account's quotas that herder's instance types count against, with their usage.
+
+        Optional (capability ``quota_headroom``): the default raises
+        :class:`NotImplementedByDriver`, and herder then learns the quota only from
+        :class:`QuotaError` on create, as before.  A driver that can read them returns one
+        :class:`Quota` per quota group it knows (several quotas may share a group: every one
+        must have room).  herder calls this at most every ``cloud.quota_refresh_interval``,
+        never while holding its own locks; it may call the cloud.
+        """
+        raise NotImplementedByDriver("this driver cannot read quotas")
 
     def stop(self) -> None:
         """Release background resources.  Called once, at shutdown."""
@@ -479,6 +525,9 @@ class Capability(StrEnum):
     #: a create repeated with the same create key (see :func:`create_key`) returns the
     #: instance the first one made instead of making a second.
     IDEMPOTENT_CREATE = "idempotent_create"
+    #: :meth:`InstanceSet.quotas` reads the account's quotas and usage, so herder creates no
+    #: instance into a quota it can see is full.
+    QUOTA_HEADROOM = "quota_headroom"
 
 
 def parse_capabilities(values: Iterable[str]) -> frozenset[Capability]:

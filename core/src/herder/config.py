@@ -340,6 +340,13 @@ class CloudConfig(_Strict):
         "while nothing waits for an instance, the lightly used ones that can empty soonest "
         "are drained so that new containers go elsewhere; 0 = off",
     )
+    quota_refresh_interval: Duration = Field(
+        300.0,
+        ge=0,
+        description="how often the account's quotas and usage are read from a driver that can "
+        "(capability quota_headroom), so that no instance is created into a full quota; "
+        "0 = never read",
+    )
     budget: BudgetConfig = Field(
         default_factory=lambda: BudgetConfig(),
         description="a spend limit per period; without soft_limit or hard_limit: none",

@@ -42,9 +42,11 @@ class ContainerCosts:
     #: total / finished (0 when none finished)
     per_container: float = 0.0
     by_instance_type: dict[str, float] = field(default_factory=dict)
-    #: by the container's name: the label a submitter gives today (labels of their own
-    #: will come with the queue's record of them)
+    #: by the container's name
     by_name: dict[str, float] = field(default_factory=dict)
+    #: by label, ``key=value``: a container counts under each of its labels (so these may
+    #: add up to more than ``total``), one without labels under ``""``
+    by_label: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +78,30 @@ class CostReport:
                 "per_container": self.containers.per_container,
                 "by_instance_type": self.containers.by_instance_type,
                 "by_name": self.containers.by_name,
+                "by_label": self.containers.by_label,
             },
         }
+
+
+def rfc3339(ts: float) -> str | None:
+    """Epoch seconds as the API writes times (RFC 3339, UTC, milliseconds); 0 as None."""
+    if not ts:
+        return None
+    return (
+        datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def report_document(report: CostReport) -> dict[str, Any]:
+    """The report as ``GET /api/v1/costs`` answers it (times in RFC 3339), so that
+    ``herder costs --json`` prints one shape whether it asked the server or read the ledger."""
+    data = report.to_json()
+    data["since"] = rfc3339(report.since)
+    data["until"] = rfc3339(report.until)
+    for bucket in data["by_period"]:
+        bucket["start"] = rfc3339(bucket["start"])
+        bucket["end"] = rfc3339(bucket["end"])
+    return data
 
 
 def period_label(start: float, period: str) -> str:
@@ -114,9 +138,12 @@ def build_report(
     finished = [c for c in containers if since <= c.at < until]
     ctr_by_type: dict[str, list[float]] = defaultdict(list)
     by_name: dict[str, list[float]] = defaultdict(list)
+    by_label: dict[str, list[float]] = defaultdict(list)
     for c in finished:
         ctr_by_type[c.instance_type].append(c.cost)
         by_name[c.name].append(c.cost)
+        for key, value in c.labels or (("", ""),):
+            by_label[f"{key}={value}" if key else ""].append(c.cost)
     ctr_total = math.fsum(c.cost for c in finished)
     return CostReport(
         period=period,
@@ -131,6 +158,7 @@ def build_report(
             per_container=ctr_total / len(finished) if finished else 0.0,
             by_instance_type={k: math.fsum(v) for k, v in sorted(ctr_by_type.items())},
             by_name={k: math.fsum(v) for k, v in sorted(by_name.items())},
+            by_label={k: math.fsum(v) for k, v in sorted(by_label.items())},
         ),
     )
 

@@ -17,17 +17,25 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from herder.cloud import Driver, DriverContext, DriverParameters, Instance, InstanceSet
+from herder.cloud import (
+    Capability,
+    Driver,
+    DriverContext,
+    DriverParameters,
+    Instance,
+    InstanceSet,
+)
 from herder.config import Config
 from herder.costs import CostReport, build_report, last_periods
 from herder.engine import InstanceNotFound
 from herder.executor import Executor, ExecutorFactory
-from herder.metrics import ContainerMetrics, SpendMetrics
+from herder.metrics import ContainerMetrics, QuotaMetrics, SpendMetrics
 from herder.model import Container, ContainerState, IdleBehavior, InstanceType, InstanceView
 from herder.plugins import Plugins
 from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
 from herder.runtime import Runtime
+from herder.scheduler.quotas import QuotaHeadroom, QuotaState
 from herder.scheduler.scheduler import Scheduler
 from herder.sizing import ConfigSizer
 from herder.spend import (
@@ -172,6 +180,7 @@ class QueueReporter(ContainerReporter):
                     instance_type=ctr.instance_type,
                     cost=ctr.cost + cost,
                     exit_code=exit_code,
+                    labels=ctr.spec.labels,
                 )
             )
 
@@ -310,6 +319,17 @@ class CloudEngine:
             hard_limit=budget.hard_limit,
             on_hard_limit=budget.on_hard_limit,
         )
+        #: The cloud's quotas, read only from drivers that declare they can.
+        self.quotas = QuotaHeadroom(
+            read=(
+                self.instance_set.quotas
+                if Capability.QUOTA_HEADROOM in driver.capabilities_for(params)
+                else None
+            ),
+            group_of=self.instance_set.quota_group,
+            refresh_interval=config.cloud.quota_refresh_interval,
+            logger=logging.getLogger("herder.scheduler.quotas"),
+        )
         self.scheduler = Scheduler(
             runtime=runtime,
             queue=self.queue,
@@ -319,8 +339,10 @@ class CloudEngine:
             registry=self.registry,
             tracker=self.spend,
             budget=self.budget,
+            quotas=self.quotas,
         )
         self.spend_metrics = SpendMetrics(self.registry, self.budget)
+        self.quota_metrics = QuotaMetrics(self.registry, self.quota_states)
         self.metrics = ContainerMetrics(self.registry, self.queue, self.pool)
         self._started = False
         self._lock = threading.Lock()
@@ -404,6 +426,15 @@ class CloudEngine:
         return {e.entry.container.uuid: e.scheduling_status for e in self.scheduler.snapshot()}
 
     # ---- spend, for the API (plain data; thread-safe)
+
+    @property
+    def quotas_enabled(self) -> bool:
+        return self.quotas.enabled
+
+    def quota_states(self) -> list[QuotaState]:
+        """The cloud's quotas as last read, with what herder's instances take of each, what
+        it created since the read and what waiting containers want; [] when none are read."""
+        return self.quotas.states(self.pool.instances(), self.instance_types)
 
     def budget_state(self) -> BudgetState:
         """The budget as of the latest scheduling pass: period, spend in it, limits, whether

@@ -20,11 +20,14 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from herder.config import Config
+    from herder.costs import CostReport
     from herder.model import ContainerState, IdleBehavior, InstanceType, InstanceView
     from herder.plugins import Plugins
     from herder.queue.backend import DispatchLock
     from herder.queue.base import ContainerQueue
     from herder.runtime import Runtime
+    from herder.scheduler.quotas import QuotaState
+    from herder.spend import BudgetState
 
 
 class InstanceNotFound(LookupError):
@@ -93,6 +96,25 @@ class Engine(Protocol):
 
     def set_idle_behavior(self, instance_id: str, behavior: IdleBehavior) -> None:
         """Set run / hold / drain on an instance (:class:`InstanceNotFound` if unknown)."""
+        ...
+
+    @property
+    def quotas_enabled(self) -> bool:
+        """Whether the engine reads the cloud's quotas (its driver can)."""
+        ...
+
+    def quota_states(self) -> list[QuotaState]:
+        """The cloud's quotas as last read, with herder's share of each; [] when none are."""
+        ...
+
+    def budget_state(self) -> BudgetState | None:
+        """The spend budget's period, spend and limits; None for an engine that keeps no
+        spend (it runs no instances)."""
+        ...
+
+    def cost_report(self, period: str, periods: int) -> CostReport | None:
+        """Spend by period, instance type and label, and finished containers' cost; None for
+        an engine that keeps no spend.  ValueError for an unknown period."""
         ...
 
     def has_runner(self, uuid: str) -> bool:

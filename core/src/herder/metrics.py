@@ -22,8 +22,8 @@ The counters and the histogram are fed by the queue's change observer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -32,6 +32,9 @@ from herder.model import Container, ContainerState, InstanceView
 from herder.queue.base import ContainerQueue
 from herder.spend import Budget
 from herder.worker.interfaces import WorkerPool
+
+if TYPE_CHECKING:
+    from herder.scheduler.quotas import QuotaState
 
 #: The states ``herder_queue_containers`` reports: the ones a container is still waiting or
 #: running in.  Final states only grow; their rate is ``herder_containers_finished_total``.
@@ -126,6 +129,45 @@ class _LiveGauges:
             cost.add_metric([], fleet_cost_per_hour(self._pool.instances()))
         yield depth
         yield cost
+
+
+class QuotaMetrics:
+    """The ``herder_quota_*`` gauges: the cloud's quotas as the driver last read them (see
+    :mod:`herder.scheduler.quotas`), with herder's own share; none when no quota is read."""
+
+    def __init__(
+        self, registry: CollectorRegistry, states: Callable[[], list[QuotaState]]
+    ) -> None:
+        self._states = states
+        registry.register(self)
+
+    def describe(self) -> Iterator[Any]:
+        yield from self._families(live=False)
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._families(live=True)
+
+    def _families(self, *, live: bool) -> Iterator[Any]:
+        labels = ["quota", "unit"]
+        limit = GaugeMetricFamily(
+            "herder_quota_limit", "A cloud quota's limit, as last read", labels=labels
+        )
+        usage = GaugeMetricFamily(
+            "herder_quota_usage", "The account's usage of a cloud quota, as last read",
+            labels=labels,
+        )
+        own = GaugeMetricFamily(
+            "herder_quota_herder", "What herder's own live instances take of a cloud quota",
+            labels=labels,
+        )
+        for state in self._states() if live else []:
+            key = [state.quota.name, state.quota.unit.value]
+            limit.add_metric(key, state.quota.limit)
+            usage.add_metric(key, state.quota.usage)
+            own.add_metric(key, state.herder)
+        yield limit
+        yield usage
+        yield own
 
 
 class SpendMetrics:

@@ -208,6 +208,9 @@ class ContainerSpec:
     #: when the runner pulls the image: "if-not-present", "always", "never"; "" for the
     #: configured default (``containers.pull_policy``)
     pull_policy: str = ""
+    #: Free-form ``key=value`` labels, sorted by key, for the submitter's own bookkeeping: cost
+    #: reports group by them (``herder costs``).  herder gives them no other meaning.
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 #: The environment variable that tells each member of an array its index (0 to count - 1).
@@ -439,3 +442,11 @@ class InstanceView:
     #: increments longer than a second; 0 otherwise.  An idle instance is kept until shortly
     #: before it (``cloud.billing_shutdown_margin``).
     paid_until: float = 0.0
+    #: The price per hour in force now as the driver's price history reports it (spot
+    #: markets), 0 when it reports none: spend then counts at ``price``, the type's.
+    market_price: float = 0.0
+
+    @property
+    def price_now(self) -> float:
+        """What the instance costs per hour now: its market price if known, else its type's."""
+        return self.market_price or self.price

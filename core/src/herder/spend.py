@@ -102,9 +102,11 @@ class ContainerCost:
     instance_type: str
     cost: float
     exit_code: int
+    #: the container's labels (``key=value``), for reports by label
+    labels: tuple[tuple[str, str], ...] = ()
 
-    def to_json(self) -> dict[str, float | int | str]:
-        return {
+    def to_json(self) -> dict[str, object]:
+        data: dict[str, object] = {
             "kind": "container",
             "at": self.at,
             "uuid": self.uuid,
@@ -113,6 +115,9 @@ class ContainerCost:
             "cost": self.cost,
             "exit_code": self.exit_code,
         }
+        if self.labels:  # lines of containers without labels stay as they were
+            data["labels"] = dict(self.labels)
+        return data
 
 
 @runtime_checkable
@@ -253,6 +258,9 @@ def _read_lines(path: Path) -> tuple[list[SpendEntry], list[ContainerCost]]:
                         instance_type=str(raw["instance_type"]),
                         cost=float(raw["cost"]),
                         exit_code=int(raw["exit_code"]),
+                        labels=tuple(
+                            sorted((str(k), str(v)) for k, v in raw.get("labels", {}).items())
+                        ),
                     )
                 )
                 continue
@@ -297,6 +305,10 @@ class _Accrual:
     last_recorded: float = -math.inf
     last_seen: float = 0.0
     price: float = 0.0
+    #: Cost of the billed seconds before the latest price change, and how many they were:
+    #: a spot price that moves reprices only the time after the move.
+    frozen_cost: float = 0.0
+    frozen_billed: float = 0.0
 
 
 class SpendTracker:
@@ -360,7 +372,14 @@ class SpendTracker:
                 )
                 self._live[view.instance] = acc
             acc.last_seen = now
-            acc.price = view.price
+            price = view.price_now
+            if acc.price and price != acc.price:
+                # The market moved: what was billed so far keeps the old price.
+                acc.frozen_cost = self._due(acc, now)
+                acc.frozen_billed = self._billing(acc.instance_type).billed_seconds(
+                    max(now - acc.started_at, 1e-6)
+                )
+            acc.price = price
             self._book(view.instance, acc, now, force=False)
         for instance_id in [i for i in self._live if i not in seen]:
             acc = self._live.pop(instance_id)
@@ -369,7 +388,8 @@ class SpendTracker:
     def _due(self, acc: _Accrual, until: float) -> float:
         # An instance that exists has begun its first increment (and its minimum).
         lifetime = max(until - acc.started_at, 1e-6)
-        return self._billing(acc.instance_type).cost(lifetime, acc.price)
+        billed = self._billing(acc.instance_type).billed_seconds(lifetime)
+        return acc.frozen_cost + max(0.0, billed - acc.frozen_billed) * acc.price / 3600.0
 
     def _book(self, instance_id: str, acc: _Accrual, until: float, *, force: bool) -> None:
         delta = self._due(acc, until) - acc.recorded

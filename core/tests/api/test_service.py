@@ -28,6 +28,9 @@ OPERATIONS = {
     ("GET", "/api/v1/plugins"),
     ("GET", "/api/v1/openapi.json"),
     ("GET", "/api/v1/summary"),
+    ("GET", "/api/v1/quotas"),
+    ("GET", "/api/v1/budget"),
+    ("GET", "/api/v1/costs"),
     ("GET", "/metrics"),
     ("GET", "/"),
     ("GET", "/static/{name}"),
@@ -133,4 +136,5 @@ def test_openapi_document_lists_every_route(engine):
 def test_a_dispatcher_without_instances_serves_no_instance_routes(engine):
     paths = {r.path for r in served_routes(with_instances=False)}
     assert not any(p.startswith("/api/v1/instances") for p in paths)
+    assert not paths & {"/api/v1/quotas", "/api/v1/budget", "/api/v1/costs"}
     assert "/api/v1/containers" in paths

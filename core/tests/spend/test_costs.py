@@ -82,3 +82,28 @@ def test_buckets_by_hour_and_month():
     monthly = build_report(entries, costs, period="month", since=start, until=start + DAY)
     assert [(b.label, b.spent) for b in monthly.by_period] == [("2023-11", 3.0)]
     assert monthly.containers.per_container == 0.25
+
+
+def test_cost_by_label_counts_each_container_under_each_of_its_labels():
+    start, _ = period_bounds(1_700_000_000.0, "day")
+    costs = [
+        ContainerCost(start + 10, "a", "n", "t", 0.25, 0, (("project", "x"), ("team", "y"))),
+        ContainerCost(start + 20, "b", "n", "t", 0.5, 0, (("project", "x"),)),
+        ContainerCost(start + 30, "c", "n", "t", 1.0, 0),
+    ]
+    report = build_report([], costs, period="day", since=start, until=start + DAY)
+    assert report.containers.by_label == {"": 1.0, "project=x": 0.75, "team=y": 0.25}
+    assert report.to_json()["containers"]["by_label"] == report.containers.by_label
+
+
+def test_labels_reach_the_ledger_and_come_back(tmp_path: Path):
+    from herder.spend import JsonLinesLedger, read_ledger
+
+    path = tmp_path / "spend.jsonl"
+    ledger = JsonLinesLedger(path)
+    ledger.record_container(ContainerCost(10.0, "a", "n", "t", 0.25, 0, (("project", "x"),)))
+    ledger.record_container(ContainerCost(11.0, "b", "n", "t", 0.5, 0))
+    ledger.close()
+    assert '"labels"' not in path.read_text().splitlines()[1]  # old lines' shape kept
+    back = read_ledger(path).containers(0.0, 100.0)
+    assert [c.labels for c in back] == [(("project", "x"),), ()]

@@ -65,6 +65,18 @@ def conformance_target(
 
         return hook
 
+    # moto's Service Quotas knows only VPC quotas: answer EC2's vCPU quotas as AWS does.
+    from moto.servicequotas.models import ServiceQuotasBackend
+
+    original = ServiceQuotasBackend.get_service_quota
+
+    def get_service_quota(self: Any, service_code: str, quota_code: str) -> dict[str, Any]:
+        if service_code == "ec2":
+            return {"ServiceCode": "ec2", "QuotaCode": quota_code, "QuotaName": quota_code,
+                    "Value": 64.0}
+        return original(self, service_code, quota_code)
+
+    monkeypatch.setattr(ServiceQuotasBackend, "get_service_quota", get_service_quota)
     yield ConformanceTarget(
         driver=AWSDriver(),
         params={"region": "us-east-1"},

@@ -77,3 +77,45 @@ def test_engine_creates_tags_lists_and_destroys_instances(ec2: Any) -> None:
     finally:
         dispatcher.stop()
         runtime.shutdown()
+
+
+def test_engine_stops_short_of_a_full_vcpu_quota_and_names_it(
+    ec2: Any, monkeypatch: Any
+) -> None:
+    # moto's Service Quotas knows only VPC quotas: answer the standard vCPU quota as AWS does.
+    from moto.servicequotas.models import ServiceQuotasBackend
+
+    def get_service_quota(self: Any, service_code: str, quota_code: str) -> dict[str, Any]:
+        assert service_code == "ec2"
+        return {"ServiceCode": "ec2", "QuotaCode": quota_code, "QuotaName": "Running "
+                "On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances", "Value": 4.0}
+
+    monkeypatch.setattr(ServiceQuotasBackend, "get_service_quota", get_service_quota)
+    # Someone else's instance already takes 2 of the 4 vCPUs: room for one m5.large.
+    ec2.run_instances(ImageId=IMAGE, MinCount=1, MaxCount=1, InstanceType="m5.large")
+    cfg = config()
+    params = {**cfg.cloud.driver_parameters, "quota_codes": {"standard": "L-1216C47A"}}
+    cfg = cfg.model_copy(update={"cloud": cfg.cloud.model_copy(
+        update={"driver_parameters": params, "timeout_booting": 600.0})})
+    runtime = VirtualRuntime(strict=False)
+    dispatcher = CloudEngine(cfg, runtime=runtime, registry=CollectorRegistry(),
+                            executor_factory=lambda instance: Unreachable())
+    try:
+        dispatcher.start()
+        uuids = [dispatcher.queue.submit(ContainerSpec(
+            command=("true",), runtime_constraints=RuntimeConstraints(vcpus=2, ram=1 << 30)
+        )).uuid for _ in range(2)]
+        runtime.advance(5)
+        ours = [v for v in dispatcher.pool.instances() if v.instance_type == "m5.large"]
+        assert len(ours) == 1  # the second would overflow the quota: not even tried
+        statuses = dispatcher.scheduler.snapshot()
+        waiting = [s.scheduling_status for s in statuses if s.entry.container.uuid in uuids]
+        assert any("Cloud quota full: Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) "
+                   "instances (L-1216C47A): 4 of 4 vcpus in use, type m5.large needs 2" in s
+                   for s in waiting), waiting
+        (quota,) = dispatcher.quota_states()
+        # Read before herder's create; the create counts as pending until the next read.
+        assert (quota.quota.usage, quota.pending, quota.herder, quota.wanted) == (2, 2, 2, 2)
+    finally:
+        dispatcher.stop()
+        runtime.shutdown()

@@ -51,6 +51,13 @@ _RESOURCE = re.compile(
 )
 
 
+_USAGES = re.compile(
+    r"/subscriptions/(?P<sub>[^/]+)/providers/Microsoft\.Compute/locations/(?P<location>[^/]+)"
+    r"/usages",
+    re.IGNORECASE,
+)
+
+
 @dataclass
 class Request:
     method: str
@@ -97,6 +104,9 @@ class FakeARM:
         self.async_failures: list[tuple[str, str, list[dict[str, str]]]] = []
         self.operations: dict[str, Operation] = {}
         self.page_size = 50
+        #: location -> compute usages as usage.list gives them (``{"name": {"value",
+        #: "localizedValue"}, "currentValue", "limit", "unit"}``)
+        self.usages: dict[str, list[dict[str, Any]]] = {}
         self.polls = 1  # InProgress answers before an operation finishes
         self.operation_retry_after = "0"  # what operation polls say; "0": the client's interval
         self.tokens: set[str] = set()
@@ -198,6 +208,9 @@ class FakeARM:
                                   fault.details)
             if parts.path.startswith("/operations/"):
                 return self._operation(parts.path.rsplit("/", 1)[1])
+            usages = _USAGES.fullmatch(parts.path)
+            if usages and method == "GET" and usages["sub"] == self.subscription:
+                return 200, {}, {"value": self.usages.get(usages["location"].lower(), [])}
             match = _RESOURCE.match(parts.path)
             if not match or match["sub"] != self.subscription:
                 return _error(404, "NotFound", f"no route {parts.path}")

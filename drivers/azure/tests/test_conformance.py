@@ -59,6 +59,12 @@ def conformance_target(fake: FakeARM, secret_file: Path) -> ConformanceTarget:
             public_keys=[k.get("keyData", "") for k in keys],
         )
 
+    fake.usages["westeurope"] = [
+        {"name": {"value": "standardDSv5Family", "localizedValue": "Standard DSv5 Family vCPUs"},
+         "currentValue": 0, "limit": 64, "unit": "Count"},
+        {"name": {"value": "lowPriorityCores", "localizedValue": "Low-priority vCPUs"},
+         "currentValue": 0, "limit": 64, "unit": "Count"},
+    ]
     return ConformanceTarget(
         driver=AzureDriver(),
         params=base_params(fake, secret_file),

@@ -84,6 +84,8 @@ class FakeCompute:
         self.address: str | None = None  # every instance's networkIP, else 127.100.x.y
         self.host_key: str | None = None  # the host key published, else a random one
         self.after_get: Callable[[str, str], None] | None = None
+        #: region -> its quotas as regions.get gives them ({"metric", "limit", "usage"})
+        self.region_quotas: dict[str, list[dict[str, Any]]] = {}
         self.lock = threading.RLock()
         self._operations: dict[str, _Operation] = {}
         self.request_ids: dict[str, str] = {}  # requestId -> operation name
@@ -205,6 +207,7 @@ class FakeCompute:
         path = r.path[len(prefix):]
         routes: list[tuple[str, str, Callable[..., FakeCompute.Reply]]] = [
             ("GET", r"/aggregated/instances", self._aggregated),
+            ("GET", r"/regions/([^/]+)", self._region),
             ("POST", r"/zones/([^/]+)/instances", self._insert),
             ("GET", r"/zones/([^/]+)/instances", self._list),
             ("GET", r"/zones/([^/]+)/instances/([^/]+)", self._get),
@@ -424,6 +427,16 @@ class FakeCompute:
             404, "notFound",
             f"The resource 'projects/{self.project}/zones/{zone}/instances/{name}' was not found",
         )
+
+    def _region(self, r: Request, region: str) -> Reply:
+        """regions.get: the region with its quotas (failures under the kind "region")."""
+        failure = self._take_failure("region", region)
+        if failure is not None:
+            return self._failure_reply(failure)
+        if region not in self.region_quotas:
+            return self._error(404, "notFound", f"The resource 'regions/{region}' was not found")
+        return 200, {"kind": "compute#region", "name": region, "status": "UP",
+                     "quotas": self.region_quotas[region]}, {}, None
 
     def _get(self, r: Request, zone: str, name: str) -> Reply:
         failure = self._take_failure("get", zone)

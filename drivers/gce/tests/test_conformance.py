@@ -74,6 +74,10 @@ def conformance_target(
                 if ":" in line]
         return BootRecord(init_command=metadata.get("startup-script", ""), public_keys=keys)
 
+    fake.region_quotas["us-central1"] = [
+        {"metric": "CPUS", "limit": 64.0, "usage": 0.0},
+        {"metric": "PREEMPTIBLE_CPUS", "limit": 64.0, "usage": 0.0},
+    ]
     return ConformanceTarget(
         driver=GCEDriver(),
         params=base_params,

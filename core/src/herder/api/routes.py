@@ -201,6 +201,7 @@ class ManagementAPI:
         return schema.ContainerOut(
             uuid=ctr.uuid,
             name=spec.name,
+            labels=dict(spec.labels),
             state=ctr.state,
             priority=ctr.priority,
             command=list(spec.command),
@@ -285,6 +286,10 @@ class ManagementAPI:
             appeared=schema.rfc3339(view.appeared),
             boot_outcome=view.boot_outcome or None,
             probe_error=view.probe_error,
+            reason=view.reason,
+            drain_cause=view.drain_cause.value,
+            paid_until=schema.rfc3339(view.paid_until),
+            market_price=view.market_price or None,
         )
 
     def _get(self, uuid: str) -> Container:
@@ -317,6 +322,7 @@ class ManagementAPI:
             name=body.name,
             after=tuple(body.after),
             pull_policy=body.pull_policy,
+            labels=tuple(sorted(body.labels.items())),
         )
 
     # ---- containers
@@ -486,6 +492,36 @@ class ManagementAPI:
         )
         return schema.InstanceActionOut(instance=instance_id, action=action)
 
+    # ---- spend
+
+    def quotas(self) -> schema.QuotaList:
+        states = self.dispatcher.quota_states()
+        items = [
+            schema.QuotaOut.model_validate(
+                {**q.to_json(), "read_at": schema.rfc3339(q.read_at)}
+            )
+            for q in states
+        ]
+        return schema.QuotaList(enabled=self.dispatcher.quotas_enabled, items=items)
+
+    def budget(self) -> schema.BudgetOut:
+        state = self.dispatcher.budget_state()
+        if state is None:
+            raise APIError(404, "this dispatcher keeps no spend budget: it runs no instances")
+        data = state.to_json()
+        data["period_start"] = schema.rfc3339(state.period_start)
+        data["period_end"] = schema.rfc3339(state.period_end)
+        data["message"] = state.message() if state.soft_reached else ""
+        return schema.BudgetOut.model_validate(data)
+
+    def costs(self, period: str, last: int) -> schema.CostReportOut:
+        from herder.costs import report_document
+
+        report = self.dispatcher.cost_report(period, last)
+        if report is None:
+            raise APIError(404, "this dispatcher keeps no spend record: it runs no instances")
+        return schema.CostReportOut.model_validate(report_document(report))
+
     # ---- service
 
     def health(self) -> tuple[schema.Health, int]:
@@ -613,6 +649,15 @@ class LogQuery(_Query):
     )
     limit: int = Field(
         DEFAULT_LOG_CHUNK, ge=1, le=MAX_LOG_CHUNK, description="most bytes to return"
+    )
+
+
+class CostQuery(_Query):
+    period: Literal["hour", "day", "month"] = Field(
+        "day", description="group spend by hour, day or month (UTC)"
+    )
+    last: int = Field(
+        7, ge=1, le=1000, description="the current period and the last-1 before it"
     )
 
 
@@ -762,6 +807,34 @@ for _action, _summary in (
     _add_instance_action(_action, _summary)  # type: ignore[arg-type]
 
 
+spend = APIRouter(tags=["spend"], dependencies=AUTH, responses=errors(401, 403))
+
+
+@spend.get(
+    f"{API_PREFIX}/quotas", response_model=schema.QuotaList, operation_id="listQuotas",
+    summary="The cloud account's quotas: limits, usage and what herder plans to use",
+)
+def quotas(api: API, _q: NoParams) -> Response:
+    return reply(api.quotas())
+
+
+@spend.get(
+    f"{API_PREFIX}/budget", response_model=schema.BudgetOut, operation_id="getBudget",
+    summary="The spend budget: spend of the current period against its limits",
+)
+def budget(api: API, _q: NoParams) -> Response:
+    return reply(api.budget())
+
+
+@spend.get(
+    f"{API_PREFIX}/costs", response_model=schema.CostReportOut, operation_id="getCosts",
+    summary="Spend by period, instance type and container label; cost per finished container",
+    responses=errors(400),
+)
+def costs(api: API, query: Annotated[CostQuery, Query()]) -> Response:
+    return reply(api.costs(query.period, query.last))
+
+
 service = APIRouter(tags=["service"])
 
 
@@ -855,6 +928,7 @@ def build_router(*, with_instances: bool = True) -> APIRouter:
     router.include_router(containers)
     if with_instances:
         router.include_router(instances)
+        router.include_router(spend)
     router.include_router(service)
     router.include_router(status_page_routes)
     return router

@@ -44,6 +44,11 @@ MAX_RUN_TIME = 10 * 365 * 24 * 3600.0
 #: Environment variable names a container engine and a shell both accept.
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME_LENGTH = 255
+#: A label key: letters, digits and ``. _ / -``, starting with a letter or digit (as the
+#: clouds' own tag keys mostly allow, so that labels could be copied to them).
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 255
 MAX_REASON_LENGTH = 1000
 
 
@@ -195,6 +200,27 @@ class SubmitRequest(_Request):
     pull_policy: Literal["", "if-not-present", "always", "never"] = Field(
         "", description="when to pull the image; empty: containers.pull_policy"
     )
+    labels: Annotated[dict[str, str], Field(max_length=MAX_LABELS)] = Field(
+        default_factory=dict,
+        description="free-form labels (key: letters, digits, . _ / -; value: up to 255 "
+        "characters) that cost reports group by",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not LABEL_KEY_RE.fullmatch(key):
+                raise ValueError(
+                    f"invalid label key {key[:70]!r}: expected up to 63 letters, digits and "
+                    "'._/-', starting with a letter or digit"
+                )
+            if len(value) > MAX_LABEL_VALUE or any(ord(ch) < 32 for ch in value):
+                raise ValueError(
+                    f"label {key!r}: a value of at most {MAX_LABEL_VALUE} characters without "
+                    "control characters"
+                )
+        return v
 
     @field_validator("command")
     @classmethod
@@ -321,6 +347,7 @@ class ContainerOut(_Response):
 
     uuid: str
     name: str
+    labels: dict[str, str] = Field(default_factory=dict)
     state: ContainerState
     priority: int
     command: list[str]
@@ -431,6 +458,22 @@ class InstanceOut(_Response):
         "", description="why the latest probe failed (unreachable, bastion down...); "
         "empty once a probe succeeds"
     )
+    reason: str = Field(
+        "", description="why the instance's idle behaviour is what it is (a drain's cause, "
+        "an idle instance kept for its paid billing increment...)"
+    )
+    drain_cause: str = Field(
+        "", description="who or what drained it: operator, broken, lifetime, consolidation, "
+        "budget; empty when not drained by a known cause"
+    )
+    paid_until: Timestamp = Field(
+        None, description="when the billing increment the instance is in ends (types billed "
+        "in increments only)"
+    )
+    market_price: float | None = Field(
+        None, description="the price per hour in force from the driver's price history (spot "
+        "markets), which spend counts; null when the driver reports none"
+    )
 
 
 class InstanceList(_Response):
@@ -478,6 +521,81 @@ class SummaryOut(_Response):
     instances: dict[str, int] = Field(description="instances (pending creates too) by worker state")
     containers: dict[str, int] = Field(description="containers in storage, by state")
     cost_per_hour: float = Field(description="summed hourly price of every existing instance")
+
+
+class QuotaOut(_Response):
+    """One of the cloud account's quotas, as the driver last read it."""
+
+    name: str = Field(description="the provider's name of the quota")
+    group: str = Field(description="the quota group whose instance types count against it")
+    unit: str = Field(description="vcpus, gpus or instances")
+    description: str
+    limit: float
+    usage: float = Field(description="the whole account's usage when read")
+    herder: float = Field(description="what herder's own live instances take of it")
+    pending: float = Field(description="what herder created since the read (not in usage)")
+    wanted: float = Field(
+        description="what waiting containers would take had the quota room (last pass)"
+    )
+    headroom: float = Field(description="limit - usage - pending")
+    read_at: Timestamp
+
+
+class QuotaList(_Response):
+    enabled: bool = Field(
+        description="the driver reads quotas (capability quota_headroom) and "
+        "cloud.quota_refresh_interval is not 0"
+    )
+    items: list[QuotaOut]
+
+
+class BudgetOut(_Response):
+    """The spend budget (cloud.budget) as of the latest scheduling pass."""
+
+    period: str = Field(description="hour, day or month (UTC)")
+    period_start: Timestamp
+    period_end: Timestamp
+    spent: float = Field(description="spend in the current period, in the types' price unit")
+    soft_limit: float | None
+    hard_limit: float | None
+    soft_reached: bool
+    hard_reached: bool
+    on_hard_limit: str = Field(description="finish or stop")
+    message: str = Field(
+        description="what waiting containers are told while a limit is reached; else empty"
+    )
+
+
+class SpendBucketOut(_Response):
+    period: str = Field(description="the period's label, UTC (2026-12-06, 2026-12, ...)")
+    start: Timestamp
+    end: Timestamp
+    spent: float
+
+
+class ContainerCostsOut(_Response):
+    finished: int = Field(description="containers that finished in the report's range")
+    total: float
+    per_container: float
+    by_instance_type: dict[str, float]
+    by_name: dict[str, float]
+    by_label: dict[str, float] = Field(
+        default_factory=dict,
+        description="cost by container label, as key=value (a container counts under each "
+        "of its labels; unlabelled ones under the empty string)",
+    )
+
+
+class CostReportOut(_Response):
+    """Spend by period and instance type, and what finished containers cost."""
+
+    period: str
+    since: Timestamp
+    until: Timestamp
+    total: float
+    by_period: list[SpendBucketOut]
+    by_instance_type: dict[str, float]
+    containers: ContainerCostsOut
 
 
 class InstanceActionOut(_Response):

@@ -3,7 +3,10 @@
 The page itself carries no data and needs no token: it asks for the management token once,
 keeps it in the browser tab's session storage, and reads everything through the same
 authenticated API a script would use (``/api/v1/summary``, ``/api/v1/instances``,
-``/api/v1/containers``), refreshing every few seconds.  Its buttons call the instance and
+``/api/v1/containers``, ``/api/v1/budget``, ``/api/v1/quotas``), refreshing every few
+seconds.  Besides the fleet and the queue it shows the spend of the budget's period against
+its limits, the cloud's quotas herder reads, and why each instance drains (its cause and
+reason) and until when its billing increment is paid.  Its buttons call the instance and
 container actions of that API.
 
 Every asset ships inside the package (``herder/api/static``): the page must work on a machine

@@ -216,6 +216,10 @@ def _register_submit(subparsers: Any) -> None:
         "--env", action="append", default=[], metavar="K=V", help="environment variable"
     )
     p.add_argument("--name", default="", help="a name for people")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="K=V",
+        help="a free-form label (repeatable); herder costs groups spend by them",
+    )
     p.add_argument("--cwd", default="", help="working directory (absolute)")
     p.add_argument(
         "--runtime", default="", choices=["", "docker", "podman", "process"],
@@ -264,6 +268,12 @@ def build_submission(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise CommandError(f"--env {item!r}: expected KEY=VALUE", 2)
         environment[key] = value
+    labels: dict[str, str] = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--label {item!r}: expected KEY=VALUE", 2)
+        labels[key] = value
     try:
         ram, scratch = parse_size(args.ram), parse_size(args.scratch)
     except ValueError as exc:
@@ -297,6 +307,7 @@ def build_submission(args: argparse.Namespace) -> dict[str, Any]:
         "priority": args.priority,
         "name": args.name,
         **({"after": list(args.after)} if args.after else {}),
+        "labels": labels,
     }
 
 

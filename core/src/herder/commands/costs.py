@@ -1,8 +1,14 @@
-"""``herder costs``: what the instances cost, by period and by type, and what containers cost.
+"""``herder costs`` and ``herder quotas``: what the instances cost, and the cloud's quotas.
 
-Read from the spend ledger file that ``herder serve`` keeps (``cloud.budget.ledger_path``, else
+``herder costs`` asks the server (``GET /api/v1/costs``) when one is reachable: it knows the
+spend of instances running now, which the ledger file gets only every few minutes.  When no
+server answers (or ``--ledger``, ``--data-dir`` or ``--until`` is given) it reads the spend
+ledger file that ``herder serve`` keeps (``cloud.budget.ledger_path``, else
 ``herder-spend.jsonl`` next to the queue), so it works whether or not serve runs, and changes
-nothing.  The engine offers the same report as plain data (``Dispatcher.cost_report``).
+nothing.  Both give the same document (the API's), so ``--json`` has one shape.
+
+``herder quotas`` shows the quotas the driver last read and ``herder budget`` the budget's
+period, only from the server.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from herder.client import ClientError
 from herder.commands import CommandError, Context, print_json, render_table
+from herder.commands.containers import add_client_options, client_errors, open_client
 
 
 def register(subparsers: Any) -> None:
@@ -20,8 +28,9 @@ def register(subparsers: Any) -> None:
         "costs",
         help="spend by period and instance type, and cost per finished container",
         description="Spend of the instances by period (UTC) and by instance type, with billing "
-        "increments, and the cost of the containers that finished: read from the spend ledger "
-        "herder serve keeps in its data directory.",
+        "increments, and the cost of the containers that finished, also by container label: "
+        "asked of the server when one is reachable, else read from the spend ledger herder "
+        "serve keeps in its data directory.",
     )
     p.add_argument("--period", choices=("hour", "day", "month"), default="day",
                    help="group spend by hour, day or month (default day)")
@@ -33,7 +42,27 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ledger", metavar="FILE", help="the ledger file (default: as serve uses)")
     p.add_argument("--data-dir", metavar="DIR", help="the data directory serve uses")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_client_options(p)
     p.set_defaults(handler=run)
+    q = subparsers.add_parser(
+        "quotas",
+        help="the cloud account's quotas: limits, usage, and what herder plans to use",
+        description="The quotas the driver last read (drivers with quota_headroom), with the "
+        "account's usage, what herder's own instances take, what it created since the read, "
+        "and what waiting containers want.",
+    )
+    q.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_client_options(q)
+    q.set_defaults(handler=run_quotas)
+    b = subparsers.add_parser(
+        "budget",
+        help="the spend budget: the period's spend against its soft and hard limits",
+        description="The spend of the current budget period (cloud.budget) against its soft "
+        "and hard limits, and what waiting containers are told once one is reached.",
+    )
+    b.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_client_options(b)
+    b.set_defaults(handler=run_budget)
 
 
 def _ledger_path(args: argparse.Namespace, ctx: Context) -> Path:
@@ -64,12 +93,22 @@ def _until(text: str | None) -> float:
     return when.timestamp()
 
 
-def run(args: argparse.Namespace, ctx: Context) -> int:
-    from herder.costs import build_report, last_periods
+def _from_server(args: argparse.Namespace, ctx: Context) -> dict[str, Any] | None:
+    """The report from the server, or None when none answers (nor knows the route)."""
+    try:
+        with open_client(args, ctx) as client:
+            document: dict[str, Any] = client.costs(args.period, args.last)
+    except ClientError as exc:
+        if exc.status is None or exc.status == 404:
+            return None
+        raise CommandError(str(exc)) from exc
+    return document
+
+
+def _from_ledger(args: argparse.Namespace, ctx: Context) -> tuple[dict[str, Any], Path]:
+    from herder.costs import build_report, last_periods, report_document
     from herder.spend import read_ledger
 
-    if args.last < 1:
-        raise CommandError("--last must be at least 1", status=2)
     path = _ledger_path(args, ctx)
     if not path.exists():
         raise CommandError(f"no spend recorded yet: {path} does not exist (herder serve "
@@ -84,26 +123,96 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         since=since,
         until=until,
     )
+    return report_document(report), path
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    if args.last < 1:
+        raise CommandError("--last must be at least 1", status=2)
+    document = None
+    if not (args.ledger or args.data_dir or args.until):
+        document = _from_server(args, ctx)
+        source = "the server"
+    if document is None:
+        document, path = _from_ledger(args, ctx)
+        source = str(path)
     if args.json:
-        print_json(ctx, report.to_json())
+        print_json(ctx, document)
         return 0
-    ctx.print(f"spend by {args.period} (UTC), from {path}")
+    ctx.print(f"spend by {args.period} (UTC), from {source}")
     ctx.print(render_table(
-        ("period", "spent"), [(b.label, f"{b.spent:.4f}") for b in report.by_period]
+        ("period", "spent"), [(b["period"], f"{b['spent']:.4f}") for b in document["by_period"]]
     ))
-    ctx.print(f"total {report.total:.4f}")
+    ctx.print(f"total {document['total']:.4f}")
     ctx.print("")
     ctx.print(render_table(
         ("instance-type", "spent"),
-        [(name, f"{v:.4f}") for name, v in report.by_instance_type.items()],
+        [(name, f"{v:.4f}") for name, v in document["by_instance_type"].items()],
     ))
-    c = report.containers
+    c = document["containers"]
     ctx.print("")
     ctx.print(
-        f"finished containers: {c.finished}, cost {c.total:.4f}"
-        + (f" ({c.per_container:.4f} per container)" if c.finished else "")
+        f"finished containers: {c['finished']}, cost {c['total']:.4f}"
+        + (f" ({c['per_container']:.4f} per container)" if c["finished"] else "")
     )
-    if c.by_name:
-        rows = [(name or "(no name)", f"{v:.4f}") for name, v in c.by_name.items()]
+    if c["by_name"]:
+        rows = [(name or "(no name)", f"{v:.4f}") for name, v in c["by_name"].items()]
         ctx.print(render_table(("container-name", "cost"), rows))
+    if c.get("by_label"):
+        rows = [(label or "(no label)", f"{v:.4f}") for label, v in c["by_label"].items()]
+        ctx.print(render_table(("container-label", "cost"), rows))
+    return 0
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+
+
+def run_quotas(args: argparse.Namespace, ctx: Context) -> int:
+    client = open_client(args, ctx)
+    with client_errors(), client:
+        document = client.quotas()
+    if args.json:
+        print_json(ctx, document)
+        return 0
+    if not document["enabled"]:
+        ctx.print("quotas are not read: the driver cannot (capability quota_headroom), or "
+                  "cloud.quota_refresh_interval is 0")
+        return 0
+    rows = [
+        (q["name"], q["group"], q["unit"], _num(q["limit"]), _num(q["usage"]),
+         _num(q["herder"]), _num(q["pending"]), _num(q["wanted"]), _num(q["headroom"]),
+         q["description"])
+        for q in document["items"]
+    ]
+    ctx.print(render_table(
+        ("quota", "group", "unit", "limit", "usage", "herder", "pending", "wanted", "headroom",
+         "description"),
+        rows,
+    ))
+    return 0
+
+
+def _limit(value: float | None) -> str:
+    return "none" if value is None else f"{value:.2f}"
+
+
+def run_budget(args: argparse.Namespace, ctx: Context) -> int:
+    client = open_client(args, ctx)
+    with client_errors(), client:
+        document = client.budget()
+    if args.json:
+        print_json(ctx, document)
+        return 0
+    state = "hard limit reached" if document["hard_reached"] else (
+        "soft limit reached" if document["soft_reached"] else "under the limits"
+    )
+    ctx.print(
+        f"spend this {document['period']}: {document['spent']:.2f} "
+        f"(soft limit {_limit(document['soft_limit'])}, hard limit "
+        f"{_limit(document['hard_limit'])}; on hard limit: {document['on_hard_limit']}): {state}"
+    )
+    ctx.print(f"period {document['period_start']} to {document['period_end']}")
+    if document["message"]:
+        ctx.print(f"waiting containers say: {document['message']}")
     return 0

@@ -8,6 +8,7 @@ API leaves the instance routes out) and no scheduler (no pass ever records a sch
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -20,6 +21,11 @@ from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerQueue
 from herder.runtime import Runtime
 from herder.sizing import ConfigSizer
+
+if TYPE_CHECKING:
+    from herder.costs import CostReport
+    from herder.scheduler.quotas import QuotaState
+    from herder.spend import BudgetState
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,18 @@ class DispatchService:
     def scheduling_statuses(self) -> dict[str, str]:
         """The backend decides what runs when; it records no scheduling status."""
         return {}
+
+    # No instances: no quotas to watch, no spend to keep.
+    quotas_enabled = False
+
+    def quota_states(self) -> list[QuotaState]:
+        return []
+
+    def budget_state(self) -> BudgetState | None:
+        return None
+
+    def cost_report(self, period: str, periods: int) -> CostReport | None:
+        return None
 
     def has_runner(self, uuid: str) -> bool:
         """The backend stores a container's whole log when it records the exit."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from herder.model import (
@@ -25,10 +26,10 @@ from herder.model import (
 #: The columns of a container row, in the order every function here uses.
 COLUMNS = (
     "uuid, state, priority, spec, created_at, locked_at, started_at, finished_at, lock_count, "
-    "exit_code, runtime_status, instance_id, instance_type, cost, array_id, attempts"
+    "exit_code, runtime_status, instance_id, instance_type, cost, array_id, attempts, labels"
 )
-#: How many columns :data:`COLUMNS` names (for building placeholders).
-COLUMN_COUNT = 16
+#: How many columns :data:`COLUMNS` names (the placeholders of an INSERT).
+COLUMN_COUNT = COLUMNS.count(",") + 1
 #: The columns :func:`update_row` gives, in order, followed by the uuid.
 UPDATE_COLUMNS = (
     "state", "priority", "locked_at", "started_at", "finished_at", "lock_count", "exit_code",
@@ -140,7 +141,26 @@ def insert_row(c: Container) -> tuple[Any, ...]:
         c.cost,
         c.array_id,
         attempts_json(c),
+        labels_json(c.spec.labels),
     )
+
+
+def labels_json(labels: Sequence[tuple[str, str]]) -> str:
+    """Labels as the ``labels`` column keeps them: a JSON object (``{}`` for none).
+
+    A column of their own rather than a key of the spec's JSON, so that a backend can select
+    or group containers by label without decoding every spec.
+    """
+    return dumps(dict(labels)) if labels else "{}"
+
+
+def _labels_from_json(text: str | None) -> tuple[tuple[str, str], ...]:
+    if not text:
+        return ()
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"labels are not an object: {text[:100]!r}")
+    return tuple(sorted((str(k), str(v)) for k, v in data.items()))
 
 
 def update_row(c: Container) -> tuple[Any, ...]:
@@ -204,7 +224,7 @@ def _decode_strictly(row: Sequence[Any]) -> Container:
         uuid=row[0],
         state=ContainerState(row[1]),
         priority=row[2],
-        spec=_spec_from_json(json.loads(row[3])),
+        spec=replace(_spec_from_json(json.loads(row[3])), labels=_labels_from_json(row[16])),
         created_at=row[4],
         locked_at=row[5],
         started_at=row[6],
@@ -217,6 +237,6 @@ def _decode_strictly(row: Sequence[Any]) -> Container:
         cost=row[13],
         array_id=row[14],
         attempt_history=tuple(
-            Attempt.from_json(a) for a in json.loads(row[15] if len(row) > 15 else "[]")
+            Attempt.from_json(a) for a in json.loads(row[15])
         ),
     )

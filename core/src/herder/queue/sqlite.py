@@ -109,13 +109,16 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Step 3: every dispatch attempt of a container, as JSON in its row.
     ("ALTER TABLE containers ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]'",),
+    # Step 4: container labels (free-form key=value at submit, for cost reports).  Rows
+    # written before it get none.
+    ("ALTER TABLE containers ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",),
 )
 
 # Built from constants only, never from input.
 _SELECT = f"SELECT {COLUMNS} FROM containers"  # noqa: S608
 #: Columns that upgrades added, with what a file written before them means: no array, no
-#: recorded attempts.
-_ADDED_COLUMNS = {"array_id": "''", "attempts": "'[]'"}
+#: recorded attempts, no labels.
+_ADDED_COLUMNS = {"array_id": "''", "attempts": "'[]'", "labels": "'{}'"}
 
 
 def _select_from_older(columns: set[str]) -> str:
@@ -125,7 +128,11 @@ def _select_from_older(columns: set[str]) -> str:
     return "SELECT " + ", ".join(  # noqa: S608 (constant names and literals only)
         name if name in columns else _ADDED_COLUMNS[name] for name in wanted
     ) + " FROM containers"
-_INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join('?' * COLUMN_COUNT)})"  # noqa: S608
+
+
+_INSERT = (
+    f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join('?' * COLUMN_COUNT)})"  # noqa: S608
+)
 _UPDATE = (
     "UPDATE containers SET state = ?, priority = ?, locked_at = ?, started_at = ?, "
     "finished_at = ?, lock_count = ?, exit_code = ?, runtime_status = ?, instance_id = ?, "

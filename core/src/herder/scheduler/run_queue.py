@@ -42,6 +42,7 @@ from herder.queue.rules import waiting_for
 from herder.scheduler.ops import ContainerOps
 from herder.scheduler.placement import READY, Placement, Slot
 from herder.scheduler.queue_index import OrderItem, QueueIndex
+from herder.scheduler.quotas import QuotaHeadroom
 from herder.scheduler.status import (
     STATUS_PREPARING,
     STATUS_WAITING_PREVIOUS_ATTEMPT,
@@ -193,6 +194,10 @@ class RunQueue:
         self._log = logger
         self.limit = ConcurrencyLimit(config)
         self.index = QueueIndex()
+        #: The cloud's quotas as last read; by default none are (drivers without the method).
+        self.quotas = QuotaHeadroom(
+            read=None, group_of=lambda it: "", refresh_interval=0, logger=logger
+        )
         self._names_cache: dict[
             tuple[int, ...], tuple[tuple[InstanceType, ...], frozenset[str], tuple[str, ...]]
         ] = {}
@@ -246,6 +251,7 @@ class _Pass:
         self.allocated_not_started = 0
         self.at_capacity: dict[tuple[str, bool], bool] = {}
         self.backoffs: dict[str, BootBackoff | None] = {}  # by type name, for this pass
+        self.quota_full: dict[str, str | None] = {}  # by type name, for this pass
         self._placement: Placement | None = None
 
     @property
@@ -409,6 +415,7 @@ class _Pass:
         view = self.pool.create(it)
         if view is None:
             return True  # declined (throttled, create limit...): try again next pass
+        self.rq.quotas.created(it)
         self.log.info("%s: creating new %s instance", uuid, it.name)
         self.statuses[uuid] = Status(StatusKind.WAITING_NEW_INSTANCE, detail=it.name)
         self.allocated_not_started += 1
@@ -485,8 +492,24 @@ class _Pass:
             if self._backoff(it) is not None:
                 ceiling = it.price if ceiling is None else ceiling
                 continue
+            if self._quota_full(it) is not None:
+                continue
             return it
         return None
+
+    def _quota_full(self, it: InstanceType) -> str | None:
+        """Why the cloud's quota has no room for ``it`` (cached for the pass), or None.
+
+        Cached like capacity: a quota that frees up between two containers of a pass should
+        go to the first one next pass.  Creates of the pass are counted before the cache is
+        filled, so a quota with room for one instance gets one.
+        """
+        if it.name not in self.quota_full:
+            why = self.rq.quotas.blocking(it)
+            if why is None:
+                return None  # room now: asked again after a create
+            self.quota_full[it.name] = why
+        return self.quota_full[it.name]
 
     def _backoff(self, it: InstanceType) -> BootBackoff | None:
         if it.name not in self.backoffs:
@@ -503,6 +526,13 @@ class _Pass:
                 self.statuses[entry.container.uuid] = Status(
                     StatusKind.BOOT_BACKOFF, self.qpos, (str(backoff.failures), it.name, left)
                 )
+                return True
+        for it in entry.instance_types:
+            why = self.quota_full.get(it.name)
+            if why is not None:
+                self.rq.quotas.want(it)
+                self.qpos += 1
+                self.statuses[entry.container.uuid] = Status(StatusKind.QUOTA_FULL, self.qpos, why)
                 return True
         return False
 

@@ -35,6 +35,7 @@ from herder.scheduler.consolidate import Consolidator
 from herder.scheduler.metrics import SchedulerMetrics
 from herder.scheduler.ops import RETRY_DELAY, ContainerOps
 from herder.scheduler.queue_index import QueueIndex
+from herder.scheduler.quotas import QuotaHeadroom
 from herder.scheduler.run_queue import PassInput, PassResult, RunQueue
 from herder.scheduler.stale_locks import StaleLockFixer
 from herder.scheduler.status import SchedEntry
@@ -69,9 +70,11 @@ class Scheduler:
         logger: logging.Logger | None = None,
         tracker: SpendTracker | None = None,
         budget: Budget | None = None,
+        quotas: QuotaHeadroom | None = None,
     ) -> None:
         """``tracker`` books the instances' spend each pass, and ``budget`` (if given and
-        enabled) limits it; without a tracker neither happens."""
+        enabled) limits it; without a tracker neither happens.  ``quotas`` reads the cloud's
+        quotas (see :mod:`herder.scheduler.quotas`); without it none are read."""
         self._runtime = runtime
         self._queue = queue
         self._pool = pool
@@ -89,6 +92,9 @@ class Scheduler:
         self._run_queue = RunQueue(
             pool=pool, ops=self.ops, config=config, instance_types=instance_types, logger=self._log
         )
+        if quotas is not None:
+            self._run_queue.quotas = quotas
+        self.quotas = self._run_queue.quotas
         self._syncer = Syncer(
             queue=queue, ops=self.ops, logger=self._log, lost_reason=pool.lost_reason
         )
@@ -208,10 +214,13 @@ class Scheduler:
 
     def run_pass(self) -> None:
         """One pass: run the queue, reconcile with the pool, update metrics."""
+        # A cloud call: made before the pass lock is taken (at most once a refresh interval).
+        self.quotas.refresh(self._runtime.now())
         with self._pass_lock:
             if self._phase is _Phase.STOPPED:
                 return
             now = self._runtime.now()
+            self.quotas.begin_pass()
             no_new = self._budget.before_pass(now) if self._budget is not None else None
             counts = self._pool.count_workers()
             running = self._pool.running()

@@ -1,10 +1,10 @@
 """The ``scheduling_status`` texts people see for a waiting container (SPEC §9.5).
 
 The texts are Arvados' own, word for word (note the two spaces after full stops): scripts and
-dashboards that parse them keep working.  herder adds four that Arvados cannot say: herder's own
+dashboards that parse them keep working.  herder adds five that Arvados cannot say: herder's own
 instance cap (Arvados reports it as the cloud's limits), a pause after failed boots, a spend
-budget that forbids new instances (``cloud.budget``), and the containers one submitted with
-``--after`` waits for.
+budget that forbids new instances (``cloud.budget``), a cloud quota the driver reports full
+(``quota_headroom``), named, and the containers one submitted with ``--after`` waits for.
 
 A pass records a small :class:`Status` value and the text is only formatted when someone asks
 for it, so that a pass over 100,000 waiting containers does not format 100,000 strings nobody
@@ -56,6 +56,7 @@ BOOT_BACKOFF = (
 )
 
 BUDGET = "Waiting in queue at position {}.  Cloud budget reached: {}."
+QUOTA_FULL = "Waiting in queue at position {}.  Cloud quota full: {}."
 
 
 class StatusKind(StrEnum):
@@ -72,6 +73,7 @@ class StatusKind(StrEnum):
     MAX_INSTANCES = MAX_INSTANCES
     BOOT_BACKOFF = BOOT_BACKOFF
     BUDGET = BUDGET
+    QUOTA_FULL = QUOTA_FULL
     WAITING_DEPENDENCIES = WAITING_DEPENDENCIES
 
 
@@ -103,7 +105,7 @@ class Status:
         if kind is StatusKind.WAITING_INSTANCE_TYPE:
             names = self.detail if isinstance(self.detail, tuple) else (self.detail,)
             return kind.value.format(self.position, ", ".join(names))
-        if kind is StatusKind.MAX_INSTANCES or kind is StatusKind.BUDGET:
+        if kind in (StatusKind.MAX_INSTANCES, StatusKind.BUDGET, StatusKind.QUOTA_FULL):
             return kind.value.format(self.position, self.detail)
         if kind is StatusKind.BOOT_BACKOFF:
             return kind.value.format(self.position, *self.detail)

@@ -37,6 +37,7 @@ from herder.cloud import (
     InstancePrice,
     InstanceSet,
     NotImplementedByDriver,
+    Quota,
     QuotaError,
     RateLimitError,
     RemoteRunner,
@@ -222,6 +223,12 @@ class SimInstanceSet(InstanceSet):
             cloud.call("create", "quota")
             cloud.fault("quota")
             raise QuotaError(f"sim: reached quota_max_instances {quota}")
+        group = self.quota_group(instance_type)
+        limit = params.quota_vcpus.get(group)
+        if limit is not None and self._vcpus_in(group, now) + instance_type.vcpus > limit:
+            cloud.call("create", "quota")
+            cloud.fault("quota")
+            raise QuotaError(f"sim: quota_vcpus of group {group!r} ({limit}) reached")
         self._check_capacity(instance_type, now)
 
     def _check_capacity(self, instance_type: InstanceType, now: float) -> None:
@@ -266,6 +273,35 @@ class SimInstanceSet(InstanceSet):
         """First character of the provider type, ``-p`` for preemptible (as Arvados' stub)."""
         group = instance_type.provider_type[:1]
         return group + "-p" if instance_type.preemptible else group
+
+    def _vcpus_in(self, group: str, now: float) -> int:
+        """vCPUs of the listed instances of quota ``group``: what ``quota_vcpus`` counts."""
+        return sum(
+            vm.instance_type.vcpus
+            for vm in self.cloud.listed_vms(now)
+            if self.quota_group(vm.instance_type) == group
+        )
+
+    def quotas(self) -> list[Quota]:
+        """``quota_vcpus`` with the listed instances' vCPUs as usage (every instance of the
+        simulated cloud counts, as an account's quota counts everyone's)."""
+        if not self.params.quota_vcpus:
+            raise NotImplementedByDriver("sim: no quota_vcpus configured")
+        cloud = self.cloud
+        with cloud.lock:
+            now = cloud.now()
+            cloud.settle(now)
+            cloud.call("quotas", "ok")
+            return [
+                Quota(
+                    group=group,
+                    name=f"sim-{group}-vcpus",
+                    limit=float(limit),
+                    usage=float(self._vcpus_in(group, now)),
+                    description=f"sim vCPUs of group {group}",
+                )
+                for group, limit in sorted(self.params.quota_vcpus.items())
+            ]
 
     def stop(self) -> None:
         with self.cloud.lock:
@@ -334,6 +370,8 @@ class SimDriver(Driver):
                 caps.discard(Capability.HOST_KEY_VERIFICATION)
             if not params.price_history:
                 caps.discard(Capability.PRICE_HISTORY)
+            if params.quota_vcpus:
+                caps.add(Capability.QUOTA_HEADROOM)
         return frozenset(caps)
 
     def __init__(self, cloud: SimCloud | None = None) -> None:

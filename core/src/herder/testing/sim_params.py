@@ -115,6 +115,12 @@ class SimParameters(DriverParameters):
     quota_max_instances: int | None = Field(
         None, ge=0, description="QuotaError when this many instances are listed (None: no quota)"
     )
+    quota_vcpus: dict[str, int] = Field(
+        default_factory=dict,
+        description="quota group (first letter of the provider type, -p for preemptible) → "
+        "vCPUs the account may run in it: a create beyond it gets QuotaError, and the driver "
+        "reports these quotas and their usage (capability quota_headroom)",
+    )
     capacity_error_rate: Rate = Field(0.0, description="probability a create gets CapacityError")
     capacity_error_scope: Literal["instance_type", "quota_group", "global"] = Field(
         "instance_type", description="what a random CapacityError says it affects"

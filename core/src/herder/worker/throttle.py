@@ -27,6 +27,7 @@ from herder.cloud import (
     DelegatingInstance,
     Instance,
     InstanceSet,
+    Quota,
     RateLimitError,
 )
 from herder.model import InstanceType
@@ -190,6 +191,9 @@ class _DelegatingInstanceSet(InstanceSet):
 
     def quota_group(self, instance_type: InstanceType) -> str:
         return self._inner.quota_group(instance_type)
+
+    def quotas(self) -> list[Quota]:
+        return self._inner.quotas()
 
     def stop(self) -> None:
         self._inner.stop()

@@ -267,6 +267,8 @@ class Worker:
         self.probe_error = ""
         #: why its containers are lost, once it shut down for not answering ("" otherwise)
         self.lost_reason = ""
+        #: The latest price from the instance's price history (spot), 0 when it has none.
+        self.market_price = 0.0
         self.time_to_ready_reported = False
         self.stale_run_lock_since: float | None = None
         self._probing = threading.Lock()
@@ -901,6 +903,8 @@ class Worker:
     def probe_running(self) -> RunProbeResult:
         """Run ``--list`` and parse it; update the stale-lock timer (SPEC §3.5)."""
         prices = self.instance.price_history(self.instance_type)
+        if prices:  # newest first: the price in force, for spend
+            self.market_price = prices[0].price
         stdin = json.dumps([p.to_json() for p in prices]).encode() if prices else None
         argv = runner_protocol.list_argv(with_prices=bool(prices))
         before = self._now()
@@ -1083,6 +1087,7 @@ class Worker:
             reason=self.reason,
             drain_cause=self.drain_cause,
             paid_until=self._paid_until(),
+            market_price=self.market_price,
         )
 
     def _paid_until(self) -> float:

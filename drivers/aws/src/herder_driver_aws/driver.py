@@ -39,6 +39,8 @@ from herder.cloud import (
     Instance,
     InstancePrice,
     InstanceSet,
+    Quota,
+    QuotaUnit,
     create_key,
 )
 from herder.model import InstanceType
@@ -80,8 +82,9 @@ def user_data(init_command: str) -> str:
     return f"#!/bin/sh\n{init_command}\n"
 
 
-def ec2_client(params: AWSParameters) -> Any:
-    """An EC2 client with SDK retries off (herder's pool does its own) and timeouts set.
+def ec2_client(params: AWSParameters, service: str = "ec2") -> Any:
+    """An EC2 client (or another ``service``'s) with SDK retries off (herder's pool does its
+    own) and timeouts set.
 
     Credentials: static keys (the secret and session token read now from where the parameters
     point), else a named profile, else boto3's default chain; instance metadata is then only
@@ -106,7 +109,7 @@ def ec2_client(params: AWSParameters) -> Any:
         connect_timeout=params.connect_timeout,
         read_timeout=params.read_timeout,
     )
-    return session.client("ec2", endpoint_url=params.endpoint_url or None, config=config)
+    return session.client(service, endpoint_url=params.endpoint_url or None, config=config)
 
 
 class DriverMetrics:
@@ -167,6 +170,12 @@ class AWSInstance(Instance):
     def is_spot(self) -> bool:
         return self._data.get("InstanceLifecycle") == "spot"
 
+    @property
+    def vcpus(self) -> int:
+        """vCPUs from the instance's CPU options; 0 when EC2 did not say."""
+        options = self._data.get("CpuOptions") or {}
+        return int(options.get("CoreCount", 0)) * int(options.get("ThreadsPerCore", 1))
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._set.replace_tags(self.id, tags)
 
@@ -193,11 +202,19 @@ class AWSInstanceSet(InstanceSet):
     page_size: ClassVar[int] = 500
 
     def __init__(
-        self, params: AWSParameters, context: DriverContext, client: Any = None
+        self,
+        params: AWSParameters,
+        context: DriverContext,
+        client: Any = None,
+        quotas_client: Any = None,
     ) -> None:
+        """``client`` (EC2) and ``quotas_client`` (Service Quotas, made when first needed)
+        are built from ``params`` unless given."""
         self.params = params
         self.context = context
         self.client = client if client is not None else ec2_client(params)
+        self._quotas_client = quotas_client
+        self._vcpus: dict[str, int] = {}  # provider type -> default vCPUs, from EC2
         self._log = context.logger
         self._now: Callable[[], float] = (
             context.runtime.now if context.runtime is not None else time.time
@@ -481,8 +498,76 @@ class AWSInstanceSet(InstanceSet):
             self.params.instance_type_quota_groups,
         )
 
+    # ----------------------------------------------------------------- quotas
+
+    def quotas(self) -> list[Quota]:
+        """The vCPU quotas of ``quota_codes`` from Service Quotas, with the account's usage.
+
+        Usage is counted from DescribeInstances (every pending or running instance of the
+        region, herder's or not, by its type's quota group and vCPUs), not from CloudWatch's
+        usage metrics, which lag by minutes: an instance made a second ago counts.  A code
+        Service Quotas does not know in this region is left out.
+        """
+        usage = self._vcpu_usage()
+        client = self._quotas()
+        out: list[Quota] = []
+        for group, code in sorted(self.params.quota_codes.items()):
+            try:
+                reply = client.get_service_quota(ServiceCode="ec2", QuotaCode=code)
+            except ClientError as exc:
+                if error_code(exc)[0] == "NoSuchResourceException":
+                    continue
+                raise classify(exc, self._other_backoff, self._now(), "GetServiceQuota") from exc
+            self._other_backoff.reset()
+            quota = reply.get("Quota", {})
+            out.append(
+                Quota(
+                    group=group,
+                    name=code,
+                    limit=float(quota.get("Value", 0.0)),
+                    usage=float(usage.get(group, 0)),
+                    unit=QuotaUnit.VCPUS,
+                    description=str(quota.get("QuotaName", "")),
+                )
+            )
+        return out
+
+    def _quotas(self) -> Any:
+        if self._quotas_client is None:
+            self._quotas_client = ec2_client(self.params, "service-quotas")
+        return self._quotas_client
+
+    def _vcpu_usage(self) -> dict[str, int]:
+        """vCPUs of the region's pending and running instances, by quota group."""
+        try:
+            found = self._describe_all(
+                [{"Name": "instance-state-name", "Values": ["pending", "running"]}]
+            )
+            by_group: dict[str, int] = {}
+            for inst in found:
+                group = quota_group(
+                    inst.provider_type, inst.is_spot, self.params.instance_type_quota_groups
+                )
+                by_group[group] = by_group.get(group, 0) + self._vcpus_of(inst)
+        except ClientError as exc:
+            raise classify(exc, self._list_backoff, self._now(), "DescribeInstances") from exc
+        return by_group
+
+    def _vcpus_of(self, inst: AWSInstance) -> int:
+        """An instance's vCPUs: its CPU options, else its type's default (asked once a type)."""
+        if inst.vcpus:
+            return inst.vcpus
+        name = inst.provider_type
+        if name not in self._vcpus:
+            reply = self.client.describe_instance_types(InstanceTypes=[name])
+            (info,) = reply.get("InstanceTypes", [{}])[:1] or [{}]
+            self._vcpus[name] = int(info.get("VCpuInfo", {}).get("DefaultVCpus", 0))
+        return self._vcpus[name]
+
     def stop(self) -> None:
         self.client.close()
+        if self._quotas_client is not None:
+            self._quotas_client.close()
 
 
 def _tag_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
@@ -501,7 +586,7 @@ class AWSDriver(Driver):
     capabilities = frozenset(
         {
             "price_history", "spot", "gpu", "quota_errors", "capacity_errors",
-            "rate_limit_errors", "idempotent_create",
+            "rate_limit_errors", "idempotent_create", "quota_headroom",
         }
     )
 

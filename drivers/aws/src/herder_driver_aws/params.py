@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from herder.cloud import DriverParameters, SecretRef
 from herder.config import Duration
-from herder_driver_aws.quota import DEFAULT_QUOTA_GROUPS
+from herder_driver_aws.quota import DEFAULT_QUOTA_CODES, DEFAULT_QUOTA_GROUPS
 
 
 def _id_list(value: Any) -> Any:
@@ -44,6 +44,8 @@ class AWSParameters(DriverParameters):
     instance_type_quota_groups: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_QUOTA_GROUPS)
     )
+    #: quota group → Service Quotas code of its vCPU quota, read for quota headroom
+    quota_codes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_QUOTA_CODES))
     resource_tags: dict[str, str] = Field(default_factory=dict)
     connect_timeout: Duration = Field(default=10.0, gt=0)
     read_timeout: Duration = Field(default=60.0, gt=0)

@@ -43,3 +43,24 @@ def quota_group(provider_type: str, preemptible: bool, groups: Mapping[str, str]
     if preemptible:
         group += "-spot"
     return group
+
+
+#: Service Quotas codes (service ``ec2``) of the vCPU quotas, by the quota group of the types
+#: they limit: on-demand "Running On-Demand ... instances" and "All ... Spot Instance
+#: Requests".  ``quota_codes`` in the parameters replaces this table.
+DEFAULT_QUOTA_CODES: dict[str, str] = {
+    "standard": "L-1216C47A",
+    "standard-spot": "L-34B43A08",
+    "g": "L-DB2E81BA",
+    "g-spot": "L-3819A6DF",
+    "p": "L-417A185B",
+    "p-spot": "L-7212CCBC",
+    "f": "L-74FC7D96",
+    "f-spot": "L-88CF9481",
+    "x": "L-7295265B",
+    "x-spot": "L-E3A00192",
+    "inf": "L-1945791B",
+    "inf-spot": "L-B5D1601B",
+    "trn": "L-2C3B7624",
+    "trn-spot": "L-6B0D517C",
+}

@@ -51,6 +51,8 @@ from herder.cloud import (
     DriverParameters,
     Instance,
     InstanceSet,
+    Quota,
+    QuotaUnit,
     RateLimitError,
     create_key,
 )
@@ -59,7 +61,7 @@ from herder_driver_azure import tags as tagcodec
 from herder_driver_azure.cleanup import Cleaner, Dangling
 from herder_driver_azure.errors import classify
 from herder_driver_azure.params import AzureParameters
-from herder_driver_azure.quota import quota_group
+from herder_driver_azure.quota import SPOT_GROUP, quota_group
 
 GIB = 1 << 30
 #: Azure's limit on a Linux VM's name and computer name.
@@ -664,6 +666,42 @@ class AzureInstanceSet(InstanceSet):
             instance_type.provider_type, instance_type.preemptible, self.params.quota_groups
         )
 
+    # ----------------------------------------------------------------- quotas
+
+    def quotas(self) -> list[Quota]:
+        """The location's vCPU quotas per VM family and for spot, from compute ``usage.list``.
+
+        A ``...Family`` quota is the group of the sizes :func:`~herder_driver_azure.quota.
+        vm_family` puts in it; ``lowPriorityCores`` is the spot group.  The regional totals
+        (``cores``, ``virtualMachines``) are left out: herder's groups give each size one
+        quota, and the family quota is the one that usually binds.
+        """
+        try:
+            usages = list(self.compute.usage.list(self.params.location))
+        except Exception as exc:
+            raise self._classify(exc, "usage.list") from exc
+        out: list[Quota] = []
+        for usage in usages:
+            name = str(usage.name.value if usage.name is not None else "")
+            if name == "lowPriorityCores":
+                group = SPOT_GROUP
+            elif name.endswith("Family"):
+                group = name
+            else:
+                continue
+            label = usage.name.localized_value if usage.name is not None else ""
+            out.append(
+                Quota(
+                    group=group,
+                    name=name,
+                    limit=float(usage.limit),
+                    usage=float(usage.current_value),
+                    unit=QuotaUnit.VCPUS,
+                    description=str(label or name),
+                )
+            )
+        return out
+
     def stop(self) -> None:
         """Stop the clean-up (waiting for deletions under way) and close the clients."""
         self.cleaner.stop()
@@ -690,7 +728,7 @@ class AzureDriver(Driver):
     parameters_model = AzureParameters
     capabilities = frozenset(
         {"spot", "gpu", "quota_errors", "capacity_errors", "rate_limit_errors",
-         "idempotent_create"}
+         "idempotent_create", "quota_headroom"}
     )
 
     def instance_set(self, params: DriverParameters, context: DriverContext) -> InstanceSet:

@@ -62,7 +62,9 @@ from herder.cloud import (
     InstancePrice,
     InstanceSet,
     NotImplementedByDriver,
+    Quota,
     QuotaError,
+    QuotaUnit,
     RateLimitError,
     RemoteRunner,
     create_key,
@@ -79,7 +81,7 @@ from herder_driver_gce.errors import (
     is_zone_specific,
     operation_error,
 )
-from herder_driver_gce.params import CLOUD_PLATFORM, LABEL_VALUE, GCEParameters
+from herder_driver_gce.params import CLOUD_PLATFORM, LABEL_VALUE, GCEParameters, region_of
 from herder_driver_gce.quota import accelerator_for, built_in_accelerator, quota_group
 
 #: GCE statuses of an instance that is going away or stopped: herder does not count it.
@@ -202,6 +204,14 @@ def compute_clients(params: GCEParameters) -> tuple[Any, Any]:
         "client_options": options,
     }
     return compute_v1.InstancesClient(**kwargs), compute_v1.ZoneOperationsClient(**kwargs)
+
+
+def regions_client(params: GCEParameters) -> Any:
+    """A regions client (for quotas), REST, with the instances client's credentials."""
+    options = ClientOptions(api_endpoint=params.api_endpoint) if params.api_endpoint else None
+    return compute_v1.RegionsClient(
+        credentials=credentials_for(params), transport="rest", client_options=options
+    )
 
 
 def _zone_of(url: str) -> str:
@@ -362,6 +372,7 @@ class GCEInstanceSet(InstanceSet):
         self._lock = threading.Lock()  # guards _zone_index and _key_zones
         self._zone_index = 0
         self._key_zones: OrderedDict[str, int] = OrderedDict()  # create key -> zone index
+        self._regions_client: Any = None  # made when quotas are first read
 
     # ----------------------------------------------------------------- create
 
@@ -796,8 +807,53 @@ class GCEInstanceSet(InstanceSet):
             self.params.instance_type_quota_groups,
         )
 
+    # ----------------------------------------------------------------- quotas
+
+    def quotas(self) -> list[Quota]:
+        """The region's vCPU and GPU quotas (``regions.get``), usage as GCE counts it.
+
+        Every ``*CPUS`` and ``*_GPUS`` metric is reported, its group the metric lowercased,
+        as :func:`~herder_driver_gce.quota.quota_group` names types' groups (``N2_CPUS`` →
+        ``n2_cpus``, ``PREEMPTIBLE_CPUS``, ``NVIDIA_T4_GPUS``); other quotas (addresses,
+        disks) do not limit what herder creates by type and are left out.
+        """
+        region = region_of(self.params.zones[0])
+        try:
+            data = self._regions().get(project=self.params.project, region=region)
+        except Exception as exc:
+            raise classify(exc, self._other_backoff, self.now(), "regions.get") from exc
+        self._other_backoff.reset()
+        out: list[Quota] = []
+        for q in data.quotas:
+            metric = str(q.metric)
+            if metric.endswith("_GPUS"):
+                unit = QuotaUnit.GPUS
+            elif metric == "CPUS" or metric.endswith("_CPUS"):
+                unit = QuotaUnit.VCPUS
+            else:
+                continue
+            out.append(
+                Quota(
+                    group=metric.lower(),
+                    name=metric,
+                    limit=float(q.limit),
+                    usage=float(q.usage),
+                    unit=unit,
+                    description=f"{metric} in {region}",
+                )
+            )
+        return out
+
+    def _regions(self) -> Any:
+        with self._lock:
+            if self._regions_client is None:
+                self._regions_client = regions_client(self.params)
+            return self._regions_client
+
     def stop(self) -> None:
-        for client in (self.client, self.operations):
+        for client in (self.client, self.operations, self._regions_client):
+            if client is None:
+                continue
             transport = getattr(client, "transport", None)
             if transport is not None:
                 transport.close()
@@ -810,7 +866,7 @@ class GCEDriver(Driver):
     capabilities = frozenset(
         {
             "price_history", "spot", "gpu", "quota_errors", "capacity_errors",
-            "rate_limit_errors", "idempotent_create",
+            "rate_limit_errors", "idempotent_create", "quota_headroom",
         }
     )
 

@@ -96,11 +96,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Step 3: every dispatch attempt of a container, as JSON in its row.
     ("ALTER TABLE containers ADD COLUMN attempts text NOT NULL DEFAULT '[]'",),
+    # Step 4: container labels (free-form key=value at submit, for cost reports).  Rows
+    # written before it get none.
+    ("ALTER TABLE containers ADD COLUMN labels text NOT NULL DEFAULT '{}'",),
 )
 
 # Built from constants only, never from input.
 _SELECT = f"SELECT {COLUMNS} FROM containers"  # noqa: S608
-_INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join(['%s'] * COLUMN_COUNT)})"  # noqa: S608
+_INSERT = (
+    f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join(['%s'] * COLUMN_COUNT)})"  # noqa: S608
+)
 _UPDATE = (
     "UPDATE containers SET state = %s, priority = %s, locked_at = %s, started_at = %s, "
     "finished_at = %s, lock_count = %s, exit_code = %s, runtime_status = %s, instance_id = %s, "

@@ -133,12 +133,52 @@ function cancelButton(ctr) {
   }, true);
 }
 
-function renderTotals(summary) {
+function until(timestamp) {
+  return timestamp ? duration((Date.parse(timestamp) - Date.now()) / 1000) : "";
+}
+
+// The spend budget: spend of the period against its limits; null when the server has none
+// (a dispatcher without instances) or the budget could not be read.
+function budgetCard(budget) {
+  if (!budget) return null;
+  const limits = [];
+  if (budget.soft_limit !== null) limits.push(`soft limit ${money(budget.soft_limit)}`);
+  if (budget.hard_limit !== null) limits.push(`hard limit ${money(budget.hard_limit)}`);
+  const state = budget.hard_reached ? "hard" : budget.soft_reached ? "soft" : "under";
+  return el("div", { class: `card budget budget-${state}`, id: "budget" },
+    el("h3", {}, `Spend this ${budget.period}`),
+    el("div", { class: "big", id: "budget-spent" }, money(budget.spent)),
+    el("div", { id: "budget-limits" }, limits.length ? limits.join(", ") : "no limit"),
+    el("div", { class: "muted" }, `period ends in ${until(budget.period_end)}`),
+    budget.message ? el("div", { id: "budget-message", class: "status" }, budget.message) : null,
+  );
+}
+
+// The cloud's quotas herder reads (drivers with quota_headroom): usage against the limit,
+// herder's own share and what waiting containers want; null when none are read.
+function quotaCard(quotas) {
+  if (!quotas || !quotas.enabled || !quotas.items.length) return null;
+  const num = (v) => Number.isInteger(v) ? String(v) : Number(v).toFixed(2);
+  return el("div", { class: "card", id: "quotas" }, el("h3", {}, "Cloud quotas"),
+    el("table", {},
+      el("thead", {}, el("tr", {}, ["Quota", "Used", "Herder", "Wanted"].map(
+        h => el("th", {}, h)))),
+      el("tbody", {}, quotas.items.map(q => el("tr", { "data-quota": q.name,
+                                                      title: q.description },
+        el("td", { class: "id" }, q.name),
+        el("td", { class: "num used" }, `${num(q.usage + q.pending)} of ${num(q.limit)} ${q.unit}`),
+        el("td", { class: "num" }, num(q.herder)),
+        el("td", { class: "num" }, num(q.wanted)),
+      )))));
+}
+
+function renderTotals(summary, budget, quotas) {
   const list = (counts) => el("ul", {}, Object.entries(counts).map(
     ([state, n]) => el("li", {}, stateBadge(state), " ", String(n))));
   $("totals").replaceChildren(
     el("div", { class: "card" }, el("h3", {}, "Cost per hour now"),
        el("div", { class: "big", id: "cost-per-hour" }, money(summary.cost_per_hour))),
+    ...[budgetCard(budget), quotaCard(quotas)].filter(Boolean),
     el("div", { class: "card", id: "instance-totals" }, el("h3", {}, "Instances"),
        list(summary.instances)),
     el("div", { class: "card", id: "container-totals" }, el("h3", {}, "Containers"),
@@ -160,7 +200,8 @@ function renderInstances(items) {
     sections.push(el("h3", {}, `${state} (${group.length})`));
     sections.push(el("table", { "data-group": state },
       el("thead", {}, el("tr", {}, ["Instance", "Type", "Price/h", "State", "In state",
-                                    "Idle behaviour", "Containers", "Actions"].map(
+                                    "Idle behaviour", "Reason", "Paid for", "Containers",
+                                    "Actions"].map(
         h => el("th", {}, h)))),
       el("tbody", {}, group.map(inst => el("tr", { "data-instance": inst.instance },
         el("td", { class: "id" }, inst.instance || "(creating)"),
@@ -169,6 +210,12 @@ function renderInstances(items) {
         el("td", { class: "worker-state" }, stateBadge(inst.worker_state)),
         el("td", { class: "num" }, duration(inst.time_in_state)),
         el("td", { class: `idle-behavior behavior-${inst.idle_behavior}` }, inst.idle_behavior),
+        el("td", { class: "reason" },
+           inst.drain_cause ? el("span", { class: `drain-cause cause-${inst.drain_cause}` },
+                                 inst.drain_cause) : null,
+           inst.drain_cause && inst.reason ? " " : null,
+           inst.reason || null),
+        el("td", { class: "num paid-until" }, until(inst.paid_until)),
         el("td", { class: "id" }, inst.running_container_uuids.map(u => el("div", {}, u))),
         el("td", {}, instanceActions(inst)),
       )))));
@@ -315,13 +362,19 @@ async function refresh() {
   try {
     const active = "state=Queued&state=Locked&state=Running&limit=1000";
     const ended = `state=Complete&state=Cancelled&limit=${FINISHED_SHOWN}`;
-    const [summary, instances, containers, finished] = await Promise.all([
+    const optional = (path) => api("GET", path).catch((err) => {
+      if (err instanceof AuthError) throw err;
+      return null;  // not on this server (a dispatcher without instances): left out
+    });
+    const [summary, instances, containers, finished, budget, quotas] = await Promise.all([
       api("GET", "/api/v1/summary"),
       api("GET", "/api/v1/instances"),
       api("GET", `/api/v1/containers?${active}`),
       api("GET", `/api/v1/containers?${ended}`),
+      optional("/api/v1/budget"),
+      optional("/api/v1/quotas"),
     ]);
-    renderTotals(summary);
+    renderTotals(summary, budget, quotas);
     renderInstances(instances.items);
     renderContainers(containers.items);
     renderFinished(finished.items);

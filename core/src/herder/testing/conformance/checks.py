@@ -26,6 +26,7 @@ from herder.cloud import (
     Instance,
     InstancePrice,
     NotImplementedByDriver,
+    Quota,
     QuotaError,
     RateLimitError,
     RemoteRunner,
@@ -642,6 +643,24 @@ def check_price_history(harness: ConformanceHarness) -> None:
                    rules.PRICE_HISTORY_ORDERED)
 
 
+def check_quotas(harness: ConformanceHarness) -> None:
+    _require(harness, Capability.QUOTA_HEADROOM)
+    iset = harness.instance_set()
+    quotas: Any = iset.quotas()
+    if not isinstance(quotas, list) or not all(isinstance(q, Quota) for q in quotas):
+        raise fail(f"quotas returned {quotas!r}", rules.QUOTAS_REPORTED)
+    for q in quotas:
+        if q.limit < 0 or q.usage < 0 or not q.name:
+            raise fail(f"quota {q!r}: a name, a limit and usage not negative",
+                       rules.QUOTAS_REPORTED)
+    groups = {iset.quota_group(it) for it in harness.target.instance_types}
+    if not groups & {q.group for q in quotas}:
+        raise fail(
+            f"no quota of the groups of the target's types ({sorted(groups)}) in {quotas!r}",
+            rules.QUOTAS_REPORTED,
+        )
+
+
 def _create_kind(harness: ConformanceHarness, it: InstanceType | None, rule: str) -> None:
     if it is None:
         raise Skipped("the target lists no instance type of this kind")
@@ -713,6 +732,7 @@ CHECKS: dict[str, Callable[[ConformanceHarness], None]] = {
     "init_command_and_public_key": check_init_command_and_public_key,
     "host_key_verification": check_host_key_verification,
     "price_history": check_price_history,
+    "quotas": check_quotas,
     "spot": check_spot,
     "gpu": check_gpu,
     "idempotent_create": check_idempotent_create,

@@ -66,6 +66,10 @@ HOST_KEY_DECLARED = (
     "verify_host_key"
 )
 PRICE_HISTORY_ORDERED = "price_history returns InstancePrice points, newest first"
+QUOTAS_REPORTED = (
+    "a driver declaring quota_headroom returns Quota values from quotas (a name, a limit and "
+    "usage not negative), among them one of a quota group of the target's instance types"
+)
 SPOT_CREATES = "a driver declaring spot creates preemptible instance types"
 GPU_CREATES = "a driver declaring gpu creates GPU instance types"
 DEFAULT_TYPES_DECLARED = (
@@ -103,6 +107,7 @@ ALL_RULES: tuple[str, ...] = (
     HOST_KEY_CHECKED,
     HOST_KEY_DECLARED,
     PRICE_HISTORY_ORDERED,
+    QUOTAS_REPORTED,
     SPOT_CREATES,
     GPU_CREATES,
     DEFAULT_TYPES_DECLARED,

@@ -129,6 +129,9 @@ class DriverConformance:
     def test_price_history(self, conformance_harness: ConformanceHarness) -> None:
         _run("price_history", conformance_harness)
 
+    def test_quotas(self, conformance_harness: ConformanceHarness) -> None:
+        _run("quotas", conformance_harness)
+
     def test_spot(self, conformance_harness: ConformanceHarness) -> None:
         _run("spot", conformance_harness)
 
