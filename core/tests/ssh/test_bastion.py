@@ -449,3 +449,45 @@ def test_the_core_readme_bastion_examples_are_valid_config() -> None:
     for block in blocks:
         config, problems = config_from_data(yaml.safe_load(block))
         assert config is not None, problems
+
+
+def test_a_second_close_of_a_proxy_socket_waits_for_the_command_to_be_reaped(
+    tmp_path: Path,
+) -> None:
+    """paramiko closes the socket from its transport thread and from ``close()``: whichever
+    comes second must not return while the first is still ending the command."""
+    import threading
+
+    from herder.ssh.bastion import ProxyCommandRoute
+
+    told = tmp_path / "terminated"
+    # A command that, told to end, says so and then takes its time.
+    script = (
+        "import signal, sys, time\n"
+        "def bye(*_):\n"
+        f"    open({str(told)!r}, 'w').close()\n"
+        "    time.sleep(0.5)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "sys.stdout.buffer.write(b'r')\n"
+        "sys.stdout.buffer.flush()\n"
+        "sys.stdin.buffer.read()\n"
+        "while True:\n"
+        "    signal.pause()\n"
+    )
+    sock, _ = ProxyCommandRoute((sys.executable, "-c", script), "slow").open_channel(
+        "127.0.0.1", 22, 10
+    )
+    process = sock.process
+    assert process is not None
+    assert sock.recv(1) == b"r"  # its handler is in place
+    first = threading.Thread(target=sock.close)
+    first.start()
+    for _ in range(1000):  # until the command has received its SIGTERM
+        if told.exists():
+            break
+        first.join(0.01)
+    assert told.exists()
+    sock.close()  # the second close, while the first waits for the command
+    assert process.returncode is not None
+    first.join(10)

@@ -250,17 +250,25 @@ class _ProxySocket(socket.socket):
 
     process: subprocess.Popen[bytes] | None = None
 
+    def __init__(self, *, fileno: int) -> None:
+        super().__init__(fileno=fileno)
+        # paramiko closes the socket from its transport thread as well as from close(): the
+        # second caller waits until the first has reaped the command, so that no caller
+        # returns while the process may still run.
+        self._reaping = threading.Lock()
+
     def close(self) -> None:
         super().close()
-        process, self.process = self.process, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with self._reaping:
+            process, self.process = self.process, None
+            if process is None:
+                return
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @dataclass(frozen=True, slots=True)
