@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-#: ``<cluster_id>-dz642-<15 lowercase alphanumerics>``; cluster ids are 5 lowercase alphanumerics.
-CONTAINER_UUID_RE = re.compile(r"^[a-z0-9]{5}-dz642-[a-z0-9]{15}$")
-CLUSTER_ID_RE = re.compile(r"^[a-z0-9]{5}$")
+from herder.names import ARRAY_ID_ENV as ARRAY_ID_ENV
+from herder.names import ARRAY_ID_RE as ARRAY_ID_RE
+from herder.names import ARRAY_INDEX_ENV as ARRAY_INDEX_ENV
+from herder.names import CLUSTER_ID_RE as CLUSTER_ID_RE
+from herder.names import CONTAINER_UUID_RE as CONTAINER_UUID_RE
+from herder.names import ContainerState as ContainerState
+from herder.names import is_array_id as is_array_id
+from herder.names import is_container_uuid as is_container_uuid
 
 # A container image reference, in the grammar of the OCI distribution spec (docker and podman
 # use it): ``[registry[:port]/]path[:tag][@algorithm:hex]``.  Checked where a container enters
@@ -41,11 +46,6 @@ def _image_reference_re() -> re.Pattern[str]:
 def is_image_reference(text: str) -> bool:
     """Whether ``text`` is an image reference (or empty: no image)."""
     return _image_reference_re().fullmatch(text) is not None
-
-
-def is_container_uuid(text: str) -> bool:
-    """True for a well-formed container UUID (safe to put in a shell command unquoted)."""
-    return bool(CONTAINER_UUID_RE.fullmatch(text))
 
 
 # --------------------------------------------------------------------------- instance types
@@ -152,18 +152,6 @@ class InstanceType:
 # --------------------------------------------------------------------------- containers
 
 
-class ContainerState(StrEnum):
-    QUEUED = "Queued"
-    LOCKED = "Locked"
-    RUNNING = "Running"
-    COMPLETE = "Complete"
-    CANCELLED = "Cancelled"
-
-    @property
-    def final(self) -> bool:
-        return self in (ContainerState.COMPLETE, ContainerState.CANCELLED)
-
-
 @dataclass(frozen=True, slots=True)
 class GPURequest:
     """GPUs a container needs (SPEC §8.4)."""
@@ -211,19 +199,6 @@ class ContainerSpec:
     #: Free-form ``key=value`` labels, sorted by key, for the submitter's own bookkeeping: cost
     #: reports group by them (``herder costs``).  herder gives them no other meaning.
     labels: tuple[tuple[str, str], ...] = ()
-
-
-#: The environment variable that tells each member of an array its index (0 to count - 1).
-ARRAY_INDEX_ENV = "HERDER_ARRAY_INDEX"
-#: The environment variable that tells each member of an array the array's id.
-ARRAY_ID_ENV = "HERDER_ARRAY_ID"
-#: ``<cluster_id>-a88ay-<15 lowercase alphanumerics>``: the id shared by an array's members.
-ARRAY_ID_RE = re.compile(r"^[a-z0-9]{5}-a88ay-[a-z0-9]{15}$")
-
-
-def is_array_id(text: str) -> bool:
-    """True for a well-formed array id (see :data:`ARRAY_ID_RE`)."""
-    return bool(ARRAY_ID_RE.fullmatch(text))
 
 
 #: The image pull policies a container (or ``containers.pull_policy``) may name.

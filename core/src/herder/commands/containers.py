@@ -16,7 +16,7 @@ from typing import Any
 
 from herder.client import Client, ClientError, resolve_endpoint
 from herder.commands import CommandError, Context, print_json, render_table
-from herder.model import ContainerState, is_array_id, is_container_uuid
+from herder.names import ContainerState, is_array_id, is_container_uuid
 from herder.units import format_duration, format_size, parse_duration, parse_size
 
 #: Seconds between polls while ``submit --wait`` and ``logs --follow`` wait.
