@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from herder.testing.moto_ec2 import honour_client_tokens
+
 
 @pytest.fixture(autouse=True)
 def fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,20 +24,4 @@ def client_tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Make moto honour RunInstances' ``ClientToken`` as EC2 documents it (moto stores the
     token but launches again): a request repeating a token gets the reservation the first one
     made.  Returns the token → reservation map."""
-    from moto.ec2.models.instances import InstanceBackend
-
-    original = InstanceBackend.run_instances
-    made: dict[str, Any] = {}
-
-    def run_instances(self: Any, image_id: str, count: int, user_data: Any,
-                      security_group_names: list[str], **kwargs: Any) -> Any:
-        token = kwargs.get("client_token")
-        if token and token != "ABCDE" and token in made:  # "ABCDE": moto's "none given"
-            return made[token]
-        reservation = original(self, image_id, count, user_data, security_group_names, **kwargs)
-        if token and token != "ABCDE":
-            made[token] = reservation
-        return reservation
-
-    monkeypatch.setattr(InstanceBackend, "run_instances", run_instances)
-    return made
+    return honour_client_tokens(monkeypatch)
