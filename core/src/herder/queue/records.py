@@ -9,7 +9,7 @@ container, never the queue.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +22,7 @@ from herder.model import (
     RuntimeConstraints,
     SchedulingParameters,
 )
+from herder.queue.base import QueueError
 
 #: The columns of a container row, in the order every function here uses.
 COLUMNS = (
@@ -240,3 +241,28 @@ def _decode_strictly(row: Sequence[Any]) -> Container:
             Attempt.from_json(a) for a in json.loads(row[15])
         ),
     )
+
+
+def upgrade_schema(
+    execute: Callable[..., Any],
+    migrations: Sequence[Sequence[str]],
+    too_new: Callable[[int, int], str],
+) -> None:
+    """Bring a queue's schema up to date inside the caller's transaction: read the recorded
+    version (a new queue has none: 0), refuse a version newer than ``migrations`` knows with
+    ``too_new(version, known)``, run each missing step's statements, record the new version.
+
+    ``execute`` is the backend's connection's ``execute``; every statement is a constant of
+    the backend's own, so this is the one place both SQL backends keep their steps in order.
+    """
+    execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+    row = execute("SELECT version FROM schema_version").fetchone()
+    if row is None:
+        execute("INSERT INTO schema_version (version) VALUES (0)")
+    version = 0 if row is None else int(row[0])
+    if version > len(migrations):
+        raise QueueError(too_new(version, len(migrations)))
+    for statements in migrations[version:]:
+        for statement in statements:
+            execute(statement)
+    execute(f"UPDATE schema_version SET version = {len(migrations):d}")  # noqa: S608 (an int)

@@ -34,6 +34,7 @@ from herder.queue.records import (
     from_row,
     insert_row,
     update_row,
+    upgrade_schema,
 )
 from herder.queue.rules import (
     CANCELLED,
@@ -470,20 +471,12 @@ class SqliteQueue(RuledQueue):
                 "SELECT count(*) FROM sqlite_master WHERE name = 'schema_version'"
             ).fetchone()
             fresh = int(found[0]) == 0
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
-                db.execute("INSERT INTO schema_version (version) VALUES (0)")
-            version = 0 if row is None else int(row[0])
-            if version > len(_MIGRATIONS):
-                raise QueueError(
-                    f"queue database schema version {version} is newer than this herder "
-                    f"understands ({len(_MIGRATIONS)}); upgrade herder"
-                )
-            for statements in _MIGRATIONS[version:]:
-                for statement in statements:
-                    db.execute(statement)
-            db.execute("UPDATE schema_version SET version = ?", (len(_MIGRATIONS),))
+            upgrade_schema(
+                db.execute,
+                _MIGRATIONS,
+                lambda version, known: f"queue database schema version {version} is newer than "
+                f"this herder understands ({known}); upgrade herder",
+            )
         return fresh
 
     # ---- storage (each called with self._lock held)

@@ -50,6 +50,7 @@ from herder.queue.records import (
     from_row,
     insert_row,
     update_row,
+    upgrade_schema,
 )
 from herder.queue.rules import CANCELLED, UNFINISHED, RuledQueue, Unreadable
 from herder.runtime import Runtime
@@ -316,20 +317,13 @@ class PostgresQueue(RuledQueue):
             db.execute(
                 "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"herder-migrate:{self._schema}",)
             )
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
-                db.execute("INSERT INTO schema_version (version) VALUES (0)")
-            version = 0 if row is None else int(row[0])
-            if version > len(MIGRATIONS):
-                raise QueueError(
-                    f"queue schema {self._schema!r} has schema version {version}, newer than "
-                    f"this herder-queue-postgres understands ({len(MIGRATIONS)}); upgrade it"
-                )
-            for statements in MIGRATIONS[version:]:
-                for statement in statements:
-                    db.execute(statement)  # constants only
-            db.execute("UPDATE schema_version SET version = %s", (len(MIGRATIONS),))
+            upgrade_schema(
+                db.execute,
+                MIGRATIONS,
+                lambda version, known: f"queue schema {self._schema!r} has schema version "
+                f"{version}, newer than this herder-queue-postgres understands ({known}); "
+                "upgrade it",
+            )
 
     # ---- the listener
 
