@@ -42,7 +42,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "benchmark-token-0123456789abcdef"  # noqa: S105 (a throw-away server)
-#: As herder.client.REUSE_IDLE: the server closes connections idle for 5 s.
+#: As herder.app.client.REUSE_IDLE: the server closes connections idle for 5 s.
 REUSE_IDLE = 2.0
 
 

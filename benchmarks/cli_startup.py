@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERDER = [sys.executable, "-m", "herder.cli"]
+HERDER = [sys.executable, "-m", "herder.app.cli"]
 
 
 def timed(argv: list[str], env: dict[str, str], runs: int) -> list[float]:

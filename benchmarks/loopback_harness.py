@@ -1,6 +1,6 @@
 """An in-process herder on the loopback driver, for the latency and throughput benchmarks.
 
-The same wiring as ``herder serve`` (a :class:`~herder.dispatcher.CloudEngine` on a
+The same wiring as ``herder serve`` (a :class:`~herder.engine.cloud_engine.CloudEngine` on a
 :class:`~herder.runtime.ThreadRuntime`, the SQLite queue, real SSH to loopback instances, the
 deployed runner agent), without the API server, so that a benchmark submits to the queue
 directly and sees every state change through :meth:`ContainerQueue.observe`.
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from herder.config import Config
-from herder.dispatcher import CloudEngine, public_key_from_private
-from herder.executor import Executor
+from herder.engine.cloud_engine import CloudEngine, public_key_from_private
 from herder.model import Container, ContainerSpec, ContainerState, WorkerState
+from herder.plugin.executor import Executor
 from herder.runtime import ThreadRuntime
 from herder.ssh.executor import SSHExecutor
 from herder.ssh.server import generate_key_file

@@ -22,7 +22,7 @@ import time
 import tracemalloc
 
 from herder.config import Config
-from herder.dispatcher import CloudEngine
+from herder.engine.cloud_engine import CloudEngine
 from herder.model import ContainerSpec, ContainerState
 from herder.runtime import VirtualRuntime
 from herder.testing.sim import SimDriver

@@ -12,7 +12,7 @@ and succeed).  So the figures measure herder alone.  ``--bastion`` adds a jump h
 process, and herder reaches every instance through it (``cloud.ssh.bastion_*``).
 
 ``--pool`` is a dispatcher restarted with every instance already there: herder's
-:class:`~herder.worker.pool.Pool` on a :class:`~herder.runtime.ThreadRuntime`, with
+:class:`~herder.engine.worker.pool.Pool` on a :class:`~herder.runtime.ThreadRuntime`, with
 ``SSHExecutor`` for each instance, lists them, adopts them (connect, verify the host key, boot
 probe, runner md5 check and install, resident runner, ``--list``) at the default
 ``probe_interval`` with ``max_probes_per_second`` sized for them (N / interval x 1.2), then
@@ -22,7 +22,7 @@ per second and CPU as % of one core.
 
 Without ``--pool``, the bare SSH path: per instance one
 :class:`~herder.ssh.executor.SSHExecutor` and one
-:class:`~herder.worker.runner_client.RunnerClient` holding the resident runner stream; then
+:class:`~herder.engine.worker.runner_client.RunnerClient` holding the resident runner stream; then
 ``--list`` probes of every instance every ``--probe-interval``, spread evenly, on
 ``--probe-threads`` threads.  ``connect`` is the seconds until every instance answered a first
 ``--list`` with ``--connect-threads`` in parallel.
@@ -49,8 +49,13 @@ from pathlib import Path
 import asyncssh
 from prometheus_client import CollectorRegistry
 
-from herder import runner_protocol
-from herder.cloud import (
+from herder.agent import protocol as runner_protocol
+from herder.config import Config
+from herder.engine.worker.interfaces import NullReporter
+from herder.engine.worker.pool import Pool
+from herder.engine.worker.runner_client import RunnerClient
+from herder.model import InstanceType, WorkerState
+from herder.plugin.cloud import (
     CloudError,
     HostKey,
     HostKeyMismatch,
@@ -58,14 +63,9 @@ from herder.cloud import (
     InstanceSet,
     RemoteRunner,
 )
-from herder.config import Config
-from herder.model import InstanceType, WorkerState
 from herder.runtime import ThreadRuntime, VirtualRuntime
 from herder.ssh.executor import SSHExecutor
 from herder.ssh.server import generate_key_file
-from herder.worker.interfaces import NullReporter
-from herder.worker.pool import Pool
-from herder.worker.runner_client import RunnerClient
 
 RUNNER = "herder-runner"
 SET_ID = "bench-is000-000000000000001"

@@ -8,7 +8,7 @@ import pytest
 
 from herder.config import Config
 from herder.model import Billing, ContainerSpec, RuntimeConstraints
-from herder.simulate import PlannedContainer, run_simulation
+from herder.tools.simulate import PlannedContainer, run_simulation
 
 
 def test_billed_seconds_round_up_to_the_increment_and_the_minimum():
@@ -118,7 +118,7 @@ def test_per_second_billing_is_todays_idle_timeout():
 
 def test_type_keys_win_over_the_driver():
     config = sim_config(cloud_billing=3600, type_billing="1m")
-    from herder.dispatcher import with_driver_billing
+    from herder.engine.cloud_engine import with_driver_billing
     from herder.testing.sim import SimDriver
 
     driver = SimDriver()

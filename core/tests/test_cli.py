@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 import herder
-from herder import cli
-from herder import plugins as plugins_module
-from herder.cloud import Driver, DriverContext, DriverParameters, InstanceSet
-from herder.hookspecs import hookimpl
-from herder.plugins import Plugins, Registry
+from herder.app import cli
+from herder.plugin import registry as plugins_module
+from herder.plugin.cloud import Driver, DriverContext, DriverParameters, InstanceSet
+from herder.plugin.hookspecs import hookimpl
+from herder.plugin.registry import Plugins, Registry
 
 
 class QuietParameters(DriverParameters):
@@ -245,7 +245,8 @@ def test_plugins_json_lists_the_builtins(capsys: pytest.CaptureFixture[str]) -> 
     assert builtin["version"] == herder.__version__
     registered = {(r["kind"], r["name"], r["target"]) for r in builtin["registrations"]}
     assert ("driver", "sim", "herder.testing.sim:SimDriver") in registered
-    assert ("boot_probe", "command", "herder.worker.bootprobe:CommandBootProbe") in registered
+    probe = "herder.plugin.bootprobe:CommandBootProbe"
+    assert ("boot_probe", "command", probe) in registered
     assert ("executor", "ssh", "herder.ssh.executor:SSHExecutor") in registered
 
 
@@ -361,7 +362,7 @@ def test_serve_moves_the_startup_heap_out_of_the_collector() -> None:
     """Objects loaded at start-up are frozen, so full collections stop re-walking them."""
     import gc
 
-    from herder.commands.serve import settle_startup_heap
+    from herder.app.commands.serve import settle_startup_heap
 
     loaded = [{"record": i} for i in range(1000)]  # stands for the queue's active containers
     gc.unfreeze()
@@ -405,9 +406,9 @@ def test_client_commands_start_without_the_heavy_modules() -> None:
     import sys
 
     probe = (
-        "import sys, herder.cli\n"
-        "herder.cli.build_parser()\n"
-        "from herder.commands.containers import open_client\n"
+        "import sys, herder.app.cli\n"
+        "herder.app.cli.build_parser()\n"
+        "from herder.app.commands.containers import open_client\n"
         "heavy = ('pydantic', 'yaml', 'pluggy', 'paramiko', 'prometheus_client',"
         " 'herder.config')\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"

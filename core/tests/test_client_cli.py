@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from herder import cli
-from herder.api import APIServer
-from herder.client import (
+from herder.app import cli
+from herder.app.api import APIServer
+from herder.app.client import (
     Client,
     ClientError,
     Endpoint,
@@ -26,10 +26,10 @@ from herder.client import (
     resolve_endpoint,
     write_client_file,
 )
-from herder.commands import Context, containers
-from herder.commands.containers import colour_column, exit_status
+from herder.app.commands import Context, containers
+from herder.app.commands.containers import colour_column, exit_status
 from herder.config import Config, load_config
-from herder.dispatcher import CloudEngine
+from herder.engine.cloud_engine import CloudEngine
 from herder.runtime import VirtualRuntime
 from herder.testing.sim import SimDriver
 
@@ -127,7 +127,7 @@ def test_submit_prints_the_uuid_and_sends_every_option(capsys, live):
 
 
 def test_submission_body_of_the_flags():
-    from herder.commands.containers import build_submission
+    from herder.app.commands.containers import build_submission
 
     args = cli.build_parser().parse_args(
         ["submit", "--preemptible", "--gpus", "2", "--ram", "1000", "echo", "--image", "x"]
@@ -699,8 +699,8 @@ class _TTY(io.StringIO):
 
 
 def test_state_column_is_coloured_only_on_a_terminal(monkeypatch):
-    from herder.commands import render_table
-    from herder.commands.containers import STATE_COLOURS, use_colour
+    from herder.app.commands import render_table
+    from herder.app.commands.containers import STATE_COLOURS, use_colour
 
     rows = [["u1", "Running", "Running"], ["u2", "Odd", ""]]
     table = render_table(["uuid", "state", "name"], rows)
@@ -728,7 +728,7 @@ def test_token_prints_the_token_the_cli_uses(capsys, monkeypatch, tmp_path):
 
 
 def test_instances_table_is_followed_by_probe_errors() -> None:
-    from herder.commands.instances import probe_error_lines
+    from herder.app.commands.instances import probe_error_lines
 
     items = [
         {"instance": "i-1", "address": "10.0.0.1", "probe_error": ""},
@@ -777,7 +777,7 @@ def test_submit_pull_policy_reaches_the_record(capsys, live):
 
 
 def test_logs_stream_keeps_one_streams_lines_without_markers(capsys, live):
-    from herder.commands.containers import StreamFilter
+    from herder.app.commands.containers import StreamFilter
 
     uuid = submit(capsys, live, "--priority", "0", "--", "true")
     live.dispatcher.queue.append_log(uuid, b"stdout one\nstderr two\nrunner note\nstdout thr")
@@ -858,7 +858,7 @@ def test_costs_fall_back_to_the_ledger_when_no_server_answers(capsys, tmp_path):
 
 
 def test_submit_labels_from_repeated_flags(capsys, live):
-    from herder.commands.containers import build_submission
+    from herder.app.commands.containers import build_submission
 
     args = cli.build_parser().parse_args(
         ["submit", "--label", "project=genomics", "--label", "run=7", "--", "true"]

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from herder.cloud import Capability, DriverParameters, SecretRef, create_key, parse_capabilities
+from herder.plugin.cloud import (
+    Capability,
+    DriverParameters,
+    SecretRef,
+    create_key,
+    parse_capabilities,
+)
 
 
 def test_capabilities_accept_strings_and_members_and_refuse_the_unknown() -> None:

@@ -15,22 +15,22 @@ from typing import Any
 import pytest
 import yaml
 
-from herder.cli import main
-from herder.cloud import DriverContext, Instance
-from herder.cloudtest import (
+from herder.app.cli import main
+from herder.config import Config
+from herder.model import InstanceType
+from herder.plugin.bootprobe import BootProbe
+from herder.plugin.cloud import DriverContext, Instance
+from herder.plugin.executor import Executor
+from herder.ssh.bastion import close_shared_bastions
+from herder.ssh.server import LocalSSHServer, generate_key, generate_key_file
+from herder.testing.sim import SimDriver, SimParameters
+from herder.tools.cloudtest import (
     DEFAULT_INSTANCE_SET_ID,
     STEP_NAMES,
     CloudTest,
     CloudtestError,
     choose_instance_type,
 )
-from herder.config import Config
-from herder.executor import Executor
-from herder.model import InstanceType
-from herder.ssh.bastion import close_shared_bastions
-from herder.ssh.server import LocalSSHServer, generate_key, generate_key_file
-from herder.testing.sim import SimDriver, SimParameters
-from herder.worker.bootprobe import BootProbe
 
 TYPES = {
     "big": {"vcpus": 4, "ram": "8GiB", "price": 0.4},

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, Field, field_validator
 
-from herder.cloud import Capability, Driver, DriverContext, DriverParameters, InstanceSet
 from herder.config import (
     Config,
     ConfigError,
@@ -20,8 +19,9 @@ from herder.config import (
     render_config,
     size_text,
 )
-from herder.hookspecs import hookimpl
-from herder.plugins import Plugins, Registry
+from herder.plugin.cloud import Capability, Driver, DriverContext, DriverParameters, InstanceSet
+from herder.plugin.hookspecs import hookimpl
+from herder.plugin.registry import Plugins, Registry
 from herder.units import parse_duration, parse_size
 
 # ------------------------------------------------------------------------- a fake driver

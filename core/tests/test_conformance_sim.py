@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from herder.cloud import (
+from herder.model import GPUSpec, InstanceType
+from herder.plugin.cloud import (
     Capability,
     Driver,
     DriverContext,
@@ -29,8 +30,7 @@ from herder.cloud import (
     QuotaError,
     RemoteRunner,
 )
-from herder.executor import ExecutorFactory
-from herder.model import GPUSpec, InstanceType
+from herder.plugin.executor import ExecutorFactory
 from herder.testing.conformance import *  # noqa: F403  (collects TestDriverConformance)
 from herder.testing.conformance import (
     CHECKS,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from herder.app.embedded import CLUSTER_ID_FILE, KEY_FILE, TOKEN_FILE, prepare_serve
 from herder.config import Config
-from herder.embedded import CLUSTER_ID_FILE, KEY_FILE, TOKEN_FILE, prepare_serve
 
 
 @pytest.fixture(autouse=True)

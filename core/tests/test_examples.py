@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from herder.config import Config, InstanceTypeConfig, check_config, load_config
-from herder.plugins import PluginError, Plugins
+from herder.plugin.registry import PluginError, Plugins
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FULL = EXAMPLES / "herder.full.yaml"

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from herder.logsetup import configure_logging
+from herder.app.logsetup import configure_logging
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_other_library_errors_are_warnings_and_herders_own_are_untouched(
     out = io.StringIO()
     configure_logging("info", "json", stream=out)
     logging.getLogger("paramiko.transport").error("Secsh channel 1 open FAILED")
-    logging.getLogger("herder.worker").error("instance i-1: boot failed")
+    logging.getLogger("herder.engine.worker").error("instance i-1: boot failed")
     levels = [json.loads(line)["level"] for line in out.getvalue().splitlines()]
     assert levels == ["warning", "error"]
 
@@ -75,16 +75,16 @@ def test_debug_shows_everything(restore_root: None) -> None:
 def test_text_log_lines_cannot_be_forged(restore_root: None) -> None:
     out = io.StringIO()
     configure_logging("info", "text", stream=out)
-    reason = "done\n2026-01-01 00:00:00,000 INFO    herder.api: token accepted\x1b[2J"
-    logging.getLogger("herder.api").info("cancelled: %s", reason)
+    reason = "done\n2026-01-01 00:00:00,000 INFO    herder.app.api: token accepted\x1b[2J"
+    logging.getLogger("herder.app.api").info("cancelled: %s", reason)
     lines = out.getvalue().splitlines()
     assert len(lines) == 1
-    assert lines[0].endswith("cancelled: done\\n2026-01-01 00:00:00,000 INFO    herder.api: "
+    assert lines[0].endswith("cancelled: done\\n2026-01-01 00:00:00,000 INFO    herder.app.api: "
                              "token accepted\\x1b[2J")
 
 
 def test_tables_show_control_characters_escaped() -> None:
-    from herder.commands import render_table
+    from herder.app.commands import render_table
 
     table = render_table(["name", "state"], [["evil\x1b]0;pwned\x07\nrow", "Queued"]])
     assert "\x1b" not in table and "\x07" not in table
@@ -93,7 +93,7 @@ def test_tables_show_control_characters_escaped() -> None:
 
 
 def test_the_cli_leaves_the_callers_logging_as_it_was(restore_root: None) -> None:
-    from herder import cli
+    from herder.app import cli
 
     root = logging.getLogger()
     mine = logging.NullHandler()

@@ -7,14 +7,11 @@ import dataclasses
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
-
 import herder
 from herder import defaults
 from herder.config import Config
-from herder.dispatcher import CloudEngine
+from herder.engine.worker.worker import PoolSettings
 from herder.queue.backend import QueueContext
-from herder.worker.worker import PoolSettings
 
 SRC = Path(herder.__file__).parent
 
@@ -37,13 +34,22 @@ def test_plugin_authors_import_names_keep_working() -> None:
     assert Dispatcher is SDKDispatcher and Throttle.__module__ == "herder.dispatch.throttle"
 
 
-def test_the_cloud_engine_s_former_name_imports_with_a_warning() -> None:
-    import herder.dispatcher
+def test_the_public_contract_names_are_the_plugin_room_s() -> None:
+    """``herder.cloud``, ``herder.executor``, ``herder.hookspecs`` and ``herder.plugins`` are
+    what the guide tells plugin authors to import; each re-exports every public name of the
+    module in :mod:`herder.plugin` that holds the code, as the same object."""
+    import importlib
 
-    with pytest.warns(DeprecationWarning, match="now herder.dispatcher.CloudEngine"):
-        assert herder.dispatcher.Dispatcher is CloudEngine  # type: ignore[attr-defined]
-    with pytest.raises(AttributeError):
-        herder.dispatcher.Nothing  # type: ignore[attr-defined]  # noqa: B018
+    pairs = {"cloud": "cloud", "executor": "executor", "hookspecs": "hookspecs",
+             "plugins": "registry"}
+    for public, inner in pairs.items():
+        facade = importlib.import_module(f"herder.{public}")
+        real = importlib.import_module(f"herder.plugin.{inner}")
+        names = [n for n, v in vars(real).items()
+                 if not n.startswith("_") and getattr(v, "__module__", None) == real.__name__]
+        assert names, inner
+        for name in names:
+            assert getattr(facade, name) is getattr(real, name), f"herder.{public}.{name}"
 
 
 def test_the_pool_s_defaults_are_the_configuration_s() -> None:
@@ -71,6 +77,6 @@ def test_queue_defaults_are_the_configuration_s() -> None:
 
 
 def test_the_client_s_default_port_is_the_api_s() -> None:
-    from herder.client import listen_url
+    from herder.app.client import listen_url
 
     assert listen_url("localhost") == "http://localhost:" + Config().api.listen.rpartition(":")[2]

@@ -12,12 +12,12 @@ import pluggy
 import pytest
 
 import herder
-from herder import plugins as plugins_module
-from herder.cloud import Driver, DriverContext, DriverParameters, InstanceSet
-from herder.executor import ExecResult, Executor
-from herder.hookspecs import hookimpl
-from herder.plugins import KINDS, PluginError, Plugins, Registry, load_target
-from herder.worker.bootprobe import CommandBootProbe
+from herder.plugin import registry as plugins_module
+from herder.plugin.bootprobe import CommandBootProbe
+from herder.plugin.cloud import Driver, DriverContext, DriverParameters, InstanceSet
+from herder.plugin.executor import ExecResult, Executor
+from herder.plugin.hookspecs import hookimpl
+from herder.plugin.registry import KINDS, PluginError, Plugins, Registry, load_target
 
 
 class FakeDriver(Driver):
@@ -81,7 +81,7 @@ def test_builtins_are_registered_through_the_hooks() -> None:
     assert sim.target == "herder.testing.sim:SimDriver"
     assert sim.plugin == "builtin"
     assert plugins.registration("boot_probe", "command").target == (
-        "herder.worker.bootprobe:CommandBootProbe"
+        "herder.plugin.bootprobe:CommandBootProbe"
     )
 
 
@@ -104,7 +104,7 @@ def test_describe_names_distribution_and_version() -> None:
 
 
 def test_entry_points_do_not_register_the_builtins_twice() -> None:
-    # herder's own distribution declares herder.builtin as an entry point too.
+    # herder's own distribution declares herder.plugin.builtin as an entry point too.
     plugins = Plugins.load(entry_points=True)
     assert [i.name for i in plugins.describe()].count("builtin") == 1
     assert "sim" in plugins.names("driver")
@@ -173,7 +173,7 @@ def test_registered_class_must_have_the_right_base() -> None:
 
 def test_load_target() -> None:
     assert load_target("herder.cloud:Driver") is Driver
-    assert load_target("herder.cloud") is sys.modules["herder.cloud"]
+    assert load_target("herder.plugin.cloud") is sys.modules["herder.plugin.cloud"]
     with pytest.raises(PluginError, match=r"cannot load herder\.cloud:Nope"):
         load_target("herder.cloud:Nope")
 
@@ -307,7 +307,7 @@ def test_entry_point_plugins_are_loaded(plugin_dir: Path, monkeypatch: pytest.Mo
         plugin_dir,
         "herder_test_ep_cloud",
         """
-        from herder.hookspecs import hookimpl
+        from herder.plugin.hookspecs import hookimpl
 
         @hookimpl
         def herder_register_drivers(registry):
@@ -332,7 +332,7 @@ def test_entry_point_that_fails_to_import_fails_alone(
         plugin_dir,
         "herder_test_ep_good",
         """
-        from herder.hookspecs import hookimpl
+        from herder.plugin.hookspecs import hookimpl
 
         @hookimpl
         def herder_register_drivers(registry):
@@ -368,7 +368,7 @@ def test_two_entry_points_registering_one_name(
             plugin_dir,
             module,
             """
-            from herder.hookspecs import hookimpl
+            from herder.plugin.hookspecs import hookimpl
 
             @hookimpl
             def herder_register_drivers(registry):

@@ -11,10 +11,11 @@ from pydantic import Field
 
 from herder.config import Config, check_config
 from herder.dispatch.service import DispatchService
-from herder.dispatcher import CloudEngine
-from herder.hookspecs import hookimpl
+from herder.engine.cloud_engine import CloudEngine
+from herder.engine.sizing import ConfigSizer
 from herder.model import ContainerSpec, InstanceType
-from herder.plugins import PluginError, Plugins, Registry
+from herder.plugin.hookspecs import hookimpl
+from herder.plugin.registry import PluginError, Plugins, Registry
 from herder.queue.backend import (
     QueueBackend,
     QueueContext,
@@ -26,7 +27,6 @@ from herder.queue.base import ContainerQueue
 from herder.queue.memory import MemoryQueue
 from herder.queue.sqlite import SqliteQueue
 from herder.runtime import VirtualRuntime
-from herder.sizing import ConfigSizer
 from herder.testing.sim import SimDriver
 
 

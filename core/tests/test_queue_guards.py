@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from herder.engine.sizing import ConfigSizer
 from herder.model import ContainerSpec, ContainerState, InstanceType
 from herder.queue.base import QueueError
 from herder.queue.sqlite import COMMITS_SUFFIX, IDENTITY_SUFFIX, SqliteQueue
 from herder.runtime import VirtualRuntime
-from herder.sizing import ConfigSizer
 
 GiB = 1 << 30
 TYPES = {"small": InstanceType("small", "p.small", 2, 8 * GiB, price=0.1)}
@@ -135,7 +135,7 @@ def test_an_unreadable_row_cancels_that_container_only(tmp_path: Path, damage) -
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    from herder import cli
+    from herder.app import cli
 
     status = cli.main(list(argv))
     out, err = capsys.readouterr()
@@ -210,7 +210,7 @@ def test_a_second_serve_process_on_a_shared_queue_file_is_refused(tmp_path: Path
     config.write_text(f"cluster_id: share\ncloud: {{driver: sim}}\nqueue: {{path: {path}}}\n"
                       "instance_types: {small: {vcpus: 2, ram: 8GiB}}\n")
     result = subprocess.run(
-        [sys.executable, "-m", "herder.cli", "--config", str(config), "serve", "--data-dir",
+        [sys.executable, "-m", "herder.app.cli", "--config", str(config), "serve", "--data-dir",
          str(tmp_path / "data"), "--listen", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=60,
     )
@@ -226,7 +226,7 @@ import os, signal, sys
 from herder.model import ContainerSpec, InstanceType
 from herder.queue.sqlite import SqliteQueue
 from herder.runtime import VirtualRuntime
-from herder.sizing import ConfigSizer
+from herder.engine.sizing import ConfigSizer
 
 types = {"small": InstanceType("small", "p.small", 2, 8 << 30, price=0.1)}
 queue = SqliteQueue(sys.argv[1], runtime=VirtualRuntime(), sizer=ConfigSizer(types))

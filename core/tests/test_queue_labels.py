@@ -6,11 +6,11 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from herder.engine.sizing import ConfigSizer
 from herder.model import ContainerSpec, InstanceType, RuntimeConstraints
 from herder.queue.records import labels_json
 from herder.queue.sqlite import _MIGRATIONS, SqliteQueue
 from herder.runtime import VirtualRuntime
-from herder.sizing import ConfigSizer
 
 GiB = 1 << 30
 TYPES = {"small": InstanceType("small", "t.small", vcpus=2, ram=4 * GiB, price=0.1)}

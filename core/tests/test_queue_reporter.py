@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from herder.dispatcher import QueueReporter
+from herder.engine.cloud_engine import QueueReporter
+from herder.engine.sizing import ConfigSizer
 from herder.model import ContainerState
 from herder.queue.memory import MemoryQueue
 from herder.runtime import VirtualRuntime
-from herder.sizing import ConfigSizer
 from herder.testing.queue_conformance import conformance_types, spec
 
 

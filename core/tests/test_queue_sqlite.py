@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from herder.engine.sizing import ConfigSizer
 from herder.model import (
     Container,
     ContainerSpec,
@@ -21,7 +22,6 @@ from herder.model import (
 from herder.queue.base import ContainerNotFound, InvalidTransition, QueueError
 from herder.queue.sqlite import _MIGRATIONS, InvalidRequest, SqliteQueue
 from herder.runtime import VirtualRuntime
-from herder.sizing import ConfigSizer
 
 GiB = 1 << 30
 Q, L, R = ContainerState.QUEUED, ContainerState.LOCKED, ContainerState.RUNNING

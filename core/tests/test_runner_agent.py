@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from herder.runner_protocol import ListResult, parse_list_output
+from herder.agent.protocol import ListResult, parse_list_output
 
 RUNNER = Path(__file__).parents[1] / "src" / "herder" / "agent" / "herder_runner.py"
 #: lets the suite be run against another interpreter, e.g. the oldest python3 instances ship.

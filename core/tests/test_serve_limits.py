@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from herder.commands.serve import raise_open_file_limit
+from herder.app.commands.serve import raise_open_file_limit
 
 
 @pytest.fixture

@@ -12,7 +12,23 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from herder.cloud import (
+from herder.agent.protocol import (
+    config_document,
+    detach_command,
+    forget_command,
+    kill_command,
+    list_command,
+    log_command,
+    parse_list_output,
+)
+from herder.model import (
+    Container,
+    ContainerSpec,
+    ContainerState,
+    InstanceType,
+    SchedulingParameters,
+)
+from herder.plugin.cloud import (
     CapacityError,
     Driver,
     DriverContext,
@@ -25,23 +41,7 @@ from herder.cloud import (
     RateLimitError,
     RemoteRunner,
 )
-from herder.executor import ExecResult, ExecutorError, HostKeyError, NoAddressError
-from herder.model import (
-    Container,
-    ContainerSpec,
-    ContainerState,
-    InstanceType,
-    SchedulingParameters,
-)
-from herder.runner_protocol import (
-    config_document,
-    detach_command,
-    forget_command,
-    kill_command,
-    list_command,
-    log_command,
-    parse_list_output,
-)
+from herder.plugin.executor import ExecResult, ExecutorError, HostKeyError, NoAddressError
 from herder.runtime import VirtualRuntime
 from herder.testing.sim import (
     SimCloud,
@@ -74,7 +74,7 @@ def init_command(secret: str = SECRET) -> str:
 
 def install_snippet(path: str = RUNNER) -> str:
     """herder's own install snippet for ``path`` (as the instance's root user runs it)."""
-    from herder.worker.runner import RunnerDeployment
+    from herder.engine.worker.runner import RunnerDeployment
 
     deployment = RunnerDeployment(command=path, data=b"x", md5="0")
     return deployment.install_command("root")
@@ -235,7 +235,7 @@ def test_parameters_are_validated() -> None:
 
 
 def test_driver_is_registered_and_declares_capabilities() -> None:
-    from herder.plugins import Plugins
+    from herder.plugin.registry import Plugins
 
     assert Plugins.load().driver_class("sim") is SimDriver
     assert SimDriver.parameters_model is SimParameters
@@ -935,9 +935,9 @@ def test_instance_set_is_thread_safe() -> None:
 def test_the_engine_pool_runs_a_container_on_the_sim() -> None:
     """The pool's own commands (install, md5 check, secret, runner verbs) work on the sim."""
     from herder.config import Config
+    from herder.engine.worker.interfaces import ContainerReporter
+    from herder.engine.worker.pool import Pool
     from herder.model import WorkerState
-    from herder.worker.interfaces import ContainerReporter
-    from herder.worker.pool import Pool
 
     class Reporter(ContainerReporter):
         def __init__(self) -> None:

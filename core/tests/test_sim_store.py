@@ -12,21 +12,21 @@ from typing import Any
 
 import pytest
 
-from herder.cloud import DriverContext, RateLimitError
-from herder.executor import ExecResult
-from herder.model import Container, ContainerSpec, ContainerState, InstanceType
-from herder.runner_protocol import (
+from herder.agent.protocol import (
     config_document,
     detach_command,
     forget_command,
     kill_command,
     list_command,
 )
+from herder.engine.worker.runner import RunnerDeployment
+from herder.model import Container, ContainerSpec, ContainerState, InstanceType
+from herder.plugin.cloud import DriverContext, RateLimitError
+from herder.plugin.executor import ExecResult
 from herder.runtime import VirtualRuntime
 from herder.testing.sim import SimDriver, SimInstanceSet, SimParameters
 from herder.testing.sim_cloud import SimCloud
 from herder.testing.sim_store import ProcessRecord, SimStore, read_processes
-from herder.worker.runner import RunnerDeployment
 
 T0 = 1_700_000_000.0
 RUNNER = "/tmp/herder-runner/herder-runner"

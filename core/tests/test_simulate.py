@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from herder.cli import main
+from herder.app.cli import main
 from herder.config import load_config
-from herder.simulate import WorkloadOptions, generate_workload, run_simulation
 from herder.testing.sim_stats import FAULT_KINDS
+from herder.tools.simulate import WorkloadOptions, generate_workload, run_simulation
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SIM_YAML = str(EXAMPLES / "sim.yaml")
@@ -100,7 +100,7 @@ def test_one_seed_gives_the_same_run_in_separate_processes():
 
     def run(hash_seed: str) -> dict:
         out = subprocess.run(
-            [sys.executable, "-m", "herder.cli", "simulate", "--config", SIM_YAML, "--json",
+            [sys.executable, "-m", "herder.app.cli", "simulate", "--config", SIM_YAML, "--json",
              "--containers", "60", "--faults", "--seed", "5"],
             capture_output=True, text=True, timeout=300,
             env={**os.environ, "PYTHONHASHSEED": hash_seed},
@@ -115,7 +115,7 @@ def test_one_seed_gives_the_same_run_in_separate_processes():
 
 
 def test_summary_explains_what_it_ran_and_leaves_out_empty_rows(capsys):
-    from herder.simulate import format_summary
+    from herder.tools.simulate import format_summary
 
     _, summary = _simulate(capsys, "--containers", "60", "--faults")
     assert summary["cloud"] == {"simulated": "sim", "configured_driver": "sim"}

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from herder.cli import main
+from herder.app.cli import main
 
 
 def _config(tmp_path: Path, name: str, *, engine_knows_hourly: bool) -> str:

@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 
 from herder.config import Config
+from herder.engine.sizing import (
+    ConfigSizer,
+    ConstraintsNotSatisfiable,
+    choose_instance_types,
+    resources_needed,
+)
 from herder.model import (
     Container,
     ContainerSpec,
@@ -15,12 +21,6 @@ from herder.model import (
     InstanceType,
     RuntimeConstraints,
     SchedulingParameters,
-)
-from herder.sizing import (
-    ConfigSizer,
-    ConstraintsNotSatisfiable,
-    choose_instance_types,
-    resources_needed,
 )
 
 GiB = 1 << 30
@@ -326,8 +326,9 @@ def test_accommodates_every_field(field):
 
 
 def test_config_sizer_remembers_answers_per_ask():
+    from herder.engine.sizing import ConfigSizer
     from herder.model import Container, ContainerSpec, ContainerState, RuntimeConstraints
-    from herder.sizing import ConfigSizer, ConstraintsNotSatisfiable
+    from herder.queue.base import ConstraintsNotSatisfiable
 
     small = InstanceType("small", "s", vcpus=2, ram=4 * 1024**3, price=0.1)
     sizer = ConfigSizer({"small": small})
@@ -348,7 +349,7 @@ def test_config_sizer_remembers_answers_per_ask():
 def test_gpus_shorthand_finds_the_configured_gpu_types():
     """`--gpus 1` with CUDA types configured: the lowest configured capability is asked for, so
     every CUDA type with enough devices serves it (it used to match none)."""
-    from herder.sizing import gpu_request_for
+    from herder.engine.sizing import gpu_request_for
 
     t4 = InstanceType("t4", "g4dn.xlarge", 4, 16 * GiB, price=0.5,
                       gpu=GPUSpec(stack="cuda", device_count=1, hardware_target="7.5",

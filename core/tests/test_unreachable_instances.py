@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from herder.config import load_config
-from herder.dispatcher import CloudEngine
+from herder.engine.cloud_engine import CloudEngine
 from herder.model import Container, ContainerSpec, ContainerState
 from herder.runtime import VirtualRuntime
 from herder.testing.sim import SimDriver

@@ -55,7 +55,7 @@ from invariants import (  # a sibling module, found through the path above
 )
 from serve_process import ServeProcess
 
-from herder.client import ClientError
+from herder.app.client import ClientError
 
 CHILD = Path(__file__).resolve().parent / "loopback_child.py"
 CANCEL_REASON = "cancelled by the chaos harness"
@@ -467,7 +467,7 @@ class ChaosRun:
                 message = str(doc.get("message", ""))
                 if doc.get("level") in ("warning", "error") and str(
                     doc.get("logger", "")
-                ).startswith("herder.worker") and any(s in message for s in SSH_ERRORS):
+                ).startswith("herder.engine.worker") and any(s in message for s in SSH_ERRORS):
                     count += 1
         return count
 

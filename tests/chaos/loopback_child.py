@@ -5,7 +5,7 @@ Usage::
     python tests/chaos/loopback_child.py OUTAGE_DIR HERDER_ARGS...
 
 It runs ``herder HERDER_ARGS`` (``serve --config ...``) in this process through herder's own
-:func:`herder.cli.main`, with the installed plugins plus one driver, ``loopback-chaos``: the
+:func:`herder.app.cli.main`, with the installed plugins plus one driver, ``loopback-chaos``: the
 loopback driver whose instance set also watches ``OUTAGE_DIR`` for outage requests.  The SSH
 servers of loopback instances live inside the dispatcher process, so only code in that process
 can take them down; everything else (the parent's SIGKILLs, submissions, checks) happens outside,
@@ -38,10 +38,10 @@ from pathlib import Path
 
 from herder_driver_loopback.driver import LoopbackDriver, LoopbackInstanceSet
 
-from herder.cli import main
-from herder.cloud import CloudError, DriverContext, DriverParameters
-from herder.hookspecs import hookimpl
-from herder.plugins import Plugins, Registry
+from herder.app.cli import main
+from herder.plugin.cloud import CloudError, DriverContext, DriverParameters
+from herder.plugin.hookspecs import hookimpl
+from herder.plugin.registry import Plugins, Registry
 
 DRIVER_NAME = "loopback-chaos"
 OUTAGE_DIR_ENV = "HERDER_CHAOS_OUTAGE_DIR"

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from herder.client import Client, ClientError, read_client_file
+from herder.app.client import Client, ClientError, read_client_file
 
 
 class ServeProcess:

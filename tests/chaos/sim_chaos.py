@@ -36,14 +36,14 @@ import invariants
 from invariants import Check
 from serve_process import ServeProcess
 
-from herder.client import Client, ClientError
+from herder.app.client import Client, ClientError
 from herder.model import InstanceType
 from herder.testing.sim_cloud import SimCloud
 from herder.testing.sim_params import SimParameters
 from herder.testing.sim_stats import FAULT_KINDS
 from herder.testing.sim_store import read_processes
 
-HERDER = [sys.executable, "-m", "herder.cli"]
+HERDER = [sys.executable, "-m", "herder.app.cli"]
 
 #: The fault kinds every run must see, by the names SimStats counts them under.
 #: Also on, reported, and required by the long form (a short run may miss them).

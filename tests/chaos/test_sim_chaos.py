@@ -52,10 +52,10 @@ def test_short_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
 def _queue_file(path: Path) -> list[str]:
     """A queue file with one container of each kind: Complete, Running, Cancelled with and
     without a reason."""
+    from herder.engine.sizing import ConfigSizer
     from herder.model import ContainerSpec, InstanceType
     from herder.queue.sqlite import SqliteQueue
     from herder.runtime import VirtualRuntime
-    from herder.sizing import ConfigSizer
 
     small = InstanceType("small", "a.small", vcpus=2, ram=4 << 30)
     queue = SqliteQueue(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-HERDER = [sys.executable, "-m", "herder.cli"]
+HERDER = [sys.executable, "-m", "herder.app.cli"]
 
 FAST_CONFIG = """
 cluster_id: e2e01

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from herder.api import APIServer
+from herder.app.api import APIServer
 from herder.config import BudgetConfig, Config, load_config
-from herder.dispatcher import CloudEngine
+from herder.engine.cloud_engine import CloudEngine
 from herder.model import ContainerSpec, RuntimeConstraints
 from herder.runtime import ThreadRuntime
 from herder.testing.sim import SimDriver

@@ -87,7 +87,7 @@ class Env:
         )
 
     def herder(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return self.run("-m", "herder.cli", *args, **kwargs)  # type: ignore[arg-type]
+        return self.run("-m", "herder.app.cli", *args, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_herder_plugins_lists_the_installed_driver(kit: tuple[Env, Path]) -> Non
     assert example["version"] == "0.1.0"
     assert [(r["kind"], r["name"]) for r in example["registrations"]] == [("driver", "example")]
     # The workspace itself does not have it: the install went into the new environment only.
-    here = subprocess.run([sys.executable, "-m", "herder.cli", "plugins", "--json"],
+    here = subprocess.run([sys.executable, "-m", "herder.app.cli", "plugins", "--json"],
                           capture_output=True, text=True, timeout=60)
     assert "example" not in {p["name"] for p in json.loads(here.stdout)}
 
@@ -167,7 +167,7 @@ def test_herder_serve_runs_a_container_on_the_driver(kit: tuple[Env, Path], tmp_
                "HERDER_MANAGEMENT_TOKEN": "kit-token-for-tests"}
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
-        [str(env.python), "-m", "herder.cli", "--log-format", "json", "serve", "--config",
+        [str(env.python), "-m", "herder.app.cli", "--log-format", "json", "serve", "--config",
          str(config), "--data-dir", str(data)],
         env=environ, stdout=log, stderr=log, start_new_session=True,
     )

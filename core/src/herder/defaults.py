@@ -5,7 +5,7 @@ built without a configuration (a queue in a test, a driver context, the light co
 client), so that the two never drift apart.  Kept in a module that imports nothing, so that a
 client command (``herder submit``) can find the server without importing the configuration
 models and pydantic, which alone cost a third of a second at every start, and so that the
-lowest modules (``herder.cloud``, ``herder.sizing``) may use it.
+lowest modules (``herder.plugin.cloud``, ``herder.engine.sizing``) may use it.
 """
 
 #: Where the management API listens unless ``api.listen`` says otherwise.

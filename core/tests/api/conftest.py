@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from herder.api import APIServer
-from herder.api.app import create_app
-from herder.api.routes import ManagementAPI
+from herder.app.api import APIServer
+from herder.app.api.app import create_app
+from herder.app.api.routes import ManagementAPI
 from herder.config import Config, load_config
-from herder.dispatcher import CloudEngine
+from herder.engine.cloud_engine import CloudEngine
 from herder.runtime import VirtualRuntime
 from herder.testing.sim import SimDriver
 

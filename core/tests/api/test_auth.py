@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from herder.api.routes import NOT_CONFIGURED
+from herder.app.api.routes import NOT_CONFIGURED
 
 from .conftest import ROUTES, Route
 
@@ -82,7 +82,7 @@ def test_refused_requests_change_nothing(engine):
 
 def test_token_from_the_environment(engine, monkeypatch):
     """With no token in the file, the one in the named environment variable is used."""
-    from herder.api import APIServer
+    from herder.app.api import APIServer
 
     monkeypatch.setenv("SOME_TOKEN_VAR", "from-env")
     base = engine.server.config

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from herder.api import schema
-from herder.api.routes import LOG_SETTLE_SECONDS, utf8_prefix
+from herder.app.api import schema
+from herder.app.api.routes import LOG_SETTLE_SECONDS, utf8_prefix
 from herder.model import ContainerState
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

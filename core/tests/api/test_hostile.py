@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from herder.api.server import MAX_BODY
+from herder.app.api.server import MAX_BODY
 
 SUBMIT = "/api/v1/containers"
 UUID = "sim01-dz642-000000000000000"

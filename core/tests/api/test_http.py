@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from herder.api import APIServer, APIServerError
-from herder.client import Client, ClientError, Endpoint, read_client_file, write_client_file
+from herder.app.api import APIServer, APIServerError
+from herder.app.client import Client, ClientError, Endpoint, read_client_file, write_client_file
 from herder.config import APIConfig
 from herder.testing.tls import self_signed_certificate
 
@@ -216,22 +216,22 @@ def test_a_certificate_that_does_not_load_is_a_startup_error(tmp_path, engine):
 
 def test_tls_needs_both_certificate_and_key():
     with pytest.raises(ValidationError, match="tls_key is needed too"):
-        APIConfig(tls_certificate="/etc/herder/api.crt")
+        APIConfig(tls_certificate="/etc/herder/app/api.crt")
     with pytest.raises(ValidationError, match="tls_certificate is needed too"):
-        APIConfig(tls_key="/etc/herder/api.key")
+        APIConfig(tls_key="/etc/herder/app/api.key")
 
 
 def test_client_file_records_the_certificate_to_trust(tmp_path):
-    write_client_file(tmp_path, "https://127.0.0.1:9190", "tok", "/etc/herder/api.crt")
+    write_client_file(tmp_path, "https://127.0.0.1:9190", "tok", "/etc/herder/app/api.crt")
     assert read_client_file(tmp_path) == Endpoint(
-        "https://127.0.0.1:9190", "tok", "/etc/herder/api.crt"
+        "https://127.0.0.1:9190", "tok", "/etc/herder/app/api.crt"
     )
 
 
 def test_responses_are_not_held_back_by_nagles_algorithm():
     """A response is written as head then body; without TCP_NODELAY the body waits for the
     client's delayed ACK (40 ms a request).  Checked on the accepted socket itself."""
-    from herder.api.server import DeadlineProtocol
+    from herder.app.api.server import DeadlineProtocol
 
     class Transport:
         def __init__(self, sock: socket.socket) -> None:

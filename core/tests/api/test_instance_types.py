@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from herder.api import schema
+from herder.app.api import schema
 
 from .conftest import Engine, sim_config, start_engine, stop_engine
 

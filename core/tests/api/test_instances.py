@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from herder.api import schema
+from herder.app.api import schema
 
 
 def _instances(engine) -> list[dict]:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from herder.logsetup import IdFields, JSONFormatter, configure_logging
+from herder.app.logsetup import IdFields, JSONFormatter, configure_logging
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_worker_and_scheduler_lines_carry_ids(engine, json_log):
     # The text stays readable on its own.
     assert started[0]["message"] == f"instance {instance}: container {uuid}: runner started"
     # Scheduler lines name the container too.
-    assert any(r.get("container") == uuid and r["logger"].startswith("herder.scheduler")
+    assert any(r.get("container") == uuid and r["logger"].startswith("herder.engine.scheduler")
                for r in records), records
     # Pool lines about one instance carry it even outside the worker.
     assert any(r.get("instance") == instance and "new worker" in str(r["message"])

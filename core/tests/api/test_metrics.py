@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from herder.metrics import finish_outcome, fleet_cost_per_hour
+from herder.engine.metrics import finish_outcome, fleet_cost_per_hour
 from herder.model import Container, ContainerSpec, ContainerState, IdleBehavior, InstanceView
 from herder.model import WorkerState as WS
 

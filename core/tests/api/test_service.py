@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from herder.api import schema
+from herder.app.api import schema
 
 from .conftest import served_routes
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from herder.api import schema
+from herder.app.api import schema
 from herder.config import BudgetConfig
 
 from .conftest import Engine, sim_config, start_engine, stop_engine

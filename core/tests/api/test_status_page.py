@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from herder.api import schema, status_page
+from herder.app.api import schema, status_page
 from herder.model import ContainerState, IdleBehavior, InstanceView, WorkerState
 
 

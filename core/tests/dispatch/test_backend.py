@@ -10,10 +10,10 @@ from pydantic import Field
 from herder.config import Config, check_config
 from herder.dispatch import DispatchBackend, ProbingParameters
 from herder.dispatch.service import DispatchService
-from herder.engine import InstanceNotFound
-from herder.hookspecs import hookimpl
+from herder.engine.interface import InstanceNotFound
 from herder.model import ContainerSpec, ContainerState, InstanceType, RuntimeConstraints
-from herder.plugins import PluginError, Plugins
+from herder.plugin.hookspecs import hookimpl
+from herder.plugin.registry import PluginError, Plugins
 from herder.queue.base import ContainerQueue
 from herder.runtime import VirtualRuntime
 
@@ -107,7 +107,7 @@ def test_the_api_of_an_engine_without_instances_leaves_out_the_instance_routes(
     plugins: Plugins,
 ) -> None:
     """APIServer reads ``has_instances`` from the engine: no flag to pass, none to forget."""
-    from herder.api import APIServer
+    from herder.app.api import APIServer
 
     config = Config.model_validate({
         "dispatcher": "echo", "queue": {"path": ":memory:"},

@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterable
 import pytest
 
 from herder.dispatch import CloseReason, Dispatcher, Job
+from herder.engine.sizing import ConfigSizer
 from herder.model import Container, ContainerSpec, ContainerState, InstanceType
 from herder.queue.base import Listener
 from herder.queue.sqlite import SqliteQueue
 from herder.runtime import VirtualRuntime
-from herder.sizing import ConfigSizer
 
 Q, L, R = ContainerState.QUEUED, ContainerState.LOCKED, ContainerState.RUNNING
 DONE, CANCELLED = ContainerState.COMPLETE, ContainerState.CANCELLED

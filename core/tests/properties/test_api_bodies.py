@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from herder.api.schema import (
+from herder.app.api.schema import (
     CancelRequest,
     InstanceActionRequest,
     PriorityRequest,

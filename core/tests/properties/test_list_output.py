@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from herder.runner_protocol import parse_list_output
+from herder.agent.protocol import parse_list_output
 
 CLUSTER = "zzzzz"
 OTHER = "yyyyy"

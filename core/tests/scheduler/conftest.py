@@ -16,6 +16,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from herder.config import Config, ContainersConfig
+from herder.engine.scheduler.scheduler import Scheduler
+from herder.engine.sizing import ConfigSizer, choose_instance_types, resources_needed
+from herder.engine.worker.interfaces import BootBackoff, QuotaLimit, WorkerPool
 from herder.model import (
     Container,
     ContainerSpec,
@@ -31,10 +34,7 @@ from herder.model import (
 from herder.queue.base import ContainerQueue, QueueEntry
 from herder.queue.memory import MemoryQueue
 from herder.runtime import VirtualRuntime
-from herder.scheduler.scheduler import Scheduler
-from herder.sizing import ConfigSizer, choose_instance_types, resources_needed
 from herder.testing.queue_conformance import QueueFactory, QueueSettings
-from herder.worker.interfaces import BootBackoff, QuotaLimit, WorkerPool
 
 GiB = 1 << 30
 
@@ -195,7 +195,7 @@ class StubQueue(MemoryQueue):
 
 
 class StubPool(WorkerPool):
-    """The pool double of SPEC §14.5 (implements herder.worker.interfaces.WorkerPool)."""
+    """The pool double of SPEC §14.5 (implements herder.engine.worker.interfaces.WorkerPool)."""
 
     def __init__(self, types: dict[str, InstanceType]) -> None:
         self.types = types

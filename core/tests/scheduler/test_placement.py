@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from herder.engine.scheduler.placement import Placement
 from herder.model import (
     Container,
     ContainerSpec,
@@ -24,7 +25,6 @@ from herder.model import (
     WorkerState,
 )
 from herder.queue.base import QueueEntry
-from herder.scheduler.placement import Placement
 
 GiB = 1 << 30
 

@@ -8,6 +8,8 @@ from dataclasses import replace
 
 import pytest
 
+from herder.engine.scheduler import queue_index
+from herder.engine.scheduler.queue_index import QueueIndex
 from herder.model import (
     Container,
     ContainerSpec,
@@ -17,8 +19,6 @@ from herder.model import (
     SchedulingParameters,
 )
 from herder.queue.base import QueueEntry
-from herder.scheduler import queue_index
-from herder.scheduler.queue_index import QueueIndex
 
 T = InstanceType("t", "t", 1, 1 << 30)
 

@@ -630,7 +630,7 @@ def test_scale_ten_thousand_containers_on_a_thousand_instances(make):
 
 
 def test_herders_own_instance_limit_is_not_blamed_on_the_cloud(make):
-    from herder.worker.interfaces import QuotaLimit
+    from herder.engine.worker.interfaces import QuotaLimit
 
     h = make(max_instances=1)
     h.pool.quota = 1
@@ -648,7 +648,7 @@ def test_herders_own_instance_limit_is_not_blamed_on_the_cloud(make):
 
 
 def _backoff(h, type_name: str, failures: int, seconds: float) -> None:
-    from herder.worker.interfaces import BootBackoff
+    from herder.engine.worker.interfaces import BootBackoff
 
     h.pool.backoffs[type_name] = BootBackoff(type_name, failures, h.rt.now() + seconds)
 

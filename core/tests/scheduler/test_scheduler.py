@@ -251,7 +251,7 @@ def test_queue_entries_with_no_eligible_type(make):
 
 
 def test_private_registry_when_none_given(make):
-    from herder.scheduler.scheduler import Scheduler
+    from herder.engine.scheduler.scheduler import Scheduler
 
     h = make()
     # A second scheduler on the same objects must not clash with the first one's metrics.

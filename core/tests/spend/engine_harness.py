@@ -10,7 +10,7 @@ import random
 from typing import Any
 
 from herder.config import Config
-from herder.dispatcher import CloudEngine
+from herder.engine.cloud_engine import CloudEngine
 from herder.model import (
     Container,
     ContainerSpec,

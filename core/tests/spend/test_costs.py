@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from engine_harness import Engine, sim_config
 
-from herder.cli import main
+from herder.app.cli import main
 from herder.costs import build_report
 from herder.spend import ContainerCost, SpendEntry, period_bounds
 

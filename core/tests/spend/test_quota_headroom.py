@@ -8,10 +8,10 @@ from typing import Any
 from engine_harness import Engine, sim_config
 from prometheus_client import generate_latest
 
-from herder.cloud import NotImplementedByDriver, Quota, QuotaUnit
 from herder.config import Config
+from herder.engine.scheduler.quotas import QuotaHeadroom
 from herder.model import ContainerState, GPUSpec, InstanceType
-from herder.scheduler.quotas import QuotaHeadroom
+from herder.plugin.cloud import NotImplementedByDriver, Quota, QuotaUnit
 
 TYPES = {
     "c4": {"vcpus": 4, "ram": "16GiB", "price": 1.0},

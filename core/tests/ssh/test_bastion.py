@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from herder.config import config_from_data
-from herder.executor import ExecutorError, HostKeyError
+from herder.plugin.executor import ExecutorError, HostKeyError
 from herder.ssh.bastion import (
     Bastion,
     BastionError,

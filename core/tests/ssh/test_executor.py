@@ -13,9 +13,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from herder.cloud import HostKey, HostKeyMismatch, Instance, RemoteRunner
 from herder.config import Config
-from herder.executor import ExecutorError, HostKeyError, NoAddressError
+from herder.plugin.cloud import HostKey, HostKeyMismatch, Instance, RemoteRunner
+from herder.plugin.executor import ExecutorError, HostKeyError, NoAddressError
 from herder.runtime import VirtualRuntime
 from herder.ssh import send_eof
 from herder.ssh.executor import SSHExecutor, SSHStream, target_host_port

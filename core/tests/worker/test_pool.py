@@ -8,11 +8,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from worker_fakes import SET_ID, FakeInstanceSet, Harness, container, uuid
 
-from herder.cloud import CapacityError, QuotaError, RateLimitError
+from herder.engine.worker.interfaces import QuotaLimit
+from herder.engine.worker.pool import PoolError
 from herder.model import IdleBehavior, WorkerState
+from herder.plugin.cloud import CapacityError, QuotaError, RateLimitError
 from herder.runtime import VirtualRuntime
-from herder.worker.interfaces import QuotaLimit
-from herder.worker.pool import PoolError
 
 C1 = uuid(1)
 
@@ -741,7 +741,7 @@ def list_times(h: Harness, iid: str, after: float) -> list[float]:
 @pytest.fixture
 def resident(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
     """Whether the workers' resident runner streams are up (the fake executor has none)."""
-    from herder.worker.runner_client import RunnerClient
+    from herder.engine.worker.runner_client import RunnerClient
 
     up = {"up": True}
     monkeypatch.setattr(RunnerClient, "resident", property(lambda self: up["up"]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from worker_fakes import Harness, container, uuid
 
-from herder import runner_protocol
+from herder.agent import protocol as runner_protocol
 from herder.model import IdleBehavior
 
 C1 = uuid(1)

@@ -11,15 +11,15 @@ from collections.abc import Mapping
 
 import pytest
 
-from herder.cloud import Instance
-from herder.executor import (
+from herder.engine.worker.runner_client import RunnerClient
+from herder.plugin.cloud import Instance
+from herder.plugin.executor import (
     ExecResult,
     ExecStream,
     Executor,
     ExecutorError,
     StreamsUnsupported,
 )
-from herder.worker.runner_client import RunnerClient
 
 UUID = "zzzzz-dz642-000000000000001"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from herder.worker.runner import RunnerDeployment
+from herder.engine.worker.runner import RunnerDeployment
 
 PROGRAM = b"#!/bin/sh\necho runner\n"
 

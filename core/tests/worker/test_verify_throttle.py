@@ -6,13 +6,19 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from worker_fakes import FakeExecutor, FakeHost, FakeInstance, FakeInstanceSet, FakeRemote
 
-from herder.cloud import HostKey, HostKeyMismatch, Instance, NotImplementedByDriver, RateLimitError
 from herder.config import Config
+from herder.engine.worker.throttle import CloudCallThrottle, SlotLimiter, wrap_instance_set
+from herder.engine.worker.verify import TagVerifier, init_command
 from herder.model import InstanceType
+from herder.plugin.bootprobe import CommandBootProbe
+from herder.plugin.cloud import (
+    HostKey,
+    HostKeyMismatch,
+    Instance,
+    NotImplementedByDriver,
+    RateLimitError,
+)
 from herder.runtime import VirtualRuntime
-from herder.worker.bootprobe import CommandBootProbe
-from herder.worker.throttle import CloudCallThrottle, SlotLimiter, wrap_instance_set
-from herder.worker.verify import TagVerifier, init_command
 
 KEY = HostKey("ssh-ed25519", b"key")
 SECRET = "ab" * 20

@@ -10,11 +10,11 @@ import shlex
 import pytest
 from worker_fakes import RUNNER, Harness, uuid
 
-from herder import runner_protocol
-from herder.executor import ExecutorError, NoAddressError
+from herder.agent import protocol as runner_protocol
+from herder.engine.worker.runner import RunnerDeployment
+from herder.engine.worker.worker import ADOPTED_LOG_NOTE
 from herder.model import IdleBehavior, WorkerState
-from herder.worker.runner import RunnerDeployment
-from herder.worker.worker import ADOPTED_LOG_NOTE
+from herder.plugin.executor import ExecutorError, NoAddressError
 
 TB = 600.0  # timeout_booting
 TP = 300.0  # timeout_probe
@@ -315,7 +315,7 @@ def test_other_clusters_and_malformed_lines_are_ignored() -> None:
 
 
 def test_price_history_sent_on_stdin() -> None:
-    from herder.cloud import InstancePrice
+    from herder.plugin.cloud import InstancePrice
 
     h, iid = setup_worker("idle", age=10)
     vm = h.cloud.vms[iid]

@@ -1,5 +1,5 @@
 """Test doubles for the worker pool: a fake cloud, fake hosts and an executor that plays the
-runner agent's command-line protocol (herder.runner_protocol) against a fake host's state."""
+runner agent's command-line protocol (herder.agent.protocol) against a fake host's state."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from herder.cloud import (
+from herder.config import Config
+from herder.engine.worker.interfaces import ContainerReporter
+from herder.engine.worker.pool import Pool
+from herder.model import Container, ContainerSpec, ContainerState, InstanceType
+from herder.plugin.cloud import (
     HostKey,
     Instance,
     InstancePrice,
@@ -21,12 +25,8 @@ from herder.cloud import (
     NotImplementedByDriver,
     RemoteRunner,
 )
-from herder.config import Config
-from herder.executor import ExecResult, Executor, ExecutorError, HostKeyError, NoAddressError
-from herder.model import Container, ContainerSpec, ContainerState, InstanceType
+from herder.plugin.executor import ExecResult, Executor, ExecutorError, HostKeyError, NoAddressError
 from herder.runtime import VirtualRuntime
-from herder.worker.interfaces import ContainerReporter
-from herder.worker.pool import Pool
 
 CLUSTER = "zzzzz"
 

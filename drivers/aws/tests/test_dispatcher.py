@@ -15,7 +15,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from herder.config import Config
-from herder.dispatcher import CloudEngine
+from herder.engine.cloud_engine import CloudEngine
 from herder.executor import ExecResult, Executor, ExecutorError
 from herder.model import ContainerSpec, RuntimeConstraints
 from herder.runtime import VirtualRuntime

@@ -619,7 +619,7 @@ def test_quota_group_overrides_by_size_or_prefix() -> None:
 def test_herder_plugins_lists_azure(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from herder import cli
+    from herder.app import cli
 
     assert cli.main(["plugins", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -632,7 +632,7 @@ def test_herder_plugins_lists_azure(capsys: pytest.CaptureFixture[str]) -> None:
 def test_example_config_passes_and_a_broken_copy_names_each_bad_key(tmp_path: Path) -> None:
     import yaml
 
-    from herder import cli
+    from herder.app import cli
     from herder.config import check_config
     from herder.plugins import Plugins
 
@@ -658,7 +658,7 @@ def test_example_config_passes_and_a_broken_copy_names_each_bad_key(tmp_path: Pa
 
 def test_config_show_has_no_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from herder import cli
+    from herder.app import cli
 
     example = Path(__file__).resolve().parents[3] / "examples" / "azure.yaml"
     monkeypatch.setenv("HERDER_TEST_AZURE_SECRET", "Hunter2-in-the-environment")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from herder.cloudtest import CloudTest
+from herder.tools.cloudtest import CloudTest
 
 from .fakearm import FakeARM
 from .test_dispatcher import Unreachable, config

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from herder import cli
+from herder.app import cli
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "gce.yaml"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from herder.cloudtest import CloudTest
+from herder.tools.cloudtest import CloudTest
 
 from .fake_compute import FakeCompute
 from .test_dispatcher import Unreachable, config

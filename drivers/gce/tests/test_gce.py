@@ -616,7 +616,7 @@ def test_other_host_key_is_refused_without_asking_the_instance(
 def test_without_published_keys_herder_falls_back_to_the_secret(
     fake: FakeCompute, make_set: Any
 ) -> None:
-    from herder.worker.verify import TagVerifier
+    from herder.engine.worker.verify import TagVerifier
 
     fake.publish_host_keys = False
     instance = make_set().create(SMALL, IMAGE, OWNER, "", None)
@@ -715,11 +715,11 @@ def test_ssh_executor_trusts_exactly_the_published_host_key(
     key was published, even though the server would run any command (the secret is never
     asked for: GCE's word is stronger)."""
     from herder.config import Config
+    from herder.engine.worker.verify import TagVerifier
     from herder.executor import ExecutorError
     from herder.runtime import ThreadRuntime
     from herder.ssh.executor import SSHExecutor
     from herder.ssh.server import LocalSSHServer, generate_key, generate_key_file
-    from herder.worker.verify import TagVerifier
 
     host_key, _ = generate_key()
     other_key, _ = generate_key()

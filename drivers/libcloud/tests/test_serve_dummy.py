@@ -59,7 +59,7 @@ def _healthy(url: str) -> bool:
 def _herder(
     *args: str, env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "herder.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "herder.app.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
 
 
@@ -84,7 +84,7 @@ def test_herder_serve_runs_a_container_on_the_dummy_provider(tmp_path: Path) -> 
     log_path = tmp_path / "serve.log"
     log = open(log_path, "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "herder.cli", "--log-format", "json", "serve", "--config",
+        [sys.executable, "-m", "herder.app.cli", "--log-format", "json", "serve", "--config",
          str(config), "--data-dir", str(data)],
         env=environ, stdout=log, stderr=log, start_new_session=True,
     )

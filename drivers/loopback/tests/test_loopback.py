@@ -34,7 +34,7 @@ from herder_driver_loopback.driver import (
 )
 from pydantic import ValidationError
 
-from herder import runner_protocol
+from herder.agent import protocol as runner_protocol
 from herder.cloud import (
     CloudError,
     DriverContext,
@@ -45,6 +45,7 @@ from herder.cloud import (
     RemoteRunner,
 )
 from herder.config import Config
+from herder.engine.worker.runner import RunnerDeployment
 from herder.executor import ExecResult, ExecutorError, HostKeyError
 from herder.model import (
     Container,
@@ -56,7 +57,6 @@ from herder.plugins import Plugins
 from herder.runtime import VirtualRuntime
 from herder.ssh.executor import SSHExecutor
 from herder.ssh.server import generate_key, generate_key_file
-from herder.worker.runner import RunnerDeployment
 
 RUNNER_AGENT = Path(__file__).parents[3] / "core" / "src" / "herder" / "agent" / "herder_runner.py"
 SET_ID = "zzzzz-zzzzz-000000000000000"

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from herder_dispatcher_local.backend import LocalBackend, RunnerError
 
+from herder.agent.protocol import ListResult
 from herder.config import Config
+from herder.engine.sizing import ConfigSizer
 from herder.model import Container, ContainerSpec, ContainerState, InstanceType, RuntimeConstraints
 from herder.queue.sqlite import SqliteQueue
-from herder.runner_protocol import ListResult
 from herder.runtime import VirtualRuntime
-from herder.sizing import ConfigSizer
 
 Q, L, R = ContainerState.QUEUED, ContainerState.LOCKED, ContainerState.RUNNING
 DONE, CANCELLED = ContainerState.COMPLETE, ContainerState.CANCELLED
@@ -275,7 +275,7 @@ def test_config_check_names_bad_dispatcher_parameters(
 ) -> None:
     """``herder config check`` as an operator runs it (real plugin discovery): the plugin's
     parameters model reports each bad key under ``dispatcher_parameters``."""
-    from herder import cli
+    from herder.app import cli
 
     path = tmp_path / "herder.yaml"
     path.write_text(
@@ -297,7 +297,7 @@ def test_serve_refuses_bad_dispatcher_parameters_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``herder serve`` checks the file as ``config check`` does, before starting anything."""
-    from herder import cli
+    from herder.app import cli
 
     monkeypatch.delenv("HERDER_CONFIG", raising=False)
     path = tmp_path / "herder.yaml"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-HERDER = [sys.executable, "-m", "herder.cli"]
+HERDER = [sys.executable, "-m", "herder.app.cli"]
 
 CONFIG = """
 cluster_id: loc01

@@ -238,7 +238,7 @@ def test_open_queue_builds_it_from_the_configuration(
             "queue": {"backend": "postgres", "backend_parameters": pg_params()},
         }
     )
-    from herder.sizing import ConfigSizer
+    from herder.engine.sizing import ConfigSizer
 
     opened_queue = open_queue(
         config, plugins=plugins, runtime=VirtualRuntime(), sizer=ConfigSizer(conformance_types())

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-HERDER = [sys.executable, "-m", "herder.cli"]
+HERDER = [sys.executable, "-m", "herder.app.cli"]
 
 CONFIG = """
 cluster_id: pgsb1

@@ -12,10 +12,10 @@ import pytest
 from herder_queue_postgres.backend import PostgresBackend, PostgresParameters
 from herder_queue_postgres.leader import PostgresDispatchLock
 
+from herder.engine.sizing import ConfigSizer
 from herder.queue.backend import QueueContext
 from herder.queue.base import ContainerQueue, QueueError
 from herder.runtime import VirtualRuntime
-from herder.sizing import ConfigSizer
 from herder.testing.queue_conformance import conformance_types
 
 LEASE = 1.0

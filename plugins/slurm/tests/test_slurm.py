@@ -14,10 +14,10 @@ import pytest
 from herder_dispatcher_slurm.backend import SlurmBackend, SlurmJob, job_script
 
 from herder.config import Config
+from herder.engine.sizing import ConfigSizer
 from herder.model import Container, ContainerSpec, ContainerState, RuntimeConstraints
 from herder.queue.sqlite import SqliteQueue
 from herder.runtime import VirtualRuntime
-from herder.sizing import ConfigSizer
 
 Q, L, R = ContainerState.QUEUED, ContainerState.LOCKED, ContainerState.RUNNING
 DONE, CANCELLED = ContainerState.COMPLETE, ContainerState.CANCELLED
@@ -249,7 +249,7 @@ def test_config_check_names_bad_dispatcher_parameters(
 ) -> None:
     """``herder config check`` as an operator runs it (real plugin discovery): the plugin's
     parameters model reports each bad key under ``dispatcher_parameters``."""
-    from herder import cli
+    from herder.app import cli
 
     path = tmp_path / "herder.yaml"
     path.write_text(

@@ -1,8 +1,9 @@
 """What ``herder serve`` runs when ``dispatcher`` names a :class:`DispatchBackend`.
 
-:class:`DispatchService` implements :class:`herder.engine.Engine`, as the cloud engine does, so
-the management API serves it unchanged.  It has no instances (``has_instances`` is False: the
-API leaves the instance routes out) and no scheduler (no pass ever records a scheduling status).
+:class:`DispatchService` implements :class:`herder.engine.interface.Engine`, as the cloud
+engine does, so the management API serves it unchanged.  It has no instances (``has_instances``
+is False: the API leaves the instance routes out) and no scheduler (no pass ever records a
+scheduling status).
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ from prometheus_client import CollectorRegistry
 
 from herder.config import Config
 from herder.dispatch.backend import DispatchBackend
-from herder.engine import InstanceNotFound
+from herder.engine.interface import InstanceNotFound
+from herder.engine.sizing import ConfigSizer
 from herder.model import ContainerState, IdleBehavior, InstanceView
-from herder.plugins import Plugins
+from herder.plugin.registry import Plugins
 from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerQueue
 from herder.runtime import Runtime
-from herder.sizing import ConfigSizer
 
 if TYPE_CHECKING:
     from herder.costs import CostReport
-    from herder.scheduler.quotas import QuotaState
+    from herder.engine.scheduler.quotas import QuotaState
     from herder.spend import BudgetState
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from herder.runtime import Runtime
 
 if TYPE_CHECKING:
     from herder.config import Config
-    from herder.plugins import Plugins
+    from herder.plugin.registry import Plugins
 
 __all__ = [
     "DispatchLock",
@@ -152,7 +152,7 @@ def open_queue(
 ) -> OpenedQueue:
     """The queue ``config`` asks for, where it lives, and the dispatch lock if any.
 
-    Raises :class:`~herder.plugins.PluginError` for a backend that is not installed and
+    Raises :class:`~herder.plugin.registry.PluginError` for a backend that is not installed and
     ``ValueError`` (pydantic's ``ValidationError``) for bad ``queue.backend_parameters``;
     ``herder serve`` has checked both already, with the key named.
     """

@@ -55,6 +55,15 @@ class QueueEntry:
     first_seen_at: float
 
 
+class ConstraintsNotSatisfiable(Exception):
+    """No configured instance type can run the container (raised by a :class:`Sizer`; the
+    queue's rules refuse such a container at submission)."""
+
+    def __init__(self, message: str, available: list[InstanceType] | None = None) -> None:
+        super().__init__(message)
+        self.available = available or []
+
+
 class Sizer(ABC):
     """Decides what a container needs and which instance types fit it (SPEC §8)."""
 
@@ -63,7 +72,7 @@ class Sizer(ABC):
 
     @abstractmethod
     def choose_instance_types(self, container: Container) -> list[InstanceType]:
-        """Eligible types, cheapest first.  Raises ConstraintsNotSatisfiable if none."""
+        """Eligible types, cheapest first.  Raises :class:`ConstraintsNotSatisfiable` if none."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from herder.model import (
     is_container_uuid,
 )
 from herder.queue.base import (
+    ConstraintsNotSatisfiable,
     ContainerNotFound,
     ContainerQueue,
     InvalidTransition,
@@ -55,7 +56,6 @@ from herder.queue.base import (
     Sizer,
 )
 from herder.runtime import Runtime
-from herder.sizing import ConstraintsNotSatisfiable
 
 log = logging.getLogger(__name__)
 

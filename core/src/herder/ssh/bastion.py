@@ -44,7 +44,7 @@ import fabric
 import paramiko
 
 from herder.config import CloudSSHConfig
-from herder.executor import ExecutorError
+from herder.plugin.executor import ExecutorError
 
 log = logging.getLogger("herder.ssh.bastion")
 

@@ -39,9 +39,9 @@ from collections.abc import Callable, Mapping
 
 import paramiko
 
-from herder.cloud import HostKey, Instance, NotImplementedByDriver, RemoteRunner
 from herder.config import Config
-from herder.executor import (
+from herder.plugin.cloud import HostKey, Instance, NotImplementedByDriver, RemoteRunner
+from herder.plugin.executor import (
     ExecResult,
     ExecStream,
     Executor,

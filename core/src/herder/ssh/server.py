@@ -47,7 +47,7 @@ from paramiko.common import (
     OPEN_SUCCEEDED,
 )
 
-from herder.runner_protocol import login_environment
+from herder.agent.protocol import login_environment
 from herder.ssh import send_exit_status
 
 log = logging.getLogger("herder.ssh.server")

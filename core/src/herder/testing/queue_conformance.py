@@ -39,6 +39,7 @@ from typing import Any
 
 import pytest
 
+from herder.engine.sizing import ConfigSizer
 from herder.model import (
     Container,
     ContainerSpec,
@@ -55,7 +56,6 @@ from herder.queue.base import (
     Sizer,
 )
 from herder.runtime import VirtualRuntime
-from herder.sizing import ConfigSizer
 
 __all__ = ["QueueConformance", "QueueFactory", "QueueSettings", "conformance_types"]
 

@@ -24,7 +24,8 @@ import threading
 from collections.abc import Mapping
 
 from herder import defaults
-from herder.cloud import (
+from herder.model import Billing, InstanceType
+from herder.plugin.cloud import (
     Capability,
     CapacityError,
     CloudError,
@@ -43,8 +44,7 @@ from herder.cloud import (
     RemoteRunner,
     create_key,
 )
-from herder.executor import ExecutorFactory
-from herder.model import Billing, InstanceType
+from herder.plugin.executor import ExecutorFactory
 from herder.testing.sim_cloud import SimCloud, SimVM, sim_billing
 from herder.testing.sim_executor import SimExecutor
 from herder.testing.sim_params import SimParameters
@@ -178,7 +178,7 @@ class SimInstanceSet(InstanceSet):
     ) -> Instance:
         """Create, after the stub driver's checks in its order (SPEC §14.2).
 
-        Idempotent: a create whose create key (:func:`herder.cloud.create_key`) an instance
+        Idempotent: a create whose create key (:func:`herder.plugin.cloud.create_key`) an instance
         still listed carries returns that instance, as a cloud with client tokens does.
         """
         cloud = self.cloud

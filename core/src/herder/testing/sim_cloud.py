@@ -29,8 +29,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from herder.cloud import HostKey
 from herder.model import Billing, InstanceType
+from herder.plugin.cloud import HostKey
 from herder.runtime import Runtime
 from herder.testing.sim_params import SimParameters, draw_delay
 from herder.testing.sim_stats import DoubleRun, SimStats

@@ -18,8 +18,8 @@ commands (the runner, the install snippet, reading the secret) without ``sudo`` 
 Connecting emulates the SSH executor (SPEC §6.2): once an instance has booted, the first
 command, and the first after :meth:`SimExecutor.close` if the key changed, presents the
 instance's host key to ``target.verify_host_key`` (herder's secret-checking wrapper calls back
-through a :class:`~herder.cloud.RemoteRunner` to ``cat`` the secret); a failure raises
-:class:`~herder.executor.HostKeyError`.
+through a :class:`~herder.plugin.cloud.RemoteRunner` to ``cat`` the secret); a failure raises
+:class:`~herder.plugin.executor.HostKeyError`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from herder.cloud import HostKey, Instance, RemoteRunner
-from herder.executor import ExecResult, Executor, ExecutorError, HostKeyError, NoAddressError
 from herder.model import is_container_uuid
+from herder.plugin.cloud import HostKey, Instance, RemoteRunner
+from herder.plugin.executor import ExecResult, Executor, ExecutorError, HostKeyError, NoAddressError
 from herder.runtime import VirtualRuntime
 from herder.testing.sim_cloud import SimCloud, SimProcess, SimVM
 

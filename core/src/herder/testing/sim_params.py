@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeFloat, field_validator, model_validator
 
-from herder.cloud import DriverParameters
+from herder.plugin.cloud import DriverParameters
 
 #: A delay in seconds: fixed, or ``(min, max)`` drawn uniformly.
 Delay = float | tuple[NonNegativeFloat, NonNegativeFloat]

@@ -53,8 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from herder.cloud import HostKey
 from herder.model import GPUSpec, InstanceType
+from herder.plugin.cloud import HostKey
 from herder.queue.sqlite import immediate_transaction
 from herder.testing.sim_cloud import SimCloud, SimProcess, SimVM
 from herder.testing.sim_params import SimParameters

@@ -61,6 +61,7 @@ from typing import Any
 import paramiko
 from pydantic import Field, field_validator
 
+from herder.agent.protocol import login_environment
 from herder.cloud import (
     CloudError,
     Driver,
@@ -74,7 +75,6 @@ from herder.cloud import (
     RemoteRunner,
 )
 from herder.model import InstanceType
-from herder.runner_protocol import login_environment
 from herder.ssh.server import (
     ExecRequest,
     Handler,

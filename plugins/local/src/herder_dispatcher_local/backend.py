@@ -24,23 +24,23 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from pydantic import Field
 
-import herder.agent
-from herder.config import Config, Size
-from herder.dispatch import Job, ProbingBackend, ProbingParameters
-from herder.model import Container, ContainerState, InstanceType
-from herder.queue.base import QueueError
-from herder.runner_protocol import (
+from herder.agent import PROGRAM
+from herder.agent.protocol import (
     ListResult,
     config_document,
     login_environment,
     parse_list_output,
 )
+from herder.config import Config, Size
+from herder.dispatch import Job, ProbingBackend, ProbingParameters
+from herder.model import Container, ContainerState, InstanceType
+from herder.queue.base import QueueError
 from herder.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 INSTANCE_TYPE = "local"
-RUNNER = Path(herder.agent.__file__).with_name("herder_runner.py")
+RUNNER = PROGRAM
 RUNNER_TIMEOUT = 60.0
 
 

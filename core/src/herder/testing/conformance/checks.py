@@ -16,7 +16,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from herder.cloud import (
+from herder.config import Config
+from herder.engine.worker.verify import SECRET_PATH, TagVerifier, init_command
+from herder.model import InstanceType
+from herder.plugin.cloud import (
     CREATE_KEY_TAG,
     Capability,
     CapacityError,
@@ -31,14 +34,11 @@ from herder.cloud import (
     RateLimitError,
     RemoteRunner,
 )
-from herder.config import Config
-from herder.executor import Executor, ExecutorError
-from herder.model import InstanceType
+from herder.plugin.executor import Executor, ExecutorError
 from herder.runtime import ThreadRuntime
 from herder.testing.conformance import rules
 from herder.testing.conformance.rules import fail
 from herder.testing.conformance.target import ConformanceHarness
-from herder.worker.verify import SECRET_PATH, TagVerifier, init_command
 
 
 class Skipped(Exception):
@@ -390,7 +390,7 @@ def _provoke(
         )
         raise fail(
             f"the driver raised {type(exc).__module__}.{type(exc).__name__}({exc}) instead of "
-            f"herder.cloud.{expected.__name__}{wrapped}",
+            f"herder.plugin.cloud.{expected.__name__}{wrapped}",
             rule,
         ) from exc
     raise fail(f"the hook meant to provoke a {expected.__name__} raised nothing", rule)

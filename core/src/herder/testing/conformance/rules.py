@@ -48,10 +48,10 @@ INSTANCE_SETS_ISOLATED = (
     "instance sets with different ids never see or touch each other's instances"
 )
 THREAD_SAFE = "every public method is safe to call from several threads at once"
-QUOTA_ERROR_TYPED = "quota errors are raised as herder.cloud.QuotaError"
-CAPACITY_ERROR_TYPED = "capacity errors are raised as herder.cloud.CapacityError"
+QUOTA_ERROR_TYPED = "quota errors are raised as herder.plugin.cloud.QuotaError"
+CAPACITY_ERROR_TYPED = "capacity errors are raised as herder.plugin.cloud.CapacityError"
 RATE_LIMIT_ERROR_TYPED = (
-    "rate limits are raised as herder.cloud.RateLimitError with an earliest_retry time"
+    "rate limits are raised as herder.plugin.cloud.RateLimitError with an earliest_retry time"
 )
 QUOTA_GROUPS_SPLIT = "quota_group differs between the preemptible and on-demand variant of a type"
 ADDRESS_USABLE = (

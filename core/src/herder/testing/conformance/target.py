@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from herder import defaults
-from herder.cloud import (
+from herder.model import InstanceType
+from herder.plugin.cloud import (
     Capability,
     Driver,
     DriverContext,
@@ -27,7 +28,6 @@ from herder.cloud import (
     InstanceSet,
     parse_capabilities,
 )
-from herder.model import InstanceType
 from herder.testing.conformance.rules import fail
 
 log = logging.getLogger("herder.testing.conformance")
@@ -259,7 +259,7 @@ class ConformanceHarness:
         if not path:
             return None
         if self._public_key is None:
-            from herder.dispatcher import public_key_from_private
+            from herder.engine.cloud_engine import public_key_from_private
 
             self._public_key = public_key_from_private(path)
         return self._public_key

@@ -1,0 +1,153 @@
+"""The ``herder`` command: global options, and subcommands from :mod:`herder.app.commands`.
+
+Each subcommand group lives in its own module under ``herder.app.commands`` (see that package's
+docstring); adding a command means adding a module and one line to :data:`COMMAND_MODULES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from herder import __version__
+from herder.app.commands import CONFIG_ENV, DEFAULT_CONFIG_FILE, CommandError, Context
+from herder.app.commands import resolve_config_path as _resolve_config_path
+from herder.app.logsetup import logging_configured
+
+if TYPE_CHECKING:
+    from herder.plugin.registry import Plugins
+
+#: Modules with a ``register(subparsers)`` function, in the order ``herder --help`` lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "herder.app.commands.serve",
+    "herder.app.commands.simulate",
+    "herder.app.commands.config",
+    "herder.app.commands.plugins",
+    "herder.app.commands.containers",
+    "herder.app.commands.instances",
+    "herder.app.commands.costs",
+    "herder.app.commands.cloudtest",
+    "herder.app.commands.queue",
+    "herder.app.commands.token",
+)
+
+EXIT_STATUS = """\
+exit status, for every command:
+  0    done
+  1    it failed: the server refused or could not be reached, a name was not found, a
+       file was invalid (one line on stderr says what, and what to do)
+  2    usage error: an unknown option, a missing or malformed argument
+  130  interrupted (Ctrl-C)
+  141  stdout was closed early (as by `| head`)
+  `submit --wait` exits with the container's own exit code instead (1 if it was cancelled).
+errors are printed as `herder: error: <what is wrong>` on stderr; per-item results of
+cancel, hold, drain, resume and kill as `<id>: <result>`."""
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "warning"
+LOG_FORMATS = ("auto", "text", "json")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose every subcommand also takes the global options.
+
+    So ``herder serve --config FILE`` works as well as ``herder --config FILE serve``.
+    Subparsers are built with the parser's own class (argparse's default), so nested groups
+    (``herder config check``) get the options too.  A subcommand may define an option of the
+    same name for itself: its definition wins (``conflict_handler="resolve"``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("conflict_handler", "resolve")
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--config",
+            metavar="FILE",
+            default=argparse.SUPPRESS,
+            help=f"configuration file (default: ${CONFIG_ENV}, or ./{DEFAULT_CONFIG_FILE} if "
+            "it exists, else built-in defaults)",
+        )
+        self.add_argument(
+            "--log-level",
+            choices=LOG_LEVELS,
+            default=argparse.SUPPRESS,
+            help=f"how much to log on stderr (default: {DEFAULT_LOG_LEVEL}; info for serve)",
+        )
+        self.add_argument(
+            "--log-format",
+            choices=LOG_FORMATS,
+            default=argparse.SUPPRESS,
+            help="text, json, or auto: text on a terminal, JSON lines otherwise (default: auto)",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="herder",
+        description="An elastic cloud dispatcher: runs queued containers on cloud VMs it "
+        "creates and retires.",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"herder {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, plugins: Plugins | None = None) -> int:
+    """Run one command; return its exit status (0 ok, 1 failure, 2 usage error).
+
+    ``plugins`` replaces the installed plugins (for embedding herder, and for tests).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    level = str(
+        getattr(args, "log_level", None) or getattr(args, "default_log_level", DEFAULT_LOG_LEVEL)
+    )
+    with logging_configured(level, getattr(args, "log_format", "auto")):
+        config_option = getattr(args, "config", None)
+        ctx = Context(config_path=_resolve_config_path(config_option), loaded_plugins=plugins)
+        try:
+            status: int = args.handler(args, ctx)
+        except CommandError as exc:
+            print(f"herder: error: {exc}", file=sys.stderr)
+            return exc.status
+        except KeyboardInterrupt:
+            print("herder: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            return _stdout_closed()
+        return status
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (``herder containers | head``): stop quietly.
+
+    stdout is pointed at /dev/null so that the interpreter's final flush at exit does not
+    raise again; 141 is what a shell reports for a program ended by SIGPIPE.
+    """
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests, embedding)
+        pass
+    finally:
+        os.close(devnull)
+    return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The ``herder`` subcommands, one module per command group.
+
+A command module has one function, ``register(subparsers)``, that adds its parsers with
+``subparsers.add_parser(...)`` and sets ``handler=<function>`` on each with
+``parser.set_defaults``.  A handler takes ``(args, ctx)`` (:class:`Context`) and returns the exit
+status.  Add the module's name to :data:`herder.app.cli.COMMAND_MODULES` to make it appear.
+
+User errors (a bad file, an unknown name, an unreachable server) are raised as
+:class:`CommandError`: :func:`herder.app.cli.main` prints them on stderr, without a traceback.
+Listing commands print a table for people (:func:`render_table`) and take ``--json`` for
+scripts (:func:`print_json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from herder.config import Config
+    from herder.model import InstanceType
+    from herder.plugin.registry import Plugins
+
+#: The environment variable naming the config file when ``--config`` is not given.
+CONFIG_ENV = "HERDER_CONFIG"
+#: The file used when neither ``--config`` nor ``$HERDER_CONFIG`` is given, if it exists.
+DEFAULT_CONFIG_FILE = "herder.yaml"
+
+Handler = Callable[[argparse.Namespace, "Context"], int]
+
+
+class CommandError(Exception):
+    """A user error: printed as ``herder: error: <message>``, exit status ``status``."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Context:
+    """What every handler may need, built lazily so that ``herder --version`` stays instant.
+
+    ``config_path`` is the file named by ``--config`` or ``$HERDER_CONFIG``, or ``herder.yaml``
+    in the working directory if it exists; None means herder's built-in defaults.
+    """
+
+    config_path: str | None
+    stdout: IO[str] = field(default_factory=lambda: sys.stdout)
+    stderr: IO[str] = field(default_factory=lambda: sys.stderr)
+    stdin: IO[str] = field(default_factory=lambda: sys.stdin)
+    loaded_plugins: Plugins | None = None
+    _config: Config | None = field(default=None, init=False, repr=False)
+
+    @property
+    def plugins(self) -> Plugins:
+        """Every installed plugin (entry points included), unless some were given."""
+        if self.loaded_plugins is None:
+            from herder.plugin.registry import PluginError, Plugins
+
+            try:
+                self.loaded_plugins = Plugins.load()
+            except PluginError as exc:
+                raise CommandError(f"cannot load plugins: {exc}") from exc
+        return self.loaded_plugins
+
+    @property
+    def config(self) -> Config:
+        """The effective configuration; a broken file is a :class:`CommandError`."""
+        return self._load_config(check_plugins=False)
+
+    def checked_config(self) -> Config:
+        """:attr:`config`, with the plugin names and the driver's parameters checked too, as
+        ``herder config check`` does: what a command that runs the engine needs."""
+        return self._load_config(check_plugins=True)
+
+    def _load_config(self, *, check_plugins: bool) -> Config:
+        if self._config is None:
+            from herder.config import Config, ConfigError, load_config
+
+            if self.config_path is None:
+                self._config = Config()
+            else:
+                plugins = self.plugins if check_plugins else None
+                try:
+                    self._config = load_config(self.config_path, plugins)
+                except ConfigError as exc:
+                    raise CommandError(f"invalid configuration:\n{exc}") from exc
+        return self._config
+
+    def driver_instance_types(self, config: Config) -> dict[str, InstanceType]:
+        """The instance types ``config``'s driver offers when the file lists none (what
+        ``serve`` then uses); a driver that cannot be loaded or configured is a
+        :class:`CommandError` naming ``cloud.driver``."""
+        from herder.plugin.registry import PluginError
+
+        try:
+            driver = self.plugins.driver_class(config.cloud.driver)
+            params = driver.validate_parameters(config.cloud.driver_parameters)
+        except (PluginError, ValueError) as exc:
+            raise CommandError(f"cloud.driver: {exc}") from exc
+        types: dict[str, InstanceType] = driver().default_instance_types(params)
+        return types
+
+    def print(self, text: str = "") -> None:
+        """Write a line of the command's output (stdout)."""
+        print(text, file=self.stdout)
+
+    def error(self, text: str) -> None:
+        """Write a line about something wrong (stderr), so that scripts can keep stdout clean."""
+        print(text, file=self.stderr)
+
+
+def resolve_config_path(option: str | None, environ: dict[str, str] | None = None) -> str | None:
+    """``--config``, else ``$HERDER_CONFIG``, else ``./herder.yaml`` if present, else None."""
+    if option:
+        return option
+    env = os.environ if environ is None else environ
+    if env.get(CONFIG_ENV):
+        return env[CONFIG_ENV]
+    if Path(DEFAULT_CONFIG_FILE).is_file():
+        return DEFAULT_CONFIG_FILE
+    return None
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces; empty cells shown as ``-``.
+
+    Control characters in a cell (a container name is anyone's to choose) are shown escaped,
+    so they cannot move the cursor, recolour the terminal or break the table's lines.
+    """
+    from herder.app.logsetup import escape_controls
+
+    cells = [[str(h).upper() for h in headers]]
+    cells += [
+        ["-" if v is None or v == "" else escape_controls(str(v)) for v in row] for row in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return "\n".join(lines)
+
+
+def print_json(ctx: Context, data: Any) -> None:
+    """Indented, key-order-preserving JSON for scripts."""
+    ctx.print(json.dumps(data, indent=2))

@@ -1,0 +1,218 @@
+"""``herder costs`` and ``herder quotas``: what the instances cost, and the cloud's quotas.
+
+``herder costs`` asks the server (``GET /api/v1/costs``) when one is reachable: it knows the
+spend of instances running now, which the ledger file gets only every few minutes.  When no
+server answers (or ``--ledger``, ``--data-dir`` or ``--until`` is given) it reads the spend
+ledger file that ``herder serve`` keeps (``cloud.budget.ledger_path``, else
+``herder-spend.jsonl`` next to the queue), so it works whether or not serve runs, and changes
+nothing.  Both give the same document (the API's), so ``--json`` has one shape.
+
+``herder quotas`` shows the quotas the driver last read and ``herder budget`` the budget's
+period, only from the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from herder.app.client import ClientError
+from herder.app.commands import CommandError, Context, print_json, render_table
+from herder.app.commands.containers import add_client_options, client_errors, open_client
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "costs",
+        help="spend by period and instance type, and cost per finished container",
+        description="Spend of the instances by period (UTC) and by instance type, with billing "
+        "increments, and the cost of the containers that finished, also by container label: "
+        "asked of the server when one is reachable, else read from the spend ledger herder "
+        "serve keeps in its data directory.",
+    )
+    p.add_argument("--period", choices=("hour", "day", "month"), default="day",
+                   help="group spend by hour, day or month (default day)")
+    p.add_argument("--last", type=int, default=7, metavar="N",
+                   help="the current period and the N-1 before it (default 7)")
+    p.add_argument("--until", metavar="DATE",
+                   help="end the report at this UTC date or time (2026-12-07, "
+                   "2026-12-07T12:00) instead of now")
+    p.add_argument("--ledger", metavar="FILE", help="the ledger file (default: as serve uses)")
+    p.add_argument("--data-dir", metavar="DIR", help="the data directory serve uses")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_client_options(p)
+    p.set_defaults(handler=run)
+    q = subparsers.add_parser(
+        "quotas",
+        help="the cloud account's quotas: limits, usage, and what herder plans to use",
+        description="The quotas the driver last read (drivers with quota_headroom), with the "
+        "account's usage, what herder's own instances take, what it created since the read, "
+        "and what waiting containers want.",
+    )
+    q.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_client_options(q)
+    q.set_defaults(handler=run_quotas)
+    b = subparsers.add_parser(
+        "budget",
+        help="the spend budget: the period's spend against its soft and hard limits",
+        description="The spend of the current budget period (cloud.budget) against its soft "
+        "and hard limits, and what waiting containers are told once one is reached.",
+    )
+    b.add_argument("--json", action="store_true", help="print JSON for scripts")
+    add_client_options(b)
+    b.set_defaults(handler=run_budget)
+
+
+def _ledger_path(args: argparse.Namespace, ctx: Context) -> Path:
+    if args.ledger:
+        return Path(args.ledger)
+    from herder.app.client import default_data_dir
+    from herder.app.embedded import prepare_serve
+    from herder.spend import ledger_path_for
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    config = prepare_serve(ctx.config, data_dir, create=False).config
+    path = ledger_path_for(config.cloud.budget.ledger_path, config.queue.path)
+    if path is None:
+        raise CommandError("the queue is in memory, so no spend ledger is kept; see "
+                           "cloud.budget.ledger_path")
+    return Path(path)
+
+
+def _until(text: str | None) -> float:
+    if text is None:
+        return datetime.now(UTC).timestamp()
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise CommandError(f"--until: {exc}", status=2) from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _from_server(args: argparse.Namespace, ctx: Context) -> dict[str, Any] | None:
+    """The report from the server, or None when none answers (nor knows the route)."""
+    try:
+        with open_client(args, ctx) as client:
+            document: dict[str, Any] = client.costs(args.period, args.last)
+    except ClientError as exc:
+        if exc.status is None or exc.status == 404:
+            return None
+        raise CommandError(str(exc)) from exc
+    return document
+
+
+def _from_ledger(args: argparse.Namespace, ctx: Context) -> tuple[dict[str, Any], Path]:
+    from herder.costs import build_report, last_periods, report_document
+    from herder.spend import read_ledger
+
+    path = _ledger_path(args, ctx)
+    if not path.exists():
+        raise CommandError(f"no spend recorded yet: {path} does not exist (herder serve "
+                           "creates it)")
+    ledger = read_ledger(path)
+    # The period that contains the moment just before --until is the last one shown.
+    since, until = last_periods(_until(args.until) - 1e-6, args.period, args.last)
+    report = build_report(
+        ledger.entries(since, until),
+        ledger.containers(since, until),
+        period=args.period,
+        since=since,
+        until=until,
+    )
+    return report_document(report), path
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    if args.last < 1:
+        raise CommandError("--last must be at least 1", status=2)
+    document = None
+    if not (args.ledger or args.data_dir or args.until):
+        document = _from_server(args, ctx)
+        source = "the server"
+    if document is None:
+        document, path = _from_ledger(args, ctx)
+        source = str(path)
+    if args.json:
+        print_json(ctx, document)
+        return 0
+    ctx.print(f"spend by {args.period} (UTC), from {source}")
+    ctx.print(render_table(
+        ("period", "spent"), [(b["period"], f"{b['spent']:.4f}") for b in document["by_period"]]
+    ))
+    ctx.print(f"total {document['total']:.4f}")
+    ctx.print("")
+    ctx.print(render_table(
+        ("instance-type", "spent"),
+        [(name, f"{v:.4f}") for name, v in document["by_instance_type"].items()],
+    ))
+    c = document["containers"]
+    ctx.print("")
+    ctx.print(
+        f"finished containers: {c['finished']}, cost {c['total']:.4f}"
+        + (f" ({c['per_container']:.4f} per container)" if c["finished"] else "")
+    )
+    if c["by_name"]:
+        rows = [(name or "(no name)", f"{v:.4f}") for name, v in c["by_name"].items()]
+        ctx.print(render_table(("container-name", "cost"), rows))
+    if c.get("by_label"):
+        rows = [(label or "(no label)", f"{v:.4f}") for label, v in c["by_label"].items()]
+        ctx.print(render_table(("container-label", "cost"), rows))
+    return 0
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+
+
+def run_quotas(args: argparse.Namespace, ctx: Context) -> int:
+    client = open_client(args, ctx)
+    with client_errors(), client:
+        document = client.quotas()
+    if args.json:
+        print_json(ctx, document)
+        return 0
+    if not document["enabled"]:
+        ctx.print("quotas are not read: the driver cannot (capability quota_headroom), or "
+                  "cloud.quota_refresh_interval is 0")
+        return 0
+    rows = [
+        (q["name"], q["group"], q["unit"], _num(q["limit"]), _num(q["usage"]),
+         _num(q["herder"]), _num(q["pending"]), _num(q["wanted"]), _num(q["headroom"]),
+         q["description"])
+        for q in document["items"]
+    ]
+    ctx.print(render_table(
+        ("quota", "group", "unit", "limit", "usage", "herder", "pending", "wanted", "headroom",
+         "description"),
+        rows,
+    ))
+    return 0
+
+
+def _limit(value: float | None) -> str:
+    return "none" if value is None else f"{value:.2f}"
+
+
+def run_budget(args: argparse.Namespace, ctx: Context) -> int:
+    client = open_client(args, ctx)
+    with client_errors(), client:
+        document = client.budget()
+    if args.json:
+        print_json(ctx, document)
+        return 0
+    state = "hard limit reached" if document["hard_reached"] else (
+        "soft limit reached" if document["soft_reached"] else "under the limits"
+    )
+    ctx.print(
+        f"spend this {document['period']}: {document['spent']:.2f} "
+        f"(soft limit {_limit(document['soft_limit'])}, hard limit "
+        f"{_limit(document['hard_limit'])}; on hard limit: {document['on_hard_limit']}): {state}"
+    )
+    ctx.print(f"period {document['period_start']} to {document['period_end']}")
+    if document["message"]:
+        ctx.print(f"waiting containers say: {document['message']}")
+    return 0
