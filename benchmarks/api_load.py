@@ -55,15 +55,28 @@ def start_server(data_dir: Path, request_timeout: float) -> tuple[subprocess.Pop
     doc = yaml.safe_load((ROOT / "examples" / "sim.yaml").read_text())
     doc["queue"] = {**doc.get("queue", {}), "path": str(data_dir / "herder.db")}
     doc["api"] = {
-        **doc.get("api", {}), "listen": "127.0.0.1:0", "management_token": TOKEN,
-        "request_timeout": request_timeout, "max_connections": 2000,
+        **doc.get("api", {}),
+        "listen": "127.0.0.1:0",
+        "management_token": TOKEN,
+        "request_timeout": request_timeout,
+        "max_connections": 2000,
     }
     config.write_text(yaml.safe_dump(doc))
     env = dict(os.environ, HERDER_DATA_DIR=str(data_dir))
     proc = subprocess.Popen(  # noqa: S603 (our own command, no shell)
-        [shutil.which("herder") or "herder", "--config", str(config), "--log-level", "warning",
-         "serve", "--data-dir", str(data_dir)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            shutil.which("herder") or "herder",
+            "--config",
+            str(config),
+            "--log-level",
+            "warning",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     client_file = data_dir / "client.json"
     deadline = time.monotonic() + 60
@@ -171,7 +184,12 @@ async def seed(host: str, port: int, count: int) -> list[str]:
 
 
 async def mixed_client(
-    host: str, port: int, uuids: list[str], stop: float, tally: Tally, rng: random.Random,
+    host: str,
+    port: int,
+    uuids: list[str],
+    stop: float,
+    tally: Tally,
+    rng: random.Random,
     think: float,
 ) -> None:
     conn = Connection(host, port)
@@ -210,8 +228,7 @@ async def run_clients(
     tally = Tally()
     stop = time.monotonic() + seconds
     await asyncio.gather(
-        *(mixed_client(host, port, uuids, stop, tally, random.Random(i), think)
-          for i in range(n))
+        *(mixed_client(host, port, uuids, stop, tally, random.Random(i), think) for i in range(n))
     )
     return tally
 
@@ -250,8 +267,9 @@ async def run_slow(
 ) -> tuple[Tally, Counter[str]]:
     outcome: Counter[str] = Counter()
     started = time.monotonic()
-    slow_tasks = [asyncio.create_task(slow_client(host, port, outcome, started))
-                  for _ in range(slow)]
+    slow_tasks = [
+        asyncio.create_task(slow_client(host, port, outcome, started)) for _ in range(slow)
+    ]
     await asyncio.sleep(1.0)  # the slow connections are open before the normal load starts
     tally = await run_clients(host, port, uuids, n, seconds, think)
     await asyncio.gather(*slow_tasks)
@@ -261,14 +279,24 @@ async def run_slow(
 def random_request(rng: random.Random, uuids: list[str]) -> tuple[str, str, bytes, dict[str, str]]:
     """A request a careless or hostile client might send (the framing itself stays valid)."""
     method = rng.choice(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "BREW"])
-    base = rng.choice([
-        "/api/v1/containers", f"/api/v1/containers/{rng.choice(uuids)}",
-        f"/api/v1/containers/{rng.choice(uuids)}/cancel",
-        f"/api/v1/containers/{rng.choice(uuids)}/priority",
-        f"/api/v1/containers/{rng.choice(uuids)}/log", "/api/v1/instances",
-        "/api/v1/instances/sim-1/hold", "/api/v1/health", "/api/v1/summary", "/metrics",
-        "/api/v1/plugins", "/", "/static/status.js", "/api/v1/containers/%00%ff",
-    ])
+    base = rng.choice(
+        [
+            "/api/v1/containers",
+            f"/api/v1/containers/{rng.choice(uuids)}",
+            f"/api/v1/containers/{rng.choice(uuids)}/cancel",
+            f"/api/v1/containers/{rng.choice(uuids)}/priority",
+            f"/api/v1/containers/{rng.choice(uuids)}/log",
+            "/api/v1/instances",
+            "/api/v1/instances/sim-1/hold",
+            "/api/v1/health",
+            "/api/v1/summary",
+            "/metrics",
+            "/api/v1/plugins",
+            "/",
+            "/static/status.js",
+            "/api/v1/containers/%00%ff",
+        ]
+    )
     segment = "".join(f"%{b:02X}" for b in rng.randbytes(rng.randint(0, 12)))
     if rng.random() < 0.2:
         base += "/" + segment
@@ -280,8 +308,9 @@ def random_request(rng: random.Random, uuids: list[str]) -> tuple[str, str, byte
     target = base + (f"?{query}" if query else "")
     values: list[object] = [None, True, 1, -1, 2**70, 1.5, "", "x" * 50, [], {}, ["a"], {"a": 1}]
     doc: object = {
-        rng.choice(["command", "image", "priority", "runtime_constraints", "reason", "zz"]):
-        rng.choice(values)
+        rng.choice(
+            ["command", "image", "priority", "runtime_constraints", "reason", "zz"]
+        ): rng.choice(values)
         for _ in range(rng.randint(0, 4))
     }
     if rng.random() < 0.1:
@@ -297,8 +326,9 @@ def random_request(rng: random.Random, uuids: list[str]) -> tuple[str, str, byte
     return method, target, body, headers
 
 
-async def run_random(host: str, port: int, uuids: list[str], total: int, concurrency: int
-                     ) -> Counter[str]:
+async def run_random(
+    host: str, port: int, uuids: list[str], total: int, concurrency: int
+) -> Counter[str]:
     statuses: Counter[str] = Counter()
     remaining = iter(range(total))
 
@@ -308,11 +338,13 @@ async def run_random(host: str, port: int, uuids: list[str], total: int, concurr
         for _ in remaining:
             method, target, body, headers = random_request(rng, uuids)
             try:
-                status, _ = await asyncio.wait_for(
-                    conn.request(method, target, body, headers), 30
-                )
+                status, _ = await asyncio.wait_for(conn.request(method, target, body, headers), 30)
             except (
-                TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, IndexError
+                TimeoutError,
+                OSError,
+                asyncio.IncompleteReadError,
+                ValueError,
+                IndexError,
             ) as exc:
                 statuses[f"failed: {type(exc).__name__}"] += 1
                 conn.close()
@@ -341,8 +373,11 @@ async def main_async(args: argparse.Namespace, url: str, pid: int) -> None:
     cpu = cpu_seconds(pid)
     tally = await run_clients(host, int(port), uuids, args.clients, args.seconds, args.think)
     cpu = cpu_seconds(pid) - cpu
-    print(tally.line(f"clients ({args.clients}, think {args.think:g}s)", args.seconds)
-          + f"; server CPU {cpu * 1000 / max(1, tally.requests):.2f} ms per request", flush=True)
+    print(
+        tally.line(f"clients ({args.clients}, think {args.think:g}s)", args.seconds)
+        + f"; server CPU {cpu * 1000 / max(1, tally.requests):.2f} ms per request",
+        flush=True,
+    )
     if args.slow:
         tally, outcome = await run_slow(
             host, int(port), uuids, args.slow, args.clients, args.seconds, args.think
@@ -360,15 +395,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--think", type=float, default=1.0,
-                        help="mean seconds a client waits between requests (exponential); "
-                        "0: back to back")
+    parser.add_argument(
+        "--think",
+        type=float,
+        default=1.0,
+        help="mean seconds a client waits between requests (exponential); 0: back to back",
+    )
     parser.add_argument("--slow", type=int, default=300)
     parser.add_argument("--random", type=int, default=100_000)
     parser.add_argument("--random-concurrency", type=int, default=50)
     parser.add_argument("--seed-containers", type=int, default=200)
-    parser.add_argument("--request-timeout", type=float, default=10.0,
-                        help="the server's api.request_timeout for this run")
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=10.0,
+        help="the server's api.request_timeout for this run",
+    )
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="herder-api-load-"))
     proc, url = start_server(data_dir, args.request_timeout)

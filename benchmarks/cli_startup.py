@@ -48,8 +48,12 @@ def main() -> int:
     data = Path(tempfile.mkdtemp(prefix="herder-cli-bench-"))
     env = {**os.environ, "HERDER_DATA_DIR": str(data)}
     env.pop("HERDER_MANAGEMENT_TOKEN", None)
-    serve = subprocess.Popen([*HERDER, "serve", "--listen", "127.0.0.1:0"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = subprocess.Popen(
+        [*HERDER, "serve", "--listen", "127.0.0.1:0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (data / "client.json").exists():

@@ -32,9 +32,7 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
-def floor(
-    bench: Bench, rounds: int
-) -> tuple[list[float], list[float], list[float], list[float]]:
+def floor(bench: Bench, rounds: int) -> tuple[list[float], list[float], list[float], list[float]]:
     """Times of one SSH command on an open connection, of one SQLite commit, of one one-shot
     ``runner --list`` command over the same connection (the fallback path: the runner
     program's own start-up), and of one ``--list`` to the resident runner."""
@@ -62,8 +60,12 @@ def floor(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--submissions", type=int, default=200)
-    ap.add_argument("--probe-interval", type=float, default=0.2,
-                    help="only paces the rounds (exit collection); not part of the latency")
+    ap.add_argument(
+        "--probe-interval",
+        type=float,
+        default=0.2,
+        help="only paces the rounds (exit collection); not part of the latency",
+    )
     args = ap.parse_args()
     bench = Bench(instances=1, vcpus=1, probe_interval=args.probe_interval)
     try:
@@ -88,18 +90,26 @@ def main() -> None:
         bench.close()
     fl = [a + b for a, b in zip(ssh, sql, strict=True)]
     print(f"submissions: {len(lat)}")
-    print(f"submit -> running: median {statistics.median(lat) * 1e3:.1f} ms, "
-          f"p90 {pct(lat, 90) * 1e3:.1f} ms, p99 {pct(lat, 99) * 1e3:.1f} ms, "
-          f"max {max(lat) * 1e3:.1f} ms")
-    print(f"floor (ssh + commit): median {statistics.median(fl) * 1e3:.1f} ms, "
-          f"p99 {pct(fl, 99) * 1e3:.1f} ms "
-          f"(ssh {statistics.median(ssh) * 1e3:.1f} ms, "
-          f"commit {statistics.median(sql) * 1e3:.1f} ms)")
-    print(f"  of which submit -> locked: median {statistics.median(to_lock) * 1e3:.1f} ms, "
-          f"locked -> running: median "
-          f"{statistics.median([a - b for a, b in zip(lat, to_lock, strict=True)]) * 1e3:.1f} ms")
-    print(f"--list to the resident runner: median {statistics.median(resident) * 1e3:.1f} ms; "
-          f"as a one-shot command (the fallback): {statistics.median(lst) * 1e3:.1f} ms")
+    print(
+        f"submit -> running: median {statistics.median(lat) * 1e3:.1f} ms, "
+        f"p90 {pct(lat, 90) * 1e3:.1f} ms, p99 {pct(lat, 99) * 1e3:.1f} ms, "
+        f"max {max(lat) * 1e3:.1f} ms"
+    )
+    print(
+        f"floor (ssh + commit): median {statistics.median(fl) * 1e3:.1f} ms, "
+        f"p99 {pct(fl, 99) * 1e3:.1f} ms "
+        f"(ssh {statistics.median(ssh) * 1e3:.1f} ms, "
+        f"commit {statistics.median(sql) * 1e3:.1f} ms)"
+    )
+    print(
+        f"  of which submit -> locked: median {statistics.median(to_lock) * 1e3:.1f} ms, "
+        f"locked -> running: median "
+        f"{statistics.median([a - b for a, b in zip(lat, to_lock, strict=True)]) * 1e3:.1f} ms"
+    )
+    print(
+        f"--list to the resident runner: median {statistics.median(resident) * 1e3:.1f} ms; "
+        f"as a one-shot command (the fallback): {statistics.median(lst) * 1e3:.1f} ms"
+    )
     print(f"ratio median latency / floor: {statistics.median(lat) / statistics.median(fl):.1f}")
 
 

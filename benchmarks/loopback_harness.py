@@ -63,8 +63,12 @@ class Bench:
                 },
                 "queue": {"path": str(self.dir / "herder.db")},
                 "instance_types": {
-                    "local": {"vcpus": vcpus, "ram": "64GiB", "included_scratch": "1GiB",
-                              "price": 0.1},
+                    "local": {
+                        "vcpus": vcpus,
+                        "ram": "64GiB",
+                        "included_scratch": "1GiB",
+                        "price": 0.1,
+                    },
                 },
             }
         )

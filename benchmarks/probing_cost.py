@@ -52,8 +52,9 @@ def main() -> None:
     )
     runtime = VirtualRuntime(strict=False)
     tracemalloc.start()
-    disp = CloudEngine(config, runtime=runtime, driver=SimDriver(),
-                      uuid_random_bytes=random.Random(0).randbytes)
+    disp = CloudEngine(
+        config, runtime=runtime, driver=SimDriver(), uuid_random_bytes=random.Random(0).randbytes
+    )
     disp.start()
     for _ in range(args.workers):
         disp.queue.submit(ContainerSpec(command=("sleep", "1000000")))
@@ -75,15 +76,23 @@ def main() -> None:
     cpu = time.process_time() - cpu0
     probes = stats.commands["list"] - lists0
     disp.stop()
-    print(f"{args.workers} workers, probe_interval {args.probe_interval:g} s, "
-          f"max_probes_per_second {args.max_probes_per_second:g}, {args.seconds} s simulated")
-    print(f"CPU: {cpu / args.seconds * 1e3:.1f} ms per simulated second "
-          f"({cpu / max(probes, 1) * 1e6:.0f} us per probe, everything included)")
-    print(f"probes: {probes / args.seconds:.1f}/s on average, at most {max(per_second)} in one "
-          f"second (limit {args.max_probes_per_second:g}/s); each worker probed every "
-          f"{args.workers * args.seconds / max(probes, 1):.1f} s")
-    print(f"memory: {pool_bytes / args.workers / 1024:.1f} KiB traced per busy instance "
-          "(whole engine incl. queue, sim cloud and one container each, divided by instances)")
+    print(
+        f"{args.workers} workers, probe_interval {args.probe_interval:g} s, "
+        f"max_probes_per_second {args.max_probes_per_second:g}, {args.seconds} s simulated"
+    )
+    print(
+        f"CPU: {cpu / args.seconds * 1e3:.1f} ms per simulated second "
+        f"({cpu / max(probes, 1) * 1e6:.0f} us per probe, everything included)"
+    )
+    print(
+        f"probes: {probes / args.seconds:.1f}/s on average, at most {max(per_second)} in one "
+        f"second (limit {args.max_probes_per_second:g}/s); each worker probed every "
+        f"{args.workers * args.seconds / max(probes, 1):.1f} s"
+    )
+    print(
+        f"memory: {pool_bytes / args.workers / 1024:.1f} KiB traced per busy instance "
+        "(whole engine incl. queue, sim cloud and one container each, divided by instances)"
+    )
 
 
 if __name__ == "__main__":

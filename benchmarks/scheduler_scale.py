@@ -116,13 +116,17 @@ def main() -> None:
         print(f"memory: {c:.0f} B per queued container, {i:.0f} B per instance (stub pool)")
         return
     sizes = [1_000, 3_000, 10_000, 30_000, 100_000] if args.curve else [args.containers]
-    print(f"{'containers':>10} {'instances':>9} {'first ms':>9} {'median ms':>9} "
-          f"{'changed ms':>10} {'max ms':>7} {'us/ctr':>7}")
+    print(
+        f"{'containers':>10} {'instances':>9} {'first ms':>9} {'median ms':>9} "
+        f"{'changed ms':>10} {'max ms':>7} {'us/ctr':>7}"
+    )
     for n in sizes:
         inst = args.instances if not args.curve else max(1, n // 10)
         r = scale(n, inst, args.repeats, args.freeze, args.spare)
-        print(f"{n:>10} {inst:>9} {r['first'] * 1e3:>9.1f} {r['median'] * 1e3:>9.1f} "
-              f"{r['changed'] * 1e3:>10.1f} {r['max'] * 1e3:>7.1f} {r['changed'] / n * 1e6:>7.2f}")
+        print(
+            f"{n:>10} {inst:>9} {r['first'] * 1e3:>9.1f} {r['median'] * 1e3:>9.1f} "
+            f"{r['changed'] * 1e3:>10.1f} {r['max'] * 1e3:>7.1f} {r['changed'] / n * 1e6:>7.2f}"
+        )
 
 
 if __name__ == "__main__":

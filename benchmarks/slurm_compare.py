@@ -112,25 +112,34 @@ def run_slurm(args: argparse.Namespace) -> list[Run]:
     nodes = args.slots // args.per_instance
     directory = Path(tempfile.mkdtemp(prefix="herder-slurm-bench-"))
     cluster = LocalSlurm(
-        directory, nodes=nodes, cpus_per_node=args.per_instance, real_memory_mb=1000,
-        scheduler_parameters=args.scheduler_parameters, min_job_age=300,
-        max_jobs=args.jobs * args.repeat + args.slots, cluster_name="herderbench",
+        directory,
+        nodes=nodes,
+        cpus_per_node=args.per_instance,
+        real_memory_mb=1000,
+        scheduler_parameters=args.scheduler_parameters,
+        min_job_age=300,
+        max_jobs=args.jobs * args.repeat + args.slots,
+        cluster_name="herderbench",
     )
     runs = []
     try:
         t0 = time.perf_counter()
         cluster.start()
         slurm_batch("warmup", args.slots, False, args.poll)
-        print(f"Slurm: {nodes} nodes idle and warmed up {time.perf_counter() - t0:.1f} s "
-              f"after start (SchedulerParameters={args.scheduler_parameters or 'default'})",
-              flush=True)
+        print(
+            f"Slurm: {nodes} nodes idle and warmed up {time.perf_counter() - t0:.1f} s "
+            f"after start (SchedulerParameters={args.scheduler_parameters or 'default'})",
+            flush=True,
+        )
         for k in range(args.repeat):
             run = slurm_batch(f"bench{k}", args.jobs, args.array, args.poll)
             runs.append(run)
-            print(f"  Slurm  run {k + 1}: {run.jobs} jobs in {run.elapsed:.1f} s "
-                  f"(submitted in {run.submit:.1f} s), {run.rate:.1f} jobs/s"
-                  + (f", {run.not_complete} not COMPLETED" if run.not_complete else ""),
-                  flush=True)
+            print(
+                f"  Slurm  run {k + 1}: {run.jobs} jobs in {run.elapsed:.1f} s "
+                f"(submitted in {run.submit:.1f} s), {run.rate:.1f} jobs/s"
+                + (f", {run.not_complete} not COMPLETED" if run.not_complete else ""),
+                flush=True,
+            )
     finally:
         cluster.stop()
         shutil.rmtree(directory, ignore_errors=True)
@@ -143,25 +152,34 @@ def run_slurm(args: argparse.Namespace) -> list[Run]:
 def run_herder(args: argparse.Namespace) -> list[Run]:
     instances = args.slots // args.per_instance
     probes = args.max_probes_per_second
-    bench = Bench(instances=instances, vcpus=args.per_instance, probe_interval=args.probe_interval,
-                  extra_cloud={"max_probes_per_second": probes})
+    bench = Bench(
+        instances=instances,
+        vcpus=args.per_instance,
+        probe_interval=args.probe_interval,
+        extra_cloud={"max_probes_per_second": probes},
+    )
     runs = []
     try:
         t0 = time.perf_counter()
         bench.start()
         warm_up(bench, args.slots)
-        print(f"herder: {instances} loopback instances warmed up "
-              f"{time.perf_counter() - t0:.1f} s after start "
-              f"(probe_interval {args.probe_interval} s, "
-              f"max_probes_per_second {probes:g})", flush=True)
+        print(
+            f"herder: {instances} loopback instances warmed up "
+            f"{time.perf_counter() - t0:.1f} s after start "
+            f"(probe_interval {args.probe_interval} s, "
+            f"max_probes_per_second {probes:g})",
+            flush=True,
+        )
         for k in range(args.repeat):
             result = run_batch(bench, args.jobs)
             run = Run(args.jobs, result.elapsed, None, result.not_complete)
             runs.append(run)
-            print(f"  herder run {k + 1}: {run.jobs} containers in {run.elapsed:.1f} s, "
-                  f"{run.rate:.1f} jobs/s"
-                  + (f", {run.not_complete} not Complete" if run.not_complete else ""),
-                  flush=True)
+            print(
+                f"  herder run {k + 1}: {run.jobs} containers in {run.elapsed:.1f} s, "
+                f"{run.rate:.1f} jobs/s"
+                + (f", {run.not_complete} not Complete" if run.not_complete else ""),
+                flush=True,
+            )
     finally:
         bench.close()
     return runs
@@ -198,23 +216,47 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--jobs", type=int, default=500, help="trivial jobs per run (default 500)")
     ap.add_argument("--slots", type=int, default=8, help="job slots on each side (default 8)")
-    ap.add_argument("--per-instance", type=int, default=1, metavar="N",
-                    help="slots per Slurm node and per herder instance (default 1: "
-                         "--slots nodes of 1 CPU)")
-    ap.add_argument("--repeat", type=int, default=1, metavar="K",
-                    help="runs per side; the medians are compared (default 1)")
+    ap.add_argument(
+        "--per-instance",
+        type=int,
+        default=1,
+        metavar="N",
+        help="slots per Slurm node and per herder instance (default 1: --slots nodes of 1 CPU)",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="K",
+        help="runs per side; the medians are compared (default 1)",
+    )
     ap.add_argument("--only", choices=("slurm", "herder"), help="run one side only")
-    ap.add_argument("--array", action="store_true",
-                    help="Slurm: submit one --array job instead of one sbatch per job")
-    ap.add_argument("--scheduler-parameters", default=TUNED_SCHEDULER_PARAMETERS,
-                    help="Slurm's SchedulerParameters ('' for Slurm's defaults; "
-                         "default: %(default)s)")
-    ap.add_argument("--poll", type=float, default=0.1,
-                    help="seconds between squeue polls (default 0.1)")
-    ap.add_argument("--probe-interval", type=float, default=10.0,
-                    help="herder's probe_interval (default 10 s, the configuration default)")
-    ap.add_argument("--max-probes-per-second", type=float, default=10.0, metavar="RATE",
-                    help="herder's probe rate limit (default 10, the configuration default)")
+    ap.add_argument(
+        "--array",
+        action="store_true",
+        help="Slurm: submit one --array job instead of one sbatch per job",
+    )
+    ap.add_argument(
+        "--scheduler-parameters",
+        default=TUNED_SCHEDULER_PARAMETERS,
+        help="Slurm's SchedulerParameters ('' for Slurm's defaults; default: %(default)s)",
+    )
+    ap.add_argument(
+        "--poll", type=float, default=0.1, help="seconds between squeue polls (default 0.1)"
+    )
+    ap.add_argument(
+        "--probe-interval",
+        type=float,
+        default=10.0,
+        help="herder's probe_interval (default 10 s, the configuration default)",
+    )
+    ap.add_argument(
+        "--max-probes-per-second",
+        type=float,
+        default=10.0,
+        metavar="RATE",
+        help="herder's probe rate limit (default 10, the configuration default)",
+    )
     args = ap.parse_args()
     if args.jobs < 1 or args.repeat < 1 or args.per_instance < 1:
         ap.error("--jobs, --repeat and --per-instance must be positive")

@@ -109,8 +109,9 @@ def main() -> None:
     ap.add_argument("--probe-interval", type=float, default=10.0)
     ap.add_argument("--profile", metavar="FILE", help="cProfile the timed part into FILE")
     args = ap.parse_args()
-    bench = Bench(instances=args.instances, vcpus=args.per_instance,
-                  probe_interval=args.probe_interval)
+    bench = Bench(
+        instances=args.instances, vcpus=args.per_instance, probe_interval=args.probe_interval
+    )
     try:
         bench.start()
         warm_up(bench, args.instances * args.per_instance)
@@ -118,11 +119,15 @@ def main() -> None:
         used = len(bench.dispatcher.pool.instances())
     finally:
         bench.close()
-    print(f"{args.containers} containers, {used} instances x {args.per_instance}: "
-          f"{result.elapsed:.1f} s, {result.rate:.1f} completed/s")
-    print(f"CPU per container: herder process {result.own_cpu / args.containers * 1e3:.1f} ms, "
-          f"whole machine {result.machine_cpu / args.containers * 1e3:.1f} ms "
-          f"(of {os.cpu_count()} CPUs x {result.elapsed:.1f} s)")
+    print(
+        f"{args.containers} containers, {used} instances x {args.per_instance}: "
+        f"{result.elapsed:.1f} s, {result.rate:.1f} completed/s"
+    )
+    print(
+        f"CPU per container: herder process {result.own_cpu / args.containers * 1e3:.1f} ms, "
+        f"whole machine {result.machine_cpu / args.containers * 1e3:.1f} ms "
+        f"(of {os.cpu_count()} CPUs x {result.elapsed:.1f} s)"
+    )
     if result.not_complete:
         print(f"WARNING: {result.not_complete} containers did not end Complete")
 

@@ -388,8 +388,10 @@ def test_config_show_never_prints_a_secret_the_driver_could_not_check(
             nested: {password: p4ss, region: eu}
     """,
     )
-    assert cli.main(["--config", path, "config", "show", "--json",
-                     "--data-dir", str(tmp_path / "d")]) == 0
+    assert (
+        cli.main(["--config", path, "config", "show", "--json", "--data-dir", str(tmp_path / "d")])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "hunter2" not in out and "p4ss" not in out
     params = json.loads(out)["cloud"]["driver_parameters"]
@@ -413,6 +415,7 @@ def test_client_commands_start_without_the_heavy_modules() -> None:
         " 'herder.config')\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
     assert out.stdout.strip() == ""

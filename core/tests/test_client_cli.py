@@ -44,8 +44,11 @@ def _config(token: str = TOKEN) -> Config:
         update={
             "queue": config.queue.model_copy(update={"path": ":memory:"}),
             "api": config.api.model_copy(
-                update={"listen": "127.0.0.1:0", "management_token": token,
-                        "management_token_env": ""}
+                update={
+                    "listen": "127.0.0.1:0",
+                    "management_token": token,
+                    "management_token_env": "",
+                }
             ),
         }
     )
@@ -110,10 +113,34 @@ def submit(capsys, live, *argv: str) -> str:
 
 def test_submit_prints_the_uuid_and_sends_every_option(capsys, live):
     uuid = submit(
-        capsys, live, "--image", "alpine", "--vcpus", "2", "--ram", "1GiB", "--scratch", "2G",
-        "--priority", "9", "--env", "A=1", "--env", "B=x=y", "--name", "job",
-        "--runtime", "process", "--max-run-time", "1h", "--gpus", "0",
-        "--", "sh", "-c", "echo hi",
+        capsys,
+        live,
+        "--image",
+        "alpine",
+        "--vcpus",
+        "2",
+        "--ram",
+        "1GiB",
+        "--scratch",
+        "2G",
+        "--priority",
+        "9",
+        "--env",
+        "A=1",
+        "--env",
+        "B=x=y",
+        "--name",
+        "job",
+        "--runtime",
+        "process",
+        "--max-run-time",
+        "1h",
+        "--gpus",
+        "0",
+        "--",
+        "sh",
+        "-c",
+        "echo hi",
     )
     ctr = live.dispatcher.queue.get(uuid)
     assert ctr is not None
@@ -145,8 +172,11 @@ def test_submit_without_a_command_is_a_usage_error(capsys, live):
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [(["--env", "NOEQUALS"], "KEY=VALUE"), (["--ram", "lots"], "--ram"),
-     (["--max-run-time", "soon"], "--max-run-time")],
+    [
+        (["--env", "NOEQUALS"], "KEY=VALUE"),
+        (["--ram", "lots"], "--ram"),
+        (["--max-run-time", "soon"], "--max-run-time"),
+    ],
 )
 def test_submit_option_errors_name_the_option(capsys, live, option, message):
     status, _, err = run(capsys, live, "submit", *option, "--", "true")
@@ -227,8 +257,9 @@ def test_submit_from_a_large_batch_waits_through_the_listing(capsys, live, tmp_p
     jobs.write_text("".join(lines))
     asked: list[str] = []
     real = Client.container
-    monkeypatch.setattr(Client, "container", lambda self, uuid: asked.append(uuid) or real(
-        self, uuid))
+    monkeypatch.setattr(
+        Client, "container", lambda self, uuid: asked.append(uuid) or real(self, uuid)
+    )
     status, out, err = run(capsys, live, "submit", "--wait", "--from", str(jobs))
     assert status == 1 and len(out.split()) == 30
     assert "30 of 30 ended, 15 failed or cancelled" in err
@@ -253,8 +284,7 @@ def test_submit_from_a_bad_item_submits_nothing_and_names_it(capsys, live, tmp_p
 
 
 def test_submit_count_makes_an_array_to_list_and_cancel(capsys, live):
-    status, out, err = run(capsys, live, "submit", "--count", "3", "--priority", "0", "--",
-                           "true")
+    status, out, err = run(capsys, live, "submit", "--count", "3", "--priority", "0", "--", "true")
     assert status == 0, err
     uuids = out.split()
     array_id = re.search(r"array (\S+): 3 containers", err)
@@ -272,15 +302,18 @@ def test_submit_count_makes_an_array_to_list_and_cancel(capsys, live):
     assert list(states.values()).count("Queued") == 1
     status, _, err = run(capsys, live, "cancel", "--array", array)
     assert status == 0 and "no unfinished containers" in err
-    for argv in (("cancel",), ("cancel", "--array", "nope"), ("containers", "--array", "x"),
-                 ("submit", "--count", "0", "--", "true")):
+    for argv in (
+        ("cancel",),
+        ("cancel", "--array", "nope"),
+        ("containers", "--array", "x"),
+        ("submit", "--count", "0", "--", "true"),
+    ):
         status, _, err = run(capsys, live, *argv)
         assert status == 2 and len(err.splitlines()) == 1, argv
 
 
 def test_an_array_that_fits_nothing_is_one_line_of_error(capsys, live):
-    status, out, err = run(capsys, live, "submit", "--count", "50", "--vcpus", "512", "--",
-                           "true")
+    status, out, err = run(capsys, live, "submit", "--count", "50", "--vcpus", "512", "--", "true")
     assert status == 1 and len(out.split()) == 50
     [line] = [x for x in err.splitlines() if "cancelled" in x]
     assert line.startswith("herder: 50 containers: cancelled: cannot run container")
@@ -288,8 +321,7 @@ def test_an_array_that_fits_nothing_is_one_line_of_error(capsys, live):
 
 
 def test_submit_count_wait_waits_for_every_member(capsys, live):
-    status, out, err = run(capsys, live, "submit", "--count", "3", "--wait", "--",
-                           "sim", "5", "0")
+    status, out, err = run(capsys, live, "submit", "--count", "3", "--wait", "--", "sim", "5", "0")
     assert status == 0, err
     assert len(out.split()) == 3
     assert "3 of 3 ended, 0 failed or cancelled" in err
@@ -297,8 +329,9 @@ def test_submit_count_wait_waits_for_every_member(capsys, live):
 
 def test_submit_after_waits_for_the_dependency(capsys, live, tmp_path):
     first = submit(capsys, live, "--", "sim", "20", "0")
-    status, out, err = run(capsys, live, "submit", "--after", first, "--wait", "--",
-                           "sim", "5", "0")
+    status, out, err = run(
+        capsys, live, "submit", "--after", first, "--wait", "--", "sim", "5", "0"
+    )
     assert status == 0, err
     assert f"until {first} complete with exit code 0" in err
     jobs = tmp_path / "jobs.yaml"
@@ -528,17 +561,34 @@ def test_a_closed_pipe_ends_quietly(capsys, live, monkeypatch):
 
 
 def test_instance_types_cheapest_first(capsys):
-    status, out, _ = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"), "instance-types",
-                         "--offline")
+    status, out, _ = run(
+        capsys, None, "--config", str(EXAMPLES / "aws.yaml"), "instance-types", "--offline"
+    )
     assert status == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "PROVIDER-TYPE", "VCPUS", "RAM", "SCRATCH", "GPUS",
-                                "PRICE", "SPOT", "PREEMPTIBLE"]
+    assert lines[0].split() == [
+        "NAME",
+        "PROVIDER-TYPE",
+        "VCPUS",
+        "RAM",
+        "SCRATCH",
+        "GPUS",
+        "PRICE",
+        "SPOT",
+        "PREEMPTIBLE",
+    ]
     prices = [float(line.split()[6]) for line in lines[1:]]
     assert all(line.split()[7] == "-" for line in lines[1:])  # no server: no spot prices
     assert prices == sorted(prices) and len(prices) >= 2
-    status, out, _ = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"),
-                         "instance-types", "--json", "--offline")
+    status, out, _ = run(
+        capsys,
+        None,
+        "--config",
+        str(EXAMPLES / "aws.yaml"),
+        "instance-types",
+        "--json",
+        "--offline",
+    )
     assert status == 0 and {"name", "price", "vcpus", "spot_price"} <= set(json.loads(out)[0])
 
 
@@ -554,8 +604,15 @@ def test_instance_types_come_from_the_server_when_one_answers(capsys, live, monk
 
 
 def test_instance_types_fall_back_to_the_configuration(capsys):
-    status, out, err = run(capsys, None, "--config", str(EXAMPLES / "aws.yaml"), "instance-types",
-                           "--server", f"http://127.0.0.1:{_closed_port()}")
+    status, out, err = run(
+        capsys,
+        None,
+        "--config",
+        str(EXAMPLES / "aws.yaml"),
+        "instance-types",
+        "--server",
+        f"http://127.0.0.1:{_closed_port()}",
+    )
     assert status == 0
     assert "no server answered" in err and "configuration's types" in err
     assert len(out.splitlines()) >= 3
@@ -582,8 +639,13 @@ def _closed_port() -> int:
 
 def test_server_not_running(capsys):
     url = f"http://127.0.0.1:{_closed_port()}"
-    for argv in (["containers"], ["instances"], ["hold", "a", "b"], ["submit", "--", "true"],
-                 ["logs", "sim01-dz642-000000000000000"]):
+    for argv in (
+        ["containers"],
+        ["instances"],
+        ["hold", "a", "b"],
+        ["submit", "--", "true"],
+        ["logs", "sim01-dz642-000000000000000"],
+    ):
         status, _, err = run(capsys, None, argv[0], "--server", url, *argv[1:])
         assert status == 1, argv
         assert f"cannot reach herder at {url}: connection refused" in err
@@ -755,14 +817,20 @@ def test_container_detail_says_it_ran_twice_and_why(capsys, live):
     q.finish(c.uuid, 0)
     status, out, _ = run(capsys, live, "container", c.uuid)
     assert status == 0
-    assert re.search(r"^1\s+i-first\s+small\s+\S+\s+\S+\s+retried: instance i-first "
-                     r"disappeared\s", out, re.M), out
+    assert re.search(
+        r"^1\s+i-first\s+small\s+\S+\s+\S+\s+retried: instance i-first "
+        r"disappeared\s",
+        out,
+        re.M,
+    ), out
     assert re.search(r"^2\s+i-second\s+small\s+\S+\s+\S+\s+exit code 0\s", out, re.M), out
     assert "It ran 2 times:\n  attempt 1 on i-first: retried: instance i-first disappeared" in out
     status, out, _ = run(capsys, live, "container", c.uuid, "--json")
     history = json.loads(out)["attempt_history"]
     assert [(a["number"], a["outcome"], a["exit_code"]) for a in history] == [
-        (1, "retried", None), (2, "complete", 0)]
+        (1, "retried", None),
+        (2, "complete", 0),
+    ]
     assert history[0]["reason"] == "instance i-first disappeared"
 
 
@@ -807,8 +875,13 @@ def test_quotas_of_a_driver_that_cannot_read_them(capsys, live):
 def test_quotas_table_shows_limit_usage_and_herders_share(capsys, monkeypatch):
     config = _config()
     params = {**config.cloud.driver_parameters, "quota_vcpus": {"s": 4}}
-    config = config.model_copy(update={"cloud": config.cloud.model_copy(
-        update={"driver_parameters": params, "quota_refresh_interval": 10.0})})
+    config = config.model_copy(
+        update={
+            "cloud": config.cloud.model_copy(
+                update={"driver_parameters": params, "quota_refresh_interval": 10.0}
+            )
+        }
+    )
     server = Live(config)
     try:
         monkeypatch.setattr(containers, "sleep", server.runtime.advance)
@@ -817,8 +890,17 @@ def test_quotas_table_shows_limit_usage_and_herders_share(capsys, monkeypatch):
         status, out, _ = run(capsys, server, "quotas")
         assert status == 0
         header, row = out.splitlines()[:2]
-        assert header.split()[:9] == ["QUOTA", "GROUP", "UNIT", "LIMIT", "USAGE", "HERDER",
-                                      "PENDING", "WANTED", "HEADROOM"]
+        assert header.split()[:9] == [
+            "QUOTA",
+            "GROUP",
+            "UNIT",
+            "LIMIT",
+            "USAGE",
+            "HERDER",
+            "PENDING",
+            "WANTED",
+            "HEADROOM",
+        ]
         assert row.split()[:9] == ["sim-s-vcpus", "s", "vcpus", "4", "2", "2", "0", "0", "2"]
     finally:
         server.stop()
@@ -873,8 +955,10 @@ def test_submit_labels_from_repeated_flags(capsys, live):
 def test_budget_shows_the_periods_spend_against_the_limits(capsys, live):
     status, out, _ = run(capsys, live, "budget")
     assert status == 0
-    assert out.startswith("spend this day: 0.00 (soft limit none, hard limit none; "
-                          "on hard limit: finish): under the limits")
+    assert out.startswith(
+        "spend this day: 0.00 (soft limit none, hard limit none; "
+        "on hard limit: finish): under the limits"
+    )
     status, out, _ = run(capsys, live, "budget", "--json")
     doc = json.loads(out)
     assert doc["period"] == "day" and doc["soft_reached"] is False and doc["message"] == ""

@@ -196,14 +196,24 @@ def test_cli_json_report_and_exit_status(
     config = tmp_path / "herder.yaml"
     doc = sim_config().model_dump(mode="json")
     config.write_text(yaml.safe_dump(doc))
-    status = main(["cloudtest", "--config", str(config), "--json", "--data-dir",
-                   str(tmp_path / "data")])
+    status = main(
+        ["cloudtest", "--config", str(config), "--json", "--data-dir", str(tmp_path / "data")]
+    )
     out = json.loads(capsys.readouterr().out)
     assert status == 0, out
     assert out["ok"] and [s["step"] for s in out["steps"]] == list(STEP_NAMES)
 
-    status = main(["cloudtest", "--config", str(config), "--instance-type", "nope",
-                   "--data-dir", str(tmp_path / "data")])
+    status = main(
+        [
+            "cloudtest",
+            "--config",
+            str(config),
+            "--instance-type",
+            "nope",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ]
+    )
     assert status == 1
     assert "'nope' is not configured" in capsys.readouterr().err
 
@@ -214,8 +224,17 @@ def test_cli_table_and_failure_exit_status(
     config = tmp_path / "herder.yaml"
     doc = sim_config(boot_probe_command="false").model_dump(mode="json")
     config.write_text(yaml.safe_dump(doc))
-    status = main(["cloudtest", "--config", str(config), "--timeout", "0.3", "--data-dir",
-                   str(tmp_path / "data")])
+    status = main(
+        [
+            "cloudtest",
+            "--config",
+            str(config),
+            "--timeout",
+            "0.3",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 1
     assert "boot probe" in out and "FAILED" in out and "cloudtest FAILED" in out
@@ -223,7 +242,9 @@ def test_cli_table_and_failure_exit_status(
 
 @pytest.mark.parametrize("tty", [False, True])
 def test_cli_prints_each_step_once_whether_or_not_stderr_is_a_terminal(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
     tty: bool,
 ) -> None:
     config = tmp_path / "herder.yaml"
@@ -271,8 +292,9 @@ def test_loopback_passes_over_real_ssh_with_the_real_runner(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = loopback_config(tmp_path)
-    status = main(["cloudtest", "--config", str(config), "--json",
-                   "--command", "echo hello-from-cloudtest"])
+    status = main(
+        ["cloudtest", "--config", str(config), "--json", "--command", "echo hello-from-cloudtest"]
+    )
     out = json.loads(capsys.readouterr().out)
     assert status == 0, out
     steps = {s["step"]: s for s in out["steps"]}

@@ -579,8 +579,9 @@ def test_api_listen_is_checked(tmp_path: Path, listen: str, why: str) -> None:
     assert why in problems["api.listen"]
 
 
-@pytest.mark.parametrize("listen", ["127.0.0.1:0", ":9190", "[::1]:9190", "localhost:80",
-                                    "api.example.org:443"])
+@pytest.mark.parametrize(
+    "listen", ["127.0.0.1:0", ":9190", "[::1]:9190", "localhost:80", "api.example.org:443"]
+)
 def test_api_listen_accepts_addresses_and_names(tmp_path: Path, listen: str) -> None:
     assert check_config(write(tmp_path, f'api: {{listen: "{listen}"}}\n'), None) == []
 
@@ -622,13 +623,19 @@ instance_types:
 def test_a_preemptible_type_needs_a_driver_that_can_do_spot_with_these_parameters(
     tmp_path: Path, plugins: Plugins
 ) -> None:
-    no_spot = write(tmp_path, "cloud: {driver: spotty, driver_parameters: {region: eu-1}}\n"
-                    + SPOT_TYPES, "a.yaml")
+    no_spot = write(
+        tmp_path,
+        "cloud: {driver: spotty, driver_parameters: {region: eu-1}}\n" + SPOT_TYPES,
+        "a.yaml",
+    )
     (problem,) = check_config(no_spot, plugins)
     assert problem.key == "instance_types.small-spot.preemptible"
     assert "'spotty' cannot create preemptible" in problem.message
-    spot = write(tmp_path, "cloud: {driver: spotty, driver_parameters: {region: eu-spot}}\n"
-                 + SPOT_TYPES, "b.yaml")
+    spot = write(
+        tmp_path,
+        "cloud: {driver: spotty, driver_parameters: {region: eu-spot}}\n" + SPOT_TYPES,
+        "b.yaml",
+    )
     assert check_config(spot, plugins) == []
 
 
@@ -641,37 +648,44 @@ instance_types:
 
 
 def test_a_gpu_type_needs_a_driver_that_declares_gpu(tmp_path: Path, plugins: Plugins) -> None:
-    without = write(tmp_path, "cloud: {driver: spotty, driver_parameters: {region: eu-1}}\n"
-                    + GPU_TYPES, "a.yaml")
+    without = write(
+        tmp_path,
+        "cloud: {driver: spotty, driver_parameters: {region: eu-1}}\n" + GPU_TYPES,
+        "a.yaml",
+    )
     (problem,) = check_config(without, plugins)
     assert problem.key == "instance_types.gpu-small.gpu"
     assert "'spotty' cannot create instances with GPUs" in problem.message
     assert "'gpu' capability" in problem.message
-    with_gpu = write(tmp_path, "cloud: {driver: spotty, driver_parameters: {region: eu-gpu}}\n"
-                     + GPU_TYPES, "b.yaml")
+    with_gpu = write(
+        tmp_path,
+        "cloud: {driver: spotty, driver_parameters: {region: eu-gpu}}\n" + GPU_TYPES,
+        "b.yaml",
+    )
     assert check_config(with_gpu, plugins) == []
 
 
 def test_spot_variants_from_the_price_factor_need_spot(tmp_path: Path, plugins: Plugins) -> None:
-    text = ("cloud: {driver: spotty, driver_parameters: {region: REGION}}\n"
-            "containers: {preemptible_price_factor: 0.3}\n"
-            "instance_types:\n  small: {provider_type: s1, vcpus: 1, ram: 1GiB}\n")
+    text = (
+        "cloud: {driver: spotty, driver_parameters: {region: REGION}}\n"
+        "containers: {preemptible_price_factor: 0.3}\n"
+        "instance_types:\n  small: {provider_type: s1, vcpus: 1, ram: 1GiB}\n"
+    )
     (problem,) = check_config(write(tmp_path, text.replace("REGION", "eu-1"), "a.yaml"), plugins)
     assert problem.key == "containers.preemptible_price_factor"
     assert "preemptible (spot) variants" in problem.message
-    assert check_config(write(tmp_path, text.replace("REGION", "eu-spot"), "b.yaml"),
-                        plugins) == []
-
+    assert check_config(write(tmp_path, text.replace("REGION", "eu-spot"), "b.yaml"), plugins) == []
 
 
 def test_always_preemptible_needs_spot(tmp_path: Path, plugins: Plugins) -> None:
-    text = ("cloud: {driver: spotty, driver_parameters: {region: REGION}}\n"
-            "containers: {always_use_preemptible_instances: true}\n")
+    text = (
+        "cloud: {driver: spotty, driver_parameters: {region: REGION}}\n"
+        "containers: {always_use_preemptible_instances: true}\n"
+    )
     (problem,) = check_config(write(tmp_path, text.replace("REGION", "eu-1"), "a.yaml"), plugins)
     assert problem.key == "containers.always_use_preemptible_instances"
     assert "'spot' capability" in problem.message
-    assert check_config(write(tmp_path, text.replace("REGION", "eu-spot"), "b.yaml"),
-                        plugins) == []
+    assert check_config(write(tmp_path, text.replace("REGION", "eu-spot"), "b.yaml"), plugins) == []
 
 
 def test_a_driver_declaring_an_unknown_capability_is_a_problem(

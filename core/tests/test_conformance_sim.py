@@ -46,11 +46,19 @@ from herder.testing.sim import SimDriver, SimInstance, SimParameters
 
 SMALL = InstanceType(name="small", provider_type="s.small", vcpus=1, ram=1 << 30, price=0.1)
 SPOT = InstanceType(
-    name="small-spot", provider_type="s.small", vcpus=1, ram=1 << 30, price=0.03,
+    name="small-spot",
+    provider_type="s.small",
+    vcpus=1,
+    ram=1 << 30,
+    price=0.03,
     preemptible=True,
 )
 GPU = InstanceType(
-    name="gpu", provider_type="g.large", vcpus=8, ram=32 << 30, price=2.0,
+    name="gpu",
+    provider_type="g.large",
+    vcpus=8,
+    ram=32 << 30,
+    price=2.0,
     gpu=GPUSpec(stack="cuda", device_count=1, vram=16 << 30),
 )
 SIM_PARAMS: dict[str, Any] = {
@@ -250,8 +258,7 @@ BROKEN_CASES = [
     ("ignores_init_command", "init_command_and_public_key", rules.INIT_COMMAND_RUN),
     ("ignores_public_key", "init_command_and_public_key", rules.PUBLIC_KEY_INSTALLED),
     ("not_idempotent", "idempotent_create", rules.IDEMPOTENT_CREATE),
-    ("undeclared_default_gpu", "default_types_within_capabilities",
-     rules.DEFAULT_TYPES_DECLARED),
+    ("undeclared_default_gpu", "default_types_within_capabilities", rules.DEFAULT_TYPES_DECLARED),
 ]
 
 
@@ -288,8 +295,14 @@ def test_plain_exception_message_says_what_was_raised() -> None:
 
 def test_undeclared_capabilities_are_skipped_not_failed() -> None:
     target = sim_target(capabilities=frozenset())
-    for check in ("quota_error", "capacity_error", "rate_limit_error", "price_history", "spot",
-                  "gpu"):
+    for check in (
+        "quota_error",
+        "capacity_error",
+        "rate_limit_error",
+        "price_history",
+        "spot",
+        "gpu",
+    ):
         harness = ConformanceHarness(target)
         try:
             with pytest.raises(Skipped, match="does not declare"):
@@ -342,8 +355,7 @@ def test_capabilities_follow_the_parameters() -> None:
     off = SimDriver().capabilities_for(
         SimParameters(host_key_verification=False, price_history=False)
     )
-    on = SimDriver().capabilities_for(SimParameters(host_key_verification=True,
-                                                    price_history=True))
+    on = SimDriver().capabilities_for(SimParameters(host_key_verification=True, price_history=True))
     assert Capability.HOST_KEY_VERIFICATION in on and Capability.PRICE_HISTORY in on
     assert Capability.HOST_KEY_VERIFICATION not in off
     assert Capability.PRICE_HISTORY not in off
@@ -424,9 +436,23 @@ def test_a_pytest_run_reports_the_broken_rule(tmp_path: Path) -> None:
         )
     )
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
-         str(tmp_path), "-k", "listing_keeps or quota_error", str(module)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            "-k",
+            "listing_keeps or quota_error",
+            str(module),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 failed, 1 passed" in result.stdout, result.stdout
@@ -459,9 +485,23 @@ def test_the_subclassing_route_needs_no_other_import(tmp_path: Path) -> None:
         )
     )
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
-         str(tmp_path), "-k", "my_own or ids_are_stable", str(module)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            "-k",
+            "my_own or ids_are_stable",
+            str(module),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout, result.stdout

@@ -79,8 +79,9 @@ def test_text_log_lines_cannot_be_forged(restore_root: None) -> None:
     logging.getLogger("herder.app.api").info("cancelled: %s", reason)
     lines = out.getvalue().splitlines()
     assert len(lines) == 1
-    assert lines[0].endswith("cancelled: done\\n2026-01-01 00:00:00,000 INFO    herder.app.api: "
-                             "token accepted\\x1b[2J")
+    assert lines[0].endswith(
+        "cancelled: done\\n2026-01-01 00:00:00,000 INFO    herder.app.api: token accepted\\x1b[2J"
+    )
 
 
 def test_tables_show_control_characters_escaped() -> None:

@@ -40,13 +40,20 @@ def test_the_public_contract_names_are_the_plugin_room_s() -> None:
     module in :mod:`herder.plugin` that holds the code, as the same object."""
     import importlib
 
-    pairs = {"cloud": "cloud", "executor": "executor", "hookspecs": "hookspecs",
-             "plugins": "registry"}
+    pairs = {
+        "cloud": "cloud",
+        "executor": "executor",
+        "hookspecs": "hookspecs",
+        "plugins": "registry",
+    }
     for public, inner in pairs.items():
         facade = importlib.import_module(f"herder.{public}")
         real = importlib.import_module(f"herder.plugin.{inner}")
-        names = [n for n, v in vars(real).items()
-                 if not n.startswith("_") and getattr(v, "__module__", None) == real.__name__]
+        names = [
+            n
+            for n, v in vars(real).items()
+            if not n.startswith("_") and getattr(v, "__module__", None) == real.__name__
+        ]
         assert names, inner
         for name in names:
             assert getattr(facade, name) is getattr(real, name), f"herder.{public}.{name}"
@@ -56,8 +63,11 @@ def test_the_pool_s_defaults_are_the_configuration_s() -> None:
     """A pool built without a configuration behaves as an unconfigured ``herder serve``."""
     built = PoolSettings.from_config(Config())
     plain = PoolSettings()
-    differ = {f.name for f in dataclasses.fields(PoolSettings)
-              if getattr(built, f.name) != getattr(plain, f.name)}
+    differ = {
+        f.name
+        for f in dataclasses.fields(PoolSettings)
+        if getattr(built, f.name) != getattr(plain, f.name)
+    }
     assert differ == set()
 
 

@@ -99,9 +99,10 @@ def test_backend_parameters_are_checked_by_the_backend(tmp_path: Path, plugins: 
         "queue.backend_parameters.shlef",
     }
     assert "shelf" in problems["queue.backend_parameters.shlef"]  # the key probably meant
-    assert check(
-        tmp_path, "queue: {backend: notebook, backend_parameters: {shelf: top}}\n", plugins
-    ) == {}
+    assert (
+        check(tmp_path, "queue: {backend: notebook, backend_parameters: {shelf: top}}\n", plugins)
+        == {}
+    )
     # SQLite takes no parameters of its own: its file is queue.path.
     assert set(check(tmp_path, "queue: {backend_parameters: {path: x}}\n", plugins)) == {
         "queue.backend_parameters.path"
@@ -125,7 +126,9 @@ def test_open_queue_hands_the_containers_settings_to_the_backend(plugins: Plugin
     ((params, context),) = NotebookBackend.opened
     assert params == NotebookParameters(shelf="top")
     assert (context.cluster_id, context.max_dispatch_attempts, context.always_use_preemptible) == (
-        "abcde", 4, True
+        "abcde",
+        4,
+        True,
     )
     c = queue.submit(ContainerSpec(command=("true",)))
     assert c.uuid.startswith("abcde-") and c.scheduling_parameters.preemptible

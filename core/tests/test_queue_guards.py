@@ -113,8 +113,9 @@ def test_an_unreadable_row_cancels_that_container_only(tmp_path: Path, damage) -
     bad, good, _ = fill(path)
     db = sqlite3.connect(path)
     (raw,) = db.execute("SELECT spec FROM containers WHERE uuid = ?", (bad,)).fetchone()
-    db.execute("UPDATE containers SET spec = ? WHERE uuid = ?",
-               (json.dumps(damage(json.loads(raw))), bad))
+    db.execute(
+        "UPDATE containers SET spec = ? WHERE uuid = ?", (json.dumps(damage(json.loads(raw))), bad)
+    )
     db.commit()
     db.close()
     queue = open_queue(path)  # start-up goes on
@@ -142,8 +143,9 @@ def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return status, out, err
 
 
-def test_queue_check_and_backup(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_queue_check_and_backup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("HERDER_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data"
@@ -180,10 +182,12 @@ def test_serve_refuses_a_replaced_queue_in_one_line(
     for suffix in ("-wal", "-shm"):
         (data / f"herder.db{suffix}").unlink(missing_ok=True)
     config = tmp_path / "sim.yaml"
-    config.write_text("cluster_id: guard\ncloud: {driver: sim}\n"
-                      "instance_types: {small: {vcpus: 2, ram: 8GiB}}\n")
-    status, _, err = _cli(capsys, "--config", str(config), "serve", "--data-dir", str(data),
-                          "--listen", "127.0.0.1:0")
+    config.write_text(
+        "cluster_id: guard\ncloud: {driver: sim}\ninstance_types: {small: {vcpus: 2, ram: 8GiB}}\n"
+    )
+    status, _, err = _cli(
+        capsys, "--config", str(config), "serve", "--data-dir", str(data), "--listen", "127.0.0.1:0"
+    )
     assert status == 1
     assert "queue: queue file" in err and "replaced or truncated" in err
     assert "Traceback" not in err
@@ -207,12 +211,26 @@ def test_a_second_serve_process_on_a_shared_queue_file_is_refused(tmp_path: Path
     path = tmp_path / "shared.db"
     first = open_queue(path)  # held by this process, as a running herder would
     config = tmp_path / "c.yaml"
-    config.write_text(f"cluster_id: share\ncloud: {{driver: sim}}\nqueue: {{path: {path}}}\n"
-                      "instance_types: {small: {vcpus: 2, ram: 8GiB}}\n")
+    config.write_text(
+        f"cluster_id: share\ncloud: {{driver: sim}}\nqueue: {{path: {path}}}\n"
+        "instance_types: {small: {vcpus: 2, ram: 8GiB}}\n"
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "herder.app.cli", "--config", str(config), "serve", "--data-dir",
-         str(tmp_path / "data"), "--listen", "127.0.0.1:0"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "herder.app.cli",
+            "--config",
+            str(config),
+            "serve",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     first.close()
     assert result.returncode == 1
@@ -239,7 +257,10 @@ os.kill(os.getpid(), signal.SIGKILL)
 def killed_writer(path: Path, n: int) -> list[str]:
     proc = subprocess.run(
         [sys.executable, "-c", KILLED_WRITER, str(path), str(n)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     return proc.stdout.split()

@@ -22,8 +22,7 @@ def make_queue(path: Path) -> SqliteQueue:
 
 def spec(**kw: object) -> ContainerSpec:
     constraints = RuntimeConstraints(vcpus=1, ram=GiB)
-    return ContainerSpec(command=("true",), runtime_constraints=constraints,
-                         **kw)  # type: ignore[arg-type]
+    return ContainerSpec(command=("true",), runtime_constraints=constraints, **kw)  # type: ignore[arg-type]
 
 
 def test_labels_survive_a_reopen_and_stay_out_of_the_spec_json(tmp_path: Path) -> None:

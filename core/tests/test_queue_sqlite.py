@@ -637,10 +637,12 @@ def test_a_dependency_that_finished_before_a_stop_releases_its_waiter_at_reopen(
     doomed = q.submit(replace(spec(), after=(failed.uuid,)))
     q.close()
     db = sqlite3.connect(path)
-    db.execute("UPDATE containers SET state = 'Complete', exit_code = 0 WHERE uuid = ?",
-               (first.uuid,))
-    db.execute("UPDATE containers SET state = 'Complete', exit_code = 2 WHERE uuid = ?",
-               (failed.uuid,))
+    db.execute(
+        "UPDATE containers SET state = 'Complete', exit_code = 0 WHERE uuid = ?", (first.uuid,)
+    )
+    db.execute(
+        "UPDATE containers SET state = 'Complete', exit_code = 2 WHERE uuid = ?", (failed.uuid,)
+    )
     db.commit()
     db.close()
     q = make_queue(rt, path)

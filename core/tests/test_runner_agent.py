@@ -500,7 +500,9 @@ def test_the_file_runs_as_a_command_through_its_shell_header(tmp_path: Path) -> 
     assert header == 'exec python3 -I -S "$0" "$@"'
     flags = subprocess.run(
         ["sh", "-c", header.replace('"$0" "$@"', f"-c '{probe}'")],
-        capture_output=True, timeout=20, env=env,
+        capture_output=True,
+        timeout=20,
+        env=env,
     )
     assert flags.stdout.split() == [b"1", b"1", b"1"]
 
@@ -519,13 +521,23 @@ def test_modules_planted_beside_the_deployed_file_are_never_imported(tmp_path: P
     res = subprocess.run([str(deployed), "--list"], capture_output=True, timeout=20, env=env)
     assert res.returncode == 0, res.stderr
     start = subprocess.run(
-        [str(deployed), "--detach", "--stdin-config", UUID], capture_output=True, timeout=20,
-        env=env, input=json.dumps({"uuid": UUID, "runtime": "process", "environment": {},
-                                   "command": ["true"]}).encode(),
+        [str(deployed), "--detach", "--stdin-config", UUID],
+        capture_output=True,
+        timeout=20,
+        env=env,
+        input=json.dumps(
+            {"uuid": UUID, "runtime": "process", "environment": {}, "command": ["true"]}
+        ).encode(),
     )
     assert start.returncode == 0, start.stderr
-    wait_for(lambda: b"exited" in subprocess.run(
-        [str(deployed), "--list"], capture_output=True, timeout=20, env=env).stdout)
+    wait_for(
+        lambda: (
+            b"exited"
+            in subprocess.run(
+                [str(deployed), "--list"], capture_output=True, timeout=20, env=env
+            ).stdout
+        )
+    )
     assert not marker.exists()
 
 
@@ -535,7 +547,9 @@ class Serve:
     def __init__(self, state_dir: Path) -> None:
         self.proc = subprocess.Popen(
             [PYTHON, str(RUNNER), "--state-dir", str(state_dir), "--serve"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         self.next_id = 0
         self.answers: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -560,12 +574,18 @@ class Serve:
 
     def call(self, *argv: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
         self.next_id += 1
-        request = {"id": self.next_id, "argv": list(argv),
-                   "stdin": base64.b64encode(stdin).decode()}
+        request = {
+            "id": self.next_id,
+            "argv": list(argv),
+            "stdin": base64.b64encode(stdin).decode(),
+        }
         answer = self.send_line(json.dumps(request).encode())
         assert answer["id"] == self.next_id
-        return (answer["status"], base64.b64decode(answer["stdout"]),
-                base64.b64decode(answer["stderr"]))
+        return (
+            answer["status"],
+            base64.b64decode(answer["stdout"]),
+            base64.b64decode(answer["stderr"]),
+        )
 
     def finish(self) -> int:
         assert self.proc.stdin is not None
@@ -586,10 +606,15 @@ def test_serve_carries_out_verbs_as_the_one_shot_commands_do(
     runner: Runner, serve: Serve, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
-    config = {"uuid": UUID, "runtime": "process", "command": gated("echo hi", "exit 3"),
-              "environment": {"GATE": str(gate)}}
-    status, out, _ = serve.call("--detach", "--stdin-config", UUID,
-                                stdin=json.dumps(config).encode())
+    config = {
+        "uuid": UUID,
+        "runtime": "process",
+        "command": gated("echo hi", "exit 3"),
+        "environment": {"GATE": str(gate)},
+    }
+    status, out, _ = serve.call(
+        "--detach", "--stdin-config", UUID, stdin=json.dumps(config).encode()
+    )
     assert status == 0 and json.loads(out)["uuid"] == UUID
     # The supervisor is a fork of the serve process, whose command line does not name the
     # container: it is recognised by its recorded start time, so it is running, not stale.
@@ -609,8 +634,9 @@ def test_serve_carries_out_verbs_as_the_one_shot_commands_do(
 
 def test_serve_kills_and_reaps_its_supervisors(runner: Runner, serve: Serve) -> None:
     config = {"uuid": UUID, "runtime": "process", "command": ["sleep", "30"]}
-    status, out, _ = serve.call("--detach", "--stdin-config", UUID,
-                                stdin=json.dumps(config).encode())
+    status, out, _ = serve.call(
+        "--detach", "--stdin-config", UUID, stdin=json.dumps(config).encode()
+    )
     pid = json.loads(out)["pid"]
     assert status == 0
     assert serve.call("--kill", "TERM", UUID)[0] == 0
@@ -621,8 +647,12 @@ def test_serve_kills_and_reaps_its_supervisors(runner: Runner, serve: Serve) -> 
 
 
 def test_serve_answers_bad_requests_and_keeps_going(serve: Serve) -> None:
-    for line in (b"not json", b"[1, 2]", b'{"id": 7, "argv": "--list"}',
-                 b'{"id": 8, "argv": ["--list"], "stdin": "***"}'):
+    for line in (
+        b"not json",
+        b"[1, 2]",
+        b'{"id": 7, "argv": "--list"}',
+        b'{"id": 8, "argv": ["--list"], "stdin": "***"}',
+    ):
         answer = serve.send_line(line)
         assert answer["status"] == 2, line
         assert b"bad request" in base64.b64decode(answer["stderr"])
@@ -662,15 +692,14 @@ def _detach_with_a_full_disk(
         "import errno, importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('herder_runner', {str(RUNNER)!r})\n"
         "agent = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(agent)\n"
-        + patch
-        + "sys.exit(agent.main(sys.argv[1:]))\n"
+        "spec.loader.exec_module(agent)\n" + patch + "sys.exit(agent.main(sys.argv[1:]))\n"
     )
     config = {"uuid": UUID, "runtime": "process", "environment": {}, "command": ["true"]}
     return subprocess.run(
-        [PYTHON, str(wrapper), "--state-dir", str(runner.dir), "--detach", "--stdin-config",
-         UUID],
-        input=json.dumps(config).encode(), capture_output=True, timeout=20,
+        [PYTHON, str(wrapper), "--state-dir", str(runner.dir), "--detach", "--stdin-config", UUID],
+        input=json.dumps(config).encode(),
+        capture_output=True,
+        timeout=20,
     )
 
 
@@ -678,7 +707,8 @@ def test_an_exit_that_cannot_be_written_is_still_delivered(runner: Runner, tmp_p
     """The disk fills up while the container runs: its exit code still reaches --list (from
     the record reserved at start), so the dispatcher never runs it a second time."""
     res = _detach_with_a_full_disk(
-        runner, tmp_path,
+        runner,
+        tmp_path,
         "real = agent.write_atomically\n"
         "def full(path, data):\n"
         "    if path.endswith('.exit') or path.endswith('broken'):\n"
@@ -699,7 +729,8 @@ def test_an_exit_that_cannot_be_written_is_still_delivered(runner: Runner, tmp_p
 
 def test_a_start_without_room_for_its_result_is_refused(runner: Runner, tmp_path: Path) -> None:
     res = _detach_with_a_full_disk(
-        runner, tmp_path,
+        runner,
+        tmp_path,
         "def full(self, uuid):\n"
         "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
         "agent.State.reserve_exit = full\n",
@@ -714,30 +745,43 @@ def test_a_start_without_room_for_its_result_is_refused(runner: Runner, tmp_path
     [
         ("docker", "cuda", ["--gpus", "2"]),
         ("podman", "cuda", ["--device", "nvidia.com/gpu=all"]),
-        ("docker", "rocm",
-         ["--device", "/dev/kfd", "--device", "/dev/dri", "--group-add", "video"]),
+        (
+            "docker",
+            "rocm",
+            ["--device", "/dev/kfd", "--device", "/dev/dri", "--group-add", "video"],
+        ),
     ],
 )
-def test_gpus_reach_the_engine(runner: Runner, tmp_path: Path, engine: str, stack: str,
-                               expected: list[str]) -> None:
+def test_gpus_reach_the_engine(
+    runner: Runner, tmp_path: Path, engine: str, stack: str, expected: list[str]
+) -> None:
     calls = tmp_path / "calls"
     write_fake_engine(tmp_path / "bin", calls, "", 0)
     if engine != "docker":
         (tmp_path / "bin" / "docker").rename(tmp_path / "bin" / engine)
     runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
-    runner.start(command=["nvidia-smi"], runtime=engine, image="cuda:12",
-                 gpus={"stack": stack, "device_count": 2})
+    runner.start(
+        command=["nvidia-smi"],
+        runtime=engine,
+        image="cuda:12",
+        gpus={"stack": stack, "device_count": 2},
+    )
     assert runner.wait_exited() == 0
     run = engine_calls(calls)[-1]
-    assert run[run.index("run"):][:4] == ["run", "--rm", "--name", f"herder-{UUID}"]
+    assert run[run.index("run") :][:4] == ["run", "--rm", "--name", f"herder-{UUID}"]
     start = run.index(expected[0])
-    assert run[start:start + len(expected)] == expected
+    assert run[start : start + len(expected)] == expected
     assert run[-2:] == ["cuda:12", "nvidia-smi"]
 
 
 def test_a_malformed_gpu_request_is_refused(runner: Runner) -> None:
-    config = {"uuid": UUID, "runtime": "process", "environment": {}, "command": ["true"],
-              "gpus": {"stack": "quantum", "device_count": 1}}
+    config = {
+        "uuid": UUID,
+        "runtime": "process",
+        "environment": {},
+        "command": ["true"],
+        "gpus": {"stack": "quantum", "device_count": 1},
+    }
     res = runner.run("--detach", "--stdin-config", UUID, stdin=json.dumps(config).encode())
     assert res.returncode != 0 and b"not cuda or rocm" in res.stderr
 
@@ -748,7 +792,9 @@ def test_log_keeps_stdout_and_stderr_apart_in_order(runner: Runner) -> None:
     lines = runner.raw_log().splitlines()
     # Each stream keeps its order; how the two interleave depends on when each was read.
     assert [line for line in lines if line.startswith(b"stdout ")] == [
-        b"stdout one", b"stdout three"]
+        b"stdout one",
+        b"stdout three",
+    ]
     assert [line for line in lines if line.startswith(b"stderr ")] == [b"stderr two"]
     assert len(lines) == 3
 
@@ -760,14 +806,22 @@ def test_log_writes_a_partial_line_at_the_end(runner: Runner) -> None:
 
 
 def test_log_stops_at_the_limit_with_a_marker(runner: Runner) -> None:
-    runner.start(command=["sh", "-c", "i=0; while [ $i -lt 200 ]; do echo line $i; "
-                          "i=$((i+1)); done; echo done >&2"], log_limit=300)
+    runner.start(
+        command=[
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 200 ]; do echo line $i; i=$((i+1)); done; echo done >&2",
+        ],
+        log_limit=300,
+    )
     assert runner.wait_exited() == 0
     log = runner.raw_log()
     assert log.startswith(b"stdout line 0\nstdout line 1\n")
     assert b"stderr done" not in log
-    assert log.endswith(b"runner log truncated: the output exceeded the log limit of 300 bytes "
-                        b"(containers.log_limit); later output is discarded\n")
+    assert log.endswith(
+        b"runner log truncated: the output exceeded the log limit of 300 bytes "
+        b"(containers.log_limit); later output is discarded\n"
+    )
     assert len(log) < 300 + 200
 
 
@@ -775,10 +829,13 @@ def test_serve_sends_log_lines_while_the_container_runs(
     runner: Runner, serve: Serve, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
-    config = {"uuid": UUID, "runtime": "process", "environment": {"GATE": str(gate)},
-              "command": gated("echo before", "echo after >&2")}
-    assert serve.call("--detach", "--stdin-config", UUID,
-                      stdin=json.dumps(config).encode())[0] == 0
+    config = {
+        "uuid": UUID,
+        "runtime": "process",
+        "environment": {"GATE": str(gate)},
+        "command": gated("echo before", "echo after >&2"),
+    }
+    assert serve.call("--detach", "--stdin-config", UUID, stdin=json.dumps(config).encode())[0] == 0
     first = serve.logs.get(timeout=20)
     assert (first["uuid"], first["offset"]) == (UUID, 0)
     assert base64.b64decode(first["data"]) == b"stdout before\n"
@@ -793,8 +850,10 @@ def test_serve_sends_log_lines_while_the_container_runs(
 def test_a_missing_image_fails_the_container_not_the_instance(
     runner: Runner, tmp_path: Path
 ) -> None:
-    message = ("docker: Error response from daemon: pull access denied for nosuch, repository "
-               "does not exist or may require docker login.")
+    message = (
+        "docker: Error response from daemon: pull access denied for nosuch, repository "
+        "does not exist or may require docker login."
+    )
     write_fake_engine(tmp_path / "bin", tmp_path / "calls", message, 125)
     runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
     runner.start(command=["true"], runtime="docker", image="nosuch:1")
@@ -803,9 +862,7 @@ def test_a_missing_image_fails_the_container_not_the_instance(
     assert b"could not be started (container failure)" in runner.log()
 
 
-def test_a_program_exiting_125_in_an_engine_is_an_exit_code(
-    runner: Runner, tmp_path: Path
-) -> None:
+def test_a_program_exiting_125_in_an_engine_is_an_exit_code(runner: Runner, tmp_path: Path) -> None:
     write_fake_engine(tmp_path / "bin", tmp_path / "calls", "my program failed", 125)
     runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
     runner.start(command=["prog"], runtime="docker", image="debian:12")
@@ -832,7 +889,7 @@ def write_pulling_engine(bin_dir: Path, calls: Path, have: str, pull_fails: str 
         'case "$1" in\n'
         f'  image) grep -qx "$3" {have} || {{ echo "Error: No such image: $3" >&2; exit 1; }} ;;\n'
         f"  pull) {pull} ;;\n"
-        '  run) echo ran ;;\n'
+        "  run) echo ran ;;\n"
         "esac\n"
     )
     engine.chmod(0o755)
@@ -874,7 +931,9 @@ def test_pull_policy_never_fails_the_container_when_the_image_is_missing(
     runner.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
     runner.start(command=["x"], runtime="docker", image="img:1", pull_policy="never")
     assert runner.wait_failed() == (
-        "container", "image img:1 is not on the instance and the pull policy is never")
+        "container",
+        "image img:1 is not on the instance and the pull policy is never",
+    )
     assert "pull" not in [call[0] for call in engine_calls(calls)]
     assert not runner.list().broken
 

@@ -100,9 +100,23 @@ def test_one_seed_gives_the_same_run_in_separate_processes():
 
     def run(hash_seed: str) -> dict:
         out = subprocess.run(
-            [sys.executable, "-m", "herder.app.cli", "simulate", "--config", SIM_YAML, "--json",
-             "--containers", "60", "--faults", "--seed", "5"],
-            capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "herder.app.cli",
+                "simulate",
+                "--config",
+                SIM_YAML,
+                "--json",
+                "--containers",
+                "60",
+                "--faults",
+                "--seed",
+                "5",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
             env={**os.environ, "PYTHONHASHSEED": hash_seed},
         )
         summary = json.loads(out.stdout)

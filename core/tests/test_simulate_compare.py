@@ -21,7 +21,10 @@ def _config(tmp_path: Path, name: str, *, engine_knows_hourly: bool) -> str:
         "cloud": {
             "driver": "sim",
             "driver_parameters": {
-                "seed": 1, "boot_delay": 5, "billing_increment": 3600, "billing_minimum": 3600,
+                "seed": 1,
+                "boot_delay": 5,
+                "billing_increment": 3600,
+                "billing_minimum": 3600,
             },
             "poll_interval": "1s",
             "probe_interval": "1s",
@@ -44,8 +47,10 @@ def files(tmp_path: Path) -> tuple[str, str, str]:
     workload = tmp_path / "spaced.yaml"
     workload.write_text(
         yaml.safe_dump(
-            [{"command": ["sim", "300", "0"], "vcpus": 1, "ram": "1GiB", "at": f"{i * 20}m"}
-             for i in range(3)]
+            [
+                {"command": ["sim", "300", "0"], "vcpus": 1, "ram": "1GiB", "at": f"{i * 20}m"}
+                for i in range(3)
+            ]
         )
     )
     a = _config(tmp_path, "today", engine_knows_hourly=False)

@@ -110,18 +110,24 @@ def test_nothing_fits_lists_all_types_by_price():
 @pytest.mark.parametrize(
     ("needs", "says"),
     [
-        ({"ram": 64 * GiB}, "of RAM (with the runtime's overhead); the most any type has is "
-                            "16GiB (b)"),
+        (
+            {"ram": 64 * GiB},
+            "of RAM (with the runtime's overhead); the most any type has is 16GiB (b)",
+        ),
         ({"scratch": 2 * GiB}, "needs 2GiB of scratch; the most any type has is 1GiB (a)"),
         ({"preemptible": True}, "asks for a preemptible instance; no preemptible type"),
-        ({"gpu": GPURequest(stack="cuda", device_count=1, hardware_target=("7.5",))},
-         "needs 1 cuda GPUs; no cuda instance type is configured"),
+        (
+            {"gpu": GPURequest(stack="cuda", device_count=1, hardware_target=("7.5",))},
+            "needs 1 cuda GPUs; no cuda instance type is configured",
+        ),
         ({"vcpus": 4, "ram": 10 * GiB}, "no single type meets them all"),
     ],
 )
 def test_nothing_fits_says_which_need_and_what_the_best_offers(needs, says):
-    types = table(it("a", vcpus=4, ram=8 * GiB, scratch=GiB, price=1.0),
-                  it("b", vcpus=1, ram=16 * GiB, price=2.0))
+    types = table(
+        it("a", vcpus=4, ram=8 * GiB, scratch=GiB, price=1.0),
+        it("b", vcpus=1, ram=16 * GiB, price=2.0),
+    )
     with pytest.raises(ConstraintsNotSatisfiable) as exc:
         choose_instance_types(ctr(**needs), types)
     assert says in str(exc.value)
@@ -351,12 +357,22 @@ def test_gpus_shorthand_finds_the_configured_gpu_types():
     every CUDA type with enough devices serves it (it used to match none)."""
     from herder.engine.sizing import gpu_request_for
 
-    t4 = InstanceType("t4", "g4dn.xlarge", 4, 16 * GiB, price=0.5,
-                      gpu=GPUSpec(stack="cuda", device_count=1, hardware_target="7.5",
-                                  driver_version="535.0"))
-    a10 = InstanceType("a10", "g5.xlarge", 4, 16 * GiB, price=1.0,
-                       gpu=GPUSpec(stack="cuda", device_count=1, hardware_target="8.6",
-                                   driver_version="535.0"))
+    t4 = InstanceType(
+        "t4",
+        "g4dn.xlarge",
+        4,
+        16 * GiB,
+        price=0.5,
+        gpu=GPUSpec(stack="cuda", device_count=1, hardware_target="7.5", driver_version="535.0"),
+    )
+    a10 = InstanceType(
+        "a10",
+        "g5.xlarge",
+        4,
+        16 * GiB,
+        price=1.0,
+        gpu=GPUSpec(stack="cuda", device_count=1, hardware_target="8.6", driver_version="535.0"),
+    )
     plain = InstanceType("plain", "m5.xlarge", 4, 16 * GiB, price=0.2)
     types = {t.name: t for t in (t4, a10, plain)}
     request = gpu_request_for(1, types)

@@ -148,8 +148,9 @@ class ChaosReport:
             f"x {o.slots} slots, {self.elapsed:.1f}s",
             "faults: " + ", ".join(f"{k} {v}" for k, v in self.faults.items()),
         ]
-        lines += [f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}" for name, ok, detail in
-                  self.checks]
+        lines += [
+            f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}" for name, ok, detail in self.checks
+        ]
         lines += self.notes
         if self.directory is not None:
             lines.append(f"run directory kept: {self.directory}")
@@ -167,9 +168,20 @@ class Serve(ServeProcess):
         self.config = directory / "herder.yaml"
         self.outage_dir = outage_dir
         data_dir = directory / "data"
-        args = [sys.executable, str(CHILD), str(outage_dir), "--log-format", "json",
-                "serve", "--config", str(self.config), "--data-dir", str(data_dir),
-                "--listen", "127.0.0.1:0"]
+        args = [
+            sys.executable,
+            str(CHILD),
+            str(outage_dir),
+            "--log-format",
+            "json",
+            "serve",
+            "--config",
+            str(self.config),
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            "127.0.0.1:0",
+        ]
         log = directory / "serve.log"
         super().__init__(args, data_dir, lambda: log)
 
@@ -216,8 +228,9 @@ def read_runs(path: Path) -> dict[str, list[Run]]:
     return runs
 
 
-def intervals(runs: dict[str, list[Run]], uuids: dict[str, str]) -> Iterator[tuple[str, float,
-                                                                                   float]]:
+def intervals(
+    runs: dict[str, list[Run]], uuids: dict[str, str]
+) -> Iterator[tuple[str, float, float]]:
     """``(uuid, start, end)`` in seconds; a run that never recorded its end (SIGKILLed) is
     taken to last for ever, so any later run of the same container counts as an overlap."""
     for token, token_runs in runs.items():
@@ -272,8 +285,13 @@ class ChaosRun:
         self.serve = Serve(directory, self.outage_dir)
         self.uuids: dict[str, str] = {}  # token -> uuid
         self.cancelled: set[str] = set()  # uuids the harness cancelled
-        self.faults = {"dispatcher SIGKILLs": 0, "restarts": 0, "SSH outages": 0,
-                       "SSH outages cut short by a kill": 0, "cancels": 0}
+        self.faults = {
+            "dispatcher SIGKILLs": 0,
+            "restarts": 0,
+            "SSH outages": 0,
+            "SSH outages cut short by a kill": 0,
+            "cancels": 0,
+        }
         self.notes: list[str] = []
         n = options.containers
         # Faults fire when this many containers have started, so they land while work runs.
@@ -302,16 +320,21 @@ class ChaosRun:
             leftovers = kill_processes(self._needles())
             if leftovers:
                 self.notes.append(f"cleanup killed {leftovers} leftover processes")
-        return ChaosReport(self.o, self.faults, checks, time.monotonic() - began,
-                           notes=self.notes)
+        return ChaosReport(self.o, self.faults, checks, time.monotonic() - began, notes=self.notes)
 
     # ----------------------------------------------------------------- setup
 
     def _prepare(self) -> None:
         self.outage_dir.mkdir(parents=True)
-        self.serve.config.write_text(CONFIG.format(
-            instances=self.o.instances, slots=self.o.slots, dir=self.dir,
-            timeout_idle=self.o.timeout_idle, token=secrets.token_urlsafe(24)))
+        self.serve.config.write_text(
+            CONFIG.format(
+                instances=self.o.instances,
+                slots=self.o.slots,
+                dir=self.dir,
+                timeout_idle=self.o.timeout_idle,
+                token=secrets.token_urlsafe(24),
+            )
+        )
 
     def _needles(self) -> tuple[str, ...]:
         return (self.marker, str(self.dir))
@@ -324,8 +347,11 @@ class ChaosRun:
                 "command": ["sh", "-c", CONTAINER_SCRIPT, self.marker],
                 "runtime": "process",
                 "name": f"{self.marker} {token}",
-                "environment": {"CHAOS_ID": token, "CHAOS_LOG": str(self.runs_path),
-                                "CHAOS_SLEEP": str(seconds)},
+                "environment": {
+                    "CHAOS_ID": token,
+                    "CHAOS_LOG": str(self.runs_path),
+                    "CHAOS_SLEEP": str(seconds),
+                },
                 "runtime_constraints": {"vcpus": 1, "ram": 64 << 20},
             }
             assert self.serve.client is not None
@@ -376,17 +402,23 @@ class ChaosRun:
         if not listed:
             return
         down = {doc["instance"] for doc in self.pending.values()}
-        busy = sorted(i["instance"] for i in listed
-                      if i["running_container_uuids"] and i["instance"] not in down)
-        candidates = busy or sorted(i["instance"] for i in listed
-                                    if i["instance"] and i["instance"] not in down)
+        busy = sorted(
+            i["instance"]
+            for i in listed
+            if i["running_container_uuids"] and i["instance"] not in down
+        )
+        candidates = busy or sorted(
+            i["instance"] for i in listed if i["instance"] and i["instance"] not in down
+        )
         if not candidates:
             return
         self.outage_at.pop(0)
         self.outage_seq += 1
         request = self.outage_dir / f"{self.outage_seq:04d}.request"
-        doc = {"instance": self.rng.choice(candidates),
-               "seconds": round(self.rng.uniform(*self.o.outage_seconds), 2)}
+        doc = {
+            "instance": self.rng.choice(candidates),
+            "seconds": round(self.rng.uniform(*self.o.outage_seconds), 2),
+        }
         tmp = request.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, request)
@@ -424,8 +456,11 @@ class ChaosRun:
     def _cancel_one(self, runs: dict[str, list[Run]]) -> None:
         """Cancel a container that has not finished (running or still queued)."""
         client = self.serve.client
-        candidates = [u for t, u in sorted(self.uuids.items())
-                      if u not in self.cancelled and not (runs.get(t) and runs[t][-1].end_ns)]
+        candidates = [
+            u
+            for t, u in sorted(self.uuids.items())
+            if u not in self.cancelled and not (runs.get(t) and runs[t][-1].end_ns)
+        ]
         if client is None or not candidates:
             return
         uuid = self.rng.choice(candidates)
@@ -465,9 +500,11 @@ class ChaosRun:
             with contextlib.suppress(ValueError, AttributeError):
                 doc = json.loads(line)
                 message = str(doc.get("message", ""))
-                if doc.get("level") in ("warning", "error") and str(
-                    doc.get("logger", "")
-                ).startswith("herder.engine.worker") and any(s in message for s in SSH_ERRORS):
+                if (
+                    doc.get("level") in ("warning", "error")
+                    and str(doc.get("logger", "")).startswith("herder.engine.worker")
+                    and any(s in message for s in SSH_ERRORS)
+                ):
                     count += 1
         return count
 
@@ -475,21 +512,29 @@ class ChaosRun:
         db = self.dir / "herder.db"
         runs = read_runs(self.runs_path)
         self.faults["SSH errors herder logged"] = self._ssh_errors_logged()
-        required = ["dispatcher SIGKILLs"] * bool(self.o.kills) + [
-            "SSH outages", "SSH errors herder logged"] * bool(self.o.outages) + [
-            "cancels"] * bool(self.o.cancels)
+        required = (
+            ["dispatcher SIGKILLs"] * bool(self.o.kills)
+            + ["SSH outages", "SSH errors herder logged"] * bool(self.o.outages)
+            + ["cancels"] * bool(self.o.cancels)
+        )
         return [
             every_container_final(db, expected=self.o.containers),
             no_overlapping_runs(intervals(runs, self.uuids)),
             self._uncancelled_completed(db, runs),
-            ("no instance left behind", not left,
-             f"left: {', '.join(left)}" if left else "API and state directory empty"),
+            (
+                "no instance left behind",
+                not left,
+                f"left: {', '.join(left)}" if left else "API and state directory empty",
+            ),
             self._no_processes_left(),
             queue_integrity(db),
             faults_injected(self.faults, required),
             self._faults_as_requested(),
-            ("herder serve stopped cleanly on SIGTERM", serve_status == 0,
-             f"exit status {serve_status}"),
+            (
+                "herder serve stopped cleanly on SIGTERM",
+                serve_status == 0,
+                f"exit status {serve_status}",
+            ),
         ]
 
     def _uncancelled_completed(self, db: Path, runs: dict[str, list[Run]]) -> Check:
@@ -516,11 +561,17 @@ class ChaosRun:
         return "no container or runner process left running", not found, detail
 
     def _faults_as_requested(self) -> Check:
-        got = (self.faults["dispatcher SIGKILLs"], self.faults["SSH outages"],
-               self.faults["cancels"])
+        got = (
+            self.faults["dispatcher SIGKILLs"],
+            self.faults["SSH outages"],
+            self.faults["cancels"],
+        )
         want = (self.o.kills, self.o.outages, self.o.cancels)
-        return ("every requested fault was injected (kills, SSH outages, cancels)", got == want,
-                f"{got} of {want}")
+        return (
+            "every requested fault was injected (kills, SSH outages, cancels)",
+            got == want,
+            f"{got} of {want}",
+        )
 
 
 # --------------------------------------------------------------------------- entry points
@@ -547,18 +598,32 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChaosOptions, bool]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--containers", type=int, default=100)
     p.add_argument("--kills", type=int, default=3, help="dispatcher SIGKILLs")
-    p.add_argument("--outages", type=int, default=None,
-                   help="SSH outages (default: twice the kills, at least 2)")
-    p.add_argument("--cancels", type=int, default=None,
-                   help="containers cancelled through the API (default: 1 in 20)")
+    p.add_argument(
+        "--outages",
+        type=int,
+        default=None,
+        help="SSH outages (default: twice the kills, at least 2)",
+    )
+    p.add_argument(
+        "--cancels",
+        type=int,
+        default=None,
+        help="containers cancelled through the API (default: 1 in 20)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--instances", type=int, default=4)
     p.add_argument("--keep", action="store_true", help="keep the run directory even on success")
     a = p.parse_args(argv)
     outages = a.outages if a.outages is not None else max(2, 2 * a.kills)
     cancels = a.cancels if a.cancels is not None else a.containers // 20
-    return ChaosOptions(containers=a.containers, kills=a.kills, outages=outages,
-                        cancels=cancels, seed=a.seed, instances=a.instances), a.keep
+    return ChaosOptions(
+        containers=a.containers,
+        kills=a.kills,
+        outages=outages,
+        cancels=cancels,
+        seed=a.seed,
+        instances=a.instances,
+    ), a.keep
 
 
 def _exit_on_sigterm() -> None:

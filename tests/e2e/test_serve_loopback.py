@@ -168,16 +168,34 @@ def test_minimal_config_file_works_like_the_embedded_default(tmp_path: Path) -> 
         result = server.cli("submit", "--wait", "--", "sh", "-c", "echo hello; exit 3")
         assert result.returncode == 3, result
         assert "hello" in result.stdout + result.stderr
-        for name in ("cluster_id", "management_token", "ssh/id_ed25519", "herder.db",
-                     "loopback", "client.json"):
+        for name in (
+            "cluster_id",
+            "management_token",
+            "ssh/id_ed25519",
+            "herder.db",
+            "loopback",
+            "client.json",
+        ):
             assert (data / name).exists(), name
         assert list(work.iterdir()) == []  # nothing in the working directory
         assert not (tmp_path / "home").exists()
         # `config show` prints what serve runs.
         env = {k: v for k, v in server.env.items() if k != "HERDER_MANAGEMENT_TOKEN"}
         shown = subprocess.run(
-            [*HERDER, "--config", str(example), "config", "show", "--json", "--data-dir",
-             str(data)], env=env, capture_output=True, text=True, timeout=60,
+            [
+                *HERDER,
+                "--config",
+                str(example),
+                "config",
+                "show",
+                "--json",
+                "--data-dir",
+                str(data),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert shown.returncode == 0, shown
         effective = json.loads(shown.stdout)
@@ -186,8 +204,16 @@ def test_minimal_config_file_works_like_the_embedded_default(tmp_path: Path) -> 
         assert effective["api"]["management_token"] == "<redacted>"
         assert list(effective["instance_types"]) == ["local"]
         # A second serve on the same data directory is refused with one clear line.
-        second = server.cli("--config", str(example), "serve", "--data-dir", str(data),
-                            "--listen", "127.0.0.1:0", timeout=60)
+        second = server.cli(
+            "--config",
+            str(example),
+            "serve",
+            "--data-dir",
+            str(data),
+            "--listen",
+            "127.0.0.1:0",
+            timeout=60,
+        )
         assert second.returncode == 1
         assert "another herder serve (pid" in second.stderr
         assert "Traceback" not in second.stderr
@@ -200,11 +226,15 @@ def test_minimal_config_file_works_like_the_embedded_default(tmp_path: Path) -> 
 
 def test_bad_driver_parameter_under_serve_is_one_clear_line(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
-    config.write_text("cloud:\n  driver: loopback\n  driver_parameters:\n    max_instances: -3\n"
-                      "    bogus_key: 1\n")
+    config.write_text(
+        "cloud:\n  driver: loopback\n  driver_parameters:\n    max_instances: -3\n"
+        "    bogus_key: 1\n"
+    )
     result = subprocess.run(
         [*HERDER, "--config", str(config), "serve", "--data-dir", str(tmp_path / "d")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "HERDER_DATA_DIR": str(tmp_path / "d")},
     )
     assert result.returncode == 1
@@ -268,7 +298,9 @@ def test_fifty_containers_on_four_instances(fast_server: Server, tmp_path: Path)
     assert not [m for m in messages if "using commands" in m or "resident runner:" in m]
     serving = subprocess.run(
         ["pgrep", "-f", f"{tmp_path}/loopback/runner-bin/herder-runner.* --serve"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert serving.stdout == "", "resident runners outlived their instances"
 
@@ -308,9 +340,7 @@ def test_shell_metacharacters_and_secrets(fast_server: Server, tmp_path: Path) -
     marker = fast_server.marker  # type: ignore[attr-defined]
     pwned = tmp_path / "pwned"
     evil_name = f"x'; touch {pwned}; echo '$(touch {pwned})`touch {pwned}`"
-    uuid = _submit(
-        fast_server, "sh", "-c", f"echo 'only this' # {marker}", name=evil_name
-    )
+    uuid = _submit(fast_server, "sh", "-c", f"echo 'only this' # {marker}", name=evil_name)
     states = _wait_final(fast_server, [uuid])
     assert states[uuid]["state"] == "Complete" and states[uuid]["exit_code"] == 0
     assert not pwned.exists()
@@ -337,17 +367,35 @@ def test_arrays_and_dependencies_run_in_order(fast_server: Server, tmp_path: Pat
     out.mkdir()
     first = _submit(fast_server, "sh", "-c", f"sleep 0.5; echo a > {out}/first # {marker}")
     array = fast_server.cli(
-        "submit", "--vcpus", "1", "--ram", "256MiB", "--count", "3", "--after", first, "--",
-        "sh", "-c", f'test -f {out}/first && echo "$HERDER_ARRAY_ID" > {out}/m$HERDER_ARRAY_INDEX'
-        f" # {marker}",
+        "submit",
+        "--vcpus",
+        "1",
+        "--ram",
+        "256MiB",
+        "--count",
+        "3",
+        "--after",
+        first,
+        "--",
+        "sh",
+        "-c",
+        f'test -f {out}/first && echo "$HERDER_ARRAY_ID" > {out}/m$HERDER_ARRAY_INDEX # {marker}',
     )
     assert array.returncode == 0, array
     members = array.stdout.split()
     array_id = array.stderr.split("array ", 1)[1].split(":", 1)[0]
     waited = fast_server.cli(
-        "submit", "--vcpus", "1", "--ram", "256MiB", "--wait",
-        *[arg for m in members for arg in ("--after", m)], "--",
-        "sh", "-c", f"ls {out} > {out}/last # {marker}",
+        "submit",
+        "--vcpus",
+        "1",
+        "--ram",
+        "256MiB",
+        "--wait",
+        *[arg for m in members for arg in ("--after", m)],
+        "--",
+        "sh",
+        "-c",
+        f"ls {out} > {out}/last # {marker}",
     )
     assert waited.returncode == 0, waited
     assert (out / "last").read_text().split() == ["first", "last", "m0", "m1", "m2"]
@@ -383,13 +431,18 @@ def test_live_log_lines_arrive_while_the_container_runs(
     marker = fast_server.marker  # type: ignore[attr-defined]
     gate = tmp_path / "gate"
     uuid = _submit(
-        fast_server, "sh", "-c",
+        fast_server,
+        "sh",
+        "-c",
         f"echo first; echo warn >&2; while [ ! -e {gate} ]; do sleep 0.1; done; "
         f"echo last >&2 # {marker}",
     )
     follow = subprocess.Popen(
-        [*HERDER, "logs", "--follow", uuid], env=fast_server.env, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True,
+        [*HERDER, "logs", "--follow", uuid],
+        env=fast_server.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert follow.stdout is not None
@@ -415,19 +468,25 @@ def test_live_log_lines_arrive_while_the_container_runs(
     log = _log(fast_server, uuid)
     # Every line once, each stream marked.
     assert [line for line in log.splitlines() if not line.startswith("runner ")] == [
-        "stdout first", "stderr warn", "stderr last"
+        "stdout first",
+        "stderr warn",
+        "stderr last",
     ] or sorted(log.splitlines()) == ["stderr last", "stderr warn", "stdout first"]
 
 
 def test_cancelled_and_timed_out_containers_keep_their_output(fast_server: Server) -> None:
     marker = fast_server.marker  # type: ignore[attr-defined]
     cancelled = _submit(
-        fast_server, "sh", "-c",
-        f"trap 'echo got TERM; exit 1' TERM; echo alive; while true; do sleep 0.1; done "
-        f"# {marker}",
+        fast_server,
+        "sh",
+        "-c",
+        f"trap 'echo got TERM; exit 1' TERM; echo alive; while true; do sleep 0.1; done # {marker}",
     )
     timed_out = _submit(
-        fast_server, "sh", "-c", f"echo begin; sleep 30 # {marker}",
+        fast_server,
+        "sh",
+        "-c",
+        f"echo begin; sleep 30 # {marker}",
         extra=("--max-run-time", "2s"),
     )
     _wait_log(fast_server, cancelled, "stdout alive")
@@ -449,7 +508,9 @@ def test_cancelled_and_timed_out_containers_keep_their_output(fast_server: Serve
 def test_a_log_past_the_limit_ends_with_a_truncated_line(fast_server: Server) -> None:
     marker = fast_server.marker  # type: ignore[attr-defined]
     uuid = _submit(
-        fast_server, "sh", "-c",
+        fast_server,
+        "sh",
+        "-c",
         f"i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1)); done # {marker}",
     )
     states = _wait_final(fast_server, [uuid])
@@ -497,7 +558,9 @@ def test_infrastructure_failures_are_not_exit_codes(tmp_path: Path) -> None:
     config = tmp_path / "herder.yaml"
     config.write_text(
         FAST_CONFIG.format(
-            max_instances=4, state_dir=tmp_path / "loopback", db=tmp_path / "herder.db",
+            max_instances=4,
+            state_dir=tmp_path / "loopback",
+            db=tmp_path / "herder.db",
             marker=marker,
         ).replace("  log_limit: 8KiB\n", "  log_limit: 8KiB\n  max_dispatch_attempts: 2\n")
     )
@@ -505,8 +568,13 @@ def test_infrastructure_failures_are_not_exit_codes(tmp_path: Path) -> None:
     server.env["PATH"] = f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
     server.start()
     try:
-        program = _submit(server, "sh", "-c", f"echo mine; exit 125 # {marker}",
-                          extra=("--image", "alpine:3", "--pull", "always"))
+        program = _submit(
+            server,
+            "sh",
+            "-c",
+            f"echo mine; exit 125 # {marker}",
+            extra=("--image", "alpine:3", "--pull", "always"),
+        )
         image = _submit(server, "true", extra=("--image", "nosuch:1"))
         states = _wait_final(server, [program, image])
         # A real program exiting 125 is its exit code.
@@ -531,12 +599,16 @@ def test_infrastructure_failures_are_not_exit_codes(tmp_path: Path) -> None:
         history = c["attempt_history"]
         assert [a["outcome"] for a in history] == ["retried", "retried"], history
         assert len({a["instance_id"] for a in history}) == 2  # retried elsewhere
-        assert all("could not start the container: docker: Cannot connect" in a["reason"]
-                   for a in history)
+        assert all(
+            "could not start the container: docker: Cannot connect" in a["reason"] for a in history
+        )
         shown = server.cli("container", daemon).stdout
         assert "It ran 2 times" in shown
-        drained = [line for line in server.log_lines()
-                   if "cannot start containers" in str(line.get("message", ""))]
+        drained = [
+            line
+            for line in server.log_lines()
+            if "cannot start containers" in str(line.get("message", ""))
+        ]
         assert len(drained) == 2, drained
         assert server.stop() == 0
     finally:

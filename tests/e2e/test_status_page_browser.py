@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TOKEN = "browser-test-token-5d1f0c"
 #: A container name that would run script if the page ever inserted it as HTML.
-EVIL_NAME = '<img src=x onerror="document.title=\'pwned\'">evil'
+EVIL_NAME = "<img src=x onerror=\"document.title='pwned'\">evil"
 
 
 def fast_sim_config() -> Config:
@@ -55,8 +55,11 @@ def fast_sim_config() -> Config:
             "cloud": cloud,
             "queue": config.queue.model_copy(update={"path": ":memory:"}),
             "api": config.api.model_copy(
-                update={"listen": "127.0.0.1:0", "management_token": TOKEN,
-                        "management_token_env": ""}
+                update={
+                    "listen": "127.0.0.1:0",
+                    "management_token": TOKEN,
+                    "management_token_env": "",
+                }
             ),
         }
     )
@@ -87,9 +90,16 @@ def browser() -> Iterator[Any]:
     options.binary_location = str(CHROMIUM)
     profile = tempfile.mkdtemp(prefix="herder-chromium-")
     for flag in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-background-networking", "--disable-component-update", "--no-first-run",
-        "--disable-sync", "--window-size=1400,1000", f"--user-data-dir={profile}",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--window-size=1400,1000",
+        f"--user-data-dir={profile}",
     ):
         options.add_argument(flag)
     # An explicit driver path: Selenium Manager would try to download one.
@@ -135,8 +145,14 @@ def test_page_shows_the_fleet_and_drains_an_instance(server, browser, tmp_path):
     ).uuid
     instance = wait_for(
         "the container to run",
-        lambda: next((v.instance for v in dispatcher.pool.instances()
-                      if running in v.running_container_uuids), None),
+        lambda: next(
+            (
+                v.instance
+                for v in dispatcher.pool.instances()
+                if running in v.running_container_uuids
+            ),
+            None,
+        ),
     )
 
     # A wrong token first: the page says so and asks again.
@@ -144,9 +160,7 @@ def test_page_shows_the_fleet_and_drains_an_instance(server, browser, tmp_path):
     token_box = wait_for("the token form", lambda: browser.find_element(By.ID, "token"))
     token_box.send_keys("not-the-token")
     browser.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
-    message = wait_for(
-        "the refusal", lambda: browser.find_element(By.ID, "message").text or None
-    )
+    message = wait_for("the refusal", lambda: browser.find_element(By.ID, "message").text or None)
     assert "token was refused" in message
     assert browser.find_element(By.ID, "login").is_displayed()
 
@@ -178,14 +192,17 @@ def test_page_shows_the_fleet_and_drains_an_instance(server, browser, tmp_path):
     # The cloud's quota the sim reports: the small instance's 2 vCPUs of 64.
     wait_for(
         "the quota to show",
-        lambda: browser.find_element(
-            By.CSS_SELECTOR, '#quotas tr[data-quota="sim-s-vcpus"] .used'
-        ).text == "2 of 64 vcpus",
+        lambda: (
+            browser.find_element(By.CSS_SELECTOR, '#quotas tr[data-quota="sim-s-vcpus"] .used').text
+            == "2 of 64 vcpus"
+        ),
     )
     # The token survives a reload of the tab: no second login.
     browser.refresh()
-    wait_for("the page after reload",
-             lambda: browser.find_element(By.CSS_SELECTOR, f'tr[data-instance="{instance}"]'))
+    wait_for(
+        "the page after reload",
+        lambda: browser.find_element(By.CSS_SELECTOR, f'tr[data-instance="{instance}"]'),
+    )
     assert not browser.find_element(By.ID, "login").is_displayed()
     browser.save_screenshot(str(tmp_path / "status-before.png"))
 
@@ -193,22 +210,27 @@ def test_page_shows_the_fleet_and_drains_an_instance(server, browser, tmp_path):
     row.find_element(By.CSS_SELECTOR, 'button[data-action="drain"]').click()
     wait_for(
         "the drain to show",
-        lambda: browser.find_element(
-            By.CSS_SELECTOR, f'tr[data-instance="{instance}"] .idle-behavior'
-        ).text == "drain",
+        lambda: (
+            browser.find_element(
+                By.CSS_SELECTOR, f'tr[data-instance="{instance}"] .idle-behavior'
+            ).text
+            == "drain"
+        ),
     )
     [view] = [v for v in dispatcher.pool.instances() if v.instance == instance]
     assert view.idle_behavior.value == "drain"
     # Why it drains is shown next to its numbers.
     wait_for(
         "the drain cause to show",
-        lambda: "operator" in browser.find_element(
-            By.CSS_SELECTOR, f'tr[data-instance="{instance}"] .reason'
-        ).text,
+        lambda: (
+            "operator"
+            in browser.find_element(By.CSS_SELECTOR, f'tr[data-instance="{instance}"] .reason').text
+        ),
     )
 
     # Cancelling the container lets the drained instance shut down; the page follows.
     dispatcher.queue.cancel(running, "test")
+
     def shut_down() -> bool:
         cells = browser.find_elements(
             By.CSS_SELECTOR, f'tr[data-instance="{instance}"] .worker-state'
@@ -245,26 +267,38 @@ def test_page_shows_the_queue_in_order_finished_containers_and_follows_a_log(
     # Held behind the blocker, so they stay in the queue: by priority, then by age.
     held = []
     for name, priority in (("low-old", 1), ("high", 5), ("low-new", 1)):
-        spec = ContainerSpec(command=("sim", "5", "0"), name=name, priority=priority,
-                             after=(blocker,))
+        spec = ContainerSpec(
+            command=("sim", "5", "0"), name=name, priority=priority, after=(blocker,)
+        )
         held.append(queue.submit(spec).uuid)
         time.sleep(0.01)  # distinct creation times on the wall clock
-    wait_for("the quick ones to finish", lambda: all(
-        queue.get(u).state.value == "Complete" for u in (ok, failing)), timeout=30)
+    wait_for(
+        "the quick ones to finish",
+        lambda: all(queue.get(u).state.value == "Complete" for u in (ok, failing)),
+        timeout=30,
+    )
     wait_for("the blocker to run", lambda: queue.get(blocker).state.value == "Running")
 
     login(browser, api.url)
-    names = wait_for("the queue", lambda: [
-        row.find_element(By.CSS_SELECTOR, ".name").text
-        for row in browser.find_elements(By.CSS_SELECTOR, "#queue tbody tr")
-    ] or None)
+    names = wait_for(
+        "the queue",
+        lambda: (
+            [
+                row.find_element(By.CSS_SELECTOR, ".name").text
+                for row in browser.find_elements(By.CSS_SELECTOR, "#queue tbody tr")
+            ]
+            or None
+        ),
+    )
     assert names == ["high", "low-old", "low-new"]
     first = browser.find_element(By.CSS_SELECTOR, f'#queue tr[data-container="{held[1]}"]')
     assert first.find_element(By.CSS_SELECTOR, ".position").text == "1"
     assert blocker in first.find_element(By.CSS_SELECTOR, ".status").text
 
-    done = wait_for("the finished list", lambda: browser.find_element(
-        By.CSS_SELECTOR, f'#finished tr[data-container="{failing}"]'))
+    done = wait_for(
+        "the finished list",
+        lambda: browser.find_element(By.CSS_SELECTOR, f'#finished tr[data-container="{failing}"]'),
+    )
     assert "exit code 3" in done.find_element(By.CSS_SELECTOR, ".outcome").text
     assert done.find_element(By.CSS_SELECTOR, ".cost").text.startswith("$")
     good = browser.find_element(By.CSS_SELECTOR, f'#finished tr[data-container="{ok}"]')
@@ -281,11 +315,14 @@ def test_page_shows_the_queue_in_order_finished_containers_and_follows_a_log(
     wait_for("the second line", lambda: "second <b>line</b>" in log.text)
     assert log.text.count("first line") == 1
     queue.cancel(blocker, "test over")
-    wait_for("the end of the log", lambda: "complete" in browser.find_element(
-        By.ID, "log-state").text)
+    wait_for(
+        "the end of the log", lambda: "complete" in browser.find_element(By.ID, "log-state").text
+    )
     # The blocker's cancellation cancels what waited for it; the finished list says why.
-    row = wait_for("the cancelled dependent", lambda: browser.find_element(
-        By.CSS_SELECTOR, f'#finished tr[data-container="{held[0]}"]'))
+    row = wait_for(
+        "the cancelled dependent",
+        lambda: browser.find_element(By.CSS_SELECTOR, f'#finished tr[data-container="{held[0]}"]'),
+    )
     assert f"dependency {blocker} was cancelled" in row.text
     browser.find_element(By.ID, "log-close").click()
     assert not browser.find_element(By.ID, "log-view").is_displayed()

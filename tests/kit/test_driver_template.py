@@ -78,12 +78,19 @@ class Env:
         self.python = root / "bin" / "python"
 
     def run(
-        self, *args: str, cwd: Path | None = None, timeout: float = 60,
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        timeout: float = 60,
         env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(self.python), *args], capture_output=True, text=True, timeout=timeout,
-            cwd=cwd, env=env,
+            [str(self.python), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            env=env,
         )
 
     def herder(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -109,8 +116,7 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Env, Path]]:
     command = [uv, "pip", "install", "--python", str(env.python), "--no-deps", str(package)]
     # The build backend is normally in uv's cache already (the workspace is built with it);
     # only if it is not is the index asked.
-    install = subprocess.run([*command, "--offline"], capture_output=True, text=True,
-                             timeout=120)
+    install = subprocess.run([*command, "--offline"], capture_output=True, text=True, timeout=120)
     if install.returncode != 0:
         install = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr
@@ -127,8 +133,12 @@ def test_herder_plugins_lists_the_installed_driver(kit: tuple[Env, Path]) -> Non
     assert example["version"] == "0.1.0"
     assert [(r["kind"], r["name"]) for r in example["registrations"]] == [("driver", "example")]
     # The workspace itself does not have it: the install went into the new environment only.
-    here = subprocess.run([sys.executable, "-m", "herder.app.cli", "plugins", "--json"],
-                          capture_output=True, text=True, timeout=60)
+    here = subprocess.run(
+        [sys.executable, "-m", "herder.app.cli", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "example" not in {p["name"] for p in json.loads(here.stdout)}
 
 
@@ -148,8 +158,9 @@ def test_a_config_selecting_the_driver_validates(kit: tuple[Env, Path], tmp_path
 
 def test_the_template_passes_the_conformance_suite(kit: tuple[Env, Path]) -> None:
     env, package = kit
-    result = env.run("-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", cwd=package,
-                     timeout=120)
+    result = env.run(
+        "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", cwd=package, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert " failed" not in result.stdout and "passed" in result.stdout
     # Capabilities the example does not declare are skipped, with the reason, not failed.
@@ -163,13 +174,30 @@ def test_herder_serve_runs_a_container_on_the_driver(kit: tuple[Env, Path], tmp_
     config.write_text(CONFIG.format(tmp=tmp_path, port=port))
     data = tmp_path / "data"
     url = f"http://127.0.0.1:{port}"
-    environ = {**os.environ, "HERDER_DATA_DIR": str(data), "HERDER_SERVER": url,
-               "HERDER_MANAGEMENT_TOKEN": "kit-token-for-tests"}
+    environ = {
+        **os.environ,
+        "HERDER_DATA_DIR": str(data),
+        "HERDER_SERVER": url,
+        "HERDER_MANAGEMENT_TOKEN": "kit-token-for-tests",
+    }
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
-        [str(env.python), "-m", "herder.app.cli", "--log-format", "json", "serve", "--config",
-         str(config), "--data-dir", str(data)],
-        env=environ, stdout=log, stderr=log, start_new_session=True,
+        [
+            str(env.python),
+            "-m",
+            "herder.app.cli",
+            "--log-format",
+            "json",
+            "serve",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(data),
+        ],
+        env=environ,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 30
@@ -177,9 +205,20 @@ def test_herder_serve_runs_a_container_on_the_driver(kit: tuple[Env, Path], tmp_
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             assert time.monotonic() < deadline, "herder serve did not start"
             time.sleep(0.1)
-        result = env.herder("submit", "--wait", "--vcpus", "1", "--ram", "256MiB", "--",
-                            "sh", "-c", "echo hello-from-example; exit 3", env=environ,
-                            timeout=60)
+        result = env.herder(
+            "submit",
+            "--wait",
+            "--vcpus",
+            "1",
+            "--ram",
+            "256MiB",
+            "--",
+            "sh",
+            "-c",
+            "echo hello-from-example; exit 3",
+            env=environ,
+            timeout=60,
+        )
         assert result.returncode == 3, result.stdout + result.stderr
         assert "hello-from-example" in result.stdout + result.stderr
         serve_log = (tmp_path / "serve.log").read_text()

@@ -154,9 +154,7 @@ class ContainersConfig(_Strict):
     @classmethod
     def _pull_policy(cls, v: str) -> str:
         if v not in ("if-not-present", "always", "never"):
-            raise ValueError(
-                f"invalid pull policy {v!r}: expected if-not-present, always or never"
-            )
+            raise ValueError(f"invalid pull policy {v!r}: expected if-not-present, always or never")
         return v
 
     @field_validator("runtime_engine")
@@ -254,7 +252,7 @@ class BudgetConfig(_Strict):
     )
     ledger_path: str = Field(
         "",
-        description="file the period's spend is kept in across restarts; \"\" = herder-spend.jsonl "
+        description='file the period\'s spend is kept in across restarts; "" = herder-spend.jsonl '
         "next to queue.path (memory only when the queue is in memory)",
     )
 
@@ -440,7 +438,9 @@ class APIConfig(_Strict):
     )
     tls_key: str = Field("", description="PEM private key of tls_certificate")
     request_timeout: Duration = Field(
-        30.0, gt=0, le=3600,
+        30.0,
+        gt=0,
+        le=3600,
         description="deadline for one whole request and its answer; slower clients are cut off",
     )
     max_connections: int = Field(
@@ -579,7 +579,6 @@ class PluginChecks(Protocol):
         ...
 
 
-
 def load_config(path: str | os.PathLike[str], plugins: PluginChecks | None = None) -> Config:
     """Read and validate a configuration file, or raise :class:`ConfigError` with every problem.
 
@@ -698,13 +697,17 @@ def _parse_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], int], list[Config
     try:
         node = loader.get_single_node()
         if node is not None and _expanded_size(node) > MAX_YAML_VALUES:
-            return None, {}, [
-                ConfigProblem(
-                    "",
-                    f"the file expands to more than {MAX_YAML_VALUES:,} values through anchors "
-                    "and aliases; refusing to load it (a configuration never needs that many)",
-                )
-            ]
+            return (
+                None,
+                {},
+                [
+                    ConfigProblem(
+                        "",
+                        f"the file expands to more than {MAX_YAML_VALUES:,} values through anchors "
+                        "and aliases; refusing to load it (a configuration never needs that many)",
+                    )
+                ],
+            )
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         return None, {}, [_yaml_problem(exc)]

@@ -87,9 +87,7 @@ def rfc3339(ts: float) -> str | None:
     """Epoch seconds as the API writes times (RFC 3339, UTC, milliseconds); 0 as None."""
     if not ts:
         return None
-    return (
-        datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def report_document(report: CostReport) -> dict[str, Any]:
@@ -132,9 +130,7 @@ def build_report(
         bucket_start, _ = period_bounds(entry.at, period)
         sums[bucket_start].append(entry.amount)
         by_type[entry.instance_type].append(entry.amount)
-    buckets = [
-        SpendBucket(b.label, b.start, b.end, math.fsum(sums[b.start])) for b in buckets
-    ]
+    buckets = [SpendBucket(b.label, b.start, b.end, math.fsum(sums[b.start])) for b in buckets]
     finished = [c for c in containers if since <= c.at < until]
     ctr_by_type: dict[str, list[float]] = defaultdict(list)
     by_name: dict[str, list[float]] = defaultdict(list)

@@ -57,8 +57,11 @@ def sim_config(token: str = TOKEN, **cloud: Any) -> Config:
         update={
             "queue": config.queue.model_copy(update={"path": ":memory:"}),
             "api": config.api.model_copy(
-                update={"listen": "127.0.0.1:0", "management_token": token,
-                        "management_token_env": ""}
+                update={
+                    "listen": "127.0.0.1:0",
+                    "management_token": token,
+                    "management_token_env": "",
+                }
             ),
             "cloud": config.cloud.model_copy(update=cloud),
         }

@@ -123,11 +123,14 @@ def test_after_a_failed_dependency_cancels_with_the_reason(engine):
 def test_zero_vcpus_is_accepted_and_negative_refused(engine):
     ctr = engine.submit(runtime_constraints={"vcpus": 0})
     assert ctr["state"] == "Queued" and ctr["runtime_constraints"]["vcpus"] == 0
-    for constraints, field in (({"vcpus": -1}, "runtime_constraints.vcpus"),
-                               ({"ram": -1}, "runtime_constraints.ram"),
-                               ({"ram": "-1GiB"}, "runtime_constraints.ram")):
-        reply = engine.request("POST", "/api/v1/containers",
-                               {"command": ["true"], "runtime_constraints": constraints})
+    for constraints, field in (
+        ({"vcpus": -1}, "runtime_constraints.vcpus"),
+        ({"ram": -1}, "runtime_constraints.ram"),
+        ({"ram": "-1GiB"}, "runtime_constraints.ram"),
+    ):
+        reply = engine.request(
+            "POST", "/api/v1/containers", {"command": ["true"], "runtime_constraints": constraints}
+        )
         assert reply.status == 400 and reply.json["field"] == field, constraints
 
 
@@ -139,11 +142,15 @@ def test_gpus_shorthand_and_full_gpu_request(engine):
         runtime_constraints={"gpu": {"stack": "rocm", "device_count": 2, "vram": "8GiB"}}
     )
     assert ctr["runtime_constraints"]["gpu"] == {
-        "stack": "rocm", "device_count": 2, "driver_version": "", "hardware_target": [],
+        "stack": "rocm",
+        "device_count": 2,
+        "driver_version": "",
+        "hardware_target": [],
         "vram": 8 * 1024**3,
     }
     both = engine.request(
-        "POST", "/api/v1/containers",
+        "POST",
+        "/api/v1/containers",
         {"command": ["x"], "runtime_constraints": {"gpus": 1, "gpu": {"device_count": 1}}},
     )
     assert both.status == 400 and "either gpus or gpu" in both.json["error"]
@@ -335,7 +342,8 @@ def test_cancel_stops_a_running_container(engine):
     assert engine.request("POST", f"/api/v1/containers/{uuid}/cancel", {}).status == 200
     engine.advance(30)
     running = {
-        u for i in engine.request("GET", "/api/v1/instances").json["items"]
+        u
+        for i in engine.request("GET", "/api/v1/instances").json["items"]
         for u in i["running_container_uuids"]
     }
     assert uuid not in running
@@ -367,9 +375,9 @@ def test_change_priority(engine):
         assert reply.status == 400, body
         assert reply.json["field"] == field, body
     engine.request("POST", f"/api/v1/containers/{uuid}/cancel", {})
-    assert engine.request(
-        "POST", f"/api/v1/containers/{uuid}/priority", {"priority": 3}
-    ).status == 409
+    assert (
+        engine.request("POST", f"/api/v1/containers/{uuid}/priority", {"priority": 3}).status == 409
+    )
 
 
 def test_log_is_read_by_offset_until_final(engine):
@@ -403,9 +411,7 @@ def test_log_chunks_never_split_a_character(engine):
     engine.dispatcher.queue.append_log(uuid, text.encode())
     got, offset = "", 0
     for _ in range(100):
-        chunk = engine.request(
-            "GET", f"/api/v1/containers/{uuid}/log?offset={offset}&limit=2"
-        ).json
+        chunk = engine.request("GET", f"/api/v1/containers/{uuid}/log?offset={offset}&limit=2").json
         if chunk["next_offset"] == offset:
             break
         got += chunk["data"]
@@ -454,8 +460,13 @@ def test_utf8_prefix():
 
 
 def test_state_enum_matches_the_model():
-    assert {s.value for s in ContainerState} == {"Queued", "Locked", "Running", "Complete",
-                                                 "Cancelled"}
+    assert {s.value for s in ContainerState} == {
+        "Queued",
+        "Locked",
+        "Running",
+        "Complete",
+        "Cancelled",
+    }
 
 
 @pytest.mark.parametrize(
@@ -469,8 +480,13 @@ def test_image_must_be_an_image_reference(engine, image):
 
 
 @pytest.mark.parametrize(
-    "image", ["alpine", "ubuntu:24.04", "localhost:5000/team/tool_x:v1.2-rc",
-              "ghcr.io/org/tool@sha256:" + "ab" * 32]
+    "image",
+    [
+        "alpine",
+        "ubuntu:24.04",
+        "localhost:5000/team/tool_x:v1.2-rc",
+        "ghcr.io/org/tool@sha256:" + "ab" * 32,
+    ],
 )
 def test_image_references_are_accepted(engine, image):
     assert engine.submit(image=image)["image"] == image
@@ -495,8 +511,11 @@ def test_a_queue_that_cannot_be_written_is_a_503_not_a_500(engine, monkeypatch):
     reply = engine.request("POST", "/api/v1/containers", {"command": ["true"]})
     assert reply.status == 503, reply.json
     assert "the queue cannot be written right now: database or disk is full" in reply.json["error"]
-    monkeypatch.setattr(engine.dispatcher.queue, "submit",
-                        lambda *_a, **_k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    monkeypatch.setattr(
+        engine.dispatcher.queue,
+        "submit",
+        lambda *_a, **_k: (_ for _ in ()).throw(OSError(28, "No space left")),
+    )
     assert engine.request("POST", "/api/v1/containers", {"command": ["true"]}).status == 503
     doc = engine.request("GET", "/api/v1/openapi.json").json
     assert "503" in doc["paths"]["/api/v1/containers"]["post"]["responses"]

@@ -35,17 +35,27 @@ UUID = "sim01-dz642-000000000000000"
         ({"command": ["x"], "runtime_constraints": {"ram": -1}}, "runtime_constraints.ram"),
         ({"command": ["x"], "runtime_constraints": {"ram": "99EiB"}}, "runtime_constraints.ram"),
         ({"command": ["x"], "runtime_constraints": {"ram": 10**30}}, "runtime_constraints.ram"),
-        ({"command": ["x"], "runtime_constraints": {"gpu": {"stack": "opencl"}}},
-         "runtime_constraints.gpu.stack"),
+        (
+            {"command": ["x"], "runtime_constraints": {"gpu": {"stack": "opencl"}}},
+            "runtime_constraints.gpu.stack",
+        ),
         ({"command": ["x"], "runtime_constraints": []}, "runtime_constraints"),
-        ({"command": ["x"], "scheduling_parameters": {"max_run_time": "soon"}},
-         "scheduling_parameters.max_run_time"),
-        ({"command": ["x"], "scheduling_parameters": {"max_run_time": -5}},
-         "scheduling_parameters.max_run_time"),
-        ({"command": ["x"], "scheduling_parameters": {"max_run_time": 1e300}},
-         "scheduling_parameters.max_run_time"),
-        ({"command": ["x"], "scheduling_parameters": {"preemptible": "yes"}},
-         "scheduling_parameters.preemptible"),
+        (
+            {"command": ["x"], "scheduling_parameters": {"max_run_time": "soon"}},
+            "scheduling_parameters.max_run_time",
+        ),
+        (
+            {"command": ["x"], "scheduling_parameters": {"max_run_time": -5}},
+            "scheduling_parameters.max_run_time",
+        ),
+        (
+            {"command": ["x"], "scheduling_parameters": {"max_run_time": 1e300}},
+            "scheduling_parameters.max_run_time",
+        ),
+        (
+            {"command": ["x"], "scheduling_parameters": {"preemptible": "yes"}},
+            "scheduling_parameters.preemptible",
+        ),
         ({"command": ["x"], "priority": 10**30}, "priority"),
         ({"command": ["x"], "priority": None}, "priority"),
         ({"command": ["x"], "environment": {"A=B": "c"}}, "environment"),
@@ -156,17 +166,27 @@ def test_absolute_form_targets_are_refused_not_crashed(engine):
 
 
 def test_query_strings_with_odd_encodings(engine):
-    for query in ("state=%00", "state=", "limit=", "after=%ff", "limit=1e3", "limit=+5",
-                  "limit=%20%31", "&&&", "state=Queued;state=Running", "=x"):
+    for query in (
+        "state=%00",
+        "state=",
+        "limit=",
+        "after=%ff",
+        "limit=1e3",
+        "limit=+5",
+        "limit=%20%31",
+        "&&&",
+        "state=Queued;state=Running",
+        "=x",
+    ):
         reply = engine.request("GET", f"/api/v1/containers?{query}")
         assert reply.status in (200, 400), (query, reply.body)
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-    | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=12,
 )
 submit_like = st.fixed_dictionaries(
@@ -178,13 +198,17 @@ submit_like = st.fixed_dictionaries(
         "runtime_constraints": st.fixed_dictionaries(
             {},
             optional={
-                "vcpus": json_values, "ram": json_values, "scratch": json_values,
-                "gpus": json_values, "gpu": json_values,
+                "vcpus": json_values,
+                "ram": json_values,
+                "scratch": json_values,
+                "gpus": json_values,
+                "gpu": json_values,
             },
         ),
         "scheduling_parameters": st.dictionaries(
             st.sampled_from(["preemptible", "max_run_time", "supervisor", "other"]),
-            json_values, max_size=3,
+            json_values,
+            max_size=3,
         ),
         "priority": json_values,
         "name": json_values,

@@ -99,8 +99,11 @@ def test_idle_connections_do_not_hold_up_other_clients(impatient):
 def test_clients_that_go_away_leave_no_traceback(engine, caplog):
     host, port = engine.server.address
     caplog.set_level(logging.DEBUG)
-    for data in (b"", b"GET /api/v1/inst", b"POST /api/v1/containers HTTP/1.1\r\nHost: x\r\n"
-                 b"Content-Length: 50\r\n\r\n{"):
+    for data in (
+        b"",
+        b"GET /api/v1/inst",
+        b"POST /api/v1/containers HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{",
+    ):
         sock = socket.create_connection((host, port), timeout=10)
         sock.sendall(data)
         # An abortive close (RST), as a client killed mid-request does.
@@ -238,8 +241,11 @@ def test_responses_are_not_held_back_by_nagles_algorithm():
             self.sock = sock
 
         def get_extra_info(self, name: str, default: object = None) -> object:
-            return {"socket": self.sock, "peername": ("127.0.0.1", 1),
-                    "sockname": ("127.0.0.1", 2)}.get(name, default)
+            return {
+                "socket": self.sock,
+                "peername": ("127.0.0.1", 1),
+                "sockname": ("127.0.0.1", 2),
+            }.get(name, default)
 
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname())

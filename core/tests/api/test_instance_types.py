@@ -33,8 +33,9 @@ def test_instance_types_cheapest_first_without_spot_prices_when_nothing_runs(eng
 
 def test_a_running_preemptible_instance_reports_its_spot_price(spot_engine):
     engine = spot_engine
-    uuid = engine.submit(command=["sim", "600", "0"],
-                         scheduling_parameters={"preemptible": True})["uuid"]
+    uuid = engine.submit(command=["sim", "600", "0"], scheduling_parameters={"preemptible": True})[
+        "uuid"
+    ]
     for _ in range(60):
         if engine.container(uuid)["state"] == "Running":
             break

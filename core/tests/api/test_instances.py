@@ -61,8 +61,9 @@ def test_hold_keeps_an_idle_instance_and_run_releases_it(busy):
     assert inst["idle_behavior"] == "hold" and inst["worker_state"] == "idle"
     assert engine.request("POST", f"/api/v1/instances/{instance_id}/run").status == 200
     engine.advance(60)
-    assert all(i["instance"] != instance_id or i["worker_state"] == "shutdown"
-               for i in _instances(engine))
+    assert all(
+        i["instance"] != instance_id or i["worker_state"] == "shutdown" for i in _instances(engine)
+    )
 
 
 def test_drain_shuts_down_once_idle_and_starts_nothing_new(busy):
@@ -72,8 +73,9 @@ def test_drain_shuts_down_once_idle_and_starts_nothing_new(busy):
     assert inst["idle_behavior"] == "drain" and inst["running_container_uuids"] == [uuid]
     engine.request("POST", f"/api/v1/containers/{uuid}/cancel", {})
     engine.advance(30)
-    assert all(i["instance"] != instance_id or i["worker_state"] == "shutdown"
-               for i in _instances(engine))
+    assert all(
+        i["instance"] != instance_id or i["worker_state"] == "shutdown" for i in _instances(engine)
+    )
 
 
 def test_kill_shuts_down_a_busy_instance(busy):

@@ -44,11 +44,12 @@ def test_worker_and_scheduler_lines_carry_ids(engine, json_log):
     # The text stays readable on its own.
     assert started[0]["message"] == f"instance {instance}: container {uuid}: runner started"
     # Scheduler lines name the container too.
-    assert any(r.get("container") == uuid and r["logger"].startswith("herder.engine.scheduler")
-               for r in records), records
+    assert any(
+        r.get("container") == uuid and r["logger"].startswith("herder.engine.scheduler")
+        for r in records
+    ), records
     # Pool lines about one instance carry it even outside the worker.
-    assert any(r.get("instance") == instance and "new worker" in str(r["message"])
-               for r in records)
+    assert any(r.get("instance") == instance and "new worker" in str(r["message"]) for r in records)
 
 
 def test_an_explicit_field_wins_and_plain_lines_get_none():

@@ -109,6 +109,7 @@ def test_fleet_cost_counts_every_billed_instance_but_not_pending_creates():
     ],
 )
 def test_finish_outcome(state, exit_code, outcome):
-    ctr = Container("zzzzz-dz642-000000000000000", state, 1, ContainerSpec(("x",)), 0.0,
-                    exit_code=exit_code)
+    ctr = Container(
+        "zzzzz-dz642-000000000000000", state, 1, ContainerSpec(("x",)), 0.0, exit_code=exit_code
+    )
     assert finish_outcome(ctr) == outcome

@@ -118,8 +118,7 @@ def test_openapi_document_lists_every_route(engine):
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     submit = doc["paths"]["/api/v1/containers"]["post"]
     assert submit["security"] == [{"bearer": []}]
-    assert not any("422" in op["responses"] for ops in doc["paths"].values()
-                   for op in ops.values())
+    assert not any("422" in op["responses"] for ops in doc["paths"].values() for op in ops.values())
     body = _resolve(doc, submit["requestBody"]["content"]["application/json"]["schema"]["$ref"])
     assert body["additionalProperties"] is False
     assert "command" in body["required"]

@@ -35,8 +35,11 @@ def budget_engine() -> Iterator[Engine]:
 
 
 def _small(**spec: Any) -> dict[str, Any]:
-    return {"command": ["sim", "600", "0"],
-            "runtime_constraints": {"vcpus": 2, "ram": "1GiB"}, **spec}
+    return {
+        "command": ["sim", "600", "0"],
+        "runtime_constraints": {"vcpus": 2, "ram": "1GiB"},
+        **spec,
+    }
 
 
 def test_quotas_show_limit_usage_herders_share_and_what_waits(quota_engine: Engine) -> None:
@@ -51,7 +54,12 @@ def test_quotas_show_limit_usage_herders_share_and_what_waits(quota_engine: Engi
     assert quotas.enabled
     (q,) = quotas.items
     assert (q.name, q.group, q.unit, q.limit, q.usage, q.herder) == (
-        "sim-s-vcpus", "s", "vcpus", 2.0, 2.0, 2.0
+        "sim-s-vcpus",
+        "s",
+        "vcpus",
+        2.0,
+        2.0,
+        2.0,
     )
     assert q.wanted == 2.0 and q.headroom == 0.0
     assert q.read_at is not None and q.read_at.endswith("Z")
@@ -104,8 +112,9 @@ def test_instances_say_why_they_drain(engine: Engine) -> None:
     [inst] = engine.request("GET", "/api/v1/instances").json["items"]
     assert inst["drain_cause"] == "" and "paid_until" in inst and "reason" in inst
     assert inst["market_price"] is None  # the example's sim reports no price history
-    reply = engine.request("POST", f"/api/v1/instances/{inst['instance']}/drain",
-                           {"reason": "maintenance"})
+    reply = engine.request(
+        "POST", f"/api/v1/instances/{inst['instance']}/drain", {"reason": "maintenance"}
+    )
     assert reply.status == 200
     [inst] = engine.request("GET", "/api/v1/instances").json["items"]
     assert inst["drain_cause"] == "operator"

@@ -92,8 +92,6 @@ def test_summarize_lists_every_state_and_bills_only_existing_instances():
         ],
         {ContainerState.QUEUED: 4},
     )
-    assert totals.instances == {
-        "unknown": 0, "booting": 1, "idle": 1, "running": 0, "shutdown": 1
-    }
+    assert totals.instances == {"unknown": 0, "booting": 1, "idle": 1, "running": 0, "shutdown": 1}
     assert totals.containers["Queued"] == 4 and totals.containers["Complete"] == 0
     assert totals.cost_per_hour == pytest.approx(0.75)

@@ -109,10 +109,13 @@ def test_the_api_of_an_engine_without_instances_leaves_out_the_instance_routes(
     """APIServer reads ``has_instances`` from the engine: no flag to pass, none to forget."""
     from herder.app.api import APIServer
 
-    config = Config.model_validate({
-        "dispatcher": "echo", "queue": {"path": ":memory:"},
-        "api": {"listen": "127.0.0.1:0", "management_token": "t"},
-    })
+    config = Config.model_validate(
+        {
+            "dispatcher": "echo",
+            "queue": {"path": ":memory:"},
+            "api": {"listen": "127.0.0.1:0", "management_token": "t"},
+        }
+    )
     service = DispatchService(config, runtime=VirtualRuntime(), plugins=plugins)
     paths = set(APIServer(service, config).app.openapi()["paths"])
     service.queue.close()
@@ -159,10 +162,13 @@ def test_a_backend_without_parameters_refuses_any(tmp_path: Path, plugins: Plugi
 
 def test_the_backend_gets_its_parameters_validated() -> None:
     plugins = Plugins.load(entry_points=False, extra=[PLUGIN, _ShelfPlugin()])
-    config = Config.model_validate({
-        "dispatcher": "shelf", "dispatcher_parameters": {"shelf": "top", "batch_size": 7},
-        "queue": {"path": ":memory:"},
-    })
+    config = Config.model_validate(
+        {
+            "dispatcher": "shelf",
+            "dispatcher_parameters": {"shelf": "top", "batch_size": 7},
+            "queue": {"path": ":memory:"},
+        }
+    )
     service = DispatchService(config, runtime=VirtualRuntime(), plugins=plugins)
     assert isinstance(service.backend.params, ShelfParameters)
     assert (service.backend.params.shelf, service.backend.params.batch_size) == ("top", 7)

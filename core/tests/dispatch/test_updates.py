@@ -11,8 +11,11 @@ from herder.runtime import VirtualRuntime
 
 def record(priority: int, state: ContainerState = ContainerState.LOCKED) -> Container:
     return Container(
-        uuid="zzzzz-dz642-aaaaaaaaaaaaaaa", state=state, priority=priority,
-        spec=ContainerSpec(command=("true",)), created_at=0.0,
+        uuid="zzzzz-dz642-aaaaaaaaaaaaaaa",
+        state=state,
+        priority=priority,
+        spec=ContainerSpec(command=("true",)),
+        created_at=0.0,
     )
 
 

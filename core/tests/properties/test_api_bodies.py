@@ -17,15 +17,33 @@ from herder.app.api.schema import (
 )
 
 json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
-              st.text(max_size=20)),
-    lambda children: st.one_of(st.lists(children, max_size=4),
-                               st.dictionaries(st.text(max_size=10), children, max_size=4)),
+    st.one_of(
+        st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20)
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=20,
 )
-SUBMIT_KEYS = ["command", "image", "environment", "cwd", "runtime", "runtime_constraints",
-               "scheduling_parameters", "priority", "name", "vcpus", "ram", "gpus", "gpu",
-               "max_run_time", "preemptible", "reason", "idle_behavior"]
+SUBMIT_KEYS = [
+    "command",
+    "image",
+    "environment",
+    "cwd",
+    "runtime",
+    "runtime_constraints",
+    "scheduling_parameters",
+    "priority",
+    "name",
+    "vcpus",
+    "ram",
+    "gpus",
+    "gpu",
+    "max_run_time",
+    "preemptible",
+    "reason",
+    "idle_behavior",
+]
 bodies = st.dictionaries(st.sampled_from(SUBMIT_KEYS), json_values, max_size=6)
 nearly_valid = st.fixed_dictionaries(
     {"command": st.lists(st.text(max_size=10), max_size=3)},
@@ -34,15 +52,29 @@ nearly_valid = st.fixed_dictionaries(
         "cwd": st.text(max_size=10),
         "priority": st.one_of(st.integers(), st.text(max_size=3)),
         "runtime_constraints": st.fixed_dictionaries(
-            {}, optional={"vcpus": json_values, "ram": st.one_of(st.integers(), st.text(
-                max_size=8)), "gpus": json_values, "gpu": json_values}),
+            {},
+            optional={
+                "vcpus": json_values,
+                "ram": st.one_of(st.integers(), st.text(max_size=8)),
+                "gpus": json_values,
+                "gpu": json_values,
+            },
+        ),
         "scheduling_parameters": st.fixed_dictionaries(
-            {}, optional={"max_run_time": st.one_of(st.integers(), st.text(max_size=6)),
-                          "preemptible": json_values}),
+            {},
+            optional={
+                "max_run_time": st.one_of(st.integers(), st.text(max_size=6)),
+                "preemptible": json_values,
+            },
+        ),
     },
 )
-MODELS: list[type[BaseModel]] = [SubmitRequest, CancelRequest, PriorityRequest,
-                                 InstanceActionRequest]
+MODELS: list[type[BaseModel]] = [
+    SubmitRequest,
+    CancelRequest,
+    PriorityRequest,
+    InstanceActionRequest,
+]
 
 
 def check(model: type[BaseModel], body: Any) -> None:

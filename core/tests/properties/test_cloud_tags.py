@@ -18,12 +18,21 @@ from worker_fakes import Harness
 
 from herder.model import IdleBehavior
 
-KEYS = ["HerderInstanceSetID", "HerderInstanceType", "HerderIdleBehavior",
-        "HerderInstanceSecret", "Name", ""]
-tag_values = st.one_of(st.text(max_size=20), st.sampled_from(
-    ["run", "hold", "drain", "RUN", "", "small", "removed-type", "\x00", " run"]))
-tag_dicts = st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=10)), tag_values,
-                            max_size=6)
+KEYS = [
+    "HerderInstanceSetID",
+    "HerderInstanceType",
+    "HerderIdleBehavior",
+    "HerderInstanceSecret",
+    "Name",
+    "",
+]
+tag_values = st.one_of(
+    st.text(max_size=20),
+    st.sampled_from(["run", "hold", "drain", "RUN", "", "small", "removed-type", "\x00", " run"]),
+)
+tag_dicts = st.dictionaries(
+    st.one_of(st.sampled_from(KEYS), st.text(max_size=10)), tag_values, max_size=6
+)
 
 
 @settings(max_examples=100, deadline=None)

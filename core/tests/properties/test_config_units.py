@@ -14,18 +14,41 @@ from herder.config import Config, ConfigProblem, check_config, config_from_data
 from herder.units import format_duration, format_size, parse_duration, parse_size
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
     st.sampled_from(["10s", "1m30s", "-1s", "4GiB", "1.5 Gi", "loopback", "sim", "run", "", "0"]),
 )
-KEYS = ["cluster_id", "cloud", "containers", "queue", "api", "instance_types", "driver",
-        "timeout_idle", "probe_interval", "max_instances", "vcpus", "ram", "price", "gpu",
-        "driver_parameters", "preemptible", "listen", "path", "unknown_key"]
+KEYS = [
+    "cluster_id",
+    "cloud",
+    "containers",
+    "queue",
+    "api",
+    "instance_types",
+    "driver",
+    "timeout_idle",
+    "probe_interval",
+    "max_instances",
+    "vcpus",
+    "ram",
+    "price",
+    "gpu",
+    "driver_parameters",
+    "preemptible",
+    "listen",
+    "path",
+    "unknown_key",
+]
 yamlish = st.recursive(
     scalars,
     lambda children: st.one_of(
         st.lists(children, max_size=4),
-        st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=8)), children,
-                        max_size=5),
+        st.dictionaries(
+            st.one_of(st.sampled_from(KEYS), st.text(max_size=8)), children, max_size=5
+        ),
     ),
     max_leaves=25,
 )
@@ -41,10 +64,14 @@ def test_config_from_data_only_reports_problems(data: Any) -> None:
         assert isinstance(config, Config)
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text(st.characters(blacklist_categories=("Cc", "Cs"), whitelist_characters="\n\t"),
-               max_size=300))
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.text(
+        st.characters(blacklist_categories=("Cc", "Cs"), whitelist_characters="\n\t"), max_size=300
+    )
+)
 def test_check_config_on_arbitrary_text_reports_problems(tmp_path: Path, text: str) -> None:
     path = tmp_path / "herder.yaml"
     path.write_text(text, encoding="utf-8")
@@ -59,8 +86,15 @@ def test_check_config_reports_control_characters(tmp_path: Path) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.text(max_size=30), st.integers(), st.floats(allow_infinity=False),
-                 st.booleans(), st.none()))
+@given(
+    st.one_of(
+        st.text(max_size=30),
+        st.integers(),
+        st.floats(allow_infinity=False),
+        st.booleans(),
+        st.none(),
+    )
+)
 def test_unit_parsers_raise_only_value_error(value: object) -> None:
     for parse in (parse_duration, parse_size):
         try:
@@ -100,8 +134,12 @@ def test_day_durations_round_trip() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(0, 2**50), st.sampled_from(["", "Ki", "Mi", "Gi", "Ti"]),
-       st.sampled_from(["", "B"]), st.sampled_from(["", " "]))
+@given(
+    st.integers(0, 2**50),
+    st.sampled_from(["", "Ki", "Mi", "Gi", "Ti"]),
+    st.sampled_from(["", "B"]),
+    st.sampled_from(["", " "]),
+)
 def test_size_strings_parse_exactly(n: int, prefix: str, b: str, space: str) -> None:
     factor = {"": 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}[prefix]
     if n * factor < 2**53:  # exact in the float the parser goes through

@@ -26,8 +26,28 @@ def test_arbitrary_text_never_raises(text: str) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(["", "\n", " ", "\t", "stale", "exited", "broken", CLUSTER,
-                                 f"{CLUSTER}-dz642-", "-1", "0", "257", "\r", "x" * 3])))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "",
+                "\n",
+                " ",
+                "\t",
+                "stale",
+                "exited",
+                "broken",
+                CLUSTER,
+                f"{CLUSTER}-dz642-",
+                "-1",
+                "0",
+                "257",
+                "\r",
+                "x" * 3,
+            ]
+        )
+    )
+)
 def test_near_miss_tokens_never_raise(parts: list[str]) -> None:
     parse_list_output("".join(parts), CLUSTER)
     parse_list_output(" ".join(parts), CLUSTER)
@@ -36,9 +56,7 @@ def test_near_miss_tokens_never_raise(parts: list[str]) -> None:
 line_kinds = st.one_of(
     uuid_of(CLUSTER).map(lambda u: ("running", u, None)),
     uuid_of(CLUSTER).map(lambda u: ("stale", u, None)),
-    st.tuples(uuid_of(CLUSTER), st.integers(-(2**31), 2**31)).map(
-        lambda t: ("exited", t[0], t[1])
-    ),
+    st.tuples(uuid_of(CLUSTER), st.integers(-(2**31), 2**31)).map(lambda t: ("exited", t[0], t[1])),
     uuid_of(OTHER).map(lambda u: ("other", u, None)),
     st.just(("broken", "", None)),
 )
@@ -55,10 +73,13 @@ def render(kind: str, uuid: str, code: int | None, pad: str) -> str:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(line_kinds, st.sampled_from(["", " ", "\t"])), max_size=30),
-       st.sampled_from(["\n", "\r\n"]))
-def test_well_formed_lines_round_trip(lines: list[tuple[tuple[str, str, int | None], str]],
-                                      newline: str) -> None:
+@given(
+    st.lists(st.tuples(line_kinds, st.sampled_from(["", " ", "\t"])), max_size=30),
+    st.sampled_from(["\n", "\r\n"]),
+)
+def test_well_formed_lines_round_trip(
+    lines: list[tuple[tuple[str, str, int | None], str]], newline: str
+) -> None:
     text = newline.join(render(kind, uuid, code, pad) for (kind, uuid, code), pad in lines)
     result = parse_list_output(text, CLUSTER)
     expect_running = [u for (k, u, _), _ in lines if k == "running"]
@@ -77,8 +98,12 @@ def test_well_formed_lines_round_trip(lines: list[tuple[tuple[str, str, int | No
 @settings(max_examples=200, deadline=None)
 @given(st.lists(uuid_of(OTHER), max_size=10), st.lists(uuid_of(CLUSTER), max_size=10))
 def test_other_clusters_lines_ignored(others: list[str], ours: list[str]) -> None:
-    lines = [*(f"{u}" for u in others), *(f"{u} stale" for u in others),
-             *(f"{u} exited 0" for u in others), *ours]
+    lines = [
+        *(f"{u}" for u in others),
+        *(f"{u} stale" for u in others),
+        *(f"{u} exited 0" for u in others),
+        *ours,
+    ]
     result = parse_list_output("\n".join(lines), CLUSTER)
     assert result.running == ours
     assert result.stale == [] and result.exited == {}

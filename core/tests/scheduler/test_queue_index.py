@@ -89,7 +89,8 @@ def test_index_matches_full_recomputation(seed, limit, monkeypatch):
         ]
         active = (ContainerState.QUEUED, ContainerState.LOCKED)
         assert index.attention == {
-            u: e for u, e in entries.items()
+            u: e
+            for u, e in entries.items()
             if e.container.priority < 1 or e.container.state not in active
         }
         assert index.waiting == sorted(

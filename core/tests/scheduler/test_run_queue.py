@@ -676,8 +676,9 @@ def test_boot_backoff_holds_creates_and_says_why(make):
 def test_boot_backoff_tries_a_type_that_costs_no_more(make):
     from .conftest import itype
 
-    types = {t.name: t for t in (itype("a", 1, 4, 1.0), itype("b", 1, 4, 1.0),
-                                 itype("c", 2, 8, 2.0))}
+    types = {
+        t.name: t for t in (itype("a", 1, 4, 1.0), itype("b", 1, 4, 1.0), itype("c", 2, 8, 2.0))
+    }
     h = make(types=types)
     x = h.queue.add(L)
     _backoff(h, "a", 1, 60)

@@ -47,8 +47,7 @@ def sim_config(types: dict[str, Any] | None = None, **cloud: Any) -> Config:
                 **cloud,
             },
             "queue": {"path": queue_path},
-            "instance_types": types
-            or {"c4": {"vcpus": 4, "ram": "16GiB", "price": 1.0}},
+            "instance_types": types or {"c4": {"vcpus": 4, "ram": "16GiB", "price": 1.0}},
         }
     )
 

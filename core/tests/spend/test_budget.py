@@ -177,8 +177,16 @@ def test_budget_keys_are_checked_with_their_key_path():
     from herder.config import config_from_data
 
     _, problems = config_from_data(
-        {"cloud": {"budget": {"period": "week", "soft_limit": 5, "hard_limit": 2,
-                              "on_hard_limit": "kill"}}}
+        {
+            "cloud": {
+                "budget": {
+                    "period": "week",
+                    "soft_limit": 5,
+                    "hard_limit": 2,
+                    "on_hard_limit": "kill",
+                }
+            }
+        }
     )
     assert [(p.key, p.message) for p in problems] == [
         ("cloud.budget.period", "invalid budget period 'week': expected hour, day or month"),

@@ -17,11 +17,12 @@ DAY = 86400.0
 
 def _run(tmp_path: Path) -> tuple[Engine, list[str], Path]:
     ledger = tmp_path / "spend.jsonl"
-    eng = Engine(
-        sim_config(budget={"ledger_path": str(ledger)}, queue_path=str(tmp_path / "q.db"))
-    )
-    uuids = [eng.submit(600, name="align"), eng.submit(300, name="align"),
-             eng.submit(900, vcpus=4, name="index")]
+    eng = Engine(sim_config(budget={"ledger_path": str(ledger)}, queue_path=str(tmp_path / "q.db")))
+    uuids = [
+        eng.submit(600, name="align"),
+        eng.submit(300, name="align"),
+        eng.submit(900, vcpus=4, name="index"),
+    ]
     eng.run_until_done(uuids)
     eng.run_for(120)  # every instance idle, shut down and gone
     return eng, uuids, ledger

@@ -82,7 +82,11 @@ def test_without_quota_reading_the_engine_behaves_as_before():
 
 def _type(name: str, vcpus: int, gpus: int = 0) -> InstanceType:
     return InstanceType(
-        name=name, provider_type=name, vcpus=vcpus, ram=1, price=1.0,
+        name=name,
+        provider_type=name,
+        vcpus=vcpus,
+        ram=1,
+        price=1.0,
         gpu=GPUSpec(device_count=gpus),
     )
 

@@ -21,17 +21,26 @@ HOURLY = Billing(3600, 3600)
 
 
 def tracker(billing: Billing = PER_SECOND) -> SpendTracker:
-    it = InstanceType("spot", "p.spot", vcpus=2, ram=1, price=1.0, preemptible=True,
-                      billing=billing)
+    it = InstanceType(
+        "spot", "p.spot", vcpus=2, ram=1, price=1.0, preemptible=True, billing=billing
+    )
     return SpendTracker(MemoryLedger(), {"spot": it}, now=0.0)
 
 
 def view(market: float) -> InstanceView:
     return InstanceView(
-        instance="i-1", address="", price=1.0, instance_type="spot",
-        provider_instance_type="p.spot", last_container_uuid="", last_busy=0.0,
-        running_container_uuids=[], worker_state=WorkerState.RUNNING,
-        idle_behavior=IdleBehavior.RUN, appeared=0.0, market_price=market,
+        instance="i-1",
+        address="",
+        price=1.0,
+        instance_type="spot",
+        provider_instance_type="p.spot",
+        last_container_uuid="",
+        last_busy=0.0,
+        running_container_uuids=[],
+        worker_state=WorkerState.RUNNING,
+        idle_behavior=IdleBehavior.RUN,
+        appeared=0.0,
+        market_price=market,
     )
 
 

@@ -563,7 +563,7 @@ def test_a_stream_exchanges_lines_with_a_running_command(
     env: tuple[LocalSSHServer, SSHExecutor, Recorder],
 ) -> None:
     server, executor, _ = env
-    stream = executor.open_stream("while read -r line; do echo \"got $line\"; done", 10)
+    stream = executor.open_stream('while read -r line; do echo "got $line"; done', 10)
     try:
         for word in ("one", "two", "three"):
             stream.send(word.encode() + b"\n", 10)

@@ -322,9 +322,7 @@ def test_shutdown_worker_is_destroyed_again_after_timeout_shutdown() -> None:
     h.sync()
     assert h.state(iid) == "gone"
     assert h.metric("herder_instances_disappeared_total", state="shutdown") == 1
-    assert h.metric(
-        "herder_instances_time_from_shutdown_request_to_disappearance_seconds_sum"
-    ) == 4
+    assert h.metric("herder_instances_time_from_shutdown_request_to_disappearance_seconds_sum") == 4
     assert h.metric("herder_boot_outcomes_total", outcome="disappeared") == 0  # success first
 
 
@@ -459,8 +457,11 @@ def test_probe_ticks_with_jitter_and_idle_shutdown() -> None:
     h.pool.start()
     h.runtime.advance(55)
     host = h.cloud.vms[iid].host
-    times = [t - start for (c, _), t in zip(host.commands, host.times, strict=True)
-             if "--list" in c and t > start]
+    times = [
+        t - start
+        for (c, _), t in zip(host.commands, host.times, strict=True)
+        if "--list" in c and t > start
+    ]
     assert len(times) == 5  # ticks at 10, 20, ... 50
     for k, t in enumerate(times, start=1):
         assert 10 * k <= t < 10 * k + 10 / 23  # jitter within ProbeInterval/23
@@ -551,7 +552,9 @@ def test_instances_running_and_counts() -> None:
     h.pool.create(h.types["other"])
     views = h.pool.instances()
     assert [(v.instance, v.instance_type) for v in views] == [
-        ("", "other"), (a, "small"), (b, "big")
+        ("", "other"),
+        (a, "small"),
+        (b, "big"),
     ]
     vb = views[2]
     assert vb.running_container_uuids == [C1]
@@ -708,9 +711,10 @@ def test_an_instance_that_boots_ends_the_back_off() -> None:
     h.runtime.advance(120)
     h.create_booted()
     assert h.pool.boot_backoff(small) is None
-    assert h.registry.get_sample_value(
-        "herder_boot_failures_in_a_row", {"instance_type": "small"}
-    ) == 0
+    assert (
+        h.registry.get_sample_value("herder_boot_failures_in_a_row", {"instance_type": "small"})
+        == 0
+    )
     _fail_a_boot(h)  # counting starts again from one
     backoff = h.pool.boot_backoff(small)
     assert backoff is not None and backoff.failures == 1
@@ -734,8 +738,11 @@ def test_aborted_boots_and_a_disabled_back_off_do_not_pause() -> None:
 
 def list_times(h: Harness, iid: str, after: float) -> list[float]:
     host = h.cloud.vms[iid].host
-    return [t - after for (c, _), t in zip(host.commands, host.times, strict=True)
-            if "--list" in c and t > after]
+    return [
+        t - after
+        for (c, _), t in zip(host.commands, host.times, strict=True)
+        if "--list" in c and t > after
+    ]
 
 
 @pytest.fixture

@@ -55,9 +55,9 @@ class FakeStream(ExecStream):
         if self.hold is not None and request["argv"] == ["--kill", "15", UUID]:
             self.hold.wait(5)
         out = base64.b64encode(f"resident {request['argv']}".encode()).decode()
-        self.lines.put(json.dumps(
-            {"id": request["id"], "status": 0, "stdout": out, "stderr": ""}
-        ).encode())
+        self.lines.put(
+            json.dumps({"id": request["id"], "status": 0, "stdout": out, "stderr": ""}).encode()
+        )
 
     def event(self) -> None:
         self.lines.put(b'{"event": "exited"}')
@@ -79,16 +79,25 @@ class FakeStream(ExecStream):
 
 
 class FakeExecutor(Executor):
-    def __init__(self, streams: list[FakeStream] | None = None, open_error: bool = False,
-                 unsupported: bool = False) -> None:
+    def __init__(
+        self,
+        streams: list[FakeStream] | None = None,
+        open_error: bool = False,
+        unsupported: bool = False,
+    ) -> None:
         self.streams = list(streams or [])
         self.opened: list[str] = []
         self.commands: list[tuple[str, bytes | None]] = []
         self.open_error = open_error
         self.unsupported = unsupported
 
-    def execute(self, command: str, stdin: bytes | None = None,
-                env: Mapping[str, str] | None = None, timeout: float | None = None) -> ExecResult:
+    def execute(
+        self,
+        command: str,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
         self.commands.append((command, stdin))
         return ExecResult(0, b"one-shot", b"")
 
@@ -115,10 +124,17 @@ class Clock:
         return self.t
 
 
-def client(ex: Executor, clock: Clock | None = None, resident: bool = True,
-           user: str = "root") -> RunnerClient:
-    return RunnerClient(ex, command="/opt/herder-runner~abc", remote_user=lambda: user,
-                        resident=resident, now=clock or Clock(), reopen_delay=30.0)
+def client(
+    ex: Executor, clock: Clock | None = None, resident: bool = True, user: str = "root"
+) -> RunnerClient:
+    return RunnerClient(
+        ex,
+        command="/opt/herder-runner~abc",
+        remote_user=lambda: user,
+        resident=resident,
+        now=clock or Clock(),
+        reopen_delay=30.0,
+    )
 
 
 def test_verbs_go_to_one_resident_agent_with_their_stdin() -> None:
@@ -129,8 +145,10 @@ def test_verbs_go_to_one_resident_agent_with_their_stdin() -> None:
     r2 = c.call(["--log", UUID], None, 10)
     assert ex.opened == ["sudo /opt/herder-runner~abc --serve"]
     assert ex.commands == []
-    assert (r1.stdout, r2.stdout) == (b"resident ['--list', '--stdin-prices']",
-                                      b"resident ['--log', '" + UUID.encode() + b"']")
+    assert (r1.stdout, r2.stdout) == (
+        b"resident ['--list', '--stdin-prices']",
+        b"resident ['--log', '" + UUID.encode() + b"']",
+    )
     assert [base64.b64decode(str(r["stdin"])) for r in stream.requests] == [b"[]", b""]
     assert c.resident
 
@@ -222,8 +240,14 @@ def test_events_from_the_agent_reach_on_change() -> None:
     stream = FakeStream()
     ex = FakeExecutor([stream])
     changed = threading.Semaphore(0)
-    c = RunnerClient(ex, command="/opt/r", remote_user=lambda: "root", resident=True,
-                     now=Clock(), on_change=changed.release)
+    c = RunnerClient(
+        ex,
+        command="/opt/r",
+        remote_user=lambda: "root",
+        resident=True,
+        now=Clock(),
+        on_change=changed.release,
+    )
     c.call(["--list"], None, 10)  # opens the stream
     stream.event()
     stream.event()
@@ -247,13 +271,18 @@ def test_log_events_reach_on_log_and_do_not_count_as_a_change() -> None:
     ex = FakeExecutor([stream])
     pieces: queue.Queue[tuple[str, int, bytes]] = queue.Queue()
     changed = threading.Semaphore(0)
-    c = RunnerClient(ex, command="/opt/r", remote_user=lambda: "root", resident=True,
-                     now=Clock(), on_change=changed.release,
-                     on_log=lambda uuid, offset, data: pieces.put((uuid, offset, data)))
+    c = RunnerClient(
+        ex,
+        command="/opt/r",
+        remote_user=lambda: "root",
+        resident=True,
+        now=Clock(),
+        on_change=changed.release,
+        on_log=lambda uuid, offset, data: pieces.put((uuid, offset, data)),
+    )
     c.call(["--list"], None, 10)  # opens the stream
     data = base64.b64encode(b"stdout hi\n").decode()
-    stream.lines.put(json.dumps(
-        {"event": "log", "uuid": UUID, "offset": 7, "data": data}).encode())
+    stream.lines.put(json.dumps({"event": "log", "uuid": UUID, "offset": 7, "data": data}).encode())
     assert pieces.get(timeout=5) == (UUID, 7, b"stdout hi\n")
     stream.event()  # handled after the log event, in order
     assert changed.acquire(timeout=5)
@@ -266,6 +295,7 @@ def test_a_log_event_for_a_malformed_uuid_ends_the_stream() -> None:
     ex = FakeExecutor([stream])
     c = client(ex)
     c.call(["--list"], None, 10)
-    stream.lines.put(json.dumps(
-        {"event": "log", "uuid": "../../etc/passwd", "offset": 0, "data": ""}).encode())
+    stream.lines.put(
+        json.dumps({"event": "log", "uuid": "../../etc/passwd", "offset": 0, "data": ""}).encode()
+    )
     assert stream.closed_event.wait(5)  # a broken agent: the stream is ended

@@ -83,7 +83,11 @@ def test_verifier_delegates() -> None:
     inst, _ = fake_instance()
     v = TagVerifier(inst, SECRET)
     assert (v.id, v.address, v.remote_user, v.provider_type) == (
-        inst.id, inst.address, inst.remote_user, inst.provider_type)
+        inst.id,
+        inst.address,
+        inst.remote_user,
+        inst.provider_type,
+    )
     v.set_tags({"a": "b"})
     assert inst.vm.tags == {"a": "b"}
     v.destroy()
@@ -110,8 +114,9 @@ def test_throttle() -> None:
     t.check_rate_limit_error(RuntimeError("x"), "create")
     t.check_rate_limit_error(RateLimitError("x", rt.now()), "create")  # retry time not future
     assert t.error() is None
-    t.check_rate_limit_error(RateLimitError("x", rt.now() + 10), "create",
-                             lambda: fired.append(rt.now()))
+    t.check_rate_limit_error(
+        RateLimitError("x", rt.now() + 10), "create", lambda: fired.append(rt.now())
+    )
     assert "suspended" in str(t.error())
     rt.advance(9.9)
     assert t.error() is not None and fired == []
@@ -144,8 +149,9 @@ def test_wrapper_stack_tags_filters_and_counts() -> None:
     cloud = FakeInstanceSet(rt)
     registry = CollectorRegistry()
     counter = Counter("ops", "ops", ["operation", "error"], registry=registry)
-    wrapped = wrap_instance_set(cloud, operations_counter=counter,
-                                resource_tags={"Owner": "ops", "Name": "default"})
+    wrapped = wrap_instance_set(
+        cloud, operations_counter=counter, resource_tags={"Owner": "ops", "Name": "default"}
+    )
     it = InstanceType(name="t", provider_type="p", vcpus=1, ram=1)
     inst = wrapped.create(it, "img", {"Name": "mine", "Set": "1"}, "", None)
     assert cloud.create_args[0]["tags"] == {"Owner": "ops", "Name": "mine", "Set": "1"}

@@ -94,8 +94,13 @@ def test_probe_table(
     listed: bool,
 ) -> None:
     h, iid = setup_worker(
-        state, age=age, boot_ok=boot_ok, run_ok=run_ok, containers=containers,
-        runners=runners, behavior=behavior,
+        state,
+        age=age,
+        boot_ok=boot_ok,
+        run_ok=run_ok,
+        containers=containers,
+        runners=runners,
+        behavior=behavior,
     )
     vm = h.cloud.vms[iid]
     h.probe(iid)
@@ -286,8 +291,9 @@ def test_install_snippet_quote_escaping() -> None:
 
 def test_install_failure_means_not_booted() -> None:
     h, iid = setup_worker("booting", age=10)
-    h.cloud.vms[iid].host.hook = lambda kind: (_ for _ in ()).throw(ExecutorError("disk full")) \
-        if kind == "install" else None
+    h.cloud.vms[iid].host.hook = lambda kind: (
+        (_ for _ in ()).throw(ExecutorError("disk full")) if kind == "install" else None
+    )
     h.probe(iid)
     assert h.state(iid) == "booting"
     assert "--list" not in h.cloud.vms[iid].host.verbs()

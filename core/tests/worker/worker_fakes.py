@@ -211,8 +211,13 @@ class FakeInstanceSet(InstanceSet):
 
     def add_vm(self, tags: dict[str, str], provider_type: str = "p.small", **kw: Any) -> FakeVM:
         self._n += 1
-        vm = FakeVM(id=f"i-{self._n:04d}", provider_type=provider_type, tags=dict(tags),
-                    host=self.new_host(), **kw)
+        vm = FakeVM(
+            id=f"i-{self._n:04d}",
+            provider_type=provider_type,
+            tags=dict(tags),
+            host=self.new_host(),
+            **kw,
+        )
         self.vms[vm.id] = vm
         return vm
 
@@ -225,14 +230,21 @@ class FakeInstanceSet(InstanceSet):
         public_key: str | None,
     ) -> Instance:
         self.calls.append(("create", instance_type.name, self.runtime.now()))
-        self.create_args.append(dict(instance_type=instance_type, image_id=image_id,
-                                     tags=dict(tags), init_command=init_command,
-                                     public_key=public_key))
+        self.create_args.append(
+            dict(
+                instance_type=instance_type,
+                image_id=image_id,
+                tags=dict(tags),
+                init_command=init_command,
+                public_key=public_key,
+            )
+        )
         if self.create_errors:
             raise self.create_errors.pop(0)
         vm = self.add_vm(dict(tags), provider_type=instance_type.provider_type)
-        m = re.match(r'umask 0177 && echo -n "([0-9a-f]+)" >/var/run/herder-instance-secret\n',
-                     init_command)
+        m = re.match(
+            r'umask 0177 && echo -n "([0-9a-f]+)" >/var/run/herder-instance-secret\n', init_command
+        )
         vm.host.secret_file = m.group(1) if m else None
         return FakeInstance(self, vm)
 
@@ -243,8 +255,11 @@ class FakeInstanceSet(InstanceSet):
         return [FakeInstance(self, vm) for vm in self.vms.values() if not vm.destroyed]
 
     def quota_group(self, instance_type: InstanceType) -> str:
-        return "group-" + instance_type.provider_type.split(".")[0] + (
-            "-preemptible" if instance_type.preemptible else "")
+        return (
+            "group-"
+            + instance_type.provider_type.split(".")[0]
+            + ("-preemptible" if instance_type.preemptible else "")
+        )
 
     def count(self, kind: str) -> int:
         return sum(1 for c in self.calls if c[0] == kind)
@@ -382,18 +397,25 @@ def make_config(**cloud: Any) -> Config:
         "boot_probe_command": "systemctl is-system-running",
     }
     base.update(cloud)
-    return Config.model_validate({
-        "cluster_id": CLUSTER,
-        "cloud": base,
-        "containers": {"runner_args": ["--foo", "--extra='args'"], "runtime_engine": "process"},
-        "instance_types": {
-            "small": {"provider_type": "p.small", "vcpus": 2, "ram": "4GiB", "price": 0.1},
-            "big": {"provider_type": "p.big", "vcpus": 8, "ram": "16GiB", "price": 0.4},
-            "small.spot": {"provider_type": "p.small", "vcpus": 2, "ram": "4GiB", "price": 0.05,
-                           "preemptible": True},
-            "other": {"provider_type": "q.other", "vcpus": 2, "ram": "4GiB", "price": 0.1},
-        },
-    })
+    return Config.model_validate(
+        {
+            "cluster_id": CLUSTER,
+            "cloud": base,
+            "containers": {"runner_args": ["--foo", "--extra='args'"], "runtime_engine": "process"},
+            "instance_types": {
+                "small": {"provider_type": "p.small", "vcpus": 2, "ram": "4GiB", "price": 0.1},
+                "big": {"provider_type": "p.big", "vcpus": 8, "ram": "16GiB", "price": 0.4},
+                "small.spot": {
+                    "provider_type": "p.small",
+                    "vcpus": 2,
+                    "ram": "4GiB",
+                    "price": 0.05,
+                    "preemptible": True,
+                },
+                "other": {"provider_type": "q.other", "vcpus": 2, "ram": "4GiB", "price": 0.1},
+            },
+        }
+    )
 
 
 RUNNER = b"#!/usr/bin/env python3\nprint('runner')\n"
@@ -450,8 +472,11 @@ class Harness:
     def tags(
         self, type_name: str = "small", behavior: str = "run", secret: str = ""
     ) -> dict[str, str]:
-        t = {"HerderInstanceSetID": SET_ID, "HerderInstanceType": type_name,
-             "HerderIdleBehavior": behavior}
+        t = {
+            "HerderInstanceSetID": SET_ID,
+            "HerderInstanceType": type_name,
+            "HerderIdleBehavior": behavior,
+        }
         if secret:
             t["HerderInstanceSecret"] = secret
         return t

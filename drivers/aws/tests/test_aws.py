@@ -24,12 +24,21 @@ from .conftest import IMAGE, REGION
 
 OWNER = {"HerderInstanceSetID": "zzzzz-is000-000000000000000"}
 SMALL = InstanceType(name="small", provider_type="m5.large", vcpus=2, ram=8 << 30, price=0.096)
-SPOT = InstanceType(name="small.spot", provider_type="m5.large", vcpus=2, ram=8 << 30,
-                    price=0.04, preemptible=True)
-SCRATCH = InstanceType(name="scratch", provider_type="m5.large", vcpus=2, ram=8 << 30,
-                       added_scratch=50 * 10**9, price=0.1)
-ED25519 = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl "
-           "herder@example")
+SPOT = InstanceType(
+    name="small.spot", provider_type="m5.large", vcpus=2, ram=8 << 30, price=0.04, preemptible=True
+)
+SCRATCH = InstanceType(
+    name="scratch",
+    provider_type="m5.large",
+    vcpus=2,
+    ram=8 << 30,
+    added_scratch=50 * 10**9,
+    price=0.1,
+)
+ED25519 = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl "
+    "herder@example"
+)
 
 
 def make_set(
@@ -37,9 +46,11 @@ def make_set(
 ) -> AWSInstanceSet:
     validated = AWSDriver.validate_parameters({"region": REGION, **params})
     assert isinstance(validated, AWSParameters)
-    context = DriverContext(instance_set_id=OWNER["HerderInstanceSetID"],
-                            metrics_registry=registry,
-                            shared_resource_tags={"Owner": "data-team"})
+    context = DriverContext(
+        instance_set_id=OWNER["HerderInstanceSetID"],
+        metrics_registry=registry,
+        shared_resource_tags={"Owner": "data-team"},
+    )
     return AWSInstanceSet(validated, context, client=client)
 
 
@@ -49,8 +60,10 @@ def describe(ec2: Any, instance_id: str) -> dict[str, Any]:
 
 
 def rsa_public_key(tmp_path: Path) -> str:
-    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f",
-                    str(tmp_path / "id_rsa")], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(tmp_path / "id_rsa")],
+        check=True,
+    )
     return (tmp_path / "id_rsa.pub").read_text()
 
 
@@ -104,8 +117,9 @@ def test_half_a_static_key_pair_is_refused() -> None:
     with pytest.raises(ValidationError, match="together"):
         AWSParameters(region="r", access_key_id="AKIA")
     with pytest.raises(ValidationError, match="not both"):
-        AWSDriver.validate_parameters({"region": "r", "access_key_id": "A",
-                                       "secret_access_key": {"env": "S"}, "profile": "p"})
+        AWSDriver.validate_parameters(
+            {"region": "r", "access_key_id": "A", "secret_access_key": {"env": "S"}, "profile": "p"}
+        )
     with pytest.raises(ValidationError, match="session_token needs"):
         AWSDriver.validate_parameters({"region": "r", "session_token": {"env": "T"}})
 
@@ -119,25 +133,35 @@ def test_a_secret_key_in_the_clear_is_refused_without_repeating_it() -> None:
     assert "secret_access_key" in str(info.value) and "{env: VARIABLE}" in str(info.value)
 
 
-def test_static_keys_are_read_by_reference(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_static_keys_are_read_by_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     secret = tmp_path / "aws-secret"
     secret.write_text("from-the-file\n")
     monkeypatch.setenv("HERDER_TEST_AWS_TOKEN", "token-from-env")
-    iset = make_set(None, access_key_id="AKIDTEST", secret_access_key={"file": str(secret)},
-                    session_token={"env": "HERDER_TEST_AWS_TOKEN"})
+    iset = make_set(
+        None,
+        access_key_id="AKIDTEST",
+        secret_access_key={"file": str(secret)},
+        session_token={"env": "HERDER_TEST_AWS_TOKEN"},
+    )
     credentials = iset.client._request_signer._credentials
     assert (credentials.access_key, credentials.secret_key, credentials.token) == (
-        "AKIDTEST", "from-the-file", "token-from-env")
+        "AKIDTEST",
+        "from-the-file",
+        "token-from-env",
+    )
     with pytest.raises(CloudError, match="HERDER_TEST_AWS_UNSET is not set"):
         make_set(None, access_key_id="A", secret_access_key={"env": "HERDER_TEST_AWS_UNSET"})
 
 
 def test_client_has_sdk_retries_off_and_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERDER_TEST_AWS_SECRET", "b")
-    iset = make_set(None, connect_timeout=3, read_timeout=7, access_key_id="a",
-                    secret_access_key={"env": "HERDER_TEST_AWS_SECRET"})
+    iset = make_set(
+        None,
+        connect_timeout=3,
+        read_timeout=7,
+        access_key_id="a",
+        secret_access_key={"env": "HERDER_TEST_AWS_SECRET"},
+    )
     config = iset.client.meta.config
     assert config.retries["total_max_attempts"] == 1
     assert (config.connect_timeout, config.read_timeout) == (3, 7)
@@ -156,10 +180,14 @@ def test_create_sends_the_whole_request(ec2: Any) -> None:
     vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.1.0/24")["Subnet"]["SubnetId"]
     sg = ec2.create_security_group(GroupName="herder", Description="d", VpcId=vpc)["GroupId"]
-    iset = make_set(ec2, subnet_ids=subnet, security_group_ids=[sg], admin_username="debian",
-                    resource_tags={"Project": "p"})
-    instance = iset.create(SMALL, IMAGE, {**OWNER, "HerderInstanceType": "small"}, "echo hi",
-                           None)
+    iset = make_set(
+        ec2,
+        subnet_ids=subnet,
+        security_group_ids=[sg],
+        admin_username="debian",
+        resource_tags={"Project": "p"},
+    )
+    instance = iset.create(SMALL, IMAGE, {**OWNER, "HerderInstanceType": "small"}, "echo hi", None)
     data = describe(ec2, instance.id)
     assert data["InstanceType"] == "m5.large" and data["ImageId"] == IMAGE
     assert data["SubnetId"] == subnet
@@ -173,7 +201,8 @@ def test_create_sends_the_whole_request(ec2: Any) -> None:
     assert data["MetadataOptions"]["HttpEndpoint"] == "enabled"
     assert "InstanceLifecycle" not in data
     shutdown = ec2.describe_instance_attribute(
-        InstanceId=instance.id, Attribute="instanceInitiatedShutdownBehavior")
+        InstanceId=instance.id, Attribute="instanceInitiatedShutdownBehavior"
+    )
     assert shutdown["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
     raw = ec2.describe_instance_attribute(InstanceId=instance.id, Attribute="userData")
     assert base64.b64decode(raw["UserData"]["Value"]) == b"#!/bin/sh\necho hi\n"
@@ -182,8 +211,9 @@ def test_create_sends_the_whole_request(ec2: Any) -> None:
 def test_no_public_ip_unless_asked(ec2: Any) -> None:
     calls: list[dict[str, Any]] = []
     for public in (False, True):
-        iset = make_set(ec2, client=Recorder(make_set(ec2).client, calls),
-                        associate_public_ip=public)
+        iset = make_set(
+            ec2, client=Recorder(make_set(ec2).client, calls), associate_public_ip=public
+        )
         iset.create(SMALL, IMAGE, OWNER, "", None)
     nics = [c["NetworkInterfaces"][0] for c in calls]
     assert [n["AssociatePublicIpAddress"] for n in nics] == [False, True]
@@ -194,8 +224,12 @@ def test_scratch_volume_spot_and_iam_profile(ec2: Any) -> None:
     iam = boto3.client("iam", region_name=REGION)
     iam.create_instance_profile(InstanceProfileName="herder-worker")
     calls: list[dict[str, Any]] = []
-    iset = make_set(ec2, client=Recorder(make_set(ec2).client, calls), ebs_volume_type="gp3",
-                    iam_instance_profile="herder-worker")
+    iset = make_set(
+        ec2,
+        client=Recorder(make_set(ec2).client, calls),
+        ebs_volume_type="gp3",
+        iam_instance_profile="herder-worker",
+    )
     instance = iset.create(SCRATCH, IMAGE, OWNER, "", None)
     data = describe(ec2, instance.id)
     volumes = {m["DeviceName"]: m["Ebs"]["VolumeId"] for m in data["BlockDeviceMappings"]}
@@ -211,20 +245,23 @@ def test_scratch_volume_spot_and_iam_profile(ec2: Any) -> None:
     assert describe(ec2, spot.id)["InstanceLifecycle"] == "spot"
     assert calls[1]["InstanceMarketOptions"] == {
         "MarketType": "spot",
-        "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate",
-                        "MaxPrice": "0.04"},
+        "SpotOptions": {
+            "SpotInstanceType": "one-time",
+            "InstanceInterruptionBehavior": "terminate",
+            "MaxPrice": "0.04",
+        },
     }
 
 
-@pytest.mark.parametrize(("price", "text"), [(0.04, "0.04"), (1e-05, "0.00001"), (2.0, "2"),
-                                             (0.1 + 0.2, "0.30000000000000004")])
+@pytest.mark.parametrize(
+    ("price", "text"),
+    [(0.04, "0.04"), (1e-05, "0.00001"), (2.0, "2"), (0.1 + 0.2, "0.30000000000000004")],
+)
 def test_spot_max_price_is_the_shortest_decimal(price: float, text: str) -> None:
     assert format_price(price) == text
 
 
-def test_key_pair_is_imported_once_and_found_again_by_fingerprint(
-    ec2: Any, tmp_path: Path
-) -> None:
+def test_key_pair_is_imported_once_and_found_again_by_fingerprint(ec2: Any, tmp_path: Path) -> None:
     pub = rsa_public_key(tmp_path)
     iset = make_set(ec2)
     a = iset.create(SMALL, IMAGE, OWNER, "", pub)
@@ -266,8 +303,12 @@ def test_unusable_public_key_is_a_clear_error(ec2: Any) -> None:
 class Recorder:
     """The real client, recording RunInstances requests and failing them in chosen subnets."""
 
-    def __init__(self, client: Any, calls: list[dict[str, Any]],
-                 failures: Mapping[str, tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        calls: list[dict[str, Any]],
+        failures: Mapping[str, tuple[str, str]] | None = None,
+    ) -> None:
         self._client = client
         self.calls = calls
         self.failures = dict(failures or {})
@@ -286,8 +327,10 @@ class Recorder:
 
 def subnets(ec2: Any, n: int) -> list[str]:
     vpc = ec2.create_vpc(CidrBlock="10.2.0.0/16")["Vpc"]["VpcId"]
-    return [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.2.{i}.0/24")["Subnet"]["SubnetId"]
-            for i in range(n)]
+    return [
+        ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.2.{i}.0/24")["Subnet"]["SubnetId"]
+        for i in range(n)
+    ]
 
 
 def tried(calls: list[dict[str, Any]]) -> list[str]:
@@ -298,8 +341,9 @@ def test_subnet_failover_moves_on_and_remembers(ec2: Any) -> None:
     a, b, c = subnets(ec2, 3)
     calls: list[dict[str, Any]] = []
     registry = CollectorRegistry()
-    client = Recorder(make_set(ec2).client, calls,
-                      {a: ("InsufficientFreeAddressesInSubnet", "no addresses")})
+    client = Recorder(
+        make_set(ec2).client, calls, {a: ("InsufficientFreeAddressesInSubnet", "no addresses")}
+    )
     iset = make_set(ec2, registry=registry, client=client, subnet_ids=[a, b, c])
     instance = iset.create(SMALL, IMAGE, OWNER, "", None)
     assert tried(calls) == [a, b]
@@ -319,8 +363,7 @@ def test_subnet_failover_moves_on_and_remembers(ec2: Any) -> None:
 def test_failover_stops_at_an_error_that_is_not_subnet_specific(ec2: Any) -> None:
     a, b = subnets(ec2, 2)
     calls: list[dict[str, Any]] = []
-    client = Recorder(make_set(ec2).client, calls,
-                      {a: ("InvalidAMIID.NotFound", "no such image")})
+    client = Recorder(make_set(ec2).client, calls, {a: ("InvalidAMIID.NotFound", "no such image")})
     iset = make_set(ec2, client=client, subnet_ids=[a, b])
     with pytest.raises(CloudError, match=r"InvalidAMIID\.NotFound: no such image"):
         iset.create(SMALL, IMAGE, OWNER, "", None)
@@ -330,11 +373,15 @@ def test_failover_stops_at_an_error_that_is_not_subnet_specific(ec2: Any) -> Non
 def test_failover_reports_capacity_over_other_errors_and_remembers_the_last(ec2: Any) -> None:
     a, b, c = subnets(ec2, 3)
     calls: list[dict[str, Any]] = []
-    client = Recorder(make_set(ec2).client, calls, {
-        a: ("InsufficientInstanceCapacity", "no m5.large in this zone"),
-        b: ("InvalidSubnetID.NotFound", "gone"),
-        c: ("InvalidParameterValue", "no sufficient free ipv4 addresses"),
-    })
+    client = Recorder(
+        make_set(ec2).client,
+        calls,
+        {
+            a: ("InsufficientInstanceCapacity", "no m5.large in this zone"),
+            b: ("InvalidSubnetID.NotFound", "gone"),
+            c: ("InvalidParameterValue", "no sufficient free ipv4 addresses"),
+        },
+    )
     iset = make_set(ec2, client=client, subnet_ids=[a, b, c])
     with pytest.raises(CapacityError) as info:
         iset.create(SMALL, IMAGE, OWNER, "", None)
@@ -378,8 +425,9 @@ def test_list_follows_every_page(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_set_tags_replaces_and_destroy_twice_is_harmless(ec2: Any) -> None:
     iset = make_set(ec2)
-    instance = iset.create(SMALL, IMAGE, {**OWNER, "HerderIdleBehavior": "run", "Old": "1"}, "",
-                           None)
+    instance = iset.create(
+        SMALL, IMAGE, {**OWNER, "HerderIdleBehavior": "run", "Old": "1"}, "", None
+    )
     instance.set_tags({**OWNER, "HerderIdleBehavior": "drain"})
     [listed] = iset.instances(OWNER)
     assert listed.tags == {**OWNER, "HerderIdleBehavior": "drain"}
@@ -407,8 +455,15 @@ def test_price_history_adds_ebs_cost_and_is_cached(ec2: Any) -> None:
             return real.describe_spot_price_history(**request)
 
     iset = make_set(ec2, client=Counting(real, []), ebs_price=0.72)
-    it = InstanceType(name="s", provider_type="m5.large", vcpus=2, ram=1 << 30, price=0.1,
-                      preemptible=True, added_scratch=10 << 30)
+    it = InstanceType(
+        name="s",
+        provider_type="m5.large",
+        vcpus=2,
+        ram=1 << 30,
+        price=0.1,
+        preemptible=True,
+        added_scratch=10 << 30,
+    )
     instance = iset.create(it, IMAGE, OWNER, "", None)
     [listed] = iset.instances(OWNER)
     assert len(calls) == 1
@@ -418,8 +473,12 @@ def test_price_history_adds_ebs_cost_and_is_cached(ec2: Any) -> None:
     assert history and len(calls) == 1  # cached
     raw = ec2.describe_spot_price_history(
         InstanceTypes=["m5.large"],
-        Filters=[{"Name": "availability-zone",
-                  "Values": [describe(ec2, instance.id)["Placement"]["AvailabilityZone"]]}],
+        Filters=[
+            {
+                "Name": "availability-zone",
+                "Values": [describe(ec2, instance.id)["Placement"]["AvailabilityZone"]],
+            }
+        ],
     )["SpotPriceHistory"]
     assert history[0].price == pytest.approx(float(raw[0]["SpotPrice"]) + 0.72 * 10 / 720)
     on_demand = iset.create(SMALL, IMAGE, OWNER, "", None)
@@ -457,26 +516,37 @@ def test_spot_price_lookup_can_be_turned_off(ec2: Any) -> None:
 @pytest.mark.parametrize(
     ("provider_type", "preemptible", "group"),
     [
-        ("g1.large", False, "g"), ("x1.large", False, "x"), ("inf1.2xlarge", False, "inf"),
-        ("a1.small", False, "standard"), ("m1.xlarge", False, "standard"),
-        ("m1.xlarge", True, "standard-spot"), ("p4.xlarge", True, "p-spot"),
-        ("p5.xlarge", True, "p5-spot"), ("t3.2xlarge", False, "standard"),
-        ("trn1.2xlarge", False, "trn"), ("trn1.2xlarge", True, "trn-spot"),
-        ("imaginary9.5xlarge", False, "imaginary"), ("", False, ""),
+        ("g1.large", False, "g"),
+        ("x1.large", False, "x"),
+        ("inf1.2xlarge", False, "inf"),
+        ("a1.small", False, "standard"),
+        ("m1.xlarge", False, "standard"),
+        ("m1.xlarge", True, "standard-spot"),
+        ("p4.xlarge", True, "p-spot"),
+        ("p5.xlarge", True, "p5-spot"),
+        ("t3.2xlarge", False, "standard"),
+        ("trn1.2xlarge", False, "trn"),
+        ("trn1.2xlarge", True, "trn-spot"),
+        ("imaginary9.5xlarge", False, "imaginary"),
+        ("", False, ""),
     ],
 )
 def test_quota_groups(provider_type: str, preemptible: bool, group: str) -> None:
-    params = AWSParameters(region="r", instance_type_quota_groups={
-        "a": "standard", "m": "standard", "t": "standard", "P5": "p5"})
+    params = AWSParameters(
+        region="r",
+        instance_type_quota_groups={"a": "standard", "m": "standard", "t": "standard", "P5": "p5"},
+    )
     iset = AWSInstanceSet(params, DriverContext(instance_set_id="x"), client=object())
-    it = InstanceType(name="x", provider_type=provider_type, vcpus=1, ram=1,
-                      preemptible=preemptible)
+    it = InstanceType(
+        name="x", provider_type=provider_type, vcpus=1, ram=1, preemptible=preemptible
+    )
     assert iset.quota_group(it) == group
 
 
 def test_default_quota_groups_put_vt_with_g() -> None:
-    iset = AWSInstanceSet(AWSParameters(region="r"), DriverContext(instance_set_id="x"),
-                          client=object())
+    iset = AWSInstanceSet(
+        AWSParameters(region="r"), DriverContext(instance_set_id="x"), client=object()
+    )
     vt = InstanceType(name="vt1", provider_type="vt1.3xlarge", vcpus=1, ram=1)
     c = InstanceType(name="c", provider_type="c5.large", vcpus=1, ram=1)
     assert (iset.quota_group(vt), iset.quota_group(c)) == ("g", "standard")
@@ -514,8 +584,9 @@ def test_the_create_key_is_the_client_token_per_subnet_and_a_repeat_starts_there
 ) -> None:
     a, b, c = subnets(ec2, 3)
     calls: list[dict[str, Any]] = []
-    client = Recorder(make_set(ec2).client, calls,
-                      {a: ("InsufficientFreeAddressesInSubnet", "no addresses")})
+    client = Recorder(
+        make_set(ec2).client, calls, {a: ("InsufficientFreeAddressesInSubnet", "no addresses")}
+    )
     iset = make_set(ec2, client=client, subnet_ids=[a, b, c])
     keyed = {**OWNER, "HerderInstanceSecret": "k" * 40}
     first = iset.create(SMALL, IMAGE, keyed, "", None)

@@ -21,12 +21,25 @@ from herder.model import GPUSpec, InstanceType
 from herder.testing.conformance import *  # noqa: F403  (collects TestDriverConformance)
 from herder.testing.conformance import BootRecord, ConformanceHarness, ConformanceTarget
 
-ON_DEMAND = InstanceType(name="m5.large", provider_type="m5.large", vcpus=2, ram=8 << 30,
-                         price=0.096)
-SPOT = InstanceType(name="m5.large.spot", provider_type="m5.large", vcpus=2, ram=8 << 30,
-                    price=0.04, preemptible=True)
-GPU = InstanceType(name="g5.xlarge", provider_type="g5.xlarge", vcpus=4, ram=16 << 30,
-                   price=1.006, gpu=GPUSpec(stack="cuda", device_count=1, vram=24 << 30))
+ON_DEMAND = InstanceType(
+    name="m5.large", provider_type="m5.large", vcpus=2, ram=8 << 30, price=0.096
+)
+SPOT = InstanceType(
+    name="m5.large.spot",
+    provider_type="m5.large",
+    vcpus=2,
+    ram=8 << 30,
+    price=0.04,
+    preemptible=True,
+)
+GPU = InstanceType(
+    name="g5.xlarge",
+    provider_type="g5.xlarge",
+    vcpus=4,
+    ram=16 << 30,
+    price=1.006,
+    gpu=GPUSpec(stack="cuda", device_count=1, vram=24 << 30),
+)
 
 
 def _failing_run(code: str, message: str) -> Any:
@@ -72,8 +85,12 @@ def conformance_target(
 
     def get_service_quota(self: Any, service_code: str, quota_code: str) -> dict[str, Any]:
         if service_code == "ec2":
-            return {"ServiceCode": "ec2", "QuotaCode": quota_code, "QuotaName": quota_code,
-                    "Value": 64.0}
+            return {
+                "ServiceCode": "ec2",
+                "QuotaCode": quota_code,
+                "QuotaName": quota_code,
+                "Value": 64.0,
+            }
         return original(self, service_code, quota_code)
 
     monkeypatch.setattr(ServiceQuotasBackend, "get_service_quota", get_service_quota)

@@ -21,14 +21,18 @@ OWNER = {"HerderInstanceSetID": "x"}
 def stubbed(runtime: VirtualRuntime | None = None) -> tuple[AWSInstanceSet, Stubber]:
     client = boto3.client("ec2", region_name="us-east-1")
     params = AWSDriver.validate_parameters({"region": "us-east-1"})
-    iset = AWSInstanceSet(params,  # type: ignore[arg-type]
-                          DriverContext(instance_set_id="x", runtime=runtime), client=client)
+    iset = AWSInstanceSet(
+        params,  # type: ignore[arg-type]
+        DriverContext(instance_set_id="x", runtime=runtime),
+        client=client,
+    )
     return iset, Stubber(client)
 
 
 def fail(stub: Stubber, op: str, code: str, message: str = "m") -> None:
-    stub.add_client_error(op, service_error_code=code, service_message=message,
-                          http_status_code=400)
+    stub.add_client_error(
+        op, service_error_code=code, service_message=message, http_status_code=400
+    )
 
 
 def create(iset: AWSInstanceSet) -> Any:
@@ -52,8 +56,13 @@ def test_throttle_codes_are_rate_limits_with_growing_backoff(code: str) -> None:
 
 @pytest.mark.parametrize(
     "code",
-    ["InstanceLimitExceeded", "InsufficientAddressCapacity", "InsufficientFreeAddressesInSubnet",
-     "InsufficientVolumeCapacity", "MaxSpotInstanceCountExceeded"],
+    [
+        "InstanceLimitExceeded",
+        "InsufficientAddressCapacity",
+        "InsufficientFreeAddressesInSubnet",
+        "InsufficientVolumeCapacity",
+        "MaxSpotInstanceCountExceeded",
+    ],
 )
 def test_quota_codes_are_quota_errors(code: str) -> None:
     iset, stub = stubbed()
@@ -78,14 +87,19 @@ def test_capacity_codes(code: str, message: str, type_specific: bool, group_spec
         with pytest.raises(CapacityError) as info:
             create(iset)
     assert (info.value.instance_type_specific, info.value.quota_group_specific) == (
-        type_specific, group_specific)
+        type_specific,
+        group_specific,
+    )
 
 
-@pytest.mark.parametrize(("code", "message"), [
-    ("Unsupported", "The feature is not supported"),
-    ("InvalidAMIID.NotFound", "The image id '[ami-1]' does not exist"),
-    ("UnauthorizedOperation", "You are not authorized"),
-])
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("Unsupported", "The feature is not supported"),
+        ("InvalidAMIID.NotFound", "The image id '[ami-1]' does not exist"),
+        ("UnauthorizedOperation", "You are not authorized"),
+    ],
+)
 def test_other_errors_keep_the_aws_code_and_message(code: str, message: str) -> None:
     iset, stub = stubbed()
     with stub:
@@ -115,8 +129,12 @@ def test_quota_and_capacity_answers_reset_the_backoff() -> None:
     runtime = VirtualRuntime()
     iset, stub = stubbed(runtime)
     with stub:
-        for code in ("RequestLimitExceeded", "RequestLimitExceeded", "InstanceLimitExceeded",
-                     "RequestLimitExceeded"):
+        for code in (
+            "RequestLimitExceeded",
+            "RequestLimitExceeded",
+            "InstanceLimitExceeded",
+            "RequestLimitExceeded",
+        ):
             fail(stub, "run_instances", code)
             with pytest.raises((RateLimitError, QuotaError)) as info:
                 create(iset)
@@ -131,15 +149,18 @@ def test_backoff_is_capped_at_a_minute() -> None:
     assert delays[0] == 1.0 and max(delays) == 60.0 and delays[-1] == 60.0
 
 
-@pytest.mark.parametrize(("code", "message", "specific"), [
-    ("InvalidSubnetID.NotFound", "", True),
-    ("InsufficientInstanceCapacity", "", True),
-    ("InsufficientVolumeCapacity", "", True),
-    ("Unsupported", "anything", True),
-    ("InvalidParameterValue", "Invalid value for image", False),
-    ("InvalidParameterValue", "the subnet subnet-1 is full", True),
-    ("InvalidParameterCombination", "not sufficient free Ipv6 addresses", True),
-    ("InstanceLimitExceeded", "", False),
-])
+@pytest.mark.parametrize(
+    ("code", "message", "specific"),
+    [
+        ("InvalidSubnetID.NotFound", "", True),
+        ("InsufficientInstanceCapacity", "", True),
+        ("InsufficientVolumeCapacity", "", True),
+        ("Unsupported", "anything", True),
+        ("InvalidParameterValue", "Invalid value for image", False),
+        ("InvalidParameterValue", "the subnet subnet-1 is full", True),
+        ("InvalidParameterCombination", "not sufficient free Ipv6 addresses", True),
+        ("InstanceLimitExceeded", "", False),
+    ],
+)
 def test_subnet_specific_errors(code: str, message: str, specific: bool) -> None:
     assert is_subnet_specific(code, message) is specific

@@ -17,16 +17,16 @@ from .conftest import IMAGE, REGION
 
 
 def quota_reply(code: str, name: str, value: float) -> dict[str, Any]:
-    return {"Quota": {"ServiceCode": "ec2", "QuotaCode": code, "QuotaName": name,
-                      "Value": value}}
+    return {"Quota": {"ServiceCode": "ec2", "QuotaCode": code, "QuotaName": name, "Value": value}}
 
 
 def make_set(ec2: Any, **params: Any) -> tuple[AWSInstanceSet, Stubber]:
     validated = AWSDriver.validate_parameters({"region": REGION, **params})
     assert isinstance(validated, AWSParameters)
     quotas_client = boto3.client("service-quotas", region_name=REGION)
-    iset = AWSInstanceSet(validated, DriverContext(instance_set_id="x"), client=ec2,
-                          quotas_client=quotas_client)
+    iset = AWSInstanceSet(
+        validated, DriverContext(instance_set_id="x"), client=ec2, quotas_client=quotas_client
+    )
     return iset, Stubber(quotas_client)
 
 
@@ -43,30 +43,54 @@ def test_quotas_read_limits_from_service_quotas_and_count_every_instance_of_the_
     ec2.run_instances(ImageId=IMAGE, MinCount=1, MaxCount=1, InstanceType="g4dn.xlarge")
     gone = ec2.run_instances(ImageId=IMAGE, MinCount=1, MaxCount=1, InstanceType="c5.large")
     ec2.terminate_instances(InstanceIds=[gone["Instances"][0]["InstanceId"]])
-    iset, stub = make_set(ec2, quota_codes={"standard": "L-1216C47A", "g": "L-DB2E81BA",
-                                            "standard-spot": "L-34B43A08"})
-    stub.add_response("get_service_quota", quota_reply("L-DB2E81BA", "Running On-Demand G and "
-                                                       "VT instances", 8.0),
-                      {"ServiceCode": "ec2", "QuotaCode": "L-DB2E81BA"})
-    stub.add_response("get_service_quota", quota_reply("L-1216C47A", "Running On-Demand "
-                                                       "Standard instances", 32.0),
-                      {"ServiceCode": "ec2", "QuotaCode": "L-1216C47A"})
-    stub.add_client_error("get_service_quota", service_error_code="NoSuchResourceException",
-                          service_message="not in this region")
+    iset, stub = make_set(
+        ec2,
+        quota_codes={"standard": "L-1216C47A", "g": "L-DB2E81BA", "standard-spot": "L-34B43A08"},
+    )
+    stub.add_response(
+        "get_service_quota",
+        quota_reply("L-DB2E81BA", "Running On-Demand G and VT instances", 8.0),
+        {"ServiceCode": "ec2", "QuotaCode": "L-DB2E81BA"},
+    )
+    stub.add_response(
+        "get_service_quota",
+        quota_reply("L-1216C47A", "Running On-Demand Standard instances", 32.0),
+        {"ServiceCode": "ec2", "QuotaCode": "L-1216C47A"},
+    )
+    stub.add_client_error(
+        "get_service_quota",
+        service_error_code="NoSuchResourceException",
+        service_message="not in this region",
+    )
     with stub:
         quotas = iset.quotas()
     stub.assert_no_pending_responses()
     assert quotas == [
-        Quota(group="g", name="L-DB2E81BA", limit=8.0, usage=4.0, unit=QuotaUnit.VCPUS,
-              description="Running On-Demand G and VT instances"),
-        Quota(group="standard", name="L-1216C47A", limit=32.0, usage=8.0,
-              unit=QuotaUnit.VCPUS, description="Running On-Demand Standard instances"),
+        Quota(
+            group="g",
+            name="L-DB2E81BA",
+            limit=8.0,
+            usage=4.0,
+            unit=QuotaUnit.VCPUS,
+            description="Running On-Demand G and VT instances",
+        ),
+        Quota(
+            group="standard",
+            name="L-1216C47A",
+            limit=32.0,
+            usage=8.0,
+            unit=QuotaUnit.VCPUS,
+            description="Running On-Demand Standard instances",
+        ),
     ]
 
 
 def test_a_throttled_quota_read_is_a_rate_limit_error(ec2: Any) -> None:
     iset, stub = make_set(ec2, quota_codes={"standard": "L-1216C47A"})
-    stub.add_client_error("get_service_quota", service_error_code="TooManyRequestsException",
-                          service_message="slow down")
+    stub.add_client_error(
+        "get_service_quota",
+        service_error_code="TooManyRequestsException",
+        service_message="slow down",
+    )
     with stub, pytest.raises(RateLimitError):
         iset.quotas()

@@ -90,12 +90,17 @@ def make_set(params: dict[str, Any]) -> Iterator[Any]:
     """Builds instance sets through the driver (stopped after the test)."""
     built: list[AzureInstanceSet] = []
 
-    def make(runtime: Runtime | None = None, shared: dict[str, str] | None = None,
-             set_id: str = SET_ID, **overrides: Any) -> AzureInstanceSet:
+    def make(
+        runtime: Runtime | None = None,
+        shared: dict[str, str] | None = None,
+        set_id: str = SET_ID,
+        **overrides: Any,
+    ) -> AzureInstanceSet:
         validated = AzureDriver.validate_parameters({**params, **overrides})
         assert isinstance(validated, AzureParameters)
-        context = DriverContext(instance_set_id=set_id, runtime=runtime,
-                                shared_resource_tags=dict(shared or {}))
+        context = DriverContext(
+            instance_set_id=set_id, runtime=runtime, shared_resource_tags=dict(shared or {})
+        )
         iset = AzureDriver().instance_set(validated, context)
         assert isinstance(iset, AzureInstanceSet)
         built.append(iset)

@@ -122,8 +122,9 @@ class FakeARM:
         self.port = self.server.server_address[1]
         self.url = f"https://127.0.0.1:{self.port}"
         # a short poll so that shutdown() returns at once rather than within half a second
-        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.02,),
-                                        name="fake-arm")
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, args=(0.02,), name="fake-arm"
+        )
 
     def __enter__(self) -> FakeARM:
         self._thread.start()
@@ -136,16 +137,35 @@ class FakeARM:
 
     # ----------------------------------------------------------------- test helpers
 
-    def fail(self, method: str, path: str, status: int, code: str, message: str = "",
-             headers: dict[str, str] | None = None, times: int = 1,
-             details: list[dict[str, str]] | None = None) -> None:
+    def fail(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        code: str,
+        message: str = "",
+        headers: dict[str, str] | None = None,
+        times: int = 1,
+        details: list[dict[str, str]] | None = None,
+    ) -> None:
         """Answer the next ``times`` matching requests with an ARM error."""
         with self.lock:
-            self.faults.append(Fault(method, path, status, code, message or code,
-                                     dict(headers or {}), times, list(details or [])))
+            self.faults.append(
+                Fault(
+                    method,
+                    path,
+                    status,
+                    code,
+                    message or code,
+                    dict(headers or {}),
+                    times,
+                    list(details or []),
+                )
+            )
 
-    def fail_next_create(self, code: str, message: str = "",
-                         details: list[dict[str, str]] | None = None) -> None:
+    def fail_next_create(
+        self, code: str, message: str = "", details: list[dict[str, str]] | None = None
+    ) -> None:
         """The next VM create is accepted, and its operation then fails with ``code``."""
         with self.lock:
             self.async_failures.append((code, message or code, list(details or [])))
@@ -153,7 +173,8 @@ class FakeARM:
     def of_kind(self, kind: str, rg: str | None = None) -> dict[str, dict[str, Any]]:
         with self.lock:
             return {
-                name: res for (k, g, name), res in self.resources.items()
+                name: res
+                for (k, g, name), res in self.resources.items()
                 if k == kind and (rg is None or g == rg.lower())
             }
 
@@ -162,20 +183,38 @@ class FakeARM:
 
     def calls(self, method: str, pattern: str = "") -> list[Request]:
         with self.lock:
-            return [r for r in self.requests
-                    if r.method == method and re.search(pattern, r.path, re.IGNORECASE)]
+            return [
+                r
+                for r in self.requests
+                if r.method == method and re.search(pattern, r.path, re.IGNORECASE)
+            ]
 
     def resource_id(self, kind: str, rg: str, name: str) -> str:
-        ns, typ = {"vm": ("Microsoft.Compute", "virtualMachines"),
-                   "nic": ("Microsoft.Network", "networkInterfaces"),
-                   "disk": ("Microsoft.Compute", "disks")}[kind]
+        ns, typ = {
+            "vm": ("Microsoft.Compute", "virtualMachines"),
+            "nic": ("Microsoft.Network", "networkInterfaces"),
+            "disk": ("Microsoft.Compute", "disks"),
+        }[kind]
         return f"/subscriptions/{self.subscription}/resourceGroups/{rg}/providers/{ns}/{typ}/{name}"
 
-    def add(self, kind: str, rg: str, name: str, properties: dict[str, Any],
-            tags: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    def add(
+        self,
+        kind: str,
+        rg: str,
+        name: str,
+        properties: dict[str, Any],
+        tags: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         """Put a resource in place directly (as if made by someone else, or long ago)."""
-        res = {"id": self.resource_id(kind, rg, name), "name": name, "location": "westeurope",
-               "tags": dict(tags or {}), "properties": properties, **extra}
+        res = {
+            "id": self.resource_id(kind, rg, name),
+            "name": name,
+            "location": "westeurope",
+            "tags": dict(tags or {}),
+            "properties": properties,
+            **extra,
+        }
         with self.lock:
             self.resources[(kind, rg.lower(), name.lower())] = res
         return res
@@ -185,8 +224,9 @@ class FakeARM:
 
     # ----------------------------------------------------------------- request handling
 
-    def handle(self, method: str, url: str, headers: dict[str, str],
-               body: Any) -> tuple[int, dict[str, str], Any]:
+    def handle(
+        self, method: str, url: str, headers: dict[str, str], body: Any
+    ) -> tuple[int, dict[str, str], Any]:
         parts = urlsplit(url)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         with self.lock:
@@ -204,8 +244,9 @@ class FakeARM:
                     fault.times -= 1
                     if fault.times <= 0:
                         self.faults.remove(fault)
-                    return _error(fault.status, fault.code, fault.message, fault.headers,
-                                  fault.details)
+                    return _error(
+                        fault.status, fault.code, fault.message, fault.headers, fault.details
+                    )
             if parts.path.startswith("/operations/"):
                 return self._operation(parts.path.rsplit("/", 1)[1])
             usages = _USAGES.fullmatch(parts.path)
@@ -239,53 +280,75 @@ class FakeARM:
     def _openid(self, path: str) -> tuple[int, dict[str, str], Any]:
         tenant = path.split("/")[1]
         base = f"{self.url}/{tenant}"
-        return 200, {}, {
-            "token_endpoint": f"{base}/oauth2/v2.0/token",
-            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
-            "issuer": f"{base}/v2.0",
-            "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
-        }
+        return (
+            200,
+            {},
+            {
+                "token_endpoint": f"{base}/oauth2/v2.0/token",
+                "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                "issuer": f"{base}/v2.0",
+                "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+            },
+        )
 
     def _token(self, form: Any) -> tuple[int, dict[str, str], Any]:
         form = dict(form or {})
         with self.lock:
             self.token_requests.append(form)
         if form.get("client_id") != CLIENT_ID or form.get("client_secret") != CLIENT_SECRET:
-            return 401, {}, {"error": "invalid_client",
-                             "error_description": "AADSTS7000215: Invalid client secret."}
+            return (
+                401,
+                {},
+                {
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret.",
+                },
+            )
         token = f"token-{uuid.uuid4().hex}"
         with self.lock:
             self.tokens.add(token)
-        return 200, {}, {"token_type": "Bearer", "expires_in": 3600, "ext_expires_in": 3600,
-                         "access_token": token}
+        return (
+            200,
+            {},
+            {
+                "token_type": "Bearer",
+                "expires_in": 3600,
+                "ext_expires_in": 3600,
+                "access_token": token,
+            },
+        )
 
     def _list(self, kind: str, rg: str, query: dict[str, str]) -> tuple[int, dict[str, str], Any]:
         items = [res for (k, g, _), res in sorted(self.resources.items()) if k == kind and g == rg]
         start = int(query.get("$skiptoken", "0"))
-        page = items[start:start + self.page_size]
+        page = items[start : start + self.page_size]
         body: dict[str, Any] = {"value": page}
         if start + self.page_size < len(items):
             api = query.get("api-version", "")
             path = self.resource_id(kind, rg, "").rstrip("/")
-            body["nextLink"] = (f"{self.url}{path}?api-version={api}"
-                                f"&$skiptoken={start + self.page_size}")
+            body["nextLink"] = (
+                f"{self.url}{path}?api-version={api}&$skiptoken={start + self.page_size}"
+            )
         return 200, {}, body
 
     def _etag(self) -> str:
         return f'W/"{uuid.uuid4().hex[:12]}"'
 
-    def _check_match(self, res: dict[str, Any] | None,
-                     headers: dict[str, str]) -> tuple[int, dict[str, str], Any] | None:
+    def _check_match(
+        self, res: dict[str, Any] | None, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], Any] | None:
         wanted = headers.get("if-match")
         if wanted is None:
             return None
         if res is None or (wanted != "*" and wanted != res.get("etag")):
-            return _error(412, "PreconditionFailed",
-                          "The specified precondition 'If-Match' failed.")
+            return _error(
+                412, "PreconditionFailed", "The specified precondition 'If-Match' failed."
+            )
         return None
 
-    def _new_operation(self, finish: Callable[[], dict[str, Any] | None],
-                       status: int, body: Any) -> tuple[int, dict[str, str], Any]:
+    def _new_operation(
+        self, finish: Callable[[], dict[str, Any] | None], status: int, body: Any
+    ) -> tuple[int, dict[str, str], Any]:
         op = str(next(self._ids))
         self.operations[op] = Operation(self.polls, finish)
         url = f"{self.url}/operations/{op}"
@@ -304,11 +367,19 @@ class FakeARM:
             op.result = {"status": "Failed", "error": error} if error else {"status": "Succeeded"}
         return 200, {"Retry-After": self.operation_retry_after}, op.result
 
-    def _put(self, kind: str, rg: str, name: str, key: tuple[str, str, str],
-             headers: dict[str, str], body: Any) -> tuple[int, dict[str, str], Any]:
+    def _put(
+        self,
+        kind: str,
+        rg: str,
+        name: str,
+        key: tuple[str, str, str],
+        headers: dict[str, str],
+        body: Any,
+    ) -> tuple[int, dict[str, str], Any]:
         existing = self.resources.get(key)
-        refused = self._check_match(existing, headers) if existing or "if-match" in headers \
-            else None
+        refused = (
+            self._check_match(existing, headers) if existing or "if-match" in headers else None
+        )
         if refused:
             return refused
         if existing is not None:
@@ -318,11 +389,15 @@ class FakeARM:
             existing["etag"] = self._etag()
             return self._new_operation(lambda: None, 200, existing)
         res: dict[str, Any] = {
-            "id": self.resource_id(kind, rg, name), "name": name,
-            "type": {"vm": "Microsoft.Compute/virtualMachines",
-                     "nic": "Microsoft.Network/networkInterfaces",
-                     "disk": "Microsoft.Compute/disks"}[kind],
-            "location": body.get("location"), "tags": dict(body.get("tags") or {}),
+            "id": self.resource_id(kind, rg, name),
+            "name": name,
+            "type": {
+                "vm": "Microsoft.Compute/virtualMachines",
+                "nic": "Microsoft.Network/networkInterfaces",
+                "disk": "Microsoft.Compute/disks",
+            }[kind],
+            "location": body.get("location"),
+            "tags": dict(body.get("tags") or {}),
             "properties": json.loads(json.dumps(body.get("properties") or {})),
             "etag": self._etag(),
         }
@@ -340,13 +415,18 @@ class FakeARM:
             return self._create(key, res, lambda: self._finish_vm(key, error))
         return self._create(key, res, lambda: None)
 
-    def _create(self, key: tuple[str, str, str], res: dict[str, Any],
-                finish: Callable[[], dict[str, Any] | None]) -> tuple[int, dict[str, str], Any]:
+    def _create(
+        self,
+        key: tuple[str, str, str],
+        res: dict[str, Any],
+        finish: Callable[[], dict[str, Any] | None],
+    ) -> tuple[int, dict[str, str], Any]:
         self.resources[key] = res
         return self._new_operation(finish, 201, res)
 
-    def _finish_vm(self, key: tuple[str, str, str],
-                   error: tuple[str, str, list[dict[str, str]]] | None) -> dict[str, Any] | None:
+    def _finish_vm(
+        self, key: tuple[str, str, str], error: tuple[str, str, list[dict[str, str]]] | None
+    ) -> dict[str, Any] | None:
         """A VM create finishes: it attaches its NIC and makes its disks, or fails."""
         with self.lock:
             vm = self.resources[key]
@@ -372,10 +452,18 @@ class FakeARM:
                     continue
                 disk_name = disk.get("name") or f"{vm['name']}_OsDisk_{uuid.uuid4().hex[:8]}"
                 disk["name"] = disk_name
-                made = self.add("disk", rg, disk_name, {
-                    "diskState": "Attached", "diskSizeGB": disk.get("diskSizeGB", 30),
-                    "timeCreated": self.now.isoformat(),
-                    "provisioningState": "Succeeded"}, managedBy=vm["id"])
+                made = self.add(
+                    "disk",
+                    rg,
+                    disk_name,
+                    {
+                        "diskState": "Attached",
+                        "diskSizeGB": disk.get("diskSizeGB", 30),
+                        "timeCreated": self.now.isoformat(),
+                        "provisioningState": "Succeeded",
+                    },
+                    managedBy=vm["id"],
+                )
                 disk.setdefault("managedDisk", {})["id"] = made["id"]
             return None
 
@@ -385,8 +473,9 @@ class FakeARM:
                 return res
         return None
 
-    def _patch(self, key: tuple[str, str, str], headers: dict[str, str],
-               body: Any) -> tuple[int, dict[str, str], Any]:
+    def _patch(
+        self, key: tuple[str, str, str], headers: dict[str, str], body: Any
+    ) -> tuple[int, dict[str, str], Any]:
         res = self.resources.get(key)
         if res is None:
             return _error(404, "ResourceNotFound", "not found")
@@ -446,8 +535,13 @@ class FakeARM:
                 del self.resources[key]
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-           details: list[dict[str, str]] | None = None) -> tuple[int, dict[str, str], Any]:
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    details: list[dict[str, str]] | None = None,
+) -> tuple[int, dict[str, str], Any]:
     error: dict[str, Any] = {"code": code, "message": message}
     if details:
         error["details"] = details

@@ -25,16 +25,31 @@ from .conftest import OWNER_KEY, SET_ID
 from .fakearm import CLIENT_SECRET, FakeARM
 
 OWNER = {OWNER_KEY: SET_ID}
-SMALL = InstanceType(name="small", provider_type="Standard_D2s_v5", vcpus=2, ram=8 << 30,
-                     price=0.096)
-SPOT = InstanceType(name="small.spot", provider_type="Standard_D2s_v5", vcpus=2, ram=8 << 30,
-                    price=0.04, preemptible=True)
-SCRATCH = InstanceType(name="scratch", provider_type="Standard_D4s_v5", vcpus=4, ram=16 << 30,
-                       added_scratch=50 * 10**9, price=0.19)
+SMALL = InstanceType(
+    name="small", provider_type="Standard_D2s_v5", vcpus=2, ram=8 << 30, price=0.096
+)
+SPOT = InstanceType(
+    name="small.spot",
+    provider_type="Standard_D2s_v5",
+    vcpus=2,
+    ram=8 << 30,
+    price=0.04,
+    preemptible=True,
+)
+SCRATCH = InstanceType(
+    name="scratch",
+    provider_type="Standard_D4s_v5",
+    vcpus=4,
+    ram=16 << 30,
+    added_scratch=50 * 10**9,
+    price=0.19,
+)
 IMAGE = "herder-worker-2026"
 URN = "Debian:debian-12:12-gen2:latest"
-PUBKEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl "
-          "herder@example")
+PUBKEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl "
+    "herder@example"
+)
 
 
 def vm_put(fake: FakeARM, name: str) -> dict[str, Any]:
@@ -47,8 +62,13 @@ def vm_put(fake: FakeARM, name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- parameters
 
 
-MINIMAL = {"subscription_id": "s", "resource_group": "rg", "location": "westeurope",
-           "network": "vnet", "subnet": "sn"}
+MINIMAL = {
+    "subscription_id": "s",
+    "resource_group": "rg",
+    "location": "westeurope",
+    "network": "vnet",
+    "subnet": "sn",
+}
 
 
 def test_plugin_registers_the_azure_driver() -> None:
@@ -76,8 +96,7 @@ def test_parameter_defaults() -> None:
         ({**MINIMAL, "subnte": "x"}, "subnte"),
         ({**MINIMAL, "admin_username": "admin"}, "admin_username"),
         ({**MINIMAL, "name_prefix": "Herder_"}, "name_prefix"),
-        ({**MINIMAL, "delete_dangling_resources_after": "soon"},
-         "delete_dangling_resources_after"),
+        ({**MINIMAL, "delete_dangling_resources_after": "soon"}, "delete_dangling_resources_after"),
         ({**MINIMAL, "management_endpoint": "http://127.0.0.1:1"}, "management_endpoint"),
         ({**MINIMAL, "cloud_environment": "AzureMoon"}, "cloud_environment"),
         ({**MINIMAL, "spot_max_price": "cheap"}, "spot_max_price"),
@@ -119,8 +138,10 @@ def test_the_former_secret_keys_are_refused_with_the_line_to_write(
         ({"shared_image_gallery_name": "g"}, "together"),
         ({"client_id": "c", "client_secret": {"env": "X"}}, "tenant_id and client_id"),
         ({"tenant_id": "t", "client_id": "c"}, "needs client_secret"),
-        ({"tenant_id": "t", "client_id": "c", "client_secret": {"env": "X", "file": "/f"}},
-         "exactly one"),
+        (
+            {"tenant_id": "t", "client_id": "c", "client_secret": {"env": "X", "file": "/f"}},
+            "exactly one",
+        ),
     ],
 )
 def test_incomplete_pairs_are_refused(extra: dict[str, str], message: str) -> None:
@@ -145,8 +166,11 @@ def test_service_principal_signs_in_with_the_secret_from_its_file(
     assert form["grant_type"] == "client_credentials"
     assert form["client_secret"] == CLIENT_SECRET
     assert form["scope"] == f"{fake.url}/.default"
-    assert all(r.headers["authorization"].startswith("Bearer token-")
-               for r in fake.requests if "/subscriptions/" in r.path)
+    assert all(
+        r.headers["authorization"].startswith("Bearer token-")
+        for r in fake.requests
+        if "/subscriptions/" in r.path
+    )
     assert "token" in caplog.text.lower()  # the SDK did log its sign-in
     assert CLIENT_SECRET not in caplog.text
 
@@ -181,8 +205,7 @@ def test_wrong_secret_is_an_error_that_does_not_show_it(
 def test_without_a_principal_the_default_chain_is_used(params: dict[str, Any]) -> None:
     from azure.identity import DefaultAzureCredential
 
-    raw = {k: v for k, v in params.items()
-           if k not in ("tenant_id", "client_id", "client_secret")}
+    raw = {k: v for k, v in params.items() if k not in ("tenant_id", "client_id", "client_secret")}
     validated = AzureDriver.validate_parameters(raw)
     iset = AzureDriver().instance_set(validated, DriverContext(instance_set_id=SET_ID))
     try:
@@ -204,8 +227,7 @@ def test_an_embedding_program_may_pass_its_own_credential(
 
     validated = AzureDriver.validate_parameters({**params, "client_secret": {"file": "/nowhere"}})
     assert isinstance(validated, AzureParameters)
-    iset = AzureInstanceSet(validated, DriverContext(instance_set_id=SET_ID),
-                            credential=Token())  # type: ignore[arg-type]
+    iset = AzureInstanceSet(validated, DriverContext(instance_set_id=SET_ID), credential=Token())  # type: ignore[arg-type]
     try:
         assert iset.instances({}) == []
         assert fake.token_requests == []
@@ -223,8 +245,9 @@ def test_create_sends_nic_and_vm_with_every_option(fake: FakeARM, make_set: Any)
     instance = iset.create(SMALL, IMAGE, tags, "echo hi", PUBKEY)
     name = str(instance)
     assert name.startswith("herder-zzzzz-zzzzz-000000000000000-") and len(name) <= 64
-    assert instance.id == ("/subscriptions/sub-1/resourceGroups/rg/providers/"
-                           f"Microsoft.Compute/virtualMachines/{name}")
+    assert instance.id == (
+        f"/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{name}"
+    )
     assert instance.provider_type == "Standard_D2s_v5"
     assert instance.tags == tags
     assert instance.address.startswith("127.0.0.")
@@ -233,8 +256,10 @@ def test_create_sends_nic_and_vm_with_every_option(fake: FakeARM, make_set: Any)
     nic = [r for r in fake.calls("PUT", "/networkInterfaces/") if r.path.endswith(name + "-nic")]
     assert len(nic) == 1
     conf = nic[0].body["properties"]["ipConfigurations"][0]["properties"]
-    assert conf["subnet"]["id"] == ("/subscriptions/sub-1/resourceGroups/net-rg/providers/"
-                                    "Microsoft.Network/virtualNetworks/vnet/subnets/workers")
+    assert conf["subnet"]["id"] == (
+        "/subscriptions/sub-1/resourceGroups/net-rg/providers/"
+        "Microsoft.Network/virtualNetworks/vnet/subnets/workers"
+    )
     assert conf["privateIPAllocationMethod"] == "Dynamic"
     assert nic[0].body["tags"]["Owner"] == "data-team"
     assert nic[0].body["tags"][OWNER_KEY] == SET_ID
@@ -250,18 +275,27 @@ def test_create_sends_nic_and_vm_with_every_option(fake: FakeARM, make_set: Any)
     linux = os_profile["linuxConfiguration"]
     assert linux["disablePasswordAuthentication"] is True
     assert linux["ssh"]["publicKeys"] == [
-        {"path": "/home/worker/.ssh/authorized_keys", "keyData": PUBKEY}]
+        {"path": "/home/worker/.ssh/authorized_keys", "keyData": PUBKEY}
+    ]
     assert "adminPassword" not in os_profile
     storage = props["storageProfile"]
-    assert storage["imageReference"] == {"id": "/subscriptions/sub-1/resourceGroups/rg/providers/"
-                                                "Microsoft.Compute/images/" + IMAGE}
-    assert storage["osDisk"] == {"name": f"{name}-os", "createOption": "FromImage",
-                                 "deleteOption": "Delete", "caching": "ReadWrite"}
+    assert storage["imageReference"] == {
+        "id": "/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Compute/images/" + IMAGE
+    }
+    assert storage["osDisk"] == {
+        "name": f"{name}-os",
+        "createOption": "FromImage",
+        "deleteOption": "Delete",
+        "caching": "ReadWrite",
+    }
     assert "dataDisks" not in storage
-    assert props["networkProfile"]["networkInterfaces"] == [{
-        "id": f"/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Network/"
-              f"networkInterfaces/{name}-nic",
-        "properties": {"primary": True, "deleteOption": "Delete"}}]
+    assert props["networkProfile"]["networkInterfaces"] == [
+        {
+            "id": f"/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Network/"
+            f"networkInterfaces/{name}-nic",
+            "properties": {"primary": True, "deleteOption": "Delete"},
+        }
+    ]
     assert "priority" not in props and "billingProfile" not in props
     runtime.shutdown()
 
@@ -277,60 +311,104 @@ def test_spot_and_added_scratch(fake: FakeARM, make_set: Any) -> None:
 
     scratch = iset.create(SCRATCH, IMAGE, OWNER, "", PUBKEY)
     disks = vm_put(fake, str(scratch))["properties"]["storageProfile"]["dataDisks"]
-    assert disks == [{"lun": 0, "name": f"{scratch}-scratch", "createOption": "Empty",
-                      "diskSizeGB": 47, "deleteOption": "Delete",
-                      "managedDisk": {"storageAccountType": "Premium_LRS"}}]
+    assert disks == [
+        {
+            "lun": 0,
+            "name": f"{scratch}-scratch",
+            "createOption": "Empty",
+            "diskSizeGB": 47,
+            "deleteOption": "Delete",
+            "managedDisk": {"storageAccountType": "Premium_LRS"},
+        }
+    ]
     assert f"{scratch}-scratch".lower() in fake.of_kind("disk")
 
 
-@pytest.mark.parametrize(("setting", "it", "expected"), [
-    ("on-demand", SPOT, -1),
-    ("type", InstanceType(name="s", provider_type="Standard_D2s_v5", vcpus=2, ram=1,
-                          preemptible=True), -1),
-])
-def test_spot_max_price_minus_one(fake: FakeARM, make_set: Any, setting: str,
-                                  it: InstanceType, expected: float) -> None:
+@pytest.mark.parametrize(
+    ("setting", "it", "expected"),
+    [
+        ("on-demand", SPOT, -1),
+        (
+            "type",
+            InstanceType(
+                name="s", provider_type="Standard_D2s_v5", vcpus=2, ram=1, preemptible=True
+            ),
+            -1,
+        ),
+    ],
+)
+def test_spot_max_price_minus_one(
+    fake: FakeARM, make_set: Any, setting: str, it: InstanceType, expected: float
+) -> None:
     instance = make_set(spot_max_price=setting).create(it, IMAGE, OWNER, "", PUBKEY)
     assert vm_put(fake, str(instance))["properties"]["billingProfile"] == {"maxPrice": expected}
 
 
-@pytest.mark.parametrize(("image", "overrides", "expected"), [
-    (URN, {}, {"publisher": "Debian", "offer": "debian-12", "sku": "12-gen2",
-               "version": "latest"}),
-    ("/subscriptions/x/resourceGroups/img/providers/Microsoft.Compute/images/i", {},
-     {"id": "/subscriptions/x/resourceGroups/img/providers/Microsoft.Compute/images/i"}),
-    ("worker", {"image_resource_group": "images"},
-     {"id": "/subscriptions/sub-1/resourceGroups/images/providers/Microsoft.Compute/images/"
-            "worker"}),
-    ("worker", {"shared_image_gallery_name": "gal", "shared_image_gallery_image_version": "1.2.3"},
-     {"id": "/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Compute/galleries/gal/"
-            "images/worker/versions/1.2.3"}),
-])
-def test_image_forms(fake: FakeARM, make_set: Any, image: str, overrides: dict[str, str],
-                     expected: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("image", "overrides", "expected"),
+    [
+        (
+            URN,
+            {},
+            {"publisher": "Debian", "offer": "debian-12", "sku": "12-gen2", "version": "latest"},
+        ),
+        (
+            "/subscriptions/x/resourceGroups/img/providers/Microsoft.Compute/images/i",
+            {},
+            {"id": "/subscriptions/x/resourceGroups/img/providers/Microsoft.Compute/images/i"},
+        ),
+        (
+            "worker",
+            {"image_resource_group": "images"},
+            {
+                "id": "/subscriptions/sub-1/resourceGroups/images/providers/"
+                "Microsoft.Compute/images/worker"
+            },
+        ),
+        (
+            "worker",
+            {"shared_image_gallery_name": "gal", "shared_image_gallery_image_version": "1.2.3"},
+            {
+                "id": "/subscriptions/sub-1/resourceGroups/rg/providers/"
+                "Microsoft.Compute/galleries/gal/images/worker/versions/1.2.3"
+            },
+        ),
+    ],
+)
+def test_image_forms(
+    fake: FakeARM, make_set: Any, image: str, overrides: dict[str, str], expected: dict[str, str]
+) -> None:
     instance = make_set(**overrides).create(SMALL, image, OWNER, "", PUBKEY)
     assert vm_put(fake, str(instance))["properties"]["storageProfile"]["imageReference"] == expected
 
 
 @pytest.mark.parametrize("image", ["", "https://acct.blob.core.windows.net/images/w.vhd"])
-def test_unusable_images_are_refused_before_any_call(fake: FakeARM, make_set: Any,
-                                                     image: str) -> None:
+def test_unusable_images_are_refused_before_any_call(
+    fake: FakeARM, make_set: Any, image: str
+) -> None:
     iset = make_set()
     with pytest.raises(CloudError, match="image"):
         iset.create(SMALL, image, OWNER, "", PUBKEY)
     assert fake.calls("PUT") == []
 
 
-def test_without_a_public_key_the_vm_gets_a_key_nobody_holds(fake: FakeARM,
-                                                             make_set: Any) -> None:
+def test_without_a_public_key_the_vm_gets_a_key_nobody_holds(fake: FakeARM, make_set: Any) -> None:
     iset = make_set()
     a = iset.create(SMALL, IMAGE, OWNER, "", None)
     b = iset.create(SMALL, IMAGE, OWNER, "", None)
-    keys = [vm_put(fake, str(i))["properties"]["osProfile"]["linuxConfiguration"]["ssh"]
-            ["publicKeys"][0]["keyData"] for i in (a, b)]
+    keys = [
+        vm_put(fake, str(i))["properties"]["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][
+            0
+        ]["keyData"]
+        for i in (a, b)
+    ]
     assert keys[0].startswith("ssh-rsa ") and keys[0] == keys[1]
-    assert vm_put(fake, str(a))["properties"]["osProfile"]["linuxConfiguration"][
-        "disablePasswordAuthentication"] is True
+    assert (
+        vm_put(fake, str(a))["properties"]["osProfile"]["linuxConfiguration"][
+            "disablePasswordAuthentication"
+        ]
+        is True
+    )
 
 
 def test_custom_data_is_the_init_script() -> None:
@@ -356,8 +434,9 @@ def test_a_synchronous_failure_deletes_the_nic_at_once(fake: FakeARM, make_set: 
     assert len(fake.calls("DELETE", "/networkInterfaces/")) == 1
 
 
-def test_an_asynchronous_failure_deletes_the_failed_vm_and_the_nic(fake: FakeARM,
-                                                                   make_set: Any) -> None:
+def test_an_asynchronous_failure_deletes_the_failed_vm_and_the_nic(
+    fake: FakeARM, make_set: Any
+) -> None:
     fake.fail_next_create("ZonalAllocationFailed", "no room in zone 1")
     iset = make_set()
     with pytest.raises(CloudError):
@@ -379,10 +458,16 @@ def test_a_failed_nic_create_creates_no_vm(fake: FakeARM, make_set: Any) -> None
 def test_listing_pages_filters_and_gives_addresses(fake: FakeARM, make_set: Any) -> None:
     fake.page_size = 2
     iset = make_set()
-    made = [iset.create(SMALL, IMAGE, {**OWNER, "HerderRole": str(n % 2)}, "", PUBKEY)
-            for n in range(5)]
-    fake.add("vm", "rg", "someone-elses", {"hardwareProfile": {"vmSize": "Standard_B1s"}},
-             tags={"team": "other"})
+    made = [
+        iset.create(SMALL, IMAGE, {**OWNER, "HerderRole": str(n % 2)}, "", PUBKEY) for n in range(5)
+    ]
+    fake.add(
+        "vm",
+        "rg",
+        "someone-elses",
+        {"hardwareProfile": {"vmSize": "Standard_B1s"}},
+        tags={"team": "other"},
+    )
     listed = iset.instances(OWNER)
     assert sorted(i.id for i in listed) == sorted(i.id for i in made)
     by_id = {i.id: i for i in listed}
@@ -397,11 +482,17 @@ def test_listing_pages_filters_and_gives_addresses(fake: FakeARM, make_set: Any)
 
 def test_tag_names_azure_cannot_hold_round_trip(fake: FakeARM, make_set: Any) -> None:
     iset = make_set()
-    tags = {**OWNER, "Herder/Odd?Name": "v", "100%&more<>": "x", "a~b": "y",
-            "created-at": "herder's own", "plain": "value with spaces & symbols / ?"}
+    tags = {
+        **OWNER,
+        "Herder/Odd?Name": "v",
+        "100%&more<>": "x",
+        "a~b": "y",
+        "created-at": "herder's own",
+        "plain": "value with spaces & symbols / ?",
+    }
     instance = iset.create(SMALL, IMAGE, tags, "", PUBKEY)
     stored = fake.vm(str(instance))["tags"]
-    assert all(not set(k) & set('<>%&\\?/') for k in stored)
+    assert all(not set(k) & set("<>%&\\?/") for k in stored)
     assert stored["Herder~2FOdd~3FName"] == "v" and stored["a~7Eb"] == "y"
     assert stored["created~2Dat"] == "herder's own" and "created-at" in stored
     assert instance.tags == tags
@@ -416,11 +507,13 @@ def test_any_tag_key_prefix_round_trips_and_set_tags_replaces_its_namespace(
     owner = {f"{prefix}InstanceSetID": SET_ID}
     validated = AzureDriver.validate_parameters(params)
     assert isinstance(validated, AzureParameters)
-    iset = AzureDriver().instance_set(validated, DriverContext(instance_set_id=SET_ID,
-                                                               tag_key_prefix=prefix))
+    iset = AzureDriver().instance_set(
+        validated, DriverContext(instance_set_id=SET_ID, tag_key_prefix=prefix)
+    )
     try:
-        instance = iset.create(SMALL, IMAGE, {**owner, f"{prefix}IdleBehavior": "run",
-                                              f"{prefix}Old": "x"}, "", PUBKEY)
+        instance = iset.create(
+            SMALL, IMAGE, {**owner, f"{prefix}IdleBehavior": "run", f"{prefix}Old": "x"}, "", PUBKEY
+        )
         if prefix:
             assert "herder~2Fprod~261~3FInstanceSetID" in fake.vm(str(instance))["tags"]
         instance.set_tags({**owner, f"{prefix}IdleBehavior": "hold"})
@@ -446,21 +539,33 @@ def test_nic_tags_merge_shared_tags_case_insensitively(fake: FakeARM, make_set: 
     instance = iset.create(SMALL, IMAGE, {**OWNER, "Project": "mine"}, "", PUBKEY)
     nic_tags = fake.of_kind("nic")[f"{instance}-nic".lower()]["tags"]
     assert {k: v for k, v in nic_tags.items() if k != "created-at"} == {
-        **OWNER, "Project": "mine", "Owner": "data-team"}
+        **OWNER,
+        "Project": "mine",
+        "Owner": "data-team",
+    }
 
 
 def test_set_tags_replaces_herders_tags_and_keeps_others(fake: FakeARM, make_set: Any) -> None:
     iset = make_set()
-    instance = iset.create(SMALL, IMAGE, {**OWNER, "HerderIdleBehavior": "run",
-                                          "HerderOld": "1", "Project": "p"}, "", PUBKEY)
+    instance = iset.create(
+        SMALL,
+        IMAGE,
+        {**OWNER, "HerderIdleBehavior": "run", "HerderOld": "1", "Project": "p"},
+        "",
+        PUBKEY,
+    )
     fake.vm(str(instance))["tags"]["CostCenter"] = "42"  # added by a policy or an operator
     instance.set_tags({**OWNER, "HerderIdleBehavior": "drain", "Project": "p"})
     assert instance.tags["HerderIdleBehavior"] == "drain"
     stored = fake.vm(str(instance))["tags"]
     assert "created-at" in stored
     [listed] = iset.instances(OWNER)
-    assert listed.tags == {**OWNER, "HerderIdleBehavior": "drain", "Project": "p",
-                           "CostCenter": "42"}
+    assert listed.tags == {
+        **OWNER,
+        "HerderIdleBehavior": "drain",
+        "Project": "p",
+        "CostCenter": "42",
+    }
     patch = fake.calls("PATCH", "/virtualMachines/")[-1]
     assert set(patch.body) == {"tags"}
     assert patch.headers["if-match"].startswith('W/"')
@@ -487,8 +592,9 @@ def test_set_tags_keeps_a_concurrent_change(fake: FakeARM, make_set: Any) -> Non
     assert fake.vm(str(instance))["tags"]["HerderIdleBehavior"] == "hold"
 
 
-def test_destroy_deletes_vm_nic_and_disks_and_twice_is_harmless(fake: FakeARM,
-                                                                make_set: Any) -> None:
+def test_destroy_deletes_vm_nic_and_disks_and_twice_is_harmless(
+    fake: FakeARM, make_set: Any
+) -> None:
     iset = make_set()
     keeper = iset.create(SMALL, IMAGE, OWNER, "", PUBKEY)
     doomed = iset.create(SCRATCH, IMAGE, OWNER, "", PUBKEY)
@@ -505,30 +611,55 @@ def test_destroy_deletes_vm_nic_and_disks_and_twice_is_harmless(fake: FakeARM,
 
 def _dangling_world(fake: FakeARM, iset: AzureInstanceSet, now: str, old: str) -> None:
     p = iset.name_prefix
-    fake.add("nic", "rg", f"{p}aaaaaaaaaaaaaaa-nic", {"ipConfigurations": []},
-             tags={"created-at": old, OWNER_KEY: SET_ID})               # dangling: deleted
-    fake.add("nic", "rg", f"{p}bbbbbbbbbbbbbbb-nic", {"ipConfigurations": []},
-             tags={"created-at": now})                                  # too young
-    fake.add("nic", "rg", f"{p}ccccccccccccccc-nic",
-             {"ipConfigurations": [], "virtualMachine": {"id": "/vm"}},
-             tags={"created-at": old})                                  # attached
-    fake.add("nic", "rg", "other-app-nic", {"ipConfigurations": []},
-             tags={"created-at": old})                                  # not ours
-    fake.add("nic", "rg", f"{p}ddddddddddddddd-nic", {"ipConfigurations": []},
-             tags={"created-at": old, OWNER_KEY: "another-set"})        # another set's
-    fake.add("disk", "rg", f"{p}aaaaaaaaaaaaaaa-os",
-             {"diskState": "Unattached", "timeCreated": old})           # dangling: deleted
-    fake.add("disk", "rg", f"{p}eeeeeeeeeeeeeee-scratch",
-             {"diskState": "Unattached", "timeCreated": old})           # dangling: deleted
-    fake.add("disk", "rg", f"{p}fffffffffffffff-os",
-             {"diskState": "Unattached", "timeCreated": now})           # too young
-    fake.add("disk", "rg", f"{p}ggggggggggggggg-os",
-             {"diskState": "Attached", "timeCreated": old}, managedBy="/vm")  # attached
+    fake.add(
+        "nic",
+        "rg",
+        f"{p}aaaaaaaaaaaaaaa-nic",
+        {"ipConfigurations": []},
+        tags={"created-at": old, OWNER_KEY: SET_ID},
+    )  # dangling: deleted
+    fake.add(
+        "nic", "rg", f"{p}bbbbbbbbbbbbbbb-nic", {"ipConfigurations": []}, tags={"created-at": now}
+    )  # too young
+    fake.add(
+        "nic",
+        "rg",
+        f"{p}ccccccccccccccc-nic",
+        {"ipConfigurations": [], "virtualMachine": {"id": "/vm"}},
+        tags={"created-at": old},
+    )  # attached
+    fake.add(
+        "nic", "rg", "other-app-nic", {"ipConfigurations": []}, tags={"created-at": old}
+    )  # not ours
+    fake.add(
+        "nic",
+        "rg",
+        f"{p}ddddddddddddddd-nic",
+        {"ipConfigurations": []},
+        tags={"created-at": old, OWNER_KEY: "another-set"},
+    )  # another set's
+    fake.add(
+        "disk", "rg", f"{p}aaaaaaaaaaaaaaa-os", {"diskState": "Unattached", "timeCreated": old}
+    )  # dangling: deleted
+    fake.add(
+        "disk", "rg", f"{p}eeeeeeeeeeeeeee-scratch", {"diskState": "Unattached", "timeCreated": old}
+    )  # dangling: deleted
+    fake.add(
+        "disk", "rg", f"{p}fffffffffffffff-os", {"diskState": "Unattached", "timeCreated": now}
+    )  # too young
+    fake.add(
+        "disk",
+        "rg",
+        f"{p}ggggggggggggggg-os",
+        {"diskState": "Attached", "timeCreated": old},
+        managedBy="/vm",
+    )  # attached
     fake.add("disk", "rg", "database-os", {"diskState": "Unattached", "timeCreated": old})
 
 
-def test_clean_up_deletes_only_old_unattached_resources_of_this_set(fake: FakeARM,
-                                                                    make_set: Any) -> None:
+def test_clean_up_deletes_only_old_unattached_resources_of_this_set(
+    fake: FakeARM, make_set: Any
+) -> None:
     runtime = VirtualRuntime(start=1_800_000_000.0)
     iset = make_set(runtime=runtime, delete_dangling_resources_after="10m")
     _dangling_world(fake, iset, now="2027-01-15T08:00:00Z", old="2027-01-15T07:49:59Z")
@@ -536,10 +667,17 @@ def test_clean_up_deletes_only_old_unattached_resources_of_this_set(fake: FakeAR
     for future in iset.cleaner.sweep():
         future.result()
     assert sorted(fake.of_kind("nic")) == sorted(
-        n.lower() for n in (f"{p}bbbbbbbbbbbbbbb-nic", f"{p}ccccccccccccccc-nic",
-                            "other-app-nic", f"{p}ddddddddddddddd-nic"))
+        n.lower()
+        for n in (
+            f"{p}bbbbbbbbbbbbbbb-nic",
+            f"{p}ccccccccccccccc-nic",
+            "other-app-nic",
+            f"{p}ddddddddddddddd-nic",
+        )
+    )
     assert sorted(fake.of_kind("disk")) == sorted(
-        n.lower() for n in (f"{p}fffffffffffffff-os", f"{p}ggggggggggggggg-os", "database-os"))
+        n.lower() for n in (f"{p}fffffffffffffff-os", f"{p}ggggggggggggggg-os", "database-os")
+    )
     runtime.shutdown()
 
 
@@ -567,8 +705,13 @@ def test_a_create_in_progress_is_never_cleaned_up(fake: FakeARM, make_set: Any) 
     iset = make_set(runtime=runtime, delete_dangling_resources_after="1s")
     name = iset.new_name()
     iset._creating.add(name)
-    fake.add("nic", "rg", f"{name}-nic", {"ipConfigurations": []},
-             tags={"created-at": "2020-01-01T00:00:00Z"})
+    fake.add(
+        "nic",
+        "rg",
+        f"{name}-nic",
+        {"ipConfigurations": []},
+        tags={"created-at": "2020-01-01T00:00:00Z"},
+    )
     assert iset.find_dangling() == []
     iset._creating.discard(name)
     assert [d.name for d in iset.find_dangling()] == [f"{name}-nic"]
@@ -578,24 +721,27 @@ def test_a_create_in_progress_is_never_cleaned_up(fake: FakeARM, make_set: Any) 
 # --------------------------------------------------------------------------- quota groups
 
 
-@pytest.mark.parametrize(("size", "preemptible", "group"), [
-    ("Standard_D2s_v3", False, "standardDSv3Family"),
-    ("Standard_D16s_v3", False, "standardDSv3Family"),
-    ("Standard_D4ads_v5", False, "standardDADSv5Family"),
-    ("Standard_E4-2s_v3", False, "standardESv3Family"),
-    ("Standard_B2ms", False, "standardBSFamily"),
-    ("Standard_DS2_v2", False, "standardDSv2Family"),
-    ("Standard_NC24ads_A100_v4", False, "standardNCADSA100v4Family"),
-    ("Standard_F4s_v2", False, "standardFSv2Family"),
-    ("Standard_A2_v2", False, "standardAv2Family"),
-    ("Basic_A1", False, "basicAFamily"),
-    ("standard_d4ads_v5", False, "standardDADSv5Family"),
-    ("STANDARD_NC24ADS_A100_V4", False, "standardNCADSA100v4Family"),
-    ("Standard_HB120rs_v3", False, "standardHBSv3Family"),
-    ("Standard_D2s_v3", True, "lowPriority"),
-    ("Standard_NC6s_v3", True, "lowPriority"),
-    ("custom-size", False, "custom-size"),
-])
+@pytest.mark.parametrize(
+    ("size", "preemptible", "group"),
+    [
+        ("Standard_D2s_v3", False, "standardDSv3Family"),
+        ("Standard_D16s_v3", False, "standardDSv3Family"),
+        ("Standard_D4ads_v5", False, "standardDADSv5Family"),
+        ("Standard_E4-2s_v3", False, "standardESv3Family"),
+        ("Standard_B2ms", False, "standardBSFamily"),
+        ("Standard_DS2_v2", False, "standardDSv2Family"),
+        ("Standard_NC24ads_A100_v4", False, "standardNCADSA100v4Family"),
+        ("Standard_F4s_v2", False, "standardFSv2Family"),
+        ("Standard_A2_v2", False, "standardAv2Family"),
+        ("Basic_A1", False, "basicAFamily"),
+        ("standard_d4ads_v5", False, "standardDADSv5Family"),
+        ("STANDARD_NC24ADS_A100_V4", False, "standardNCADSA100v4Family"),
+        ("Standard_HB120rs_v3", False, "standardHBSv3Family"),
+        ("Standard_D2s_v3", True, "lowPriority"),
+        ("Standard_NC6s_v3", True, "lowPriority"),
+        ("custom-size", False, "custom-size"),
+    ],
+)
 def test_quota_groups_follow_vm_families(size: str, preemptible: bool, group: str) -> None:
     iset = object.__new__(AzureInstanceSet)
     iset.params = AzureParameters.model_validate(MINIMAL)
@@ -606,11 +752,17 @@ def test_quota_groups_follow_vm_families(size: str, preemptible: bool, group: st
 def test_quota_group_overrides_by_size_or_prefix() -> None:
     iset = object.__new__(AzureInstanceSet)
     iset.params = AzureParameters.model_validate(
-        {**MINIMAL, "quota_groups": {"Standard_D": "dee", "standard_d2s_v3": "special"}})
+        {**MINIMAL, "quota_groups": {"Standard_D": "dee", "standard_d2s_v3": "special"}}
+    )
+
     def group(size: str) -> str:
         return iset.quota_group(InstanceType(name="x", provider_type=size, vcpus=1, ram=1))
+
     assert (group("Standard_D2s_v3"), group("Standard_D4s_v3"), group("Standard_E2s_v3")) == (
-        "special", "dee", "standardESv3Family")
+        "special",
+        "dee",
+        "standardESv3Family",
+    )
 
 
 # --------------------------------------------------------------------------- CLI and config
@@ -626,7 +778,8 @@ def test_herder_plugins_lists_azure(capsys: pytest.CaptureFixture[str]) -> None:
     [plugin] = [r for r in rows if r["name"] == "azure"]
     assert plugin["distribution"] == "herder-driver-azure"
     assert {(r["kind"], r["name"], r["target"]) for r in plugin["registrations"]} == {
-        ("driver", "azure", "herder_driver_azure.driver:AzureDriver")}
+        ("driver", "azure", "herder_driver_azure.driver:AzureDriver")
+    }
 
 
 def test_example_config_passes_and_a_broken_copy_names_each_bad_key(tmp_path: Path) -> None:
@@ -649,22 +802,29 @@ def test_example_config_passes_and_a_broken_copy_names_each_bad_key(tmp_path: Pa
     broken = tmp_path / "azure.yaml"
     broken.write_text(yaml.safe_dump(data))
     problems = " ".join(str(p) for p in check_config(broken, plugins))
-    for key in ("location", "locaton", "admin_username", "delete_dangling_resources_after",
-                "client_secret"):
+    for key in (
+        "location",
+        "locaton",
+        "admin_username",
+        "delete_dangling_resources_after",
+        "client_secret",
+    ):
         assert f"driver_parameters.{key}" in problems
     assert "Hunter2" not in problems
     assert cli.main(["config", "check", str(broken)]) == 1
 
 
-def test_config_show_has_no_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_show_has_no_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from herder.app import cli
 
     example = Path(__file__).resolve().parents[3] / "examples" / "azure.yaml"
     monkeypatch.setenv("HERDER_TEST_AZURE_SECRET", "Hunter2-in-the-environment")
     text = example.read_text().replace(
         "client_secret: {file: /etc/herder/azure-client-secret}",
-        "client_secret: {env: HERDER_TEST_AZURE_SECRET}")
+        "client_secret: {env: HERDER_TEST_AZURE_SECRET}",
+    )
     assert "HERDER_TEST_AZURE_SECRET" in text
     path = tmp_path / "azure.yaml"
     path.write_text(text)
@@ -699,7 +859,10 @@ def test_sdk_loggers_are_quieted_unless_set(fake: FakeARM, make_set: Any) -> Non
         loggers[1].setLevel(logging.DEBUG)
         make_set()
         assert [logger.level for logger in loggers] == [
-            logging.WARNING, logging.DEBUG, logging.WARNING]
+            logging.WARNING,
+            logging.DEBUG,
+            logging.WARNING,
+        ]
     finally:
         for logger, level in zip(loggers, saved, strict=True):
             logger.setLevel(level)

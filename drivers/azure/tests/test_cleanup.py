@@ -56,8 +56,7 @@ def test_a_failed_deletion_is_logged_and_may_be_retried() -> None:
 
 def test_stop_ends_the_sweep_thread_and_later_submissions_are_ignored() -> None:
     found: list[Dangling] = []
-    cleaner = Cleaner(lambda: found, lambda item: None, parallelism=1, interval=3600,
-                      logger=LOG)
+    cleaner = Cleaner(lambda: found, lambda item: None, parallelism=1, interval=3600, logger=LOG)
     cleaner.start()
     cleaner.start()  # once only
     assert [t.name for t in threading.enumerate()].count("herder-azure-cleanup") == 1

@@ -22,31 +22,52 @@ from herder.testing.conformance import BootRecord, ConformanceHarness, Conforman
 from .conftest import base_params
 from .fakearm import FakeARM
 
-ON_DEMAND = InstanceType(name="Standard_D2s_v5", provider_type="Standard_D2s_v5", vcpus=2,
-                         ram=8 << 30, price=0.096)
-SPOT = InstanceType(name="Standard_D2s_v5.spot", provider_type="Standard_D2s_v5", vcpus=2,
-                    ram=8 << 30, price=0.03, preemptible=True)
-GPU = InstanceType(name="Standard_NC4as_T4_v3", provider_type="Standard_NC4as_T4_v3", vcpus=4,
-                   ram=28 << 30, price=0.526, gpu=GPUSpec(stack="cuda", device_count=1,
-                                                          vram=16 << 30))
+ON_DEMAND = InstanceType(
+    name="Standard_D2s_v5", provider_type="Standard_D2s_v5", vcpus=2, ram=8 << 30, price=0.096
+)
+SPOT = InstanceType(
+    name="Standard_D2s_v5.spot",
+    provider_type="Standard_D2s_v5",
+    vcpus=2,
+    ram=8 << 30,
+    price=0.03,
+    preemptible=True,
+)
+GPU = InstanceType(
+    name="Standard_NC4as_T4_v3",
+    provider_type="Standard_NC4as_T4_v3",
+    vcpus=4,
+    ram=28 << 30,
+    price=0.526,
+    gpu=GPUSpec(stack="cuda", device_count=1, vram=16 << 30),
+)
 
 
 @pytest.fixture
 def conformance_target(fake: FakeARM, secret_file: Path) -> ConformanceTarget:
     def quota(h: ConformanceHarness) -> None:
-        fake.fail("PUT", "/virtualMachines/", 409, "OperationNotAllowed",
-                  "Operation could not be completed as it results in exceeding approved "
-                  "Total Regional Cores quota.")
+        fake.fail(
+            "PUT",
+            "/virtualMachines/",
+            409,
+            "OperationNotAllowed",
+            "Operation could not be completed as it results in exceeding approved "
+            "Total Regional Cores quota.",
+        )
         h.create()
 
     def capacity(h: ConformanceHarness) -> None:
-        fake.fail_next_create("AllocationFailed", "Allocation failed. We do not have "
-                              "sufficient capacity for the requested VM size in this region.")
+        fake.fail_next_create(
+            "AllocationFailed",
+            "Allocation failed. We do not have "
+            "sufficient capacity for the requested VM size in this region.",
+        )
         h.create()
 
     def rate_limit(h: ConformanceHarness) -> None:
-        fake.fail("PUT", "/networkInterfaces/", 429, "TooManyRequests", "throttled",
-                  {"Retry-After": "17"})
+        fake.fail(
+            "PUT", "/networkInterfaces/", 429, "TooManyRequests", "throttled", {"Retry-After": "17"}
+        )
         h.create()
 
     def boot_record(h: ConformanceHarness, instance: Instance) -> BootRecord:
@@ -60,10 +81,18 @@ def conformance_target(fake: FakeARM, secret_file: Path) -> ConformanceTarget:
         )
 
     fake.usages["westeurope"] = [
-        {"name": {"value": "standardDSv5Family", "localizedValue": "Standard DSv5 Family vCPUs"},
-         "currentValue": 0, "limit": 64, "unit": "Count"},
-        {"name": {"value": "lowPriorityCores", "localizedValue": "Low-priority vCPUs"},
-         "currentValue": 0, "limit": 64, "unit": "Count"},
+        {
+            "name": {"value": "standardDSv5Family", "localizedValue": "Standard DSv5 Family vCPUs"},
+            "currentValue": 0,
+            "limit": 64,
+            "unit": "Count",
+        },
+        {
+            "name": {"value": "lowPriorityCores", "localizedValue": "Low-priority vCPUs"},
+            "currentValue": 0,
+            "limit": 64,
+            "unit": "Count",
+        },
     ]
     return ConformanceTarget(
         driver=AzureDriver(),

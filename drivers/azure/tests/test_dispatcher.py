@@ -29,8 +29,13 @@ EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "azure.yaml"
 
 
 class Unreachable(Executor):
-    def execute(self, command: str, stdin: bytes | None = None,
-                env: Mapping[str, str] | None = None, timeout: float | None = None) -> ExecResult:
+    def execute(
+        self,
+        command: str,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
         raise ExecutorError("connection refused")
 
     def set_target(self, instance: Any) -> None:
@@ -44,24 +49,36 @@ def config(fake: FakeARM, secret_file: Path) -> Config:
     data = yaml.safe_load(EXAMPLE.read_text())
     data["containers"]["dispatch_private_key"] = ""
     data["cloud"]["driver_parameters"] = base_params(fake, secret_file)
-    data["cloud"].update(image_id="Debian:debian-12:12-gen2:latest", timeout_booting="30s",
-                         probe_interval="1s", poll_interval="1s", sync_interval="5s",
-                         timeout_shutdown="5s", deploy_public_key=False, deploy_runner=False,
-                         max_cloud_ops_per_second=0)
+    data["cloud"].update(
+        image_id="Debian:debian-12:12-gen2:latest",
+        timeout_booting="30s",
+        probe_interval="1s",
+        poll_interval="1s",
+        sync_interval="5s",
+        timeout_shutdown="5s",
+        deploy_public_key=False,
+        deploy_runner=False,
+        max_cloud_ops_per_second=0,
+    )
     data["queue"] = {"path": ":memory:"}
     return Config.model_validate(data)
 
 
-def test_engine_creates_tags_lists_and_destroys_instances(fake: FakeARM,
-                                                          secret_file: Path) -> None:
+def test_engine_creates_tags_lists_and_destroys_instances(fake: FakeARM, secret_file: Path) -> None:
     runtime = VirtualRuntime(strict=False)
-    dispatcher = CloudEngine(config(fake, secret_file), runtime=runtime,
-                            registry=CollectorRegistry(),
-                            executor_factory=lambda instance: Unreachable())
+    dispatcher = CloudEngine(
+        config(fake, secret_file),
+        runtime=runtime,
+        registry=CollectorRegistry(),
+        executor_factory=lambda instance: Unreachable(),
+    )
     try:
         dispatcher.start()
-        dispatcher.queue.submit(ContainerSpec(
-            command=("true",), runtime_constraints=RuntimeConstraints(vcpus=1, ram=1 << 30)))
+        dispatcher.queue.submit(
+            ContainerSpec(
+                command=("true",), runtime_constraints=RuntimeConstraints(vcpus=1, ram=1 << 30)
+            )
+        )
         runtime.advance(5)
         vms = fake.of_kind("vm")
         assert vms, "no VM was created for the queued container"

@@ -14,13 +14,18 @@ from herder.model import InstanceType
 from .fakearm import FakeARM
 
 D4S = InstanceType(name="d4s", provider_type="Standard_D4s_v3", vcpus=4, ram=16 << 30)
-D4S_SPOT = InstanceType(name="d4s.spot", provider_type="Standard_D4s_v3", vcpus=4,
-                        ram=16 << 30, preemptible=True)
+D4S_SPOT = InstanceType(
+    name="d4s.spot", provider_type="Standard_D4s_v3", vcpus=4, ram=16 << 30, preemptible=True
+)
 
 
 def usage(value: str, label: str, current: int, limit: int) -> dict[str, Any]:
-    return {"name": {"value": value, "localizedValue": label}, "currentValue": current,
-            "limit": limit, "unit": "Count"}
+    return {
+        "name": {"value": value, "localizedValue": label},
+        "currentValue": current,
+        "limit": limit,
+        "unit": "Count",
+    }
 
 
 def test_the_driver_declares_quota_headroom() -> None:
@@ -39,10 +44,22 @@ def test_family_and_spot_quotas_come_from_usage_list_in_the_groups_sizes_have(
     iset = make_set()
     quotas = iset.quotas()
     assert [(q.name, q.group, q.limit, q.usage, q.unit, q.description) for q in quotas] == [
-        ("standardDSv3Family", "standardDSv3Family", 10.0, 8.0, QuotaUnit.VCPUS,
-         "Standard DSv3 Family vCPUs"),
-        ("lowPriorityCores", "lowPriority", 20.0, 0.0, QuotaUnit.VCPUS,
-         "Total Regional Low-priority vCPUs"),
+        (
+            "standardDSv3Family",
+            "standardDSv3Family",
+            10.0,
+            8.0,
+            QuotaUnit.VCPUS,
+            "Standard DSv3 Family vCPUs",
+        ),
+        (
+            "lowPriorityCores",
+            "lowPriority",
+            20.0,
+            0.0,
+            QuotaUnit.VCPUS,
+            "Total Regional Low-priority vCPUs",
+        ),
     ]
     assert iset.quota_group(D4S) == "standardDSv3Family"
     assert iset.quota_group(D4S_SPOT) == "lowPriority"

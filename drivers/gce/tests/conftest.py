@@ -34,8 +34,13 @@ OWNER = {"HerderInstanceSetID": SET_ID}
 @pytest.fixture(autouse=True)
 def no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test may find a developer's gcloud login or credentials by accident."""
-    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT",
-                 "GOOGLE_API_USE_CLIENT_CERTIFICATE", "GOOGLE_API_USE_MTLS_ENDPOINT"):
+    for name in (
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "GOOGLE_CLOUD_PROJECT",
+        "GCLOUD_PROJECT",
+        "GOOGLE_API_USE_CLIENT_CERTIFICATE",
+        "GOOGLE_API_USE_MTLS_ENDPOINT",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
 
@@ -59,15 +64,19 @@ def fake() -> Iterator[FakeCompute]:
 def write_key_file(path: Path, fake: FakeCompute, private_key_pem: str) -> str:
     """A service-account key file (the form the IAM console downloads) whose token endpoint
     is the fake."""
-    path.write_text(json.dumps({
-        "type": "service_account",
-        "project_id": PROJECT,
-        "private_key_id": "0123456789abcdef",
-        "private_key": private_key_pem,
-        "client_email": f"herder@{PROJECT}.iam.gserviceaccount.com",
-        "client_id": "1234567890",
-        "token_uri": f"{fake.url}/token",
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": PROJECT,
+                "private_key_id": "0123456789abcdef",
+                "private_key": private_key_pem,
+                "client_email": f"herder@{PROJECT}.iam.gserviceaccount.com",
+                "client_id": "1234567890",
+                "token_uri": f"{fake.url}/token",
+            }
+        )
+    )
     return str(path)
 
 

@@ -156,8 +156,10 @@ class FakeCompute:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 if parts.path == "/token":
-                    self._reply(200, {"access_token": ACCESS_TOKEN, "expires_in": 3600,
-                                      "token_type": "Bearer"})
+                    self._reply(
+                        200,
+                        {"access_token": ACCESS_TOKEN, "expires_in": 3600, "token_type": "Bearer"},
+                    )
                     return
                 body: Any = None
                 if raw:
@@ -165,8 +167,13 @@ class FakeCompute:
                         body = json.loads(raw)
                     except ValueError:
                         body = raw.decode(errors="replace")
-                request = Request(method, parts.path, parse_qs(parts.query), body,
-                                  {k.lower(): v for k, v in self.headers.items()})
+                request = Request(
+                    method,
+                    parts.path,
+                    parse_qs(parts.query),
+                    body,
+                    {k.lower(): v for k, v in self.headers.items()},
+                )
                 with fake.lock:
                     fake.requests.append(request)
                 status, payload, headers, after = fake.route(request)
@@ -174,8 +181,9 @@ class FakeCompute:
                 if after is not None:
                     after()
 
-            def _reply(self, status: int, payload: Any,
-                       headers: dict[str, str] | None = None) -> None:
+            def _reply(
+                self, status: int, payload: Any, headers: dict[str, str] | None = None
+            ) -> None:
                 data = json.dumps(payload, indent=1).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json; charset=UTF-8")
@@ -204,7 +212,7 @@ class FakeCompute:
         prefix = f"/compute/v1/projects/{self.project}"
         if not r.path.startswith(prefix):
             return self._error(404, "notFound", f"The resource '{r.path}' was not found")
-        path = r.path[len(prefix):]
+        path = r.path[len(prefix) :]
         routes: list[tuple[str, str, Callable[..., FakeCompute.Reply]]] = [
             ("GET", r"/aggregated/instances", self._aggregated),
             ("GET", r"/regions/([^/]+)", self._region),
@@ -226,19 +234,27 @@ class FakeCompute:
         return self._error(404, "notFound", f"no route for {r.method} {path}")
 
     def _error(
-        self, status: int, reason: str, message: str, domain: str = "global",
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        domain: str = "global",
         headers: dict[str, str] | None = None,
     ) -> Reply:
-        payload = {"error": {"code": status, "message": message,
-                             "errors": [{"message": message, "domain": domain,
-                                         "reason": reason}]}}
+        payload = {
+            "error": {
+                "code": status,
+                "message": message,
+                "errors": [{"message": message, "domain": domain, "reason": reason}],
+            }
+        }
         return status, payload, headers or {}, None
 
     def _failure_reply(self, failure: Failure) -> Reply:
-        headers = ({"Retry-After": str(failure.retry_after)}
-                   if failure.retry_after is not None else None)
-        return self._error(failure.status, failure.reason, failure.message, failure.domain,
-                           headers)
+        headers = (
+            {"Retry-After": str(failure.retry_after)} if failure.retry_after is not None else None
+        )
+        return self._error(failure.status, failure.reason, failure.message, failure.domain, headers)
 
     def _zone_url(self, zone: str) -> str:
         return f"{API}/projects/{self.project}/zones/{zone}"
@@ -264,13 +280,22 @@ class FakeCompute:
         if failure is not None:
             error: dict[str, Any] = {"code": failure.reason, "message": failure.message}
             if failure.quota_metric:
-                error["errorDetails"] = [{"quotaInfo": {
-                    "metricName": f"compute.googleapis.com/{failure.quota_metric.lower()}",
-                    "limitName": f"{failure.quota_metric.replace('_', '-')}-per-project-region",
-                    "limit": 8}}]
-            final = {"error": {"errors": [error]}, "httpErrorStatusCode": failure.status,
-                     "httpErrorMessage": "FORBIDDEN" if failure.status == 403 else
-                     "SERVICE UNAVAILABLE"}
+                error["errorDetails"] = [
+                    {
+                        "quotaInfo": {
+                            "metricName": f"compute.googleapis.com/{failure.quota_metric.lower()}",
+                            "limitName": (
+                                f"{failure.quota_metric.replace('_', '-')}-per-project-region"
+                            ),
+                            "limit": 8,
+                        }
+                    }
+                ]
+            final = {
+                "error": {"errors": [error]},
+                "httpErrorStatusCode": failure.status,
+                "httpErrorMessage": "FORBIDDEN" if failure.status == 403 else "SERVICE UNAVAILABLE",
+            }
         operation = _Operation(data, self.pending_polls, final)
         self._operations[name] = operation
         if not self.pending_polls:
@@ -298,8 +323,11 @@ class FakeCompute:
             try:
                 uuid.UUID(request_id)
             except ValueError:
-                return self._error(400, "invalid", f"Invalid value for field 'requestId': "
-                                   f"'{request_id}'. Must be a valid UUID.")
+                return self._error(
+                    400,
+                    "invalid",
+                    f"Invalid value for field 'requestId': '{request_id}'. Must be a valid UUID.",
+                )
             earlier = self.request_ids.get(request_id)
             if earlier is not None:
                 return 200, self._operations[earlier].data, {}, None
@@ -329,8 +357,9 @@ class FakeCompute:
         for nic in body.get("networkInterfaces", []):
             nic = dict(nic, networkIP=address, name="nic0")
             if nic.get("accessConfigs"):
-                nic["accessConfigs"] = [dict(c, natIP=f"127.200.{n // 250}.{n % 250 + 2}")
-                                        for c in nic["accessConfigs"]]
+                nic["accessConfigs"] = [
+                    dict(c, natIP=f"127.200.{n // 250}.{n % 250 + 2}") for c in nic["accessConfigs"]
+                ]
             nics.append(nic)
         machine_type = body.get("machineType", "")
         instance = {
@@ -344,8 +373,11 @@ class FakeCompute:
             "creationTimestamp": "2026-12-06T12:00:00.000-08:00",
             "selfLink": f"{self._zone_url(zone)}/instances/{name}",
             "labelFingerprint": _fingerprint(),
-            "metadata": {**body.get("metadata", {}), "fingerprint": _fingerprint(),
-                         "kind": "compute#metadata"},
+            "metadata": {
+                **body.get("metadata", {}),
+                "fingerprint": _fingerprint(),
+                "kind": "compute#metadata",
+            },
         }
         self.instances[(zone, name)] = instance
         items = {i["key"]: i.get("value") for i in body.get("metadata", {}).get("items", [])}
@@ -381,7 +413,8 @@ class FakeCompute:
         expression = r.query.get("filter", [""])[0]
         try:
             return [
-                (z, i) for (z, _), i in sorted(self.instances.items())
+                (z, i)
+                for (z, _), i in sorted(self.instances.items())
                 if (zone is None or z == zone) and self._matches(i, expression)
             ]
         except ValueError as exc:
@@ -411,9 +444,15 @@ class FakeCompute:
         items: dict[str, Any] = {}
         for zone, instance in page:
             items.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(instance)
-        items.setdefault("zones/us-east1-b", {"warning": {
-            "code": "NO_RESULTS_ON_PAGE", "message": "There are no results for scope "
-            "'zones/us-east1-b' on this page."}})
+        items.setdefault(
+            "zones/us-east1-b",
+            {
+                "warning": {
+                    "code": "NO_RESULTS_ON_PAGE",
+                    "message": "There are no results for scope 'zones/us-east1-b' on this page.",
+                }
+            },
+        )
         payload: dict[str, Any] = {"kind": "compute#instanceAggregatedList", "items": items}
         if token:
             payload["nextPageToken"] = token
@@ -424,7 +463,8 @@ class FakeCompute:
 
     def _not_found(self, zone: str, name: str) -> Reply:
         return self._error(
-            404, "notFound",
+            404,
+            "notFound",
             f"The resource 'projects/{self.project}/zones/{zone}/instances/{name}' was not found",
         )
 
@@ -435,8 +475,17 @@ class FakeCompute:
             return self._failure_reply(failure)
         if region not in self.region_quotas:
             return self._error(404, "notFound", f"The resource 'regions/{region}' was not found")
-        return 200, {"kind": "compute#region", "name": region, "status": "UP",
-                     "quotas": self.region_quotas[region]}, {}, None
+        return (
+            200,
+            {
+                "kind": "compute#region",
+                "name": region,
+                "status": "UP",
+                "quotas": self.region_quotas[region],
+            },
+            {},
+            None,
+        )
 
     def _get(self, r: Request, zone: str, name: str) -> Reply:
         failure = self._take_failure("get", zone)
@@ -467,12 +516,18 @@ class FakeCompute:
         if instance is None:
             return self._not_found(zone, name)
         if r.body.get("fingerprint") != instance["metadata"]["fingerprint"]:
-            return self._error(412, "conditionNotMet",
-                               "Supplied fingerprint does not match current metadata fingerprint.")
+            return self._error(
+                412,
+                "conditionNotMet",
+                "Supplied fingerprint does not match current metadata fingerprint.",
+            )
         if failure is not None:
             return self._operation(zone, "setMetadata", name, failure)
-        instance["metadata"] = {"kind": "compute#metadata", "fingerprint": _fingerprint(),
-                                "items": r.body.get("items", [])}
+        instance["metadata"] = {
+            "kind": "compute#metadata",
+            "fingerprint": _fingerprint(),
+            "items": r.body.get("items", []),
+        }
         return self._operation(zone, "setMetadata", name)
 
     def _set_labels(self, r: Request, zone: str, name: str) -> Reply:
@@ -483,9 +538,11 @@ class FakeCompute:
         if instance is None:
             return self._not_found(zone, name)
         if r.body.get("labelFingerprint") != instance["labelFingerprint"]:
-            return self._error(412, "conditionNotMet",
-                               "Labels fingerprint either invalid or resource labels have "
-                               "changed")
+            return self._error(
+                412,
+                "conditionNotMet",
+                "Labels fingerprint either invalid or resource labels have changed",
+            )
         instance["labels"] = r.body.get("labels", {})
         instance["labelFingerprint"] = _fingerprint()
         return self._operation(zone, "setLabels", name)
@@ -497,14 +554,21 @@ class FakeCompute:
         query = r.query.get("queryPath", [""])[0]
         if not keys or query != "hostkeys/":
             return self._error(404, "notFound", "The resource 'guestAttributes' was not found")
-        return 200, {
-            "kind": "compute#guestAttributes",
-            "queryPath": query,
-            "queryValue": {"items": [
-                {"namespace": "hostkeys", "key": key, "value": value}
-                for key, value in keys.items()
-            ]},
-        }, {}, None
+        return (
+            200,
+            {
+                "kind": "compute#guestAttributes",
+                "queryPath": query,
+                "queryValue": {
+                    "items": [
+                        {"namespace": "hostkeys", "key": key, "value": value}
+                        for key, value in keys.items()
+                    ]
+                },
+            },
+            {},
+            None,
+        )
 
     # ----------------------------------------------------------------- in-place changes
 
@@ -514,8 +578,11 @@ class FakeCompute:
             instance = self.instances[(zone, name)]
             items = [i for i in instance["metadata"].get("items", []) if i["key"] != key]
             items.append({"key": key, "value": value})
-            instance["metadata"] = {"kind": "compute#metadata", "fingerprint": _fingerprint(),
-                                    "items": items}
+            instance["metadata"] = {
+                "kind": "compute#metadata",
+                "fingerprint": _fingerprint(),
+                "items": items,
+            }
 
     def set_status(self, zone: str, name: str, status: str) -> None:
         with self.lock:

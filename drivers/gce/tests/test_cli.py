@@ -17,10 +17,15 @@ def test_plugins_lists_gce(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["plugins", "--json"]) == 0
     plugins = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
     assert plugins["gce"]["distribution"] == "herder-driver-gce"
-    assert plugins["gce"]["registrations"] == [{
-        "kind": "driver", "name": "gce", "target": "herder_driver_gce.driver:GCEDriver",
-        "description": "Google Compute Engine (standard and spot VMs) through "
-                       "google-cloud-compute"}]
+    assert plugins["gce"]["registrations"] == [
+        {
+            "kind": "driver",
+            "name": "gce",
+            "target": "herder_driver_gce.driver:GCEDriver",
+            "description": "Google Compute Engine (standard and spot VMs) through "
+            "google-cloud-compute",
+        }
+    ]
 
 
 def test_example_config_checks_clean(capsys: pytest.CaptureFixture[str]) -> None:
@@ -28,9 +33,7 @@ def test_example_config_checks_clean(capsys: pytest.CaptureFixture[str]) -> None
     assert capsys.readouterr().out == f"{EXAMPLE}: OK\n"
 
 
-def test_broken_copy_names_each_bad_key(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_broken_copy_names_each_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = yaml.safe_load(EXAMPLE.read_text())
     params = data["cloud"]["driver_parameters"]
     params["zone"] = "us-central1-a"  # misspelt: the key is zones

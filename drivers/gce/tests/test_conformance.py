@@ -27,13 +27,25 @@ from herder.testing.conformance import BootRecord, ConformanceHarness, Conforman
 from .conftest import IMAGE, ZONES
 from .fake_compute import Failure, FakeCompute
 
-ON_DEMAND = InstanceType(name="e2-standard-2", provider_type="e2-standard-2", vcpus=2,
-                         ram=8 << 30, price=0.067)
-SPOT = InstanceType(name="e2-standard-2.spot", provider_type="e2-standard-2", vcpus=2,
-                    ram=8 << 30, price=0.02, preemptible=True)
-GPU = InstanceType(name="g2-standard-4", provider_type="g2-standard-4", vcpus=4, ram=16 << 30,
-                   price=0.71, gpu=GPUSpec(stack="cuda", hardware_target="8.9", device_count=1,
-                                           vram=24 << 30))
+ON_DEMAND = InstanceType(
+    name="e2-standard-2", provider_type="e2-standard-2", vcpus=2, ram=8 << 30, price=0.067
+)
+SPOT = InstanceType(
+    name="e2-standard-2.spot",
+    provider_type="e2-standard-2",
+    vcpus=2,
+    ram=8 << 30,
+    price=0.02,
+    preemptible=True,
+)
+GPU = InstanceType(
+    name="g2-standard-4",
+    provider_type="g2-standard-4",
+    vcpus=4,
+    ram=16 << 30,
+    price=0.71,
+    gpu=GPUSpec(stack="cuda", hardware_target="8.9", device_count=1, vram=24 << 30),
+)
 
 
 @pytest.fixture
@@ -59,6 +71,7 @@ def conformance_target(
     fake: FakeCompute, base_params: dict[str, Any], ssh_server: tuple[LocalSSHServer, str]
 ) -> ConformanceTarget:
     server, key_path = ssh_server
+
     def provoke(failure: Failure, times: int = 1) -> Callable[[ConformanceHarness], None]:
         def hook(h: ConformanceHarness) -> None:
             fake.fail("insert", failure, times=times)
@@ -70,8 +83,11 @@ def conformance_target(
         # The one local SSH server runs no startup script: read what GCE was given instead.
         zone = next(z for z, name in fake.instances if name == instance.id)
         metadata = fake.metadata(zone, instance.id)
-        keys = [line.split(":", 1)[1] for line in metadata.get("ssh-keys", "").splitlines()
-                if ":" in line]
+        keys = [
+            line.split(":", 1)[1]
+            for line in metadata.get("ssh-keys", "").splitlines()
+            if ":" in line
+        ]
         return BootRecord(init_command=metadata.get("startup-script", ""), public_keys=keys)
 
     fake.region_quotas["us-central1"] = [
@@ -87,14 +103,24 @@ def conformance_target(
         private_key_path=key_path,
         ssh_port=int(server.address.rsplit(":", 1)[1]),
         boot_timeout=30.0,
-        provoke_quota_error=provoke(Failure(
-            403, "QUOTA_EXCEEDED", "Quota 'INSTANCES' exceeded.  Limit: 24.0 in region "
-            "us-central1.", in_operation=True)),
-        provoke_capacity_error=provoke(Failure(
-            503, "ZONE_RESOURCE_POOL_EXHAUSTED", "The zone does not have enough resources "
-            "available to fulfill the request.", in_operation=True), times=len(ZONES)),
-        provoke_rate_limit_error=provoke(Failure(429, "rateLimitExceeded",
-                                                 "Rate Limit Exceeded")),
+        provoke_quota_error=provoke(
+            Failure(
+                403,
+                "QUOTA_EXCEEDED",
+                "Quota 'INSTANCES' exceeded.  Limit: 24.0 in region us-central1.",
+                in_operation=True,
+            )
+        ),
+        provoke_capacity_error=provoke(
+            Failure(
+                503,
+                "ZONE_RESOURCE_POOL_EXHAUSTED",
+                "The zone does not have enough resources available to fulfill the request.",
+                in_operation=True,
+            ),
+            times=len(ZONES),
+        ),
+        provoke_rate_limit_error=provoke(Failure(429, "rateLimitExceeded", "Rate Limit Exceeded")),
         boot_record=boot_record,
         strict=True,
     )

@@ -28,8 +28,13 @@ EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "gce.yaml"
 
 
 class Unreachable(Executor):
-    def execute(self, command: str, stdin: bytes | None = None,
-                env: Mapping[str, str] | None = None, timeout: float | None = None) -> ExecResult:
+    def execute(
+        self,
+        command: str,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
         raise ExecutorError("connection refused")
 
     def set_target(self, instance: Any) -> None:
@@ -44,10 +49,17 @@ def config(base_params: dict[str, Any]) -> Config:
     data = yaml.safe_load(EXAMPLE.read_text())
     data["containers"]["dispatch_private_key"] = ""
     data["cloud"]["driver_parameters"].update(base_params)
-    data["cloud"].update(image_id=IMAGE, timeout_booting="30s", probe_interval="1s",
-                         poll_interval="1s", sync_interval="5s", timeout_shutdown="5s",
-                         deploy_public_key=False, deploy_runner=False,
-                         max_cloud_ops_per_second=0)
+    data["cloud"].update(
+        image_id=IMAGE,
+        timeout_booting="30s",
+        probe_interval="1s",
+        poll_interval="1s",
+        sync_interval="5s",
+        timeout_shutdown="5s",
+        deploy_public_key=False,
+        deploy_runner=False,
+        max_cloud_ops_per_second=0,
+    )
     data["queue"] = {"path": ":memory:"}
     return Config.model_validate(data)
 
@@ -57,12 +69,19 @@ def test_engine_creates_tags_lists_and_destroys_instances(
 ) -> None:
     runtime = VirtualRuntime(strict=False)
     registry = CollectorRegistry()
-    dispatcher = CloudEngine(config(base_params), runtime=runtime, registry=registry,
-                            executor_factory=lambda instance: Unreachable())
+    dispatcher = CloudEngine(
+        config(base_params),
+        runtime=runtime,
+        registry=registry,
+        executor_factory=lambda instance: Unreachable(),
+    )
     try:
         dispatcher.start()
-        dispatcher.queue.submit(ContainerSpec(
-            command=("true",), runtime_constraints=RuntimeConstraints(vcpus=1, ram=1 << 30)))
+        dispatcher.queue.submit(
+            ContainerSpec(
+                command=("true",), runtime_constraints=RuntimeConstraints(vcpus=1, ram=1 << 30)
+            )
+        )
         runtime.advance(5)
         assert fake.instances, "no instance was created for the queued container"
         (zone, name), data = next(iter(fake.instances.items()))
@@ -71,8 +90,12 @@ def test_engine_creates_tags_lists_and_destroys_instances(
         assert tags["HerderInstanceType"] == "e2-standard-2"
         assert data["labels"]["team"] == "data"
         assert data["machineType"].endswith("/machineTypes/e2-standard-2")
-        assert registry.get_sample_value(
-            "herder_gce_instance_creates_total", {"zone": zone, "outcome": "success"}) >= 1
+        assert (
+            registry.get_sample_value(
+                "herder_gce_instance_creates_total", {"zone": zone, "outcome": "success"}
+            )
+            >= 1
+        )
         assert fake.calls("GET", r"/aggregated/instances$"), "the engine never listed"
         runtime.advance(60)
         assert (zone, name) not in fake.instances

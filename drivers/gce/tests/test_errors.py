@@ -27,41 +27,106 @@ from .conftest import IMAGE, OWNER, SET_ID, ZONES
 from .fake_compute import Failure, FakeCompute
 
 SMALL = InstanceType(name="small", provider_type="n2-standard-2", vcpus=2, ram=8 << 30)
-ZONE_MSG = ("The zone 'projects/proj/zones/us-central1-a' does not have enough resources "
-            "available to fulfill the request.  Try a different zone, or try again later.")
+ZONE_MSG = (
+    "The zone 'projects/proj/zones/us-central1-a' does not have enough resources "
+    "available to fulfill the request.  Try a different zone, or try again later."
+)
 
 #: (reason, HTTP status, message, expected class, type-specific, group-specific)
 TABLE: list[tuple[str, int, str, type[Exception], bool, bool]] = [
     ("ZONE_RESOURCE_POOL_EXHAUSTED", 503, ZONE_MSG, CapacityError, True, False),
-    ("ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS", 503,
-     ZONE_MSG + " '(resource type:compute)'.", CapacityError, True, False),
-    ("REGION_RESOURCE_POOL_EXHAUSTED", 503, "The region 'us-central1' does not have enough "
-     "resources available to fulfill the request.", CapacityError, True, False),
-    ("RESOURCE_POOL_EXHAUSTED", 503, "There are not enough resources available.",
-     CapacityError, True, False),
-    ("GPU_STOCKOUT", 503, "The zone does not have enough GPUs available.", CapacityError,
-     True, False),
-    ("QUOTA_EXCEEDED", 403, "Quota 'N2_CPUS' exceeded.  Limit: 24.0 in region us-central1.",
-     CapacityError, False, True),
-    ("quotaExceeded", 403, "Quota 'NVIDIA_T4_GPUS' exceeded.  Limit: 1.0 in region "
-     "us-central1.", CapacityError, False, True),
-    ("QUOTA_EXCEEDED", 403, "Quota 'PREEMPTIBLE_NVIDIA_T4_GPUS' exceeded.  Limit: 0.0 in "
-     "region us-central1.", CapacityError, False, True),
-    ("QUOTA_EXCEEDED", 403, "Quota 'CPUS' exceeded.  Limit: 72.0 in region us-central1.",
-     QuotaError, False, False),
-    ("quotaExceeded", 403, "Quota 'INSTANCES' exceeded.  Limit: 24.0 in region us-central1.",
-     QuotaError, False, False),
+    (
+        "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
+        503,
+        ZONE_MSG + " '(resource type:compute)'.",
+        CapacityError,
+        True,
+        False,
+    ),
+    (
+        "REGION_RESOURCE_POOL_EXHAUSTED",
+        503,
+        "The region 'us-central1' does not have enough resources available to fulfill the request.",
+        CapacityError,
+        True,
+        False,
+    ),
+    (
+        "RESOURCE_POOL_EXHAUSTED",
+        503,
+        "There are not enough resources available.",
+        CapacityError,
+        True,
+        False,
+    ),
+    (
+        "GPU_STOCKOUT",
+        503,
+        "The zone does not have enough GPUs available.",
+        CapacityError,
+        True,
+        False,
+    ),
+    (
+        "QUOTA_EXCEEDED",
+        403,
+        "Quota 'N2_CPUS' exceeded.  Limit: 24.0 in region us-central1.",
+        CapacityError,
+        False,
+        True,
+    ),
+    (
+        "quotaExceeded",
+        403,
+        "Quota 'NVIDIA_T4_GPUS' exceeded.  Limit: 1.0 in region us-central1.",
+        CapacityError,
+        False,
+        True,
+    ),
+    (
+        "QUOTA_EXCEEDED",
+        403,
+        "Quota 'PREEMPTIBLE_NVIDIA_T4_GPUS' exceeded.  Limit: 0.0 in region us-central1.",
+        CapacityError,
+        False,
+        True,
+    ),
+    (
+        "QUOTA_EXCEEDED",
+        403,
+        "Quota 'CPUS' exceeded.  Limit: 72.0 in region us-central1.",
+        QuotaError,
+        False,
+        False,
+    ),
+    (
+        "quotaExceeded",
+        403,
+        "Quota 'INSTANCES' exceeded.  Limit: 24.0 in region us-central1.",
+        QuotaError,
+        False,
+        False,
+    ),
     ("QUOTA_EXCEEDED", 403, "Quota exceeded.", QuotaError, False, False),
 ]
 
 
 @pytest.mark.parametrize("in_operation", [False, True], ids=["http", "operation"])
-@pytest.mark.parametrize(("reason", "status", "message", "kind", "type_specific",
-                          "group_specific"), TABLE, ids=[row[0] + ":" + row[2][:14]
-                                                         for row in TABLE])
+@pytest.mark.parametrize(
+    ("reason", "status", "message", "kind", "type_specific", "group_specific"),
+    TABLE,
+    ids=[row[0] + ":" + row[2][:14] for row in TABLE],
+)
 def test_error_table(
-    fake: FakeCompute, make_set: Any, in_operation: bool, reason: str, status: int, message: str,
-    kind: type[Exception], type_specific: bool, group_specific: bool,
+    fake: FakeCompute,
+    make_set: Any,
+    in_operation: bool,
+    reason: str,
+    status: int,
+    message: str,
+    kind: type[Exception],
+    type_specific: bool,
+    group_specific: bool,
 ) -> None:
     fake.fail("insert", Failure(status, reason, message, in_operation=in_operation), times=3)
     with pytest.raises(kind) as info:
@@ -75,8 +140,16 @@ def test_error_table(
 
 def test_quota_metric_from_operation_error_details(fake: FakeCompute, make_set: Any) -> None:
     """Operations name the quota in errorDetails.quotaInfo, too, not only in the message."""
-    fake.fail("insert", Failure(403, "QUOTA_EXCEEDED", "Quota exceeded for this region.",
-                                in_operation=True, quota_metric="C3_CPUS"))
+    fake.fail(
+        "insert",
+        Failure(
+            403,
+            "QUOTA_EXCEEDED",
+            "Quota exceeded for this region.",
+            in_operation=True,
+            quota_metric="C3_CPUS",
+        ),
+    )
     with pytest.raises(CapacityError) as info:
         make_set().create(SMALL, IMAGE, OWNER, "", None)
     assert info.value.quota_group_specific
@@ -88,11 +161,19 @@ def test_quota_metric_from_operation_error_details(fake: FakeCompute, make_set: 
         Failure(429, "rateLimitExceeded", "Rate Limit Exceeded"),
         Failure(403, "rateLimitExceeded", "Rate Limit Exceeded", domain="usageLimits"),
         Failure(403, "userRateLimitExceeded", "User Rate Limit Exceeded", domain="usageLimits"),
-        Failure(403, "quotaExceeded", "Quota exceeded for quota metric 'Queries' and limit "
-                "'Queries per minute' of service 'compute.googleapis.com'",
-                domain="usageLimits"),
-        Failure(403, "RESOURCE_OPERATION_RATE_EXCEEDED", "Operation rate exceeded for resource",
-                in_operation=True),
+        Failure(
+            403,
+            "quotaExceeded",
+            "Quota exceeded for quota metric 'Queries' and limit "
+            "'Queries per minute' of service 'compute.googleapis.com'",
+            domain="usageLimits",
+        ),
+        Failure(
+            403,
+            "RESOURCE_OPERATION_RATE_EXCEEDED",
+            "Operation rate exceeded for resource",
+            in_operation=True,
+        ),
     ],
     ids=["429", "403-rate", "403-user-rate", "403-per-minute", "operation-rate"],
 )
@@ -137,8 +218,9 @@ def test_listing_has_its_own_back_off(fake: FakeCompute, make_set: Any) -> None:
     runtime = VirtualRuntime(strict=False)
     try:
         iset = make_set(DriverContext(instance_set_id=SET_ID, runtime=runtime))
-        fake.fail("aggregatedList", Failure(429, "rateLimitExceeded", "Rate Limit Exceeded"),
-                  times=2)
+        fake.fail(
+            "aggregatedList", Failure(429, "rateLimitExceeded", "Rate Limit Exceeded"), times=2
+        )
         for expected in (1.0, 2.5):
             with pytest.raises(RateLimitError) as info:
                 iset.instances(OWNER)
@@ -156,9 +238,15 @@ def test_listing_has_its_own_back_off(fake: FakeCompute, make_set: Any) -> None:
 def test_other_errors_keep_their_code_and_message(
     fake: FakeCompute, make_set: Any, in_operation: bool
 ) -> None:
-    fake.fail("insert", Failure(400, "invalid", "Invalid value for field 'resource.disks[0]."
-                                "initializeParams.sourceImage': 'nope'.",
-                                in_operation=in_operation))
+    fake.fail(
+        "insert",
+        Failure(
+            400,
+            "invalid",
+            "Invalid value for field 'resource.disks[0].initializeParams.sourceImage': 'nope'.",
+            in_operation=in_operation,
+        ),
+    )
     with pytest.raises(GCEError) as info:
         make_set().create(SMALL, IMAGE, OWNER, "", None)
     assert info.value.status == 400 and info.value.code == "invalid"
@@ -166,8 +254,12 @@ def test_other_errors_keep_their_code_and_message(
 
 
 def test_listing_errors_are_classified(fake: FakeCompute, make_set: Any) -> None:
-    fake.fail("aggregatedList", Failure(403, "forbidden", "Required 'compute.instances.list' "
-                                        "permission for 'projects/proj'"))
+    fake.fail(
+        "aggregatedList",
+        Failure(
+            403, "forbidden", "Required 'compute.instances.list' permission for 'projects/proj'"
+        ),
+    )
     with pytest.raises(GCEError, match=r"403 forbidden: Required 'compute\.instances\.list'"):
         make_set().instances(OWNER)
 
@@ -178,8 +270,9 @@ def test_set_tags_errors_are_classified(fake: FakeCompute, make_set: Any) -> Non
     fake.fail("setMetadata", Failure(429, "rateLimitExceeded", "Rate Limit Exceeded"))
     with pytest.raises(RateLimitError):
         instance.set_tags({**OWNER, "IdleBehavior": "drain"})
-    fake.fail("setMetadata", Failure(400, "invalid", "Metadata has duplicate keys",
-                                     in_operation=True))
+    fake.fail(
+        "setMetadata", Failure(400, "invalid", "Metadata has duplicate keys", in_operation=True)
+    )
     with pytest.raises(GCEError, match="duplicate keys"):
         instance.set_tags({**OWNER, "IdleBehavior": "drain"})
 
@@ -191,10 +284,21 @@ def test_operation_errors_read_as_extended_operation_reports_them(
     same exception for one failed operation, so one classification holds for both."""
     params = GCEParameters.model_validate(base_params)
     client, _ = compute_clients(params)
-    fake.fail("insert", Failure(403, "QUOTA_EXCEEDED", "Quota 'N2_CPUS' exceeded.  Limit: 8.0 "
-                                "in region us-central1.", in_operation=True), times=2)
-    request = {"project": "proj", "zone": ZONES[0],
-               "instance_resource": compute_v1.Instance(name="x", machine_type="m")}
+    fake.fail(
+        "insert",
+        Failure(
+            403,
+            "QUOTA_EXCEEDED",
+            "Quota 'N2_CPUS' exceeded.  Limit: 8.0 in region us-central1.",
+            in_operation=True,
+        ),
+        times=2,
+    )
+    request = {
+        "project": "proj",
+        "zone": ZONES[0],
+        "instance_resource": compute_v1.Instance(name="x", machine_type="m"),
+    }
     with pytest.raises(gexc.GoogleAPICallError) as info:
         client.insert(**request).result()  # the fake answers DONE: no polling happens
     raw = client.insert_unary(**request)
@@ -214,9 +318,17 @@ def test_operation_error_none_for_success() -> None:
 
 @pytest.mark.parametrize(
     ("metric", "family"),
-    [("N2_CPUS", True), ("A2_CPUS", True), ("NVIDIA_T4_GPUS", True),
-     ("PREEMPTIBLE_CPUS", True), ("CPUS", False), ("CPUS_ALL_REGIONS", False),
-     ("GPUS_ALL_REGIONS", False), ("INSTANCES", False), ("SSD_TOTAL_GB", False)],
+    [
+        ("N2_CPUS", True),
+        ("A2_CPUS", True),
+        ("NVIDIA_T4_GPUS", True),
+        ("PREEMPTIBLE_CPUS", True),
+        ("CPUS", False),
+        ("CPUS_ALL_REGIONS", False),
+        ("GPUS_ALL_REGIONS", False),
+        ("INSTANCES", False),
+        ("SSD_TOTAL_GB", False),
+    ],
 )
 def test_family_quotas(metric: str, family: bool) -> None:
     assert is_family_quota(metric) is family

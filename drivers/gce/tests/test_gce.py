@@ -37,24 +37,50 @@ from herder.model import GPUSpec, InstanceType
 from .conftest import IMAGE, OWNER, PROJECT, SET_ID, ZONES, write_key_file
 from .fake_compute import Failure, FakeCompute, Request
 
-SMALL = InstanceType(name="small", provider_type="e2-standard-2", vcpus=2, ram=8 << 30,
-                     price=0.067)
-SPOT = InstanceType(name="small.spot", provider_type="e2-standard-2", vcpus=2, ram=8 << 30,
-                    price=0.02, preemptible=True)
-SCRATCH = InstanceType(name="scratch", provider_type="n2-standard-4", vcpus=4, ram=16 << 30,
-                       added_scratch=500 * 10**9, price=0.2)
-T4 = InstanceType(name="t4", provider_type="n1-standard-8", vcpus=8, ram=30 << 30, price=0.73,
-                  gpu=GPUSpec(stack="cuda", hardware_target="7.5", device_count=2,
-                              vram=16 << 30))
-L4 = InstanceType(name="l4", provider_type="g2-standard-8", vcpus=8, ram=32 << 30, price=0.85,
-                  gpu=GPUSpec(stack="cuda", hardware_target="8.9", device_count=1,
-                              vram=24 << 30))
-ED25519 = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl "
-           "herder@example")
-STOCKOUT = Failure(503, "ZONE_RESOURCE_POOL_EXHAUSTED",
-                   "The zone 'projects/proj/zones/us-central1-a' does not have enough resources "
-                   "available to fulfill the request.  Try a different zone, or try again later.",
-                   in_operation=True)
+SMALL = InstanceType(name="small", provider_type="e2-standard-2", vcpus=2, ram=8 << 30, price=0.067)
+SPOT = InstanceType(
+    name="small.spot",
+    provider_type="e2-standard-2",
+    vcpus=2,
+    ram=8 << 30,
+    price=0.02,
+    preemptible=True,
+)
+SCRATCH = InstanceType(
+    name="scratch",
+    provider_type="n2-standard-4",
+    vcpus=4,
+    ram=16 << 30,
+    added_scratch=500 * 10**9,
+    price=0.2,
+)
+T4 = InstanceType(
+    name="t4",
+    provider_type="n1-standard-8",
+    vcpus=8,
+    ram=30 << 30,
+    price=0.73,
+    gpu=GPUSpec(stack="cuda", hardware_target="7.5", device_count=2, vram=16 << 30),
+)
+L4 = InstanceType(
+    name="l4",
+    provider_type="g2-standard-8",
+    vcpus=8,
+    ram=32 << 30,
+    price=0.85,
+    gpu=GPUSpec(stack="cuda", hardware_target="8.9", device_count=1, vram=24 << 30),
+)
+ED25519 = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl "
+    "herder@example"
+)
+STOCKOUT = Failure(
+    503,
+    "ZONE_RESOURCE_POOL_EXHAUSTED",
+    "The zone 'projects/proj/zones/us-central1-a' does not have enough resources "
+    "available to fulfill the request.  Try a different zone, or try again later.",
+    in_operation=True,
+)
 
 
 def items(body: dict[str, Any]) -> dict[str, str]:
@@ -62,8 +88,9 @@ def items(body: dict[str, Any]) -> dict[str, str]:
 
 
 class Refusing(RemoteRunner):
-    def run(self, command: str, stdin: bytes = b"", timeout: float = 60.0
-            ) -> tuple[int, bytes, bytes]:
+    def run(
+        self, command: str, stdin: bytes = b"", timeout: float = 60.0
+    ) -> tuple[int, bytes, bytes]:
         return 1, b"", b"no"
 
 
@@ -102,10 +129,8 @@ def test_parameter_defaults() -> None:
         ({"project": "p", "zones": "us-central1-a", "name_prefix": "h-"}, "name_prefix"),
         ({"project": "p", "zones": "us-central1-a", "scratch_disk": "tape"}, "scratch_disk"),
         ({"project": "p", "zones": "us-central1-a", "boot_disk_size": "big"}, "boot_disk_size"),
-        ({"project": "p", "zones": "us-central1-a", "admin_username": "Root Me"},
-         "admin_username"),
-        ({"project": "p", "zones": "us-central1-a", "request_timeout": "soon"},
-         "request_timeout"),
+        ({"project": "p", "zones": "us-central1-a", "admin_username": "Root Me"}, "admin_username"),
+        ({"project": "p", "zones": "us-central1-a", "request_timeout": "soon"}, "request_timeout"),
     ],
 )
 def test_bad_parameters_name_the_key(raw: dict[str, Any], key: str) -> None:
@@ -115,14 +140,20 @@ def test_bad_parameters_name_the_key(raw: dict[str, Any], key: str) -> None:
 
 
 def test_short_names_become_paths() -> None:
-    p = GCEParameters(project="p", zones=["europe-west4-a", "europe-west4-b"], network="batch",
-                      subnetwork="batch-eu", scopes=["cloud-platform", "compute"],
-                      image_project="debian-cloud")
+    p = GCEParameters(
+        project="p",
+        zones=["europe-west4-a", "europe-west4-b"],
+        network="batch",
+        subnetwork="batch-eu",
+        scopes=["cloud-platform", "compute"],
+        image_project="debian-cloud",
+    )
     assert p.network_path() == "projects/p/global/networks/batch"
     assert p.subnetwork_path() == "projects/p/regions/europe-west4/subnetworks/batch-eu"
     assert p.scopes[1] == "https://www.googleapis.com/auth/compute"
     assert p.image_path("family/debian-12") == (
-        "projects/debian-cloud/global/images/family/debian-12")
+        "projects/debian-cloud/global/images/family/debian-12"
+    )
     assert p.image_path("projects/x/global/images/y") == "projects/x/global/images/y"
     url = "https://www.googleapis.com/compute/v1/projects/x/global/images/y"
     assert p.image_path(url) == url
@@ -151,7 +182,8 @@ def test_set_label_is_the_id_when_gce_allows_it_else_a_hash() -> None:
 def test_ssh_keys_entry_takes_type_and_key_only() -> None:
     assert ssh_keys_entry("herder", ED25519 + "\nroot:ssh-rsa AAAA evil") == (
         "herder:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
-        " herder")
+        " herder"
+    )
     with pytest.raises(CloudError):
         ssh_keys_entry("herder", "not a key")
 
@@ -161,9 +193,14 @@ def test_ssh_keys_entry_takes_type_and_key_only() -> None:
 
 def test_create_sends_every_option(fake: FakeCompute, make_set: Any) -> None:
     iset = make_set(
-        network="batch", subnetwork="batch-us", external_ip=True,
-        service_account="worker@proj.iam.gserviceaccount.com", scopes=["cloud-platform"],
-        boot_disk_type="pd-ssd", boot_disk_size="50GiB", labels={"team": "data"},
+        network="batch",
+        subnetwork="batch-us",
+        external_ip=True,
+        service_account="worker@proj.iam.gserviceaccount.com",
+        scopes=["cloud-platform"],
+        boot_disk_type="pd-ssd",
+        boot_disk_size="50GiB",
+        labels={"team": "data"},
         admin_username="crunch",
     )
     instance = iset.create(SMALL, IMAGE, {**OWNER, "Role": "w"}, "echo init", ED25519)
@@ -175,8 +212,11 @@ def test_create_sends_every_option(fake: FakeCompute, make_set: Any) -> None:
     (boot,) = body["disks"]
     assert boot["boot"] is True and boot["autoDelete"] is True
     assert boot["initializeParams"] == {
-        "sourceImage": IMAGE, "diskType": f"zones/{zone}/diskTypes/pd-ssd", "diskSizeGb": "50",
-        "labels": {"team": "data", "herder-set": SET_ID}}
+        "sourceImage": IMAGE,
+        "diskType": f"zones/{zone}/diskTypes/pd-ssd",
+        "diskSizeGb": "50",
+        "labels": {"team": "data", "herder-set": SET_ID},
+    }
     (nic,) = body["networkInterfaces"]
     assert nic["network"] == "projects/proj/global/networks/batch"
     assert nic["subnetwork"] == "projects/proj/regions/us-central1/subnetworks/batch-us"
@@ -186,9 +226,12 @@ def test_create_sends_every_option(fake: FakeCompute, make_set: Any) -> None:
     assert meta["ssh-keys"].startswith("crunch:ssh-ed25519 AAAAC3")
     assert meta["enable-guest-attributes"] == "TRUE"
     assert json.loads(meta["herder-tags"]) == {**OWNER, "Role": "w"}
-    assert body["serviceAccounts"] == [{
-        "email": "worker@proj.iam.gserviceaccount.com",
-        "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}]
+    assert body["serviceAccounts"] == [
+        {
+            "email": "worker@proj.iam.gserviceaccount.com",
+            "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+        }
+    ]
     assert "scheduling" not in body and "guestAccelerators" not in body
     # external_ip: the address is the NAT address (the fake's are in 127.0.0.0/8 too)
     assert instance.address.startswith("127.200.")
@@ -217,17 +260,23 @@ def test_image_parameter_is_used_when_image_id_is_empty(fake: FakeCompute, make_
 def test_spot_instances_are_deleted_when_preempted(fake: FakeCompute, make_set: Any) -> None:
     make_set().create(SPOT, IMAGE, OWNER, "", None)
     assert fake.inserted()[0]["scheduling"] == {
-        "provisioningModel": "SPOT", "instanceTerminationAction": "DELETE",
-        "automaticRestart": False, "onHostMaintenance": "TERMINATE"}
+        "provisioningModel": "SPOT",
+        "instanceTerminationAction": "DELETE",
+        "automaticRestart": False,
+        "onHostMaintenance": "TERMINATE",
+    }
 
 
 def test_gpus_are_attached_and_terminate_on_maintenance(fake: FakeCompute, make_set: Any) -> None:
     iset = make_set()
     iset.create(T4, IMAGE, OWNER, "", None)
     body = fake.inserted()[0]
-    assert body["guestAccelerators"] == [{
-        "acceleratorType": f"zones/{ZONES[0]}/acceleratorTypes/nvidia-tesla-t4",
-        "acceleratorCount": 2}]
+    assert body["guestAccelerators"] == [
+        {
+            "acceleratorType": f"zones/{ZONES[0]}/acceleratorTypes/nvidia-tesla-t4",
+            "acceleratorCount": 2,
+        }
+    ]
     assert body["scheduling"] == {"onHostMaintenance": "TERMINATE"}
     iset.create(L4, IMAGE, OWNER, "", None)  # G2 machines carry their GPU: nothing to attach
     body = fake.inserted()[1]
@@ -238,14 +287,20 @@ def test_gpus_are_attached_and_terminate_on_maintenance(fake: FakeCompute, make_
 def test_configured_accelerator_type_wins_and_missing_one_is_named(
     fake: FakeCompute, make_set: Any
 ) -> None:
-    v100 = InstanceType(name="v100", provider_type="n1-standard-8", vcpus=8, ram=30 << 30,
-                        gpu=GPUSpec(device_count=1))
+    v100 = InstanceType(
+        name="v100",
+        provider_type="n1-standard-8",
+        vcpus=8,
+        ram=30 << 30,
+        gpu=GPUSpec(device_count=1),
+    )
     with pytest.raises(CloudError, match=r"accelerator_types\.v100"):
         make_set().create(v100, IMAGE, OWNER, "", None)
     assert fake.inserted() == []
     make_set(accelerator_types={"v100": "nvidia-tesla-v100"}).create(v100, IMAGE, OWNER, "", None)
     assert fake.inserted()[0]["guestAccelerators"][0]["acceleratorType"].endswith(
-        "/nvidia-tesla-v100")
+        "/nvidia-tesla-v100"
+    )
 
 
 def test_added_scratch_as_persistent_disk_or_local_ssds(fake: FakeCompute, make_set: Any) -> None:
@@ -253,14 +308,23 @@ def test_added_scratch_as_persistent_disk_or_local_ssds(fake: FakeCompute, make_
     disks = fake.inserted()[0]["disks"]
     assert len(disks) == 2
     assert disks[1] == {
-        "autoDelete": True, "deviceName": "herder-scratch",
-        "initializeParams": {"diskType": f"zones/{ZONES[0]}/diskTypes/pd-ssd",
-                             "diskSizeGb": "466", "labels": {"herder-set": SET_ID}}}
+        "autoDelete": True,
+        "deviceName": "herder-scratch",
+        "initializeParams": {
+            "diskType": f"zones/{ZONES[0]}/diskTypes/pd-ssd",
+            "diskSizeGb": "466",
+            "labels": {"herder-set": SET_ID},
+        },
+    }
     make_set(scratch_disk="local-ssd").create(SCRATCH, IMAGE, OWNER, "", None)
     disks = fake.inserted()[1]["disks"]
     assert len(disks) == 3  # 500 GB needs two 375 GiB local SSDs
-    assert disks[1] == {"type": "SCRATCH", "interface": "NVME", "autoDelete": True,
-                        "initializeParams": {"diskType": f"zones/{ZONES[0]}/diskTypes/local-ssd"}}
+    assert disks[1] == {
+        "type": "SCRATCH",
+        "interface": "NVME",
+        "autoDelete": True,
+        "initializeParams": {"diskType": f"zones/{ZONES[0]}/diskTypes/local-ssd"},
+    }
 
 
 def test_requests_carry_credentials_from_the_key_file(fake: FakeCompute, make_set: Any) -> None:
@@ -270,7 +334,10 @@ def test_requests_carry_credentials_from_the_key_file(fake: FakeCompute, make_se
 
 
 def test_application_default_credentials(
-    fake: FakeCompute, make_set: Any, tmp_path: Path, private_key_pem: str,
+    fake: FakeCompute,
+    make_set: Any,
+    tmp_path: Path,
+    private_key_pem: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     path = write_key_file(tmp_path / "adc.json", fake, private_key_pem)
@@ -333,8 +400,9 @@ def test_operation_that_never_finishes_times_out_by_the_injected_clock(
     runtime = VirtualRuntime(strict=False)
     try:
         fake.pending_polls = 10**6
-        iset = make_set(DriverContext(instance_set_id=SET_ID, runtime=runtime),
-                        operation_timeout="10s")
+        iset = make_set(
+            DriverContext(instance_set_id=SET_ID, runtime=runtime), operation_timeout="10s"
+        )
         calls = []
 
         def wait(**kwargs: Any) -> Any:
@@ -368,8 +436,9 @@ def test_stockout_fails_over_to_the_next_zone_and_remembers_it(
     assert isinstance(second, GCEInstance) and second.zone == ZONES[1]
 
     def sample(zone: str, outcome: str) -> float:
-        value = registry.get_sample_value("herder_gce_instance_creates_total",
-                                          {"zone": zone, "outcome": outcome})
+        value = registry.get_sample_value(
+            "herder_gce_instance_creates_total", {"zone": zone, "outcome": outcome}
+        )
         return value or 0.0
 
     assert sample(ZONES[0], "capacity") == 1
@@ -377,8 +446,11 @@ def test_stockout_fails_over_to_the_next_zone_and_remembers_it(
 
 
 def test_synchronous_stockout_also_fails_over(fake: FakeCompute, make_set: Any) -> None:
-    sync = Failure(503, "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
-                   "The zone does not have enough resources '(resource type:compute)'.")
+    sync = Failure(
+        503,
+        "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
+        "The zone does not have enough resources '(resource type:compute)'.",
+    )
     fake.fail("insert", sync, zone=ZONES[0])
     instance = make_set().create(SMALL, IMAGE, OWNER, "", None)
     assert isinstance(instance, GCEInstance) and instance.zone == ZONES[1]
@@ -397,9 +469,17 @@ def test_stockout_everywhere_is_a_type_capacity_error(fake: FakeCompute, make_se
 
 def test_stockout_is_reported_over_a_later_plain_error(fake: FakeCompute, make_set: Any) -> None:
     fake.fail("insert", STOCKOUT, zone=ZONES[0])
-    fake.fail("insert", Failure(400, "invalid", "Invalid value for field 'resource.machineType':"
-                                " Machine type 'e2-standard-2' does not exist in zone "
-                                "'us-central1-b'."), zone=ZONES[1])
+    fake.fail(
+        "insert",
+        Failure(
+            400,
+            "invalid",
+            "Invalid value for field 'resource.machineType':"
+            " Machine type 'e2-standard-2' does not exist in zone "
+            "'us-central1-b'.",
+        ),
+        zone=ZONES[1],
+    )
     fake.fail("insert", Failure(500, "backendError", "Internal error"), zone=ZONES[2])
     with pytest.raises(CapacityError):
         make_set().create(SMALL, IMAGE, OWNER, "", None)
@@ -409,10 +489,18 @@ def test_stockout_is_reported_over_a_later_plain_error(fake: FakeCompute, make_s
 @pytest.mark.parametrize(
     "failure",
     [
-        Failure(503, "REGION_RESOURCE_POOL_EXHAUSTED", "The region is out of resources",
-                in_operation=True),
-        Failure(403, "QUOTA_EXCEEDED", "Quota 'N2_CPUS' exceeded.  Limit: 24.0 in region "
-                "us-central1.", in_operation=True),
+        Failure(
+            503,
+            "REGION_RESOURCE_POOL_EXHAUSTED",
+            "The region is out of resources",
+            in_operation=True,
+        ),
+        Failure(
+            403,
+            "QUOTA_EXCEEDED",
+            "Quota 'N2_CPUS' exceeded.  Limit: 24.0 in region us-central1.",
+            in_operation=True,
+        ),
         Failure(400, "invalid", "Invalid value for field 'resource.name'"),
     ],
 )
@@ -430,8 +518,14 @@ def test_errors_that_are_not_zonal_stop_the_failover(
 
 def test_tags_round_trip_exactly(fake: FakeCompute, make_set: Any) -> None:
     iset = make_set()
-    odd = {**OWNER, "HerderInstanceType": "n2-standard-4.Spot", "Unicode ✓": "Ümlaut & \"quotes\"",
-           "long": "x" * 1000, "empty": "", "IdleBehavior": "run"}
+    odd = {
+        **OWNER,
+        "HerderInstanceType": "n2-standard-4.Spot",
+        "Unicode ✓": 'Ümlaut & "quotes"',
+        "long": "x" * 1000,
+        "empty": "",
+        "IdleBehavior": "run",
+    }
     instance = iset.create(SMALL, IMAGE, odd, "", None)
     assert instance.tags == odd
     (listed,) = iset.instances(OWNER)
@@ -499,7 +593,8 @@ def test_changing_the_set_id_moves_the_label(fake: FakeCompute, make_set: Any) -
     other = {"HerderInstanceSetID": "Other Set"}
     instance.set_tags(other)
     assert fake.instances[(instance.zone, instance.id)]["labels"]["herder-set"] == (
-        set_label_value("Other Set"))
+        set_label_value("Other Set")
+    )
     assert iset.instances(OWNER) == []
     assert [i.id for i in iset.instances(other)] == [instance.id]
 
@@ -535,13 +630,15 @@ def test_listing_filters_by_tags_and_set(fake: FakeCompute, make_set: Any) -> No
     iset = make_set()
     a = iset.create(SMALL, IMAGE, {**OWNER, "Role": "a"}, "", None)
     b = iset.create(SMALL, IMAGE, {**OWNER, "Role": "b"}, "", None)
-    other = iset.create(SMALL, IMAGE, {"HerderInstanceSetID": "zzzzz-is000-other0000000000"},
-                        "", None)
+    other = iset.create(
+        SMALL, IMAGE, {"HerderInstanceSetID": "zzzzz-is000-other0000000000"}, "", None
+    )
     assert {i.id for i in iset.instances({**OWNER, "Role": "a"})} == {a.id}
     assert {i.id for i in iset.instances(OWNER)} == {a.id, b.id}
     assert {i.id for i in iset.instances({})} == {a.id, b.id, other.id}
     assert fake.calls("GET", r"/aggregated/instances$")[-1].query["filter"] == [
-        "labels.herder-set:*"]
+        "labels.herder-set:*"
+    ]
 
 
 def test_listing_drops_instances_going_away(fake: FakeCompute, make_set: Any) -> None:
@@ -583,8 +680,15 @@ def test_destroy_deletes_and_twice_is_harmless(fake: FakeCompute, make_set: Any)
 def test_destroy_passes_other_errors_on(fake: FakeCompute, make_set: Any) -> None:
     iset = make_set()
     instance = iset.create(SMALL, IMAGE, OWNER, "", None)
-    fake.fail("delete", Failure(403, "forbidden", "Required 'compute.instances.delete' "
-                                "permission for 'projects/proj/zones/us-central1-a/instances/x'"))
+    fake.fail(
+        "delete",
+        Failure(
+            403,
+            "forbidden",
+            "Required 'compute.instances.delete' "
+            "permission for 'projects/proj/zones/us-central1-a/instances/x'",
+        ),
+    )
     with pytest.raises(CloudError, match=r"compute\.instances\.delete"):
         instance.destroy()
 
@@ -624,8 +728,9 @@ def test_without_published_keys_herder_falls_back_to_the_secret(
         instance.verify_host_key(HostKey("ssh-ed25519", b"\x01" * 51), Refusing())
 
     class Knows(RemoteRunner):
-        def run(self, command: str, stdin: bytes = b"", timeout: float = 60.0
-                ) -> tuple[int, bytes, bytes]:
+        def run(
+            self, command: str, stdin: bytes = b"", timeout: float = 60.0
+        ) -> tuple[int, bytes, bytes]:
             return 0, b"s3cret", b""
 
     TagVerifier(instance, "s3cret").verify_host_key(HostKey("ssh-ed25519", b"\x01"), Knows())
@@ -644,7 +749,8 @@ def test_published_key_value_may_carry_the_key_type(fake: FakeCompute, make_set:
     blob = fake.host_key_blob(instance.zone, instance.id)
     with fake.lock:
         fake.host_keys[(instance.zone, instance.id)]["ssh-ed25519"] = (
-            "ssh-ed25519 " + base64.b64encode(blob).decode() + " root@instance")
+            "ssh-ed25519 " + base64.b64encode(blob).decode() + " root@instance"
+        )
     instance.verify_host_key(HostKey("ssh-ed25519", blob), Refusing())
 
 
@@ -666,14 +772,19 @@ def test_spot_price_history_is_the_configured_price(fake: FakeCompute, make_set:
         (SMALL, "cpus"),
         (SPOT, "preemptible_cpus"),
         (SCRATCH, "n2_cpus"),
-        (InstanceType(name="c", provider_type="c3-highcpu-22", vcpus=22, ram=44 << 30),
-         "c3_cpus"),
+        (InstanceType(name="c", provider_type="c3-highcpu-22", vcpus=22, ram=44 << 30), "c3_cpus"),
         (T4, "nvidia_t4_gpus"),
         (L4, "nvidia_l4_gpus"),
-        (InstanceType(name="a", provider_type="a2-ultragpu-1g", vcpus=12, ram=170 << 30,
-                      preemptible=True), "preemptible_nvidia_a100_80gb_gpus"),
-        (InstanceType(name="h", provider_type="a3-highgpu-8g", vcpus=208, ram=1 << 40),
-         "nvidia_h100_gpus"),
+        (
+            InstanceType(
+                name="a", provider_type="a2-ultragpu-1g", vcpus=12, ram=170 << 30, preemptible=True
+            ),
+            "preemptible_nvidia_a100_80gb_gpus",
+        ),
+        (
+            InstanceType(name="h", provider_type="a3-highgpu-8g", vcpus=208, ram=1 << 40),
+            "nvidia_h100_gpus",
+        ),
     ],
 )
 def test_quota_groups_follow_gce_quotas(it: InstanceType, group: str) -> None:
@@ -681,8 +792,9 @@ def test_quota_groups_follow_gce_quotas(it: InstanceType, group: str) -> None:
 
 
 def test_quota_group_overrides_and_configured_gpus() -> None:
-    it = InstanceType(name="v", provider_type="n1-standard-8", vcpus=8, ram=30 << 30,
-                      gpu=GPUSpec(device_count=1))
+    it = InstanceType(
+        name="v", provider_type="n1-standard-8", vcpus=8, ram=30 << 30, gpu=GPUSpec(device_count=1)
+    )
     assert quota_group(it, {"v": "nvidia-tesla-v100"}, {}) == "nvidia_v100_gpus"
     assert quota_group(SCRATCH, {}, {"n2-": "general", "n2-standard": "std"}) == "std"
     assert gpu_quota_name("nvidia-tesla-p100") == "NVIDIA_P100_GPUS"
@@ -731,12 +843,15 @@ def test_ssh_executor_trusts_exactly_the_published_host_key(
     fake.address = host
     fake.host_key = (host_key if genuine else other_key).get_base64()
     instance = make_set().create(SMALL, IMAGE, OWNER, "", client_public)
-    config = Config.model_validate({
-        "containers": {"dispatch_private_key": str(tmp_path / "id_ed25519")},
-        "cloud": {"ssh_port": int(port), "timeout_command": 30},
-    })
-    executor = SSHExecutor(TagVerifier(instance, "secret-never-planted"), config, runtime,
-                           connect_timeout=10.0)
+    config = Config.model_validate(
+        {
+            "containers": {"dispatch_private_key": str(tmp_path / "id_ed25519")},
+            "cloud": {"ssh_port": int(port), "timeout_command": 30},
+        }
+    )
+    executor = SSHExecutor(
+        TagVerifier(instance, "secret-never-planted"), config, runtime, connect_timeout=10.0
+    )
     try:
         if genuine:
             result = executor.execute("echo $((40 + 2))", None, None, 30.0)
@@ -781,8 +896,9 @@ def test_a_repeat_after_gce_forgot_the_request_id_finds_the_instance_by_name(
     assert fake.all_names() == [first.id]
     # A name taken by an instance of another create is not taken for this one's.
     fake.forget_request_ids()
-    fake.change_metadata(ZONES[0], first.id, "herder-tags",
-                         json.dumps({**OWNER, "HerderInstanceSecret": "d" * 40}))
+    fake.change_metadata(
+        ZONES[0], first.id, "herder-tags", json.dumps({**OWNER, "HerderInstanceSecret": "d" * 40})
+    )
     with pytest.raises(CloudError, match="already exists"):
         iset.create(SMALL, IMAGE, keyed, "", None)
 
@@ -804,7 +920,13 @@ def test_a_repeated_create_goes_to_the_zone_its_key_went_to(
 
 
 def test_the_fake_refuses_a_request_id_that_is_not_a_uuid(fake: FakeCompute) -> None:
-    status, payload, _, _ = fake.route(Request(
-        "POST", f"/compute/v1/projects/{PROJECT}/zones/{ZONES[0]}/instances",
-        {"requestId": ["not-a-uuid"]}, {"name": "x"}, {}))
+    status, payload, _, _ = fake.route(
+        Request(
+            "POST",
+            f"/compute/v1/projects/{PROJECT}/zones/{ZONES[0]}/instances",
+            {"requestId": ["not-a-uuid"]},
+            {"name": "x"},
+            {},
+        )
+    )
     assert status == 400 and "requestId" in payload["error"]["message"]

@@ -13,10 +13,16 @@ from herder.model import GPUSpec, InstanceType
 from .fake_compute import Failure, FakeCompute
 
 E2 = InstanceType(name="e2", provider_type="e2-standard-4", vcpus=4, ram=16 << 30)
-N2_SPOT = InstanceType(name="n2s", provider_type="n2-standard-4", vcpus=4, ram=16 << 30,
-                       preemptible=True)
-T4 = InstanceType(name="t4", provider_type="n1-standard-8", vcpus=8, ram=30 << 30,
-                  gpu=GPUSpec(stack="cuda", device_count=2, hardware_target="7.5"))
+N2_SPOT = InstanceType(
+    name="n2s", provider_type="n2-standard-4", vcpus=4, ram=16 << 30, preemptible=True
+)
+T4 = InstanceType(
+    name="t4",
+    provider_type="n1-standard-8",
+    vcpus=8,
+    ram=30 << 30,
+    gpu=GPUSpec(stack="cuda", device_count=2, hardware_target="7.5"),
+)
 
 
 def test_the_driver_declares_quota_headroom() -> None:
@@ -49,9 +55,7 @@ def test_quotas_are_the_regions_cpu_and_gpu_quotas_in_the_groups_types_have(
     assert fake.calls("GET", r"/regions/us-central1$")
 
 
-def test_a_rate_limited_quota_read_is_a_rate_limit_error(
-    fake: FakeCompute, make_set: Any
-) -> None:
+def test_a_rate_limited_quota_read_is_a_rate_limit_error(fake: FakeCompute, make_set: Any) -> None:
     fake.region_quotas["us-central1"] = []
     fake.fail("region", Failure(403, "rateLimitExceeded", "Rate Limit Exceeded"))
     with pytest.raises(RateLimitError):

@@ -16,10 +16,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 FLAVORS = [
-    {"id": "m1.small", "name": "m1.small", "ram": 2048, "disk": 20, "vcpus": 1,
-     "links": [], "OS-FLV-EXT-DATA:ephemeral": 0, "swap": "", "rxtx_factor": 1.0},
-    {"id": "m1.large", "name": "m1.large", "ram": 8192, "disk": 80, "vcpus": 4,
-     "links": [], "OS-FLV-EXT-DATA:ephemeral": 0, "swap": "", "rxtx_factor": 1.0},
+    {
+        "id": "m1.small",
+        "name": "m1.small",
+        "ram": 2048,
+        "disk": 20,
+        "vcpus": 1,
+        "links": [],
+        "OS-FLV-EXT-DATA:ephemeral": 0,
+        "swap": "",
+        "rxtx_factor": 1.0,
+    },
+    {
+        "id": "m1.large",
+        "name": "m1.large",
+        "ram": 8192,
+        "disk": 80,
+        "vcpus": 4,
+        "links": [],
+        "OS-FLV-EXT-DATA:ephemeral": 0,
+        "swap": "",
+        "rxtx_factor": 1.0,
+    },
 ]
 
 
@@ -52,8 +70,9 @@ class FakeNova:
         self._http.shutdown()
         self._http.server_close()
 
-    def fail_next_create(self, status: int, body: dict[str, Any],
-                         headers: dict[str, str] | None = None) -> None:
+    def fail_next_create(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         with self.lock:
             self.failures.append((status, body, headers or {}))
 
@@ -61,8 +80,9 @@ class FakeNova:
         """The next create is accepted (202) and its server then goes to ERROR with this fault,
         as Nova reports a failed scheduling ("No valid host was found") after answering."""
         with self.lock:
-            self.faults.append({"code": code, "message": message,
-                                "created": "2026-01-01T00:00:01Z", "details": ""})
+            self.faults.append(
+                {"code": code, "message": message, "created": "2026-01-01T00:00:01Z", "details": ""}
+            )
 
     # ----------------------------------------------------------------- requests
 
@@ -84,8 +104,11 @@ class FakeNova:
                 return 404, {"itemNotFound": {"message": f"no {path}", "code": 404}}, {}
             server = self.servers.get(match.group(1))
             if server is None:
-                return 404, {"itemNotFound": {"message": "Instance could not be found",
-                                              "code": 404}}, {}
+                return (
+                    404,
+                    {"itemNotFound": {"message": "Instance could not be found", "code": 404}},
+                    {},
+                )
             if method == "GET" and not match.group(2):
                 self._advance(server["id"])
                 return 200, {"server": server}, {}
@@ -110,11 +133,19 @@ class FakeNova:
         del self._pending[server_id]
         server = self.servers[server_id]
         if fault is None:
-            server.update({"status": "ACTIVE", "OS-EXT-STS:task_state": None,
-                           "OS-EXT-STS:vm_state": "active"})
+            server.update(
+                {"status": "ACTIVE", "OS-EXT-STS:task_state": None, "OS-EXT-STS:vm_state": "active"}
+            )
         else:
-            server.update({"status": "ERROR", "OS-EXT-STS:task_state": None,
-                           "OS-EXT-STS:vm_state": "error", "fault": fault, "addresses": {}})
+            server.update(
+                {
+                    "status": "ERROR",
+                    "OS-EXT-STS:task_state": None,
+                    "OS-EXT-STS:vm_state": "error",
+                    "fault": fault,
+                    "addresses": {},
+                }
+            )
 
     def _create(self, spec: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
         server_id = str(uuid.uuid4())
@@ -128,8 +159,11 @@ class FakeNova:
             "metadata": dict(spec.get("metadata") or {}),
             "flavor": {"id": spec["flavorRef"], "links": []},
             "image": {"id": spec.get("imageRef", ""), "links": []},
-            "addresses": {"private": [{"addr": f"10.0.0.{self._next_ip}", "version": 4,
-                                       "OS-EXT-IPS:type": "fixed"}]},
+            "addresses": {
+                "private": [
+                    {"addr": f"10.0.0.{self._next_ip}", "version": 4, "OS-EXT-IPS:type": "fixed"}
+                ]
+            },
             "created": "2026-01-01T00:00:00Z",
             "updated": "2026-01-01T00:00:00Z",
             "hostId": "",
@@ -146,8 +180,13 @@ class FakeNova:
         if fault is not None or self.build_reads > 0:
             # Scheduled after the answer: BUILD until read build_reads more times.  (libcloud
             # reads the server once itself, right after the POST.)
-            self.servers[server_id].update({"status": "BUILD", "OS-EXT-STS:vm_state": "building",
-                                            "OS-EXT-STS:task_state": "scheduling"})
+            self.servers[server_id].update(
+                {
+                    "status": "BUILD",
+                    "OS-EXT-STS:vm_state": "building",
+                    "OS-EXT-STS:task_state": "scheduling",
+                }
+            )
             self._pending[server_id] = (self.build_reads, fault)
         return 202, {"server": {"id": server_id, "links": [], "adminPass": "x"}}, {}
 

@@ -26,8 +26,11 @@ SMALL = InstanceType(name="small", provider_type="1", vcpus=1, ram=128 << 20)
 def boot_record(h: ConformanceHarness, instance: Instance) -> BootRecord:
     assert isinstance(instance, LibcloudInstance)
     script = str(instance.node.extra["herder_user_data"])
-    keys = [line.split("echo ", 1)[1].split(" >>", 1)[0].strip("'")
-            for line in script.splitlines() if line.startswith("echo ")]
+    keys = [
+        line.split("echo ", 1)[1].split(" >>", 1)[0].strip("'")
+        for line in script.splitlines()
+        if line.startswith("echo ")
+    ]
     return BootRecord(init_command=script, public_keys=keys)
 
 

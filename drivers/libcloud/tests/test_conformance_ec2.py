@@ -32,10 +32,22 @@ from herder.testing.conformance import BootRecord, ConformanceHarness, Conforman
 REGION = "us-east-1"
 IMAGE = "ami-12c6146b"
 SMALL = InstanceType(name="m5.large", provider_type="m5.large", vcpus=2, ram=8 << 30)
-SPOT = InstanceType(name="m5.large.spot", provider_type="m5.large", vcpus=2, ram=8 << 30,
-                    price=0.04, preemptible=True)
-GPU = InstanceType(name="g5.xlarge", provider_type="g5.xlarge", vcpus=4, ram=16 << 30,
-                   price=1.006, gpu=GPUSpec(stack="cuda", device_count=1, vram=24 << 30))
+SPOT = InstanceType(
+    name="m5.large.spot",
+    provider_type="m5.large",
+    vcpus=2,
+    ram=8 << 30,
+    price=0.04,
+    preemptible=True,
+)
+GPU = InstanceType(
+    name="g5.xlarge",
+    provider_type="g5.xlarge",
+    vcpus=4,
+    ram=16 << 30,
+    price=1.006,
+    gpu=GPUSpec(stack="cuda", device_count=1, vram=24 << 30),
+)
 MOTO_NAMESPACE = "http://ec2.amazonaws.com/doc/2016-11-15"
 
 
@@ -64,8 +76,11 @@ def _boot_record(ec2: Any) -> Any:
     def hook(h: ConformanceHarness, instance: Instance) -> BootRecord:
         attr = ec2.describe_instance_attribute(InstanceId=instance.id, Attribute="userData")
         script = base64.b64decode(attr["UserData"].get("Value", "")).decode()
-        keys = [line.split("echo ", 1)[1].split(" >>", 1)[0].strip("'")
-                for line in script.splitlines() if line.startswith("echo ")]
+        keys = [
+            line.split("echo ", 1)[1].split(" >>", 1)[0].strip("'")
+            for line in script.splitlines()
+            if line.startswith("echo ")
+        ]
         return BootRecord(init_command=script, public_keys=keys)
 
     return hook
@@ -107,12 +122,14 @@ def test_a_preemptible_type_is_a_spot_instance_at_its_price(ec2: Any) -> None:
     from herder.cloud import DriverContext
 
     driver = LibcloudDriver()
-    params = driver.validate_parameters({
-        "provider": "ec2",
-        "key": {"env": "AWS_ACCESS_KEY_ID"},
-        "secret": {"env": "AWS_SECRET_ACCESS_KEY"},
-        "options": {"region": REGION},
-    })
+    params = driver.validate_parameters(
+        {
+            "provider": "ec2",
+            "key": {"env": "AWS_ACCESS_KEY_ID"},
+            "secret": {"env": "AWS_SECRET_ACCESS_KEY"},
+            "options": {"region": REGION},
+        }
+    )
     iset = driver.instance_set(params, DriverContext(instance_set_id="spot-test"))
     requests: list[dict[str, Any]] = []
     original = InstanceBackend.run_instances
@@ -127,7 +144,8 @@ def test_a_preemptible_type_is_a_spot_instance_at_its_price(ec2: Any) -> None:
         on_demand = iset.create(SMALL, IMAGE, {"HerderInstanceSetID": "spot-test"}, "true", None)
     lifecycle = {
         i["InstanceId"]: i.get("InstanceLifecycle", "on-demand")
-        for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
+        for r in ec2.describe_instances()["Reservations"]
+        for i in r["Instances"]
     }
     assert lifecycle == {spot.id: "spot", on_demand.id: "on-demand"}
     assert requests[0]["instance_market_options"] == "spot"

@@ -62,8 +62,11 @@ NO_VALID_HOST = "No valid host was found. There are not enough hosts available."
 def conformance_target(nova: FakeNova) -> ConformanceTarget:
     def boot_record(h: ConformanceHarness, instance: Instance) -> BootRecord:
         script = nova.user_data[instance.id]
-        keys = [line.split("echo ", 1)[1].split(" >>", 1)[0].strip("'")
-                for line in script.splitlines() if line.startswith("echo ")]
+        keys = [
+            line.split("echo ", 1)[1].split(" >>", 1)[0].strip("'")
+            for line in script.splitlines()
+            if line.startswith("echo ")
+        ]
         return BootRecord(init_command=script, public_keys=keys)
 
     def provoke(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
@@ -82,12 +85,20 @@ def conformance_target(nova: FakeNova) -> ConformanceTarget:
         params=openstack_params(nova),
         image_id="debian-12",
         instance_types=[SMALL],
-        provoke_quota_error=provoke(403, {"forbidden": {
-            "message": "Quota exceeded for instances: Requested 1, but already used 10 of 10 "
-                       "instances", "code": 403}}),
+        provoke_quota_error=provoke(
+            403,
+            {
+                "forbidden": {
+                    "message": "Quota exceeded for instances: Requested 1, but already used "
+                    "10 of 10 instances",
+                    "code": 403,
+                }
+            },
+        ),
         provoke_capacity_error=capacity,
         provoke_rate_limit_error=provoke(
-            429, {"overLimit": {"message": "Rate limit exceeded", "code": 429}},
+            429,
+            {"overLimit": {"message": "Rate limit exceeded", "code": 429}},
             {"Retry-After": "5"},
         ),
         boot_record=boot_record,
@@ -111,12 +122,11 @@ class FakeClock:
 
 
 def placing_set(nova: FakeNova, clock: FakeClock, **extra: Any) -> LibcloudInstanceSet:
-    params = LibcloudDriver.validate_parameters(
-        openstack_params(nova, poll_interval="2s", **extra)
-    )
+    params = LibcloudDriver.validate_parameters(openstack_params(nova, poll_interval="2s", **extra))
     assert isinstance(params, LibcloudParameters)
-    return LibcloudInstanceSet(params, DriverContext(instance_set_id="placing"),
-                               clock=clock, sleep=clock.sleep)
+    return LibcloudInstanceSet(
+        params, DriverContext(instance_set_id="placing"), clock=clock, sleep=clock.sleep
+    )
 
 
 OWNER = {"HerderInstanceSetID": "placing"}
@@ -126,12 +136,22 @@ OWNER = {"HerderInstanceSetID": "placing"}
     ("fault", "expected", "type_specific"),
     [
         (NO_VALID_HOST, CapacityError, True),
-        ("Exceeded maximum number of retries. Exhausted all hosts available for retrying "
-         "build failures for instance x. No valid host was found.", CapacityError, True),
-        ("Quota exceeded for cores: Requested 4, but already used 20 of 20 cores",
-         QuotaError, False),
-        ("Build of instance x aborted: Flavor's disk is too small for requested image.",
-         CloudError, False),
+        (
+            "Exceeded maximum number of retries. Exhausted all hosts available for retrying "
+            "build failures for instance x. No valid host was found.",
+            CapacityError,
+            True,
+        ),
+        (
+            "Quota exceeded for cores: Requested 4, but already used 20 of 20 cores",
+            QuotaError,
+            False,
+        ),
+        (
+            "Build of instance x aborted: Flavor's disk is too small for requested image.",
+            CloudError,
+            False,
+        ),
     ],
 )
 def test_a_server_that_turns_error_after_the_create_is_classified_and_destroyed(
@@ -164,6 +184,7 @@ def test_a_server_still_scheduling_at_the_timeout_is_returned_as_it_is(nova: Fak
     clock = FakeClock()
     nova.build_reads = 1000
     instance = placing_set(nova, clock, placement_timeout="10s").create(
-        SMALL, "debian-12", OWNER, "true", None)
+        SMALL, "debian-12", OWNER, "true", None
+    )
     assert nova.servers[instance.id]["status"] == "BUILD"
     assert clock.now == 10.0 and len(clock.sleeps) == 5

@@ -31,33 +31,76 @@ NOW = 1_000_000.0
 
 # (table, exception, expected type, instance_type_specific, earliest_retry)
 ERROR_CASES: list[tuple[Any, BaseException, type[CloudError] | None, bool, float | None]] = [
-    (NO_ERRORS, RateLimitReachedError(headers={"retry-after": "7"}), RateLimitError, False,
-     NOW + 7),
-    (NO_ERRORS, BaseHTTPError(429, "Too Many Requests", {"Retry-After": "3"}), RateLimitError,
-     False, NOW + 3),
+    (
+        NO_ERRORS,
+        RateLimitReachedError(headers={"retry-after": "7"}),
+        RateLimitError,
+        False,
+        NOW + 7,
+    ),
+    (
+        NO_ERRORS,
+        BaseHTTPError(429, "Too Many Requests", {"Retry-After": "3"}),
+        RateLimitError,
+        False,
+        NOW + 3,
+    ),
     (NO_ERRORS, BaseHTTPError(429, "slow down"), RateLimitError, False, NOW + 10),
     (NO_ERRORS, BaseHTTPError(400, "InstanceLimitExceeded: too many"), None, False, None),
-    (EC2_ERRORS, BaseHTTPError(400, "InstanceLimitExceeded: You have requested more"),
-     QuotaError, False, None),
+    (
+        EC2_ERRORS,
+        BaseHTTPError(400, "InstanceLimitExceeded: You have requested more"),
+        QuotaError,
+        False,
+        None,
+    ),
     (EC2_ERRORS, BaseHTTPError(400, "VcpuLimitExceeded: vCPU limit"), QuotaError, False, None),
-    (EC2_ERRORS, BaseHTTPError(500, "InsufficientInstanceCapacity: no m5.large"),
-     CapacityError, True, None),
-    (EC2_ERRORS, BaseHTTPError(503, "RequestLimitExceeded: Request limit exceeded."),
-     RateLimitError, False, NOW + 10),
+    (
+        EC2_ERRORS,
+        BaseHTTPError(500, "InsufficientInstanceCapacity: no m5.large"),
+        CapacityError,
+        True,
+        None,
+    ),
+    (
+        EC2_ERRORS,
+        BaseHTTPError(503, "RequestLimitExceeded: Request limit exceeded."),
+        RateLimitError,
+        False,
+        NOW + 10,
+    ),
     (EC2_ERRORS, BaseHTTPError(400, "InvalidAMIID.NotFound: no such image"), None, False, None),
-    (OPENSTACK_ERRORS, BaseHTTPError(413, "Quota exceeded for instances: Requested 1"),
-     QuotaError, False, None),
-    (OPENSTACK_ERRORS, Exception("500 No valid host was found. There are not enough hosts"),
-     CapacityError, True, None),
-    (OPENSTACK_ERRORS, BaseHTTPError(413, "overLimit: Rate limit exceeded"), RateLimitError,
-     False, NOW + 10),
+    (
+        OPENSTACK_ERRORS,
+        BaseHTTPError(413, "Quota exceeded for instances: Requested 1"),
+        QuotaError,
+        False,
+        None,
+    ),
+    (
+        OPENSTACK_ERRORS,
+        Exception("500 No valid host was found. There are not enough hosts"),
+        CapacityError,
+        True,
+        None,
+    ),
+    (
+        OPENSTACK_ERRORS,
+        BaseHTTPError(413, "overLimit: Rate limit exceeded"),
+        RateLimitError,
+        False,
+        NOW + 10,
+    ),
     (OPENSTACK_ERRORS, BaseHTTPError(404, "Flavor not found"), None, False, None),
 ]
 
 
 @pytest.mark.parametrize(("table", "exc", "expected", "type_specific", "retry"), ERROR_CASES)
 def test_errors_are_classified_per_preset(
-    table: Any, exc: BaseException, expected: type[CloudError] | None, type_specific: bool,
+    table: Any,
+    exc: BaseException,
+    expected: type[CloudError] | None,
+    type_specific: bool,
     retry: float | None,
 ) -> None:
     typed = classify(exc, table, clock=lambda: NOW)
@@ -175,16 +218,20 @@ def test_config_check_takes_spot_and_gpu_capabilities_from_the_preset(
     from herder.plugins import Plugins
 
     path = tmp_path / "herder.yaml"
-    path.write_text(f"cloud: {{driver: libcloud, driver_parameters: {{provider: {provider}}}}}\n"
-                    + TYPES)
+    path.write_text(
+        f"cloud: {{driver: libcloud, driver_parameters: {{provider: {provider}}}}}\n" + TYPES
+    )
     assert {p.key for p in check_config(path, Plugins.load())} == refused
 
 
 def test_a_preemptible_type_is_never_made_on_demand_by_a_preset_without_spot() -> None:
     from herder.model import InstanceType
 
-    iset = LibcloudInstanceSet(LibcloudParameters(provider="openstack"),
-                               DriverContext(instance_set_id="x"), factory=lambda: None)
+    iset = LibcloudInstanceSet(
+        LibcloudParameters(provider="openstack"),
+        DriverContext(instance_set_id="x"),
+        factory=lambda: None,
+    )
     spot = InstanceType(name="s", provider_type="m1", vcpus=1, ram=1 << 30, preemptible=True)
     with pytest.raises(CloudError, match="cannot create preemptible"):
         iset.create(spot, "image-1", {}, "true", None)
@@ -206,21 +253,37 @@ class _RecordingProvider:
         from libcloud.compute.types import NodeState
 
         self.calls.append(kwargs)
-        return Node(f"i-{len(self.calls)}", kwargs["name"], NodeState.PENDING, [], [], self,
-                    extra={"instance_type": "m5.large", "tags": dict(kwargs["ex_metadata"])})
+        return Node(
+            f"i-{len(self.calls)}",
+            kwargs["name"],
+            NodeState.PENDING,
+            [],
+            [],
+            self,
+            extra={"instance_type": "m5.large", "tags": dict(kwargs["ex_metadata"])},
+        )
 
 
 def test_the_ec2_preset_asks_for_spot_with_the_type_price_as_maximum() -> None:
     from herder.model import InstanceType
 
     provider = _RecordingProvider()
-    iset = LibcloudInstanceSet(LibcloudParameters(provider="ec2"),
-                               DriverContext(instance_set_id="x"), factory=lambda: provider)
-    spot = InstanceType(name="s", provider_type="m5.large", vcpus=2, ram=8 << 30, price=0.04,
-                        preemptible=True)
+    iset = LibcloudInstanceSet(
+        LibcloudParameters(provider="ec2"),
+        DriverContext(instance_set_id="x"),
+        factory=lambda: provider,
+    )
+    spot = InstanceType(
+        name="s", provider_type="m5.large", vcpus=2, ram=8 << 30, price=0.04, preemptible=True
+    )
     iset.create(spot, "ami-1", {}, "true", None)
-    iset.create(InstanceType(name="d", provider_type="m5.large", vcpus=2, ram=8 << 30),
-                "ami-1", {}, "true", None)
+    iset.create(
+        InstanceType(name="d", provider_type="m5.large", vcpus=2, ram=8 << 30),
+        "ami-1",
+        {},
+        "true",
+        None,
+    )
     assert provider.calls[0]["ex_spot"] is True and provider.calls[0]["ex_spot_max_price"] == 0.04
     assert "ex_spot" not in provider.calls[1] and "ex_spot_max_price" not in provider.calls[1]
 
@@ -228,11 +291,22 @@ def test_the_ec2_preset_asks_for_spot_with_the_type_price_as_maximum() -> None:
 @pytest.mark.parametrize(
     ("table", "fault", "expected", "type_specific"),
     [
-        (OPENSTACK_ERRORS, {"code": 500, "message": "No valid host was found. There are not "
-                            "enough hosts available."}, CapacityError, True),
+        (
+            OPENSTACK_ERRORS,
+            {
+                "code": 500,
+                "message": "No valid host was found. There are not enough hosts available.",
+            },
+            CapacityError,
+            True,
+        ),
         (OPENSTACK_ERRORS, {"code": 403, "message": "Quota exceeded for ram"}, QuotaError, False),
-        (OPENSTACK_ERRORS, {"code": 500, "message": "Unexpected error while running command"},
-         CloudError, False),
+        (
+            OPENSTACK_ERRORS,
+            {"code": 500, "message": "Unexpected error while running command"},
+            CloudError,
+            False,
+        ),
         (OPENSTACK_ERRORS, None, CloudError, False),
         (NO_ERRORS, {"code": 500, "message": "No valid host was found."}, CloudError, False),
         (EC2_ERRORS, {"message": "InsufficientInstanceCapacity"}, CapacityError, True),
@@ -256,8 +330,11 @@ def test_the_ec2_preset_sends_a_hash_of_the_create_key_as_client_token() -> None
     from herder.model import InstanceType
 
     provider = _RecordingProvider()  # no list_nodes: the token alone makes the create safe
-    iset = LibcloudInstanceSet(LibcloudParameters(provider="ec2"),
-                               DriverContext(instance_set_id="x"), factory=lambda: provider)
+    iset = LibcloudInstanceSet(
+        LibcloudParameters(provider="ec2"),
+        DriverContext(instance_set_id="x"),
+        factory=lambda: provider,
+    )
     small = InstanceType(name="d", provider_type="m5.large", vcpus=2, ram=8 << 30)
     iset.create(small, "ami-1", {"HerderInstanceSecret": "k" * 40}, "true", None)
     iset.create(small, "ami-1", {}, "true", None)

@@ -59,8 +59,13 @@ def _healthy(url: str) -> bool:
 def _herder(
     *args: str, env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "herder.app.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "herder.app.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_herder_plugins_lists_the_libcloud_driver() -> None:
@@ -76,17 +81,34 @@ def test_herder_serve_runs_a_container_on_the_dummy_provider(tmp_path: Path) -> 
     config.write_text(CONFIG.format(tmp=tmp_path, port=port))
     data = tmp_path / "data"
     url = f"http://127.0.0.1:{port}"
-    environ = {**os.environ, "HERDER_DATA_DIR": str(data), "HERDER_SERVER": url,
-               "HERDER_MANAGEMENT_TOKEN": "libcloud-token-for-tests",
-               "HERDER_TEST_DUMMY_ACCOUNT": "0"}
+    environ = {
+        **os.environ,
+        "HERDER_DATA_DIR": str(data),
+        "HERDER_SERVER": url,
+        "HERDER_MANAGEMENT_TOKEN": "libcloud-token-for-tests",
+        "HERDER_TEST_DUMMY_ACCOUNT": "0",
+    }
     check = _herder("config", "check", str(config), env=environ)
     assert check.returncode == 0, check.stdout + check.stderr
     log_path = tmp_path / "serve.log"
     log = open(log_path, "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "herder.app.cli", "--log-format", "json", "serve", "--config",
-         str(config), "--data-dir", str(data)],
-        env=environ, stdout=log, stderr=log, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "herder.app.cli",
+            "--log-format",
+            "json",
+            "serve",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(data),
+        ],
+        env=environ,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 30
@@ -94,9 +116,20 @@ def test_herder_serve_runs_a_container_on_the_dummy_provider(tmp_path: Path) -> 
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "herder serve did not start"
             time.sleep(0.1)
-        result = _herder("submit", "--wait", "--vcpus", "1", "--ram", "256MiB", "--",
-                         "sh", "-c", "echo hello-from-libcloud; exit 3", env=environ,
-                         timeout=90)
+        result = _herder(
+            "submit",
+            "--wait",
+            "--vcpus",
+            "1",
+            "--ram",
+            "256MiB",
+            "--",
+            "sh",
+            "-c",
+            "echo hello-from-libcloud; exit 3",
+            env=environ,
+            timeout=90,
+        )
         assert result.returncode == 3, result.stdout + result.stderr + log_path.read_text()
         assert "hello-from-libcloud" in result.stdout + result.stderr
     finally:

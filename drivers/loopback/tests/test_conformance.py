@@ -65,4 +65,3 @@ def conformance_target(tmp_path: Path) -> ConformanceTarget:
         boot_record=boot_record,
         strict=True,
     )
-

@@ -46,8 +46,7 @@ def conformance_target(tmp_path: Path) -> ConformanceTarget:
         driver=ExampleDriver(),
         # A fresh account per test, so one test's instances never count against another's.
         params={"account": uuid.uuid4().hex, "max_instances": MAX_INSTANCES},
-        instance_types=[InstanceType(name="small", provider_type="ex.small", vcpus=1,
-                                     ram=1 << 30)],
+        instance_types=[InstanceType(name="small", provider_type="ex.small", vcpus=1, ram=1 << 30)],
         private_key_path=str(key),
         max_instances=MAX_INSTANCES,
         boot_timeout=20,

@@ -286,8 +286,9 @@ def test_config_check_names_bad_dispatcher_parameters(
     assert cli.main(["config", "check", str(path)]) == 1
     err = capsys.readouterr().err
     assert f"{path}: dispatcher_parameters.vcpus: " in err
-    assert (f"{path}: dispatcher_parameters.probe_intervl: unknown key "
-            "(did you mean 'probe_interval'?)") in err
+    assert (
+        f"{path}: dispatcher_parameters.probe_intervl: unknown key (did you mean 'probe_interval'?)"
+    ) in err
     assert f"{path}: queue.backend_parameters.path: " in err
     path.write_text("dispatcher: local\ndispatcher_parameters: {vcpus: 2}\n")
     assert cli.main(["config", "check", str(path)]) == 0
@@ -302,8 +303,17 @@ def test_serve_refuses_bad_dispatcher_parameters_in_one_line(
     monkeypatch.delenv("HERDER_CONFIG", raising=False)
     path = tmp_path / "herder.yaml"
     path.write_text("dispatcher: local\ndispatcher_parameters: {ram: lots}\n")
-    status = cli.main(["--config", str(path), "serve", "--data-dir", str(tmp_path / "data"),
-                       "--listen", "127.0.0.1:0"])
+    status = cli.main(
+        [
+            "--config",
+            str(path),
+            "serve",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--listen",
+            "127.0.0.1:0",
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 1
     assert "dispatcher_parameters.ram" in err and "Traceback" not in err
@@ -323,7 +333,8 @@ def test_a_container_that_could_not_start_is_not_an_exit_code(setup, rt) -> None
     got = get(q, image)
     assert got.state is ContainerState.CANCELLED and got.exit_code is None
     assert got.status("error") == (
-        "the container could not be started: pull access denied for nosuch")
+        "the container could not be started: pull access denied for nosuch"
+    )
     again = get(q, engine)
     assert again.exit_code is None and again.lock_count == 1
     assert again.attempt_history[0].outcome == "retried"

@@ -86,15 +86,36 @@ def pg_cluster() -> Iterator[Cluster]:
     def run(*args: str) -> None:
         subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
 
-    run(f"{bin_dir}/initdb", "-D", str(data), "-A", "scram-sha-256", "-U", "herder",
-        f"--pwfile={pwfile}")
-    run(f"{bin_dir}/pg_ctl", "-D", str(data), "-o", f"-h 127.0.0.1 -p {port} -k {base}",
-        "-l", str(base / "log"), "-w", "start")
+    run(
+        f"{bin_dir}/initdb",
+        "-D",
+        str(data),
+        "-A",
+        "scram-sha-256",
+        "-U",
+        "herder",
+        f"--pwfile={pwfile}",
+    )
+    run(
+        f"{bin_dir}/pg_ctl",
+        "-D",
+        str(data),
+        "-o",
+        f"-h 127.0.0.1 -p {port} -k {base}",
+        "-l",
+        str(base / "log"),
+        "-w",
+        "start",
+    )
     try:
         yield Cluster(port, password, pwfile)
     finally:
-        subprocess.run([*as_user, f"{bin_dir}/pg_ctl", "-D", str(data), "-m", "immediate", "-w",
-                        "stop"], capture_output=True, timeout=60, check=False)
+        subprocess.run(
+            [*as_user, f"{bin_dir}/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -86,8 +86,11 @@ def pair(
 ) -> Iterator[tuple[Server, Server]]:
     params = pg_params()
     config = CONFIG.format(
-        dsn=params["dsn"], password_env=pg_password, schema=params["schema_name"],
-        state_file=cloud_file, lease=LEASE,
+        dsn=params["dsn"],
+        password_env=pg_password,
+        schema=params["schema_name"],
+        state_file=cloud_file,
+        lease=LEASE,
     )
     servers = (
         Server(tmp_path, "a", config, dict(os.environ)),
@@ -163,8 +166,12 @@ def test_failover_on_one_cloud_loses_nothing_and_runs_nothing_twice(
     standby.start()
     standby.wait_for(lambda: "standby: waiting" in standby.log(), "the standby")
     for _ in range(CONTAINERS):
-        _api(standby, "POST", "/api/v1/containers",
-             {"command": ["sleep", f"{rng.uniform(0.5, 3.0):.2f}"]})
+        _api(
+            standby,
+            "POST",
+            "/api/v1/containers",
+            {"command": ["sleep", f"{rng.uniform(0.5, 3.0):.2f}"]},
+        )
 
     takeovers = []
     for _ in range(KILLS):
@@ -196,12 +203,16 @@ def test_failover_on_one_cloud_loses_nothing_and_runs_nothing_twice(
     leader.wait_for(lambda: not _listed_instances(cloud), "the idle instances to go", timeout=60)
 
     items = _containers(leader)
-    print(f"{len(items)} containers, {KILLS} kills, seed {SEED}; takeovers after "
-          + ", ".join(f"{t:.1f}s" for t in takeovers) + f" (lease {LEASE:.0f}s)")
+    print(
+        f"{len(items)} containers, {KILLS} kills, seed {SEED}; takeovers after "
+        + ", ".join(f"{t:.1f}s" for t in takeovers)
+        + f" (lease {LEASE:.0f}s)"
+    )
     with cloud.lock:
         stats = cloud.stats.to_json()
-    print(f"cloud: {stats['created']} instances created, {stats['container_starts']} "
-          f"container starts")
+    print(
+        f"cloud: {stats['created']} instances created, {stats['container_starts']} container starts"
+    )
     assert len(items) == CONTAINERS
     assert sorted({(c["state"], c["exit_code"]) for c in items}) == [("Complete", 0)], [
         c for c in items if (c["state"], c["exit_code"]) != ("Complete", 0)

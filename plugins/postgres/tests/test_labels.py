@@ -56,8 +56,7 @@ def test_a_schema_from_before_labels_is_upgraded_in_place(
     queue.close()
     with pg_cluster.connect() as db:
         db.execute(f"ALTER TABLE {schema_name}.containers DROP COLUMN labels")
-        db.execute(f"UPDATE {schema_name}.schema_version SET version = %s",
-                   (len(MIGRATIONS) - 1,))
+        db.execute(f"UPDATE {schema_name}.schema_version SET version = %s", (len(MIGRATIONS) - 1,))
     queue = make_queue()
     got = queue.get(old.uuid)
     assert got is not None and got.spec.labels == () and got.spec.name == "old"

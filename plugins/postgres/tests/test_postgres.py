@@ -73,8 +73,11 @@ def make_queue(
     pg_params: Callable[..., dict[str, Any]], opened: list[ContainerQueue]
 ) -> Callable[..., PostgresQueue]:
     def make(**extra: Any) -> PostgresQueue:
-        q = _open(pg_params(reconnect_for=extra.pop("reconnect_for", 10)),
-                  QueueSettings(runtime=VirtualRuntime()), **extra)
+        q = _open(
+            pg_params(reconnect_for=extra.pop("reconnect_for", 10)),
+            QueueSettings(runtime=VirtualRuntime()),
+            **extra,
+        )
         opened.append(q)
         return q
 
@@ -180,8 +183,10 @@ def test_password_never_reaches_logs_or_errors(
     opened.append(queue)
     pg_cluster.terminate()
     queue.submit(SPEC)
-    assert PostgresParameters.model_validate(pg_params()).describe().startswith(
-        f"postgres herder@127.0.0.1:{pg_cluster.port}/postgres schema t_"
+    assert (
+        PostgresParameters.model_validate(pg_params())
+        .describe()
+        .startswith(f"postgres herder@127.0.0.1:{pg_cluster.port}/postgres schema t_")
     )
     # From a file too; a wrong one fails without saying what it was.
     secret = tmp_path / "pw"

@@ -99,9 +99,13 @@ def setup(tmp_path: Path, rt: VirtualRuntime):
 
 def test_job_script_runs_the_command_and_records_its_exit_code(tmp_path: Path) -> None:
     ctr = Container(
-        uuid="zzzzz-dz642-aaaaaaaaaaaaaaa", state=L, priority=1, created_at=0.0,
-        spec=ContainerSpec(command=("sh", "-c", "echo $GREETING; exit 4"),
-                           environment=(("GREETING", "it's me"),)),
+        uuid="zzzzz-dz642-aaaaaaaaaaaaaaa",
+        state=L,
+        priority=1,
+        created_at=0.0,
+        spec=ContainerSpec(
+            command=("sh", "-c", "echo $GREETING; exit 4"), environment=(("GREETING", "it's me"),)
+        ),
     )
     script = tmp_path / "job.sh"
     script.write_text(job_script(ctr, tmp_path))
@@ -260,8 +264,9 @@ def test_config_check_names_bad_dispatcher_parameters(
     assert cli.main(["config", "check", str(path)]) == 1
     err = capsys.readouterr().err
     assert f"{path}: dispatcher_parameters.vcpus: " in err
-    assert (f"{path}: dispatcher_parameters.probe_intervl: unknown key "
-            "(did you mean 'probe_interval'?)") in err
+    assert (
+        f"{path}: dispatcher_parameters.probe_intervl: unknown key (did you mean 'probe_interval'?)"
+    ) in err
     assert f"{path}: queue.backend_parameters.path: " in err
     path.write_text("dispatcher: slurm\ndispatcher_parameters: {vcpus: 2}\n")
     assert cli.main(["config", "check", str(path)]) == 0

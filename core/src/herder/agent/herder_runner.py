@@ -254,7 +254,13 @@ class Options:
 
 VERBS = ("--list", "--detach", "--kill", "--log", "--forget", "--serve")
 FLAGS = (
-    "--list", "--detach", "--log", "--forget", "--serve", "--stdin-prices", "--stdin-config",
+    "--list",
+    "--detach",
+    "--log",
+    "--forget",
+    "--serve",
+    "--stdin-prices",
+    "--stdin-config",
     "--help",
 )
 VALUED = ("--kill", "--state-dir", "--log-dir", "--runtime-engine", "--kill-grace")
@@ -861,8 +867,9 @@ def parse_config(raw: bytes, uuid: str, default_runtime: str) -> RunConfig:
     log_limit = _number(doc, "log_limit")
     pull_policy = _string(doc, "pull_policy") or "if-not-present"
     if pull_policy not in PULL_POLICIES:
-        raise RunnerError(f"config pull_policy {pull_policy[:20]!r} is not one of "
-                          f"{', '.join(PULL_POLICIES)}")
+        raise RunnerError(
+            f"config pull_policy {pull_policy[:20]!r} is not one of {', '.join(PULL_POLICIES)}"
+        )
     return RunConfig(
         pull_policy=pull_policy,
         log_limit=int(log_limit),
@@ -980,9 +987,7 @@ def redirect_stdio(log_path: str) -> None:
     os.close(log)
 
 
-def record_exit(
-    state: State, uuid: str, code: int, failure: tuple[str, str] | None = None
-) -> None:
+def record_exit(state: State, uuid: str, code: int, failure: tuple[str, str] | None = None) -> None:
     """Write the exit record; a full disk here also means the instance is broken.
 
     Normally a new file replaces the reservation atomically.  When that cannot be written
@@ -1002,8 +1007,9 @@ def record_exit(
     try:
         fd = os.open(state.exit_path(uuid), os.O_WRONLY)
         try:
-            os.pwrite(fd, record.rstrip(b"\n")[: EXIT_RESERVED - 1].ljust(EXIT_RESERVED - 1)
-                      + b"\n", 0)
+            os.pwrite(
+                fd, record.rstrip(b"\n")[: EXIT_RESERVED - 1].ljust(EXIT_RESERVED - 1) + b"\n", 0
+            )
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -1080,9 +1086,7 @@ def engine_failure(stderr_tail: bytes) -> tuple[str, str] | None:
     lines = [line.strip() for line in stderr_tail.decode("utf-8", "replace").splitlines()]
     lines = [line for line in lines if line]
     for patterns, side in ((IMAGE_ERRORS, "container"), (ENGINE_ERRORS, "instance")):
-        found = [
-            line for line in lines if any(re.search(p, line, re.IGNORECASE) for p in patterns)
-        ]
+        found = [line for line in lines if any(re.search(p, line, re.IGNORECASE) for p in patterns)]
         if found:
             return side, one_line(found[-1])
     return None
@@ -1369,8 +1373,8 @@ class Supervisor:
                 raise ImageUnavailable("instance", failure[1])
             if policy == "never":
                 raise ImageUnavailable(
-                    "container", f"image {image} is not on the instance and the pull policy "
-                    "is never"
+                    "container",
+                    f"image {image} is not on the instance and the pull policy is never",
                 )
         note(f"pulling image {image} (pull policy {policy})")
         started = time.monotonic()
@@ -1681,8 +1685,12 @@ def follow_logs(state: State, sent: dict[str, int]) -> list[dict[str, Any]]:
             sent[uuid] = offset
             continue
         events.append(
-            {"event": "log", "uuid": uuid, "offset": offset,
-             "data": base64.b64encode(data).decode()}
+            {
+                "event": "log",
+                "uuid": uuid,
+                "offset": offset,
+                "data": base64.b64encode(data).decode(),
+            }
         )
         sent[uuid] = offset + len(data)
         budget -= len(data)

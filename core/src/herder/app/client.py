@@ -318,9 +318,7 @@ class Client:
 
     def costs(self, period: str = "day", last: int = 7) -> dict[str, Any]:
         """The cost report over the current ``period`` and the ``last``-1 before it."""
-        return self._json(
-            "GET", "/api/v1/costs", query=[("period", period), ("last", str(last))]
-        )
+        return self._json("GET", "/api/v1/costs", query=[("period", period), ("last", str(last))])
 
     # ---- service
 
@@ -461,9 +459,7 @@ class Client:
                 "is `herder serve` running?"
             )
         if isinstance(reason, TimeoutError | socket.timeout):
-            return ClientError(
-                f"herder at {self.base_url} did not answer within {self.timeout:g}s"
-            )
+            return ClientError(f"herder at {self.base_url} did not answer within {self.timeout:g}s")
         text = getattr(reason, "strerror", None) or str(reason)
         return ClientError(f"cannot reach herder at {self.base_url}: {text}")
 

@@ -79,6 +79,7 @@ class TextFormatter(logging.Formatter):
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
 
+
 #: Loggers of libraries whose failures herder reports itself, in its own words.
 _LIBRARIES = ("paramiko", "herder.ssh.server.transport", "uvicorn")
 #: How paramiko's transport thread announces the error it then logs line by line.

@@ -198,8 +198,11 @@ def load_runner_binary(config: Config) -> RunnerBinary:
         return RunnerBinary(None)
     path = PROGRAM
     if not path.exists():
-        log.warning("runner agent %s not found; using %s already on instances", path,
-                    config.containers.runner_command)
+        log.warning(
+            "runner agent %s not found; using %s already on instances",
+            path,
+            config.containers.runner_command,
+        )
         return RunnerBinary(None)
     return RunnerBinary(path.read_bytes())
 
@@ -446,8 +449,14 @@ class CloudEngine:
         start, end = period_bounds(now, self.budget.period)
         b = self.budget
         return BudgetState(
-            b.period, start, end, self.ledger.total(start, end), b.soft_limit, b.hard_limit,
-            b.on_hard_limit, at=now,
+            b.period,
+            start,
+            end,
+            self.ledger.total(start, end),
+            b.soft_limit,
+            b.hard_limit,
+            b.on_hard_limit,
+            at=now,
         )
 
     def cost_report(self, period: str = "day", periods: int = 7) -> CostReport:
@@ -495,4 +504,3 @@ def public_key_from_private(path: str) -> str:
             continue
         return f"{key.get_name()} {key.get_base64()}"
     raise ValueError(f"{path}: not a usable SSH private key ({'; '.join(errors)})")
-

@@ -135,9 +135,7 @@ class QuotaMetrics:
     """The ``herder_quota_*`` gauges: the cloud's quotas as the driver last read them (see
     :mod:`herder.engine.scheduler.quotas`), with herder's own share; none when no quota is read."""
 
-    def __init__(
-        self, registry: CollectorRegistry, states: Callable[[], list[QuotaState]]
-    ) -> None:
+    def __init__(self, registry: CollectorRegistry, states: Callable[[], list[QuotaState]]) -> None:
         self._states = states
         registry.register(self)
 
@@ -153,11 +151,13 @@ class QuotaMetrics:
             "herder_quota_limit", "A cloud quota's limit, as last read", labels=labels
         )
         usage = GaugeMetricFamily(
-            "herder_quota_usage", "The account's usage of a cloud quota, as last read",
+            "herder_quota_usage",
+            "The account's usage of a cloud quota, as last read",
             labels=labels,
         )
         own = GaugeMetricFamily(
-            "herder_quota_herder", "What herder's own live instances take of a cloud quota",
+            "herder_quota_herder",
+            "What herder's own live instances take of a cloud quota",
             labels=labels,
         )
         for state in self._states() if live else []:

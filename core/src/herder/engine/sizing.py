@@ -47,8 +47,13 @@ def gpu_request_for(count: int, instance_types: Mapping[str, InstanceType]) -> G
     gpu_types = [it for it in instance_types.values() if it.gpu.device_count]
     stacks = {it.gpu.stack for it in gpu_types}
     stack = stacks.pop() if len(stacks) == 1 else "cuda"
-    targets = sorted({it.gpu.hardware_target for it in gpu_types
-                      if it.gpu.stack == stack and it.gpu.hardware_target})
+    targets = sorted(
+        {
+            it.gpu.hardware_target
+            for it in gpu_types
+            if it.gpu.stack == stack and it.gpu.hardware_target
+        }
+    )
     if stack == "cuda" and targets:
         lowest = min(targets, key=lambda t: tuple(int(p) for p in t.split(".") if p.isdigit()))
         return GPURequest(stack=stack, device_count=count, hardware_target=(lowest,))
@@ -84,29 +89,49 @@ def _why_nothing_fits(
 
     checks: list[tuple[bool, str]] = []
     most, name = best([(t.vcpus, t.name) for t in types])
-    checks.append((most >= need.vcpus, f"needs {need.vcpus} VCPUs; the most any type has is "
-                                       f"{most} ({name})"))
+    checks.append(
+        (most >= need.vcpus, f"needs {need.vcpus} VCPUs; the most any type has is {most} ({name})")
+    )
     most, name = best([(t.ram, t.name) for t in types])
-    checks.append((most >= need.ram, f"needs {format_size(need.ram)} of RAM (with the "
-                                     f"runtime's overhead); the most any type has is "
-                                     f"{format_size(most)} ({name})"))
+    checks.append(
+        (
+            most >= need.ram,
+            f"needs {format_size(need.ram)} of RAM (with the "
+            f"runtime's overhead); the most any type has is "
+            f"{format_size(most)} ({name})",
+        )
+    )
     most, name = best([(t.scratch, t.name) for t in types])
-    checks.append((most >= need.scratch, f"needs {format_size(need.scratch)} of scratch; the "
-                                         f"most any type has is {format_size(most)} ({name})"))
+    checks.append(
+        (
+            most >= need.scratch,
+            f"needs {format_size(need.scratch)} of scratch; the "
+            f"most any type has is {format_size(most)} ({name})",
+        )
+    )
     if preemptible:
-        checks.append((any(t.preemptible for t in types),
-                       "asks for a preemptible instance; no preemptible type is configured"))
+        checks.append(
+            (
+                any(t.preemptible for t in types),
+                "asks for a preemptible instance; no preemptible type is configured",
+            )
+        )
     if need.gpus:
         same_stack = [t for t in types if t.gpu.stack == stack and t.gpu.device_count]
         most, name = best([(t.gpu.device_count, t.name) for t in same_stack])
-        offer = (f"the most any type has is {most} ({name})" if same_stack
-                 else f"no {stack or 'GPU'} instance type is configured")
+        offer = (
+            f"the most any type has is {most} ({name})"
+            if same_stack
+            else f"no {stack or 'GPU'} instance type is configured"
+        )
         checks.append((most >= need.gpus, f"needs {need.gpus} {stack} GPUs; {offer}"))
     for ok, text in checks:
         if not ok:
             return text
-    return ("each need is met by some type, but no single type meets them all (or its GPU "
-            "capability, driver or VRAM is too low)")
+    return (
+        "each need is met by some type, but no single type meets them all (or its GPU "
+        "capability, driver or VRAM is too low)"
+    )
 
 
 def _sort_key(it: InstanceType) -> tuple[float, int, int, int, str]:

@@ -59,7 +59,10 @@ class CommandBootProbe(BootProbe):
         if not result.ok:
             log.debug(
                 "instance %s: boot probe %r exited %d: %s",
-                instance.id, self.command, result.exit_status, stderr.strip(),
+                instance.id,
+                self.command,
+                result.exit_status,
+                stderr.strip(),
             )
             return False, stderr
         log.info("instance %s: boot probe succeeded", instance.id)

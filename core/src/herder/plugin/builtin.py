@@ -33,7 +33,6 @@ def herder_register_boot_probes(registry: Registry) -> None:
     )
 
 
-
 @hookimpl
 def herder_register_queues(registry: Registry) -> None:
     """The embedded queue: one SQLite file at ``queue.path``."""

@@ -159,19 +159,26 @@ def _capability_problems(
     containers = data.get("containers")
     factor = containers.get("preemptible_price_factor") if isinstance(containers, dict) else 0
     if not spot and isinstance(factor, (int, float)) and factor > 0:
-        problems.append(ConfigProblem(
-            "containers.preemptible_price_factor",
-            cannot.format(what="the preemptible (spot) variants this adds",
-                          capability="spot"),
-        ))
-    always = containers.get("always_use_preemptible_instances") if isinstance(
-        containers, dict) else False
+        problems.append(
+            ConfigProblem(
+                "containers.preemptible_price_factor",
+                cannot.format(what="the preemptible (spot) variants this adds", capability="spot"),
+            )
+        )
+    always = (
+        containers.get("always_use_preemptible_instances")
+        if isinstance(containers, dict)
+        else False
+    )
     if not spot and always is True:
-        problems.append(ConfigProblem(
-            "containers.always_use_preemptible_instances",
-            cannot.format(what="the preemptible (spot) instances this asks for",
-                          capability="spot"),
-        ))
+        problems.append(
+            ConfigProblem(
+                "containers.always_use_preemptible_instances",
+                cannot.format(
+                    what="the preemptible (spot) instances this asks for", capability="spot"
+                ),
+            )
+        )
     types = data.get("instance_types") or {}
     if not isinstance(types, dict):
         return problems
@@ -179,10 +186,12 @@ def _capability_problems(
         if not isinstance(spec, dict):
             continue
         if not spot and spec.get("preemptible") is True:
-            problems.append(ConfigProblem(
-                f"instance_types.{type_name}.preemptible",
-                cannot.format(what="preemptible (spot) instances", capability="spot"),
-            ))
+            problems.append(
+                ConfigProblem(
+                    f"instance_types.{type_name}.preemptible",
+                    cannot.format(what="preemptible (spot) instances", capability="spot"),
+                )
+            )
         gpu = spec.get("gpu")
         count = gpu.get("device_count") if isinstance(gpu, dict) else None
         if (
@@ -191,8 +200,10 @@ def _capability_problems(
             and not isinstance(count, bool)
             and count > 0
         ):
-            problems.append(ConfigProblem(
-                f"instance_types.{type_name}.gpu",
-                cannot.format(what="instances with GPUs", capability="gpu"),
-            ))
+            problems.append(
+                ConfigProblem(
+                    f"instance_types.{type_name}.gpu",
+                    cannot.format(what="instances with GPUs", capability="gpu"),
+                )
+            )
     return problems

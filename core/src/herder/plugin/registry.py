@@ -326,9 +326,7 @@ class Plugins:
         """The :class:`herder.plugin.bootprobe.BootProbe` subclass registered as ``name``."""
         from herder.plugin.bootprobe import BootProbe
 
-        return self._load_class(
-            "boot_probe", name, BootProbe, "herder.plugin.bootprobe.BootProbe"
-        )
+        return self._load_class("boot_probe", name, BootProbe, "herder.plugin.bootprobe.BootProbe")
 
     def dispatcher_class(self, name: str) -> type[Any]:
         """The :class:`herder.dispatch.DispatchBackend` subclass registered as ``name``."""
@@ -342,9 +340,7 @@ class Plugins:
         """The :class:`herder.queue.backend.QueueBackend` subclass registered as ``name``."""
         from herder.queue.backend import QueueBackend
 
-        return self._load_class(
-            "queue", name, QueueBackend, "herder.queue.backend.QueueBackend"
-        )
+        return self._load_class("queue", name, QueueBackend, "herder.queue.backend.QueueBackend")
 
     def config_problems(self, data: dict[str, Any]) -> list[ConfigProblem]:
         """Every problem these plugins find in a parsed configuration (names not installed,

@@ -20,9 +20,7 @@ __all__ = ["MemoryQueue"]
 
 
 class MemoryQueue(RuledQueue):
-    """The queue rules over a dict; everything is lost when the object goes.
-
-    """
+    """The queue rules over a dict; everything is lost when the object goes."""
 
     def __init__(
         self,

@@ -33,8 +33,18 @@ COLUMNS = (
 COLUMN_COUNT = COLUMNS.count(",") + 1
 #: The columns :func:`update_row` gives, in order, followed by the uuid.
 UPDATE_COLUMNS = (
-    "state", "priority", "locked_at", "started_at", "finished_at", "lock_count", "exit_code",
-    "runtime_status", "instance_id", "instance_type", "cost", "attempts",
+    "state",
+    "priority",
+    "locked_at",
+    "started_at",
+    "finished_at",
+    "lock_count",
+    "exit_code",
+    "runtime_status",
+    "instance_id",
+    "instance_type",
+    "cost",
+    "attempts",
 )
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
@@ -237,9 +247,7 @@ def _decode_strictly(row: Sequence[Any]) -> Container:
         instance_type=row[12],
         cost=row[13],
         array_id=row[14],
-        attempt_history=tuple(
-            Attempt.from_json(a) for a in json.loads(row[15])
-        ),
+        attempt_history=tuple(Attempt.from_json(a) for a in json.loads(row[15])),
     )
 
 

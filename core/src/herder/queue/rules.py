@@ -121,8 +121,13 @@ def _ended(
     return (
         *history,
         Attempt(
-            number=c.lock_count, instance_id=c.instance_id, instance_type=c.instance_type,
-            ended_at=now, outcome=outcome, reason=reason, exit_code=exit_code,
+            number=c.lock_count,
+            instance_id=c.instance_id,
+            instance_type=c.instance_type,
+            ended_at=now,
+            outcome=outcome,
+            reason=reason,
+            exit_code=exit_code,
         ),
     )
 
@@ -133,7 +138,10 @@ def cancelled(c: Container, now: float, error: str = "") -> Container:
     status = _with_status(c, "error", error) if error else c.runtime_status
     status = tuple((k, v) for k, v in status if k != WAITING_FOR)
     return replace(
-        c, state=CANCELLED, finished_at=now, runtime_status=status,
+        c,
+        state=CANCELLED,
+        finished_at=now,
+        runtime_status=status,
         attempt_history=_ended(c, now, "cancelled", error),
     )
 
@@ -241,7 +249,11 @@ def running_rule(c: Container, now: float, instance_id: str, instance_type: str)
         number=c.lock_count, instance_id=instance_id, instance_type=instance_type, started_at=now
     )
     return replace(
-        c, state=RUNNING, started_at=now, instance_id=instance_id, instance_type=instance_type,
+        c,
+        state=RUNNING,
+        started_at=now,
+        instance_id=instance_id,
+        instance_type=instance_type,
         attempt_history=(*c.attempt_history, attempt),
     )
 
@@ -252,7 +264,10 @@ def finish_rule(c: Container, now: float, exit_code: int) -> Container:
     if c.state is QUEUED:
         raise _refuse(c, "finish")
     return replace(
-        c, state=COMPLETE, exit_code=exit_code, finished_at=now,
+        c,
+        state=COMPLETE,
+        exit_code=exit_code,
+        finished_at=now,
         attempt_history=_ended(c, now, "complete", exit_code=exit_code),
     )
 
@@ -271,7 +286,8 @@ def retry_rule(c: Container, now: float, reason: str, max_attempts: int) -> Cont
         gone = cancelled(c, now, f"{reason}; cancelled after {c.lock_count} dispatch attempts")
         return replace(gone, attempt_history=_ended(c, now, "retried", reason))
     return replace(
-        _requeued(c), runtime_status=_with_status(c, "warning", reason),
+        _requeued(c),
+        runtime_status=_with_status(c, "warning", reason),
         attempt_history=_ended(c, now, "retried", reason),
     )
 
@@ -351,9 +367,7 @@ MAX_ARRAY = 100_000
 _ARRAY_ENV = frozenset({ARRAY_ID_ENV, ARRAY_INDEX_ENV})
 
 
-def new_uuid(
-    cluster_id: str, random_bytes: Callable[[int], bytes], infix: str = "dz642"
-) -> str:
+def new_uuid(cluster_id: str, random_bytes: Callable[[int], bytes], infix: str = "dz642") -> str:
     """``<cluster_id>-dz642-<15 random lowercase alphanumerics>`` (``infix`` for other kinds).
 
     One draw of random bytes per UUID (not one per character) keeps a 100,000-container
@@ -420,9 +434,7 @@ class RuledQueue(ContainerQueue):
         #: finished container finds its waiters without a scan; may hold stale entries.
         self._waiters: dict[str, set[str]] = {}
         self._listeners: Callbacks[[]] = Callbacks("queue listener", log)
-        self._observers: Callbacks[[Container | None, Container]] = Callbacks(
-            "queue observer", log
-        )
+        self._observers: Callbacks[[Container | None, Container]] = Callbacks("queue observer", log)
         self._closed = False
 
     # ---- what a backend provides (each called with self._lock held)
@@ -445,8 +457,9 @@ class RuledQueue(ContainerQueue):
         """
 
     @abstractmethod
-    def _store_cancelled(self, containers: Sequence[Container], unreadable: Sequence[Unreadable],
-                         now: float) -> None:
+    def _store_cancelled(
+        self, containers: Sequence[Container], unreadable: Sequence[Unreadable], now: float
+    ) -> None:
         """At opening: store cancellations decided by the rules, and cancel records that could
         not be decoded (written directly: they cannot be re-encoded), in one transaction."""
 
@@ -521,9 +534,7 @@ class RuledQueue(ContainerQueue):
                     log.warning(
                         "%s is running but fits no configured type: %s", c.uuid, sizing.error
                     )
-                self._entries[c.uuid] = QueueEntry(
-                    c, sizing.resources, sizing.instance_types, now
-                )
+                self._entries[c.uuid] = QueueEntry(c, sizing.resources, sizing.instance_types, now)
                 if waiting_for(c):
                     self._wait(c)
             if doomed or unreadable:
@@ -598,8 +609,11 @@ class RuledQueue(ContainerQueue):
             self._observed(old, new)
         # What another process finished may release containers held here, and what it
         # submitted may wait for containers that have finished since.
-        finished = [new for old, new in changes if new.state.final and old is not None
-                    and not old.state.final]
+        finished = [
+            new
+            for old, new in changes
+            if new.state.final and old is not None and not old.state.final
+        ]
         if finished and self._waiters:
             self._settle(finished)
         deps = {dep for _, new in changes for dep in waiting_for(new)}
@@ -787,9 +801,7 @@ class RuledQueue(ContainerQueue):
                 deps.append(self._stored(uuid))
             except ContainerNotFound:
                 where = "" if index is None else f"item {index}: "
-                raise InvalidRequest(
-                    f"{where}after: no container {uuid}", index, "after"
-                ) from None
+                raise InvalidRequest(f"{where}after: no container {uuid}", index, "after") from None
         return held_at_submission(c, deps, now)
 
     def _wait(self, c: Container) -> None:

@@ -70,6 +70,7 @@ def immediate_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection
             db.execute("ROLLBACK")
         raise
 
+
 # --------------------------------------------------------------------------- schema
 
 #: Each item upgrades the schema by one version; ``schema_version`` records how many ran.  Add
@@ -126,14 +127,11 @@ def _select_from_older(columns: set[str]) -> str:
     """:data:`_SELECT` for a file that may not be upgraded yet (``queue check`` reads files
     as they are): a column it lacks reads as what it meant before the column existed."""
     wanted = [name.strip() for name in COLUMNS.split(",")]
-    return "SELECT " + ", ".join(  # noqa: S608 (constant names and literals only)
-        name if name in columns else _ADDED_COLUMNS[name] for name in wanted
-    ) + " FROM containers"
+    selected = ", ".join(name if name in columns else _ADDED_COLUMNS[name] for name in wanted)
+    return f"SELECT {selected} FROM containers"  # noqa: S608 (constant names and literals only)
 
 
-_INSERT = (
-    f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join('?' * COLUMN_COUNT)})"  # noqa: S608
-)
+_INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join('?' * COLUMN_COUNT)})"  # noqa: S608
 _UPDATE = (
     "UPDATE containers SET state = ?, priority = ?, locked_at = ?, started_at = ?, "
     "finished_at = ?, lock_count = ?, exit_code = ?, runtime_status = ?, instance_id = ?, "
@@ -162,13 +160,15 @@ def _create_private(path: str) -> None:
         os.close(fd)
     mode = os.stat(path).st_mode & 0o777
     if mode & 0o077:
-        log.warning("queue file %s can be read by other users (mode %o); chmod 600 it",
-                    path, mode)
+        log.warning("queue file %s can be read by other users (mode %o); chmod 600 it", path, mode)
     directory = os.path.dirname(os.path.abspath(path))
     dir_mode = os.stat(directory).st_mode
     if dir_mode & 0o022 and not dir_mode & 0o1000:
-        log.warning("other users may replace the queue file: %s is writable by them (mode %o)",
-                    directory, dir_mode & 0o777)
+        log.warning(
+            "other users may replace the queue file: %s is writable by them (mode %o)",
+            directory,
+            dir_mode & 0o777,
+        )
 
 
 #: Beside the queue file: held (flock) by the one queue object that uses it.
@@ -314,8 +314,10 @@ def check_file(path: str) -> dict[str, Any]:
         if why is not None and container.state in (QUEUED, LOCKED, RUNNING):
             unreadable.append(container.uuid)
     if int(version) > len(_MIGRATIONS):
-        raise QueueError(f"queue file {path} has schema version {version}, newer than this "
-                         f"herder understands ({len(_MIGRATIONS)}); upgrade herder")
+        raise QueueError(
+            f"queue file {path} has schema version {version}, newer than this "
+            f"herder understands ({len(_MIGRATIONS)}); upgrade herder"
+        )
     return {
         "path": path,
         "identity": identity,
@@ -474,8 +476,10 @@ class SqliteQueue(RuledQueue):
             upgrade_schema(
                 db.execute,
                 _MIGRATIONS,
-                lambda version, known: f"queue database schema version {version} is newer than "
-                f"this herder understands ({known}); upgrade herder",
+                lambda version, known: (
+                    f"queue database schema version {version} is newer than "
+                    f"this herder understands ({known}); upgrade herder"
+                ),
             )
         return fresh
 

@@ -356,9 +356,7 @@ def bastion_for(
         raw = str(gateway)
         if unexpanded is not None:
             raw = unexpanded(hostname=host).get("proxycommand") or raw
-        argv = expand_proxy_command(
-            raw, host=str(target.host), original=host, port=port, user=user
-        )
+        argv = expand_proxy_command(raw, host=str(target.host), original=host, port=port, user=user)
         return ProxyCommandRoute(tuple(argv), raw)
     chain = []
     hop: object = gateway

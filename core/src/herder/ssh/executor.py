@@ -164,7 +164,6 @@ class _Watchdog:
         except Exception:
             log.exception("closing a command that timed out failed")
 
-
     def _forked(self) -> None:
         """In a forked child the thread is gone (and the parent's commands with it)."""
         self._cond = threading.Condition()

@@ -23,8 +23,14 @@ def honour_client_tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     original = InstanceBackend.run_instances
     made: dict[str, Any] = {}
 
-    def run_instances(self: Any, image_id: str, count: int, user_data: Any,
-                      security_group_names: list[str], **kwargs: Any) -> Any:
+    def run_instances(
+        self: Any,
+        image_id: str,
+        count: int,
+        user_data: Any,
+        security_group_names: list[str],
+        **kwargs: Any,
+    ) -> Any:
         token = kwargs.get("client_token")
         if token and token != _NO_TOKEN and token in made:
             return made[token]

@@ -71,9 +71,7 @@ def conformance_types() -> dict[str, InstanceType]:
     """Two instance types: the suite's containers fit ``small`` (cheapest) and ``large``, or
     neither when they ask for more than 64 GiB."""
     return {
-        "small": InstanceType(
-            name="small", provider_type="small", vcpus=2, ram=8 * GiB, price=0.1
-        ),
+        "small": InstanceType(name="small", provider_type="small", vcpus=2, ram=8 * GiB, price=0.1),
         "large": InstanceType(
             name="large", provider_type="large", vcpus=16, ram=64 * GiB, price=0.8
         ),
@@ -254,7 +252,11 @@ class QueueConformance:
         types = {
             **conformance_types(),
             "small.spot": InstanceType(
-                name="small.spot", provider_type="small", vcpus=2, ram=8 * GiB, price=0.03,
+                name="small.spot",
+                provider_type="small",
+                vcpus=2,
+                ram=8 * GiB,
+                price=0.03,
                 preemptible=True,
             ),
         }
@@ -326,7 +328,10 @@ class QueueConformance:
         rt.advance(3)
         running = queue.set_running(c.uuid, "i-1", "small")
         assert (running.state, running.started_at, running.instance_id, running.instance_type) == (
-            R, rt.now(), "i-1", "small"
+            R,
+            rt.now(),
+            "i-1",
+            "small",
         )
         assert queue.set_running(c.uuid, "i-2", "large") == running
 
@@ -514,14 +519,15 @@ class QueueConformance:
         queue.finish(c.uuid, 7)
         history = _get(queue, c.uuid).attempt_history
         assert [(a.number, a.outcome, a.instance_id, a.instance_type) for a in history] == [
-            (1, "unlocked", "", ""), (2, "retried", "i-1", "small"), (3, "complete", "i-2", "big")
+            (1, "unlocked", "", ""),
+            (2, "retried", "i-1", "small"),
+            (3, "complete", "i-2", "big"),
         ]
         assert history[0].started_at is None
         assert (history[1].started_at, history[1].ended_at) == (t1, t1 + 10)
         assert history[1].reason == "instance i-1 disappeared" and history[1].exit_code is None
         assert (history[1].cost, history[2].cost) == (0.5, 0.25)
-        assert (history[2].started_at, history[2].ended_at, history[2].exit_code) == (
-            t2, t2 + 5, 7)
+        assert (history[2].started_at, history[2].ended_at, history[2].exit_code) == (t2, t2 + 5, 7)
         if self.durable:
             queue = self._reopen(opened, queue)
             assert _get(queue, c.uuid).attempt_history == history

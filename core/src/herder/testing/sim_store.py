@@ -497,9 +497,7 @@ class SimStore:
             return
         generation = max(self._generation, self._file_generation()) + 1
         changed.write(self._db)
-        self._db.execute(
-            "INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation),)
-        )
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation),))
         self._generation = generation
         for p, key in new_params:
             self._params[id(p)] = (p, key)

@@ -189,8 +189,9 @@ class CloudTest:
         self.command = command
         cloud = config.cloud
         self.timeout = cloud.timeout_booting if timeout is None else timeout
-        self.interval = min(cloud.probe_interval, cloud.sync_interval) if interval is None \
-            else interval
+        self.interval = (
+            min(cloud.probe_interval, cloud.sync_interval) if interval is None else interval
+        )
         self._driver = driver
         self._executor_factory = executor_factory
         self._boot_probe = boot_probe
@@ -404,7 +405,8 @@ class CloudTest:
         assert self._instance_set is not None
         owner = self.owner_tags()
         return [
-            i for i in self._instance_set.instances(owner)
+            i
+            for i in self._instance_set.instances(owner)
             if all(i.tags.get(k) == v for k, v in owner.items())
         ]
 
@@ -472,14 +474,16 @@ class CloudTest:
     def _check_tags(self) -> str:
         assert self._instance is not None
         tags = self._instance.tags
-        wrong = {
-            k: (tags.get(k), v) for k, v in self.expected_tags().items() if tags.get(k) != v
-        }
+        wrong = {k: (tags.get(k), v) for k, v in self.expected_tags().items() if tags.get(k) != v}
         if wrong:
-            described = ", ".join(
-                f"{k}={got!r} (expected {want!r})" for k, (got, want) in sorted(wrong.items())
-                if k != self.tag(TAG_INSTANCE_SECRET)
-            ) or "the instance secret tag is wrong"
+            described = (
+                ", ".join(
+                    f"{k}={got!r} (expected {want!r})"
+                    for k, (got, want) in sorted(wrong.items())
+                    if k != self.tag(TAG_INSTANCE_SECRET)
+                )
+                or "the instance secret tag is wrong"
+            )
             raise StepFailed(f"tags not as created: {described}")
         return f"{len(tags)} tags as created"
 
@@ -577,8 +581,10 @@ class CloudTest:
             raise StepFailed(f"installing {runner.command} exited {status}: {_text(stderr)}")
         status, stdout, stderr = self._execute(runner.md5_check_command(self._instance.remote_user))
         if status != 0 or stdout != runner.md5_expected_output():
-            raise StepFailed(f"md5 check after installing {runner.command} failed: "
-                             f"{_text(stdout)} {_text(stderr)}")
+            raise StepFailed(
+                f"md5 check after installing {runner.command} failed: "
+                f"{_text(stdout)} {_text(stderr)}"
+            )
         return f"installed {runner.command}"
 
     def _runner_list(self) -> str:
@@ -626,5 +632,3 @@ class CloudTest:
 
 def _text(data: bytes) -> str:
     return data.decode(errors="replace").strip()
-
-

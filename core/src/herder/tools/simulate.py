@@ -179,9 +179,7 @@ def run_simulation(
     # simulation never touches the operator's cloud account or database.
     config = config.model_copy(
         update={
-            "cloud": config.cloud.model_copy(
-                update={"driver": "sim", "driver_parameters": params}
-            ),
+            "cloud": config.cloud.model_copy(update={"driver": "sim", "driver_parameters": params}),
             "queue": config.queue.model_copy(update={"path": ":memory:"}),
         }
     )
@@ -232,9 +230,7 @@ def run_simulation(
                 (c := disp.queue.get(u)) is not None and c.state.final for u in uuids
             ):
                 all_final_at = now
-            if all_final_at is not None and (
-                stats.alive == 0 or now > all_final_at + drain_grace
-            ):
+            if all_final_at is not None and (stats.alive == 0 or now > all_final_at + drain_grace):
                 break
         runtime.advance(step)
     sim_end = runtime.now()

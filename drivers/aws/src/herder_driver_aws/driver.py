@@ -460,9 +460,7 @@ class AWSInstanceSet(InstanceSet):
                 self.client.create_tags(Resources=[instance_id], Tags=_tag_list(tags))
             stale = sorted(k for k in current - set(tags) if not k.startswith("aws:"))
             if stale:
-                self.client.delete_tags(
-                    Resources=[instance_id], Tags=[{"Key": k} for k in stale]
-                )
+                self.client.delete_tags(Resources=[instance_id], Tags=[{"Key": k} for k in stale])
         except Exception as exc:
             raise classify(exc, self._other_backoff, self._now(), "CreateTags") from exc
         self._other_backoff.reset()
@@ -585,8 +583,14 @@ class AWSDriver(Driver):
     parameters_model = AWSParameters
     capabilities = frozenset(
         {
-            "price_history", "spot", "gpu", "quota_errors", "capacity_errors",
-            "rate_limit_errors", "idempotent_create", "quota_headroom",
+            "price_history",
+            "spot",
+            "gpu",
+            "quota_errors",
+            "capacity_errors",
+            "rate_limit_errors",
+            "idempotent_create",
+            "quota_headroom",
         }
     )
 

@@ -59,6 +59,7 @@ TYPE_CAPACITY_CODE = "InsufficientInstanceCapacity"
 
 _SUBNET_MESSAGE = re.compile(r" subnet |sufficient free [Ii]pv[46] addresses")
 
+
 class AWSError(CloudError):
     """An EC2 error herder has no special reaction to; carries the AWS code and message."""
 

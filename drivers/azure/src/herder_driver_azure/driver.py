@@ -285,12 +285,14 @@ class AzureInstanceSet(InstanceSet):
             publisher, offer, sku, version = image_id.split(":")
             return cm.ImageReference(publisher=publisher, offer=offer, sku=sku, version=version)
         if p.shared_image_gallery_name:
-            return cm.ImageReference(id=self.resource_id(
-                "Microsoft.Compute/galleries",
-                f"{p.shared_image_gallery_name}/images/{image_id}/versions/"
-                f"{p.shared_image_gallery_image_version}",
-                p.image_group,
-            ))
+            return cm.ImageReference(
+                id=self.resource_id(
+                    "Microsoft.Compute/galleries",
+                    f"{p.shared_image_gallery_name}/images/{image_id}/versions/"
+                    f"{p.shared_image_gallery_image_version}",
+                    p.image_group,
+                )
+            )
         return cm.ImageReference(
             id=self.resource_id("Microsoft.Compute/images", image_id, p.image_group)
         )
@@ -322,8 +324,15 @@ class AzureInstanceSet(InstanceSet):
         try:
             shared = tagcodec.encode(tagcodec.merge(self.context.shared_resource_tags, tags))
             nic = self._create_nic(name, {**shared, **stamp})
-            vm = self._create_vm(name, instance_type, image, {**encoded, **stamp},
-                                 init_command, public_key, str(nic.id))
+            vm = self._create_vm(
+                name,
+                instance_type,
+                image,
+                {**encoded, **stamp},
+                init_command,
+                public_key,
+                str(nic.id),
+            )
         finally:
             with self._lock:
                 self._creating.discard(name)
@@ -497,9 +506,13 @@ class AzureInstanceSet(InstanceSet):
                 from cryptography.hazmat.primitives.asymmetric import rsa
 
                 private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-                self._spare_key = private.public_key().public_bytes(
-                    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-                ).decode()
+                self._spare_key = (
+                    private.public_key()
+                    .public_bytes(
+                        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+                    )
+                    .decode()
+                )
             return self._spare_key
 
     def _delete_quietly(self, kind: str, name: str) -> None:
@@ -507,8 +520,12 @@ class AzureInstanceSet(InstanceSet):
         try:
             self._delete(kind, name)
         except Exception as exc:
-            self._log.warning("cannot delete %s %s after a failed create (the clean-up will "
-                              "retry): %s", kind, name, exc)
+            self._log.warning(
+                "cannot delete %s %s after a failed create (the clean-up will retry): %s",
+                kind,
+                name,
+                exc,
+            )
 
     # ----------------------------------------------------------------- listing
 
@@ -560,14 +577,14 @@ class AzureInstanceSet(InstanceSet):
         for attempt in range(TAG_ATTEMPTS):
             try:
                 vm = self.compute.virtual_machines.get(rg, name)
-                kept = {
-                    k: v for k, v in (vm.tags or {}).items() if not self._herders(k, prefix)
-                }
+                kept = {k: v for k, v in (vm.tags or {}).items() if not self._herders(k, prefix)}
                 condition: dict[str, Any] = {}
                 if vm.etag:
                     condition = {"etag": vm.etag, "match_condition": MatchConditions.IfNotModified}
                 updated: cm.VirtualMachine = self.compute.virtual_machines.begin_update(
-                    rg, name, cm.VirtualMachineUpdate(tags=tagcodec.merge(kept, encoded)),
+                    rg,
+                    name,
+                    cm.VirtualMachineUpdate(tags=tagcodec.merge(kept, encoded)),
                     **condition,
                 ).result()
                 return updated
@@ -727,8 +744,15 @@ class AzureDriver(Driver):
 
     parameters_model = AzureParameters
     capabilities = frozenset(
-        {"spot", "gpu", "quota_errors", "capacity_errors", "rate_limit_errors",
-         "idempotent_create", "quota_headroom"}
+        {
+            "spot",
+            "gpu",
+            "quota_errors",
+            "capacity_errors",
+            "rate_limit_errors",
+            "idempotent_create",
+            "quota_headroom",
+        }
     )
 
     def instance_set(self, params: DriverParameters, context: DriverContext) -> InstanceSet:

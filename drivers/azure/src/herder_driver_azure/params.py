@@ -29,10 +29,38 @@ CLOUDS: dict[str, tuple[str, str]] = {
 #: User names Azure refuses for a Linux VM's administrator (its API says "not allowed").
 RESERVED_ADMIN_NAMES = frozenset(
     {
-        "administrator", "admin", "user", "user1", "test", "user2", "test1", "user3", "admin1",
-        "1", "123", "a", "actuser", "adm", "admin2", "aspnet", "backup", "console", "david",
-        "guest", "john", "owner", "root", "server", "sql", "support", "support_388945a0", "sys",
-        "test2", "test3", "user4", "user5",
+        "administrator",
+        "admin",
+        "user",
+        "user1",
+        "test",
+        "user2",
+        "test1",
+        "user3",
+        "admin1",
+        "1",
+        "123",
+        "a",
+        "actuser",
+        "adm",
+        "admin2",
+        "aspnet",
+        "backup",
+        "console",
+        "david",
+        "guest",
+        "john",
+        "owner",
+        "root",
+        "server",
+        "sql",
+        "support",
+        "support_388945a0",
+        "sys",
+        "test2",
+        "test3",
+        "user4",
+        "user5",
     }
 )
 
@@ -138,8 +166,9 @@ class AzureParameters(DriverParameters):
     @classmethod
     def _cloud(cls, value: str) -> str:
         if value not in CLOUDS:
-            raise ValueError(f"unknown cloud_environment {value!r}: expected one of "
-                             f"{', '.join(CLOUDS)}")
+            raise ValueError(
+                f"unknown cloud_environment {value!r}: expected one of {', '.join(CLOUDS)}"
+            )
         return value
 
     @field_validator("management_endpoint", "authority_host")
@@ -160,15 +189,18 @@ class AzureParameters(DriverParameters):
     def _consistent(self) -> AzureParameters:
         gallery = (self.shared_image_gallery_name, self.shared_image_gallery_image_version)
         if bool(gallery[0]) != bool(gallery[1]):
-            raise ValueError("shared_image_gallery_name and shared_image_gallery_image_version "
-                             "must be given together")
+            raise ValueError(
+                "shared_image_gallery_name and shared_image_gallery_image_version "
+                "must be given together"
+            )
         principal = (self.tenant_id, self.client_id)
         if any(principal) or self.client_secret is not None:
             if not all(principal):
                 raise ValueError("a service principal needs tenant_id and client_id")
             if self.client_secret is None:
-                raise ValueError("a service principal needs client_secret: {file: PATH} or "
-                                 "{env: VARIABLE}")
+                raise ValueError(
+                    "a service principal needs client_secret: {file: PATH} or {env: VARIABLE}"
+                )
         return self
 
     # ----------------------------------------------------------------- derived

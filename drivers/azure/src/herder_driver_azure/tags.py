@@ -27,7 +27,7 @@ MAX_VALUE = 256
 #: Azure's limit on tags per resource (the driver adds ``created-at``).
 MAX_TAGS = 49
 
-_FORBIDDEN = set('<>%&\\?/~')
+_FORBIDDEN = set("<>%&\\?/~")
 _ESCAPE = re.compile(r"~([0-9A-F]{2})")
 
 
@@ -46,8 +46,10 @@ def decode_name(name: str) -> str:
 def encode(tags: Mapping[str, str]) -> dict[str, str]:
     """Azure tags for herder's ``tags``; raises CloudError for what Azure cannot hold."""
     if len(tags) > MAX_TAGS:
-        raise CloudError(f"{len(tags)} tags: Azure allows {MAX_TAGS + 1} per resource, and the "
-                         "driver adds created-at")
+        raise CloudError(
+            f"{len(tags)} tags: Azure allows {MAX_TAGS + 1} per resource, and the "
+            "driver adds created-at"
+        )
     out: dict[str, str] = {}
     seen: dict[str, str] = {}
     for name, value in tags.items():
@@ -55,15 +57,19 @@ def encode(tags: Mapping[str, str]) -> dict[str, str]:
         if not stored:
             raise CloudError("Azure tag names cannot be empty")
         if len(stored) > MAX_NAME:
-            raise CloudError(f"tag name {name[:40]!r}... is longer than Azure's {MAX_NAME} "
-                             "characters")
+            raise CloudError(
+                f"tag name {name[:40]!r}... is longer than Azure's {MAX_NAME} characters"
+            )
         if len(value) > MAX_VALUE:
-            raise CloudError(f"the value of tag {name!r} is longer than Azure's {MAX_VALUE} "
-                             "characters")
+            raise CloudError(
+                f"the value of tag {name!r} is longer than Azure's {MAX_VALUE} characters"
+            )
         other = seen.get(stored.lower())
         if other is not None:
-            raise CloudError(f"tags {other!r} and {name!r} differ only in case, and Azure tag "
-                             "names are case-insensitive")
+            raise CloudError(
+                f"tags {other!r} and {name!r} differ only in case, and Azure tag "
+                "names are case-insensitive"
+            )
         seen[stored.lower()] = name
         out[stored] = value
     return out

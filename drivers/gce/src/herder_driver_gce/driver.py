@@ -182,9 +182,7 @@ def credentials_for(params: GCEParameters) -> Any:
             return load(json.loads(text), scopes=[CLOUD_PLATFORM])  # type: ignore[no-untyped-call]
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # The type only: a parser's message could quote a piece of the key.
-            raise CloudError(
-                f"{where}: not a service-account key ({type(exc).__name__})"
-            ) from None
+            raise CloudError(f"{where}: not a service-account key ({type(exc).__name__})") from None
     try:
         credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM])
     except auth_exceptions.DefaultCredentialsError as exc:
@@ -431,7 +429,10 @@ class GCEInstanceSet(InstanceSet):
                 typed = classify(exc, self._create_backoff, self.now(), "insert")
                 self._count(zone, typed)
                 self._log.info(
-                    "insert %s (%s) in %s failed: %s", name, instance_type.provider_type, zone,
+                    "insert %s (%s) in %s failed: %s",
+                    name,
+                    instance_type.provider_type,
+                    zone,
                     typed,
                 )
                 last = (exc, typed)
@@ -575,7 +576,10 @@ class GCEInstanceSet(InstanceSet):
         repeated after GCE forgot its request id finds its name taken), else None."""
         try:
             data = self.client.get(
-                project=self.params.project, zone=zone, instance=name, retry=None,
+                project=self.params.project,
+                zone=zone,
+                instance=name,
+                retry=None,
                 timeout=self.params.request_timeout,
             )
         except gexc.GoogleAPICallError:
@@ -702,7 +706,10 @@ class GCEInstanceSet(InstanceSet):
         fingerprint went stale in between (a concurrent change, which is thus kept)."""
         for attempt in range(FINGERPRINT_RETRIES):
             data = self.client.get(
-                project=self.params.project, zone=zone, instance=name, retry=None,
+                project=self.params.project,
+                zone=zone,
+                instance=name,
+                retry=None,
                 timeout=self.params.request_timeout,
             )
             try:
@@ -753,7 +760,10 @@ class GCEInstanceSet(InstanceSet):
         """Start deleting the instance; one GCE no longer knows is already destroyed."""
         try:
             operation = self.client.delete_unary(
-                project=self.params.project, zone=zone, instance=name, retry=None,
+                project=self.params.project,
+                zone=zone,
+                instance=name,
+                retry=None,
                 timeout=self.params.request_timeout,
             )
             failure = operation_error(operation)
@@ -865,8 +875,14 @@ class GCEDriver(Driver):
     parameters_model = GCEParameters
     capabilities = frozenset(
         {
-            "price_history", "spot", "gpu", "quota_errors", "capacity_errors",
-            "rate_limit_errors", "idempotent_create", "quota_headroom",
+            "price_history",
+            "spot",
+            "gpu",
+            "quota_errors",
+            "capacity_errors",
+            "rate_limit_errors",
+            "idempotent_create",
+            "quota_headroom",
         }
     )
 

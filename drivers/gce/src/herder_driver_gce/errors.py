@@ -79,6 +79,7 @@ _QUOTA_IN_MESSAGE = re.compile(r"Quota '([A-Z0-9_]+)' exceeded")
 #: An API request quota (requests per minute) is a rate limit, whatever its reason says.
 _REQUEST_QUOTA = re.compile(r"per (minute|second|100 seconds)|[Rr]ate [Ll]imit")
 
+
 class GCEError(CloudError):
     """A Compute Engine error herder has no special reaction to; keeps GCE's code and message."""
 

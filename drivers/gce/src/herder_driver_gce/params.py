@@ -229,9 +229,7 @@ class GCEParameters(DriverParameters):
         """
         image = image_id or self.image
         if not image:
-            raise ValueError(
-                "no boot image: set cloud.image_id or cloud.driver_parameters.image"
-            )
+            raise ValueError("no boot image: set cloud.image_id or cloud.driver_parameters.image")
         if image.startswith(("https://", "projects/", "global/")):
             return image
         project = self.image_project or self.project

@@ -265,8 +265,9 @@ class LibcloudInstanceSet(InstanceSet):
             typed = classify(exc, self.preset.errors)
             if typed is not None:
                 raise typed from exc
-            raise CloudError(f"libcloud {self.params.provider} {what}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+            raise CloudError(
+                f"libcloud {self.params.provider} {what}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _tag(self, name: str) -> str:
         return self.context.tag_key_prefix + name
@@ -328,8 +329,10 @@ class LibcloudInstanceSet(InstanceSet):
         if instance_type.preemptible and self.preset.spot_keyword is None:
             # herder's config check refuses such types already (the preset does not declare
             # spot); an on-demand node must never be made in their place.
-            raise CloudError(f"libcloud {self.params.provider}: the bridge cannot create "
-                             f"preemptible (spot) nodes for this provider")
+            raise CloudError(
+                f"libcloud {self.params.provider}: the bridge cannot create "
+                f"preemptible (spot) nodes for this provider"
+            )
         tags = dict(tags)
         name = f"{self.params.name_prefix}{uuid.uuid4().hex[:12]}"
         script = first_boot_script(init_command, public_key, self.params.remote_user)
@@ -389,7 +392,9 @@ class LibcloudInstanceSet(InstanceSet):
                 failure = classify_fault(extra.get("fault"), self.preset.errors)
                 self.context.logger.info(
                     "libcloud %s: node %s went to ERROR after its create (%s); destroying it",
-                    self.params.provider, node.id, failure,
+                    self.params.provider,
+                    node.id,
+                    failure,
                 )
                 self._destroy_quietly(node)
                 raise failure
@@ -399,15 +404,19 @@ class LibcloudInstanceSet(InstanceSet):
             if self._clock() >= deadline:
                 self.context.logger.info(
                     "libcloud %s: node %s not placed after %gs; herder's boot timeout applies",
-                    self.params.provider, node.id, self.params.placement_timeout,
+                    self.params.provider,
+                    node.id,
+                    self.params.placement_timeout,
                 )
                 return node
             self._sleep(self.params.poll_interval)
             wanted = node.id
             read = self._call("read node", functools.partial(_node_details, node_id=wanted))
             if read is None:
-                raise CloudError(f"libcloud {self.params.provider}: node {wanted} disappeared "
-                                 "while it was being placed")
+                raise CloudError(
+                    f"libcloud {self.params.provider}: node {wanted} disappeared "
+                    "while it was being placed"
+                )
             node = read
 
     def _destroy_quietly(self, node: Any) -> None:
@@ -416,7 +425,10 @@ class LibcloudInstanceSet(InstanceSet):
         except CloudError as exc:
             self.context.logger.warning(
                 "libcloud %s: cannot destroy node %s that went to ERROR (herder will, once "
-                "it lists it): %s", self.params.provider, node.id, exc,
+                "it lists it): %s",
+                self.params.provider,
+                node.id,
+                exc,
             )
 
     def instances(self, tags: Mapping[str, str]) -> list[Instance]:
@@ -439,8 +451,10 @@ class LibcloudInstanceSet(InstanceSet):
             removed = [k for k in old if k not in tags]
             self._call("CreateTags", lambda d: _ec2_tags(d, "CreateTags", node.id, tags))
             if removed:
-                self._call("DeleteTags",
-                           lambda d: _ec2_tags(d, "DeleteTags", node.id, dict.fromkeys(removed)))
+                self._call(
+                    "DeleteTags",
+                    lambda d: _ec2_tags(d, "DeleteTags", node.id, dict.fromkeys(removed)),
+                )
         else:
             self._call("ex_set_metadata", lambda d: d.ex_set_metadata(node, tags))
 
@@ -481,8 +495,7 @@ def _start_local_vm(node: Any, public_key: str | None) -> None:
         request.env = {**base, "HERDER_RUNNER_DIR": workdir, "HERDER_RUNNER_LOG_DIR": workdir}
         return run_shell(request)
 
-    server = LocalSSHServer(host_key, [public_key] if public_key else [], handle,
-                            strip_sudo=True)
+    server = LocalSSHServer(host_key, [public_key] if public_key else [], handle, strip_sudo=True)
     server.start()
     node.public_ips = [server.address]
     node.extra["herder_server"] = server

@@ -70,9 +70,7 @@ PRESETS: dict[str, Preset] = {
     "dummy": Preset(
         provider="dummy",
         tags=TagStrategy.FAKE_NODE,
-        capabilities=frozenset(
-            {Capability.IDEMPOTENT_CREATE, Capability.HOST_KEY_VERIFICATION}
-        ),
+        capabilities=frozenset({Capability.IDEMPOTENT_CREATE, Capability.HOST_KEY_VERIFICATION}),
         user_data_keyword=None,
         process_wide=True,
         local_ssh=True,

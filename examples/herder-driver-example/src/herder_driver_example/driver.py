@@ -174,17 +174,28 @@ class ExampleInstanceSet(InstanceSet):
         with self._cloud.lock:
             if len(self._cloud.vms) >= self._params.max_instances:
                 # A typed error: herder stops creating until an instance goes away.
-                raise QuotaError(f"account {self._params.account!r} has "
-                                 f"{self._params.max_instances} instances already")
+                raise QuotaError(
+                    f"account {self._params.account!r} has "
+                    f"{self._params.max_instances} instances already"
+                )
             instance_id = f"ex-{next(self._cloud.ids)}"
         key, _ = generate_key()  # slow work (key, server start) happens outside the lock
         workdir = tempfile.mkdtemp(prefix=f"herder-example-{instance_id}-")
-        server = LocalSSHServer(key, [public_key], _handler(workdir), bind=self._params.bind,
-                                strip_sudo=True)
+        server = LocalSSHServer(
+            key, [public_key], _handler(workdir), bind=self._params.bind, strip_sudo=True
+        )
         server.start()
-        vm = _VM(instance_id, instance_type.provider_type, dict(tags), server,
-                 HostKey(key.get_name(), key.asbytes()), workdir, getpass.getuser(),
-                 init_command=init_command, authorized_keys=[public_key])
+        vm = _VM(
+            instance_id,
+            instance_type.provider_type,
+            dict(tags),
+            server,
+            HostKey(key.get_name(), key.asbytes()),
+            workdir,
+            getpass.getuser(),
+            init_command=init_command,
+            authorized_keys=[public_key],
+        )
         with self._cloud.lock:
             self._cloud.vms[instance_id] = vm
             snapshot = ExampleInstance(self, vm)

@@ -68,7 +68,11 @@ class Runner:
         # A login's environment only: nothing of the dispatcher's (its token, credentials)
         # reaches the agent or, through it, the containers.
         proc = subprocess.run(  # noqa: S603 - fixed program, arguments checked by the agent
-            argv, input=stdin, capture_output=True, timeout=RUNNER_TIMEOUT, check=False,
+            argv,
+            input=stdin,
+            capture_output=True,
+            timeout=RUNNER_TIMEOUT,
+            check=False,
             env=login_environment(),
         )
         if proc.returncode != 0:
@@ -80,8 +84,13 @@ class Runner:
         """Start the container; False if it already runs (a start from before a restart)."""
         doc = config_document(container, instance_type, self.runtime_engine)
         try:
-            self.call(f"--runtime-engine={self.runtime_engine}", "--detach", "--stdin-config",
-                      container.uuid, stdin=doc)
+            self.call(
+                f"--runtime-engine={self.runtime_engine}",
+                "--detach",
+                "--stdin-config",
+                container.uuid,
+                stdin=doc,
+            )
         except RunnerError as exc:
             if "already running" in str(exc):
                 return False

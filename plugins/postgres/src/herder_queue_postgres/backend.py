@@ -148,4 +148,3 @@ class PostgresBackend(QueueBackend):
     def describe(self, params: QueueParameters, context: QueueContext) -> str:
         assert isinstance(params, PostgresParameters)
         return params.describe()
-

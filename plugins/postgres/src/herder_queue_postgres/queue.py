@@ -104,9 +104,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 
 # Built from constants only, never from input.
 _SELECT = f"SELECT {COLUMNS} FROM containers"  # noqa: S608
-_INSERT = (
-    f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join(['%s'] * COLUMN_COUNT)})"  # noqa: S608
-)
+_INSERT = f"INSERT INTO containers ({COLUMNS}) VALUES ({', '.join(['%s'] * COLUMN_COUNT)})"  # noqa: S608
 _UPDATE = (
     "UPDATE containers SET state = %s, priority = %s, locked_at = %s, started_at = %s, "
     "finished_at = %s, lock_count = %s, exit_code = %s, runtime_status = %s, instance_id = %s, "
@@ -320,9 +318,11 @@ class PostgresQueue(RuledQueue):
             upgrade_schema(
                 db.execute,
                 MIGRATIONS,
-                lambda version, known: f"queue schema {self._schema!r} has schema version "
-                f"{version}, newer than this herder-queue-postgres understands ({known}); "
-                "upgrade it",
+                lambda version, known: (
+                    f"queue schema {self._schema!r} has schema version "
+                    f"{version}, newer than this herder-queue-postgres understands ({known}); "
+                    "upgrade it"
+                ),
             )
 
     # ---- the listener
@@ -455,7 +455,8 @@ class PostgresQueue(RuledQueue):
             clauses.append(sql.SQL("array_id = %s AND array_id <> ''"))
             params.append(filter.array_id)
         query = sql.SQL("{} WHERE {} ORDER BY created_at DESC, uuid DESC LIMIT %s").format(
-            sql.SQL(_SELECT), sql.SQL(" AND ").join(clauses)  # constants only
+            sql.SQL(_SELECT),
+            sql.SQL(" AND ").join(clauses),  # constants only
         )
         params.append(limit)
         rows = self._read(lambda db: db.execute(query, params).fetchall())

@@ -83,7 +83,10 @@ def tool(*argv: str, check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run a fixed system program (found on PATH) with fixed arguments; its output as text."""
     exe = shutil.which(argv[0]) or argv[0]
     return subprocess.run(  # noqa: S603 - fixed programs, no shell
-        [exe, *argv[1:]], capture_output=True, text=True, check=check,
+        [exe, *argv[1:]],
+        capture_output=True,
+        text=True,
+        check=check,
     )
 
 
@@ -169,10 +172,16 @@ class LocalSlurm:
             for name, port in zip(self.node_names, node_ports, strict=True)
         )
         node_list = self.node_names[0] if self.nodes == 1 else f"n[1-{self.nodes}]"
-        self.conf.write_text(_CONF.format(
-            dir=self.dir, ctl_port=ctl_port, first_node_port=node_ports[0],
-            node_lines=node_lines, node_list=node_list, **self._settings,
-        ))
+        self.conf.write_text(
+            _CONF.format(
+                dir=self.dir,
+                ctl_port=ctl_port,
+                first_node_port=node_ports[0],
+                node_lines=node_lines,
+                node_list=node_list,
+                **self._settings,
+            )
+        )
 
     def start(self, timeout: float = 60.0) -> None:
         """Start munge if needed, the daemons, and wait until every node is idle.
@@ -204,9 +213,14 @@ class LocalSlurm:
         for argv in argvs:
             # A session of their own: Ctrl-C in the terminal reaches only this process, whose
             # stop() then shuts the daemons down in order.
-            self._procs.append(subprocess.Popen(  # noqa: S603 - the Slurm daemons, no shell
-                argv, stdout=self._log, stderr=self._log, start_new_session=True,
-            ))
+            self._procs.append(
+                subprocess.Popen(  # noqa: S603 - the Slurm daemons, no shell
+                    argv,
+                    stdout=self._log,
+                    stderr=self._log,
+                    start_new_session=True,
+                )
+            )
         self.wait_idle(timeout)
 
     def idle_nodes(self) -> int:
@@ -218,8 +232,11 @@ class LocalSlurm:
         while self.idle_nodes() < self.nodes:
             dead = [p.args for p in self._procs if p.poll() is not None]
             if dead or time.monotonic() > deadline:
-                what = (f"Slurm daemons exited: {dead}" if dead
-                        else f"Slurm nodes not idle after {timeout:.0f} s")
+                what = (
+                    f"Slurm daemons exited: {dead}"
+                    if dead
+                    else f"Slurm nodes not idle after {timeout:.0f} s"
+                )
                 raise SlurmSetupError(f"{what}; end of their logs:\n{self.log_tail()}")
             time.sleep(0.2)
 

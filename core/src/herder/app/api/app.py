@@ -93,9 +93,7 @@ def error_response(
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return Response(
-        json.dumps(exc.body()), exc.status, exc.headers, media_type="application/json"
-    )
+    return Response(json.dumps(exc.body()), exc.status, exc.headers, media_type="application/json")
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -104,9 +102,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     fields = schema.field_errors(exc.errors())
     first = fields[0] if fields else schema.FieldError(field=None, error="invalid request")
     body = schema.ErrorOut(error=first.error, field=first.field, errors=fields)
-    return Response(
-        body.model_dump_json(exclude_none=True), 400, media_type="application/json"
-    )
+    return Response(body.model_dump_json(exclude_none=True), 400, media_type="application/json")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -158,7 +154,8 @@ class Failures:
             ):
                 log.error("management API: %s: the queue cannot be written: %s", what, exc)
                 response = error_response(
-                    503, f"the queue cannot be written right now: {exc}; retry later",
+                    503,
+                    f"the queue cannot be written right now: {exc}; retry later",
                     headers={"Retry-After": "30"},
                 )
             else:
@@ -202,14 +199,16 @@ class Limits:
         headers = dict(scope.get("headers", ()))
         if b"transfer-encoding" in headers:
             return error_response(
-                411, "chunked request bodies are not supported: send Content-Length",
+                411,
+                "chunked request bodies are not supported: send Content-Length",
                 headers={"Connection": "close"},
             )
         length = headers.get(b"content-length")
         if length is not None and int(length) > self.max_body:
             # The server has checked that Content-Length is a number.
             return error_response(
-                413, f"request body larger than {self.max_body} bytes",
+                413,
+                f"request body larger than {self.max_body} bytes",
                 headers={"Connection": "close"},
             )
         return None

@@ -489,7 +489,9 @@ class ManagementAPI:
             raise APIError(404, str(exc.args[0]) if exc.args else "instance not found") from None
         log.info(
             "instance %s: %s via management API%s",
-            instance_id, action, f": {reason}" if reason else "",
+            instance_id,
+            action,
+            f": {reason}" if reason else "",
         )
         return schema.InstanceActionOut(instance=instance_id, action=action)
 
@@ -498,9 +500,7 @@ class ManagementAPI:
     def quotas(self) -> schema.QuotaList:
         states = self.dispatcher.quota_states()
         items = [
-            schema.QuotaOut.model_validate(
-                {**q.to_json(), "read_at": schema.rfc3339(q.read_at)}
-            )
+            schema.QuotaOut.model_validate({**q.to_json(), "read_at": schema.rfc3339(q.read_at)})
             for q in states
         ]
         return schema.QuotaList(enabled=self.dispatcher.quotas_enabled, items=items)
@@ -544,9 +544,7 @@ class ManagementAPI:
     def summary(self) -> schema.SummaryOut:
         from herder.app.api import status_page
 
-        totals = status_page.summarize(
-            self.dispatcher.instances(), self.dispatcher.queue.counts()
-        )
+        totals = status_page.summarize(self.dispatcher.instances(), self.dispatcher.queue.counts())
         return schema.SummaryOut(
             instances=totals.instances,
             containers=totals.containers,
@@ -568,7 +566,8 @@ async def management_api(request: Request) -> ManagementAPI:
 API = Annotated[ManagementAPI, Depends(management_api)]
 
 _bearer = HTTPBearer(
-    auto_error=False, scheme_name="bearer",
+    auto_error=False,
+    scheme_name="bearer",
     description="the management token (api.management_token)",
 )
 
@@ -587,7 +586,8 @@ async def require_token(
         raise APIError(403, NOT_CONFIGURED)
     if credentials is None:
         raise APIError(
-            401, "authorization required: send Authorization: Bearer <management token>",
+            401,
+            "authorization required: send Authorization: Bearer <management token>",
             headers={"WWW-Authenticate": "Bearer"},
         )
     offered = credentials.credentials.strip().encode("utf-8", "replace")
@@ -626,11 +626,13 @@ class ListQuery(_Query):
         datetime | None,
         WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]}),
     ] = Field(
-        None, description="only containers created at or after this time (RFC 3339, or "
-        "seconds since the epoch); with order=newest"
+        None,
+        description="only containers created at or after this time (RFC 3339, or "
+        "seconds since the epoch); with order=newest",
     )
     array: str = Field(
-        "", pattern=f"^$|{ARRAY_ID_RE.pattern}",
+        "",
+        pattern=f"^$|{ARRAY_ID_RE.pattern}",
         description="only the members of this array (`submit --count`); with order=newest",
     )
     limit: int = Field(DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="page size")
@@ -645,7 +647,9 @@ class ListQuery(_Query):
 
 class LogQuery(_Query):
     offset: int = Field(
-        0, ge=0, le=MAX_LOG_OFFSET,
+        0,
+        ge=0,
+        le=MAX_LOG_OFFSET,
         description="byte offset to read from (the previous chunk's `next_offset`)",
     )
     limit: int = Field(
@@ -657,9 +661,7 @@ class CostQuery(_Query):
     period: Literal["hour", "day", "month"] = Field(
         "day", description="group spend by hour, day or month (UTC)"
     )
-    last: int = Field(
-        7, ge=1, le=1000, description="the current period and the last-1 before it"
-    )
+    last: int = Field(7, ge=1, le=1000, description="the current period and the last-1 before it")
 
 
 class NoQuery(_Query):
@@ -682,8 +684,12 @@ containers = APIRouter(tags=["containers"], dependencies=AUTH, responses=errors(
 
 
 @containers.post(
-    _C, status_code=201, response_model=schema.ContainerOut, operation_id="submitContainer",
-    summary="Submit a container", responses=errors(400, 413, 503),
+    _C,
+    status_code=201,
+    response_model=schema.ContainerOut,
+    operation_id="submitContainer",
+    summary="Submit a container",
+    responses=errors(400, 413, 503),
 )
 def submit_container(api: API, body: schema.SubmitRequest, _q: NoParams) -> Response:
     out = api.submit_container(body)
@@ -691,7 +697,9 @@ def submit_container(api: API, body: schema.SubmitRequest, _q: NoParams) -> Resp
 
 
 @containers.post(
-    f"{_C}/batch", status_code=201, response_model=schema.BatchOut,
+    f"{_C}/batch",
+    status_code=201,
+    response_model=schema.BatchOut,
     operation_id="submitContainers",
     summary="Submit several containers at once: all of them, or none",
     responses=errors(400, 413, 503),
@@ -701,7 +709,9 @@ def submit_batch(api: API, body: schema.BatchRequest, _q: NoParams) -> Response:
 
 
 @containers.post(
-    f"{_C}/array", status_code=201, response_model=schema.ArrayOut,
+    f"{_C}/array",
+    status_code=201,
+    response_model=schema.ArrayOut,
     operation_id="submitArray",
     summary="Submit an array: count containers of one spec, each told its index",
     responses=errors(400, 413, 503),
@@ -711,8 +721,11 @@ def submit_array(api: API, body: schema.ArrayRequest, _q: NoParams) -> Response:
 
 
 @containers.get(
-    _C, response_model=schema.ContainerList, operation_id="listContainers",
-    summary="List containers, newest first, a page at a time", responses=errors(400, 503),
+    _C,
+    response_model=schema.ContainerList,
+    operation_id="listContainers",
+    summary="List containers, newest first, a page at a time",
+    responses=errors(400, 503),
 )
 def list_containers(api: API, query: Annotated[ListQuery, Query()]) -> Response:
     since = None
@@ -721,22 +734,31 @@ def list_containers(api: API, query: Annotated[ListQuery, Query()]) -> Response:
         since = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
     return reply(
         api.list_containers(
-            tuple(query.state), query.limit, query.after,
-            order=query.order, since=since, array_id=query.array,
+            tuple(query.state),
+            query.limit,
+            query.after,
+            order=query.order,
+            since=since,
+            array_id=query.array,
         )
     )
 
 
 @containers.get(
-    f"{_C}/{{uuid}}", response_model=schema.ContainerOut, operation_id="getContainer",
-    summary="Get one container, with its scheduling status", responses=errors(400, 404, 503),
+    f"{_C}/{{uuid}}",
+    response_model=schema.ContainerOut,
+    operation_id="getContainer",
+    summary="Get one container, with its scheduling status",
+    responses=errors(400, 404, 503),
 )
 def get_container(api: API, uuid: Uuid, _q: NoParams) -> Response:
     return reply(api.get_container(uuid))
 
 
 @containers.post(
-    f"{_C}/{{uuid}}/cancel", response_model=schema.ContainerOut, operation_id="cancelContainer",
+    f"{_C}/{{uuid}}/cancel",
+    response_model=schema.ContainerOut,
+    operation_id="cancelContainer",
     summary="Cancel a container (its runner is killed if it runs)",
     responses=errors(400, 404, 409, 413, 503),
 )
@@ -747,7 +769,8 @@ def cancel_container(
 
 
 @containers.post(
-    f"{_C}/{{uuid}}/priority", response_model=schema.ContainerOut,
+    f"{_C}/{{uuid}}/priority",
+    response_model=schema.ContainerOut,
     operation_id="setContainerPriority",
     summary="Change a container's priority (0 holds it in the queue)",
     responses=errors(400, 404, 409, 413, 503),
@@ -757,8 +780,11 @@ def set_priority(api: API, uuid: Uuid, body: schema.PriorityRequest, _q: NoParam
 
 
 @containers.get(
-    f"{_C}/{{uuid}}/log", response_model=schema.LogChunk, operation_id="readContainerLog",
-    summary="Read a container's log from a byte offset", responses=errors(400, 404, 503),
+    f"{_C}/{{uuid}}/log",
+    response_model=schema.LogChunk,
+    operation_id="readContainerLog",
+    summary="Read a container's log from a byte offset",
+    responses=errors(400, 404, 503),
 )
 def read_log(api: API, uuid: Uuid, query: Annotated[LogQuery, Query()]) -> Response:
     return reply(api.read_log(uuid, query.offset, query.limit))
@@ -768,7 +794,8 @@ instances = APIRouter(tags=["instances"], dependencies=AUTH, responses=errors(40
 
 
 @instances.get(
-    f"{API_PREFIX}/instance-types", response_model=schema.InstanceTypeList,
+    f"{API_PREFIX}/instance-types",
+    response_model=schema.InstanceTypeList,
     operation_id="listInstanceTypes",
     summary="List the instance types herder may create, cheapest first, with spot prices",
 )
@@ -777,7 +804,9 @@ def list_instance_types(api: API, _q: NoParams) -> Response:
 
 
 @instances.get(
-    _I, response_model=schema.InstanceList, operation_id="listInstances",
+    _I,
+    response_model=schema.InstanceList,
+    operation_id="listInstances",
     summary="List instances, pending creates included",
 )
 def list_instances(api: API, _q: NoParams) -> Response:
@@ -786,16 +815,22 @@ def list_instances(api: API, _q: NoParams) -> Response:
 
 def _add_instance_action(action: InstanceAction, summary: str) -> None:
     def act(
-        api: API, instance_id: InstanceId, _q: NoParams,
+        api: API,
+        instance_id: InstanceId,
+        _q: NoParams,
         body: schema.InstanceActionRequest | None = None,
     ) -> Response:
         return reply(api.instance_action(instance_id, action, body.reason if body else ""))
 
     instances.add_api_route(
         # ``:path``: a provider's id may hold a "/" (sent as %2F, which the server decodes).
-        f"{_I}/{{instance_id:path}}/{action}", act, methods=["POST"],
-        response_model=schema.InstanceActionOut, operation_id=f"{action}Instance",
-        summary=summary, responses=errors(400, 404, 413),
+        f"{_I}/{{instance_id:path}}/{action}",
+        act,
+        methods=["POST"],
+        response_model=schema.InstanceActionOut,
+        operation_id=f"{action}Instance",
+        summary=summary,
+        responses=errors(400, 404, 413),
     )
 
 
@@ -812,7 +847,9 @@ spend = APIRouter(tags=["spend"], dependencies=AUTH, responses=errors(401, 403))
 
 
 @spend.get(
-    f"{API_PREFIX}/quotas", response_model=schema.QuotaList, operation_id="listQuotas",
+    f"{API_PREFIX}/quotas",
+    response_model=schema.QuotaList,
+    operation_id="listQuotas",
     summary="The cloud account's quotas: limits, usage and what herder plans to use",
 )
 def quotas(api: API, _q: NoParams) -> Response:
@@ -820,7 +857,9 @@ def quotas(api: API, _q: NoParams) -> Response:
 
 
 @spend.get(
-    f"{API_PREFIX}/budget", response_model=schema.BudgetOut, operation_id="getBudget",
+    f"{API_PREFIX}/budget",
+    response_model=schema.BudgetOut,
+    operation_id="getBudget",
     summary="The spend budget: spend of the current period against its limits",
 )
 def budget(api: API, _q: NoParams) -> Response:
@@ -828,7 +867,9 @@ def budget(api: API, _q: NoParams) -> Response:
 
 
 @spend.get(
-    f"{API_PREFIX}/costs", response_model=schema.CostReportOut, operation_id="getCosts",
+    f"{API_PREFIX}/costs",
+    response_model=schema.CostReportOut,
+    operation_id="getCosts",
     summary="Spend by period, instance type and container label; cost per finished container",
     responses=errors(400),
 )
@@ -840,7 +881,9 @@ service = APIRouter(tags=["service"])
 
 
 @service.get(
-    f"{API_PREFIX}/health", response_model=schema.Health, operation_id="health",
+    f"{API_PREFIX}/health",
+    response_model=schema.Health,
+    operation_id="health",
     summary="Health check (needs no token)",
     responses={503: {"model": schema.Health, "description": "the dispatcher is unhealthy"}},
 )
@@ -850,8 +893,11 @@ def health(api: API, _q: NoParams) -> Response:
 
 
 @service.get(
-    f"{API_PREFIX}/plugins", response_model=schema.PluginList, operation_id="listPlugins",
-    summary="Installed plugins and what they register", dependencies=AUTH,
+    f"{API_PREFIX}/plugins",
+    response_model=schema.PluginList,
+    operation_id="listPlugins",
+    summary="Installed plugins and what they register",
+    dependencies=AUTH,
     responses=errors(401, 403),
 )
 def plugins(api: API, _q: NoParams) -> Response:
@@ -859,8 +905,11 @@ def plugins(api: API, _q: NoParams) -> Response:
 
 
 @service.get(
-    f"{API_PREFIX}/openapi.json", operation_id="openapi", summary="This API's OpenAPI document",
-    dependencies=AUTH, responses=errors(401, 403),
+    f"{API_PREFIX}/openapi.json",
+    operation_id="openapi",
+    summary="This API's OpenAPI document",
+    dependencies=AUTH,
+    responses=errors(401, 403),
 )
 async def openapi(request: Request, _q: NoParams) -> dict[str, Any]:
     document: dict[str, Any] = request.app.openapi()
@@ -868,8 +917,11 @@ async def openapi(request: Request, _q: NoParams) -> dict[str, Any]:
 
 
 @service.get(
-    f"{API_PREFIX}/summary", response_model=schema.SummaryOut, operation_id="summary",
-    summary="Totals: instances and containers by state, cost per hour now", dependencies=AUTH,
+    f"{API_PREFIX}/summary",
+    response_model=schema.SummaryOut,
+    operation_id="summary",
+    summary="Totals: instances and containers by state, cost per hour now",
+    dependencies=AUTH,
     responses=errors(401, 403),
 )
 def summary(api: API, _q: NoParams) -> Response:
@@ -880,11 +932,16 @@ _METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @service.get(
-    "/metrics", operation_id="metrics", summary="Prometheus metrics", dependencies=AUTH,
+    "/metrics",
+    operation_id="metrics",
+    summary="Prometheus metrics",
+    dependencies=AUTH,
     response_class=Response,
     responses={
-        200: {"content": {_METRICS_TYPE: {"schema": {"type": "string"}}},
-              "description": "the metrics in Prometheus' text format"},
+        200: {
+            "content": {_METRICS_TYPE: {"schema": {"type": "string"}}},
+            "description": "the metrics in Prometheus' text format",
+        },
         **errors(401, 403),
     },
 )
@@ -897,9 +954,13 @@ status_page_routes = APIRouter(tags=["status page"])
 
 
 @status_page_routes.get(
-    "/", operation_id="statusPage", summary="The status page", response_class=Response,
-    responses={200: {"content": {"text/html": {"schema": {"type": "string"}}},
-                     "description": "the page"}},
+    "/",
+    operation_id="statusPage",
+    summary="The status page",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/html": {"schema": {"type": "string"}}}, "description": "the page"}
+    },
 )
 async def status_page(_q: NoParams) -> Response:
     from herder.app.api import status_page as page
@@ -908,10 +969,14 @@ async def status_page(_q: NoParams) -> Response:
 
 
 @status_page_routes.get(
-    "/static/{name}", operation_id="statusPageAsset",
-    summary="A script or stylesheet of the status page", response_class=Response,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                     "description": "the file"}, **errors(404)},
+    "/static/{name}",
+    operation_id="statusPageAsset",
+    summary="A script or stylesheet of the status page",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "the file"},
+        **errors(404),
+    },
 )
 async def static_asset(name: str, _q: NoParams) -> Response:
     from herder.app.api import status_page as page

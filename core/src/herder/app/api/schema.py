@@ -142,13 +142,15 @@ class RuntimeConstraintsBody(_Request):
     vcpus: Annotated[
         int,
         Field(
-            ge=0, le=2**31 - 1,
+            ge=0,
+            le=2**31 - 1,
             description="VCPUs needed; 0 asks for a share of one VCPU that all 0-VCPU "
             "containers on an instance share (as in Arvados), for light work",
         ),
     ] = 1
-    ram: Annotated[Size, Field(description="bytes of RAM needed; 0: nothing beyond the "
-                                           "configured reserve")] = 0
+    ram: Annotated[
+        Size, Field(description="bytes of RAM needed; 0: nothing beyond the configured reserve")
+    ] = 0
     scratch: Size = 0
     gpus: Count | None = None
     gpu: GPURequestBody | None = None
@@ -179,9 +181,7 @@ class SubmitRequest(_Request):
             description="an image reference ([registry/]name[:tag][@digest]); empty: none",
         ),
     ] = ""
-    environment: Annotated[dict[str, Text], Field(max_length=10_000)] = Field(
-        default_factory=dict
-    )
+    environment: Annotated[dict[str, Text], Field(max_length=10_000)] = Field(default_factory=dict)
     cwd: Text = ""
     runtime: Literal["", "docker", "podman", "process"] = ""
     runtime_constraints: RuntimeConstraintsBody = Field(default_factory=RuntimeConstraintsBody)
@@ -455,24 +455,29 @@ class InstanceOut(_Response):
     appeared: Timestamp
     boot_outcome: str | None
     probe_error: str = Field(
-        "", description="why the latest probe failed (unreachable, bastion down...); "
-        "empty once a probe succeeds"
+        "",
+        description="why the latest probe failed (unreachable, bastion down...); "
+        "empty once a probe succeeds",
     )
     reason: str = Field(
-        "", description="why the instance's idle behaviour is what it is (a drain's cause, "
-        "an idle instance kept for its paid billing increment...)"
+        "",
+        description="why the instance's idle behaviour is what it is (a drain's cause, "
+        "an idle instance kept for its paid billing increment...)",
     )
     drain_cause: str = Field(
-        "", description="who or what drained it: operator, broken, lifetime, consolidation, "
-        "budget; empty when not drained by a known cause"
+        "",
+        description="who or what drained it: operator, broken, lifetime, consolidation, "
+        "budget; empty when not drained by a known cause",
     )
     paid_until: Timestamp = Field(
-        None, description="when the billing increment the instance is in ends (types billed "
-        "in increments only)"
+        None,
+        description="when the billing increment the instance is in ends (types billed "
+        "in increments only)",
     )
     market_price: float | None = Field(
-        None, description="the price per hour in force from the driver's price history (spot "
-        "markets), which spend counts; null when the driver reports none"
+        None,
+        description="the price per hour in force from the driver's price history (spot "
+        "markets), which spend counts; null when the driver reports none",
     )
 
 
@@ -610,9 +615,7 @@ def rfc3339(ts: float | None) -> str | None:
     """Epoch seconds as an RFC 3339 UTC string; None (and 0, "never") as None."""
     if not ts:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def field_path(loc: tuple[int | str, ...]) -> str:

@@ -137,8 +137,7 @@ class DeadlineProtocol(H11Protocol):
         body = b'{"error": "' + message + b'"}'
         self.transport.write(
             b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
-            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
-            + body
+            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         self.transport.close()
 
@@ -297,4 +296,3 @@ async def _signal_when_started(server: uvicorn.Server, ready: threading.Event) -
     while not server.started:
         await asyncio.sleep(0.005)
     ready.set()
-

@@ -33,20 +33,40 @@ def register(subparsers: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--instance-type", metavar="NAME",
-                   help="configured instance type to create (default: the cheapest)")
-    p.add_argument("--instance-set-id", metavar="ID",
-                   help="tag value marking the test's instances "
-                   "(default: zzzzz-zzzzz-zzzzzzcloudtest)")
+    p.add_argument(
+        "--instance-type",
+        metavar="NAME",
+        help="configured instance type to create (default: the cheapest)",
+    )
+    p.add_argument(
+        "--instance-set-id",
+        metavar="ID",
+        help="tag value marking the test's instances (default: zzzzz-zzzzz-zzzzzzcloudtest)",
+    )
     p.add_argument("--image-id", metavar="ID", help="image to boot (default: cloud.image_id)")
-    p.add_argument("--destroy-existing", action="store_true",
-                   help="destroy instances an earlier cloudtest left behind instead of refusing")
-    p.add_argument("--command", dest="test_command", metavar="CMD", default="",
-                   help="shell command to run on the instance once it has booted")
-    p.add_argument("--timeout", metavar="SECONDS", type=float,
-                   help="give up on each waiting step after this long")
-    p.add_argument("--data-dir", metavar="DIR",
-                   help="herder's data directory, for the SSH key `herder serve` generates")
+    p.add_argument(
+        "--destroy-existing",
+        action="store_true",
+        help="destroy instances an earlier cloudtest left behind instead of refusing",
+    )
+    p.add_argument(
+        "--command",
+        dest="test_command",
+        metavar="CMD",
+        default="",
+        help="shell command to run on the instance once it has booted",
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        help="give up on each waiting step after this long",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="herder's data directory, for the SSH key `herder serve` generates",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=run, default_log_level="info")
 

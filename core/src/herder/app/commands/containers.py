@@ -70,9 +70,7 @@ def client_errors() -> Iterator[None]:
         raise CommandError(str(exc)) from exc
 
 
-def colour_column(
-    table: str, header: str, colours: Mapping[str, str], enabled: bool
-) -> str:
+def colour_column(table: str, header: str, colours: Mapping[str, str], enabled: bool) -> str:
     """Colour the cells of one column of a :func:`render_table` table by their value.
 
     Colouring happens after alignment, so escape codes never upset the column widths.
@@ -91,7 +89,7 @@ def colour_column(
         if code is None:
             out.append(line)
             continue
-        out.append(f"{line[:start]}\x1b[{code}m{value}\x1b[0m{rest[len(value):]}")
+        out.append(f"{line[:start]}\x1b[{code}m{value}\x1b[0m{rest[len(value) :]}")
     return "\n".join(out)
 
 
@@ -182,7 +180,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("uuid")
     p.add_argument("-f", "--follow", action="store_true", help="wait for more until it ends")
     p.add_argument(
-        "--stream", choices=["stdout", "stderr", "runner"], default="",
+        "--stream",
+        choices=["stdout", "stderr", "runner"],
+        default="",
         help="only this stream's lines, without their marker (default: every line, marked)",
     )
     add_client_options(p)
@@ -200,11 +200,15 @@ def _register_submit(subparsers: Any) -> None:
     )
     p.add_argument("--image", default="", help="container image (none: run as a process)")
     p.add_argument(
-        "--pull", default="", choices=["if-not-present", "always", "never"],
+        "--pull",
+        default="",
+        choices=["if-not-present", "always", "never"],
         help="when to pull the image (default: the server's containers.pull_policy)",
     )
     p.add_argument(
-        "--vcpus", type=int, default=1,
+        "--vcpus",
+        type=int,
+        default=1,
         help="VCPUs needed (default 1); 0 asks for a share of one VCPU that every 0-VCPU "
         "container on the instance shares, for light work",
     )
@@ -212,35 +216,45 @@ def _register_submit(subparsers: Any) -> None:
     p.add_argument("--scratch", default="0", metavar="SIZE", help="scratch space, e.g. 10GiB")
     p.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs needed")
     p.add_argument("--priority", type=int, default=1, help="higher runs first (0 holds it)")
-    p.add_argument(
-        "--env", action="append", default=[], metavar="K=V", help="environment variable"
-    )
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable")
     p.add_argument("--name", default="", help="a name for people")
     p.add_argument(
-        "--label", action="append", default=[], metavar="K=V",
+        "--label",
+        action="append",
+        default=[],
+        metavar="K=V",
         help="a free-form label (repeatable); herder costs groups spend by them",
     )
     p.add_argument("--cwd", default="", help="working directory (absolute)")
     p.add_argument(
-        "--runtime", default="", choices=["", "docker", "podman", "process"],
+        "--runtime",
+        default="",
+        choices=["", "docker", "podman", "process"],
         help="how to run it (default: an engine if the image needs one)",
     )
     p.add_argument("--max-run-time", default="0", metavar="DURATION", help="e.g. 1h (0: none)")
     p.add_argument("--preemptible", action="store_true", help="may run on preemptible instances")
     p.add_argument("--wait", action="store_true", help="follow it to the end")
     p.add_argument(
-        "--after", action="append", default=[], metavar="UUID",
+        "--after",
+        action="append",
+        default=[],
+        metavar="UUID",
         help="hold it until container UUID has completed with exit code 0; it is cancelled "
         "if UUID fails or is cancelled (repeat for several)",
     )
     p.add_argument(
-        "--count", type=int, metavar="N",
+        "--count",
+        type=int,
+        metavar="N",
         help="submit an array: N containers of this spec, each with its index (0 to N-1) in "
         "$HERDER_ARRAY_INDEX and the array id in $HERDER_ARRAY_ID; list, wait on or cancel "
         "them together with --array ID",
     )
     p.add_argument(
-        "--from", dest="from_file", metavar="FILE",
+        "--from",
+        dest="from_file",
+        metavar="FILE",
         help="submit every container FILE describes, all or none: YAML (a list of mappings) "
         "or JSON lines (one object a line), each with the fields of the options above "
         "(command, image, vcpus, ram, scratch, gpus, priority, env, name, cwd, runtime, "
@@ -618,7 +632,7 @@ class StreamFilter:
         return self._keep(rest) if rest else ""
 
     def _keep(self, line: str) -> str:
-        return line[len(self.prefix):] + "\n" if line.startswith(self.prefix) else ""
+        return line[len(self.prefix) :] + "\n" if line.startswith(self.prefix) else ""
 
 
 def follow(
@@ -734,7 +748,8 @@ def since_time(text: str, now: float | None = None) -> str:
         except ValueError:
             raise CommandError(
                 f"--since {text!r}: expected a duration (30m, 2h) or a time like "
-                "2026-12-06T10:00:00Z", 2
+                "2026-12-06T10:00:00Z",
+                2,
             ) from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
@@ -748,8 +763,7 @@ def container_details(ctr: Mapping[str, Any]) -> list[tuple[str, Any]]:
     sp = ctr["scheduling_parameters"]
     gpu = rc.get("gpu") or {}
     need = (
-        f"{rc['vcpus']} vcpus, {format_size(rc['ram'])} RAM, "
-        f"{format_size(rc['scratch'])} scratch"
+        f"{rc['vcpus']} vcpus, {format_size(rc['ram'])} RAM, {format_size(rc['scratch'])} scratch"
     )
     if gpu.get("device_count"):
         need += f", {gpu['device_count']} {gpu.get('stack') or ''} GPUs".replace("  ", " ")
@@ -806,8 +820,10 @@ def run_container(args: argparse.Namespace, ctx: Context) -> int:
         if len(ran) > 1:
             ctx.print(f"It ran {len(ran)} times:")
             for a in ran[:-1]:
-                ctx.print(f"  attempt {a['number']} on {a.get('instance_id') or '-'}: "
-                          f"{escape_controls(attempt_outcome(a))}")
+                ctx.print(
+                    f"  attempt {a['number']} on {a.get('instance_id') or '-'}: "
+                    f"{escape_controls(attempt_outcome(a))}"
+                )
     return 0
 
 
@@ -894,4 +910,3 @@ def run_logs(args: argparse.Namespace, ctx: Context) -> int:
         if only is not None and not final:
             ctx.stdout.write(only.end())  # a running container's last, unfinished line
     return 0
-

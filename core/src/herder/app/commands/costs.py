@@ -32,13 +32,25 @@ def register(subparsers: Any) -> None:
         "asked of the server when one is reachable, else read from the spend ledger herder "
         "serve keeps in its data directory.",
     )
-    p.add_argument("--period", choices=("hour", "day", "month"), default="day",
-                   help="group spend by hour, day or month (default day)")
-    p.add_argument("--last", type=int, default=7, metavar="N",
-                   help="the current period and the N-1 before it (default 7)")
-    p.add_argument("--until", metavar="DATE",
-                   help="end the report at this UTC date or time (2026-12-07, "
-                   "2026-12-07T12:00) instead of now")
+    p.add_argument(
+        "--period",
+        choices=("hour", "day", "month"),
+        default="day",
+        help="group spend by hour, day or month (default day)",
+    )
+    p.add_argument(
+        "--last",
+        type=int,
+        default=7,
+        metavar="N",
+        help="the current period and the N-1 before it (default 7)",
+    )
+    p.add_argument(
+        "--until",
+        metavar="DATE",
+        help="end the report at this UTC date or time (2026-12-07, "
+        "2026-12-07T12:00) instead of now",
+    )
     p.add_argument("--ledger", metavar="FILE", help="the ledger file (default: as serve uses)")
     p.add_argument("--data-dir", metavar="DIR", help="the data directory serve uses")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -76,8 +88,9 @@ def _ledger_path(args: argparse.Namespace, ctx: Context) -> Path:
     config = prepare_serve(ctx.config, data_dir, create=False).config
     path = ledger_path_for(config.cloud.budget.ledger_path, config.queue.path)
     if path is None:
-        raise CommandError("the queue is in memory, so no spend ledger is kept; see "
-                           "cloud.budget.ledger_path")
+        raise CommandError(
+            "the queue is in memory, so no spend ledger is kept; see cloud.budget.ledger_path"
+        )
     return Path(path)
 
 
@@ -111,8 +124,9 @@ def _from_ledger(args: argparse.Namespace, ctx: Context) -> tuple[dict[str, Any]
 
     path = _ledger_path(args, ctx)
     if not path.exists():
-        raise CommandError(f"no spend recorded yet: {path} does not exist (herder serve "
-                           "creates it)")
+        raise CommandError(
+            f"no spend recorded yet: {path} does not exist (herder serve creates it)"
+        )
     ledger = read_ledger(path)
     # The period that contains the moment just before --until is the last one shown.
     since, until = last_periods(_until(args.until) - 1e-6, args.period, args.last)
@@ -140,15 +154,19 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         print_json(ctx, document)
         return 0
     ctx.print(f"spend by {args.period} (UTC), from {source}")
-    ctx.print(render_table(
-        ("period", "spent"), [(b["period"], f"{b['spent']:.4f}") for b in document["by_period"]]
-    ))
+    ctx.print(
+        render_table(
+            ("period", "spent"), [(b["period"], f"{b['spent']:.4f}") for b in document["by_period"]]
+        )
+    )
     ctx.print(f"total {document['total']:.4f}")
     ctx.print("")
-    ctx.print(render_table(
-        ("instance-type", "spent"),
-        [(name, f"{v:.4f}") for name, v in document["by_instance_type"].items()],
-    ))
+    ctx.print(
+        render_table(
+            ("instance-type", "spent"),
+            [(name, f"{v:.4f}") for name, v in document["by_instance_type"].items()],
+        )
+    )
     c = document["containers"]
     ctx.print("")
     ctx.print(
@@ -176,20 +194,43 @@ def run_quotas(args: argparse.Namespace, ctx: Context) -> int:
         print_json(ctx, document)
         return 0
     if not document["enabled"]:
-        ctx.print("quotas are not read: the driver cannot (capability quota_headroom), or "
-                  "cloud.quota_refresh_interval is 0")
+        ctx.print(
+            "quotas are not read: the driver cannot (capability quota_headroom), or "
+            "cloud.quota_refresh_interval is 0"
+        )
         return 0
     rows = [
-        (q["name"], q["group"], q["unit"], _num(q["limit"]), _num(q["usage"]),
-         _num(q["herder"]), _num(q["pending"]), _num(q["wanted"]), _num(q["headroom"]),
-         q["description"])
+        (
+            q["name"],
+            q["group"],
+            q["unit"],
+            _num(q["limit"]),
+            _num(q["usage"]),
+            _num(q["herder"]),
+            _num(q["pending"]),
+            _num(q["wanted"]),
+            _num(q["headroom"]),
+            q["description"],
+        )
         for q in document["items"]
     ]
-    ctx.print(render_table(
-        ("quota", "group", "unit", "limit", "usage", "herder", "pending", "wanted", "headroom",
-         "description"),
-        rows,
-    ))
+    ctx.print(
+        render_table(
+            (
+                "quota",
+                "group",
+                "unit",
+                "limit",
+                "usage",
+                "herder",
+                "pending",
+                "wanted",
+                "headroom",
+                "description",
+            ),
+            rows,
+        )
+    )
     return 0
 
 
@@ -204,8 +245,10 @@ def run_budget(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         print_json(ctx, document)
         return 0
-    state = "hard limit reached" if document["hard_reached"] else (
-        "soft limit reached" if document["soft_reached"] else "under the limits"
+    state = (
+        "hard limit reached"
+        if document["hard_reached"]
+        else ("soft limit reached" if document["soft_reached"] else "under the limits")
     )
     ctx.print(
         f"spend this {document['period']}: {document['spent']:.2f} "

@@ -58,7 +58,12 @@ def register(subparsers: Any) -> None:
     for name, (action, text, done) in ACTIONS.items():
         aliases = [old for old, new in ALIASES.items() if new == name]
         p = subparsers.add_parser(
-            name, aliases=aliases, help=text, description=text[0].upper() + text[1:] + "."
+            name,
+            aliases=aliases,
+            help=text,
+            description=text[0].upper()
+            + text[1:]
+            + "."
             + (f"  ({', '.join(aliases)}: the old name, kept for now.)" if aliases else ""),
         )
         p.add_argument("instance_ids", nargs="+", metavar="INSTANCE")
@@ -78,7 +83,8 @@ def register_instance_types(subparsers: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument(
-        "--offline", action="store_true",
+        "--offline",
+        action="store_true",
         help="read the configuration only; do not ask a server",
     )
     add_client_options(p)
@@ -111,7 +117,8 @@ def run_instance_types(args: argparse.Namespace, ctx: Context) -> int:
             format_size(t["ram"]),
             format_size(t["scratch"]),
             f"{t['gpu']['device_count']} {t['gpu']['stack']}".strip()
-            if t["gpu"]["device_count"] else "",
+            if t["gpu"]["device_count"]
+            else "",
             f"{t['price']:.6f}",
             "" if t.get("spot_price") is None else f"{t['spot_price']:.6f}",
             "yes" if t["preemptible"] else "no",

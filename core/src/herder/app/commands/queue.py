@@ -45,8 +45,10 @@ def _queue_path(args: argparse.Namespace, ctx: Context) -> str:
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     config = prepare_serve(ctx.config, data_dir, create=False).config
     if config.queue.backend != "sqlite":
-        raise CommandError(f"queue.backend {config.queue.backend!r}: only sqlite files are "
-                           "checked and backed up by herder")
+        raise CommandError(
+            f"queue.backend {config.queue.backend!r}: only sqlite files are "
+            "checked and backed up by herder"
+        )
     return config.queue.path
 
 
@@ -63,8 +65,10 @@ def run_check(args: argparse.Namespace, ctx: Context) -> int:
         print_json(ctx, report)
         return 0
     counts = ", ".join(f"{n} {state}" for state, n in report["containers"].items()) or "empty"
-    ctx.print(f"{path}: OK (queue {report['identity'] or '-'}, schema version "
-              f"{report['schema_version']}; {counts})")
+    ctx.print(
+        f"{path}: OK (queue {report['identity'] or '-'}, schema version "
+        f"{report['schema_version']}; {counts})"
+    )
     for uuid in report["unreadable_to_cancel"]:
         ctx.print(f"  {uuid}: its record cannot be read; serve will cancel it at start")
     return 0

@@ -39,8 +39,11 @@ def register(subparsers: Any) -> None:
         "($HERDER_DATA_DIR, else $XDG_DATA_HOME/herder, else ~/.local/share/herder).",
     )
     p.add_argument("--data-dir", metavar="DIR", help="where herder keeps its own state")
-    p.add_argument("--listen", metavar="HOST:PORT",
-                   help="address of the management API (overrides api.listen; port 0 picks one)")
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address of the management API (overrides api.listen; port 0 picks one)",
+    )
     p.set_defaults(handler=run, default_log_level="info")
 
 
@@ -119,17 +122,24 @@ def _serve(args: argparse.Namespace, ctx: Context, setup: ServeSetup) -> int:
     stop = _stop_on_signals()
     settle_startup_heap()
     lost: list[str] = []
-    if not _take_dispatch_lock(engine.dispatch_lock, stop, engine.halt, lost,
-                               engine.queue_description):
+    if not _take_dispatch_lock(
+        engine.dispatch_lock, stop, engine.halt, lost, engine.queue_description
+    ):
         _wait_then_stop(stop, api, engine.stop, runtime)
         return 0
     engine.start()
-    log.info("serving cluster %s: %s, queue %s, API %s",
-             config.cluster_id, _what_runs(config, engine), engine.queue_description, api.url)
+    log.info(
+        "serving cluster %s: %s, queue %s, API %s",
+        config.cluster_id,
+        _what_runs(config, engine),
+        engine.queue_description,
+        api.url,
+    )
     _wait_then_stop(stop, api, engine.stop, runtime)
     if lost:
-        raise CommandError(f"{lost[0]}; stopped dispatching (start herder again to wait as "
-                           "the standby)")
+        raise CommandError(
+            f"{lost[0]}; stopped dispatching (start herder again to wait as the standby)"
+        )
     if engine.has_instances:
         log.info("stopped; containers and instances left running are adopted at the next start")
     else:
@@ -177,8 +187,10 @@ def _what_runs(config: Config, engine: Engine) -> str:
     if not engine.has_instances:
         return f"dispatcher {config.dispatcher}"
     types = sorted(engine.instance_types)
-    return (f"driver {config.cloud.driver}, {len(types)} instance type(s) "
-            f"({', '.join(types) or 'none'})")
+    return (
+        f"driver {config.cloud.driver}, {len(types)} instance type(s) "
+        f"({', '.join(types) or 'none'})"
+    )
 
 
 def _take_dispatch_lock(
@@ -197,8 +209,9 @@ def _take_dispatch_lock(
     """
     if lock is None:
         return True
-    log.info("standby: waiting for the dispatch lock of queue %s; the API is served meanwhile",
-             where)
+    log.info(
+        "standby: waiting for the dispatch lock of queue %s; the API is served meanwhile", where
+    )
 
     def on_lost(reason: str) -> None:
         lost.append(reason)
@@ -234,9 +247,7 @@ def _hold_data_dir(data_dir: Path) -> int:
         ) from None
 
 
-def _start_api(
-    api: APIServer, config: Config, data_dir: Path, abandon: Callable[[], None]
-) -> None:
+def _start_api(api: APIServer, config: Config, data_dir: Path, abandon: Callable[[], None]) -> None:
     """Start the management API and write client.json for the CLI.
 
     A port that cannot be bound stops what was already started (``abandon``) and is reported
@@ -267,7 +278,9 @@ def _stop_all(stop_component: Callable[[], None], runtime: ThreadRuntime) -> Non
 
 
 def _wait_then_stop(
-    stop: threading.Event, api: APIServer, stop_component: Callable[[], None],
+    stop: threading.Event,
+    api: APIServer,
+    stop_component: Callable[[], None],
     runtime: ThreadRuntime,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop the API, the dispatcher and the runtime."""

@@ -50,8 +50,12 @@ class Use:
         return self.used_vcpus / self.vcpus if self.vcpus else 1.0
 
     def sort_key(self) -> tuple[float, int, int, str]:
-        return (self.empties_at, self.used_vcpus, len(self.view.running_container_uuids),
-                self.view.instance)
+        return (
+            self.empties_at,
+            self.used_vcpus,
+            len(self.view.running_container_uuids),
+            self.view.instance,
+        )
 
 
 class Consolidator:

@@ -166,7 +166,7 @@ class QueueIndex:
         for entry in removed:
             attention.pop(entry.container.uuid, None)
             _count_down(counts, filing(entry)[4])
-        for (item, _, needs_attention, _, label) in new:
+        for item, _, needs_attention, _, label in new:
             if needs_attention:
                 attention[item[3]] = item[4]
             counts[label] += 1

@@ -165,8 +165,8 @@ class QuotaHeadroom:
         """herder asked for an instance of ``instance_type``: count it until the next read."""
         with self._lock:
             for quota in self._of(instance_type):
-                self._pending[quota.name] = (
-                    self._pending.get(quota.name, 0.0) + quota.need(instance_type)
+                self._pending[quota.name] = self._pending.get(quota.name, 0.0) + quota.need(
+                    instance_type
                 )
 
     def states(

@@ -448,7 +448,8 @@ class _Pass:
             return None
         self.log.info(
             "%s: instance %s taken back from consolidation for it",
-            entry.container.uuid, slot.view.instance,
+            entry.container.uuid,
+            slot.view.instance,
         )
         self.placement.reopen(slot)
         return slot

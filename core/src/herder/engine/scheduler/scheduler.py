@@ -112,7 +112,10 @@ class Scheduler:
         self._budget: BudgetEnforcer | None = None
         if tracker is not None:
             self._budget = BudgetEnforcer(
-                pool=pool, ops=self.ops, tracker=tracker, budget=budget or Budget(),
+                pool=pool,
+                ops=self.ops,
+                tracker=tracker,
+                budget=budget or Budget(),
                 logger=self._log,
             )
         self._consolidator = Consolidator(

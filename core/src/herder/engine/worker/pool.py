@@ -402,7 +402,10 @@ class Pool(WorkerPool):
         self._log.warning(
             "instance type %s: %d instance(s) failed to boot in a row; no new %s instance for "
             "%s (check the image, the admin user and the firewall with herder cloudtest)",
-            it.name, failures, it.name, format_duration(pause),
+            it.name,
+            failures,
+            it.name,
+            format_duration(pause),
         )
         self._runtime.call_later(pause, self._notify)
 
@@ -512,7 +515,10 @@ class Pool(WorkerPool):
             self._runtime.call_later(CAPACITY_ERROR_TTL, self._notify)
         self._log.error(
             "create %s failed (quota error: %s, capacity error: %s): %s",
-            it.name, isinstance(err, QuotaError), isinstance(err, CapacityError), err,
+            it.name,
+            isinstance(err, QuotaError),
+            isinstance(err, CapacityError),
+            err,
         )
 
     # ------------------------------------------------------------------ workers from listings
@@ -543,7 +549,10 @@ class Pool(WorkerPool):
         if not it.provider_type and behavior != IdleBehavior.HOLD:
             self._log.info(
                 "instance %s: %sing instance tagged with unrecognized instance type %r",
-                instance.id, IdleBehavior.DRAIN.value, it.name, extra={"instance": instance.id},
+                instance.id,
+                IdleBehavior.DRAIN.value,
+                it.name,
+                extra={"instance": instance.id},
             )
             behavior = IdleBehavior.DRAIN
         worker = Worker(self._env, wrapped, it, self._executor_factory(wrapped), state, behavior)
@@ -565,7 +574,11 @@ class Pool(WorkerPool):
         self._workers[instance.id] = worker
         self._log.info(
             "instance %s: new worker (%s, type %s, idle behavior %s)",
-            instance.id, state.value, it.name, behavior.value, extra={"instance": instance.id},
+            instance.id,
+            state.value,
+            it.name,
+            behavior.value,
+            extra={"instance": instance.id},
         )
         return worker, True
 

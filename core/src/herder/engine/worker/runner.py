@@ -55,9 +55,7 @@ class RunnerDeployment:
         if data is None:
             return cls(command=default_command)
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        return cls(
-            command=posixpath.join(directory, f"herder-runner~{md5}"), data=data, md5=md5
-        )
+        return cls(command=posixpath.join(directory, f"herder-runner~{md5}"), data=data, md5=md5)
 
     @property
     def deploying(self) -> bool:
@@ -86,8 +84,7 @@ class RunnerDeployment:
         """
         return self._as_runner_user(
             remote_user,
-            self._paths()
-            + '[ -d "$dstdir" ] && [ ! -L "$dstdir" ] && [ ! -L "$dstfile" ] && '
+            self._paths() + '[ -d "$dstdir" ] && [ ! -L "$dstdir" ] && [ ! -L "$dstfile" ] && '
             '[ "$(stat -c %u:%a "$dstdir")" = "$(id -u):700" ] && md5sum "$dstfile"',
         )
 
@@ -182,7 +179,10 @@ class Runner:
         assert self.container is not None, "a detected runner is never started"
         argv = runner_protocol.detach_argv(self._args, self.uuid)
         stdin = runner_protocol.config_document(
-            self.container, self._instance_type, self._runtime_engine, self._log_limit,
+            self.container,
+            self._instance_type,
+            self._runtime_engine,
+            self._log_limit,
             self._pull_policy,
         )
         try:
@@ -193,7 +193,10 @@ class Runner:
         if not result.ok:
             self._log.warning(
                 "container %s: runner start exited %d: stdout=%r stderr=%r",
-                self.uuid, result.exit_status, result.stdout[:1000], result.stderr[:1000],
+                self.uuid,
+                result.exit_status,
+                result.stdout[:1000],
+                result.stderr[:1000],
             )
             return False
         self._log.info("container %s: runner started", self.uuid)
@@ -264,7 +267,9 @@ class Runner:
         if not result.ok:
             self._log.info(
                 "container %s: kill attempt unsuccessful (exit %d): %s",
-                self.uuid, result.exit_status, result.stderr.decode(errors="replace").strip(),
+                self.uuid,
+                result.exit_status,
+                result.stderr.decode(errors="replace").strip(),
             )
             return False
         return True

@@ -143,8 +143,7 @@ class PoolSettings:
             timeout_stale_run_lock=_positive(c.timeout_stale_run_lock, d.timeout_stale_run_lock),
             timeout_command=_positive(c.timeout_command, d.timeout_command),
             max_probes_per_second=(
-                c.max_probes_per_second if c.max_probes_per_second >= 1
-                else d.max_probes_per_second
+                c.max_probes_per_second if c.max_probes_per_second >= 1 else d.max_probes_per_second
             ),
             max_cloud_ops_per_second=c.max_cloud_ops_per_second,
             max_concurrent_creates=c.max_concurrent_instance_create_ops,
@@ -213,7 +212,6 @@ class RunProbeResult:
     error: str = ""  # why the probe failed (a bastion that refused, a timeout...), if it did
 
 
-
 def _outcome(run: Callable[[], ExecResult]) -> tuple[bool, bytes, bytes, str]:
     """(ok, stdout, stderr, error text) of a command: what the probe and install steps log."""
     try:
@@ -222,6 +220,7 @@ def _outcome(run: Callable[[], ExecResult]) -> tuple[bool, bytes, bytes, str]:
         return False, b"", b"", str(exc)
     err = "" if result.ok else f"exit status {result.exit_status}"
     return result.ok, result.stdout, result.stderr, err
+
 
 class Worker:
     """The pool's record of one cloud instance."""
@@ -498,9 +497,7 @@ class Worker:
         ``cause`` and ``reason`` say who set it and why (shown with the instance); setting
         ``run`` clears them.
         """
-        self.log.info(
-            "set idle behavior %s%s", behavior.value, f" ({reason})" if reason else ""
-        )
+        self.log.info("set idle behavior %s%s", behavior.value, f" ({reason})" if reason else "")
         self.idle_behavior = behavior
         if behavior == IdleBehavior.RUN:
             cause, reason = DrainCause.NONE, ""
@@ -586,7 +583,9 @@ class Worker:
             return False
         self.log.info(
             "shutdown worker (state %s, idle %.0fs, idle behavior %s)",
-            self.state.value, self._now() - self.busy, self.idle_behavior.value,
+            self.state.value,
+            self._now() - self.busy,
+            self.idle_behavior.value,
         )
         self.report_boot_outcome(BootOutcome.ABORTED)
         self.shutdown()
@@ -610,7 +609,9 @@ class Worker:
             return False
         self.log.warning(
             "%s unresponsive for %.0fs, shutting down (state %s)%s",
-            label, since_last_success, self.state.value,
+            label,
+            since_last_success,
+            self.state.value,
             "; try `herder cloudtest` to debug" if label == "new instance" else "",
         )
         if self.runner_count():
@@ -880,7 +881,8 @@ class Worker:
             self.report_boot_outcome(BootOutcome.SUCCESS)
             self.log.info(
                 "probes succeeded, instance is in service (state %s, %d runners)",
-                self.state.value, self.runner_count(),
+                self.state.value,
+                self.runner_count(),
             )
         self.env.notify()
         return newly_running
@@ -913,7 +915,10 @@ class Worker:
         duration = self._now() - before
         if not ok:
             self.log.warning(
-                "run probe %r failed: %s: stdout=%r stderr=%r", " ".join(argv), err, stdout[:1000],
+                "run probe %r failed: %s: stdout=%r stderr=%r",
+                " ".join(argv),
+                err,
+                stdout[:1000],
                 stderr[:1000],
             )
             self.env.metrics.run_probe_duration.labels("fail").observe(duration)
@@ -993,7 +998,10 @@ class Worker:
                 # make the container look lost, and it would run a second time.
                 self.log.error(
                     "container %s: cannot record its result %r, kept on the instance for "
-                    "the next probe: %s", uuid, outcome, exc,
+                    "the next probe: %s",
+                    uuid,
+                    outcome,
+                    exc,
                 )
                 continue
             ok, _, stderr, err = self._run_verb(runner_protocol.forget_argv(uuid))
@@ -1019,9 +1027,7 @@ class Worker:
     def _start_failed(self, uuid: str, side: str, message: str) -> None:
         """Record a container the runner could not start, and drain an instance at fault."""
         instance_side = side == runner_protocol.FAILURE_INSTANCE
-        self.log.warning(
-            "container %s could not be started (%s failure): %s", uuid, side, message
-        )
+        self.log.warning("container %s could not be started (%s failure): %s", uuid, side, message)
         if instance_side:
             with self.env.lock:
                 if self.idle_behavior == IdleBehavior.RUN:
@@ -1048,7 +1054,7 @@ class Worker:
             end = offset + len(data)
             if offset > stored or end <= stored:
                 return  # a gap (the exit collection fills it) or nothing new
-            fresh = data[stored - offset:]
+            fresh = data[stored - offset :]
             if bound is not None and end > bound:
                 fresh = fresh[: max(0, bound - stored)]
                 if stored < bound:
@@ -1057,9 +1063,7 @@ class Worker:
                         "(containers.log_limit); later output is discarded\n"
                     ).encode()
             if fresh and stored == 0 and uuid in self._adopted:
-                fresh = (
-                    ADOPTED_LOG_NOTE + fresh
-                )
+                fresh = ADOPTED_LOG_NOTE + fresh
             if fresh:
                 self.env.reporter.container_log(uuid, fresh)
             self._adopted.discard(uuid)

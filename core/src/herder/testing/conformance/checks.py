@@ -73,8 +73,10 @@ def check_create_returns_instance(harness: ConformanceHarness) -> None:
     tags = {harness.tag("Role"): "create", "plain-key": "a value with spaces"}
     instance = harness.create(tags=tags, instance_type=it)
     if not isinstance(instance, Instance):
-        raise fail(f"create returned {type(instance).__name__}, not an Instance",
-                   rules.CREATE_RETURNS_INSTANCE)
+        raise fail(
+            f"create returned {type(instance).__name__}, not an Instance",
+            rules.CREATE_RETURNS_INSTANCE,
+        )
     if not instance.id:
         raise fail("create returned an instance with an empty id", rules.CREATE_RETURNS_INSTANCE)
     if instance.provider_type != it.provider_type:
@@ -85,8 +87,9 @@ def check_create_returns_instance(harness: ConformanceHarness) -> None:
         )
     expected = {**harness.owner_tags(), **tags}
     if instance.tags != expected:
-        raise fail(f"create returned tags {instance.tags!r}, expected {expected!r}",
-                   rules.TAGS_EXACT)
+        raise fail(
+            f"create returned tags {instance.tags!r}, expected {expected!r}", rules.TAGS_EXACT
+        )
 
 
 def check_created_instance_is_listed(harness: ConformanceHarness) -> None:
@@ -94,8 +97,9 @@ def check_created_instance_is_listed(harness: ConformanceHarness) -> None:
     iset = harness.instance_set()
     extra = {harness.tag("Role"): "listed"}
     instance = harness.create(iset, tags=extra)
-    listing = harness.wait_listed(iset, harness.owner_tags(), [instance.id],
-                                  rules.CREATED_IS_LISTED)
+    listing = harness.wait_listed(
+        iset, harness.owner_tags(), [instance.id], rules.CREATED_IS_LISTED
+    )
     listed = _by_id(listing, instance.id)
     if listed.provider_type != instance.provider_type:
         raise fail(
@@ -105,8 +109,9 @@ def check_created_instance_is_listed(harness: ConformanceHarness) -> None:
         )
     expected = {**harness.owner_tags(), **extra}
     if listed.tags != expected:
-        raise fail(f"the listing gave tags {listed.tags!r}, expected {expected!r}",
-                   rules.TAGS_EXACT)
+        raise fail(
+            f"the listing gave tags {listed.tags!r}, expected {expected!r}", rules.TAGS_EXACT
+        )
     ids = [i.id for i in listing]
     if len(ids) != len(set(ids)):
         raise fail(f"a listing returned the same id twice: {sorted(ids)}", rules.IDS_STABLE)
@@ -119,10 +124,12 @@ def check_listing_keeps_matching_instances(harness: ConformanceHarness) -> None:
     first = harness.create(iset, tags={role: "a"})
     second = harness.create(iset, tags={role: "b"})
     third = harness.create(iset, tags={role: "a"})
-    harness.wait_listed(iset, harness.owner_tags(), [first.id, second.id, third.id],
-                        rules.LISTING_KEEPS_MATCHES)
-    harness.wait_listed(iset, {**harness.owner_tags(), role: "a"}, [first.id, third.id],
-                        rules.LISTING_KEEPS_MATCHES)
+    harness.wait_listed(
+        iset, harness.owner_tags(), [first.id, second.id, third.id], rules.LISTING_KEEPS_MATCHES
+    )
+    harness.wait_listed(
+        iset, {**harness.owner_tags(), role: "a"}, [first.id, third.id], rules.LISTING_KEEPS_MATCHES
+    )
     harness.wait_listed(iset, {}, [first.id, second.id, third.id], rules.LISTING_KEEPS_MATCHES)
 
 
@@ -199,17 +206,23 @@ def check_idempotent_create(harness: ConformanceHarness) -> None:
             f"two creates with the same create key made {first.id} and {repeated.id}",
             rules.IDEMPOTENT_CREATE,
         )
-    listing = harness.wait_listed(iset, harness.owner_tags(), [first.id],
-                                  rules.CREATED_IS_LISTED)
-    same_key = [i.id for i in listing if i.tags.get(harness.tag(CREATE_KEY_TAG))
-                == key_tags[harness.tag(CREATE_KEY_TAG)]]
+    listing = harness.wait_listed(iset, harness.owner_tags(), [first.id], rules.CREATED_IS_LISTED)
+    same_key = [
+        i.id
+        for i in listing
+        if i.tags.get(harness.tag(CREATE_KEY_TAG)) == key_tags[harness.tag(CREATE_KEY_TAG)]
+    ]
     if len(same_key) != 1:
-        raise fail(f"the listing shows {len(same_key)} instances with one create key: {same_key}",
-                   rules.IDEMPOTENT_CREATE)
+        raise fail(
+            f"the listing shows {len(same_key)} instances with one create key: {same_key}",
+            rules.IDEMPOTENT_CREATE,
+        )
     other = harness.create(iset, tags={harness.tag(CREATE_KEY_TAG): secrets.token_hex(20)})
     if other.id == first.id:
-        raise fail(f"a create with a new create key returned the existing {first.id}",
-                   rules.IDEMPOTENT_CREATE)
+        raise fail(
+            f"a create with a new create key returned the existing {first.id}",
+            rules.IDEMPOTENT_CREATE,
+        )
 
 
 def check_set_tags_replaces_tags(harness: ConformanceHarness) -> None:
@@ -239,8 +252,7 @@ def check_destroy_removes_instance(harness: ConformanceHarness) -> None:
     iset = harness.instance_set()
     doomed = harness.create(iset)
     keeper = harness.create(iset)
-    harness.wait_listed(iset, harness.owner_tags(), [doomed.id, keeper.id],
-                        rules.CREATED_IS_LISTED)
+    harness.wait_listed(iset, harness.owner_tags(), [doomed.id, keeper.id], rules.CREATED_IS_LISTED)
     doomed.destroy()
     harness.wait_gone(iset, harness.owner_tags(), doomed.id, rules.DESTROY_REMOVES)
     harness.wait_listed(iset, harness.owner_tags(), [keeper.id], rules.DESTROY_ONLY_TARGET)
@@ -269,10 +281,12 @@ def check_instance_sets_are_isolated(harness: ConformanceHarness) -> None:
     mine, theirs = harness.instance_set(), harness.instance_set(other_id)
     my_instance = harness.create(mine)
     their_instance = harness.create(theirs, tags=harness.owner_tags(other_id))
-    my_listing = harness.wait_listed(mine, harness.owner_tags(), [my_instance.id],
-                                     rules.CREATED_IS_LISTED)
-    harness.wait_listed(theirs, harness.owner_tags(other_id), [their_instance.id],
-                        rules.CREATED_IS_LISTED)
+    my_listing = harness.wait_listed(
+        mine, harness.owner_tags(), [my_instance.id], rules.CREATED_IS_LISTED
+    )
+    harness.wait_listed(
+        theirs, harness.owner_tags(other_id), [their_instance.id], rules.CREATED_IS_LISTED
+    )
     if their_instance.id in {i.id for i in my_listing}:
         raise fail(
             f"instance set {harness.instance_set_id} listed {their_instance.id}, which set "
@@ -281,8 +295,9 @@ def check_instance_sets_are_isolated(harness: ConformanceHarness) -> None:
         )
     my_instance.destroy()
     harness.wait_gone(mine, harness.owner_tags(), my_instance.id, rules.DESTROY_REMOVES)
-    listing = harness.wait_listed(theirs, harness.owner_tags(other_id), [their_instance.id],
-                                  rules.INSTANCE_SETS_ISOLATED)
+    listing = harness.wait_listed(
+        theirs, harness.owner_tags(other_id), [their_instance.id], rules.INSTANCE_SETS_ISOLATED
+    )
     if _by_id(listing, their_instance.id).tags != harness.owner_tags(other_id):
         raise fail(
             f"the tags of {their_instance.id} changed when another instance set worked",
@@ -354,8 +369,9 @@ def check_thread_safety(harness: ConformanceHarness) -> None:
             rules.THREAD_SAFE,
         )
     if len(set(ids)) != len(ids):
-        raise fail(f"concurrent creates returned duplicate ids: {sorted(ids)}",
-                   rules.IDS_NEVER_REUSED)
+        raise fail(
+            f"concurrent creates returned duplicate ids: {sorted(ids)}", rules.IDS_NEVER_REUSED
+        )
     for instance_id in ids:
         harness.wait_gone(iset, harness.owner_tags(), instance_id, rules.DESTROY_REMOVES)
 
@@ -374,7 +390,8 @@ def _provoke(
     _require(harness, capability)
     if hook is None:
         raise _cannot_check(
-            harness, f"the target declares {capability.value!r} but gives no hook to provoke one",
+            harness,
+            f"the target declares {capability.value!r} but gives no hook to provoke one",
             rule,
         )
     try:
@@ -397,27 +414,46 @@ def _provoke(
 
 
 def check_quota_error(harness: ConformanceHarness) -> None:
-    _provoke(harness, Capability.QUOTA_ERRORS, harness.target.provoke_quota_error, QuotaError,
-             rules.QUOTA_ERROR_TYPED)
+    _provoke(
+        harness,
+        Capability.QUOTA_ERRORS,
+        harness.target.provoke_quota_error,
+        QuotaError,
+        rules.QUOTA_ERROR_TYPED,
+    )
 
 
 def check_capacity_error(harness: ConformanceHarness) -> None:
-    exc = _provoke(harness, Capability.CAPACITY_ERRORS, harness.target.provoke_capacity_error,
-                   CapacityError, rules.CAPACITY_ERROR_TYPED)
+    exc = _provoke(
+        harness,
+        Capability.CAPACITY_ERRORS,
+        harness.target.provoke_capacity_error,
+        CapacityError,
+        rules.CAPACITY_ERROR_TYPED,
+    )
     assert isinstance(exc, CapacityError)
     if exc.instance_type_specific and exc.quota_group_specific:
-        raise fail("a CapacityError claims to be both type- and quota-group-specific",
-                   rules.CAPACITY_ERROR_TYPED)
+        raise fail(
+            "a CapacityError claims to be both type- and quota-group-specific",
+            rules.CAPACITY_ERROR_TYPED,
+        )
 
 
 def check_rate_limit_error(harness: ConformanceHarness) -> None:
-    exc = _provoke(harness, Capability.RATE_LIMIT_ERRORS, harness.target.provoke_rate_limit_error,
-                   RateLimitError, rules.RATE_LIMIT_ERROR_TYPED)
+    exc = _provoke(
+        harness,
+        Capability.RATE_LIMIT_ERRORS,
+        harness.target.provoke_rate_limit_error,
+        RateLimitError,
+        rules.RATE_LIMIT_ERROR_TYPED,
+    )
     assert isinstance(exc, RateLimitError)
     retry = getattr(exc, "earliest_retry", None)
     if not isinstance(retry, int | float) or retry <= 0:
-        raise fail(f"RateLimitError.earliest_retry is {retry!r}, not epoch seconds",
-                   rules.RATE_LIMIT_ERROR_TYPED)
+        raise fail(
+            f"RateLimitError.earliest_retry is {retry!r}, not epoch seconds",
+            rules.RATE_LIMIT_ERROR_TYPED,
+        )
 
 
 # --------------------------------------------------------------------------- reaching instances
@@ -429,8 +465,9 @@ def check_address_format(harness: ConformanceHarness) -> None:
     """Addresses are something the SSH executor can split."""
     iset = harness.instance_set()
     instance = harness.create(iset)
-    listing = harness.wait_listed(iset, harness.owner_tags(), [instance.id],
-                                  rules.CREATED_IS_LISTED)
+    listing = harness.wait_listed(
+        iset, harness.owner_tags(), [instance.id], rules.CREATED_IS_LISTED
+    )
     for candidate in (instance, _by_id(listing, instance.id)):
         address = candidate.address
         if address and not _ADDRESS_RE.match(address):
@@ -514,8 +551,7 @@ def _run_until_booted(
             executor.set_target(TagVerifier(fresh[0], secret, timeout=30.0))
     status = executor.execute("exit 3", None, None, 30.0).exit_status
     if status != 3:
-        raise fail(f"`exit 3` on {instance.id} reported exit status {status}",
-                   rules.ADDRESS_USABLE)
+        raise fail(f"`exit 3` on {instance.id} reported exit status {status}", rules.ADDRESS_USABLE)
 
 
 def check_init_command_and_public_key(harness: ConformanceHarness) -> None:
@@ -532,8 +568,12 @@ def check_init_command_and_public_key(harness: ConformanceHarness) -> None:
     command = init_command(secret)
     if target.boot_record is not None:
         public_key = harness.public_key or _throwaway_public_key()
-        instance = harness.create(iset, tags={harness.tag("InstanceSecret"): secret},
-                                  init_command=command, public_key=public_key)
+        instance = harness.create(
+            iset,
+            tags={harness.tag("InstanceSecret"): secret},
+            init_command=command,
+            public_key=public_key,
+        )
         record = target.boot_record(harness, instance)
         if command.strip() not in record.init_command:
             raise fail(
@@ -557,8 +597,9 @@ def check_init_command_and_public_key(harness: ConformanceHarness) -> None:
             "public_key",
             rules.INIT_COMMAND_RUN,
         )
-    instance = harness.create(iset, tags={harness.tag("InstanceSecret"): secret},
-                              init_command=command)
+    instance = harness.create(
+        iset, tags={harness.tag("InstanceSecret"): secret}, init_command=command
+    )
     runtime = ThreadRuntime()
     executor = _executor_for(harness, TagVerifier(instance, secret, timeout=30.0), runtime)
     try:
@@ -623,8 +664,7 @@ def check_host_key_verification(harness: ConformanceHarness) -> None:
                 rules.HOST_KEY_CHECKED,
             ) from exc
         return  # any error refuses the key; HostKeyMismatch says why most clearly
-    raise fail(f"verify_host_key accepted a random key for {instance.id}",
-               rules.HOST_KEY_CHECKED)
+    raise fail(f"verify_host_key accepted a random key for {instance.id}", rules.HOST_KEY_CHECKED)
 
 
 # --------------------------------------------------------------------------- optional features
@@ -639,8 +679,9 @@ def check_price_history(harness: ConformanceHarness) -> None:
         raise fail(f"price_history returned {prices!r}", rules.PRICE_HISTORY_ORDERED)
     times = [p.start_time for p in prices]
     if times != sorted(times, reverse=True):
-        raise fail(f"price_history start times are not newest first: {times}",
-                   rules.PRICE_HISTORY_ORDERED)
+        raise fail(
+            f"price_history start times are not newest first: {times}", rules.PRICE_HISTORY_ORDERED
+        )
 
 
 def check_quotas(harness: ConformanceHarness) -> None:
@@ -651,8 +692,9 @@ def check_quotas(harness: ConformanceHarness) -> None:
         raise fail(f"quotas returned {quotas!r}", rules.QUOTAS_REPORTED)
     for q in quotas:
         if q.limit < 0 or q.usage < 0 or not q.name:
-            raise fail(f"quota {q!r}: a name, a limit and usage not negative",
-                       rules.QUOTAS_REPORTED)
+            raise fail(
+                f"quota {q!r}: a name, a limit and usage not negative", rules.QUOTAS_REPORTED
+            )
     groups = {iset.quota_group(it) for it in harness.target.instance_types}
     if not groups & {q.group for q in quotas}:
         raise fail(
@@ -693,21 +735,29 @@ def check_default_types_within_capabilities(harness: ConformanceHarness) -> None
     try:
         offered: Any = target.driver.default_instance_types(params)
     except Exception as exc:
-        raise fail(f"default_instance_types raised {type(exc).__name__}: {exc}",
-                   rules.DEFAULT_TYPES_DECLARED) from exc
+        raise fail(
+            f"default_instance_types raised {type(exc).__name__}: {exc}",
+            rules.DEFAULT_TYPES_DECLARED,
+        ) from exc
     if not isinstance(offered, dict) or not all(
         isinstance(it, InstanceType) for it in offered.values()
     ):
-        raise fail(f"default_instance_types returned {offered!r}, not a dict of InstanceType",
-                   rules.DEFAULT_TYPES_DECLARED)
+        raise fail(
+            f"default_instance_types returned {offered!r}, not a dict of InstanceType",
+            rules.DEFAULT_TYPES_DECLARED,
+        )
     declared = target.declared
     for name, it in offered.items():
         if it.preemptible and Capability.SPOT not in declared:
-            raise fail(f"default_instance_types offers preemptible {name!r} without declaring "
-                       "spot", rules.DEFAULT_TYPES_DECLARED)
+            raise fail(
+                f"default_instance_types offers preemptible {name!r} without declaring spot",
+                rules.DEFAULT_TYPES_DECLARED,
+            )
         if it.gpu.device_count > 0 and Capability.GPU not in declared:
-            raise fail(f"default_instance_types offers {name!r} with GPUs without declaring "
-                       "gpu", rules.DEFAULT_TYPES_DECLARED)
+            raise fail(
+                f"default_instance_types offers {name!r} with GPUs without declaring gpu",
+                rules.DEFAULT_TYPES_DECLARED,
+            )
 
 
 #: Every check, by the name its pytest test carries (``test_<name>``).

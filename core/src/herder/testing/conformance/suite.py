@@ -113,14 +113,10 @@ class DriverConformance:
     def test_address_format(self, conformance_harness: ConformanceHarness) -> None:
         _run("address_format", conformance_harness)
 
-    def test_booted_instance_runs_commands(
-        self, conformance_harness: ConformanceHarness
-    ) -> None:
+    def test_booted_instance_runs_commands(self, conformance_harness: ConformanceHarness) -> None:
         _run("booted_instance_runs_commands", conformance_harness)
 
-    def test_init_command_and_public_key(
-        self, conformance_harness: ConformanceHarness
-    ) -> None:
+    def test_init_command_and_public_key(self, conformance_harness: ConformanceHarness) -> None:
         _run("init_command_and_public_key", conformance_harness)
 
     def test_host_key_verification(self, conformance_harness: ConformanceHarness) -> None:

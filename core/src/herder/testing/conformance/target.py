@@ -355,4 +355,3 @@ class ConformanceHarness:
                 iset.stop()
             except Exception as exc:
                 log.warning("clean-up: cannot stop an instance set: %s", exc)
-
