@@ -18,6 +18,7 @@ from herder.engine.sizing import ConfigSizer
 from herder.model import Container, ContainerSpec, ContainerState, InstanceType, RuntimeConstraints
 from herder.queue.sqlite import SqliteQueue
 from herder.runtime import VirtualRuntime
+from herder.testing.dispatcher_checks import check_config_names_bad_dispatcher_parameters
 
 Q, L, R = ContainerState.QUEUED, ContainerState.LOCKED, ContainerState.RUNNING
 DONE, CANCELLED = ContainerState.COMPLETE, ContainerState.CANCELLED
@@ -270,28 +271,10 @@ def test_real_runner_cancel_kills_the_process(tmp_path: Path, rt: VirtualRuntime
         q.close()
 
 
-def test_config_check_names_bad_dispatcher_parameters(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_config_check_names_bad_dispatcher_parameters(tmp_path: Path) -> None:
     """``herder config check`` as an operator runs it (real plugin discovery): the plugin's
     parameters model reports each bad key under ``dispatcher_parameters``."""
-    from herder.app import cli
-
-    path = tmp_path / "herder.yaml"
-    path.write_text(
-        "dispatcher: local\n"
-        "dispatcher_parameters: {vcpus: -1, probe_intervl: 2}\n"
-        "queue: {backend: sqlite, backend_parameters: {path: x}}\n"
-    )
-    assert cli.main(["config", "check", str(path)]) == 1
-    err = capsys.readouterr().err
-    assert f"{path}: dispatcher_parameters.vcpus: " in err
-    assert (
-        f"{path}: dispatcher_parameters.probe_intervl: unknown key (did you mean 'probe_interval'?)"
-    ) in err
-    assert f"{path}: queue.backend_parameters.path: " in err
-    path.write_text("dispatcher: local\ndispatcher_parameters: {vcpus: 2}\n")
-    assert cli.main(["config", "check", str(path)]) == 0
+    check_config_names_bad_dispatcher_parameters("local", tmp_path)
 
 
 def test_serve_refuses_bad_dispatcher_parameters_in_one_line(
