@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from herder_dispatcher_local.backend import LocalBackend, RunnerError
+from herder_dispatcher_local.backend import AgentCallError, LocalBackend
 
 from herder.agent.protocol import ListResult
 from herder.config import Config
@@ -210,7 +210,7 @@ def test_failed_start_gives_the_container_back(setup, rt) -> None:
     backend, fake, q = setup
 
     def refuse(container: Container, instance_type: InstanceType) -> bool:
-        raise RunnerError("cannot create state directory")
+        raise AgentCallError("cannot create state directory")
 
     fake.detach = refuse  # type: ignore[method-assign]
     uuid = submit(q)

@@ -112,7 +112,7 @@ def ec2_client(params: AWSParameters, service: str = "ec2") -> Any:
     return session.client(service, endpoint_url=params.endpoint_url or None, config=config)
 
 
-class DriverMetrics:
+class EC2Metrics:
     """``herder_ec2_instance_starts_total{subnet_id,success}`` and ``herder_ec2_instances``."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
@@ -219,7 +219,7 @@ class AWSInstanceSet(InstanceSet):
         self._now: Callable[[], float] = (
             context.runtime.now if context.runtime is not None else time.time
         )
-        self.metrics = DriverMetrics(context.metrics_registry)
+        self.metrics = EC2Metrics(context.metrics_registry)
         self.prices = SpotPriceCache(
             lambda **request: self.client.describe_spot_price_history(**request),
             params.spot_price_update_interval,

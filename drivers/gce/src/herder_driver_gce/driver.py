@@ -224,7 +224,7 @@ def _parse_time(stamp: str) -> float | None:
         return None
 
 
-class DriverMetrics:
+class GCEMetrics:
     """``herder_gce_instance_creates_total{zone,outcome}`` and ``herder_gce_instances{zone}``."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
@@ -363,7 +363,7 @@ class GCEInstanceSet(InstanceSet):
         self.now: Callable[[], float] = (
             context.runtime.now if context.runtime is not None else time.time
         )
-        self.metrics = DriverMetrics(context.metrics_registry)
+        self.metrics = GCEMetrics(context.metrics_registry)
         self._create_backoff = Backoff()
         self._list_backoff = Backoff()
         self._other_backoff = Backoff()

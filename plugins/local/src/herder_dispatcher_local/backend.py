@@ -52,11 +52,11 @@ class LocalParameters(ProbingParameters):
     state_dir: str = Field("", description='runner state; "": <queue.path dir>/local-runner')
 
 
-class RunnerError(Exception):
+class AgentCallError(Exception):
     """The runner agent refused or failed a request."""
 
 
-class Runner:
+class LocalAgent:
     """herder's runner agent on this host, with a private state directory."""
 
     def __init__(self, state_dir: Path, runtime_engine: str) -> None:
@@ -77,7 +77,7 @@ class Runner:
         )
         if proc.returncode != 0:
             message = proc.stderr.decode(errors="replace").strip()
-            raise RunnerError(message or f"exit status {proc.returncode}")
+            raise AgentCallError(message or f"exit status {proc.returncode}")
         return proc.stdout
 
     def detach(self, container: Container, instance_type: InstanceType) -> bool:
@@ -91,7 +91,7 @@ class Runner:
                 container.uuid,
                 stdin=doc,
             )
-        except RunnerError as exc:
+        except AgentCallError as exc:
             if "already running" in str(exc):
                 return False
             raise
@@ -137,7 +137,7 @@ class LocalBackend(ProbingBackend):
         state_dir = self.params.state_dir or str(
             Path(config.queue.path).resolve().parent / "local-runner"
         )
-        self.runner = Runner(Path(state_dir), config.containers.runtime_engine)
+        self.runner = LocalAgent(Path(state_dir), config.containers.runtime_engine)
         self._type = InstanceType(INSTANCE_TYPE, INSTANCE_TYPE, self.vcpus, self.ram)
         self._started: set[str] = set()  # known to the runner: absence from --list means lost
 
@@ -185,7 +185,7 @@ class LocalBackend(ProbingBackend):
     def _stop_job(self, uuid: str) -> None:
         try:
             self.runner.kill(uuid)
-        except RunnerError as exc:
+        except AgentCallError as exc:
             log.warning("cannot stop %s: %s", uuid, exc)
 
     # ---- probing for exits
@@ -194,7 +194,7 @@ class LocalBackend(ProbingBackend):
         """Collect exits; give back containers whose runner is gone; probe again later."""
         try:
             result = self.runner.list(self.config.cluster_id)
-        except (RunnerError, OSError, subprocess.SubprocessError) as exc:
+        except (AgentCallError, OSError, subprocess.SubprocessError) as exc:
             log.warning("cannot list local containers: %s", exc)
             result = None
         if result is not None:
@@ -238,7 +238,7 @@ class LocalBackend(ProbingBackend):
             elif job is None and ctr is None:
                 log.info("forgetting %s: unknown to the queue", uuid)
             self.runner.forget(uuid)
-        except (RunnerError, QueueError) as exc:
+        except (AgentCallError, QueueError) as exc:
             log.warning("cannot collect the exit of %s: %s", uuid, exc)
 
     def _retry_lost(self, seen: set[str]) -> None:
