@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import importlib
 import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 import textwrap
 from importlib import metadata
 from pathlib import Path
@@ -14,6 +20,7 @@ import yaml
 
 import herder
 from herder.app import cli
+from herder.app.commands import COMMANDS
 from herder.plugin import registry as plugins_module
 from herder.plugin.cloud import Driver, DriverContext, DriverParameters, InstanceSet
 from herder.plugin.hookspecs import hookimpl
@@ -325,10 +332,64 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
 def test_help_lists_every_command_module(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in cli.COMMAND_MODULES:
-        module = importlib.import_module(name)
-        assert callable(module.register)
+    for cmd in COMMANDS:
+        assert re.search(rf"^    {re.escape(cmd.name)}\b.*", out, re.M), cmd.name
+        assert " ".join(cmd.help.split()[:3]) in " ".join(out.split())
     assert "config" in out and "plugins" in out and "--log-level" in out
+
+
+def test_each_command_module_defines_the_commands_the_table_names() -> None:
+    """`herder --help` lists the commands from the table without importing their modules; each
+    module must define exactly the commands the table gives it, each with a handler."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.parsers: dict[str, argparse.ArgumentParser] = {}
+
+        def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
+            assert "help" not in kwargs and "aliases" not in kwargs, name  # the table's
+            self.parsers[name] = argparse.ArgumentParser(**kwargs)  # type: ignore[arg-type]
+            return self.parsers[name]
+
+    for module in {cmd.module for cmd in COMMANDS}:
+        recorder = Recorder()
+        importlib.import_module(module).register(recorder)
+        assert set(recorder.parsers) == {c.name for c in COMMANDS if c.module == module}
+        for name, parser in recorder.parsers.items():
+            nested = any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+            assert nested or parser.get_default("handler") is not None, name
+
+
+def test_a_command_module_is_imported_only_when_its_command_runs() -> None:
+    code = (
+        "import sys\n"
+        "from herder.app import cli\n"
+        "status = cli.main(sys.argv[1:])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('herder.app.commands.')))\n"
+    )
+
+    def commands_imported(*argv: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "HERDER_DATA_DIR": "/nonexistent"},
+        ).stdout
+        modules: list[str] = ast.literal_eval(out.strip().splitlines()[-1])
+        return modules
+
+    assert commands_imported("--help") == []
+    assert commands_imported("token", "--help") == ["herder.app.commands.token"]
+    # `herder submit --help` shows submit's own options.
+    out = subprocess.run(
+        [sys.executable, "-m", "herder.app.cli", "submit", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "usage: herder submit [options] -- COMMAND [ARGS...]" in out and "--wait" in out
 
 
 def test_config_show_fills_in_the_driver_defaults(

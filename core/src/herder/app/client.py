@@ -26,9 +26,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
 from herder import defaults
@@ -73,8 +72,10 @@ def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
     return (Path(home) if home else Path.home()) / ".local" / "share" / "herder"
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(NamedTuple):
+    """Where the server is and what to send it.  (A named tuple, not a dataclass: the
+    ``dataclasses`` module imports ``inspect``, a few milliseconds of every command's start.)"""
+
     url: str
     token: str
     #: Certificate(s) to trust for an https URL; empty: the system's authorities.
