@@ -10,6 +10,7 @@ reads neither ``serve``'s module nor the others'.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
@@ -78,6 +79,17 @@ class _Parser(argparse.ArgumentParser):
             help="text, json, or auto: text on a terminal, JSON lines otherwise (default: auto)",
         )
 
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        """argparse's formatter, given the width argparse would find itself: argparse asks
+        :mod:`shutil`, which imports zlib, bz2 and lzma, for every argument added (it checks
+        each one's metavar with a formatter), a few milliseconds of every command's start."""
+        width = _terminal_columns() - 2  # as HelpFormatter does with shutil's answer
+        formatter: argparse.HelpFormatter = self.formatter_class(
+            prog=self.prog,
+            width=width,  # type: ignore[call-arg]  # every HelpFormatter takes it
+        )
+        return formatter
+
 
 class _CommandParser(_Parser):
     """A subcommand's parser, defined by its module's ``register`` only when first used.
@@ -90,6 +102,8 @@ class _CommandParser(_Parser):
     def __init__(self, *args: Any, command: Command | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._command = command
+        if command is not None:  # ``args.command`` may be a command's own argument (submit's)
+            self.set_defaults(herder_command=command)
         self._commands: dict[str, _CommandParser] = {}
 
     def parse_known_args(  # type: ignore[override]
@@ -167,9 +181,12 @@ def main(argv: Sequence[str] | None = None, *, plugins: Plugins | None = None) -
     level = str(
         getattr(args, "log_level", None) or getattr(args, "default_log_level", DEFAULT_LOG_LEVEL)
     )
-    from herder.app.logsetup import logging_configured
+    log_setup: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if args.herder_command.logs:
+        from herder.app.logsetup import logging_configured
 
-    with logging_configured(level, getattr(args, "log_format", "auto")):
+        log_setup = logging_configured(level, getattr(args, "log_format", "auto"))
+    with log_setup:
         config_option = getattr(args, "config", None)
         ctx = Context(config_path=_resolve_config_path(config_option), loaded_plugins=plugins)
         try:
@@ -183,6 +200,22 @@ def main(argv: Sequence[str] | None = None, *, plugins: Plugins | None = None) -
         except BrokenPipeError:
             return _stdout_closed()
         return status
+
+
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``: $COLUMNS, else the terminal's, else 80."""
+    import os
+
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):  # no stdout (None), or not a terminal
+            columns = 0
+    return columns if columns > 0 else 80
 
 
 def _stdout_closed() -> int:

@@ -38,12 +38,18 @@ Handler = Callable[[argparse.Namespace, "Context"], int]
 
 class Command(NamedTuple):
     """One subcommand, as ``herder --help`` lists it, and the module whose ``register`` defines
-    its options and handler (imported only when the command runs or shows its own help)."""
+    its options and handler (imported only when the command runs or shows its own help).
+
+    ``logs`` False marks a client command, one that only asks the management API and prints
+    the answer: nothing it runs logs, so the log is not set up for it (importing :mod:`logging`
+    is several milliseconds of a command that should start in well under 100).
+    """
 
     name: str
     help: str
     module: str
     aliases: tuple[str, ...] = ()
+    logs: bool = True
 
 
 _PKG = "herder.app.commands."
@@ -61,13 +67,13 @@ COMMANDS: tuple[Command, ...] = (
         "list installed plugins and the drivers, executors and boot probes they register",
         _PKG + "plugins",
     ),
-    Command("submit", "submit a container", _PKG + "containers"),
-    Command("containers", "list containers", _PKG + "containers"),
-    Command("container", "show one container in detail", _PKG + "containers"),
-    Command("cancel", "cancel containers", _PKG + "containers"),
-    Command("priority", "change a container's priority", _PKG + "containers"),
-    Command("logs", "print a container's log", _PKG + "containers"),
-    Command("instances", "list instances", _PKG + "instances"),
+    Command("submit", "submit a container", _PKG + "containers", logs=False),
+    Command("containers", "list containers", _PKG + "containers", logs=False),
+    Command("container", "show one container in detail", _PKG + "containers", logs=False),
+    Command("cancel", "cancel containers", _PKG + "containers", logs=False),
+    Command("priority", "change a container's priority", _PKG + "containers", logs=False),
+    Command("logs", "print a container's log", _PKG + "containers", logs=False),
+    Command("instances", "list instances", _PKG + "instances", logs=False),
     Command(
         "instance-types",
         "list the instance types herder may create, with their prices",
@@ -77,15 +83,25 @@ COMMANDS: tuple[Command, ...] = (
         "hold",
         "hold instances: start nothing new on them and never shut them down",
         _PKG + "instances",
+        logs=False,
     ),
     Command(
-        "drain", "drain instances: start nothing new, shut each down once idle", _PKG + "instances"
+        "drain",
+        "drain instances: start nothing new, shut each down once idle",
+        _PKG + "instances",
+        logs=False,
     ),
     # ``run``: the old name, kept for a release.
     Command(
-        "resume", "return held or draining instances to normal use", _PKG + "instances", ("run",)
+        "resume",
+        "return held or draining instances to normal use",
+        _PKG + "instances",
+        ("run",),
+        logs=False,
     ),
-    Command("kill", "shut instances down now, whatever runs on them", _PKG + "instances"),
+    Command(
+        "kill", "shut instances down now, whatever runs on them", _PKG + "instances", logs=False
+    ),
     Command(
         "costs",
         "spend by period and instance type, and cost per finished container",
@@ -114,9 +130,9 @@ COMMANDS: tuple[Command, ...] = (
 
 
 def command(name: str) -> Command:
-    """The :data:`COMMANDS` entry named ``name``."""
+    """The :data:`COMMANDS` entry named ``name`` (or one of its aliases)."""
     for cmd in COMMANDS:
-        if cmd.name == name:
+        if name == cmd.name or name in cmd.aliases:
             return cmd
     raise KeyError(name)
 
@@ -230,7 +246,7 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     Control characters in a cell (a container name is anyone's to choose) are shown escaped,
     so they cannot move the cursor, recolour the terminal or break the table's lines.
     """
-    from herder.app.logsetup import escape_controls
+    from herder.text import escape_controls
 
     cells = [[str(h).upper() for h in headers]]
     cells += [

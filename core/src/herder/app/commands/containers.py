@@ -800,7 +800,7 @@ def run_container(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         print_json(ctx, ctr)
         return 0
-    from herder.app.logsetup import escape_controls
+    from herder.text import escape_controls
 
     rows = container_details(ctr)
     width = max(len(k) for k, _ in rows)
