@@ -66,7 +66,8 @@ def summary(name: str, times: list[float]) -> str:
     ordered = sorted(times)
     p90 = ordered[int(0.9 * (len(ordered) - 1))]
     median = statistics.median(ordered) * 1000
-    return f"{name:<28} median {median:6.1f} ms   p90 {p90 * 1000:6.1f} ms"
+    low = ordered[0] * 1000
+    return f"{name:<28} median {median:6.1f} ms   p90 {p90 * 1000:6.1f} ms   min {low:6.1f} ms"
 
 
 def probe_fails(env: dict[str, str]) -> bool:

@@ -1,6 +1,6 @@
 """A small client for herder's management API, used by the CLI.
 
-It speaks HTTP/1.1 itself (:class:`_Connection`, a few dozen lines) rather than through the
+It speaks HTTP/1.1 itself (:class:`_APIConnection`, a few dozen lines) rather than through the
 standard library's ``http.client``, which imports ``email`` and ``ssl``: about 15 ms of the start
 of every command, when the goal for a ``herder submit`` is 100 ms in all.
 
@@ -197,7 +197,7 @@ class Client:
         self._port = port or (443 if self._https else 80)
         #: A server behind a reverse proxy may live under a path prefix.
         self._prefix = parts.path.rstrip("/")
-        self._conn: _Connection | None = None
+        self._conn: _APIConnection | None = None
         self._last_used = 0.0
         self._lock = threading.Lock()
 
@@ -422,7 +422,7 @@ class Client:
             return status, payload
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _connect(self) -> _Connection:
+    def _connect(self) -> _APIConnection:
         context = None
         if self._https:
             import ssl  # only for https: a noticeable part of a plain command's start-up
@@ -438,7 +438,7 @@ class Client:
             # A server's own certificate named as the one to trust is enough, as for ssh's
             # known hosts: the chain need not reach a root.
             context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-        self._conn = _Connection(self._host, self._port, self.timeout, context)
+        self._conn = _APIConnection(self._host, self._port, self.timeout, context)
         return self._conn
 
     def _drop(self) -> None:
@@ -491,7 +491,7 @@ class _Disconnected(ConnectionResetError):
     closed as idle, so a GET may be sent again on a new one."""
 
 
-class _Connection:
+class _APIConnection:
     """One HTTP/1.1 connection, with what the management API needs and no more: requests with
     a body of known length; answers framed by ``Content-Length``, by chunks (a proxy in front
     may send those) or by the connection's close; keep-alive unless the server says close."""
