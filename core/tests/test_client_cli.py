@@ -108,6 +108,46 @@ def submit(capsys, live, *argv: str) -> str:
     return uuid
 
 
+# --------------------------------------------------------------------------- start-up
+
+#: What a client command must not import: the server's and the configuration's machinery, the
+#: plugins, and what the light client replaces (``http.client`` brings ``email`` and ``ssl``).
+HEAVY = (
+    "pydantic", "herder.config", "herder.model", "prometheus_client", "pluggy", "fastapi",
+    "uvicorn", "paramiko", "yaml", "importlib.metadata", "herder.plugin.registry",
+    "http.client", "email", "ssl", "logging", "dataclasses", "herder.app.commands.serve",
+)  # fmt: skip
+
+
+def test_client_commands_start_without_the_heavy_modules(live: Live) -> None:
+    """`herder submit` in a shell loop must be quick: each client command, run to the end
+    against a server, imports none of :data:`HEAVY`.  (The wall time itself is measured in
+    benchmarks/cli_startup.py.)"""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from herder.app import cli\n"
+        "status = cli.main(sys.argv[1:])\n"
+        f"heavy = {HEAVY!r}\n"
+        "print(status, ','.join(m for m in heavy if m in sys.modules))\n"
+    )
+
+    def imports(name: str, *argv: str) -> tuple[str, str]:
+        cmd = [sys.executable, "-c", probe, name, "--server", live.url, "--token", TOKEN, *argv]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+        lines = done.stdout.strip().splitlines()
+        status, _, found = lines[-1].partition(" ")
+        assert status == "0", done.stderr
+        return lines[0], found
+
+    uuid, found = imports("submit", "--", "sim", "1", "0")
+    assert UUID_RE.match(uuid) and found == ""
+    for argv in (["containers"], ["logs", uuid], ["cancel", uuid], ["instances"]):
+        assert imports(*argv)[1] == "", argv
+
+
 # --------------------------------------------------------------------------- submit
 
 

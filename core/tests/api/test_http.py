@@ -7,6 +7,7 @@ import http.client
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -270,3 +271,115 @@ def test_responses_are_not_held_back_by_nagles_algorithm():
     finally:
         for sock in (accepted, client, listener):
             sock.close()
+
+
+# --------------------------------------------------------------------------- the client's HTTP
+
+
+class _Canned:
+    """A server on loopback that reads one request per connection and sends back ``answer``
+    (then closes), keeping what was asked: for the framings herder's own server never sends."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.stopping = False
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            conn, _ = self.listener.accept()
+            if self.stopping:
+                conn.close()
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.requests.append(data)
+                conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self.stopping = True
+        socket.create_connection(self.listener.getsockname()).close()  # wakes accept()
+        self.thread.join(timeout=10)
+        self.listener.close()
+
+
+@pytest.fixture
+def canned() -> Iterator[type[_Canned]]:
+    servers: list[_Canned] = []
+
+    class Tracked(_Canned):
+        def __init__(self, answer: bytes) -> None:
+            super().__init__(answer)
+            servers.append(self)
+
+    yield Tracked
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"ok": "y"}',
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;x=1\r\n{"ok\r\n'
+        b'7\r\n": "y"}\r\n0\r\nTrailer: t\r\n\r\n',
+        b'HTTP/1.0 200 OK\r\n\r\n{"ok": "y"}',  # framed by the connection's close
+        b'HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"ok": "y"}',
+    ],
+    ids=["content-length", "chunked", "close", "interim"],
+)
+def test_the_client_reads_each_framing_of_an_answer(canned, answer):
+    """A reverse proxy in front of herder may answer in chunks or close-delimited."""
+    server = canned(answer)
+    client = Client(server.url + "/prefix", "tok")
+    try:
+        assert client.health() == {"ok": "y"}
+    finally:
+        client.close()
+    head = server.requests[0].decode()
+    assert head.startswith("GET /prefix/api/v1/health HTTP/1.1\r\n")
+    assert f"Host: {server.url.removeprefix('http://')}\r\n" in head
+    assert "Authorization: Bearer tok\r\n" in head
+
+
+def test_a_post_says_how_long_its_body_is(canned):
+    server = canned(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    client = Client(server.url, "tok")
+    try:
+        client._request("POST", "/x", body={"a": 1})
+        client._request("POST", "/y")
+    finally:
+        client.close()
+    assert server.requests[0].endswith(b'Content-Length: 8\r\n\r\n{"a": 1}')
+    assert server.requests[1].endswith(b"Content-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{}", "cut short"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "not an HTTP answer"),
+        (b"", "closed the connection without answering"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+    ],
+)
+def test_a_broken_answer_is_a_client_error(canned, answer, message):
+    server = canned(answer)
+    with pytest.raises(ClientError, match=f"cannot reach herder at {server.url}: .*{message}"):
+        Client(server.url, "tok").health()
+
+
+def test_a_token_with_a_line_break_is_refused_before_sending(canned):
+    server = canned(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    with pytest.raises(ClientError, match="line break"):
+        Client(server.url, "tok\r\nX-Injected: 1").health()
+    assert server.requests == []

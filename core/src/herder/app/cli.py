@@ -1,38 +1,34 @@
 """The ``herder`` command: global options, and subcommands from :mod:`herder.app.commands`.
 
 Each subcommand group lives in its own module under ``herder.app.commands`` (see that package's
-docstring); adding a command means adding a module and one line to :data:`COMMAND_MODULES`.
+docstring); adding a command means adding a module and one line to
+:data:`herder.app.commands.COMMANDS`.  The parser lists every command from that table, and a
+command's module is imported only when argparse reaches that command, so ``herder submit``
+reads neither ``serve``'s module nor the others'.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from herder import __version__
-from herder.app.commands import CONFIG_ENV, DEFAULT_CONFIG_FILE, CommandError, Context
+from herder.app.commands import (
+    COMMANDS,
+    CONFIG_ENV,
+    DEFAULT_CONFIG_FILE,
+    Command,
+    CommandError,
+    Context,
+)
 from herder.app.commands import resolve_config_path as _resolve_config_path
-from herder.app.logsetup import logging_configured
 
 if TYPE_CHECKING:
     from herder.plugin.registry import Plugins
-
-#: Modules with a ``register(subparsers)`` function, in the order ``herder --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = (
-    "herder.app.commands.serve",
-    "herder.app.commands.simulate",
-    "herder.app.commands.config",
-    "herder.app.commands.plugins",
-    "herder.app.commands.containers",
-    "herder.app.commands.instances",
-    "herder.app.commands.costs",
-    "herder.app.commands.cloudtest",
-    "herder.app.commands.queue",
-    "herder.app.commands.token",
-)
 
 EXIT_STATUS = """\
 exit status, for every command:
@@ -83,8 +79,71 @@ class _Parser(argparse.ArgumentParser):
             help="text, json, or auto: text on a terminal, JSON lines otherwise (default: auto)",
         )
 
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        """argparse's formatter, given the width argparse would find itself: argparse asks
+        :mod:`shutil`, which imports zlib, bz2 and lzma, for every argument added (it checks
+        each one's metavar with a formatter), a few milliseconds of every command's start."""
+        width = _terminal_columns() - 2  # as HelpFormatter does with shutil's answer
+        formatter: argparse.HelpFormatter = self.formatter_class(
+            prog=self.prog,
+            width=width,  # type: ignore[call-arg]  # every HelpFormatter takes it
+        )
+        return formatter
+
+
+class _CommandParser(_Parser):
+    """A subcommand's parser, defined by its module's ``register`` only when first used.
+
+    ``herder --help`` lists the commands from :data:`~herder.app.commands.COMMANDS` alone;
+    argparse asks the chosen command's parser to parse the rest of the line (``--help``
+    included), and that is when its module is imported and its options added.
+    """
+
+    def __init__(self, *args: Any, command: Command | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._command = command
+        if command is not None:  # ``args.command`` may be a command's own argument (submit's)
+            self.set_defaults(herder_command=command)
+        self._commands: dict[str, _CommandParser] = {}
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self.define()
+        return super().parse_known_args(args, namespace)
+
+    def define(self) -> None:
+        """Import the command's module and add its options, once."""
+        command, self._command = self._command, None
+        if command is not None:
+            importlib.import_module(command.module).register(_Definitions(self._commands))
+
+
+class _Definitions:
+    """What a command module's ``register`` is given: ``add_parser(name, ...)`` fills in the
+    parser already listed for ``name`` (a command of the same module, defined at the same
+    time) with the description, usage and epilog the module gives."""
+
+    SETTABLE = frozenset({"description", "usage", "epilog", "formatter_class"})
+
+    def __init__(self, parsers: dict[str, _CommandParser]) -> None:
+        self._parsers = parsers
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser = self._parsers.get(name)
+        if parser is None:
+            raise KeyError(f"{name!r} is not in herder.app.commands.COMMANDS")
+        unknown = set(kwargs) - self.SETTABLE
+        if unknown:
+            raise TypeError(f"{name}: {', '.join(sorted(unknown))} cannot be set here")
+        parser._command = None  # being defined now: not again when it runs
+        for key, value in kwargs.items():
+            setattr(parser, key, value)
+        return parser
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``herder`` parser: every command listed, none of their modules imported yet."""
     parser = _Parser(
         prog="herder",
         description="An elastic cloud dispatcher: runs queued containers on cloud VMs it "
@@ -93,9 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"herder {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_CommandParser
+    )
+    parsers: dict[str, _CommandParser] = {}
+    for cmd in COMMANDS:
+        parsers[cmd.name] = subparsers.add_parser(
+            cmd.name, aliases=cmd.aliases, help=cmd.help, command=cmd
+        )
+    for sub in parsers.values():
+        sub._commands = parsers
     return parser
 
 
@@ -115,7 +181,12 @@ def main(argv: Sequence[str] | None = None, *, plugins: Plugins | None = None) -
     level = str(
         getattr(args, "log_level", None) or getattr(args, "default_log_level", DEFAULT_LOG_LEVEL)
     )
-    with logging_configured(level, getattr(args, "log_format", "auto")):
+    log_setup: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if args.herder_command.logs:
+        from herder.app.logsetup import logging_configured
+
+        log_setup = logging_configured(level, getattr(args, "log_format", "auto"))
+    with log_setup:
         config_option = getattr(args, "config", None)
         ctx = Context(config_path=_resolve_config_path(config_option), loaded_plugins=plugins)
         try:
@@ -129,6 +200,22 @@ def main(argv: Sequence[str] | None = None, *, plugins: Plugins | None = None) -
         except BrokenPipeError:
             return _stdout_closed()
         return status
+
+
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``: $COLUMNS, else the terminal's, else 80."""
+    import os
+
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):  # no stdout (None), or not a terminal
+            columns = 0
+    return columns if columns > 0 else 80
 
 
 def _stdout_closed() -> int:

@@ -27,7 +27,6 @@ Exit status: 0 if every step passed, 1 if one failed, 130 if interrupted.
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "cloudtest",
-        help="create one instance with the configured driver and check herder can use it",
         description="Check the configured driver and cloud account before production: create "
         "one instance, reach it, run the boot probe and the runner, destroy it.",
         epilog=EPILOG,

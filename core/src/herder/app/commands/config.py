@@ -15,7 +15,6 @@ if TYPE_CHECKING:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "config",
-        help="check or show the configuration",
         description="Check a configuration file, or show the effective configuration.",
     )
     sub = parser.add_subparsers(dest="config_command", metavar="COMMAND", required=True)

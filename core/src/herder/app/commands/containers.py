@@ -121,7 +121,6 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "containers",
-        help="list containers",
         description="List containers, newest first, with why each waiting one waits.",
     )
     p.add_argument(
@@ -141,7 +140,7 @@ def register(subparsers: Any) -> None:
     add_client_options(p)
     p.set_defaults(handler=run_containers)
 
-    p = subparsers.add_parser("container", help="show one container in detail")
+    p = subparsers.add_parser("container")
     p.add_argument("uuid")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     add_client_options(p)
@@ -149,7 +148,6 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "cancel",
-        help="cancel containers",
         description="Cancel containers (or every unfinished member of an array); a running "
         "one is stopped.  Prints one line per uuid on stderr; the exit status is 1 if any "
         "could not be cancelled.",
@@ -162,7 +160,6 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "priority",
-        help="change a container's priority",
         description="Set a container's priority: higher runs first, 0 holds a waiting one (and "
         "cancels a running one, as in Arvados).",
     )
@@ -173,7 +170,6 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "logs",
-        help="print a container's log",
         description="Print a container's log.  With --follow, keep printing it until the "
         "container ends, with its progress on stderr.",
     )
@@ -192,7 +188,6 @@ def register(subparsers: Any) -> None:
 def _register_submit(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "submit",
-        help="submit a container",
         description="Submit a container and print its uuid.  With --wait, follow it to the end "
         "(its log on stdout, progress on stderr) and exit with its exit code (1 if it was "
         "cancelled).",
@@ -805,7 +800,7 @@ def run_container(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         print_json(ctx, ctr)
         return 0
-    from herder.app.logsetup import escape_controls
+    from herder.text import escape_controls
 
     rows = container_details(ctr)
     width = max(len(k) for k, _ in rows)

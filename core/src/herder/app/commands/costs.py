@@ -26,7 +26,6 @@ from herder.app.commands.containers import add_client_options, client_errors, op
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "costs",
-        help="spend by period and instance type, and cost per finished container",
         description="Spend of the instances by period (UTC) and by instance type, with billing "
         "increments, and the cost of the containers that finished, also by container label: "
         "asked of the server when one is reachable, else read from the spend ledger herder "
@@ -58,7 +57,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=run)
     q = subparsers.add_parser(
         "quotas",
-        help="the cloud account's quotas: limits, usage, and what herder plans to use",
         description="The quotas the driver last read (drivers with quota_headroom), with the "
         "account's usage, what herder's own instances take, what it created since the read, "
         "and what waiting containers want.",
@@ -68,7 +66,6 @@ def register(subparsers: Any) -> None:
     q.set_defaults(handler=run_quotas)
     b = subparsers.add_parser(
         "budget",
-        help="the spend budget: the period's spend against its soft and hard limits",
         description="The spend of the current budget period (cloud.budget) against its soft "
         "and hard limits, and what waiting containers are told once one is reached.",
     )

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from herder.app.client import ClientError
-from herder.app.commands import CommandError, Context, print_json, render_table
+from herder.app.commands import CommandError, Context, command, print_json, render_table
 from herder.app.commands.containers import (
     add_client_options,
     client_errors,
@@ -29,15 +29,14 @@ WORKER_STATE_COLOURS = {
     "shutdown": "31",  # red
 }
 
-#: Command name -> (the API's action, help text, what is printed when it succeeded).
+#: Command name -> (the API's action, what is printed when it succeeded); their help texts and
+#: old names are in :data:`herder.app.commands.COMMANDS`.
 ACTIONS = {
-    "hold": ("hold", "hold instances: start nothing new on them and never shut them down", "held"),
-    "drain": ("drain", "drain instances: start nothing new, shut each down once idle", "draining"),
-    "resume": ("run", "return held or draining instances to normal use", "in use"),
-    "kill": ("kill", "shut instances down now, whatever runs on them", "shutting down"),
+    "hold": ("hold", "held"),
+    "drain": ("drain", "draining"),
+    "resume": ("run", "in use"),
+    "kill": ("kill", "shutting down"),
 }
-#: Old command names kept for a release, and what they are now.
-ALIASES = {"run": "resume"}
 
 INSTANCE_HEADERS = (
     "instance", "address", "state", "idle-behavior", "type", "provider-type", "price",
@@ -48,19 +47,16 @@ INSTANCE_HEADERS = (
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "instances",
-        help="list instances",
         description="List the instances herder runs (creates in progress have no id yet).",
     )
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     add_client_options(p)
     p.set_defaults(handler=run_instances)
     register_instance_types(subparsers)
-    for name, (action, text, done) in ACTIONS.items():
-        aliases = [old for old, new in ALIASES.items() if new == name]
+    for name, (action, done) in ACTIONS.items():
+        text, aliases = command(name).help, command(name).aliases
         p = subparsers.add_parser(
             name,
-            aliases=aliases,
-            help=text,
             description=text[0].upper()
             + text[1:]
             + "."
@@ -75,7 +71,6 @@ def register(subparsers: Any) -> None:
 def register_instance_types(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "instance-types",
-        help="list the instance types herder may create, with their prices",
         description="List the instance types herder chooses from for each container, cheapest "
         "first: those of the running server, with the current spot price of preemptible types "
         "that have an instance now; when no server answers, those of the configuration (or, "

@@ -11,7 +11,6 @@ from herder.app.commands import Context, print_json, render_table
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "plugins",
-        help="list installed plugins and the drivers, executors and boot probes they register",
         description="List installed plugins and what each one registers.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -11,7 +11,6 @@ from herder.app.commands import CommandError, Context, print_json
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "queue",
-        help="check or back up the queue file",
         description="Check or back up the SQLite queue file (queue.path, else "
         "<data-dir>/herder.db).  Both work while herder serve runs, and change nothing.",
     )

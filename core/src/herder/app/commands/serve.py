@@ -30,7 +30,6 @@ log = logging.getLogger("herder.serve")
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve",
-        help="run the dispatcher",
         description="Run the dispatcher: the queue, the scheduler, the worker pool and the "
         "management API, until interrupted (SIGINT or SIGTERM).  Containers and instances are "
         "left running on exit and adopted again at the next start.  With no configuration file "

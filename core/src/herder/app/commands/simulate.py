@@ -33,7 +33,6 @@ instance was left behind (in both runs, with --compare); 1 otherwise.
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "simulate",
-        help="run the engine against a simulated cloud, faster than real time",
         description="Run the real engine against the simulated `sim` cloud on a virtual clock "
         "and summarise what happened.",
         epilog=EPILOG,

@@ -11,7 +11,6 @@ from herder.app.commands import CommandError, Context
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "token",
-        help="print the management token (for the status page, curl, scripts)",
         description="Print the management token the other commands use: $HERDER_MANAGEMENT_TOKEN, "
         "else the configuration's, else the one a local `herder serve` keeps in its data "
         "directory.  It is a secret: paste it into the status page, or pass it as "
