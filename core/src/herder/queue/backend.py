@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from herder import defaults
-from herder.queue.base import ContainerQueue, Sizer
+from herder.queue.base import ContainerQueue, QueueError, Sizer
 from herder.runtime import Runtime
 
 if TYPE_CHECKING:
     from herder.config import Config
     from herder.plugin.registry import Plugins
+    from herder.spend import Ledger
 
 __all__ = [
     "DispatchLock",
@@ -118,6 +119,15 @@ class QueueBackend(ABC):
         the queue itself refuses a second dispatcher (or cannot be shared at all)."""
         return None
 
+    def read_ledger(self, params: QueueParameters, path: str) -> Ledger:
+        """The queue's spend ledger, read without opening the queue for dispatching (``herder
+        costs`` when no server answers); ``path`` is ``queue.path``.  Raises
+        :class:`~herder.queue.base.QueueError` saying what to do when this backend cannot."""
+        raise QueueError(
+            "this queue backend's spend is read through the server: start herder serve, or "
+            "ask one that runs (--server)"
+        )
+
 
 class SqliteBackend(QueueBackend):
     """The embedded queue: one SQLite file at ``queue.path``; no parameters of its own."""
@@ -129,6 +139,11 @@ class SqliteBackend(QueueBackend):
 
     def describe(self, params: QueueParameters, context: QueueContext) -> str:
         return f"sqlite {context.path}"
+
+    def read_ledger(self, params: QueueParameters, path: str) -> Ledger:
+        from herder.queue.sqlite import read_ledger
+
+        return read_ledger(path)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from herder.model import Container, ContainerState
 from herder.queue.base import ContainerNotFound, ListFilter, Sizer
 from herder.queue.rules import UNFINISHED, RuledQueue, Unreadable, cancelled
 from herder.runtime import Runtime
+from herder.spend import Ledger, MemoryLedger
 
 __all__ = ["MemoryQueue"]
 
@@ -42,7 +43,13 @@ class MemoryQueue(RuledQueue):
         )
         self._records: dict[str, Container] = {}
         self._logs: dict[str, bytearray] = {}
+        self._ledger = MemoryLedger()
         self._open()
+
+    @property
+    def ledger(self) -> Ledger:
+        """Spend in memory, like the records: gone with the object."""
+        return self._ledger
 
     def _store_new(self, containers: Sequence[Container]) -> None:
         for c in containers:
