@@ -1,12 +1,13 @@
 """Cost reports: spend by period and by instance type, and what finished containers cost.
 
-Built from a spend ledger (:mod:`herder.spend`) as plain dataclasses, so that the CLI (``herder
-costs``, which reads the queue's ledger when no server answers) and the engine
+Built from a spend ledger (:mod:`herder.spend`) as plain dataclasses, so that the CLI
+(``herder costs``, which reads the queue's ledger when no server answers) and the engine
 (:meth:`Dispatcher.cost_report`, for the API) give the same answer.  Spend is what the
-instances cost (billing increments included); container costs are herder's per-container figure (each container's running time at its whole
-instance type's price).  The two answer different questions and are not meant to add up:
-instances cost something while no container runs (boot, idle, shutdown), and containers that
-share an instance are each charged its full price.
+instances cost (billing increments included); container costs are herder's per-container
+figure (each container's running time at its whole instance type's price).  The two answer
+different questions and are not meant to add up: instances cost something while no container
+runs (boot, idle, shutdown), and containers that share an instance are each charged its full
+price.
 """
 
 from __future__ import annotations
