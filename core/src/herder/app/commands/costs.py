@@ -94,18 +94,25 @@ def _offline(args: argparse.Namespace, ctx: Context) -> tuple[Config, Ledger, st
     from herder.app.client import default_data_dir
     from herder.app.embedded import prepare_serve
     from herder.queue.base import QueueError
+    from herder.queue.sqlite import read_ledger
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     config = prepare_serve(ctx.config, data_dir, create=False).config
-    path = args.queue_file or config.queue.path
-    try:
-        backend = ctx.plugins.queue_class(config.queue.backend)()
-        params = backend.validate_parameters(config.queue.backend_parameters)
-        if config.queue.backend == "sqlite" and (path == ":memory:" or not Path(path).exists()):
+    if args.queue_file or config.queue.backend == "sqlite":
+        path = args.queue_file or config.queue.path
+        if path == ":memory:" or not Path(path).exists():
             raise CommandError(
                 f"no spend recorded yet: {path} does not exist (herder serve creates it)"
             )
-        return config, backend.read_ledger(params, path), path
+        try:
+            return config, read_ledger(path), path
+        except QueueError as exc:
+            raise CommandError(str(exc)) from exc
+    try:
+        backend = ctx.plugins.queue_class(config.queue.backend)()
+        params = backend.validate_parameters(config.queue.backend_parameters)
+        ledger = backend.read_ledger(params, config.queue.path)
+        return config, ledger, f"the {config.queue.backend} queue"
     except (QueueError, ValueError) as exc:
         raise CommandError(f"queue.backend {config.queue.backend!r}: {exc}") from exc
 
