@@ -50,9 +50,7 @@ def test_report_sums_equal_the_per_container_costs_and_the_bill(tmp_path: Path):
     eng.stop()
 
 
-def test_costs_command_reads_the_queues_ledger(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-):
+def test_costs_command_reads_the_queues_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     eng, _uuids, queue = _run(tmp_path)
     expected = eng.disp.cost_report("day", periods=7)
     eng.stop()
