@@ -20,6 +20,7 @@ from herder.model import (
     is_container_uuid,
 )
 from herder.queue.base import ContainerNotFound, InvalidTransition, QueueError
+from herder.queue.rules import RuleSettings
 from herder.queue.sqlite import _MIGRATIONS, InvalidRequest, SqliteQueue
 from herder.runtime import VirtualRuntime
 
@@ -48,7 +49,7 @@ def rt() -> VirtualRuntime:
 
 
 def make_queue(rt: VirtualRuntime, path: str = ":memory:", types=TYPES, **kw) -> SqliteQueue:
-    return SqliteQueue(path, runtime=rt, sizer=ConfigSizer(types), **kw)
+    return SqliteQueue(path, RuleSettings(rt, ConfigSizer(types), **kw))
 
 
 @pytest.fixture

@@ -104,7 +104,7 @@ def test_labels_reach_the_ledger_and_come_back(tmp_path: Path):
 
     settings = QueueSettings(runtime=VirtualRuntime())
     path = str(tmp_path / "q.db")
-    queue = SqliteQueue(path, runtime=settings.runtime, sizer=settings.sizer)
+    queue = SqliteQueue(path, settings.rules)
     queue.ledger.record_container(ContainerCost(10.0, "a", "n", "t", 0.25, 0, (("project", "x"),)))
     queue.ledger.record_container(ContainerCost(11.0, "b", "n", "t", 0.5, 0))
     queue.close()

@@ -32,7 +32,7 @@ DAY = 86400.0
 
 def _queue(path: Path, runtime: VirtualRuntime | None = None) -> SqliteQueue:
     settings = QueueSettings(runtime=runtime or VirtualRuntime())
-    return SqliteQueue(str(path), runtime=settings.runtime, sizer=settings.sizer)
+    return SqliteQueue(str(path), settings.rules)
 
 
 def _write_version_4_file(path: Path) -> str:

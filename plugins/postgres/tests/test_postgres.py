@@ -44,9 +44,9 @@ def _open(params: dict[str, Any], settings: QueueSettings, **extra: Any) -> Post
     assert isinstance(parsed, PostgresParameters)
     return PostgresQueue(
         parsed.connector(),
+        context.rules(),
         schema=parsed.schema_name,
         reconnect_for=parsed.reconnect_for,
-        **context.queue_settings(),
         **extra,
     )
 

@@ -23,9 +23,8 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from herder import defaults
 from herder.model import Container, ContainerState
-from herder.queue.base import ListFilter, QueueError, Sizer
+from herder.queue.base import ListFilter, QueueError
 from herder.queue.records import (
     COLUMN_COUNT,
     COLUMNS,
@@ -44,10 +43,10 @@ from herder.queue.rules import (
     UNFINISHED,
     InvalidRequest,
     RuledQueue,
+    RuleSettings,
     Unreadable,
 )
 from herder.queue.sql_ledger import Execute, SqlLedger
-from herder.runtime import Runtime
 from herder.spend import Ledger, MemoryLedger
 
 log = logging.getLogger(__name__)
@@ -447,27 +446,8 @@ class SqliteQueue(RuledQueue):
     """The embedded :class:`~herder.queue.base.ContainerQueue`: durable in one SQLite file (or
     ``":memory:"``)."""
 
-    def __init__(
-        self,
-        path: str,
-        *,
-        runtime: Runtime,
-        sizer: Sizer,
-        cluster_id: str = defaults.CLUSTER_ID,
-        max_dispatch_attempts: int = defaults.MAX_DISPATCH_ATTEMPTS,
-        always_use_preemptible: bool = False,
-        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
-    ) -> None:
-        """``random_bytes`` draws the random part of new UUIDs; simulations pass a seeded
-        generator so that a run is reproducible."""
-        super().__init__(
-            runtime=runtime,
-            sizer=sizer,
-            cluster_id=cluster_id,
-            max_dispatch_attempts=max_dispatch_attempts,
-            always_use_preemptible=always_use_preemptible,
-            random_bytes=random_bytes,
-        )
+    def __init__(self, path: str, rules: RuleSettings) -> None:
+        super().__init__(rules)
         self._path = path
         on_disk = path != ":memory:" and not path.startswith("file:")
         #: Commits counted in the file and in its commit mark (None: not counted, in memory).

@@ -16,10 +16,7 @@ collected) and provides a ``queue_factory`` fixture::
         @pytest.fixture
         def queue_factory(self, tmp_path):
             def make(settings: QueueSettings) -> ContainerQueue:
-                return MyQueue(tmp_path / "q", runtime=settings.runtime, sizer=settings.sizer,
-                               cluster_id=settings.cluster_id,
-                               max_dispatch_attempts=settings.max_dispatch_attempts,
-                               always_use_preemptible=settings.always_use_preemptible)
+                return MyQueue(tmp_path / "q", settings.rules)
             return make
 
 Each call of the factory within one test must open the *same* storage (a second call after
@@ -57,6 +54,7 @@ from herder.queue.base import (
     ListFilter,
     Sizer,
 )
+from herder.queue.rules import RuleSettings
 from herder.runtime import VirtualRuntime
 from herder.spend import (
     FOLDED,
@@ -102,6 +100,17 @@ class QueueSettings:
     @property
     def sizer(self) -> Sizer:
         return ConfigSizer(self.instance_types)
+
+    @property
+    def rules(self) -> RuleSettings:
+        """The settings as a backend's queue takes them."""
+        return RuleSettings(
+            runtime=self.runtime,
+            sizer=self.sizer,
+            cluster_id=self.cluster_id,
+            max_dispatch_attempts=self.max_dispatch_attempts,
+            always_use_preemptible=self.always_use_preemptible,
+        )
 
 
 QueueFactory = Callable[[QueueSettings], ContainerQueue]

@@ -121,10 +121,10 @@ class PostgresBackend(QueueBackend):
         assert isinstance(params, PostgresParameters)
         return PostgresQueue(
             params.connector(),
+            context.rules(),
             schema=params.schema_name,
             reconnect_for=params.reconnect_for,
             exclusive=not params.standby,
-            **context.queue_settings(),
         )
 
     def dispatch_lock(self, params: QueueParameters, context: QueueContext) -> DispatchLock | None:

@@ -40,7 +40,6 @@ from herder.queue.base import (
     ListFilter,
     QueueError,
     QueueUnavailable,
-    Sizer,
 )
 from herder.queue.records import (
     COLUMN_COUNT,
@@ -52,9 +51,8 @@ from herder.queue.records import (
     update_row,
     upgrade_schema,
 )
-from herder.queue.rules import CANCELLED, UNFINISHED, RuledQueue, Unreadable
+from herder.queue.rules import CANCELLED, UNFINISHED, RuledQueue, RuleSettings, Unreadable
 from herder.queue.sql_ledger import Execute, SqlLedger
-from herder.runtime import Runtime
 from herder.spend import Ledger
 from herder_queue_postgres.leader import lock_key
 
@@ -173,28 +171,16 @@ class PostgresQueue(RuledQueue):
     def __init__(
         self,
         connect: Callable[[], psycopg.Connection[Any]],
+        rules: RuleSettings,
         *,
         schema: str,
-        runtime: Runtime,
-        sizer: Sizer,
-        cluster_id: str = "zzzzz",
-        max_dispatch_attempts: int = 10,
-        always_use_preemptible: bool = False,
-        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
         reconnect_for: float = 30.0,
         exclusive: bool = True,
     ) -> None:
         """``exclusive``: hold the dispatch lock (refuse to open while another queue holds
         it).  Only a process that never dispatches (a standby serving the API) opens the queue
         without it."""
-        super().__init__(
-            runtime=runtime,
-            sizer=sizer,
-            cluster_id=cluster_id,
-            max_dispatch_attempts=max_dispatch_attempts,
-            always_use_preemptible=always_use_preemptible,
-            random_bytes=random_bytes,
-        )
+        super().__init__(rules)
         self._connect_raw = connect
         self._schema = schema
         self._channel = f"herder_queue_{schema}"
