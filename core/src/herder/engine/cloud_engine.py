@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from herder.agent import PROGRAM
-from herder.config import Config
+from herder.config import Config, deprecations
 from herder.costs import CostReport, build_report, last_periods
 from herder.engine.interface import InstanceNotFound
 from herder.engine.metrics import ContainerMetrics, QuotaMetrics, SpendMetrics
@@ -480,11 +480,8 @@ def open_ledger(config: Config, queue: ContainerQueue) -> Ledger:
     """The queue's spend ledger, with an old ledger file's entries imported into it once (see
     :func:`herder.spend.import_jsonl`): the file herder kept before the queue held spend."""
     ledger = queue.ledger
-    if config.cloud.budget.ledger_path:
-        log.warning(
-            "cloud.budget.ledger_path is deprecated: spend now lives in the queue; the file "
-            "is only read once, to import it, and the key can be removed"
-        )
+    for warning in deprecations(config):
+        log.warning("%s", warning)
     path = legacy_ledger_path(config.cloud.budget.ledger_path, config.queue.path)
     if path is not None:
         import_jsonl(path, ledger)
