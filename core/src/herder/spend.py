@@ -397,18 +397,34 @@ class SpendTracker:
         self._period_total = 0.0
         #: Instances the ledger knows from before this process, by id (start, booked so far).
         self._earlier: dict[str, _Accrual] = {}
-        for entry in ledger.entries(now - self.LOOKBACK, math.inf):
-            acc = self._earlier.get(entry.instance_id)
+        #: Read from other threads (the pool's adoption); replaced whole, never changed.
+        self._starts: dict[str, float] = {}
+        self.reload(now)
+        #: When the ledger is compacted next (the first pass compacts it).
+        self._next_compact = now
+
+    def reload(self, now: float) -> None:
+        """Read what the ledger holds for the instances of the last :data:`LOOKBACK` again.
+
+        At construction, and when this herder starts dispatching: a standby built its tracker
+        when it started waiting, and the leader has booked spend since, which the standby must
+        not book a second time for the instances it adopts.  Call it before the first
+        :meth:`update` only.
+        """
+        earlier: dict[str, _Accrual] = {}
+        for entry in self.ledger.entries(now - self.LOOKBACK, math.inf):
+            if entry.instance_id == FOLDED:
+                continue
+            acc = earlier.get(entry.instance_id)
             if acc is None:
-                acc = self._earlier[entry.instance_id] = _Accrual(
+                acc = earlier[entry.instance_id] = _Accrual(
                     entry.instance_type, entry.started_at, last_recorded=entry.at
                 )
             acc.recorded += entry.amount
             acc.last_recorded = max(acc.last_recorded, entry.at)
-        #: Never changed after this: read from other threads (the pool's adoption).
-        self._starts = {k: acc.started_at for k, acc in self._earlier.items()}
-        #: When the ledger is compacted next (the first pass compacts it).
-        self._next_compact = now
+        self._earlier = earlier
+        self._starts = {k: acc.started_at for k, acc in earlier.items()}
+        self._period = None
 
     def started_at(self, instance_id: str) -> float | None:
         """When an instance the ledger knew before this process started (thread-safe)."""

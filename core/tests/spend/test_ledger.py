@@ -205,3 +205,21 @@ def test_budget_command_reads_the_queues_ledger_without_a_server(
     doc = json.loads(capsys.readouterr().out)
     assert doc["spent"] == 1.25 and doc["soft_reached"] is True
     assert doc["message"].startswith("spend this day 1.25 of 1.00")
+
+
+def test_a_standby_books_nothing_twice_of_what_the_leader_booked_while_it_waited() -> None:
+    """The standby builds its tracker when it starts waiting; the engine reloads it when it
+    starts dispatching, so an adopted instance is billed from what the ledger holds then."""
+    from herder.model import IdleBehavior, InstanceType, InstanceView, WorkerState
+
+    it = InstanceType("c4", "c4", 4, 1, price=3600.0)  # 1.0 a second: amounts read as seconds
+    shared = MemoryLedger()
+    standby = SpendTracker(shared, {"c4": it}, 0.0)  # built at 0, waiting
+    shared.record(SpendEntry(500.0, 500.0, "i-1", "c4", 0.0))  # the leader books 500 s
+    standby.reload(600.0)  # takes over at 600
+    view = InstanceView(
+        "i-1", "", 3600.0, "c4", "c4", "", 0.0, [], WorkerState.IDLE, IdleBehavior.RUN, appeared=0.0
+    )
+    standby.update(600.0, [view])
+    standby.flush(600.0)
+    assert shared.total(0.0, 1000.0) == pytest.approx(600.0)  # not 1100: nothing twice

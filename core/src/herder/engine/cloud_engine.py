@@ -370,6 +370,8 @@ class CloudEngine:
             if self._started:
                 return
             self._started = True
+        # What the ledger holds now: a standby's leader booked spend while it waited.
+        self.spend.reload(self.runtime.now())
         self.pool.start()
         self.scheduler.start()
 
