@@ -641,7 +641,10 @@ class SqliteQueue(RuledQueue):
         """Write the spend entries a full disk held back, if it takes them now; then close."""
         ledger = getattr(self, "_ledger", None)
         if ledger is not None and not self._closed:
-            ledger.flush()
+            try:
+                ledger.flush()
+            except sqlite3.Error as exc:  # the file is closed all the same
+                log.error("spend ledger: entries not written at close: %s", exc)
         super().close()
 
     def _close_storage(self) -> None:
