@@ -109,6 +109,22 @@ def test_config_check_with_installed_plugins(
     assert_three_clear_errors(path, out, err)
 
 
+def test_config_check_warns_of_the_deprecated_ledger_path(
+    tmp_path: Path, fake_plugins: Plugins, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        "cloud: {driver: quiet, driver_parameters: {zone: z2}, budget: {ledger_path: /x.jsonl}}\n",
+    )
+    assert cli.main(["config", "check", path], plugins=fake_plugins) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"{path}: OK"
+    assert err.strip() == (
+        f"{path}: warning: cloud.budget.ledger_path is deprecated: spend now lives in the "
+        "queue; the file it names is only read once, to import it, and the key can be removed"
+    )
+
+
 def test_config_check_ok(
     tmp_path: Path, fake_plugins: Plugins, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -960,19 +960,23 @@ def test_costs_asks_the_server_when_one_answers(capsys, live):
     assert "finished containers: 1" in out
 
 
-def test_costs_fall_back_to_the_ledger_when_no_server_answers(capsys, tmp_path):
-    from herder.spend import JsonLinesLedger, SpendEntry
+def test_costs_fall_back_to_the_queues_ledger_when_no_server_answers(capsys, tmp_path):
+    from herder.queue.sqlite import SqliteQueue
+    from herder.runtime import VirtualRuntime
+    from herder.spend import SpendEntry
+    from herder.testing.queue_conformance import QueueSettings
 
     url = f"http://127.0.0.1:{_closed_port()}"
     status, _, err = run(capsys, None, "costs", "--server", url)
     assert status == 1
-    assert "no spend recorded yet:" in err and "herder-spend.jsonl" in err
+    assert "no spend recorded yet:" in err and "herder.db" in err
     path = Path(err.split("no spend recorded yet: ")[1].split(" does not exist")[0])
     path.parent.mkdir(parents=True, exist_ok=True)
-    ledger = JsonLinesLedger(path)
+    settings = QueueSettings(runtime=VirtualRuntime())
+    queue = SqliteQueue(str(path), settings.rules)
     now = time.time()
-    ledger.record(SpendEntry(now - 60, 0.25, "i-1", "small", now - 120))
-    ledger.close()
+    queue.ledger.record(SpendEntry(now - 60, 0.25, "i-1", "small", now - 120))
+    queue.close()
     status, out, _ = run(capsys, None, "costs", "--server", url, "--json")
     assert status == 0
     doc = json.loads(out)

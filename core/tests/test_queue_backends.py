@@ -43,7 +43,7 @@ class NotebookBackend(QueueBackend):
 
     def open(self, params: QueueParameters, context: QueueContext) -> ContainerQueue:
         NotebookBackend.opened.append((params, context))
-        return MemoryQueue(**context.queue_settings())
+        return MemoryQueue(context.rules())
 
     def describe(self, params: QueueParameters, context: QueueContext) -> str:
         assert isinstance(params, NotebookParameters)

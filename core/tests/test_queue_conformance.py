@@ -17,14 +17,7 @@ class TestSqliteQueueConformance(QueueConformance):
     @pytest.fixture
     def queue_factory(self, tmp_path: Path) -> QueueFactory:
         def make(settings: QueueSettings) -> ContainerQueue:
-            return SqliteQueue(
-                str(tmp_path / "herder.db"),
-                runtime=settings.runtime,
-                sizer=settings.sizer,
-                cluster_id=settings.cluster_id,
-                max_dispatch_attempts=settings.max_dispatch_attempts,
-                always_use_preemptible=settings.always_use_preemptible,
-            )
+            return SqliteQueue(str(tmp_path / "herder.db"), settings.rules)
 
         return make
 
@@ -35,12 +28,6 @@ class TestMemoryQueueConformance(QueueConformance):
     @pytest.fixture
     def queue_factory(self) -> QueueFactory:
         def make(settings: QueueSettings) -> ContainerQueue:
-            return MemoryQueue(
-                runtime=settings.runtime,
-                sizer=settings.sizer,
-                cluster_id=settings.cluster_id,
-                max_dispatch_attempts=settings.max_dispatch_attempts,
-                always_use_preemptible=settings.always_use_preemptible,
-            )
+            return MemoryQueue(settings.rules)
 
         return make

@@ -17,6 +17,7 @@ import pytest
 from herder.engine.sizing import ConfigSizer
 from herder.model import ContainerSpec, ContainerState, InstanceType
 from herder.queue.base import QueueError
+from herder.queue.rules import RuleSettings
 from herder.queue.sqlite import COMMITS_SUFFIX, IDENTITY_SUFFIX, SqliteQueue
 from herder.runtime import VirtualRuntime
 
@@ -25,7 +26,7 @@ TYPES = {"small": InstanceType("small", "p.small", 2, 8 * GiB, price=0.1)}
 
 
 def open_queue(path: Path) -> SqliteQueue:
-    return SqliteQueue(str(path), runtime=VirtualRuntime(), sizer=ConfigSizer(TYPES))
+    return SqliteQueue(str(path), RuleSettings(VirtualRuntime(), ConfigSizer(TYPES)))
 
 
 def fill(path: Path, n: int = 3) -> list[str]:
@@ -242,12 +243,13 @@ def test_a_second_serve_process_on_a_shared_queue_file_is_refused(tmp_path: Path
 KILLED_WRITER = """
 import os, signal, sys
 from herder.model import ContainerSpec, InstanceType
+from herder.queue.rules import RuleSettings
 from herder.queue.sqlite import SqliteQueue
 from herder.runtime import VirtualRuntime
 from herder.engine.sizing import ConfigSizer
 
 types = {"small": InstanceType("small", "p.small", 2, 8 << 30, price=0.1)}
-queue = SqliteQueue(sys.argv[1], runtime=VirtualRuntime(), sizer=ConfigSizer(types))
+queue = SqliteQueue(sys.argv[1], RuleSettings(VirtualRuntime(), ConfigSizer(types)))
 for i in range(int(sys.argv[2])):
     print(queue.submit(ContainerSpec(command=("true",), name=f"k{i}")).uuid, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)

@@ -9,6 +9,7 @@ from pathlib import Path
 from herder.engine.sizing import ConfigSizer
 from herder.model import ContainerSpec, InstanceType, RuntimeConstraints
 from herder.queue.records import labels_json
+from herder.queue.rules import RuleSettings
 from herder.queue.sqlite import _MIGRATIONS, SqliteQueue
 from herder.runtime import VirtualRuntime
 
@@ -17,7 +18,7 @@ TYPES = {"small": InstanceType("small", "t.small", vcpus=2, ram=4 * GiB, price=0
 
 
 def make_queue(path: Path) -> SqliteQueue:
-    return SqliteQueue(str(path), runtime=VirtualRuntime(), sizer=ConfigSizer(TYPES))
+    return SqliteQueue(str(path), RuleSettings(VirtualRuntime(), ConfigSizer(TYPES)))
 
 
 def spec(**kw: object) -> ContainerSpec:
@@ -47,10 +48,14 @@ def test_a_file_from_before_labels_is_upgraded_in_place(tmp_path: Path) -> None:
     q = make_queue(path)
     old = q.submit(spec(name="old"))
     q.close()
-    # Make it the file an older herder left: no labels column, schema one step behind.
+    # Make it the file an older herder left: no labels column nor spend tables, schema back
+    # to the step before labels.
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE containers DROP COLUMN labels")
-    db.execute("UPDATE schema_version SET version = ?", (len(_MIGRATIONS) - 1,))
+    db.execute("DROP TABLE spend")
+    db.execute("DROP TABLE container_costs")
+    step = next(i for i, sql in enumerate(_MIGRATIONS) if "COLUMN labels" in " ".join(sql))
+    db.execute("UPDATE schema_version SET version = ?", (step,))
     db.commit()
     db.close()
 

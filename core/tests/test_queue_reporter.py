@@ -6,6 +6,7 @@ from herder.engine.cloud_engine import QueueReporter
 from herder.engine.sizing import ConfigSizer
 from herder.model import ContainerState
 from herder.queue.memory import MemoryQueue
+from herder.queue.rules import RuleSettings
 from herder.runtime import VirtualRuntime
 from herder.testing.queue_conformance import conformance_types, spec
 
@@ -14,7 +15,7 @@ def _setup(max_attempts: int = 3) -> tuple[MemoryQueue, QueueReporter, VirtualRu
     runtime = VirtualRuntime()
     types = conformance_types()
     queue = MemoryQueue(
-        runtime=runtime, sizer=ConfigSizer(types), max_dispatch_attempts=max_attempts
+        RuleSettings(runtime, ConfigSizer(types), max_dispatch_attempts=max_attempts)
     )
     return queue, QueueReporter(queue, types, runtime), runtime
 

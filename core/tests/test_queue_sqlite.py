@@ -20,6 +20,7 @@ from herder.model import (
     is_container_uuid,
 )
 from herder.queue.base import ContainerNotFound, InvalidTransition, QueueError
+from herder.queue.rules import RuleSettings
 from herder.queue.sqlite import _MIGRATIONS, InvalidRequest, SqliteQueue
 from herder.runtime import VirtualRuntime
 
@@ -48,7 +49,7 @@ def rt() -> VirtualRuntime:
 
 
 def make_queue(rt: VirtualRuntime, path: str = ":memory:", types=TYPES, **kw) -> SqliteQueue:
-    return SqliteQueue(path, runtime=rt, sizer=ConfigSizer(types), **kw)
+    return SqliteQueue(path, RuleSettings(rt, ConfigSizer(types), **kw))
 
 
 @pytest.fixture
@@ -662,12 +663,14 @@ def test_a_file_from_before_attempts_is_upgraded_in_place_to_keep_them(rt, tmp_p
     q = make_queue(rt, path)
     c = q.submit(spec())
     q.close()
-    # As the version before attempts left it: every column added since taken out again.
+    # As the version before attempts left it: every column and table added since taken out.
     step = next(i for i, sql in enumerate(_MIGRATIONS) if "COLUMN attempts" in " ".join(sql))
     db = sqlite3.connect(path)
     for statements in _MIGRATIONS[step:]:
         for column in re.findall(r"ADD COLUMN (\w+)", " ".join(statements)):
             db.execute(f"ALTER TABLE containers DROP COLUMN {column}")
+        for table in re.findall(r"CREATE TABLE (\w+)", " ".join(statements)):
+            db.execute(f"DROP TABLE {table}")
     db.execute("UPDATE schema_version SET version = ?", (step,))
     db.commit()
     db.close()

@@ -18,6 +18,7 @@ from sim_chaos import (
     run,
 )
 
+from herder.queue.rules import RuleSettings
 from herder.testing.sim_store import ProcessRecord
 
 
@@ -59,7 +60,8 @@ def _queue_file(path: Path) -> list[str]:
 
     small = InstanceType("small", "a.small", vcpus=2, ram=4 << 30)
     queue = SqliteQueue(
-        str(path), runtime=VirtualRuntime(), sizer=ConfigSizer({"small": small}), cluster_id="chaos"
+        str(path),
+        RuleSettings(VirtualRuntime(), ConfigSizer({"small": small}), cluster_id="chaos"),
     )
     done, running, explained, silent = (
         queue.submit(ContainerSpec(command=("true",))).uuid for _ in range(4)

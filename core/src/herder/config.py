@@ -252,8 +252,8 @@ class BudgetConfig(_Strict):
     )
     ledger_path: str = Field(
         "",
-        description='file the period\'s spend is kept in across restarts; "" = herder-spend.jsonl '
-        "next to queue.path (memory only when the queue is in memory)",
+        description="deprecated: spend now lives in the queue; only where an older herder's "
+        'ledger file is, imported once at start ("" = herder-spend.jsonl next to queue.path)',
     )
 
     @property
@@ -577,6 +577,18 @@ class PluginChecks(Protocol):
     def config_problems(self, data: dict[str, Any]) -> list[ConfigProblem]:
         """Every problem the installed plugins find in the parsed file ``data``."""
         ...
+
+
+def deprecations(config: Config) -> list[str]:
+    """Keys still accepted but no longer needed, each with what to do: ``herder config check``
+    prints them as warnings and ``herder serve`` logs them (the configuration still works)."""
+    found = []
+    if config.cloud.budget.ledger_path:
+        found.append(
+            "cloud.budget.ledger_path is deprecated: spend now lives in the queue; the file it "
+            "names is only read once, to import it, and the key can be removed"
+        )
+    return found
 
 
 def load_config(path: str | os.PathLike[str], plugins: PluginChecks | None = None) -> Config:

@@ -1,12 +1,13 @@
 """Cost reports: spend by period and by instance type, and what finished containers cost.
 
-Built from a spend ledger (:mod:`herder.spend`) as plain dataclasses, so that the CLI (``herder
-costs``, which reads the ledger file) and the engine (:meth:`Dispatcher.cost_report`, for the
-API) give the same answer.  Spend is what the instances cost (billing increments included);
-container costs are herder's per-container figure (each container's running time at its whole
-instance type's price).  The two answer different questions and are not meant to add up:
-instances cost something while no container runs (boot, idle, shutdown), and containers that
-share an instance are each charged its full price.
+Built from a spend ledger (:mod:`herder.spend`) as plain dataclasses, so that the CLI
+(``herder costs``, which reads the queue's ledger when no server answers) and the engine
+(:meth:`Dispatcher.cost_report`, for the API) give the same answer.  Spend is what the
+instances cost (billing increments included); container costs are herder's per-container
+figure (each container's running time at its whole instance type's price).  The two answer
+different questions and are not meant to add up: instances cost something while no container
+runs (boot, idle, shutdown), and containers that share an instance are each charged its full
+price.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from herder.spend import ContainerCost, SpendEntry, period_bounds
+from herder.spend import BudgetState, ContainerCost, SpendEntry, period_bounds
 
 _LABEL_FORMATS = {"hour": "%Y-%m-%d %H:00", "day": "%Y-%m-%d", "month": "%Y-%m"}
 
@@ -99,6 +100,17 @@ def report_document(report: CostReport) -> dict[str, Any]:
     for bucket in data["by_period"]:
         bucket["start"] = rfc3339(bucket["start"])
         bucket["end"] = rfc3339(bucket["end"])
+    return data
+
+
+def budget_document(state: BudgetState) -> dict[str, Any]:
+    """The budget as ``GET /api/v1/budget`` answers it (times in RFC 3339, and what waiting
+    containers are told once a limit is reached), so that ``herder budget`` prints one shape
+    whether it asked the server or read the ledger."""
+    data = state.to_json()
+    data["period_start"] = rfc3339(state.period_start)
+    data["period_end"] = rfc3339(state.period_end)
+    data["message"] = state.message() if state.soft_reached else ""
     return data
 
 

@@ -8,12 +8,15 @@ cloud charges it; per-second spend is booked about once a minute, and the part n
 still counts towards the budget.  Spot price history is not used: the type's configured price is
 the price in force.
 
-Spend lives in a *ledger* behind the narrow :class:`SpendLedger` protocol (record an entry,
-total a time range, list a time range).  :class:`JsonLinesLedger` keeps it in a file in the data
-directory (mode 0600), so a restart neither forgets the period's spend nor bills an instance's
-current increment twice (each entry carries the instance's start).  The ledger is deliberately
-separate from the queue: a queue backend can later implement the same protocol (a ``spend``
-table next to the containers) and the dispatcher would hand that in instead.
+Spend lives in a *ledger* behind the narrow :class:`Ledger` protocol (record an entry, total a
+time range, list a time range, and the finished containers' costs).  The queue backend keeps
+it, in the queue's own storage (:meth:`herder.queue.base.ContainerQueue.ledger`): a restart
+neither forgets the period's spend nor bills an instance's current increment twice (each entry
+carries the instance's start), and herders sharing a queue (a standby taking over) share it.
+Old entries are folded (:func:`fold`, :data:`KEEP_MONTHS`) so that the ledger stays small.
+
+Before the queue kept it, spend was a JSON-lines file (``herder-spend.jsonl`` next to the
+queue); :func:`import_jsonl` moves such a file's entries into the queue's ledger once.
 """
 
 from __future__ import annotations
@@ -124,8 +127,8 @@ class ContainerCost:
 class ContainerCostLog(Protocol):
     """Where the cost of each finished container is kept, for cost reports.
 
-    Separate from :class:`SpendLedger` (what the budget needs); both file ledgers here
-    implement it, and a queue backend would answer it from its container records.
+    Separate from :class:`SpendLedger` (what the budget needs); every :class:`Ledger`
+    implements both.
     """
 
     def record_container(self, cost: ContainerCost) -> None: ...
@@ -148,6 +151,22 @@ class SpendLedger(Protocol):
 
     def entries(self, start: float, end: float) -> list[SpendEntry]:
         """The entries with ``start <= at < end``, oldest first."""
+        ...
+
+
+@runtime_checkable
+class Ledger(SpendLedger, ContainerCostLog, Protocol):
+    """What a queue backend keeps: spend and container costs, in the queue's storage."""
+
+    def record_many(
+        self, entries: Iterable[SpendEntry], containers: Iterable[ContainerCost]
+    ) -> None:
+        """Keep all of them at once (one transaction in a database: all or none)."""
+        ...
+
+    def compact(self, now: float) -> int:
+        """Fold spend entries older than :func:`compaction_cutoff` (:func:`fold`) and drop
+        container costs older than it; returns how many stored records went."""
         ...
 
 
@@ -190,50 +209,27 @@ class MemoryLedger:
             high = bisect.bisect_left(self._ats, end)
             return self._entries[low:high]
 
+    def record_many(
+        self, entries: Iterable[SpendEntry], containers: Iterable[ContainerCost]
+    ) -> None:
+        for entry in entries:
+            self.record(entry)
+        for cost in containers:
+            self.record_container(cost)
 
-class JsonLinesLedger(MemoryLedger):
-    """A ledger in a JSON-lines file (mode 0600), appended to and read back whole at start.
-
-    One line per entry; a line that cannot be read (a crash mid-write) is skipped with a
-    warning, so a damaged tail never stops herder from starting.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        entries, containers = _read_lines(self.path)
-        super().__init__(entries, containers)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.fchmod(fd, 0o600)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
-        if self._torn_tail():
-            # A crash mid-write left half a line: end it, or the next entry would join it.
-            self._file.write("\n")
-            self._file.flush()
-
-    def _torn_tail(self) -> bool:
-        with self.path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() == 0:
-                return False
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) != b"\n"
-
-    def record(self, entry: SpendEntry) -> None:
-        self._append(entry.to_json())
-        super().record(entry)
-
-    def record_container(self, cost: ContainerCost) -> None:
-        self._append(cost.to_json())
-        super().record_container(cost)
-
-    def _append(self, data: Mapping[str, object]) -> None:
+    def compact(self, now: float) -> int:
+        cutoff = compaction_cutoff(now)
         with self._lock:
-            self._file.write(json.dumps(data, sort_keys=True) + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._file.close()
+            high = bisect.bisect_left(self._ats, cutoff)
+            old = self._entries[:high]
+            # Nothing new to fold: the folded months are left as they are.
+            folded = old if all(e.instance_id == FOLDED for e in old) else fold(old)
+            self._entries[:high] = folded
+            self._ats[:high] = [e.at for e in folded]
+            kept = [c for c in self._containers if c.at >= cutoff]
+            gone = len(old) - len(folded) + len(self._containers) - len(kept)
+            self._containers = kept
+            return gone
 
 
 def _read_lines(path: Path) -> tuple[list[SpendEntry], list[ContainerCost]]:
@@ -278,20 +274,79 @@ def _read_lines(path: Path) -> tuple[list[SpendEntry], list[ContainerCost]]:
     return out, containers
 
 
-def read_ledger(path: str | os.PathLike[str]) -> MemoryLedger:
-    """A ledger file's contents, read only (``herder costs``: nothing is created or written)."""
-    entries, containers = _read_lines(Path(path))
-    return MemoryLedger(entries, containers)
-
-
-def ledger_path_for(ledger_path: str, queue_path: str) -> str | None:
-    """Where the ledger file goes: ``ledger_path``, else next to the queue's database; None
-    (memory only) when the queue itself is in memory."""
+def legacy_ledger_path(ledger_path: str, queue_path: str) -> str | None:
+    """Where an old ledger file would be: ``ledger_path`` (``cloud.budget.ledger_path``), else
+    ``herder-spend.jsonl`` next to the queue's database; None when the queue is in memory."""
     if ledger_path:
         return ledger_path
     if not queue_path or queue_path == ":memory:" or queue_path.startswith("file::memory:"):
         return None
-    return str(Path(queue_path).expanduser().parent / "herder-spend.jsonl")
+    return str(Path(queue_path).expanduser().parent / LEGACY_FILE)
+
+
+#: The old ledger file's name next to the queue file (spend before the queue kept it).
+LEGACY_FILE = "herder-spend.jsonl"
+#: What an imported old ledger file is renamed to (its name plus this).
+IMPORTED_SUFFIX = ".imported"
+
+
+def import_jsonl(path: str | os.PathLike[str], ledger: Ledger) -> int | None:
+    """Move an old JSON-lines ledger file's entries into ``ledger`` once, then rename the file
+    to ``*.imported``; the number of entries imported, or None when there is no file.
+
+    The entries go in with one :meth:`Ledger.record_many` (one transaction), then the file is
+    renamed.  A crash between the two would import the file again at the next start, so an
+    import whose last spend entry the ledger holds already is skipped (only the rename is
+    done): the ledger never counts a file's spend twice.
+    """
+    source = Path(path)
+    if not source.exists():
+        return None
+    entries, containers = _read_lines(source)
+    last = entries[-1] if entries else None
+    done = last is not None and last in ledger.entries(last.at, math.nextafter(last.at, math.inf))
+    if not done:
+        ledger.record_many(entries, containers)
+    target = source.with_name(source.name + IMPORTED_SUFFIX)
+    os.replace(source, target)
+    count = 0 if done else len(entries) + len(containers)
+    log.info(
+        "spend ledger %s imported into the queue (%d entries); renamed to %s", source, count, target
+    )
+    return count
+
+
+# --------------------------------------------------------------------------- compaction
+
+#: Spend entries and container costs are kept one by one for this many whole months before the
+#: current one; older ones are folded (:func:`fold`).  Thirteen, because the longest look-back
+#: anything makes is a report comparing a month with the same month a year before (``herder
+#: costs --period month --last 13``); budgets look at most one month back and a restart 40
+#: days.  Folded months still total right by month and instance type.
+KEEP_MONTHS = 13
+#: The ``instance_id`` of a folded entry: one month's spend on one instance type.
+FOLDED = ""
+
+
+def compaction_cutoff(now: float) -> float:
+    """The start of the oldest month kept entry by entry: :data:`KEEP_MONTHS` before now's."""
+    start, _ = period_bounds(now, "month")
+    for _ in range(KEEP_MONTHS):
+        start, _ = period_bounds(start - 1, "month")
+    return start
+
+
+def fold(entries: Iterable[SpendEntry]) -> list[SpendEntry]:
+    """One entry per (UTC month, instance type) holding their sum, at the month's start, with
+    instance id :data:`FOLDED`; oldest first.  Folded entries fold again into the same sum."""
+    sums: dict[tuple[float, str], list[float]] = {}
+    for e in entries:
+        month, _ = period_bounds(e.at, "month")
+        sums.setdefault((month, e.instance_type), []).append(e.amount)
+    return [
+        SpendEntry(month, math.fsum(amounts), FOLDED, instance_type, month)
+        for (month, instance_type), amounts in sorted(sums.items())
+    ]
 
 
 # --------------------------------------------------------------------------- accrual
@@ -323,6 +378,9 @@ class SpendTracker:
     RECORD_EVERY = 300.0
     #: How far back a restart looks for instances it still bills.
     LOOKBACK = 40 * 86400.0
+    #: How often the ledger is compacted (:meth:`Ledger.compact`): once a day keeps it small
+    #: and costs one short transaction.
+    COMPACT_EVERY = 86400.0
 
     def __init__(
         self,
@@ -339,16 +397,34 @@ class SpendTracker:
         self._period_total = 0.0
         #: Instances the ledger knows from before this process, by id (start, booked so far).
         self._earlier: dict[str, _Accrual] = {}
-        for entry in ledger.entries(now - self.LOOKBACK, math.inf):
-            acc = self._earlier.get(entry.instance_id)
+        #: Read from other threads (the pool's adoption); replaced whole, never changed.
+        self._starts: dict[str, float] = {}
+        self.reload(now)
+        #: When the ledger is compacted next (the first pass compacts it).
+        self._next_compact = now
+
+    def reload(self, now: float) -> None:
+        """Read what the ledger holds for the instances of the last :data:`LOOKBACK` again.
+
+        At construction, and when this herder starts dispatching: a standby built its tracker
+        when it started waiting, and the leader has booked spend since, which the standby must
+        not book a second time for the instances it adopts.  Call it before the first
+        :meth:`update` only.
+        """
+        earlier: dict[str, _Accrual] = {}
+        for entry in self.ledger.entries(now - self.LOOKBACK, math.inf):
+            if entry.instance_id == FOLDED:
+                continue
+            acc = earlier.get(entry.instance_id)
             if acc is None:
-                acc = self._earlier[entry.instance_id] = _Accrual(
+                acc = earlier[entry.instance_id] = _Accrual(
                     entry.instance_type, entry.started_at, last_recorded=entry.at
                 )
             acc.recorded += entry.amount
             acc.last_recorded = max(acc.last_recorded, entry.at)
-        #: Never changed after this: read from other threads (the pool's adoption).
-        self._starts = {k: acc.started_at for k, acc in self._earlier.items()}
+        self._earlier = earlier
+        self._starts = {k: acc.started_at for k, acc in earlier.items()}
+        self._period = None
 
     def started_at(self, instance_id: str) -> float | None:
         """When an instance the ledger knew before this process started (thread-safe)."""
@@ -384,6 +460,17 @@ class SpendTracker:
         for instance_id in [i for i in self._live if i not in seen]:
             acc = self._live.pop(instance_id)
             self._book(instance_id, acc, acc.last_seen, force=True)
+        if now >= self._next_compact:
+            self._next_compact = now + self.COMPACT_EVERY
+            self._compact(now)
+
+    def _compact(self, now: float) -> None:
+        if not isinstance(self.ledger, Ledger):
+            return
+        try:
+            self.ledger.compact(now)
+        except Exception as exc:  # a full disk, a database away: compacted at the next try
+            log.warning("spend ledger: cannot compact it now: %s", exc)
 
     def _due(self, acc: _Accrual, until: float) -> float:
         # An instance that exists has begun its first increment (and its minimum).

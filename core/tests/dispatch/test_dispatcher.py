@@ -10,6 +10,7 @@ from herder.dispatch import CloseReason, Dispatcher, Job
 from herder.engine.sizing import ConfigSizer
 from herder.model import Container, ContainerSpec, ContainerState, InstanceType
 from herder.queue.base import Listener
+from herder.queue.rules import RuleSettings
 from herder.queue.sqlite import SqliteQueue
 from herder.runtime import VirtualRuntime
 
@@ -22,7 +23,7 @@ class SpyQueue(SqliteQueue):
     """The SQLite queue, recording reads; it can hide containers and stay silent on changes."""
 
     def __init__(self, rt: VirtualRuntime, *, notify: bool = True) -> None:
-        super().__init__(":memory:", runtime=rt, sizer=ConfigSizer(TYPES), max_dispatch_attempts=5)
+        super().__init__(":memory:", RuleSettings(rt, ConfigSizer(TYPES), max_dispatch_attempts=5))
         self.notify = notify
         self.hidden: set[str] = set()
         self.list_calls: list[tuple[tuple[ContainerState, ...] | None, int, str]] = []

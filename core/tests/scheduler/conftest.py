@@ -33,6 +33,7 @@ from herder.model import (
 )
 from herder.queue.base import ContainerQueue, QueueEntry
 from herder.queue.memory import MemoryQueue
+from herder.queue.rules import RuleSettings
 from herder.runtime import VirtualRuntime
 from herder.testing.queue_conformance import QueueFactory, QueueSettings
 
@@ -90,12 +91,14 @@ class StubQueue(MemoryQueue):
         always_use_preemptible: bool = False,
     ) -> None:
         super().__init__(
-            runtime=runtime,
-            sizer=ConfigSizer(types),
-            max_dispatch_attempts=(
-                max_dispatch_attempts or ContainersConfig().max_dispatch_attempts
-            ),
-            always_use_preemptible=always_use_preemptible,
+            RuleSettings(
+                runtime=runtime,
+                sizer=ConfigSizer(types),
+                max_dispatch_attempts=(
+                    max_dispatch_attempts or ContainersConfig().max_dispatch_attempts
+                ),
+                always_use_preemptible=always_use_preemptible,
+            )
         )
         self.runtime = runtime
         self.types = types

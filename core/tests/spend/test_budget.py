@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import stat
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,8 @@ from engine_harness import Engine, sim_config
 from prometheus_client import generate_latest
 
 from herder.model import ContainerState, DrainCause, IdleBehavior
+from herder.queue.sqlite import read_ledger
 from herder.spend import (
-    JsonLinesLedger,
     MemoryLedger,
     SpendEntry,
     SpendTracker,
@@ -124,22 +123,20 @@ def test_budget_drains_are_undone_when_the_period_rolls_over():
 
 
 def test_spend_survives_a_restart_and_a_changed_budget_applies(tmp_path: Path):
-    ledger_path = tmp_path / "spend.jsonl"
     queue = str(tmp_path / "herder.db")
-    config = sim_config(**budget(soft_limit=5.0, ledger_path=str(ledger_path)), queue_path=queue)
+    config = sim_config(**budget(soft_limit=5.0), queue_path=queue)
     eng = Engine(config)
     running = eng.submit(3 * 3600, name="long")
     eng.run_for(30 * 60)
     eng.stop(keep_runtime=True)
-    assert stat.S_IMODE(ledger_path.stat().st_mode) == 0o600
-    booked = JsonLinesLedger(ledger_path)
+    booked = read_ledger(queue)  # the queue file keeps the spend
     start, end = period_bounds(eng.runtime.now(), "day")
     assert 0.45 < booked.total(start, end) <= 0.5
-    booked.close()
+    assert not (tmp_path / "herder-spend.jsonl").exists()
 
     # Restarted with a lower limit: the period's spend is remembered, so it applies at once,
     # and the adopted instance is billed from its start, not a second time.
-    lower = sim_config(**budget(soft_limit=0.6, ledger_path=str(ledger_path)), queue_path=queue)
+    lower = sim_config(**budget(soft_limit=0.6), queue_path=queue)
     again = Engine(lower, driver=eng.driver, runtime=eng.runtime, seed=2)
     again.run_for(20 * 60)
     assert again.container(running).state == ContainerState.RUNNING
@@ -195,24 +192,8 @@ def test_budget_keys_are_checked_with_their_key_path():
     ]
 
 
-def test_ledger_file_reads_back_in_time_order_and_skips_a_torn_line(tmp_path: Path):
-    path = tmp_path / "spend.jsonl"
-    ledger = JsonLinesLedger(path)
-    ledger.record(SpendEntry(200.0, 2.0, "i-2", "h", 150.0))
-    ledger.record(SpendEntry(100.0, 1.0, "i-1", "h", 50.0))
-    ledger.close()
-    with path.open("a") as f:
-        f.write('{"at": 300.0, "amou')  # a crash mid-write
-    again = JsonLinesLedger(path)
-    assert [e.instance_id for e in again.entries(0, 1000)] == ["i-1", "i-2"]
-    assert again.total(100.0, 200.0) == 1.0  # start inclusive, end exclusive
-    again.record(SpendEntry(400.0, 4.0, "i-4", "h", 350.0))
-    again.close()
-    assert JsonLinesLedger(path).total(0, 1000) == 7.0  # the new entry is on a line of its own
-
-
 def test_a_budget_drain_is_still_undone_after_a_restart(tmp_path: Path):
-    keys = budget(hard_limit=0.5, ledger_path=str(tmp_path / "spend.jsonl"))
+    keys = budget(hard_limit=0.5)
     config = sim_config(**keys, queue_path=str(tmp_path / "herder.db"))
     eng = Engine(config)
     held = eng.submit(3 * 3600, name="long")

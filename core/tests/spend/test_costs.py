@@ -16,8 +16,8 @@ DAY = 86400.0
 
 
 def _run(tmp_path: Path) -> tuple[Engine, list[str], Path]:
-    ledger = tmp_path / "spend.jsonl"
-    eng = Engine(sim_config(budget={"ledger_path": str(ledger)}, queue_path=str(tmp_path / "q.db")))
+    queue = tmp_path / "q.db"
+    eng = Engine(sim_config(queue_path=str(queue)))
     uuids = [
         eng.submit(600, name="align"),
         eng.submit(300, name="align"),
@@ -25,7 +25,7 @@ def _run(tmp_path: Path) -> tuple[Engine, list[str], Path]:
     ]
     eng.run_until_done(uuids)
     eng.run_for(120)  # every instance idle, shut down and gone
-    return eng, uuids, ledger
+    return eng, uuids, queue
 
 
 def test_report_sums_equal_the_per_container_costs_and_the_bill(tmp_path: Path):
@@ -50,11 +50,11 @@ def test_report_sums_equal_the_per_container_costs_and_the_bill(tmp_path: Path):
     eng.stop()
 
 
-def test_costs_command_reads_the_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    eng, _uuids, ledger = _run(tmp_path)
+def test_costs_command_reads_the_queues_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    eng, _uuids, queue = _run(tmp_path)
     expected = eng.disp.cost_report("day", periods=7)
     eng.stop()
-    args = ["costs", "--ledger", str(ledger), "--until", "2023-11-15"]
+    args = ["costs", "--queue-file", str(queue), "--until", "2023-11-15"]
     assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["total"] == pytest.approx(expected.total)
@@ -68,8 +68,8 @@ def test_costs_command_reads_the_ledger(tmp_path: Path, capsys: pytest.CaptureFi
     assert "finished containers: 3" in text and "index" in text
 
 
-def test_costs_command_without_a_ledger_says_so(tmp_path: Path, capsys):
-    assert main(["costs", "--ledger", str(tmp_path / "none.jsonl")]) == 1
+def test_costs_command_without_a_queue_file_says_so(tmp_path: Path, capsys):
+    assert main(["costs", "--queue-file", str(tmp_path / "none.db")]) == 1
     assert "no spend recorded yet" in capsys.readouterr().err
 
 
@@ -98,13 +98,15 @@ def test_cost_by_label_counts_each_container_under_each_of_its_labels():
 
 
 def test_labels_reach_the_ledger_and_come_back(tmp_path: Path):
-    from herder.spend import JsonLinesLedger, read_ledger
+    from herder.queue.sqlite import SqliteQueue, read_ledger
+    from herder.runtime import VirtualRuntime
+    from herder.testing.queue_conformance import QueueSettings
 
-    path = tmp_path / "spend.jsonl"
-    ledger = JsonLinesLedger(path)
-    ledger.record_container(ContainerCost(10.0, "a", "n", "t", 0.25, 0, (("project", "x"),)))
-    ledger.record_container(ContainerCost(11.0, "b", "n", "t", 0.5, 0))
-    ledger.close()
-    assert '"labels"' not in path.read_text().splitlines()[1]  # old lines' shape kept
+    settings = QueueSettings(runtime=VirtualRuntime())
+    path = str(tmp_path / "q.db")
+    queue = SqliteQueue(path, settings.rules)
+    queue.ledger.record_container(ContainerCost(10.0, "a", "n", "t", 0.25, 0, (("project", "x"),)))
+    queue.ledger.record_container(ContainerCost(11.0, "b", "n", "t", 0.5, 0))
+    queue.close()
     back = read_ledger(path).containers(0.0, 100.0)
     assert [c.labels for c in back] == [(("project", "x"),), ()]

@@ -57,7 +57,6 @@ def test_an_operator_hold_is_not_turned_into_a_lifetime_drain():
 def test_the_lifetime_counts_from_the_start_the_ledger_remembers_across_a_restart(tmp_path):
     config = sim_config(
         max_instance_lifetime="10m",
-        budget={"ledger_path": str(tmp_path / "spend.jsonl")},
         queue_path=str(tmp_path / "herder.db"),
     )
     eng = Engine(config)

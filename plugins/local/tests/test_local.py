@@ -16,6 +16,7 @@ from herder.agent.protocol import ListResult
 from herder.config import Config
 from herder.engine.sizing import ConfigSizer
 from herder.model import Container, ContainerSpec, ContainerState, InstanceType, RuntimeConstraints
+from herder.queue.rules import RuleSettings
 from herder.queue.sqlite import SqliteQueue
 from herder.runtime import VirtualRuntime
 from herder.testing.dispatcher_checks import check_config_names_bad_dispatcher_parameters
@@ -82,7 +83,7 @@ def make_backend(tmp_path: Path, rt: VirtualRuntime, **params: object) -> LocalB
 
 
 def make_queue(backend: LocalBackend, rt: VirtualRuntime) -> SqliteQueue:
-    return SqliteQueue(":memory:", runtime=rt, sizer=ConfigSizer(backend.instance_types()))
+    return SqliteQueue(":memory:", RuleSettings(rt, ConfigSizer(backend.instance_types())))
 
 
 def submit(q: SqliteQueue, vcpus: int = 1, ram: int = GiB, cmd: tuple[str, ...] = ("true",)) -> str:

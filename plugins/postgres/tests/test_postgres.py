@@ -44,9 +44,9 @@ def _open(params: dict[str, Any], settings: QueueSettings, **extra: Any) -> Post
     assert isinstance(parsed, PostgresParameters)
     return PostgresQueue(
         parsed.connector(),
+        context.rules(),
         schema=parsed.schema_name,
         reconnect_for=parsed.reconnect_for,
-        **context.queue_settings(),
         **extra,
     )
 
@@ -396,12 +396,14 @@ def test_a_schema_from_before_attempts_is_upgraded_in_place_to_keep_them(
     queue.close()
     from herder_queue_postgres.queue import MIGRATIONS
 
-    # As the version before attempts left it: every column added since taken out again.
+    # As the version before attempts left it: every column and table added since taken out.
     step = next(i for i, sql in enumerate(MIGRATIONS) if "COLUMN attempts" in " ".join(sql))
     with pg_cluster.connect() as db:
         for statements in MIGRATIONS[step:]:
             for column in re.findall(r"ADD COLUMN (\w+)", " ".join(statements)):
                 db.execute(f"ALTER TABLE {schema_name}.containers DROP COLUMN {column}")
+            for table in re.findall(r"CREATE TABLE (\w+)", " ".join(statements)):
+                db.execute(f"DROP TABLE {schema_name}.{table}")
         db.execute(f"UPDATE {schema_name}.schema_version SET version = {step}")
     queue = make_queue()
     assert queue.get(c.uuid) == c and c.attempt_history == ()

@@ -136,3 +136,37 @@ def test_standby_queues_are_shared_and_the_lock_excludes_an_exclusive_queue(
     finally:
         for q in queues:
             q.close()
+
+
+def test_the_standby_totals_the_spend_the_leader_booked(
+    backend_for: Callable[..., tuple[PostgresBackend, PostgresParameters, QueueContext]],
+    new_lock: Callable[[], PostgresDispatchLock],
+) -> None:
+    """Spend lives in the database: what the leader books, the standby (and `herder costs` on
+    any host) totals, so a takeover neither forgets the period's spend nor overruns a budget."""
+    from herder.spend import ContainerCost, SpendEntry
+
+    queues: list[ContainerQueue] = []
+    try:
+        for _ in range(2):
+            backend, params, context = backend_for(standby=True, lease=LEASE)
+            queues.append(backend.open(params, context))
+        leader, standby = queues
+        lock = new_lock()
+        assert lock.acquire(threading.Event(), lambda reason: None)
+        leader.ledger.record(SpendEntry(1000.0, 1.5, "i-1", "small", 900.0))
+        leader.ledger.record_container(ContainerCost(1010.0, "zzzzz-dz642-a", "n", "small", 0.2, 0))
+        assert standby.ledger.total(0.0, 2000.0) == 1.5
+        assert [c.uuid for c in standby.ledger.containers(0.0, 2000.0)] == ["zzzzz-dz642-a"]
+        # The leader goes; the standby takes over and books on top of the leader's spend.
+        leader.close()
+        lock.release()
+        standby.ledger.record(SpendEntry(1100.0, 0.5, "i-2", "small", 1050.0))
+        assert standby.ledger.total(0.0, 2000.0) == 2.0
+        # Read with no queue opened at all, as `herder costs` does on another host.
+        offline = backend.read_ledger(params, "")
+        assert offline.total(0.0, 2000.0) == 2.0
+        assert [e.instance_id for e in offline.entries(0.0, 2000.0)] == ["i-1", "i-2"]
+    finally:
+        for q in queues:
+            q.close()

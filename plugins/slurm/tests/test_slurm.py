@@ -16,6 +16,7 @@ from herder_dispatcher_slurm.backend import SlurmBackend, SlurmJob, job_script
 from herder.config import Config
 from herder.engine.sizing import ConfigSizer
 from herder.model import Container, ContainerSpec, ContainerState, RuntimeConstraints
+from herder.queue.rules import RuleSettings
 from herder.queue.sqlite import SqliteQueue
 from herder.runtime import VirtualRuntime
 from herder.testing.dispatcher_checks import check_config_names_bad_dispatcher_parameters
@@ -92,7 +93,7 @@ def setup(tmp_path: Path, rt: VirtualRuntime):
     backend = make_backend(tmp_path, rt, probe_interval="1s", partition="main")
     fake = FakeSlurm(tmp_path / "work")
     backend.slurm = fake  # type: ignore[assignment]
-    q = SqliteQueue(":memory:", runtime=rt, sizer=ConfigSizer(backend.instance_types()))
+    q = SqliteQueue(":memory:", RuleSettings(rt, ConfigSizer(backend.instance_types())))
     yield backend, fake, q
     backend.stop()
     q.close()
@@ -196,7 +197,7 @@ def test_max_jobs_limits_submissions(tmp_path: Path, rt: VirtualRuntime) -> None
     backend = make_backend(tmp_path, rt, max_jobs=1)
     fake = FakeSlurm(tmp_path / "work")
     backend.slurm = fake  # type: ignore[assignment]
-    q = SqliteQueue(":memory:", runtime=rt, sizer=ConfigSizer(backend.instance_types()))
+    q = SqliteQueue(":memory:", RuleSettings(rt, ConfigSizer(backend.instance_types())))
     submit(q)
     submit(q)
     backend.start(q)
@@ -219,7 +220,7 @@ def run_until(rt: VirtualRuntime, done, seconds: float = 60.0) -> None:
 
 def test_real_slurm_runs_containers_to_completion(slurm_cluster, tmp_path, rt) -> None:
     backend = make_backend(tmp_path, rt, probe_interval="0.5s")
-    q = SqliteQueue(":memory:", runtime=rt, sizer=ConfigSizer(backend.instance_types()))
+    q = SqliteQueue(":memory:", RuleSettings(rt, ConfigSizer(backend.instance_types())))
     ok = submit(q, ram=100 << 20, cmd=("sh", "-c", "echo hello from slurm"))
     bad = submit(q, ram=100 << 20, cmd=("sh", "-c", "exit 5"))
     try:
@@ -235,7 +236,7 @@ def test_real_slurm_runs_containers_to_completion(slurm_cluster, tmp_path, rt) -
 
 def test_real_slurm_cancel_cancels_the_job(slurm_cluster, tmp_path, rt) -> None:
     backend = make_backend(tmp_path, rt, probe_interval="0.5s")
-    q = SqliteQueue(":memory:", runtime=rt, sizer=ConfigSizer(backend.instance_types()))
+    q = SqliteQueue(":memory:", RuleSettings(rt, ConfigSizer(backend.instance_types())))
     uuid = submit(q, ram=100 << 20, cmd=("sleep", "600"))
     try:
         backend.start(q)

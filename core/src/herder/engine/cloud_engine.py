@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from herder.agent import PROGRAM
-from herder.config import Config
+from herder.config import Config, deprecations
 from herder.costs import CostReport, build_report, last_periods
 from herder.engine.interface import InstanceNotFound
 from herder.engine.metrics import ContainerMetrics, QuotaMetrics, SpendMetrics
@@ -46,11 +46,11 @@ from herder.spend import (
     BudgetState,
     ContainerCost,
     ContainerCostLog,
-    JsonLinesLedger,
-    MemoryLedger,
+    Ledger,
     SpendLedger,
     SpendTracker,
-    ledger_path_for,
+    import_jsonl,
+    legacy_ledger_path,
     period_bounds,
 )
 
@@ -237,9 +237,9 @@ class CloudEngine:
         default to unpredictable sources; a simulation passes seeded ones, so that the same
         seed gives the same run.
 
-        ``ledger`` keeps the instances' spend; by default a JSON-lines file next to the queue's
-        database (``cloud.budget.ledger_path`` to choose), or memory for a queue in memory.  A
-        queue backend that keeps spend itself would be passed here."""
+        ``ledger`` keeps the instances' spend; by default the queue's own
+        (:attr:`~herder.queue.base.ContainerQueue.ledger`), so that it lives where the
+        containers do and a standby that takes over knows the period's spend."""
         self.config = config
         self.runtime = runtime
         self.plugins = plugins or Plugins.load()
@@ -292,7 +292,7 @@ class CloudEngine:
         if executor_factory is None:
             executor_factory = self._configured_executor_factory()
 
-        self.ledger = ledger if ledger is not None else open_ledger(config)
+        self.ledger = ledger if ledger is not None else open_ledger(config, self.queue)
         self.spend = SpendTracker(self.ledger, self.instance_types, runtime.now())
         self.reporter = QueueReporter(
             self.queue,
@@ -370,6 +370,8 @@ class CloudEngine:
             if self._started:
                 return
             self._started = True
+        # What the ledger holds now: a standby's leader booked spend while it waited.
+        self.spend.reload(self.runtime.now())
         self.pool.start()
         self.scheduler.start()
 
@@ -387,9 +389,6 @@ class CloudEngine:
         self.pool.stop()
         self.instance_set.stop()
         self.queue.close()
-        close = getattr(self.ledger, "close", None)
-        if close is not None:
-            close()
         if self.dispatch_lock is not None:
             self.dispatch_lock.release()
 
@@ -479,12 +478,16 @@ class CloudEngine:
         )
 
 
-def open_ledger(config: Config) -> SpendLedger:
-    """The spend ledger the configuration asks for (see :func:`herder.spend.ledger_path_for`)."""
-    path = ledger_path_for(config.cloud.budget.ledger_path, config.queue.path)
-    if path is None:
-        return MemoryLedger()
-    return JsonLinesLedger(path)
+def open_ledger(config: Config, queue: ContainerQueue) -> Ledger:
+    """The queue's spend ledger, with an old ledger file's entries imported into it once (see
+    :func:`herder.spend.import_jsonl`): the file herder kept before the queue held spend."""
+    ledger = queue.ledger
+    for warning in deprecations(config):
+        log.warning("%s", warning)
+    path = legacy_ledger_path(config.cloud.budget.ledger_path, config.queue.path)
+    if path is not None:
+        import_jsonl(path, ledger)
+    return ledger
 
 
 def public_key_from_private(path: str) -> str:

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from herder import defaults
-from herder.queue.base import ContainerQueue, Sizer
+from herder.queue.base import ContainerQueue, QueueError, Sizer
+from herder.queue.rules import RuleSettings
 from herder.runtime import Runtime
 
 if TYPE_CHECKING:
     from herder.config import Config
     from herder.plugin.registry import Plugins
+    from herder.spend import Ledger
 
 __all__ = [
     "DispatchLock",
@@ -52,8 +54,8 @@ class QueueParameters(BaseModel):
 
 @dataclass
 class QueueContext:
-    """Everything herder hands a backend to build its queue with: the settings of
-    :class:`~herder.queue.rules.RuledQueue`, plus ``path`` (``queue.path``, the SQLite file)."""
+    """Everything herder hands a backend to build its queue with: the settings of the queue
+    rules (:meth:`rules`), plus ``path`` (``queue.path``, the SQLite file)."""
 
     runtime: Runtime
     sizer: Sizer
@@ -63,16 +65,16 @@ class QueueContext:
     path: str = defaults.QUEUE_FILE
     random_bytes: Callable[[int], bytes] = field(default=secrets.token_bytes)
 
-    def queue_settings(self) -> dict[str, Any]:
-        """The keyword arguments every :class:`~herder.queue.rules.RuledQueue` takes."""
-        return {
-            "runtime": self.runtime,
-            "sizer": self.sizer,
-            "cluster_id": self.cluster_id,
-            "max_dispatch_attempts": self.max_dispatch_attempts,
-            "always_use_preemptible": self.always_use_preemptible,
-            "random_bytes": self.random_bytes,
-        }
+    def rules(self) -> RuleSettings:
+        """The settings of the queue rules, as every backend's queue takes them."""
+        return RuleSettings(
+            runtime=self.runtime,
+            sizer=self.sizer,
+            cluster_id=self.cluster_id,
+            max_dispatch_attempts=self.max_dispatch_attempts,
+            always_use_preemptible=self.always_use_preemptible,
+            random_bytes=self.random_bytes,
+        )
 
 
 class DispatchLock(ABC):
@@ -118,6 +120,15 @@ class QueueBackend(ABC):
         the queue itself refuses a second dispatcher (or cannot be shared at all)."""
         return None
 
+    def read_ledger(self, params: QueueParameters, path: str) -> Ledger:
+        """The queue's spend ledger, read without opening the queue for dispatching (``herder
+        costs`` when no server answers); ``path`` is ``queue.path``.  Raises
+        :class:`~herder.queue.base.QueueError` saying what to do when this backend cannot."""
+        raise QueueError(
+            "this queue backend's spend is read through the server: start herder serve, or "
+            "ask one that runs (--server)"
+        )
+
 
 class SqliteBackend(QueueBackend):
     """The embedded queue: one SQLite file at ``queue.path``; no parameters of its own."""
@@ -125,10 +136,15 @@ class SqliteBackend(QueueBackend):
     def open(self, params: QueueParameters, context: QueueContext) -> ContainerQueue:
         from herder.queue.sqlite import SqliteQueue
 
-        return SqliteQueue(context.path, **context.queue_settings())
+        return SqliteQueue(context.path, context.rules())
 
     def describe(self, params: QueueParameters, context: QueueContext) -> str:
         return f"sqlite {context.path}"
+
+    def read_ledger(self, params: QueueParameters, path: str) -> Ledger:
+        from herder.queue.sqlite import read_ledger
+
+        return read_ledger(path)
 
 
 @dataclass

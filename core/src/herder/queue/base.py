@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from herder.model import Container, ContainerSpec, ContainerState, InstanceResources, InstanceType
+from herder.spend import Ledger, MemoryLedger
 
 
 class QueueError(Exception):
@@ -221,6 +222,24 @@ class ContainerQueue(ABC):
         queue's locks; must return quickly.  Queues that cannot report changes never call it.
         """
         return lambda: None
+
+    # ---- spend
+
+    @property
+    def ledger(self) -> Ledger:
+        """The spend ledger kept with the queue (:class:`herder.spend.Ledger`): what the
+        instances cost and what finished containers cost, for budgets and cost reports.
+
+        A backend keeps it in the queue's own storage, so that it survives a restart and
+        herders sharing the queue share it (the conformance suite checks both).  This default
+        keeps it in memory for as long as the queue object lives, for a backend that has no
+        table for it yet: budgets then count only this process's spend.
+        """
+        found = self.__dict__.get("_default_ledger")
+        if found is None:
+            found = self.__dict__["_default_ledger"] = MemoryLedger()
+        ledger: Ledger = found
+        return ledger
 
     def update(self) -> None:
         """Refresh from an external store.  The embedded queue is always current."""

@@ -6,15 +6,13 @@ built on it), and as the smallest example of a backend: everything here is stori
 
 from __future__ import annotations
 
-import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from herder import defaults
 from herder.model import Container, ContainerState
-from herder.queue.base import ContainerNotFound, ListFilter, Sizer
-from herder.queue.rules import UNFINISHED, RuledQueue, Unreadable, cancelled
-from herder.runtime import Runtime
+from herder.queue.base import ContainerNotFound, ListFilter
+from herder.queue.rules import UNFINISHED, RuledQueue, RuleSettings, Unreadable, cancelled
+from herder.spend import Ledger, MemoryLedger
 
 __all__ = ["MemoryQueue"]
 
@@ -22,27 +20,17 @@ __all__ = ["MemoryQueue"]
 class MemoryQueue(RuledQueue):
     """The queue rules over a dict; everything is lost when the object goes."""
 
-    def __init__(
-        self,
-        *,
-        runtime: Runtime,
-        sizer: Sizer,
-        cluster_id: str = defaults.CLUSTER_ID,
-        max_dispatch_attempts: int = defaults.MAX_DISPATCH_ATTEMPTS,
-        always_use_preemptible: bool = False,
-        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
-    ) -> None:
-        super().__init__(
-            runtime=runtime,
-            sizer=sizer,
-            cluster_id=cluster_id,
-            max_dispatch_attempts=max_dispatch_attempts,
-            always_use_preemptible=always_use_preemptible,
-            random_bytes=random_bytes,
-        )
+    def __init__(self, rules: RuleSettings) -> None:
+        super().__init__(rules)
         self._records: dict[str, Container] = {}
         self._logs: dict[str, bytearray] = {}
+        self._ledger = MemoryLedger()
         self._open()
+
+    @property
+    def ledger(self) -> Ledger:
+        """Spend in memory, like the records: gone with the object."""
+        return self._ledger
 
     def _store_new(self, containers: Sequence[Container]) -> None:
         for c in containers:

@@ -26,7 +26,7 @@ import secrets
 import threading
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from herder import defaults
@@ -394,6 +394,24 @@ class Sizing(NamedTuple):
 Unreadable = tuple[str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class RuleSettings:
+    """What the queue rules are configured with, built once (from the configuration, by
+    :meth:`herder.queue.backend.QueueContext.rules`) and handed to every backend's
+    constructor as one value, so that a new setting is added here alone.
+
+    ``random_bytes`` draws the random part of new UUIDs; simulations pass a seeded generator
+    so that a run is reproducible.
+    """
+
+    runtime: Runtime
+    sizer: Sizer
+    cluster_id: str = defaults.CLUSTER_ID
+    max_dispatch_attempts: int = defaults.MAX_DISPATCH_ATTEMPTS
+    always_use_preemptible: bool = False
+    random_bytes: Callable[[int], bytes] = field(default=secrets.token_bytes)
+
+
 class RuledQueue(ContainerQueue):
     """A :class:`ContainerQueue` that applies the rules above over a backend's storage.
 
@@ -406,28 +424,19 @@ class RuledQueue(ContainerQueue):
     A subclass calls :meth:`_open` at the end of its ``__init__``, once its storage is ready.
     """
 
-    def __init__(
-        self,
-        *,
-        runtime: Runtime,
-        sizer: Sizer,
-        cluster_id: str = defaults.CLUSTER_ID,
-        max_dispatch_attempts: int = defaults.MAX_DISPATCH_ATTEMPTS,
-        always_use_preemptible: bool = False,
-        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
-    ) -> None:
-        """``random_bytes`` draws the random part of new UUIDs; simulations pass a seeded
-        generator so that a run is reproducible."""
-        if not CLUSTER_ID_RE.fullmatch(cluster_id):
-            raise ValueError(f"invalid cluster_id {cluster_id!r}: need 5 lowercase alphanumerics")
-        if max_dispatch_attempts < 1:
+    def __init__(self, rules: RuleSettings) -> None:
+        if not CLUSTER_ID_RE.fullmatch(rules.cluster_id):
+            raise ValueError(
+                f"invalid cluster_id {rules.cluster_id!r}: need 5 lowercase alphanumerics"
+            )
+        if rules.max_dispatch_attempts < 1:
             raise ValueError("max_dispatch_attempts must be at least 1")
-        self._random_bytes = random_bytes
-        self._runtime = runtime
-        self._sizer = sizer
-        self._cluster_id = cluster_id
-        self._max_attempts = max_dispatch_attempts
-        self._always_preemptible = always_use_preemptible
+        self._random_bytes = rules.random_bytes
+        self._runtime = rules.runtime
+        self._sizer = rules.sizer
+        self._cluster_id = rules.cluster_id
+        self._max_attempts = rules.max_dispatch_attempts
+        self._always_preemptible = rules.always_use_preemptible
         self._lock = threading.Lock()
         self._entries: dict[str, QueueEntry] = {}
         #: uuid → the containers in the snapshot that wait for it (``after``), so that a

@@ -23,9 +23,8 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from herder import defaults
 from herder.model import Container, ContainerState
-from herder.queue.base import ListFilter, QueueError, Sizer
+from herder.queue.base import ListFilter, QueueError
 from herder.queue.records import (
     COLUMN_COUNT,
     COLUMNS,
@@ -44,13 +43,15 @@ from herder.queue.rules import (
     UNFINISHED,
     InvalidRequest,
     RuledQueue,
+    RuleSettings,
     Unreadable,
 )
-from herder.runtime import Runtime
+from herder.queue.sql_ledger import Execute, SqlLedger
+from herder.spend import Ledger, MemoryLedger
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InvalidRequest", "SqliteQueue"]
+__all__ = ["InvalidRequest", "SqliteQueue", "read_ledger"]
 
 
 @contextlib.contextmanager
@@ -114,6 +115,30 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # Step 4: container labels (free-form key=value at submit, for cost reports).  Rows
     # written before it get none.
     ("ALTER TABLE containers ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",),
+    # Step 5: the spend ledger (herder.queue.sql_ledger), kept with the queue instead of in a
+    # file beside it.
+    (
+        """CREATE TABLE spend (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            amount REAL NOT NULL,
+            instance_id TEXT NOT NULL,
+            instance_type TEXT NOT NULL,
+            started_at REAL NOT NULL
+        )""",
+        "CREATE INDEX spend_at ON spend (at)",
+        """CREATE TABLE container_costs (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            uuid TEXT NOT NULL,
+            name TEXT NOT NULL,
+            instance_type TEXT NOT NULL,
+            cost REAL NOT NULL,
+            exit_code INTEGER NOT NULL,
+            labels TEXT NOT NULL DEFAULT '{}'
+        )""",
+        "CREATE INDEX container_costs_at ON container_costs (at)",
+    ),
 )
 
 # Built from constants only, never from input.
@@ -348,6 +373,32 @@ def backup_file(path: str, destination: str) -> int:
     return os.path.getsize(destination)
 
 
+def read_ledger(path: str) -> Ledger:
+    """The spend ledger of a queue file, read only (``herder costs`` while serve runs or not):
+    nothing is created or written.  A file from before the ledger (schema 4) has none."""
+    if not os.path.exists(path):
+        raise QueueError(f"queue file {path}: no such file")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError as exc:
+        raise QueueError(_damaged(path, str(exc))) from exc
+    if "spend" not in tables:
+        db.close()
+        return MemoryLedger()
+
+    def read(work: Callable[[Execute], Any]) -> Any:
+        try:
+            return work(db.execute)
+        except sqlite3.DatabaseError as exc:
+            raise QueueError(_damaged(path, str(exc))) from exc
+
+    def refuse(work: Callable[[Execute], Any]) -> Any:
+        raise QueueError(f"queue file {path} is open read only")
+
+    return SqlLedger(refuse, read)
+
+
 def _check_identity(db: sqlite3.Connection, path: str, fresh: bool) -> None:
     """Refuse a queue file that is not the one herder used at this path.
 
@@ -395,27 +446,8 @@ class SqliteQueue(RuledQueue):
     """The embedded :class:`~herder.queue.base.ContainerQueue`: durable in one SQLite file (or
     ``":memory:"``)."""
 
-    def __init__(
-        self,
-        path: str,
-        *,
-        runtime: Runtime,
-        sizer: Sizer,
-        cluster_id: str = defaults.CLUSTER_ID,
-        max_dispatch_attempts: int = defaults.MAX_DISPATCH_ATTEMPTS,
-        always_use_preemptible: bool = False,
-        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
-    ) -> None:
-        """``random_bytes`` draws the random part of new UUIDs; simulations pass a seeded
-        generator so that a run is reproducible."""
-        super().__init__(
-            runtime=runtime,
-            sizer=sizer,
-            cluster_id=cluster_id,
-            max_dispatch_attempts=max_dispatch_attempts,
-            always_use_preemptible=always_use_preemptible,
-            random_bytes=random_bytes,
-        )
+    def __init__(self, path: str, rules: RuleSettings) -> None:
+        super().__init__(rules)
         self._path = path
         on_disk = path != ":memory:" and not path.startswith("file:")
         #: Commits counted in the file and in its commit mark (None: not counted, in memory).
@@ -448,6 +480,25 @@ class SqliteQueue(RuledQueue):
             self._db.close()
             self._release_ownership()
             raise
+        self._ledger = SqlLedger(
+            self._ledger_write, self._ledger_read, retry_on=(sqlite3.OperationalError,)
+        )
+
+    # ---- the spend ledger
+
+    @property
+    def ledger(self) -> Ledger:
+        """Spend in the ``spend`` and ``container_costs`` tables of the queue file; a write
+        the disk refuses is kept and written with the next (:mod:`herder.queue.sql_ledger`)."""
+        return self._ledger
+
+    def _ledger_write(self, work: Callable[[Execute], Any]) -> Any:
+        with self._lock, self._transaction() as db:
+            return work(db.execute)
+
+    def _ledger_read(self, work: Callable[[Execute], Any]) -> Any:
+        with self._lock:
+            return work(self._db.execute)
 
     # ---- opening
 
@@ -585,6 +636,16 @@ class SqliteQueue(RuledQueue):
         first = rows[0][0]
         data = b"".join(chunk for _, chunk in rows)
         return data[offset - first : None if end is None else end - first]
+
+    def close(self) -> None:
+        """Write the spend entries a full disk held back, if it takes them now; then close."""
+        ledger = getattr(self, "_ledger", None)
+        if ledger is not None and not self._closed:
+            try:
+                ledger.flush()
+            except sqlite3.Error as exc:  # the file is closed all the same
+                log.error("spend ledger: entries not written at close: %s", exc)
+        super().close()
 
     def _close_storage(self) -> None:
         self._db.close()

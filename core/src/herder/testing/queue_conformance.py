@@ -16,16 +16,15 @@ collected) and provides a ``queue_factory`` fixture::
         @pytest.fixture
         def queue_factory(self, tmp_path):
             def make(settings: QueueSettings) -> ContainerQueue:
-                return MyQueue(tmp_path / "q", runtime=settings.runtime, sizer=settings.sizer,
-                               cluster_id=settings.cluster_id,
-                               max_dispatch_attempts=settings.max_dispatch_attempts,
-                               always_use_preemptible=settings.always_use_preemptible)
+                return MyQueue(tmp_path / "q", settings.rules)
             return make
 
 Each call of the factory within one test must open the *same* storage (a second call after
 the first queue is closed is how the suite checks durability); each test must start empty.
 A backend that keeps nothing across a reopen sets ``durable = False`` on its subclass, and the
-durability tests are skipped.  Every check needs only the queue's public interface, a virtual
+durability tests are skipped.  The spend ledger the queue keeps (``queue.ledger``) is held to
+the same: record, total and list over half-open ranges, container costs, compaction, and
+(when durable) a reopen.  Every check needs only the queue's public interface, a virtual
 clock, and no sleeps.
 """
 
@@ -55,7 +54,17 @@ from herder.queue.base import (
     ListFilter,
     Sizer,
 )
+from herder.queue.rules import RuleSettings
 from herder.runtime import VirtualRuntime
+from herder.spend import (
+    FOLDED,
+    KEEP_MONTHS,
+    ContainerCost,
+    Ledger,
+    SpendEntry,
+    compaction_cutoff,
+    period_bounds,
+)
 
 __all__ = ["QueueConformance", "QueueFactory", "QueueSettings", "conformance_types"]
 
@@ -91,6 +100,17 @@ class QueueSettings:
     @property
     def sizer(self) -> Sizer:
         return ConfigSizer(self.instance_types)
+
+    @property
+    def rules(self) -> RuleSettings:
+        """The settings as a backend's queue takes them."""
+        return RuleSettings(
+            runtime=self.runtime,
+            sizer=self.sizer,
+            cluster_id=self.cluster_id,
+            max_dispatch_attempts=self.max_dispatch_attempts,
+            always_use_preemptible=self.always_use_preemptible,
+        )
 
 
 QueueFactory = Callable[[QueueSettings], ContainerQueue]
@@ -755,3 +775,80 @@ class QueueConformance:
         assert _get(queue, big.uuid).state is X
         assert _get(queue, running.uuid).state is R
         assert queue.entries()[0][running.uuid].instance_types == []
+
+    # ---- the spend ledger
+
+    #: 2026-03-15 12:00 UTC: a moment in the middle of a month, for the ledger checks.
+    _MID_MARCH = 1_773_576_000.0
+
+    def test_the_ledger_records_totals_and_lists_half_open_ranges(
+        self, queue: ContainerQueue
+    ) -> None:
+        ledger = queue.ledger
+        assert isinstance(ledger, Ledger)
+        assert ledger.entries(0.0, 1e12) == [] and ledger.total(0.0, 1e12) == 0.0
+        later = SpendEntry(200.0, 2.0, "i-2", "large", 150.0)
+        earlier = SpendEntry(100.0, 1.0, "i-1", "small", 50.0)
+        ledger.record(later)
+        ledger.record(earlier)  # out of order: listed by time all the same
+        ledger.record_many([SpendEntry(300.0, 0.5, "i-1", "small", 50.0)], [])
+        assert ledger.entries(0.0, 1000.0) == [
+            earlier,
+            later,
+            SpendEntry(300.0, 0.5, "i-1", "small", 50.0),
+        ]
+        assert ledger.total(100.0, 200.0) == 1.0  # start inclusive, end exclusive
+        assert ledger.total(100.0, 200.000001) == 3.0
+        assert ledger.entries(300.0, 300.0) == []
+        assert ledger.total(-float("inf"), float("inf")) == 3.5
+
+    def test_the_ledger_lists_container_costs_with_their_labels(
+        self, queue: ContainerQueue
+    ) -> None:
+        ledger = queue.ledger
+        a = ContainerCost(10.0, "zzzzz-dz642-a", "align", "small", 0.25, 0, (("project", "x"),))
+        b = ContainerCost(11.0, "zzzzz-dz642-b", "", "large", 0.5, 1)
+        ledger.record_container(b)
+        ledger.record_container(a)
+        ledger.record_many([], [ContainerCost(12.0, "zzzzz-dz642-c", "n", "small", 1.0, 0)])
+        assert ledger.containers(0.0, 100.0)[:2] == [a, b]
+        assert [c.uuid for c in ledger.containers(11.0, 12.0)] == ["zzzzz-dz642-b"]
+        assert ledger.containers(12.0, 12.0) == []
+
+    def test_the_ledger_survives_a_reopen(self, opened: _Opened, queue: ContainerQueue) -> None:
+        entry = SpendEntry(100.0, 1.25, "i-1", "small", 50.0)
+        cost = ContainerCost(120.0, "zzzzz-dz642-a", "n", "small", 0.5, 0, (("k", "v"),))
+        queue.ledger.record(entry)
+        queue.ledger.record_container(cost)
+        queue = self._reopen(opened, queue)
+        assert queue.ledger.entries(0.0, 1000.0) == [entry]
+        assert queue.ledger.containers(0.0, 1000.0) == [cost]
+
+    def test_compaction_folds_old_spend_per_month_and_type_and_drops_old_costs(
+        self, queue: ContainerQueue
+    ) -> None:
+        ledger = queue.ledger
+        now = self._MID_MARCH
+        cutoff = compaction_cutoff(now)
+        month, month_end = period_bounds(cutoff - 1, "month")  # the newest month folded
+        assert period_bounds(cutoff, "month")[0] == cutoff  # whole months are kept
+        assert cutoff < now - KEEP_MONTHS * 28 * 86400
+        old = [
+            SpendEntry(month + 10, 1.0, "i-1", "small", month),
+            SpendEntry(month + 20, 2.0, "i-2", "small", month),
+            SpendEntry(month + 30, 4.0, "i-3", "large", month),
+        ]
+        kept = SpendEntry(cutoff + 5, 8.0, "i-4", "small", cutoff)
+        old_cost = ContainerCost(month + 40, "zzzzz-dz642-a", "n", "small", 0.5, 0)
+        new_cost = ContainerCost(cutoff + 40, "zzzzz-dz642-b", "n", "small", 0.5, 0)
+        ledger.record_many([*old, kept], [old_cost, new_cost])
+        assert ledger.compact(now) == 2  # three entries became two, one cost dropped
+        assert sorted(ledger.entries(0.0, cutoff), key=lambda e: e.instance_type) == [
+            SpendEntry(month, 4.0, FOLDED, "large", month),
+            SpendEntry(month, 3.0, FOLDED, "small", month),
+        ]
+        assert ledger.total(month, month_end) == 7.0  # the month still totals right
+        assert ledger.entries(cutoff, float("inf")) == [kept]
+        assert ledger.containers(0.0, float("inf")) == [new_cost]
+        assert ledger.compact(now) == 0  # nothing new to fold: nothing changes
+        assert ledger.total(0.0, float("inf")) == 15.0

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from herder.queue.base import ContainerQueue
+    from herder.spend import Ledger
 
 __all__ = ["PostgresBackend", "PostgresParameters"]
 
@@ -120,10 +121,10 @@ class PostgresBackend(QueueBackend):
         assert isinstance(params, PostgresParameters)
         return PostgresQueue(
             params.connector(),
+            context.rules(),
             schema=params.schema_name,
             reconnect_for=params.reconnect_for,
             exclusive=not params.standby,
-            **context.queue_settings(),
         )
 
     def dispatch_lock(self, params: QueueParameters, context: QueueContext) -> DispatchLock | None:
@@ -148,3 +149,11 @@ class PostgresBackend(QueueBackend):
     def describe(self, params: QueueParameters, context: QueueContext) -> str:
         assert isinstance(params, PostgresParameters)
         return params.describe()
+
+    def read_ledger(self, params: QueueParameters, path: str) -> Ledger:
+        """The schema's spend ledger on a connection of its own that takes no lock, so that
+        ``herder costs`` reads it on any host, whether a herder dispatches or not."""
+        from herder_queue_postgres.queue import read_ledger
+
+        assert isinstance(params, PostgresParameters)
+        return read_ledger(params.connector(application_name="herder-costs"), params.schema_name)

@@ -40,7 +40,6 @@ from herder.queue.base import (
     ListFilter,
     QueueError,
     QueueUnavailable,
-    Sizer,
 )
 from herder.queue.records import (
     COLUMN_COUNT,
@@ -52,8 +51,9 @@ from herder.queue.records import (
     update_row,
     upgrade_schema,
 )
-from herder.queue.rules import CANCELLED, UNFINISHED, RuledQueue, Unreadable
-from herder.runtime import Runtime
+from herder.queue.rules import CANCELLED, UNFINISHED, RuledQueue, RuleSettings, Unreadable
+from herder.queue.sql_ledger import Execute, SqlLedger
+from herder.spend import Ledger
 from herder_queue_postgres.leader import lock_key
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,29 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # Step 4: container labels (free-form key=value at submit, for cost reports).  Rows
     # written before it get none.
     ("ALTER TABLE containers ADD COLUMN labels text NOT NULL DEFAULT '{}'",),
+    # Step 5: the spend ledger (herder.queue.sql_ledger), shared by every herder on the queue.
+    (
+        """CREATE TABLE spend (
+            id bigserial PRIMARY KEY,
+            at double precision NOT NULL,
+            amount double precision NOT NULL,
+            instance_id text NOT NULL,
+            instance_type text NOT NULL,
+            started_at double precision NOT NULL
+        )""",
+        "CREATE INDEX spend_at ON spend (at)",
+        """CREATE TABLE container_costs (
+            id bigserial PRIMARY KEY,
+            at double precision NOT NULL,
+            uuid text NOT NULL,
+            name text NOT NULL,
+            instance_type text NOT NULL,
+            cost double precision NOT NULL,
+            exit_code integer NOT NULL,
+            labels text NOT NULL DEFAULT '{}'
+        )""",
+        "CREATE INDEX container_costs_at ON container_costs (at)",
+    ),
 )
 
 # Built from constants only, never from input.
@@ -148,28 +171,16 @@ class PostgresQueue(RuledQueue):
     def __init__(
         self,
         connect: Callable[[], psycopg.Connection[Any]],
+        rules: RuleSettings,
         *,
         schema: str,
-        runtime: Runtime,
-        sizer: Sizer,
-        cluster_id: str = "zzzzz",
-        max_dispatch_attempts: int = 10,
-        always_use_preemptible: bool = False,
-        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
         reconnect_for: float = 30.0,
         exclusive: bool = True,
     ) -> None:
         """``exclusive``: hold the dispatch lock (refuse to open while another queue holds
         it).  Only a process that never dispatches (a standby serving the API) opens the queue
         without it."""
-        super().__init__(
-            runtime=runtime,
-            sizer=sizer,
-            cluster_id=cluster_id,
-            max_dispatch_attempts=max_dispatch_attempts,
-            always_use_preemptible=always_use_preemptible,
-            random_bytes=random_bytes,
-        )
+        super().__init__(rules)
         self._connect_raw = connect
         self._schema = schema
         self._channel = f"herder_queue_{schema}"
@@ -199,10 +210,34 @@ class PostgresQueue(RuledQueue):
         except BaseException:
             self._close_db()
             raise
+        self._ledger = SqlLedger(
+            self._ledger_write, self._ledger_read, param="%s", retry_on=(QueueUnavailable,)
+        )
         self._listener = threading.Thread(
             target=self._listen, name="herder-postgres-listener", daemon=True
         )
         self._listener.start()
+
+    # ---- the spend ledger
+
+    @property
+    def ledger(self) -> Ledger:
+        """Spend in the schema's ``spend`` and ``container_costs`` tables: the leader books
+        it, and a standby that takes over (or ``herder costs`` anywhere) reads the same.
+
+        A write whose connection dropped is kept and written with the next one; one that
+        dropped while committing may then be booked twice, which overstates spend (the
+        budget's safe side) rather than forgetting it.
+        """
+        return self._ledger
+
+    def _ledger_write(self, work: Callable[[Execute], Any]) -> Any:
+        with self._lock:
+            return self._write(lambda db: work(db.execute), None)
+
+    def _ledger_read(self, work: Callable[[Execute], Any]) -> Any:
+        with self._lock:
+            return self._read(lambda db: work(db.execute))
 
     # ---- connections
 
@@ -516,3 +551,31 @@ def _reason(exc: BaseException) -> str:
     password (it is never in the DSN), but they may be long: the first line is enough."""
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def read_ledger(connect: Callable[[], psycopg.Connection[Any]], schema: str) -> Ledger:
+    """The spend ledger of ``schema`` on a new connection of its own, read only and holding
+    no lock (``herder costs`` on any host); a schema from before the ledger has none.  The
+    connection lives as long as the ledger object (a command's run)."""
+    from herder.spend import MemoryLedger
+
+    try:
+        conn = connect()
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        found = conn.execute("SELECT to_regclass('spend')").fetchone()
+    except psycopg.Error as exc:
+        raise QueueUnavailable(f"queue database: {_reason(exc)}") from exc
+    if not found or found[0] is None:
+        conn.close()
+        return MemoryLedger()
+
+    def read(work: Callable[[Execute], Any]) -> Any:
+        try:
+            return work(conn.execute)
+        except psycopg.Error as exc:
+            raise QueueUnavailable(f"queue database: {_reason(exc)}") from exc
+
+    def refuse(work: Callable[[Execute], Any]) -> Any:
+        raise QueueError(f"queue schema {schema!r}: its spend is open read only here")
+
+    return SqlLedger(refuse, read, param="%s")

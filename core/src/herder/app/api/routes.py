@@ -509,11 +509,9 @@ class ManagementAPI:
         state = self.dispatcher.budget_state()
         if state is None:
             raise APIError(404, "this dispatcher keeps no spend budget: it runs no instances")
-        data = state.to_json()
-        data["period_start"] = schema.rfc3339(state.period_start)
-        data["period_end"] = schema.rfc3339(state.period_end)
-        data["message"] = state.message() if state.soft_reached else ""
-        return schema.BudgetOut.model_validate(data)
+        from herder.costs import budget_document
+
+        return schema.BudgetOut.model_validate(budget_document(state))
 
     def costs(self, period: str, last: int) -> schema.CostReportOut:
         from herder.costs import report_document

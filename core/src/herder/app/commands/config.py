@@ -53,6 +53,10 @@ def run_check(args: argparse.Namespace, ctx: Context) -> int:
 
     problems = check_config(path, ctx.plugins)
     if not problems:
+        from herder.config import deprecations, load_config
+
+        for warning in deprecations(load_config(path, ctx.plugins)):
+            ctx.error(f"{path}: warning: {warning}")
         ctx.print(f"{path}: OK")
         return 0
     for problem in problems:

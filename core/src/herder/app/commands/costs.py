@@ -1,14 +1,14 @@
 """``herder costs`` and ``herder quotas``: what the instances cost, and the cloud's quotas.
 
-``herder costs`` asks the server (``GET /api/v1/costs``) when one is reachable: it knows the
-spend of instances running now, which the ledger file gets only every few minutes.  When no
-server answers (or ``--ledger``, ``--data-dir`` or ``--until`` is given) it reads the spend
-ledger file that ``herder serve`` keeps (``cloud.budget.ledger_path``, else
-``herder-spend.jsonl`` next to the queue), so it works whether or not serve runs, and changes
-nothing.  Both give the same document (the API's), so ``--json`` has one shape.
+``herder costs`` and ``herder budget`` ask the server (``GET /api/v1/costs``, ``/budget``) when
+one is reachable: it knows the spend of instances running now, which the ledger gets only every
+few minutes.  When no server answers (or ``--queue-file``, ``--data-dir`` or ``--until`` is
+given) they read the spend ledger the queue keeps (:attr:`ContainerQueue.ledger`), read only
+through the queue backend (the SQLite file as ``herder queue check`` reads it), so they work
+whether or not serve runs, and change nothing.  Both ways give the same document (the API's),
+so ``--json`` has one shape.
 
-``herder quotas`` shows the quotas the driver last read and ``herder budget`` the budget's
-period, only from the server.
+``herder quotas`` shows the quotas the driver last read, only from the server.
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from herder.app.client import ClientError
 from herder.app.commands import CommandError, Context, print_json, render_table
 from herder.app.commands.containers import add_client_options, client_errors, open_client
+
+if TYPE_CHECKING:
+    from herder.config import Config
+    from herder.spend import Ledger
 
 
 def register(subparsers: Any) -> None:
@@ -28,8 +32,8 @@ def register(subparsers: Any) -> None:
         "costs",
         description="Spend of the instances by period (UTC) and by instance type, with billing "
         "increments, and the cost of the containers that finished, also by container label: "
-        "asked of the server when one is reachable, else read from the spend ledger herder "
-        "serve keeps in its data directory.",
+        "asked of the server when one is reachable, else read from the spend ledger the "
+        "queue keeps.",
     )
     p.add_argument(
         "--period",
@@ -50,7 +54,11 @@ def register(subparsers: Any) -> None:
         help="end the report at this UTC date or time (2026-12-07, "
         "2026-12-07T12:00) instead of now",
     )
-    p.add_argument("--ledger", metavar="FILE", help="the ledger file (default: as serve uses)")
+    p.add_argument(
+        "--queue-file",
+        metavar="FILE",
+        help="the SQLite queue file whose spend to read (default: as serve uses)",
+    )
     p.add_argument("--data-dir", metavar="DIR", help="the data directory serve uses")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     add_client_options(p)
@@ -67,28 +75,43 @@ def register(subparsers: Any) -> None:
     b = subparsers.add_parser(
         "budget",
         description="The spend of the current budget period (cloud.budget) against its soft "
-        "and hard limits, and what waiting containers are told once one is reached.",
+        "and hard limits, and what waiting containers are told once one is reached: asked of "
+        "the server when one is reachable, else read from the spend ledger the queue keeps "
+        "(without the spend of running instances not booked yet).",
     )
     b.add_argument("--json", action="store_true", help="print JSON for scripts")
+    b.add_argument("--data-dir", metavar="DIR", help="the data directory serve uses")
+    b.add_argument("--queue-file", metavar="FILE", help=argparse.SUPPRESS)
     add_client_options(b)
     b.set_defaults(handler=run_budget)
 
 
-def _ledger_path(args: argparse.Namespace, ctx: Context) -> Path:
-    if args.ledger:
-        return Path(args.ledger)
+def _offline(args: argparse.Namespace, ctx: Context) -> tuple[Config, Ledger, str]:
+    """The configuration serve would use, the queue's spend ledger read only, and where it is."""
     from herder.app.client import default_data_dir
     from herder.app.embedded import prepare_serve
-    from herder.spend import ledger_path_for
+    from herder.queue.base import QueueError
+    from herder.queue.sqlite import read_ledger
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     config = prepare_serve(ctx.config, data_dir, create=False).config
-    path = ledger_path_for(config.cloud.budget.ledger_path, config.queue.path)
-    if path is None:
-        raise CommandError(
-            "the queue is in memory, so no spend ledger is kept; see cloud.budget.ledger_path"
-        )
-    return Path(path)
+    if args.queue_file or config.queue.backend == "sqlite":
+        path = args.queue_file or config.queue.path
+        if path == ":memory:" or not Path(path).exists():
+            raise CommandError(
+                f"no spend recorded yet: {path} does not exist (herder serve creates it)"
+            )
+        try:
+            return config, read_ledger(path), path
+        except QueueError as exc:
+            raise CommandError(str(exc)) from exc
+    try:
+        backend = ctx.plugins.queue_class(config.queue.backend)()
+        params = backend.validate_parameters(config.queue.backend_parameters)
+        ledger = backend.read_ledger(params, config.queue.path)
+        return config, ledger, f"the {config.queue.backend} queue"
+    except (QueueError, ValueError) as exc:
+        raise CommandError(f"queue.backend {config.queue.backend!r}: {exc}") from exc
 
 
 def _until(text: str | None) -> float:
@@ -115,16 +138,10 @@ def _from_server(args: argparse.Namespace, ctx: Context) -> dict[str, Any] | Non
     return document
 
 
-def _from_ledger(args: argparse.Namespace, ctx: Context) -> tuple[dict[str, Any], Path]:
+def _from_ledger(args: argparse.Namespace, ctx: Context) -> tuple[dict[str, Any], str]:
     from herder.costs import build_report, last_periods, report_document
-    from herder.spend import read_ledger
 
-    path = _ledger_path(args, ctx)
-    if not path.exists():
-        raise CommandError(
-            f"no spend recorded yet: {path} does not exist (herder serve creates it)"
-        )
-    ledger = read_ledger(path)
+    _, ledger, path = _offline(args, ctx)
     # The period that contains the moment just before --until is the last one shown.
     since, until = last_periods(_until(args.until) - 1e-6, args.period, args.last)
     report = build_report(
@@ -141,12 +158,11 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     if args.last < 1:
         raise CommandError("--last must be at least 1", status=2)
     document = None
-    if not (args.ledger or args.data_dir or args.until):
+    if not (args.queue_file or args.data_dir or args.until):
         document = _from_server(args, ctx)
         source = "the server"
     if document is None:
-        document, path = _from_ledger(args, ctx)
-        source = str(path)
+        document, source = _from_ledger(args, ctx)
     if args.json:
         print_json(ctx, document)
         return 0
@@ -235,10 +251,43 @@ def _limit(value: float | None) -> str:
     return "none" if value is None else f"{value:.2f}"
 
 
+def _budget_from_server(args: argparse.Namespace, ctx: Context) -> dict[str, Any] | None:
+    """The budget from the server, or None when none answers."""
+    try:
+        with open_client(args, ctx) as client:
+            document: dict[str, Any] = client.budget()
+    except ClientError as exc:
+        if exc.status is None:
+            return None
+        raise CommandError(str(exc)) from exc
+    return document
+
+
+def _budget_from_ledger(args: argparse.Namespace, ctx: Context) -> dict[str, Any]:
+    from herder.costs import budget_document
+    from herder.spend import BudgetState, period_bounds
+
+    config, ledger, _ = _offline(args, ctx)
+    budget = config.cloud.budget
+    now = datetime.now(UTC).timestamp()
+    start, end = period_bounds(now, budget.period)
+    state = BudgetState(
+        budget.period,
+        start,
+        end,
+        ledger.total(start, end),
+        budget.soft_limit,
+        budget.hard_limit,
+        budget.on_hard_limit,
+        at=now,
+    )
+    return budget_document(state)
+
+
 def run_budget(args: argparse.Namespace, ctx: Context) -> int:
-    client = open_client(args, ctx)
-    with client_errors(), client:
-        document = client.budget()
+    document = None if args.data_dir else _budget_from_server(args, ctx)
+    if document is None:
+        document = _budget_from_ledger(args, ctx)
     if args.json:
         print_json(ctx, document)
         return 0
