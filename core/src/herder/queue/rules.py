@@ -385,24 +385,23 @@ def resolve_batch(
                 continue
             found = named.get(ref, [])
             if not found:
-                raise refuse(
-                    index,
-                    f"{ref[:60]!r} is not a container uuid nor the name of an item of this batch",
-                )
+                alone = len(specs) == 1
+                nor = "" if alone else " nor the name of an item of this batch"
+                raise refuse(index, f"{ref[:60]!r} is not a container uuid{nor}")
             if len(found) > 1:
                 items = ", ".join(map(str, found[:5]))
                 raise refuse(index, f"{ref[:60]!r} names several items ({items}): rename them")
             waits[index].append(found[0])
             after.append(uuids[found[0]])
         resolved[index] = replace(spec, after=tuple(after))
-    return resolved, _dependency_order(waits, refuse)
+    return resolved, _dependency_order(waits, [s.name for s in specs], refuse)
 
 
 def _dependency_order(
-    waits: list[list[int]], refuse: Callable[[int, str], InvalidRequest]
+    waits: list[list[int]], names: list[str], refuse: Callable[[int, str], InvalidRequest]
 ) -> list[int]:
-    """Item indexes, each after the ones it waits for (Kahn's algorithm, stable); a cycle is
-    refused at its first item, with the cycle spelled out."""
+    """Item indexes, each after the ones it waits for (Kahn's algorithm); a cycle is refused
+    at its first item, spelled out with the items' names (every item of a cycle has one)."""
     waiters: list[list[int]] = [[] for _ in waits]
     missing = [len(set(w)) for w in waits]
     for index, deps in enumerate(waits):
@@ -433,7 +432,7 @@ def _dependency_order(
     first = min(cycle)
     turn = cycle.index(first)
     cycle = [*cycle[turn:], *cycle[:turn], first]
-    spelled = " -> ".join(f"item {i}" for i in cycle)
+    spelled = " -> ".join(repr(names[i][:60]) for i in cycle)
     raise refuse(first, f"a cycle: {spelled} (each waits for the next)")
 
 

@@ -780,9 +780,9 @@ class QueueConformance:
                     replace(named[2], after=("b",)),
                 ],
                 0,
-                "a cycle: item 0 -> item 2 -> item 1 -> item 0",
+                "a cycle: 'a' -> 'c' -> 'b' -> 'a'",
             ),
-            ([*named[:2], replace(named[2], after=("c",))], 2, "a cycle: item 2 -> item 2"),
+            ([*named[:2], replace(named[2], after=("c",))], 2, "a cycle: 'c' -> 'c'"),
         ]
         for items, index, message in cases:
             with pytest.raises(ValueError, match=re.escape(message)) as refused:
