@@ -321,10 +321,10 @@ function attemptsCell(c) {
         a.outcome + (a.reason ? ": " + a.reason : "")))));
 }
 
-// "and 4,312 more": a count of what a table leaves out, or nothing.
-function moreLine(id, count, what) {
+// A count of what a table leaves out ("and 4,312 more in line"), or nothing.
+function moreLine(id, count, text) {
   if (count <= 0) return null;
-  return el("p", { class: "muted more", id }, `and ${count.toLocaleString("en")} more ${what}`);
+  return el("p", { class: "muted more", id }, text(count.toLocaleString("en")));
 }
 
 // line: the head of the queue in the order it is served (the API's order=queue), with the
@@ -349,8 +349,10 @@ function renderContainers(line, running, counts) {
     ["Attempts", attemptsCell],
     ["", c => el("td", {}, cancelButton(c))],
   ], "Nothing is waiting."),
-  ...[moreLine("queue-more", inLine - waiting.length, "in line"),
-      moreLine("queue-held", onHold, "on hold (priority 0)")].filter(Boolean));
+  ...[moreLine("queue-more", inLine - waiting.length, n => `and ${n} more in line`),
+      moreLine("queue-held", onHold,
+               n => `${n} on hold (priority 0), not listed: give one a priority to queue it`),
+     ].filter(Boolean));
   $("running").replaceChildren(containerTable(running.items, [
     ...common,
     ["Instance", c => el("td", { class: "id" }, c.instance_id || "")],
@@ -360,8 +362,8 @@ function renderContainers(line, running, counts) {
     ["Cost so far", c => el("td", { class: "num cost" }, money(c.cost))],
     ["", c => el("td", {}, logButton(c), cancelButton(c))],
   ], "Nothing is running."),
-  ...[moreLine("running-more", (counts.Running || 0) - running.items.length, "running")]
-    .filter(Boolean));
+  ...[moreLine("running-more", (counts.Running || 0) - running.items.length,
+               n => `and ${n} more running`)].filter(Boolean));
 }
 
 async function refresh() {
