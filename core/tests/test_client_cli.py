@@ -435,6 +435,19 @@ def test_containers_follows_pages_up_to_the_limit(capsys, live):
     assert [c["uuid"] for c in client.iter_containers(page_size=2)] == made
 
 
+def test_containers_queue_lists_what_runs_next_first(capsys, live):
+    blocker = submit(capsys, live, "--priority", "0", "--", "true")
+    made = {}
+    for priority in ("1", "5", "3"):
+        made[priority] = submit(capsys, live, "--priority", priority, "--after", blocker, "--", "x")
+        live.runtime.advance(1)
+    _, out, err = run(capsys, live, "containers", "--queue", "--json", "--limit", "2")
+    assert [c["uuid"] for c in json.loads(out)] == [made["5"], made["3"]]
+    assert "showing the first 2 in line" in err
+    status, _, err = run(capsys, live, "containers", "--queue", "--state", "Running")
+    assert status == 1 and "state Queued or Locked" in err and err.count("\n") == 1
+
+
 def test_containers_lists_the_latest_submission_first_and_filters_by_time(capsys, live):
     for _ in range(3):
         submit(capsys, live, "--priority", "0", "--", "true")

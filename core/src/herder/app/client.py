@@ -260,13 +260,15 @@ class Client:
         *,
         since: str = "",
         array: str = "",
+        order: str = "",
     ) -> Iterator[dict[str, Any]]:
-        """Every matching container (at most ``limit``), newest first, following the pages."""
+        """Every matching container (at most ``limit``), newest first unless ``order`` says
+        otherwise, following the pages."""
         states = tuple(states)
         after, seen = "", 0
         while limit is None or seen < limit:
             size = page_size if limit is None else min(page_size, limit - seen)
-            page = self.containers(states, size, after, since=since, array=array)
+            page = self.containers(states, size, after, since=since, array=array, order=order)
             for item in page["items"]:
                 seen += 1
                 yield item

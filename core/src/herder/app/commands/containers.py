@@ -122,7 +122,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "containers",
         help="list containers",
-        description="List containers, newest first, with why each waiting one waits.",
+        description="List containers, newest first (or, with --queue, the waiting ones in the "
+        "order they are served), with why each waiting one waits.",
     )
     p.add_argument(
         "--state",
@@ -136,6 +137,12 @@ def register(subparsers: Any) -> None:
         help="only those created since WHEN: a duration ago (30m, 2h) or an RFC 3339 time",
     )
     p.add_argument("--array", metavar="ID", default="", help="only the members of this array")
+    p.add_argument(
+        "--queue",
+        action="store_true",
+        help="the waiting containers (Queued and Locked, priority above 0) in the order they "
+        "are served instead: what runs next first",
+    )
     p.add_argument("--limit", type=int, default=100, help="show at most N (default 100)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     add_client_options(p)
@@ -720,11 +727,12 @@ def run_containers(args: argparse.Namespace, ctx: Context) -> int:
     if args.array:
         _check_array(args.array)
     client = open_client(args, ctx)
+    order = "queue" if args.queue else ""
     with client_errors():
         # One more than asked for, to know whether to say that there are more.
         items = list(
             client.iter_containers(
-                args.state or (), limit=args.limit + 1, since=since, array=args.array
+                args.state or (), args.limit + 1, since=since, array=args.array, order=order
             )
         )
     more = len(items) > args.limit
@@ -735,7 +743,8 @@ def run_containers(args: argparse.Namespace, ctx: Context) -> int:
         table = render_table(CONTAINER_HEADERS, [container_row(c) for c in items])
         ctx.print(colour_column(table, "state", STATE_COLOURS, use_colour(ctx)))
     if more:
-        ctx.error(f"(showing the newest {args.limit}; use --limit for more)")
+        which = f"first {args.limit} in line" if args.queue else f"newest {args.limit}"
+        ctx.error(f"(showing the {which}; use --limit for more)")
     return 0
 
 
