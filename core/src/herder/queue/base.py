@@ -141,7 +141,9 @@ class ContainerQueue(ABC):
     @abstractmethod
     def submit_many(self, specs: Iterable[ContainerSpec]) -> list[Container]:
         """Submit several containers in one transaction: all are stored, or none is.  A spec
-        that is refused makes the whole batch fail, naming its index."""
+        that is refused makes the whole batch fail, naming its index.  An ``after`` entry that
+        is not a container uuid is the ``name`` of another spec of the batch (one only it
+        has), and is stored as that container's uuid."""
 
     @abstractmethod
     def submit_array(self, spec: ContainerSpec, count: int) -> list[Container]:

@@ -756,14 +756,23 @@ class RuledQueue(ContainerQueue):
                 return new
 
             old, new = self._store_change(uuid, change)
+            # Storage ahead of the snapshot when nothing changed: another process changed the
+            # container and this one has not been told yet (its notification is on the way).
+            behind = new is old and entry is not None and entry.container is not old
             if new is old:
-                return old
-            if entry is not None:
+                if not behind:
+                    return old
+            elif entry is not None:
                 self._entries[uuid] = QueueEntry(
                     new, entry.resources, entry.instance_types, entry.first_seen_at
                 )
             elif sizing is not None and not new.state.final:
                 self._entries[uuid] = QueueEntry(new, sizing.resources, sizing.instance_types, now)
+        if behind:
+            # The snapshot follows storage now rather than when the notification arrives, so
+            # that a read right after this call sees what the rule saw (and listeners hear).
+            self._refresh([uuid])
+            return old
         self._notify()
         self._observed(old, new)
         if settle and new.state.final and not old.state.final and self._waiters:
@@ -814,8 +823,10 @@ class RuledQueue(ContainerQueue):
     def submit_many(self, specs: Iterable[ContainerSpec]) -> list[Container]:
         """Submit several containers in one transaction: all are stored, or none is.
 
-        Validation and sizing happen before the lock is taken, so a large batch does not hold
-        up the scheduler's reads for longer than the insert itself.
+        Each spec's uuid is drawn first, so that an ``after`` naming another item of the batch
+        resolves to it (:func:`resolve_batch`).  Validation and sizing happen before the lock
+        is taken, so a large batch does not hold up the scheduler's reads for longer than the
+        insert itself.
         """
         now = self._runtime.now()
         specs = list(specs)
