@@ -758,7 +758,12 @@ class RuledQueue(ContainerQueue):
             old, new = self._store_change(uuid, change)
             # Storage ahead of the snapshot when nothing changed: another process changed the
             # container and this one has not been told yet (its notification is on the way).
-            behind = new is old and entry is not None and entry.container is not old
+            behind = (
+                new is old
+                and entry is not None
+                and entry.container is not old
+                and entry.container != old
+            )
             if new is old:
                 if not behind:
                     return old
