@@ -306,6 +306,35 @@ def test_submit_from_a_large_batch_waits_through_the_listing(capsys, live, tmp_p
     assert asked == []  # followed through the listing, not container by container
 
 
+def test_submit_from_items_wait_for_each_other_by_name(capsys, live, tmp_path):
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        "- {name: merge, command: 'sim 5 0', after: [left, right]}\n"
+        "- {name: left, command: 'sim 5 0'}\n"
+        "- {name: right, command: 'sim 5 0', after: left}\n"
+    )
+    status, out, err = run(capsys, live, "submit", "--wait", "--from", str(jobs))
+    assert status == 0, err
+    merge, left, right = out.split()
+    queue = live.dispatcher.queue
+    assert queue.get(merge).spec.after == (left, right)
+    assert queue.get(right).spec.after == (left,)
+    assert queue.get(left).finished_at <= queue.get(right).started_at
+    # An unknown name and a cycle name the item in the file, and nothing is submitted.
+    stored = len(queue.list())
+    jobs.write_text("- {name: a, command: 'true'}\n- {command: 'true', after: [b]}\n")
+    status, _, err = run(capsys, live, "submit", "--from", str(jobs))
+    assert status == 1 and len(err.splitlines()) == 1
+    assert "jobs.yaml item 2: after: 'b' is not a container uuid" in err
+    jobs.write_text(
+        '{"name": "a", "command": ["true"], "after": ["b"]}\n'
+        '{"name": "b", "command": ["true"], "after": "a"}\n'
+    )
+    status, _, err = run(capsys, live, "submit", "--from", str(jobs))
+    assert status == 1 and f"{jobs}:1: after: a cycle: 'a' -> 'b' -> 'a'" in err
+    assert len(queue.list()) == stored
+
+
 def test_submit_from_a_bad_item_submits_nothing_and_names_it(capsys, live, tmp_path):
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text("- command: ['true']\n- command: ['true']\n  colour: blue\n")
@@ -446,6 +475,19 @@ def test_containers_follows_pages_up_to_the_limit(capsys, live):
     assert [c["uuid"] for c in client.iter_containers(page_size=2)] == made
 
 
+def test_containers_queue_lists_what_runs_next_first(capsys, live):
+    blocker = submit(capsys, live, "--priority", "0", "--", "true")
+    made = {}
+    for priority in ("1", "5", "3"):
+        made[priority] = submit(capsys, live, "--priority", priority, "--after", blocker, "--", "x")
+        live.runtime.advance(1)
+    _, out, err = run(capsys, live, "containers", "--queue", "--json", "--limit", "2")
+    assert [c["uuid"] for c in json.loads(out)] == [made["5"], made["3"]]
+    assert "showing the first 2 in line" in err
+    status, _, err = run(capsys, live, "containers", "--queue", "--state", "Running")
+    assert status == 1 and "state Queued or Locked" in err and err.count("\n") == 1
+
+
 def test_containers_lists_the_latest_submission_first_and_filters_by_time(capsys, live):
     for _ in range(3):
         submit(capsys, live, "--priority", "0", "--", "true")
@@ -496,15 +538,25 @@ def test_logs_and_follow(capsys, live):
     assert again == out
 
 
-def test_cancel_several(capsys, live):
+def test_cancel_several(capsys, live, monkeypatch):
     a = submit(capsys, live, "--priority", "0", "--", "true")
     b = submit(capsys, live, "--priority", "0", "--", "true")
+    requests: list[str] = []
+    real = Client._json
+    monkeypatch.setattr(
+        Client,
+        "_json",
+        lambda self, method, path, **kw: requests.append(path) or real(self, method, path, **kw),
+    )
     status, out, err = run(capsys, live, "cancel", a, b, "--reason", "tidy")
     assert status == 0 and out == ""
+    assert requests == ["/api/v1/containers/cancel"]  # one request for both
     assert f"{a}: Cancelled" in err and f"{b}: Cancelled" in err
+    assert live.dispatcher.queue.get(a).status("error") == "cancelled via API: tidy"
     status, _, err = run(capsys, live, "cancel", a, "sim01-dz642-000000000000000")
     assert status == 1
-    assert "not found" in err
+    assert f"{a}: Cancelled already" in err
+    assert "sim01-dz642-000000000000000: not found" in err
     # A malformed uuid is a usage error, as for every command, and nothing is cancelled.
     c = submit(capsys, live, "--priority", "0", "--", "true")
     status, _, err = run(capsys, live, "cancel", c, "junk")

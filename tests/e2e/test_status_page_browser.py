@@ -173,13 +173,13 @@ def test_page_shows_the_fleet_and_drains_an_instance(server, browser, tmp_path):
     assert "running" in row.find_element(By.CSS_SELECTOR, ".worker-state").text
     assert row.find_element(By.CSS_SELECTOR, ".idle-behavior").text == "run"
     assert running in row.text and "$0.050" in row.text
-    # The containers: the running one (its name shown as text, not markup), the one on hold in
-    # the queue with its scheduling status.
+    # The containers: the running one (its name shown as text, not markup).
     ctr_row = browser.find_element(By.CSS_SELECTOR, f'#running tr[data-container="{running}"]')
     assert ctr_row.find_element(By.CSS_SELECTOR, ".name").text == EVIL_NAME
     assert browser.title == "herder"
-    queued = browser.find_element(By.CSS_SELECTOR, f'#queue tr[data-container="{held}"]')
-    assert queued.find_element(By.CSS_SELECTOR, ".status").text
+    # The one on hold (priority 0) waits out of line: counted under the queue, not listed.
+    assert not browser.find_elements(By.CSS_SELECTOR, f'#queue tr[data-container="{held}"]')
+    assert browser.find_element(By.ID, "queue-held").text.startswith("1 on hold (priority 0)")
     assert dispatcher.queue.get(waiting).state.value == "Cancelled"  # unsatisfiable
     assert "$0.050" in browser.find_element(By.ID, "cost-per-hour").text
     # The budget: spend of the day against its limits.
@@ -330,3 +330,31 @@ def test_page_shows_the_queue_in_order_finished_containers_and_follows_a_log(
     shots = os.environ.get("HERDER_SCREENSHOT_DIR")
     if shots:
         shutil.copy(tmp_path / "status-finished.png", Path(shots) / "status-finished.png")
+
+
+def test_page_shows_the_head_of_a_queue_longer_than_a_page(server, browser):
+    """The newest containers of a long queue are not what runs next: the page shows the head
+    of the queue in the order it is served, and counts the rest."""
+    from selenium.webdriver.common.by import By
+
+    api, dispatcher = server
+    queue = dispatcher.queue
+    hold = ContainerSpec(command=("sim", "5", "0"), name="on-hold", priority=0)
+    blocker = queue.submit(hold).uuid  # never runs: what waits for it stays in line
+    line = ContainerSpec(command=("sim", "5", "0"), name="in-line", after=(blocker,))
+    queue.submit_many([line] * 1_200)
+    time.sleep(0.01)  # a later creation time: the newest, but first by priority
+    urgent = queue.submit(
+        ContainerSpec(command=("sim", "5", "0"), name="urgent", priority=9, after=(blocker,))
+    ).uuid
+    queue.submit_many([hold] * 2)
+
+    login(browser, api.url)
+    more = wait_for("the count of the rest", lambda: browser.find_element(By.ID, "queue-more"))
+    assert more.text == "and 1,001 more in line"
+    assert browser.find_element(By.ID, "queue-held").text.startswith("3 on hold (priority 0)")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#queue tbody tr")
+    assert len(rows) == 200
+    assert rows[0].get_attribute("data-container") == urgent
+    assert rows[0].find_element(By.CSS_SELECTOR, ".position").text == "1"
+    assert {row.find_element(By.CSS_SELECTOR, ".name").text for row in rows[1:]} == {"in-line"}

@@ -8,7 +8,7 @@ import pytest
 
 from herder.app.api import schema
 from herder.app.api.routes import LOG_SETTLE_SECONDS, utf8_prefix
-from herder.model import ContainerState
+from herder.model import ContainerSpec, ContainerState
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 UNKNOWN = "sim01-dz642-000000000000000"
@@ -114,7 +114,8 @@ def test_after_a_failed_dependency_cancels_with_the_reason(engine):
     assert reply.status == 400 and reply.json["field"] == "after"
     assert UNKNOWN in reply.json["error"]
     reply = engine.request("POST", "/api/v1/containers", {"command": ["true"], "after": ["x"]})
-    assert reply.status == 400 and reply.json["field"] == "after[0]"
+    assert reply.status == 400 and reply.json["field"] == "after"
+    assert "not a container uuid" in reply.json["error"]
     batch = {"items": [{"command": ["true"]}, {"command": ["true"], "after": [UNKNOWN]}]}
     reply = engine.request("POST", "/api/v1/containers/batch", batch)
     assert reply.status == 400 and reply.json["field"] == "items[1].after"
@@ -534,3 +535,152 @@ def test_a_queue_that_cannot_be_reached_is_a_503(engine, monkeypatch):
     assert "connection was lost" in reply.json["error"]
     doc = engine.request("GET", "/api/v1/openapi.json").json
     assert "503" in doc["paths"]["/api/v1/containers"]["get"]["responses"]
+
+
+# --------------------------------------------------------------------------- batch names
+
+
+def test_batch_items_wait_for_each_other_by_name(engine):
+    items = [
+        {"command": ["sim", "5", "0"], "name": "report", "after": ["align", "call"]},
+        {"command": ["sim", "5", "0"], "name": "align"},
+        {"command": ["sim", "5", "0"], "name": "call", "after": ["align"]},
+    ]
+    reply = engine.request("POST", "/api/v1/containers/batch", {"items": items})
+    assert reply.status == 201, reply.body
+    report, align, call = reply.json["items"]
+    assert report["after"] == [align["uuid"], call["uuid"]] and call["after"] == [align["uuid"]]
+    assert align["uuid"] in report["scheduling_status"]
+    _run_until(engine, lambda: engine.container(report["uuid"])["state"] == "Complete")
+    ended = {u: engine.container(u)["finished_at"] for u in (align["uuid"], call["uuid"])}
+    assert ended[align["uuid"]] <= ended[call["uuid"]]
+
+
+@pytest.mark.parametrize(
+    ("items", "field", "message"),
+    [
+        ([{"name": "a"}, {"after": ["b"]}], "items[1].after", "'b' is not a container uuid"),
+        ([{"name": "a", "after": ["a"]}], "items[0].after", "a cycle: 'a' -> 'a'"),
+        (
+            [{"name": "x"}, {"name": "a", "after": ["b"]}, {"name": "b", "after": ["a"]}],
+            "items[1].after",
+            "a cycle: 'a' -> 'b' -> 'a'",
+        ),
+        ([{"name": "a"}, {"name": "a"}, {"after": ["a"]}], "items[2].after", "several items"),
+    ],
+)
+def test_batch_names_that_do_not_resolve_are_refused(engine, items, field, message):
+    before = engine.dispatcher.queue.counts()
+    body = {"items": [{"command": ["true"], **item} for item in items]}
+    reply = engine.request("POST", "/api/v1/containers/batch", body)
+    assert reply.status == 400, reply.body
+    assert reply.json["field"] == field and message in reply.json["error"]
+    assert engine.dispatcher.queue.counts() == before
+
+
+# --------------------------------------------------------------------------- bulk cancel
+
+
+def test_cancel_many_answers_for_each_container(engine):
+    waiting = [engine.submit(priority=0)["uuid"] for _ in range(3)]
+    done = engine.submit(command=["sim", "1", "0"])["uuid"]
+    _run_until(engine, lambda: engine.container(done)["state"] == "Complete")
+    engine.dispatcher.queue.cancel(waiting[2], "earlier")
+    uuids = [waiting[0], done, UNKNOWN, waiting[1], waiting[2], waiting[0]]
+    body = {"uuids": uuids, "reason": "tidy"}
+    reply = engine.request("POST", "/api/v1/containers/cancel", body)
+    assert reply.status == 200, reply.body
+    out = schema.CancelManyOut.model_validate(reply.json)
+    assert [(i.uuid, i.outcome, i.state) for i in out.items] == [
+        (waiting[0], "cancelled", ContainerState.CANCELLED),
+        (done, "final", ContainerState.COMPLETE),
+        (UNKNOWN, "not_found", None),
+        (waiting[1], "cancelled", ContainerState.CANCELLED),
+        (waiting[2], "final", ContainerState.CANCELLED),
+    ]
+    assert out.cancelled == 2
+    assert engine.container(waiting[0])["runtime_status"]["error"] == "cancelled via API: tidy"
+    assert engine.container(waiting[2])["runtime_status"]["error"] == "earlier"
+
+
+def test_cancel_many_cancels_the_unfinished_members_of_an_array(engine):
+    body = {"command": ["sim", "30", "0"], "priority": 0, "count": 4}
+    made = engine.request("POST", "/api/v1/containers/array", body).json
+    array, members = made["array_id"], [c["uuid"] for c in made["items"]]
+    other = engine.submit(priority=0)["uuid"]
+    engine.dispatcher.queue.cancel(members[1], "not this one")
+    reply = engine.request("POST", "/api/v1/containers/cancel", {"array": array})
+    assert reply.status == 200, reply.body
+    assert sorted(i["uuid"] for i in reply.json["items"]) == sorted(members[:1] + members[2:])
+    assert reply.json["cancelled"] == 3
+    assert engine.container(other)["state"] == "Queued"
+    again = engine.request("POST", "/api/v1/containers/cancel", {"array": array}).json
+    assert again == {"items": [], "cancelled": 0}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({}, 400, None),
+        ({"uuids": [UNKNOWN], "array": "sim01-a88ay-000000000000000"}, 400, None),
+        ({"uuids": ["junk"]}, 400, "uuids[0]"),
+        ({"array": "junk"}, 400, "array"),
+        ({"array": "sim01-a88ay-000000000000000"}, 404, "array"),
+        ({"uuids": [UNKNOWN] * (schema.MAX_BATCH + 1)}, 400, "uuids"),
+    ],
+)
+def test_cancel_many_refuses_bad_requests_in_the_usual_format(engine, body, status, field):
+    reply = engine.request("POST", "/api/v1/containers/cancel", body)
+    assert reply.status == status, reply.body
+    assert reply.json["error"] and reply.json.get("field") == field
+
+
+# --------------------------------------------------------------------------- queue order
+
+
+def test_queue_order_lists_the_head_of_a_big_queue_with_paging(engine):
+    queue = engine.dispatcher.queue
+    blocker = queue.submit(ContainerSpec(command=("sim", "30", "0"), priority=0)).uuid
+    specs = [
+        ContainerSpec(command=("sim", "1", "0"), priority=1 + i % 3, after=(blocker,))
+        for i in range(1_500)
+    ]
+    made = []
+    for part in (specs[:700], specs[700:]):  # two submissions: two creation times
+        made += queue.submit_many(part)
+        engine.advance(1)
+    held = queue.submit(ContainerSpec(command=("sim", "1", "0"), priority=0)).uuid
+    expected = sorted(
+        made,
+        key=lambda c: (
+            0 if c.state is ContainerState.LOCKED else 1,
+            -c.priority,
+            c.created_at,
+            c.uuid,
+        ),
+    )
+    first = engine.request("GET", "/api/v1/containers?order=queue&limit=1000").json
+    assert [c["uuid"] for c in first["items"]] == [c.uuid for c in expected[:1000]]
+    assert first["total"] == 1_500 and first["next"] == expected[999].uuid
+    assert first["items"][0]["priority"] == 3 and held not in {c["uuid"] for c in first["items"]}
+    rest = engine.request("GET", f"/api/v1/containers?order=queue&after={first['next']}").json
+    assert [c["uuid"] for c in rest["items"]] == [c.uuid for c in expected[1000:1100]]
+    assert rest["total"] == 500
+    queued = engine.request("GET", "/api/v1/containers?order=queue&state=Queued&limit=1").json
+    assert queued["total"] == 1_500
+    newest = engine.request("GET", "/api/v1/containers?limit=1").json
+    assert newest["total"] is None
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("order=queue&state=Running", "state"),
+        ("order=queue&array=sim01-a88ay-000000000000000", "order"),
+        (f"order=queue&after={UNKNOWN}", "after"),
+        ("order=line", "order"),
+    ],
+)
+def test_queue_order_refuses_what_it_cannot_list(engine, query, field):
+    reply = engine.request("GET", f"/api/v1/containers?{query}")
+    assert reply.status == 400 and reply.json["field"] == field, reply.body

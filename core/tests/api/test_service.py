@@ -12,6 +12,7 @@ from .conftest import served_routes
 OPERATIONS = {
     ("POST", "/api/v1/containers"),
     ("POST", "/api/v1/containers/batch"),
+    ("POST", "/api/v1/containers/cancel"),
     ("POST", "/api/v1/containers/array"),
     ("GET", "/api/v1/containers"),
     ("GET", "/api/v1/containers/{uuid}"),

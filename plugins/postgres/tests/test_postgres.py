@@ -388,6 +388,27 @@ def test_a_container_held_elsewhere_is_released_by_the_dispatcher(
     assert dispatcher.lock(held.uuid).state is ContainerState.LOCKED
 
 
+def test_a_change_made_elsewhere_is_seen_at_once_by_a_no_op_transition(
+    make_queue: Callable[..., PostgresQueue],
+) -> None:
+    """A transition that finds storage already changed by another process (nothing left to
+    store) brings the snapshot up to date then, not when the notification arrives: a read
+    right after it sees the change.  Two dispatchers releasing one held container raced on
+    this."""
+    dispatcher = make_queue()
+    assert dispatcher.listening.wait(10)
+    other = make_queue(exclusive=False)
+    ctr = dispatcher.submit(SPEC)
+    heard = threading.Event()
+    dispatcher.subscribe(heard.set)
+    with dispatcher._lock:  # hold this process's notifications back until the end
+        other.set_priority(ctr.uuid, 7)
+        heard.clear()
+    assert dispatcher.set_priority(ctr.uuid, 7).priority == 7
+    assert dispatcher.entries()[0][ctr.uuid].container.priority == 7
+    assert heard.is_set()  # listeners were told of the change
+
+
 def test_a_schema_from_before_attempts_is_upgraded_in_place_to_keep_them(
     make_queue: Callable[..., PostgresQueue], pg_cluster: Any, schema_name: str
 ) -> None:

@@ -239,10 +239,14 @@ class Client:
         *,
         since: str = "",
         array: str = "",
+        order: str = "",
     ) -> dict[str, Any]:
-        """One page, newest first: ``{"items": [...], "next": uuid or None}``.  ``since`` is an
+        """One page, newest first unless ``order`` says otherwise (``uuid``, ``queue``):
+        ``{"items": [...], "next": uuid or None, "total": n or None}``.  ``since`` is an
         RFC 3339 time; ``array`` an array id."""
         query: list[tuple[str, str]] = [("state", s) for s in states]
+        if order:
+            query.append(("order", order))
         if limit is not None:
             query.append(("limit", str(limit)))
         if after:
@@ -261,13 +265,15 @@ class Client:
         *,
         since: str = "",
         array: str = "",
+        order: str = "",
     ) -> Iterator[dict[str, Any]]:
-        """Every matching container (at most ``limit``), newest first, following the pages."""
+        """Every matching container (at most ``limit``), newest first unless ``order`` says
+        otherwise, following the pages."""
         states = tuple(states)
         after, seen = "", 0
         while limit is None or seen < limit:
             size = page_size if limit is None else min(page_size, limit - seen)
-            page = self.containers(states, size, after, since=since, array=array)
+            page = self.containers(states, size, after, since=since, array=array, order=order)
             for item in page["items"]:
                 seen += 1
                 yield item
@@ -281,6 +287,16 @@ class Client:
     def cancel(self, uuid: str, reason: str = "") -> dict[str, Any]:
         path = f"/api/v1/containers/{quote(uuid, safe='')}/cancel"
         return self._json("POST", path, body={"reason": reason})
+
+    def cancel_many(
+        self, uuids: Sequence[str] = (), *, array: str = "", reason: str = ""
+    ) -> dict[str, Any]:
+        """Cancel ``uuids`` or the unfinished members of ``array`` in one request:
+        ``{"items": [{"uuid", "outcome", "state"}], "cancelled": n}``, where outcome is
+        ``cancelled``, ``final`` (already ended, left so) or ``not_found``."""
+        body: dict[str, Any] = {"reason": reason}
+        body.update({"array": array} if array else {"uuids": list(uuids)})
+        return self._json("POST", "/api/v1/containers/cancel", body=body)
 
     def set_priority(self, uuid: str, priority: int) -> dict[str, Any]:
         path = f"/api/v1/containers/{quote(uuid, safe='')}/priority"

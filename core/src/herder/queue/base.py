@@ -15,6 +15,7 @@ so the scheduler reacts at once instead of waiting for a poll.
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -54,6 +55,19 @@ class QueueEntry:
     resources: InstanceResources
     instance_types: list[InstanceType]
     first_seen_at: float
+
+
+#: The states of a container waiting in line for an instance.
+WAITING = (ContainerState.LOCKED, ContainerState.QUEUED)
+
+
+def queue_position(c: Container) -> tuple[int, int, float, str]:
+    """Where ``c`` stands in line, smallest first: Locked before Queued (a Locked container
+    is being started), then higher priority, then older, the uuid breaking ties.  The
+    scheduler's order (SPEC §9.5), by creation time rather than the time this process first
+    saw the container, so that a position is the same in every process and a page cursor
+    stays valid across a restart."""
+    return (0 if c.state is ContainerState.LOCKED else 1, -c.priority, c.created_at, c.uuid)
 
 
 class ConstraintsNotSatisfiable(Exception):
@@ -128,7 +142,9 @@ class ContainerQueue(ABC):
     @abstractmethod
     def submit_many(self, specs: Iterable[ContainerSpec]) -> list[Container]:
         """Submit several containers in one transaction: all are stored, or none is.  A spec
-        that is refused makes the whole batch fail, naming its index."""
+        that is refused makes the whole batch fail, naming its index.  An ``after`` entry that
+        is not a container uuid is the ``name`` of another spec of the batch (one only it
+        has), and is stored as that container's uuid."""
 
     @abstractmethod
     def submit_array(self, spec: ContainerSpec, count: int) -> list[Container]:
@@ -190,6 +206,33 @@ class ContainerQueue(ABC):
         continues from its position (keyset paging on ``(created_at, uuid)``), so that
         containers submitted meanwhile never shift a page.  Raises
         :class:`ContainerNotFound` for an unknown ``after``."""
+
+    def in_line(
+        self, states: Iterable[ContainerState] = WAITING, limit: int = 100, after: str = ""
+    ) -> tuple[list[Container], int]:
+        """Waiting containers in queue order (:func:`queue_position`), and how many there are.
+
+        Read from the snapshot, so a queue of any length is listed from its head: what runs
+        next.  Containers on hold (priority 0) are not in line and not listed (the snapshot
+        may have forgotten them).  ``after`` continues after that container's position (keyset
+        paging), wherever it has gone since; ``states`` are among Queued and Locked.
+        """
+        wanted = frozenset(ContainerState(s) for s in states)
+        if limit < 0 or not wanted <= frozenset(WAITING):
+            raise ValueError("in_line lists Queued and Locked containers, limit >= 0")
+        entries, _ = self.entries()
+        line = [
+            e.container
+            for e in entries.values()
+            if e.container.state in wanted and e.container.priority > 0
+        ]
+        if after:
+            last = self.get(after)
+            if last is None:
+                raise ContainerNotFound(after)
+            cursor = queue_position(last)
+            line = [c for c in line if queue_position(c) > cursor]
+        return heapq.nsmallest(limit, line, key=queue_position), len(line)
 
     @abstractmethod
     def list(

@@ -352,6 +352,90 @@ def validate_spec(spec: ContainerSpec) -> None:
         raise InvalidRequest("invalid container: " + "; ".join(problems))
 
 
+def resolve_batch(
+    specs: Sequence[ContainerSpec], uuids: Sequence[str]
+) -> tuple[list[ContainerSpec], list[int]]:
+    """The specs of a batch with ``after`` names of other items replaced by their uuids, and
+    an order in which every item comes after the items it waits for.
+
+    An ``after`` entry that is not a container uuid names another item of the same batch (its
+    ``name``), which is how a file or request says "item 3 runs after item 1" before either
+    has a uuid, as workflow files refer to their steps by name.  Names need not be unique, but
+    a name ``after`` refers to must belong to exactly one item.  An unknown or ambiguous name,
+    and a cycle, are refused naming the item (:attr:`InvalidRequest.index`, field ``after``).
+    """
+
+    def refuse(index: int, message: str) -> InvalidRequest:
+        where = f"item {index}: " if len(specs) > 1 else ""
+        return InvalidRequest(f"{where}after: {message}", index, "after")
+
+    named: dict[str, list[int]] = {}
+    for index, spec in enumerate(specs):
+        if spec.name:
+            named.setdefault(spec.name, []).append(index)
+    resolved = list(specs)
+    waits: list[list[int]] = [[] for _ in specs]
+    for index, spec in enumerate(specs):
+        if all(is_container_uuid(ref) for ref in spec.after):
+            continue
+        after = []
+        for ref in spec.after:
+            if is_container_uuid(ref):
+                after.append(ref)
+                continue
+            found = named.get(ref, [])
+            if not found:
+                alone = len(specs) == 1
+                nor = "" if alone else " nor the name of an item of this batch"
+                raise refuse(index, f"{ref[:60]!r} is not a container uuid{nor}")
+            if len(found) > 1:
+                items = ", ".join(map(str, found[:5]))
+                raise refuse(index, f"{ref[:60]!r} names several items ({items}): rename them")
+            waits[index].append(found[0])
+            after.append(uuids[found[0]])
+        resolved[index] = replace(spec, after=tuple(after))
+    return resolved, _dependency_order(waits, [s.name for s in specs], refuse)
+
+
+def _dependency_order(
+    waits: list[list[int]], names: list[str], refuse: Callable[[int, str], InvalidRequest]
+) -> list[int]:
+    """Item indexes, each after the ones it waits for (Kahn's algorithm); a cycle is refused
+    at its first item, spelled out with the items' names (every item of a cycle has one)."""
+    waiters: list[list[int]] = [[] for _ in waits]
+    missing = [len(set(w)) for w in waits]
+    for index, deps in enumerate(waits):
+        for dep in set(deps):
+            waiters[dep].append(index)
+    ready = [i for i, n in enumerate(missing) if n == 0]
+    order: list[int] = []
+    while ready:
+        index = ready.pop()
+        order.append(index)
+        for waiter in waiters[index]:
+            missing[waiter] -= 1
+            if missing[waiter] == 0:
+                ready.append(waiter)
+    if len(order) == len(waits):
+        return order
+    # Every item left waits for another item left: walking its first such wait comes back
+    # to an item already seen, which closes the cycle.
+    start = min(i for i, n in enumerate(missing) if n)
+    path, seen = [start], {start}
+    while True:
+        step = next(d for d in waits[path[-1]] if missing[d])
+        if step in seen:
+            cycle = path[path.index(step) :]
+            break
+        path.append(step)
+        seen.add(step)
+    first = min(cycle)
+    turn = cycle.index(first)
+    cycle = [*cycle[turn:], *cycle[:turn], first]
+    spelled = " -> ".join(repr(names[i][:60]) for i in cycle)
+    raise refuse(first, f"a cycle: {spelled} (each waits for the next)")
+
+
 # --------------------------------------------------------------------------- uuids
 
 _UUID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -638,15 +722,16 @@ class RuledQueue(ContainerQueue):
         self._observers.call(old, new)
 
     def _prepare(
-        self, spec: ContainerSpec, now: float, array_id: str = ""
+        self, spec: ContainerSpec, now: float, array_id: str = "", uuid: str = ""
     ) -> tuple[Container, Sizing]:
-        """Validate and size a submission; unsatisfiable ones come back Cancelled."""
+        """Validate and size a submission (a new uuid unless given); unsatisfiable ones come
+        back Cancelled."""
         validate_spec(spec)
         if self._always_preemptible and not spec.scheduling_parameters.preemptible:
             sp = replace(spec.scheduling_parameters, preemptible=True)
             spec = replace(spec, scheduling_parameters=sp)
         c = Container(
-            uuid=new_uuid(self._cluster_id, self._random_bytes),
+            uuid=uuid or new_uuid(self._cluster_id, self._random_bytes),
             state=QUEUED,
             priority=spec.priority,
             spec=spec,
@@ -680,14 +765,28 @@ class RuledQueue(ContainerQueue):
                 return new
 
             old, new = self._store_change(uuid, change)
+            # Storage ahead of the snapshot when nothing changed: another process changed the
+            # container and this one has not been told yet (its notification is on the way).
+            behind = (
+                new is old
+                and entry is not None
+                and entry.container is not old
+                and entry.container != old
+            )
             if new is old:
-                return old
-            if entry is not None:
+                if not behind:
+                    return old
+            elif entry is not None:
                 self._entries[uuid] = QueueEntry(
                     new, entry.resources, entry.instance_types, entry.first_seen_at
                 )
             elif sizing is not None and not new.state.final:
                 self._entries[uuid] = QueueEntry(new, sizing.resources, sizing.instance_types, now)
+        if behind:
+            # The snapshot follows storage now rather than when the notification arrives, so
+            # that a read right after this call sees what the rule saw (and listeners hear).
+            self._refresh([uuid])
+            return old
         self._notify()
         self._observed(old, new)
         if settle and new.state.final and not old.state.final and self._waiters:
@@ -738,20 +837,24 @@ class RuledQueue(ContainerQueue):
     def submit_many(self, specs: Iterable[ContainerSpec]) -> list[Container]:
         """Submit several containers in one transaction: all are stored, or none is.
 
-        Validation and sizing happen before the lock is taken, so a large batch does not hold
-        up the scheduler's reads for longer than the insert itself.
+        Each spec's uuid is drawn first, so that an ``after`` naming another item of the batch
+        resolves to it (:func:`resolve_batch`).  Validation and sizing happen before the lock
+        is taken, so a large batch does not hold up the scheduler's reads for longer than the
+        insert itself.
         """
         now = self._runtime.now()
         specs = list(specs)
+        uuids = [new_uuid(self._cluster_id, self._random_bytes) for _ in specs]
+        specs, order = resolve_batch(specs, uuids)
         prepared = []
         for index, spec in enumerate(specs):
             try:
-                prepared.append(self._prepare(spec, now))
+                prepared.append(self._prepare(spec, now, uuid=uuids[index]))
             except InvalidRequest as exc:
                 if len(specs) == 1:
                     raise
                 raise InvalidRequest(f"item {index}: {exc}", index, exc.field) from None
-        return self._store_prepared(prepared, now)
+        return self._store_prepared(prepared, now, order)
 
     def submit_array(self, spec: ContainerSpec, count: int) -> list[Container]:
         """``count`` containers of one spec sharing a new array id, in one transaction.
@@ -773,17 +876,24 @@ class RuledQueue(ContainerQueue):
         return self._store_prepared(prepared, now)
 
     def _store_prepared(
-        self, prepared: list[tuple[Container, Sizing]], now: float
+        self, prepared: list[tuple[Container, Sizing]], now: float, order: Sequence[int] = ()
     ) -> list[Container]:
-        """Store validated submissions in one transaction, then tell listeners."""
+        """Store validated submissions in one transaction, then tell listeners.
+
+        ``after`` is applied in ``order`` (dependencies first, :func:`resolve_batch`), so an
+        item that waits for another of the batch sees it as the batch stores it: held, or
+        cancelled at once (nothing fits it), which cancels the waiter too.
+        """
         if not prepared:
             return []
         with self._lock:
             batch = len(prepared) > 1
-            prepared = [
-                (self._hold(c, i if batch else None, now), sizing)
-                for i, (c, sizing) in enumerate(prepared)
-            ]
+            held: dict[str, Container] = {}
+            for i in order or range(len(prepared)):
+                c, sizing = prepared[i]
+                c = self._hold(c, i if batch else None, now, held)
+                held[c.uuid] = c
+                prepared[i] = (c, sizing)
             self._store_new([c for c, _ in prepared])
             for c, sizing in prepared:
                 # An unsatisfiable submission is cancelled at once and never needs attention.
@@ -798,16 +908,18 @@ class RuledQueue(ContainerQueue):
             self._observed(None, c)
         return [c for c, _ in prepared]
 
-    def _hold(self, c: Container, index: int | None, now: float) -> Container:
+    def _hold(
+        self, c: Container, index: int | None, now: float, batch: dict[str, Container]
+    ) -> Container:
         """Apply ``after`` to a new container (caller holds ``self._lock``): every dependency
-        must exist; the container waits for those not finished yet, or is cancelled at once if
-        one has failed already."""
+        must exist, stored or in the same ``batch``; the container waits for those not
+        finished yet, or is cancelled at once if one has failed already."""
         if not c.spec.after or c.state.final:
             return c
         deps = []
         for uuid in dict.fromkeys(c.spec.after):
             try:
-                deps.append(self._stored(uuid))
+                deps.append(batch[uuid] if uuid in batch else self._stored(uuid))
             except ContainerNotFound:
                 where = "" if index is None else f"item {index}: "
                 raise InvalidRequest(f"{where}after: no container {uuid}", index, "after") from None

@@ -655,6 +655,38 @@ class QueueConformance:
         assert queue.newest(ListFilter(states=())) == []
         assert queue.newest(ListFilter(array_id="zzzzz-a88ay-000000000000000")) == []
 
+    def test_in_line_lists_the_head_of_the_queue_in_queue_order(
+        self, queue: ContainerQueue, rt: VirtualRuntime
+    ) -> None:
+        made = []
+        for priority in (1, 5, 1, 5, 0, 3):
+            made.append(queue.submit(spec(priority=priority)))
+            rt.advance(1)
+        low, high, low2, high2, held, mid = made
+        queue.lock(low2.uuid)
+        running = queue.submit(spec(priority=9))
+        queue.lock(running.uuid)
+        queue.set_running(running.uuid)
+        order = [low2, high, high2, mid, low]
+        line, total = queue.in_line()
+        assert [c.uuid for c in line] == [c.uuid for c in order]
+        assert total == 5
+        first, total = queue.in_line(limit=2)
+        assert [c.uuid for c in first] == [low2.uuid, high.uuid] and total == 5
+        rest, left = queue.in_line(limit=2, after=first[-1].uuid)
+        assert [c.uuid for c in rest] == [high2.uuid, mid.uuid] and left == 3
+        # The cursor's container may have moved on: the page continues from where it stood.
+        queue.cancel(high2.uuid)
+        last, left = queue.in_line(limit=10, after=high2.uuid)
+        assert [c.uuid for c in last] == [mid.uuid, low.uuid] and left == 2
+        queued, total = queue.in_line([Q])
+        assert [c.uuid for c in queued] == [high.uuid, mid.uuid, low.uuid] and total == 3
+        assert held.uuid not in {c.uuid for c in queue.in_line(limit=100)[0]}
+        with pytest.raises(ContainerNotFound):
+            queue.in_line(after="zzzzz-dz642-000000000000000")
+        with pytest.raises(ValueError):
+            queue.in_line([R])
+
     # ---- dependencies (``after``)
 
     def test_after_holds_until_the_dependency_completes_with_0(
@@ -721,6 +753,71 @@ class QueueConformance:
         with pytest.raises(ValueError, match="not a container uuid"):
             queue.submit(replace(spec(), after=("; rm -rf /",)))
         assert len(queue.list()) == stored
+
+    def test_a_batch_item_waits_for_another_item_by_name(self, queue: ContainerQueue) -> None:
+        first = queue.submit(spec())
+        items = [
+            replace(spec(), name="report", after=("align", "call")),
+            replace(spec(), name="align"),
+            replace(spec(), name="call", after=("align", first.uuid)),
+            replace(spec(), name="align-2"),
+        ]
+        report, align, call, _ = queue.submit_many(items)
+        assert align.state is Q and align.status("waiting_for") == ""
+        assert call.spec.after == (align.uuid, first.uuid)
+        assert call.status("waiting_for").split() == [align.uuid, first.uuid]
+        assert report.spec.after == (align.uuid, call.uuid)
+        self._complete(queue, align.uuid, 0)
+        self._complete(queue, first.uuid, 0)
+        assert _get(queue, call.uuid).status("waiting_for") == ""
+        assert _get(queue, report.uuid).status("waiting_for") == call.uuid
+        self._complete(queue, call.uuid, 2)
+        failed = _get(queue, report.uuid)
+        assert failed.state is X
+        assert failed.status("error") == f"dependency {call.uuid} failed with exit code 2"
+
+    def test_a_batch_item_waiting_for_an_unsatisfiable_item_is_cancelled(
+        self, queue: ContainerQueue
+    ) -> None:
+        waiter, huge = queue.submit_many(
+            [replace(spec(), after=("huge",)), replace(spec(ram=128 * GiB), name="huge")]
+        )
+        assert huge.state is X
+        assert waiter.state is X
+        assert waiter.status("error").startswith(f"dependency {huge.uuid} was cancelled")
+
+    def test_batch_names_that_do_not_resolve_are_refused_naming_the_item(
+        self, queue: ContainerQueue
+    ) -> None:
+        named = [replace(spec(), name=n) for n in ("a", "b", "c")]
+        cases = [
+            ([*named, replace(spec(), after=("d",))], 3, "'d' is not a container uuid nor"),
+            ([*named, replace(spec(), name="a"), replace(spec(), after=("a",))], 4, "several"),
+            (
+                [
+                    replace(named[0], after=("c",)),
+                    replace(named[1], after=("a",)),
+                    replace(named[2], after=("b",)),
+                ],
+                0,
+                "a cycle: 'a' -> 'c' -> 'b' -> 'a'",
+            ),
+            ([*named[:2], replace(named[2], after=("c",))], 2, "a cycle: 'c' -> 'c'"),
+        ]
+        for items, index, message in cases:
+            with pytest.raises(ValueError, match=re.escape(message)) as refused:
+                queue.submit_many(items)
+            assert (
+                getattr(refused.value, "index", None),
+                getattr(refused.value, "field", None),
+            ) == (
+                index,
+                "after",
+            )
+            assert str(refused.value).startswith(f"item {index}: after: ")
+        assert queue.list() == []
+        # Names that nothing refers to may repeat, as before.
+        assert len(queue.submit_many([named[0], named[0]])) == 2
 
     def test_an_array_may_wait_and_be_waited_for(self, queue: ContainerQueue) -> None:
         first = queue.submit(spec())

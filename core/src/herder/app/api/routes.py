@@ -41,8 +41,14 @@ from herder.model import (
     RuntimeConstraints,
     SchedulingParameters,
 )
-from herder.queue.base import ContainerNotFound, InvalidTransition, ListFilter, QueueError
-from herder.queue.rules import waiting_for
+from herder.queue.base import (
+    WAITING,
+    ContainerNotFound,
+    InvalidTransition,
+    ListFilter,
+    QueueError,
+)
+from herder.queue.rules import MAX_ARRAY, UNFINISHED, waiting_for
 from herder.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -378,11 +384,22 @@ class ManagementAPI:
         array_id: str = "",
     ) -> schema.ContainerList:
         """A page of containers: newest first (keyset paging on creation time and uuid, so
-        that what is submitted meanwhile neither shifts nor repeats a page), or by uuid."""
+        that what is submitted meanwhile neither shifts nor repeats a page), by uuid, or the
+        waiting ones in queue order (the head of the queue first, however long it is)."""
         queue = self.dispatcher.queue
-        if order == "uuid":
-            if since is not None or array_id:
-                raise APIError(400, "since and array need order=newest", field="order")
+        total = None
+        if order != "newest" and (since is not None or array_id):
+            raise APIError(400, "since and array need order=newest", field="order")
+        if order == "queue":
+            if not set(states) <= set(WAITING):
+                raise APIError(
+                    400, "order=queue lists waiting containers: state Queued or Locked", "state"
+                )
+            try:
+                page, total = queue.in_line(states or WAITING, limit + 1, after)
+            except ContainerNotFound:
+                raise APIError(400, f"no container {after} to continue after", "after") from None
+        elif order == "uuid":
             page = queue.list(states or None, limit + 1, after)
         else:
             wanted = ListFilter(states=states or None, since=since, array_id=array_id)
@@ -396,6 +413,7 @@ class ManagementAPI:
         return schema.ContainerList(
             items=[self.container_out(c, statuses) for c in page],
             next=page[-1].uuid if more else None,
+            total=total,
         )
 
     def get_container(self, uuid: str) -> schema.ContainerOut:
@@ -414,6 +432,37 @@ class ManagementAPI:
             raise APIError(404, f"container {uuid} not found", field="uuid") from None
         log.info("container %s: %s", uuid, why)
         return self.container_out(ctr, {})
+
+    def cancel_containers(self, body: schema.CancelManyRequest) -> schema.CancelManyOut:
+        """Cancel each container by itself (one queue transition each, so one that finishes
+        meanwhile is left finished), saying what happened to each; an array's members are
+        those unfinished when the request arrives."""
+        queue = self.dispatcher.queue
+        uuids = list(dict.fromkeys(body.uuids))
+        if body.array:
+            members = ListFilter(states=UNFINISHED, array_id=body.array)
+            uuids = [c.uuid for c in reversed(queue.newest(members, MAX_ARRAY))]
+            if not uuids and not queue.newest(ListFilter(array_id=body.array), 1):
+                raise APIError(404, f"array {body.array} not found", field="array")
+        why = "cancelled via API" + (f": {body.reason}" if body.reason else "")
+        items = []
+        for uuid in uuids:
+            ctr = queue.get(uuid)
+            outcome: schema.CancelOutcome = "final"
+            if ctr is not None and not ctr.state.final:
+                try:
+                    ctr = queue.cancel(uuid, why)
+                except ContainerNotFound:
+                    ctr = None
+                else:  # it may have completed meanwhile, and is then left so
+                    outcome = "cancelled" if ctr.state is ContainerState.CANCELLED else "final"
+            if ctr is None:
+                items.append(schema.CancelOutcomeOut(uuid=uuid, outcome="not_found", state=None))
+            else:
+                items.append(schema.CancelOutcomeOut(uuid=uuid, outcome=outcome, state=ctr.state))
+        done = sum(item.outcome == "cancelled" for item in items)
+        log.info("%d of %d containers %s", done, len(items), why)
+        return schema.CancelManyOut(items=items, cancelled=done)
 
     def set_priority(self, uuid: str, priority: int) -> schema.ContainerOut:
         self._get(uuid)
@@ -607,7 +656,7 @@ class _Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-ListOrder = Literal["newest", "uuid"]
+ListOrder = Literal["newest", "uuid", "queue"]
 
 
 class ListQuery(_Query):
@@ -616,7 +665,10 @@ class ListQuery(_Query):
     )
     order: ListOrder = Field(
         "newest",
-        description="`newest`: by creation time, newest first (the default); `uuid`: by uuid",
+        description="`newest`: by creation time, newest first (the default); `uuid`: by "
+        "uuid; `queue`: the waiting containers (Queued and Locked, priority above 0) in the "
+        "order they are served, Locked first, then by priority (highest first), then oldest "
+        "first, with `total` saying how many are in line",
     )
     # Documented as what a query string can carry (a time or a number), not as "or null":
     # leaving the parameter out is how a client asks for no limit.
@@ -718,11 +770,23 @@ def submit_array(api: API, body: schema.ArrayRequest, _q: NoParams) -> Response:
     return reply(api.submit_array(body), 201)
 
 
+@containers.post(
+    f"{_C}/cancel",
+    response_model=schema.CancelManyOut,
+    operation_id="cancelContainers",
+    summary="Cancel several containers, or an array's unfinished members, saying what "
+    "happened to each",
+    responses=errors(400, 404, 413, 503),
+)
+def cancel_containers(api: API, body: schema.CancelManyRequest, _q: NoParams) -> Response:
+    return reply(api.cancel_containers(body))
+
+
 @containers.get(
     _C,
     response_model=schema.ContainerList,
     operation_id="listContainers",
-    summary="List containers, newest first, a page at a time",
+    summary="List containers, newest first (or by uuid, or in queue order), a page at a time",
     responses=errors(400, 503),
 )
 def list_containers(api: API, query: Annotated[ListQuery, Query()]) -> Response:

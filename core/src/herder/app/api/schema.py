@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from herder.model import (
+    ARRAY_ID_RE,
     CONTAINER_UUID_RE,
     IMAGE_REFERENCE_PATTERN,
     ContainerState,
@@ -191,11 +192,14 @@ class SubmitRequest(_Request):
     priority: Count = 1
     name: Annotated[str, Field(max_length=MAX_NAME_LENGTH)] = ""
     after: Annotated[
-        list[Annotated[str, Field(pattern=CONTAINER_UUID_RE.pattern)]], Field(max_length=1000)
+        list[Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]],
+        Field(max_length=1000),
     ] = Field(
         default_factory=list,
         description="containers that must complete with exit code 0 first: this one is held "
-        "until they have, and cancelled if one fails or is cancelled",
+        "until they have, and cancelled if one fails or is cancelled.  Each is a container "
+        "uuid or, in a batch, the `name` of another item of the batch (a name given to "
+        "exactly one item)",
     )
     pull_policy: Literal["", "if-not-present", "always", "never"] = Field(
         "", description="when to pull the image; empty: containers.pull_policy"
@@ -285,6 +289,27 @@ class ArrayRequest(SubmitRequest):
 
 class CancelRequest(_Request):
     reason: Annotated[str, Field(max_length=MAX_REASON_LENGTH)] = ""
+
+
+class CancelManyRequest(_Request):
+    """Containers to cancel: the ``uuids`` listed, or the unfinished members of an ``array``."""
+
+    uuids: Annotated[
+        list[Annotated[str, Field(pattern=CONTAINER_UUID_RE.pattern)]],
+        Field(max_length=MAX_BATCH),
+    ] = Field(default_factory=list, description="these containers")
+    array: str = Field(
+        "",
+        pattern=f"^$|{ARRAY_ID_RE.pattern}",
+        description="the unfinished members of this array (`submit --count`)",
+    )
+    reason: Annotated[str, Field(max_length=MAX_REASON_LENGTH)] = ""
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> CancelManyRequest:
+        if bool(self.uuids) == bool(self.array):
+            raise ValueError("give either uuids (a non-empty list) or array, not both")
+        return self
 
 
 class PriorityRequest(_Request):
@@ -393,6 +418,31 @@ class ArrayOut(_Response):
 class ContainerList(_Response):
     items: list[ContainerOut]
     next: str | None = Field(description="pass as ?after= to get the next page; null at the end")
+    total: int | None = Field(
+        None,
+        description="with order=queue: how many containers are in line from this page's "
+        "first on (this page and all after it); null for the other orders",
+    )
+
+
+CancelOutcome = Literal["cancelled", "final", "not_found"]
+
+
+class CancelOutcomeOut(_Response):
+    uuid: str
+    outcome: CancelOutcome = Field(
+        description="`cancelled`: cancelled now; `final`: it had already completed or been "
+        "cancelled, and is left as it was; `not_found`: no such container"
+    )
+    state: ContainerState | None = Field(description="its state now; null when not found")
+
+
+class CancelManyOut(_Response):
+    items: list[CancelOutcomeOut] = Field(
+        description="what happened to each container, in the request's order (an array's "
+        "members oldest first)"
+    )
+    cancelled: int = Field(description="how many were cancelled by this request")
 
 
 class LogChunk(_Response):

@@ -121,7 +121,8 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "containers",
-        description="List containers, newest first, with why each waiting one waits.",
+        description="List containers, newest first (or, with --queue, the waiting ones in the "
+        "order they are served), with why each waiting one waits.",
     )
     p.add_argument(
         "--state",
@@ -135,6 +136,12 @@ def register(subparsers: Any) -> None:
         help="only those created since WHEN: a duration ago (30m, 2h) or an RFC 3339 time",
     )
     p.add_argument("--array", metavar="ID", default="", help="only the members of this array")
+    p.add_argument(
+        "--queue",
+        action="store_true",
+        help="the waiting containers (Queued and Locked, priority above 0) in the order they "
+        "are served instead: what runs next first",
+    )
     p.add_argument("--limit", type=int, default=100, help="show at most N (default 100)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     add_client_options(p)
@@ -148,9 +155,9 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "cancel",
-        description="Cancel containers (or every unfinished member of an array); a running "
-        "one is stopped.  Prints one line per uuid on stderr; the exit status is 1 if any "
-        "could not be cancelled.",
+        description="Cancel containers (or every unfinished member of an array) in one "
+        "request; a running one is stopped.  Prints one line per uuid on stderr; the exit "
+        "status is 1 if any could not be cancelled (not found, or completed already).",
     )
     p.add_argument("uuids", nargs="*", metavar="UUID")
     p.add_argument("--array", metavar="ID", default="", help="cancel the members of this array")
@@ -254,7 +261,8 @@ def _register_submit(subparsers: Any) -> None:
         "or JSON lines (one object a line), each with the fields of the options above "
         "(command, image, vcpus, ram, scratch, gpus, priority, env, name, cwd, runtime, "
         "max_run_time, preemptible, after); the options given here are the defaults; - reads "
-        "stdin",
+        "stdin.  An item's after may give the name of another item of the file (a name only "
+        "that item has) as well as container uuids",
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     add_client_options(p)
@@ -264,8 +272,9 @@ def _register_submit(subparsers: Any) -> None:
 # --------------------------------------------------------------------------- submit
 
 
-def build_submission(args: argparse.Namespace) -> dict[str, Any]:
-    """The API request body for ``herder submit``'s options; bad values name their option."""
+def build_submission(args: argparse.Namespace, *, in_batch: bool = False) -> dict[str, Any]:
+    """The API request body for ``herder submit``'s options; bad values name their option.
+    ``in_batch``: an item of a ``--from`` file, whose ``after`` may name other items."""
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -296,6 +305,8 @@ def build_submission(args: argparse.Namespace) -> dict[str, Any]:
     if not isinstance(args.gpus, int) or isinstance(args.gpus, bool) or args.gpus < 0:
         raise CommandError(f"--gpus {args.gpus!r}: expected a whole number, 0 or more", 2)
     for uuid in args.after:
+        if in_batch and isinstance(uuid, str) and uuid:
+            continue  # a uuid or another item's name: the server resolves it
         if not isinstance(uuid, str) or not is_container_uuid(uuid):
             raise CommandError(f"--after {uuid!r}: not a container uuid", 2)
     constraints: dict[str, Any] = {"vcpus": args.vcpus, "ram": ram, "scratch": scratch}
@@ -388,11 +399,11 @@ def submission_from_item(
     ):
         raise CommandError(f"{where}: command must be a list of strings or one string", 2)
     if not isinstance(values["after"], list):
-        raise CommandError(f"{where}: after must be a uuid or a list of uuids", 2)
+        raise CommandError(f"{where}: after must be a uuid or name, or a list of them", 2)
     if not isinstance(values["env"], list):
         raise CommandError(f"{where}: env must be a mapping or a list of K=V", 2)
     try:
-        return build_submission(argparse.Namespace(**values))
+        return build_submission(argparse.Namespace(**values), in_batch=True)
     except CommandError as exc:
         raise CommandError(f"{where}: {exc}", exc.status) from None
 
@@ -711,11 +722,12 @@ def run_containers(args: argparse.Namespace, ctx: Context) -> int:
     if args.array:
         _check_array(args.array)
     client = open_client(args, ctx)
+    order = "queue" if args.queue else ""
     with client_errors():
         # One more than asked for, to know whether to say that there are more.
         items = list(
             client.iter_containers(
-                args.state or (), limit=args.limit + 1, since=since, array=args.array
+                args.state or (), args.limit + 1, since=since, array=args.array, order=order
             )
         )
     more = len(items) > args.limit
@@ -726,7 +738,8 @@ def run_containers(args: argparse.Namespace, ctx: Context) -> int:
         table = render_table(CONTAINER_HEADERS, [container_row(c) for c in items])
         ctx.print(colour_column(table, "state", STATE_COLOURS, use_colour(ctx)))
     if more:
-        ctx.error(f"(showing the newest {args.limit}; use --limit for more)")
+        which = f"first {args.limit} in line" if args.queue else f"newest {args.limit}"
+        ctx.error(f"(showing the {which}; use --limit for more)")
     return 0
 
 
@@ -865,6 +878,8 @@ def run_priority(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def run_cancel(args: argparse.Namespace, ctx: Context) -> int:
+    """One request for the uuids given and one for ``--array``, each cancelling many
+    containers and answering what happened to each."""
     if not args.uuids and not args.array:
         raise CommandError("nothing to cancel: give UUIDs or --array ID", 2)
     for uuid in args.uuids:  # a usage error is reported before anything is cancelled
@@ -872,26 +887,32 @@ def run_cancel(args: argparse.Namespace, ctx: Context) -> int:
     if args.array:
         _check_array(args.array)
     client = open_client(args, ctx)
-    uuids = list(args.uuids)
-    if args.array:
-        unfinished = ("Queued", "Locked", "Running")
-        with client_errors():
-            members = [c["uuid"] for c in client.iter_containers(unfinished, array=args.array)]
-        if not members:
-            ctx.error(f"{args.array}: no unfinished containers in this array")
-        uuids += members
     failed = 0
-    for uuid in uuids:
-        try:
-            ctr = client.cancel(uuid, args.reason)
-        except ClientError as exc:
-            if exc.status is None:
-                raise CommandError(str(exc)) from exc
-            ctx.error(f"{uuid}: {exc}")
-            failed += 1
-            continue
-        ctx.error(f"{uuid}: {ctr['state']}")
+    with client_errors():
+        if args.uuids:
+            failed += _report_cancel(ctx, client.cancel_many(args.uuids, reason=args.reason))
+        if args.array:
+            reply = client.cancel_many(array=args.array, reason=args.reason)
+            if not reply["items"]:
+                ctx.error(f"{args.array}: no unfinished containers in this array")
+            failed += _report_cancel(ctx, reply)
     return 1 if failed else 0
+
+
+def _report_cancel(ctx: Context, reply: Mapping[str, Any]) -> int:
+    """One line per container on stderr; how many could not be cancelled (not found, or
+    completed already: a container already cancelled is what was asked for)."""
+    failed = 0
+    for item in reply["items"]:
+        uuid, outcome, state = item["uuid"], item["outcome"], item["state"]
+        if outcome == "not_found":
+            ctx.error(f"{uuid}: not found")
+        elif outcome == "final":
+            ctx.error(f"{uuid}: {state} already")
+        else:
+            ctx.error(f"{uuid}: {state}")
+        failed += outcome == "not_found" or state == "Complete"
+    return failed
 
 
 def run_logs(args: argparse.Namespace, ctx: Context) -> int:

@@ -8,6 +8,10 @@ const REFRESH_MS = 3000;
 // How often the log view asks for more of a running container's log.
 const LOG_POLL_MS = 1000;
 const FINISHED_SHOWN = 50;
+// The head of the queue shown, in the order it is served; the rest are counted.
+const QUEUE_SHOWN = 200;
+// Running containers shown (there are at most as many as instances can hold).
+const RUNNING_SHOWN = 1000;
 const STATE_ORDER = ["running", "idle", "booting", "unknown", "shutdown"];
 let timer = null;
 let busy = false;
@@ -232,14 +236,6 @@ function containerTable(items, columns, empty) {
       columns.map(([, cell]) => cell(ctr))))));
 }
 
-// The queue in the order the scheduler serves it (SPEC 9.5): Locked before Queued, then
-// higher priority first, then older first.
-function queueOrder(a, b) {
-  const locked = (c) => (c.state === "Locked" ? 0 : 1);
-  return locked(a) - locked(b) || b.priority - a.priority ||
-    Date.parse(a.created_at) - Date.parse(b.created_at) || (a.uuid < b.uuid ? -1 : 1);
-}
-
 function outcome(ctr) {
   if (ctr.state === "Complete") return `exit code ${ctr.exit_code}`;
   return "cancelled: " + ((ctr.runtime_status && ctr.runtime_status.error) || "no reason given");
@@ -325,25 +321,39 @@ function attemptsCell(c) {
         a.outcome + (a.reason ? ": " + a.reason : "")))));
 }
 
-function renderContainers(items) {
-  const waiting = items.filter(c => c.state === "Queued" || c.state === "Locked")
-    .sort(queueOrder);
-  const running = items.filter(c => c.state === "Running");
+// A count of what a table leaves out ("and 4,312 more in line"), or nothing.
+function moreLine(id, count, text) {
+  if (count <= 0) return null;
+  return el("p", { class: "muted more", id }, text(count.toLocaleString("en")));
+}
+
+// line: the head of the queue in the order it is served (the API's order=queue), with the
+// number in line; running: a page of the running ones; counts: containers by state.
+function renderContainers(line, running, counts) {
+  const waiting = line.items;
+  const position = new Map(waiting.map((c, i) => [c.uuid, i + 1]));
   const common = [
     ["Container", c => el("td", { class: "id" }, c.uuid)],
     ["Name", c => el("td", { class: "name" }, c.name)],
     ["State", c => el("td", {}, stateBadge(c.state))],
   ];
+  const inLine = line.total === null || line.total === undefined ? waiting.length : line.total;
+  // Queued containers on hold (priority 0) wait out of line: counted, not listed.
+  const onHold = (counts.Queued || 0) + (counts.Locked || 0) - inLine;
   $("queue").replaceChildren(containerTable(waiting, [
-    ["#", c => el("td", { class: "num position" }, waiting.indexOf(c) + 1)],
+    ["#", c => el("td", { class: "num position" }, position.get(c.uuid))],
     ...common,
     ["Priority", c => el("td", { class: "num" }, c.priority)],
     ["Waiting", c => el("td", { class: "num" }, since(c.created_at))],
     ["Scheduling status", c => el("td", { class: "status" }, c.scheduling_status)],
     ["Attempts", attemptsCell],
     ["", c => el("td", {}, cancelButton(c))],
-  ], "Nothing is waiting."));
-  $("running").replaceChildren(containerTable(running, [
+  ], "Nothing is waiting."),
+  ...[moreLine("queue-more", inLine - waiting.length, n => `and ${n} more in line`),
+      moreLine("queue-held", onHold,
+               n => `${n} on hold (priority 0), not listed: give one a priority to queue it`),
+     ].filter(Boolean));
+  $("running").replaceChildren(containerTable(running.items, [
     ...common,
     ["Instance", c => el("td", { class: "id" }, c.instance_id || "")],
     ["Type", c => el("td", {}, c.instance_type || "")],
@@ -351,7 +361,9 @@ function renderContainers(items) {
     ["Attempts", attemptsCell],
     ["Cost so far", c => el("td", { class: "num cost" }, money(c.cost))],
     ["", c => el("td", {}, logButton(c), cancelButton(c))],
-  ], "Nothing is running."));
+  ], "Nothing is running."),
+  ...[moreLine("running-more", (counts.Running || 0) - running.items.length,
+               n => `and ${n} more running`)].filter(Boolean));
 }
 
 async function refresh() {
@@ -360,23 +372,26 @@ async function refresh() {
   if (busy) return;
   busy = true;
   try {
-    const active = "state=Queued&state=Locked&state=Running&limit=1000";
+    const line = `order=queue&limit=${QUEUE_SHOWN}`;
+    const running = `state=Running&limit=${RUNNING_SHOWN}`;
     const ended = `state=Complete&state=Cancelled&limit=${FINISHED_SHOWN}`;
     const optional = (path) => api("GET", path).catch((err) => {
       if (err instanceof AuthError) throw err;
       return null;  // not on this server (a dispatcher without instances): left out
     });
-    const [summary, instances, containers, finished, budget, quotas] = await Promise.all([
+    const [summary, instances, waiting, runningPage, finished, budget, quotas] =
+      await Promise.all([
       api("GET", "/api/v1/summary"),
       api("GET", "/api/v1/instances"),
-      api("GET", `/api/v1/containers?${active}`),
+      api("GET", `/api/v1/containers?${line}`),
+      api("GET", `/api/v1/containers?${running}`),
       api("GET", `/api/v1/containers?${ended}`),
       optional("/api/v1/budget"),
       optional("/api/v1/quotas"),
     ]);
     renderTotals(summary, budget, quotas);
     renderInstances(instances.items);
-    renderContainers(containers.items);
+    renderContainers(waiting, runningPage, summary.containers);
     renderFinished(finished.items);
     $("login").hidden = true;
     $("status").hidden = false;
