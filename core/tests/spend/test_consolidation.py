@@ -109,3 +109,32 @@ def test_an_emptied_consolidated_instance_keeps_its_paid_hour_for_demand():
     assert drained not in [v.instance for v in eng.instances()]  # gone before a second hour
     assert eng.instance_of(long) in [v.instance for v in eng.instances()]
     eng.stop()
+
+
+def test_no_drain_steers_work_onto_an_instance_that_empties_sooner():
+    """Demand took back an instance that empties soon; while it keeps taking work (the
+    re-drain hold-off), one that empties later is not drained, or new containers would go to
+    the one that empties soonest (on examples/workloads/falling.yaml that cost 1.5 % more
+    instance-hours than no consolidation)."""
+    eng = Engine(sim_config(consolidation_threshold=0.5))
+    long = eng.submit(3600, ram=14 * GiB, max_run_time=7200, name="long")  # the keeper, full
+    eng.run_for(2)
+    later = eng.submit(900, ram=6 * GiB, max_run_time=1800, name="later")
+    brief = eng.submit(150, vcpus=2, ram=6 * GiB, max_run_time=300, name="brief")
+    eng.run_for(30)
+    assert eng.instance_of(later) == eng.instance_of(brief) != eng.instance_of(long)
+    soon = eng.submit(240, ram=8 * GiB, max_run_time=600, name="soon")  # fits no instance
+    eng.run_for(20)
+    views = {v.instance: v for v in eng.instances()}
+    assert views[eng.instance_of(soon)].drain_cause == DrainCause.CONSOLIDATION
+    again = eng.submit(240, ram=int(5.5 * GiB), max_run_time=600, name="again")
+    eng.run_for(10)
+    assert eng.instance_of(again) == eng.instance_of(soon)  # taken back, nothing created
+    assert eng.stats.created == 3
+    eng.run_until(200)  # "brief" ended: the instance of "later" is lightly used now
+    views = {v.instance: v for v in eng.instances()}
+    assert views[eng.instance_of(soon)].idle_behavior == IdleBehavior.RUN
+    assert views[eng.instance_of(later)].idle_behavior == IdleBehavior.RUN, views[
+        eng.instance_of(later)
+    ].reason
+    eng.stop()

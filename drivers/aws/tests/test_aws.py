@@ -14,6 +14,7 @@ from botocore.exceptions import ClientError
 from herder_driver_aws.driver import AWSDriver, AWSInstance, AWSInstanceSet, format_price
 from herder_driver_aws.keys import fingerprints, key_pair_name
 from herder_driver_aws.params import AWSParameters
+from herder_driver_aws.quota import DEFAULT_QUOTA_CODES, DEFAULT_QUOTA_GROUPS, quota_group
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
@@ -81,7 +82,7 @@ def test_parameter_defaults_follow_arvados() -> None:
     assert p.ebs_volume_type == "gp2" and p.ebs_price == 0.10
     assert p.spot_price_update_interval == 24 * 3600
     assert p.instance_type_quota_groups["m"] == "standard"
-    assert p.instance_type_quota_groups["vt"] == "g" and p.instance_type_quota_groups["p5"] == "p5"
+    assert p.instance_type_quota_groups["vt"] == "g"
     assert p.subnet_ids == [] and not p.associate_public_ip
 
 
@@ -550,6 +551,37 @@ def test_default_quota_groups_put_vt_with_g() -> None:
     vt = InstanceType(name="vt1", provider_type="vt1.3xlarge", vcpus=1, ram=1)
     c = InstanceType(name="c", provider_type="c5.large", vcpus=1, ram=1)
     assert (iset.quota_group(vt), iset.quota_group(c)) == ("g", "standard")
+
+
+@pytest.mark.parametrize(
+    ("provider_type", "preemptible", "code"),
+    [
+        # AWS has no P5 quota: P5 counts under "Running On-Demand P instances" like P4.
+        ("p5.48xlarge", False, "L-417A185B"),
+        ("p5en.48xlarge", True, "L-7212CCBC"),
+        ("p4d.24xlarge", False, "L-417A185B"),
+        ("g6.xlarge", False, "L-DB2E81BA"),
+        ("vt1.3xlarge", True, "L-3819A6DF"),
+        ("m7i.large", False, "L-1216C47A"),
+        ("hpc7a.96xlarge", False, "L-F7808C92"),  # not the "h" of the standard group
+        ("dl1.24xlarge", False, "L-6E869C2A"),
+        ("dl1.24xlarge", True, "L-85EED4F7"),
+        ("u-6tb1.metal", False, "L-43DA4232"),  # High Memory
+        ("u7i-12tb.224xlarge", False, "L-43DA4232"),
+        ("trn1.32xlarge", True, "L-6B0D517C"),
+        ("inf2.xlarge", False, "L-1945791B"),
+        ("x2idn.16xlarge", False, "L-7295265B"),
+        ("f1.2xlarge", True, "L-88CF9481"),
+    ],
+)
+def test_default_quota_tables_give_each_type_the_quota_aws_counts_it_in(
+    provider_type: str, preemptible: bool, code: str
+) -> None:
+    """The default groups and codes together: each type to the Service Quotas code AWS lists
+    for its family (Amazon EC2 User Guide, "On-Demand Instance quotas" and "Spot Instance
+    quotas")."""
+    group = quota_group(provider_type, preemptible, DEFAULT_QUOTA_GROUPS)
+    assert DEFAULT_QUOTA_CODES.get(group) == code, group
 
 
 # --------------------------------------------------------------------------- config check

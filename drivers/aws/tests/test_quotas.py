@@ -94,3 +94,33 @@ def test_a_throttled_quota_read_is_a_rate_limit_error(ec2: Any) -> None:
     )
     with stub, pytest.raises(RateLimitError):
         iset.quotas()
+
+
+def test_p5_instances_count_under_the_p_quota_with_the_default_tables(ec2: Any) -> None:
+    """AWS has no P5 quota: a P5 instance uses "Running On-Demand P instances" (L-417A185B)
+    with the P4s, and herder asks Service Quotas for no other P code."""
+    ec2.run_instances(ImageId=IMAGE, MinCount=1, MaxCount=1, InstanceType="p5.48xlarge")
+    ec2.run_instances(ImageId=IMAGE, MinCount=1, MaxCount=1, InstanceType="p4d.24xlarge")
+    iset, stub = make_set(ec2)  # the default groups and codes
+    asked: list[str] = []
+    for group, code in sorted(iset.params.quota_codes.items()):
+        asked.append(code)
+        if group == "p":
+            stub.add_response(
+                "get_service_quota",
+                quota_reply(code, "Running On-Demand P instances", 384.0),
+                {"ServiceCode": "ec2", "QuotaCode": code},
+            )
+        else:
+            stub.add_client_error(
+                "get_service_quota",
+                service_error_code="NoSuchResourceException",
+                service_message="left out of this test",
+            )
+    with stub:
+        quotas = iset.quotas()
+    stub.assert_no_pending_responses()
+    assert asked.count("L-417A185B") == 1 and "p5" not in iset.params.quota_codes
+    assert [(q.group, q.name, q.limit, q.usage) for q in quotas] == [
+        ("p", "L-417A185B", 384.0, 192.0 + 96.0)  # p5.48xlarge, p4d.24xlarge
+    ]

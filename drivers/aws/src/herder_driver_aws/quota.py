@@ -1,6 +1,6 @@
 """Quota groups of EC2 instance types (SPEC §16.2).
 
-AWS limits vCPUs per instance *family* (standard A/C/D/H/I/M/R/T/Z, G and VT, P5, ...), on
+AWS limits vCPUs per instance *family* (standard A/C/D/H/I/M/R/T/Z, G and VT, P, ...), on
 demand and spot separately.  When one family is full, herder stops creating types of that
 family only, so every type must map to the group AWS counts it in.
 """
@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 #: AWS's own grouping of "Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances" and
-#: the G/VT and P5 quotas; other families are a group of their own, named by their letters.
+#: of "G and VT"; every other family is a group of its own, named by its letters (``p`` for all
+#: P types, P5 included: AWS has no separate P5 quota, see :data:`DEFAULT_QUOTA_CODES`).
 DEFAULT_QUOTA_GROUPS: dict[str, str] = {
     **dict.fromkeys("acdhimrtz", "standard"),
     "vt": "g",
-    "p5": "p5",
 }
 
 
@@ -22,9 +22,9 @@ def quota_group(provider_type: str, preemptible: bool, groups: Mapping[str, str]
     """The quota group of ``provider_type``, with ``-spot`` for spot instances.
 
     The base group is the leading run of letters (``trn1.2xlarge`` → ``trn``).  A configured
-    prefix at least as long as that run overrides it, the longest one winning, so ``p5`` can
-    be its own group while ``p4`` stays in ``p``; shorter prefixes are never consulted, so the
-    ``t`` of the standard group does not capture ``trn``.
+    prefix at least as long as that run overrides it, the longest one winning, so ``p5`` could
+    be made a group of its own while ``p4`` stays in ``p``; shorter prefixes are never
+    consulted, so the ``t`` of the standard group does not capture ``trn``.
     """
     name = provider_type.lower()
     base = ""
@@ -48,6 +48,14 @@ def quota_group(provider_type: str, preemptible: bool, groups: Mapping[str, str]
 #: Service Quotas codes (service ``ec2``) of the vCPU quotas, by the quota group of the types
 #: they limit: on-demand "Running On-Demand ... instances" and "All ... Spot Instance
 #: Requests".  ``quota_codes`` in the parameters replaces this table.
+#:
+#: The quotas are the ones the Amazon EC2 User Guide lists under "On-Demand Instance quotas"
+#: (DL, F, G and VT, HPC, High Memory, Inf, P, Standard, Trn, X) and "Spot Instance quotas"
+#: (DL, F, G and VT, Inf, P, Standard, Trn, X: HPC and High Memory types are not sold as spot),
+#: with the codes Service Quotas gives them.  There is no P5 quota: P5 types count under
+#: "Running On-Demand P instances" (L-417A185B) and "All P Spot Instance Requests"
+#: (L-7212CCBC) like every P type.  High Memory types (``u-6tb1.metal``, ``u7i-12tb.224xlarge``)
+#: have the group ``u``.
 DEFAULT_QUOTA_CODES: dict[str, str] = {
     "standard": "L-1216C47A",
     "standard-spot": "L-34B43A08",
@@ -63,4 +71,8 @@ DEFAULT_QUOTA_CODES: dict[str, str] = {
     "inf-spot": "L-B5D1601B",
     "trn": "L-2C3B7624",
     "trn-spot": "L-6B0D517C",
+    "dl": "L-6E869C2A",
+    "dl-spot": "L-85EED4F7",
+    "hpc": "L-F7808C92",
+    "u": "L-43DA4232",
 }

@@ -18,6 +18,10 @@ operator's from then on.
 of the containers on it (unknown without a limit), then the fewest VCPUs and containers in use.
 Instances with nothing running are left to the idle shutdown rules (which respect paid billing
 increments), and booting ones to their boot.
+
+Drains go in that order and stop at an instance demand took back less than
+:data:`REDRAIN_HOLDOFF` ago: it keeps taking work for now, and draining the ones that empty later
+would steer new containers onto it, the instance that empties soonest.
 """
 
 from __future__ import annotations
@@ -112,17 +116,16 @@ class Consolidator:
         # longest anyway, so work placed there costs least.
         keeper = max(uses, key=Use.sort_key)
         light = sorted(
-            (
-                u
-                for u in uses
-                if u is not keeper
-                and u.fraction <= self._threshold
-                and now - self._reclaimed_at.get(u.view.instance, -math.inf) >= REDRAIN_HOLDOFF
-            ),
+            (u for u in uses if u is not keeper and u.fraction <= self._threshold),
             key=Use.sort_key,
         )
         drained = []
         for use in light:
+            if now - self._reclaimed_at.get(use.view.instance, -math.inf) < REDRAIN_HOLDOFF:
+                # Demand took this one back lately, so it keeps taking work for now.  Draining
+                # the ones that empty later would steer new containers onto it, the one that
+                # empties soonest: the opposite of consolidation.  Stop here.
+                break
             reason = (
                 f"consolidation: {use.used_vcpus} of {use.vcpus} VCPUs in use (at most "
                 f"{self._threshold:.0%}); new containers go to other instances until work "
