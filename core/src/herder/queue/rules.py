@@ -627,7 +627,13 @@ class RuledQueue(ContainerQueue):
                     log.warning(
                         "%s is running but fits no configured type: %s", c.uuid, sizing.error
                     )
-                self._entries[c.uuid] = QueueEntry(c, sizing.resources, sizing.instance_types, now)
+                # The queue had each container since its creation, so that is when it was first
+                # seen: equal priorities stay in the order of their age across a restart,
+                # instead of all being "seen" at the same moment and falling into uuid order.
+                first_seen = min(c.created_at, now)
+                self._entries[c.uuid] = QueueEntry(
+                    c, sizing.resources, sizing.instance_types, first_seen
+                )
                 if waiting_for(c):
                     self._wait(c)
             if doomed or unreadable:

@@ -861,6 +861,22 @@ class QueueConformance:
         assert queue.read_log(running.uuid) == b"line\n"
         assert queue.lock(queued.uuid).lock_count == 1
 
+    def test_reopen_keeps_equal_priorities_in_the_order_of_their_age(
+        self, opened: _Opened, queue: ContainerQueue, rt: VirtualRuntime
+    ) -> None:
+        """After a restart the snapshot's first-seen times are the containers' creation times,
+        so the scheduler still serves equal priorities oldest first (not in uuid order)."""
+        uuids = []
+        for _ in range(8):
+            uuids.append(queue.submit(spec()).uuid)
+            rt.advance(1.0)
+        rt.advance(100.0)
+        queue = self._reopen(opened, queue)
+        entries = queue.entries()[0]
+        by_age = sorted(uuids, key=lambda u: (entries[u].first_seen_at, u))
+        assert by_age == uuids
+        assert entries[uuids[0]].first_seen_at < entries[uuids[-1]].first_seen_at
+
     def test_reopen_cancels_what_no_longer_fits(
         self, opened: _Opened, queue: ContainerQueue
     ) -> None:
