@@ -385,7 +385,8 @@ def test_restart_restores_active_containers(rt, tmp_path):
         assert q2.get(uuid) == c
     assert entries[run.uuid].container.cost == 1.5
     assert [t.name for t in entries[run.uuid].instance_types] == ["big"]
-    assert entries[queued.uuid].first_seen_at == rt.now()
+    # first seen when created, not at the restart: equal priorities keep their order of age
+    assert entries[queued.uuid].first_seen_at == queued.created_at < rt.now()
     assert q2.read_log(done.uuid) == b"hello world"
     assert q2.counts() == {Q: 1, L: 1, R: 1, DONE: 1, CANCELLED: 1}
     q2.close()
