@@ -291,9 +291,15 @@ def test_page_shows_the_queue_in_order_finished_containers_and_follows_a_log(
         ),
     )
     assert names == ["high", "low-old", "low-new"]
-    first = browser.find_element(By.CSS_SELECTOR, f'#queue tr[data-container="{held[1]}"]')
-    assert first.find_element(By.CSS_SELECTOR, ".position").text == "1"
-    assert blocker in first.find_element(By.CSS_SELECTOR, ".status").text
+    # One script call reads the row whole: the page may redraw the table between two calls.
+    position, status = browser.execute_script(
+        """const row = document.querySelector(`#queue tr[data-container="${arguments[0]}"]`);
+        return [row.querySelector('.position').textContent,
+                row.querySelector('.status').textContent];""",
+        held[1],
+    )
+    assert position == "1"
+    assert blocker in status
 
     done = wait_for(
         "the finished list",
@@ -353,8 +359,15 @@ def test_page_shows_the_head_of_a_queue_longer_than_a_page(server, browser):
     more = wait_for("the count of the rest", lambda: browser.find_element(By.ID, "queue-more"))
     assert more.text == "and 1,001 more in line"
     assert browser.find_element(By.ID, "queue-held").text.startswith("3 on hold (priority 0)")
-    rows = browser.find_elements(By.CSS_SELECTOR, "#queue tbody tr")
+    # Read in one script call: the page redraws the table every few seconds, and reading 200
+    # rows element by element can outlast one drawing (the elements would go stale).
+    rows = browser.execute_script(
+        """return Array.from(document.querySelectorAll('#queue tbody tr'), row => [
+            row.dataset.container,
+            row.querySelector('.position').textContent,
+            row.querySelector('.name').textContent,
+        ]);"""
+    )
     assert len(rows) == 200
-    assert rows[0].get_attribute("data-container") == urgent
-    assert rows[0].find_element(By.CSS_SELECTOR, ".position").text == "1"
-    assert {row.find_element(By.CSS_SELECTOR, ".name").text for row in rows[1:]} == {"in-line"}
+    assert rows[0][:2] == [urgent, "1"]
+    assert {name for _, _, name in rows[1:]} == {"in-line"}
