@@ -33,6 +33,7 @@ from pydantic.fields import FieldInfo
 
 from herder import defaults
 from herder.model import CLUSTER_ID_RE, Billing, GPUSpec, InstanceType
+from herder.spend import Budget
 from herder.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -259,6 +260,10 @@ class BudgetConfig(_Strict):
     @property
     def enabled(self) -> bool:
         return self.soft_limit is not None or self.hard_limit is not None
+
+    def budget(self) -> Budget:
+        """These limits as the engine and ``herder budget`` evaluate them."""
+        return Budget(self.period, self.soft_limit, self.hard_limit, self.on_hard_limit)
 
     @field_validator("period")
     @classmethod

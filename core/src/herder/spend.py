@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -584,18 +584,24 @@ class Budget:
     def enabled(self) -> bool:
         return self.soft_limit is not None or self.hard_limit is not None
 
-    def evaluate(self, tracker: SpendTracker, now: float) -> BudgetState:
+    def state_at(self, now: float, spent: Callable[[float, float], float]) -> BudgetState:
+        """The budget at ``now``, with ``spent(start, end)`` the spend of the period: a
+        tracker's (booked and not yet booked) for the engine, a ledger's total offline."""
         start, end = period_bounds(now, self.period)
-        state = BudgetState(
+        return BudgetState(
             period=self.period,
             period_start=start,
             period_end=end,
-            spent=tracker.spent(start, end, now),
+            spent=spent(start, end),
             soft_limit=self.soft_limit,
             hard_limit=self.hard_limit,
             on_hard_limit=self.on_hard_limit,
             at=now,
         )
+
+    def evaluate(self, tracker: SpendTracker, now: float) -> BudgetState:
+        """The budget against ``tracker``'s spend, kept as :attr:`last`."""
+        state = self.state_at(now, lambda start, end: tracker.spent(start, end, now))
         with self._lock:
             self._last = state
         return state

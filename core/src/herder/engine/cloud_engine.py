@@ -42,7 +42,6 @@ from herder.queue.backend import DispatchLock, open_queue
 from herder.queue.base import ContainerNotFound, ContainerQueue, InvalidTransition
 from herder.runtime import Runtime
 from herder.spend import (
-    Budget,
     BudgetState,
     ContainerCost,
     ContainerCostLog,
@@ -315,13 +314,7 @@ class CloudEngine:
             rng=rng,
             started_at=self.spend.started_at,
         )
-        budget = config.cloud.budget
-        self.budget = Budget(
-            period=budget.period,
-            soft_limit=budget.soft_limit,
-            hard_limit=budget.hard_limit,
-            on_hard_limit=budget.on_hard_limit,
-        )
+        self.budget = config.cloud.budget.budget()
         #: The cloud's quotas, read only from drivers that declare they can.
         self.quotas = QuotaHeadroom(
             read=(

@@ -165,7 +165,8 @@ def labels_json(labels: Sequence[tuple[str, str]]) -> str:
     return dumps(dict(labels)) if labels else "{}"
 
 
-def _labels_from_json(text: str | None) -> tuple[tuple[str, str], ...]:
+def labels_from_json(text: str | None) -> tuple[tuple[str, str], ...]:
+    """Labels from the ``labels`` column (the inverse of :func:`labels_json`)."""
     if not text:
         return ()
     data = json.loads(text)
@@ -235,7 +236,7 @@ def _decode_strictly(row: Sequence[Any]) -> Container:
         uuid=row[0],
         state=ContainerState(row[1]),
         priority=row[2],
-        spec=replace(_spec_from_json(json.loads(row[3])), labels=_labels_from_json(row[16])),
+        spec=replace(_spec_from_json(json.loads(row[3])), labels=labels_from_json(row[16])),
         created_at=row[4],
         locked_at=row[5],
         started_at=row[6],

@@ -13,14 +13,13 @@ recorded.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from herder.queue.records import labels_json
+from herder.queue.records import labels_from_json, labels_json
 from herder.spend import (
     FOLDED,
     ContainerCost,
@@ -37,6 +36,9 @@ __all__ = ["COST_COLUMNS", "SPEND_COLUMNS", "SqlLedger"]
 SPEND_COLUMNS = "at, amount, instance_id, instance_type, started_at"
 #: The columns of the ``container_costs`` table (besides its row id), in the order used here.
 COST_COLUMNS = "at, uuid, name, instance_type, cost, exit_code, labels"
+
+_INSERT_SPEND = f"INSERT INTO spend ({SPEND_COLUMNS}) VALUES (?, ?, ?, ?, ?)"  # noqa: S608 (constants)
+_INSERT_COST = f"INSERT INTO container_costs ({COST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"  # noqa: S608 (constants)
 
 #: Runs one statement with its parameters; returns a cursor (``fetchall``).
 Execute = Callable[[str, Sequence[Any]], Any]
@@ -57,7 +59,6 @@ def _spend_from_row(row: Sequence[Any]) -> SpendEntry:
 
 
 def _cost_from_row(row: Sequence[Any]) -> ContainerCost:
-    labels = json.loads(row[6]) if row[6] else {}
     return ContainerCost(
         at=float(row[0]),
         uuid=str(row[1]),
@@ -65,7 +66,7 @@ def _cost_from_row(row: Sequence[Any]) -> ContainerCost:
         instance_type=str(row[3]),
         cost=float(row[4]),
         exit_code=int(row[5]),
-        labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+        labels=labels_from_json(row[6]),
     )
 
 
@@ -122,10 +123,7 @@ class SqlLedger:
         entries, costs = list(self._pending), list(self._pending_costs)
         if not entries and not costs:
             return True
-        insert_spend = self._sql(f"INSERT INTO spend ({SPEND_COLUMNS}) VALUES (?, ?, ?, ?, ?)")  # noqa: S608 (constants)
-        insert_cost = self._sql(
-            f"INSERT INTO container_costs ({COST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"  # noqa: S608 (constants)
-        )
+        insert_spend, insert_cost = self._sql(_INSERT_SPEND), self._sql(_INSERT_COST)
 
         def work(execute: Execute) -> None:
             for e in entries:
@@ -158,7 +156,7 @@ class SqlLedger:
         cutoff = compaction_cutoff(now)
         select_unfolded = self._sql("SELECT count(*) FROM spend WHERE at < ? AND instance_id <> ?")
         delete_spend = self._sql(f"DELETE FROM spend WHERE at < ? RETURNING {SPEND_COLUMNS}")  # noqa: S608 (constants)
-        insert_spend = self._sql(f"INSERT INTO spend ({SPEND_COLUMNS}) VALUES (?, ?, ?, ?, ?)")  # noqa: S608 (constants)
+        insert_spend = self._sql(_INSERT_SPEND)
         delete_costs = self._sql("DELETE FROM container_costs WHERE at < ?")
 
         def work(execute: Execute) -> int:

@@ -169,6 +169,11 @@ def log_chunk_length(data: bytes, limit: int) -> int:
     return keep
 
 
+def _cancel_reason(reason: str) -> str:
+    """What a container cancelled through the API records as its reason (one or many)."""
+    return "cancelled via API" + (f": {reason}" if reason else "")
+
+
 class ManagementAPI:
     """What each route does, bound to one dispatcher: an engine
     (:class:`herder.engine.interface.Engine`), the cloud engine or a plugin dispatcher's service,
@@ -423,7 +428,7 @@ class ManagementAPI:
         ctr = self._get(uuid)
         if ctr.state is ContainerState.COMPLETE:
             raise APIError(409, f"container {uuid} has already completed")
-        why = "cancelled via API" + (f": {reason}" if reason else "")
+        why = _cancel_reason(reason)
         try:
             ctr = self.dispatcher.queue.cancel(uuid, why)
         except InvalidTransition as exc:  # completed in the meantime
@@ -444,7 +449,7 @@ class ManagementAPI:
             uuids = [c.uuid for c in reversed(queue.newest(members, MAX_ARRAY))]
             if not uuids and not queue.newest(ListFilter(array_id=body.array), 1):
                 raise APIError(404, f"array {body.array} not found", field="array")
-        why = "cancelled via API" + (f": {body.reason}" if body.reason else "")
+        why = _cancel_reason(body.reason)
         items = []
         for uuid in uuids:
             ctr = queue.get(uuid)

@@ -14,11 +14,12 @@ so ``--json`` has one shape.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from herder.app.client import ClientError
+from herder.app.client import Client, ClientError
 from herder.app.commands import CommandError, Context, print_json, render_table
 from herder.app.commands.containers import add_client_options, client_errors, open_client
 
@@ -126,16 +127,22 @@ def _until(text: str | None) -> float:
     return when.timestamp()
 
 
-def _from_server(args: argparse.Namespace, ctx: Context) -> dict[str, Any] | None:
-    """The report from the server, or None when none answers (nor knows the route)."""
+def _from_server(
+    args: argparse.Namespace,
+    ctx: Context,
+    ask: Callable[[Client], dict[str, Any]],
+    *,
+    absent: tuple[int | None, ...] = (None,),
+) -> dict[str, Any] | None:
+    """What ``ask`` gets from the server, or None when none answers (status None) or it
+    answers with a status in ``absent``."""
     try:
         with open_client(args, ctx) as client:
-            document: dict[str, Any] = client.costs(args.period, args.last)
+            return ask(client)
     except ClientError as exc:
-        if exc.status is None or exc.status == 404:
+        if exc.status in absent:
             return None
         raise CommandError(str(exc)) from exc
-    return document
 
 
 def _from_ledger(args: argparse.Namespace, ctx: Context) -> tuple[dict[str, Any], str]:
@@ -159,7 +166,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         raise CommandError("--last must be at least 1", status=2)
     document = None
     if not (args.queue_file or args.data_dir or args.until):
-        document = _from_server(args, ctx)
+        document = _from_server(
+            args, ctx, lambda c: c.costs(args.period, args.last), absent=(None, 404)
+        )
         source = "the server"
     if document is None:
         document, source = _from_ledger(args, ctx)
@@ -251,41 +260,16 @@ def _limit(value: float | None) -> str:
     return "none" if value is None else f"{value:.2f}"
 
 
-def _budget_from_server(args: argparse.Namespace, ctx: Context) -> dict[str, Any] | None:
-    """The budget from the server, or None when none answers."""
-    try:
-        with open_client(args, ctx) as client:
-            document: dict[str, Any] = client.budget()
-    except ClientError as exc:
-        if exc.status is None:
-            return None
-        raise CommandError(str(exc)) from exc
-    return document
-
-
 def _budget_from_ledger(args: argparse.Namespace, ctx: Context) -> dict[str, Any]:
     from herder.costs import budget_document
-    from herder.spend import BudgetState, period_bounds
 
     config, ledger, _ = _offline(args, ctx)
-    budget = config.cloud.budget
-    now = datetime.now(UTC).timestamp()
-    start, end = period_bounds(now, budget.period)
-    state = BudgetState(
-        budget.period,
-        start,
-        end,
-        ledger.total(start, end),
-        budget.soft_limit,
-        budget.hard_limit,
-        budget.on_hard_limit,
-        at=now,
-    )
+    state = config.cloud.budget.budget().state_at(datetime.now(UTC).timestamp(), ledger.total)
     return budget_document(state)
 
 
 def run_budget(args: argparse.Namespace, ctx: Context) -> int:
-    document = None if args.data_dir else _budget_from_server(args, ctx)
+    document = None if args.data_dir else _from_server(args, ctx, lambda c: c.budget())
     if document is None:
         document = _budget_from_ledger(args, ctx)
     if args.json:
