@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from herder.queue.base import QueueError
 from herder.queue.records import labels_from_json, labels_json
 from herder.spend import (
     FOLDED,
@@ -94,6 +95,17 @@ class SqlLedger:
         #: Written by no write yet (the storage refused it): written with the next one.
         self._pending: list[SpendEntry] = []
         self._pending_costs: list[ContainerCost] = []
+
+    @classmethod
+    def read_only(cls, read: Runner, refusal: str, *, param: str = "?") -> SqlLedger:
+        """A ledger that reads through ``read`` and refuses every write with ``refusal`` (a
+        :class:`~herder.queue.base.QueueError`): ``herder costs`` reading a queue it must
+        not change."""
+
+        def refuse(work: Callable[[Execute], Any]) -> Any:
+            raise QueueError(refusal)
+
+        return cls(refuse, read, param=param)
 
     def _sql(self, statement: str) -> str:
         return statement if self._param == "?" else statement.replace("?", self._param)

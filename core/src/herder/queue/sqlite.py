@@ -393,10 +393,7 @@ def read_ledger(path: str) -> Ledger:
         except sqlite3.DatabaseError as exc:
             raise QueueError(_damaged(path, str(exc))) from exc
 
-    def refuse(work: Callable[[Execute], Any]) -> Any:
-        raise QueueError(f"queue file {path} is open read only")
-
-    return SqlLedger(refuse, read)
+    return SqlLedger.read_only(read, f"queue file {path} is open read only")
 
 
 def _check_identity(db: sqlite3.Connection, path: str, fresh: bool) -> None:

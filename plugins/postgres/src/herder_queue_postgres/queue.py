@@ -575,7 +575,5 @@ def read_ledger(connect: Callable[[], psycopg.Connection[Any]], schema: str) -> 
         except psycopg.Error as exc:
             raise QueueUnavailable(f"queue database: {_reason(exc)}") from exc
 
-    def refuse(work: Callable[[Execute], Any]) -> Any:
-        raise QueueError(f"queue schema {schema!r}: its spend is open read only here")
-
-    return SqlLedger(refuse, read, param="%s")
+    refusal = f"queue schema {schema!r}: its spend is open read only here"
+    return SqlLedger.read_only(read, refusal, param="%s")
